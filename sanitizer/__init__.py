@@ -1,0 +1,1 @@
+"""DeDe backdoor-sample sanitizer."""

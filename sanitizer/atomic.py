@@ -1,0 +1,85 @@
+"""Atomic file writes: a file appears under its final name complete or not at all.
+
+A killed job leaves only hidden ``.<name>.tmp-<pid>-<random>`` files behind, never a partial
+file under a final name; ``remove_stale_temps`` clears them on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_TMP_MARK = ".tmp-"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename; some filesystems cannot fsync a directory, which is not fatal."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``final``; publish it with ``os.replace`` only on clean exit.
+
+    The temp file lives in the same directory so the rename is atomic on POSIX filesystems.
+    On an exception the temp file is removed and the exception propagates.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON with sorted keys and a trailing newline: stable bytes for identical content."""
+    text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files left by killed writers in ``directory``; return how many were removed.
+
+    Call it only where no other live writer shares the directory: it cannot tell a stale
+    temp file from one being written right now.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for path in directory.glob(f".*{_TMP_MARK}*"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

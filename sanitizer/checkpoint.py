@@ -1,0 +1,134 @@
+"""DECODER_DIR: the trained decoder as safetensors plus one JSON of everything needed to use it.
+
+decoder.json records the encoder it was trained against (spec and weight hash), the preprocessing,
+the model's shape, the training settings and the calibration (held-out scores at the test mask
+ratio). The training state for resuming lives in .checkpoint/ until training finishes. Nothing in
+this directory is ever unpickled: tensors go through safetensors, the rest through JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sanitizer.atomic import atomic_path, write_json_atomic
+from sanitizer.encoders import VictimEncoder
+from sanitizer.errors import CheckpointError
+from sanitizer.model import DedeConfig, DedeDecoder
+
+FORMAT = "sanitizer-dede-decoder/1"
+WEIGHTS = "decoder.safetensors"
+META = "decoder.json"
+STATE_DIR = ".checkpoint"
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
+    """Weights first, then the JSON: a directory with decoder.json is a finished decoder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_tensors(decoder.state_dict(), out_dir / WEIGHTS)
+    meta = {"format": FORMAT, **meta, "model": decoder.config.to_dict()}
+    meta["decoder_sha256"] = file_sha256(out_dir / WEIGHTS)
+    write_json_atomic(out_dir / META, meta)
+    return meta
+
+
+def read_meta(decoder_dir: Path) -> dict:
+    path = Path(decoder_dir) / META
+    if not path.is_file():
+        raise CheckpointError(f"{decoder_dir} is not a decoder directory (no {META}); run `sanitizer train`")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}; this version reads {FORMAT}")
+    return meta
+
+
+def load_decoder(decoder_dir: Path, device: torch.device | str = "cpu") -> tuple[DedeDecoder, dict]:
+    meta = read_meta(decoder_dir)
+    weights = Path(decoder_dir) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{decoder_dir} has {META} but no {WEIGHTS}")
+    if file_sha256(weights) != meta.get("decoder_sha256"):
+        raise CheckpointError(f"{weights} does not match the hash recorded in {META}")
+    decoder = DedeDecoder(DedeConfig(**meta["model"]))
+    try:
+        decoder.load_state_dict(_load_tensors(weights))
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not fit its {META}: {str(e).splitlines()[0]}") from None
+    return decoder.to(device).eval(), meta
+
+
+def check_encoder(meta: dict, encoder: VictimEncoder) -> None:
+    """Refuse to score with a decoder that was trained against another encoder."""
+    expected = meta["encoder"]["weights_sha256"]
+    if encoder.weights_sha256 != expected:
+        raise CheckpointError(
+            f"the decoder was trained for encoder {meta['encoder']['spec']} with weights "
+            f"{expected[:12]}..., but the encoder loaded has weights {encoder.weights_sha256[:12]}..."
+        )
+
+
+# -- training state, for resuming -------------------------------------------------------------------
+def save_training_state(
+    out_dir: Path, decoder: DedeDecoder, optimizer: torch.optim.Optimizer, progress: dict
+) -> None:
+    """Model and Adam moments as safetensors; epoch and hyper-parameters as JSON."""
+    state_dir = out_dir / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    for index, slots in opt["state"].items():
+        tensors.update({f"optim.{index}.{name}": t for name, t in slots.items()})
+    _save_tensors(tensors, state_dir / "state.safetensors")
+    write_json_atomic(state_dir / "state.json", {**progress, "param_groups": opt["param_groups"]})
+
+
+def load_training_state(out_dir: Path, decoder: DedeDecoder, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore the last epoch's state into decoder and optimizer; None when there is none."""
+    state_dir = out_dir / STATE_DIR
+    if not (state_dir / "state.json").is_file():
+        return None
+    progress = json.loads((state_dir / "state.json").read_text())
+    tensors = _load_tensors(state_dir / "state.safetensors")
+    decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, index, slot = name.split(".", 2)
+            slots.setdefault(int(index), {})[slot] = t
+    optimizer.load_state_dict({"state": slots, "param_groups": progress.pop("param_groups")})
+    return progress
+
+
+def clear_training_state(out_dir: Path) -> None:
+    for name in ("state.safetensors", "state.json"):
+        (out_dir / STATE_DIR / name).unlink(missing_ok=True)
+    if (out_dir / STATE_DIR).is_dir():
+        (out_dir / STATE_DIR).rmdir()

@@ -1,0 +1,1 @@
+"""Reading and writing WebDataset shards: expansion, tar streaming, safe decoding."""

@@ -1,0 +1,226 @@
+"""Decode sample bytes defensively: every failure becomes a status string, never an exception.
+
+Status strings are part of the manifest contract (users filter on them):
+``ok``, ``no_image``, ``empty_image``, ``not_an_image``, ``decompression_bomb``,
+``truncated_image``, ``decode_error``, plus the reading statuses ``member_too_large`` and
+``truncated_shard`` passed through from ``tario``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sanitizer.data.tario import STATUS_OK, Sample, describe, one_line, split_key
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+TEXT_EXTS = ("txt", "caption", "text")
+MAX_CAPTION_CHARS = 10_000
+
+STATUS_NO_IMAGE = "no_image"
+STATUS_EMPTY_IMAGE = "empty_image"
+STATUS_NOT_AN_IMAGE = "not_an_image"
+STATUS_DECOMPRESSION_BOMB = "decompression_bomb"
+STATUS_TRUNCATED_IMAGE = "truncated_image"
+STATUS_DECODE_ERROR = "decode_error"
+DECODE_STATUSES = (
+    STATUS_OK,
+    STATUS_NO_IMAGE,
+    STATUS_EMPTY_IMAGE,
+    STATUS_NOT_AN_IMAGE,
+    STATUS_DECOMPRESSION_BOMB,
+    STATUS_TRUNCATED_IMAGE,
+    STATUS_DECODE_ERROR,
+)
+
+# Only plain raster formats: never let Pillow pick a plugin such as EPS (runs Ghostscript).
+# Camera JPEGs that Pillow reports as "MPO" are opened through the JPEG entry.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+# "broken data stream" is corrupt data (bad zlib, bad LZW), not a cut: it stays decode_error.
+_TRUNCATION_HINTS = ("truncated", "unexpected end", "end of file")
+
+
+@dataclass
+class DecodedImage:
+    """Pixels ready for the encoder, or the reason there are none."""
+
+    status: str
+    error: str | None
+    pixels: np.ndarray | None  # (size, size, 3) uint8 RGB
+    width: int | None  # original width
+    height: int | None  # original height
+    sha256: str | None  # of the image member's bytes
+
+
+def _failed(status: str, error: str | None, **extra: Any) -> DecodedImage:
+    fields = {"pixels": None, "width": None, "height": None, "sha256": None, **extra}
+    return DecodedImage(status=status, error=one_line(error) if error else error, **fields)
+
+
+def find_image_member(sample: Sample) -> tuple[str, bytes] | None:
+    """The sample's image: first exact image extension, else first whose last part is one.
+
+    The fallback accepts WebDataset-style compound extensions such as ``left.png``.
+    """
+    for member in sample.members:
+        if split_key(member.name)[1] in IMAGE_EXTS:
+            return member.name, member.data
+    for member in sample.members:
+        if split_key(member.name)[1].rsplit(".", 1)[-1] in IMAGE_EXTS:
+            return member.name, member.data
+    return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; alpha is composited onto black."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im)
+        if mode.startswith("I;16"):
+            grey = (arr.astype(np.uint16) >> 8).astype(np.uint8)
+        elif mode == "I":  # 32-bit int, in practice 16-bit data: keep the top 8 of 16 bits
+            grey = (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        else:  # float: 0..1 if it fits there, else 0..255
+            arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+            grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB", "1") and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (bicubic), then a centre crop, as torchvision Resize+CenterCrop."""
+    w, h = im.size
+    if (w, h) != (size, size):
+        if w <= h:
+            new_w, new_h = size, max(size, int(size * h / w))
+        else:
+            new_w, new_h = max(size, int(size * w / h)), size
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left = int(round((new_w - size) / 2.0))
+        top = int(round((new_h - size) / 2.0))
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
+def _draft_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """The smallest decode size whose shorter side still covers ``size``."""
+    short = min(w, h)
+    return -(-w * size // short), -(-h * size // short)
+
+
+def _classify_load_error(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, OSError | SyntaxError | EOFError) and any(hint in text for hint in _TRUNCATION_HINTS):
+        return STATUS_TRUNCATED_IMAGE
+    return STATUS_DECODE_ERROR
+
+
+def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> DecodedImage:
+    """Decode the sample's image to a ``(size, size, 3)`` uint8 array, or say why not.
+
+    The pixel count in the header is checked against ``max_pixels`` before any pixel is
+    decoded. Pillow's own bomb warning is raised as an error only inside this call.
+    """
+    if sample.status != STATUS_OK:
+        return _failed(sample.status, sample.error)
+    found = find_image_member(sample)
+    if found is None:
+        return _failed(STATUS_NO_IMAGE, "sample has no member with an image extension")
+    name, data = found
+    if not data:
+        return _failed(STATUS_EMPTY_IMAGE, f"image member {name!r} has 0 bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode_bytes(data, size, max_pixels, digest)
+
+
+def _decode_bytes(data: bytes, size: int, max_pixels: int, digest: str) -> DecodedImage:
+    try:
+        im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return _failed(STATUS_DECOMPRESSION_BOMB, describe(e), sha256=digest)
+    except UnidentifiedImageError:
+        return _failed(STATUS_NOT_AN_IMAGE, "bytes are not a supported image", sha256=digest)
+    except Exception as e:  # noqa: BLE001 - any header parsing failure is per-sample
+        return _failed(STATUS_DECODE_ERROR, describe(e), sha256=digest)
+    with im:
+        w, h = im.size
+        dims = {"width": w, "height": h, "sha256": digest}
+        if w <= 0 or h <= 0:
+            return _failed(STATUS_DECODE_ERROR, f"image has size {w}x{h}", **dims)
+        if w * h > max_pixels:
+            msg = f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}"
+            return _failed(STATUS_DECOMPRESSION_BOMB, msg, **dims)
+        try:
+            if im.format in ("JPEG", "MPO") and min(w, h) >= 2 * size:
+                im.draft("RGB", _draft_size(w, h, size))
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            return _failed(STATUS_DECOMPRESSION_BOMB, describe(e), **dims)
+        except Exception as e:  # noqa: BLE001
+            return _failed(_classify_load_error(e), describe(e), **dims)
+        try:
+            out = _resize_crop(_to_rgb(im), size)
+            pixels = np.array(out, dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001
+            return _failed(STATUS_DECODE_ERROR, describe(e), **dims)
+    if pixels.shape != (size, size, 3):
+        return _failed(STATUS_DECODE_ERROR, f"decoded to shape {pixels.shape}", **dims)
+    return DecodedImage(STATUS_OK, None, pixels, w, h, digest)
+
+
+def _json_object(sample: Sample) -> dict[str, Any] | None:
+    data = sample.by_ext().get("json")
+    if not data:
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def decode_text(sample: Sample) -> str | None:
+    """The caption: a text member, else the json member's "caption"/"text" string field."""
+    caption: str | None = None
+    for member in sample.members:
+        if split_key(member.name)[1] in TEXT_EXTS:
+            caption = member.data.decode("utf-8", errors="replace").strip()
+            break
+    else:
+        obj = _json_object(sample)
+        if obj is not None:
+            for field in ("caption", "text"):
+                if isinstance(obj.get(field), str):
+                    caption = obj[field].strip()
+                    break
+    return caption[:MAX_CAPTION_CHARS] if caption is not None else None
+
+
+def decode_label(sample: Sample) -> bool | None:
+    """Benchmark ground truth: the json member's boolean "poisoned" field, else None."""
+    try:
+        obj = _json_object(sample)
+    except Exception:  # noqa: BLE001 - a label is optional; never fail a sample over it
+        return None
+    value = obj.get("poisoned") if obj is not None else None
+    return value if isinstance(value, bool) else None

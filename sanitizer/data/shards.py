@@ -1,0 +1,151 @@
+"""Turn a user's SHARDS argument into an ordered list of shards with unique, file-safe stems.
+
+The stem names every per-shard output (``manifest/<stem>.parquet``, ``clean/<stem>.tar``), so it
+must be unique, safe as a file name, and independent of the order the inputs were given in.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from braceexpand import UnbalancedBracesError, braceexpand
+
+from sanitizer.errors import UsageError
+
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+MAX_STEM_CHARS = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One input shard: where to read it and the stem its outputs are named after."""
+
+    url: str
+    stem: str
+
+
+def is_remote(url: str) -> bool:
+    """fsspec-style URLs are passed through untouched; everything else is a local path."""
+    return "://" in url
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """Split on commas outside braces, so ``a/{x,y}.tar,b.tar`` is two parts, not three."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _is_shard_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES)
+
+
+def _expand_local(item: str) -> list[str]:
+    """Expand one local glob, directory or file; an empty list means it matched nothing."""
+    path = Path(item).expanduser()
+    if _GLOB_CHARS.search(item):
+        matches = sorted(glob.glob(os.path.expanduser(item)))
+        return [str(Path(m).resolve()) for m in matches if Path(m).is_file()]
+    if path.is_dir():
+        return [str(p.resolve()) for p in sorted(path.iterdir()) if _is_shard_file(p)]
+    if path.is_file():
+        return [str(path.resolve())]
+    return []
+
+
+def _describe_miss(item: str) -> str:
+    path = Path(item).expanduser()
+    if _GLOB_CHARS.search(item):
+        return f"pattern {item!r} matches no files"
+    if path.is_dir():
+        return f"directory {item!r} contains no {', '.join(SHARD_SUFFIXES)} files"
+    return f"shard file {item!r} does not exist"
+
+
+def _file_name(url: str) -> str:
+    if is_remote(url):
+        return urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
+    return Path(url).name
+
+
+def base_stem(url: str) -> str:
+    """The shard's file name without its tar suffix, restricted to ``[A-Za-z0-9._-]``."""
+    name = _file_name(url)
+    lower = name.lower()
+    for suffix in SHARD_SUFFIXES:
+        if lower.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = _UNSAFE.sub("_", name)
+    stem = "_" * (len(stem) - len(stem.lstrip("."))) + stem.lstrip(".")
+    return stem[:MAX_STEM_CHARS] or "_"
+
+
+def _with_hash(stem: str, url: str, n_hex: int) -> str:
+    digest = hashlib.sha1(url.encode("utf-8", "surrogateescape")).hexdigest()[:n_hex]
+    return f"{stem[: MAX_STEM_CHARS - n_hex - 1]}-{digest}"
+
+
+def assign_stems(urls: list[str]) -> list[ShardRef]:
+    """Give every URL a unique stem; each colliding stem gets a hash of its own URL appended.
+
+    Only the set of URLs matters, never their order, so re-runs with reordered inputs write to
+    the same outputs.
+    """
+    bases = [base_stem(u) for u in urls]
+    counts = Counter(bases)
+    stems = [_with_hash(b, u, 8) if counts[b] > 1 else b for b, u in zip(bases, urls, strict=True)]
+    counts = Counter(stems)
+    if len(counts) != len(stems):  # a literal file name equal to "<stem>-<hash8>": use full hash
+        stems = [
+            _with_hash(b, u, 40) if counts[s] > 1 else s for b, s, u in zip(bases, stems, urls, strict=True)
+        ]
+    return [ShardRef(url=u, stem=s) for u, s in zip(urls, stems, strict=True)]
+
+
+def expand_shards(spec: str) -> list[ShardRef]:
+    """Expand brace patterns, globs, directories and comma lists into ordered, unique shards.
+
+    Raises ``UsageError`` naming every part that matched nothing, so a typo in one shard range
+    is not silently skipped.
+    """
+    parts = _split_top_level(spec or "")
+    if not parts:
+        raise UsageError("no shards given: expected a file, directory, glob or brace pattern")
+    urls: list[str] = []
+    misses: list[str] = []
+    for part in parts:
+        try:
+            items = list(braceexpand(part))
+        except UnbalancedBracesError as e:
+            raise UsageError(f"bad shard pattern {part!r}: {e}") from None
+        for item in items:
+            if is_remote(item):
+                urls.append(item)
+                continue
+            found = _expand_local(item)
+            if not found:
+                misses.append(_describe_miss(item))
+            urls.extend(found)
+    if misses:
+        more = f" (and {len(misses) - 3} more)" if len(misses) > 3 else ""
+        raise UsageError("no shards found: " + "; ".join(misses[:3]) + more)
+    unique = list(dict.fromkeys(urls))
+    return assign_stems(unique)

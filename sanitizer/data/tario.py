@@ -1,0 +1,350 @@
+"""Stream samples out of WebDataset tars as raw bytes, and write tars byte-reproducibly.
+
+Nothing here decodes or unpickles member data: members stay opaque bytes, so a ``.pyd`` or
+``.pickle`` member can never execute code. Per-sample problems become a sample ``status``;
+only a shard that cannot be read at all raises ``ShardError``.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from sanitizer.atomic import atomic_path
+from sanitizer.data.shards import is_remote
+from sanitizer.errors import SanitizerError
+
+TAR_ENCODING = "utf-8"
+TAR_ERRORS = "surrogateescape"  # non-UTF-8 member names round-trip byte for byte
+STATUS_OK = "ok"
+STATUS_MEMBER_TOO_LARGE = "member_too_large"
+STATUS_TRUNCATED_SHARD = "truncated_shard"
+INCOMPLETE_STATUSES = frozenset({STATUS_MEMBER_TOO_LARGE, STATUS_TRUNCATED_SHARD})
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
+_MAX_ERROR_CHARS = 300
+
+
+class ShardError(SanitizerError):
+    """A shard that cannot be opened or is not a tar at all; the caller marks it failed."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tar member: its exact name (surrogate-escaped) and its exact bytes."""
+
+    name: str
+    data: bytes
+
+
+@dataclass
+class Sample:
+    """A run of consecutive members sharing a key; ``status`` says whether reading was complete."""
+
+    key: str
+    index: int
+    members: list[Member]
+    status: str = STATUS_OK
+    error: str | None = None
+
+    def by_ext(self) -> dict[str, bytes]:
+        """Map lower-cased extension to data; the first member wins."""
+        out: dict[str, bytes] = {}
+        for member in self.members:
+            out.setdefault(split_key(member.name)[1], member.data)
+        return out
+
+
+def one_line(text: str, limit: int = _MAX_ERROR_CHARS) -> str:
+    """Collapse whitespace and cut to ``limit`` chars: errors go into one manifest cell."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` on one line, never a traceback."""
+    msg = str(exc)
+    return one_line(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
+
+
+def printable(text: str) -> str:
+    """Replace lone surrogates (from non-UTF-8 names) so the text can be stored as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset rule: key is the path up to the first dot of the base name, ext the rest.
+
+    ``a/b.seg.png`` -> ``("a/b", "seg.png")``; a base name without a dot has ext ``""``.
+    """
+    dirname, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    key = f"{dirname}/{stem}" if dirname else stem
+    return key, ext.lower() if dot else ""
+
+
+class _RecordingTarInfo(tarfile.TarInfo):
+    """Remembers why header reading stopped: tarfile ends silently on a cut, we must not."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_obj: tarfile.TarFile) -> tarfile.TarInfo:
+        tarfile_obj._sanitizer_header_error = None  # type: ignore[attr-defined]
+        try:
+            return super().fromtarfile(tarfile_obj)
+        except tarfile.HeaderError as e:
+            tarfile_obj._sanitizer_header_error = e  # type: ignore[attr-defined]
+            raise
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts bytes read, to tell a 0-byte shard (empty) from one that is not a tar."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.nbytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.nbytes += len(data)
+        return data
+
+
+def _open_raw(url: str, stack: ExitStack) -> IO[bytes]:
+    try:
+        if is_remote(url):
+            import fsspec
+
+            return stack.enter_context(fsspec.open(url, "rb"))
+        return stack.enter_context(open(url, "rb"))
+    except Exception as e:  # noqa: BLE001 - any failure to open means the shard failed
+        raise ShardError(url, f"cannot open: {describe(e)}") from None
+
+
+def _end_problem(tar: tarfile.TarFile) -> str | None:
+    """Why iteration stopped, if it was not the end-of-archive marker."""
+    err = getattr(tar, "_sanitizer_header_error", None)
+    if isinstance(err, tarfile.EOFHeaderError):
+        return None
+    if isinstance(err, tarfile.EmptyHeaderError):
+        return "shard ends without an end-of-archive marker (cut off?)"
+    if err is None:
+        return "shard ended unexpectedly"
+    return f"shard cut off or corrupt at a member header: {describe(err)}"
+
+
+def _mark_truncated(sample: Sample, message: str) -> None:
+    sample.status = STATUS_TRUNCATED_SHARD
+    sample.error = one_line(message)
+
+
+def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample]:
+    """Yield every sample of a (possibly gzipped) tar in file order, never raising per sample.
+
+    Raises ``ShardError`` only when no tar header can be read at all. A cut-off shard ends with
+    its in-progress sample marked ``truncated_shard``; members larger than ``max_member_bytes``
+    are skipped unread (data ``b""``) and mark their sample ``member_too_large``.
+    """
+    with ExitStack() as stack:
+        reader = _CountingReader(_open_raw(url, stack))
+        try:
+            tar = tarfile.open(  # noqa: SIM115 - entered into the stack below
+                fileobj=reader,
+                mode="r|*",
+                tarinfo=_RecordingTarInfo,
+                encoding=TAR_ENCODING,
+                errors=TAR_ERRORS,
+            )
+        except _READ_ERRORS as e:
+            if reader.nbytes == 0:
+                return
+            raise ShardError(url, f"not a readable tar file: {describe(e)}") from None
+        stack.enter_context(tar)
+        yield from _group_members(tar, max_member_bytes)
+
+
+def _group_members(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Sample]:
+    """Group consecutive members into samples; a repeated extension starts a new sample."""
+    current: Sample | None = None
+    exts: set[str] = set()
+    count = 0
+    while True:
+        try:
+            info = tar.next()
+        except _READ_ERRORS as e:
+            if current is not None:
+                _mark_truncated(current, f"shard cut off or corrupt: {describe(e)}")
+            break
+        tar.members = []  # stream mode keeps every TarInfo otherwise
+        if info is None:
+            problem = _end_problem(tar)
+            if problem is not None and current is not None:
+                _mark_truncated(current, problem)
+            break
+        if not info.isreg():
+            continue
+        key, ext = split_key(info.name)
+        if current is None or key != current.key or ext in exts:
+            if current is not None:
+                yield current
+            current = Sample(key=key, index=count, members=[])
+            count += 1
+            exts = set()
+        exts.add(ext)
+        if info.size > max_member_bytes:
+            current.members.append(Member(info.name, b""))
+            if current.status == STATUS_OK:
+                current.status = STATUS_MEMBER_TOO_LARGE
+                current.error = one_line(
+                    f"member {printable(info.name)!r} has {info.size} bytes, "
+                    f"more than max_member_bytes={max_member_bytes}"
+                )
+            continue
+        try:
+            fileobj = tar.extractfile(info)
+            data = fileobj.read() if fileobj is not None else b""
+        except _READ_ERRORS as e:
+            current.members.append(Member(info.name, b""))
+            _mark_truncated(current, f"shard cut off inside member {printable(info.name)!r}: {describe(e)}")
+            break
+        current.members.append(Member(info.name, data))
+    if current is not None:
+        yield current
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """Fixed metadata, so rewriting the same samples yields the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+class TarWriter:
+    """Write samples to a tar that appears under ``final_path`` only when complete.
+
+    Members keep their names and bytes; metadata is fixed (mtime 0, mode 0644, uid/gid 0) and
+    the GNU format stores long names, so identical input gives a byte-identical file.
+    """
+
+    def __init__(self, final_path: Path) -> None:
+        self.final_path = Path(final_path)
+        self.count = 0
+        self._stack: ExitStack | None = None
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> TarWriter:
+        stack = ExitStack()
+        try:
+            tmp = stack.enter_context(atomic_path(self.final_path))
+            fileobj = stack.enter_context(open(tmp, "wb"))
+            self._tar = tarfile.open(
+                fileobj=fileobj,
+                mode="w",
+                format=tarfile.GNU_FORMAT,
+                encoding=TAR_ENCODING,
+                errors=TAR_ERRORS,
+            )
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def write(self, sample: Sample) -> None:
+        """Append every member of ``sample`` in order; refuses samples read incompletely."""
+        if self._tar is None:
+            raise RuntimeError("TarWriter.write called outside its with-block")
+        if sample.status in INCOMPLETE_STATUSES:
+            raise ValueError(
+                f"sample {printable(sample.key)!r} has status {sample.status}: "
+                "its bytes are incomplete and cannot be copied"
+            )
+        for member in sample.members:
+            self._tar.addfile(_tarinfo(member.name, len(member.data)), io.BytesIO(member.data))
+        self.count += 1
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        tar, stack = self._tar, self._stack
+        self._tar = self._stack = None
+        if stack is None:
+            return False
+        if exc_type is None:
+            try:
+                assert tar is not None
+                tar.close()  # writes the end-of-archive blocks into the temp file
+            except BaseException as close_error:
+                if not stack.__exit__(type(close_error), close_error, close_error.__traceback__):
+                    raise
+                return False
+        return bool(stack.__exit__(exc_type, exc, tb))
+
+
+def _sample_from_dict(record: dict[str, Any], index: int) -> Sample:
+    key = record["__key__"]
+    key = key.decode("utf-8", TAR_ERRORS) if isinstance(key, bytes) else str(key)
+    members = []
+    for ext, value in record.items():
+        if ext.startswith("__"):
+            continue
+        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        members.append(Member(f"{key}.{ext}", data))
+    return Sample(key=key, index=index, members=members)
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]],
+    out_dir: Path,
+    prefix: str = "shard",
+    per_shard: int = 1000,
+) -> list[Path]:
+    """Write ``{"__key__": k, ext: bytes, ...}`` records to ``{prefix}-000000.tar``, ...
+
+    Deterministic bytes; no empty trailing shard is written. ``str`` values are UTF-8 encoded.
+    """
+    if per_shard < 1:
+        raise ValueError("per_shard must be at least 1")
+    out_dir = Path(out_dir)
+    paths: list[Path] = []
+    writer: TarWriter | None = None
+    try:
+        for i, record in enumerate(samples):
+            if writer is None:
+                path = out_dir / f"{prefix}-{len(paths):06d}.tar"
+                writer = TarWriter(path).__enter__()
+                paths.append(path)
+            writer.write(_sample_from_dict(record, i))
+            if writer.count >= per_shard:
+                current, writer = writer, None
+                current.__exit__(None, None, None)
+    except BaseException as e:
+        if writer is not None:
+            writer.__exit__(type(e), e, e.__traceback__)
+            paths.pop()
+        raise
+    if writer is not None:
+        writer.__exit__(None, None, None)
+    return paths

@@ -1,0 +1,273 @@
+"""Victim encoders behind one interface: uint8 pixels in, the raw global embedding (B, D) out.
+
+A SPEC names how to build the encoder: `timm:NAME`, `open_clip:NAME` (its visual tower),
+`torchscript:PATH` or `export:PATH` (a saved torch.export program). Weights come from safetensors or a
+plain state dict loaded with weights_only=True: nothing is ever unpickled. The encoder is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import pickle
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sanitizer.device import autocast
+from sanitizer.errors import EncoderError, UsageError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = ("timm", "open_clip", "torchscript", "export")
+# Small open_clip architectures of the package's own (e.g. for the red-team kit's CLIP victim).
+OPEN_CLIP_CONFIGS = Path(__file__).parent / "configs" / "open_clip"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become the encoder's input: square resize to image_size, then (x/255-mean)/std."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Preprocess:
+        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+@dataclass
+class VictimEncoder:
+    spec: str
+    module: nn.Module
+    preprocess: Preprocess
+    embed_dim: int
+    weights_sha256: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.module.state_dict().values())).device
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in the encoder's normalised space."""
+        x = pixels.permute(0, 3, 1, 2).float().div_(255)
+        mean, std = self._stats(x.device)
+        return (x - mean) / std
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
+        return mean, std
+
+    def to_pixels(self, images: torch.Tensor) -> np.ndarray:
+        """The inverse of normalize: (B, 3, H, W) float -> (B, H, W, 3) uint8 on the CPU."""
+        mean, std = self._stats(images.device)
+        x = (images.float() * std + mean).mul(255).round().clamp(0, 255)
+        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> (B, D) float32 raw embeddings (not L2-normalised)."""
+        out = self.module(images)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim != 2:
+            raise EncoderError(f"{self.spec} returned shape {tuple(out.shape)}; expected (B, D)")
+        return out.float()
+
+
+# -- weights ---------------------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors, or from a torch file loaded with weights_only=True (no pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise EncoderError(f"refused {path}: it holds more than plain tensors ({first})") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise EncoderError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderError(f"{path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], ignorable: tuple[str, ...]) -> None:
+    """Load strictly, except for keys under `ignorable` prefixes (classifier heads, text towers)."""
+    state = {k: v for k, v in state.items() if not k.startswith(ignorable)}
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise EncoderError(f"weights do not fit the encoder: {str(e).splitlines()[0]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise EncoderError(
+            "weights do not fit the encoder: "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """A stable identity for the encoder: parameters and buffers, by name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def freeze(module: nn.Module) -> None:
+    """Eval mode and no gradients; ScriptModules refuse requires_grad_, so go parameter by parameter."""
+    with contextlib.suppress(NotImplementedError):  # torch.export programs fix their mode when exported
+        module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+# -- builders: each returns (module, preprocess from the model's own config or None) ---------------
+def _seeded_init(build):
+    """Random init is seeded so a weightless spec names the same encoder in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def _build_timm(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    import sanitizer.zoo  # noqa: F401 - registers the package's own timm models
+
+    try:
+        module = _seeded_init(lambda: timm.create_model(name, pretrained=False, num_classes=0))
+    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
+        raise EncoderError(f"timm has no model {name!r} ({e})") from None
+    if weights is not None:
+        classifier = module.pretrained_cfg.get("classifier", "fc")
+        heads = classifier if isinstance(classifier, tuple) else (classifier,)
+        load_weights(module, read_state_dict(weights), tuple(f"{h}." for h in heads))
+    cfg = timm.data.resolve_model_data_config(module)
+    return module, Preprocess(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _build_open_clip(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]:
+    import open_clip
+
+    open_clip.add_model_config(OPEN_CLIP_CONFIGS)
+    if ":" in name:
+        raise EncoderError(f"open_clip:{name} would load from a hub; give a local --encoder-weights")
+    if name not in open_clip.list_models():
+        raise EncoderError(f"open_clip has no model {name!r}")
+    model = _seeded_init(lambda: open_clip.create_model(name, pretrained=None))
+    visual = model.visual
+    if weights is not None:
+        state = read_state_dict(weights)
+        if any(k.startswith("visual.") for k in state):
+            state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+        load_weights(visual, state, ())
+    cfg = visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return visual, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _build_torchscript(path: str, weights: Path | None) -> tuple[nn.Module, None]:
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as e:
+        raise EncoderError(f"cannot load TorchScript encoder {path}: {str(e).splitlines()[0]}") from None
+    if weights is not None:
+        load_weights(module, read_state_dict(weights), ())
+    return module, None
+
+
+def _build_export(path: str, weights: Path | None) -> tuple[nn.Module, None]:
+    try:
+        module = torch.export.load(path).module()
+    except Exception as e:  # noqa: BLE001 - torch.export raises many kinds for a bad file
+        raise EncoderError(f"cannot load exported encoder {path}: {str(e).splitlines()[0]}") from None
+    if weights is not None:
+        load_weights(module, read_state_dict(weights), ())
+    return module, None
+
+
+_BUILDERS = {
+    "timm": _build_timm,
+    "open_clip": _build_open_clip,
+    "torchscript": _build_torchscript,
+    "export": _build_export,
+}
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    kind, sep, name = spec.partition(":")
+    if not sep or kind not in _BUILDERS or not name:
+        raise UsageError(f"encoder spec {spec!r} is not one of {', '.join(k + ':NAME' for k in KINDS)}")
+    if kind in ("torchscript", "export") and not Path(name).is_file():
+        raise EncoderError(f"encoder file not found: {name}")
+    return kind, name
+
+
+def load_encoder(
+    spec: str,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    device: str | torch.device = "cpu",
+) -> VictimEncoder:
+    """Build, load, freeze and probe the encoder; flags override the model's own preprocessing."""
+    kind, name = parse_spec(spec)
+    weights = Path(weights) if weights else None
+    if weights is None and kind in ("timm", "open_clip"):
+        log.warning("%s has no --encoder-weights: using seeded random weights", spec)
+    module, own = _BUILDERS[kind](name, weights)
+    if own is None and image_size is None:
+        raise UsageError(f"{kind} encoders carry no preprocessing: give --image-size (and --mean/--std)")
+    own = own or Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD)
+    preprocess = Preprocess(image_size or own.image_size, mean or own.mean, std or own.std)
+    freeze(module)
+    digest = weights_sha256(module)
+    module = module.to(device)
+    encoder = VictimEncoder(spec, module, preprocess, 0, digest)
+    probe = torch.zeros(1, preprocess.image_size, preprocess.image_size, 3, dtype=torch.uint8)
+    try:
+        encoder.embed_dim = encoder.embed(encoder.normalize(probe.to(device))).shape[1]
+    except EncoderError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model that cannot run at this size is a config error
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderError(f"{spec} fails on a {preprocess.image_size}px image: {msg}") from None
+    return encoder
+
+
+def embed_pixels(encoder: VictimEncoder, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Embeddings (N, D) float32 of uint8 images (N, H, W, 3), in batches, under inference mode."""
+    out = []
+    device = encoder.device
+    with torch.inference_mode(), autocast(device):
+        for i in range(0, len(pixels), batch_size):
+            batch = torch.from_numpy(pixels[i : i + batch_size]).to(device)
+            out.append(encoder.embed(encoder.normalize(batch)).cpu())
+    if not out:
+        return np.zeros((0, encoder.embed_dim), np.float32)
+    return torch.cat(out).numpy()

@@ -1,0 +1,17 @@
+"""Errors a user can cause and fix; the CLI prints them as one line, never a traceback."""
+
+
+class SanitizerError(Exception):
+    """A user-facing failure: bad input, bad configuration, mismatched files."""
+
+
+class UsageError(SanitizerError):
+    """The command line or a file it names cannot be used as given."""
+
+
+class EncoderError(SanitizerError):
+    """The victim encoder cannot be built or its weights cannot be loaded."""
+
+
+class CheckpointError(SanitizerError):
+    """A decoder directory is missing, unreadable, unsafe, or made for another encoder."""

@@ -1,0 +1,166 @@
+"""The DeDe decoder: an MAE-style network that rebuilds an image from a frozen encoder's embedding.
+
+The patch encoder sees only the visible patches (plus a cls slot). Its cls output is REPLACED by a
+linear projection of the victim embedding, so the decoder must rely on what the victim encoder says
+about the image. With almost every patch hidden, a clean image is rebuilt close to itself, while a
+triggered image (whose embedding points at the attacker's target) is not. Method names follow MAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from sanitizer.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DedeConfig:
+    """Everything that fixes the decoder's shape; saved beside its weights."""
+
+    image_size: int
+    embed_dim: int  # dimension D of the victim encoder's output
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    decoder_depth: int = 2
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise UsageError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
+        if self.width % self.heads:
+            raise UsageError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def default_for(cls, image_size: int, embed_dim: int, **overrides) -> DedeConfig:
+        """Sizes that suit the input: tiny images get 4 px patches, large ones 16 px."""
+        base = {"patch_size": 4} if image_size <= 64 else {"patch_size": 16, "width": 256, "heads": 4}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(image_size=image_size, embed_dim=embed_dim, **base)
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches kept at a mask ratio (MAE's rounding down: 0.99 of 64 keeps none)."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+class DedeDecoder(nn.Module):
+    def __init__(self, config: DedeConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        patch_dim = 3 * c.patch_size**2
+        # Encoder over visible patches.
+        self.patch_embed = nn.Linear(patch_dim, c.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.width))
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+        # The victim embedding takes the cls slot.
+        self.embedding_proj = nn.Linear(c.embed_dim, c.width, bias=False)
+        # Decoder over all patches.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.width))
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(c.width)
+        self.decoder_pred = nn.Linear(c.width, patch_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for p in (self.cls_token, self.mask_token, self.pos_embed, self.decoder_pos_embed):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, L, p*p*3), patches in row-major order."""
+        p, g = self.config.patch_size, self.config.grid
+        x = imgs.reshape(imgs.shape[0], 3, g, p, g, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], g * g, p * p * 3)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, p*p*3) -> (B, 3, H, W); the inverse of patchify."""
+        p, g = self.config.patch_size, self.config.grid
+        x = x.reshape(x.shape[0], g, g, p, p, 3)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, g * p, g * p)
+
+    @staticmethod
+    def random_masking(
+        x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the patches with the smallest noise; mask: 1 = hidden, 0 = visible.
+
+        The noise is given rather than drawn here so that scoring can derive it from the sample key.
+        """
+        n, length, dim = x.shape
+        keep = num_visible(length, mask_ratio)
+        ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+        ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+        ids_keep = ids_shuffle[:, :keep]
+        x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_visible, mask, ids_restore
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward_encoder(
+        self, imgs: torch.Tensor, embedding: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.patch_embed(self.patchify(imgs)) + self.pos_embed[:, 1:]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        # The victim embedding replaces the cls output: the decoder's global evidence.
+        victim = self.embedding_proj(embedding.to(x.dtype)).unsqueeze(1)
+        return torch.cat([victim, x[:, 1:]], dim=1), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        n, length = ids_restore.shape
+        hidden = self.mask_token.expand(n, length + 1 - latent.shape[1], -1)
+        x = torch.cat([latent[:, 1:], hidden.to(latent.dtype)], dim=1)
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([latent[:, :1], x], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def patch_errors(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of each patch, (B, L), in normalised pixel space."""
+        return (pred.float() - self.patchify(imgs).float()).pow(2).mean(dim=-1)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over hidden patches only: visible ones are given, not predicted."""
+        errors = self.patch_errors(imgs, pred)
+        return (errors * mask).sum() / mask.sum().clamp(min=1)
+
+    def forward(
+        self, imgs: torch.Tensor, embedding: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latent, mask, ids_restore = self.forward_encoder(imgs, embedding, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask

@@ -1,0 +1,39 @@
+"""Encoders the package defines itself, registered with timm so that `timm:NAME` builds them.
+
+timm's resnet18 has an ImageNet stem (7x7 stride-2 conv and a max-pool) that throws away most of a
+32 px image; the SSL backdoor literature (SimCLR, BadEncoder, DRUPE, CTRL) uses the CIFAR stem below.
+"""
+
+from __future__ import annotations
+
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+# Arguments timm's create_model passes to every entry point; they are not ResNet's.
+_FACTORY_ONLY_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _cifar_cfg() -> dict:
+    return {
+        "input_size": (3, 32, 32),
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "num_classes": 0,
+        "classifier": "fc",
+    }
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool; 512-d pooled output."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY_KWARGS}
+    model = ResNet(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.pretrained_cfg = model.default_cfg = _cifar_cfg()
+    return model

@@ -1,0 +1,235 @@
+"""Decoding: every status string exactly, every odd image mode to RGB, nothing unpickled."""
+
+from __future__ import annotations
+
+import io
+import pickletools
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sanitizer.data import hostile
+from sanitizer.data.decode import (
+    DECODE_STATUSES,
+    decode_image,
+    decode_label,
+    decode_text,
+)
+from sanitizer.data.hostile import (
+    SHARD_ERROR_SHARDS,
+    expected_statuses,
+    pickle_payload,
+    write_hostile_corpus,
+)
+from sanitizer.data.tario import Member, Sample, ShardError, iter_samples
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_hostile_corpus(tmp_path_factory.mktemp("hostile"), size=SIZE)
+
+
+def _samples(corpus: dict[str, Path], shard: str) -> dict[str, Sample]:
+    return {s.key: s for s in iter_samples(str(corpus[shard]))}
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _one(name: str, data: bytes) -> Sample:
+    return Sample(name.split(".")[0], 0, [Member(name, data)])
+
+
+def test_corpus_matches_its_expectations(corpus: dict[str, Path]) -> None:
+    for name, expected in expected_statuses().items():
+        if expected is None:
+            assert name in SHARD_ERROR_SHARDS
+            with pytest.raises(ShardError):
+                list(iter_samples(str(corpus[name])))
+            continue
+        got = [(s.key, decode_image(s, SIZE).status) for s in iter_samples(str(corpus[name]))]
+        assert got == expected, name
+
+
+def test_corpus_is_small_and_deterministic(corpus: dict[str, Path], tmp_path: Path) -> None:
+    hostile._specs.cache_clear()  # rebuild every byte from scratch
+    again = write_hostile_corpus(tmp_path)
+    assert sum(p.stat().st_size for p in corpus.values()) < 2_000_000
+    for name, path in corpus.items():
+        assert path.read_bytes() == again[name].read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "message"),
+    [
+        ("html", "not_an_image", "not a supported image"),
+        ("truncated_jpeg", "truncated_image", "truncated"),
+        ("empty_png", "empty_image", "0 bytes"),
+        ("bomb_8k", "decompression_bomb", "8000x8000"),
+        ("bomb_10k", "decompression_bomb", "100000000 pixels"),
+        ("bomb_20k", "decompression_bomb", "400000000 pixels"),
+        ("text_only", "no_image", "no member with an image extension"),
+        ("random_jpg", "not_an_image", "not a supported image"),
+        ("corrupt_png", "decode_error", "broken data stream"),
+        ("wrong_ext", "ok", None),
+    ],
+)
+def test_each_status_string(corpus: dict[str, Path], key: str, status: str, message: str) -> None:
+    d = decode_image(_samples(corpus, "hostile")[key], SIZE)
+    assert d.status == status
+    assert status in DECODE_STATUSES
+    if message is None:
+        assert d.error is None and d.pixels is not None
+    else:
+        assert d.pixels is None and d.error and message in d.error
+        assert "\n" not in d.error and len(d.error) <= 300
+
+
+def test_bomb_refused_before_decoding_and_warnings_left_alone(corpus: dict[str, Path]) -> None:
+    samples = _samples(corpus, "hostile")
+    before = list(warnings.filters)
+    d = decode_image(samples["bomb_8k"], SIZE)
+    assert (d.width, d.height, d.sha256 is not None) == (8000, 8000, True)
+    decode_image(samples["bomb_10k"], SIZE)
+    assert list(warnings.filters) == before
+    small = decode_image(samples["wrong_ext"], SIZE, max_pixels=100)
+    assert small.status == "decompression_bomb" and "max_pixels=100" in (small.error or "")
+
+
+def test_reading_status_passes_through() -> None:
+    s = Sample("k", 0, [Member("k.png", b"")], status="truncated_shard", error="cut")
+    d = decode_image(s, SIZE)
+    assert (d.status, d.error, d.pixels) == ("truncated_shard", "cut", None)
+    s = Sample("k", 0, [Member("k.png", b"")], status="member_too_large", error="big")
+    assert decode_image(s, SIZE).status == "member_too_large"
+
+
+@pytest.mark.parametrize("size", [SIZE, 17])
+def test_all_modes_give_rgb_uint8(corpus: dict[str, Path], size: int) -> None:
+    samples = _samples(corpus, "modes")
+    assert len(samples) == 20
+    for key, sample in samples.items():
+        d = decode_image(sample, size)
+        assert d.status == "ok", (key, d.error)
+        assert d.pixels is not None and d.pixels.shape == (size, size, 3), key
+        assert d.pixels.dtype == np.uint8, key
+        assert d.width and d.height and len(d.sha256 or "") == 64
+
+
+def test_mode_conversions_keep_the_picture(corpus: dict[str, Path]) -> None:
+    samples = _samples(corpus, "modes")
+    rgb = decode_image(samples["rgb_png"], SIZE).pixels
+    assert np.array_equal(decode_image(samples["cmyk_tiff"], SIZE).pixels, rgb)
+    luma = rgb.astype(float) @ np.array([0.299, 0.587, 0.114])
+    for key in ("grey16_png", "int32_tiff", "float_tiff", "grey_jpeg", "bilevel_png"):
+        got = decode_image(samples[key], SIZE).pixels
+        assert (got[..., 0] == got[..., 2]).all(), key
+        tolerance = 60 if key == "bilevel_png" else 4
+        assert abs(got[..., 0] - luma).mean() < tolerance, key
+    assert decode_image(samples["big_jpeg"], SIZE).width == 640  # original size, not draft
+
+
+def test_alpha_is_composited_on_black() -> None:
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, 4:, 3] = 255
+    d = decode_image(_one("a.png", _png(rgba, "RGBA")), 8)
+    assert d.status == "ok"
+    assert (d.pixels[:, :4] == 0).all() and (d.pixels[:, 4:] == 255).all()
+
+
+def test_resize_shorter_side_then_center_crop() -> None:
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, 20:40] = 200  # the centre third
+    d = decode_image(_one("w.png", _png(arr)), 20)
+    assert (d.width, d.height) == (60, 20)
+    assert (d.pixels[:, 2:-2] == 200).all()
+
+
+def test_decode_is_deterministic(corpus: dict[str, Path]) -> None:
+    for shard in ("good", "modes"):
+        for sample in iter_samples(str(corpus[shard])):
+            a, b = decode_image(sample, SIZE), decode_image(sample, SIZE)
+            assert np.array_equal(a.pixels, b.pixels)
+            assert (a.width, a.height, a.sha256) == (b.width, b.height, b.sha256)
+
+
+def test_captions(corpus: dict[str, Path]) -> None:
+    names = _samples(corpus, "names")
+    assert decode_text(names["long_caption"]) == ("word " * 4000).strip()[:10_000]
+    assert len(decode_text(names["long_caption"]) or "") == 10_000
+    assert decode_text(names["latin1_caption"]) == "caf\ufffd cr\ufffdme"
+    assert decode_text(names["caf\udce9"]) == "non-UTF-8 member name"
+    assert decode_text(names["pickled"]) is None
+    good = _samples(corpus, "good")
+    assert decode_text(good["good003"]) == "a synthetic gradient photo number 3"
+
+
+@pytest.mark.parametrize(
+    ("members", "caption"),
+    [
+        ([("k.txt", b"  hi  \n"), ("k.json", b'{"caption": "no"}')], "hi"),
+        ([("k.json", b'{"caption": " from json "}')], "from json"),
+        ([("k.json", b'{"text": "t"}')], "t"),
+        ([("k.json", b'{"caption": 3, "text": "t"}')], "t"),
+        ([("k.json", b"[1, 2]")], None),
+        ([("k.json", b"{not json")], None),
+        ([("k.json", b"\xff\xfe")], None),
+        ([("k.caption", b"c")], "c"),
+        ([("k.png", b"x")], None),
+    ],
+)
+def test_decode_text_rules(members: list[tuple[str, bytes]], caption: str | None) -> None:
+    assert decode_text(Sample("k", 0, [Member(n, d) for n, d in members])) == caption
+
+
+@pytest.mark.parametrize(
+    ("data", "label"),
+    [
+        (b'{"poisoned": true}', True),
+        (b'{"poisoned": false}', False),
+        (b'{"poisoned": "yes"}', None),
+        (b'{"poisoned": 1}', None),
+        (b"{}", None),
+        (b"{broken", None),
+        (b"[" * 100_000, None),
+        (b"", None),
+    ],
+)
+def test_decode_label(data: bytes, label: bool | None) -> None:
+    assert decode_label(Sample("k", 0, [Member("k.json", data)])) is label
+    assert decode_label(Sample("k", 0, [Member("k.png", b"")])) is None
+
+
+def test_good_shard_labels(corpus: dict[str, Path]) -> None:
+    labels = {k: decode_label(s) for k, s in _samples(corpus, "good").items()}
+    assert [k for k, v in labels.items() if v] == ["good002", "good005"]
+    assert sum(v is False for v in labels.values()) == 6
+
+
+def test_pickles_are_never_loaded(
+    corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = {(op.name, arg) for op, arg, _ in pickletools.genops(pickle_payload())}
+    assert ("SHORT_BINUNICODE", "PWNED") in ops and ("SHORT_BINUNICODE", "open") in ops
+    monkeypatch.chdir(tmp_path)
+    for name, path in corpus.items():
+        if name in SHARD_ERROR_SHARDS:
+            continue
+        for sample in iter_samples(str(path)):
+            decode_image(sample, SIZE)
+            decode_text(sample)
+            decode_label(sample)
+    names = _samples(corpus, "names")
+    assert decode_image(names["pickled"], SIZE).status == "ok"
+    assert decode_image(names["pickle_only"], SIZE).status == "no_image"
+    assert not (tmp_path / "PWNED").exists()
+    assert not Path("PWNED").exists()

@@ -1,0 +1,119 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sanitizer.encoders import load_encoder, parse_spec
+from sanitizer.errors import EncoderError, UsageError
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+def test_timm_kind_uses_model_config_and_flags(tiny_encoder):
+    assert tiny_encoder.embed_dim == 96
+    assert tiny_encoder.preprocess.image_size == 32  # flag overrides the model's 160
+    own = load_encoder("timm:test_resnet")
+    assert own.preprocess.image_size == 160
+    assert own.preprocess.mean == (0.5, 0.5, 0.5)  # test_resnet's own pretrained_cfg
+    assert own.weights_sha256 == tiny_encoder.weights_sha256  # seeded init: same weights everywhere
+
+
+def test_weights_from_safetensors_and_state_dict_give_one_hash(tmp_path, tiny_encoder):
+    other = {k: v * 1.5 if v.is_floating_point() else v for k, v in tiny_encoder.module.state_dict().items()}
+    save_file(other, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in other.items()}}, tmp_path / "w.pt")
+    a = load_encoder("timm:test_resnet", tmp_path / "w.safetensors", image_size=32)
+    b = load_encoder("timm:test_resnet", tmp_path / "w.pt", image_size=32)
+    assert a.weights_sha256 == b.weights_sha256 != tiny_encoder.weights_sha256
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a.embed(x), b.embed(x))
+
+
+def test_classifier_head_in_checkpoint_is_ignored(tmp_path, tiny_encoder):
+    state = dict(tiny_encoder.module.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 96), torch.zeros(10)
+    save_file(state, str(tmp_path / "with_head.safetensors"))
+    enc = load_encoder("timm:test_resnet", tmp_path / "with_head.safetensors", image_size=32)
+    assert enc.weights_sha256 == tiny_encoder.weights_sha256
+
+
+def test_open_clip_visual_tower_from_full_or_visual_state_dict(tmp_path):
+    enc = load_encoder("open_clip:sanitizer-tiny-vit")
+    assert (enc.embed_dim, enc.preprocess.image_size) == (64, 32)
+    full = {f"visual.{k}": v * 2 if v.is_floating_point() else v for k, v in enc.module.state_dict().items()}
+    full["text_projection"] = torch.zeros(64, 64)
+    save_file(full, str(tmp_path / "clip.safetensors"))
+    visual_only = {k.removeprefix("visual."): v for k, v in full.items() if k.startswith("visual.")}
+    save_file(visual_only, str(tmp_path / "visual.safetensors"))
+    a = load_encoder("open_clip:sanitizer-tiny-vit", tmp_path / "clip.safetensors")
+    b = load_encoder("open_clip:sanitizer-tiny-vit", tmp_path / "visual.safetensors")
+    assert a.weights_sha256 == b.weights_sha256 != enc.weights_sha256
+
+
+def test_torchscript_and_export_kinds(tmp_path):
+    torch.manual_seed(0)
+    net = TinyCNN().eval()
+    torch.jit.script(net).save(str(tmp_path / "enc.ts"))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "enc.pt2")
+    x = torch.randn(3, 3, 16, 16)
+    expected = net(x)
+    for spec in (f"torchscript:{tmp_path / 'enc.ts'}", f"export:{tmp_path / 'enc.pt2'}"):
+        enc = load_encoder(spec, image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        assert enc.embed_dim == 5
+        assert enc.preprocess.mean == (0.5, 0.5, 0.5)
+        assert torch.allclose(enc.embed(x), expected, atol=1e-5)
+        assert enc.weights_sha256 == load_encoder(spec, image_size=16).weights_sha256
+
+
+def test_file_kinds_need_an_image_size(tmp_path):
+    torch.jit.script(TinyCNN()).save(str(tmp_path / "enc.ts"))
+    with pytest.raises(UsageError, match="--image-size"):
+        load_encoder(f"torchscript:{tmp_path / 'enc.ts'}")
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        ("resnet18", UsageError, "not one of timm:NAME"),
+        ("hub:resnet18", UsageError, "not one of"),
+        ("timm:no_such_model_xyz", EncoderError, "timm has no model 'no_such_model_xyz'"),
+        ("open_clip:no-such-clip", EncoderError, "open_clip has no model"),
+        ("open_clip:hf-hub:org/repo", EncoderError, "would load from a hub"),
+        ("export:/nonexistent/enc.pt2", EncoderError, "encoder file not found"),
+    ],
+)
+def test_specs_that_do_not_resolve(spec, error, message):
+    with pytest.raises(error, match=message):
+        parse_spec(spec) if ":" not in spec or spec.startswith("hub") else load_encoder(spec, image_size=32)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_bad_weights_are_refused_with_a_reason(tmp_path, tiny_encoder):
+    with pytest.raises(EncoderError, match="weights file not found"):
+        load_encoder("timm:test_resnet", tmp_path / "missing.safetensors", image_size=32)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(EncoderError, match="cannot read weights"):
+        load_encoder("timm:test_resnet", tmp_path / "garbage.safetensors", image_size=32)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"conv1.weight": Payload()}, f)
+    with pytest.raises(EncoderError, match="refused"):
+        load_encoder("timm:test_resnet", tmp_path / "evil.pt", image_size=32)
+    save_file({"conv1.weight": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(EncoderError, match="do not fit"):
+        load_encoder("timm:test_resnet", tmp_path / "wrong.safetensors", image_size=32)

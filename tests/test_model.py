@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from sanitizer.errors import UsageError
+from sanitizer.model import DedeConfig, DedeDecoder, num_visible
+
+
+def make(image_size=32, patch_size=4, **kw) -> DedeDecoder:
+    torch.manual_seed(0)
+    return DedeDecoder(
+        DedeConfig(image_size, 16, patch_size, width=32, depth=1, decoder_depth=1, heads=2, **kw)
+    )
+
+
+def test_patchify_round_trip_and_layout():
+    dec = make()
+    imgs = torch.randn(2, 3, 32, 32)
+    patches = dec.patchify(imgs)
+    assert patches.shape == (2, 64, 48)
+    assert torch.equal(dec.unpatchify(patches), imgs)
+    # Patch 1 is the second 4x4 block of the first row, channels last within the patch.
+    assert torch.equal(patches[0, 1].view(4, 4, 3), imgs[0, :, 0:4, 4:8].permute(1, 2, 0))
+
+
+@pytest.mark.parametrize(
+    ("patches", "ratio", "visible"),
+    [(64, 0.9, 6), (64, 0.75, 16), (64, 0.99, 0), (196, 0.99, 1), (196, 0.9, 19)],
+)
+def test_visible_patch_count(patches, ratio, visible):
+    assert num_visible(patches, ratio) == visible
+    x = torch.randn(3, patches, 8)
+    kept, mask, ids_restore = DedeDecoder.random_masking(x, ratio, torch.rand(3, patches))
+    assert kept.shape == (3, visible, 8)
+    assert mask.sum(1).tolist() == [patches - visible] * 3
+    assert sorted(ids_restore[0].tolist()) == list(range(patches))
+
+
+def test_visible_patches_are_the_lowest_noise_ones():
+    x = torch.arange(8.0).view(1, 8, 1)
+    noise = torch.tensor([[5, 0, 7, 1, 6, 2, 3, 4]])
+    kept, mask, _ = DedeDecoder.random_masking(x, 0.75, noise)
+    assert kept.flatten().tolist() == [1.0, 3.0]
+    assert mask.tolist() == [[1, 0, 1, 0, 1, 1, 1, 1]]
+
+
+def test_loss_ignores_visible_patches():
+    dec = make()
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, pred, mask = dec(imgs, torch.randn(2, 16), 0.75, torch.rand(2, 64))
+    visible = (mask == 0).unsqueeze(-1)
+    changed_visible = pred.detach() + 100 * visible
+    assert torch.allclose(dec.forward_loss(imgs, changed_visible, mask), loss, atol=1e-6)
+    changed_hidden = pred.detach() + (~visible).float()
+    assert dec.forward_loss(imgs, changed_hidden, mask) > loss + 0.5
+
+
+def test_embedding_replaces_cls_output():
+    dec = make()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 64)
+    emb = torch.randn(2, 16)
+    latent, _, _ = dec.forward_encoder(imgs, emb, 0.9, noise)
+    assert torch.allclose(latent[:, 0], dec.embedding_proj(emb))
+    other, _, _ = dec.forward_encoder(imgs, emb * 2, 0.9, noise)
+    assert torch.equal(latent[:, 1:], other[:, 1:])
+
+
+def test_training_steps_lower_the_loss():
+    dec = make()
+    imgs, emb = torch.randn(16, 3, 32, 32) * 0.5 + 0.2, torch.randn(16, 16)
+    opt = torch.optim.AdamW(dec.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss, _, _ = dec(imgs, emb, 0.9, torch.rand(16, 64, generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_image_size_must_be_divisible_by_patch_size():
+    with pytest.raises(UsageError, match="not divisible by patch size 5"):
+        DedeConfig(image_size=32, embed_dim=8, patch_size=5)
+
+
+def test_defaults_suit_the_input_size():
+    assert DedeConfig.default_for(32, 512).patch_size == 4
+    big = DedeConfig.default_for(224, 768)
+    assert (big.patch_size, big.num_patches) == (16, 196)
+    assert DedeConfig.default_for(32, 512, patch_size=8, width=None).patch_size == 8

@@ -1,0 +1,155 @@
+"""Shard expansion and stem rules: stems name every output file, so they must be stable."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from sanitizer.data.shards import ShardRef, assign_stems, base_stem, expand_shards
+from sanitizer.errors import SanitizerError, UsageError
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("url", "stem"),
+    [
+        ("/d/shard-000001.tar", "shard-000001"),
+        ("/d/x.tar.gz", "x"),
+        ("/d/x.tgz", "x"),
+        ("/d/X.TAR", "X"),
+        ("/d/a.b.tar", "a.b"),
+        ("/d/we ird#name.tar", "we_ird_name"),
+        ("/d/ü.tar", "_"),
+        ("/d/.hidden.tar", "_hidden"),
+        ("/d/..tar", "_"),
+        ("/d/.tar", "_"),
+        ("/d/...x.tar", "___x"),
+        ("s3://bucket/p/s-1.tar?versionId=3", "s-1"),
+        ("https://host/a/b/c.tar.gz", "c"),
+    ],
+)
+def test_base_stem_rules(url: str, stem: str) -> None:
+    assert base_stem(url) == stem
+
+
+def test_stem_is_at_most_120_chars_and_file_safe() -> None:
+    stem = base_stem("/d/" + "a" * 300 + ".tar")
+    assert stem == "a" * 120
+    for url in ["/d/../.tar", "/d/..", "/d/.", "/d/a\\b.tar", "/d/x\x00y.tar"]:
+        s = base_stem(url)
+        assert s not in (".", "..", "")
+        assert "/" not in s and "\\" not in s and not s.startswith(".")
+
+
+def test_colliding_stems_all_get_their_own_hash_whatever_the_order() -> None:
+    urls = ["/a/x.tar", "/b/x.tar", "/c/y.tar", "/d/x.tar.gz"]
+    refs = assign_stems(urls)
+    sha = {u: hashlib.sha1(u.encode()).hexdigest()[:8] for u in urls}
+    assert refs == [
+        ShardRef("/a/x.tar", f"x-{sha['/a/x.tar']}"),
+        ShardRef("/b/x.tar", f"x-{sha['/b/x.tar']}"),
+        ShardRef("/c/y.tar", "y"),
+        ShardRef("/d/x.tar.gz", f"x-{sha['/d/x.tar.gz']}"),
+    ]
+    reordered = assign_stems(list(reversed(urls)))
+    assert {r.url: r.stem for r in reordered} == {r.url: r.stem for r in refs}
+    assert len({r.stem for r in refs}) == len(refs)
+
+
+def test_long_colliding_stems_stay_within_120_chars() -> None:
+    refs = assign_stems(["/a/" + "z" * 200 + ".tar", "/b/" + "z" * 200 + ".tar"])
+    assert all(len(r.stem) == 120 for r in refs)
+    assert refs[0].stem != refs[1].stem
+
+
+def test_literal_hash_like_name_cannot_collide() -> None:
+    a, b = "/a/x.tar", "/b/x.tar"
+    fake = f"/c/x-{hashlib.sha1(a.encode()).hexdigest()[:8]}.tar"
+    refs = assign_stems([a, b, fake])
+    assert len({r.stem for r in refs}) == 3
+
+
+def test_brace_pattern(tmp_path: Path) -> None:
+    for i in range(3):
+        _touch(tmp_path / f"shard-{i:06d}.tar")
+    refs = expand_shards(str(tmp_path / "shard-{000000..000002}.tar"))
+    assert [r.stem for r in refs] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert all(Path(r.url).is_absolute() for r in refs)
+
+
+def test_brace_pattern_with_a_missing_shard_names_it(tmp_path: Path) -> None:
+    _touch(tmp_path / "s-0.tar")
+    with pytest.raises(UsageError, match=r"s-1\.tar.*does not exist"):
+        expand_shards(str(tmp_path / "s-{0..1}.tar"))
+
+
+def test_glob_sorted_and_files_only(tmp_path: Path) -> None:
+    for name in ["b.tar", "a.tar", "c.tar.gz"]:
+        _touch(tmp_path / name)
+    (tmp_path / "d.tar").mkdir()
+    refs = expand_shards(str(tmp_path / "*.tar*"))
+    assert [Path(r.url).name for r in refs] == ["a.tar", "b.tar", "c.tar.gz"]
+
+
+def test_directory_lists_tar_files_sorted(tmp_path: Path) -> None:
+    for name in ["b.tgz", "a.tar", "c.tar.gz", "notes.txt", "x.parquet"]:
+        _touch(tmp_path / name)
+    (tmp_path / "sub.tar").mkdir()
+    refs = expand_shards(str(tmp_path))
+    assert [Path(r.url).name for r in refs] == ["a.tar", "b.tgz", "c.tar.gz"]
+    assert [r.stem for r in refs] == ["a", "b", "c"]
+
+
+def test_comma_list_keeps_order_and_drops_duplicates(tmp_path: Path) -> None:
+    for name in ["a.tar", "b.tar", "c.tar"]:
+        _touch(tmp_path / name)
+    d = tmp_path
+    spec = f"{d}/c.tar, {d}/{{a,b}}.tar,{d}/a.tar,{d}/./c.tar"
+    refs = expand_shards(spec)
+    assert [Path(r.url).name for r in refs] == ["c.tar", "a.tar", "b.tar"]
+
+
+def test_relative_paths_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _touch(tmp_path / "data" / "a.tar")
+    monkeypatch.chdir(tmp_path)
+    (ref,) = expand_shards("data/a.tar")
+    assert ref.url == str((tmp_path / "data" / "a.tar").resolve())
+
+
+def test_remote_urls_pass_through_after_brace_expansion() -> None:
+    refs = expand_shards("s3://bucket/train-{0..1}.tar,gs://b/x.tar")
+    assert [r.url for r in refs] == [
+        "s3://bucket/train-0.tar",
+        "s3://bucket/train-1.tar",
+        "gs://b/x.tar",
+    ]
+    assert [r.stem for r in refs] == ["train-0", "train-1", "x"]
+
+
+def test_nothing_matched_messages(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"pattern .*nope-\*\.tar.* matches no files"):
+        expand_shards(str(tmp_path / "nope-*.tar"))
+    with pytest.raises(UsageError, match=r"missing\.tar.* does not exist"):
+        expand_shards(str(tmp_path / "missing.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"directory .*empty.* contains no"):
+        expand_shards(str(tmp_path / "empty"))
+    with pytest.raises(UsageError, match="no shards given"):
+        expand_shards(" , ")
+    with pytest.raises(UsageError, match="bad shard pattern"):
+        expand_shards(str(tmp_path / "a-{0..1.tar"))
+
+
+def test_one_missing_part_of_a_list_fails_the_whole_spec(tmp_path: Path) -> None:
+    _touch(tmp_path / "a.tar")
+    with pytest.raises(UsageError) as info:
+        expand_shards(f"{tmp_path}/a.tar,{tmp_path}/b.tar")
+    assert "b.tar" in str(info.value) and "a.tar" not in str(info.value).replace("b.tar", "")
+    assert isinstance(info.value, SanitizerError)

@@ -1,0 +1,325 @@
+"""Tar streaming and writing: WebDataset grouping, per-sample failures, byte-identical output."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sanitizer.atomic import atomic_path, remove_stale_temps, write_json_atomic
+from sanitizer.data.hostile import pickle_payload, write_hostile_corpus
+from sanitizer.data.tario import (
+    Member,
+    Sample,
+    ShardError,
+    TarWriter,
+    iter_samples,
+    split_key,
+    write_shards,
+)
+from sanitizer.errors import SanitizerError
+
+
+def _raw_tar(path: Path, members: list[tuple[str, bytes]], *, gz: bool = False) -> Path:
+    """A tar written with plain tarfile, independent of TarWriter."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = gzip.compress(buf.getvalue(), mtime=0) if gz else buf.getvalue()
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_hostile_corpus(tmp_path_factory.mktemp("hostile"))
+
+
+def _keys(url: Path | str) -> list[tuple[str, list[str], str]]:
+    return [(s.key, [m.name for m in s.members], s.status) for s in iter_samples(str(url))]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "ext"),
+    [
+        ("a/b.seg.png", "a/b", "seg.png"),
+        ("x.JPG", "x", "jpg"),
+        ("d.1/e.f.TXT", "d.1/e", "f.txt"),
+        ("README", "README", ""),
+        ("dir/noext", "dir/noext", ""),
+        ("../../evil.png", "../../evil", "png"),
+        ("a/.hidden", "a/", "hidden"),
+    ],
+)
+def test_split_key(name: str, key: str, ext: str) -> None:
+    assert split_key(name) == (key, ext)
+
+
+def test_grouping_and_index(tmp_path: Path) -> None:
+    members = [
+        ("a.jpg", b"1"),
+        ("a.txt", b"2"),
+        ("d/b.seg.png", b"3"),
+        ("d/b.PNG", b"4"),
+        ("c", b"5"),
+    ]
+    samples = list(iter_samples(str(_raw_tar(tmp_path / "t.tar", members))))
+    assert [(s.key, s.index, s.status, s.error) for s in samples] == [
+        ("a", 0, "ok", None),
+        ("d/b", 1, "ok", None),
+        ("c", 2, "ok", None),
+    ]
+    assert samples[0].members == [Member("a.jpg", b"1"), Member("a.txt", b"2")]
+    assert samples[1].by_ext() == {"seg.png": b"3", "png": b"4"}
+    assert samples[2].by_ext() == {"": b"5"}
+
+
+def test_duplicate_keys_give_separate_samples(tmp_path: Path) -> None:
+    members = [
+        ("a.png", b"1"),
+        ("a.txt", b"t"),
+        ("b.png", b"2"),
+        ("a.png", b"3"),  # same key again, not adjacent
+        ("c.png", b"4"),
+        ("c.png", b"5"),  # same key and ext, adjacent
+        ("c.txt", b"6"),
+    ]
+    got = _keys(_raw_tar(tmp_path / "t.tar", members))
+    assert got == [
+        ("a", ["a.png", "a.txt"], "ok"),
+        ("b", ["b.png"], "ok"),
+        ("a", ["a.png"], "ok"),
+        ("c", ["c.png"], "ok"),
+        ("c", ["c.png", "c.txt"], "ok"),
+    ]
+
+
+def test_by_ext_first_occurrence_wins() -> None:
+    s = Sample("k", 0, [Member("k.PNG", b"1"), Member("k.png", b"2")])
+    assert s.by_ext() == {"png": b"1"}
+
+
+def test_non_regular_members_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        d = tarfile.TarInfo("a.dir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        link = tarfile.TarInfo("a.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        info = tarfile.TarInfo("a.png")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    assert _keys(path) == [("a", ["a.png"], "ok")]
+
+
+def test_gzipped_tar(tmp_path: Path) -> None:
+    path = _raw_tar(tmp_path / "t.tar.gz", [("a.png", b"1"), ("b.png", b"2")], gz=True)
+    assert _keys(path) == [("a", ["a.png"], "ok"), ("b", ["b.png"], "ok")]
+
+
+def _cut_tar(tmp_path: Path, where: str) -> Path:
+    members = [(f"s{i}.{ext}", bytes([i]) * 700) for i in range(3) for ext in ("png", "txt")]
+    data = _raw_tar(tmp_path / "full.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        info = tar.getmember("s1.txt")
+    cut = {
+        "mid_member": info.offset_data + 100,
+        "mid_header": info.offset + 200,
+        "at_header": info.offset,
+    }[where]
+    path = tmp_path / f"{where}.tar"
+    path.write_bytes(data[:cut])
+    return path
+
+
+@pytest.mark.parametrize("where", ["mid_member", "mid_header", "at_header"])
+def test_truncated_tar_keeps_earlier_samples_and_marks_the_cut_one(tmp_path: Path, where: str) -> None:
+    samples = list(iter_samples(str(_cut_tar(tmp_path, where))))
+    assert [(s.key, s.index, s.status) for s in samples] == [
+        ("s0", 0, "ok"),
+        ("s1", 1, "truncated_shard"),
+    ]
+    assert samples[0].members == [Member("s0.png", b"\0" * 700), Member("s0.txt", b"\0" * 700)]
+    assert samples[1].error and "\n" not in samples[1].error
+    assert samples[1].members[0] == Member("s1.png", b"\1" * 700)
+
+
+def test_truncated_gzip_tar(tmp_path: Path) -> None:
+    members = [(f"s{i}.bin", os.urandom(5000)) for i in range(4)]
+    data = _raw_tar(tmp_path / "t.tar.gz", members, gz=True).read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    samples = list(iter_samples(str(tmp_path / "cut.tar.gz")))
+    assert samples and samples[-1].status == "truncated_shard"
+    assert all(s.status == "ok" for s in samples[:-1])
+    assert [s.key for s in samples] == [f"s{i}" for i in range(len(samples))]
+
+
+def test_hostile_truncated_shard(hostile: dict[str, Path]) -> None:
+    paths = hostile
+    samples = list(iter_samples(str(paths["truncated"])))
+    assert [(s.key, s.status) for s in samples] == [
+        ("t0", "ok"),
+        ("t1", "ok"),
+        ("t2", "truncated_shard"),
+    ]
+    assert "t2.png" in (samples[2].error or "")
+
+
+@pytest.mark.parametrize("content", [os.urandom(3000), gzip.compress(b"hello " * 200, mtime=0)])
+def test_not_a_tar_raises_shard_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.tar"
+    path.write_bytes(content)
+    with pytest.raises(ShardError) as info:
+        list(iter_samples(str(path)))
+    assert isinstance(info.value, SanitizerError)
+    assert info.value.url == str(path) and "\n" not in str(info.value)
+
+
+def test_missing_file_raises_shard_error(tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match="cannot open"):
+        list(iter_samples(str(tmp_path / "nope.tar")))
+
+
+def test_empty_tar_and_zero_byte_file_yield_nothing(tmp_path: Path, hostile: dict[str, Path]) -> None:
+    assert list(iter_samples(str(_raw_tar(tmp_path / "e.tar", [])))) == []
+    (tmp_path / "z.tar").write_bytes(b"")
+    assert list(iter_samples(str(tmp_path / "z.tar"))) == []
+    paths = hostile
+    assert list(iter_samples(str(paths["empty"]))) == []
+    assert list(iter_samples(str(paths["zero_bytes"]))) == []
+
+
+def test_member_too_large_is_not_read(tmp_path: Path) -> None:
+    members = [("a.png", b"x" * 5000), ("a.txt", b"small"), ("b.png", b"y" * 10)]
+    samples = list(iter_samples(str(_raw_tar(tmp_path / "t.tar", members)), max_member_bytes=1000))
+    a, b = samples
+    assert a.status == "member_too_large"
+    assert "a.png" in (a.error or "") and "5000" in (a.error or "")
+    assert a.members == [Member("a.png", b""), Member("a.txt", b"small")]
+    assert (b.key, b.status, b.members) == ("b", "ok", [Member("b.png", b"y" * 10)])
+
+
+def test_pickle_members_are_opaque_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostile: dict[str, Path]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    paths = hostile
+    by_key = {s.key: s for s in iter_samples(str(paths["names"]))}
+    assert by_key["pickled"].by_ext()["pyd"] == pickle_payload()
+    assert by_key["pickled"].by_ext()["pickle"] == pickle_payload()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _samples() -> list[Sample]:
+    return [
+        Sample("a", 0, [Member("a.png", b"\x89PNG..."), Member("a.txt", "héllo".encode())]),
+        Sample("caf\udce9", 1, [Member("caf\udce9.png", b"raw")]),
+        Sample("k" * 300, 2, [Member("k" * 300 + ".json", b"{}")]),
+        Sample("../up", 3, [Member("../up.png", b"")]),
+    ]
+
+
+def test_tar_writer_round_trip_is_byte_identical(tmp_path: Path) -> None:
+    outs = []
+    for i in range(2):
+        with TarWriter(tmp_path / f"run{i}" / "out.tar") as writer:
+            for s in _samples():
+                writer.write(s)
+        assert writer.count == 4
+        outs.append((tmp_path / f"run{i}" / "out.tar").read_bytes())
+    assert outs[0] == outs[1]
+    back = list(iter_samples(str(tmp_path / "run0" / "out.tar")))
+    assert [(s.key, s.members) for s in back] == [(s.key, s.members) for s in _samples()]
+    raw_names = []
+    with tarfile.open(tmp_path / "run0" / "out.tar", encoding="latin-1") as tar:
+        for info in tar:
+            raw_names.append(info.name.encode("latin-1"))
+            assert (info.mtime, info.mode, info.uid, info.gid, info.uname) == (0, 0o644, 0, 0, "")
+    assert b"caf\xe9.png" in raw_names  # non-UTF-8 name bytes preserved
+
+
+def test_tar_writer_copies_hostile_shards_exactly(tmp_path: Path, hostile: dict[str, Path]) -> None:
+    paths = hostile
+    for name in ("good", "names", "duplicates", "modes"):
+        samples = list(iter_samples(str(paths[name])))
+        with TarWriter(tmp_path / f"{name}.tar") as writer:
+            for s in samples:
+                writer.write(s)
+        again = list(iter_samples(str(tmp_path / f"{name}.tar")))
+        assert [(s.key, s.members) for s in again] == [(s.key, s.members) for s in samples]
+        assert (tmp_path / f"{name}.tar").read_bytes() == paths[name].read_bytes()
+
+
+def test_tar_writer_leaves_no_file_on_exception(tmp_path: Path) -> None:
+    final = tmp_path / "out" / "x.tar"
+    with pytest.raises(RuntimeError), TarWriter(final) as writer:
+        writer.write(_samples()[0])
+        raise RuntimeError("boom")
+    assert not final.exists()
+    assert list(final.parent.iterdir()) == []
+
+
+def test_tar_writer_refuses_incomplete_samples(tmp_path: Path) -> None:
+    bad = Sample("a", 0, [Member("a.png", b"")], status="member_too_large", error="big")
+    with pytest.raises(ValueError, match="incomplete"), TarWriter(tmp_path / "x.tar") as w:
+        w.write(bad)
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_write_shards_splits_and_is_deterministic(tmp_path: Path) -> None:
+    records = [{"__key__": f"s{i:03d}", "png": bytes([i]), "txt": f"c{i}"} for i in range(5)]
+    paths = write_shards(records, tmp_path / "a", prefix="p", per_shard=2)
+    assert [p.name for p in paths] == ["p-000000.tar", "p-000001.tar", "p-000002.tar"]
+    again = write_shards(iter(records), tmp_path / "b", prefix="p", per_shard=2)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    got = [s for p in paths for s in iter_samples(str(p))]
+    assert [s.key for s in got] == [r["__key__"] for r in records]
+    assert got[3].members == [Member("s003.png", b"\3"), Member("s003.txt", b"c3")]
+    assert write_shards([], tmp_path / "c") == []
+
+
+def test_atomic_path_publishes_only_on_success(tmp_path: Path) -> None:
+    final = tmp_path / "d" / "f.bin"
+    with pytest.raises(KeyError), atomic_path(final) as tmp:
+        tmp.write_bytes(b"partial")
+        assert tmp.parent == final.parent and tmp.name.startswith(".f.bin.tmp-")
+        raise KeyError("x")
+    assert list(final.parent.iterdir()) == []
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"done")
+    assert final.read_bytes() == b"done"
+    assert [p.name for p in final.parent.iterdir()] == ["f.bin"]
+
+
+def test_write_json_atomic_format(tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "a.json", {"b": 1, "a": "é"})
+    text = (tmp_path / "a.json").read_bytes().decode("utf-8")
+    assert text == '{\n  "a": "é",\n  "b": 1\n}\n'
+    assert json.loads(text) == {"a": "é", "b": 1}
+
+
+def test_remove_stale_temps(tmp_path: Path) -> None:
+    (tmp_path / ".x.tar.tmp-123-abcd").write_bytes(b"")
+    (tmp_path / ".y.json.tmp-9-ff").write_bytes(b"")
+    (tmp_path / "keep.tar").write_bytes(b"")
+    (tmp_path / ".hidden").write_bytes(b"")
+    assert remove_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "keep.tar"]
+    assert remove_stale_temps(tmp_path / "missing") == 0
+
+
+def test_fsspec_url(tmp_path: Path) -> None:
+    path = _raw_tar(tmp_path / "t.tar", [("a.png", b"1")])
+    assert _keys(f"file://{path}") == [("a", ["a.png"], "ok")]
+    with pytest.raises(ShardError, match="cannot open"):
+        list(iter_samples(f"file://{tmp_path}/missing.tar"))

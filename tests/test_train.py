@@ -1,0 +1,204 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sanitizer.train as train_module
+from sanitizer.checkpoint import check_encoder, load_decoder, read_meta
+from sanitizer.cli import main
+from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.encoders import load_encoder
+from sanitizer.errors import CheckpointError
+from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.train import TrainSettings, split_holdout, train_decoder
+
+from .conftest import TINY_ENCODER, TINY_MODEL
+
+
+def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_encoder):
+    assert sorted(p.name for p in tiny_decoder_dir.iterdir()) == ["decoder.json", "decoder.safetensors"]
+    meta = read_meta(tiny_decoder_dir)
+    assert meta["encoder"]["spec"] == TINY_ENCODER
+    assert meta["encoder"]["weights_sha256"] == tiny_encoder.weights_sha256
+    assert meta["encoder"]["preprocess"]["image_size"] == 32
+    assert meta["model"]["patch_size"] == 8 and meta["model"]["embed_dim"] == 96
+    assert meta["training"]["epochs"] == 2 and meta["training"]["decode_statuses"] == {"ok": 120}
+    assert meta["training"]["n_train"] + meta["calibration"]["n"] == 120
+    assert meta["scoring"] == {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "mean"}
+
+
+def test_checkpoint_round_trip_scores_like_the_calibration(tiny_decoder_dir, tiny_encoder, tiny_shards):
+    decoder, meta = load_decoder(tiny_decoder_dir)
+    saved = load_file(str(tiny_decoder_dir / "decoder.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in decoder.state_dict().items())
+    images = train_module.load_images(str(tiny_shards), 32, 10_000)
+    _, holdout = split_holdout(images.keys, 0.05)
+    keys = [images.keys[i] for i in holdout]
+    scores = Scorer(tiny_encoder, decoder, ScoreSettings(**meta["scoring"])).score(
+        images.pixels[holdout], key_seeds(keys)
+    )
+    assert np.array_equal(scores.score, np.float32(meta["calibration"]["scores"]))
+
+
+def test_holdout_does_not_depend_on_order():
+    keys = [f"k{i}" for i in range(100)]
+    _, a = split_holdout(keys, 0.05)
+    _, b = split_holdout(keys[::-1], 0.05)
+    assert sorted(keys[i] for i in a) == sorted(keys[::-1][i] for i in b) and len(a) == 5
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_shards, tiny_encoder, monkeypatch):
+    settings = TrainSettings(epochs=3, batch_size=32)
+    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+    train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "full", settings, **common)
+
+    real_epoch, calls = train_module.train_epoch, []
+
+    def dies_in_third_epoch(*args, **kwargs):
+        calls.append(args[6])
+        if args[6] == 2 and len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
+    assert not (tmp_path / "resumed" / "decoder.json").exists()
+    assert json.loads((tmp_path / "resumed/.checkpoint/state.json").read_text())["epoch"] == 2
+    train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
+    assert calls == [0, 1, 2, 2]  # the rerun trained only the missing epoch
+    full = load_file(str(tmp_path / "full/decoder.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed/decoder.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert not (tmp_path / "resumed/.checkpoint").exists()
+
+
+def test_decoder_for_another_encoder_is_refused(tiny_decoder_dir):
+    _, meta = load_decoder(tiny_decoder_dir)
+    other = load_encoder("timm:test_efficientnet", image_size=32)
+    with pytest.raises(CheckpointError, match="trained for encoder timm:test_resnet"):
+        check_encoder(meta, other)
+
+
+def test_tampered_decoder_weights_are_refused(tmp_path, tiny_decoder_dir):
+    for name in ("decoder.json", "decoder.safetensors"):
+        (tmp_path / name).write_bytes((tiny_decoder_dir / name).read_bytes())
+    data = bytearray((tmp_path / "decoder.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "decoder.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the hash"):
+        load_decoder(tmp_path)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_train_writes_a_decoder(tmp_path, tiny_shards, capsys):
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--encoder",
+        TINY_ENCODER,
+        "--image-size",
+        "32",
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path / "dec"),
+        "--epochs",
+        "1",
+        "--patch-size",
+        "8",
+        "--width",
+        "32",
+        "--depth",
+        "1",
+        "--decoder-depth",
+        "1",
+        "--heads",
+        "2",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, out
+    assert f"decoder: {tmp_path / 'dec'}" in out
+    assert read_meta(tmp_path / "dec")["training"]["epochs"] == 1
+
+
+@pytest.fixture(scope="module")
+def html_shards(tmp_path_factory):
+    from sanitizer.data.tario import write_shards
+
+    out = tmp_path_factory.mktemp("html")
+    write_shards(({"__key__": f"p{i}", "jpg": b"<html><body>404</body></html>"} for i in range(30)), out)
+    return out
+
+
+BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--encoder-weights", "/nonexistent.safetensors"],
+            "weights file not found: /nonexistent.safetensors",
+        ),
+        (["--encoder", "timm:nope_net"], "timm has no model 'nope_net'"),
+        (["--encoder", "resnet18"], "encoder spec 'resnet18' is not one of"),
+        (["--patch-size", "5"], "image size 32 is not divisible by patch size 5"),
+        (["--data", "/nonexistent/shard-{000..009}.tar"], "/nonexistent/shard-"),
+        (["--data", "HTML"], "has 0 decodable images (not_an_image=30)"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_shards, html_shards, capsys, extra, message):
+    argv = BASE + ["--data", str(tiny_shards), "--out", str(tmp_path / "d")] + extra
+    argv = [str(html_shards) if a == "HTML" else a for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("sanitizer: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sanitizer.cli",
+            "train",
+            "--encoder",
+            "timm:nope_net",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "sanitizer: error: timm has no model 'nope_net' "
+        + (proc.stderr.strip().splitlines()[-1].split("'nope_net' ", 1)[1])
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_training_on_generated_data_is_deterministic(tmp_path):
+    pixels = synthetic_images(30, 32, seed=5)
+    write_image_shards(tmp_path / "data", pixels)
+    enc = load_encoder(TINY_ENCODER, image_size=32)
+    common = dict(settings=TrainSettings(epochs=1, batch_size=16), model_overrides=TINY_MODEL, progress=False)
+    a = train_decoder(enc, str(tmp_path / "data"), tmp_path / "a", **common)
+    b = train_decoder(enc, str(tmp_path / "data"), tmp_path / "b", **common)
+    assert a["decoder_sha256"] == b["decoder_sha256"]
