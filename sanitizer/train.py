@@ -142,30 +142,35 @@ def train_epoch(
     return float(np.mean(losses))
 
 
-def train_decoder(
+@dataclass
+class FitResult:
+    decoder: DedeDecoder
+    calibration: np.ndarray  # scores of the held-out images at the test settings
+    epochs: int
+    losses: list[float]  # mean training loss of each epoch
+    n_train: int
+    seconds: float
+
+
+def fit_decoder(
     encoder: VictimEncoder,
-    data: str,
-    out_dir: Path,
+    images: ImageSet,
     settings: TrainSettings = TrainSettings(),
     score_settings: ScoreSettings = ScoreSettings(),
     model_overrides: dict | None = None,
-    encoder_weights: str | None = None,
+    resume_dir: Path | None = None,
     progress: bool = True,
-) -> dict:
-    """Train (or resume) and calibrate; writes DECODER_DIR and returns its decoder.json content."""
-    out_dir = Path(out_dir)
-    if (out_dir / checkpoint.META).is_file():
-        raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
+) -> FitResult:
+    """Train on in-memory images, checkpointing each epoch to resume_dir if given, then calibrate."""
     torch.manual_seed(settings.seed)
     config = DedeConfig.default_for(
         encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
     )
-    images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
     train_idx, holdout_idx = split_holdout(images.keys, settings.holdout)
     epochs = settings.epochs or auto_epochs(len(train_idx))
     started = time.time()
-    embeddings = embed_pixels(encoder, images.pixels[train_idx])
     pixels = images.pixels[train_idx]
+    embeddings = embed_pixels(encoder, pixels)
 
     decoder = DedeDecoder(config).to(encoder.device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -175,9 +180,11 @@ def train_decoder(
         "model": config.to_dict(),
         "n_train": len(pixels),
     }
-    state = checkpoint.load_training_state(out_dir, decoder, optimizer)
+    state = checkpoint.load_training_state(resume_dir, decoder, optimizer) if resume_dir else None
     if state is not None and state["plan"] != plan:
-        raise UsageError(f"{out_dir} holds an unfinished training run with other settings; use another --out")
+        raise UsageError(
+            f"{resume_dir} holds an unfinished training run with other settings; use another --out"
+        )
     start_epoch = state["epoch"] if state else 0
     losses = state["losses"] if state else []
     total_steps = epochs * math.ceil(len(pixels) / settings.batch_size)
@@ -193,14 +200,35 @@ def train_decoder(
         losses.append(
             train_epoch(decoder, optimizer, encoder, pixels, embeddings, settings, epoch, total_steps, bar)
         )
-        checkpoint.save_training_state(
-            out_dir, decoder, optimizer, {"plan": plan, "epoch": epoch + 1, "losses": losses}
-        )
+        if resume_dir:
+            progress_state = {"plan": plan, "epoch": epoch + 1, "losses": losses}
+            checkpoint.save_training_state(resume_dir, decoder, optimizer, progress_state)
     bar.close()
 
-    scorer = Scorer(encoder, decoder, score_settings)
     holdout_keys = [images.keys[i] for i in holdout_idx]
-    calibration = scorer.score(images.pixels[holdout_idx], key_seeds(holdout_keys)).score
+    calibration = Scorer(encoder, decoder, score_settings).score(
+        images.pixels[holdout_idx], key_seeds(holdout_keys)
+    )
+    return FitResult(decoder, calibration.score, epochs, losses, len(pixels), time.time() - started)
+
+
+def train_decoder(
+    encoder: VictimEncoder,
+    data: str,
+    out_dir: Path,
+    settings: TrainSettings = TrainSettings(),
+    score_settings: ScoreSettings = ScoreSettings(),
+    model_overrides: dict | None = None,
+    encoder_weights: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json."""
+    out_dir = Path(out_dir)
+    if (out_dir / checkpoint.META).is_file():
+        raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
+    DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {}))
+    images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
+    fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
     meta = {
         "encoder": {
             "spec": encoder.spec,
@@ -211,16 +239,16 @@ def train_decoder(
         },
         "training": {
             **settings.to_dict(),
-            "epochs": epochs,
+            "epochs": fit.epochs,
             "data": data,
-            "n_train": int(len(pixels)),
+            "n_train": fit.n_train,
             "decode_statuses": dict(sorted(images.statuses.items())),
-            "epoch_losses": [round(x, 6) for x in losses],
-            "seconds": round(time.time() - started, 1),
+            "epoch_losses": [round(x, 6) for x in fit.losses],
+            "seconds": round(fit.seconds, 1),
         },
         "scoring": score_settings.to_dict(),
-        "calibration": {"n": int(len(calibration)), "scores": [float(x) for x in calibration]},
+        "calibration": {"n": int(len(fit.calibration)), "scores": [float(x) for x in fit.calibration]},
     }
-    meta = checkpoint.save_decoder(out_dir, decoder.cpu(), meta)
+    meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
     checkpoint.clear_training_state(out_dir)
     return meta
