@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sanitizer.errors import SanitizerError
+from sanitizer.thresholds import DEFAULT_RULE
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
@@ -92,11 +93,132 @@ def run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score shards into a Parquet manifest (Ray job, resumable)")
+    p.add_argument("--decoder", required=True, type=Path, help="DECODER_DIR written by `sanitizer train`")
+    p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
+    p.add_argument("--out", required=True, type=Path, help="RUN_DIR for manifest, stats and run.json")
+    p.add_argument("--test-mask-ratio", type=float, help="default: the decoder's calibration setting")
+    p.add_argument("--num-masks", type=int, help="default: the decoder's calibration setting")
+    p.add_argument(
+        "--aggregate", choices=("mean", "median"), help="default: the decoder's calibration setting"
+    )
+    p.add_argument(
+        "--threshold", default=DEFAULT_RULE, help=f"quantile:Q, mad:K, value:X or paper ({DEFAULT_RULE})"
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="samples per actor call")
+    p.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1); 0 = no Ray")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--encoder-weights", help="where the encoder weights are now, if moved since training")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=run_score)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from sanitizer.pipeline.job import ScoreJob, run_score_job
+
+    job = ScoreJob(
+        decoder_dir=args.decoder,
+        data=args.data,
+        out=args.out,
+        test_mask_ratio=args.test_mask_ratio,
+        num_masks=args.num_masks,
+        aggregate=args.aggregate,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        device=args.device,
+        encoder_weights=args.encoder_weights,
+    )
+    summary = run_score_job(job)
+    print(format_summary(summary))
+    return EXIT_INCOMPLETE if summary.failed_shards else EXIT_OK
+
+
+def format_summary(s) -> str:
+    share = 100 * s.flagged / s.ok if s.ok else 0.0
+    failures = ", ".join(f"{k}={v}" for k, v in s.status_counts.items() if k != "ok") or "none"
+    threshold = "pending" if s.threshold is None else f"{s.threshold:.6g}"
+    lines = [
+        f"shards: {s.shards_done}/{s.shards} done"
+        + (f", {len(s.failed_shards)} failed" if s.failed_shards else ""),
+        f"samples: {s.samples}  ok: {s.ok}  failures: {failures}",
+        f"flagged: {s.flagged} ({share:.2f}% of ok) at threshold {threshold} [{s.threshold_rule}]",
+        f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s)",
+    ]
+    lines += [f"FAILED shard {stem}: {error}" for stem, error in sorted(s.failed_shards.items())]
+    lines += [f"manifest: {s.run_dir / 'manifest'}", f"run: {s.run_dir / 'run.json'}"]
+    return "\n".join(lines)
+
+
+def add_clean(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("clean", help="write clean/ and quarantine/ shards from a scored run")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--threshold", help="re-flag first: a number, quantile:Q, mad:K, value:X or paper")
+    p.set_defaults(func=run_clean)
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    from sanitizer.clean import clean_run
+
+    s = clean_run(args.run_dir, args.threshold)
+    print(
+        f"kept {s.kept} samples in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
+        f"{args.run_dir / 'quarantine'} ({s.shards} shards, threshold {s.threshold:.6g})"
+    )
+    for stem in s.skipped_shards:
+        print(f"skipped shard {stem}: it was not scored (see run.json)")
+    return EXIT_INCOMPLETE if s.skipped_shards else EXIT_OK
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report/index.html: what was flagged and why")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from sanitizer.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return EXIT_OK
+
+
+def add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a finished run against its inputs (rows, bytes, counts)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from sanitizer.verify import verify_run
+
+    violations = verify_run(args.run_dir)
+    for violation in violations:
+        print(violation)
+    print(f"verify: {len(violations)} violation(s) in {args.run_dir}")
+    return EXIT_INCOMPLETE if violations else EXIT_OK
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end to end on a built-in dataset with a backdoor implanted on the spot")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write everything")
+    p.add_argument("--quick", action="store_true", help="a reduced run (used by the tests)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from sanitizer.demo import run_demo as demo
+
+    return demo(args.out, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sanitizer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train,):
+    for add in (add_train, add_score, add_clean, add_report, add_verify, add_demo):
         add(sub)
     return parser
 

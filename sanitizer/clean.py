@@ -1,0 +1,119 @@
+"""`sanitizer clean`: split each scored shard into clean/ and quarantine/ tars, byte for byte.
+
+Samples are copied with every member (image, caption, json, anything, opaque bytes) under the same
+name, in input order, with fixed tar metadata, so re-running gives identical files. A new threshold
+re-flags the manifest first, without re-scoring. The input shard is read again and checked against
+the manifest (keys, image hashes), so a shard changed since scoring is refused, not mis-split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sanitizer.atomic import write_json_atomic
+from sanitizer.checkpoint import read_meta
+from sanitizer.data.decode import find_image_member
+from sanitizer.data.shards import ShardRef
+from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable
+from sanitizer.errors import UsageError
+from sanitizer.manifest import read_manifest
+from sanitizer.pipeline.collect import apply_threshold, ok_scores
+from sanitizer.rundir import RunDir
+from sanitizer.thresholds import parse_rule, resolve_threshold
+
+
+@dataclass
+class CleanSummary:
+    shards: int
+    kept: int
+    quarantined: int
+    threshold: float
+    skipped_shards: list[str]
+
+
+def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
+    run = RunDir(Path(run_dir))
+    info = run.read_run()
+    if info is None:
+        raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
+    return run, info, [ShardRef(**s) for s in info["identity"]["shards"]]
+
+
+def resolve_rule(text: str, run: RunDir, info: dict, done: list[str]) -> float:
+    """A threshold for a finished run; quantile rules read the decoder's calibration."""
+    rule = parse_rule(text)
+    calibration = None
+    if rule.kind == "quantile":
+        meta = read_meta(Path(info["config"]["decoder_dir"]))
+        if meta["scoring"] != info["identity"]["scoring"]:
+            raise UsageError(f"{rule} needs a calibration made with this run's scoring settings")
+        calibration = np.asarray(meta["calibration"]["scores"], np.float32)
+    return resolve_threshold(rule, calibration, ok_scores(run, done) if rule.needs_scores else None)
+
+
+def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
+    """Write clean/<stem>.tar and quarantine/<stem>.tar from the input; returns (kept, quarantined)."""
+    table = read_manifest(run.manifest(shard.stem))
+    keys = table.column("key").to_pylist()
+    status = table.column("status").to_pylist()
+    flagged = table.column("flagged").to_pylist()
+    digests = table.column("sha256").to_pylist()
+    seen = 0
+    with TarWriter(run.clean(shard.stem)) as clean, TarWriter(run.quarantine(shard.stem)) as quarantine:
+        try:
+            for sample in iter_samples(shard.url):
+                i = sample.index
+                if i >= len(keys) or keys[i] != printable(sample.key):
+                    raise UsageError(f"{shard.url} changed since it was scored (sample {i} differs)")
+                seen += 1
+                if status[i] != "ok":
+                    continue
+                image = find_image_member(sample)
+                if image is None or _sha256(image[1]) != digests[i]:
+                    raise UsageError(
+                        f"{shard.url} changed since it was scored (image of {keys[i]!r} differs)"
+                    )
+                (quarantine if flagged[i] else clean).write(sample)
+        except ShardError as e:
+            raise UsageError(f"cannot read {shard.url} again to clean it: {e.message}") from None
+        if seen != len(keys):
+            raise UsageError(
+                f"{shard.url} changed since it was scored ({seen} samples, manifest has {len(keys)})"
+            )
+    return clean.count, quarantine.count
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
+    run, info, shards = open_run(run_dir)
+    with run.lock():
+        run.remove_stale_temps()
+        done = [s.stem for s in shards if run.is_done(s.stem)]
+        if threshold is not None:
+            value = resolve_rule(threshold, run, info, done)
+            apply_threshold(run, done, value)
+            info["threshold"] = {"rule": str(parse_rule(threshold)), "value": value}
+            info.setdefault("totals", {})["flagged"] = sum(run.read_stats(stem)["flagged"] for stem in done)
+        value = (info.get("threshold") or {}).get("value")
+        if value is None:
+            raise UsageError(f"{run_dir} has no threshold yet; give --threshold")
+        sizes, kept, quarantined = {}, 0, 0
+        for shard in shards:
+            if shard.stem in done:
+                n_clean, n_quarantine = split_shard(run, shard)
+                sizes[shard.stem] = n_clean
+                kept, quarantined = kept + n_clean, quarantined + n_quarantine
+        write_json_atomic(run.sizes_json, {f"clean/{stem}.tar": n for stem, n in sizes.items()})
+        # open_clip looks for sizes.json beside the shards, keyed by file name.
+        write_json_atomic(run.root / "clean" / "sizes.json", {f"{stem}.tar": n for stem, n in sizes.items()})
+        info["clean"] = {"kept": kept, "quarantined": quarantined, "shards": len(sizes)}
+        run.write_run({k: v for k, v in info.items() if k != "format"})
+    skipped = [s.stem for s in shards if s.stem not in done]
+    return CleanSummary(len(sizes), kept, quarantined, value, skipped)

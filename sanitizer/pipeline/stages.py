@@ -1,0 +1,166 @@
+"""The two stages of a scoring job, usable with or without Ray.
+
+`read_shard` (CPU): one input shard -> Arrow tables of decoded samples, then one end row that says
+how many rows the shard gave (or why it failed). `ScoreStage` (GPU or CPU): tables -> the same rows
+with scores, pixels dropped. Tables carry an explicit schema, so batches from different shards
+concatenate without type inference, and pixels travel as one contiguous fixed-size-binary buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from sanitizer.checkpoint import check_encoder, load_decoder
+from sanitizer.data.decode import decode_image, decode_label, decode_text
+from sanitizer.data.tario import ShardError, describe, iter_samples, printable
+from sanitizer.device import resolve_device
+from sanitizer.encoders import Preprocess, load_encoder
+from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+
+log = logging.getLogger(__name__)
+
+END = -1  # index of the row that closes a shard
+SHARD_DONE, SHARD_FAILED = "end", "failed"  # status of that row
+
+_META_FIELDS = [
+    pa.field("shard", pa.string()),
+    pa.field("index", pa.int64()),
+    pa.field("shard_rows", pa.int64()),  # on the END row: how many sample rows the shard gave
+    pa.field("key", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("sha256", pa.string()),
+    pa.field("label", pa.bool_()),
+    pa.field("seed", pa.int64()),
+]
+SCORE_FIELDS = [
+    pa.field("score", pa.float32()),
+    pa.field("score_std", pa.float32()),
+    pa.field("embedding_norm", pa.float32()),
+]
+RESULT_SCHEMA = pa.schema(_META_FIELDS + SCORE_FIELDS)
+
+
+def read_schema(image_size: int) -> pa.Schema:
+    return pa.schema([*_META_FIELDS, pa.field("pixels", pa.binary(image_size * image_size * 3))])
+
+
+def _table(rows: list[dict], image_size: int) -> pa.Table:
+    schema = read_schema(image_size)
+    return pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
+
+
+def read_shard(
+    url: str, stem: str, image_size: int, chunk_rows: int = 256, max_pixels: int = 50_000_000
+) -> Iterator[pa.Table]:
+    """Decode every sample of one shard; never raises: a shard that cannot be read ends FAILED."""
+    blank = bytes(image_size * image_size * 3)
+    rows: list[dict] = []
+    count = 0
+    end = {"status": SHARD_DONE, "error": None}
+    try:
+        for sample in iter_samples(url):
+            decoded = decode_image(sample, image_size, max_pixels)
+            key = printable(sample.key)
+            rows.append(
+                {
+                    "shard": stem,
+                    "index": sample.index,
+                    "shard_rows": 0,
+                    "key": key,
+                    "status": decoded.status,
+                    "error": decoded.error,
+                    "caption": printable(decode_text(sample) or "") or None,
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    "sha256": decoded.sha256,
+                    "label": decode_label(sample),
+                    "seed": int(key_seeds([sample.key])[0]),
+                    "pixels": decoded.pixels.tobytes() if decoded.pixels is not None else blank,
+                }
+            )
+            count += 1
+            if len(rows) >= chunk_rows:
+                yield _table(rows, image_size)
+                rows = []
+    except ShardError as e:
+        end = {"status": SHARD_FAILED, "error": e.message}
+    except Exception as e:  # noqa: BLE001 - an I/O fault on one shard must not end the job
+        end = {"status": SHARD_FAILED, "error": describe(e)}
+    if end["status"] == SHARD_FAILED:
+        log.warning("shard %s failed: %s", url, end["error"])
+    rows.append(
+        {
+            **dict.fromkeys(f.name for f in _META_FIELDS),
+            "shard": stem,
+            "index": END,
+            "shard_rows": count,
+            "key": "",
+            **end,
+            "seed": 0,
+            "pixels": blank,
+        }
+    )
+    yield _table(rows, image_size)
+
+
+def pixels_of(table: pa.Table, image_size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 view of the fixed-size-binary column, without a per-row copy."""
+    column = table.column("pixels").combine_chunks()
+    width = image_size * image_size * 3
+    data = np.frombuffer(column.buffers()[1], np.uint8, count=(column.offset + len(column)) * width)
+    return data[column.offset * width :].reshape(len(column), image_size, image_size, 3)
+
+
+class ScoreStage:
+    """Loads encoder and decoder once (per Ray actor), then scores tables of decoded samples."""
+
+    def __init__(
+        self,
+        decoder_dir: str,
+        settings: dict,
+        device: str = "auto",
+        micro_batch: int = 256,
+        encoder_weights: str | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        decoder, meta = load_decoder(Path(decoder_dir), self.device)
+        enc = meta["encoder"]
+        preprocess = Preprocess.from_dict(enc["preprocess"])
+        encoder = load_encoder(
+            enc["spec"],
+            encoder_weights or enc.get("weights_file"),
+            preprocess.image_size,
+            preprocess.mean,
+            preprocess.std,
+            self.device,
+        )
+        check_encoder(meta, encoder)
+        self.image_size = preprocess.image_size
+        self.scorer = Scorer(encoder, decoder, ScoreSettings(**settings), micro_batch)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        status = table.column("status").to_numpy(zero_copy_only=False)
+        index = table.column("index").to_numpy()
+        ok = np.flatnonzero((status == "ok") & (index != END))
+        n = table.num_rows
+        score, score_std, norm = (np.full(n, np.nan, np.float32) for _ in range(3))
+        if len(ok):
+            pixels = pixels_of(table, self.image_size)[ok]
+            seeds = table.column("seed").to_numpy()[ok]
+            result = self.scorer.score(np.ascontiguousarray(pixels), seeds)
+            score[ok], score_std[ok], norm[ok] = result.score, result.score_std, result.embedding_norm
+        is_ok = np.zeros(n, bool)
+        is_ok[ok] = True
+        out = table.drop_columns(["pixels"])
+        for name, values in (("score", score), ("score_std", score_std), ("embedding_norm", norm)):
+            out = out.append_column(name, pa.array(values, pa.float32(), mask=~is_ok))
+        return out
