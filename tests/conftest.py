@@ -47,3 +47,15 @@ def tiny_decoder_dir(tmp_path_factory, tiny_shards, tiny_encoder) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting it costs seconds and ~1 GB)."""
+    import ray
+
+    from sanitizer.pipeline.job import ensure_ray
+
+    ensure_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()

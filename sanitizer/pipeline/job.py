@@ -241,8 +241,8 @@ def ray_tables(
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def ensure_ray(address: str | None) -> None:
-    """Join a cluster when given an address; otherwise start a quiet local one in-process."""
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join a cluster when given an address; otherwise start a quiet local one."""
     import ray
 
     if ray.is_initialized():
@@ -254,7 +254,7 @@ def ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(object_store_memory=512 * 1024**2, **kwargs)
+        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **kwargs)
 
 
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
