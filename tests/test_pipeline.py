@@ -1,0 +1,214 @@
+"""The scoring job and clean: the invariants of MISSION.md checked exactly."""
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from sanitizer.clean import clean_run
+from sanitizer.cli import main
+from sanitizer.data.synth import encode_image, synthetic_images, write_image_shards
+from sanitizer.data.tario import iter_samples, write_shards
+from sanitizer.errors import UsageError
+from sanitizer.manifest import MANIFEST_SCHEMA
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.rundir import RunDir
+
+
+def score(decoder_dir, data, out, **kw):
+    return run_score_job(ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, **kw), progress=False)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def manifests(run: Path):
+    return {p.stem: pq.read_table(p) for p in sorted((run / "manifest").glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_decoder_dir, tiny_shards):
+    out = tmp_path_factory.mktemp("local") / "run"
+    summary = score(tiny_decoder_dir, tiny_shards, out, workers=0)
+    clean_run(out)
+    return out, summary
+
+
+def test_every_input_sample_has_exactly_one_row(local_run, tiny_shards):
+    run, summary = local_run
+    assert (summary.samples, summary.ok, summary.shards_done) == (120, 120, 3)
+    for shard in sorted(tiny_shards.glob("*.tar")):
+        table = pq.read_table(run / "manifest" / f"{shard.stem}.parquet")
+        assert table.schema.equals(MANIFEST_SCHEMA, check_metadata=False)
+        samples = list(iter_samples(str(shard)))
+        assert table.column("key").to_pylist() == [s.key for s in samples]
+        assert table.column("index").to_pylist() == list(range(len(samples)))
+        assert set(table.column("shard").to_pylist()) == {shard.stem}
+        assert table.column("caption").to_pylist() == [s.by_ext()["txt"].decode() for s in samples]
+        stats = RunDir(run).read_stats(shard.stem)
+        assert (stats["count"], stats["ok"]) == (40, 40)
+        assert stats["flagged"] == sum(table.column("flagged").to_pylist())
+
+
+def test_flags_follow_the_threshold(local_run):
+    run, summary = local_run
+    for table in manifests(run).values():
+        score_, flagged = (
+            table.column("score").to_numpy(),
+            table.column("flagged").to_numpy(zero_copy_only=False),
+        )
+        assert set(table.column("threshold").to_pylist()) == {np.float32(summary.threshold)}
+        assert np.array_equal(flagged, score_ > np.float32(summary.threshold))
+
+
+def test_clean_and_quarantine_hold_the_ok_rows_byte_for_byte(local_run, tiny_shards):
+    run, _ = local_run
+    sizes = json.loads((run / "sizes.json").read_text())
+    for stem, table in manifests(run).items():
+        inputs = {s.key: s for s in iter_samples(str(tiny_shards / f"{stem}.tar"))}
+        clean = list(iter_samples(str(run / "clean" / f"{stem}.tar")))
+        quarantine = list(iter_samples(str(run / "quarantine" / f"{stem}.tar")))
+        flagged = dict(zip(table.column("key").to_pylist(), table.column("flagged").to_pylist(), strict=True))
+        assert [s.key for s in clean] == [k for k, f in flagged.items() if not f]  # input order kept
+        assert [s.key for s in quarantine] == [k for k, f in flagged.items() if f]
+        for sample in clean + quarantine:
+            assert sample.members == inputs[sample.key].members  # same names, same bytes
+        assert sizes[f"clean/{stem}.tar"] == len(clean)
+
+
+def test_rerun_of_a_finished_job_changes_nothing(local_run, tiny_decoder_dir, tiny_shards):
+    run, _ = local_run
+    before = tree_digest(run)
+    again = score(tiny_decoder_dir, tiny_shards, run, workers=0)
+    assert again.scored_now == 0 and again.samples == 120
+    clean_run(run)
+    assert tree_digest(run) == before
+
+
+def test_resume_after_partial_run_ends_with_identical_outputs(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards
+):
+    run, _ = local_run
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial)
+    shutil.rmtree(partial / "clean"), shutil.rmtree(partial / "quarantine")
+    (partial / "sizes.json").unlink()
+    (partial / "stats" / "shard-000001_stats.json").unlink()  # killed after its manifest, before its marker
+    (partial / "manifest" / "shard-000002.parquet").unlink()  # killed before this shard was written
+    (partial / "stats" / "shard-000002_stats.json").unlink()
+    (partial / "manifest" / ".shard-000002.parquet.tmp-1-abcd").write_bytes(b"partial")
+    summary = score(tiny_decoder_dir, tiny_shards, partial, workers=0)
+    assert summary.scored_now == 80
+    clean_run(partial)
+    digest = tree_digest(partial)
+    assert not [p for p in digest if ".tmp-" in p]
+    expected = {k: v for k, v in tree_digest(run).items() if not k.startswith("stats/")}
+    assert {k: v for k, v in digest.items() if not k.startswith("stats/")} == expected
+
+
+def test_ray_workers_and_batch_size_do_not_change_scores(
+    tmp_path, ray_session, local_run, tiny_decoder_dir, tiny_shards
+):
+    run, _ = local_run  # local: one process, 256-row reads
+    summary = score(tiny_decoder_dir, tiny_shards, tmp_path / "ray", workers=2, batch_size=7)
+    assert (summary.samples, summary.scored_now) == (120, 120)
+    for stem in manifests(run):
+        ray_part = (tmp_path / "ray" / "manifest" / f"{stem}.parquet").read_bytes()
+        assert ray_part == (run / "manifest" / f"{stem}.parquet").read_bytes()
+
+
+def test_shard_order_does_not_change_scores(tmp_path, local_run, tiny_decoder_dir, tiny_shards):
+    run, _ = local_run
+    reordered = ",".join(str(p) for p in sorted(tiny_shards.glob("*.tar"), reverse=True))
+    score(tiny_decoder_dir, reordered, tmp_path / "rev", workers=0)
+    for stem in manifests(run):
+        assert (tmp_path / "rev/manifest" / f"{stem}.parquet").read_bytes() == (
+            run / "manifest" / f"{stem}.parquet"
+        ).read_bytes()
+
+
+def test_second_job_on_the_same_run_dir_is_refused(tmp_path, tiny_decoder_dir, tiny_shards):
+    with (
+        RunDir(tmp_path / "busy").lock(),
+        pytest.raises(UsageError, match="another sanitizer job .* is using"),
+    ):
+        score(tiny_decoder_dir, tiny_shards, tmp_path / "busy", workers=0)
+
+
+def test_run_dir_of_another_input_is_refused(tmp_path, local_run, tiny_decoder_dir, tiny_shards):
+    run, _ = local_run
+    other = tmp_path / "copy"
+    shutil.copytree(run, other)
+    with pytest.raises(UsageError, match="another decoder, input or scoring settings"):
+        score(tiny_decoder_dir, str(tiny_shards / "shard-000000.tar"), other, workers=0)
+
+
+def test_quantile_rule_needs_matching_calibration(tmp_path, tiny_decoder_dir, tiny_shards):
+    with pytest.raises(UsageError, match="reads the calibration"):
+        score(tiny_decoder_dir, tiny_shards, tmp_path / "r", workers=0, num_masks=7)
+
+
+def test_mad_rule_and_rethreshold_without_rescoring(tmp_path, local_run, tiny_decoder_dir, tiny_shards):
+    summary = score(tiny_decoder_dir, tiny_shards, tmp_path / "mad", workers=0, threshold="mad:1")
+    scores = np.concatenate([t.column("score").to_numpy() for t in manifests(tmp_path / "mad").values()])
+    median = np.median(scores)
+    assert summary.threshold == pytest.approx(median + 1.4826 * np.median(np.abs(scores - median)), rel=1e-6)
+    assert summary.flagged == int((scores > np.float32(summary.threshold)).sum())
+    result = clean_run(tmp_path / "mad", threshold="value:0")
+    assert (result.kept, result.quarantined) == (0, 120)
+    assert all(t.column("flagged").to_pylist() == [True] * 40 for t in manifests(tmp_path / "mad").values())
+
+
+def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_decoder_dir, capsys):
+    data = tmp_path / "data"
+    write_image_shards(data, synthetic_images(5, 32, seed=9), per_shard=5, prefix="img")
+    write_shards(
+        [
+            {"__key__": "html", "jpg": b"<!doctype html><html>blocked</html>"},
+            {"__key__": "zero", "png": b""},
+            {"__key__": "textonly", "txt": b"no image here"},
+            {
+                "__key__": "pickle",
+                "pyd": b"\x80\x04K\x01.",
+                "png": encode_image(synthetic_images(1, 32)[0]),
+            },
+        ],
+        data,
+        prefix="bad",
+    )
+    (data / "broken.tar").write_bytes(b"this is not a tar file at all" * 40)
+    code = main(
+        [
+            "score",
+            "--decoder",
+            str(tiny_decoder_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--workers",
+            "0",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1 and "FAILED shard broken" in out
+    run = RunDir(tmp_path / "run")
+    assert [f["stem"] for f in run.read_run()["failed_shards"]] == ["broken"]
+    bad = pq.read_table(tmp_path / "run/manifest/bad-000000.parquet")
+    assert bad.column("status").to_pylist() == ["not_an_image", "empty_image", "no_image", "ok"]
+    assert bad.column("score").null_count == 3 and not any(bad.column("flagged").to_pylist())
+    images = pq.read_table(tmp_path / "run/manifest/img-000000.parquet")
+    assert images.column("status").to_pylist() == ["ok"] * 5 and images.column("caption").null_count == 5
+    assert Counter(run.read_run()["totals"]["status_counts"]) == Counter(
+        ok=6, not_an_image=1, empty_image=1, no_image=1
+    )
