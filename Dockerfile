@@ -1,30 +1,26 @@
-# The sanitizer on a CUDA machine, for Ray clusters (head and GPU workers use the same image).
-FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+# The sanitizer for Ray clusters: head and GPU workers run the same image.
+# torch's Linux wheels carry their own CUDA libraries; the NVIDIA container runtime adds the driver.
+FROM python:3.11-slim-bookworm
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_NO_CACHE_DIR=1 \
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     RAY_USAGE_STATS_ENABLED=0
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip \
-    && rm -rf /var/lib/apt/lists/*
-
 WORKDIR /opt/sanitizer
-RUN python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 
-# Dependencies first, so code changes do not reinstall torch.
+# Dependencies first (pinned in pyproject.toml), so a code change does not reinstall torch.
 COPY pyproject.toml README.md ./
-COPY sanitizer/__init__.py sanitizer/__init__.py
-RUN pip install --no-deps --quiet . && pip install --quiet . && pip uninstall --yes sanitizer
+RUN mkdir sanitizer && touch sanitizer/__init__.py \
+    && pip install --quiet . \
+    && pip uninstall --yes --quiet sanitizer
 
 COPY sanitizer sanitizer
 COPY schemas schemas
 COPY jobs jobs
-RUN pip install --no-deps --quiet .
+RUN pip install --quiet --no-deps . \
+    && useradd --uid 1000 --create-home sanitizer
 
-RUN useradd --create-home sanitizer
-USER sanitizer
+USER 1000
 ENTRYPOINT ["sanitizer"]
 CMD ["--help"]

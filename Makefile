@@ -20,6 +20,7 @@ test: $(BIN)/.installed lint
 lint: $(BIN)/.installed
 	$(BIN)/ruff check sanitizer jobs bench tests examples
 	$(BIN)/ruff format --check sanitizer jobs bench tests examples
+	$(BIN)/hadolint Dockerfile
 
 clean-venv:
 	rm -rf $(VENV)
