@@ -52,7 +52,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from sanitizer.device import resolve_device
-    from sanitizer.encoders import load_encoder
+    from sanitizer.encoders import canonical_spec, load_encoder
     from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
 
@@ -66,9 +66,10 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     device = resolve_device(args.device)
+    weights = str(Path(args.encoder_weights).resolve()) if args.encoder_weights else None
     encoder = load_encoder(
-        args.encoder,
-        args.encoder_weights,
+        canonical_spec(args.encoder),
+        weights,
         args.image_size,
         args.mean and tuple(args.mean),
         args.std and tuple(args.std),
@@ -81,9 +82,7 @@ def run_train(args: argparse.Namespace) -> int:
         "decoder_depth": args.decoder_depth,
         "heads": args.heads,
     }
-    meta = train_decoder(
-        encoder, args.data, args.out, settings, score_settings, overrides, args.encoder_weights
-    )
+    meta = train_decoder(encoder, args.data, args.out, settings, score_settings, overrides, weights)
     t = meta["training"]
     print(
         f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s, "
@@ -236,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     except SanitizerError as e:
         print(f"sanitizer: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a full disk, a vanished directory: one line naming the path, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"sanitizer: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("sanitizer: interrupted", file=sys.stderr)
         return 130

@@ -227,6 +227,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, name
 
 
+def canonical_spec(spec: str) -> str:
+    """File-based specs with an absolute path, so a decoder directory works from any directory."""
+    kind, name = parse_spec(spec)
+    return f"{kind}:{Path(name).resolve()}" if kind in ("torchscript", "export") else spec
+
+
 def load_encoder(
     spec: str,
     weights: str | Path | None = None,

@@ -202,3 +202,32 @@ def test_training_on_generated_data_is_deterministic(tmp_path):
     a = train_decoder(enc, str(tmp_path / "data"), tmp_path / "a", **common)
     b = train_decoder(enc, str(tmp_path / "data"), tmp_path / "b", **common)
     assert a["decoder_sha256"] == b["decoder_sha256"]
+
+
+def test_cli_train_records_absolute_encoder_paths(tmp_path, tiny_shards, tiny_encoder, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    save_file(tiny_encoder.module.state_dict(), str(tmp_path / "w.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(
+        capsys,
+        *BASE,
+        "--data",
+        str(tiny_shards),
+        "--out",
+        "dec",
+        "--encoder-weights",
+        "w.safetensors",
+        "--patch-size",
+        "8",
+        "--width",
+        "32",
+        "--depth",
+        "1",
+        "--decoder-depth",
+        "1",
+        "--heads",
+        "2",
+    )
+    assert code == 0, err
+    assert read_meta(tmp_path / "dec")["encoder"]["weights_file"] == str(tmp_path / "w.safetensors")
