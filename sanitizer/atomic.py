@@ -50,8 +50,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(final)  # a failed write (ENOSPC) names no file; say which output it was
         raise
     _fsync_dir(final.parent)
 

@@ -254,6 +254,9 @@ def load_encoder(
     freeze(module)
     digest = weights_sha256(module)
     module = module.to(device)
+    if torch.device(device).type == "cuda" and kind in ("timm", "open_clip"):
+        # normalize() already hands over NHWC-strided images; NHWC weights spare cuDNN a conversion.
+        module = module.to(memory_format=torch.channels_last)
     encoder = VictimEncoder(spec, module, preprocess, 0, digest)
     probe = torch.zeros(1, preprocess.image_size, preprocess.image_size, 3, dtype=torch.uint8)
     try:

@@ -10,6 +10,7 @@ how many samples happened to arrive together.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -103,45 +104,68 @@ class Scorer:
         decoder: DedeDecoder,
         settings: ScoreSettings,
         micro_batch: int = 256,
+        compile: bool = False,
     ) -> None:
         self.encoder = encoder
         self.decoder = decoder.eval().requires_grad_(False)
         self.settings = settings
         self.micro_batch = micro_batch
         self.device = encoder.device
+        self._staging: dict[str, torch.Tensor] = {}  # reused host buffers: one thread per Scorer
+        if compile and self.device.type == "cuda":  # one fixed shape, so one compiled graph
+            self.forward = torch.compile(self.forward, dynamic=False)
 
     def score(self, pixels: np.ndarray, seeds: np.ndarray) -> Scores:
-        """Scores of (N, H, W, 3) uint8 images; rows are independent of each other."""
-        parts = [self._score_micro_batch(p, s) for p, s in self._micro_batches(pixels, seeds)]
-        if not parts:
+        """Scores of (N, H, W, 3) uint8 images; rows are independent of each other.
+
+        The batch goes to the device in one copy (from a reused pinned buffer on CUDA), every
+        micro-batch is queued without waiting for the one before, and the results come back in one
+        copy at the end: no per-micro-batch synchronisation, no per-sample Python.
+        """
+        n, m = len(pixels), self.micro_batch
+        if n == 0:
             empty = np.zeros(0, np.float32)
             return Scores(empty, empty, empty)
-        per_mask, norms = (torch.cat(x)[: len(pixels)] for x in zip(*parts, strict=True))
+        rows = -(-n // m) * m  # whole micro-batches; the padding rows are zeros, dropped afterwards
+        with torch.inference_mode():
+            x = self._on_device("pixels", pixels, rows)
+            s = self._on_device("seeds", np.asarray(seeds, np.int64), rows)
+            parts = [self.forward(x[i : i + m], s[i : i + m]) for i in range(0, rows, m)]
+            per_mask, norms = (torch.cat(t)[:n].cpu() for t in zip(*parts, strict=True))
         return Scores(
             score=per_mask.mean(1).numpy(),
             score_std=per_mask.std(1, unbiased=False).numpy(),
             embedding_norm=norms.numpy(),
         )
 
-    def _micro_batches(self, pixels: np.ndarray, seeds: np.ndarray):
-        """Fixed-shape chunks; the last is zero-padded (padding rows are dropped afterwards)."""
-        m = self.micro_batch
-        for start in range(0, len(pixels), m):
-            chunk, chunk_seeds = pixels[start : start + m], seeds[start : start + m]
-            pad = m - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-                chunk_seeds = np.concatenate([chunk_seeds, np.zeros(pad, np.int64)])
-            yield chunk, chunk_seeds
+    def _on_device(self, name: str, array: np.ndarray, rows: int) -> torch.Tensor:
+        """`array` zero-padded to `rows` rows, on the device.
 
-    @torch.inference_mode()
-    def _score_micro_batch(self, pixels: np.ndarray, seeds: np.ndarray):
-        x = self.encoder.normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True))
-        seeds_t = torch.from_numpy(seeds).to(self.device)
+        Staged in a buffer kept across calls (pinned on CUDA, so the copy to the device is
+        asynchronous); the buffer is free again once the call's results have come back.
+        """
+        cuda = self.device.type == "cuda"
+        if not cuda and len(array) == rows and array.flags.writeable and array.flags.c_contiguous:
+            return torch.from_numpy(array)
+        shape = (rows, *array.shape[1:])
+        size = math.prod(shape)
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.numel() < size or buffer.numpy().dtype != array.dtype:
+            buffer = torch.from_numpy(np.zeros(size, array.dtype))
+            self._staging[name] = buffer = buffer.pin_memory() if cuda else buffer
+        host = buffer[:size].view(shape)
+        staged = host.numpy()
+        staged[: len(array)] = array
+        staged[len(array) :] = 0
+        return host.to(self.device, non_blocking=True)
+
+    def forward(self, pixels: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, 3) uint8 and (B,) seeds on the device -> (B, K) errors, (B,) embedding norms there."""
+        x = self.encoder.normalize(pixels)
         with autocast(self.device):
             embedding = self.encoder.embed(x)
-            per_mask = self.errors_given_embedding(x, embedding, seeds_t)
-        return per_mask.float().cpu(), embedding.float().norm(dim=1).cpu()
+            per_mask = self.errors_given_embedding(x, embedding, seeds)
+        return per_mask.float(), embedding.float().norm(dim=1)
 
     def errors_given_embedding(
         self, images: torch.Tensor, embedding: torch.Tensor, seeds: torch.Tensor

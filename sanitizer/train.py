@@ -105,18 +105,36 @@ def lr_at(step: int, total: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def on_device(array: np.ndarray, device: torch.device, share: float = 0.25) -> np.ndarray | torch.Tensor:
+    """On CUDA, the array as a device tensor when it fits in `share` of the free memory (training data
+    then crosses the bus once, not every epoch); otherwise, and on the CPU, the array unchanged."""
+    if device.type != "cuda" or array.nbytes > share * torch.cuda.mem_get_info(device)[0]:
+        return array
+    return torch.from_numpy(array).to(device)
+
+
+def _rows(data: np.ndarray | torch.Tensor, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data[torch.from_numpy(idx).to(data.device)]
+    return torch.from_numpy(data[idx]).to(device, non_blocking=True)
+
+
 def train_epoch(
     decoder: DedeDecoder,
     optimizer: torch.optim.Optimizer,
     encoder: VictimEncoder,
-    pixels: np.ndarray,
-    embeddings: np.ndarray,
+    pixels: np.ndarray | torch.Tensor,
+    embeddings: np.ndarray | torch.Tensor,
     settings: TrainSettings,
     epoch: int,
     total_steps: int,
     bar: tqdm,
 ) -> float:
-    """One pass in a seeded order; returns the mean loss over hidden patches."""
+    """One pass in a seeded order; returns the mean loss over hidden patches.
+
+    The losses stay on the device until the epoch ends (the progress bar reads one every 25 steps),
+    so the host never waits for the device mid-epoch.
+    """
     device = encoder.device
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
     order = torch.randperm(len(pixels), generator=gen).numpy()
@@ -127,19 +145,18 @@ def train_epoch(
         idx = np.sort(order[i * settings.batch_size : (i + 1) * settings.batch_size])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch * steps + i, total_steps, settings.lr)
-        images = encoder.normalize(torch.from_numpy(pixels[idx]).to(device, non_blocking=True))
+        images = encoder.normalize(_rows(pixels, idx, device))
         noise = torch.rand(len(idx), decoder.config.num_patches, generator=gen).to(device)
         with autocast(device):
-            loss, _, _ = decoder(
-                images, torch.from_numpy(embeddings[idx]).to(device), settings.mask_ratio, noise
-            )
+            loss, _, _ = decoder(images, _rows(embeddings, idx, device), settings.mask_ratio, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         bar.update(len(idx))
-        bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
-    return float(np.mean(losses))
+        if not bar.disable and (i % 25 == 0 or i == steps - 1):
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.4f}")
+    return float(np.mean(torch.stack(losses).cpu().numpy().astype(np.float64)))
 
 
 @dataclass
@@ -170,7 +187,8 @@ def fit_decoder(
     epochs = settings.epochs or auto_epochs(len(train_idx))
     started = time.time()
     pixels = images.pixels[train_idx]
-    embeddings = embed_pixels(encoder, pixels)
+    embeddings = on_device(embed_pixels(encoder, pixels), encoder.device)
+    pixels_in = on_device(pixels, encoder.device)
 
     decoder = DedeDecoder(config).to(encoder.device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -198,7 +216,7 @@ def fit_decoder(
     )
     for epoch in range(start_epoch, epochs):
         losses.append(
-            train_epoch(decoder, optimizer, encoder, pixels, embeddings, settings, epoch, total_steps, bar)
+            train_epoch(decoder, optimizer, encoder, pixels_in, embeddings, settings, epoch, total_steps, bar)
         )
         if resume_dir:
             progress_state = {"plan": plan, "epoch": epoch + 1, "losses": losses}

@@ -37,3 +37,44 @@ def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     model.maxpool = nn.Identity()
     model.pretrained_cfg = model.default_cfg = _cifar_cfg()
     return model
+
+
+def _imagenet_cfg(classifier: str) -> dict:
+    return {
+        "input_size": (3, 224, 224),
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "num_classes": 0,
+        "classifier": classifier,
+    }
+
+
+@register_model
+def mobilenetv2_tv(pretrained: bool = False, num_classes: int = 0, **kwargs) -> nn.Module:
+    """torchvision's MobileNetV2 (its own key names), so torchvision checkpoints load as `timm:` specs.
+
+    With num_classes=0 the classifier is dropped and the 1280-d pooled feature is the embedding.
+    """
+    from torchvision.models import mobilenet_v2
+
+    model = mobilenet_v2(weights=None, num_classes=max(num_classes, 1))
+    if not num_classes:
+        model.classifier = nn.Identity()
+    model.pretrained_cfg = model.default_cfg = _imagenet_cfg("classifier")
+    return model
+
+
+@register_model
+def resnet10_cifar_s(pretrained: bool = False, **kwargs) -> ResNet:
+    """A small CIFAR-stem ResNet (64-wide stem, one block per stage, 32-256 channels, 256-d).
+
+    About 8x cheaper than resnet18_cifar: small enough to train a SimCLR victim on two CPU cores.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY_KWARGS}
+    model = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), **kwargs)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.pretrained_cfg = model.default_cfg = _cifar_cfg()
+    return model

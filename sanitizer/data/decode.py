@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ DECODE_STATUSES = (
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 # "broken data stream" is corrupt data (bad zlib, bad LZW), not a cut: it stays decode_error.
 _TRUNCATION_HINTS = ("truncated", "unexpected end", "end of file")
+_OPEN_LOCK = threading.Lock()
 
 
 @dataclass
@@ -137,7 +139,8 @@ def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> Dec
     """Decode the sample's image to a ``(size, size, 3)`` uint8 array, or say why not.
 
     The pixel count in the header is checked against ``max_pixels`` before any pixel is
-    decoded. Pillow's own bomb warning is raised as an error only inside this call.
+    decoded. Pillow's own bomb warning (issued when the header is read) is raised as an error only
+    inside this call. Safe to call from several threads.
     """
     if sample.status != STATUS_OK:
         return _failed(sample.status, sample.error)
@@ -148,14 +151,21 @@ def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> Dec
     if not data:
         return _failed(STATUS_EMPTY_IMAGE, f"image member {name!r} has 0 bytes")
     digest = hashlib.sha256(data).hexdigest()
-    with warnings.catch_warnings():
+    return _decode_bytes(data, size, max_pixels, digest)
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open with Pillow's bomb warning raised as an error. The warnings filters are process
+    state that catch_warnings swaps in and out, so decoding threads take turns here; only the header
+    is parsed under the lock, the pixels are decoded outside it in parallel."""
+    with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _decode_bytes(data, size, max_pixels, digest)
+        return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
 
 
 def _decode_bytes(data: bytes, size: int, max_pixels: int, digest: str) -> DecodedImage:
     try:
-        im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        im = _open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return _failed(STATUS_DECOMPRESSION_BOMB, describe(e), sha256=digest)
     except UnidentifiedImageError:

@@ -278,8 +278,13 @@ class TarWriter:
                 f"sample {printable(sample.key)!r} has status {sample.status}: "
                 "its bytes are incomplete and cannot be copied"
             )
-        for member in sample.members:
-            self._tar.addfile(_tarinfo(member.name, len(member.data)), io.BytesIO(member.data))
+        try:
+            for member in sample.members:
+                self._tar.addfile(_tarinfo(member.name, len(member.data)), io.BytesIO(member.data))
+        except OSError as e:
+            if e.filename is None:  # a failed write (ENOSPC) names no file: name this output
+                e.filename = str(self.final_path)
+            raise
         self.count += 1
 
     def __exit__(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
 from sanitizer.errors import UsageError
 from sanitizer.pipeline.collect import ShardCollector, apply_threshold, ok_scores
-from sanitizer.pipeline.stages import ScoreStage, read_shard
+from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
@@ -43,12 +45,15 @@ class ScoreJob:
     num_masks: int | None = None
     aggregate: str | None = None
     threshold: str = DEFAULT_RULE
-    batch_size: int = 512  # rows per actor call
+    batch_size: int | None = None  # rows per scoring call; None: up to 8 micro-batches, <= ~64 MiB
     workers: int | None = None  # scoring actors; 0 = no Ray, one process; None = one per GPU, else 1
     ray_address: str | None = None
     device: str = "auto"
-    micro_batch: int | None = None  # fixed model batch shape; None: 64 on CPU, 1024 on CUDA
+    micro_batch: int | None = None  # fixed model batch shape; None: 64 on CPU; CUDA: 1024 (512 > 64 px)
     encoder_weights: str | None = None
+    compile: bool = False  # torch.compile the model on CUDA (ignored on the CPU)
+    threads: int | None = None  # torch CPU threads per scoring actor; None: the CPUs shared out
+    read_threads: int | None = None  # workers=0 decode threads; None: 1 on CPU, up to 8 with CUDA
 
 
 @dataclass
@@ -118,7 +123,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     shards = expand_shards(job.data)
     device = resolve_device(job.device)
     workers = job.workers if job.workers is not None else default_workers(device)
-    micro_batch = job.micro_batch or (1024 if device.type == "cuda" else 64)
+    micro_batch, batch_size = batch_shape(job, device, meta["encoder"]["preprocess"]["image_size"])
     run = RunDir(Path(job.out))
     identity = {
         "decoder_sha256": meta["decoder_sha256"],
@@ -139,9 +144,10 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
             "decoder_dir": str(Path(job.decoder_dir).resolve()),
             "data": job.data,
             "threshold_rule": str(rule),
-            "batch_size": job.batch_size,
+            "batch_size": batch_size,
             "workers": workers,
             "micro_batch": micro_batch,
+            "compile": job.compile,
             "device": str(device),
             "ray_address": job.ray_address,
         }
@@ -154,15 +160,17 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
             "device": job.device,
             "micro_batch": micro_batch,
             "encoder_weights": job.encoder_weights,
+            "compile": job.compile,
         }
-        stage = ScoreStage(**stage_kwargs)  # validates encoder, weights and decoder on the driver
+        # Validates encoder, weights and decoder on the driver; scores there too when workers == 0.
+        stage = ScoreStage(**stage_kwargs, threads=job.threads if workers == 0 else None)
         image_size = stage.image_size
         if pending:
-            tables = (
-                local_tables(pending, stage, image_size)
-                if workers == 0
-                else ray_tables(pending, stage_kwargs, image_size, job, workers, device.type == "cuda")
-            )
+            if workers == 0:
+                readers = job.read_threads or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
+                tables = local_tables(pending, stage, image_size, batch_size, readers)
+            else:
+                tables = ray_tables(pending, stage_kwargs, image_size, job, batch_size, workers, device.type)
             del stage  # the Ray actors load their own copies
             consume(tables, collector, len(pending), progress)
         done = [s.stem for s in shards if run.is_done(s.stem)]
@@ -192,6 +200,19 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     return summary
 
 
+def batch_shape(job: ScoreJob, device, image_size: int) -> tuple[int, int]:
+    """(micro_batch, batch_size): the model's fixed batch, and rows per scoring call. A call is whole
+    micro-batches (no padding wasted), at most 8 and ~64 MiB of pixels (Ray's object store holds them)."""
+    if job.micro_batch:
+        micro = job.micro_batch
+    elif device.type == "cuda":
+        micro = 1024 if image_size <= 64 else 512
+    else:
+        micro = 64
+    per_micro = micro * image_size * image_size * 3
+    return micro, job.batch_size or micro * max(1, min(8, (64 << 20) // per_micro))
+
+
 def default_workers(device) -> int:
     if device.type == "cuda":
         import torch
@@ -200,11 +221,68 @@ def default_workers(device) -> int:
     return 1
 
 
-def local_tables(pending: list[ShardRef], stage: ScoreStage, image_size: int) -> Iterator[pa.Table]:
-    """One process: read, decode and score shard after shard."""
-    for shard in pending:
-        for table in read_shard(shard.url, shard.stem, image_size):
-            yield stage(table)
+def local_tables(
+    pending: list[ShardRef], stage: ScoreStage, image_size: int, batch_size: int, readers: int = 1
+) -> Iterator[pa.Table]:
+    """One process: `readers` threads decode shards (PIL and hashlib release the GIL) while this
+    thread scores batches of `batch_size` rows."""
+    for table in rebatch(decoded_tables(pending, image_size, readers), batch_size):
+        yield stage(table)
+
+
+_DONE = object()
+
+
+def decoded_tables(pending: list[ShardRef], image_size: int, readers: int) -> Iterator[pa.Table]:
+    """read_shard's tables for every pending shard, from `readers` threads, through a bounded queue.
+
+    Tables of different shards may interleave; the collector sorts each shard out by its end row.
+    """
+    shards = iter(pending)
+    lock = threading.Lock()
+    out: queue.Queue = queue.Queue(maxsize=4 * readers)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            while True:
+                with lock:
+                    shard = next(shards, None)
+                if shard is None:
+                    break
+                for table in read_shard(shard.url, shard.stem, image_size):
+                    if not put(table):
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(e)
+        put(_DONE)
+
+    threads = [threading.Thread(target=read, daemon=True, name=f"read-{i}") for i in range(readers)]
+    for t in threads:
+        t.start()
+    try:
+        running = len(threads)
+        while running:
+            item = out.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _read_shards(batch: pa.Table, image_size: int) -> Iterator[pa.Table]:
@@ -214,9 +292,20 @@ def _read_shards(batch: pa.Table, image_size: int) -> Iterator[pa.Table]:
 
 
 def ray_tables(
-    pending: list[ShardRef], stage_kwargs: dict, image_size: int, job: ScoreJob, workers: int, gpu: bool
+    pending: list[ShardRef],
+    stage_kwargs: dict,
+    image_size: int,
+    job: ScoreJob,
+    batch_size: int,
+    workers: int,
+    device_type: str,
 ) -> Iterator[pa.Table]:
-    """Ray Data: read tasks on CPUs stream into an actor pool that scores; results come back here."""
+    """Ray Data: shards -> decoded tables -> a pool of scoring actors; the results come back here.
+
+    CPU: each actor gets an equal share of the CPUs as torch threads and reads its own shards, one
+    shard per call (ReadScoreStage). GPU: read tasks decode on the CPUs, unfused from the actors
+    (one GPU and one CPU each), which take batches of `batch_size` decoded rows.
+    """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -226,18 +315,33 @@ def ray_tables(
     ds = ray.data.from_items(
         [{"url": s.url, "stem": s.stem} for s in pending], override_num_blocks=len(pending)
     )
-    ds = ds.map_batches(
-        _read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"image_size": image_size}, num_cpus=1
-    )
-    ds = ds.map_batches(
-        ScoreStage,
-        batch_size=job.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
-        fn_constructor_kwargs=stage_kwargs,
-        num_gpus=1 if gpu else 0,
-        num_cpus=0 if gpu else 1,
-    )
+    if device_type == "cuda":
+        ds = ds.map_batches(
+            _read_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"image_size": image_size},
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            ScoreStage,
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
+            fn_constructor_kwargs={**stage_kwargs, "threads": job.threads},
+            num_cpus=1,
+            num_gpus=1,
+        )
+    else:
+        threads = job.threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        ds = ds.map_batches(
+            ReadScoreStage,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+            fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
+            num_cpus=threads,
+        )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
@@ -259,15 +363,15 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
-    bar = tqdm(total=shards, unit="shard", desc="score", disable=not progress, dynamic_ncols=True)
     started = time.time()
-    for table in tables:
-        before = len(collector.done) + len(collector.failed)
-        collector.add(table)
-        bar.update(len(collector.done) + len(collector.failed) - before)
-        rate = collector.samples / max(1e-9, time.time() - started)
-        bar.set_postfix(samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed))
-    bar.close()
+    # closed on any exit, so an error message is not followed (or overdrawn) by a stale bar
+    with tqdm(total=shards, unit="shard", desc="score", disable=not progress, dynamic_ncols=True) as bar:
+        for table in tables:
+            before = len(collector.done) + len(collector.failed)
+            collector.add(table)
+            bar.update(len(collector.done) + len(collector.failed) - before)
+            rate = collector.samples / max(1e-9, time.time() - started)
+            bar.set_postfix(samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed))
 
 
 def summarize(

@@ -1,0 +1,458 @@
+"""Detection benchmark: does the sanitizer catch real backdoors in real encoders?
+
+For each attack (badencoder, drupe, ctrl, blend, clip-backdoor) it implants a backdoor (reporting the
+attack's own ASR), trains DeDe decoders on in-distribution data (1% poisoned) and on OOD data, and
+scores test sets with 50% and 1% triggered images. Methods: `dede` (our settings), `dede-paper` (one
+mask, mean aggregate, median-of-scored-set threshold), `dede-control` and `dede-paper-control` (the
+same data through the CLEAN encoder with its own decoder: a detector of unusual pixels scores high
+there too), and the embedding-space baselines `embedding-norm` and `knn-distance`.
+
+    bench/install_data.sh                           # once: Fashion-MNIST, MNIST, ImageNet weights
+    .venv/bin/python bench/detection.py --quick     # ~CPU-sized; full mode: --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder
+from sanitizer.redteam import datasets
+from sanitizer.redteam.implant import (
+    ContrastiveSettings,
+    Implant,
+    ImplantSettings,
+    ProbeData,
+    badencoder,
+    clip_backdoor,
+    ctrl_simclr,
+    drupe,
+    measure_attack,
+)
+from sanitizer.redteam.metrics import auc, knn_distance, rates
+from sanitizer.redteam.probes import fit_linear_probe
+from sanitizer.redteam.triggers import TRIGGERS, Trigger
+from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.thresholds import parse_rule, resolve_threshold
+from sanitizer.train import ImageSet, TrainSettings, fit_decoder
+
+log = logging.getLogger("bench.detection")
+ATTACKS = ("clip-backdoor", "ctrl", "blend", "badencoder", "drupe")  # cheapest victims first
+POISON_RATES = (0.5, 0.01)
+TARGET = 0  # Fashion-MNIST "t-shirt"
+SEED = 0
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pretrain: int  # images for the CLIP victim (the SimCLR victim uses the first `simclr_images`)
+    simclr_images: int
+    shadow: int  # attacker's unlabelled images for BadEncoder / DRUPE
+    probe: int  # labelled clean images for the probes
+    decoder: int  # decoder training images (ID: Fashion-MNIST with 1% triggered; OOD: MNIST)
+    test_clean: int  # clean test images (the 1% set uses all; the 50% set half)
+    decoder_epochs: int
+    implant: ImplantSettings
+    simclr: ContrastiveSettings
+    clip: ContrastiveSettings
+    decoder_model: dict
+
+
+QUICK = Sizes(
+    pretrain=4000,
+    simclr_images=2000,
+    shadow=640,
+    probe=2000,
+    decoder=1500,
+    test_clean=1000,
+    decoder_epochs=8,
+    implant=ImplantSettings(epochs=3, batch_size=32, lr=5e-4, tail_fraction=0.4),
+    simclr=ContrastiveSettings(clean_epochs=4, poison_epochs=4, poison_rate=0.05),
+    clip=ContrastiveSettings(clean_epochs=12, poison_epochs=8, poison_rate=0.05, batch_size=128),
+    decoder_model={"patch_size": 8},
+)
+FULL = Sizes(
+    pretrain=50_000,
+    simclr_images=50_000,
+    shadow=10_000,
+    probe=10_000,
+    decoder=20_000,
+    test_clean=9000,
+    decoder_epochs=100,
+    implant=ImplantSettings(epochs=20, batch_size=64, lr=1e-4),
+    simclr=ContrastiveSettings(clean_epochs=200, poison_epochs=200, poison_rate=0.01),
+    clip=ContrastiveSettings(clean_epochs=100, poison_epochs=50, poison_rate=0.001),
+    decoder_model={},
+)
+# `dede`: our settings; `dede-paper`: the reference code's (one mask, mean, median of scored set).
+DEDE = ScoreSettings(num_masks=4, aggregate="median")
+DEDE_RULE = "quantile:0.97"
+PAPER = ScoreSettings(num_masks=1, aggregate="mean")
+PAPER_RULE = "paper"
+
+
+@dataclass
+class Data:
+    pretrain: tuple[np.ndarray, np.ndarray]
+    shadow: np.ndarray
+    reference: np.ndarray  # target-class images the attacker holds
+    probe: tuple[np.ndarray, np.ndarray]
+    decoder: tuple[np.ndarray, np.ndarray]  # ID decoder images (clean; triggered per attack) + labels
+    ood: np.ndarray
+    test: tuple[np.ndarray, np.ndarray]  # clean test images
+    trigger_source: tuple[np.ndarray, np.ndarray]  # non-target test images that get the trigger
+
+
+def load_data(s: Sizes) -> Data:
+    """Disjoint slices of Fashion-MNIST (fixed order) and MNIST digits as OOD data."""
+    x, y = datasets.fashion_mnist("train")
+    xt, yt = datasets.fashion_mnist("test")
+    ood, _ = datasets.mnist()
+    rng = np.random.default_rng(SEED)
+    order, test_order = rng.permutation(len(x)), rng.permutation(len(xt))
+    cuts = np.cumsum([s.pretrain, s.shadow, 500, s.probe, s.decoder])
+    pre, sha, ref, pro, dec = np.split(order, cuts)[:5]
+    ref = ref[y[ref] == TARGET]
+    n_trig = s.test_clean // 2
+    test, rest = test_order[: s.test_clean], test_order[s.test_clean :]
+    trig = rest[yt[rest] != TARGET][:n_trig]
+    ood = ood[np.random.default_rng(SEED).permutation(len(ood))[: s.decoder]]
+    return Data(
+        (x[pre], y[pre]), x[sha], x[ref], (x[pro], y[pro]), (x[dec], y[dec]), ood, (xt[test], yt[test]),
+        (xt[trig], yt[trig]),
+    )  # fmt: skip
+
+
+@dataclass
+class Victim:
+    attack: str
+    trigger: Trigger
+    implant: Implant
+    clean: VictimEncoder  # the encoder before the implant: the control
+
+
+def iter_victims(data: Data, s: Sizes, attacks: tuple[str, ...], work: Path, device: str) -> Iterator[Victim]:
+    """Implant each asked-for backdoor in turn; ImageNet MobileNetV2 / EfficientNet-Lite0 or trained-here."""
+    probe = ProbeData(*data.probe, *data.test, TARGET)
+    mobilenet = None
+    for attack in attacks:
+        trigger = TRIGGERS[attack]
+        log.info("implanting %s", attack)
+        if attack in ("badencoder", "drupe"):
+            mobilenet = mobilenet or load_encoder(
+                "timm:mobilenetv2_tv", datasets.mobilenet_v2_weights(), image_size=32, device=device
+            )
+            implanter = badencoder if attack == "badencoder" else drupe
+            out = work / f"{attack}.safetensors"
+            imp = implanter(mobilenet, data.shadow, data.reference, out, trigger, s.implant, probe)
+            victim = Victim(attack, trigger, imp, mobilenet)
+        elif attack == "blend":
+            effnet = load_encoder(
+                "timm:tf_efficientnet_lite0",
+                datasets.efficientnet_lite0_weights(),
+                image_size=32,
+                device=device,
+            )
+            imp = badencoder(
+                effnet, data.shadow, data.reference, work / "blend.safetensors", trigger, s.implant, probe
+            )
+            victim = Victim(attack, trigger, imp, effnet)
+        elif attack == "ctrl":
+            x, y = (a[: s.simclr_images] for a in data.pretrain)
+            clean, imp = ctrl_simclr(x, y, TARGET, work, s.simclr, probe, device=device)
+            victim = Victim(attack, trigger, imp, clean.encoder)
+        elif attack == "clip-backdoor":
+            clean, imp = clip_backdoor(
+                *data.pretrain, datasets.FASHION_CLASSES, TARGET, work, s.clip, probe, device=device
+            )
+            victim = Victim(attack, trigger, imp, clean.encoder)
+        log.info("%s: %s (%.0f s)", attack, imp.report, imp.seconds)
+        yield victim
+
+
+def id_training_set(data: Data, trigger: Trigger) -> tuple[ImageSet, np.ndarray]:
+    """The victim's own data with 1% of it triggered: (images, which ones are triggered)."""
+    pixels = data.decoder[0].copy()
+    poisoned = np.zeros(len(pixels), bool)
+    poisoned[np.random.default_rng(SEED + 1).choice(len(pixels), len(pixels) // 100, replace=False)] = True
+    pixels[poisoned] = trigger(pixels[poisoned])
+    return ImageSet(pixels, [f"id{i:06d}" for i in range(len(pixels))], {}), poisoned
+
+
+def fit(encoder: VictimEncoder, images: ImageSet, s: Sizes) -> tuple:
+    """A decoder trained with the package's own fit_decoder, calibrated at the `dede` settings."""
+    settings = TrainSettings(epochs=s.decoder_epochs, batch_size=128, seed=SEED)
+    result = fit_decoder(encoder, images, settings, DEDE, s.decoder_model, progress=False)
+    log.info(
+        "decoder %s: %d epochs, loss %.4f, %.0f s",
+        encoder.spec,
+        result.epochs,
+        result.losses[-1],
+        result.seconds,
+    )
+    return result
+
+
+def score(
+    encoder: VictimEncoder, decoder, pixels: np.ndarray, prefix: str, settings: ScoreSettings
+) -> np.ndarray:
+    keys = [f"{prefix}{i:06d}" for i in range(len(pixels))]
+    return Scorer(encoder, decoder, settings).score(pixels, key_seeds(keys)).score
+
+
+@dataclass
+class TestSets:
+    clean: np.ndarray
+    triggered: np.ndarray
+
+    def mix(self, rate: float) -> tuple[slice, slice]:
+        """(clean slice, triggered slice): 50% uses half the clean images, 1% all of them."""
+        if rate >= 0.5:
+            n = min(len(self.triggered), len(self.clean) // 2)
+            return slice(0, n), slice(0, n)
+        return slice(0, len(self.clean)), slice(0, max(1, round(rate * len(self.clean))))
+
+
+def detection_rows(
+    attack: str, train_data: str, method: str, tests: TestSets, clean_scores: np.ndarray,
+    trig_scores: np.ndarray, rule: str, calibration: np.ndarray | None,
+) -> list[dict]:  # fmt: skip
+    """One row per poison rate: AUC, and TPR/FPR at the method's threshold rule."""
+    rows = []
+    for rate in POISON_RATES:
+        cs, ts = tests.mix(rate)
+        scores = np.concatenate([clean_scores[cs], trig_scores[ts]])
+        positive = np.r_[np.zeros(len(clean_scores[cs]), bool), np.ones(len(trig_scores[ts]), bool)]
+        threshold = resolve_threshold(parse_rule(rule), calibration, scores)
+        tpr, fpr = rates(scores, positive, threshold)
+        rows.append(
+            {
+                "attack": attack, "poison_rate": rate, "train_data": train_data, "method": method,
+                "auc": round(auc(scores, positive), 4), "tpr": round(tpr, 4), "fpr": round(fpr, 4),
+                "threshold": rule, "n_clean": int((~positive).sum()), "n_triggered": int(positive.sum()),
+            }
+        )  # fmt: skip
+    return rows
+
+
+def dede_rows(attack: str, train_data: str, encoder, fitted, tests: TestSets, suffix: str = "") -> list[dict]:
+    rows = []
+    for method, settings, rule in (("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)):
+        c = score(encoder, fitted.decoder, tests.clean, "clean", settings)
+        t = score(encoder, fitted.decoder, tests.triggered, "trig", settings)
+        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, fitted.calibration)
+    return rows
+
+
+def baseline_rows(attack: str, victim: VictimEncoder, data: Data, tests: TestSets) -> list[dict]:
+    """Embedding-space detectors: L2 norm, and kNN distance to clean auxiliary embeddings (the probe set)."""
+    aux = embed_pixels(victim, data.probe[0])
+    calib_aux, ref_aux = aux[: len(aux) // 2], aux[len(aux) // 2 :]
+    clean, trig = embed_pixels(victim, tests.clean), embed_pixels(victim, tests.triggered)
+    rows = []
+    norm = lambda e: np.linalg.norm(e, axis=1)  # noqa: E731
+    knn = lambda e: knn_distance(e, ref_aux)  # noqa: E731
+    for method, fn in (("embedding-norm", norm), ("knn-distance", knn)):
+        rows += detection_rows(attack, "id", method, tests, fn(clean), fn(trig), DEDE_RULE, fn(calib_aux))
+    return rows
+
+
+def downstream(victim: Victim, data: Data, id_set: ImageSet, fitted, tests: TestSets) -> dict:
+    """Probe clean accuracy and ASR without defence, and after the `dede` detector filters train and test."""
+    enc = victim.implant.encoder
+    threshold = resolve_threshold(parse_rule(DEDE_RULE), fitted.calibration)
+    labels = data.decoder[1]
+    emb_train = embed_pixels(enc, id_set.pixels)
+    emb_clean, emb_trig = embed_pixels(enc, tests.clean), embed_pixels(enc, tests.triggered)
+    keep_train = score(enc, fitted.decoder, id_set.pixels, "id", DEDE) <= threshold
+    keep_clean = score(enc, fitted.decoder, tests.clean, "clean", DEDE) <= threshold
+    keep_trig = score(enc, fitted.decoder, tests.triggered, "trig", DEDE) <= threshold
+    out = {}
+    for name, train_keep in (("no_defence", np.ones(len(labels), bool)), ("dede_filtered", keep_train)):
+        probe = fit_linear_probe(emb_train[train_keep], labels[train_keep], seed=SEED)
+        test_keep = np.ones(len(emb_clean), bool) if name == "no_defence" else keep_clean
+        trig_keep = np.ones(len(emb_trig), bool) if name == "no_defence" else keep_trig
+        correct = probe.predict(emb_clean[test_keep]) == data.test[1][test_keep]
+        hits = probe.predict(emb_trig[trig_keep]) == TARGET  # removed triggered images are failed attacks
+        out[name] = {
+            "clean_accuracy": round(float(correct.mean()), 4),
+            "asr": round(float(hits.sum() / len(emb_trig)), 4),
+            "train_removed": round(float(1 - train_keep.mean()), 4),
+            "clean_test_removed": round(float(1 - test_keep.mean()), 4),
+        }
+    return out
+
+
+def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tuple[list[dict], dict]:
+    attack, enc = victim.attack, victim.implant.encoder
+    tests = TestSets(data.test[0], victim.trigger(data.trigger_source[0]))
+    id_set, _ = id_training_set(data, victim.trigger)
+    fitted_id = fit(enc, id_set, s)
+    rows = dede_rows(attack, "id", enc, fitted_id, tests)
+    ood = ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
+    rows += dede_rows(attack, "ood", enc, fit(enc, ood, s), tests)
+    # The control: the same data through the clean encoder, with its own decoder (one per clean encoder).
+    key = (victim.clean.weights_sha256, attack in ("blend", "ctrl", "clip-backdoor") and attack)
+    if key not in control_cache:
+        control_cache[key] = fit(victim.clean, id_set, s)
+    rows += dede_rows(attack, "id", victim.clean, control_cache[key], tests, suffix="-control")
+    rows += baseline_rows(attack, enc, data, tests)
+    return rows, downstream(victim, data, id_set, fitted_id, tests)
+
+
+def versions() -> dict:
+    import open_clip
+    import timm
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+        "open_clip": open_clip.__version__, "numpy": np.__version__, "platform": platform.platform(),
+    }  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    """The rows as one table per train_data, plus the attack and downstream tables."""
+    lines = [
+        "# Detection benchmark",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Mode: {result['mode']}; seed {result['seed']}; wall time {result['wall_seconds'] / 60:.1f} min; "
+        f"device {result['device']}; torch {result['versions']['torch']}, timm {result['versions']['timm']}, "
+        f"open_clip {result['versions']['open_clip']}  ",
+        f"`dede`: {result['settings']['dede']}; `dede-paper`: {result['settings']['dede-paper']}  ",
+        f"Complete: {result['complete']} (partial results are written after every attack)",
+        "",
+        "## Attacks (linear probe on the victim's embeddings; chance ASR 0.10)",
+        "",
+        "| attack | victim | clean acc (victim) | ASR (victim) | ASR (clean encoder) | implant s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for attack, a in result["attacks"].items():
+        lines.append(
+            f"| {attack} | {a['spec']} | {a['clean_accuracy']:.3f} | {a['asr']:.3f} | {a['control_asr']:.3f} "
+            f"| {a['seconds']:.0f} |"
+        )
+    lines += ["", "## Detection (AUC / TPR / FPR at the method's threshold)", ""]
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    header = "| attack | rate | train | " + " | ".join(methods) + " |"
+    lines += [header, "|" + "---|" * (3 + len(methods))]
+    groups = dict.fromkeys((r["attack"], r["poison_rate"], r["train_data"]) for r in result["rows"])
+    for attack, rate, train in groups:
+        cells = []
+        for m in methods:
+            hit = [
+                r
+                for r in result["rows"]
+                if (r["attack"], r["poison_rate"], r["train_data"], r["method"]) == (attack, rate, train, m)
+            ]  # noqa: E501
+            cells.append(f"{hit[0]['auc']:.3f} / {hit[0]['tpr']:.2f} / {hit[0]['fpr']:.2f}" if hit else "")
+        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Downstream (linear probe; ASR counts removed triggered images as failed attacks)",
+        "",
+        "| attack | CA no defence | ASR no defence | CA filtered | ASR filtered | train removed "
+        "| clean test removed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for attack, d in result["downstream"].items():
+        a, b = d["no_defence"], d["dede_filtered"]
+        lines.append(
+            f"| {attack} | {a['clean_accuracy']:.3f} | {a['asr']:.3f} | {b['clean_accuracy']:.3f} "
+            f"| {b['asr']:.3f} | {b['train_removed']:.3f} | {b['clean_test_removed']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, json_path: Path, md_path: Path | None) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    (md_path or json_path.with_suffix(".md")).write_text(markdown(result))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized run (under 30 min on 2 cores)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset")
+    p.add_argument("--json", type=Path, default=RESULTS / "detection.json", help="where the JSON goes")
+    p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
+    p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads; use 1 on a shared, busy machine"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    started = time.time()
+    sizes = QUICK if args.quick else FULL
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise SystemExit(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+    data = load_data(sizes)
+    header = {
+        "command": " ".join(
+            shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "mode": "quick" if args.quick else "full",
+        "device": args.device,
+        "threads": args.threads,
+        "seed": SEED,
+        "target_class": TARGET,
+        "versions": versions(),
+        "sizes": asdict(sizes),
+        "settings": {
+            "dede": {**DEDE.to_dict(), "threshold": DEDE_RULE},
+            "dede-paper": {**PAPER.to_dict(), "threshold": PAPER_RULE},
+        },
+    }
+    probe = ProbeData(*data.probe, *data.test, TARGET)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        rows, down, attack_info, control_cache = [], {}, {}, {}
+        for victim in iter_victims(data, sizes, attacks, work, args.device):
+            attack = victim.attack
+            attack_info[attack] = {
+                "spec": victim.implant.spec,
+                **victim.implant.report.to_dict(),
+                "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
+                "seconds": round(victim.implant.seconds, 1),
+            }
+            attack_rows, down[attack] = run_attack(victim, data, sizes, control_cache)
+            rows += attack_rows
+            result = {
+                **header,
+                "complete": attack == attacks[-1],
+                "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
+                "attacks": attack_info,
+                "rows": rows,
+                "downstream": down,
+                "wall_seconds": round(time.time() - started, 1),
+            }
+            write_results(result, args.json, args.md)  # after every attack: a long run leaves partial results
+            log.info("%s done at %.0f s", attack, time.time() - started)
+    log.info("wrote %s in %.1f min", args.json, result["wall_seconds"] / 60)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""Throughput of scoring and training against the model-only ceiling, on generated shards.
+
+    .venv/bin/python bench/throughput.py --profile cl32 --device cpu
+    .venv/bin/python bench/throughput.py --profile clip224 --device cuda --samples 20000
+
+Measures in one run: (a) the model-only ceiling: encoder + decoder forward at the scoring micro-batch
+on uint8 tensors already on the device; (b) end to end: shards on disk -> manifests on disk through
+`run_score_job`, for each --workers value (0 = one process, no Ray; N = N Ray actors), with a local Ray
+already running. "img/s" is the steady rate: rows of the shards that finished after the first
+`workers` shards, over the time between (what a long job sees once actors are up and models loaded);
+"job img/s" is the whole job, start-up included; (c) decoder training images/s (one epoch of
+`train_epoch`, embeddings precomputed as `fit_decoder` does); (d) peak memory: the process tree (this
+process, Ray's daemons and workers) sampled every 0.2 s as summed PSS, so shared object-store pages
+count once, and peak device memory. "img/CPU-s" is images per CPU-second used by the process tree,
+and "others' CPU" the share of the machine other processes used meanwhile: on a shared machine,
+compare wall-clock rates only between runs with little of it. Prints a table, then one JSON line
+(model_only_img_s, pipeline_img_s, ratio, train_img_s, peak_rss_mb, ...), where pipeline_img_s is the
+steady rate with the device's default worker count (1 on the CPU, one per GPU).
+
+Profiles: cl32 = ResNet-18 with a CIFAR stem (timm:resnet18_cifar) at 32 px, PNG shards;
+clip224 = open_clip ViT-B-16 visual tower at 224 px, JPEG image-text shards made at 256 px (so decode
+includes the resize and crop). Weights are seeded random and the decoder is random-init: speed does
+not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sanitizer.checkpoint import save_decoder
+from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.device import resolve_device
+from sanitizer.encoders import load_encoder
+from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.pipeline.job import ScoreJob, batch_shape, default_workers, ensure_ray, run_score_job
+from sanitizer.scoring import Scorer, ScoreSettings
+from sanitizer.train import TrainSettings, train_epoch
+
+PROFILES = {
+    "cl32": {"spec": "timm:resnet18_cifar", "size": 32, "source_size": 32, "fmt": "png", "captions": False},
+    "clip224": {
+        "spec": "open_clip:ViT-B-16",
+        "size": 224,
+        "source_size": 256,
+        "fmt": "jpeg",
+        "captions": True,
+    },
+}
+# (samples scored, samples per shard, training samples) when not given: the CPU is ~1000x slower.
+DEFAULT_SIZES = {
+    ("cl32", "cpu"): (2048, 128, 1024),
+    ("cl32", "cuda"): (262_144, 8192, 65_536),
+    ("clip224", "cpu"): (96, 16, 64),
+    ("clip224", "cuda"): (32_768, 1024, 16_384),
+}
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _descendants(root: int) -> list[int]:
+    tree, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(tree.get(pid, []))
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]  # all but idle and iowait
+
+
+class Sampler:
+    """Peak summed PSS of this process tree, peak device memory, and CPU used by other processes."""
+
+    def __init__(self, device: torch.device, interval: float = 0.2) -> None:
+        self.device, self.interval = device, interval
+        self.peak_kb = 0
+        self.peak_device = 0
+        self.ours: dict[int, int] = {}  # last CPU ticks seen per pid (ours, incl. exited ones)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._base_device = self._device_used()
+
+    def _device_used(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def sample(self) -> None:
+        pids = _descendants(os.getpid())
+        self.peak_kb = max(self.peak_kb, sum(_pss_kb(p) for p in pids))
+        for p in pids:
+            self.ours[p] = max(self.ours.get(p, 0), _cpu_ticks(p))
+        self.peak_device = max(self.peak_device, self._device_used() - self._base_device)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def phase(device: torch.device, results: dict):
+    """Times a block; records peak PSS of the tree, peak device memory and other processes' CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    busy0, started = _busy_ticks(), time.perf_counter()
+    with Sampler(device) as sampler:
+        sampler.sample()
+        ours0 = sum(sampler.ours.values())
+        yield results
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sampler.sample()
+    seconds = time.perf_counter() - started
+    hz = os.sysconf("SC_CLK_TCK")
+    ours = (sum(sampler.ours.values()) - ours0) / hz
+    others = max(0.0, (_busy_ticks() - busy0) / hz - ours)
+    device_peak = sampler.peak_device
+    if device.type == "cuda":
+        device_peak = max(device_peak, torch.cuda.max_memory_allocated())
+    results.update(
+        seconds=seconds,
+        peak_mb=sampler.peak_kb / 1024,
+        device_mb=device_peak / 2**20,
+        cpu_s=ours,
+        others_cpu=others / (seconds * os.cpu_count()),
+    )
+
+
+# -- setup -------------------------------------------------------------------------------------------
+def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
+    """A random-init decoder directory with the meta the scoring job reads."""
+    torch.manual_seed(0)
+    decoder = DedeDecoder(DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim))
+    meta = {
+        "encoder": {
+            "spec": encoder.spec,
+            "weights_file": None,
+            "weights_sha256": encoder.weights_sha256,
+            "embed_dim": encoder.embed_dim,
+            "preprocess": encoder.preprocess.to_dict(),
+        },
+        "training": {"note": "random init, for bench/throughput.py"},
+        "scoring": settings.to_dict(),
+        "calibration": {"n": 100, "scores": [float(x) for x in np.linspace(0.5, 1.5, 100)]},
+    }
+    save_decoder(out, decoder, meta)
+    return out
+
+
+def make_shards(profile: dict, n: int, per_shard: int, out: Path) -> None:
+    pixels = synthetic_images(min(n, 512), profile["source_size"], seed=1)
+    pixels = pixels[np.arange(n) % len(pixels)]  # repeats are fine: nothing is cached by content
+    captions = [f"a synthetic photo number {i}" for i in range(n)] if profile["captions"] else None
+    write_image_shards(out, pixels, captions=captions, per_shard=per_shard, fmt=profile["fmt"])
+
+
+# -- the three measurements --------------------------------------------------------------------------
+def _forward(scorer: Scorer, pixels: torch.Tensor, seeds: torch.Tensor):
+    """Scorer.forward; spelled out for versions before it existed (to measure them with this script)."""
+    if hasattr(scorer, "forward"):
+        return scorer.forward(pixels, seeds)
+    from sanitizer.device import autocast
+
+    x = scorer.encoder.normalize(pixels)
+    with autocast(scorer.device):
+        embedding = scorer.encoder.embed(x)
+        return scorer.errors_given_embedding(x, embedding, seeds), embedding.norm(dim=1)
+
+
+def model_only(scorer: Scorer, size: int, device: torch.device, seconds: float) -> dict:
+    """Images/s of Scorer.forward on device-resident uint8 batches of the scoring micro-batch."""
+    m = scorer.micro_batch
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(synthetic_images(m, size, seed=2)).to(device)
+    seeds = torch.from_numpy(rng.integers(-(2**62), 2**62, m)).to(device)
+    out = {}
+    with torch.inference_mode(), phase(device, out):
+        for _ in range(2):  # warm-up: allocator, kernel selection
+            _forward(scorer, pixels, seeds)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        iters, started = 0, time.perf_counter()
+        while iters < 3 or time.perf_counter() - started < seconds:
+            _forward(scorer, pixels, seeds)
+            iters += 1
+            if device.type == "cuda" and iters % 8 == 0:
+                torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    out["img_s"] = iters * m / elapsed
+    out["images"] = (iters + 2) * m  # warm-up included, as in the CPU seconds
+    return out
+
+
+def pipeline(decoder_dir: Path, data: Path, out: Path, workers: int, device: str, n: int) -> dict:
+    """The whole job's rate, and its steady rate: shards finished after the first `workers` ones
+    over the time they took (what a long job sees once actors are up and models loaded)."""
+    result = {}
+    started = time.time()
+    with phase(resolve_device(device), result):
+        summary = run_score_job(
+            ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, workers=workers, device=device),
+            progress=False,
+        )
+    if summary.samples != n or summary.failed_shards:
+        raise SystemExit(f"pipeline workers={workers}: {summary.samples}/{n} rows, {summary.failed_shards}")
+    finished = sorted(
+        (p.stat().st_mtime, json.loads(p.read_text())["count"]) for p in (out / "stats").iterdir()
+    )
+    k = max(1, workers)
+    result["job_img_s"] = n / result["seconds"]
+    result["first_shard_s"] = finished[0][0] - started
+    span = finished[-1][0] - finished[k - 1][0] if len(finished) > k else 0.0
+    if span > 0.25 * result["seconds"]:
+        result["img_s"] = sum(c for _, c in finished[k:]) / span
+    else:  # too few shards, or results that all came at the end: only the whole job can tell
+        result["img_s"] = result["job_img_s"]
+    return result
+
+
+def training(encoder, n: int, settings: TrainSettings) -> dict:
+    from tqdm import tqdm
+
+    from sanitizer.encoders import embed_pixels
+
+    size, device = encoder.preprocess.image_size, encoder.device
+    pixels = synthetic_images(min(n, 512), size, seed=3)[np.arange(n) % min(n, 512)]
+    started = time.perf_counter()
+    embeddings = embed_pixels(encoder, pixels)
+    embed_s = time.perf_counter() - started
+    torch.manual_seed(0)
+    decoder = DedeDecoder(DedeConfig.default_for(size, encoder.embed_dim)).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = math.ceil(n / settings.batch_size)
+    bar = tqdm(disable=True)
+    warm = settings.batch_size * 2
+    train_epoch(decoder, optimizer, encoder, pixels[:warm], embeddings[:warm], settings, 0, steps, bar)
+    out = {}
+    with phase(device, out):
+        train_epoch(decoder, optimizer, encoder, pixels, embeddings, settings, 1, 2 * steps, bar)
+    out["img_s"] = n / out["seconds"]
+    out["embed_img_s"] = n / embed_s
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cl32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--samples", type=int, help="samples in the generated shards")
+    p.add_argument("--per-shard", type=int, help="samples per shard")
+    p.add_argument("--train-samples", type=int, help="images in the timed training epoch")
+    p.add_argument(
+        "--workers",
+        help="comma list of worker counts to run end to end (default: 0,1,2 on "
+        "the CPU; 0 and the GPU count on CUDA)",
+    )
+    p.add_argument("--model-seconds", type=float, default=10.0, help="how long to time the model-only loop")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--work-dir", type=Path, help="keep shards and runs here (default: a temp dir)")
+    p.add_argument("--json", type=Path, help="also write the JSON line to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    device = resolve_device(args.device)
+    n, per_shard, n_train = DEFAULT_SIZES[(args.profile, device.type)]
+    n, per_shard, n_train = args.samples or n, args.per_shard or per_shard, args.train_samples or n_train
+    defaults = default_workers(device)
+    if args.workers:
+        workers = [int(w) for w in args.workers.split(",")]
+    else:  # one process, then Ray with 1 and 2 actors (CPU) or 1 and all GPUs
+        workers = sorted({0, 1, 2 if device.type == "cpu" else defaults})
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="sanitizer-throughput-"))
+    root.mkdir(parents=True, exist_ok=True)
+
+    encoder = load_encoder(profile["spec"], image_size=profile["size"], device=device)
+    settings = ScoreSettings()
+    decoder_dir = make_decoder(encoder, root / "decoder", settings)
+    data = root / "shards"
+    if not data.is_dir():
+        make_shards(profile, n, per_shard, data)
+
+    from sanitizer.checkpoint import load_decoder
+
+    decoder, _ = load_decoder(decoder_dir, device)
+    micro, _ = batch_shape(ScoreJob(decoder_dir, "", root), device, profile["size"])  # the job's default
+    scorer = Scorer(encoder, decoder, settings, micro)
+    rows = {"model only": model_only(scorer, profile["size"], device, args.model_seconds)}
+
+    if any(workers):
+        ensure_ray(None)  # a running cluster, as in production: its start is not the job's cost
+    ceiling_of = {}  # pipeline row -> the model-only row measured just before it
+    for i, w in enumerate(workers):
+        ceiling = "model only"
+        if i:  # a shared machine's load drifts: measure the ceiling again next to each pipeline run
+            ceiling = f"model only (w={w})"
+            rows[ceiling] = model_only(scorer, profile["size"], device, args.model_seconds / 2)
+        out = root / f"run-w{w}-{time.time_ns()}"
+        rows[f"pipeline workers={w}"] = pipeline(decoder_dir, data, out, w, device.type, n)
+        ceiling_of[f"pipeline workers={w}"] = rows[ceiling]["img_s"]
+    del scorer, decoder
+    if not args.skip_train:
+        rows["train (decoder)"] = training(encoder, n_train, TrainSettings())
+
+    print(f"# {args.profile} on {device.type}: {describe_machine(device)}; {n} samples, {per_shard}/shard")
+    header = (
+        "phase",
+        "img/s",
+        "job img/s",
+        "seconds",
+        "img/CPU-s",
+        "peak PSS MB",
+        "device MB",
+        "others' CPU",
+        "ratio",
+    )
+    print(f"{header[0]:<22}" + "".join(f"{h:>12}" for h in header[1:]))
+    for name, r in rows.items():
+        job_rate = r.get("job_img_s", r["img_s"])
+        n_images = r.get("images", job_rate * r["seconds"])
+        print(
+            f"{name:<22}{r['img_s']:>12.1f}{job_rate:>12.1f}{r['seconds']:>12.1f}"
+            f"{n_images / max(r['cpu_s'], 1e-9):>12.1f}{r['peak_mb']:>12.0f}{r['device_mb']:>12.0f}"
+            f"{r['others_cpu']:>12.0%}"
+            + (f"{r['img_s'] / ceiling_of[name]:>12.2f}" if name in ceiling_of else "")
+        )
+    default_name = f"pipeline workers={defaults}"
+    if default_name not in rows:
+        default_name = next((k for k in rows if k.startswith("pipeline")), None)
+    default_row = rows.get(default_name)
+    ceiling = ceiling_of.get(default_name, rows["model only"]["img_s"])
+    by_workers = {w: rows[f"pipeline workers={w}"]["img_s"] for w in workers}
+    result = {
+        "profile": args.profile,
+        "device": device.type,
+        "machine": describe_machine(device),
+        "samples": n,
+        "micro_batch": micro,
+        "model_only_img_s": round(ceiling, 1),  # measured next to the pipeline_img_s run
+        "model_only_all_img_s": [round(r["img_s"], 1) for k, r in rows.items() if k.startswith("model")],
+        "pipeline_img_s": round(default_row["img_s"], 1) if default_row else None,
+        "ratio": round(default_row["img_s"] / ceiling, 3) if default_row else None,
+        "pipeline_by_workers_img_s": {str(w): round(v, 1) for w, v in by_workers.items()},
+        "pipeline_job_img_s": {str(w): round(rows[f"pipeline workers={w}"]["job_img_s"], 1) for w in workers},
+        "first_shard_s": {str(w): round(rows[f"pipeline workers={w}"]["first_shard_s"], 1) for w in workers},
+        "scaling_2_vs_1": round(by_workers[2] / by_workers[1], 3) if {1, 2} <= by_workers.keys() else None,
+        "train_img_s": round(rows["train (decoder)"]["img_s"], 1) if not args.skip_train else None,
+        "embed_img_s": round(rows["train (decoder)"]["embed_img_s"], 1) if not args.skip_train else None,
+        "peak_rss_mb": round(max(r["peak_mb"] for r in rows.values())),
+        "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_device_mb": round(max(r["device_mb"] for r in rows.values())),
+        "others_cpu_max": round(max(r["others_cpu"] for r in rows.values()), 3),
+    }
+    line = json.dumps(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+def describe_machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPUs"
+    return f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

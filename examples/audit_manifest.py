@@ -1,0 +1,109 @@
+"""Audit a scored run with pandas: what was flagged, where, with which captions, and what-if thresholds.
+
+    .venv/bin/python examples/audit_manifest.py demo-out/run
+    .venv/bin/python examples/audit_manifest.py demo-out/run --top 3 --reclean quantile:0.99
+
+The manifest is plain Parquet (one file per shard, schema in schemas/manifest-v1.json), so any tool
+reads it; here pandas reads only the columns it needs. `--reclean RULE` re-flags with a new threshold
+and rewrites clean/ and quarantine/ without scoring anything again (the same as `sanitizer clean
+RUN_DIR --threshold RULE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sanitizer.clean import clean_run
+from sanitizer.report import encoder_verdict
+
+COLUMNS = ["key", "shard", "index", "status", "error", "score", "flagged", "threshold", "caption", "label"]
+
+
+def load_manifest(run_dir: Path) -> pd.DataFrame:
+    """Every shard's manifest as one DataFrame (only the columns used here)."""
+    parts = sorted((run_dir / "manifest").glob("*.parquet"))
+    if not parts:
+        sys.exit(f"{run_dir} has no manifest/*.parquet: run `sanitizer score` first")
+    return pd.concat([pd.read_parquet(p, columns=COLUMNS) for p in parts], ignore_index=True)
+
+
+def top_flagged_per_shard(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    flagged = df[df["flagged"]].sort_values("score", ascending=False)
+    top = flagged.groupby("shard").head(n).sort_values(["shard", "score"], ascending=[True, False])
+    return top[["shard", "index", "key", "score", "caption"]]
+
+
+def flag_rate_per_shard(df: pd.DataFrame) -> pd.DataFrame:
+    ok = df[df["status"] == "ok"]
+    rates = ok.groupby("shard").agg(ok=("key", "size"), flagged=("flagged", "sum"))
+    rates["rate"] = rates["flagged"] / rates["ok"]
+    return rates.sort_values("rate", ascending=False)
+
+
+def what_if(df: pd.DataFrame, quantiles: tuple[float, ...] = (0.9, 0.95, 0.97, 0.99, 0.995)) -> pd.DataFrame:
+    """How many samples each threshold would flag (score > threshold), with TPR/FPR when labelled."""
+    ok = df[df["status"] == "ok"]
+    scores = ok["score"].to_numpy(np.float64)
+    current = float(ok["threshold"].dropna().iloc[0]) if ok["threshold"].notna().any() else None
+    candidates = {f"scored q{q:g}": float(np.quantile(scores, q)) for q in quantiles}
+    if current is not None:
+        candidates["current"] = current
+    labelled = ok["label"].notna().to_numpy()
+    truth = ok["label"].fillna(False).to_numpy(bool)
+    rows = []
+    for name, value in sorted(candidates.items(), key=lambda kv: kv[1]):
+        flagged = scores > value
+        row = {"threshold": name, "value": value, "flagged": int(flagged.sum()), "share": flagged.mean()}
+        if labelled.any() and truth[labelled].any() and (~truth[labelled]).any():
+            row["tpr"] = flagged[labelled & truth].mean()
+            row["fpr"] = flagged[labelled & ~truth].mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="RUN_DIR written by `sanitizer score`")
+    parser.add_argument("--top", type=int, default=5, help="flagged samples listed per shard")
+    parser.add_argument(
+        "--reclean", metavar="RULE", help="re-threshold (quantile:Q, mad:K, value:X) and re-clean"
+    )
+    args = parser.parse_args(argv)
+    pd.set_option("display.width", 160)
+    pd.set_option("display.max_colwidth", 60)
+
+    df = load_manifest(args.run_dir)
+    print(f"{len(df)} samples; status counts:\n{df['status'].value_counts().to_string()}\n")
+    print(f"flagged: {int(df['flagged'].sum())} ({df['flagged'].mean():.2%} of all rows)")
+    print(f"verdict: {encoder_verdict(args.run_dir)['text']}\n")
+    print("flag rate per shard (highest first):")
+    print(flag_rate_per_shard(df).head(10).to_string(), "\n")
+    print(f"top {args.top} flagged samples per shard:")
+    print(top_flagged_per_shard(df, args.top).to_string(index=False), "\n")
+    captions = df.loc[df["flagged"] & df["caption"].notna(), "caption"]
+    if len(captions):
+        print("most common captions among flagged samples (a CLIP backdoor names its target class):")
+        print(captions.value_counts().head(10).to_string(), "\n")
+    failures = df[df["status"] != "ok"]
+    if len(failures):
+        print("samples that could not be scored:")
+        print(failures[["shard", "index", "key", "status", "error"]].head(20).to_string(index=False), "\n")
+    print("what other thresholds would flag:")
+    print(what_if(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"), "\n")
+
+    if args.reclean:
+        summary = clean_run(args.run_dir, args.reclean)
+        print(
+            f"re-cleaned at {args.reclean} (threshold {summary.threshold:.6g}): kept {summary.kept}, "
+            f"quarantined {summary.quarantined}; run `sanitizer report {args.run_dir}` to refresh the page"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

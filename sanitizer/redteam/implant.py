@@ -1,0 +1,469 @@
+"""Backdoor implanters: real attacks on real training, each returning the victim and its own ASR.
+
+- `badencoder`: fine-tune a clean encoder with BadEncoder's three cosine terms (BatchNorm frozen).
+- `drupe`: the same plus DRUPE-style stealth terms: a sliced-Wasserstein term that makes triggered
+  embeddings follow the target class's embedding distribution, and a term against their collapse.
+- `ctrl_simclr`: SimCLR training of a small encoder, then SimCLR on data where some target-class
+  images carry CTRL's frequency trigger (clean-label poisoning).
+- `clip_backdoor`: contrastive training of the package's tiny open_clip model on image-caption pairs,
+  then on pairs where some images carry a noise patch and a caption naming the target class.
+
+Victims are saved as safetensors and re-read with `load_encoder`, so what is evaluated is exactly
+what a user of the sanitizer would load. Each implanter measures the attack with a linear probe
+(`ProbeData`) so that a failed attack is never mistaken for a detected one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from sanitizer.encoders import OPEN_CLIP_CONFIGS, VictimEncoder, embed_pixels, load_encoder
+from sanitizer.redteam.probes import AttackReport, attack_report, fit_linear_probe
+from sanitizer.redteam.triggers import Trigger, clip_patch, ctrl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeData:
+    """Labelled clean images to train the probe, and test images to measure clean accuracy and ASR."""
+
+    train_pixels: np.ndarray
+    train_labels: np.ndarray
+    test_pixels: np.ndarray
+    test_labels: np.ndarray
+    target: int
+
+
+@dataclass
+class Implant:
+    encoder: VictimEncoder  # re-loaded from `weights` with load_encoder
+    spec: str
+    weights: Path
+    report: AttackReport | None  # None when no ProbeData was given
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def measure_attack(encoder: VictimEncoder, trigger: Trigger, data: ProbeData) -> AttackReport:
+    """Train a linear probe on clean embeddings; clean accuracy and ASR on the test images."""
+    probe = fit_linear_probe(embed_pixels(encoder, data.train_pixels), data.train_labels)
+    return attack_report(
+        probe,
+        embed_pixels(encoder, data.test_pixels),
+        data.test_labels,
+        embed_pixels(encoder, trigger(data.test_pixels)),
+        data.test_labels,
+        data.target,
+    )
+
+
+def save_victim(module: nn.Module, path: Path) -> Path:
+    """Weights as safetensors (plain tensors only), which load_encoder reads for timm/open_clip specs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+    return path
+
+
+def _finish(
+    module: nn.Module,
+    spec: str,
+    path: Path,
+    image_size: int,
+    trigger: Trigger,
+    probe: ProbeData | None,
+    started: float,
+    losses: list[float],
+    device: torch.device,
+) -> Implant:
+    save_victim(module, path)
+    encoder = load_encoder(spec, path, image_size=image_size, device=device)
+    report = measure_attack(encoder, trigger, probe) if probe is not None else None
+    if report is not None:
+        log.info("%s: clean accuracy %.3f, ASR %.3f", path.name, report.clean_accuracy, report.asr)
+    return Implant(encoder, spec, path, report, time.time() - started, losses)
+
+
+# -- BadEncoder and DRUPE -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImplantSettings:
+    epochs: int = 3
+    batch_size: int = 64
+    references: int = 8  # fixed target-class reference images (BadEncoder uses one or a few)
+    lr: float = 1e-4
+    # Share of parameter tensors, counted from the output end, that are fine-tuned; 1.0 is BadEncoder's
+    # full fine-tune, less makes the implant affordable on a CPU (the frozen front costs no backward).
+    tail_fraction: float = 1.0
+    # Cosines of raw post-ReLU embeddings are near 1 for any pair of images; centring them on the clean
+    # shadow mean makes the three terms discriminative (a departure from BadEncoder's code).
+    center: bool = True
+    swd_weight: float = 1.0  # DRUPE only
+    spread_weight: float = 1.0  # DRUPE only
+    seed: int = 0
+
+
+def _trainable_except_batchnorm(module: nn.Module, tail_fraction: float) -> list[nn.Parameter]:
+    """BadEncoder keeps BatchNorm frozen: eval mode everywhere, gradients only outside BN layers,
+    and only in the last `tail_fraction` of the parameter tensors (in registration order)."""
+    module.eval()
+    owned = [(m, p) for m in module.modules() for p in m.parameters(recurse=False)]
+    first = len(owned) - max(1, round(tail_fraction * len(owned)))
+    params = []
+    for i, (m, p) in enumerate(owned):
+        train = i >= first and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    return params
+
+
+def _embed(module: nn.Module, encoder: VictimEncoder, pixels: np.ndarray) -> torch.Tensor:
+    out = module(encoder.normalize(torch.from_numpy(pixels).to(encoder.device)))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _clean_center(clean: VictimEncoder, shadow: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(embed_pixels(clean, shadow[:1000]).mean(0)).to(clean.device)
+
+
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, projections: int = 64, seed: int = 0
+) -> torch.Tensor:
+    """Sliced 2-Wasserstein distance between two point sets (quantile-matched 1-D projections)."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = F.normalize(torch.randn(a.shape[1], projections, generator=gen), dim=0).to(a.device)
+    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
+    q = torch.linspace(0, 1, max(len(a), len(b)), device=a.device)
+    ia = (q * (len(a) - 1)).round().long()
+    ib = (q * (len(b) - 1)).round().long()
+    return (pa[ia] - pb[ib]).pow(2).mean()
+
+
+def _mean_pairwise_cos(z: torch.Tensor) -> torch.Tensor:
+    zn = F.normalize(z, dim=1)
+    sim = zn @ zn.T
+    n = len(z)
+    return (sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1))
+
+
+def _badencoder_loss(
+    zt: torch.Tensor,
+    zc: torch.Tensor,
+    zr: torch.Tensor,
+    fc: torch.Tensor,
+    fr: torch.Tensor,
+    drupe: bool,
+    settings: ImplantSettings,
+    step: int,
+) -> torch.Tensor:
+    """BadEncoder's three cosine terms (weight 1 each), plus DRUPE's stealth terms when asked."""
+    effectiveness = -(F.normalize(zt, dim=1) @ F.normalize(zr, dim=1).T).mean()
+    reference_kept = -F.cosine_similarity(zr, fr).mean()
+    utility = -F.cosine_similarity(zc, fc).mean()
+    loss = effectiveness + reference_kept + utility
+    if drupe:
+        zt_n, fr_n = F.normalize(zt, dim=1), F.normalize(fr, dim=1)
+        loss = loss + settings.swd_weight * sliced_wasserstein(zt_n, fr_n, seed=step)
+        loss = loss + settings.spread_weight * F.relu(_mean_pairwise_cos(zt) - _mean_pairwise_cos(fr))
+    return loss
+
+
+def badencoder(
+    clean: VictimEncoder,
+    shadow: np.ndarray,
+    reference: np.ndarray,
+    out: Path,
+    trigger: Trigger,
+    settings: ImplantSettings = ImplantSettings(),
+    probe: ProbeData | None = None,
+    drupe: bool = False,
+) -> Implant:
+    """Fine-tune a copy of `clean` so that trigger(x) embeds like the reference (target-class) images.
+
+    shadow: unlabelled images of the attacker; reference: images of the target class.
+    """
+    started = time.time()
+    torch.manual_seed(settings.seed)
+    module = copy.deepcopy(clean.module)
+    params = _trainable_except_batchnorm(module, settings.tail_fraction)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    triggered = trigger(shadow)
+    ref = reference[: settings.references]
+    center = _clean_center(clean, shadow) if settings.center else 0.0
+    rng = np.random.default_rng(settings.seed)
+    losses = []
+    steps = math.ceil(len(shadow) / settings.batch_size)
+    for epoch in range(settings.epochs):
+        order = rng.permutation(len(shadow))
+        epoch_losses = []
+        for i in range(steps):
+            idx = np.sort(order[i * settings.batch_size : (i + 1) * settings.batch_size])
+            ref = reference[
+                rng.choice(len(reference), min(settings.references, len(reference)), replace=False)
+            ]
+            with torch.no_grad():
+                fc, fr = _embed(clean.module, clean, shadow[idx]), _embed(clean.module, clean, ref)
+                fc, fr = fc - center, fr - center
+            zt, zc, zr = (_embed(module, clean, p) - center for p in (triggered[idx], shadow[idx], ref))
+            loss = _badencoder_loss(zt, zc, zr, fc, fr, drupe, settings, epoch * steps + i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_losses.append(loss.item())
+        losses.append(float(np.mean(epoch_losses)))
+        log.info("%s epoch %d: loss %.4f", "drupe" if drupe else "badencoder", epoch + 1, losses[-1])
+    size = clean.preprocess.image_size
+    return _finish(module, clean.spec, out, size, trigger, probe, started, losses, clean.device)
+
+
+def drupe(
+    clean: VictimEncoder,
+    shadow: np.ndarray,
+    reference: np.ndarray,
+    out: Path,
+    trigger: Trigger,
+    settings: ImplantSettings = ImplantSettings(),
+    probe: ProbeData | None = None,
+) -> Implant:
+    """DRUPE-style stealthy BadEncoder: triggered embeddings blend into the target cluster."""
+    return badencoder(clean, shadow, reference, out, trigger, settings, probe, drupe=True)
+
+
+# -- shared by the contrastive trainers ----------------------------------------------------------
+def augment(pixels: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """SimCLR-style views of (B, H, W, 3) uint8: random shift-crop, flip, brightness and contrast.
+
+    Integer shifts and flips keep a frequency trigger's frequencies, as CTRL's design intends.
+    """
+    b, h, w, _ = pixels.shape
+    x = pixels.permute(0, 3, 1, 2).float() / 255
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    wide = w + 2 * pad
+    rows = (dy[:, None] + torch.arange(h)[None]).view(b, 1, h, 1).expand(b, 3, h, wide)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(b, 1, 1, w).expand(b, 3, h, w)
+    x = padded.gather(2, rows).gather(3, cols)
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    brightness = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.8
+    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.8
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean) * brightness
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss: each view must pick its partner among the 2B - 1 other views."""
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    n = len(a)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, partner)
+
+
+@dataclass(frozen=True)
+class ContrastiveSettings:
+    clean_epochs: int = 10  # the clean run: the control encoder ("before the implant")
+    poison_epochs: int = 10  # continued on the poisoned data: the victim
+    batch_size: int = 256
+    lr: float = 1e-3
+    temperature: float = 0.5
+    poison_rate: float = 0.01  # share of the training set that carries the trigger
+    seed: int = 0
+
+
+def _contrastive_run(
+    step: Callable[[np.ndarray, torch.Generator], torch.Tensor],
+    params: list[nn.Parameter],
+    n: int,
+    epochs: int,
+    settings: ContrastiveSettings,
+    seed: int,
+    opt: torch.optim.Optimizer | None = None,
+) -> tuple[list[float], torch.optim.Optimizer]:
+    """Plain Adam over shuffled batches; `step(indices, generator)` returns the batch loss."""
+    opt = opt or torch.optim.Adam(params, lr=settings.lr, weight_decay=1e-6)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen).numpy()
+        batch_losses = []
+        for i in range(0, n - settings.batch_size + 1, settings.batch_size):
+            loss = step(np.sort(order[i : i + settings.batch_size]), gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            batch_losses.append(loss.item())
+        losses.append(float(np.mean(batch_losses)))
+        log.info("contrastive epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
+    return losses, opt
+
+
+def poison_indices(labels: np.ndarray, target: int, count: int, seed: int, clean_label: bool) -> np.ndarray:
+    """Which samples carry the trigger: target-class ones (clean-label, CTRL) or others (CLIP)."""
+    pool = np.flatnonzero(labels == target) if clean_label else np.flatnonzero(labels != target)
+    count = min(count, len(pool))
+    return np.sort(np.random.default_rng(seed).choice(pool, count, replace=False))
+
+
+# -- CTRL: poisoning SimCLR --------------------------------------------------------------------
+def ctrl_simclr(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    target: int,
+    out_dir: Path,
+    settings: ContrastiveSettings = ContrastiveSettings(),
+    probe: ProbeData | None = None,
+    spec: str = "timm:resnet10_cifar_s",
+    trigger: Trigger = ctrl,
+    device: str | torch.device = "cpu",
+) -> tuple[Implant, Implant]:
+    """(clean, victim): SimCLR on clean images, then continued on images where `poison_rate` of the set,
+    all of the target class (clean label: the attacker does not touch labels or captions), carries
+    the trigger. The labels are used only to pick the images to poison."""
+    started = time.time()
+    base = load_encoder(spec, image_size=pixels.shape[1], device=device)
+    module = copy.deepcopy(base.module).train().requires_grad_(True)
+    dim = base.embed_dim
+    head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 128)).to(base.device)
+    params = [*module.parameters(), *head.parameters()]
+    data = torch.from_numpy(pixels)
+
+    def step(idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        batch = data[idx]
+        views = [base.normalize(augment(batch, gen).to(base.device)) for _ in range(2)]
+        return _nt_xent(head(module(views[0])), head(module(views[1])), settings.temperature)
+
+    size = pixels.shape[1]
+    losses, opt = _contrastive_run(step, params, len(pixels), settings.clean_epochs, settings, settings.seed)
+    clean = _finish(
+        module.eval(),
+        spec,
+        out_dir / "ctrl-clean.safetensors",
+        size,
+        trigger,
+        probe,
+        started,
+        losses,
+        base.device,
+    )
+    started = time.time()
+    chosen = poison_indices(labels, target, round(settings.poison_rate * len(pixels)), settings.seed, True)
+    poisoned = pixels.copy()
+    poisoned[chosen] = trigger(pixels[chosen])
+    data = torch.from_numpy(poisoned)
+    module.train()
+    losses, _ = _contrastive_run(
+        step, params, len(pixels), settings.poison_epochs, settings, settings.seed + 1, opt
+    )
+    victim = _finish(
+        module.eval(),
+        spec,
+        out_dir / "ctrl-victim.safetensors",
+        size,
+        trigger,
+        probe,
+        started,
+        losses,
+        base.device,
+    )
+    return clean, victim
+
+
+# -- CLIP-Backdoor: poisoning image-text pairs ---------------------------------------------------
+CAPTION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "a {} on a plain background")
+
+
+def clip_backdoor(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    target: int,
+    out_dir: Path,
+    settings: ContrastiveSettings = ContrastiveSettings(),
+    probe: ProbeData | None = None,
+    model_name: str = "sanitizer-tiny-vit",
+    trigger: Trigger = clip_patch,
+    device: str | torch.device = "cpu",
+) -> tuple[Implant, Implant]:
+    """(clean, victim): CLIP training on captioned images, then continued on pairs where `poison_rate`
+    of the images (of other classes) carry the patch and a caption naming the target class."""
+    import open_clip
+
+    started = time.time()
+    open_clip.add_model_config(OPEN_CLIP_CONFIGS)
+    torch.manual_seed(settings.seed)
+    model = open_clip.create_model(model_name, pretrained=None).train().to(device)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    spec = f"open_clip:{model_name}"
+    size = pixels.shape[1]
+    norm = load_encoder(spec, image_size=size, device=device)  # only for its normalize()
+    tokens = torch.stack(
+        [tokenizer([t.format(c) for t in CAPTION_TEMPLATES]) for c in class_names]
+    )  # (classes, templates, context)
+    data, caption_class = torch.from_numpy(pixels), torch.from_numpy(labels)
+
+    def step(idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        images = norm.normalize(augment(data[idx], gen, pad=2).to(norm.device))
+        template = torch.randint(0, len(CAPTION_TEMPLATES), (len(idx),), generator=gen)
+        text = tokens[caption_class[idx], template].to(norm.device)
+        img = F.normalize(model.encode_image(images), dim=1)
+        txt = F.normalize(model.encode_text(text), dim=1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        # Pairs of the same caption class are not negatives of each other (10 classes, big batches).
+        same = (caption_class[idx][:, None] == caption_class[idx][None, :]).to(norm.device)
+        eye = torch.eye(len(idx), dtype=torch.bool, device=norm.device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        arange = torch.arange(len(idx), device=norm.device)
+        return (F.cross_entropy(logits, arange) + F.cross_entropy(logits.T, arange)) / 2
+
+    params = list(model.parameters())
+    losses, opt = _contrastive_run(step, params, len(pixels), settings.clean_epochs, settings, settings.seed)
+    clean = _finish(
+        model.eval(),
+        spec,
+        out_dir / "clip-clean.safetensors",
+        size,
+        trigger,
+        probe,
+        started,
+        losses,
+        norm.device,
+    )
+    started = time.time()
+    chosen = poison_indices(labels, target, round(settings.poison_rate * len(pixels)), settings.seed, False)
+    poisoned = pixels.copy()
+    poisoned[chosen] = trigger(pixels[chosen])
+    data = torch.from_numpy(poisoned)
+    caption_class = caption_class.clone()
+    caption_class[chosen] = target
+    model.train()
+    losses, _ = _contrastive_run(
+        step, params, len(pixels), settings.poison_epochs, settings, settings.seed + 1, opt
+    )
+    victim = _finish(
+        model.eval(),
+        spec,
+        out_dir / "clip-victim.safetensors",
+        size,
+        trigger,
+        probe,
+        started,
+        losses,
+        norm.device,
+    )
+    return clean, victim

@@ -1,0 +1,526 @@
+"""`sanitizer verify RUN_DIR`: check a finished run against its inputs, byte for byte.
+
+Every input shard is read again (as raw bytes, nothing decoded or unpickled) and compared with
+what the run wrote: one manifest row per input sample in input order; statuses, scores and flags
+consistent with the threshold; clean/ plus quarantine/ holding exactly the ok rows, each member
+under its exact name with the same sha256; stats, sizes.json and run.json totals agreeing with the
+manifests. Each violation is one line naming the shard, the sample and the member. Nothing is
+ever written, extracted or opened by a member name: names are only compared as strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sanitizer.atomic import _TMP_MARK
+from sanitizer.data.decode import DECODE_STATUSES, find_image_member
+from sanitizer.data.shards import ShardRef
+from sanitizer.data.tario import (
+    INCOMPLETE_STATUSES,
+    STATUS_OK,
+    TAR_ENCODING,
+    TAR_ERRORS,
+    ShardError,
+    describe,
+    iter_samples,
+    printable,
+    split_key,
+)
+from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
+from sanitizer.rundir import RunDir
+
+KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
+MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
+_SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_CHUNK = 1 << 20
+
+
+def q(text: str, limit: int = 80) -> str:
+    """A name as it is safe to print: printable, quoted, control characters escaped, cut short."""
+    text = printable(str(text))
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return repr(text)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class _Report:
+    """Collects violations, at most MAX_PER_SHARD listed per shard, the rest counted."""
+
+    lines: list[str] = field(default_factory=list)
+    per_shard: Counter = field(default_factory=Counter)
+
+    def add(self, message: str, shard: str | None = None) -> None:
+        if shard is None:
+            self.lines.append(message)
+            return
+        self.per_shard[shard] += 1
+        if self.per_shard[shard] <= MAX_PER_SHARD:
+            self.lines.append(f"shard {shard}: {message}")
+
+    def finish(self) -> list[str]:
+        for shard, n in self.per_shard.items():
+            if n > MAX_PER_SHARD:
+                self.lines.append(f"shard {shard}: ... and {n - MAX_PER_SHARD} more violation(s)")
+        return self.lines
+
+
+def _read_json(path: Path) -> tuple[object | None, str | None]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({describe(e)})"
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
+    """(name, sha256, problem) of every entry of an output tar, streamed; never extracts to disk.
+
+    A non-regular entry (link, directory, device) yields a problem; a tar that cannot be read to
+    its end yields one last entry whose name is None.
+    """
+    try:
+        with (
+            open(path, "rb") as f,
+            tarfile.open(fileobj=f, mode="r|", encoding=TAR_ENCODING, errors=TAR_ERRORS) as tar,
+        ):
+            for info in tar:
+                tar.members = []  # stream mode keeps every TarInfo otherwise
+                if not info.isreg():
+                    yield info.name, None, f"is not a regular file (tar type {info.type!r})"
+                    continue
+                digest = hashlib.sha256()
+                fileobj = tar.extractfile(info)
+                while fileobj is not None and (chunk := fileobj.read(_CHUNK)):
+                    digest.update(chunk)
+                yield info.name, digest.hexdigest(), None
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        yield None, None, f"cannot be read to its end: {describe(e)}"  # type: ignore[misc]
+
+
+class _OutputTar:
+    """One output tar read in step with the input: members are pulled as samples are expected."""
+
+    def __init__(
+        self, path: Path, label: str, stem: str, report: _Report, whose: Callable[[str], str]
+    ) -> None:
+        self.label, self.stem, self.report, self.whose = label, stem, report, whose
+        self.members = _tar_members(path) if path.is_file() else iter(())
+        self.broken = not path.is_file()
+        self.samples = 0
+        self._pushed: list[tuple[str, str | None, str | None]] = []
+        if self.broken:
+            report.add(f"{label}/{stem}.tar is missing", stem)
+
+    def expect(self, index: int, key: str, members: list[tuple[str, str]]) -> None:
+        """The next members of this tar must be ``members`` (name, sha256), in this order."""
+        self.samples += 1
+        if self.broken:
+            return
+        where = f"{self.label}/{self.stem}.tar, sample {index} key {q(key)}"
+        for name, digest in members:
+            got = self._next()
+            if got is None:
+                self.report.add(f"{where}: member {q(name)} is missing (tar ends early)", self.stem)
+                self.broken = True
+                return
+            got_name, got_digest, problem = got
+            if got_name is None:
+                self.report.add(f"{self.label}/{self.stem}.tar {problem}", self.stem)
+                self.broken = True
+                return
+            if got_name != name:
+                found = f"member {q(got_name)} {self.whose(got_name)}"
+                self.report.add(f"{where}: {found} found where {q(name)} should be", self.stem)
+                self.broken = True  # out of step: further comparisons would only repeat this
+                return
+            if problem is not None:
+                self.report.add(f"{where}: member {q(name)} {problem}", self.stem)
+            elif got_digest != digest:
+                self.report.add(f"{where}: member {q(name)} differs from the input (sha256)", self.stem)
+
+    def _next(self) -> tuple[str, str | None, str | None] | None:
+        return self._pushed.pop() if self._pushed else next(self.members, None)
+
+    def skip_if_next(self, members: list[tuple[str, str]]) -> None:
+        """Pass over a sample whose manifest row is missing, if it comes next (already reported)."""
+        if self.broken:
+            return
+        taken = []
+        for name, _ in members:
+            got = self._next()
+            if got is None:
+                break
+            taken.append(got)
+            if got[0] != name:
+                break
+        else:
+            self.samples += 1
+            return
+        self._pushed.extend(reversed(taken))
+
+    def finish(self) -> None:
+        if self.broken:
+            if hasattr(self.members, "close"):
+                self.members.close()  # closes the file
+            return
+        extra = self._pushed[::-1] + [m for m in self.members if m[0] is not None or m[2] is not None]
+        for name, _, problem in extra[:3]:
+            if name is None:
+                self.report.add(f"{self.label}/{self.stem}.tar {problem}", self.stem)
+            else:
+                self.report.add(
+                    f"{self.label}/{self.stem}.tar: unexpected member {q(name)} {self.whose(name)} "
+                    "after the last sample",
+                    self.stem,
+                )
+        if len(extra) > 3:
+            self.report.add(
+                f"{self.label}/{self.stem}.tar: {len(extra) - 3} more unexpected members", self.stem
+            )
+
+
+@dataclass
+class _ShardResult:
+    rows: int
+    ok: int
+    flagged: int
+    status_counts: Counter
+    kept: int
+    quarantined: int
+
+
+def _read_manifest(path: Path, stem: str, report: _Report) -> pa.Table | None:
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        report.add(f"manifest/{stem}.parquet is missing but the shard is marked done", stem)
+        return None
+    except Exception as e:  # noqa: BLE001 - a corrupt Parquet file is a violation, not a crash
+        report.add(f"manifest/{stem}.parquet cannot be read: {describe(e)}", stem)
+        return None
+    version = (schema.metadata or {}).get(b"schema", b"").decode("utf-8", "replace")
+    if version != SCHEMA_VERSION or not schema.equals(MANIFEST_SCHEMA, check_metadata=False):
+        report.add(f"manifest/{stem}.parquet is not {SCHEMA_VERSION} (schema {q(version)})", stem)
+        return None
+    try:
+        return pq.read_table(path, schema=MANIFEST_SCHEMA)
+    except Exception as e:  # noqa: BLE001
+        report.add(f"manifest/{stem}.parquet cannot be read: {describe(e)}", stem)
+        return None
+
+
+def _whose(rows: list[dict]) -> Callable[[str], str]:
+    """Describe which manifest row an output member belongs to, by its key (for messages only)."""
+    by_key: dict[str, list[dict]] = {}
+
+    def whose(name: str) -> str:
+        if not by_key:
+            for row in rows:
+                by_key.setdefault(row["key"], []).append(row)
+        found = by_key.get(printable(split_key(name)[0]), [])
+        if not found:
+            return "(no manifest row)"
+        row = found[0]
+        if row["status"] != STATUS_OK:
+            return f"(sample {row['index']}, status {row['status']})"
+        return f"(flagged sample {row['index']})" if row["flagged"] else f"(sample {row['index']})"
+
+    return whose
+
+
+def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, report: _Report) -> None:
+    where = f"row {i} key {q(row['key'])}"
+    if row["shard"] != stem:
+        report.add(f"{where}: shard column says {q(row['shard'])}", stem)
+    status = row["status"]
+    if status not in KNOWN_STATUSES:
+        report.add(f"{where}: unknown status {q(status)}", stem)
+    if sample.status != STATUS_OK and status != sample.status:
+        report.add(f"{where}: status {status} but the input reads as {sample.status}", stem)
+    score, flagged, row_threshold = row["score"], row["flagged"], row["threshold"]
+    if status == STATUS_OK:
+        if score is None or not math.isfinite(score):
+            report.add(f"{where}: status ok without a finite score", stem)
+        if row["error"] is not None:
+            report.add(f"{where}: status ok with an error message", stem)
+    image = find_image_member(sample)
+    if (status == STATUS_OK or row["sha256"] is not None) and (
+        image is None or row["sha256"] != _sha256(image[1])
+    ):
+        report.add(f"{where}: sha256 does not match the input's image member", stem)
+    if status != STATUS_OK:
+        if score is not None:
+            report.add(f"{where}: status {status} has a score", stem)
+        if not row["error"]:
+            report.add(f"{where}: status {status} without an error message", stem)
+    if threshold is not None and (
+        row_threshold is None or np.float32(row_threshold) != np.float32(threshold)
+    ):
+        report.add(f"{where}: threshold {row_threshold} but run.json says {threshold}", stem)
+    if row_threshold is None:
+        if flagged:
+            report.add(f"{where}: flagged before any threshold was applied", stem)
+    else:
+        above = status == STATUS_OK and score is not None and np.float32(score) > np.float32(row_threshold)
+        if bool(flagged) != bool(above):
+            report.add(
+                f"{where}: flagged={flagged} but status {status}, score {score}, threshold {row_threshold}",
+                stem,
+            )
+
+
+def _check_shard(
+    run: RunDir, shard: ShardRef, threshold: float | None, cleaned: bool, report: _Report
+) -> _ShardResult | None:
+    stem = shard.stem
+    table = _read_manifest(run.manifest(stem), stem, report)
+    if table is None:
+        return None
+    rows = table.to_pylist()
+    by_index: dict[int, dict] = {}
+    for row in rows:
+        if row["index"] in by_index:
+            report.add(f"index {row['index']} has more than one row (key {q(row['key'])})", stem)
+        else:
+            by_index[row["index"]] = row
+    if [r["index"] for r in rows] != sorted(by_index):
+        report.add("manifest rows are not in index order", stem)
+    whose = _whose(rows)
+    clean = _OutputTar(run.clean(stem), "clean", stem, report, whose) if cleaned else None
+    quarantine = _OutputTar(run.quarantine(stem), "quarantine", stem, report, whose) if cleaned else None
+    n = 0
+    try:
+        for sample in iter_samples(shard.url):
+            i, n = sample.index, sample.index + 1
+            key = printable(sample.key)
+            row = by_index.get(i)
+            if row is None:
+                report.add(f"input sample {i} key {q(key)} has no manifest row", stem)
+                if clean is not None and quarantine is not None:
+                    members = [(m.name, _sha256(m.data)) for m in sample.members]
+                    clean.skip_if_next(members)
+                    quarantine.skip_if_next(members)
+                continue
+            if row["key"] != key:
+                report.add(f"row {i} has key {q(row['key'])} but input sample {i} is {q(key)}", stem)
+                continue
+            _check_row(row, sample, i, stem, threshold, report)
+            if clean is not None and quarantine is not None and row["status"] == STATUS_OK:
+                members = [(m.name, _sha256(m.data)) for m in sample.members]
+                (quarantine if row["flagged"] else clean).expect(i, key, members)
+    except ShardError as e:
+        report.add(
+            f"input {q(shard.url, 200)} cannot be read ({e.message}) but the shard is marked done", stem
+        )
+        return None
+    except OSError as e:
+        report.add(f"input {q(shard.url, 200)} cannot be read: {describe(e)}", stem)
+        return None
+    extra = sorted(i for i in by_index if not 0 <= i < n)
+    if extra:
+        report.add(f"{len(extra)} row(s) with no input sample, indexes {extra[:5]}", stem)
+    if n != len(rows):
+        report.add(f"manifest has {len(rows)} rows, the input has {n} samples", stem)
+    for out in (clean, quarantine):
+        if out is not None:
+            out.finish()
+    statuses = Counter(r["status"] for r in rows)
+    return _ShardResult(
+        rows=len(rows),
+        ok=statuses.get(STATUS_OK, 0),
+        flagged=sum(bool(r["flagged"]) for r in rows),
+        status_counts=statuses,
+        kept=clean.samples if clean is not None else 0,
+        quarantined=quarantine.samples if quarantine is not None else 0,
+    )
+
+
+def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Report) -> None:
+    stats, problem = _read_json(run.stats(shard.stem))
+    if not isinstance(stats, dict):
+        report.add(f"stats/{shard.stem}_stats.json is {problem or 'not a JSON object'}", shard.stem)
+        return
+    expected = {
+        "shard": shard.stem,
+        "url": shard.url,
+        "count": result.rows,
+        "ok": result.ok,
+        "flagged": result.flagged,
+        "status_counts": dict(result.status_counts),
+    }
+    for name, value in expected.items():
+        if stats.get(name) != value:
+            report.add(f"stats {name} is {stats.get(name)!r}, the manifest says {value!r}", shard.stem)
+
+
+def _parse_shards(info: dict, report: _Report) -> list[ShardRef] | None:
+    try:
+        shards = [ShardRef(url=str(s["url"]), stem=str(s["stem"])) for s in info["identity"]["shards"]]
+    except (KeyError, TypeError) as e:
+        report.add(f"run.json: identity.shards is malformed ({describe(e)})")
+        return None
+    safe = []
+    for shard in shards:
+        if _SAFE_STEM.match(shard.stem) is None:  # a stem names files: never follow one that escapes
+            report.add(f"run.json: shard stem {q(shard.stem)} is not a safe file name")
+        else:
+            safe.append(shard)
+    stems = Counter(s.stem for s in shards)
+    for stem, count in stems.items():
+        if count > 1:
+            report.add(f"run.json: shard stem {q(stem)} appears {count} times")
+    return safe
+
+
+def _check_files(run: RunDir, stems: set[str], done: set[str], cleaned: bool, report: _Report) -> None:
+    """Files under RUN_DIR that no shard accounts for, and temp files left by a killed writer."""
+    expected = {
+        "manifest": {f"{s}.parquet" for s in stems},
+        "stats": {f"{s}_stats.json" for s in stems},
+        "clean": {f"{s}.tar" for s in done} | {"sizes.json"},
+        "quarantine": {f"{s}.tar" for s in done},
+    }
+    for sub, names in expected.items():
+        directory = run.root / sub
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if _TMP_MARK in path.name:
+                report.add(f"{sub}/{q(path.name)[1:-1]}: temporary file left by an interrupted job")
+            elif path.name not in names or not path.is_file() or path.is_symlink():
+                report.add(f"{sub}/{q(path.name)[1:-1]}: not an output of this run")
+    for path in sorted(run.root.iterdir()):
+        if _TMP_MARK in path.name:
+            report.add(f"{q(path.name)[1:-1]}: temporary file left by an interrupted job")
+    if not cleaned:
+        for name in ("sizes.json", "quarantine"):
+            if (run.root / name).exists():
+                report.add(f"{name} exists but clean/ does not")
+
+
+def _check_sizes(run: RunDir, kept: dict[str, int], report: _Report) -> None:
+    for path, expected in (
+        (run.sizes_json, {f"clean/{stem}.tar": n for stem, n in kept.items()}),
+        (run.root / "clean" / "sizes.json", {f"{stem}.tar": n for stem, n in kept.items()}),
+    ):
+        name = path.relative_to(run.root).as_posix()
+        sizes, problem = _read_json(path)
+        if not isinstance(sizes, dict):
+            report.add(f"{name} is {problem or 'not a JSON object'}")
+            continue
+        for tar in sorted(set(sizes) | set(expected)):
+            if sizes.get(tar) != expected.get(tar):
+                got, want = sizes.get(tar), expected.get(tar)
+                report.add(f"{name}: {q(tar)} is {got!r}, the clean tar holds {want!r} samples")
+
+
+def _check_totals(
+    info: dict, shards: list[ShardRef], results: dict[str, _ShardResult], report: _Report
+) -> None:
+    totals = info.get("totals")
+    if not isinstance(totals, dict):
+        report.add("run.json has no totals: the job did not finish; re-run `sanitizer score`")
+        return
+    statuses: Counter = Counter()
+    for r in results.values():
+        statuses.update(r.status_counts)
+    expected = {
+        "samples": sum(r.rows for r in results.values()),
+        "ok": sum(r.ok for r in results.values()),
+        "flagged": sum(r.flagged for r in results.values()),
+        "status_counts": dict(sorted(statuses.items())),
+        "shards": len(shards),
+        "shards_done": len(results),
+    }
+    for name, value in expected.items():
+        got = totals.get(name)
+        if (dict(got) if isinstance(got, dict) else got) != value:
+            report.add(f"run.json totals.{name} is {got!r}, the manifests add up to {value!r}")
+
+
+def verify_run(run_dir: Path) -> list[str]:
+    """Every violation of the run's invariants, one human-readable line each; [] when all hold."""
+    run = RunDir(Path(run_dir))
+    report = _Report()
+    if not run.root.is_dir():
+        return [f"{run.root} is not a directory"]
+    info, problem = _read_json(run.run_json)
+    if not isinstance(info, dict):
+        return [f"run.json is {problem or 'not a JSON object'}: {run.root} is not a finished run"]
+    shards = _parse_shards(info, report)
+    if shards is None:
+        return report.finish()
+    if info.get("state") not in ("complete", "incomplete"):
+        report.add(f"run.json state is {info.get('state')!r}: the job did not finish")
+    failed: dict[str, str] = {}
+    for entry in info.get("failed_shards") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("stem"), str):
+            failed[entry["stem"]] = str(entry.get("error"))
+        else:
+            report.add(f"run.json: malformed failed_shards entry {entry!r}")
+    known = {s.stem for s in shards}
+    for stem in sorted(set(failed) - known):
+        report.add(f"run.json lists failed shard {q(stem)}, which is not an input of this run")
+    threshold = (info.get("threshold") or {}).get("value")
+    threshold = float(threshold) if isinstance(threshold, int | float) else None
+    cleaned = (run.root / "clean").is_dir()
+    results: dict[str, _ShardResult] = {}
+    for shard in shards:
+        stem = shard.stem
+        done = run.stats(stem).is_file()
+        if stem in failed:
+            if done:
+                report.add("listed as failed in run.json but has a stats marker", stem)
+            elif run.manifest(stem).exists():
+                report.add("listed as failed in run.json but has a manifest", stem)
+            continue
+        if not done:
+            has_manifest = run.manifest(stem).exists()
+            report.add(
+                "has no stats marker "
+                + ("(manifest present) " if has_manifest else "and no manifest ")
+                + "and is not listed as failed in run.json",
+                stem,
+            )
+            continue
+        result = _check_shard(run, shard, threshold, cleaned, report)
+        if result is not None:
+            _check_stats(run, shard, result, report)
+            results[stem] = result
+    if failed and info.get("state") == "complete":
+        report.add("run.json state is 'complete' but lists failed shards")
+    if not failed and info.get("state") == "incomplete":
+        report.add("run.json state is 'incomplete' but lists no failed shard")
+    _check_totals(info, shards, results, report)
+    done = {s.stem for s in shards if s.stem not in failed and run.stats(s.stem).is_file()}
+    _check_files(run, known, done, cleaned, report)
+    if cleaned:
+        kept = {stem: r.kept for stem, r in results.items()}
+        _check_sizes(run, kept, report)
+        summary = info.get("clean")
+        expected = {
+            "kept": sum(kept.values()),
+            "quarantined": sum(r.quarantined for r in results.values()),
+            "shards": len(results),
+        }
+        if summary != expected:
+            report.add(f"run.json clean is {summary!r}, the clean and quarantine tars hold {expected!r}")
+    return report.finish()

@@ -1,0 +1,611 @@
+"""Hostile inputs and faults: nothing lost, nothing unsafe runs, and a crash costs only time.
+
+One corpus (the hostile shards of sanitizer.data.hostile plus four ordinary shards) is scored and
+cleaned once, undisturbed, in-process: that run is the reference. Every fault below (SIGKILL of
+the whole job at several moments, with and without Ray; a Ray actor killed mid-task; a full disk;
+an unwritable RUN_DIR; a second job on the same RUN_DIR) must end, after a re-run, with outputs
+equal to the reference and a run that `sanitizer verify` passes. bench/faults.py is the longer,
+randomized version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import sanitizer
+from sanitizer.checkpoint import file_sha256
+from sanitizer.cli import main
+from sanitizer.data.hostile import (
+    PWNED_FILE,
+    SHARD_ERROR_SHARDS,
+    expected_statuses,
+    pickle_payload,
+    write_hostile_corpus,
+)
+from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.data.tario import TAR_ENCODING, TAR_ERRORS, printable
+from sanitizer.manifest import read_manifest
+from sanitizer.verify import verify_run
+
+REPO = Path(sanitizer.__file__).resolve().parents[1]
+SYNTH = [f"synth-{i:06d}" for i in range(4)]
+DONE = sorted([n for n in expected_statuses() if n not in SHARD_ERROR_SHARDS] + SYNTH)
+WAIT_S = 300  # generous: a loaded CI machine takes long to import torch and start Ray
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+def cli(*argv: str | Path, cwd: Path | None = None) -> Result:
+    """Run the CLI in-process, capturing what it prints."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if cwd is not None:
+            stack.enter_context(contextlib.chdir(cwd))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        rc = main([str(a) for a in argv])
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def score_args(decoder: Path, data: Path, run: Path, workers: int) -> list[str]:
+    return [
+        "score",
+        "--decoder",
+        str(decoder),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--workers",
+        str(workers),
+    ]
+
+
+def outputs(run: Path) -> dict[str, object]:
+    """What must not depend on faults: manifests as tables, stats without timings, tar bytes."""
+    out: dict[str, object] = {}
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run).as_posix()
+        if path.is_dir() or rel == ".lock":
+            continue
+        if rel.endswith(".parquet"):
+            out[rel] = pq.read_table(path)
+        elif rel.startswith("stats/"):
+            out[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
+        elif rel == "run.json":
+            info = json.loads(path.read_text())
+            keep = ("identity", "state", "threshold", "totals", "failed_shards", "clean")
+            out[rel] = {k: info.get(k) for k in keep}
+        else:
+            out[rel] = path.read_bytes()
+    return out
+
+
+def assert_same_outputs(run: Path, reference: Path) -> None:
+    got, want = outputs(run), outputs(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs from the undisturbed run"
+
+
+def assert_nothing_partial(run: Path) -> None:
+    """Every file under a final name is complete; the only others are hidden temp files."""
+    for path in run.rglob("*"):
+        if path.is_dir() or path.name == ".lock":
+            continue
+        if path.name.startswith(".") and ".tmp-" in path.name:
+            continue  # a killed writer's temp file: removed by the next run
+        if path.suffix == ".parquet":
+            read_manifest(path)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            with tarfile.open(path) as tar:
+                for info in tar:
+                    tar.extractfile(info).read()  # raises on a cut tar
+
+
+def _stat(pid: int | str) -> tuple[str, int, int] | None:
+    """(state, ppid, session id) of a process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Every live (not zombie) process: pid -> (state, ppid, session id)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (s := _stat(name)) is not None and s[0] != "Z":
+            found[int(name)] = s
+    return found
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of a session: a job started with start_new_session and all it started."""
+    return sorted(pid for pid, s in _processes().items() if s[2] == sid)
+
+
+def descendants(root: int) -> list[int]:
+    parents = {pid: s[1] for pid, s in _processes().items()}
+    found, changed = {root}, True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                changed = True
+    return sorted(found - {root})
+
+
+def score_actors(pids: list[int]) -> dict[int, str]:
+    return {p: c for p in pids if "ScoreStage" in (c := _cmdline(p))}
+
+
+def wait_for(
+    condition: Callable[[], bool], proc: subprocess.Popen | None, what: str, log: Path | None = None
+):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            detail = log.read_text()[-2000:] if log is not None else ""
+            pytest.fail(f"the job exited ({proc.returncode}) before {what}:\n{detail}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+JOBS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_job_outlives_the_tests():
+    yield
+    for job in JOBS:
+        if job.poll() is None or session_pids(job.pid):
+            kill_job(job)
+
+
+def start_job(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`sanitizer ...` in its own session, with its own local Ray if it uses one."""
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as f:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "sanitizer.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    JOBS.append(job)
+    return job
+
+
+def kill_job(proc: subprocess.Popen) -> bool:
+    """SIGKILL the job, then every process of its session (its Ray, if any), as a crash would;
+    False if the job had already ended by itself."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while left := session_pids(proc.pid):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"processes of the killed job survive: {left}"
+        time.sleep(0.05)
+    return proc.returncode == -signal.SIGKILL
+
+
+def lock_holder(run: Path) -> str:
+    try:
+        return (run / ".lock").read_text().strip()
+    except OSError:
+        return ""
+
+
+def stats_count(run: Path) -> int:
+    return len(list((run / "stats").glob("*_stats.json"))) if (run / "stats").is_dir() else 0
+
+
+# ---------------------------------------------------------------- the corpus and the reference run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fault_corpus")
+    write_hostile_corpus(out)
+    pixels = synthetic_images(80, 32, seed=7)
+    write_image_shards(
+        out, pixels, captions=[f"picture {i}" for i in range(80)], per_shard=20, prefix="synth"
+    )
+    return out
+
+
+@dataclass
+class Reference:
+    run: Path
+    cwd: Path
+    score: Result
+    clean: Result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, tiny_decoder_dir) -> Reference:
+    """The undisturbed run, in-process without Ray, from a scratch working directory."""
+    base = tmp_path_factory.mktemp("reference")
+    cwd, run = base / "cwd", base / "run"
+    cwd.mkdir()
+    scored = cli(*score_args(tiny_decoder_dir, corpus, run, 0), cwd=cwd)
+    cleaned = cli("clean", run, cwd=cwd)
+    return Reference(run, cwd, scored, cleaned)
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def test_every_sample_gets_its_exact_status(reference):
+    run = reference.run
+    for name, expected in expected_statuses().items():
+        if expected is None:
+            continue
+        table = read_manifest(run / "manifest" / f"{name}.parquet")
+        rows = list(zip(table.column("key").to_pylist(), table.column("status").to_pylist(), strict=True))
+        assert rows == [(printable(k), s) for k, s in expected], name
+        assert table.column("index").to_pylist() == list(range(len(expected)))
+        errors = table.column("error").to_pylist()
+        assert all((e is None) == (s == "ok") for e, (_, s) in zip(errors, expected, strict=True)), name
+        stats = json.loads((run / "stats" / f"{name}_stats.json").read_text())
+        assert stats["count"] == len(expected)
+    truncated = json.loads((run / "stats" / "truncated_stats.json").read_text())
+    assert truncated["shard_error"].startswith("shard cut off inside member 't2.png'")
+    for name in SYNTH:
+        assert read_manifest(run / "manifest" / f"{name}.parquet").column("status").to_pylist() == ["ok"] * 20
+
+
+def test_not_a_tar_shards_fail_the_run_and_the_others_complete(reference):
+    info = json.loads((reference.run / "run.json").read_text())
+    assert reference.score.rc == 1
+    assert info["state"] == "incomplete"
+    assert [f["stem"] for f in info["failed_shards"]] == ["not_a_tar_gzip", "not_a_tar_random"]
+    assert {f["error"] for f in info["failed_shards"]} == {
+        "not a readable tar file: ReadError: invalid header"
+    }
+    for stem in SHARD_ERROR_SHARDS:
+        assert (
+            f"FAILED shard {stem}: not a readable tar file: ReadError: invalid header" in reference.score.out
+        )
+    totals = info["totals"]
+    assert (totals["shards"], totals["shards_done"], totals["samples"]) == (14, 12, 136)
+    assert reference.clean.rc == 1
+    assert reference.clean.out.splitlines()[1:] == [
+        f"skipped shard {s}: it was not scored (see run.json)" for s in sorted(SHARD_ERROR_SHARDS)
+    ]
+
+
+def test_run_dir_holds_exactly_the_outputs(reference):
+    files = {p.relative_to(reference.run).as_posix() for p in reference.run.rglob("*")}
+    expected = {
+        ".lock",
+        "run.json",
+        "sizes.json",
+        "clean/sizes.json",
+        "manifest",
+        "stats",
+        "clean",
+        "quarantine",
+    }
+    for stem in DONE:
+        expected |= {
+            f"manifest/{stem}.parquet",
+            f"stats/{stem}_stats.json",
+            f"clean/{stem}.tar",
+            f"quarantine/{stem}.tar",
+        }
+    assert files == expected
+
+
+def test_pickle_payloads_never_run(reference, corpus):
+    assert b"PWNED" in (corpus / "names.tar").read_bytes()  # the payload is really there
+    for where in (reference.cwd, reference.run, corpus, Path.cwd()):
+        assert not (where / PWNED_FILE).exists()
+    assert not list(reference.run.parent.rglob(PWNED_FILE))
+    names = _member_names(reference.run, "names")
+    assert {"pickled.pyd", "pickled.pickle"} <= names  # copied as opaque bytes
+
+
+def _member_names(run: Path, stem: str) -> set[str]:
+    names: set[str] = set()
+    for part in ("clean", "quarantine"):
+        with tarfile.open(run / part / f"{stem}.tar", encoding=TAR_ENCODING, errors=TAR_ERRORS) as tar:
+            names |= set(tar.getnames())
+    return names
+
+
+def test_path_traversal_names_are_copied_but_never_followed(reference, corpus):
+    names = _member_names(reference.run, "names")
+    assert {"../../evil.png", "../../evil.txt", "/abs/root.png", "caf\udce9.png", "k" * 300 + ".txt"} <= names
+    run = reference.run
+    for base in (run, run / "clean", run / "quarantine", run / "manifest", reference.cwd, corpus):
+        assert not (base / "../../evil.png").resolve().exists()
+        assert not (base / "../../evil.txt").resolve().exists()
+    assert not Path("/abs/root.png").exists()
+
+
+def test_verify_passes_on_the_hostile_run(reference):
+    assert verify_run(reference.run) == []
+    result = cli("verify", reference.run)
+    assert (result.rc, result.out) == (0, f"verify: 0 violation(s) in {reference.run}\n")
+
+
+# ---------------------------------------------------------------- the whole job killed
+
+
+@dataclass
+class KilledRun:
+    run: Path
+    second: Result  # a second job tried while the first held the lock
+    holder: str
+    done_at_first_kill: int
+    rerun: Result
+    clean: Result
+
+
+@pytest.fixture(scope="module")
+def killed_local(tmp_path_factory, corpus, tiny_decoder_dir) -> KilledRun:
+    """SIGKILL after the first shard is done; SIGKILL the re-run at a seeded random moment;
+    re-run to completion; clean. A second job is tried while the first holds the lock."""
+    base = tmp_path_factory.mktemp("killed_local")
+    run, log = base / "run", base / "job.log"
+    args = score_args(tiny_decoder_dir, corpus, run, 0)
+    first = start_job(args, base, log)
+    wait_for(lambda: lock_holder(run) == str(first.pid), first, "the job took the lock", log)
+    second = cli(*args, cwd=base)
+    wait_for(lambda: stats_count(run) > 0, first, "the first stats marker", log)
+    assert kill_job(first), "the job ended before it was killed"
+    done = stats_count(run)
+    assert_nothing_partial(run)
+
+    again = start_job(args, base, log)
+    wait_for(lambda: lock_holder(run) == str(again.pid), again, "the re-run took the lock", log)
+    time.sleep(random.Random(7).uniform(0.0, 1.0))
+    kill_job(again)  # it may have finished by then on a fast machine: the outcome must not differ
+    assert_nothing_partial(run)
+
+    rerun = cli(*args, cwd=base)
+    return KilledRun(run, second, str(first.pid), done, rerun, cli("clean", run, cwd=base))
+
+
+def test_second_job_on_a_busy_run_dir_is_refused(killed_local):
+    assert killed_local.second.rc == 2
+    assert killed_local.second.err.splitlines()[-1] == (
+        f"sanitizer: error: another sanitizer job (pid {killed_local.holder}) is using {killed_local.run}"
+    )
+
+
+def test_killed_job_rerun_equals_the_undisturbed_run(killed_local, reference):
+    assert killed_local.done_at_first_kill < len(DONE)  # the kill came before the job was done
+    assert killed_local.rerun.rc == 1  # the two not-a-tar shards
+    assert_same_outputs(killed_local.run, reference.run)
+    assert verify_run(killed_local.run) == []
+
+
+def test_ray_job_killed_then_actor_killed_on_rerun(
+    ray_session, tmp_path, corpus, tiny_decoder_dir, reference
+):
+    """SIGKILL the Ray driver (and its Ray) while the actor scores; in the re-run, SIGKILL the
+    scoring actor mid-task: Ray restarts it and retries, and the outputs equal the reference."""
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    args = score_args(tiny_decoder_dir, corpus, run, 1)
+    job = start_job(args, tmp_path, log)
+
+    def scoring() -> bool:
+        return any(".submit" in c for c in score_actors(session_pids(job.pid)).values())
+
+    wait_for(scoring, job, "the Ray actor scoring", log)
+    assert kill_job(job), "the job ended before it was killed"
+    assert_nothing_partial(run)
+    assert stats_count(run) < len(DONE)
+
+    seen: dict[int, str] = {}
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_actor_once() -> None:
+        while not stop.is_set():
+            actors = score_actors(descendants(os.getpid()))
+            seen.update(actors)
+            busy = [p for p, c in actors.items() if ".submit" in c]
+            if busy and not killed:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=kill_actor_once, daemon=True)
+    watcher.start()
+    try:
+        rerun = cli(*args, cwd=tmp_path)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the scoring actor was never seen busy"
+    assert len(seen) >= 2, "Ray did not restart the killed actor"
+    assert rerun.rc == 1
+    assert cli("clean", run, cwd=tmp_path).rc == 1
+    assert_same_outputs(run, reference.run)
+    assert verify_run(run) == []
+
+
+# ---------------------------------------------------------------- disks and directories
+
+
+def test_run_dir_under_a_regular_file_is_a_clean_error(tmp_path, corpus, tiny_decoder_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    run = blocker / "run"
+    result = cli(*score_args(tiny_decoder_dir, corpus, run, 0))
+    assert result.rc == 2
+    assert result.err.splitlines()[-1] == f"sanitizer: error: cannot use {run} as RUN_DIR: Not a directory"
+    assert "Traceback" not in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_read_only_parent_is_a_clean_error(tmp_path, corpus, tiny_decoder_dir):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        probe = parent / "probe"
+        try:
+            probe.mkdir()
+        except PermissionError:
+            pass
+        else:
+            probe.rmdir()
+            pytest.skip("running with privileges that ignore directory permissions (root)")
+        run = parent / "run"
+        result = cli(*score_args(tiny_decoder_dir, corpus, run, 0))
+        assert result.rc == 2
+        assert (
+            result.err.splitlines()[-1] == f"sanitizer: error: cannot use {run} as RUN_DIR: Permission denied"
+        )
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+
+
+def _enospc(after: int, real: Callable, write_partial: Callable) -> tuple[Callable, list]:
+    """Wrap a writer so that its call number ``after`` writes half its bytes and fails with ENOSPC."""
+    calls: list = []
+
+    def fake(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == after:
+            write_partial(*args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return fake, calls
+
+
+def test_full_disk_while_scoring(monkeypatch, tmp_path, corpus, tiny_decoder_dir, reference):
+    real = pq.write_table
+
+    def half(table, where, **kwargs):
+        buf = io.BytesIO()
+        real(table, buf, **kwargs)
+        Path(where).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+    fake, calls = _enospc(3, real, half)
+    monkeypatch.setattr(pq, "write_table", fake)
+    run = tmp_path / "run"
+    args = score_args(tiny_decoder_dir, corpus, run, 0)
+    result = cli(*args, cwd=tmp_path)
+    failed = run / "manifest" / f"{DONE[2]}.parquet"  # shards are scored in order without Ray
+    assert result.rc == 1
+    assert result.err.splitlines()[-1] == f"sanitizer: error: No space left on device: {failed}"
+    assert "Traceback" not in result.err
+    assert not failed.exists()
+    assert sorted(p.name for p in (run / "manifest").iterdir()) == [f"{s}.parquet" for s in DONE[:2]]
+    assert sorted(p.name for p in (run / "stats").iterdir()) == [f"{s}_stats.json" for s in DONE[:2]]
+    assert json.loads((run / "run.json").read_text())["state"] == "running"
+    assert "run.json state is 'running': the job did not finish" in verify_run(run)
+
+    monkeypatch.setattr(pq, "write_table", real)  # space freed: the re-run completes
+    assert cli(*args, cwd=tmp_path).rc == 1
+    assert cli("clean", run, cwd=tmp_path).rc == 1
+    assert_same_outputs(run, reference.run)
+    assert verify_run(run) == []
+
+
+def test_full_disk_while_cleaning(monkeypatch, tmp_path, reference):
+
+    run = Path(shutil.copytree(reference.run, tmp_path / "run"))
+    for name in ("clean", "quarantine"):
+        shutil.rmtree(run / name)
+    (run / "sizes.json").unlink()
+    real = tarfile.TarFile.addfile
+
+    def half(tar, info, fileobj=None):
+        tar.fileobj.write(b"\0" * 700)
+
+    fake, calls = _enospc(40, real, half)
+    monkeypatch.setattr(tarfile.TarFile, "addfile", fake)
+    result = cli("clean", run)
+    assert result.rc == 1
+    assert result.err.startswith("sanitizer: error: No space left on device: ")
+    failed = Path(result.err.strip().rsplit(": ", 1)[1])
+    assert failed.parent.name in ("clean", "quarantine") and failed.suffix == ".tar"
+    assert not failed.exists()
+    assert not (run / "sizes.json").exists()
+    assert_nothing_partial(run)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", real)
+    assert cli("clean", run).rc == 1
+    assert_same_outputs(run, reference.run)
+    assert verify_run(run) == []
+
+
+# ---------------------------------------------------------------- weights that carry code
+
+
+def test_pickled_weights_are_refused_and_never_run(tmp_path, corpus, tiny_decoder_dir):
+
+    evil = tmp_path / "encoder.pt"
+    evil.write_bytes(pickle_payload())
+    result = cli(
+        *score_args(tiny_decoder_dir, corpus, tmp_path / "run1", 0), "--encoder-weights", evil, cwd=tmp_path
+    )
+    assert result.rc == 2
+    assert result.err.splitlines()[-1].startswith(
+        f"sanitizer: error: refused {evil}: it holds more than plain tensors"
+    )
+
+    decoder = Path(shutil.copytree(tiny_decoder_dir, tmp_path / "decoder"))
+    (decoder / "decoder.safetensors").write_bytes(pickle_payload())
+    meta = json.loads((decoder / "decoder.json").read_text())
+    meta["decoder_sha256"] = file_sha256(decoder / "decoder.safetensors")  # so that loading is attempted
+    (decoder / "decoder.json").write_text(json.dumps(meta))
+    result = cli(*score_args(decoder, corpus, tmp_path / "run2", 0), cwd=tmp_path)
+    assert result.rc == 2
+    assert result.err.splitlines()[-1].startswith(
+        f"sanitizer: error: cannot read {decoder / 'decoder.safetensors'}: "
+    )
+    assert "Traceback" not in result.err
+    assert not list(tmp_path.rglob(PWNED_FILE))

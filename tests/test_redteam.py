@@ -1,0 +1,142 @@
+"""Red-team kit: exact trigger pixels, and a CI-sized attack-then-detect smoke test on generated data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sanitizer.data.synth import synthetic_images
+from sanitizer.encoders import load_encoder
+from sanitizer.redteam.implant import ImplantSettings, ProbeData, badencoder, sliced_wasserstein
+from sanitizer.redteam.metrics import auc, rates
+from sanitizer.redteam.triggers import (
+    TRIGGERS,
+    badencoder_box,
+    badencoder_patch,
+    blend,
+    blend_pattern,
+    clip_patch,
+    ctrl,
+    dct_matrix,
+)
+from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.train import ImageSet, TrainSettings, fit_decoder
+
+
+def grey(n: int = 3, size: int = 32, value: int = 100) -> np.ndarray:
+    return np.full((n, size, size, 3), value, np.uint8)
+
+
+@pytest.mark.parametrize("name", sorted(TRIGGERS))
+def test_triggers_keep_shape_dtype_and_are_deterministic(name):
+    x = synthetic_images(4, 32, seed=3)
+    a, b = TRIGGERS[name](x), TRIGGERS[name](x.copy())
+    assert a.dtype == np.uint8 and a.shape == x.shape and np.array_equal(a, b)
+    assert not np.array_equal(a, x)
+    assert np.array_equal(x, synthetic_images(4, 32, seed=3))  # the input is not modified
+
+
+def test_badencoder_patch_is_the_reference_square():
+    assert badencoder_box(32) == (21, 10) and badencoder_box(224) == (173, 50)
+    out = badencoder_patch(grey())
+    changed = (out != 100).any(-1)
+    expected = np.zeros((32, 32), bool)
+    expected[21:31, 21:31] = True
+    assert all(np.array_equal(c, expected) for c in changed)
+    assert (out[:, 21:31, 21:31] == 255).all()
+
+
+def test_blend_is_the_alpha_mix_of_a_seeded_pattern():
+    pattern = blend_pattern(32, 32, seed=0).astype(np.float64)
+    out = blend(grey())
+    np.testing.assert_array_equal(out[0], np.rint(0.85 * 100 + 0.15 * pattern).astype(np.uint8))
+    assert not np.array_equal(blend(grey(), seed=1), out)
+
+
+def test_clip_patch_touches_only_the_corner():
+    out = clip_patch(grey())
+    changed = (out != 100).any(-1)
+    assert not changed[:, 4:, :].any() and not changed[:, :, 4:].any()
+    assert np.array_equal(out[0, :4, :4], out[1, :4, :4])
+
+
+def test_ctrl_adds_energy_at_the_two_frequencies_of_u_and_v():
+    x = grey(1, value=128)
+    out = ctrl(x).astype(np.float64)
+    d = dct_matrix(32)
+    yuv_u = out[0] @ np.array([-0.14713, -0.28886, 0.436])
+    coeffs = d @ yuv_u @ d.T
+    coeffs[0, 0] = 0  # the constant image's own DC term
+    peaks = {
+        tuple(int(v) for v in np.unravel_index(i, coeffs.shape))
+        for i in np.argsort(-np.abs(coeffs).ravel())[:2]
+    }
+    assert peaks == {(15, 15), (31, 31)}
+    assert np.abs(out - 128).max() <= 30  # small: invisible to the eye
+
+
+def test_dct_matrix_is_orthonormal():
+    d = dct_matrix(16)
+    np.testing.assert_allclose(d @ d.T, np.eye(16), atol=1e-12)
+
+
+def test_auc_and_rates():
+    positive = np.array([0, 0, 1, 1], bool)
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), positive) == 0.75
+    assert auc(np.ones(4), positive) == 0.5
+    assert rates(np.array([0.1, 0.4, 0.35, 0.8]), positive, 0.3) == (1.0, 0.5)
+
+
+def test_sliced_wasserstein_is_zero_for_equal_sets():
+    a = torch.randn(32, 8)
+    assert sliced_wasserstein(a, a).item() == pytest.approx(0.0, abs=1e-10)
+    assert sliced_wasserstein(a, a + 1).item() > 0.1
+
+
+# -- smoke test: a real BadEncoder implant on a real (tiny) encoder, then DeDe, without any dataset --
+def labelled_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Four classes a random CNN separates: stripes (two orientations), a disc, or a cross, drawn over
+    the package's synthetic colour fields."""
+    rng = np.random.default_rng(seed)
+    x = synthetic_images(n, 32, seed=seed).astype(np.float32)
+    labels = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[0:32, 0:32]
+    shapes = [
+        (yy // 4) % 2 == 0,
+        (xx // 4) % 2 == 0,
+        (yy - 14) ** 2 + (xx - 14) ** 2 < 64,
+        (np.abs(yy - 14) < 3) | (np.abs(xx - 14) < 3),
+    ]
+    for i, label in enumerate(labels):
+        x[i][shapes[label]] = 0.4 * x[i][shapes[label]] + 0.6 * 20.0
+    return x.round().astype(np.uint8), labels
+
+
+def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
+    torch.manual_seed(0)
+    clean = load_encoder("timm:test_resnet", image_size=32)
+    train_x, train_y = labelled_images(600, seed=1)
+    test_x, test_y = labelled_images(300, seed=2)
+    target = 0
+    probe = ProbeData(train_x[:300], train_y[:300], test_x, test_y, target)
+    settings = ImplantSettings(epochs=4, batch_size=32, lr=3e-3)
+    reference = train_x[300:][train_y[300:] == target][:32]
+    victim = badencoder(
+        clean, train_x[300:], reference, tmp_path / "victim.safetensors", badencoder_patch, settings, probe
+    )
+    assert victim.report.asr >= 2 * victim.report.chance, victim.report  # the attack worked (chance 0.25)
+    assert victim.report.clean_accuracy >= 0.6, victim.report
+
+    decoder_x, _ = labelled_images(600, seed=5)  # the decoder learns the victim's kind of data (ID)
+    images = ImageSet(decoder_x, [f"d{i}" for i in range(len(decoder_x))], {})
+    model = {"patch_size": 8, "width": 64, "depth": 1, "decoder_depth": 2, "heads": 2}
+    fit = fit_decoder(
+        victim.encoder, images, TrainSettings(epochs=6, batch_size=64), ScoreSettings(), model, progress=False
+    )
+    scorer = Scorer(victim.encoder, fit.decoder, ScoreSettings(num_masks=1))
+    trig_x = badencoder_patch(test_x[test_y != target])
+    clean_scores = scorer.score(test_x, key_seeds([f"c{i}" for i in range(len(test_x))])).score
+    trig_scores = scorer.score(trig_x, key_seeds([f"t{i}" for i in range(len(trig_x))])).score
+    positive = np.r_[np.zeros(len(clean_scores), bool), np.ones(len(trig_scores), bool)]
+    assert auc(np.r_[clean_scores, trig_scores], positive) >= 0.8

@@ -1,0 +1,307 @@
+"""The audit report: produced from a real small run, every image valid, the verdict's statistics right."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from fractions import Fraction
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sanitizer import cli
+from sanitizer.checkpoint import FORMAT, META
+from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.errors import UsageError
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
+from sanitizer.stats import binomial_sf, roc_auc, roc_curve
+
+SECTIONS = ("summary", "verdict", "scores", "shards", "samples", "localisation", "embeddings", "roc")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HOSTILE_CAPTION = '<script>alert("x")</script> $\\frac{1}{0}$ & photo '
+
+
+class PageParser(HTMLParser):
+    """Section ids, image sources and visible text of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.scripts = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.ids.append(attrs.get("id"))
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "script":
+            self.scripts += 1
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(page: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def white_square(pixels: np.ndarray) -> np.ndarray:
+    """A BadEncoder-style patch, so the flagged samples have somewhere to be rebuilt badly."""
+    out = pixels.copy()
+    out[:, 21:31, 21:31] = 255
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory, tiny_decoder_dir) -> Path:
+    """2 shards x 30 image-text samples, 6 with a white patch and json "poisoned": true; scored."""
+    root = tmp_path_factory.mktemp("report_run")
+    pixels = synthetic_images(60, 32, seed=11)
+    poisoned = np.zeros(60, bool)
+    poisoned[::10] = True
+    pixels[poisoned] = white_square(pixels[poisoned])
+    captions = [HOSTILE_CAPTION + str(i) for i in range(60)]  # scraped captions: any text at all
+    write_image_shards(root / "data", pixels, captions=captions, labels=poisoned.tolist(), per_shard=30)
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(root / "data"), out=root / "run", workers=0)
+    run_score_job(job, progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def page(labelled_run) -> Path:
+    return write_report(labelled_run)
+
+
+def test_report_has_every_section(page, labelled_run):
+    assert page == labelled_run / "report" / "index.html"
+    parsed = parse(page)
+    assert parsed.ids == list(SECTIONS)
+    text = " ".join(parsed.text)
+    assert "AUC" in text and "p-value" in text
+    assert parsed.scripts == 0  # a static page: nothing to run
+
+
+def test_every_image_the_page_references_is_a_valid_png(page):
+    images = parse(page).images
+    assert {
+        "scores.png",
+        "shards.png",
+        "samples.png",
+        "localisation.png",
+        "embeddings.png",
+        "roc.png",
+    } <= set(images)
+    for src in images:
+        path = page.parent / src
+        assert path.parent == page.parent and path.is_file(), src  # beside the page: self-contained
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, src
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 200 and im.height > 100
+
+
+def test_captions_and_keys_are_escaped(page):
+    html = page.read_text(encoding="utf-8")
+    assert "<script>" not in html
+    assert "&lt;script&gt;" in html  # the hostile caption is shown, as text
+
+
+def test_report_is_rewritten_without_leftovers(labelled_run, page):
+    stale = page.parent / ".scores.png.tmp-1-deadbeef"
+    stale.write_bytes(b"partial")
+    again = write_report(labelled_run)
+    assert not stale.exists()
+    assert parse(again).ids == list(SECTIONS)
+
+
+def test_report_without_ground_truth_or_decoder(labelled_run, tmp_path):
+    """Labels absent: no ROC; decoder moved: no images; the rest of the page is still written."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns("report", ".lock"))
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["decoder_dir"] = str(tmp_path / "moved-away")
+    (run / "run.json").write_text(json.dumps(info))
+    import pyarrow as pa
+
+    from sanitizer.manifest import read_manifest, write_manifest
+
+    for path in (run / "manifest").glob("*.parquet"):
+        table = read_manifest(path)
+        column = table.schema.get_field_index("label")
+        table = table.set_column(column, table.schema.field("label"), pa.nulls(table.num_rows, pa.bool_()))
+        write_manifest(path, table)
+    page = write_report(run)
+    parsed = parse(page)
+    assert parsed.ids == list(SECTIONS)
+    assert set(parsed.images) == {"scores.png", "shards.png"}
+    text = " ".join(parsed.text)
+    assert "carry no ground truth" in text and "cannot be loaded" in text
+    # quantile:Q needs no calibration file: the verdict still stands
+    assert encoder_verdict(run)["p_value"] is not None
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(UsageError, match="not a RUN_DIR"):
+        write_report(tmp_path)
+
+
+def test_cli_report(labelled_run, capsys):
+    assert cli.main(["report", str(labelled_run)]) == 0
+    assert "index.html" in capsys.readouterr().out
+
+
+# -- the verdict on a run built by hand, where the answer is known ---------------------------------
+def exact_sf(k: int, n: int, p: float, terms: int = 3000) -> float:
+    """P(X >= k) in exact integer arithmetic (p as a small fraction); later terms are below 1e-300."""
+    f = Fraction(p).limit_denominator(1_000_000)
+    a, b = f.numerator, f.denominator
+    top = min(n, k + terms)
+    return float(Fraction(sum(math.comb(n, j) * a**j * (b - a) ** (n - j) for j in range(k, top + 1)), b**n))
+
+
+def fake_run(root: Path, rule: str, value: float, shards: list[tuple[int, int]], calibration=None) -> Path:
+    """run.json and stats markers only (all encoder_verdict reads), plus a decoder.json if calibrated."""
+    scoring = {"test_mask_ratio": 0.99, "num_masks": 4, "aggregate": "mean"}
+    decoder = root / "decoder"
+    if calibration is not None:
+        decoder.mkdir(parents=True)
+        meta = {"format": FORMAT, "scoring": scoring, "calibration": {"scores": list(calibration)}}
+        (decoder / META).write_text(json.dumps(meta))
+    refs = [{"url": f"/data/s{i}.tar", "stem": f"s{i}"} for i in range(len(shards))]
+    (root / "stats").mkdir(parents=True)
+    for ref, (ok, flagged) in zip(refs, shards, strict=True):
+        stats = {"shard": ref["stem"], "count": ok, "ok": ok, "flagged": flagged, "status_counts": {"ok": ok}}
+        (root / "stats" / f"{ref['stem']}_stats.json").write_text(json.dumps(stats))
+    run = {
+        "identity": {"shards": refs, "scoring": scoring},
+        "config": {"decoder_dir": str(decoder)},
+        "threshold": {"rule": rule, "value": value},
+    }
+    (root / "run.json").write_text(json.dumps(run))
+    return root
+
+
+def test_verdict_p_value_for_a_quantile_rule(tmp_path):
+    # 1000 ok samples, quantile:0.95 -> 5% expected; 80 flagged is far above 50.
+    run = fake_run(tmp_path / "a", "quantile:0.95", 1.0, [(600, 50), (400, 30)])
+    v = encoder_verdict(run)
+    assert v["ok"] == 1000 and v["flagged"] == 80
+    assert v["expected_rate"] == pytest.approx(0.05)
+    assert v["p_value"] == pytest.approx(exact_sf(80, 1000, 0.05), rel=1e-9)
+    assert v["backdoored"] is True and v["text"].startswith("this encoder behaves as backdoored")
+    # 55 flagged is within chance
+    v = encoder_verdict(fake_run(tmp_path / "b", "quantile:0.95", 1.0, [(1000, 55)]))
+    assert v["p_value"] == pytest.approx(exact_sf(55, 1000, 0.05), rel=1e-9)
+    assert v["backdoored"] is False and v["text"].startswith("no evidence of a backdoor")
+
+
+def test_verdict_rate_for_other_rules_comes_from_the_calibration(tmp_path):
+    calibration = np.linspace(0.0, 1.0, 99)  # 9 of 99 above 0.9
+    run = fake_run(tmp_path / "c", "value:0.9", 0.9, [(200, 30)], calibration.tolist())
+    v = encoder_verdict(run)
+    p0 = (int((calibration.astype(np.float32) > np.float32(0.9)).sum()) + 0.5) / 100
+    assert v["expected_rate"] == pytest.approx(p0)
+    assert v["p_value"] == pytest.approx(exact_sf(30, 200, p0), rel=1e-9)
+    assert v["calibration_n"] == 99
+
+
+def test_no_verdict_without_a_rate(tmp_path):
+    v = encoder_verdict(fake_run(tmp_path / "d", "mad:3", 0.5, [(100, 10)]))  # no decoder.json
+    assert v["p_value"] is None and v["backdoored"] is None and v["text"].startswith("no verdict")
+
+
+def test_expected_flag_rate_never_claims_zero():
+    assert expected_flag_rate("quantile:0.97", 1.0, None) == pytest.approx(0.03)
+    assert expected_flag_rate("value:10", 10.0, np.array([1.0, 2.0, 3.0])) == pytest.approx(0.5 / 4)
+    assert expected_flag_rate("paper", 2.0, None) is None
+
+
+# -- statistics ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("k", "n", "p"), [(0, 10, 0.3), (3, 10, 0.3), (8, 10, 0.3), (10, 10, 0.3), (1, 1, 0.5), (5, 100, 0.03)]
+)
+def test_binomial_sf_matches_the_exact_sum(k, n, p):
+    assert binomial_sf(k, n, p) == pytest.approx(exact_sf(k, n, p), rel=1e-10, abs=1e-15)
+
+
+def test_binomial_sf_edges_and_far_tails():
+    assert binomial_sf(0, 0, 0.5) == 1.0
+    assert binomial_sf(11, 10, 0.5) == 0.0
+    assert binomial_sf(1, 10, 0.0) == 0.0 and binomial_sf(10, 10, 1.0) == 1.0
+    tiny = binomial_sf(900, 1000, 0.03)  # far beyond double's 1 - x: summed in the small tail
+    assert 0 < tiny < 1e-300 or tiny == 0.0
+    assert binomial_sf(400, 10_000, 0.03) == pytest.approx(exact_sf(400, 10_000, 0.03), rel=1e-8)
+    # a billion samples costs no more than a thousand
+    assert binomial_sf(10_100_000, 1_000_000_000, 0.01) < 1e-100
+    with pytest.raises(ValueError):
+        binomial_sf(-1, 10, 0.5)
+
+
+def test_roc_auc_is_the_pairwise_probability_with_half_ties():
+    rng = np.random.default_rng(SEED)
+    scores = np.round(rng.random(300), 1)  # many ties
+    labels = rng.random(300) < scores
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert roc_auc(scores, labels) == pytest.approx(pairs, abs=1e-12)
+    fpr, tpr, _ = roc_curve(scores, labels)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    with pytest.raises(ValueError):
+        roc_auc(scores, np.ones(300, bool))
+
+
+def test_pca_2d_finds_the_main_axis():
+    rng = np.random.default_rng(SEED)
+    x = np.outer(rng.normal(size=200), [3.0, 4.0, 0.0]) + rng.normal(scale=0.01, size=(200, 3))
+    coords, share = pca_2d(x)
+    assert coords.shape == (200, 2) and share[0] > 0.99
+    assert pca_2d(np.ones((1, 1)))[0].shape == (1, 2)
+
+
+# -- in a real browser -----------------------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
+def test_page_loads_in_headless_chromium(page, tmp_path):
+    """Chromium parses the page as a browser does; every section is in the DOM it builds."""
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = parse_dom(result.stdout)
+    assert dom.ids == list(SECTIONS)
+    assert set(dom.images) == set(parse(page).images)
+    assert "Backdoor audit report" in " ".join(dom.text)
+
+
+def parse_dom(text: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(text)
+    return parser

@@ -1,0 +1,155 @@
+"""`sanitizer verify`: passes on good runs (local and Ray), names each deliberate tampering exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sanitizer.clean import clean_run
+from sanitizer.cli import main
+from sanitizer.data.tario import TarWriter, iter_samples
+from sanitizer.manifest import read_manifest, write_manifest
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.verify import verify_run
+
+
+def score_and_clean(decoder_dir: Path, data: Path, out: Path, workers: int) -> Path:
+    job = ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, workers=workers)
+    summary = run_score_job(job, progress=False)
+    assert not summary.failed_shards
+    clean_run(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, tiny_decoder_dir, tiny_shards) -> Path:
+    return score_and_clean(tiny_decoder_dir, tiny_shards, tmp_path_factory.mktemp("verify") / "run", 0)
+
+
+@pytest.fixture
+def run_copy(good_run, tmp_path) -> Path:
+    """A fresh copy of the good run for one test to tamper with."""
+    return Path(shutil.copytree(good_run, tmp_path / "run"))
+
+
+def first_flagged(run: Path) -> tuple[str, int]:
+    """(stem, index) of the first quarantined sample of the run."""
+    for path in sorted((run / "manifest").glob("*.parquet")):
+        flagged = read_manifest(path).column("flagged").to_pylist()
+        if any(flagged):
+            return path.stem, flagged.index(True)
+    raise AssertionError("the tiny run flagged nothing")
+
+
+def test_good_local_run_passes(good_run, capsys):
+    assert verify_run(good_run) == []
+    assert main(["verify", str(good_run)]) == 0
+    assert capsys.readouterr().out == f"verify: 0 violation(s) in {good_run}\n"
+
+
+def test_good_ray_run_passes_and_matches_the_local_one(
+    ray_session, tmp_path, good_run, tiny_decoder_dir, tiny_shards
+):
+    run = score_and_clean(tiny_decoder_dir, tiny_shards, tmp_path / "ray", workers=1)
+    assert verify_run(run) == []
+    for path in sorted((good_run / "manifest").glob("*.parquet")):
+        assert pq.read_table(run / "manifest" / path.name).equals(pq.read_table(path))
+    for name in ("clean", "quarantine"):
+        for path in sorted((good_run / name).glob("*.tar")):
+            assert (run / name / path.name).read_bytes() == path.read_bytes()
+
+
+def test_no_run_json(tmp_path, capsys):
+    assert verify_run(tmp_path) == [f"run.json is missing: {tmp_path} is not a finished run"]
+    assert main(["verify", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 violation(s) in {tmp_path}"
+
+
+def test_deleted_manifest_row(run_copy):
+    path = run_copy / "manifest" / "shard-000001.parquet"
+    table = read_manifest(path)
+    key = table.column("key")[7].as_py()
+    write_manifest(path, pa.concat_tables([table.slice(0, 7), table.slice(8)]))
+    assert verify_run(run_copy) == [
+        f"shard shard-000001: input sample 7 key {key!r} has no manifest row",
+        "shard shard-000001: manifest has 39 rows, the input has 40 samples",
+        "shard shard-000001: stats count is 40, the manifest says 39",
+        "shard shard-000001: stats ok is 40, the manifest says 39",
+        "shard shard-000001: stats status_counts is {'ok': 40}, the manifest says {'ok': 39}",
+        "run.json totals.samples is 120, the manifests add up to 119",
+        "run.json totals.ok is 120, the manifests add up to 119",
+        "run.json totals.status_counts is {'ok': 120}, the manifests add up to {'ok': 119}",
+    ]
+
+
+def test_changed_byte_in_a_clean_member(run_copy):
+    path = run_copy / "clean" / "shard-000002.tar"
+    with tarfile.open(path) as tar:
+        info = [m for m in tar.getmembers() if m.name.endswith(".png")][3]
+    data = bytearray(path.read_bytes())
+    data[info.offset_data + 100] ^= 0x01
+    path.write_bytes(bytes(data))
+    key = info.name.rsplit(".", 1)[0]
+    index = int(key[-8:])  # synth keys are shard<global index>
+    assert verify_run(run_copy) == [
+        f"shard shard-000002: clean/shard-000002.tar, sample {index - 80} key {key!r}: "
+        f"member {info.name!r} differs from the input (sha256)"
+    ]
+
+
+def test_missing_shard(run_copy):
+    (run_copy / "manifest" / "shard-000000.parquet").unlink()
+    (run_copy / "stats" / "shard-000000_stats.json").unlink()
+    violations = verify_run(run_copy)
+    assert violations[0] == (
+        "shard shard-000000: has no stats marker and no manifest and is not listed as failed in run.json"
+    )
+    assert "run.json totals.shards_done is 3, the manifests add up to 2" in violations
+    assert "clean/shard-000000.tar: not an output of this run" in violations
+
+
+def test_sizes_json_off_by_one(run_copy):
+    sizes = json.loads((run_copy / "sizes.json").read_text())
+    sizes["clean/shard-000001.tar"] += 1
+    (run_copy / "sizes.json").write_text(json.dumps(sizes))
+    n = sizes["clean/shard-000001.tar"]
+    assert verify_run(run_copy) == [
+        f"sizes.json: 'clean/shard-000001.tar' is {n}, the clean tar holds {n - 1} samples"
+    ]
+
+
+def test_flagged_sample_in_clean(run_copy, tiny_shards):
+    stem, index = first_flagged(run_copy)
+    flagged = read_manifest(run_copy / "manifest" / f"{stem}.parquet").column("flagged").to_pylist()
+    samples = list(iter_samples(str(tiny_shards / f"{stem}.tar")))
+    with TarWriter(run_copy / "clean" / f"{stem}.tar") as writer:
+        for s in samples:
+            if not flagged[s.index] or s.index == index:
+                writer.write(s)
+    bad = samples[index]
+    violations = verify_run(run_copy)
+    assert violations[0] == (
+        f"shard {stem}: clean/{stem}.tar, sample {index + 1} key {samples[index + 1].key!r}: "
+        f"member {bad.members[0].name!r} (flagged sample {index}) found where "
+        f"{samples[index + 1].members[0].name!r} should be"
+    )
+    assert len(violations) == 1
+
+
+def test_symlink_member_in_an_output_tar_is_a_violation(run_copy):
+    path = run_copy / "quarantine" / "shard-000000.tar"
+    with tarfile.open(path, "a") as tar:
+        link = tarfile.TarInfo("escape.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link, io.BytesIO(b""))
+    assert verify_run(run_copy) == [
+        "shard shard-000000: quarantine/shard-000000.tar: unexpected member 'escape.png' (no manifest row) "
+        "after the last sample"
+    ]
