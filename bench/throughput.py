@@ -45,7 +45,7 @@ from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
 from sanitizer.model import DedeConfig, DedeDecoder
-from sanitizer.pipeline.job import ScoreJob, batch_shape, default_workers, ensure_ray, run_score_job
+from sanitizer.pipeline.job import ScoreJob, default_workers, ensure_ray, run_score_job
 from sanitizer.scoring import Scorer, ScoreSettings
 from sanitizer.train import TrainSettings, train_epoch
 
@@ -63,7 +63,7 @@ PROFILES = {
 DEFAULT_SIZES = {
     ("cl32", "cpu"): (2048, 128, 1024),
     ("cl32", "cuda"): (262_144, 8192, 65_536),
-    ("clip224", "cpu"): (96, 16, 64),
+    ("clip224", "cpu"): (64, 16, 32),
     ("clip224", "cuda"): (32_768, 1024, 16_384),
 }
 
@@ -234,12 +234,12 @@ def model_only(scorer: Scorer, size: int, device: torch.device, seconds: float) 
     seeds = torch.from_numpy(rng.integers(-(2**62), 2**62, m)).to(device)
     out = {}
     with torch.inference_mode(), phase(device, out):
-        for _ in range(2):  # warm-up: allocator, kernel selection
+        for _ in range(2 if device.type == "cuda" else 1):  # warm-up: allocator, kernel selection
             _forward(scorer, pixels, seeds)
         if device.type == "cuda":
             torch.cuda.synchronize()
         iters, started = 0, time.perf_counter()
-        while iters < 3 or time.perf_counter() - started < seconds:
+        while iters < 2 or time.perf_counter() - started < seconds:
             _forward(scorer, pixels, seeds)
             iters += 1
             if device.type == "cuda" and iters % 8 == 0:
@@ -248,18 +248,20 @@ def model_only(scorer: Scorer, size: int, device: torch.device, seconds: float) 
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
     out["img_s"] = iters * m / elapsed
-    out["images"] = (iters + 2) * m  # warm-up included, as in the CPU seconds
+    out["images"] = (iters + (2 if device.type == "cuda" else 1)) * m  # with warm-up, as the CPU seconds
     return out
 
 
-def pipeline(decoder_dir: Path, data: Path, out: Path, workers: int, device: str, n: int) -> dict:
+def pipeline(
+    decoder_dir: Path, data: Path, out: Path, workers: int, device: str, n: int, micro: int | None, **extra
+) -> dict:
     """The whole job's rate, and its steady rate: shards finished after the first `workers` ones
     over the time they took (what a long job sees once actors are up and models loaded)."""
     result = {}
     started = time.time()
     with phase(resolve_device(device), result):
         summary = run_score_job(
-            ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, workers=workers, device=device),
+            ScoreJob(decoder_dir, str(data), out, workers=workers, device=device, micro_batch=micro, **extra),
             progress=False,
         )
     if summary.samples != n or summary.failed_shards:
@@ -304,6 +306,15 @@ def training(encoder, n: int, settings: TrainSettings) -> dict:
 
 
 # -- main --------------------------------------------------------------------------------------------
+def default_micro_batch(decoder_dir: Path, root: Path, device: torch.device, size: int) -> int:
+    """The scoring job's default micro-batch (also for versions before batch_shape existed)."""
+    try:
+        from sanitizer.pipeline.job import batch_shape
+    except ImportError:
+        return 1024 if device.type == "cuda" else 64
+    return batch_shape(ScoreJob(decoder_dir, "", root), device, size)[0]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="cl32")
@@ -317,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the CPU; 0 and the GPU count on CUDA)",
     )
     p.add_argument("--model-seconds", type=float, default=10.0, help="how long to time the model-only loop")
+    p.add_argument("--micro-batch", type=int, help="scoring micro-batch (default: the job's default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the scoring model (CUDA only)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--work-dir", type=Path, help="keep shards and runs here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the JSON line to this file")
@@ -347,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     from sanitizer.checkpoint import load_decoder
 
     decoder, _ = load_decoder(decoder_dir, device)
-    micro, _ = batch_shape(ScoreJob(decoder_dir, "", root), device, profile["size"])  # the job's default
-    scorer = Scorer(encoder, decoder, settings, micro)
+    micro = args.micro_batch or default_micro_batch(decoder_dir, root, device, profile["size"])
+    compile_kw = {"compile": True} if args.compile else {}  # only versions that have the option
+    scorer = Scorer(encoder, decoder, settings, micro, **compile_kw)
     rows = {"model only": model_only(scorer, profile["size"], device, args.model_seconds)}
 
     if any(workers):
@@ -360,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             ceiling = f"model only (w={w})"
             rows[ceiling] = model_only(scorer, profile["size"], device, args.model_seconds / 2)
         out = root / f"run-w{w}-{time.time_ns()}"
-        rows[f"pipeline workers={w}"] = pipeline(decoder_dir, data, out, w, device.type, n)
+        rows[f"pipeline workers={w}"] = pipeline(
+            decoder_dir, data, out, w, device.type, n, args.micro_batch, **compile_kw
+        )
         ceiling_of[f"pipeline workers={w}"] = rows[ceiling]["img_s"]
     del scorer, decoder
     if not args.skip_train:

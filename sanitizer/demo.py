@@ -61,7 +61,7 @@ FULL = DemoPlan(
     dataset=3000,
     poison_rate=0.05,
     per_shard=250,
-    num_masks=2,
+    num_masks=4,
     decoder_model={"patch_size": 8, "width": 96, "depth": 1, "decoder_depth": 2, "heads": 3},
 )
 QUICK = DemoPlan(
@@ -168,6 +168,7 @@ def implant_backdoor(data: DemoData, split: Split, plan: DemoPlan, out: Path, ta
 
 
 def captions_for(data: DemoData, idx: np.ndarray) -> list[str]:
+    """Captions as a scraped image-text set would have them (they play no part in the attack here)."""
     if data.labels is None:
         return [f"a generated picture, number {i}" for i in idx]
     return [f"a photo of a {data.class_names[data.labels[i]]}" for i in idx]
@@ -198,7 +199,8 @@ def write_dataset(data: DemoData, split: Split, plan: DemoPlan, out: Path, targe
     return int(poisoned.sum())
 
 
-def write_decoder_data(data: DemoData, split: Split, plan: DemoPlan, out: Path) -> None:
+def write_decoder_data(data: DemoData, split: Split, out: Path) -> None:
+    """The defender's clean images (a trusted or public set), without captions or labels."""
     from sanitizer.data.synth import write_image_shards
 
     pixels = data.pixels[split.decoder]
@@ -273,7 +275,7 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
     stages.start("attacker: poisoning the dataset")
     dataset_dir, decoder_data = out / "data" / "dataset", out / "data" / "decoder-train"
     n_poisoned = write_dataset(data, split, plan, dataset_dir, target)
-    write_decoder_data(data, split, plan, decoder_data)
+    write_decoder_data(data, split, decoder_data)
     stages.note(f"{len(split.dataset)} image-caption samples, {n_poisoned} with the trigger: {dataset_dir}")
 
     stages.start(f"defender: training the DeDe decoder on {len(split.decoder)} clean images")

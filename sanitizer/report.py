@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
@@ -206,7 +207,8 @@ def scan_run(run: RunDir, stems: list[str]) -> RunScan:
         ok = status == "ok"
         score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
         flagged = table.column("flagged").to_numpy(zero_copy_only=False).astype(bool)
-        scan.statuses.update(status.tolist())
+        for item in pc.value_counts(table.column("status")).to_pylist():
+            scan.statuses[item["values"]] += item["counts"]
         scan.shards.append(ShardLine(stem, table.num_rows, int(ok.sum()), int(flagged.sum())))
         if ok.any():
             scan.lo, scan.hi = min(scan.lo, float(score[ok].min())), max(scan.hi, float(score[ok].max()))
@@ -266,34 +268,35 @@ def histograms(run: RunDir, stems: list[str], scan: RunScan, calibration, thresh
     return Histograms(edges, clean, flagged, calib, log_x)
 
 
-def sample_rows(run: RunDir, scan: RunScan) -> tuple[list[Pick], list[Pick], list[str]]:
+def sample_rows(run: RunDir, scan: RunScan) -> tuple[list[Pick], list[Pick]]:
     """A seeded random sample of flagged and of clean rows, from the shards with the most flags.
 
-    Limiting the sample to MAX_SHARDS_READ shards bounds how many input tars are read again.
+    Limiting the sample to MAX_SHARDS_READ shards bounds how many input tars are read again; keeping
+    only each shard's SAMPLE_PER_GROUP smallest random priorities bounds memory (a bottom-k sample).
     """
-    chosen = sorted(scan.shards, key=lambda s: (-s.flagged, scan.shards.index(s)))[:MAX_SHARDS_READ]
-    stems = [s.stem for s in chosen if s.ok]
+    order = sorted(range(len(scan.shards)), key=lambda i: (-scan.shards[i].flagged, i))
+    stems = [scan.shards[i].stem for i in order if scan.shards[i].ok][:MAX_SHARDS_READ]
     rng = np.random.default_rng(SEED)
-    groups: dict[bool, list[tuple[float, int, str]]] = {True: [], False: []}
+    candidates: dict[bool, list[tuple[float, str, int]]] = {True: [], False: []}
     for stem in stems:
-        table = _read(run, stem, _SCAN_COLUMNS)
+        table = _read(run, stem, ["status", "flagged"])
         ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
         flagged = table.column("flagged").to_numpy(zero_copy_only=False).astype(bool)
         priority = rng.random(table.num_rows)
         for want in (True, False):
             rows = np.flatnonzero(ok & (flagged == want))
-            groups[want] += [(float(priority[r]), int(r), stem) for r in rows]
-    picked: dict[bool, list[Pick]] = {}
-    for want, entries in groups.items():
-        best = heapq.nsmallest(SAMPLE_PER_GROUP, entries)
+            if len(rows) > SAMPLE_PER_GROUP:
+                rows = rows[np.argpartition(priority[rows], SAMPLE_PER_GROUP - 1)[:SAMPLE_PER_GROUP]]
+            candidates[want] += [(float(priority[r]), stem, int(r)) for r in rows]
+    picked: dict[bool, list[Pick]] = {True: [], False: []}
+    for want, entries in candidates.items():
         by_stem: dict[str, list[int]] = {}
-        for _, row, stem in best:
+        for _, stem, row in heapq.nsmallest(SAMPLE_PER_GROUP, entries):
             by_stem.setdefault(stem, []).append(row)
-        picked[want] = []
         for stem, rows in by_stem.items():
             table = _read(run, stem, _SCAN_COLUMNS)
             picked[want] += _picks(run, stem, np.sort(np.asarray(rows)), table)
-    return picked[True], picked[False], stems
+    return picked[True], picked[False]
 
 
 # -- images: read the few samples again, rebuild them with the run's encoder and decoder -------------
@@ -576,6 +579,9 @@ def plot_roc(path: Path, scores: np.ndarray, truth: np.ndarray, auc: float, thre
     fig = _figure(4.8, 4.4)
     ax = fig.add_subplot()
     fpr, tpr, _ = roc_curve(scores, truth)
+    if len(fpr) > 4000:  # a curve of millions of points draws slowly and looks the same thinned
+        keep = np.unique(np.r_[np.linspace(0, len(fpr) - 1, 4000).astype(int), len(fpr) - 1])
+        fpr, tpr = fpr[keep], tpr[keep]
     ax.plot(fpr, tpr, color=FLAG_COLOUR, linewidth=2, label=f"DeDe score (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="chance")
     if threshold is not None:
@@ -631,7 +637,7 @@ def _note(text: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[object]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    head = "".join(f"<th{' class=num' if i in numeric else ''}>{esc(h)}</th>" for i, h in enumerate(header))
     body = "".join(
         "<tr>"
         + "".join(f"<td{' class=num' if i in numeric else ''}>{esc(v)}</td>" for i, v in enumerate(r))
@@ -646,6 +652,12 @@ def _tile(value: str, label: str, tone: str = "") -> str:
         f'<div class="tile {tone}"><div class="value">{esc(value)}</div>'
         f'<div class="label">{esc(label)}</div></div>'
     )
+
+
+def _threshold_text(threshold: dict) -> str:
+    value = threshold.get("value")
+    shown = "not set" if value is None else f"{value:.6g}"
+    return f"{shown} ({threshold.get('rule', 'no rule')})"
 
 
 def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
@@ -670,11 +682,10 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
         ),
     ]
     if clean:
-        tiles.append(
-            _tile(f"{clean.get('kept', 0):,} / {clean.get('quarantined', 0):,}", "kept / quarantined")
-        )
+        tiles.append(_tile(f"{clean.get('kept', 0):,}", "kept in clean/"))
+        tiles.append(_tile(f"{clean.get('quarantined', 0):,}", "in quarantine/"))
     rows = [
-        ["threshold", f"{threshold.get('value', float('nan')):.6g} ({threshold.get('rule', 'none')})"],
+        ["threshold", _threshold_text(threshold)],
         ["decoder", info["config"].get("decoder_dir", "?")],
         ["input", info["config"].get("data", "?")],
         ["scoring", ", ".join(f"{k}={v}" for k, v in info["identity"]["scoring"].items())],
@@ -727,7 +738,9 @@ def verdict_section(verdict: dict) -> Section:
     return Section("verdict", "Verdict on the encoder", body)
 
 
-def scores_section(out: Path, hist: Histograms, threshold: float | None, rule: str) -> Section:
+def scores_section(out: Path, hist: Histograms | None, threshold: float | None, rule: str) -> Section:
+    if hist is None:
+        return Section("scores", "Score distribution", _note("no sample could be scored: nothing to plot"))
     plot_scores(out / "scores.png", hist, threshold, rule)
     text = (
         "<p>Each sample's score is how badly the decoder rebuilds it from the encoder's embedding when "
@@ -853,9 +866,9 @@ table { border-collapse:collapse; width:100%; font-size:13px; margin-top:8px; }
 th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); vertical-align:top;
   word-break:break-word; }
 th { color:var(--muted); font-weight:600; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 tbody tr:nth-child(even) { background:#fafbfc; }
-.tiles { display:grid; grid-template-columns:repeat(auto-fit,minmax(150px,1fr)); gap:10px;
+.tiles { display:grid; grid-template-columns:repeat(auto-fit,minmax(120px,1fr)); gap:10px;
   margin-bottom:10px; }
 .tile { border:1px solid var(--line); border-radius:8px; padding:10px 12px; }
 .tile .value { font-size:22px; font-weight:650; font-variant-numeric:tabular-nums; }
@@ -914,7 +927,7 @@ def image_sections(
     except SanitizerError as e:
         note = _note(f"the run's encoder or decoder cannot be loaded ({e}); images are not shown")
         return [Section(i, t, note) for i, t in ids]
-    flagged_sample, clean_sample, _ = sample_rows(run, scan)
+    flagged_sample, clean_sample = sample_rows(run, scan)
     urls = {s.stem: s.url for s in shards}
     images, notes = read_images(urls, scan.top + flagged_sample + clean_sample, size)
     top = render_views(scorer, scan.top, images, size)
@@ -947,7 +960,7 @@ def write_report(run_dir: Path) -> Path:
         calibration, meta = _calibration(info)
         scan = scan_run(run, done)
         verdict = encoder_verdict(run.root)
-        hist = histograms(run, done, scan, calibration, threshold)
+        hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
         roc, _ = roc_section(out, scan, threshold)
         sections = [
             summary_section(info, scan, meta),
