@@ -15,7 +15,8 @@ count once, and peak device memory. "img/CPU-s" is images per CPU-second used by
 and "others' CPU" the share of the machine other processes used meanwhile: on a shared machine,
 compare wall-clock rates only between runs with little of it. Prints a table, then one JSON line
 (model_only_img_s, pipeline_img_s, ratio, train_img_s, peak_rss_mb, ...), where pipeline_img_s is the
-steady rate with the device's default worker count (1 on the CPU, one per GPU).
+steady rate with the device's default worker count (one per CPU or GPU), and scaling_2_vs_1 compares
+2 actors with 1 at equal resources per actor (on the CPU one thread each: an extra workers=1 run).
 
 Profiles: cl32 = ResNet-18 with a CIFAR stem (timm:resnet18_cifar) at 32 px, PNG shards;
 clip224 = open_clip ViT-B-16 visual tower at 224 px, JPEG image-text shards made at 256 px (so decode
@@ -26,10 +27,12 @@ not depend on their values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -252,6 +255,47 @@ def model_only(scorer: Scorer, size: int, device: torch.device, seconds: float) 
     return out
 
 
+def _model_only_child(decoder_dir: str, micro: int, seconds: float, barrier) -> tuple[int, float]:
+    """One single-threaded process of model_only_processes: load, warm up, wait for the others, run."""
+    from sanitizer.checkpoint import load_decoder
+
+    torch.set_num_threads(1)
+    decoder, meta = load_decoder(Path(decoder_dir))
+    pre = meta["encoder"]["preprocess"]
+    encoder = load_encoder(
+        meta["encoder"]["spec"], None, pre["image_size"], tuple(pre["mean"]), tuple(pre["std"])
+    )
+    scorer = Scorer(encoder, decoder, ScoreSettings(**meta["scoring"]), micro)
+    pixels = torch.from_numpy(synthetic_images(micro, pre["image_size"], seed=2))
+    seeds = torch.arange(micro, dtype=torch.int64)
+    with torch.inference_mode():
+        _forward(scorer, pixels, seeds)
+        barrier.wait()
+        iters, started = 0, time.perf_counter()
+        while iters < 2 or time.perf_counter() - started < seconds:
+            _forward(scorer, pixels, seeds)
+            iters += 1
+    return iters * micro, time.perf_counter() - started
+
+
+def model_only_processes(decoder_dir: Path, micro: int, processes: int, seconds: float) -> dict:
+    """CPU: the model loop in `processes` single-threaded processes at once (summed images/s). On a
+    few cores this beats one process with as many threads, so it is the CPU ceiling to compare with."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    with ctx.Manager() as manager, phase(torch.device("cpu"), out):
+        barrier = manager.Barrier(processes)
+        with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+            args = [(str(decoder_dir), micro, seconds, barrier)] * processes
+            results = list(pool.map(_model_only_child, *zip(*args, strict=True)))
+    out["img_s"] = sum(images / elapsed for images, elapsed in results)
+    out["images"] = sum(images for images, _ in results)
+    return out
+
+
 def pipeline(
     decoder_dir: Path, data: Path, out: Path, workers: int, device: str, n: int, micro: int | None, **extra
 ) -> dict:
@@ -269,12 +313,14 @@ def pipeline(
     finished = sorted(
         (p.stat().st_mtime, json.loads(p.read_text())["count"]) for p in (out / "stats").iterdir()
     )
-    k = max(1, workers)
     result["job_img_s"] = n / result["seconds"]
     result["first_shard_s"] = finished[0][0] - started
-    span = finished[-1][0] - finished[k - 1][0] if len(finished) > k else 0.0
+    # Shards finished with (or within 0.5 s of) the first `workers` ones were in the same batches.
+    t0 = finished[min(max(1, workers), len(finished)) - 1][0] + 0.5
+    later = [(t, c) for t, c in finished if t > t0]
+    span = later[-1][0] - t0 + 0.5 if later else 0.0
     if span > 0.25 * result["seconds"]:
-        result["img_s"] = sum(c for _, c in finished[k:]) / span
+        result["img_s"] = sum(c for _, c in later) / span
     else:  # too few shards, or results that all came at the end: only the whole job can tell
         result["img_s"] = result["job_img_s"]
     return result
@@ -364,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     compile_kw = {"compile": True} if args.compile else {}  # only versions that have the option
     scorer = Scorer(encoder, decoder, settings, micro, **compile_kw)
     rows = {"model only": model_only(scorer, profile["size"], device, args.model_seconds)}
+    if device.type == "cpu" and (os.cpu_count() or 1) > 1:
+        rows[f"model only {os.cpu_count()} procs"] = model_only_processes(
+            decoder_dir, micro, os.cpu_count(), args.model_seconds
+        )
 
     if any(workers):
         ensure_ray(None)  # a running cluster, as in production: its start is not the job's cost
@@ -378,10 +428,21 @@ def main(argv: list[str] | None = None) -> int:
             decoder_dir, data, out, w, device.type, n, args.micro_batch, **compile_kw
         )
         ceiling_of[f"pipeline workers={w}"] = rows[ceiling]["img_s"]
+    scaling_base = "pipeline workers=1"
+    has_threads = "threads" in {f.name for f in dataclasses.fields(ScoreJob)}  # older versions: 1 thread
+    if device.type == "cpu" and {1, 2} <= set(workers) and has_threads:  # equal per-actor resources
+        scaling_base = "pipeline workers=1 threads=1"
+        out = root / f"run-w1t1-{time.time_ns()}"
+        rows[scaling_base] = pipeline(
+            decoder_dir, data, out, 1, device.type, n, args.micro_batch, threads=1, **compile_kw
+        )
     del scorer, decoder
     if not args.skip_train:
         rows["train (decoder)"] = training(encoder, n_train, TrainSettings())
 
+    parallel = rows.get(f"model only {os.cpu_count()} procs")
+    if parallel is not None:  # the CPU ceiling is the better of the two ways to run the model
+        ceiling_of = {k: max(v, parallel["img_s"]) for k, v in ceiling_of.items()}
     print(f"# {args.profile} on {device.type}: {describe_machine(device)}; {n} samples, {per_shard}/shard")
     header = (
         "phase",
@@ -394,12 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         "others' CPU",
         "ratio",
     )
-    print(f"{header[0]:<22}" + "".join(f"{h:>12}" for h in header[1:]))
+    print(f"{header[0]:<30}" + "".join(f"{h:>12}" for h in header[1:]))
     for name, r in rows.items():
         job_rate = r.get("job_img_s", r["img_s"])
         n_images = r.get("images", job_rate * r["seconds"])
         print(
-            f"{name:<22}{r['img_s']:>12.1f}{job_rate:>12.1f}{r['seconds']:>12.1f}"
+            f"{name:<30}{r['img_s']:>12.1f}{job_rate:>12.1f}{r['seconds']:>12.1f}"
             f"{n_images / max(r['cpu_s'], 1e-9):>12.1f}{r['peak_mb']:>12.0f}{r['device_mb']:>12.0f}"
             f"{r['others_cpu']:>12.0%}"
             + (f"{r['img_s'] / ceiling_of[name]:>12.2f}" if name in ceiling_of else "")
@@ -416,14 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine(device),
         "samples": n,
         "micro_batch": micro,
-        "model_only_img_s": round(ceiling, 1),  # measured next to the pipeline_img_s run
+        "model_only_img_s": round(ceiling, 1),  # next to the pipeline_img_s run (CPU: or N processes)
         "model_only_all_img_s": [round(r["img_s"], 1) for k, r in rows.items() if k.startswith("model")],
         "pipeline_img_s": round(default_row["img_s"], 1) if default_row else None,
         "ratio": round(default_row["img_s"] / ceiling, 3) if default_row else None,
         "pipeline_by_workers_img_s": {str(w): round(v, 1) for w, v in by_workers.items()},
-        "pipeline_job_img_s": {str(w): round(rows[f"pipeline workers={w}"]["job_img_s"], 1) for w in workers},
-        "first_shard_s": {str(w): round(rows[f"pipeline workers={w}"]["first_shard_s"], 1) for w in workers},
-        "scaling_2_vs_1": round(by_workers[2] / by_workers[1], 3) if {1, 2} <= by_workers.keys() else None,
+        "pipeline_job_img_s": {k: round(r["job_img_s"], 1) for k, r in rows.items() if "job_img_s" in r},
+        "first_shard_s": {k: round(r["first_shard_s"], 1) for k, r in rows.items() if "first_shard_s" in r},
+        "scaling_2_vs_1": (
+            round(by_workers[2] / rows[scaling_base]["img_s"], 3) if {1, 2} <= by_workers.keys() else None
+        ),
         "train_img_s": round(rows["train (decoder)"]["img_s"], 1) if not args.skip_train else None,
         "embed_img_s": round(rows["train (decoder)"]["embed_img_s"], 1) if not args.skip_train else None,
         "peak_rss_mb": round(max(r["peak_mb"] for r in rows.values())),
@@ -431,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_device_mb": round(max(r["device_mb"] for r in rows.values())),
         "others_cpu_max": round(max(r["others_cpu"] for r in rows.values()), 3),
     }
+    if args.work_dir is None:
+        shutil.rmtree(root, ignore_errors=True)
     line = json.dumps(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

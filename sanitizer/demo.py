@@ -13,11 +13,13 @@ and what matters here is that its backdoor is real (the kit measures its attack 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,11 @@ class DemoPlan:
     num_masks: int
     decoder_model: dict
 
+    @property
+    def total(self) -> int:
+        """Images the parts need together (the attacker's reference images come from the rest)."""
+        return self.shadow + self.probe + self.decoder_images + self.dataset
+
 
 FULL = DemoPlan(
     shadow=1000,
@@ -65,12 +72,12 @@ FULL = DemoPlan(
     decoder_model={"patch_size": 8, "width": 96, "depth": 1, "decoder_depth": 2, "heads": 3},
 )
 QUICK = DemoPlan(
-    shadow=256,
-    implant_epochs=5,
+    shadow=512,
+    implant_epochs=6,
     probe=0,
-    decoder_images=500,
-    decoder_epochs=8,
-    dataset=300,
+    decoder_images=1000,
+    decoder_epochs=10,
+    dataset=400,
     poison_rate=0.1,
     per_shard=100,
     num_masks=1,
@@ -97,6 +104,24 @@ class Split:
     dataset: np.ndarray
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the demo's tiny models on one CPU thread.
+
+    They are as fast on one thread as on two, and a second thread makes them stall for minutes when
+    another process holds the other core: every small op ends at an OpenMP barrier that waits for the
+    preempted thread (measured: one implant epoch 1.9 s on one thread, 84 s on two on a busy machine).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Stages:
     """Numbered stage lines with elapsed time, so a user sees where the demo is and how long it took."""
 
@@ -111,7 +136,7 @@ class Stages:
         print(f"      {text}", flush=True)
 
 
-def load_data(size: int = 32) -> DemoData:
+def load_data(plan: DemoPlan, size: int = 32) -> DemoData:
     """Fashion-MNIST's test split (10k labelled images) when installed, else generated images."""
     try:
         from sanitizer.redteam.datasets import FASHION_CLASSES, fashion_mnist
@@ -124,21 +149,22 @@ def load_data(size: int = 32) -> DemoData:
         log.info("%s; using generated images", e)
     from sanitizer.data.synth import synthetic_images
 
-    return DemoData(synthetic_images(6000, size, seed=SEED), None, (), "generated images")
+    return DemoData(synthetic_images(plan.total + 1, size, seed=SEED), None, (), "generated images")
 
 
 def split_data(data: DemoData, plan: DemoPlan, target: int) -> Split:
     """Random disjoint parts; the dataset gets what the attacker and the decoder did not use."""
     rng = np.random.default_rng(SEED)
     order = rng.permutation(len(data.pixels))
-    need = plan.shadow + plan.probe + plan.decoder_images + plan.dataset
-    if need > len(order):
-        raise UsageError(f"the demo needs {need} images, the data has {len(order)}")
+    if plan.total >= len(order):
+        raise UsageError(f"the demo needs more than {plan.total} images, the data has {len(order)}")
     cuts = np.cumsum([plan.shadow, plan.probe, plan.decoder_images, plan.dataset])
     shadow, probe, decoder, dataset = np.split(order[: cuts[-1]], cuts[:-1])
     rest = order[cuts[-1] :]
     # Without classes the attacker's target is one fixed generated image.
     reference = rest[data.labels[rest] == target][:16] if data.labels is not None else rest[:1]
+    if not len(reference):
+        raise UsageError("the demo's data has no image of the attacker's target class left over")
     return Split(shadow, reference, probe, decoder, dataset)
 
 
@@ -255,7 +281,7 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
     stages = Stages(7)
 
     stages.start("data: loading images")
-    data = load_data()
+    data = load_data(plan)
     target = data.class_names.index("bag") if data.labels is not None else 0
     split = split_data(data, plan, target)
     stages.note(f"{data.source}: {len(data.pixels)} images, 32 px")
@@ -264,7 +290,8 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
     stages.start(f"attacker: implanting a BadEncoder backdoor into {ENCODER} (red-team kit)")
     stages.note("seeded random weights stand in for an encoder downloaded from a third party")
     stages.note(f"trigger: a white 10x10 square; triggered images should embed like {what}")
-    implant = implant_backdoor(data, split, plan, out / "victim", target)
+    with one_torch_thread():
+        implant = implant_backdoor(data, split, plan, out / "victim", target)
     stages.note(f"victim encoder weights: {implant.weights}")
     if implant.report is not None:
         r = implant.report
@@ -280,15 +307,16 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
 
     stages.start(f"defender: training the DeDe decoder on {len(split.decoder)} clean images")
     decoder_dir = out / "decoder"
-    meta = train_decoder(
-        implant.encoder,
-        str(decoder_data),
-        decoder_dir,
-        TrainSettings(epochs=plan.decoder_epochs, batch_size=128, seed=SEED),
-        ScoreSettings(num_masks=plan.num_masks),
-        plan.decoder_model,
-        str(implant.weights.resolve()),
-    )
+    with one_torch_thread():
+        meta = train_decoder(
+            implant.encoder,
+            str(decoder_data),
+            decoder_dir,
+            TrainSettings(epochs=plan.decoder_epochs, batch_size=128, seed=SEED),
+            ScoreSettings(num_masks=plan.num_masks),
+            plan.decoder_model,
+            str(implant.weights.resolve()),
+        )
     stages.note(f"{meta['training']['epochs']} epochs in {meta['training']['seconds']} s: {decoder_dir}")
 
     stages.start("defender: scoring the dataset with the Ray pipeline")

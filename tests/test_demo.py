@@ -52,9 +52,9 @@ def test_generated_data_when_fashion_mnist_is_missing(tmp_path, monkeypatch):
     from sanitizer.redteam import datasets
 
     monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path / "absent")
-    data = demo.load_data()
-    assert data.labels is None and data.source == "generated images"
     plan = demo.QUICK
+    data = demo.load_data(plan)
+    assert data.labels is None and data.source == "generated images"
     split = demo.split_data(data, plan, target=0)
     parts = [split.shadow, split.probe, split.decoder, split.dataset, split.reference]
     assert len(np.unique(np.concatenate(parts))) == sum(len(p) for p in parts)  # disjoint
