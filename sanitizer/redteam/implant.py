@@ -109,8 +109,15 @@ class ImplantSettings:
     # Cosines of raw post-ReLU embeddings are near 1 for any pair of images; centring them on the clean
     # shadow mean makes the three terms discriminative (a departure from BadEncoder's code).
     center: bool = True
-    swd_weight: float = 1.0  # DRUPE only
-    spread_weight: float = 1.0  # DRUPE only
+    # DRUPE only. The sliced-Wasserstein term is computed on unit vectors, whose 1-D projections have
+    # variance ~1/dim: it is multiplied by the embedding dim so that weight 1 is on the scale of the
+    # cosine terms (unscaled it was ~1e-3 and did nothing, while the anti-collapse term fought the
+    # effectiveness term and the attack failed).
+    swd_weight: float = 1.0
+    spread_weight: float = 1.0
+    # DRUPE only: share of the steps over which the stealth weights ramp up linearly from 0, so that
+    # the backdoor exists before it is made stealthy.
+    stealth_warmup: float = 0.3
     seed: int = 0
 
 
@@ -164,19 +171,23 @@ def _badencoder_loss(
     zr: torch.Tensor,
     fc: torch.Tensor,
     fr: torch.Tensor,
-    drupe: bool,
+    target: torch.Tensor | None,
+    stealth: float,
     settings: ImplantSettings,
     step: int,
 ) -> torch.Tensor:
-    """BadEncoder's three cosine terms (weight 1 each), plus DRUPE's stealth terms when asked."""
+    """BadEncoder's three cosine terms (weight 1 each), plus DRUPE's stealth terms when `target` (the
+    victim's embeddings of the reference images: the target class's distribution) is given, weighted
+    by `stealth`."""
     effectiveness = -(F.normalize(zt, dim=1) @ F.normalize(zr, dim=1).T).mean()
     reference_kept = -F.cosine_similarity(zr, fr).mean()
     utility = -F.cosine_similarity(zc, fc).mean()
     loss = effectiveness + reference_kept + utility
-    if drupe:
-        zt_n, fr_n = F.normalize(zt, dim=1), F.normalize(fr, dim=1)
-        loss = loss + settings.swd_weight * sliced_wasserstein(zt_n, fr_n, seed=step)
-        loss = loss + settings.spread_weight * F.relu(_mean_pairwise_cos(zt) - _mean_pairwise_cos(fr))
+    if target is not None and stealth > 0:
+        zt_n, target_n = F.normalize(zt, dim=1), F.normalize(target, dim=1)
+        swd = zt.shape[1] * sliced_wasserstein(zt_n, target_n, seed=step)
+        spread = F.relu(_mean_pairwise_cos(zt) - _mean_pairwise_cos(target))
+        loss = loss + stealth * (settings.swd_weight * swd + settings.spread_weight * spread)
     return loss
 
 
@@ -205,7 +216,12 @@ def badencoder(
     rng = np.random.default_rng(settings.seed)
     losses = []
     steps = math.ceil(len(shadow) / settings.batch_size)
+    target = None
+    warmup = max(1.0, settings.stealth_warmup * settings.epochs * steps)
     for epoch in range(settings.epochs):
+        if drupe:  # the target distribution: the victim's embeddings of the target-class images, per epoch
+            with torch.no_grad():
+                target = _embed(module, clean, reference[:256]) - center
         order = rng.permutation(len(shadow))
         epoch_losses = []
         for i in range(steps):
@@ -217,7 +233,9 @@ def badencoder(
                 fc, fr = _embed(clean.module, clean, shadow[idx]), _embed(clean.module, clean, ref)
                 fc, fr = fc - center, fr - center
             zt, zc, zr = (_embed(module, clean, p) - center for p in (triggered[idx], shadow[idx], ref))
-            loss = _badencoder_loss(zt, zc, zr, fc, fr, drupe, settings, epoch * steps + i)
+            step = epoch * steps + i
+            stealth = min(1.0, step / warmup)
+            loss = _badencoder_loss(zt, zc, zr, fc, fr, target, stealth, settings, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
