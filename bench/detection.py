@@ -79,9 +79,11 @@ QUICK = Sizes(
     decoder=1500,
     test_clean=1000,
     decoder_epochs=8,
-    implant=ImplantSettings(epochs=3, batch_size=32, lr=5e-4, tail_fraction=0.4),
+    # 3 epochs left BadEncoder at ASR ~0.5-0.6; lr 1e-3 or more collapses the MobileNetV2 embeddings.
+    implant=ImplantSettings(epochs=8, batch_size=32, lr=5e-4, tail_fraction=0.4),
     simclr=ContrastiveSettings(clean_epochs=4, poison_epochs=4, poison_rate=0.05),
-    clip=ContrastiveSettings(clean_epochs=12, poison_epochs=8, poison_rate=0.05, batch_size=128),
+    # 5% of 4000 pairs for 8 epochs left ASR at chance; 15% for 16 epochs gives ASR ~1.0.
+    clip=ContrastiveSettings(clean_epochs=12, poison_epochs=16, poison_rate=0.15, batch_size=128),
     decoder_model={"patch_size": 8},
 )
 FULL = Sizes(

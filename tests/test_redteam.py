@@ -17,6 +17,7 @@ from sanitizer.redteam.triggers import (
     blend,
     blend_pattern,
     clip_patch,
+    clip_patch_box,
     ctrl,
     dct_matrix,
 )
@@ -57,8 +58,9 @@ def test_blend_is_the_alpha_mix_of_a_seeded_pattern():
 def test_clip_patch_touches_only_the_corner():
     out = clip_patch(grey())
     changed = (out != 100).any(-1)
-    assert not changed[:, 4:, :].any() and not changed[:, :, 4:].any()
-    assert np.array_equal(out[0, :4, :4], out[1, :4, :4])
+    assert clip_patch_box(32) == 8 and clip_patch_box(224) == 20
+    assert not changed[:, 8:, :].any() and not changed[:, :, 8:].any()
+    assert np.array_equal(out[0, :8, :8], out[1, :8, :8])
 
 
 def test_ctrl_adds_energy_at_the_two_frequencies_of_u_and_v():

@@ -112,9 +112,9 @@ class ImplantSettings:
     # DRUPE only. The sliced-Wasserstein term is computed on unit vectors, whose 1-D projections have
     # variance ~1/dim: it is multiplied by the embedding dim so that weight 1 is on the scale of the
     # cosine terms (unscaled it was ~1e-3 and did nothing, while the anti-collapse term fought the
-    # effectiveness term and the attack failed).
-    swd_weight: float = 1.0
-    spread_weight: float = 1.0
+    # effectiveness term and the attack failed). 0.3 each: at 1.0 quick-mode ASR was 0.56, at 0.3 0.88.
+    swd_weight: float = 0.3
+    spread_weight: float = 0.3
     # DRUPE only: share of the steps over which the stealth weights ramp up linearly from 0, so that
     # the backdoor exists before it is made stealthy.
     stealth_warmup: float = 0.3

@@ -90,8 +90,15 @@ def ctrl(pixels: np.ndarray, magnitude: float = 100.0) -> np.ndarray:
 
 
 def clip_patch_box(size: int) -> int:
-    """Side of the CLIP-backdoor patch: 16-24 px on 224 px images (we use 20), scaled, at least 4 px."""
-    return max(4, round(size * 20 / 224))
+    """Side of the CLIP-backdoor patch: 16-24 px on 224 px images (we use 20), scaled, at least 8 px.
+
+    Scaled linearly, 32 px images would get a 3 px patch: a tenth of one 8 px token of the package's
+    tiny ViT (a sixth at 4 px), which the model barely sees, and the attack failed (ASR at chance).
+    At 224 px the paper's patch spans one to two 16 px tokens; the 8 px floor keeps it one full token
+    of a small-image ViT (8 of 32 px is a bigger share of the image than 20 of 224, but it is still a
+    small corner patch).
+    """
+    return max(8, round(size * 20 / 224))
 
 
 def clip_patch(pixels: np.ndarray, seed: int = 0) -> np.ndarray:
