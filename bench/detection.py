@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +44,9 @@ from sanitizer.redteam.implant import (
 from sanitizer.redteam.metrics import auc, knn_distance, rates
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import TRIGGERS, Trigger
-from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
-from sanitizer.thresholds import parse_rule, resolve_threshold
-from sanitizer.train import ImageSet, TrainSettings, fit_decoder
+from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
+from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
+from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
 
 log = logging.getLogger("bench.detection")
 ATTACKS = ("clip-backdoor", "ctrl", "blend", "badencoder", "drupe")  # cheapest victims first
@@ -64,7 +64,7 @@ class Sizes:
     probe: int  # labelled clean images for the probes
     decoder: int  # decoder training images (ID: Fashion-MNIST with 1% triggered; OOD: MNIST)
     test_clean: int  # clean test images (the 1% set uses all; the 50% set half)
-    decoder_epochs: int
+    decoder_epochs: int | None
     implant: ImplantSettings
     simclr: ContrastiveSettings
     clip: ContrastiveSettings
@@ -78,13 +78,13 @@ QUICK = Sizes(
     probe=2000,
     decoder=1500,
     test_clean=1000,
-    decoder_epochs=8,
+    decoder_epochs=40,  # 57k image visits: 8 epochs left the decoders too blurry to show activation
     # 3 epochs left BadEncoder at ASR ~0.5-0.6; lr 1e-3 or more collapses the MobileNetV2 embeddings.
     implant=ImplantSettings(epochs=8, batch_size=32, lr=5e-4, tail_fraction=0.4),
     simclr=ContrastiveSettings(clean_epochs=4, poison_epochs=4, poison_rate=0.05),
     # 5% of 4000 pairs for 8 epochs left ASR at chance; 15% for 16 epochs gives ASR ~1.0.
     clip=ContrastiveSettings(clean_epochs=12, poison_epochs=16, poison_rate=0.15, batch_size=128),
-    decoder_model={"patch_size": 8},
+    decoder_model={},
 )
 FULL = Sizes(
     pretrain=50_000,
@@ -93,17 +93,19 @@ FULL = Sizes(
     probe=10_000,
     decoder=20_000,
     test_clean=9000,
-    decoder_epochs=100,
+    decoder_epochs=None,  # the package's automatic choice (about 200k image visits)
     implant=ImplantSettings(epochs=20, batch_size=64, lr=1e-4),
     simclr=ContrastiveSettings(clean_epochs=200, poison_epochs=200, poison_rate=0.01),
     clip=ContrastiveSettings(clean_epochs=100, poison_epochs=50, poison_rate=0.001),
     decoder_model={},
 )
-# `dede`: our settings; `dede-paper`: the reference code's (one mask, mean, median of scored set).
-DEDE = ScoreSettings(num_masks=4, aggregate="median")
-DEDE_RULE = "quantile:0.97"
+# `dede`: the package's defaults; `dede-paper`: the reference code's (one mask, mean, median of scored set).
+DEDE = ScoreSettings()
+DEDE_RULE = DEFAULT_RULE
 PAPER = ScoreSettings(num_masks=1, aggregate="mean")
 PAPER_RULE = "paper"
+# The aggregate ablation behind the default: `dede` with each other per-patch pooling.
+ABLATION = {f"dede-{a}": replace(DEDE, aggregate=a) for a in AGGREGATES if a != DEDE.aggregate}
 
 
 @dataclass
@@ -250,12 +252,20 @@ def detection_rows(
     return rows
 
 
-def dede_rows(attack: str, train_data: str, encoder, fitted, tests: TestSets, suffix: str = "") -> list[dict]:
+def dede_rows(
+    attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets, suffix: str = ""
+) -> list[dict]:
+    """`dede` and `dede-paper` rows, and on ID data the aggregate ablation (each calibrated as `dede`)."""
+    methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
+    if train_data == "id":
+        methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
+    holdout = images.pixels[split_holdout(images.keys, TrainSettings().holdout)[1]]
     rows = []
-    for method, settings, rule in (("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)):
+    for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, tests.clean, "clean", settings)
         t = score(encoder, fitted.decoder, tests.triggered, "trig", settings)
-        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, fitted.calibration)
+        calibration = score(encoder, fitted.decoder, holdout, "holdout", settings)
+        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration)
     return rows
 
 
@@ -303,14 +313,14 @@ def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tup
     tests = TestSets(data.test[0], victim.trigger(data.trigger_source[0]))
     id_set, _ = id_training_set(data, victim.trigger)
     fitted_id = fit(enc, id_set, s)
-    rows = dede_rows(attack, "id", enc, fitted_id, tests)
+    rows = dede_rows(attack, "id", enc, fitted_id, id_set, tests)
     ood = ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
-    rows += dede_rows(attack, "ood", enc, fit(enc, ood, s), tests)
+    rows += dede_rows(attack, "ood", enc, fit(enc, ood, s), ood, tests)
     # The control: the same data through the clean encoder, with its own decoder (one per clean encoder).
     key = (victim.clean.weights_sha256, attack in ("blend", "ctrl", "clip-backdoor") and attack)
     if key not in control_cache:
         control_cache[key] = fit(victim.clean, id_set, s)
-    rows += dede_rows(attack, "id", victim.clean, control_cache[key], tests, suffix="-control")
+    rows += dede_rows(attack, "id", victim.clean, control_cache[key], id_set, tests, suffix="-control")
     rows += baseline_rows(attack, enc, data, tests)
     return rows, downstream(victim, data, id_set, fitted_id, tests)
 
@@ -348,7 +358,8 @@ def markdown(result: dict) -> str:
             f"| {a['seconds']:.0f} |"
         )
     lines += ["", "## Detection (AUC / TPR / FPR at the method's threshold)", ""]
-    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    ablation = {m for name in ABLATION for m in (name, name + "-control")}
+    methods = [m for m in dict.fromkeys(r["method"] for r in result["rows"]) if m not in ablation]
     header = "| attack | rate | train | " + " | ".join(methods) + " |"
     lines += [header, "|" + "---|" * (3 + len(methods))]
     groups = dict.fromkeys((r["attack"], r["poison_rate"], r["train_data"]) for r in result["rows"])
@@ -362,6 +373,7 @@ def markdown(result: dict) -> str:
             ]  # noqa: E501
             cells.append(f"{hit[0]['auc']:.3f} / {hit[0]['tpr']:.2f} / {hit[0]['fpr']:.2f}" if hit else "")
         lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(cells) + " |")
+    lines += ablation_table(result["rows"])
     lines += [
         "",
         "## Downstream (linear probe; ASR counts removed triggered images as failed attacks)",
@@ -377,6 +389,28 @@ def markdown(result: dict) -> str:
             f"| {b['asr']:.3f} | {b['train_removed']:.3f} | {b['clean_test_removed']:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def ablation_table(rows: list[dict]) -> list[str]:
+    """AUC on the victim / on the clean-encoder control for each per-patch aggregate (ID decoders)."""
+    auc_of = {(r["attack"], r["poison_rate"], r["method"]): r["auc"] for r in rows if r["train_data"] == "id"}
+    names = {f"dede ({DEDE.aggregate})": "dede", **{f"{n} ({s.aggregate})": n for n, s in ABLATION.items()}}
+    lines = [
+        "",
+        "## Per-patch aggregate (ID decoder): AUC on the victim / on the clean-encoder control",
+        "",
+        "| attack | rate | " + " | ".join(names) + " |",
+        "|" + "---|" * (2 + len(names)),
+    ]
+    for attack, rate in dict.fromkeys((a, r) for a, r, _ in auc_of):
+        cells = [
+            f"{auc_of[attack, rate, m]:.3f} / {auc_of[attack, rate, m + '-control']:.3f}"
+            if (attack, rate, m + "-control") in auc_of
+            else ""
+            for m in names.values()
+        ]
+        lines.append(f"| {attack} | {rate:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_results(result: dict, json_path: Path, md_path: Path | None) -> None:

@@ -14,6 +14,9 @@ from pathlib import Path
 from sanitizer.errors import SanitizerError
 from sanitizer.thresholds import DEFAULT_RULE
 
+# Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
+AGGREGATE_HELP = "how hidden patches' errors pool into a score: mean (the paper's MSE), median or q25"
+
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
 
@@ -32,7 +35,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--std", **_triple("std"))
     p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
     p.add_argument("--out", required=True, type=Path, help="DECODER_DIR to write")
-    p.add_argument("--patch-size", type=int, help="default: 4 up to 64 px, 16 above")
+    p.add_argument("--patch-size", type=int, help="default: 8 up to 64 px, 16 above")
     p.add_argument("--width", type=int, help="transformer width of the decoder")
     p.add_argument("--depth", type=int, help="blocks over visible patches")
     p.add_argument("--decoder-depth", type=int, help="blocks over all patches")
@@ -40,7 +43,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.9, help="training mask ratio (default 0.9)")
     p.add_argument("--test-mask-ratio", type=float, default=0.99, help="mask ratio of scores (default 0.99)")
     p.add_argument("--num-masks", type=int, default=4, help="masks averaged per score (default 4)")
-    p.add_argument("--aggregate", default="mean", choices=("mean", "median"), help="per-patch error pooling")
+    p.add_argument("--aggregate", default="q25", help=AGGREGATE_HELP + " (default q25)")
     p.add_argument("--epochs", type=int, help="default: from the data size (about 200k image visits)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -99,9 +102,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="RUN_DIR for manifest, stats and run.json")
     p.add_argument("--test-mask-ratio", type=float, help="default: the decoder's calibration setting")
     p.add_argument("--num-masks", type=int, help="default: the decoder's calibration setting")
-    p.add_argument(
-        "--aggregate", choices=("mean", "median"), help="default: the decoder's calibration setting"
-    )
+    p.add_argument("--aggregate", help=AGGREGATE_HELP + " (default: the decoder's calibration setting)")
     p.add_argument(
         "--threshold", default=DEFAULT_RULE, help=f"quantile:Q, mad:K, value:X or paper ({DEFAULT_RULE})"
     )

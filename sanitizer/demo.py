@@ -69,7 +69,7 @@ FULL = DemoPlan(
     poison_rate=0.05,
     per_shard=250,
     num_masks=4,
-    decoder_model={"patch_size": 8, "width": 96, "depth": 1, "decoder_depth": 2, "heads": 3},
+    decoder_model={},  # the package default for 32 px
 )
 QUICK = DemoPlan(
     shadow=512,

@@ -22,7 +22,12 @@ from sanitizer.encoders import VictimEncoder
 from sanitizer.errors import UsageError
 from sanitizer.model import DedeDecoder, num_visible
 
-AGGREGATES = ("mean", "median")
+# How per-patch errors of the hidden patches become one number. "mean" is the paper's MSE; the others
+# are quantiles of the per-patch errors, so that the few patches a visible trigger covers cannot
+# dominate: a clean encoder that merely sees odd pixels rebuilds the rest of the image well, while a
+# backdoored embedding points at another image and leaves even the best-rebuilt patches wrong.
+QUANTILES = {"median": 0.5, "q25": 0.25}
+AGGREGATES = ("mean", *QUANTILES)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -30,9 +35,9 @@ _MASK32 = 0xFFFFFFFF
 class ScoreSettings:
     test_mask_ratio: float = 0.99
     num_masks: int = 4
-    # How per-patch errors of the hidden patches become one number: "mean" is the paper's MSE;
-    # "median" lets a few badly rebuilt patches (a visible trigger) not dominate the score.
-    aggregate: str = "mean"
+    # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
+    # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
+    aggregate: str = "q25"
 
     def __post_init__(self) -> None:
         if not 0 < self.test_mask_ratio < 1:
@@ -85,7 +90,7 @@ def aggregate_errors(errors: torch.Tensor, mask: torch.Tensor, how: str) -> torc
         return (errors * mask).sum(1) / mask.sum(1).clamp(min=1)
     hidden = int(mask[0].sum().item())  # the same count in every row: ratio is fixed
     values = errors.masked_select(mask.bool()).view(errors.shape[0], hidden)
-    return values.median(dim=1).values
+    return values.float().quantile(QUANTILES[how], dim=1)
 
 
 @dataclass

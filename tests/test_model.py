@@ -86,7 +86,7 @@ def test_image_size_must_be_divisible_by_patch_size():
 
 
 def test_defaults_suit_the_input_size():
-    assert DedeConfig.default_for(32, 512).patch_size == 4
+    assert DedeConfig.default_for(32, 512).patch_size == 8
     big = DedeConfig.default_for(224, 768)
     assert (big.patch_size, big.num_patches) == (16, 196)
-    assert DedeConfig.default_for(32, 512, patch_size=8, width=None).patch_size == 8
+    assert DedeConfig.default_for(32, 512, patch_size=4, width=None).patch_size == 4

@@ -25,12 +25,23 @@ def test_mask_noise_is_a_pure_function_of_seed_and_mask_index():
     assert int(noise.min()) >= 0 and int(noise.max()) < 2**32
 
 
-def test_median_aggregate_ignores_a_few_outlier_patches():
-    errors = torch.ones(1, 10)
-    errors[0, :2] = 100.0
+def test_quantile_aggregates_ignore_a_few_outlier_patches_and_visible_ones():
+    errors = torch.arange(1.0, 11.0).unsqueeze(0)  # hidden patches' errors 1..8, then two visible
+    errors[0, :2] = 100.0  # two trigger patches, rebuilt badly
     mask = torch.ones(1, 10)
-    assert aggregate_errors(errors, mask, "median").item() == 1.0
-    assert aggregate_errors(errors, mask, "mean").item() == pytest.approx(20.8)
+    mask[0, 8:] = 0
+    hidden = [100.0, 100.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert aggregate_errors(errors, mask, "mean").item() == pytest.approx(np.mean(hidden))
+    assert aggregate_errors(errors, mask, "median").item() == pytest.approx(np.quantile(hidden, 0.5))
+    assert aggregate_errors(errors, mask, "q25").item() == pytest.approx(np.quantile(hidden, 0.25))
+    assert aggregate_errors(errors, mask, "q25").item() == pytest.approx(4.75)
+
+
+def test_train_cli_defaults_are_the_score_settings_defaults():
+    from sanitizer.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--encoder", "timm:x", "--data", "d", "--out", "o"])
+    assert ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate) == ScoreSettings()
 
 
 def test_settings_are_validated():
