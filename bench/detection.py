@@ -282,14 +282,21 @@ def baseline_rows(attack: str, victim: VictimEncoder, data: Data, tests: TestSet
     return rows
 
 
-def downstream(victim: Victim, data: Data, id_set: ImageSet, fitted, tests: TestSets) -> dict:
-    """Probe clean accuracy and ASR without defence, and after the `dede` detector filters train and test."""
+def downstream(
+    victim: Victim, data: Data, id_set: ImageSet, poisoned: np.ndarray, fitted, tests: TestSets
+) -> dict:
+    """Probe clean accuracy and ASR without defence, and after the `dede` detector filters train and test.
+
+    The probe is the downstream user's classifier on the victim encoder, trained on their clean labelled
+    data (BadEncoder's threat model): the ID set without its triggered images. Labelled triggered images
+    in the probe's training set would teach it to undo the backdoor, which no defence deserves credit for.
+    """
     enc = victim.implant.encoder
     threshold = resolve_threshold(parse_rule(DEDE_RULE), fitted.calibration)
-    labels = data.decoder[1]
-    emb_train = embed_pixels(enc, id_set.pixels)
+    train_pixels, labels = id_set.pixels[~poisoned], data.decoder[1][~poisoned]
+    emb_train = embed_pixels(enc, train_pixels)
     emb_clean, emb_trig = embed_pixels(enc, tests.clean), embed_pixels(enc, tests.triggered)
-    keep_train = score(enc, fitted.decoder, id_set.pixels, "id", DEDE) <= threshold
+    keep_train = score(enc, fitted.decoder, train_pixels, "id", DEDE) <= threshold
     keep_clean = score(enc, fitted.decoder, tests.clean, "clean", DEDE) <= threshold
     keep_trig = score(enc, fitted.decoder, tests.triggered, "trig", DEDE) <= threshold
     out = {}
@@ -311,7 +318,7 @@ def downstream(victim: Victim, data: Data, id_set: ImageSet, fitted, tests: Test
 def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tuple[list[dict], dict]:
     attack, enc = victim.attack, victim.implant.encoder
     tests = TestSets(data.test[0], victim.trigger(data.trigger_source[0]))
-    id_set, _ = id_training_set(data, victim.trigger)
+    id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = fit(enc, id_set, s)
     rows = dede_rows(attack, "id", enc, fitted_id, id_set, tests)
     ood = ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
@@ -322,7 +329,7 @@ def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tup
         control_cache[key] = fit(victim.clean, id_set, s)
     rows += dede_rows(attack, "id", victim.clean, control_cache[key], id_set, tests, suffix="-control")
     rows += baseline_rows(attack, enc, data, tests)
-    return rows, downstream(victim, data, id_set, fitted_id, tests)
+    return rows, downstream(victim, data, id_set, poisoned, fitted_id, tests)
 
 
 def versions() -> dict:
