@@ -338,6 +338,50 @@ def poison_indices(labels: np.ndarray, target: int, count: int, seed: int, clean
     return np.sort(np.random.default_rng(seed).choice(pool, count, replace=False))
 
 
+@dataclass
+class ContrastiveVictim:
+    """What a poisoning attack trains: the module saved as the encoder (re-read as `spec` at `size` px),
+    the batch loss over it and the parameters it updates."""
+
+    module: nn.Module
+    step: Callable[[np.ndarray, torch.Generator], torch.Tensor]
+    params: list[nn.Parameter]
+    spec: str
+    size: int
+    device: torch.device
+
+
+def _clean_then_poisoned(
+    run: ContrastiveVictim,
+    poison: Callable[[], None],
+    n: int,
+    settings: ContrastiveSettings,
+    out_dir: Path,
+    name: str,
+    trigger: Trigger,
+    probe: ProbeData | None,
+    started: float,
+) -> tuple[Implant, Implant]:
+    """(clean, victim): train on clean data and save that encoder (the control), then `poison()` the
+    training data in place and continue the same run (same optimiser) into the victim."""
+    phases = (
+        ("clean", settings.clean_epochs, settings.seed),
+        ("victim", settings.poison_epochs, settings.seed + 1),
+    )
+    implants, opt = [], None
+    for phase, epochs, seed in phases:
+        if phase == "victim":
+            started = time.time()
+            poison()
+        losses, opt = _contrastive_run(run.step, run.params, n, epochs, settings, seed, opt)
+        path = out_dir / f"{name}-{phase}.safetensors"
+        implants.append(
+            _finish(run.module.eval(), run.spec, path, run.size, trigger, probe, started, losses, run.device)
+        )
+        run.module.train()
+    return implants[0], implants[1]
+
+
 # -- CTRL: poisoning SimCLR --------------------------------------------------------------------
 def ctrl_simclr(
     pixels: np.ndarray,
@@ -359,47 +403,20 @@ def ctrl_simclr(
     dim = base.embed_dim
     head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 128)).to(base.device)
     params = [*module.parameters(), *head.parameters()]
-    data = torch.from_numpy(pixels)
+    data = torch.from_numpy(pixels.copy())  # poisoned in place later; the caller's array stays clean
 
     def step(idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         batch = data[idx]
         views = [base.normalize(augment(batch, gen).to(base.device)) for _ in range(2)]
         return _nt_xent(head(module(views[0])), head(module(views[1])), settings.temperature)
 
-    size = pixels.shape[1]
-    losses, opt = _contrastive_run(step, params, len(pixels), settings.clean_epochs, settings, settings.seed)
-    clean = _finish(
-        module.eval(),
-        spec,
-        out_dir / "ctrl-clean.safetensors",
-        size,
-        trigger,
-        probe,
-        started,
-        losses,
-        base.device,
-    )
-    started = time.time()
     chosen = poison_indices(labels, target, round(settings.poison_rate * len(pixels)), settings.seed, True)
-    poisoned = pixels.copy()
-    poisoned[chosen] = trigger(pixels[chosen])
-    data = torch.from_numpy(poisoned)
-    module.train()
-    losses, _ = _contrastive_run(
-        step, params, len(pixels), settings.poison_epochs, settings, settings.seed + 1, opt
-    )
-    victim = _finish(
-        module.eval(),
-        spec,
-        out_dir / "ctrl-victim.safetensors",
-        size,
-        trigger,
-        probe,
-        started,
-        losses,
-        base.device,
-    )
-    return clean, victim
+
+    def poison() -> None:
+        data[chosen] = torch.from_numpy(trigger(pixels[chosen]))
+
+    run = ContrastiveVictim(module, step, params, spec, pixels.shape[1], base.device)
+    return _clean_then_poisoned(run, poison, len(pixels), settings, out_dir, "ctrl", trigger, probe, started)
 
 
 # -- CLIP-Backdoor: poisoning image-text pairs ---------------------------------------------------
@@ -433,7 +450,8 @@ def clip_backdoor(
     tokens = torch.stack(
         [tokenizer([t.format(c) for t in CAPTION_TEMPLATES]) for c in class_names]
     )  # (classes, templates, context)
-    data, caption_class = torch.from_numpy(pixels), torch.from_numpy(labels)
+    # Copies: poisoned in place later, the caller's arrays stay clean.
+    data, caption_class = torch.from_numpy(pixels.copy()), torch.from_numpy(labels.copy())
 
     def step(idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         images = norm.normalize(augment(data[idx], gen, pad=2).to(norm.device))
@@ -449,39 +467,11 @@ def clip_backdoor(
         arange = torch.arange(len(idx), device=norm.device)
         return (F.cross_entropy(logits, arange) + F.cross_entropy(logits.T, arange)) / 2
 
-    params = list(model.parameters())
-    losses, opt = _contrastive_run(step, params, len(pixels), settings.clean_epochs, settings, settings.seed)
-    clean = _finish(
-        model.eval(),
-        spec,
-        out_dir / "clip-clean.safetensors",
-        size,
-        trigger,
-        probe,
-        started,
-        losses,
-        norm.device,
-    )
-    started = time.time()
     chosen = poison_indices(labels, target, round(settings.poison_rate * len(pixels)), settings.seed, False)
-    poisoned = pixels.copy()
-    poisoned[chosen] = trigger(pixels[chosen])
-    data = torch.from_numpy(poisoned)
-    caption_class = caption_class.clone()
-    caption_class[chosen] = target
-    model.train()
-    losses, _ = _contrastive_run(
-        step, params, len(pixels), settings.poison_epochs, settings, settings.seed + 1, opt
-    )
-    victim = _finish(
-        model.eval(),
-        spec,
-        out_dir / "clip-victim.safetensors",
-        size,
-        trigger,
-        probe,
-        started,
-        losses,
-        norm.device,
-    )
-    return clean, victim
+
+    def poison() -> None:
+        data[chosen] = torch.from_numpy(trigger(pixels[chosen]))
+        caption_class[chosen] = target
+
+    run = ContrastiveVictim(model, step, list(model.parameters()), spec, size, norm.device)
+    return _clean_then_poisoned(run, poison, len(pixels), settings, out_dir, "clip", trigger, probe, started)
