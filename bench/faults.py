@@ -21,7 +21,6 @@ runs. Every process killed is one this script started (its own session), found b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import io
 import json
@@ -42,18 +41,24 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import sanitizer
-from sanitizer.cli import main
 from sanitizer.data.hostile import PWNED_FILE, expected_statuses, write_hostile_corpus
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import printable
 from sanitizer.encoders import load_encoder
+from sanitizer.faultkit import (
+    cli,
+    cmdline,
+    descendants,
+    kill_job,
+    outputs,
+    start_job,
+    stats_count,
+)
 from sanitizer.manifest import read_manifest, write_manifest
 from sanitizer.scoring import ScoreSettings
 from sanitizer.train import TrainSettings, train_decoder
 from sanitizer.verify import verify_run
 
-REPO = Path(sanitizer.__file__).resolve().parents[1]
 TINY_MODEL = {"patch_size": 8, "width": 32, "depth": 1, "decoder_depth": 1, "heads": 2}
 ROWS: list[tuple[str, str, str]] = []  # (fault, trials, outcome)
 
@@ -66,72 +71,6 @@ def row(fault: str, trials: object, outcome: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def _stat(pid: int | str) -> tuple[str, int, int] | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), int(fields[3])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _processes() -> dict[int, tuple[str, int, int]]:
-    found = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (s := _stat(name)) is not None and s[0] != "Z":
-            found[int(name)] = s
-    return found
-
-
-def session_pids(sid: int) -> list[int]:
-    return sorted(pid for pid, s in _processes().items() if s[2] == sid)
-
-
-def descendants(root: int) -> list[int]:
-    parents = {pid: s[1] for pid, s in _processes().items()}
-    found, changed = {root}, True
-    while changed:
-        changed = False
-        for pid, ppid in parents.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                changed = True
-    return sorted(found - {root})
-
-
-def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sanitizer.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def kill(proc: subprocess.Popen) -> bool:
-    """SIGKILL the job and every process of its session; False if it had already ended."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 30
-    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-    return proc.returncode == -signal.SIGKILL
-
-
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | None, timeout: float = 600) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -142,36 +81,6 @@ def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | None, tim
 
 
 # ---------------------------------------------------------------- runs
-
-
-def cli(*argv: object, cwd: Path | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.ExitStack() as stack:
-        if cwd is not None:
-            stack.enter_context(contextlib.chdir(cwd))
-        stack.enter_context(contextlib.redirect_stdout(out))
-        stack.enter_context(contextlib.redirect_stderr(err))
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def outputs(run: Path) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for path in sorted(run.rglob("*")):
-        rel = path.relative_to(run).as_posix()
-        if path.is_dir() or rel == ".lock":
-            continue
-        if rel.endswith(".parquet"):
-            out[rel] = pq.read_table(path)
-        elif rel.startswith("stats/"):
-            out[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
-        elif rel == "run.json":
-            info = json.loads(path.read_text())
-            keep = ("identity", "state", "threshold", "totals", "failed_shards", "clean")
-            out[rel] = {k: info.get(k) for k in keep}
-        else:
-            out[rel] = path.read_bytes()
-    return out
 
 
 def differences(run: Path, reference: Path, clean: bool = True) -> list[str]:
@@ -230,13 +139,9 @@ def holds_lock(run: Path, job: subprocess.Popen) -> Callable[[], bool]:
     return check
 
 
-def stats_count(run: Path) -> int:
-    return len(list((run / "stats").glob("*_stats.json"))) if (run / "stats").is_dir() else 0
-
-
 def baseline(ws: dict, args: list[str], run: Path, name: str) -> float:
     """Seconds from taking the lock to exiting, for an undisturbed job in a fresh process."""
-    job = start(args, ws["tmp"], ws["tmp"] / f"{name}.log")
+    job = start_job(args, ws["tmp"], ws["tmp"] / f"{name}.log")
     wait_until(holds_lock(run, job), job)
     started = time.monotonic()
     job.wait()
@@ -256,7 +161,7 @@ def sigkill_score(ws: dict, workers: int, trials: int, rng: random.Random) -> No
         run = ws["tmp"] / f"kill_w{workers}_{t}"
         args = score_args(ws, run, workers)
         for attempt in range(2):
-            job = start(args, ws["tmp"], ws["tmp"] / f"kill_w{workers}_{t}.log")
+            job = start_job(args, ws["tmp"], ws["tmp"] / f"kill_w{workers}_{t}.log")
             remaining = ws["done"] - stats_count(run)
             if (t + attempt) % 2 == 0 or remaining < 2:
                 wait_until(holds_lock(run, job), job)
@@ -266,7 +171,7 @@ def sigkill_score(ws: dict, workers: int, trials: int, rng: random.Random) -> No
                 target = stats_count(run) + rng.randint(1, remaining - 1)
                 wait_until(lambda target=target, run=run: stats_count(run) >= target, job)
                 how = "after the k-th stats marker"
-            landed[f"{how}: " + ("killed" if kill(job) else "had ended")] += 1
+            landed[f"{how}: " + ("killed" if kill_job(job) else "had ended")] += 1
             problems += partial_files(run)
         cli(*args, cwd=ws["tmp"])
         cli("clean", run, cwd=ws["tmp"])
@@ -292,10 +197,10 @@ def sigkill_clean(ws: dict, kills: int, rng: random.Random) -> None:
     problems, landed = [], Counter()
     for t in range(kills):
         run = fresh(f"kill_clean_{t}")
-        job = start(["clean", str(run)], ws["tmp"], ws["tmp"] / "kill_clean.log")
+        job = start_job(["clean", str(run)], ws["tmp"], ws["tmp"] / "kill_clean.log")
         wait_until(holds_lock(run, job), job)
         time.sleep(rng.uniform(0, seconds))
-        landed["killed" if kill(job) else "had ended"] += 1
+        landed["killed" if kill_job(job) else "had ended"] += 1
         problems += partial_files(run)
         cli("clean", run)
         problems += differences(run, ws["reference"])
@@ -317,7 +222,7 @@ def kill_actor(ws: dict, kills: int) -> None:
     def killer() -> None:
         while not stop.is_set():
             for pid in descendants(os.getpid()):
-                cmd = _cmdline(pid)
+                cmd = cmdline(pid)
                 if "ScoreStage" in cmd:
                     seen.add(pid)
                     if ".submit" in cmd and len(killed) < kills and pid not in killed:
@@ -432,7 +337,7 @@ def two_jobs(ws: dict, trials: int) -> None:
         run = ws["tmp"] / f"two_{t}"
         args = ["score", "--decoder", ws["decoder"], "--data", ws["corpus"], "--out", run, "--workers", 0]
         logs = [ws["tmp"] / f"two_{t}_{i}.log" for i in range(2)]
-        jobs = [start([str(a) for a in args], ws["tmp"], log) for log in logs]
+        jobs = [start_job([str(a) for a in args], ws["tmp"], log) for log in logs]
         codes = sorted(job.wait() for job in jobs)
         texts = [log.read_text() for log in logs]
         if codes != [1, 2]:

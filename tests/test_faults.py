@@ -10,7 +10,6 @@ randomized version.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -19,7 +18,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -30,9 +28,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import sanitizer
+from sanitizer import faultkit
 from sanitizer.checkpoint import file_sha256
-from sanitizer.cli import main
 from sanitizer.data.hostile import (
     PWNED_FILE,
     SHARD_ERROR_SHARDS,
@@ -42,35 +39,25 @@ from sanitizer.data.hostile import (
 )
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import TAR_ENCODING, TAR_ERRORS, printable
+from sanitizer.faultkit import (
+    CliResult,
+    cli,
+    cmdline,
+    descendants,
+    kill_job,
+    outputs,
+    session_pids,
+    stats_count,
+)
 from sanitizer.manifest import read_manifest
 from sanitizer.verify import verify_run
 
-REPO = Path(sanitizer.__file__).resolve().parents[1]
 SYNTH = [f"synth-{i:06d}" for i in range(4)]
 DONE = sorted([n for n in expected_statuses() if n not in SHARD_ERROR_SHARDS] + SYNTH)
 WAIT_S = 300  # generous: a loaded CI machine takes long to import torch and start Ray
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-def cli(*argv: str | Path, cwd: Path | None = None) -> Result:
-    """Run the CLI in-process, capturing what it prints."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.ExitStack() as stack:
-        if cwd is not None:
-            stack.enter_context(contextlib.chdir(cwd))
-        stack.enter_context(contextlib.redirect_stdout(out))
-        stack.enter_context(contextlib.redirect_stderr(err))
-        rc = main([str(a) for a in argv])
-    return Result(rc, out.getvalue(), err.getvalue())
 
 
 def score_args(decoder: Path, data: Path, run: Path, workers: int) -> list[str]:
@@ -85,26 +72,6 @@ def score_args(decoder: Path, data: Path, run: Path, workers: int) -> list[str]:
         "--workers",
         str(workers),
     ]
-
-
-def outputs(run: Path) -> dict[str, object]:
-    """What must not depend on faults: manifests as tables, stats without timings, tar bytes."""
-    out: dict[str, object] = {}
-    for path in sorted(run.rglob("*")):
-        rel = path.relative_to(run).as_posix()
-        if path.is_dir() or rel == ".lock":
-            continue
-        if rel.endswith(".parquet"):
-            out[rel] = pq.read_table(path)
-        elif rel.startswith("stats/"):
-            out[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
-        elif rel == "run.json":
-            info = json.loads(path.read_text())
-            keep = ("identity", "state", "threshold", "totals", "failed_shards", "clean")
-            out[rel] = {k: info.get(k) for k in keep}
-        else:
-            out[rel] = path.read_bytes()
-    return out
 
 
 def assert_same_outputs(run: Path, reference: Path) -> None:
@@ -131,50 +98,8 @@ def assert_nothing_partial(run: Path) -> None:
                     tar.extractfile(info).read()  # raises on a cut tar
 
 
-def _stat(pid: int | str) -> tuple[str, int, int] | None:
-    """(state, ppid, session id) of a process, None if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), int(fields[3])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _processes() -> dict[int, tuple[str, int, int]]:
-    """Every live (not zombie) process: pid -> (state, ppid, session id)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (s := _stat(name)) is not None and s[0] != "Z":
-            found[int(name)] = s
-    return found
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of a session: a job started with start_new_session and all it started."""
-    return sorted(pid for pid, s in _processes().items() if s[2] == sid)
-
-
-def descendants(root: int) -> list[int]:
-    parents = {pid: s[1] for pid, s in _processes().items()}
-    found, changed = {root}, True
-    while changed:
-        changed = False
-        for pid, ppid in parents.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                changed = True
-    return sorted(found - {root})
-
-
 def score_actors(pids: list[int]) -> dict[int, str]:
-    return {p: c for p in pids if "ScoreStage" in (c := _cmdline(p))}
+    return {p: c for p in pids if "ScoreStage" in (c := cmdline(p))}
 
 
 def wait_for(
@@ -202,34 +127,10 @@ def _no_job_outlives_the_tests():
 
 
 def start_job(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """`sanitizer ...` in its own session, with its own local Ray if it uses one."""
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
-    with open(log, "wb") as f:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "sanitizer.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    """faultkit.start_job, remembered so that no job outlives the tests."""
+    job = faultkit.start_job(args, cwd, log)
     JOBS.append(job)
     return job
-
-
-def kill_job(proc: subprocess.Popen) -> bool:
-    """SIGKILL the job, then every process of its session (its Ray, if any), as a crash would;
-    False if the job had already ended by itself."""
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 30
-    while left := session_pids(proc.pid):
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert time.monotonic() < deadline, f"processes of the killed job survive: {left}"
-        time.sleep(0.05)
-    return proc.returncode == -signal.SIGKILL
 
 
 def lock_holder(run: Path) -> str:
@@ -237,10 +138,6 @@ def lock_holder(run: Path) -> str:
         return (run / ".lock").read_text().strip()
     except OSError:
         return ""
-
-
-def stats_count(run: Path) -> int:
-    return len(list((run / "stats").glob("*_stats.json"))) if (run / "stats").is_dir() else 0
 
 
 # ---------------------------------------------------------------- the corpus and the reference run
@@ -261,8 +158,8 @@ def corpus(tmp_path_factory) -> Path:
 class Reference:
     run: Path
     cwd: Path
-    score: Result
-    clean: Result
+    score: CliResult
+    clean: CliResult
 
 
 @pytest.fixture(scope="module")
@@ -379,11 +276,11 @@ def test_verify_passes_on_the_hostile_run(reference):
 @dataclass
 class KilledRun:
     run: Path
-    second: Result  # a second job tried while the first held the lock
+    second: CliResult  # a second job tried while the first held the lock
     holder: str
     done_at_first_kill: int
-    rerun: Result
-    clean: Result
+    rerun: CliResult
+    clean: CliResult
 
 
 @pytest.fixture(scope="module")
