@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sanitizer.data.synth import synthetic_images
 from sanitizer.encoders import load_encoder
-from sanitizer.redteam.implant import ImplantSettings, ProbeData, badencoder, sliced_wasserstein
+from sanitizer.redteam.implant import (
+    ContrastiveSettings,
+    ImplantSettings,
+    ProbeData,
+    badencoder,
+    ctrl_simclr,
+    sliced_wasserstein,
+)
 from sanitizer.redteam.metrics import auc, rates
 from sanitizer.redteam.triggers import (
     TRIGGERS,
@@ -145,3 +153,16 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
     trig_scores = scorer.score(trig_x, key_seeds([f"t{i}" for i in range(len(trig_x))])).score
     positive = np.r_[np.zeros(len(clean_scores), bool), np.ones(len(trig_scores), bool)]
     assert auc(np.r_[clean_scores, trig_scores], positive) >= 0.8
+
+
+def test_ctrl_simclr_does_not_depend_on_the_callers_rng(tmp_path):
+    """Same settings, different global torch RNG state before the call: bit-identical victims."""
+    x, y = labelled_images(64, seed=3)
+    settings = ContrastiveSettings(clean_epochs=1, poison_epochs=1, batch_size=32, poison_rate=0.1)
+    weights = []
+    for run, state in enumerate((1, 2)):
+        torch.manual_seed(state)
+        _, victim = ctrl_simclr(x, y, 0, tmp_path / str(run), settings, spec="timm:test_resnet")
+        weights.append(load_file(str(victim.weights)))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

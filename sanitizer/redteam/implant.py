@@ -398,6 +398,7 @@ def ctrl_simclr(
     all of the target class (clean label: the attacker does not touch labels or captions), carries
     the trigger. The labels are used only to pick the images to poison."""
     started = time.time()
+    torch.manual_seed(settings.seed)  # the projection head's init: the caller's RNG state must not matter
     base = load_encoder(spec, image_size=pixels.shape[1], device=device)
     module = copy.deepcopy(base.module).train().requires_grad_(True)
     dim = base.embed_dim
