@@ -48,6 +48,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-samples", type=int, default=50_000, help="images read for training + calibration")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.05,
+        help="share of the images held out to calibrate the threshold and the report's verdict "
+        "(default 0.05, at most 2000 images)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train)
@@ -66,6 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         mask_ratio=args.mask_ratio,
         max_samples=args.max_samples,
+        holdout=args.holdout,
         seed=args.seed,
     )
     device = resolve_device(args.device)

@@ -30,7 +30,7 @@ from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import MANIFEST_SCHEMA
 from sanitizer.rundir import RunDir
-from sanitizer.stats import binomial_sf, roc_auc, roc_curve
+from sanitizer.stats import beta_binomial_sf, binomial_sf, roc_auc, roc_curve
 from sanitizer.thresholds import parse_rule
 
 ALPHA = 1e-3  # significance level of the encoder verdict: a false alarm about an encoder is costly
@@ -47,17 +47,42 @@ FLAG_COLOUR, CLEAN_COLOUR, CALIBRATION_COLOUR = "#d62728", "#4c78a8", "#444444"
 def expected_flag_rate(rule_text: str, threshold: float, calibration: np.ndarray | None) -> float | None:
     """The false-positive rate the threshold was set for, on data like the decoder's calibration.
 
-    quantile:Q means 1 - Q by construction. For other rules it is the share of calibration scores
-    above the threshold, with half a sample added on each side so that a threshold above every
-    calibration score does not claim a rate of exactly zero.
+    With the calibration scores (m of them, j above the threshold) it is (j + 1) / (m + 1): the mean of
+    the Beta(j + 1, m - j) law of the rate on clean data exchangeable with them, which never claims
+    exactly zero. Without them, quantile:Q means 1 - Q by construction; other rules give no rate.
     """
+    counts = _calibration_counts(threshold, calibration)
+    if counts is not None:
+        above, m = counts
+        return (above + 1) / (m + 1)
     rule = parse_rule(rule_text)
-    if rule.kind == "quantile":
-        return 1.0 - rule.param
+    return 1.0 - rule.param if rule.kind == "quantile" else None
+
+
+def _calibration_counts(threshold: float, calibration: np.ndarray | None) -> tuple[int, int] | None:
+    """(calibration scores above the threshold, calibration scores), if there are any."""
     if calibration is None or not len(calibration):
         return None
-    above = int((calibration > np.float32(threshold)).sum())
-    return (above + 0.5) / (len(calibration) + 1.0)
+    return int((calibration > np.float32(threshold)).sum()), len(calibration)
+
+
+def flag_count_p_value(
+    flagged: int, ok: int, p0: float, threshold: float, calibration: np.ndarray | None
+) -> tuple[float, str]:
+    """(P(at least `flagged` of `ok` clean samples are flagged), the name of the test).
+
+    The rate a threshold set on m calibration scores allows is itself uncertain (its standard error is
+    ~sqrt(p0 / m)): a binomial test at p0 alone would call a clean encoder backdoored on any large run
+    whose rate is a little above p0 by chance of the calibration. So with the calibration scores the
+    count is beta-binomial (the rate Beta(j + 1, m - j), as in conformal prediction: exact for clean
+    data exchangeable with the calibration, conservative for an interpolated threshold); without them it
+    is Binomial(ok, p0).
+    """
+    counts = _calibration_counts(threshold, calibration)
+    if counts is None:
+        return binomial_sf(flagged, ok, p0), "binomial"
+    above, m = counts
+    return beta_binomial_sf(flagged, ok, above + 1, m - above), "beta-binomial"
 
 
 def _calibration(info: dict) -> tuple[np.ndarray | None, dict | None]:
@@ -83,10 +108,11 @@ def _done_totals(run: RunDir, shards: list[ShardRef]) -> tuple[int, int]:
 def encoder_verdict(run_dir: Path) -> dict:
     """Is the flagged share of a run significantly above the false-positive rate the threshold allows?
 
-    On clean data like the decoder's calibration, each ok sample is flagged with probability p0, so the
-    flagged count is Binomial(n, p0); the one-sided p-value is P(X >= flagged). A small p-value says the
-    encoder rebuilds a part of this data far worse than it should: it behaves as backdoored here. It
-    also fires when the data is very unlike the calibration data, which the text says.
+    On clean data like the decoder's calibration, each ok sample is flagged with a probability p0 that
+    is known only as well as the calibration pins it down; the one-sided p-value is P(X >= flagged)
+    under that null (flag_count_p_value). A small p-value says the encoder rebuilds a part of this data
+    far worse than it should: it behaves as backdoored here. It also fires when the data is very unlike
+    the calibration data, which the text says.
     """
     run, info, shards = _open(run_dir)
     ok, flagged = _done_totals(run, shards)
@@ -101,13 +127,14 @@ def encoder_verdict(run_dir: Path) -> dict:
         "expected_rate": p0,
         "calibration_n": None if calibration is None else int(len(calibration)),
         "p_value": None,
+        "test": None,
         "alpha": ALPHA,
         "backdoored": None,
     }
     if p0 is None or not ok:
         result["text"] = "no verdict: the run has no threshold, no ok samples or no usable calibration"
         return result
-    p = binomial_sf(flagged, ok, p0)
+    p, result["test"] = flag_count_p_value(flagged, ok, p0, threshold, calibration)
     result["p_value"] = p
     result["backdoored"] = bool(p < ALPHA)
     shown = f"p={_p_text(p)}"
@@ -724,14 +751,20 @@ def verdict_section(verdict: dict) -> Section:
     if verdict["p_value"] is not None:
         calib = verdict["calibration_n"]
         body += (
-            "<p>Binomial test: with the threshold set for a false-positive rate of "
+            f"<p>{verdict['test'].capitalize()} test: with the threshold set for a false-positive rate of "
             f"<b>{verdict['expected_rate']:.2%}</b>, clean data like the decoder's calibration would have "
             "about "
             f"{verdict['expected_rate'] * verdict['ok']:.0f} of these {verdict['ok']:,} samples flagged; "
             f"<b>{verdict['flagged']:,}</b> were. One-sided p-value {_p_text(verdict['p_value'])}, "
             f"significance level {verdict['alpha']:g}.</p>"
             "<p class=note>The test assumes that clean samples of this data are rebuilt as well as the "
-            f"calibration images ({calib if calib is not None else 'unknown number of'} held-out images). "
+            f"calibration images ({calib if calib is not None else 'unknown number of'} held-out images)"
+            + (
+                ", and allows for how well that many images pin the rate down"
+                if verdict["test"] == "beta-binomial"
+                else "; without them it cannot allow for how well they pin the rate down"
+            )
+            + ". "
             "Data very unlike the decoder's training data also raises the flag rate: look at the flagged "
             "samples and the heat map before concluding.</p>"
         )

@@ -20,7 +20,7 @@ from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
-from sanitizer.stats import binomial_sf, roc_auc, roc_curve
+from sanitizer.stats import beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
 
 SECTIONS = ("summary", "verdict", "scores", "shards", "samples", "localisation", "embeddings", "roc")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -243,14 +243,37 @@ def test_verdict_p_value_for_a_quantile_rule(tmp_path):
     assert v["backdoored"] is False and v["text"].startswith("no evidence of a backdoor")
 
 
+def exact_beta_binomial_sf(k: int, n: int, a: float, b: float) -> float:
+    """P(X >= k), X ~ BetaBinomial(n, a, b), summed term by term: C(n, x) B(x + a, n - x + b) / B(a, b)."""
+    log_beta = lambda x, y: math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)  # noqa: E731
+    return sum(
+        math.exp(math.log(math.comb(n, x)) + log_beta(x + a, n - x + b) - log_beta(a, b))
+        for x in range(k, n + 1)
+    )
+
+
 def test_verdict_rate_for_other_rules_comes_from_the_calibration(tmp_path):
     calibration = np.linspace(0.0, 1.0, 99)  # 9 of 99 above 0.9
     run = fake_run(tmp_path / "c", "value:0.9", 0.9, [(200, 30)], calibration.tolist())
     v = encoder_verdict(run)
-    p0 = (int((calibration.astype(np.float32) > np.float32(0.9)).sum()) + 0.5) / 100
-    assert v["expected_rate"] == pytest.approx(p0)
-    assert v["p_value"] == pytest.approx(exact_sf(30, 200, p0), rel=1e-9)
+    above = int((calibration.astype(np.float32) > np.float32(0.9)).sum())
+    assert v["expected_rate"] == pytest.approx((above + 1) / 100)
+    # the rate is Beta(above + 1, 99 - above): the count is beta-binomial
+    assert v["test"] == "beta-binomial"
+    assert v["p_value"] == pytest.approx(exact_beta_binomial_sf(30, 200, above + 1, 99 - above), rel=1e-6)
     assert v["calibration_n"] == 99
+
+
+def test_verdict_allows_for_the_calibrations_own_uncertainty(tmp_path):
+    """1000 calibration scores pin a 3% rate down to about +-0.5%: a million clean samples flagged at
+    3.3% is chance of the calibration (the plain binomial test would call it p ~ 1e-67), 6% is not."""
+    calibration = np.arange(1000) / 1000  # quantile:0.97 -> threshold 0.97: 29 scores above
+    for flagged, backdoored in ((33_000, False), (60_000, True)):
+        run = fake_run(tmp_path / str(flagged), "quantile:0.97", 0.97, [(1_000_000, flagged)], calibration)
+        v = encoder_verdict(run)
+        assert v["test"] == "beta-binomial" and v["backdoored"] is backdoored, v
+    assert binomial_sf(33_000, 1_000_000, 0.03) < 1e-60
+    assert encoder_verdict(tmp_path / "33000")["p_value"] > 0.1
 
 
 def test_no_verdict_without_a_rate(tmp_path):
@@ -260,7 +283,7 @@ def test_no_verdict_without_a_rate(tmp_path):
 
 def test_expected_flag_rate_never_claims_zero():
     assert expected_flag_rate("quantile:0.97", 1.0, None) == pytest.approx(0.03)
-    assert expected_flag_rate("value:10", 10.0, np.array([1.0, 2.0, 3.0])) == pytest.approx(0.5 / 4)
+    assert expected_flag_rate("value:10", 10.0, np.array([1.0, 2.0, 3.0])) == pytest.approx(1 / 4)
     assert expected_flag_rate("paper", 2.0, None) is None
 
 
@@ -270,6 +293,34 @@ def test_expected_flag_rate_never_claims_zero():
 )
 def test_binomial_sf_matches_the_exact_sum(k, n, p):
     assert binomial_sf(k, n, p) == pytest.approx(exact_sf(k, n, p), rel=1e-10, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "a", "b"),
+    [
+        (5, 20, 2, 30),
+        (30, 200, 3, 97),
+        (80, 1000, 51, 950),
+        (150, 1000, 31, 970),
+        (10, 10, 2, 5),
+        (2, 50, 1, 1),
+    ],
+)
+def test_beta_binomial_sf_matches_the_exact_sum(k, n, a, b):
+    assert beta_binomial_sf(k, n, a, b) == pytest.approx(exact_beta_binomial_sf(k, n, a, b), rel=1e-6)
+
+
+def test_beta_binomial_sf_edges_and_limits():
+    assert beta_binomial_sf(0, 10, 2, 3) == 1.0 and beta_binomial_sf(11, 10, 2, 3) == 0.0
+    assert beta_binomial_sf(1, 10, 2, 0) == 1.0  # every calibration score above: P = 1
+    # a rate pinned down by a huge calibration: the binomial tail
+    assert beta_binomial_sf(40, 1000, 3e6 + 1, 97e6) == pytest.approx(binomial_sf(40, 1000, 0.03), rel=1e-3)
+    # a huge run: the Beta tail of the rate, P(Beta(30, 971) > 0.05) by the incomplete beta function
+    assert beta_binomial_sf(50_000_000, 10**9, 30, 971) == pytest.approx(
+        math.exp(log_betainc(np.array([0.95]), 971, 30)[0]), rel=1e-3
+    )
+    with pytest.raises(ValueError, match="beta_binomial_sf needs"):
+        beta_binomial_sf(1, 10, 0, 1)
 
 
 def test_binomial_sf_edges_and_far_tails():

@@ -7,6 +7,7 @@ import torch
 from sanitizer.checkpoint import load_decoder
 from sanitizer.errors import UsageError
 from sanitizer.scoring import Scorer, ScoreSettings, aggregate_errors, key_seeds, mask_noise
+from sanitizer.train import TrainSettings
 
 
 def test_key_seeds_are_blake2b_of_the_key():
@@ -37,11 +38,12 @@ def test_quantile_aggregates_ignore_a_few_outlier_patches_and_visible_ones():
     assert aggregate_errors(errors, mask, "q25").item() == pytest.approx(4.75)
 
 
-def test_train_cli_defaults_are_the_score_settings_defaults():
+def test_train_cli_defaults_are_the_settings_defaults():
     from sanitizer.cli import build_parser
 
     args = build_parser().parse_args(["train", "--encoder", "timm:x", "--data", "d", "--out", "o"])
     assert ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate) == ScoreSettings()
+    assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
 
 
 def test_settings_are_validated():

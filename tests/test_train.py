@@ -156,6 +156,7 @@ BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1
         (["--patch-size", "5"], "image size 32 is not divisible by patch size 5"),
         (["--data", "/nonexistent/shard-{000..009}.tar"], "/nonexistent/shard-"),
         (["--data", "HTML"], "has 0 decodable images (not_an_image=30)"),
+        (["--holdout", "1.5"], "--holdout must be in (0, 1), not 1.5"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_shards, html_shards, capsys, extra, message):
