@@ -221,6 +221,7 @@ def score(
 class TestSets:
     clean: np.ndarray
     triggered: np.ndarray
+    sources: np.ndarray  # the class of each triggered image before the trigger
 
     def mix(self, rate: float) -> tuple[slice, slice]:
         """(clean slice, triggered slice): 50% uses half the clean images, 1% all of them."""
@@ -252,21 +253,34 @@ def detection_rows(
     return rows
 
 
+def auc_by_source_class(clean_scores: np.ndarray, trig_scores: np.ndarray, sources: np.ndarray) -> dict:
+    """AUC of all clean test images against the triggered images of each source class: which escape."""
+    out = {}
+    for k in np.unique(sources):
+        t = trig_scores[sources == k]
+        positive = np.r_[np.zeros(len(clean_scores), bool), np.ones(len(t), bool)]
+        out[datasets.FASHION_CLASSES[k]] = round(auc(np.r_[clean_scores, t], positive), 4)
+    return out
+
+
 def dede_rows(
     attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets, suffix: str = ""
-) -> list[dict]:
-    """`dede` and `dede-paper` rows, and on ID data the aggregate ablation (each calibrated as `dede`)."""
+) -> tuple[list[dict], dict]:
+    """`dede` and `dede-paper` rows, and on ID data the aggregate ablation (each calibrated as `dede`);
+    and the `dede` AUC per source class of the triggered images."""
     methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
     if train_data == "id":
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
     holdout = images.pixels[split_holdout(images.keys, TrainSettings().holdout)[1]]
-    rows = []
+    rows, by_class = [], {}
     for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, tests.clean, "clean", settings)
         t = score(encoder, fitted.decoder, tests.triggered, "trig", settings)
         calibration = score(encoder, fitted.decoder, holdout, "holdout", settings)
         rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration)
-    return rows
+        if method == "dede":
+            by_class = auc_by_source_class(c, t, tests.sources)
+    return rows, by_class
 
 
 def baseline_rows(attack: str, victim: VictimEncoder, data: Data, tests: TestSets) -> list[dict]:
@@ -315,21 +329,25 @@ def downstream(
     return out
 
 
-def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tuple[list[dict], dict]:
+def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tuple[list[dict], dict, dict]:
+    """(detection rows, downstream table, `dede` AUC per source class on the victim and the control)."""
     attack, enc = victim.attack, victim.implant.encoder
-    tests = TestSets(data.test[0], victim.trigger(data.trigger_source[0]))
+    tests = TestSets(data.test[0], victim.trigger(data.trigger_source[0]), data.trigger_source[1])
     id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = fit(enc, id_set, s)
-    rows = dede_rows(attack, "id", enc, fitted_id, id_set, tests)
+    rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests)
     ood = ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
-    rows += dede_rows(attack, "ood", enc, fit(enc, ood, s), ood, tests)
+    rows += dede_rows(attack, "ood", enc, fit(enc, ood, s), ood, tests)[0]
     # The control: the same data through the clean encoder, with its own decoder (one per clean encoder).
     key = (victim.clean.weights_sha256, attack in ("blend", "ctrl", "clip-backdoor") and attack)
     if key not in control_cache:
         control_cache[key] = fit(victim.clean, id_set, s)
-    rows += dede_rows(attack, "id", victim.clean, control_cache[key], id_set, tests, suffix="-control")
-    rows += baseline_rows(attack, enc, data, tests)
-    return rows, downstream(victim, data, id_set, poisoned, fitted_id, tests)
+    control_rows, control_by_class = dede_rows(
+        attack, "id", victim.clean, control_cache[key], id_set, tests, suffix="-control"
+    )
+    rows += control_rows + baseline_rows(attack, enc, data, tests)
+    by_class = {"dede": by_class, "dede-control": control_by_class}
+    return rows, downstream(victim, data, id_set, poisoned, fitted_id, tests), by_class
 
 
 def versions() -> dict:
@@ -381,6 +399,7 @@ def markdown(result: dict) -> str:
             cells.append(f"{hit[0]['auc']:.3f} / {hit[0]['tpr']:.2f} / {hit[0]['fpr']:.2f}" if hit else "")
         lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(cells) + " |")
     lines += ablation_table(result["rows"])
+    lines += source_class_table(result.get("auc_by_source_class", {}))
     lines += [
         "",
         "## Downstream (linear probe; ASR counts removed triggered images as failed attacks)",
@@ -417,6 +436,26 @@ def ablation_table(rows: list[dict]) -> list[str]:
             for m in names.values()
         ]
         lines.append(f"| {attack} | {rate:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def source_class_table(by_class: dict) -> list[str]:
+    """`dede` AUC (ID decoder) on the victim / the control, per class of the image the trigger went on."""
+    classes = list(dict.fromkeys(c for a in by_class.values() for c in a["dede"]))
+    if not classes:
+        return []
+    lines = [
+        "",
+        "## `dede` AUC per source class of the triggered images (ID decoder): victim / control",
+        "",
+        "All clean test images against the triggered images of one class.",
+        "",
+        "| attack | " + " | ".join(classes) + " |",
+        "|" + "---|" * (1 + len(classes)),
+    ]
+    for attack, a in by_class.items():
+        cells = [f"{a['dede'][c]:.2f} / {a['dede-control'][c]:.2f}" for c in classes]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -471,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
     probe = ProbeData(*data.probe, *data.test, TARGET)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        rows, down, attack_info, control_cache = [], {}, {}, {}
+        rows, down, by_class, attack_info, control_cache = [], {}, {}, {}, {}
         for victim in iter_victims(data, sizes, attacks, work, args.device):
             attack = victim.attack
             attack_info[attack] = {
@@ -480,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
                 "seconds": round(victim.implant.seconds, 1),
             }
-            attack_rows, down[attack] = run_attack(victim, data, sizes, control_cache)
+            attack_rows, down[attack], by_class[attack] = run_attack(victim, data, sizes, control_cache)
             rows += attack_rows
             result = {
                 **header,
@@ -489,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "attacks": attack_info,
                 "rows": rows,
                 "downstream": down,
+                "auc_by_source_class": by_class,
                 "wall_seconds": round(time.time() - started, 1),
             }
             write_results(result, args.json, args.md)  # after every attack: a long run leaves partial results
