@@ -49,6 +49,11 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return max(0.0, 1.0 - math.exp(_log_sum_exp(_log_pmf(ks, n, p))))
 
 
+def _log_beta(a: float, b: float) -> float:
+    """log B(a, b), the beta function (symmetric in a and b)."""
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
 def log_betainc(x: np.ndarray, a: float, b: float) -> np.ndarray:
     """log I_x(a, b), the regularised incomplete beta function, for 0 < x < 1 (vectorised over x).
 
@@ -58,12 +63,7 @@ def log_betainc(x: np.ndarray, a: float, b: float) -> np.ndarray:
     x = np.asarray(x, np.float64)
     direct = x < (a + 1) / (a + b + 2)
     xs, aa, bb = np.where(direct, x, 1 - x), np.where(direct, a, b), np.where(direct, b, a)
-    log_front = (
-        aa * np.log(xs)
-        + bb * np.log1p(-xs)
-        - np.log(aa)
-        - (np.vectorize(math.lgamma)(aa) + np.vectorize(math.lgamma)(bb) - math.lgamma(a + b))
-    )
+    log_front = aa * np.log(xs) + bb * np.log1p(-xs) - np.log(aa) - _log_beta(a, b)
     tiny = 1e-300
     c, d = np.ones_like(xs), 1 - (aa + bb) * xs / (aa + 1)
     d = 1 / np.where(np.abs(d) < tiny, tiny, d)
@@ -101,11 +101,7 @@ def beta_binomial_sf(k: int, n: int, a: float, b: float, points: int = 4001) -> 
     sd = math.sqrt(mean * (1 - mean) / (n + 2))
     lo, hi = max(mean - 12 * sd, 0.0), min(mean + 12 * sd, 1.0)
     v = lo + (hi - lo) * (np.arange(points) + 0.5) / points  # midpoints: never exactly 0 or 1
-    log_density = (
-        (k - 1) * np.log(v)
-        + (n - k) * np.log1p(-v)
-        - (math.lgamma(k) + math.lgamma(n - k + 1) - math.lgamma(n + 1))
-    )
+    log_density = (k - 1) * np.log(v) + (n - k) * np.log1p(-v) - _log_beta(k, n - k + 1)
     log_terms = log_density + log_betainc(1 - v, b, a) + math.log((hi - lo) / points)
     return min(1.0, math.exp(_log_sum_exp(log_terms)))
 
