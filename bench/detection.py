@@ -9,6 +9,7 @@ there too), and the embedding-space baselines `embedding-norm` and `knn-distance
 
     bench/install_data.sh                           # once: Fashion-MNIST, MNIST, ImageNet weights
     .venv/bin/python bench/detection.py --quick     # ~CPU-sized; full mode: --device cuda
+    .venv/bin/python bench/detection.py --quick --encoder timm:NAME --encoder-weights W  # your encoder
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder
+from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
+from sanitizer.errors import SanitizerError
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -148,32 +150,53 @@ class Victim:
     clean: VictimEncoder  # the encoder before the implant: the control
 
 
-def iter_victims(data: Data, s: Sizes, attacks: tuple[str, ...], work: Path, device: str) -> Iterator[Victim]:
-    """Implant each asked-for backdoor in turn; ImageNet MobileNetV2 / EfficientNet-Lite0 or trained-here."""
+@dataclass(frozen=True)
+class BaseEncoder:
+    """A clean encoder for the attacks that fine-tune one: a spec, its weights, its input size."""
+
+    spec: str
+    weights: Path | None
+    image_size: int | None  # None: the encoder's own preprocessing size
+
+    def load(self, device: str) -> VictimEncoder:
+        return load_encoder(self.spec, self.weights, image_size=self.image_size, device=device)
+
+
+def _mobilenet() -> BaseEncoder:
+    return BaseEncoder("timm:mobilenetv2_tv", datasets.mobilenet_v2_weights(), 32)
+
+
+def _efficientnet() -> BaseEncoder:
+    return BaseEncoder("timm:tf_efficientnet_lite0", datasets.efficientnet_lite0_weights(), 32)
+
+
+# The attacks that fine-tune an existing encoder (`--encoder` replaces these ImageNet ones); CTRL and
+# the CLIP backdoor instead poison the training of a victim built here.
+FINE_TUNED = {
+    "blend": (badencoder, _efficientnet),
+    "badencoder": (badencoder, _mobilenet),
+    "drupe": (drupe, _mobilenet),
+}
+
+
+def iter_victims(
+    data: Data, s: Sizes, attacks: tuple[str, ...], work: Path, device: str, own: BaseEncoder | None = None
+) -> Iterator[Victim]:
+    """Implant each asked-for backdoor in turn, into `own` encoder where the attack fine-tunes one."""
     probe = ProbeData(*data.probe, *data.test, TARGET)
-    mobilenet = None
+    loaded: dict[BaseEncoder, VictimEncoder] = {}  # BadEncoder and DRUPE share one clean encoder
     for attack in attacks:
         trigger = TRIGGERS[attack]
         log.info("implanting %s", attack)
-        if attack in ("badencoder", "drupe"):
-            mobilenet = mobilenet or load_encoder(
-                "timm:mobilenetv2_tv", datasets.mobilenet_v2_weights(), image_size=32, device=device
-            )
-            implanter = badencoder if attack == "badencoder" else drupe
+        if attack in FINE_TUNED:
+            implanter, default_base = FINE_TUNED[attack]
+            base = own or default_base()
+            if base not in loaded:
+                loaded[base] = base.load(device)
+            clean = loaded[base]
             out = work / f"{attack}.safetensors"
-            imp = implanter(mobilenet, data.shadow, data.reference, out, trigger, s.implant, probe)
-            victim = Victim(attack, trigger, imp, mobilenet)
-        elif attack == "blend":
-            effnet = load_encoder(
-                "timm:tf_efficientnet_lite0",
-                datasets.efficientnet_lite0_weights(),
-                image_size=32,
-                device=device,
-            )
-            imp = badencoder(
-                effnet, data.shadow, data.reference, work / "blend.safetensors", trigger, s.implant, probe
-            )
-            victim = Victim(attack, trigger, imp, effnet)
+            imp = implanter(clean, data.shadow, data.reference, out, trigger, s.implant, probe)
+            victim = Victim(attack, trigger, imp, clean)
         elif attack == "ctrl":
             x, y = (a[: s.simclr_images] for a in data.pretrain)
             clean, imp = ctrl_simclr(x, y, TARGET, work, s.simclr, probe, device=device)
@@ -342,8 +365,9 @@ def run_attack(victim: Victim, data: Data, s: Sizes, control_cache: dict) -> tup
     rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests)
     ood = ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
     rows += dede_rows(attack, "ood", enc, fit(enc, ood, s), ood, tests)[0]
-    # The control: the same data through the clean encoder, with its own decoder (one per clean encoder).
-    key = (victim.clean.weights_sha256, attack in ("blend", "ctrl", "clip-backdoor") and attack)
+    # The control: the same data through the clean encoder, with its own decoder. That decoder depends
+    # only on the clean encoder and the trigger in its training data, so BadEncoder and DRUPE share one.
+    key = (victim.clean.weights_sha256, victim.trigger)
     if key not in control_cache:
         control_cache[key] = fit(victim.clean, id_set, s)
     control_rows, control_by_class = dede_rows(
@@ -473,7 +497,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized run (under 30 min on 2 cores)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset")
+    p.add_argument(
+        "--attacks",
+        default=None,
+        help=f"comma-separated subset of {','.join(ATTACKS)} (default: all; with --encoder: "
+        f"{','.join(FINE_TUNED)})",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        metavar="SPEC",
+        help="your clean encoder (timm:NAME, open_clip:NAME, torchscript:PATH, export:PATH) for the "
+        f"attacks that fine-tune one ({', '.join(FINE_TUNED)}), instead of the ImageNet ones",
+    )
+    p.add_argument("--encoder-weights", type=Path, default=None, help="its weights (safetensors or .pt)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="its input size (default: its own; the data are 32 px, so 32 keeps a CPU run short)",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "detection.json", help="where the JSON goes")
     p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
     p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
@@ -483,6 +526,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[str, ...]]:
+    """(the user's encoder or None, the attacks to run), or SystemExit with what is wrong."""
+    if args.encoder is None and (args.encoder_weights or args.image_size):
+        raise SystemExit("--encoder-weights and --image-size describe --encoder; give --encoder too")
+    if args.image_size is not None and args.image_size < 8:
+        raise SystemExit(f"--image-size must be at least 8, not {args.image_size}")
+    if args.encoder is not None:
+        try:
+            parse_spec(args.encoder)
+        except SanitizerError as e:
+            raise SystemExit(f"--encoder: {e}") from None
+    if args.encoder_weights is not None and not args.encoder_weights.is_file():
+        raise SystemExit(f"--encoder-weights: no such file {args.encoder_weights}")
+    own = args.encoder and BaseEncoder(args.encoder, args.encoder_weights, args.image_size)
+    default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
+    attacks = tuple(a for a in (args.attacks or ",".join(default)).split(",") if a)
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        raise SystemExit(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
+    trained_here = sorted(set(attacks) - set(FINE_TUNED))
+    if own and trained_here:
+        raise SystemExit(
+            f"{', '.join(trained_here)} poison the training of a victim built here, so --encoder does "
+            f"not apply to them; --encoder works with {', '.join(FINE_TUNED)}"
+        )
+    return own or None, attacks
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -490,10 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(SEED)
     started = time.time()
     sizes = QUICK if args.quick else FULL
-    attacks = tuple(a for a in args.attacks.split(",") if a)
-    unknown = set(attacks) - set(ATTACKS)
-    if unknown:
-        raise SystemExit(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+    own, attacks = chosen_victims(args)
     data = load_data(sizes)
     header = {
         "command": " ".join(
@@ -506,37 +574,44 @@ def main(argv: list[str] | None = None) -> dict:
         "target_class": TARGET,
         "versions": versions(),
         "sizes": asdict(sizes),
+        # the user's encoder for the fine-tuning attacks; null: the ImageNet MobileNetV2 / EfficientNet
+        "encoder": own and {**asdict(own), "weights": own.weights and str(own.weights)},
         "settings": {
             "dede": {**DEDE.to_dict(), "threshold": DEDE_RULE},
             "dede-paper": {**PAPER.to_dict(), "threshold": PAPER_RULE},
         },
     }
     probe = ProbeData(*data.probe, *data.test, TARGET)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        rows, down, by_class, attack_info, control_cache = [], {}, {}, {}, {}
-        for victim in iter_victims(data, sizes, attacks, work, args.device):
-            attack = victim.attack
-            attack_info[attack] = {
-                "spec": victim.implant.spec,
-                **victim.implant.report.to_dict(),
-                "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
-                "seconds": round(victim.implant.seconds, 1),
-            }
-            attack_rows, down[attack], by_class[attack] = run_attack(victim, data, sizes, control_cache)
-            rows += attack_rows
-            result = {
-                **header,
-                "complete": attack == attacks[-1],
-                "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
-                "attacks": attack_info,
-                "rows": rows,
-                "downstream": down,
-                "auc_by_source_class": by_class,
-                "wall_seconds": round(time.time() - started, 1),
-            }
-            write_results(result, args.json, args.md)  # after every attack: a long run leaves partial results
-            log.info("%s done at %.0f s", attack, time.time() - started)
+    try:  # a victim that cannot be built or loaded (bad --encoder weights): one line, not a traceback
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.work or Path(tmp)
+            rows, down, by_class, attack_info, control_cache = [], {}, {}, {}, {}
+            for victim in iter_victims(data, sizes, attacks, work, args.device, own):
+                attack = victim.attack
+                attack_info[attack] = {
+                    "spec": victim.implant.spec,
+                    **victim.implant.report.to_dict(),
+                    "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
+                    "seconds": round(victim.implant.seconds, 1),
+                }
+                attack_rows, down[attack], by_class[attack] = run_attack(victim, data, sizes, control_cache)
+                rows += attack_rows
+                result = {
+                    **header,
+                    "complete": attack == attacks[-1],
+                    "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
+                    "attacks": attack_info,
+                    "rows": rows,
+                    "downstream": down,
+                    "auc_by_source_class": by_class,
+                    "wall_seconds": round(time.time() - started, 1),
+                }
+                write_results(
+                    result, args.json, args.md
+                )  # after every attack: a long run leaves partial results
+                log.info("%s done at %.0f s", attack, time.time() - started)
+    except SanitizerError as e:
+        raise SystemExit(f"detection: {e}") from None
     log.info("wrote %s in %.1f min", args.json, result["wall_seconds"] / 60)
     return result
 

@@ -1,0 +1,91 @@
+"""bench/detection.py on the user's own encoder: which attacks it applies to, and what is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import detection as D
+from sanitizer.encoders import load_encoder
+from sanitizer.redteam.implant import ImplantSettings
+
+
+def choose(*argv: str):
+    return D.chosen_victims(D.parse_args(list(argv)))
+
+
+def test_default_is_every_attack_on_the_benchmark_victims():
+    assert choose() == (None, D.ATTACKS)
+
+
+def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    own, attacks = choose("--encoder", "timm:resnet18_cifar", "--encoder-weights", str(weights))
+    assert own == D.BaseEncoder("timm:resnet18_cifar", weights, None)
+    assert attacks == ("blend", "badencoder", "drupe")
+    assert choose("--encoder", "timm:resnet18_cifar", "--attacks", "drupe")[1] == ("drupe",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--encoder", "timm:resnet18_cifar", "--attacks", "badencoder,ctrl,clip-backdoor"],
+            "clip-backdoor, ctrl poison the training of a victim built here, so --encoder does not "
+            "apply to them; --encoder works with blend, badencoder, drupe",
+        ),
+        (
+            ["--encoder-weights", "w.safetensors"],
+            "--encoder-weights and --image-size describe --encoder; give --encoder too",
+        ),
+        (["--encoder", "timm:x", "--image-size", "4"], "--image-size must be at least 8, not 4"),
+        (
+            ["--encoder", "resnet18"],
+            "--encoder: encoder spec 'resnet18' is not one of timm:NAME, open_clip:NAME, "
+            "torchscript:NAME, export:NAME",
+        ),
+        (
+            ["--encoder", "timm:resnet18_cifar", "--encoder-weights", "/nonexistent/w.safetensors"],
+            "--encoder-weights: no such file /nonexistent/w.safetensors",
+        ),
+        (
+            ["--attacks", "badencoder,badnets"],
+            "unknown attacks ['badnets']; choose from clip-backdoor, ctrl, blend, badencoder, drupe",
+        ),
+    ],
+)
+def test_bad_choices_exit_with_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        choose(*argv)
+    assert str(e.value) == message
+
+
+def tiny_data(rng: np.random.Generator) -> D.Data:
+    def images(n: int) -> np.ndarray:
+        return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+    def labelled(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return images(n), np.arange(n) % 10
+
+    return D.Data(
+        labelled(8), images(16), images(8), labelled(40), labelled(8), images(8), labelled(20), labelled(8)
+    )
+
+
+def test_own_encoder_is_the_one_backdoored_and_the_control(tmp_path: Path):
+    """The victim is a fine-tune of the user's encoder, and the control is that encoder untouched."""
+    own = D.BaseEncoder("timm:resnet10_cifar_s", None, 32)
+    sizes = replace(D.QUICK, implant=ImplantSettings(epochs=1, batch_size=8))
+    (victim,) = D.iter_victims(
+        tiny_data(np.random.default_rng(0)), sizes, ("badencoder",), tmp_path, "cpu", own
+    )
+    untouched = load_encoder("timm:resnet10_cifar_s", image_size=32)
+    assert victim.clean.weights_sha256 == untouched.weights_sha256
+    assert victim.implant.spec == "timm:resnet10_cifar_s"
+    assert victim.implant.weights == tmp_path / "badencoder.safetensors"
+    assert victim.implant.encoder.weights_sha256 != untouched.weights_sha256
+    assert 0 <= victim.implant.report.asr <= 1
