@@ -539,7 +539,7 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
             raise SystemExit(f"--encoder: {e}") from None
     if args.encoder_weights is not None and not args.encoder_weights.is_file():
         raise SystemExit(f"--encoder-weights: no such file {args.encoder_weights}")
-    own = args.encoder and BaseEncoder(args.encoder, args.encoder_weights, args.image_size)
+    own = BaseEncoder(args.encoder, args.encoder_weights, args.image_size) if args.encoder else None
     default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
     attacks = tuple(a for a in (args.attacks or ",".join(default)).split(",") if a)
     unknown = sorted(set(attacks) - set(ATTACKS))
@@ -551,7 +551,7 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
             f"{', '.join(trained_here)} poison the training of a victim built here, so --encoder does "
             f"not apply to them; --encoder works with {', '.join(FINE_TUNED)}"
         )
-    return own or None, attacks
+    return own, attacks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -606,9 +606,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "auc_by_source_class": by_class,
                     "wall_seconds": round(time.time() - started, 1),
                 }
-                write_results(
-                    result, args.json, args.md
-                )  # after every attack: a long run leaves partial results
+                # after every attack, so that a long run leaves partial results
+                write_results(result, args.json, args.md)
                 log.info("%s done at %.0f s", attack, time.time() - started)
     except SanitizerError as e:
         raise SystemExit(f"detection: {e}") from None
