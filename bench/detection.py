@@ -104,10 +104,13 @@ FULL = Sizes(
 # `dede`: the package's defaults; `dede-paper`: the reference code's (one mask, mean, median of scored set).
 DEDE = ScoreSettings()
 DEDE_RULE = DEFAULT_RULE
-PAPER = ScoreSettings(num_masks=1, aggregate="mean")
+PAPER = ScoreSettings(num_masks=1, aggregate="mean", error_pool=1)
 PAPER_RULE = "paper"
-# The aggregate ablation behind the default: `dede` with each other per-patch pooling.
-ABLATION = {f"dede-{a}": replace(DEDE, aggregate=a) for a in AGGREGATES if a != DEDE.aggregate}
+# The ablation behind the defaults: `dede` with each other per-patch aggregate, and per-pixel errors.
+ABLATION = {
+    **{f"dede-{a}": replace(DEDE, aggregate=a) for a in AGGREGATES if a != DEDE.aggregate},
+    "dede-pixel": replace(DEDE, error_pool=1),
+}
 
 
 @dataclass
@@ -448,10 +451,12 @@ def markdown(result: dict) -> str:
 def ablation_table(rows: list[dict]) -> list[str]:
     """AUC on the victim / on the clean-encoder control for each per-patch aggregate (ID decoders)."""
     auc_of = {(r["attack"], r["poison_rate"], r["method"]): r["auc"] for r in rows if r["train_data"] == "id"}
-    names = {f"dede ({DEDE.aggregate})": "dede", **{f"{n} ({s.aggregate})": n for n, s in ABLATION.items()}}
+    label = lambda s: f"{s.aggregate}, pool {s.error_pool}"  # noqa: E731
+    names = {f"dede ({label(DEDE)})": "dede", **{f"{n} ({label(s)})": n for n, s in ABLATION.items()}}
     lines = [
         "",
-        "## Per-patch aggregate (ID decoder): AUC on the victim / on the clean-encoder control",
+        "## Per-patch aggregate and error pooling (ID decoder): AUC on the victim / on the clean-encoder "
+        "control",
         "",
         "| attack | rate | " + " | ".join(names) + " |",
         "|" + "---|" * (2 + len(names)),

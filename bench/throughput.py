@@ -267,7 +267,7 @@ def _model_only_child(decoder_dir: str, micro: int, seconds: float, barrier) -> 
     encoder = load_encoder(
         meta["encoder"]["spec"], None, pre["image_size"], tuple(pre["mean"]), tuple(pre["std"])
     )
-    scorer = Scorer(encoder, decoder, ScoreSettings(**meta["scoring"]), micro)
+    scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(meta["scoring"]), micro)
     pixels = torch.from_numpy(synthetic_images(micro, pre["image_size"], seed=2))
     seeds = torch.arange(micro, dtype=torch.int64)
     with torch.inference_mode():

@@ -23,6 +23,7 @@ from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import apply_threshold, ok_scores
 from sanitizer.rundir import RunDir
+from sanitizer.scoring import ScoreSettings
 from sanitizer.thresholds import parse_rule, resolve_threshold
 
 
@@ -49,7 +50,8 @@ def resolve_rule(text: str, run: RunDir, info: dict, done: list[str]) -> float:
     calibration = None
     if rule.kind == "quantile":
         meta = read_meta(Path(info["config"]["decoder_dir"]))
-        if meta["scoring"] != info["identity"]["scoring"]:
+        scored = ScoreSettings.from_dict(info["identity"]["scoring"])
+        if ScoreSettings.from_dict(meta["scoring"]) != scored:
             raise UsageError(f"{rule} needs a calibration made with this run's scoring settings")
         calibration = np.asarray(meta["calibration"]["scores"], np.float32)
     return resolve_threshold(rule, calibration, ok_scores(run, done) if rule.needs_scores else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -157,9 +158,18 @@ class DedeDecoder(nn.Module):
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def patch_errors(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of each patch, (B, L), in normalised pixel space."""
-        return (pred.float() - self.patchify(imgs).float()).pow(2).mean(dim=-1)
+    def patch_errors(self, imgs: torch.Tensor, pred: torch.Tensor, pool: int = 1) -> torch.Tensor:
+        """Mean squared error of each patch, (B, L), in normalised pixel space.
+
+        With pool > 1 the difference is first averaged over pool x pool pixel blocks: the error then
+        measures the image's layout at that scale, not fine texture that no embedding carries.
+        """
+        diff = self.unpatchify(pred.float()) - imgs.float()
+        if pool > 1:
+            diff = F.avg_pool2d(diff, pool)
+        n, g = diff.shape[0], self.config.grid
+        side = diff.shape[-1] // g  # pixels (or pooled blocks) per patch side
+        return diff.reshape(n, 3, g, side, g, side).pow(2).mean(dim=(1, 3, 5)).reshape(n, g * g)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over hidden patches only: visible ones are given, not predicted."""

@@ -38,6 +38,11 @@ class ScoreSettings:
     # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
     # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
     aggregate: str = "q25"
+    # Pixels per side averaged before the error is squared (1: per pixel, as the paper). A decoder
+    # that sees only an embedding cannot rebuild fine texture, so per-pixel error is partly noise that
+    # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
+    # benchmark and left the clean-encoder control where it was.
+    error_pool: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.test_mask_ratio < 1:
@@ -46,9 +51,24 @@ class ScoreSettings:
             raise UsageError(f"--num-masks must be at least 1, not {self.num_masks}")
         if self.aggregate not in AGGREGATES:
             raise UsageError(f"--aggregate must be one of {AGGREGATES}, not {self.aggregate!r}")
+        if self.error_pool < 1:
+            raise UsageError(f"--error-pool must be at least 1, not {self.error_pool}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_patch_size(self, patch_size: int) -> None:
+        """Pooled blocks must tile each patch; checked before any work is done."""
+        if patch_size % self.error_pool:
+            raise UsageError(
+                f"--error-pool {self.error_pool} does not divide the decoder's {patch_size} px patches"
+            )
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ScoreSettings:
+        """Settings as saved in decoder.json or run.json; those written before error_pool existed
+        were scored per pixel."""
+        return cls(**{"error_pool": 1, **saved})
 
 
 def key_seeds(keys: Iterable[str]) -> np.ndarray:
@@ -114,6 +134,7 @@ class Scorer:
         self.encoder = encoder
         self.decoder = decoder.eval().requires_grad_(False)
         self.settings = settings
+        settings.check_patch_size(decoder.config.patch_size)
         self.micro_batch = micro_batch
         self.device = encoder.device
         self._staging: dict[str, torch.Tensor] = {}  # reused host buffers: one thread per Scorer
@@ -184,7 +205,7 @@ class Scorer:
             noise = mask_noise(seeds, dec.config.num_patches, k)
             latent, mask, ids_restore = dec.forward_encoder(images, embedding, s.test_mask_ratio, noise)
             pred = dec.forward_decoder(latent, ids_restore)
-            out.append(aggregate_errors(dec.patch_errors(images, pred), mask, s.aggregate))
+            out.append(aggregate_errors(dec.patch_errors(images, pred, s.error_pool), mask, s.aggregate))
         return torch.stack(out, dim=1)
 
     @torch.inference_mode()

@@ -250,7 +250,10 @@ def train_decoder(
     out_dir = Path(out_dir)
     if (out_dir / checkpoint.META).is_file():
         raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
-    DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {}))
+    config = DedeConfig.default_for(
+        encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
+    )
+    score_settings.check_patch_size(config.patch_size)
     images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
     fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
     meta = {

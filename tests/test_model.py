@@ -90,3 +90,24 @@ def test_defaults_suit_the_input_size():
     big = DedeConfig.default_for(224, 768)
     assert (big.patch_size, big.num_patches) == (16, 196)
     assert DedeConfig.default_for(32, 512, patch_size=4, width=None).patch_size == 4
+
+
+def test_per_pixel_patch_errors_are_each_patch_mse():
+    dec = make()
+    imgs, pred = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 48)
+    expected = (pred - dec.patchify(imgs)).pow(2).mean(-1)
+    assert torch.allclose(dec.patch_errors(imgs, pred), expected, atol=1e-6)
+
+
+def test_pooled_errors_drop_texture_finer_than_the_block_and_keep_layout():
+    dec = make()  # 4 px patches: an 8x8 grid
+    imgs = torch.zeros(1, 3, 32, 32)
+    checker = (torch.arange(32).view(-1, 1) + torch.arange(32)) % 2 * 2.0 - 1  # +-1, period 2
+    rebuilt = checker.expand(1, 3, 32, 32).clone()
+    rebuilt[..., 4:8, 8:12] += 0.5  # one patch (row 1, column 2) also brighter on average
+    pred = dec.patchify(rebuilt)
+    per_pixel, pooled = dec.patch_errors(imgs, pred), dec.patch_errors(imgs, pred, pool=2)
+    assert torch.allclose(per_pixel[0, :10], torch.ones(10)) and per_pixel[0, 10] > 1
+    expected = torch.zeros(1, 64)
+    expected[0, 10] = 0.25  # the offset survives pooling, the checkerboard does not
+    assert torch.allclose(pooled, expected, atol=1e-6)

@@ -212,3 +212,38 @@ def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_
     assert Counter(run.read_run()["totals"]["status_counts"]) == Counter(
         ok=6, not_an_image=1, empty_image=1, no_image=1
     )
+
+
+def test_decoder_and_run_from_before_error_pool_keep_per_pixel_scores(
+    tmp_path, tiny_decoder_dir, tiny_shards
+):
+    """decoder.json and run.json written before error_pool existed: scored per pixel, as calibrated,
+    and an unfinished run of that time resumes instead of being refused."""
+    old_decoder = tmp_path / "decoder"
+    shutil.copytree(tiny_decoder_dir, old_decoder)
+    meta = json.loads((old_decoder / "decoder.json").read_text())
+    del meta["scoring"]["error_pool"]
+    (old_decoder / "decoder.json").write_text(json.dumps(meta))
+    first = str(tiny_shards / "shard-000000.tar")
+    score(old_decoder, first, tmp_path / "run", workers=0)  # the quantile rule reads the calibration
+    run_json = tmp_path / "run" / "run.json"
+    info = json.loads(run_json.read_text())
+    assert info["identity"]["scoring"]["error_pool"] == 1
+    del info["identity"]["scoring"]["error_pool"]
+    run_json.write_text(json.dumps(info))
+    resumed = score(old_decoder, first, tmp_path / "run", workers=0)
+    assert (resumed.samples, resumed.scored_now) == (40, 0)
+    per_pixel = manifests(tmp_path / "run")["shard-000000"].column("score").to_numpy()
+    score(tiny_decoder_dir, first, tmp_path / "pooled", workers=0)
+    pooled = manifests(tmp_path / "pooled")["shard-000000"].column("score").to_numpy()
+    assert (pooled < per_pixel).all()  # the square of a mean is at most the mean of the squares
+
+
+def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards)]
+    code = main([*argv, "--out", str(tmp_path / "r"), "--workers", "0", "--error-pool", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--error-pool 3 does not divide the decoder's 8 px patches" in err
+    assert "Traceback" not in err and not (tmp_path / "r" / "manifest").exists()

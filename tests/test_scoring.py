@@ -42,7 +42,8 @@ def test_train_cli_defaults_are_the_settings_defaults():
     from sanitizer.cli import build_parser
 
     args = build_parser().parse_args(["train", "--encoder", "timm:x", "--data", "d", "--out", "o"])
-    assert ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate) == ScoreSettings()
+    given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool)
+    assert given == ScoreSettings()
     assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
 
 
@@ -51,6 +52,21 @@ def test_settings_are_validated():
         ScoreSettings(test_mask_ratio=1.0)
     with pytest.raises(UsageError, match="aggregate"):
         ScoreSettings(aggregate="max")
+    with pytest.raises(UsageError, match="--error-pool must be at least 1, not 0"):
+        ScoreSettings(error_pool=0)
+
+
+def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
+    decoder, _ = load_decoder(tiny_decoder_dir)  # 8 px patches
+    with pytest.raises(UsageError, match="--error-pool 3 does not divide the decoder's 8 px patches"):
+        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=3))
+
+
+def test_settings_saved_before_error_pool_existed_read_as_per_pixel():
+    old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
+    assert ScoreSettings.from_dict(old) == ScoreSettings(num_masks=2, error_pool=1)
+    settings = ScoreSettings(num_masks=3, error_pool=4)
+    assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +118,12 @@ def test_no_visible_patch_means_one_pass(scorer_parts, tiny_encoder):
         pixels, seeds
     )
     assert (scores.score_std == 0).all()
+
+
+def test_pooled_scores_are_at_most_the_per_pixel_ones(scorer_parts, tiny_encoder):
+    decoder, pixels, seeds = scorer_parts
+    per_pixel, pooled = (
+        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=p), micro_batch=8).score(pixels, seeds).score
+        for p in (1, 2)
+    )
+    assert (pooled < per_pixel).all()  # per patch, the square of a block mean is at most its mean square

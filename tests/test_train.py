@@ -28,7 +28,7 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert meta["model"]["patch_size"] == 8 and meta["model"]["embed_dim"] == 96
     assert meta["training"]["epochs"] == 2 and meta["training"]["decode_statuses"] == {"ok": 120}
     assert meta["training"]["n_train"] + meta["calibration"]["n"] == 120
-    assert meta["scoring"] == {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
+    assert meta["scoring"] == {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "error_pool": 2}
 
 
 def test_checkpoint_round_trip_scores_like_the_calibration(tiny_decoder_dir, tiny_encoder, tiny_shards):
@@ -38,7 +38,7 @@ def test_checkpoint_round_trip_scores_like_the_calibration(tiny_decoder_dir, tin
     images = train_module.load_images(str(tiny_shards), 32, 10_000)
     _, holdout = split_holdout(images.keys, 0.05)
     keys = [images.keys[i] for i in holdout]
-    scores = Scorer(tiny_encoder, decoder, ScoreSettings(**meta["scoring"])).score(
+    scores = Scorer(tiny_encoder, decoder, ScoreSettings.from_dict(meta["scoring"])).score(
         images.pixels[holdout], key_seeds(keys)
     )
     assert np.array_equal(scores.score, np.float32(meta["calibration"]["scores"]))
@@ -157,6 +157,7 @@ BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1
         (["--data", "/nonexistent/shard-{000..009}.tar"], "/nonexistent/shard-"),
         (["--data", "HTML"], "has 0 decodable images (not_an_image=30)"),
         (["--holdout", "1.5"], "--holdout must be in (0, 1), not 1.5"),
+        (["--error-pool", "3"], "--error-pool 3 does not divide the decoder's 8 px patches"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_shards, html_shards, capsys, extra, message):

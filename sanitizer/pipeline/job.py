@@ -44,6 +44,7 @@ class ScoreJob:
     test_mask_ratio: float | None = None  # None: as the decoder was calibrated
     num_masks: int | None = None
     aggregate: str | None = None
+    error_pool: int | None = None
     threshold: str = DEFAULT_RULE
     batch_size: int | None = None  # rows per scoring call; None: up to 8 micro-batches, <= ~64 MiB
     workers: int | None = None  # scoring actors; 0 = no Ray, one process; None = one per GPU or CPU
@@ -77,24 +78,30 @@ class Summary:
 
 
 def score_settings(job: ScoreJob, meta: dict) -> ScoreSettings:
-    calibrated = meta["scoring"]
-    return ScoreSettings(
-        job.test_mask_ratio if job.test_mask_ratio is not None else calibrated["test_mask_ratio"],
-        job.num_masks if job.num_masks is not None else calibrated["num_masks"],
-        job.aggregate if job.aggregate is not None else calibrated["aggregate"],
-    )
+    """The decoder's calibration settings, with those the job gives in their place."""
+    calibrated = ScoreSettings.from_dict(meta["scoring"]).to_dict()
+    given = {k: getattr(job, k) for k in calibrated if getattr(job, k) is not None}
+    return ScoreSettings(**{**calibrated, **given})
 
 
 def initial_threshold(rule: ThresholdRule, settings: ScoreSettings, meta: dict) -> float | None:
     """The threshold known before scoring; None for rules that need the scored set."""
     if rule.needs_scores:
         return None
-    if rule.kind == "quantile" and settings.to_dict() != meta["scoring"]:
+    if rule.kind == "quantile" and settings != ScoreSettings.from_dict(meta["scoring"]):
         raise UsageError(
             f"{rule} reads the calibration, which was made with {meta['scoring']}; scoring with "
             f"{settings.to_dict()} needs mad:K, value:X, or a decoder calibrated for these settings"
         )
     return resolve_threshold(rule, np.asarray(meta["calibration"]["scores"], np.float32))
+
+
+def normalised_identity(identity: dict | None) -> dict | None:
+    """A saved run identity with its scoring settings in today's form, so that a run begun by an
+    earlier version (before error_pool was saved) resumes instead of being refused."""
+    if not identity or "scoring" not in identity:
+        return identity
+    return {**identity, "scoring": ScoreSettings.from_dict(identity["scoring"]).to_dict()}
 
 
 def versions() -> dict:
@@ -118,6 +125,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     started = time.time()
     meta = read_meta(job.decoder_dir)
     settings = score_settings(job, meta)
+    settings.check_patch_size(meta["model"]["patch_size"])
     rule = parse_rule(job.threshold)
     threshold = initial_threshold(rule, settings, meta)
     shards = expand_shards(job.data)
@@ -136,7 +144,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         if removed:
             log.info("removed %d temporary files left by an interrupted run", removed)
         previous = run.read_run()
-        if previous is not None and previous.get("identity") != identity:
+        if previous is not None and normalised_identity(previous.get("identity")) != identity:
             raise UsageError(
                 f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
             )

@@ -151,7 +151,7 @@ class ScoreStage:
         )
         check_encoder(meta, encoder)
         self.image_size = preprocess.image_size
-        self.scorer = Scorer(encoder, decoder, ScoreSettings(**settings), micro_batch, compile)
+        self.scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(settings), micro_batch, compile)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         is_ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.not_equal(table.column("index"), END))
