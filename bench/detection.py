@@ -449,7 +449,7 @@ def markdown(result: dict) -> str:
 
 
 def ablation_table(rows: list[dict]) -> list[str]:
-    """AUC on the victim / on the clean-encoder control for each per-patch aggregate (ID decoders)."""
+    """AUC on the victim / on the clean-encoder control for each aggregate and error pool (ID decoders)."""
     auc_of = {(r["attack"], r["poison_rate"], r["method"]): r["auc"] for r in rows if r["train_data"] == "id"}
     label = lambda s: f"{s.aggregate}, pool {s.error_pool}"  # noqa: E731
     names = {f"dede ({label(DEDE)})": "dede", **{f"{n} ({label(s)})": n for n, s in ABLATION.items()}}
