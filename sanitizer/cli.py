@@ -57,6 +57,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="share of the images held out to calibrate the threshold and the report's verdict "
         "(default 0.05, at most 2000 images)",
     )
+    p.add_argument(
+        "--trim",
+        type=float,
+        default=0.05,
+        help="share of each batch, the worst-rebuilt images, left out of the loss after the first "
+        "fifth of training, so that triggered images in the data are not learned (default 0.05; "
+        "0: every image, as the paper)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train)
@@ -76,6 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
         mask_ratio=args.mask_ratio,
         max_samples=args.max_samples,
         holdout=args.holdout,
+        trim=args.trim,
         seed=args.seed,
     )
     device = resolve_device(args.device)

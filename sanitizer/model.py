@@ -171,14 +171,28 @@ class DedeDecoder(nn.Module):
         side = diff.shape[-1] // g  # pixels (or pooled blocks) per patch side
         return diff.reshape(n, 3, g, side, g, side).pow(2).mean(dim=(1, 3, 5)).reshape(n, g * g)
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over hidden patches only: visible ones are given, not predicted."""
-        errors = self.patch_errors(imgs, pred)
-        return (errors * mask).sum() / mask.sum().clamp(min=1)
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, trim: float = 0.0
+    ) -> torch.Tensor:
+        """Mean squared error over hidden patches only: visible ones are given, not predicted.
+
+        With trim > 0 the worst-rebuilt `trim` share of the batch is left out (a trimmed loss), so that
+        the few images whose embedding does not describe them, the triggered ones, are not learned.
+        """
+        per_image = (self.patch_errors(imgs, pred) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        keep = per_image.shape[0] - int(per_image.shape[0] * trim)
+        if keep < per_image.shape[0]:
+            per_image = per_image.topk(keep, largest=False, sorted=False).values
+        return per_image.mean()
 
     def forward(
-        self, imgs: torch.Tensor, embedding: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+        self,
+        imgs: torch.Tensor,
+        embedding: torch.Tensor,
+        mask_ratio: float,
+        noise: torch.Tensor,
+        trim: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latent, mask, ids_restore = self.forward_encoder(imgs, embedding, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        return self.forward_loss(imgs, pred, mask, trim), pred, mask

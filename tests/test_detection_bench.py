@@ -1,4 +1,4 @@
-"""bench/detection.py on the user's own encoder: which attacks it applies to, and what is refused."""
+"""bench/detection.py: the attacks run on an own encoder, the decoders' training, what is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from bench import detection as D
 from sanitizer.encoders import load_encoder
 from sanitizer.redteam.implant import ImplantSettings
+from sanitizer.train import TrainSettings
 
 
 def choose(*argv: str):
@@ -62,6 +63,16 @@ def test_bad_choices_exit_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         choose(*argv)
     assert str(e.value) == message
+
+
+def test_decoder_training_follows_trim_and_refuses_a_bad_one():
+    training = D.decoder_training(D.parse_args(["--quick", "--trim", "0"]), D.QUICK)
+    assert training.trim == 0 and training.epochs == D.QUICK.decoder_epochs
+    assert D.decoder_training(D.parse_args([]), D.FULL) == D.DECODER_TRAINING  # FULL: automatic epochs
+    assert D.DECODER_TRAINING.trim == TrainSettings().trim
+    with pytest.raises(SystemExit) as e:
+        D.decoder_training(D.parse_args(["--trim", "0.5"]), D.QUICK)
+    assert str(e.value) == "detection: --trim must be in [0, 0.5), not 0.5"
 
 
 def tiny_data(rng: np.random.Generator) -> D.Data:

@@ -54,6 +54,28 @@ def test_loss_ignores_visible_patches():
     assert dec.forward_loss(imgs, changed_hidden, mask) > loss + 0.5
 
 
+def test_trimmed_loss_leaves_out_the_worst_rebuilt_images():
+    dec = make()
+    imgs = torch.randn(10, 3, 32, 32)
+    pred = dec.patchify(imgs).clone()
+    pred[:, :, 0] += torch.arange(1.0, 11.0).view(10, 1)  # image i is off by i + 1 in one pixel
+    pred[3, :, 1] += 100.0  # image 3 is rebuilt worst of all
+    pred.requires_grad_(True)
+    mask = torch.ones(10, 64)
+    per_image = dec.patch_errors(imgs, pred.detach()).mean(1)
+    assert torch.allclose(dec.forward_loss(imgs, pred, mask), per_image.mean())
+    trimmed = dec.forward_loss(imgs, pred, mask, trim=0.2)  # int(10 * 0.2) = 2 images left out
+    left_out = per_image.argsort()[-2:]
+    assert sorted(left_out.tolist()) == [3, 9]
+    kept = torch.ones(10, dtype=torch.bool)
+    kept[left_out] = False
+    assert torch.allclose(trimmed, per_image[kept].mean())
+    trimmed.backward()
+    assert torch.all(pred.grad[left_out] == 0) and torch.all(pred.grad[kept].abs().sum((1, 2)) > 0)
+    # A share that leaves out no whole image is the plain loss.
+    assert torch.equal(dec.forward_loss(imgs, pred, mask, trim=0.09), dec.forward_loss(imgs, pred, mask))
+
+
 def test_embedding_replaces_cls_output():
     dec = make()
     imgs = torch.randn(2, 3, 32, 32)

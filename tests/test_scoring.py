@@ -45,6 +45,7 @@ def test_train_cli_defaults_are_the_settings_defaults():
     given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool)
     assert given == ScoreSettings()
     assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
+    assert args.trim == TrainSettings().trim
 
 
 def test_settings_are_validated():

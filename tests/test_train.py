@@ -13,8 +13,9 @@ from sanitizer.cli import main
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.encoders import load_encoder
 from sanitizer.errors import CheckpointError
+from sanitizer.model import DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
-from sanitizer.train import TrainSettings, split_holdout, train_decoder
+from sanitizer.train import TRIM_AFTER, TrainSettings, split_holdout, train_decoder
 
 from .conftest import TINY_ENCODER, TINY_MODEL
 
@@ -75,6 +76,25 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_shards, t
     resumed = load_file(str(tmp_path / "resumed/decoder.safetensors"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert not (tmp_path / "resumed/.checkpoint").exists()
+
+
+def test_loss_is_trimmed_after_the_first_fifth_of_the_steps(tmp_path, tiny_shards, tiny_encoder, monkeypatch):
+    real_loss, trims = DedeDecoder.forward_loss, []
+
+    def recording(self, imgs, pred, mask, trim=0.0):
+        trims.append(trim)
+        return real_loss(self, imgs, pred, mask, trim)
+
+    monkeypatch.setattr(DedeDecoder, "forward_loss", recording)
+    settings = TrainSettings(epochs=5, batch_size=16, trim=0.25)
+    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+    meta = train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "d", settings, **common)
+    steps = len(trims)
+    assert steps == 5 * -(-meta["training"]["n_train"] // 16)
+    first = round(TRIM_AFTER * steps)  # the untrimmed steps: a fifth of them
+    assert TRIM_AFTER == 0.2 and first > 0
+    assert trims == [0.0] * first + [0.25] * (steps - first)
+    assert meta["training"]["trim"] == 0.25
 
 
 def test_decoder_for_another_encoder_is_refused(tiny_decoder_dir):
@@ -158,6 +178,7 @@ BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1
         (["--data", "HTML"], "has 0 decodable images (not_an_image=30)"),
         (["--holdout", "1.5"], "--holdout must be in (0, 1), not 1.5"),
         (["--error-pool", "3"], "--error-pool 3 does not divide the decoder's 8 px patches"),
+        (["--trim", "0.5"], "--trim must be in [0, 0.5), not 0.5"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_shards, html_shards, capsys, extra, message):
