@@ -157,6 +157,7 @@ def train_epoch(
     order = torch.randperm(len(pixels), generator=gen).numpy()
     steps = math.ceil(len(pixels) / settings.batch_size)
     losses = []
+    trim_from = round(TRIM_AFTER * total_steps)
     decoder.train()
     for i in range(steps):
         idx = np.sort(order[i * settings.batch_size : (i + 1) * settings.batch_size])
@@ -165,7 +166,7 @@ def train_epoch(
             group["lr"] = lr_at(step, total_steps, settings.lr)
         images = encoder.normalize(_rows(pixels, idx, device))
         noise = torch.rand(len(idx), decoder.config.num_patches, generator=gen).to(device)
-        trim = settings.trim if step >= round(TRIM_AFTER * total_steps) else 0.0
+        trim = settings.trim if step >= trim_from else 0.0
         with autocast(device):
             loss, _, _ = decoder(images, _rows(embeddings, idx, device), settings.mask_ratio, noise, trim)
         optimizer.zero_grad(set_to_none=True)
