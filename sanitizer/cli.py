@@ -16,7 +16,8 @@ from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
 AGGREGATE_HELP = "how hidden patches' errors pool into a score: mean (the paper's MSE), median or q25"
-POOL_HELP = "pixels per side averaged before the error is squared; 1 = per pixel, as the paper"
+POOL_HELP = "pixels per side averaged before errors are measured; 1 = per pixel, as the paper"
+ERROR_HELP = "each patch's error: ssim (1 - SSIM, relative to the patch's contrast) or mse (the paper's)"
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
@@ -46,6 +47,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-masks", type=int, default=4, help="masks averaged per score (default 4)")
     p.add_argument("--aggregate", default="q25", help=AGGREGATE_HELP + " (default q25)")
     p.add_argument("--error-pool", type=int, default=2, help=POOL_HELP + " (default 2)")
+    p.add_argument("--error", default="ssim", help=ERROR_HELP + " (default ssim)")
     p.add_argument("--epochs", type=int, help="default: from the data size (about 200k image visits)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -76,7 +78,9 @@ def run_train(args: argparse.Namespace) -> int:
     from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
 
-    score_settings = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool)
+    score_settings = ScoreSettings(
+        args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool, args.error
+    )
     settings = TrainSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -123,6 +127,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-masks", type=int, help="default: the decoder's calibration setting")
     p.add_argument("--aggregate", help=AGGREGATE_HELP + " (default: the decoder's calibration setting)")
     p.add_argument("--error-pool", type=int, help=POOL_HELP + " (default: the decoder's calibration setting)")
+    p.add_argument("--error", help=ERROR_HELP + " (default: the decoder's calibration setting)")
     p.add_argument(
         "--threshold", default=DEFAULT_RULE, help=f"quantile:Q, mad:K, value:X or paper ({DEFAULT_RULE})"
     )
@@ -147,6 +152,7 @@ def run_score(args: argparse.Namespace) -> int:
         num_masks=args.num_masks,
         aggregate=args.aggregate,
         error_pool=args.error_pool,
+        error=args.error,
         threshold=args.threshold,
         batch_size=args.batch_size,
         workers=args.workers,

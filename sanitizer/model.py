@@ -158,6 +158,15 @@ class DedeDecoder(nn.Module):
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
+    def patch_blocks(self, imgs: torch.Tensor, pool: int = 1) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, L, 3, S): each patch's values per channel, after pool x pool block means."""
+        if pool > 1:
+            imgs = F.avg_pool2d(imgs, pool)
+        n, g = imgs.shape[0], self.config.grid
+        side = imgs.shape[-1] // g  # pixels (or pooled blocks) per patch side
+        x = imgs.reshape(n, 3, g, side, g, side).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n, g * g, 3, side * side)
+
     def patch_errors(self, imgs: torch.Tensor, pred: torch.Tensor, pool: int = 1) -> torch.Tensor:
         """Mean squared error of each patch, (B, L), in normalised pixel space.
 
@@ -165,11 +174,7 @@ class DedeDecoder(nn.Module):
         measures the image's layout at that scale, not fine texture that no embedding carries.
         """
         diff = self.unpatchify(pred.float()) - imgs.float()
-        if pool > 1:
-            diff = F.avg_pool2d(diff, pool)
-        n, g = diff.shape[0], self.config.grid
-        side = diff.shape[-1] // g  # pixels (or pooled blocks) per patch side
-        return diff.reshape(n, 3, g, side, g, side).pow(2).mean(dim=(1, 3, 5)).reshape(n, g * g)
+        return self.patch_blocks(diff, pool).pow(2).mean(dim=(2, 3))
 
     def forward_loss(
         self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, trim: float = 0.0

@@ -581,7 +581,7 @@ def plot_embeddings(path: Path, flagged: Views, clean: Views) -> None:
     """PCA of the victim's embeddings: triggered samples of a backdoor sit together, away from the rest."""
     fig = _figure(6.0, 4.6)
     ax = fig.add_subplot()
-    both = np.concatenate([clean.embeddings, flagged.embeddings])
+    both = np.concatenate([v.embeddings for v in (clean, flagged) if v.picks])  # either may be empty
     coords, share = pca_2d(both)
     n_clean = len(clean.picks)
     truth = np.array([p.label is True for p in clean.picks + flagged.picks])

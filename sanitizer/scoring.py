@@ -28,6 +28,16 @@ from sanitizer.model import DedeDecoder, num_visible
 # backdoored embedding points at another image and leaves even the best-rebuilt patches wrong.
 QUANTILES = {"median": 0.5, "q25": 0.25}
 AGGREGATES = ("mean", *QUANTILES)
+# What one patch's error is. "mse" is the paper's squared error. "ssim" is 1 - SSIM (luminance,
+# contrast and structure of the patch against its rebuild), which is relative to the patch's own
+# contrast: a textured coat and a thin trouser rebuilt as well as the decoder can are then equally
+# good, so the score's scale no longer depends on how much the image holds.
+ERRORS = ("mse", "ssim")
+# SSIM's stabilisers in the encoder's normalised pixel space (one unit is about 0.23 of the 0-1 range
+# for ImageNet statistics). C2 sits above SSIM's usual (0.03 * range)^2 so that a faint pattern on a
+# flat background (the blend trigger) is not a structural mismatch: measured on bench/detection.py,
+# 0.03 raised the blend control's AUC by 0.05 against 0.1, and 0.3 lowered the victims' AUC.
+SSIM_C1, SSIM_C2 = 0.01, 0.1
 _MASK32 = 0xFFFFFFFF
 
 
@@ -43,6 +53,10 @@ class ScoreSettings:
     # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
     # benchmark and moved the clean-encoder control by 0.03 at most.
     error_pool: int = 2
+    # 1 - SSIM per patch (see ERRORS): on the detection benchmark it raised the CLIP patch's and the
+    # blend's victim AUC by 0.05-0.10 against squared errors, the controls by 0.03 at most at the 50%
+    # rate (0.07 at the 1% rate, where 10 triggered images decide).
+    error: str = "ssim"
 
     def __post_init__(self) -> None:
         if not 0 < self.test_mask_ratio < 1:
@@ -53,6 +67,8 @@ class ScoreSettings:
             raise UsageError(f"--aggregate must be one of {AGGREGATES}, not {self.aggregate!r}")
         if self.error_pool < 1:
             raise UsageError(f"--error-pool must be at least 1, not {self.error_pool}")
+        if self.error not in ERRORS:
+            raise UsageError(f"--error must be one of {ERRORS}, not {self.error!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,9 +82,9 @@ class ScoreSettings:
 
     @classmethod
     def from_dict(cls, saved: dict) -> ScoreSettings:
-        """Settings as saved in decoder.json or run.json; those written before error_pool existed
-        were scored per pixel."""
-        return cls(**{"error_pool": 1, **saved})
+        """Settings as saved in decoder.json or run.json; those written before error_pool or error
+        existed were scored with per-pixel squared errors."""
+        return cls(**{"error_pool": 1, "error": "mse", **saved})
 
 
 def key_seeds(keys: Iterable[str]) -> np.ndarray:
@@ -102,6 +118,29 @@ def mask_noise(seeds: torch.Tensor, num_patches: int, mask_index: int) -> torch.
     patch = torch.arange(num_patches, device=seeds.device).unsqueeze(0)
     counter = _fmix32((patch + mask_index * num_patches + 0x9E3779B9) & _MASK32)
     return _fmix32(lo ^ _fmix32(hi ^ counter))
+
+
+def patch_dissimilarity(
+    decoder: DedeDecoder, imgs: torch.Tensor, pred: torch.Tensor, pool: int
+) -> torch.Tensor:
+    """1 - SSIM of each patch against its rebuild, (B, L): per channel over the patch's (pooled)
+    pixels, then averaged over channels. 0 for a perfect rebuild, up to 2 for an inverted one."""
+    x = decoder.patch_blocks(imgs.float(), pool)
+    y = decoder.patch_blocks(decoder.unpatchify(pred.float()), pool)
+    mx, my = x.mean(-1), y.mean(-1)
+    vx, vy = x.var(-1, unbiased=False), y.var(-1, unbiased=False)
+    cov = ((x - mx.unsqueeze(-1)) * (y - my.unsqueeze(-1))).mean(-1)
+    ssim = (2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2) / ((mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2))
+    return 1 - ssim.mean(-1)
+
+
+def patch_error(
+    decoder: DedeDecoder, imgs: torch.Tensor, pred: torch.Tensor, settings: ScoreSettings
+) -> torch.Tensor:
+    """(B, L) error of each patch, as the settings measure it."""
+    if settings.error == "ssim":
+        return patch_dissimilarity(decoder, imgs, pred, settings.error_pool)
+    return decoder.patch_errors(imgs, pred, settings.error_pool)
 
 
 def aggregate_errors(errors: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -205,7 +244,7 @@ class Scorer:
             noise = mask_noise(seeds, dec.config.num_patches, k)
             latent, mask, ids_restore = dec.forward_encoder(images, embedding, s.test_mask_ratio, noise)
             pred = dec.forward_decoder(latent, ids_restore)
-            out.append(aggregate_errors(dec.patch_errors(images, pred, s.error_pool), mask, s.aggregate))
+            out.append(aggregate_errors(patch_error(dec, images, pred, s), mask, s.aggregate))
         return torch.stack(out, dim=1)
 
     @torch.inference_mode()

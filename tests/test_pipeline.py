@@ -217,24 +217,24 @@ def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_
 def test_decoder_and_run_from_before_error_pool_keep_per_pixel_scores(
     tmp_path, tiny_decoder_dir, tiny_shards
 ):
-    """decoder.json and run.json written before error_pool existed: scored per pixel, as calibrated,
-    and an unfinished run of that time resumes instead of being refused."""
+    """decoder.json and run.json written before error_pool and error existed: scored by per-pixel
+    squared errors, as calibrated, and an unfinished run of that time resumes instead of being refused."""
     old_decoder = tmp_path / "decoder"
     shutil.copytree(tiny_decoder_dir, old_decoder)
     meta = json.loads((old_decoder / "decoder.json").read_text())
-    del meta["scoring"]["error_pool"]
+    del meta["scoring"]["error_pool"], meta["scoring"]["error"]
     (old_decoder / "decoder.json").write_text(json.dumps(meta))
     first = str(tiny_shards / "shard-000000.tar")
     score(old_decoder, first, tmp_path / "run", workers=0)  # the quantile rule reads the calibration
     run_json = tmp_path / "run" / "run.json"
     info = json.loads(run_json.read_text())
-    assert info["identity"]["scoring"]["error_pool"] == 1
-    del info["identity"]["scoring"]["error_pool"]
+    assert (info["identity"]["scoring"]["error_pool"], info["identity"]["scoring"]["error"]) == (1, "mse")
+    del info["identity"]["scoring"]["error_pool"], info["identity"]["scoring"]["error"]
     run_json.write_text(json.dumps(info))
     resumed = score(old_decoder, first, tmp_path / "run", workers=0)
     assert (resumed.samples, resumed.scored_now) == (40, 0)
     per_pixel = manifests(tmp_path / "run")["shard-000000"].column("score").to_numpy()
-    score(tiny_decoder_dir, first, tmp_path / "pooled", workers=0)
+    score(tiny_decoder_dir, first, tmp_path / "pooled", workers=0, error="mse", threshold="mad:3")
     pooled = manifests(tmp_path / "pooled")["shard-000000"].column("score").to_numpy()
     assert (pooled < per_pixel).all()  # the square of a mean is at most the mean of the squares
 

@@ -147,7 +147,7 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
     # The paper's mean: with this tiny random CNN the decoder learns little from the embedding (a
     # clean encoder scores the same here), so this checks the kit end to end, not activation
     # specificity; bench/detection.py measures that against its clean-encoder control.
-    scorer = Scorer(victim.encoder, fit.decoder, ScoreSettings(num_masks=1, aggregate="mean"))
+    scorer = Scorer(victim.encoder, fit.decoder, ScoreSettings(num_masks=1, aggregate="mean", error="mse"))
     trig_x = badencoder_patch(test_x[test_y != target])
     clean_scores = scorer.score(test_x, key_seeds([f"c{i}" for i in range(len(test_x))])).score
     trig_scores = scorer.score(trig_x, key_seeds([f"t{i}" for i in range(len(trig_x))])).score

@@ -171,6 +171,18 @@ def test_report_on_hostile_input(tmp_path, tiny_decoder_dir):
         assert (page.parent / src).read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_report_of_a_run_that_flags_nothing_renders(tmp_path, tiny_decoder_dir, tiny_shards):
+    """No flagged sample: the embedding plot shows the kept ones alone, and the page still renders."""
+    job = ScoreJob(
+        decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "run", workers=0,
+        threshold="value:1000",
+    )  # fmt: skip
+    assert run_score_job(job, progress=False).flagged == 0
+    page = write_report(tmp_path / "run")
+    assert parse(page).ids == list(SECTIONS)
+    assert (page.parent / "embeddings.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_image_sample_is_bounded(labelled_run, monkeypatch):
     """However big the run, only SAMPLE_PER_GROUP rows per group, from MAX_SHARDS_READ shards."""
     from sanitizer import report

@@ -6,7 +6,17 @@ import torch
 
 from sanitizer.checkpoint import load_decoder
 from sanitizer.errors import UsageError
-from sanitizer.scoring import Scorer, ScoreSettings, aggregate_errors, key_seeds, mask_noise
+from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.scoring import (
+    SSIM_C1,
+    SSIM_C2,
+    Scorer,
+    ScoreSettings,
+    aggregate_errors,
+    key_seeds,
+    mask_noise,
+    patch_dissimilarity,
+)
 from sanitizer.train import TrainSettings
 
 
@@ -42,7 +52,7 @@ def test_train_cli_defaults_are_the_settings_defaults():
     from sanitizer.cli import build_parser
 
     args = build_parser().parse_args(["train", "--encoder", "timm:x", "--data", "d", "--out", "o"])
-    given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool)
+    given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool, args.error)
     assert given == ScoreSettings()
     assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
     assert args.trim == TrainSettings().trim
@@ -55,6 +65,8 @@ def test_settings_are_validated():
         ScoreSettings(aggregate="max")
     with pytest.raises(UsageError, match="--error-pool must be at least 1, not 0"):
         ScoreSettings(error_pool=0)
+    with pytest.raises(UsageError, match=r"--error must be one of \('mse', 'ssim'\), not 'l1'"):
+        ScoreSettings(error="l1")
 
 
 def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
@@ -63,9 +75,11 @@ def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
         Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=3))
 
 
-def test_settings_saved_before_error_pool_existed_read_as_per_pixel():
+def test_settings_saved_before_error_pool_existed_read_as_per_pixel_squared_errors():
     old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
-    assert ScoreSettings.from_dict(old) == ScoreSettings(num_masks=2, error_pool=1)
+    assert ScoreSettings.from_dict(old) == ScoreSettings(num_masks=2, error_pool=1, error="mse")
+    before_ssim = {**old, "error_pool": 2}
+    assert ScoreSettings.from_dict(before_ssim) == ScoreSettings(num_masks=2, error="mse")
     settings = ScoreSettings(num_masks=3, error_pool=4)
     assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
@@ -124,7 +138,61 @@ def test_no_visible_patch_means_one_pass(scorer_parts, tiny_encoder):
 def test_pooled_scores_are_at_most_the_per_pixel_ones(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts
     per_pixel, pooled = (
-        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=p), micro_batch=8).score(pixels, seeds).score
+        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=p, error="mse"), micro_batch=8)
+        .score(pixels, seeds)
+        .score
         for p in (1, 2)
     )
     assert (pooled < per_pixel).all()  # per patch, the square of a block mean is at most its mean square
+
+
+def _ssim_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two equal-shape arrays of values, from its textbook formula."""
+    mx, my = x.mean(), y.mean()
+    cov = ((x - mx) * (y - my)).mean()
+    num = (2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)
+    return num / ((mx**2 + my**2 + SSIM_C1) * (x.var() + y.var() + SSIM_C2))
+
+
+def test_patch_dissimilarity_is_one_minus_ssim_per_channel_averaged():
+    dec = DedeDecoder(DedeConfig(image_size=16, embed_dim=4, patch_size=8, width=24, heads=2))
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(2, 3, 16, 16, generator=gen)
+    rebuilt = torch.randn(2, 3, 16, 16, generator=gen)
+    pred = dec.patchify(rebuilt)
+    got = patch_dissimilarity(dec, imgs, pred, pool=1)
+    assert got.shape == (2, 4)
+    # patch 3 of image 1: rows 8-15, columns 8-15
+    x, y = imgs[1, :, 8:, 8:].double().numpy(), rebuilt[1, :, 8:, 8:].double().numpy()
+    expected = 1 - np.mean([_ssim_by_hand(x[c], y[c]) for c in range(3)])
+    assert got[1, 3].item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(
+        patch_dissimilarity(dec, imgs, dec.patchify(imgs), pool=1), torch.zeros(2, 4), atol=1e-6
+    )
+    pooled = patch_dissimilarity(dec, imgs, pred, pool=2)
+    xp, yp = (torch.nn.functional.avg_pool2d(t, 2)[1, :, 4:, 4:].double().numpy() for t in (imgs, rebuilt))
+    assert pooled[1, 3].item() == pytest.approx(
+        1 - np.mean([_ssim_by_hand(xp[c], yp[c]) for c in range(3)]), rel=1e-5
+    )
+
+
+def test_ssim_error_is_relative_to_the_patch_contrast():
+    """The same relative mistake (the right pattern, a fifth too faint) costs about the same SSIM
+    error at any contrast, while its squared error grows with the square of the contrast: textured
+    clean images are not ranked as worse rebuilt just for holding more."""
+    dec = DedeDecoder(DedeConfig(image_size=8, embed_dim=4, patch_size=8, width=24, heads=2))
+    gen = torch.Generator().manual_seed(1)
+    pattern = torch.randn(1, 3, 8, 8, generator=gen)
+    errors = {}
+    for contrast in (1.0, 3.0):
+        imgs = contrast * pattern
+        pred = dec.patchify(0.8 * imgs)  # right structure, a fifth too faint
+        errors[contrast] = (
+            patch_dissimilarity(dec, imgs, pred, pool=1).item(),
+            dec.patch_errors(imgs, pred).item(),
+        )
+    (ssim_low, mse_low), (ssim_high, mse_high) = errors[1.0], errors[3.0]
+    assert mse_high == pytest.approx(9 * mse_low, rel=1e-4)
+    assert ssim_high == pytest.approx(ssim_low, rel=0.25) and ssim_high < 0.05
+    wrong = dec.patchify(torch.randn(1, 3, 8, 8, generator=gen))  # another pattern, same scale
+    assert patch_dissimilarity(dec, pattern, wrong, pool=1).item() > 0.5

@@ -29,7 +29,9 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert meta["model"]["patch_size"] == 8 and meta["model"]["embed_dim"] == 96
     assert meta["training"]["epochs"] == 2 and meta["training"]["decode_statuses"] == {"ok": 120}
     assert meta["training"]["n_train"] + meta["calibration"]["n"] == 120
-    assert meta["scoring"] == {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "error_pool": 2}
+    assert meta["scoring"] == {
+        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "error_pool": 2, "error": "ssim"
+    }  # fmt: skip
 
 
 def test_checkpoint_round_trip_scores_like_the_calibration(tiny_decoder_dir, tiny_encoder, tiny_shards):
