@@ -112,7 +112,7 @@ PAPER = ScoreSettings(num_masks=1, aggregate="mean", error_pool=1, error="mse")
 PAPER_RULE = "paper"
 # Every decoder (victim, OOD, control) is trained with the package's defaults, the trimmed loss
 # included (`--trim` changes it): `dede-paper` is the paper's scoring of that decoder.
-DECODER_TRAINING = TrainSettings(batch_size=128, seed=SEED)
+DECODER_TRAINING = TrainSettings(seed=SEED)
 # The ablation behind the defaults: `dede` with squared errors (the default before session 7), with
 # each other per-patch aggregate, and per pixel.
 ABLATION = {

@@ -49,8 +49,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--error-pool", type=int, default=2, help=POOL_HELP + " (default 2)")
     p.add_argument("--error", default="ssim", help=ERROR_HELP + " (default ssim)")
     p.add_argument("--epochs", type=int, help="default: from the data size (about 200k image visits)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--max-samples", type=int, default=50_000, help="images read for training + calibration")
     p.add_argument(
         "--holdout",
@@ -62,9 +62,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trim",
         type=float,
-        default=0.05,
+        default=0.15,
         help="share of each batch, the worst-rebuilt images, left out of the loss after the first "
-        "fifth of training, so that triggered images in the data are not learned (default 0.05; "
+        "fifth of training, so that triggered images in the data are not learned (default 0.15; "
         "0: every image, as the paper)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

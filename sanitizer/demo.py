@@ -317,7 +317,7 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
             decoder_dir,
             # 1800 held-out images, not the default 5%: the verdict allows for how well the
             # calibration pins the false-positive rate down (150 images: +-1.6%; 1800: +-0.4%).
-            TrainSettings(epochs=plan.decoder_epochs, batch_size=128, seed=SEED, holdout=plan.holdout),
+            TrainSettings(epochs=plan.decoder_epochs, seed=SEED, holdout=plan.holdout),
             ScoreSettings(num_masks=plan.num_masks),
             plan.decoder_model,
             str(implant.weights.resolve()),

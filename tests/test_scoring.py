@@ -55,7 +55,11 @@ def test_train_cli_defaults_are_the_settings_defaults():
     given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool, args.error)
     assert given == ScoreSettings()
     assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
-    assert args.trim == TrainSettings().trim
+    assert (args.trim, args.lr, args.batch_size) == (
+        TrainSettings().trim,
+        TrainSettings().lr,
+        TrainSettings().batch_size,
+    )
 
 
 def test_settings_are_validated():
