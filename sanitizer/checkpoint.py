@@ -127,6 +127,12 @@ def load_training_state(out_dir: Path, decoder: DedeDecoder, optimizer: torch.op
     return progress
 
 
+def read_training_progress(out_dir: Path) -> dict | None:
+    """The last checkpoint's plan, epoch and losses without loading its tensors; None when there is none."""
+    path = out_dir / STATE_DIR / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def clear_training_state(out_dir: Path) -> None:
     for name in ("state.safetensors", "state.json"):
         (out_dir / STATE_DIR / name).unlink(missing_ok=True)

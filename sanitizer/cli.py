@@ -67,6 +67,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "fifth of training, so that triggered images in the data are not learned (default 0.15; "
         "0: every image, as the paper)",
     )
+    p.add_argument(
+        "--refit",
+        type=float,
+        default=0.1,
+        help="share of the training images, those a first decoder rebuilds worst, left out when a "
+        "second decoder is trained from scratch, so that triggered images are never learned "
+        "(default 0.1; 0: one pass)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train)
@@ -89,6 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         holdout=args.holdout,
         trim=args.trim,
+        refit=args.refit,
         seed=args.seed,
     )
     device = resolve_device(args.device)
@@ -111,7 +120,9 @@ def run_train(args: argparse.Namespace) -> int:
     meta = train_decoder(encoder, args.data, args.out, settings, score_settings, overrides, weights)
     t = meta["training"]
     print(
-        f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s, "
+        f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s"
+        + (f" ({t['left_out']} left out by the first pass)" if t["left_out"] else "")
+        + ", "
         f"final loss {t['epoch_losses'][-1]:.4f}; calibrated on {meta['calibration']['n']} held-out images\n"
         f"decoder: {args.out}"
     )

@@ -180,8 +180,9 @@ class Scorer:
         if compile and self.device.type == "cuda":  # one fixed shape, so one compiled graph
             self.forward = torch.compile(self.forward, dynamic=False)
 
-    def score(self, pixels: np.ndarray, seeds: np.ndarray) -> Scores:
-        """Scores of (N, H, W, 3) uint8 images; rows are independent of each other.
+    def score(self, pixels: np.ndarray, seeds: np.ndarray, embeddings: np.ndarray | None = None) -> Scores:
+        """Scores of (N, H, W, 3) uint8 images; rows are independent of each other. `embeddings`, the
+        images' victim embeddings when the caller has them already, spares the encoder pass.
 
         The batch goes to the device in one copy (from a reused pinned buffer on CUDA), every
         micro-batch is queued without waiting for the one before, and the results come back in one
@@ -195,7 +196,11 @@ class Scorer:
         with torch.inference_mode():
             x = self._on_device("pixels", pixels, rows)
             s = self._on_device("seeds", np.asarray(seeds, np.int64), rows)
-            parts = [self.forward(x[i : i + m], s[i : i + m]) for i in range(0, rows, m)]
+            e = None if embeddings is None else self._on_device("embeddings", embeddings, rows)
+            parts = [
+                self.forward(x[i : i + m], s[i : i + m], None if e is None else e[i : i + m])
+                for i in range(0, rows, m)
+            ]
             per_mask, norms = (torch.cat(t)[:n].cpu() for t in zip(*parts, strict=True))
         return Scores(
             score=per_mask.mean(1).numpy(),
@@ -224,11 +229,15 @@ class Scorer:
         staged[len(array) :] = 0
         return host.to(self.device, non_blocking=True)
 
-    def forward(self, pixels: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, W, 3) uint8 and (B,) seeds on the device -> (B, K) errors, (B,) embedding norms there."""
+    def forward(
+        self, pixels: torch.Tensor, seeds: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, 3) uint8 and (B,) seeds on the device, and the (B, D) embeddings if known ->
+        (B, K) errors, (B,) embedding norms there."""
         x = self.encoder.normalize(pixels)
         with autocast(self.device):
-            embedding = self.encoder.embed(x)
+            if embedding is None:
+                embedding = self.encoder.embed(x)
             per_mask = self.errors_given_embedding(x, embedding, seeds)
         return per_mask.float(), embedding.float().norm(dim=1)
 

@@ -65,14 +65,18 @@ def test_bad_choices_exit_with_one_line(argv, message):
     assert str(e.value) == message
 
 
-def test_decoder_training_follows_trim_and_refuses_a_bad_one():
-    training = D.decoder_training(D.parse_args(["--quick", "--trim", "0"]), D.QUICK)
-    assert training.trim == 0 and training.epochs == D.QUICK.decoder_epochs
+def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
+    training = D.decoder_training(D.parse_args(["--quick", "--trim", "0", "--refit", "0"]), D.QUICK)
+    assert training.trim == 0 and training.refit == 0 and training.epochs == D.QUICK.decoder_epochs
     assert D.decoder_training(D.parse_args([]), D.FULL) == D.DECODER_TRAINING  # FULL: automatic epochs
-    assert D.DECODER_TRAINING.trim == TrainSettings().trim
-    with pytest.raises(SystemExit) as e:
-        D.decoder_training(D.parse_args(["--trim", "0.5"]), D.QUICK)
-    assert str(e.value) == "detection: --trim must be in [0, 0.5), not 0.5"
+    assert (D.DECODER_TRAINING.trim, D.DECODER_TRAINING.refit) == (
+        TrainSettings().trim,
+        TrainSettings().refit,
+    )
+    for flag in ("--trim", "--refit"):
+        with pytest.raises(SystemExit) as e:
+            D.decoder_training(D.parse_args([flag, "0.5"]), D.QUICK)
+        assert str(e.value) == f"detection: {flag} must be in [0, 0.5), not 0.5"
 
 
 def tiny_data(rng: np.random.Generator) -> D.Data:

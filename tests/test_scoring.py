@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sanitizer.checkpoint import load_decoder
+from sanitizer.encoders import embed_pixels
 from sanitizer.errors import UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.scoring import (
@@ -55,8 +56,9 @@ def test_train_cli_defaults_are_the_settings_defaults():
     given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool, args.error)
     assert given == ScoreSettings()
     assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
-    assert (args.trim, args.lr, args.batch_size) == (
+    assert (args.trim, args.refit, args.lr, args.batch_size) == (
         TrainSettings().trim,
+        TrainSettings().refit,
         TrainSettings().lr,
         TrainSettings().batch_size,
     )
@@ -116,6 +118,18 @@ def test_scores_identical_across_batch_sizes_order_and_runs(scorer_parts, tiny_e
     shuffled = Scorer(tiny_encoder, decoder, settings, micro_batch=8).score(pixels[perm], seeds[perm])
     assert np.array_equal(shuffled.score, ref.score[perm])
     assert ref.score.dtype == np.float32 and (ref.score > 0).all() and (ref.score_std >= 0).all()
+
+
+def test_given_embeddings_score_as_the_encoders_own(scorer_parts, tiny_encoder):
+    decoder, pixels, seeds = scorer_parts
+    scorer = Scorer(tiny_encoder, decoder, ScoreSettings(0.75, num_masks=2), micro_batch=8)
+    own = scorer.score(pixels, seeds)
+    given = scorer.score(pixels, seeds, embed_pixels(tiny_encoder, pixels))
+    assert np.allclose(given.score, own.score, rtol=1e-5) and np.allclose(
+        given.embedding_norm, own.embedding_norm
+    )
+    other = scorer.score(pixels, seeds, embed_pixels(tiny_encoder, pixels[::-1].copy()))
+    assert not np.allclose(other.score, own.score)  # the embeddings given are the ones used
 
 
 def test_more_masks_average_distinct_masks(scorer_parts, tiny_encoder):

@@ -1,6 +1,7 @@
-import json
 import subprocess
 import sys
+from collections import Counter
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -15,7 +16,16 @@ from sanitizer.encoders import load_encoder
 from sanitizer.errors import CheckpointError
 from sanitizer.model import DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
-from sanitizer.train import TRIM_AFTER, TrainSettings, split_holdout, train_decoder
+from sanitizer.train import (
+    FIRST_PASS,
+    TRIM_AFTER,
+    ImageSet,
+    TrainSettings,
+    fit_decoder,
+    split_holdout,
+    train_decoder,
+    worst_rebuilt,
+)
 
 from .conftest import TINY_ENCODER, TINY_MODEL
 
@@ -28,7 +38,9 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert meta["encoder"]["preprocess"]["image_size"] == 32
     assert meta["model"]["patch_size"] == 8 and meta["model"]["embed_dim"] == 96
     assert meta["training"]["epochs"] == 2 and meta["training"]["decode_statuses"] == {"ok": 120}
-    assert meta["training"]["n_train"] + meta["calibration"]["n"] == 120
+    training = meta["training"]
+    assert training["left_out"] == round(0.1 * (120 - meta["calibration"]["n"]))  # the default --refit
+    assert training["n_train"] + training["left_out"] + meta["calibration"]["n"] == 120
     assert meta["scoring"] == {
         "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "error_pool": 2, "error": "ssim"
     }  # fmt: skip
@@ -54,30 +66,74 @@ def test_holdout_does_not_depend_on_order():
     assert sorted(keys[i] for i in a) == sorted(keys[::-1][i] for i in b) and len(a) == 5
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_shards, tiny_encoder, monkeypatch):
-    settings = TrainSettings(epochs=3, batch_size=32)
+@pytest.mark.parametrize(
+    "dies_at, rerun",
+    [
+        (1, [1, 0, 1, 2]),  # in pass 1's last epoch (of 2): that epoch again, then pass 2
+        (2, [0, 1, 2]),  # in pass 2's first epoch, pass 1 finished: not trained again
+        (4, [2]),  # in pass 2's last epoch: only that one, on the images pass 1 chose
+    ],
+)
+def test_resume_after_interruption_equals_uninterrupted(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch, dies_at, rerun
+):
+    settings = TrainSettings(epochs=3, batch_size=32, refit=0.1)
     common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
     train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "full", settings, **common)
 
     real_epoch, calls = train_module.train_epoch, []
 
-    def dies_in_third_epoch(*args, **kwargs):
+    def dies_once(*args, **kwargs):
         calls.append(args[6])
-        if args[6] == 2 and len(calls) == 3:
+        if len(calls) == dies_at + 1:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_epoch", dies_in_third_epoch)
+    monkeypatch.setattr(train_module, "train_epoch", dies_once)
     with pytest.raises(KeyboardInterrupt):
         train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
     assert not (tmp_path / "resumed" / "decoder.json").exists()
-    assert json.loads((tmp_path / "resumed/.checkpoint/state.json").read_text())["epoch"] == 2
     train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
-    assert calls == [0, 1, 2, 2]  # the rerun trained only the missing epoch
+    assert round(FIRST_PASS * 3) == 2 and calls[: dies_at + 1] == [0, 1, 0, 1, 2][: dies_at + 1]
+    assert calls[dies_at + 1 :] == rerun  # the rerun trained only what was missing
     full = load_file(str(tmp_path / "full/decoder.safetensors"))
     resumed = load_file(str(tmp_path / "resumed/decoder.safetensors"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert read_meta(tmp_path / "resumed")["training"] == {
+        **read_meta(tmp_path / "full")["training"], "seconds": ANY, "data": ANY
+    }  # fmt: skip
     assert not (tmp_path / "resumed/.checkpoint").exists()
+
+
+def test_worst_rebuilt_takes_the_highest_scores_ties_by_position():
+    assert worst_rebuilt(np.array([0.1, 0.5, 0.5, 0.2, 0.9], np.float32), 0.4) == [1, 4]
+    assert worst_rebuilt(np.array([0.3, 0.1]), 0.1) == []
+
+
+def test_second_pass_leaves_out_the_images_the_first_rebuilds_worst(tiny_encoder, monkeypatch):
+    pixels = synthetic_images(110, 32, seed=3)
+    keys = [f"s{i:03d}" for i in range(110)]
+    real_epoch, passes = train_module.train_epoch, []  # (decoder, training images) of each pass
+
+    def recording(decoder, optimizer, encoder, images, *rest):
+        if rest[2] == 0:
+            passes.append((decoder, images.copy()))
+        return real_epoch(decoder, optimizer, encoder, images, *rest)
+
+    monkeypatch.setattr(train_module, "train_epoch", recording)
+    scoring = ScoreSettings(num_masks=1)
+    settings = TrainSettings(epochs=2, batch_size=32, refit=0.2)
+    fit = fit_decoder(tiny_encoder, ImageSet(pixels, keys, Counter()), settings, scoring, TINY_MODEL, False)
+
+    (first, every), (second, kept) = passes
+    train_idx, _ = split_holdout(keys, settings.holdout)
+    assert np.array_equal(every, pixels[train_idx]) and second is not first
+    scores = Scorer(tiny_encoder, first, scoring).score(
+        pixels[train_idx], key_seeds(keys[i] for i in train_idx)
+    )
+    worst = np.argsort(-scores.score, kind="stable")[: round(0.2 * len(train_idx))]
+    assert np.array_equal(kept, np.delete(pixels[train_idx], worst, axis=0))
+    assert (fit.left_out, fit.n_train) == (len(worst), len(train_idx) - len(worst))
 
 
 def test_loss_is_trimmed_after_the_first_fifth_of_the_steps(tmp_path, tiny_shards, tiny_encoder, monkeypatch):
@@ -88,7 +144,7 @@ def test_loss_is_trimmed_after_the_first_fifth_of_the_steps(tmp_path, tiny_shard
         return real_loss(self, imgs, pred, mask, trim)
 
     monkeypatch.setattr(DedeDecoder, "forward_loss", recording)
-    settings = TrainSettings(epochs=5, batch_size=16, trim=0.25)
+    settings = TrainSettings(epochs=5, batch_size=16, trim=0.25, refit=0)
     common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
     meta = train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "d", settings, **common)
     steps = len(trims)
@@ -181,6 +237,7 @@ BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1
         (["--holdout", "1.5"], "--holdout must be in (0, 1), not 1.5"),
         (["--error-pool", "3"], "--error-pool 3 does not divide the decoder's 8 px patches"),
         (["--trim", "0.5"], "--trim must be in [0, 0.5), not 0.5"),
+        (["--refit", "-0.1"], "--refit must be in [0, 0.5), not -0.1"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_shards, html_shards, capsys, extra, message):
