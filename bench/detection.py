@@ -246,11 +246,24 @@ def fit(encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model
     return result
 
 
-def score(
-    encoder: VictimEncoder, decoder, pixels: np.ndarray, prefix: str, settings: ScoreSettings
-) -> np.ndarray:
-    keys = [f"{prefix}{i:06d}" for i in range(len(pixels))]
-    return Scorer(encoder, decoder, settings).score(pixels, key_seeds(keys)).score
+@dataclass
+class Embedded:
+    """Images with their embeddings under one encoder: embedded once, then scored by every method and
+    decoder (the encoder pass costs 5-10x the decoder's at 32 px)."""
+
+    pixels: np.ndarray
+    embeddings: np.ndarray
+    prefix: str  # of the keys that seed each image's masks
+
+    @classmethod
+    def of(cls, encoder: VictimEncoder, pixels: np.ndarray, prefix: str) -> Embedded:
+        return cls(pixels, embed_pixels(encoder, pixels), prefix)
+
+
+def score(encoder: VictimEncoder, decoder, images: Embedded, settings: ScoreSettings) -> np.ndarray:
+    keys = [f"{images.prefix}{i:06d}" for i in range(len(images.pixels))]
+    scorer = Scorer(encoder, decoder, settings)
+    return scorer.score(images.pixels, key_seeds(keys), images.embeddings).score
 
 
 @dataclass
@@ -301,31 +314,47 @@ def auc_by_source_class(clean_scores: np.ndarray, trig_scores: np.ndarray, tests
     return out
 
 
+@dataclass
+class EmbeddedTests:
+    """The clean and triggered test images under one encoder (the victim, or the control's)."""
+
+    clean: Embedded
+    triggered: Embedded
+
+    @classmethod
+    def of(cls, encoder: VictimEncoder, tests: TestSets) -> EmbeddedTests:
+        return cls(Embedded.of(encoder, tests.clean, "clean"), Embedded.of(encoder, tests.triggered, "trig"))
+
+
 def dede_rows(
-    attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets, suffix: str = ""
-) -> tuple[list[dict], dict]:
+    attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets,
+    embedded: EmbeddedTests, suffix: str = "",
+) -> tuple[list[dict], dict]:  # fmt: skip
     """`dede` and `dede-paper` rows, and on ID data the aggregate ablation (each calibrated as `dede`);
     and the `dede` AUC per source class of the triggered images."""
     methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
     if train_data == "id":
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
-    holdout = images.pixels[split_holdout(images.keys, DECODER_TRAINING.holdout)[1]]
+    holdout_idx = split_holdout(images.keys, DECODER_TRAINING.holdout)[1]
+    holdout = Embedded.of(encoder, images.pixels[holdout_idx], "holdout")
     rows, by_class = [], {}
     for method, settings, rule in methods:
-        c = score(encoder, fitted.decoder, tests.clean, "clean", settings)
-        t = score(encoder, fitted.decoder, tests.triggered, "trig", settings)
-        calibration = score(encoder, fitted.decoder, holdout, "holdout", settings)
+        c = score(encoder, fitted.decoder, embedded.clean, settings)
+        t = score(encoder, fitted.decoder, embedded.triggered, settings)
+        calibration = score(encoder, fitted.decoder, holdout, settings)
         rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration)
         if method == "dede":
             by_class = auc_by_source_class(c, t, tests)
     return rows, by_class
 
 
-def baseline_rows(attack: str, victim: VictimEncoder, data: Data, tests: TestSets) -> list[dict]:
+def baseline_rows(
+    attack: str, victim: VictimEncoder, data: Data, tests: TestSets, embedded: EmbeddedTests
+) -> list[dict]:
     """Embedding-space detectors: L2 norm, and kNN distance to clean auxiliary embeddings (the probe set)."""
     aux = embed_pixels(victim, data.probe[0])
     calib_aux, ref_aux = aux[: len(aux) // 2], aux[len(aux) // 2 :]
-    clean, trig = embed_pixels(victim, tests.clean), embed_pixels(victim, tests.triggered)
+    clean, trig = embedded.clean.embeddings, embedded.triggered.embeddings
     rows = []
     norm = lambda e: np.linalg.norm(e, axis=1)  # noqa: E731
     knn = lambda e: knn_distance(e, ref_aux)  # noqa: E731
@@ -335,7 +364,7 @@ def baseline_rows(attack: str, victim: VictimEncoder, data: Data, tests: TestSet
 
 
 def downstream(
-    victim: Victim, data: Data, id_set: ImageSet, poisoned: np.ndarray, fitted, tests: TestSets
+    victim: Victim, data: Data, id_set: ImageSet, poisoned: np.ndarray, fitted, embedded: EmbeddedTests
 ) -> dict:
     """Probe clean accuracy and ASR without defence, and after the `dede` detector filters train and test.
 
@@ -346,11 +375,11 @@ def downstream(
     enc = victim.implant.encoder
     threshold = resolve_threshold(parse_rule(DEDE_RULE), fitted.calibration)
     train_pixels, labels = id_set.pixels[~poisoned], data.decoder[1][~poisoned]
-    emb_train = embed_pixels(enc, train_pixels)
-    emb_clean, emb_trig = embed_pixels(enc, tests.clean), embed_pixels(enc, tests.triggered)
-    keep_train = score(enc, fitted.decoder, train_pixels, "id", DEDE) <= threshold
-    keep_clean = score(enc, fitted.decoder, tests.clean, "clean", DEDE) <= threshold
-    keep_trig = score(enc, fitted.decoder, tests.triggered, "trig", DEDE) <= threshold
+    train = Embedded.of(enc, train_pixels, "id")
+    emb_train, emb_clean, emb_trig = (e.embeddings for e in (train, embedded.clean, embedded.triggered))
+    keep_train = score(enc, fitted.decoder, train, DEDE) <= threshold
+    keep_clean = score(enc, fitted.decoder, embedded.clean, DEDE) <= threshold
+    keep_trig = score(enc, fitted.decoder, embedded.triggered, DEDE) <= threshold
     out = {}
     for name, train_keep in (("no_defence", np.ones(len(labels), bool)), ("dede_filtered", keep_train)):
         probe = fit_linear_probe(emb_train[train_keep], labels[train_keep], seed=SEED)
@@ -375,22 +404,24 @@ def run_attack(
     tests = TestSets(
         data.test[0], victim.trigger(data.trigger_source[0]), data.test[1], data.trigger_source[1]
     )
+    embedded = EmbeddedTests.of(enc, tests)
     id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = fit(enc, id_set, training, s.decoder_model)
-    rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests)
+    rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests, embedded)
     ood = ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
-    rows += dede_rows(attack, "ood", enc, fit(enc, ood, training, s.decoder_model), ood, tests)[0]
+    rows += dede_rows(attack, "ood", enc, fit(enc, ood, training, s.decoder_model), ood, tests, embedded)[0]
     # The control: the same data through the clean encoder, with its own decoder. That decoder depends
     # only on the clean encoder and the trigger in its training data, so BadEncoder and DRUPE share one.
     key = (victim.clean.weights_sha256, victim.trigger)
     if key not in control_cache:
         control_cache[key] = fit(victim.clean, id_set, training, s.decoder_model)
     control_rows, control_by_class = dede_rows(
-        attack, "id", victim.clean, control_cache[key], id_set, tests, suffix="-control"
-    )
-    rows += control_rows + baseline_rows(attack, enc, data, tests)
+        attack, "id", victim.clean, control_cache[key], id_set, tests,
+        EmbeddedTests.of(victim.clean, tests), suffix="-control",
+    )  # fmt: skip
+    rows += control_rows + baseline_rows(attack, enc, data, tests, embedded)
     by_class = {"dede": by_class, "dede-control": control_by_class}
-    return rows, downstream(victim, data, id_set, poisoned, fitted_id, tests), by_class
+    return rows, downstream(victim, data, id_set, poisoned, fitted_id, embedded), by_class
 
 
 def versions() -> dict:

@@ -91,16 +91,45 @@ def tiny_data(rng: np.random.Generator) -> D.Data:
     )
 
 
-def test_own_encoder_is_the_one_backdoored_and_the_control(tmp_path: Path):
-    """The victim is a fine-tune of the user's encoder, and the control is that encoder untouched."""
+TINY = replace(D.QUICK, implant=ImplantSettings(epochs=1, batch_size=8), decoder_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def own_victim(tmp_path_factory: pytest.TempPathFactory) -> tuple[D.Victim, Path]:
+    """A BadEncoder fine-tune of an untrained CIFAR ResNet, on random images."""
     own = D.BaseEncoder("timm:resnet10_cifar_s", None, 32)
-    sizes = replace(D.QUICK, implant=ImplantSettings(epochs=1, batch_size=8))
-    (victim,) = D.iter_victims(
-        tiny_data(np.random.default_rng(0)), sizes, ("badencoder",), tmp_path, "cpu", own
-    )
+    work = tmp_path_factory.mktemp("own")
+    (victim,) = D.iter_victims(tiny_data(np.random.default_rng(0)), TINY, ("badencoder",), work, "cpu", own)
+    return victim, work
+
+
+def test_own_encoder_is_the_one_backdoored_and_the_control(own_victim: tuple[D.Victim, Path]):
+    """The victim is a fine-tune of the user's encoder, and the control is that encoder untouched."""
+    victim, tmp_path = own_victim
     untouched = load_encoder("timm:resnet10_cifar_s", image_size=32)
     assert victim.clean.weights_sha256 == untouched.weights_sha256
     assert victim.implant.spec == "timm:resnet10_cifar_s"
     assert victim.implant.weights == tmp_path / "badencoder.safetensors"
     assert victim.implant.encoder.weights_sha256 != untouched.weights_sha256
     assert 0 <= victim.implant.report.asr <= 1
+
+
+def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: tuple[D.Victim, Path]):
+    """Every method at both rates: ID rows for dede, dede-paper, the ablation, their controls and the
+    embedding baselines; OOD rows for dede and dede-paper. Decoders shared per encoder give the same
+    rows when run again (each set is embedded once and scored by every method)."""
+    victim, _ = own_victim
+    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    rows, down, by_class = D.run_attack(victim, data, TINY, training, {})
+    dede = ["dede", "dede-paper", *D.ABLATION]
+    expected = {
+        *(("id", m + suffix) for m in dede for suffix in ("", "-control")),
+        ("ood", "dede"), ("ood", "dede-paper"), ("id", "embedding-norm"), ("id", "knn-distance"),
+    }  # fmt: skip
+    got = [(r["train_data"], r["method"], r["poison_rate"]) for r in rows]
+    assert sorted(got) == sorted((t, m, rate) for t, m in expected for rate in D.POISON_RATES)
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr"))
+    assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
+    assert set(down) == {"no_defence", "dede_filtered"} and set(by_class) == {"dede", "dede-control"}
+    assert down["no_defence"]["train_removed"] == 0
+    assert D.run_attack(victim, data, TINY, training, {})[0] == rows
