@@ -70,7 +70,9 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 
 class DedeDecoder(nn.Module):
-    def __init__(self, config: DedeConfig) -> None:
+    def __init__(self, config: DedeConfig, seed: int = 0) -> None:
+        """Weights drawn from `seed` alone, not torch's global generator, so that decoders built in
+        parallel threads are each the same as when built one at a time."""
         super().__init__()
         self.config = c = config
         patch_dim = 3 * c.patch_size**2
@@ -90,14 +92,15 @@ class DedeDecoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(c.width)
         self.decoder_pred = nn.Linear(c.width, patch_dim)
-        self._init_weights()
+        self._init_weights(torch.Generator().manual_seed(seed))
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, generator: torch.Generator) -> None:
+        """Every parameter that is not a LayerNorm's (those start at 1 and 0) is drawn here."""
         for p in (self.cls_token, self.mask_token, self.pos_embed, self.decoder_pos_embed):
-            nn.init.normal_(p, std=0.02)
+            nn.init.normal_(p, std=0.02, generator=generator)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.xavier_uniform_(m.weight, generator=generator)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

@@ -240,11 +240,10 @@ class _Pass:
 
     def run(self, number: int, left_out: list[int]) -> tuple[DedeDecoder, list[float]]:
         """Train a fresh decoder on the images not left out, resuming from a checkpoint of this pass."""
-        torch.manual_seed(self.settings.seed)
         keep = np.setdiff1d(np.arange(len(self.pixels)), left_out)
         device = self.encoder.device
         pixels, embeddings = (on_device(a[keep], device) for a in (self.pixels, self.embeddings))
-        decoder = DedeDecoder(self.config).to(device)
+        decoder = DedeDecoder(self.config, seed=self.settings.seed).to(device)
         s = self.settings
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         plan = self.plan(number, left_out)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench import detection as D
 from sanitizer.encoders import load_encoder
@@ -114,13 +116,16 @@ def test_own_encoder_is_the_one_backdoored_and_the_control(own_victim: tuple[D.V
     assert 0 <= victim.implant.report.asr <= 1
 
 
+def attack_result(victim: D.Victim, jobs: int, threads: int) -> tuple:
+    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    with D.decoder_pool(jobs, threads) as pool:
+        return D.run_attack(victim, data, D.submit_decoders(pool, victim, data, TINY, training, {}))
+
+
 def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: tuple[D.Victim, Path]):
     """Every method at both rates: ID rows for dede, dede-paper, the ablation, their controls and the
-    embedding baselines; OOD rows for dede and dede-paper. Decoders shared per encoder give the same
-    rows when run again (each set is embedded once and scored by every method)."""
-    victim, _ = own_victim
-    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
-    rows, down, by_class = D.run_attack(victim, data, TINY, training, {})
+    embedding baselines; OOD rows for dede and dede-paper."""
+    rows, down, by_class = attack_result(own_victim[0], jobs=1, threads=1)
     dede = ["dede", "dede-paper", *D.ABLATION]
     expected = {
         *(("id", m + suffix) for m in dede for suffix in ("", "-control")),
@@ -132,4 +137,37 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
     assert set(down) == {"no_defence", "dede_filtered"} and set(by_class) == {"dede", "dede-control"}
     assert down["no_defence"]["train_removed"] == 0
-    assert D.run_attack(victim, data, TINY, training, {})[0] == rows
+
+
+def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_victim):
+    """Two jobs of one torch thread each give bit-identical results to one job of one thread, and the
+    pool gives the torch threads back."""
+    before = torch.get_num_threads()
+    one_at_a_time = attack_result(own_victim[0], jobs=1, threads=1)
+    assert attack_result(own_victim[0], jobs=2, threads=2) == one_at_a_time
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("flag", ["--jobs", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_jobs_and_threads_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        D.parse_args([flag, value])
+    assert f"must be a whole number of at least 1, not {value!r}" in capsys.readouterr().err
+
+
+def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path, monkeypatch):
+    """main() end to end on tiny data: every victim built, then the decoders in the pool, then the rows."""
+    monkeypatch.setattr(D, "QUICK", TINY)
+    monkeypatch.setattr(D, "load_data", lambda sizes: tiny_data(np.random.default_rng(0)))
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
+    D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path)])
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["jobs"] == 2 and set(result["attack_asr"]) == {"badencoder", "drupe"}
+    assert {r["attack"] for r in result["rows"]} == {"badencoder", "drupe"}
+    assert {(r["attack"], r["method"]) for r in result["rows"]} >= {
+        ("drupe", "dede-control"),
+        ("badencoder", "dede"),
+    }
+    assert "| drupe | 0.5 | id |" in out.with_suffix(".md").read_text()

@@ -133,3 +133,17 @@ def test_pooled_errors_drop_texture_finer_than_the_block_and_keep_layout():
     expected = torch.zeros(1, 64)
     expected[0, 10] = 0.25  # the offset survives pooling, the checkerboard does not
     assert torch.allclose(pooled, expected, atol=1e-6)
+
+
+def test_weights_come_from_the_seed_alone():
+    """Not from torch's global generator: decoders trained in parallel threads start as they would alone.
+    Every parameter but the LayerNorms' is drawn."""
+    config = DedeConfig(32, 16, 8, width=32, depth=1, decoder_depth=1, heads=2)
+    torch.manual_seed(1)
+    a = DedeDecoder(config, seed=3).state_dict()
+    torch.manual_seed(2)
+    b = DedeDecoder(config, seed=3).state_dict()
+    c = DedeDecoder(config, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drawn = [k for k in a if "norm" not in k and not k.endswith("bias")]
+    assert drawn and all(not torch.equal(a[k], c[k]) for k in drawn)
