@@ -45,7 +45,8 @@ SAMPLE_VISITS = 200_000  # epochs="auto" trains for about this many image visits
 TRIM_AFTER = 0.2
 # Length of the first of two passes (see TrainSettings.refit), as a share of the epochs: it only has to
 # rank the training images. On bench/detection.py's CLIP-patch victim a half-length first pass gave
-# AUC 0.991 / 0.993 (50% / 1% triggered) against 0.994 / 0.997 for a full one, at 3/4 of the cost.
+# AUC 0.991 / 0.993 (50% / 1% triggered) against 0.994 / 0.997 for a full one, at 3/4 of the cost. A
+# quarter-length one lost 0.005-0.010 on BadEncoder and DRUPE (session 10).
 FIRST_PASS = 0.5
 
 
