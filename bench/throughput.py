@@ -193,7 +193,6 @@ def phase(device: torch.device, results: dict):
 # -- setup -------------------------------------------------------------------------------------------
 def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
     """A random-init decoder directory with the meta the scoring job reads."""
-    torch.manual_seed(0)
     decoder = DedeDecoder(DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim))
     meta = {
         "encoder": {
@@ -342,7 +341,6 @@ def training(encoder, n: int, settings: TrainSettings) -> dict:
     started = time.perf_counter()
     embeddings = embed_pixels(encoder, pixels)
     embed_s = time.perf_counter() - started
-    torch.manual_seed(0)
     decoder = DedeDecoder(DedeConfig.default_for(size, encoder.embed_dim)).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = math.ceil(n / settings.batch_size)
