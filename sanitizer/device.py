@@ -1,8 +1,10 @@
-"""Where the models run, and in which precision: bf16 autocast on CUDA, fp32 on the CPU."""
+"""Where the models run, and in which precision: bf16 autocast where the hardware computes in bf16
+(CUDA, and CPUs with AVX512-BF16 or AMX), fp32 on other CPUs."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -19,8 +21,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware. Where it does, a decoder training step
+    ran 1.6x faster under bf16 autocast (2-core AMD EPYC with AVX512-BF16); where it does not, oneDNN
+    emulates bf16 and is slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 on CUDA; on the CPU, fp32 (CPU bf16 is slower than fp32 on most machines)."""
+    """bf16 autocast on CUDA and on CPUs with bf16 hardware; fp32 on other CPUs."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

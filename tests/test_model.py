@@ -2,11 +2,10 @@ import pytest
 import torch
 
 from sanitizer.errors import UsageError
-from sanitizer.model import DedeConfig, DedeDecoder, num_visible
+from sanitizer.model import DedeConfig, DedeDecoder, num_visible, run_blocks
 
 
 def make(image_size=32, patch_size=4, **kw) -> DedeDecoder:
-    torch.manual_seed(0)
     return DedeDecoder(
         DedeConfig(image_size, 16, patch_size, width=32, depth=1, decoder_depth=1, heads=2, **kw)
     )
@@ -87,14 +86,17 @@ def test_embedding_replaces_cls_output():
     assert torch.equal(latent[:, 1:], other[:, 1:])
 
 
-def test_training_steps_lower_the_loss():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_steps_lower_the_loss(dtype):
+    """In fp32 and under CPU bf16 autocast (the precision on CPUs with bf16 hardware)."""
     dec = make()
     imgs, emb = torch.randn(16, 3, 32, 32) * 0.5 + 0.2, torch.randn(16, 16)
     opt = torch.optim.AdamW(dec.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(40):
-        loss, _, _ = dec(imgs, emb, 0.9, torch.rand(16, 64, generator=gen))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, _, _ = dec(imgs, emb, 0.9, torch.rand(16, 64, generator=gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -147,3 +149,15 @@ def test_weights_come_from_the_seed_alone():
     assert all(torch.equal(a[k], b[k]) for k in a)
     drawn = [k for k in a if "norm" not in k and not k.endswith("bias")]
     assert drawn and all(not torch.equal(a[k], c[k]) for k in drawn)
+
+
+def test_cpu_blocks_attend_with_the_plain_kernel_and_agree_with_the_fused_one():
+    dec = make()
+    x = torch.randn(4, 17, 32)
+    fused = x
+    for block in dec.decoder_blocks:
+        block.attn.fused_attn = True
+        fused = block(fused)
+    plain = run_blocks(dec.decoder_blocks, x)
+    assert not any(block.attn.fused_attn for block in dec.decoder_blocks)
+    assert torch.allclose(plain, fused, atol=1e-5)
