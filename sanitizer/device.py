@@ -29,10 +29,13 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def precision(device: torch.device) -> str:
+    """ "bf16" on CUDA and on CPUs with bf16 hardware, "fp32" on other CPUs: what autocast computes in."""
+    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA and on CPUs with bf16 hardware; fp32 on other CPUs."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast where precision() says bf16; no autocast (fp32) elsewhere."""
+    if precision(device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

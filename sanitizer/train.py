@@ -29,7 +29,7 @@ from sanitizer import checkpoint
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
-from sanitizer.device import autocast
+from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
@@ -372,6 +372,7 @@ def train_decoder(
         "training": {
             **settings.to_dict(),
             "epochs": fit.epochs,
+            "precision": precision(encoder.device),
             "data": data,
             "n_train": fit.n_train,
             "left_out": fit.left_out,

@@ -12,6 +12,7 @@ import sanitizer.train as train_module
 from sanitizer.checkpoint import check_encoder, load_decoder, read_meta
 from sanitizer.cli import main
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
 from sanitizer.errors import CheckpointError
 from sanitizer.model import DedeDecoder
@@ -38,6 +39,7 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert meta["encoder"]["preprocess"]["image_size"] == 32
     assert meta["model"]["patch_size"] == 8 and meta["model"]["embed_dim"] == 96
     assert meta["training"]["epochs"] == 2 and meta["training"]["decode_statuses"] == {"ok": 120}
+    assert meta["training"]["precision"] == precision(torch.device("cpu"))
     training = meta["training"]
     assert training["left_out"] == round(0.1 * (120 - meta["calibration"]["n"]))  # the default --refit
     assert training["n_train"] + training["left_out"] + meta["calibration"]["n"] == 120
