@@ -152,7 +152,8 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
     clean_scores = scorer.score(test_x, key_seeds([f"c{i}" for i in range(len(test_x))])).score
     trig_scores = scorer.score(trig_x, key_seeds([f"t{i}" for i in range(len(trig_x))])).score
     positive = np.r_[np.zeros(len(clean_scores), bool), np.ones(len(trig_scores), bool)]
-    # 0.797-0.808 over decoder seeds 0-5 (session 10): well above chance, with room for the seed.
+    # 0.797-0.808 over decoder seeds 0-5 in fp32 (session 10), 0.796-0.808 in bf16 (session 11): well
+    # above chance, with room for the seed.
     assert auc(np.r_[clean_scores, trig_scores], positive) >= 0.75
 
 
