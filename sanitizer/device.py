@@ -25,12 +25,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware. Where it does, a decoder training step
     ran 1.6x faster under bf16 autocast (2-core AMD EPYC with AVX512-BF16); where it does not, oneDNN
-    emulates bf16 and is slower than fp32."""
+    emulates bf16 and is slower than fp32. (torch.cpu's probes are private API; torch is pinned.)"""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def precision(device: torch.device) -> str:
-    """ "bf16" on CUDA and on CPUs with bf16 hardware, "fp32" on other CPUs: what autocast computes in."""
+    """What autocast computes in: bf16 on CUDA and on CPUs with bf16 hardware, fp32 on other CPUs."""
     return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
 
 
