@@ -46,7 +46,7 @@ from sanitizer.redteam.implant import (
     drupe,
     measure_attack,
 )
-from sanitizer.redteam.metrics import auc, knn_distance, rates
+from sanitizer.redteam.metrics import auc, knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import TRIGGERS, Trigger
 from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
@@ -288,7 +288,8 @@ def detection_rows(
     attack: str, train_data: str, method: str, tests: TestSets, clean_scores: np.ndarray,
     trig_scores: np.ndarray, rule: str, calibration: np.ndarray | None,
 ) -> list[dict]:  # fmt: skip
-    """One row per poison rate: AUC, and TPR/FPR at the method's threshold rule."""
+    """One row per poison rate: AUC, TPR/FPR at the method's threshold rule, and the TPR the ranking
+    allows at 5% FPR (`tpr_at_fpr05`, threshold chosen on the test labels)."""
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
@@ -300,7 +301,8 @@ def detection_rows(
             {
                 "attack": attack, "poison_rate": rate, "train_data": train_data, "method": method,
                 "auc": round(auc(scores, positive), 4), "tpr": round(tpr, 4), "fpr": round(fpr, 4),
-                "threshold": rule, "n_clean": int((~positive).sum()), "n_triggered": int(positive.sum()),
+                "tpr_at_fpr05": round(tpr_at_fpr(scores, positive, 0.05), 4), "threshold": rule,
+                "n_clean": int((~positive).sum()), "n_triggered": int(positive.sum()),
             }
         )  # fmt: skip
     return rows
@@ -517,6 +519,7 @@ def markdown(result: dict) -> str:
             ]  # noqa: E501
             cells.append(f"{hit[0]['auc']:.3f} / {hit[0]['tpr']:.2f} / {hit[0]['fpr']:.2f}" if hit else "")
         lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(cells) + " |")
+    lines += tpr_at_fpr_table(result["rows"])
     lines += ablation_table(result["rows"])
     lines += source_class_table(result.get("auc_by_source_class", {}))
     lines += [
@@ -534,6 +537,26 @@ def markdown(result: dict) -> str:
             f"| {b['asr']:.3f} | {b['train_removed']:.3f} | {b['clean_test_removed']:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
+    """`dede` and `dede-paper` TPR at the calibrated threshold against the TPR their ranking allows at
+    5% FPR: whether a miss is the threshold's or the score's."""
+    cells = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in rows}
+    if not any("tpr_at_fpr05" in r for r in rows):
+        return []
+    lines = [
+        "",
+        "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
+        "",
+        "| attack | rate | train | dede | dede-paper |",
+        "|---|---|---|---|---|",
+    ]
+    for attack, rate, train in dict.fromkeys((a, r, t) for a, r, t, _ in cells):
+        pair = [cells.get((attack, rate, train, m)) for m in ("dede", "dede-paper")]
+        text = [f"{c['tpr']:.2f} / {c['tpr_at_fpr05']:.2f}" if c else "" for c in pair]
+        lines.append(f"| {attack} | {rate:g} | {train} | {text[0]} | {text[1]} |")
+    return lines
 
 
 def ablation_table(rows: list[dict]) -> list[str]:
@@ -595,7 +618,9 @@ def positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU-sized run (17 min on the 2-core dev VM, bf16)")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU-sized run (12-17 min on the 2-core dev VM, bf16)"
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument(
         "--attacks",

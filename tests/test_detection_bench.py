@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench import detection as D
+from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
 from sanitizer.redteam.implant import ImplantSettings
 from sanitizer.train import TrainSettings
@@ -133,7 +134,7 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     }  # fmt: skip
     got = [(r["train_data"], r["method"], r["poison_rate"]) for r in rows]
     assert sorted(got) == sorted((t, m, rate) for t, m in expected for rate in D.POISON_RATES)
-    assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr"))
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr", "tpr_at_fpr05"))
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
     assert set(down) == {"no_defence", "dede_filtered"} and set(by_class) == {"dede", "dede-control"}
     assert down["no_defence"]["train_removed"] == 0
@@ -170,4 +171,6 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
         ("drupe", "dede-control"),
         ("badencoder", "dede"),
     }
-    assert "| drupe | 0.5 | id |" in out.with_suffix(".md").read_text()
+    markdown = out.with_suffix(".md").read_text()
+    assert "| drupe | 0.5 | id |" in markdown and "## TPR at the calibrated threshold / at 5% FPR" in markdown
+    assert result["precision"] == precision(torch.device("cpu"))

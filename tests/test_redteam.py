@@ -17,7 +17,7 @@ from sanitizer.redteam.implant import (
     ctrl_simclr,
     sliced_wasserstein,
 )
-from sanitizer.redteam.metrics import auc, rates
+from sanitizer.redteam.metrics import auc, rates, tpr_at_fpr
 from sanitizer.redteam.triggers import (
     TRIGGERS,
     badencoder_box,
@@ -96,6 +96,17 @@ def test_auc_and_rates():
     assert auc(np.array([0.1, 0.4, 0.35, 0.8]), positive) == 0.75
     assert auc(np.ones(4), positive) == 0.5
     assert rates(np.array([0.1, 0.4, 0.35, 0.8]), positive, 0.3) == (1.0, 0.5)
+
+
+def test_tpr_at_fpr_flags_at_most_that_share_of_the_negatives():
+    negatives = np.arange(100) / 100  # 0.00 .. 0.99
+    positives = np.array([0.5, 0.955, 0.96, 0.97, 2.0])
+    scores = np.r_[negatives, positives]
+    positive = np.r_[np.zeros(100, bool), np.ones(5, bool)]
+    # 5% of 100 negatives: the threshold is the 6th highest negative (0.94), flagging 0.95-0.99
+    assert tpr_at_fpr(scores, positive, 0.05) == 0.8
+    assert tpr_at_fpr(scores, positive, 0.0) == 0.2  # above every negative: only 2.0
+    assert np.isnan(tpr_at_fpr(negatives, np.zeros(100, bool), 0.05))
 
 
 def test_sliced_wasserstein_is_zero_for_equal_sets():

@@ -1,4 +1,5 @@
-"""Detection metrics in plain numpy (no scikit-learn): rank-based AUC, TPR and FPR at a threshold."""
+"""Detection metrics in plain numpy (no scikit-learn): rank-based AUC, TPR and FPR at a threshold,
+TPR at a false-positive budget."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[f
     tpr = float(flagged[positive].mean()) if positive.any() else float("nan")
     fpr = float(flagged[~positive].mean()) if (~positive).any() else float("nan")
     return tpr, fpr
+
+
+def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
+    """TPR at the lowest threshold that flags at most `fpr` of the negatives. The threshold is chosen
+    on the labels, so this is what the ranking allows, apart from how a threshold is calibrated."""
+    positive = positive.astype(bool)
+    scores = np.asarray(scores, np.float64)
+    negatives = np.sort(scores[~positive])[::-1]
+    if not positive.any() or not len(negatives):
+        return float("nan")
+    threshold = negatives[min(int(fpr * len(negatives)), len(negatives) - 1)]
+    return float((scores[positive] > threshold).mean())
 
 
 def knn_distance(
