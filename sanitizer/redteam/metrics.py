@@ -39,12 +39,10 @@ def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
     """TPR at the lowest threshold that flags at most `fpr` of the negatives. The threshold is chosen
     on the labels, so this is what the ranking allows, apart from how a threshold is calibrated."""
     positive = positive.astype(bool)
-    scores = np.asarray(scores, np.float64)
-    negatives = np.sort(scores[~positive])[::-1]
+    negatives = np.sort(np.asarray(scores)[~positive])[::-1]
     if not positive.any() or not len(negatives):
         return float("nan")
-    threshold = negatives[min(int(fpr * len(negatives)), len(negatives) - 1)]
-    return float((scores[positive] > threshold).mean())
+    return rates(scores, positive, negatives[min(int(fpr * len(negatives)), len(negatives) - 1)])[0]
 
 
 def knn_distance(
