@@ -67,7 +67,7 @@ class Sizes:
     simclr_images: int
     shadow: int  # attacker's unlabelled images for BadEncoder / DRUPE
     probe: int  # labelled clean images for the probes
-    decoder: int  # decoder training images (ID: Fashion-MNIST with 1% triggered; OOD: MNIST)
+    decoder: int  # decoder images (ID: Fashion-MNIST with 1% triggered; OOD: MNIST), HOLDOUT of them held out
     test_clean: int  # clean test images (the 1% set uses all; the 50% set half)
     decoder_epochs: int | None
     implant: ImplantSettings
@@ -81,10 +81,10 @@ QUICK = Sizes(
     simclr_images=2000,
     shadow=640,
     probe=2000,
-    # 114k image visits. 8 epochs of 1500 left the decoders too blurry to show activation; with the
-    # untrimmed loss more images lowered DRUPE's AUC (the decoder learnt the 1% triggered ones), with
-    # the trimmed loss 6000 x 20 beat 1500 x 40 on every attack.
-    decoder=6000,
+    # 6000 trained on (114k image visits), 1000 held out. 8 epochs of 1500 left the decoders too blurry
+    # to show activation; with the untrimmed loss more images lowered DRUPE's AUC (the decoder learnt
+    # the 1% triggered ones), with the trimmed loss 6000 x 20 beat 1500 x 40 on every attack.
+    decoder=7000,
     test_clean=1000,
     decoder_epochs=20,
     # 3 epochs left BadEncoder at ASR ~0.5-0.6; lr 1e-3 or more collapses the MobileNetV2 embeddings.
@@ -99,7 +99,7 @@ FULL = Sizes(
     simclr_images=50_000,
     shadow=10_000,
     probe=10_000,
-    decoder=20_000,
+    decoder=21_000,  # 19,000 trained on, 2000 (the package's most) held out
     test_clean=9000,
     decoder_epochs=None,  # the package's automatic choice (about 200k image visits)
     implant=ImplantSettings(epochs=20, batch_size=64, lr=1e-4),
@@ -111,15 +111,21 @@ FULL = Sizes(
 # of the scored set).
 DEDE = ScoreSettings()
 DEDE_RULE = DEFAULT_RULE
-PAPER = ScoreSettings(num_masks=1, aggregate="mean", error_pool=1, error="mse")
+PAPER = ScoreSettings(num_masks=1, aggregate="mean", error_pool=1, error="mse", relax_steps=0)
 PAPER_RULE = "paper"
 # Every decoder (victim, OOD, control) is trained with the package's defaults, the trimmed loss and the
 # second pass included (`--trim` and `--refit` change them): `dede-paper` is the paper's scoring of
-# that decoder.
-DECODER_TRAINING = TrainSettings(seed=SEED)
-# The ablation behind the defaults: `dede` with squared errors (the default before session 7), with
-# each other per-patch aggregate, and per pixel.
+# that decoder. Except the share held out to calibrate the threshold: the package's 5% of the quick
+# mode's images would be 300, whose 97th percentile moved the FPR at the default threshold between
+# 0.01 and 0.04 from decoder to decoder (session 12); a user with 20,000 images or more holds out
+# 1000-2000.
+HOLDOUT = 1 / 7
+DECODER_TRAINING = TrainSettings(seed=SEED, holdout=HOLDOUT)
+# The ablation behind the defaults: `dede` without the latent relaxation (the default before session
+# 12), with squared errors (the default before session 7), with each other per-patch aggregate, and
+# per pixel.
 ABLATION = {
+    "dede-unrelaxed": replace(DEDE, relax_steps=0),
     "dede-mse": replace(DEDE, error="mse"),
     **{f"dede-{a}": replace(DEDE, aggregate=a) for a in AGGREGATES if a != DEDE.aggregate},
     "dede-pixel": replace(DEDE, error_pool=1),
@@ -488,7 +494,8 @@ def markdown(result: dict) -> str:
         f"device {result['device']} ({result['precision']}); torch {result['versions']['torch']}, "
         f"timm {result['versions']['timm']}, open_clip {result['versions']['open_clip']}  ",
         f"`dede`: {result['settings']['dede']}; `dede-paper`: {result['settings']['dede-paper']}  ",
-        f"Decoders (all methods): {result['sizes']['decoder']} images, "
+        f"Decoders (all methods): {result['sizes']['decoder']} images "
+        f"({result['decoder_training']['holdout']:.3f} of them held out to calibrate), "
         f"{result['decoder_training']['epochs']} epochs, trimmed loss {result['decoder_training']['trim']}, "
         f"second pass without the worst-rebuilt {result['decoder_training']['refit']} of the images  ",
         f"Complete: {result['complete']} (partial results are written after every attack)",
@@ -539,9 +546,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TPR_METHODS = ("dede", "dede-unrelaxed", "dede-paper")
+
+
 def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
-    """`dede` and `dede-paper` TPR at the calibrated threshold against the TPR their ranking allows at
-    5% FPR: whether a miss is the threshold's or the score's."""
+    """TPR at the calibrated threshold against the TPR the ranking allows at 5% FPR (whether a miss is
+    the threshold's or the score's), for `dede`, `dede` unrelaxed and `dede-paper`."""
     cells = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in rows}
     if not any("tpr_at_fpr05" in r for r in rows):
         return []
@@ -549,26 +559,26 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
         "",
         "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
         "",
-        "| attack | rate | train | dede | dede-paper |",
-        "|---|---|---|---|---|",
+        "| attack | rate | train | " + " | ".join(TPR_METHODS) + " |",
+        "|" + "---|" * (3 + len(TPR_METHODS)),
     ]
     for attack, rate, train in dict.fromkeys((a, r, t) for a, r, t, _ in cells):
-        pair = [cells.get((attack, rate, train, m)) for m in ("dede", "dede-paper")]
-        text = [f"{c['tpr']:.2f} / {c['tpr_at_fpr05']:.2f}" if c else "" for c in pair]
-        lines.append(f"| {attack} | {rate:g} | {train} | {text[0]} | {text[1]} |")
+        found = [cells.get((attack, rate, train, m)) for m in TPR_METHODS]
+        text = [f"{c['tpr']:.2f} / {c['tpr_at_fpr05']:.2f}" if c else "" for c in found]
+        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(text) + " |")
     return lines
 
 
 def ablation_table(rows: list[dict]) -> list[str]:
-    """AUC on the victim / on the clean-encoder control for each patch error, aggregate and error pool
-    (ID decoders)."""
+    """AUC on the victim / on the clean-encoder control for each relaxation, patch error, aggregate
+    and error pool (ID decoders)."""
     auc_of = {(r["attack"], r["poison_rate"], r["method"]): r["auc"] for r in rows if r["train_data"] == "id"}
-    label = lambda s: f"{s.error}, {s.aggregate}, pool {s.error_pool}"  # noqa: E731
+    label = lambda s: f"{s.error}, {s.aggregate}, pool {s.error_pool}, relax {s.relax_steps}"  # noqa: E731
     names = {f"dede ({label(DEDE)})": "dede", **{f"{n} ({label(s)})": n for n, s in ABLATION.items()}}
     lines = [
         "",
-        "## Patch error, aggregate and error pooling (ID decoder): AUC on the victim / on the "
-        "clean-encoder control",
+        "## Relaxation, patch error, aggregate and error pooling (ID decoder): AUC on the victim / on "
+        "the clean-encoder control",
         "",
         "| attack | rate | " + " | ".join(names) + " |",
         "|" + "---|" * (2 + len(names)),

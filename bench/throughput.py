@@ -237,7 +237,7 @@ def model_only(scorer: Scorer, size: int, device: torch.device, seconds: float) 
     pixels = torch.from_numpy(synthetic_images(m, size, seed=2)).to(device)
     seeds = torch.from_numpy(rng.integers(-(2**62), 2**62, m)).to(device)
     out = {}
-    with torch.inference_mode(), phase(device, out):
+    with torch.no_grad(), phase(device, out):  # not inference_mode: relax_token needs autograd
         for _ in range(2 if device.type == "cuda" else 1):  # warm-up: allocator, kernel selection
             _forward(scorer, pixels, seeds)
         if device.type == "cuda":
@@ -269,7 +269,7 @@ def _model_only_child(decoder_dir: str, micro: int, seconds: float, barrier) -> 
     scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(meta["scoring"]), micro)
     pixels = torch.from_numpy(synthetic_images(micro, pre["image_size"], seed=2))
     seeds = torch.arange(micro, dtype=torch.int64)
-    with torch.inference_mode():
+    with torch.no_grad():
         _forward(scorer, pixels, seeds)
         barrier.wait()
         iters, started = 0, time.perf_counter()

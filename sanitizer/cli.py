@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from sanitizer.errors import SanitizerError
@@ -18,6 +19,8 @@ from sanitizer.thresholds import DEFAULT_RULE
 AGGREGATE_HELP = "how hidden patches' errors pool into a score: mean (the paper's MSE), median or q25"
 POOL_HELP = "pixels per side averaged before errors are measured; 1 = per pixel, as the paper"
 ERROR_HELP = "each patch's error: ssim (1 - SSIM, relative to the patch's contrast) or mse (the paper's)"
+RELAX_STEPS_HELP = "signed-gradient steps on the embedding token before the error is measured; 0 = the paper"
+RELAX_RADIUS_HELP = "how far (L-inf, decoder latent units) those steps may move the token in all"
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
@@ -48,6 +51,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregate", default="q25", help=AGGREGATE_HELP + " (default q25)")
     p.add_argument("--error-pool", type=int, default=2, help=POOL_HELP + " (default 2)")
     p.add_argument("--error", default="ssim", help=ERROR_HELP + " (default ssim)")
+    p.add_argument("--relax-steps", type=int, default=3, help=RELAX_STEPS_HELP + " (default 3)")
+    p.add_argument("--relax-radius", type=float, default=0.12, help=RELAX_RADIUS_HELP + " (default 0.12)")
     p.add_argument("--epochs", type=int, help="default: from the data size (about 200k image visits)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=4e-3)
@@ -86,9 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
     from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
 
-    score_settings = ScoreSettings(
-        args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool, args.error
-    )
+    score_settings = ScoreSettings(**{f.name: getattr(args, f.name) for f in fields(ScoreSettings)})
     settings = TrainSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -134,11 +137,14 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", required=True, type=Path, help="DECODER_DIR written by `sanitizer train`")
     p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
     p.add_argument("--out", required=True, type=Path, help="RUN_DIR for manifest, stats and run.json")
-    p.add_argument("--test-mask-ratio", type=float, help="default: the decoder's calibration setting")
-    p.add_argument("--num-masks", type=int, help="default: the decoder's calibration setting")
-    p.add_argument("--aggregate", help=AGGREGATE_HELP + " (default: the decoder's calibration setting)")
-    p.add_argument("--error-pool", type=int, help=POOL_HELP + " (default: the decoder's calibration setting)")
-    p.add_argument("--error", help=ERROR_HELP + " (default: the decoder's calibration setting)")
+    calibrated = " (default: the decoder's calibration setting)"
+    p.add_argument("--test-mask-ratio", type=float, help="mask ratio of scores" + calibrated)
+    p.add_argument("--num-masks", type=int, help="masks averaged per score" + calibrated)
+    p.add_argument("--aggregate", help=AGGREGATE_HELP + calibrated)
+    p.add_argument("--error-pool", type=int, help=POOL_HELP + calibrated)
+    p.add_argument("--error", help=ERROR_HELP + calibrated)
+    p.add_argument("--relax-steps", type=int, help=RELAX_STEPS_HELP + calibrated)
+    p.add_argument("--relax-radius", type=float, help=RELAX_RADIUS_HELP + calibrated)
     p.add_argument(
         "--threshold", default=DEFAULT_RULE, help=f"quantile:Q, mad:K, value:X or paper ({DEFAULT_RULE})"
     )
@@ -164,6 +170,8 @@ def run_score(args: argparse.Namespace) -> int:
         aggregate=args.aggregate,
         error_pool=args.error_pool,
         error=args.error,
+        relax_steps=args.relax_steps,
+        relax_radius=args.relax_radius,
         threshold=args.threshold,
         batch_size=args.batch_size,
         workers=args.workers,

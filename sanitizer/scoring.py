@@ -1,8 +1,9 @@
 """The test-time score: how badly the decoder rebuilds an image when almost every patch is hidden.
 
-Two departures from the reference code, both for a production job: the score is averaged over
-several masks (less noise than the reference's single mask), and each mask is derived from the
-sample's key, so the same sample gets the same score whatever the batch, worker or shard order.
+Departures from the reference code: the score is averaged over several masks (less noise than the
+reference's single mask); each mask is derived from the sample's key, so the same sample gets the same
+score whatever the batch, worker or shard order; and the embedding token is relaxed a little before
+the rebuild is measured (see `relax_token`).
 Batches are cut into fixed-shape, zero-padded micro-batches so that kernel choice cannot depend on
 how many samples happened to arrive together.
 """
@@ -57,6 +58,10 @@ class ScoreSettings:
     # blend's victim AUC by 0.05-0.10 against squared errors, the controls by 0.03 at most at the 50%
     # rate (0.07 at the 1% rate, where 10 triggered images decide).
     error: str = "ssim"
+    # Latent relaxation (see relax_token): signed-gradient steps on the decoder's embedding token, and
+    # how far (L-inf, in the decoder's latent units) they may move it in all. 0 steps: the paper.
+    relax_steps: int = 3
+    relax_radius: float = 0.12
 
     def __post_init__(self) -> None:
         if not 0 < self.test_mask_ratio < 1:
@@ -69,6 +74,10 @@ class ScoreSettings:
             raise UsageError(f"--error-pool must be at least 1, not {self.error_pool}")
         if self.error not in ERRORS:
             raise UsageError(f"--error must be one of {ERRORS}, not {self.error!r}")
+        if self.relax_steps < 0:
+            raise UsageError(f"--relax-steps must be at least 0, not {self.relax_steps}")
+        if not self.relax_radius > 0:
+            raise UsageError(f"--relax-radius must be above 0, not {self.relax_radius}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,8 +92,8 @@ class ScoreSettings:
     @classmethod
     def from_dict(cls, saved: dict) -> ScoreSettings:
         """Settings as saved in decoder.json or run.json; those written before error_pool or error
-        existed were scored with per-pixel squared errors."""
-        return cls(**{"error_pool": 1, "error": "mse", **saved})
+        existed were scored with per-pixel squared errors, and those before relax_steps unrelaxed."""
+        return cls(**{"error_pool": 1, "error": "mse", "relax_steps": 0, **saved})
 
 
 def key_seeds(keys: Iterable[str]) -> np.ndarray:
@@ -152,6 +161,38 @@ def aggregate_errors(errors: torch.Tensor, mask: torch.Tensor, how: str) -> torc
     return values.float().quantile(QUANTILES[how], dim=1)
 
 
+def relax_token(
+    decoder: DedeDecoder,
+    images: torch.Tensor,
+    latent: torch.Tensor,
+    mask: torch.Tensor,
+    ids_restore: torch.Tensor,
+    settings: ScoreSettings,
+) -> torch.Tensor:
+    """`latent` with its embedding token (position 0) moved `relax_steps` signed-gradient steps
+    towards a better rebuild, each radius/steps in every coordinate.
+
+    Why: part of a clean image's error is nuisance that a small nudge of its embedding removes (the
+    embedding is close to one that describes the image), while a backdoored embedding points at the
+    attacker's target, too far away for a small nudge to help. Every sample gets the same absolute
+    budget: a budget relative to the embedding's size would let larger embeddings move further. Each
+    row's gradient depends on that row alone, so scores stay independent of the batch. On
+    bench/detection.py (3 steps, radius 0.12, two runs) the TPR at 5% FPR rose by 0.01-0.06 on every
+    implanted attack, the MobileNetV2 and CLIP controls' AUC fell by 0.01-0.05, the blend control's
+    rose by 0.01.
+    """
+    step = settings.relax_radius / settings.relax_steps
+    token, rest = latent[:, :1].float(), latent[:, 1:].detach()
+    with torch.enable_grad():
+        for _ in range(settings.relax_steps):
+            token = token.detach().requires_grad_(True)
+            pred = decoder.forward_decoder(torch.cat([token.to(rest.dtype), rest], dim=1), ids_restore)
+            error = aggregate_errors(patch_error(decoder, images, pred, settings), mask, settings.aggregate)
+            (grad,) = torch.autograd.grad(error.sum(), token)
+            token = token - step * grad.sign()
+    return torch.cat([token.detach().to(rest.dtype), rest], dim=1)
+
+
 @dataclass
 class Scores:
     score: np.ndarray  # (N,) float32: mean over masks
@@ -193,7 +234,7 @@ class Scorer:
             empty = np.zeros(0, np.float32)
             return Scores(empty, empty, empty)
         rows = -(-n // m) * m  # whole micro-batches; the padding rows are zeros, dropped afterwards
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: relax_token needs autograd
             x = self._on_device("pixels", pixels, rows)
             s = self._on_device("seeds", np.asarray(seeds, np.int64), rows)
             e = None if embeddings is None else self._on_device("embeddings", embeddings, rows)
@@ -250,23 +291,26 @@ class Scorer:
         distinct = s.num_masks if num_visible(dec.config.num_patches, s.test_mask_ratio) else 1
         out = []
         for k in range(distinct):
-            noise = mask_noise(seeds, dec.config.num_patches, k)
-            latent, mask, ids_restore = dec.forward_encoder(images, embedding, s.test_mask_ratio, noise)
-            pred = dec.forward_decoder(latent, ids_restore)
+            pred, mask = self.rebuild(images, embedding, seeds, k)
             out.append(aggregate_errors(patch_error(dec, images, pred, s), mask, s.aggregate))
         return torch.stack(out, dim=1)
 
-    @torch.inference_mode()
+    def rebuild(
+        self, images: torch.Tensor, embedding: torch.Tensor, seeds: torch.Tensor, mask_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, p*p*3) rebuild under the key-seeded mask `mask_index`, relaxed as the settings say,
+        and the (B, L) mask."""
+        s, dec = self.settings, self.decoder
+        noise = mask_noise(seeds, dec.config.num_patches, mask_index)
+        latent, mask, ids_restore = dec.forward_encoder(images, embedding, s.test_mask_ratio, noise)
+        if s.relax_steps:
+            latent = relax_token(dec, images, latent, mask, ids_restore, s)
+        return dec.forward_decoder(latent, ids_restore), mask
+
+    @torch.no_grad()
     def reconstruct(self, pixels: np.ndarray, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """First-mask reconstructions as uint8 images, and the (N, L) masks: for the audit report."""
+        """First-mask rebuilds (as scored) as uint8 images, and the (N, L) masks: for the audit report."""
         x = self.encoder.normalize(torch.from_numpy(pixels).to(self.device))
-        seeds_t = torch.from_numpy(seeds).to(self.device)
-        dec = self.decoder
         with autocast(self.device):
-            embedding = self.encoder.embed(x)
-            noise = mask_noise(seeds_t, dec.config.num_patches, 0)
-            latent, mask, ids_restore = dec.forward_encoder(
-                x, embedding, self.settings.test_mask_ratio, noise
-            )
-            pred = dec.unpatchify(dec.forward_decoder(latent, ids_restore).float())
-        return self.encoder.to_pixels(pred), mask.cpu().numpy()
+            pred, mask = self.rebuild(x, self.encoder.embed(x), torch.from_numpy(seeds).to(self.device), 0)
+        return self.encoder.to_pixels(self.decoder.unpatchify(pred.float())), mask.cpu().numpy()

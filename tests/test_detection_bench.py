@@ -173,4 +173,5 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     }
     markdown = out.with_suffix(".md").read_text()
     assert "| drupe | 0.5 | id |" in markdown and "## TPR at the calibrated threshold / at 5% FPR" in markdown
+    assert "| attack | rate | train | dede | dede-unrelaxed | dede-paper |" in markdown
     assert result["precision"] == precision(torch.device("cpu"))

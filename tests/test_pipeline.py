@@ -215,29 +215,53 @@ def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_
     )
 
 
-def test_decoder_and_run_from_before_error_pool_keep_per_pixel_scores(
+NEWER_SETTINGS = ("error_pool", "error", "relax_steps", "relax_radius")
+
+
+def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     tmp_path, tiny_decoder_dir, tiny_shards
 ):
-    """decoder.json and run.json written before error_pool and error existed: scored by per-pixel
-    squared errors, as calibrated, and an unfinished run of that time resumes instead of being refused."""
+    """decoder.json and run.json written before error_pool, error and relax_steps existed: scored by
+    per-pixel squared errors without relaxation, as calibrated, and an unfinished run of that time
+    resumes instead of being refused."""
     old_decoder = tmp_path / "decoder"
     shutil.copytree(tiny_decoder_dir, old_decoder)
     meta = json.loads((old_decoder / "decoder.json").read_text())
-    del meta["scoring"]["error_pool"], meta["scoring"]["error"]
+    meta["scoring"] = {k: v for k, v in meta["scoring"].items() if k not in NEWER_SETTINGS}
     (old_decoder / "decoder.json").write_text(json.dumps(meta))
     first = str(tiny_shards / "shard-000000.tar")
     score(old_decoder, first, tmp_path / "run", workers=0)  # the quantile rule reads the calibration
     run_json = tmp_path / "run" / "run.json"
     info = json.loads(run_json.read_text())
-    assert (info["identity"]["scoring"]["error_pool"], info["identity"]["scoring"]["error"]) == (1, "mse")
-    del info["identity"]["scoring"]["error_pool"], info["identity"]["scoring"]["error"]
+    saved = info["identity"]["scoring"]
+    assert (saved["error_pool"], saved["error"], saved["relax_steps"]) == (1, "mse", 0)
+    info["identity"]["scoring"] = {k: v for k, v in saved.items() if k not in NEWER_SETTINGS}
     run_json.write_text(json.dumps(info))
     resumed = score(old_decoder, first, tmp_path / "run", workers=0)
     assert (resumed.samples, resumed.scored_now) == (40, 0)
     per_pixel = manifests(tmp_path / "run")["shard-000000"].column("score").to_numpy()
-    score(tiny_decoder_dir, first, tmp_path / "pooled", workers=0, error="mse", threshold="mad:3")
+    score(
+        tiny_decoder_dir, first, tmp_path / "pooled", workers=0, error="mse", relax_steps=0, threshold="mad:3"
+    )
     pooled = manifests(tmp_path / "pooled")["shard-000000"].column("score").to_numpy()
     assert (pooled < per_pixel).all()  # the square of a mean is at most the mean of the squares
+
+
+def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tiny_shards, capsys):
+    """`score --relax-steps 0` scores every sample unrelaxed (higher than the decoder's relaxed
+    default) and records it; the decoder's quantile calibration no longer applies."""
+    argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
+    assert main([*argv, "--out", str(tmp_path / "q"), "--relax-steps", "0"]) == 2
+    assert "scoring with {" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "r"), "--relax-steps", "0", "--threshold", "mad:3"]) == 0
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["identity"]["scoring"]["relax_steps"] == 0
+    relaxed, unrelaxed = (
+        {k: t.column("score").to_numpy() for k, t in manifests(run).items()}
+        for run in (local_run[0], tmp_path / "r")
+    )
+    assert relaxed.keys() == unrelaxed.keys()
+    assert all((unrelaxed[k] > relaxed[k]).all() for k in relaxed)
 
 
 def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(

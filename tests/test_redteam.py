@@ -158,13 +158,15 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
     # The paper's mean: with this tiny random CNN the decoder learns little from the embedding (a
     # clean encoder scores the same here), so this checks the kit end to end, not activation
     # specificity; bench/detection.py measures that against its clean-encoder control.
-    scorer = Scorer(victim.encoder, fit.decoder, ScoreSettings(num_masks=1, aggregate="mean", error="mse"))
+    paper = ScoreSettings(num_masks=1, aggregate="mean", error="mse", relax_steps=0)
+    scorer = Scorer(victim.encoder, fit.decoder, paper)
     trig_x = badencoder_patch(test_x[test_y != target])
     clean_scores = scorer.score(test_x, key_seeds([f"c{i}" for i in range(len(test_x))])).score
     trig_scores = scorer.score(trig_x, key_seeds([f"t{i}" for i in range(len(trig_x))])).score
     positive = np.r_[np.zeros(len(clean_scores), bool), np.ones(len(trig_scores), bool)]
-    # 0.797-0.808 over decoder seeds 0-5 in fp32 (session 10), 0.796-0.808 in bf16 (session 11): well
-    # above chance, with room for the seed.
+    # 0.797-0.808 over decoder seeds 0-5 in fp32 (session 10), 0.796-0.808 in bf16 (session 11, and
+    # session 12 with the relaxed scores choosing what the second pass leaves out): well above
+    # chance, with room for the seed.
     assert auc(np.r_[clean_scores, trig_scores], positive) >= 0.75
 
 

@@ -1,4 +1,5 @@
 import hashlib
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from sanitizer.scoring import (
     key_seeds,
     mask_noise,
     patch_dissimilarity,
+    patch_error,
+    relax_token,
 )
 from sanitizer.train import TrainSettings
 
@@ -53,8 +56,8 @@ def test_train_cli_defaults_are_the_settings_defaults():
     from sanitizer.cli import build_parser
 
     args = build_parser().parse_args(["train", "--encoder", "timm:x", "--data", "d", "--out", "o"])
-    given = ScoreSettings(args.test_mask_ratio, args.num_masks, args.aggregate, args.error_pool, args.error)
-    assert given == ScoreSettings()
+    given = ScoreSettings(**{f.name: getattr(args, f.name) for f in fields(ScoreSettings)})
+    assert given == ScoreSettings()  # one flag per setting, with the setting's default
     assert args.holdout == TrainSettings().holdout and args.mask_ratio == TrainSettings().mask_ratio
     assert (args.trim, args.refit, args.lr, args.batch_size) == (
         TrainSettings().trim,
@@ -73,6 +76,10 @@ def test_settings_are_validated():
         ScoreSettings(error_pool=0)
     with pytest.raises(UsageError, match=r"--error must be one of \('mse', 'ssim'\), not 'l1'"):
         ScoreSettings(error="l1")
+    with pytest.raises(UsageError, match="--relax-steps must be at least 0, not -1"):
+        ScoreSettings(relax_steps=-1)
+    with pytest.raises(UsageError, match="--relax-radius must be above 0, not 0"):
+        ScoreSettings(relax_radius=0)
 
 
 def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
@@ -81,12 +88,15 @@ def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
         Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=3))
 
 
-def test_settings_saved_before_error_pool_existed_read_as_per_pixel_squared_errors():
+def test_settings_saved_before_a_setting_existed_read_as_they_were_scored():
     old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
-    assert ScoreSettings.from_dict(old) == ScoreSettings(num_masks=2, error_pool=1, error="mse")
+    unrelaxed = ScoreSettings(num_masks=2, relax_steps=0)
+    assert ScoreSettings.from_dict(old) == replace(unrelaxed, error_pool=1, error="mse")
     before_ssim = {**old, "error_pool": 2}
-    assert ScoreSettings.from_dict(before_ssim) == ScoreSettings(num_masks=2, error="mse")
-    settings = ScoreSettings(num_masks=3, error_pool=4)
+    assert ScoreSettings.from_dict(before_ssim) == replace(unrelaxed, error="mse")
+    before_relax = {**before_ssim, "error": "ssim"}
+    assert ScoreSettings.from_dict(before_relax) == unrelaxed
+    settings = ScoreSettings(num_masks=3, error_pool=4, relax_steps=5, relax_radius=0.3)
     assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
 
@@ -156,12 +166,49 @@ def test_no_visible_patch_means_one_pass(scorer_parts, tiny_encoder):
 def test_pooled_scores_are_at_most_the_per_pixel_ones(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts
     per_pixel, pooled = (
-        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=p, error="mse"), micro_batch=8)
+        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=p, error="mse", relax_steps=0), micro_batch=8)
         .score(pixels, seeds)
         .score
         for p in (1, 2)
     )
     assert (pooled < per_pixel).all()  # per patch, the square of a block mean is at most its mean square
+
+
+def _first_mask_latent(decoder, tiny_encoder, pixels, seeds, ratio):
+    x = tiny_encoder.normalize(torch.from_numpy(pixels))
+    noise = mask_noise(torch.from_numpy(seeds), decoder.config.num_patches, 0)
+    with torch.no_grad():
+        return x, *decoder.forward_encoder(x, tiny_encoder.embed(x), ratio, noise)
+
+
+def test_relaxation_moves_only_the_embedding_token_in_whole_steps_within_its_radius(
+    scorer_parts, tiny_encoder
+):
+    decoder, pixels, seeds = scorer_parts
+    settings = ScoreSettings(0.75, relax_steps=4, relax_radius=0.2)
+    x, latent, mask, ids_restore = _first_mask_latent(decoder, tiny_encoder, pixels, seeds, 0.75)
+    with torch.no_grad():
+        relaxed = relax_token(decoder, x, latent, mask, ids_restore, settings)
+    assert torch.equal(relaxed[:, 1:], latent[:, 1:])  # the visible patches' tokens are the image's
+    steps = (relaxed[:, 0] - latent[:, 0]).abs() / 0.05
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # +-0.05 per step in every coordinate
+    assert steps.round().max() == 4 and set(steps.round().unique().tolist()) <= {0.0, 2.0, 4.0}
+
+
+def test_relaxation_lowers_the_error_and_zero_steps_is_the_plain_rebuild(scorer_parts, tiny_encoder):
+    decoder, pixels, seeds = scorer_parts
+    plain, relaxed = (
+        Scorer(tiny_encoder, decoder, ScoreSettings(0.99, relax_steps=k), micro_batch=8)
+        .score(pixels, seeds)
+        .score
+        for k in (0, 3)
+    )
+    assert (relaxed < plain).all()
+    x, latent, mask, ids_restore = _first_mask_latent(decoder, tiny_encoder, pixels, seeds, 0.99)
+    with torch.no_grad():
+        pred = decoder.forward_decoder(latent, ids_restore)
+        by_hand = aggregate_errors(patch_error(decoder, x, pred, ScoreSettings()), mask, "q25")
+    assert np.allclose(plain, by_hand.numpy(), rtol=2e-2)  # the Scorer runs under autocast
 
 
 def _ssim_by_hand(x: np.ndarray, y: np.ndarray) -> float:

@@ -44,7 +44,8 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert training["left_out"] == round(0.1 * (120 - meta["calibration"]["n"]))  # the default --refit
     assert training["n_train"] + training["left_out"] + meta["calibration"]["n"] == 120
     assert meta["scoring"] == {
-        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "error_pool": 2, "error": "ssim"
+        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "error_pool": 2, "error": "ssim",
+        "relax_steps": 3, "relax_radius": 0.12,
     }  # fmt: skip
 
 
@@ -240,6 +241,7 @@ BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1
         (["--error-pool", "3"], "--error-pool 3 does not divide the decoder's 8 px patches"),
         (["--trim", "0.5"], "--trim must be in [0, 0.5), not 0.5"),
         (["--refit", "-0.1"], "--refit must be in [0, 0.5), not -0.1"),
+        (["--relax-radius", "0"], "--relax-radius must be above 0, not 0.0"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_shards, html_shards, capsys, extra, message):

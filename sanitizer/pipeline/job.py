@@ -46,6 +46,8 @@ class ScoreJob:
     aggregate: str | None = None
     error_pool: int | None = None
     error: str | None = None
+    relax_steps: int | None = None
+    relax_radius: float | None = None
     threshold: str = DEFAULT_RULE
     batch_size: int | None = None  # rows per scoring call; None: up to 8 micro-batches, <= ~64 MiB
     workers: int | None = None  # scoring actors; 0 = no Ray, one process; None = one per GPU or CPU
@@ -99,7 +101,7 @@ def initial_threshold(rule: ThresholdRule, settings: ScoreSettings, meta: dict) 
 
 def normalised_identity(identity: dict | None) -> dict | None:
     """A saved run identity with its scoring settings in today's form, so that a run begun by an
-    earlier version (before error_pool or error was saved) resumes instead of being refused."""
+    earlier version (before error_pool, error or relax_steps was saved) resumes instead of being refused."""
     if not identity or "scoring" not in identity:
         return identity
     return {**identity, "scoring": ScoreSettings.from_dict(identity["scoring"]).to_dict()}
