@@ -52,7 +52,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--error-pool", type=int, default=2, help=POOL_HELP + " (default 2)")
     p.add_argument("--error", default="ssim", help=ERROR_HELP + " (default ssim)")
     p.add_argument("--relax-steps", type=int, default=3, help=RELAX_STEPS_HELP + " (default 3)")
-    p.add_argument("--relax-radius", type=float, default=0.12, help=RELAX_RADIUS_HELP + " (default 0.12)")
+    p.add_argument("--relax-radius", type=float, default=0.03, help=RELAX_RADIUS_HELP + " (default 0.03)")
     p.add_argument("--epochs", type=int, help="default: from the data size (about 200k image visits)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=4e-3)

@@ -59,9 +59,11 @@ class ScoreSettings:
     # rate (0.07 at the 1% rate, where 10 triggered images decide).
     error: str = "ssim"
     # Latent relaxation (see relax_token): signed-gradient steps on the decoder's embedding token, and
-    # how far (L-inf, in the decoder's latent units) they may move it in all. 0 steps: the paper.
+    # how far (L-inf, in the decoder's latent units) they may move it in all. 0 steps: the paper. The
+    # radius is the small one of those measured: larger ones gained more on trained encoders and lost
+    # more on a random one.
     relax_steps: int = 3
-    relax_radius: float = 0.12
+    relax_radius: float = 0.03
 
     def __post_init__(self) -> None:
         if not 0 < self.test_mask_ratio < 1:
@@ -177,9 +179,9 @@ def relax_token(
     attacker's target, too far away for a small nudge to help. Every sample gets the same absolute
     budget: a budget relative to the embedding's size would let larger embeddings move further. Each
     row's gradient depends on that row alone, so scores stay independent of the batch. On
-    bench/detection.py (3 steps, radius 0.12, two runs) the TPR at 5% FPR rose by 0.01-0.06 on every
-    implanted attack, the MobileNetV2 and CLIP controls' AUC fell by 0.01-0.05, the blend control's
-    rose by 0.01.
+    bench/detection.py (3 steps) the TPR at 5% FPR rose by 0.00-0.04 on the implanted attacks at
+    radius 0.03 and by 0.01-0.06 at 0.12, the controls' AUC fell or rose by 0.013 at most; on the demo's
+    randomly initialised victim the AUC fell, by 0.010 at 0.03 and 0.051 at 0.12.
     """
     step = settings.relax_radius / settings.relax_steps
     token, rest = latent[:, :1].float(), latent[:, 1:].detach()

