@@ -34,6 +34,12 @@ from sanitizer.stats import beta_binomial_sf, binomial_sf, roc_auc, roc_curve
 from sanitizer.thresholds import parse_rule
 
 ALPHA = 1e-3  # significance level of the encoder verdict: a false alarm about an encoder is costly
+# Above this share of a run's scores over the calibration's median the data as a whole rebuilds worse
+# than the calibration data: a backdoor moves only its triggered share t of the scores (to 0.5 + t / 2
+# at most), so 0.8 needs 60% of the data triggered. Measured (bench ad hoc, session 13): decoders on
+# their own kind of data 0.40-0.52 (1% triggered) and 0.71-0.76 (50%); the same victims' decoders
+# trained on MNIST digits or drawn shapes, scoring Fashion-MNIST, 0.80-0.99.
+SHIFT_LIMIT = 0.8
 GRID_ROWS = 8  # most-flagged and typical clean samples shown as images
 SAMPLE_PER_GROUP = 256  # flagged and clean samples behind the heat map and the projection
 MAX_SHARDS_READ = 8  # input shards read again for that sample (plus those of the grid's samples)
@@ -130,6 +136,7 @@ def encoder_verdict(run_dir: Path) -> dict:
         "test": None,
         "alpha": ALPHA,
         "backdoored": None,
+        "above_calibration_median": share_above_median(run, shards, calibration),
     }
     if p0 is None or not ok:
         result["text"] = "no verdict: the run has no threshold, no ok samples or no usable calibration"
@@ -138,6 +145,17 @@ def encoder_verdict(run_dir: Path) -> dict:
     result["p_value"] = p
     result["backdoored"] = bool(p < ALPHA)
     shown = f"p={_p_text(p)}"
+    shift = result["above_calibration_median"]
+    if shift is not None and shift > SHIFT_LIMIT:
+        result["backdoored"] = None
+        result["text"] = (
+            f"no verdict: {shift:.0%} of the scores are above the median of the decoder's calibration "
+            f"scores, where clean data like them gives about 50% and even {2 * SHIFT_LIMIT - 1:.0%} of "
+            f"the data triggered {SHIFT_LIMIT:.0%}: this data is unlike the decoder's training data, so "
+            f"{flagged} of {ok} flagged ({p0:.2%} expected, {shown}) says more about the data than the "
+            "encoder; train a decoder on a sample of this data"
+        )
+        return result
     result["text"] = (
         f"this encoder behaves as backdoored on this data ({shown}): {flagged} of {ok} samples flagged, "
         f"{p0:.2%} expected"
@@ -145,6 +163,20 @@ def encoder_verdict(run_dir: Path) -> dict:
         else f"no evidence of a backdoor ({shown}): {flagged} of {ok} samples flagged, {p0:.2%} expected"
     )
     return result
+
+
+def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None) -> float | None:
+    """Share of the finished shards' ok scores above the calibration's median (None without both)."""
+    stems = [s.stem for s in shards if run.is_done(s.stem)]
+    if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
+        return None
+    median = np.float32(np.median(calibration))
+    above = total = 0
+    for stem in stems:
+        table = _read(run, stem, ["status", "score"])
+        score = table.column("score").filter(pc.equal(table.column("status"), "ok")).to_numpy()
+        above, total = above + int((score > median).sum()), total + len(score)
+    return above / total if total else None
 
 
 def _p_text(p: float) -> str:
@@ -733,6 +765,16 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
     return Section("summary", "Totals", body)
 
 
+def _shift_note(share: float | None) -> str:
+    if share is None:
+        return ""
+    return (
+        f" {share:.0%} of the scores are above the calibration's median: about 50% on clean data like "
+        f"it, at most {SHIFT_LIMIT:.0%} unless the data is unlike it (or over {2 * SHIFT_LIMIT - 1:.0%} "
+        "of it is triggered)."
+    )
+
+
 def verdict_section(verdict: dict) -> Section:
     tone = {True: "bad", False: "good", None: "unknown"}[verdict["backdoored"]]
     headline = {
@@ -741,7 +783,7 @@ def verdict_section(verdict: dict) -> Section:
         None: "No verdict",
     }[verdict["backdoored"]]
     detail = verdict["text"]
-    if verdict["p_value"] is not None:
+    if verdict["backdoored"] is not None:
         detail = (
             f"p-value {_p_text(verdict['p_value'])} · {verdict['flagged']:,} of {verdict['ok']:,} samples "
             f"flagged, {verdict['expected_rate']:.2%} expected"
@@ -766,7 +808,9 @@ def verdict_section(verdict: dict) -> Section:
             )
             + ". "
             "Data very unlike the decoder's training data also raises the flag rate: look at the flagged "
-            "samples and the heat map before concluding.</p>"
+            "samples and the heat map before concluding."
+            + _shift_note(verdict["above_calibration_median"])
+            + "</p>"
         )
     return Section("verdict", "Verdict on the encoder", body)
 

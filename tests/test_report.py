@@ -18,8 +18,9 @@ from sanitizer import cli
 from sanitizer.checkpoint import FORMAT, META
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
+from sanitizer.manifest import read_manifest, to_table, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
-from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
+from sanitizer.report import SEED, SHIFT_LIMIT, encoder_verdict, expected_flag_rate, pca_2d, write_report
 from sanitizer.stats import beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
 
 SECTIONS = ("summary", "verdict", "scores", "shards", "samples", "localisation", "embeddings", "roc")
@@ -135,8 +136,6 @@ def test_report_without_ground_truth_or_decoder(labelled_run, tmp_path):
     (run / "run.json").write_text(json.dumps(info))
     import pyarrow as pa
 
-    from sanitizer.manifest import read_manifest, write_manifest
-
     for path in (run / "manifest").glob("*.parquet"):
         table = read_manifest(path)
         column = table.schema.get_field_index("label")
@@ -220,7 +219,8 @@ def exact_sf(k: int, n: int, p: float, terms: int = 1000) -> float:
 
 
 def fake_run(root: Path, rule: str, value: float, shards: list[tuple[int, int]], calibration=None) -> Path:
-    """run.json and stats markers only (all encoder_verdict reads), plus a decoder.json if calibrated."""
+    """run.json and stats markers (the flag counts encoder_verdict reads), plus a decoder.json if
+    calibrated; no manifests, so no share of scores above the calibration's median."""
     scoring = {"test_mask_ratio": 0.99, "num_masks": 4, "aggregate": "mean"}
     decoder = root / "decoder"
     if calibration is not None:
@@ -404,3 +404,70 @@ def parse_dom(text: str) -> PageParser:
     parser = PageParser()
     parser.feed(text)
     return parser
+
+
+def run_with_scores(root: Path, scores: np.ndarray, calibration: np.ndarray) -> Path:
+    """A one-shard run whose manifest holds `scores` (flagged above quantile:0.97 of the calibration)."""
+    threshold = float(np.float32(np.quantile(calibration, 0.97)))
+    flagged = scores > threshold
+    run = fake_run(
+        root, "quantile:0.97", threshold, [(len(scores), int(flagged.sum()))], calibration.tolist()
+    )
+    n = len(scores)
+    columns = {c: [None] * n for c in ("error", "score_std", "embedding_norm", "caption", "width", "height")}
+    columns |= {"sha256": [None] * n, "label": [None] * n, "flagged": flagged, "threshold": [threshold] * n}
+    columns |= {"key": [f"k{i}" for i in range(n)], "shard": ["s0"] * n, "index": np.arange(n)}
+    columns |= {"status": ["ok"] * n, "score": scores.astype(np.float32)}
+    (root / "manifest").mkdir()
+    write_manifest(root / "manifest" / "s0.parquet", to_table(columns))
+    return run
+
+
+def test_no_verdict_when_the_data_as_a_whole_rebuilds_worse_than_the_calibration(tmp_path):
+    """100 of 1000 flagged where 3% are expected is a backdoor only if the rest looks like the
+    calibration data: with half the scores below its median it does; with 95% above, the data moved."""
+    calibration = np.arange(1000) / 1000  # median 0.4995, quantile:0.97 0.969
+    flagged, above, below = np.full(100, 0.99), np.full(400, 0.6), np.full(500, 0.2)
+    v = encoder_verdict(run_with_scores(tmp_path / "backdoor", np.r_[flagged, above, below], calibration))
+    assert v["above_calibration_median"] == pytest.approx(0.5)
+    assert v["backdoored"] is True and v["text"].startswith("this encoder behaves as backdoored")
+
+    moved = np.r_[flagged, np.full(850, 0.6), np.full(50, 0.2)]
+    v = encoder_verdict(run_with_scores(tmp_path / "moved", moved, calibration))
+    assert v["above_calibration_median"] == pytest.approx(0.95)
+    assert v["p_value"] < v["alpha"] and v["backdoored"] is None  # the count test alone would fire
+    assert v["text"].startswith("no verdict: 95% of the scores are above the median")
+    assert "100 of 1000 flagged" in v["text"] and "train a decoder on a sample of this data" in v["text"]
+
+    # the limit itself still gives a verdict: a backdoor may move up to 2 * SHIFT_LIMIT - 1 of the data
+    at_limit = np.r_[flagged, np.full(round(SHIFT_LIMIT * 1000) - 100, 0.6)]
+    at_limit = np.r_[at_limit, np.full(1000 - len(at_limit), 0.2)]
+    v = encoder_verdict(run_with_scores(tmp_path / "limit", at_limit, calibration))
+    assert v["above_calibration_median"] == pytest.approx(SHIFT_LIMIT) and v["backdoored"] is True
+
+
+def test_share_above_the_calibration_median_of_a_real_run(labelled_run, tiny_decoder_dir):
+    calibration = json.loads((Path(tiny_decoder_dir) / META).read_text())["calibration"]["scores"]
+    median = np.float32(np.median(np.asarray(calibration, np.float32)))
+    scores = np.concatenate(
+        [
+            read_manifest(p).column("score").to_numpy()
+            for p in sorted((labelled_run / "manifest").glob("*.parquet"))
+        ]
+    )
+    v = encoder_verdict(labelled_run)
+    assert v["above_calibration_median"] == pytest.approx(float((scores > median).mean()))
+    assert v["backdoored"] is not None  # synthetic data like the decoder's own: the verdict stands
+
+
+def test_no_verdict_on_data_unlike_the_decoders(tmp_path, tiny_decoder_dir):
+    """A real run on vertical stripes, which the tiny decoder (trained on smooth synthetic images)
+    rebuilds worse than most calibration images: whatever the flag count, no verdict either way."""
+    stripes = ((np.arange(32) // 4 % 2) * 255).astype(np.uint8)
+    write_image_shards(tmp_path / "data", np.tile(stripes[None, None, :, None], (40, 32, 1, 3)), per_shard=20)
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tmp_path / "data"), out=tmp_path / "run", workers=0)
+    run_score_job(job, progress=False)
+    v = encoder_verdict(tmp_path / "run")
+    assert v["above_calibration_median"] == 1.0 and v["p_value"] is not None, v
+    assert v["backdoored"] is None and v["text"].startswith("no verdict: 100% of the scores")
+    assert "No verdict" in " ".join(parse(write_report(tmp_path / "run")).text)
