@@ -293,9 +293,13 @@ class TestSets:
 def detection_rows(
     attack: str, train_data: str, method: str, tests: TestSets, clean_scores: np.ndarray,
     trig_scores: np.ndarray, rule: str, calibration: np.ndarray | None,
+    clean_calibration: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
     """One row per poison rate: AUC, TPR/FPR at the method's threshold rule, and the TPR the ranking
-    allows at 5% FPR (`tpr_at_fpr05`, threshold chosen on the test labels)."""
+    allows at 5% FPR (`tpr_at_fpr05`, threshold chosen on the test labels). With `clean_calibration`
+    (the held-out scores without the triggered images among them, which only the benchmark knows), also
+    the TPR/FPR its threshold gives (`tpr_clean_holdout`, `fpr_clean_holdout`): what the 1% of the
+    user's data that is triggered costs the calibration."""
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
@@ -311,6 +315,10 @@ def detection_rows(
                 "n_clean": int((~positive).sum()), "n_triggered": int(positive.sum()),
             }
         )  # fmt: skip
+        if clean_calibration is not None:
+            clean_threshold = resolve_threshold(parse_rule(rule), clean_calibration, scores)
+            tpr, fpr = rates(scores, positive, clean_threshold)
+            rows[-1] |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
     return rows
 
 
@@ -339,10 +347,11 @@ class EmbeddedTests:
 
 def dede_rows(
     attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets,
-    embedded: EmbeddedTests, suffix: str = "",
+    embedded: EmbeddedTests, suffix: str = "", triggered: np.ndarray | None = None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """`dede` and `dede-paper` rows, and on ID data the aggregate ablation (each calibrated as `dede`);
-    and the `dede` AUC per source class of the triggered images."""
+    and the `dede` AUC per source class of the triggered images. `triggered` marks the images of
+    `images` that carry the trigger: the `dede` rows then also say what a clean holdout would give."""
     methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
     if train_data == "id":
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
@@ -353,7 +362,10 @@ def dede_rows(
         c = score(encoder, fitted.decoder, embedded.clean, settings)
         t = score(encoder, fitted.decoder, embedded.triggered, settings)
         calibration = score(encoder, fitted.decoder, holdout, settings)
-        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration)
+        clean = None
+        if method == "dede" and triggered is not None:
+            clean = calibration[~triggered[holdout_idx]]
+        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration, clean)
         if method == "dede":
             by_class = auc_by_source_class(c, t, tests)
     return rows, by_class
@@ -447,7 +459,7 @@ def run_attack(victim: Victim, data: Data, decoders: Decoders) -> tuple[list[dic
     embedded = EmbeddedTests.of(enc, tests)
     id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = decoders.id.result()
-    rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests, embedded)
+    rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests, embedded, triggered=poisoned)
     rows += dede_rows(attack, "ood", enc, decoders.ood.result(), ood_set(data), tests, embedded)[0]
     control_rows, control_by_class = dede_rows(
         attack, "id", victim.clean, decoders.control.result(), id_set, tests,
@@ -551,7 +563,8 @@ TPR_METHODS = ("dede", "dede-unrelaxed", "dede-paper")
 
 def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
     """TPR at the calibrated threshold against the TPR the ranking allows at 5% FPR (whether a miss is
-    the threshold's or the score's), for `dede`, `dede` unrelaxed and `dede-paper`."""
+    the threshold's or the score's), for `dede`, `dede` unrelaxed and `dede-paper`; and the TPR / FPR
+    of `dede` calibrated on the holdout without its triggered images (what the contamination costs)."""
     cells = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in rows}
     if not any("tpr_at_fpr05" in r for r in rows):
         return []
@@ -559,13 +572,20 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
         "",
         "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
         "",
-        "| attack | rate | train | " + " | ".join(TPR_METHODS) + " |",
-        "|" + "---|" * (3 + len(TPR_METHODS)),
+        "| attack | rate | train | " + " | ".join(TPR_METHODS) + " | dede, holdout without its triggered "
+        "images: TPR / FPR |",
+        "|" + "---|" * (4 + len(TPR_METHODS)),
     ]
     for attack, rate, train in dict.fromkeys((a, r, t) for a, r, t, _ in cells):
         found = [cells.get((attack, rate, train, m)) for m in TPR_METHODS]
         text = [f"{c['tpr']:.2f} / {c['tpr_at_fpr05']:.2f}" if c else "" for c in found]
-        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(text) + " |")
+        dede = found[0] or {}
+        clean = (
+            f"{dede['tpr_clean_holdout']:.2f} / {dede['fpr_clean_holdout']:.3f}"
+            if "tpr_clean_holdout" in dede
+            else ""
+        )
+        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, clean]) + " |")
     return lines
 
 

@@ -14,6 +14,7 @@ from bench import detection as D
 from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
 from sanitizer.redteam.implant import ImplantSettings
+from sanitizer.redteam.metrics import rates
 from sanitizer.train import TrainSettings
 
 
@@ -138,6 +139,34 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
     assert set(down) == {"no_defence", "dede_filtered"} and set(by_class) == {"dede", "dede-control"}
     assert down["no_defence"]["train_removed"] == 0
+    with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
+    assert with_clean == {("id", "dede")}  # the victim's ID decoder: the only holdout with triggered images
+    assert all(
+        0 <= r[k] <= 1
+        for r in rows
+        if "tpr_clean_holdout" in r
+        for k in ("tpr_clean_holdout", "fpr_clean_holdout")
+    )
+
+
+def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
+    """Triggered images in the holdout raise its 90th percentile: the row reports both operating points."""
+    n = 100
+    tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
+    clean, trig = np.random.default_rng(0).permutation(n) / n, 0.5 + np.arange(n // 2) / n
+    holdout = np.arange(n) / n + 0.005
+    contaminated = np.r_[holdout, np.full(10, 5.0)]
+    rows = D.detection_rows("a", "id", "dede", tests, clean, trig, "quantile:0.9", contaminated, holdout)
+    for row, rate in zip(rows, D.POISON_RATES, strict=True):
+        cs, ts = tests.mix(rate)
+        scores, positive = (
+            np.r_[clean[cs], trig[ts]],
+            np.r_[np.zeros(len(clean[cs]), bool), np.ones(len(trig[ts]), bool)],
+        )
+        for suffix, calibration in (("", contaminated), ("_clean_holdout", holdout)):
+            tpr, fpr = rates(scores, positive, float(np.float32(np.quantile(calibration, 0.9))))
+            assert (row["tpr" + suffix], row["fpr" + suffix]) == (round(tpr, 4), round(fpr, 4))
+        assert row["fpr_clean_holdout"] > row["fpr"] and row["tpr_clean_holdout"] >= row["tpr"]
 
 
 def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_victim):
