@@ -49,6 +49,7 @@ from sanitizer.redteam.implant import (
 from sanitizer.redteam.metrics import auc, knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import TRIGGERS, Trigger
+from sanitizer.report import SHIFT_LIMIT, above_median
 from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
 from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
@@ -315,6 +316,8 @@ def detection_rows(
                 "n_clean": int((~positive).sum()), "n_triggered": int(positive.sum()),
             }
         )  # fmt: skip
+        if calibration is not None:  # what the report's verdict checks first (SHIFT_LIMIT)
+            rows[-1]["above_calibration_median"] = round(above_median(scores, calibration) / len(scores), 4)
         if clean_calibration is not None:
             clean_threshold = resolve_threshold(parse_rule(rule), clean_calibration, scores)
             tpr, fpr = rates(scores, positive, clean_threshold)
@@ -539,6 +542,7 @@ def markdown(result: dict) -> str:
             cells.append(f"{hit[0]['auc']:.3f} / {hit[0]['tpr']:.2f} / {hit[0]['fpr']:.2f}" if hit else "")
         lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join(cells) + " |")
     lines += tpr_at_fpr_table(result["rows"])
+    lines += shift_table(result["rows"])
     lines += ablation_table(result["rows"])
     lines += source_class_table(result.get("auc_by_source_class", {}))
     lines += [
@@ -586,6 +590,31 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
             else ""
         )
         lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, clean]) + " |")
+    return lines
+
+
+def shift_table(rows: list[dict]) -> list[str]:
+    """Share of each `dede` test set above its decoder's calibration median, the statistic behind the
+    report's "no verdict" (data unlike the decoder's training data)."""
+    share = {
+        (r["train_data"], r["attack"], r["poison_rate"]): r["above_calibration_median"]
+        for r in rows
+        if r["method"] == "dede" and "above_calibration_median" in r
+    }
+    if not share:
+        return []
+    columns = list(dict.fromkeys((t, rate) for t, _, rate in share))
+    lines = [
+        "",
+        f"## Share of the scored set above the calibration's median (`dede`; the report gives no verdict "
+        f"above {SHIFT_LIMIT:g})",
+        "",
+        "| attack | " + " | ".join(f"{t} {rate:g}" for t, rate in columns) + " |",
+        "|" + "---|" * (1 + len(columns)),
+    ]
+    for attack in dict.fromkeys(a for _, a, _ in share):
+        cells = [f"{share[t, attack, rate]:.2f}" if (t, attack, rate) in share else "" for t, rate in columns]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines
 
 

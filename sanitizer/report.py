@@ -165,17 +165,21 @@ def encoder_verdict(run_dir: Path) -> dict:
     return result
 
 
+def above_median(scores: np.ndarray, calibration: np.ndarray) -> int:
+    """How many scores are above the calibration's median, compared in float32 as manifests hold them."""
+    return int((np.asarray(scores, np.float32) > np.float32(np.median(calibration))).sum())
+
+
 def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None) -> float | None:
     """Share of the finished shards' ok scores above the calibration's median (None without both)."""
     stems = [s.stem for s in shards if run.is_done(s.stem)]
     if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
         return None
-    median = np.float32(np.median(calibration))
     above = total = 0
     for stem in stems:
         table = _read(run, stem, ["status", "score"])
         score = table.column("score").filter(pc.equal(table.column("status"), "ok")).to_numpy()
-        above, total = above + int((score > median).sum()), total + len(score)
+        above, total = above + above_median(score, calibration), total + len(score)
     return above / total if total else None
 
 

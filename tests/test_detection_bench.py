@@ -139,6 +139,7 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
     assert set(down) == {"no_defence", "dede_filtered"} and set(by_class) == {"dede", "dede-control"}
     assert down["no_defence"]["train_removed"] == 0
+    assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == set()
     with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
     assert with_clean == {("id", "dede")}  # the victim's ID decoder: the only holdout with triggered images
     assert all(
@@ -167,6 +168,8 @@ def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
             tpr, fpr = rates(scores, positive, float(np.float32(np.quantile(calibration, 0.9))))
             assert (row["tpr" + suffix], row["fpr" + suffix]) == (round(tpr, 4), round(fpr, 4))
         assert row["fpr_clean_holdout"] > row["fpr"] and row["tpr_clean_holdout"] >= row["tpr"]
+        # the report's shift statistic: the share of scores above the (contaminated) calibration's median
+        assert row["above_calibration_median"] == round(float((scores > np.median(contaminated)).mean()), 4)
 
 
 def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_victim):
@@ -203,4 +206,6 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     markdown = out.with_suffix(".md").read_text()
     assert "| drupe | 0.5 | id |" in markdown and "## TPR at the calibrated threshold / at 5% FPR" in markdown
     assert "| attack | rate | train | dede | dede-unrelaxed | dede-paper |" in markdown
+    assert "## Share of the scored set above the calibration's median" in markdown
+    assert "| attack | id 0.5 | id 0.01 | ood 0.5 | ood 0.01 |" in markdown
     assert result["precision"] == precision(torch.device("cpu"))
