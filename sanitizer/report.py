@@ -36,9 +36,9 @@ from sanitizer.thresholds import parse_rule
 ALPHA = 1e-3  # significance level of the encoder verdict: a false alarm about an encoder is costly
 # Above this share of a run's scores over the calibration's median the data as a whole rebuilds worse
 # than the calibration data: a backdoor moves only its triggered share t of the scores (to 0.5 + t / 2
-# at most), so 0.8 needs 60% of the data triggered. Measured (bench ad hoc, session 13): decoders on
-# their own kind of data 0.40-0.52 (1% triggered) and 0.71-0.76 (50%); the same victims' decoders
-# trained on MNIST digits or drawn shapes, scoring Fashion-MNIST, 0.80-0.99.
+# at most), so 0.8 needs 60% of the data triggered. On the detection benchmark (session 13): decoders
+# trained on the victims' own data 0.52-0.54 (1% triggered) and 0.76-0.77 (50%); the same victims'
+# decoders trained on MNIST digits, scoring Fashion-MNIST, 0.83-0.97.
 SHIFT_LIMIT = 0.8
 GRID_ROWS = 8  # most-flagged and typical clean samples shown as images
 SAMPLE_PER_GROUP = 256  # flagged and clean samples behind the heat map and the projection
