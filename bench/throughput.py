@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/throughput.py --profile cl32 --device cpu
     .venv/bin/python bench/throughput.py --profile clip224 --device cuda --samples 20000
+    .venv/bin/python bench/throughput.py --profile clip224 --device cuda --model-only --relax-steps 0
 
 Measures in one run: (a) the model-only ceiling: encoder + decoder forward at the scoring micro-batch
 on uint8 tensors already on the device; (b) end to end: shards on disk -> manifests on disk through
@@ -381,6 +382,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="scoring micro-batch (default: the job's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the scoring model (CUDA only)")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument(
+        "--model-only",
+        action="store_true",
+        help="time the model loop alone: no shards, pipeline or training (runs without Ray installed)",
+    )
+    p.add_argument(
+        "--relax-steps", type=int, help="scoring's latent relaxation steps (default: the package's)"
+    )
     p.add_argument("--work-dir", type=Path, help="keep shards and runs here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the JSON line to this file")
     return p.parse_args(argv)
@@ -393,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     n, per_shard, n_train = DEFAULT_SIZES[(args.profile, device.type)]
     n, per_shard, n_train = args.samples or n, args.per_shard or per_shard, args.train_samples or n_train
     defaults = default_workers(device)
-    if args.workers:
+    if args.model_only:
+        workers = []
+    elif args.workers:
         workers = [int(w) for w in args.workers.split(",")]
     else:  # one process, then Ray with 1 and 2 actors (CPU) or 1 and all GPUs
         workers = sorted({0, 1, 2 if device.type == "cpu" else defaults})
@@ -401,10 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
 
     encoder = load_encoder(profile["spec"], image_size=profile["size"], device=device)
-    settings = ScoreSettings()
+    relax = {} if args.relax_steps is None else {"relax_steps": args.relax_steps}
+    settings = ScoreSettings(**relax)
     decoder_dir = make_decoder(encoder, root / "decoder", settings)
     data = root / "shards"
-    if not data.is_dir():
+    if workers and not data.is_dir():
         make_shards(profile, n, per_shard, data)
 
     from sanitizer.checkpoint import load_decoder
@@ -442,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             decoder_dir, data, out, 1, device.type, n, args.micro_batch, threads=1, **compile_kw
         )
     del scorer, decoder
-    if not args.skip_train:
+    train = not (args.skip_train or args.model_only)
+    if train:
         rows["train (decoder)"] = training(encoder, n_train, TrainSettings())
 
     parallel = rows.get(procs_row(os.cpu_count()))
@@ -482,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine(device),
         "samples": n,
         "micro_batch": micro,
+        "relax_steps": settings.relax_steps,
         "model_only_img_s": round(ceiling, 1),  # next to the pipeline_img_s run (CPU: or N processes)
         "model_only_all_img_s": [round(r["img_s"], 1) for k, r in rows.items() if k.startswith("model")],
         "pipeline_img_s": round(default_row["img_s"], 1) if default_row else None,
@@ -497,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             if procs_row(2) in rows
             else None
         ),
-        "train_img_s": round(rows["train (decoder)"]["img_s"], 1) if not args.skip_train else None,
-        "embed_img_s": round(rows["train (decoder)"]["embed_img_s"], 1) if not args.skip_train else None,
+        "train_img_s": round(rows["train (decoder)"]["img_s"], 1) if train else None,
+        "embed_img_s": round(rows["train (decoder)"]["embed_img_s"], 1) if train else None,
         "peak_rss_mb": round(max(r["peak_mb"] for r in rows.values())),
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_device_mb": round(max(r["device_mb"] for r in rows.values())),
