@@ -525,6 +525,7 @@ def markdown(result: dict) -> str:
             f"| {attack} | {a['spec']} | {a['clean_accuracy']:.3f} | {a['asr']:.3f} | {a['control_asr']:.3f} "
             f"| {a['seconds']:.0f} |"
         )
+    lines += targets_table(result)
     lines += ["", "## Detection (AUC / TPR / FPR at the method's threshold)", ""]
     ablation = {m for name in ABLATION for m in (name, name + "-control")}
     methods = [m for m in dict.fromkeys(r["method"] for r in result["rows"]) if m not in ablation]
@@ -560,6 +561,82 @@ def markdown(result: dict) -> str:
             f"| {b['asr']:.3f} | {b['train_removed']:.3f} | {b['clean_test_removed']:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# The issue's targets. An attack whose victim ASR stays below IMPLANTED_ASR did not implant: its rows
+# measure nothing, so it neither meets nor misses a detection target.
+IMPLANTED_ASR = 0.5
+QUICK_MINUTES = 30
+
+
+def _target_cells(result: dict, check) -> list[str]:
+    """One cell per attack: 'met' or 'missed' and the figures `check(attack)` returns as (ok, text)."""
+    cells = []
+    for attack, info in result["attacks"].items():
+        if info["asr"] < IMPLANTED_ASR:
+            cells.append(f"no implant (ASR {info['asr']:.3f})")
+            continue
+        ok, text = check(attack)
+        cells.append(f"{'met' if ok else 'missed'}: {text}")
+    return cells
+
+
+def targets_table(result: dict) -> list[str]:
+    """The issue's targets, met or missed, from this run's rows (`dede` at both poison rates)."""
+    rows = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in result["rows"]}
+    if not result["attacks"]:
+        return []
+
+    def both(attack: str, train: str, method: str, field: str) -> list[float]:
+        return [rows[attack, rate, train, method][field] for rate in POISON_RATES]
+
+    def auc_at_least(train: str, floor: float):
+        def check(attack: str) -> tuple[bool, str]:
+            aucs = both(attack, train, "dede", "auc")
+            return min(aucs) >= floor, " / ".join(f"{a:.3f}" for a in aucs)
+
+        return check
+
+    def operating_point(attack: str) -> tuple[bool, str]:
+        tpr, fpr = both(attack, "id", "dede", "tpr"), both(attack, "id", "dede", "fpr")
+        ok = min(tpr) >= 0.90 and max(fpr) <= 0.05
+        return ok, " / ".join(f"{t:.3f} at {f:.3f}" for t, f in zip(tpr, fpr, strict=True))
+
+    def control(attack: str) -> tuple[bool, str]:
+        aucs = both(attack, "id", "dede-control", "auc")
+        return max(aucs) <= 0.65, " / ".join(f"{a:.3f}" for a in aucs)
+
+    def downstream(attack: str) -> tuple[bool, str]:
+        filtered, plain = (
+            result["downstream"][attack]["dede_filtered"],
+            result["downstream"][attack]["no_defence"],
+        )
+        change = round(filtered["clean_accuracy"] - plain["clean_accuracy"], 4)
+        return filtered["asr"] <= 0.05 and change >= -0.01, f"ASR {filtered['asr']:.3f}, CA {change:+.4f}"
+
+    checks = {
+        "ID AUC >= 0.98 (0.5 / 0.01)": auc_at_least("id", 0.98),
+        "OOD AUC >= 0.95 (0.5 / 0.01)": auc_at_least("ood", 0.95),
+        "default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)": operating_point,
+        "clean-encoder control AUC <= 0.65 (0.5 / 0.01)": control,
+        "downstream ASR after filtering <= 0.05, clean accuracy within 0.01": downstream,
+    }
+    minutes = result["wall_seconds"] / 60
+    lines = [
+        "",
+        f"## The issue's targets (`dede`; an attack below ASR {IMPLANTED_ASR:g} did not implant)",
+        "",
+    ]
+    if result["mode"] == "quick":
+        verdict = "met" if minutes < QUICK_MINUTES else "missed"
+        lines += [f"Quick mode under {QUICK_MINUTES} min: {verdict} ({minutes:.1f} min).", ""]
+    lines += [
+        "| target | " + " | ".join(result["attacks"]) + " |",
+        "|" + "---|" * (1 + len(result["attacks"])),
+    ]
+    for name, check in checks.items():
+        lines.append(f"| {name} | " + " | ".join(_target_cells(result, check)) + " |")
+    return lines
 
 
 TPR_METHODS = ("dede", "dede-unrelaxed", "dede-paper")

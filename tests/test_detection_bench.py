@@ -207,5 +207,45 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     assert "| drupe | 0.5 | id |" in markdown and "## TPR at the calibrated threshold / at 5% FPR" in markdown
     assert "| attack | rate | train | dede | dede-unrelaxed | dede-paper |" in markdown
     assert "## Share of the scored set above the calibration's median" in markdown
+    assert "## The issue's targets" in markdown and "| ID AUC >= 0.98 (0.5 / 0.01) |" in markdown
     assert "| attack | id 0.5 | id 0.01 | ood 0.5 | ood 0.01 |" in markdown
     assert result["precision"] == precision(torch.device("cpu"))
+
+
+def test_the_targets_table_says_met_missed_or_no_implant():
+    """Computed from the rows: a target is met only at both rates; an attack that did not implant is
+    neither met nor missed."""
+
+    def row(attack, rate, train, method, auc, tpr=0.95, fpr=0.03):
+        key = {"attack": attack, "poison_rate": rate, "train_data": train, "method": method}
+        return key | {"auc": auc, "tpr": tpr, "fpr": fpr}
+
+    rows = [row("a", 0.5, "id", "dede", 0.99), row("a", 0.01, "id", "dede", 0.97, tpr=0.8)]
+    rows += [row("a", r, "ood", "dede", 0.96) for r in D.POISON_RATES]
+    rows += [row("a", r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
+    down = {
+        "no_defence": {"clean_accuracy": 0.8, "asr": 1.0},
+        "dede_filtered": {"clean_accuracy": 0.785, "asr": 0.04},
+    }
+    result = {
+        "rows": rows, "mode": "quick", "wall_seconds": 600.0, "downstream": {"a": down},
+        "attacks": {"a": {"asr": 0.99}, "b": {"asr": 0.2}},
+    }  # fmt: skip
+    table = {
+        line.split(" | ")[0].lstrip("| "): line for line in D.targets_table(result) if line.startswith("| ")
+    }
+    assert "missed: 0.990 / 0.970 |" in table["ID AUC >= 0.98 (0.5 / 0.01)"]
+    assert "met: 0.960 / 0.960 |" in table["OOD AUC >= 0.95 (0.5 / 0.01)"]
+    assert (
+        "missed: 0.950 at 0.030 / 0.800 at 0.030"
+        in table["default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)"]
+    )
+    assert "met: 0.600 / 0.600" in table["clean-encoder control AUC <= 0.65 (0.5 / 0.01)"]
+    assert (
+        "missed: ASR 0.040, CA -0.0150"
+        in table["downstream ASR after filtering <= 0.05, clean accuracy within 0.01"]
+    )
+    assert all(
+        line.endswith("| no implant (ASR 0.200) |") for name, line in table.items() if name != "target"
+    )
+    assert "Quick mode under 30 min: met (10.0 min)." in D.targets_table(result)
