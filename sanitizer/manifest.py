@@ -69,5 +69,6 @@ def write_manifest(path: Path, table: pa.Table) -> None:
         pq.write_table(table.replace_schema_metadata(MANIFEST_SCHEMA.metadata), tmp, compression="zstd")
 
 
-def read_manifest(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=MANIFEST_SCHEMA)
+def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The manifest (or only `columns` of it, which Parquet reads alone), in the schema's types."""
+    return pq.read_table(path, columns=columns, schema=MANIFEST_SCHEMA)

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.checkpoint import read_meta
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
-from sanitizer.manifest import MANIFEST_SCHEMA
+from sanitizer.manifest import read_manifest
+from sanitizer.pipeline.collect import ok_scores
 from sanitizer.rundir import RunDir
 from sanitizer.stats import beta_binomial_sf, binomial_sf, roc_auc, roc_curve
 from sanitizer.thresholds import parse_rule
@@ -175,12 +175,8 @@ def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndar
     stems = [s.stem for s in shards if run.is_done(s.stem)]
     if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
         return None
-    above = total = 0
-    for stem in stems:
-        table = _read(run, stem, ["status", "score"])
-        score = table.column("score").filter(pc.equal(table.column("status"), "ok")).to_numpy()
-        above, total = above + above_median(score, calibration), total + len(score)
-    return above / total if total else None
+    scores = ok_scores(run, stems)
+    return above_median(scores, calibration) / len(scores) if len(scores) else None
 
 
 def _p_text(p: float) -> str:
@@ -242,7 +238,7 @@ _SCAN_COLUMNS = ["index", "status", "score", "flagged", "label"]
 
 
 def _read(run: RunDir, stem: str, columns: list[str]):
-    return pq.read_table(run.manifest(stem), columns=columns, schema=MANIFEST_SCHEMA)
+    return read_manifest(run.manifest(stem), columns)
 
 
 def _picks(run: RunDir, stem: str, rows: np.ndarray, table) -> list[Pick]:

@@ -123,7 +123,7 @@ def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:
     """Scores of every ok row of the finished shards: what data-dependent rules look at."""
     parts = []
     for stem in stems:
-        table = read_manifest(run.manifest(stem))
+        table = read_manifest(run.manifest(stem), ["status", "score"])
         ok = pc.equal(table.column("status"), "ok")
         parts.append(table.filter(ok).column("score").to_numpy().astype(np.float32))
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
