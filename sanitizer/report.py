@@ -150,10 +150,10 @@ def encoder_verdict(run_dir: Path) -> dict:
         result["backdoored"] = None
         result["text"] = (
             f"no verdict: {shift:.0%} of the scores are above the median of the decoder's calibration "
-            f"scores, where clean data like them gives about 50% and even {2 * SHIFT_LIMIT - 1:.0%} of "
-            f"the data triggered {SHIFT_LIMIT:.0%}: this data is unlike the decoder's training data, so "
-            f"{flagged} of {ok} flagged ({p0:.2%} expected, {shown}) says more about the data than the "
-            "encoder; train a decoder on a sample of this data"
+            f"scores (about 50% on clean data like the calibration data; {SHIFT_LIMIT:.0%} only if "
+            f"{2 * SHIFT_LIMIT - 1:.0%} of this data were triggered): this data is unlike the decoder's "
+            f"training data, so {flagged} of {ok} flagged ({p0:.2%} expected, {shown}) says more about "
+            "the data than the encoder; train a decoder on a sample of this data"
         )
         return result
     result["text"] = (
