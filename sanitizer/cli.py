@@ -160,6 +160,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     from sanitizer.pipeline.job import ScoreJob, run_score_job
+    from sanitizer.report import encoder_verdict
 
     job = ScoreJob(
         decoder_dir=args.decoder,
@@ -181,6 +182,7 @@ def run_score(args: argparse.Namespace) -> int:
     )
     summary = run_score_job(job)
     print(format_summary(summary))
+    print(f"verdict: {encoder_verdict(summary.run_dir)['text']}")  # the report says why, with figures
     return EXIT_INCOMPLETE if summary.failed_shards else EXIT_OK
 
 

@@ -202,6 +202,8 @@ def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_
     )
     out = capsys.readouterr().out
     assert code == 1 and "FAILED shard broken" in out
+    # the encoder verdict over the shards that finished (one ok sample cannot show a backdoor)
+    assert "\nverdict: no evidence of a backdoor" in out or "\nverdict: no verdict" in out
     run = RunDir(tmp_path / "run")
     assert [f["stem"] for f in run.read_run()["failed_shards"]] == ["broken"]
     bad = pq.read_table(tmp_path / "run/manifest/bad-000000.parquet")
