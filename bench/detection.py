@@ -389,35 +389,65 @@ def baseline_rows(
     return rows
 
 
+# The downstream table's defences: our detector at its default threshold; the same scores at the
+# reference code's threshold (the median of each scored set, which flags half of it); and the reference
+# code's scoring with its threshold, the operating point of the paper's downstream figures.
+DOWNSTREAM_DEFENCES = {
+    "dede_filtered": (DEDE, DEDE_RULE),
+    "dede_paper_threshold_filtered": (DEDE, PAPER_RULE),
+    "dede_paper_filtered": (PAPER, PAPER_RULE),
+}
+DOWNSTREAM_NAMES = {
+    "no_defence": "none",
+    "dede_filtered": f"`dede` ({DEDE_RULE})",
+    "dede_paper_threshold_filtered": "`dede`, paper threshold",
+    "dede_paper_filtered": "`dede-paper`",
+}
+
+
+def kept(
+    train: np.ndarray, clean: np.ndarray, triggered: np.ndarray, rule: str, calibration: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which training, clean test and triggered test images a threshold rule keeps, given their scores.
+    A quantile rule reads the decoder's calibration; the paper's rule takes the median of each scored
+    set: the training data, and the test data pooled as the reference code pools it."""
+    parsed = parse_rule(rule)
+    at_train = resolve_threshold(parsed, calibration, train)
+    at_test = resolve_threshold(parsed, calibration, np.r_[clean, triggered])
+    return train <= at_train, clean <= at_test, triggered <= at_test
+
+
 def downstream(
     victim: Victim, data: Data, id_set: ImageSet, poisoned: np.ndarray, fitted, embedded: EmbeddedTests
 ) -> dict:
-    """Probe clean accuracy and ASR without defence, and after the `dede` detector filters train and test.
+    """Probe clean accuracy and ASR without defence, and after each of DOWNSTREAM_DEFENCES filters train
+    and test.
 
     The probe is the downstream user's classifier on the victim encoder, trained on their clean labelled
     data (BadEncoder's threat model): the ID set without its triggered images. Labelled triggered images
     in the probe's training set would teach it to undo the backdoor, which no defence deserves credit for.
     """
     enc = victim.implant.encoder
-    threshold = resolve_threshold(parse_rule(DEDE_RULE), fitted.calibration)
-    train_pixels, labels = id_set.pixels[~poisoned], data.decoder[1][~poisoned]
-    train = Embedded.of(enc, train_pixels, "id")
-    emb_train, emb_clean, emb_trig = (e.embeddings for e in (train, embedded.clean, embedded.triggered))
-    keep_train = score(enc, fitted.decoder, train, DEDE) <= threshold
-    keep_clean = score(enc, fitted.decoder, embedded.clean, DEDE) <= threshold
-    keep_trig = score(enc, fitted.decoder, embedded.triggered, DEDE) <= threshold
+    labels = data.decoder[1][~poisoned]
+    train = Embedded.of(enc, id_set.pixels[~poisoned], "id")
+    sets = (train, embedded.clean, embedded.triggered)
+    defences = {"no_defence": tuple(np.ones(len(images.pixels), bool) for images in sets)}
+    scored: dict[ScoreSettings, list[np.ndarray]] = {}
+    for name, (settings, rule) in DOWNSTREAM_DEFENCES.items():
+        if settings not in scored:  # `dede` scores serve both of its thresholds
+            scored[settings] = [score(enc, fitted.decoder, images, settings) for images in sets]
+        defences[name] = kept(*scored[settings], rule, fitted.calibration)
+    emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
     out = {}
-    for name, train_keep in (("no_defence", np.ones(len(labels), bool)), ("dede_filtered", keep_train)):
-        probe = fit_linear_probe(emb_train[train_keep], labels[train_keep], seed=SEED)
-        test_keep = np.ones(len(emb_clean), bool) if name == "no_defence" else keep_clean
-        trig_keep = np.ones(len(emb_trig), bool) if name == "no_defence" else keep_trig
-        correct = probe.predict(emb_clean[test_keep]) == data.test[1][test_keep]
+    for name, (train_keep, clean_keep, trig_keep) in defences.items():
+        probe = fit_linear_probe(train.embeddings[train_keep], labels[train_keep], seed=SEED)
+        correct = probe.predict(emb_clean[clean_keep]) == data.test[1][clean_keep]
         hits = probe.predict(emb_trig[trig_keep]) == TARGET  # removed triggered images are failed attacks
         out[name] = {
             "clean_accuracy": round(float(correct.mean()), 4),
             "asr": round(float(hits.sum() / len(emb_trig)), 4),
             "train_removed": round(float(1 - train_keep.mean()), 4),
-            "clean_test_removed": round(float(1 - test_keep.mean()), 4),
+            "clean_test_removed": round(float(1 - clean_keep.mean()), 4),
         }
     return out
 
@@ -550,16 +580,19 @@ def markdown(result: dict) -> str:
         "",
         "## Downstream (linear probe; ASR counts removed triggered images as failed attacks)",
         "",
-        "| attack | CA no defence | ASR no defence | CA filtered | ASR filtered | train removed "
-        "| clean test removed |",
-        "|---|---|---|---|---|---|---|",
+        "`dede` filters at its default threshold; `dede`, paper threshold: the same scores at the median of",
+        "each scored set (it flags half); `dede-paper`: the reference code's scoring and threshold, the",
+        "operating point of the paper's downstream figures.",
+        "",
+        "| attack | defence | clean acc | ASR | train removed | clean test removed |",
+        "|---|---|---|---|---|---|",
     ]
     for attack, d in result["downstream"].items():
-        a, b = d["no_defence"], d["dede_filtered"]
-        lines.append(
-            f"| {attack} | {a['clean_accuracy']:.3f} | {a['asr']:.3f} | {b['clean_accuracy']:.3f} "
-            f"| {b['asr']:.3f} | {b['train_removed']:.3f} | {b['clean_test_removed']:.3f} |"
-        )
+        for key, r in d.items():
+            lines.append(
+                f"| {attack} | {DOWNSTREAM_NAMES[key]} | {r['clean_accuracy']:.3f} | {r['asr']:.3f} "
+                f"| {r['train_removed']:.3f} | {r['clean_test_removed']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -570,11 +603,16 @@ QUICK_MINUTES = 30
 
 
 def _target_cells(result: dict, check) -> list[str]:
-    """One cell per attack: 'met' or 'missed' and the figures `check(attack)` returns as (ok, text)."""
+    """One cell per attack: 'met' or 'missed' and the figures `check(attack)` returns as (ok, text);
+    'pending' for an attack whose decoders have not finished (partial results)."""
+    scored = {r["attack"] for r in result["rows"]}
     cells = []
     for attack, info in result["attacks"].items():
         if info["asr"] < IMPLANTED_ASR:
             cells.append(f"no implant (ASR {info['asr']:.3f})")
+            continue
+        if attack not in scored:
+            cells.append("pending")
             continue
         ok, text = check(attack)
         cells.append(f"{'met' if ok else 'missed'}: {text}")

@@ -137,8 +137,10 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     assert sorted(got) == sorted((t, m, rate) for t, m in expected for rate in D.POISON_RATES)
     assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr", "tpr_at_fpr05"))
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
-    assert set(down) == {"no_defence", "dede_filtered"} and set(by_class) == {"dede", "dede-control"}
+    assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and set(by_class) == {"dede", "dede-control"}
     assert down["no_defence"]["train_removed"] == 0
+    for name in ("dede_paper_threshold_filtered", "dede_paper_filtered"):  # the median flags half
+        assert down[name]["train_removed"] == pytest.approx(0.5, abs=0.02)
     assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == set()
     with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
     assert with_clean == {("id", "dede")}  # the victim's ID decoder: the only holdout with triggered images
@@ -170,6 +172,22 @@ def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
         assert row["fpr_clean_holdout"] > row["fpr"] and row["tpr_clean_holdout"] >= row["tpr"]
         # the report's shift statistic: the share of scores above the (contaminated) calibration's median
         assert row["above_calibration_median"] == round(float((scores > np.median(contaminated)).mean()), 4)
+
+
+def test_downstream_filters_keep_by_the_calibration_or_by_each_scored_sets_median():
+    """A quantile rule applies the calibration's threshold to every set; the paper's rule thresholds the
+    training data at its own median and the test data at the median of clean and triggered pooled."""
+    train = np.arange(10, dtype=np.float32)
+    clean, triggered = np.array([0, 1, 2, 3], np.float32), np.array([8, 9], np.float32)
+    calibration = np.linspace(0, 10, 101, dtype=np.float32)  # median 5
+    by_quantile = D.kept(train, clean, triggered, "quantile:0.5", calibration)
+    assert [k.tolist() for k in by_quantile] == [[True] * 6 + [False] * 4, [True] * 4, [False, False]]
+    by_paper = D.kept(train, clean, triggered, "paper", calibration)  # medians 4.5 and 2.5
+    assert [k.tolist() for k in by_paper] == [
+        [True] * 5 + [False] * 5,
+        [True, True, True, False],
+        [False] * 2,
+    ]
 
 
 def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_victim):
@@ -209,6 +227,8 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     assert "## Share of the scored set above the calibration's median" in markdown
     assert "## The issue's targets" in markdown and "| ID AUC >= 0.98 (0.5 / 0.01) |" in markdown
     assert "| attack | id 0.5 | id 0.01 | ood 0.5 | ood 0.01 |" in markdown
+    for name in D.DOWNSTREAM_NAMES.values():
+        assert f"| drupe | {name} | " in markdown
     assert result["precision"] == precision(torch.device("cpu"))
 
 
@@ -249,3 +269,22 @@ def test_the_targets_table_says_met_missed_or_no_implant():
         line.endswith("| no implant (ASR 0.200) |") for name, line in table.items() if name != "target"
     )
     assert "Quick mode under 30 min: met (10.0 min)." in D.targets_table(result)
+
+
+def test_partial_results_mark_the_attacks_still_training_as_pending():
+    """Results are written after each attack, while the later attacks' decoders still train."""
+    rows = [
+        {"attack": "a", "poison_rate": rate, "train_data": train, "method": method, "auc": 0.99, "tpr": 0.95,
+         "fpr": 0.03}
+        for rate in D.POISON_RATES for train in ("id", "ood") for method in ("dede", "dede-control")
+    ]  # fmt: skip
+    down = {
+        "no_defence": {"clean_accuracy": 0.8, "asr": 1.0},
+        "dede_filtered": {"clean_accuracy": 0.8, "asr": 0.0},
+    }
+    result = {
+        "rows": rows, "mode": "quick", "wall_seconds": 60.0, "downstream": {"a": down},
+        "attacks": {"a": {"asr": 0.99}, "b": {"asr": 0.99}},
+    }  # fmt: skip
+    lines = [line for line in D.targets_table(result) if line.startswith("| ID AUC")]
+    assert lines == ["| ID AUC >= 0.98 (0.5 / 0.01) | met: 0.990 / 0.990 | pending |"]
