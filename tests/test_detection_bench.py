@@ -232,25 +232,31 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     assert result["precision"] == precision(torch.device("cpu"))
 
 
+def target_row(
+    rate: float, train: str, method: str, auc: float, tpr: float = 0.95, fpr: float = 0.03
+) -> dict:
+    """A detection row of attack "a", as the targets table reads it."""
+    key = {"attack": "a", "poison_rate": rate, "train_data": train, "method": method}
+    return key | {"auc": auc, "tpr": tpr, "fpr": fpr}
+
+
+def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: float) -> dict:
+    """A quick-mode result: attack "a" with `rows` and its downstream figures after filtering (no
+    defence: clean accuracy 0.8, ASR 1.0), and attack "b" at ASR `other_asr` with no rows."""
+    down = {"no_defence": {"clean_accuracy": 0.8, "asr": 1.0}, "dede_filtered": filtered}
+    return {
+        "rows": rows, "mode": "quick", "wall_seconds": 60.0 * minutes, "downstream": {"a": down},
+        "attacks": {"a": {"asr": 0.99}, "b": {"asr": other_asr}},
+    }  # fmt: skip
+
+
 def test_the_targets_table_says_met_missed_or_no_implant():
     """Computed from the rows: a target is met only at both rates; an attack that did not implant is
     neither met nor missed."""
-
-    def row(attack, rate, train, method, auc, tpr=0.95, fpr=0.03):
-        key = {"attack": attack, "poison_rate": rate, "train_data": train, "method": method}
-        return key | {"auc": auc, "tpr": tpr, "fpr": fpr}
-
-    rows = [row("a", 0.5, "id", "dede", 0.99), row("a", 0.01, "id", "dede", 0.97, tpr=0.8)]
-    rows += [row("a", r, "ood", "dede", 0.96) for r in D.POISON_RATES]
-    rows += [row("a", r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
-    down = {
-        "no_defence": {"clean_accuracy": 0.8, "asr": 1.0},
-        "dede_filtered": {"clean_accuracy": 0.785, "asr": 0.04},
-    }
-    result = {
-        "rows": rows, "mode": "quick", "wall_seconds": 600.0, "downstream": {"a": down},
-        "attacks": {"a": {"asr": 0.99}, "b": {"asr": 0.2}},
-    }  # fmt: skip
+    rows = [target_row(0.5, "id", "dede", 0.99), target_row(0.01, "id", "dede", 0.97, tpr=0.8)]
+    rows += [target_row(r, "ood", "dede", 0.96) for r in D.POISON_RATES]
+    rows += [target_row(r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
+    result = targets_result(rows, {"clean_accuracy": 0.785, "asr": 0.04}, other_asr=0.2, minutes=10)
     table = {
         line.split(" | ")[0].lstrip("| "): line for line in D.targets_table(result) if line.startswith("| ")
     }
@@ -274,17 +280,11 @@ def test_the_targets_table_says_met_missed_or_no_implant():
 def test_partial_results_mark_the_attacks_still_training_as_pending():
     """Results are written after each attack, while the later attacks' decoders still train."""
     rows = [
-        {"attack": "a", "poison_rate": rate, "train_data": train, "method": method, "auc": 0.99, "tpr": 0.95,
-         "fpr": 0.03}
-        for rate in D.POISON_RATES for train in ("id", "ood") for method in ("dede", "dede-control")
-    ]  # fmt: skip
-    down = {
-        "no_defence": {"clean_accuracy": 0.8, "asr": 1.0},
-        "dede_filtered": {"clean_accuracy": 0.8, "asr": 0.0},
-    }
-    result = {
-        "rows": rows, "mode": "quick", "wall_seconds": 60.0, "downstream": {"a": down},
-        "attacks": {"a": {"asr": 0.99}, "b": {"asr": 0.99}},
-    }  # fmt: skip
+        target_row(rate, train, method, 0.99)
+        for rate in D.POISON_RATES
+        for train in ("id", "ood")
+        for method in ("dede", "dede-control")
+    ]
+    result = targets_result(rows, {"clean_accuracy": 0.8, "asr": 0.0}, other_asr=0.99, minutes=1)
     lines = [line for line in D.targets_table(result) if line.startswith("| ID AUC")]
     assert lines == ["| ID AUC >= 0.98 (0.5 / 0.01) | met: 0.990 / 0.990 | pending |"]
