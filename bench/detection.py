@@ -24,7 +24,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -55,11 +54,17 @@ from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
 
 log = logging.getLogger("bench.detection")
-ATTACKS = ("clip-backdoor", "ctrl", "blend", "badencoder", "drupe")  # cheapest victims first
+# The first victim is built with every thread (nothing trains yet), so it is the implant that gains most
+# from them: CTRL's SimCLR took 111 s with 2 threads alone and 500 s with 1 beside two decoder fits on
+# the 2-core dev VM. Then the cheapest victims first.
+ATTACKS = ("ctrl", "clip-backdoor", "blend", "badencoder", "drupe")
 POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"
 SEED = 0
 RESULTS = Path(__file__).parent / "results"
+# An attack whose victim ASR stays below this did not implant: the victim has no backdoor, so its rows
+# neither meet nor miss a detection target, and only its ID decoder is trained (see submit_decoders).
+IMPLANTED_ASR = 0.5
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,10 @@ class Victim:
     trigger: Trigger
     implant: Implant
     clean: VictimEncoder  # the encoder before the implant: the control
+
+    @property
+    def implanted(self) -> bool:
+        return self.implant.report.asr >= IMPLANTED_ASR
 
 
 @dataclass(frozen=True)
@@ -350,21 +359,24 @@ class EmbeddedTests:
 
 def dede_rows(
     attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets,
-    embedded: EmbeddedTests, suffix: str = "", triggered: np.ndarray | None = None,
+    embedded: EmbeddedTests, suffix: str = "", triggered: np.ndarray | None = None, ablation: bool = False,
 ) -> tuple[list[dict], dict]:  # fmt: skip
-    """`dede` and `dede-paper` rows, and on ID data the aggregate ablation (each calibrated as `dede`);
+    """`dede` and `dede-paper` rows, and with `ablation` the ABLATION's (each calibrated as `dede`);
     and the `dede` AUC per source class of the triggered images. `triggered` marks the images of
     `images` that carry the trigger: the `dede` rows then also say what a clean holdout would give."""
     methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
-    if train_data == "id":
+    if ablation:
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
     holdout_idx = split_holdout(images.keys, DECODER_TRAINING.holdout)[1]
-    holdout = Embedded.of(encoder, images.pixels[holdout_idx], "holdout")
+    holdout = Embedded(images.pixels[holdout_idx], fitted.embeddings[holdout_idx], "holdout")
     rows, by_class = [], {}
     for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, embedded.clean, settings)
         t = score(encoder, fitted.decoder, embedded.triggered, settings)
-        calibration = score(encoder, fitted.decoder, holdout, settings)
+        # fit() calibrated the decoder at the `dede` settings: the package's own calibration
+        calibration = (
+            fitted.calibration if settings == DEDE else score(encoder, fitted.decoder, holdout, settings)
+        )
         clean = None
         if method == "dede" and triggered is not None:
             clean = calibration[~triggered[holdout_idx]]
@@ -429,7 +441,7 @@ def downstream(
     """
     enc = victim.implant.encoder
     labels = data.decoder[1][~poisoned]
-    train = Embedded.of(enc, id_set.pixels[~poisoned], "id")
+    train = Embedded(id_set.pixels[~poisoned], fitted.embeddings[~poisoned], "id")
     sets = (train, embedded.clean, embedded.triggered)
     defences = {"no_defence": tuple(np.ones(len(images.pixels), bool) for images in sets)}
     scored: dict[ScoreSettings, list[np.ndarray]] = {}
@@ -454,37 +466,52 @@ def downstream(
 
 @dataclass
 class Decoders:
-    """One attack's decoders, training in the pool: on its ID data, on OOD data, and the control's."""
+    """One attack's decoders, training in the pool: on its ID data, on OOD data, and the control's
+    (None for a victim that did not implant)."""
 
     id: Future
-    ood: Future
-    control: Future
+    ood: Future | None
+    control: Future | None
 
 
 def ood_set(data: Data) -> ImageSet:
     return ImageSet(data.ood, [f"ood{i:06d}" for i in range(len(data.ood))], {})
 
 
+def ood_training(training: TrainSettings) -> TrainSettings:
+    """The OOD decoders' settings: one pass (`sanitizer train --refit 0`, for trusted data). MNIST holds
+    no triggered image, so a second pass, which leaves out the images rebuilt worst, has nothing to
+    remove. Ad hoc on session 15's victims, one pass gave AUC 0.762 / 0.772 on the CLIP patch (two:
+    0.787 / 0.780) and 0.569 / 0.601 on blend (0.555 / 0.598), in 60-70% of the time."""
+    return replace(training, refit=0.0)
+
+
 def submit_decoders(
-    pool: ThreadPoolExecutor, victim: Victim, data: Data, s: Sizes, training: TrainSettings, controls: dict
+    pool: DecoderPool, victim: Victim, data: Data, s: Sizes, training: TrainSettings, controls: dict
 ) -> Decoders:
     """Queue the attack's decoders. The control is the same data through the clean encoder, with its own
     decoder; it depends only on the clean encoder and the trigger in its training data, so BadEncoder
-    and DRUPE share one (`controls` holds those queued already)."""
+    and DRUPE share one (`controls` holds those queued already).
+
+    A victim that did not implant gets its ID decoder only: with no backdoor it is a control in itself
+    (session 14's CTRL victim, ASR 0.014: AUC 0.528 / 0.560, its clean encoder 0.531 / 0.566), so the
+    OOD and control decoders would cost two fits to measure the same thing again."""
     enc, id_set = victim.implant.encoder, id_training_set(data, victim.trigger)[0]
+    fitted_id = pool.submit(fit, enc, id_set, training, s.decoder_model)
+    if not victim.implanted:
+        return Decoders(fitted_id, None, None)
     key = (victim.clean.weights_sha256, victim.trigger)
     if key not in controls:
         controls[key] = pool.submit(fit, victim.clean, id_set, training, s.decoder_model)
-    return Decoders(
-        pool.submit(fit, enc, id_set, training, s.decoder_model),
-        pool.submit(fit, enc, ood_set(data), training, s.decoder_model),
-        controls[key],
-    )
+    ood = pool.submit(fit, enc, ood_set(data), ood_training(training), s.decoder_model)
+    return Decoders(fitted_id, ood, controls[key])
 
 
-def run_attack(victim: Victim, data: Data, decoders: Decoders) -> tuple[list[dict], dict, dict]:
+def run_attack(
+    victim: Victim, data: Data, decoders: Decoders, ablation: bool
+) -> tuple[list[dict], dict, dict]:
     """(detection rows, downstream table, `dede` AUC per source class on the victim and the control),
-    once the attack's decoders have trained."""
+    once the attack's decoders have trained; with `ablation`, the ABLATION's rows on the ID decoders."""
     attack, enc = victim.attack, victim.implant.encoder
     tests = TestSets(
         data.test[0], victim.trigger(data.trigger_source[0]), data.test[1], data.trigger_source[1]
@@ -492,31 +519,47 @@ def run_attack(victim: Victim, data: Data, decoders: Decoders) -> tuple[list[dic
     embedded = EmbeddedTests.of(enc, tests)
     id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = decoders.id.result()
-    rows, by_class = dede_rows(attack, "id", enc, fitted_id, id_set, tests, embedded, triggered=poisoned)
-    rows += dede_rows(attack, "ood", enc, decoders.ood.result(), ood_set(data), tests, embedded)[0]
-    control_rows, control_by_class = dede_rows(
-        attack, "id", victim.clean, decoders.control.result(), id_set, tests,
-        EmbeddedTests.of(victim.clean, tests), suffix="-control",
-    )  # fmt: skip
-    rows += control_rows + baseline_rows(attack, enc, data, tests, embedded)
-    by_class = {"dede": by_class, "dede-control": control_by_class}
+    rows, by_class = dede_rows(
+        attack, "id", enc, fitted_id, id_set, tests, embedded, triggered=poisoned, ablation=ablation
+    )
+    by_class = {"dede": by_class, "dede-control": {}}
+    if decoders.ood:
+        rows += dede_rows(attack, "ood", enc, decoders.ood.result(), ood_set(data), tests, embedded)[0]
+    if decoders.control:
+        control_rows, by_class["dede-control"] = dede_rows(
+            attack, "id", victim.clean, decoders.control.result(), id_set, tests,
+            EmbeddedTests.of(victim.clean, tests), suffix="-control", ablation=ablation,
+        )  # fmt: skip
+        rows += control_rows
+    rows += baseline_rows(attack, enc, data, tests, embedded)
     return rows, downstream(victim, data, id_set, poisoned, fitted_id, embedded), by_class
 
 
-@contextmanager
-def decoder_pool(jobs: int, threads: int) -> Iterator[ThreadPoolExecutor]:
-    """`jobs` decoders training at once, in threads (torch's ops release the GIL), with the torch
-    threads shared out between them. On the 2-core dev VM two 1-thread fits made 1.3x the progress
-    of one fit with 2 threads: the decoder's small matrices do not keep two threads busy. A failure
-    cancels the fits not yet started."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // jobs))
-    pool = ThreadPoolExecutor(jobs, thread_name_prefix="decoder")
-    try:
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)
-        torch.set_num_threads(before)
+class DecoderPool:
+    """`jobs` decoders training at once, in threads (torch's ops release the GIL). The torch threads
+    are shared out between them when the first decoder is queued: until then the caller, building the
+    first victim, has them all. On the 2-core dev VM two 1-thread fits made 1.3x the progress of one
+    fit with 2 threads: the decoder's small matrices do not keep two threads busy. Leaving cancels the
+    fits not yet started and gives the threads back."""
+
+    def __init__(self, jobs: int, threads: int) -> None:
+        self.jobs, self.threads = jobs, threads
+        self._before = torch.get_num_threads()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn, /, *args) -> Future:
+        if self._pool is None:
+            torch.set_num_threads(max(1, self.threads // self.jobs))
+            self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="decoder")
+        return self._pool.submit(fn, *args)
+
+    def __enter__(self) -> DecoderPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(self._before)
 
 
 def versions() -> dict:
@@ -542,7 +585,8 @@ def markdown(result: dict) -> str:
         f"Decoders (all methods): {result['sizes']['decoder']} images "
         f"({result['decoder_training']['holdout']:.3f} of them held out to calibrate), "
         f"{result['decoder_training']['epochs']} epochs, trimmed loss {result['decoder_training']['trim']}, "
-        f"second pass without the worst-rebuilt {result['decoder_training']['refit']} of the images  ",
+        f"second pass without the worst-rebuilt {result['decoder_training']['refit']} of the images "
+        "(OOD decoders: one pass, their data hold no trigger)  ",
         f"Complete: {result['complete']} (partial results are written after every attack)",
         "",
         "## Attacks (linear probe on the victim's embeddings; chance ASR 0.10)",
@@ -596,10 +640,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The issue's targets. An attack whose victim ASR stays below IMPLANTED_ASR did not implant: its rows
-# measure nothing, so it neither meets nor misses a detection target.
-IMPLANTED_ASR = 0.5
-QUICK_MINUTES = 30
+QUICK_MINUTES = 30  # the issue's target for the quick mode on 2 CPU cores
 
 
 def _target_cells(result: dict, check) -> list[str]:
@@ -682,21 +723,23 @@ TPR_METHODS = ("dede", "dede-unrelaxed", "dede-paper")
 
 def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
     """TPR at the calibrated threshold against the TPR the ranking allows at 5% FPR (whether a miss is
-    the threshold's or the score's), for `dede`, `dede` unrelaxed and `dede-paper`; and the TPR / FPR
-    of `dede` calibrated on the holdout without its triggered images (what the contamination costs)."""
+    the threshold's or the score's), for `dede`, `dede` unrelaxed (with the ablation) and `dede-paper`;
+    and the TPR / FPR of `dede` calibrated on the holdout without its triggered images (what the
+    contamination costs)."""
     cells = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in rows}
     if not any("tpr_at_fpr05" in r for r in rows):
         return []
+    methods = [m for m in TPR_METHODS if any(r["method"] == m for r in rows)]
     lines = [
         "",
         "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
         "",
-        "| attack | rate | train | " + " | ".join(TPR_METHODS) + " | dede, holdout without its triggered "
+        "| attack | rate | train | " + " | ".join(methods) + " | dede, holdout without its triggered "
         "images: TPR / FPR |",
-        "|" + "---|" * (4 + len(TPR_METHODS)),
+        "|" + "---|" * (4 + len(methods)),
     ]
     for attack, rate, train in dict.fromkeys((a, r, t) for a, r, t, _ in cells):
-        found = [cells.get((attack, rate, train, m)) for m in TPR_METHODS]
+        found = [cells.get((attack, rate, train, m)) for m in methods]
         text = [f"{c['tpr']:.2f} / {c['tpr_at_fpr05']:.2f}" if c else "" for c in found]
         dede = found[0] or {}
         clean = (
@@ -735,8 +778,10 @@ def shift_table(rows: list[dict]) -> list[str]:
 
 def ablation_table(rows: list[dict]) -> list[str]:
     """AUC on the victim / on the clean-encoder control for each relaxation, patch error, aggregate
-    and error pool (ID decoders)."""
+    and error pool (ID decoders), when the run scored the ablation (`--ablation`)."""
     auc_of = {(r["attack"], r["poison_rate"], r["method"]): r["auc"] for r in rows if r["train_data"] == "id"}
+    if not any(method in ABLATION for _, _, method in auc_of):
+        return []
     label = lambda s: f"{s.error}, {s.aggregate}, pool {s.error_pool}, relax {s.relax_steps}"  # noqa: E731
     names = {f"dede ({label(DEDE)})": "dede", **{f"{n} ({label(s)})": n for n, s in ABLATION.items()}}
     lines = [
@@ -773,7 +818,8 @@ def source_class_table(by_class: dict) -> list[str]:
         "|" + "---|" * (1 + len(classes)),
     ]
     for attack, a in by_class.items():
-        cells = [f"{a['dede'][c]:.2f} / {a['dede-control'][c]:.2f}" for c in classes]
+        control = a["dede-control"]  # empty for a victim that did not implant
+        cells = [f"{a['dede'][c]:.2f}" + (f" / {control[c]:.2f}" if c in control else "") for c in classes]
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines
 
@@ -793,7 +839,7 @@ def positive(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--quick", action="store_true", help="CPU-sized run (12-17 min on the 2-core dev VM, bf16)"
+        "--quick", action="store_true", help="CPU-sized run (about 30 min on 2 cores; less with bf16)"
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument(
@@ -829,6 +875,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"share left out of the decoders' second training pass (default {DECODER_TRAINING.refit}; "
         "0: one pass)",
     )
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also score the ablation behind the defaults (dede-unrelaxed, dede-mse, ...) on the ID "
+        "decoders of the victim and the control (about 5 more minutes in the quick mode on 2 cores)",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "detection.json", help="where the JSON goes")
     p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
     p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
@@ -839,7 +891,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--jobs",
         type=positive,
         default=2,
-        help="decoders trained at once, after every victim is built; they share the --threads",
+        help="decoders trained at once, while the next victims are built; they share the --threads",
     )
     return p.parse_args(argv)
 
@@ -898,6 +950,7 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": precision(torch.device(args.device)),
         "threads": args.threads,
         "jobs": args.jobs,
+        "ablation": args.ablation,
         "seed": SEED,
         "target_class": TARGET,
         "versions": versions(),
@@ -905,6 +958,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the user's encoder for the fine-tuning attacks; null: the ImageNet MobileNetV2 / EfficientNet
         "encoder": own and {**asdict(own), "weights": own.weights and str(own.weights)},
         "decoder_training": training.to_dict(),
+        "ood_decoder_training": ood_training(training).to_dict(),
         "settings": {
             "dede": {**DEDE.to_dict(), "threshold": DEDE_RULE},
             "dede-paper": {**PAPER.to_dict(), "threshold": PAPER_RULE},
@@ -912,37 +966,40 @@ def main(argv: list[str] | None = None) -> dict:
     }
     probe = ProbeData(*data.probe, *data.test, TARGET)
     try:  # a victim that cannot be built or loaded (bad --encoder weights): one line, not a traceback
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
             work = args.work or Path(tmp)
-            victims, attack_info = [], {}
+            # Each victim's decoders queue as soon as it is built and train while the next victim is
+            # implanted with the pool's share of the threads: most implants keep about one core busy
+            # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
+            queued, attack_info, controls = [], {}, {}
             for victim in iter_victims(data, sizes, attacks, work, args.device, own):
-                victims.append(victim)
                 attack_info[victim.attack] = {
                     "spec": victim.implant.spec,
                     **victim.implant.report.to_dict(),
                     "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
                     "seconds": round(victim.implant.seconds, 1),
                 }
-            rows, down, by_class, controls = [], {}, {}, {}
-            with decoder_pool(args.jobs, args.threads) as pool:
-                queued = [(v, submit_decoders(pool, v, data, sizes, training, controls)) for v in victims]
-                for victim, decoders in queued:
-                    attack = victim.attack
-                    attack_rows, down[attack], by_class[attack] = run_attack(victim, data, decoders)
-                    rows += attack_rows
-                    result = {
-                        **header,
-                        "complete": attack == attacks[-1],
-                        "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
-                        "attacks": attack_info,
-                        "rows": rows,
-                        "downstream": down,
-                        "auc_by_source_class": by_class,
-                        "wall_seconds": round(time.time() - started, 1),
-                    }
-                    # after every attack, so that a long run leaves partial results
-                    write_results(result, args.json, args.md)
-                    log.info("%s done at %.0f s", attack, time.time() - started)
+                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
+            rows, down, by_class = [], {}, {}
+            for victim, decoders in queued:
+                attack = victim.attack
+                attack_rows, down[attack], by_class[attack] = run_attack(
+                    victim, data, decoders, args.ablation
+                )
+                rows += attack_rows
+                result = {
+                    **header,
+                    "complete": attack == attacks[-1],
+                    "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
+                    "attacks": attack_info,
+                    "rows": rows,
+                    "downstream": down,
+                    "auc_by_source_class": by_class,
+                    "wall_seconds": round(time.time() - started, 1),
+                }
+                # after every attack, so that a long run leaves partial results
+                write_results(result, args.json, args.md)
+                log.info("%s done at %.0f s", attack, time.time() - started)
     except SanitizerError as e:
         raise SystemExit(f"detection: {e}") from None
     log.info("wrote %s in %.1f min", args.json, result["wall_seconds"] / 60)

@@ -204,6 +204,9 @@ def train_epoch(
 class FitResult:
     decoder: DedeDecoder
     calibration: np.ndarray  # scores of the held-out images at the test settings
+    # (N, D) victim embeddings of every image, in the order given: computed once, for training and
+    # calibration, and for whoever scores the same images next
+    embeddings: np.ndarray
     epochs: int
     losses: list[float]  # mean training loss of each epoch (of the last pass)
     n_train: int
@@ -313,11 +316,10 @@ def fit_decoder(
     )
     train_idx, holdout_idx = split_holdout(images.keys, settings.holdout)
     started = time.time()
+    embeddings = embed_pixels(encoder, images.pixels)
     pixels = images.pixels[train_idx]
     epochs = settings.epochs or auto_epochs(len(pixels))
-    training = _Pass(
-        encoder, config, pixels, embed_pixels(encoder, pixels), settings, epochs, resume_dir, progress
-    )
+    training = _Pass(encoder, config, pixels, embeddings[train_idx], settings, epochs, resume_dir, progress)
     saved = (checkpoint.read_training_progress(resume_dir) or {}) if resume_dir else {}
     if settings.refit and saved.get("plan", {}).get("pass") == 2:
         left_out = saved["plan"]["left_out"]  # the first pass had finished before the interruption
@@ -333,11 +335,11 @@ def fit_decoder(
 
     holdout_keys = [images.keys[i] for i in holdout_idx]
     calibration = Scorer(encoder, decoder, score_settings).score(
-        images.pixels[holdout_idx], key_seeds(holdout_keys)
+        images.pixels[holdout_idx], key_seeds(holdout_keys), embeddings[holdout_idx]
     )
     n_train = len(pixels) - len(left_out)
     return FitResult(
-        decoder, calibration.score, epochs, losses, n_train, len(left_out), time.time() - started
+        decoder, calibration.score, embeddings, epochs, losses, n_train, len(left_out), time.time() - started
     )
 
 

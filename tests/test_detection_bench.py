@@ -59,7 +59,7 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order(tmp_path):
         ),
         (
             ["--attacks", "badencoder,badnets"],
-            "unknown attacks ['badnets']; choose from clip-backdoor, ctrl, blend, badencoder, drupe",
+            "unknown attacks ['badnets']; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
         ),
     ],
 )
@@ -118,16 +118,23 @@ def test_own_encoder_is_the_one_backdoored_and_the_control(own_victim: tuple[D.V
     assert 0 <= victim.implant.report.asr <= 1
 
 
-def attack_result(victim: D.Victim, jobs: int, threads: int) -> tuple:
+def with_asr(victim: D.Victim, asr: float) -> D.Victim:
+    """The victim as if its implant had reached `asr` (the tiny one's ASR is whatever random data give)."""
+    report = replace(victim.implant.report, asr=asr)
+    return replace(victim, implant=replace(victim.implant, report=report))
+
+
+def attack_result(victim: D.Victim, jobs: int, threads: int, ablation: bool = True) -> tuple:
     data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
-    with D.decoder_pool(jobs, threads) as pool:
-        return D.run_attack(victim, data, D.submit_decoders(pool, victim, data, TINY, training, {}))
+    with D.DecoderPool(jobs, threads) as pool:
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
+        return D.run_attack(victim, data, decoders, ablation)
 
 
 def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: tuple[D.Victim, Path]):
     """Every method at both rates: ID rows for dede, dede-paper, the ablation, their controls and the
     embedding baselines; OOD rows for dede and dede-paper."""
-    rows, down, by_class = attack_result(own_victim[0], jobs=1, threads=1)
+    rows, down, by_class = attack_result(with_asr(own_victim[0], 1.0), jobs=1, threads=1)
     dede = ["dede", "dede-paper", *D.ABLATION]
     expected = {
         *(("id", m + suffix) for m in dede for suffix in ("", "-control")),
@@ -150,6 +157,34 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
         if "tpr_clean_holdout" in r
         for k in ("tpr_clean_holdout", "fpr_clean_holdout")
     )
+
+
+def test_the_ood_decoder_trains_in_one_pass_and_the_others_in_two(own_victim: tuple[D.Victim, Path]):
+    """MNIST holds no trigger, so its decoder skips the second pass; the victim's and the control's
+    leave out the worst-rebuilt 0.1 of their 7 training images (1)."""
+    victim = with_asr(own_victim[0], 1.0)
+    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    with D.DecoderPool(1, 1) as pool:
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
+        left_out = [d.result().left_out for d in (decoders.id, decoders.control, decoders.ood)]
+    assert left_out == [1, 1, 0]
+
+
+def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tuple[D.Victim, Path]):
+    """With no backdoor the victim is a control in itself: no OOD or control decoder is trained, and
+    without the ablation the ID rows are dede and dede-paper (and the baselines)."""
+    victim = with_asr(own_victim[0], D.IMPLANTED_ASR - 0.01)
+    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    with D.DecoderPool(1, 1) as pool:
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
+        assert decoders.ood is None and decoders.control is None
+        rows, down, by_class = D.run_attack(victim, data, decoders, ablation=False)
+    got = {(r["train_data"], r["method"], r["poison_rate"]) for r in rows}
+    methods = ("dede", "dede-paper", "embedding-norm", "knn-distance")
+    assert got == {("id", m, rate) for m in methods for rate in D.POISON_RATES}
+    assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and by_class["dede-control"] == {}
+    table = D.source_class_table({"a": by_class})
+    assert table[-1].startswith("| a | ") and " / " not in table[-1]  # victim AUCs, no control column
 
 
 def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
@@ -194,9 +229,24 @@ def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_vic
     """Two jobs of one torch thread each give bit-identical results to one job of one thread, and the
     pool gives the torch threads back."""
     before = torch.get_num_threads()
-    one_at_a_time = attack_result(own_victim[0], jobs=1, threads=1)
-    assert attack_result(own_victim[0], jobs=2, threads=2) == one_at_a_time
+    victim = with_asr(own_victim[0], 1.0)  # all three decoders
+    one_at_a_time = attack_result(victim, jobs=1, threads=1, ablation=False)
+    assert attack_result(victim, jobs=2, threads=2, ablation=False) == one_at_a_time
     assert torch.get_num_threads() == before
+
+
+def test_the_pool_shares_the_threads_out_from_its_first_decoder_and_gives_them_back():
+    """Until a decoder is queued the caller (building the first victim) keeps every thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with D.DecoderPool(2, 2) as pool:
+            assert torch.get_num_threads() == 3
+            assert pool.submit(torch.get_num_threads).result() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("flag", ["--jobs", "--threads"])
@@ -211,6 +261,7 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     """main() end to end on tiny data: every victim built, then the decoders in the pool, then the rows."""
     monkeypatch.setattr(D, "QUICK", TINY)
     monkeypatch.setattr(D, "load_data", lambda sizes: tiny_data(np.random.default_rng(0)))
+    monkeypatch.setattr(D, "IMPLANTED_ASR", 0.0)  # every tiny victim counts as implanted
     out = tmp_path / "r.json"
     argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
     D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path)])
@@ -223,7 +274,8 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     }
     markdown = out.with_suffix(".md").read_text()
     assert "| drupe | 0.5 | id |" in markdown and "## TPR at the calibrated threshold / at 5% FPR" in markdown
-    assert "| attack | rate | train | dede | dede-unrelaxed | dede-paper |" in markdown
+    assert "| attack | rate | train | dede | dede-paper |" in markdown  # no dede-unrelaxed: no --ablation
+    assert "## Relaxation, patch error" not in markdown and not result["ablation"]
     assert "## Share of the scored set above the calibration's median" in markdown
     assert "## The issue's targets" in markdown and "| ID AUC >= 0.98 (0.5 / 0.01) |" in markdown
     assert "| attack | id 0.5 | id 0.01 | ood 0.5 | ood 0.01 |" in markdown

@@ -13,7 +13,7 @@ from sanitizer.checkpoint import check_encoder, load_decoder, read_meta
 from sanitizer.cli import main
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.device import precision
-from sanitizer.encoders import load_encoder
+from sanitizer.encoders import embed_pixels, load_encoder
 from sanitizer.errors import CheckpointError
 from sanitizer.model import DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
@@ -137,6 +137,28 @@ def test_second_pass_leaves_out_the_images_the_first_rebuilds_worst(tiny_encoder
     worst = np.argsort(-scores.score, kind="stable")[: round(0.2 * len(train_idx))]
     assert np.array_equal(kept, np.delete(pixels[train_idx], worst, axis=0))
     assert (fit.left_out, fit.n_train) == (len(worst), len(train_idx) - len(worst))
+
+
+def test_a_fit_embeds_each_image_once_and_returns_the_embeddings(tiny_encoder, monkeypatch):
+    """The embeddings serve training and calibration (and the caller's next scoring), in image order;
+    the calibration is what scoring the held-out images gives."""
+    pixels, keys = synthetic_images(60, 32, seed=4), [f"e{i:02d}" for i in range(60)]
+    real_embed, embedded = train_module.embed_pixels, []
+
+    def counting(encoder, images, *rest):
+        embedded.append(len(images))
+        return real_embed(encoder, images, *rest)
+
+    monkeypatch.setattr(train_module, "embed_pixels", counting)
+    scoring, settings = ScoreSettings(num_masks=1), TrainSettings(epochs=1, batch_size=16, holdout=0.2)
+    fit = fit_decoder(tiny_encoder, ImageSet(pixels, keys, Counter()), settings, scoring, TINY_MODEL, False)
+    assert embedded == [60]
+    assert np.array_equal(fit.embeddings, embed_pixels(tiny_encoder, pixels))
+    holdout = split_holdout(keys, settings.holdout)[1]
+    expected = Scorer(tiny_encoder, fit.decoder, scoring).score(
+        pixels[holdout], key_seeds(keys[i] for i in holdout)
+    )
+    np.testing.assert_allclose(fit.calibration, expected.score, rtol=1e-5)
 
 
 def test_loss_is_trimmed_after_the_first_fifth_of_the_steps(tmp_path, tiny_shards, tiny_encoder, monkeypatch):
