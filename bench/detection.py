@@ -55,8 +55,8 @@ from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
 
 log = logging.getLogger("bench.detection")
 # The first victim is built with every thread (nothing trains yet), so it is the implant that gains most
-# from them: CTRL's SimCLR took 111 s with 2 threads alone and 500 s with 1 beside two decoder fits on
-# the 2-core dev VM. Then the cheapest victims first.
+# from them: CTRL's two SimCLR phases took 232 s with 2 threads alone and 500 s with 1 beside two
+# decoder fits on the 2-core dev VM (session 15). Then the cheapest victims first.
 ATTACKS = ("ctrl", "clip-backdoor", "blend", "badencoder", "drupe")
 POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"

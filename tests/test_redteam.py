@@ -18,6 +18,7 @@ from sanitizer.redteam.implant import (
     sliced_wasserstein,
 )
 from sanitizer.redteam.metrics import auc, rates, tpr_at_fpr
+from sanitizer.redteam.probes import attack_report, fit_linear_probe
 from sanitizer.redteam.triggers import (
     TRIGGERS,
     badencoder_box,
@@ -181,3 +182,25 @@ def test_ctrl_simclr_does_not_depend_on_the_callers_rng(tmp_path):
         weights.append(load_file(str(victim.weights)))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_linear_probe_separates_blobs_and_is_deterministic():
+    """Ten well-separated Gaussian blobs: the probe classifies held-out points perfectly, two fits are
+    bit-identical, and the attack report leaves the target class's own triggered images out."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (10, 64))
+
+    def blobs(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 10
+        return (centres[labels] + rng.normal(0, 1, (n, 64))).astype(np.float32), labels
+
+    (train_x, train_y), (test_x, test_y) = blobs(500), blobs(200)
+    probe = fit_linear_probe(train_x, train_y)
+    assert probe.weight.shape == (10, 64)
+    assert np.array_equal(probe.predict(test_x), test_y)
+    assert torch.equal(fit_linear_probe(train_x, train_y).weight, probe.weight)
+    # "triggered" points: every one lies on class 3's centre; those of class 3 itself do not count
+    report = attack_report(
+        probe, test_x, test_y, np.repeat(centres[3:4], 20, 0).astype(np.float32), test_y[:20], 3
+    )
+    assert (report.clean_accuracy, report.asr, report.chance) == (1.0, 1.0, 0.1)
