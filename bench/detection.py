@@ -481,8 +481,8 @@ def ood_set(data: Data) -> ImageSet:
 def ood_training(training: TrainSettings) -> TrainSettings:
     """The OOD decoders' settings: one pass (`sanitizer train --refit 0`, for trusted data). MNIST holds
     no triggered image, so a second pass, which leaves out the images rebuilt worst, has nothing to
-    remove. Ad hoc on session 15's victims, one pass gave AUC 0.762 / 0.772 on the CLIP patch (two:
-    0.787 / 0.780) and 0.569 / 0.601 on blend (0.555 / 0.598), in 60-70% of the time."""
+    remove. On session 15's victims one pass moved the OOD AUC by -0.10 to +0.10 against two, with no
+    direction (bench/NOTES.md), in 60-70% of the time."""
     return replace(training, refit=0.0)
 
 
@@ -838,9 +838,7 @@ def positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--quick", action="store_true", help="CPU-sized run (about 30 min on 2 cores; less with bf16)"
-    )
+    p.add_argument("--quick", action="store_true", help="CPU-sized run (under 30 min on 2 cores, in fp32)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument(
         "--attacks",
@@ -872,8 +870,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--refit",
         type=float,
         default=DECODER_TRAINING.refit,
-        help=f"share left out of the decoders' second training pass (default {DECODER_TRAINING.refit}; "
-        "0: one pass)",
+        help=f"share left out of the victim's and control's decoders' second training pass (default "
+        f"{DECODER_TRAINING.refit}; 0: one pass; the OOD decoders always train in one pass)",
     )
     p.add_argument(
         "--ablation",
