@@ -124,8 +124,13 @@ def with_asr(victim: D.Victim, asr: float) -> D.Victim:
     return replace(victim, implant=replace(victim.implant, report=report))
 
 
+def tiny_inputs() -> tuple[D.Data, TrainSettings]:
+    """The tiny data and the decoders' default training settings at TINY sizes."""
+    return tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+
+
 def attack_result(victim: D.Victim, jobs: int, threads: int, ablation: bool = True) -> tuple:
-    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    data, training = tiny_inputs()
     with D.DecoderPool(jobs, threads) as pool:
         decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
         return D.run_attack(victim, data, decoders, ablation)
@@ -163,7 +168,7 @@ def test_the_ood_decoder_trains_in_one_pass_and_the_others_in_two(own_victim: tu
     """MNIST holds no trigger, so its decoder skips the second pass; the victim's and the control's
     leave out the worst-rebuilt 0.1 of their 7 training images (1)."""
     victim = with_asr(own_victim[0], 1.0)
-    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    data, training = tiny_inputs()
     with D.DecoderPool(1, 1) as pool:
         decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
         left_out = [d.result().left_out for d in (decoders.id, decoders.control, decoders.ood)]
@@ -174,7 +179,7 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
     """With no backdoor the victim is a control in itself: no OOD or control decoder is trained, and
     without the ablation the ID rows are dede and dede-paper (and the baselines)."""
     victim = with_asr(own_victim[0], D.IMPLANTED_ASR - 0.01)
-    data, training = tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
+    data, training = tiny_inputs()
     with D.DecoderPool(1, 1) as pool:
         decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
         assert decoders.ood is None and decoders.control is None
@@ -258,7 +263,7 @@ def test_jobs_and_threads_must_be_positive(flag: str, value: str, capsys: pytest
 
 
 def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path, monkeypatch):
-    """main() end to end on tiny data: every victim built, then the decoders in the pool, then the rows."""
+    """main() end to end on tiny data: each victim built, its decoders queued, then the rows."""
     monkeypatch.setattr(D, "QUICK", TINY)
     monkeypatch.setattr(D, "load_data", lambda sizes: tiny_data(np.random.default_rng(0)))
     monkeypatch.setattr(D, "IMPLANTED_ASR", 0.0)  # every tiny victim counts as implanted
