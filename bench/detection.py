@@ -334,14 +334,20 @@ def detection_rows(
     return rows
 
 
-def auc_by_source_class(clean_scores: np.ndarray, trig_scores: np.ndarray, tests: TestSets) -> dict:
-    """Per class: AUC of the clean test images of that class against its triggered images. Within one
-    class, so that what is measured is the trigger's effect, not how hard the class is to rebuild."""
-    out = {}
+def by_class(clean_scores: np.ndarray, trig_scores: np.ndarray, tests: TestSets, threshold: float) -> dict:
+    """Per class: `auc`, the AUC of the clean test images of that class against its triggered images
+    (within one class, so that what is measured is the trigger's effect, not how hard the class is to
+    rebuild); and `clean_flagged`, the share of its clean test images above the threshold (which
+    classes the false positives come from)."""
+    names = datasets.FASHION_CLASSES
+    out = {"auc": {}, "clean_flagged": {}}
     for k in np.unique(tests.sources):
         c, t = clean_scores[tests.clean_labels == k], trig_scores[tests.sources == k]
         positive = np.r_[np.zeros(len(c), bool), np.ones(len(t), bool)]
-        out[datasets.FASHION_CLASSES[k]] = round(auc(np.r_[c, t], positive), 4)
+        out["auc"][names[k]] = round(auc(np.r_[c, t], positive), 4)
+    for k in np.unique(tests.clean_labels):
+        flagged = clean_scores[tests.clean_labels == k] > threshold
+        out["clean_flagged"][names[k]] = round(float(flagged.mean()), 4)
     return out
 
 
@@ -362,14 +368,14 @@ def dede_rows(
     embedded: EmbeddedTests, suffix: str = "", triggered: np.ndarray | None = None, ablation: bool = False,
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """`dede` and `dede-paper` rows, and with `ablation` the ABLATION's (each calibrated as `dede`);
-    and the `dede` AUC per source class of the triggered images. `triggered` marks the images of
+    and the `dede` rows' `by_class` breakdown at its default threshold. `triggered` marks the images of
     `images` that carry the trigger: the `dede` rows then also say what a clean holdout would give."""
     methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
     if ablation:
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
     holdout_idx = split_holdout(images.keys, DECODER_TRAINING.holdout)[1]
     holdout = Embedded(images.pixels[holdout_idx], fitted.embeddings[holdout_idx], "holdout")
-    rows, by_class = [], {}
+    rows, classes = [], {}
     for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, embedded.clean, settings)
         t = score(encoder, fitted.decoder, embedded.triggered, settings)
@@ -382,8 +388,8 @@ def dede_rows(
             clean = calibration[~triggered[holdout_idx]]
         rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration, clean)
         if method == "dede":
-            by_class = auc_by_source_class(c, t, tests)
-    return rows, by_class
+            classes = by_class(c, t, tests, resolve_threshold(parse_rule(rule), calibration))
+    return rows, classes
 
 
 def baseline_rows(
@@ -510,7 +516,7 @@ def submit_decoders(
 def run_attack(
     victim: Victim, data: Data, decoders: Decoders, ablation: bool
 ) -> tuple[list[dict], dict, dict]:
-    """(detection rows, downstream table, `dede` AUC per source class on the victim and the control),
+    """(detection rows, downstream table, `dede`'s `by_class` breakdown on the victim and the control),
     once the attack's decoders have trained; with `ablation`, the ABLATION's rows on the ID decoders."""
     attack, enc = victim.attack, victim.implant.encoder
     tests = TestSets(
@@ -519,20 +525,20 @@ def run_attack(
     embedded = EmbeddedTests.of(enc, tests)
     id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = decoders.id.result()
-    rows, by_class = dede_rows(
+    rows, classes = dede_rows(
         attack, "id", enc, fitted_id, id_set, tests, embedded, triggered=poisoned, ablation=ablation
     )
-    by_class = {"dede": by_class, "dede-control": {}}
+    classes = {"dede": classes, "dede-control": {}}
     if decoders.ood:
         rows += dede_rows(attack, "ood", enc, decoders.ood.result(), ood_set(data), tests, embedded)[0]
     if decoders.control:
-        control_rows, by_class["dede-control"] = dede_rows(
+        control_rows, classes["dede-control"] = dede_rows(
             attack, "id", victim.clean, decoders.control.result(), id_set, tests,
             EmbeddedTests.of(victim.clean, tests), suffix="-control", ablation=ablation,
         )  # fmt: skip
         rows += control_rows
     rows += baseline_rows(attack, enc, data, tests, embedded)
-    return rows, downstream(victim, data, id_set, poisoned, fitted_id, embedded), by_class
+    return rows, downstream(victim, data, id_set, poisoned, fitted_id, embedded), classes
 
 
 class DecoderPool:
@@ -619,7 +625,7 @@ def markdown(result: dict) -> str:
     lines += tpr_at_fpr_table(result["rows"])
     lines += shift_table(result["rows"])
     lines += ablation_table(result["rows"])
-    lines += source_class_table(result.get("auc_by_source_class", {}))
+    lines += source_class_table(result.get("by_class", {}))
     lines += [
         "",
         "## Downstream (linear probe; ASR counts removed triggered images as failed attacks)",
@@ -803,24 +809,32 @@ def ablation_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def source_class_table(by_class: dict) -> list[str]:
-    """`dede` AUC (ID decoder) on the victim / the control, within each class the trigger went on."""
-    classes = list(dict.fromkeys(c for a in by_class.values() for c in a["dede"]))
-    if not classes:
-        return []
-    lines = [
-        "",
-        "## `dede` AUC per source class of the triggered images (ID decoder): victim / control",
-        "",
+CLASS_TABLES = {
+    "auc": (
+        "`dede` AUC per source class of the triggered images (ID decoder): victim / control",
         "Within each class: its clean test images against its triggered images.",
-        "",
-        "| attack | " + " | ".join(classes) + " |",
-        "|" + "---|" * (1 + len(classes)),
-    ]
-    for attack, a in by_class.items():
-        control = a["dede-control"]  # empty for a victim that did not implant
-        cells = [f"{a['dede'][c]:.2f}" + (f" / {control[c]:.2f}" if c in control else "") for c in classes]
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    ),
+    "clean_flagged": (
+        "Clean test images flagged per class at `dede`'s default threshold (ID decoder): victim / control",
+        "The share of each class's clean test images above the calibrated threshold: where the false "
+        "positives come from.",
+    ),
+}
+
+
+def source_class_table(classes: dict) -> list[str]:
+    """The `by_class` breakdown of every attack as Markdown: one table per measure in CLASS_TABLES."""
+    lines = []
+    for measure, (title, caption) in CLASS_TABLES.items():
+        names = list(dict.fromkeys(c for a in classes.values() for c in a["dede"].get(measure, {})))
+        if not names:
+            continue
+        lines += ["", f"## {title}", "", caption, ""]
+        lines += ["| attack | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+        for attack, a in classes.items():
+            victim, control = a["dede"][measure], a["dede-control"].get(measure, {})  # {}: no implant
+            cells = [f"{victim[c]:.2f}" + (f" / {control[c]:.2f}" if c in control else "") for c in names]
+            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -978,12 +992,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "seconds": round(victim.implant.seconds, 1),
                 }
                 queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
-            rows, down, by_class = [], {}, {}
+            rows, down, classes = [], {}, {}
             for victim, decoders in queued:
                 attack = victim.attack
-                attack_rows, down[attack], by_class[attack] = run_attack(
-                    victim, data, decoders, args.ablation
-                )
+                attack_rows, down[attack], classes[attack] = run_attack(victim, data, decoders, args.ablation)
                 rows += attack_rows
                 result = {
                     **header,
@@ -992,7 +1004,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "attacks": attack_info,
                     "rows": rows,
                     "downstream": down,
-                    "auc_by_source_class": by_class,
+                    "by_class": classes,
                     "wall_seconds": round(time.time() - started, 1),
                 }
                 # after every attack, so that a long run leaves partial results

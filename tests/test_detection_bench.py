@@ -150,6 +150,7 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr", "tpr_at_fpr05"))
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
     assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and set(by_class) == {"dede", "dede-control"}
+    assert all(set(by_class[m]) == {"auc", "clean_flagged"} for m in by_class)
     assert down["no_defence"]["train_removed"] == 0
     for name in ("dede_paper_threshold_filtered", "dede_paper_filtered"):  # the median flags half
         assert down[name]["train_removed"] == pytest.approx(0.5, abs=0.02)
@@ -189,7 +190,8 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
     assert got == {("id", m, rate) for m in methods for rate in D.POISON_RATES}
     assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and by_class["dede-control"] == {}
     table = D.source_class_table({"a": by_class})
-    assert table[-1].startswith("| a | ") and " / " not in table[-1]  # victim AUCs, no control column
+    rows = [line for line in table if line.startswith("| a | ")]
+    assert len(rows) == 2 and all(" / " not in line for line in rows)  # the victim's only, no control
 
 
 def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
@@ -212,6 +214,26 @@ def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
         assert row["fpr_clean_holdout"] > row["fpr"] and row["tpr_clean_holdout"] >= row["tpr"]
         # the report's shift statistic: the share of scores above the (contaminated) calibration's median
         assert row["above_calibration_median"] == round(float((scores > np.median(contaminated)).mean()), 4)
+
+
+def test_the_class_breakdown_gives_each_class_its_auc_and_its_share_of_false_positives():
+    """Within-class AUC pairs a class's clean images with its own triggered ones; `clean_flagged` is the
+    share of each class's clean images above the threshold. Both reach the Markdown, victim / control."""
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    sources = np.array([0, 1, 1])
+    tests = D.TestSets(np.zeros((6, 1)), np.zeros((3, 1)), labels, sources)
+    clean = np.array([0.1, 0.5, 0.2, 0.3, 0.9, 0.95])
+    trig = np.array([0.4, 0.25, 0.99])
+    got = D.by_class(clean, trig, tests, threshold=0.45)
+    names = D.datasets.FASHION_CLASSES
+    # class 0: clean 0.1, 0.5 against 0.4 -> 1 of 2 pairs; class 1: 0.25, 0.99 against 4 clean -> 5 of 8
+    assert got["auc"] == {names[0]: 0.5, names[1]: 0.625}
+    assert got["clean_flagged"] == {names[0]: 0.5, names[1]: 0.5}
+    control = D.by_class(clean / 2, trig, tests, threshold=0.45)
+    table = "\n".join(D.source_class_table({"a": {"dede": got, "dede-control": control}}))
+    # halved clean scores: the control's AUCs are 1 (class 0) and 6 of 8; it flags one image, of class 1
+    assert "| a | 0.50 / 1.00 | 0.62 / 0.75 |" in table
+    assert "| a | 0.50 / 0.00 | 0.50 / 0.25 |" in table and "false positives come from" in table
 
 
 def test_downstream_filters_keep_by_the_calibration_or_by_each_scored_sets_median():
