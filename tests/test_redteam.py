@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from safetensors.torch import load_file
 
 from sanitizer.data.synth import synthetic_images
 from sanitizer.encoders import load_encoder
+from sanitizer.redteam.datasets import resize_grey
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
     ImplantSettings,
@@ -90,6 +93,14 @@ def test_ctrl_adds_energy_at_the_two_frequencies_of_u_and_v():
 def test_dct_matrix_is_orthonormal():
     d = dct_matrix(16)
     np.testing.assert_allclose(d @ d.T, np.eye(16), atol=1e-12)
+
+
+def test_resize_grey_takes_read_only_arrays_silently():
+    grey = np.frombuffer(bytes(range(256)) * 7, np.uint8)[: 2 * 28 * 28].reshape(2, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it is handed a read-only array
+        out = resize_grey(grey, 28)
+    assert out.shape == (2, 28, 28, 3) and (out == grey[..., None]).all()
 
 
 def test_auc_and_rates():

@@ -38,8 +38,9 @@ def _need(path: Path, what: str) -> Path:
 
 
 def resize_grey(images: np.ndarray, size: int = 32) -> np.ndarray:
-    """(N, h, w) uint8 grey -> (N, size, size, 3) uint8 RGB, bilinear with antialiasing."""
-    x = torch.from_numpy(images).float().unsqueeze(1)
+    """(N, h, w) uint8 grey -> (N, size, size, 3) uint8 RGB, bilinear with antialiasing. `images` may be
+    read-only (the IDX files are read with np.frombuffer): they are copied, never shared with torch."""
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1)
     if x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     x = x.round().clamp(0, 255).to(torch.uint8).squeeze(1)
