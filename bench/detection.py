@@ -5,7 +5,8 @@ attack's own ASR), trains DeDe decoders on in-distribution data (1% poisoned) an
 scores test sets with 50% and 1% triggered images. Methods: `dede` (our settings), `dede-paper` (one
 mask, mean squared error per pixel, median-of-scored-set threshold), `dede-control` and
 `dede-paper-control` (the same data through the CLEAN encoder with its own decoder: a detector of
-unusual pixels scores high there too), and the embedding-space baselines `embedding-norm` and `knn-distance`.
+unusual pixels scores high there too), and the embedding-space baselines `embedding-norm`, `knn-distance`
+and `knn-collapse`.
 
     bench/install_data.sh                           # once: Fashion-MNIST, MNIST, ImageNet weights
     .venv/bin/python bench/detection.py --quick     # ~CPU-sized; full mode: --device cuda
@@ -305,33 +306,45 @@ def detection_rows(
     trig_scores: np.ndarray, rule: str, calibration: np.ndarray | None,
     clean_calibration: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
-    """One row per poison rate: AUC, TPR/FPR at the method's threshold rule, and the TPR the ranking
-    allows at 5% FPR (`tpr_at_fpr05`, threshold chosen on the test labels). With `clean_calibration`
-    (the held-out scores without the triggered images among them, which only the benchmark knows), also
-    the TPR/FPR its threshold gives (`tpr_clean_holdout`, `fpr_clean_holdout`): what the 1% of the
-    user's data that is triggered costs the calibration."""
+    """One row per poison rate (see `rate_row`), each scoring that rate's mix of the test images."""
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
-        scores = np.concatenate([clean_scores[cs], trig_scores[ts]])
-        positive = np.r_[np.zeros(len(clean_scores[cs]), bool), np.ones(len(trig_scores[ts]), bool)]
-        threshold = resolve_threshold(parse_rule(rule), calibration, scores)
-        tpr, fpr = rates(scores, positive, threshold)
         rows.append(
-            {
-                "attack": attack, "poison_rate": rate, "train_data": train_data, "method": method,
-                "auc": round(auc(scores, positive), 4), "tpr": round(tpr, 4), "fpr": round(fpr, 4),
-                "tpr_at_fpr05": round(tpr_at_fpr(scores, positive, 0.05), 4), "threshold": rule,
-                "n_clean": int((~positive).sum()), "n_triggered": int(positive.sum()),
-            }
+            rate_row(
+                attack, train_data, method, rate, clean_scores[cs], trig_scores[ts], rule, calibration,
+                clean_calibration,
+            )
         )  # fmt: skip
-        if calibration is not None:  # what the report's verdict checks first (SHIFT_LIMIT)
-            rows[-1]["above_calibration_median"] = round(above_median(scores, calibration) / len(scores), 4)
-        if clean_calibration is not None:
-            clean_threshold = resolve_threshold(parse_rule(rule), clean_calibration, scores)
-            tpr, fpr = rates(scores, positive, clean_threshold)
-            rows[-1] |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
     return rows
+
+
+def rate_row(
+    attack: str, train_data: str, method: str, rate: float, clean: np.ndarray, triggered: np.ndarray,
+    rule: str, calibration: np.ndarray | None, clean_calibration: np.ndarray | None = None,
+) -> dict:  # fmt: skip
+    """AUC, TPR/FPR at the method's threshold rule, and the TPR the ranking allows at 5% FPR
+    (`tpr_at_fpr05`, threshold chosen on the test labels). With `clean_calibration` (the held-out scores
+    without the triggered images among them, which only the benchmark knows), also the TPR/FPR its
+    threshold gives (`tpr_clean_holdout`, `fpr_clean_holdout`): what the 1% of the user's data that is
+    triggered costs the calibration."""
+    scores = np.concatenate([clean, triggered])
+    positive = np.r_[np.zeros(len(clean), bool), np.ones(len(triggered), bool)]
+    threshold = resolve_threshold(parse_rule(rule), calibration, scores)
+    tpr, fpr = rates(scores, positive, threshold)
+    row = {
+        "attack": attack, "poison_rate": rate, "train_data": train_data, "method": method,
+        "auc": round(auc(scores, positive), 4), "tpr": round(tpr, 4), "fpr": round(fpr, 4),
+        "tpr_at_fpr05": round(tpr_at_fpr(scores, positive, 0.05), 4), "threshold": rule,
+        "n_clean": len(clean), "n_triggered": len(triggered),
+    }  # fmt: skip
+    if calibration is not None:  # what the report's verdict checks first (SHIFT_LIMIT)
+        row["above_calibration_median"] = round(above_median(scores, calibration) / len(scores), 4)
+    if clean_calibration is not None:
+        clean_threshold = resolve_threshold(parse_rule(rule), clean_calibration, scores)
+        tpr, fpr = rates(scores, positive, clean_threshold)
+        row |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
+    return row
 
 
 def by_class(clean_scores: np.ndarray, trig_scores: np.ndarray, tests: TestSets, threshold: float) -> dict:
@@ -395,7 +408,8 @@ def dede_rows(
 def baseline_rows(
     attack: str, victim: VictimEncoder, data: Data, tests: TestSets, embedded: EmbeddedTests
 ) -> list[dict]:
-    """Embedding-space detectors: L2 norm, and kNN distance to clean auxiliary embeddings (the probe set)."""
+    """Embedding-space detectors: L2 norm, kNN distance to clean auxiliary embeddings (the probe set),
+    and `knn-collapse`, each image's similarity to its nearest neighbours within the scored set."""
     aux = embed_pixels(victim, data.probe[0])
     calib_aux, ref_aux = aux[: len(aux) // 2], aux[len(aux) // 2 :]
     clean, trig = embedded.clean.embeddings, embedded.triggered.embeddings
@@ -404,6 +418,36 @@ def baseline_rows(
     knn = lambda e: knn_distance(e, ref_aux)  # noqa: E731
     for method, fn in (("embedding-norm", norm), ("knn-distance", knn)):
         rows += detection_rows(attack, "id", method, tests, fn(clean), fn(trig), DEDE_RULE, fn(calib_aux))
+    return rows + collapse_rows(attack, tests, clean, trig, calib_aux)
+
+
+# Neighbours per image for `knn-collapse`: fewer than the 1% set's 10 triggered images, so that a
+# triggered image's neighbours can all be triggered ones.
+COLLAPSE_K = 5
+
+
+def set_similarity(embeddings: np.ndarray) -> np.ndarray:
+    """Mean cosine similarity of each embedding to its COLLAPSE_K nearest others in the same set."""
+    return 1 - knn_distance(embeddings, embeddings, COLLAPSE_K, exclude_self=True)
+
+
+def collapse_rows(
+    attack: str, tests: TestSets, clean: np.ndarray, triggered: np.ndarray, calib_aux: np.ndarray
+) -> list[dict]:
+    """`knn-collapse`: a backdoor that sends every triggered image to one point of the embedding space
+    makes them near-duplicates of each other, which no per-image score sees. Each rate's scored set
+    is compared with itself, and the threshold is the 0.97 quantile of clean auxiliary images compared
+    with each other. A larger set's nearest neighbours are nearer, so that threshold gives the FPR it
+    asks for only when the sizes match: 1000 auxiliary images against 1000-1010 scored in quick mode."""
+    calibration = set_similarity(calib_aux)
+    rows = []
+    for rate in POISON_RATES:
+        cs, ts = tests.mix(rate)
+        scores = set_similarity(np.concatenate([clean[cs], triggered[ts]]))
+        n = len(clean[cs])
+        rows.append(
+            rate_row(attack, "id", "knn-collapse", rate, scores[:n], scores[n:], DEDE_RULE, calibration)
+        )
     return rows
 
 

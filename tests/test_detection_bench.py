@@ -144,6 +144,7 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     expected = {
         *(("id", m + suffix) for m in dede for suffix in ("", "-control")),
         ("ood", "dede"), ("ood", "dede-paper"), ("id", "embedding-norm"), ("id", "knn-distance"),
+        ("id", "knn-collapse"),
     }  # fmt: skip
     got = [(r["train_data"], r["method"], r["poison_rate"]) for r in rows]
     assert sorted(got) == sorted((t, m, rate) for t, m in expected for rate in D.POISON_RATES)
@@ -186,12 +187,30 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
         assert decoders.ood is None and decoders.control is None
         rows, down, by_class = D.run_attack(victim, data, decoders, ablation=False)
     got = {(r["train_data"], r["method"], r["poison_rate"]) for r in rows}
-    methods = ("dede", "dede-paper", "embedding-norm", "knn-distance")
+    methods = ("dede", "dede-paper", "embedding-norm", "knn-distance", "knn-collapse")
     assert got == {("id", m, rate) for m in methods for rate in D.POISON_RATES}
     assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and by_class["dede-control"] == {}
     table = D.source_class_table({"a": by_class})
     rows = [line for line in table if line.startswith("| a | ")]
     assert len(rows) == 2 and all(" / " not in line for line in rows)  # the victim's only, no control
+
+
+def test_knn_collapse_flags_images_that_share_one_embedding():
+    """Triggered images sent to one point are each other's nearest neighbours: at 50% they are all
+    above the threshold set on clean auxiliary images; a lone triggered image has no one to collapse
+    with, so at 1% (one image here) the baseline sees nothing."""
+    rng = np.random.default_rng(0)
+    n, dim = 40, 16
+    clean, aux = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    point = rng.normal(size=dim)
+    triggered = point + 1e-3 * rng.normal(size=(n // 2, dim))
+    tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
+    rows = D.collapse_rows("a", tests, clean, triggered, aux)
+    assert [r["poison_rate"] for r in rows] == list(D.POISON_RATES)
+    assert {r["method"] for r in rows} == {"knn-collapse"}
+    assert [(r["n_clean"], r["n_triggered"]) for r in rows] == [(n // 2, n // 2), (n, 1)]
+    assert (rows[0]["auc"], rows[0]["tpr"]) == (1.0, 1.0) and rows[0]["fpr"] <= 0.1
+    assert rows[1]["tpr"] == 0.0
 
 
 def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
