@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, embedding_sketch, neighbour_similarity
 from sanitizer.device import precision
 from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
 from sanitizer.errors import SanitizerError
@@ -402,14 +403,14 @@ def dede_rows(
         rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration, clean)
         if method == "dede":
             classes = by_class(c, t, tests, resolve_threshold(parse_rule(rule), calibration))
+            rows += collapse_rows(attack, train_data, suffix, tests, fitted, embedded, c, t)
     return rows, classes
 
 
 def baseline_rows(
     attack: str, victim: VictimEncoder, data: Data, tests: TestSets, embedded: EmbeddedTests
 ) -> list[dict]:
-    """Embedding-space detectors: L2 norm, kNN distance to clean auxiliary embeddings (the probe set),
-    and `knn-collapse`, each image's similarity to its nearest neighbours within the scored set."""
+    """Embedding-space detectors: L2 norm and kNN distance to clean auxiliary embeddings (the probe set)."""
     aux = embed_pixels(victim, data.probe[0])
     calib_aux, ref_aux = aux[: len(aux) // 2], aux[len(aux) // 2 :]
     clean, trig = embedded.clean.embeddings, embedded.triggered.embeddings
@@ -418,36 +419,63 @@ def baseline_rows(
     knn = lambda e: knn_distance(e, ref_aux)  # noqa: E731
     for method, fn in (("embedding-norm", norm), ("knn-distance", knn)):
         rows += detection_rows(attack, "id", method, tests, fn(clean), fn(trig), DEDE_RULE, fn(calib_aux))
-    return rows + collapse_rows(attack, tests, clean, trig, calib_aux)
+    return rows
 
 
-# Neighbours per image for `knn-collapse`: fewer than the 1% set's 10 triggered images, so that a
-# triggered image's neighbours can all be triggered ones.
-COLLAPSE_K = 5
+def sketches(embedded: Embedded) -> np.ndarray:
+    return embedding_sketch(torch.from_numpy(embedded.embeddings)).numpy()
 
 
-def set_similarity(embeddings: np.ndarray) -> np.ndarray:
-    """Mean cosine similarity of each embedding to its COLLAPSE_K nearest others in the same set."""
-    return 1 - knn_distance(embeddings, embeddings, COLLAPSE_K, exclude_self=True)
+def self_collapse(sketched: np.ndarray) -> np.ndarray:
+    """The collapse pass's statistic with the scored set as its own reference (every set here is
+    smaller than REFERENCE_SIZE, so the product would take all of it too), each image a distinct file."""
+    ids = np.arange(len(sketched))
+    return neighbour_similarity(sketched, sketched, ids, ids)
+
+
+def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
+    """Scores in units of their threshold's distance from the calibration median: above 1 exactly when
+    the rule flags them, so the larger of two such units flags what either rule flags."""
+    median = float(np.median(calibration))
+    gap = resolve_threshold(parse_rule(rule), calibration) - median
+    return (scores - median) / max(gap, 1e-9)  # a degenerate calibration (tiny tests): threshold = median
+
+
+def holdout_collapse(fitted, reference: np.ndarray) -> np.ndarray:
+    """The collapse calibration: the decoder's held-out images against the scored set's reference."""
+    return neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+
+
+def union(dede: np.ndarray, collapse: np.ndarray, fitted, collapse_calibration: np.ndarray) -> np.ndarray:
+    """What `score --collapse` flags, as one score (flagged above 1): the larger of the two tests'
+    over_threshold units."""
+    return np.maximum(
+        over_threshold(dede, fitted.calibration, DEDE_RULE),
+        over_threshold(collapse, collapse_calibration, DEFAULT_COLLAPSE_RULE),
+    )
 
 
 def collapse_rows(
-    attack: str, tests: TestSets, clean: np.ndarray, triggered: np.ndarray, calib_aux: np.ndarray
-) -> list[dict]:
-    """`knn-collapse`: a backdoor that sends every triggered image to one point of the embedding space
-    makes them near-duplicates of each other, which no per-image score sees. Each rate's scored set
-    is compared with itself, and the threshold is the 0.97 quantile of clean auxiliary images compared
-    with each other. A larger set's nearest neighbours are nearer, so that threshold gives the FPR it
-    asks for only when the sizes match: 1000 auxiliary images against 1000-1010 scored in quick mode."""
-    calibration = set_similarity(calib_aux)
+    attack: str, train_data: str, suffix: str, tests: TestSets, fitted, embedded: EmbeddedTests,
+    clean: np.ndarray, triggered: np.ndarray,
+) -> list[dict]:  # fmt: skip
+    """`collapse`, the product's collapse pass alone (`score --collapse` flags it beside `dede`), and
+    `dede+collapse`, what that run flags: each rate's scored set is the pass's reference, and the
+    decoder's held-out images against it are its calibration (sanitizer/collapse.py)."""
+    sk_clean, sk_trig = sketches(embedded.clean), sketches(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
-        scores = set_similarity(np.concatenate([clean[cs], triggered[ts]]))
-        n = len(clean[cs])
-        rows.append(
-            rate_row(attack, "id", "knn-collapse", rate, scores[:n], scores[n:], DEDE_RULE, calibration)
-        )
+        reference = np.concatenate([sk_clean[cs], sk_trig[ts]])
+        collapse = self_collapse(reference)
+        n = len(sk_clean[cs])
+        calibration = holdout_collapse(fitted, reference)
+        both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, calibration)
+        rows += [
+            rate_row(attack, train_data, "collapse" + suffix, rate, collapse[:n], collapse[n:],
+                     DEFAULT_COLLAPSE_RULE, calibration),
+            rate_row(attack, train_data, "dede+collapse" + suffix, rate, both[:n], both[n:], "value:1", None),
+        ]  # fmt: skip
     return rows
 
 
@@ -464,6 +492,7 @@ DOWNSTREAM_NAMES = {
     "dede_filtered": f"`dede` ({DEDE_RULE})",
     "dede_paper_threshold_filtered": "`dede`, paper threshold",
     "dede_paper_filtered": "`dede-paper`",
+    "dede_collapse_filtered": "`dede+collapse` (`score --collapse`)",
 }
 
 
@@ -477,6 +506,18 @@ def kept(
     at_train = resolve_threshold(parsed, calibration, train)
     at_test = resolve_threshold(parsed, calibration, np.r_[clean, triggered])
     return train <= at_train, clean <= at_test, triggered <= at_test
+
+
+def kept_by_union(
+    sets: tuple[Embedded, Embedded, Embedded], dede: list[np.ndarray], fitted
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What `score --collapse` keeps of the training, clean test and triggered test images: the training
+    data is one scored set, the test data (clean and triggered pooled, as `kept` pools them) another."""
+    train, clean, triggered = (sketches(images) for images in sets)
+    out = []
+    for sketched, scores in ((train, dede[0]), (np.r_[clean, triggered], np.r_[dede[1], dede[2]])):
+        out.append(union(scores, self_collapse(sketched), fitted, holdout_collapse(fitted, sketched)) <= 1)
+    return out[0], out[1][: len(clean)], out[1][len(clean) :]
 
 
 def downstream(
@@ -499,6 +540,7 @@ def downstream(
         if settings not in scored:  # `dede` scores serve both of its thresholds
             scored[settings] = [score(enc, fitted.decoder, images, settings) for images in sets]
         defences[name] = kept(*scored[settings], rule, fitted.calibration)
+    defences["dede_collapse_filtered"] = kept_by_union(sets, scored[DEDE], fitted)
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
     out = {}
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
@@ -726,29 +768,35 @@ def targets_table(result: dict) -> list[str]:
 
         return check
 
-    def operating_point(attack: str) -> tuple[bool, str]:
-        tpr, fpr = both(attack, "id", "dede", "tpr"), both(attack, "id", "dede", "fpr")
-        ok = min(tpr) >= 0.90 and max(fpr) <= 0.05
-        return ok, " / ".join(f"{t:.3f} at {f:.3f}" for t, f in zip(tpr, fpr, strict=True))
+    def operating_point(method: str):
+        def check(attack: str) -> tuple[bool, str]:
+            tpr, fpr = both(attack, "id", method, "tpr"), both(attack, "id", method, "fpr")
+            ok = min(tpr) >= 0.90 and max(fpr) <= 0.05
+            return ok, " / ".join(f"{t:.3f} at {f:.3f}" for t, f in zip(tpr, fpr, strict=True))
+
+        return check
 
     def control(attack: str) -> tuple[bool, str]:
         aucs = both(attack, "id", "dede-control", "auc")
         return max(aucs) <= 0.65, " / ".join(f"{a:.3f}" for a in aucs)
 
-    def downstream(attack: str) -> tuple[bool, str]:
-        filtered, plain = (
-            result["downstream"][attack]["dede_filtered"],
-            result["downstream"][attack]["no_defence"],
-        )
-        change = round(filtered["clean_accuracy"] - plain["clean_accuracy"], 4)
-        return filtered["asr"] <= 0.05 and change >= -0.01, f"ASR {filtered['asr']:.3f}, CA {change:+.4f}"
+    def downstream(defence: str):
+        def check(attack: str) -> tuple[bool, str]:
+            filtered, plain = (result["downstream"][attack][k] for k in (defence, "no_defence"))
+            change = round(filtered["clean_accuracy"] - plain["clean_accuracy"], 4)
+            ok = filtered["asr"] <= 0.05 and change >= -0.01
+            return ok, f"ASR {filtered['asr']:.3f}, CA {change:+.4f}"
+
+        return check
 
     checks = {
         "ID AUC >= 0.98 (0.5 / 0.01)": auc_at_least("id", 0.98),
         "OOD AUC >= 0.95 (0.5 / 0.01)": auc_at_least("ood", 0.95),
-        "default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)": operating_point,
+        "default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)": operating_point("dede"),
+        "the same with `score --collapse` (`dede+collapse`)": operating_point("dede+collapse"),
         "clean-encoder control AUC <= 0.65 (0.5 / 0.01)": control,
-        "downstream ASR after filtering <= 0.05, clean accuracy within 0.01": downstream,
+        "downstream ASR after filtering <= 0.05, clean accuracy within 0.01": downstream("dede_filtered"),
+        "the same with `score --collapse`": downstream("dede_collapse_filtered"),
     }
     minutes = result["wall_seconds"] / 60
     lines = [

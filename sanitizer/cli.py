@@ -12,6 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.errors import SanitizerError
 from sanitizer.thresholds import DEFAULT_RULE
 
@@ -149,6 +150,15 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "--threshold", default=DEFAULT_RULE, help=f"quantile:Q, mad:K, value:X or paper ({DEFAULT_RULE})"
     )
     p.add_argument(
+        "--collapse",
+        nargs="?",
+        const=DEFAULT_COLLAPSE_RULE,
+        metavar="RULE",
+        help="also flag samples whose embedding nearly coincides with many others' (a backdoor's "
+        f"trigger cluster; also flags re-encoded copies of one image): quantile:Q, mad:K or value:X "
+        f"({DEFAULT_COLLAPSE_RULE})",
+    )
+    p.add_argument(
         "--batch-size", type=int, help="rows per scoring call (default: whole micro-batches, <= 64 MiB)"
     )
     p.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1); 0 = no Ray")
@@ -174,6 +184,7 @@ def run_score(args: argparse.Namespace) -> int:
         relax_steps=args.relax_steps,
         relax_radius=args.relax_radius,
         threshold=args.threshold,
+        collapse=args.collapse,
         batch_size=args.batch_size,
         workers=args.workers,
         ray_address=args.ray_address,
@@ -195,6 +206,14 @@ def format_summary(s) -> str:
         + (f", {len(s.failed_shards)} failed" if s.failed_shards else ""),
         f"samples: {s.samples}  ok: {s.ok}  failures: {failures}",
         f"flagged: {s.flagged} ({share:.2f}% of ok) at threshold {threshold} [{s.threshold_rule}]",
+    ]
+    if s.collapse_rule is not None:
+        collapse = "none (no ok samples)" if s.collapse_threshold is None else f"{s.collapse_threshold:.6g}"
+        lines.append(
+            f"  by score: {s.flagged_by['score']}  by collapse: {s.flagged_by['collapse']} "
+            f"(collapse threshold {collapse} [{s.collapse_rule}])"
+        )
+    lines += [
         f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s)",
     ]
     lines += [f"FAILED shard {stem}: {error}" for stem, error in sorted(s.failed_shards.items())]

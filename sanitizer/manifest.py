@@ -1,6 +1,6 @@
 """The manifest: one Parquet row per input sample, failures included, under an explicit schema.
 
-schemas/manifest-v1.json describes the same columns for people and other tools; a test keeps the
+schemas/manifest-v2.json describes the same columns for people and other tools; a test keeps the
 two in step. Writers go through `write_manifest`, which refuses a table that does not match.
 """
 
@@ -13,8 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sanitizer.atomic import atomic_path
+from sanitizer.collapse import SKETCH_DIM
 
-SCHEMA_VERSION = "manifest-v1"
+SCHEMA_VERSION = "manifest-v2"
+# Parquet's compliant name for a list's items, so that a file read back has exactly this schema
+SKETCH_TYPE = pa.list_(pa.field("element", pa.float16()), SKETCH_DIM)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -27,7 +30,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("score_std", pa.float32()),
         pa.field("flagged", pa.bool_(), nullable=False),
         pa.field("threshold", pa.float32()),
+        pa.field("flag_reason", pa.string()),
+        pa.field("collapse", pa.float32()),
+        pa.field("collapse_threshold", pa.float32()),
         pa.field("embedding_norm", pa.float32()),
+        pa.field("sketch", SKETCH_TYPE),
         pa.field("caption", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -50,15 +57,42 @@ def to_table(columns: dict) -> pa.Table:
     )
 
 
-def set_flags(table: pa.Table, flagged: np.ndarray, threshold: float | None) -> pa.Table:
-    """Replace the flagged and threshold columns (threshold null until it is known)."""
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """A float column with nulls as NaN, which is above no threshold and no threshold is below."""
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def _replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return table.set_column(COLUMNS.index(name), MANIFEST_SCHEMA.field(name), values)
+
+
+def _constant(n: int, value: float | None) -> pa.Array:
+    return pa.nulls(n, pa.float32()) if value is None else pa.array(np.full(n, value, np.float32))
+
+
+def with_collapse(table: pa.Table, collapse: np.ndarray | None, threshold: float | None) -> pa.Table:
+    """Replace the collapse columns (null where the collapse pass did not run or a row is not ok)."""
     n = table.num_rows
-    thresholds = (
-        pa.nulls(n, pa.float32()) if threshold is None else pa.array(np.full(n, threshold, np.float32))
+    values = (
+        pa.nulls(n, pa.float32()) if collapse is None else pa.array(collapse, pa.float32(), from_pandas=True)
     )
-    for name, values in (("flagged", pa.array(flagged, pa.bool_())), ("threshold", thresholds)):
-        table = table.set_column(COLUMNS.index(name), MANIFEST_SCHEMA.field(name), values)
-    return table
+    return _replace(_replace(table, "collapse", values), "collapse_threshold", _constant(n, threshold))
+
+
+def set_flags(table: pa.Table, threshold: float | None) -> pa.Table:
+    """Set the score threshold (null until it is known), then flagged and flag_reason from the row's
+    columns: an ok row is flagged when its score or its collapse is above its threshold, and the
+    reason names which ("score", "collapse" or "score+collapse"); rows that are not ok never are."""
+    n = table.num_rows
+    ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
+    by_score = ok & (_floats(table, "score") > np.float32(np.nan if threshold is None else threshold))
+    by_collapse = ok & (_floats(table, "collapse") > _floats(table, "collapse_threshold"))
+    reason = np.full(n, None, object)
+    reason[by_score], reason[by_collapse] = "score", "collapse"
+    reason[by_score & by_collapse] = "score+collapse"
+    table = _replace(table, "threshold", _constant(n, threshold))
+    table = _replace(table, "flagged", pa.array(by_score | by_collapse, pa.bool_()))
+    return _replace(table, "flag_reason", pa.array(reason, pa.string()))
 
 
 def write_manifest(path: Path, table: pa.Table) -> None:

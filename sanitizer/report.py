@@ -107,7 +107,7 @@ def _done_totals(run: RunDir, shards: list[ShardRef]) -> tuple[int, int]:
     for shard in shards:
         if run.is_done(shard.stem):
             stats = run.read_stats(shard.stem)
-            ok, flagged = ok + stats["ok"], flagged + stats["flagged"]
+            ok, flagged = ok + stats["ok"], flagged + stats["flagged_by"]["score"]
     return ok, flagged
 
 

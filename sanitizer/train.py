@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +97,12 @@ class ImageSet:
     pixels: np.ndarray  # (N, H, W, 3) uint8
     keys: list[str]
     statuses: Counter  # decode outcome of every sample read, "ok" included
+    sha256s: list[str] = field(default_factory=list)  # of each image member's bytes, when from files
 
 
 def load_images(data: str, size: int, max_samples: int) -> ImageSet:
     """Decodable images from shards, up to max_samples; every other sample is counted, not fatal."""
-    pixels, keys, statuses = [], [], Counter()
+    pixels, keys, sha256s, statuses = [], [], [], Counter()
     for shard in expand_shards(data):
         try:
             for sample in iter_samples(shard.url):
@@ -110,6 +111,7 @@ def load_images(data: str, size: int, max_samples: int) -> ImageSet:
                 if decoded.status == "ok":
                     pixels.append(decoded.pixels)
                     keys.append(sample.key)
+                    sha256s.append(decoded.sha256)
                 if len(keys) >= max_samples:
                     break
         except ShardError as e:
@@ -120,7 +122,7 @@ def load_images(data: str, size: int, max_samples: int) -> ImageSet:
     if len(keys) < MIN_IMAGES:
         found = ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "no samples"
         raise UsageError(f"{data} has {len(keys)} decodable images ({found}); training needs {MIN_IMAGES}")
-    return ImageSet(np.stack(pixels), keys, statuses)
+    return ImageSet(np.stack(pixels), keys, statuses, sha256s)
 
 
 def split_holdout(keys: list[str], share: float) -> tuple[np.ndarray, np.ndarray]:
@@ -204,6 +206,8 @@ def train_epoch(
 class FitResult:
     decoder: DedeDecoder
     calibration: np.ndarray  # scores of the held-out images at the test settings
+    holdout_sketches: np.ndarray  # (H, SKETCH_DIM) float16: their sketches, for the collapse pass
+    holdout: np.ndarray  # (H,) their positions in the images given
     # (N, D) victim embeddings of every image, in the order given: computed once, for training and
     # calibration, and for whoever scores the same images next
     embeddings: np.ndarray
@@ -339,7 +343,16 @@ def fit_decoder(
     )
     n_train = len(pixels) - len(left_out)
     return FitResult(
-        decoder, calibration.score, embeddings, epochs, losses, n_train, len(left_out), time.time() - started
+        decoder,
+        calibration.score,
+        calibration.sketch,
+        holdout_idx,
+        embeddings,
+        epochs,
+        losses,
+        n_train,
+        len(left_out),
+        time.time() - started,
     )
 
 
@@ -385,6 +398,7 @@ def train_decoder(
         "scoring": score_settings.to_dict(),
         "calibration": {"n": int(len(fit.calibration)), "scores": [float(x) for x in fit.calibration]},
     }
+    checkpoint.save_holdout(out_dir, fit.holdout_sketches, [images.sha256s[i] for i in fit.holdout])
     meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
     checkpoint.clear_training_state(out_dir)
     return meta

@@ -275,16 +275,20 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
         row_threshold is None or np.float32(row_threshold) != np.float32(threshold)
     ):
         report.add(f"{where}: threshold {row_threshold} but run.json says {threshold}", stem)
-    if row_threshold is None:
-        if flagged:
-            report.add(f"{where}: flagged before any threshold was applied", stem)
-    else:
-        above = status == STATUS_OK and score is not None and np.float32(score) > np.float32(row_threshold)
-        if bool(flagged) != bool(above):
-            report.add(
-                f"{where}: flagged={flagged} but status {status}, score {score}, threshold {row_threshold}",
-                stem,
-            )
+    collapse, collapse_threshold = row["collapse"], row["collapse_threshold"]
+    ok = status == STATUS_OK
+    tests = (("score", score, row_threshold), ("collapse", collapse, collapse_threshold))
+    reason = "+".join(
+        name
+        for name, value, limit in tests
+        if ok and None not in (value, limit) and np.float32(value) > np.float32(limit)
+    )
+    if bool(flagged) != bool(reason) or row["flag_reason"] != (reason or None):
+        report.add(
+            f"{where}: flagged={flagged} ({row['flag_reason']}) but status {status}, score {score} "
+            f"(threshold {row_threshold}), collapse {collapse} (threshold {collapse_threshold})",
+            stem,
+        )
 
 
 def _check_shard(

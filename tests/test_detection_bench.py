@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -137,25 +138,27 @@ def attack_result(victim: D.Victim, jobs: int, threads: int, ablation: bool = Tr
 
 
 def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: tuple[D.Victim, Path]):
-    """Every method at both rates: ID rows for dede, dede-paper, the ablation, their controls and the
-    embedding baselines; OOD rows for dede and dede-paper."""
+    """Every method at both rates: ID rows for dede, dede-paper, the ablation, the collapse pass and
+    the union, their controls and the embedding baselines; OOD rows for dede, dede-paper and the
+    collapse pass and union."""
     rows, down, by_class = attack_result(with_asr(own_victim[0], 1.0), jobs=1, threads=1)
-    dede = ["dede", "dede-paper", *D.ABLATION]
+    dede = ["dede", "dede-paper", *D.ABLATION, "collapse", "dede+collapse"]
     expected = {
         *(("id", m + suffix) for m in dede for suffix in ("", "-control")),
-        ("ood", "dede"), ("ood", "dede-paper"), ("id", "embedding-norm"), ("id", "knn-distance"),
-        ("id", "knn-collapse"),
+        ("ood", "dede"), ("ood", "dede-paper"), ("ood", "collapse"), ("ood", "dede+collapse"),
+        ("id", "embedding-norm"), ("id", "knn-distance"),
     }  # fmt: skip
     got = [(r["train_data"], r["method"], r["poison_rate"]) for r in rows]
     assert sorted(got) == sorted((t, m, rate) for t, m in expected for rate in D.POISON_RATES)
     assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr", "tpr_at_fpr05"))
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
-    assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and set(by_class) == {"dede", "dede-control"}
+    assert set(down) == set(D.DOWNSTREAM_NAMES) and set(by_class) == {"dede", "dede-control"}
     assert all(set(by_class[m]) == {"auc", "clean_flagged"} for m in by_class)
     assert down["no_defence"]["train_removed"] == 0
     for name in ("dede_paper_threshold_filtered", "dede_paper_filtered"):  # the median flags half
         assert down[name]["train_removed"] == pytest.approx(0.5, abs=0.02)
-    assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == set()
+    unions = {(t, m) for t, m in expected if m.startswith("dede+collapse")}  # two calibrations, no one median
+    assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == unions
     with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
     assert with_clean == {("id", "dede")}  # the victim's ID decoder: the only holdout with triggered images
     assert all(
@@ -187,30 +190,36 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
         assert decoders.ood is None and decoders.control is None
         rows, down, by_class = D.run_attack(victim, data, decoders, ablation=False)
     got = {(r["train_data"], r["method"], r["poison_rate"]) for r in rows}
-    methods = ("dede", "dede-paper", "embedding-norm", "knn-distance", "knn-collapse")
+    methods = ("dede", "dede-paper", "collapse", "dede+collapse", "embedding-norm", "knn-distance")
     assert got == {("id", m, rate) for m in methods for rate in D.POISON_RATES}
-    assert set(down) == {"no_defence", *D.DOWNSTREAM_DEFENCES} and by_class["dede-control"] == {}
+    assert set(down) == set(D.DOWNSTREAM_NAMES) and by_class["dede-control"] == {}
     table = D.source_class_table({"a": by_class})
     rows = [line for line in table if line.startswith("| a | ")]
     assert len(rows) == 2 and all(" / " not in line for line in rows)  # the victim's only, no control
 
 
-def test_knn_collapse_flags_images_that_share_one_embedding():
-    """Triggered images sent to one point are each other's nearest neighbours: at 50% they are all
-    above the threshold set on clean auxiliary images; a lone triggered image has no one to collapse
-    with, so at 1% (one image here) the baseline sees nothing."""
+def test_collapse_rows_flag_images_that_share_one_embedding():
+    """Triggered images sent to one point are each other's nearest neighbours: at 50% the collapse
+    pass flags them all, and the union flags them whatever their reconstruction score; a lone
+    triggered image has no one to collapse with, so at 1% (one image here) only its score can flag it."""
     rng = np.random.default_rng(0)
     n, dim = 40, 16
-    clean, aux = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
-    point = rng.normal(size=dim)
-    triggered = point + 1e-3 * rng.normal(size=(n // 2, dim))
+    clean, holdout = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    triggered = rng.normal(size=dim) + 1e-3 * rng.normal(size=(n // 2, dim))
+    embedded = D.EmbeddedTests(D.Embedded(None, clean, "c"), D.Embedded(None, triggered, "t"))
+    holdout_sketches = D.embedding_sketch(torch.from_numpy(holdout)).numpy().astype(np.float16)
+    fitted = SimpleNamespace(holdout_sketches=holdout_sketches, calibration=np.linspace(0, 1, 101))
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
-    rows = D.collapse_rows("a", tests, clean, triggered, aux)
-    assert [r["poison_rate"] for r in rows] == list(D.POISON_RATES)
-    assert {r["method"] for r in rows} == {"knn-collapse"}
-    assert [(r["n_clean"], r["n_triggered"]) for r in rows] == [(n // 2, n // 2), (n, 1)]
-    assert (rows[0]["auc"], rows[0]["tpr"]) == (1.0, 1.0) and rows[0]["fpr"] <= 0.1
-    assert rows[1]["tpr"] == 0.0
+    dede_clean, dede_trig = np.full(n, 0.5), np.r_[2.0, np.full(n // 2 - 1, 0.5)]  # the first rebuilds badly
+    rows = D.collapse_rows("a", "id", "", tests, fitted, embedded, dede_clean, dede_trig)
+    got = {(r["method"], r["poison_rate"]): r for r in rows}
+    assert set(got) == {(m, rate) for m in ("collapse", "dede+collapse") for rate in D.POISON_RATES}
+    assert [(r["n_clean"], r["n_triggered"]) for r in rows] == [(n // 2, n // 2)] * 2 + [(n, 1)] * 2
+    for method in ("collapse", "dede+collapse"):
+        assert (got[method, 0.5]["auc"], got[method, 0.5]["tpr"]) == (1.0, 1.0)
+        assert got[method, 0.5]["fpr"] <= 0.1
+    assert got["collapse", 0.01]["tpr"] == 0.0  # the one triggered image at 1% has no cluster,
+    assert got["dede+collapse", 0.01]["tpr"] == 1.0  # but its score is far above the threshold
 
 
 def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
@@ -341,7 +350,8 @@ def target_row(
 def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: float) -> dict:
     """A quick-mode result: attack "a" with `rows` and its downstream figures after filtering (no
     defence: clean accuracy 0.8, ASR 1.0), and attack "b" at ASR `other_asr` with no rows."""
-    down = {"no_defence": {"clean_accuracy": 0.8, "asr": 1.0}, "dede_filtered": filtered}
+    down = {"no_defence": {"clean_accuracy": 0.8, "asr": 1.0}}
+    down |= {"dede_filtered": filtered, "dede_collapse_filtered": filtered}
     return {
         "rows": rows, "mode": "quick", "wall_seconds": 60.0 * minutes, "downstream": {"a": down},
         "attacks": {"a": {"asr": 0.99}, "b": {"asr": other_asr}},
@@ -354,6 +364,7 @@ def test_the_targets_table_says_met_missed_or_no_implant():
     rows = [target_row(0.5, "id", "dede", 0.99), target_row(0.01, "id", "dede", 0.97, tpr=0.8)]
     rows += [target_row(r, "ood", "dede", 0.96) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
+    rows += [target_row(r, "id", "dede+collapse", 0.99, tpr=0.91) for r in D.POISON_RATES]
     result = targets_result(rows, {"clean_accuracy": 0.785, "asr": 0.04}, other_asr=0.2, minutes=10)
     table = {
         line.split(" | ")[0].lstrip("| "): line for line in D.targets_table(result) if line.startswith("| ")
@@ -364,6 +375,8 @@ def test_the_targets_table_says_met_missed_or_no_implant():
         "missed: 0.950 at 0.030 / 0.800 at 0.030"
         in table["default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)"]
     )
+    union = table["the same with `score --collapse` (`dede+collapse`)"]
+    assert "met: 0.910 at 0.030 / 0.910 at 0.030" in union
     assert "met: 0.600 / 0.600" in table["clean-encoder control AUC <= 0.65 (0.5 / 0.01)"]
     assert (
         "missed: ASR 0.040, CA -0.0150"
@@ -381,7 +394,7 @@ def test_partial_results_mark_the_attacks_still_training_as_pending():
         target_row(rate, train, method, 0.99)
         for rate in D.POISON_RATES
         for train in ("id", "ood")
-        for method in ("dede", "dede-control")
+        for method in ("dede", "dede-control", "dede+collapse")
     ]
     result = targets_result(rows, {"clean_accuracy": 0.8, "asr": 0.0}, other_asr=0.99, minutes=1)
     lines = [line for line in D.targets_table(result) if line.startswith("| ID AUC")]

@@ -3,9 +3,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, read_manifest, to_table, write_manifest
+from sanitizer.manifest import (
+    MANIFEST_SCHEMA,
+    SCHEMA_VERSION,
+    SKETCH_TYPE,
+    read_manifest,
+    set_flags,
+    to_table,
+    with_collapse,
+    write_manifest,
+)
 
 SCHEMA_FILE = Path(__file__).parents[1] / "schemas" / f"{SCHEMA_VERSION}.json"
 TYPES = {
@@ -14,6 +24,7 @@ TYPES = {
     "int32": pa.int32(),
     "float": pa.float32(),
     "bool": pa.bool_(),
+    "fixed_size_list<element: halffloat>[64]": SKETCH_TYPE,
 }
 
 
@@ -36,7 +47,11 @@ def row(**over):
         score_std=0.0,
         flagged=False,
         threshold=0.7,
+        flag_reason=None,
+        collapse=None,
+        collapse_threshold=None,
         embedding_norm=1.0,
+        sketch=[0.125] * 64,
         caption=None,
         width=32,
         height=32,
@@ -50,6 +65,8 @@ def test_writer_enforces_the_schema_and_round_trips(tmp_path):
     table = to_table(row())
     write_manifest(tmp_path / "m.parquet", table)
     assert read_manifest(tmp_path / "m.parquet").equals(table)
+    # as other tools read it, without our schema: the same types, the list's items included
+    assert pq.read_table(tmp_path / "m.parquet").schema.equals(MANIFEST_SCHEMA, check_metadata=False)
     with pytest.raises(ValueError, match="missing"):
         to_table({k: v for k, v in row().items() if k != "score"})
     with pytest.raises(ValueError, match="does not match"):
@@ -64,3 +81,27 @@ def test_manifest_bytes_are_deterministic(tmp_path):
     write_manifest(tmp_path / "a.parquet", table)
     write_manifest(tmp_path / "b.parquet", table)
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def test_flags_and_reasons_follow_both_tests():
+    """A row is flagged by its score, its collapse, or both, and says which; a failed row never is,
+    and without a collapse threshold the collapse column flags nothing."""
+    rows = {k: v * 5 for k, v in row().items()}
+    rows["status"] = ["ok", "ok", "ok", "ok", "decode_error"]
+    rows["score"] = [0.9, 0.1, 0.9, 0.1, None]
+    table = set_flags(to_table(rows), 0.5)
+    assert table.column("flag_reason").to_pylist() == ["score", None, "score", None, None]
+    table = set_flags(with_collapse(table, np.array([0.2, 0.99, 0.99, 0.2, np.nan]), 0.95), 0.5)
+    assert table.column("flagged").to_pylist() == [True, True, True, False, False]
+    assert table.column("flag_reason").to_pylist() == ["score", "collapse", "score+collapse", None, None]
+    assert table.column("collapse").null_count == 1
+    assert table.column("collapse_threshold").to_pylist() == [np.float32(0.95)] * 5
+    assert set_flags(table, None).column("flag_reason").to_pylist() == [
+        None,
+        "collapse",
+        "collapse",
+        None,
+        None,
+    ]
+    cleared = set_flags(with_collapse(table, None, None), 0.5)
+    assert cleared.column("flag_reason").to_pylist() == ["score", None, "score", None, None]

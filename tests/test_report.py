@@ -230,7 +230,14 @@ def fake_run(root: Path, rule: str, value: float, shards: list[tuple[int, int]],
     refs = [{"url": f"/data/s{i}.tar", "stem": f"s{i}"} for i in range(len(shards))]
     (root / "stats").mkdir(parents=True)
     for ref, (ok, flagged) in zip(refs, shards, strict=True):
-        stats = {"shard": ref["stem"], "count": ok, "ok": ok, "flagged": flagged, "status_counts": {"ok": ok}}
+        stats = {
+            "shard": ref["stem"],
+            "count": ok,
+            "ok": ok,
+            "flagged": flagged,
+            "flagged_by": {"score": flagged, "collapse": 0},
+            "status_counts": {"ok": ok},
+        }
         (root / "stats" / f"{ref['stem']}_stats.json").write_text(json.dumps(stats))
     run = {
         "identity": {"shards": refs, "scoring": scoring},
@@ -414,7 +421,8 @@ def run_with_scores(root: Path, scores: np.ndarray, calibration: np.ndarray) -> 
         root, "quantile:0.97", threshold, [(len(scores), int(flagged.sum()))], calibration.tolist()
     )
     n = len(scores)
-    columns = {c: [None] * n for c in ("error", "score_std", "embedding_norm", "caption", "width", "height")}
+    unset = ("error", "score_std", "embedding_norm", "caption", "width", "height", "sketch", "flag_reason")
+    columns = {c: [None] * n for c in (*unset, "collapse", "collapse_threshold")}
     columns |= {"sha256": [None] * n, "label": [None] * n, "flagged": flagged, "threshold": [threshold] * n}
     columns |= {"key": [f"k{i}" for i in range(n)], "shard": ["s0"] * n, "index": np.arange(n)}
     columns |= {"status": ["ok"] * n, "score": scores.astype(np.float32)}

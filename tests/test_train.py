@@ -1,3 +1,4 @@
+import hashlib
 import subprocess
 import sys
 from collections import Counter
@@ -9,9 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import sanitizer.train as train_module
-from sanitizer.checkpoint import check_encoder, load_decoder, read_meta
+from sanitizer.checkpoint import check_encoder, load_decoder, load_holdout, read_meta
 from sanitizer.cli import main
+from sanitizer.collapse import SKETCH_DIM
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.data.tario import iter_samples
 from sanitizer.device import precision
 from sanitizer.encoders import embed_pixels, load_encoder
 from sanitizer.errors import CheckpointError
@@ -31,9 +34,17 @@ from sanitizer.train import (
 from .conftest import TINY_ENCODER, TINY_MODEL
 
 
-def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_encoder):
-    assert sorted(p.name for p in tiny_decoder_dir.iterdir()) == ["decoder.json", "decoder.safetensors"]
+def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_encoder, tiny_shards):
+    names = sorted(p.name for p in tiny_decoder_dir.iterdir())
+    assert names == ["decoder.json", "decoder.safetensors", "holdout.safetensors"]
     meta = read_meta(tiny_decoder_dir)
+    # The held-out images, for the collapse pass: their sketches and which files they were.
+    sketches, sha256s = load_holdout(tiny_decoder_dir)
+    assert sketches.shape == (meta["calibration"]["n"], SKETCH_DIM)
+    assert np.allclose(np.linalg.norm(sketches, axis=1), 1, atol=2e-3)
+    shards = sorted(tiny_shards.glob("*.tar"))
+    images = {hashlib.sha256(s.by_ext()["png"]).hexdigest() for p in shards for s in iter_samples(str(p))}
+    assert len(set(sha256s)) == len(sha256s) and set(sha256s) <= images
     assert meta["encoder"]["spec"] == TINY_ENCODER
     assert meta["encoder"]["weights_sha256"] == tiny_encoder.weights_sha256
     assert meta["encoder"]["preprocess"]["image_size"] == 32

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,21 +22,28 @@ from sanitizer.pipeline.stages import END, RESULT_SCHEMA, SHARD_FAILED
 from sanitizer.rundir import RunDir
 
 
-def flags(table: pa.Table, threshold: float | None) -> np.ndarray:
-    """score > threshold for ok rows; never for failed rows, nor before a threshold is known."""
-    score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
-    ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
-    if threshold is None:
-        return np.zeros(len(score), bool)
-    return ok & (np.nan_to_num(score, nan=-np.inf) > np.float32(threshold))
-
-
 def manifest_table(rows: pa.Table, threshold: float | None) -> pa.Table:
+    """A shard's scored rows as its manifest: in shard order, flagged by score (the collapse pass,
+    which needs every shard, comes later)."""
     rows = rows.sort_by("index")
     columns = {c: rows.column(c).combine_chunks() for c in COLUMNS if c in rows.column_names}
-    columns["flagged"] = np.zeros(rows.num_rows, bool)
-    columns["threshold"] = np.zeros(rows.num_rows, np.float32)
-    return set_flags(to_table(columns), flags(rows, threshold), threshold)
+    unset = {
+        "flagged": False,
+        "threshold": None,
+        "flag_reason": None,
+        "collapse": None,
+        "collapse_threshold": None,
+    }
+    columns.update({c: [value] * rows.num_rows for c, value in unset.items()})
+    return set_flags(to_table(columns), threshold)
+
+
+def flag_counts(table: pa.Table) -> dict:
+    """flagged: rows flagged; flagged_by: how many of them each test flagged (a row can count twice)."""
+    reasons = Counter(table.column("flag_reason").drop_null().to_pylist())
+    by_score = reasons["score"] + reasons["score+collapse"]
+    by_collapse = reasons["collapse"] + reasons["score+collapse"]
+    return {"flagged": sum(reasons.values()), "flagged_by": {"score": by_score, "collapse": by_collapse}}
 
 
 def shard_stats(stem: str, url: str, table: pa.Table, seconds: float) -> dict:
@@ -50,7 +58,7 @@ def shard_stats(stem: str, url: str, table: pa.Table, seconds: float) -> dict:
         "url": url,
         "count": table.num_rows,
         "ok": status.get("ok", 0),
-        "flagged": int(pc.sum(table.column("flagged")).as_py() or 0),
+        **flag_counts(table),
         "status_counts": dict(sorted(status.items())),
         "shard_error": errors[0] if errors else None,
         "seconds": round(seconds, 3),
@@ -100,23 +108,24 @@ class ShardCollector:
         self.samples += table.num_rows
 
 
-def apply_threshold(run: RunDir, stems: list[str], threshold: float) -> int:
-    """Re-flag finished shards whose manifest holds another threshold; returns how many changed."""
+def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.Table]) -> int:
+    """Pass each finished shard's manifest through `update`; write back (manifest, then stats) those
+    it changed. Returns how many changed, so a finished run re-run rewrites nothing."""
     changed = 0
     for stem in stems:
         table = read_manifest(run.manifest(stem))
-        current = table.column("threshold")
-        if table.num_rows == 0 or (
-            current.null_count == 0 and pc.all(pc.equal(current, np.float32(threshold))).as_py()
-        ):
+        updated = update(stem, table)
+        if updated.equals(table):
             continue
-        flagged = flags(table, threshold)
-        table = set_flags(table, flagged, threshold)
-        write_manifest(run.manifest(stem), table)
-        stats = run.read_stats(stem)
-        write_json_atomic(run.stats(stem), {**stats, "flagged": int(flagged.sum())})
+        write_manifest(run.manifest(stem), updated)
+        write_json_atomic(run.stats(stem), {**run.read_stats(stem), **flag_counts(updated)})
         changed += 1
     return changed
+
+
+def apply_threshold(run: RunDir, stems: list[str], threshold: float) -> int:
+    """Re-flag finished shards by a new score threshold (collapse flags stay as they are)."""
+    return rewrite(run, stems, lambda _, table: set_flags(table, threshold))
 
 
 def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:

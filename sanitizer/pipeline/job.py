@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,9 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
 from sanitizer.errors import UsageError
-from sanitizer.pipeline.collect import ShardCollector, apply_threshold, ok_scores
+from sanitizer.manifest import SCHEMA_VERSION
+from sanitizer.pipeline.collapse_pass import apply_flags, holdout_for
+from sanitizer.pipeline.collect import ShardCollector, ok_scores
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
@@ -49,6 +51,7 @@ class ScoreJob:
     relax_steps: int | None = None
     relax_radius: float | None = None
     threshold: str = DEFAULT_RULE
+    collapse: str | None = None  # a threshold rule for the collapse pass; None: no collapse pass
     batch_size: int | None = None  # rows per scoring call; None: up to 8 micro-batches, <= ~64 MiB
     workers: int | None = None  # scoring actors; 0 = no Ray, one process; None = one per GPU or CPU
     ray_address: str | None = None
@@ -70,8 +73,11 @@ class Summary:
     ok: int
     status_counts: dict[str, int]
     flagged: int
+    flagged_by: dict[str, int]  # flagged by the score, by the collapse pass (a sample can be both)
     threshold: float | None
     threshold_rule: str
+    collapse_threshold: float | None
+    collapse_rule: str | None
     seconds: float
     scored_now: int = 0
 
@@ -130,6 +136,8 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     settings = score_settings(job, meta)
     settings.check_patch_size(meta["model"]["patch_size"])
     rule = parse_rule(job.threshold)
+    collapse_rule = parse_rule(job.collapse) if job.collapse is not None else None
+    holdout = holdout_for(collapse_rule, Path(job.decoder_dir)) if collapse_rule is not None else None
     threshold = initial_threshold(rule, settings, meta)
     shards = expand_shards(job.data)
     device = resolve_device(job.device)
@@ -141,6 +149,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         "shards": [asdict(s) for s in shards],
         "scoring": settings.to_dict(),
         "device_type": device.type,
+        "manifest": SCHEMA_VERSION,
     }
     with run.lock():
         removed = run.remove_stale_temps()
@@ -155,6 +164,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
             "decoder_dir": str(Path(job.decoder_dir).resolve()),
             "data": job.data,
             "threshold_rule": str(rule),
+            "collapse_rule": None if collapse_rule is None else str(collapse_rule),
             "batch_size": batch_size,
             "workers": workers,
             "micro_batch": micro_batch,
@@ -187,9 +197,10 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         done = [s.stem for s in shards if run.is_done(s.stem)]
         if rule.needs_scores:
             threshold = resolve_threshold(rule, None, ok_scores(run, done))
-        if threshold is not None:
-            apply_threshold(run, done, threshold)
-        summary = summarize(run, shards, collector, rule, threshold, time.time() - started)
+        collapse = apply_flags(run, done, threshold, collapse_rule, holdout)
+        summary = summarize(run, shards, collector, time.time() - started)
+        summary = replace(summary, threshold=threshold, threshold_rule=str(rule))
+        summary = replace(summary, collapse_threshold=collapse, collapse_rule=config["collapse_rule"])
         run.write_run(
             {
                 "identity": identity,
@@ -197,10 +208,12 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
                 "versions": versions(),
                 "state": "complete" if not summary.failed_shards else "incomplete",
                 "threshold": {"rule": str(rule), "value": threshold},
+                "collapse": {"rule": config["collapse_rule"], "value": collapse},
                 "totals": {
                     "samples": summary.samples,
                     "ok": summary.ok,
                     "flagged": summary.flagged,
+                    "flagged_by": summary.flagged_by,
                     "status_counts": summary.status_counts,
                     "shards": summary.shards,
                     "shards_done": summary.shards_done,
@@ -390,21 +403,17 @@ def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, 
             bar.set_postfix(samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed))
 
 
-def summarize(
-    run: RunDir,
-    shards: list[ShardRef],
-    collector: ShardCollector,
-    rule: ThresholdRule,
-    threshold: float | None,
-    seconds: float,
-) -> Summary:
+def summarize(run: RunDir, shards: list[ShardRef], collector: ShardCollector, seconds: float) -> Summary:
+    """Totals over the finished shards' stats; the thresholds are left for the caller to fill in."""
     statuses: Counter = Counter()
+    flagged_by: Counter = Counter({"score": 0, "collapse": 0})
     flagged = done = 0
     for shard in shards:
         if run.is_done(shard.stem):
             stats = run.read_stats(shard.stem)
             statuses.update(stats["status_counts"])
             flagged += stats["flagged"]
+            flagged_by.update(stats["flagged_by"])
             done += 1
     failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if not run.is_done(s.stem)}
     return Summary(
@@ -416,8 +425,11 @@ def summarize(
         ok=statuses.get("ok", 0),
         status_counts=dict(sorted(statuses.items())),
         flagged=flagged,
-        threshold=threshold,
-        threshold_rule=str(rule),
+        flagged_by=dict(flagged_by),
+        threshold=None,
+        threshold_rule="",
+        collapse_threshold=None,
+        collapse_rule=None,
         seconds=seconds,
         scored_now=collector.samples,
     )

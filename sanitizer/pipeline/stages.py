@@ -18,10 +18,12 @@ import pyarrow.compute as pc
 import torch
 
 from sanitizer.checkpoint import check_encoder, load_decoder
+from sanitizer.collapse import SKETCH_DIM
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import resolve_device
 from sanitizer.encoders import Preprocess, load_encoder
+from sanitizer.manifest import SKETCH_TYPE
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ SCORE_FIELDS = [
     pa.field("score", pa.float32()),
     pa.field("score_std", pa.float32()),
     pa.field("embedding_norm", pa.float32()),
+    pa.field("sketch", SKETCH_TYPE),
 ]
 RESULT_SCHEMA = pa.schema(_META_FIELDS + SCORE_FIELDS)
 
@@ -158,6 +161,7 @@ class ScoreStage:
         ok = np.flatnonzero(pc.fill_null(is_ok, False).to_numpy())
         n = table.num_rows
         score, score_std, norm = (np.full(n, np.nan, np.float32) for _ in range(3))
+        sketch = np.zeros((n, SKETCH_DIM), np.float16)
         if len(ok):
             pixels = pixels_of(table, self.image_size)
             seeds = table.column("seed").to_numpy()
@@ -165,12 +169,16 @@ class ScoreStage:
                 pixels, seeds = pixels[ok], seeds[ok]
             result = self.scorer.score(pixels, seeds)
             score[ok], score_std[ok], norm[ok] = result.score, result.score_std, result.embedding_norm
-        is_ok = np.zeros(n, bool)
-        is_ok[ok] = True
+            sketch[ok] = result.sketch
+        not_ok = np.ones(n, bool)
+        not_ok[ok] = False
         out = table.drop_columns(["pixels"])
         for name, values in (("score", score), ("score_std", score_std), ("embedding_norm", norm)):
-            out = out.append_column(name, pa.array(values, pa.float32(), mask=~is_ok))
-        return out
+            out = out.append_column(name, pa.array(values, pa.float32(), mask=not_ok))
+        sketches = pa.FixedSizeListArray.from_arrays(
+            pa.array(sketch.ravel()), type=SKETCH_TYPE, mask=pa.array(not_ok)
+        )
+        return out.append_column(SCORE_FIELDS[-1], sketches)
 
 
 class ReadScoreStage(ScoreStage):

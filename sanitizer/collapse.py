@@ -1,0 +1,80 @@
+"""The collapse pass: flag images whose embedding nearly coincides with those of many others.
+
+A backdoor such as BadEncoder's sends every triggered image to about one point of the embedding
+space (median cosine 0.996-0.999 to their mean, where clean images of one class sit at 0.87-0.91).
+The decoder then rebuilds the same image for all of them, and a triggered image that happens to look
+like that rebuild scores as clean: no per-image score can see it. Within the scored set, though,
+those images are each other's near-duplicates. This pass measures that, after scoring:
+
+- every ok sample's embedding is kept as a `sketch`, a seeded random projection to SKETCH_DIM
+  dimensions (cosines survive it; 128 bytes a sample in the manifest);
+- the reference is a seeded sample of at most REFERENCE_SIZE ok rows of the scored set;
+- a sample's `collapse` is its mean cosine similarity to its NEIGHBOURS nearest reference rows, files
+  identical to it (same sha256, itself included) left out: exact duplicates are for a dedup step;
+- the threshold rule reads the decoder's held-out images against the same reference, so a bigger or
+  denser set, whose nearest neighbours are nearer, moves the threshold with it.
+
+A trigger is seen when at least NEIGHBOURS of its images land in the reference, i.e. from a poison
+rate of about NEIGHBOURS / REFERENCE_SIZE. Clusters of near-duplicates that are different files (one
+photo re-encoded many times) are flagged too; that is why the pass is opt-in (`score --collapse`).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import torch
+
+SKETCH_DIM = 64
+NEIGHBOURS = 5
+REFERENCE_SIZE = 20_000
+DEFAULT_COLLAPSE_RULE = "quantile:0.975"
+_SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
+
+
+@cache
+def _projection(dim: int) -> torch.Tensor:
+    """(dim, SKETCH_DIM) Gaussian matrix from torch's CPU generator, the same on every machine."""
+    generator = torch.Generator().manual_seed(_SEED)
+    return torch.randn(dim, SKETCH_DIM, generator=generator) / SKETCH_DIM**0.5
+
+
+def embedding_sketch(embedding: torch.Tensor) -> torch.Tensor:
+    """(B, D) embeddings -> (B, SKETCH_DIM) float32 unit vectors, on the embeddings' device."""
+    projection = _projection(embedding.shape[1]).to(embedding.device)
+    return torch.nn.functional.normalize(embedding.float() @ projection, dim=1)
+
+
+def reference_rows(total: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
+    """Sorted positions, among `total` ok rows in run order, of the seeded reference sample."""
+    if total <= size:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+
+
+def neighbour_similarity(
+    queries: np.ndarray,
+    reference: np.ndarray,
+    query_ids: np.ndarray | None = None,
+    reference_ids: np.ndarray | None = None,
+    k: int = NEIGHBOURS,
+    block: int = 1024,
+) -> np.ndarray:
+    """Mean cosine similarity of each query to its k most similar reference rows, a reference row
+    with the query's id (the same file) left out. Rows are unit vectors; NaN when none are left."""
+    r = torch.from_numpy(np.ascontiguousarray(reference, np.float32))
+    out = np.full(len(queries), np.nan, np.float32)
+    k = min(k, len(r))
+    if k == 0:
+        return out
+    for start in range(0, len(queries), block):
+        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + block], np.float32))
+        sim = q @ r.T
+        if query_ids is not None:
+            same = query_ids[start : start + block, None] == reference_ids[None, :]
+            sim[torch.from_numpy(same)] = -torch.inf
+        top = sim.topk(k, dim=1).values
+        top[torch.isinf(top)] = torch.nan  # fewer than k other files: the mean of those there are
+        out[start : start + len(q)] = top.nanmean(1).numpy()
+    return out

@@ -1,0 +1,98 @@
+"""The collapse pass over a scored run: after every shard is scored, each ok sample's sketch is
+compared with a reference sample of the whole run (see sanitizer.collapse for why and how)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sanitizer.checkpoint import load_holdout
+from sanitizer.collapse import SKETCH_DIM, neighbour_similarity, reference_rows
+from sanitizer.errors import UsageError
+from sanitizer.manifest import read_manifest, set_flags, with_collapse
+from sanitizer.pipeline.collect import rewrite
+from sanitizer.rundir import RunDir
+from sanitizer.thresholds import ThresholdRule, resolve_threshold
+
+
+def ok_sketches(run: RunDir, stems: list[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray, list[str]]]:
+    """(stem, positions of its ok rows, their (n, SKETCH_DIM) sketches, their sha256s), shard by shard."""
+    for stem in stems:
+        table = read_manifest(run.manifest(stem), ["status", "sketch", "sha256"])
+        ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
+        rows = table.take(pa.array(ok))
+        sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
+        yield stem, ok, sketch.reshape(-1, SKETCH_DIM).astype(np.float32), rows.column("sha256").to_pylist()
+
+
+class Reference:
+    """The reference sample: sketches, and one id per distinct file so that a file is not its own
+    neighbour (ids of files outside the reference are -1, which no reference row has)."""
+
+    def __init__(self, run: RunDir, stems: list[str]) -> None:
+        total = sum(run.read_stats(stem)["ok"] for stem in stems)
+        chosen = reference_rows(total)
+        sketches, digests, seen = [], [], 0
+        for _, _, sketch, sha256s in ok_sketches(run, stems):
+            mine = chosen[(chosen >= seen) & (chosen < seen + len(sketch))] - seen
+            sketches.append(sketch[mine])
+            digests += [sha256s[i] for i in mine]
+            seen += len(sketch)
+        self.sketches = np.concatenate(sketches) if sketches else np.zeros((0, SKETCH_DIM), np.float32)
+        self._ids: dict[str, int] = {}
+        self.ids = self.ids_of(digests, add=True)
+
+    def ids_of(self, sha256s: list[str], add: bool = False) -> np.ndarray:
+        if add:
+            for digest in sha256s:
+                self._ids.setdefault(digest, len(self._ids))
+        return np.array([self._ids.get(d, -1) for d in sha256s], np.int64)
+
+    def similarity(self, sketches: np.ndarray, sha256s: list[str]) -> np.ndarray:
+        return neighbour_similarity(sketches, self.sketches, self.ids_of(sha256s), self.ids)
+
+
+def holdout_for(rule: ThresholdRule, decoder_dir: Path) -> tuple[np.ndarray, list[str]] | None:
+    """The held-out images (sketches, sha256s) that a quantile rule reads. Called before scoring, so
+    that a rule that cannot work is refused before hours of scoring, not after."""
+    if rule.kind == "paper":
+        raise UsageError("the paper rule is for scores; give the collapse pass quantile:Q, mad:K or value:X")
+    if rule.kind != "quantile":
+        return None
+    holdout = load_holdout(decoder_dir)
+    if holdout is None:
+        raise UsageError(
+            f"{decoder_dir} was trained before the collapse pass kept its held-out images; "
+            "retrain it, or give --collapse mad:K or value:X"
+        )
+    return holdout
+
+
+def apply_flags(
+    run: RunDir,
+    stems: list[str],
+    threshold: float | None,
+    rule: ThresholdRule | None,
+    holdout: tuple[np.ndarray, list[str]] | None = None,
+) -> float | None:
+    """Flag every finished shard by the score threshold and, given a collapse rule, by the collapse
+    pass; returns the collapse threshold. Without a rule the collapse columns are cleared, so that a
+    run's flags always say what its last invocation asked for. `holdout` is what holdout_for gave."""
+    values: dict[str, np.ndarray] = {}
+    value = None
+    reference = Reference(run, stems) if rule is not None else None
+    if reference is not None and len(reference.sketches):
+        for stem, ok, sketch, sha256s in ok_sketches(run, stems):
+            values[stem] = np.full(run.read_stats(stem)["count"], np.nan, np.float32)
+            values[stem][ok] = reference.similarity(sketch, sha256s)
+        scored = np.concatenate(list(values.values()))
+        calibration = None if holdout is None else reference.similarity(*holdout)
+        value = resolve_threshold(rule, calibration, scored[~np.isnan(scored)])
+    rewrite(
+        run, stems, lambda stem, table: set_flags(with_collapse(table, values.get(stem), value), threshold)
+    )
+    return value

@@ -1,0 +1,115 @@
+"""The collapse pass: sketches, the neighbour statistic, and the pass over a scored run."""
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from sanitizer.collapse import SKETCH_DIM, embedding_sketch, neighbour_similarity, reference_rows
+from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.errors import UsageError
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+
+from .test_pipeline import manifests, tree_digest
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_sketch_keeps_cosines_and_is_the_same_everywhere():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 512)).astype(np.float32)
+    near = base + 0.05 * rng.normal(size=base.shape).astype(np.float32)  # cosine ~0.9988
+    a, b = (embedding_sketch(torch.from_numpy(x)).numpy() for x in (base, near))
+    assert a.shape == (200, SKETCH_DIM) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert (a * b).sum(1).min() > 0.99  # near-copies stay near-copies
+    assert np.abs((a[:100] * a[100:]).sum(1)).max() < 0.5  # unrelated ones stay apart
+    # The projection comes from a fixed seed: a sketch made on another machine or by another
+    # version compares with this one. These figures pin it.
+    pinned = embedding_sketch(torch.ones(1, 8))[0, :3].numpy()
+    assert np.allclose(pinned, [0.0831, 0.1138, -0.1447], atol=1e-4), pinned
+
+
+def test_neighbour_similarity_leaves_out_the_same_file():
+    rng = np.random.default_rng(1)
+    cluster = unit(np.ones((6, 16)) + 0.01 * rng.normal(size=(6, 16)))
+    spread = unit(rng.normal(size=(30, 16)))
+    reference = np.concatenate([cluster, spread])
+    ids = np.arange(len(reference))
+    sim = neighbour_similarity(reference, reference, ids, ids, k=5)
+    assert sim[:6].min() > 0.99 and sim[6:].max() < 0.9
+    # Without the ids each row is its own nearest neighbour.
+    assert neighbour_similarity(reference[6:], reference, k=1).min() == pytest.approx(1.0, abs=1e-6)
+    # Fewer other files than k: the mean of those there are; none at all: NaN.
+    assert neighbour_similarity(cluster[:1], cluster[:3], np.array([0]), np.arange(3), k=5)[0] > 0.99
+    assert np.isnan(neighbour_similarity(cluster[:1], cluster[:1], np.array([0]), np.array([0]))[0])
+
+
+def test_reference_is_a_seeded_sample():
+    assert reference_rows(10, size=20).tolist() == list(range(10))
+    chosen = reference_rows(1000, size=50)
+    assert len(set(chosen.tolist())) == 50 and (np.diff(chosen) > 0).all()
+    assert (chosen == reference_rows(1000, size=50)).all()
+
+
+@pytest.fixture(scope="module")
+def cluster_shards(tmp_path_factory):
+    """70 unrelated images, 12 near-copies of one more (one pixel differs: 12 different files with
+    nearly one embedding, as a trigger makes them) and 4 byte-identical copies of another."""
+    pixels = synthetic_images(72, 32, seed=5)
+    near = np.repeat(pixels[70:71], 12, axis=0)
+    for i in range(12):
+        near[i, i, 0, 0] ^= 0xFF
+    copies = np.repeat(pixels[71:72], 4, axis=0)
+    out = tmp_path_factory.mktemp("cluster")
+    write_image_shards(out, np.concatenate([pixels[:70], near, copies]), per_shard=43)
+    return out
+
+
+def run(decoder_dir, data, out, **kw):
+    return run_score_job(ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, workers=0, **kw), False)
+
+
+def concat(out) -> pa.Table:
+    """Every manifest row of a run, in input order."""
+    return pa.concat_tables(manifests(out).values())
+
+
+def test_collapse_pass_flags_the_cluster_not_the_copies(tiny_decoder_dir, cluster_shards, tmp_path):
+    out = tmp_path / "run"
+    summary = run(tiny_decoder_dir, cluster_shards, out, collapse="quantile:0.975")
+    table = concat(out)
+    reasons = table.column("flag_reason").to_pylist()
+    by_collapse = ["collapse" in (r or "") for r in reasons]
+    assert all(by_collapse[70:82])  # every near-copy
+    assert not any(by_collapse[82:])  # identical files are not each other's neighbours
+    assert sum(by_collapse[:70]) <= 10  # the tiny decoder holds out 6 images: a rough threshold
+    assert summary.flagged_by["collapse"] == sum(by_collapse)
+    assert summary.flagged == sum(r is not None for r in reasons)
+    assert set(table.column("collapse_threshold").to_pylist()) == {np.float32(summary.collapse_threshold)}
+
+    # A finished run re-run changes nothing; without --collapse the pass is undone.
+    before = tree_digest(out / "manifest")
+    run(tiny_decoder_dir, cluster_shards, out, collapse="quantile:0.975")
+    assert tree_digest(out / "manifest") == before
+    again = run(tiny_decoder_dir, cluster_shards, out)
+    undone = concat(out)
+    assert undone.column("collapse").null_count == undone.num_rows
+    assert set(undone.column("flag_reason").to_pylist()) <= {None, "score"}
+    assert again.flagged == again.flagged_by["score"] and again.collapse_rule is None
+
+
+def test_collapse_quantile_needs_a_decoder_that_kept_its_holdout(tiny_decoder_dir, cluster_shards, tmp_path):
+    old = tmp_path / "old-decoder"
+    shutil.copytree(tiny_decoder_dir, old)
+    (old / "holdout.safetensors").unlink()
+    with pytest.raises(UsageError, match="trained before the collapse pass"):
+        run(old, cluster_shards, tmp_path / "a", collapse="quantile:0.975")
+    assert not (tmp_path / "a").exists()  # refused before any scoring
+    summary = run(old, cluster_shards, tmp_path / "b", collapse="value:0.999")
+    assert summary.flagged_by["collapse"] >= 12
+    with pytest.raises(UsageError, match="paper rule is for scores"):
+        run(old, cluster_shards, tmp_path / "c", collapse="paper")
