@@ -21,7 +21,7 @@ from sanitizer.data.shards import ShardRef
 from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.pipeline.collect import apply_threshold, ok_scores
+from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
 from sanitizer.thresholds import parse_rule, resolve_threshold
@@ -102,7 +102,7 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             value = resolve_rule(threshold, run, info, done)
             apply_threshold(run, done, value)
             info["threshold"] = {"rule": str(parse_rule(threshold)), "value": value}
-            info.setdefault("totals", {})["flagged"] = sum(run.read_stats(stem)["flagged"] for stem in done)
+            info.setdefault("totals", {}).update(flagged_totals(run, done))
         value = (info.get("threshold") or {}).get("value")
         if value is None:
             raise UsageError(f"{run_dir} has no threshold yet; give --threshold")

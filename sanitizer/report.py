@@ -750,6 +750,11 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
         ["scoring", ", ".join(f"{k}={v}" for k, v in info["identity"]["scoring"].items())],
         ["state", info.get("state", "?")],
     ]
+    collapse = info.get("collapse") or {}
+    if collapse.get("rule"):  # `score --collapse`: the second test, and what each flagged
+        by = (info.get("totals") or {}).get("flagged_by", {})
+        counts = f"; flagged by score {by.get('score', 0):,}, by collapse {by.get('collapse', 0):,}"
+        rows.insert(1, ["collapse threshold", _threshold_text(collapse) + counts])
     if meta is not None:
         rows.insert(
             1, ["encoder", meta["encoder"]["spec"] + f" (weights {meta['encoder']['weights_sha256'][:12]})"]

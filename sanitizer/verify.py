@@ -39,6 +39,7 @@ from sanitizer.data.tario import (
     split_key,
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
+from sanitizer.pipeline.collect import flag_counts
 from sanitizer.rundir import RunDir
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
@@ -202,6 +203,7 @@ class _ShardResult:
     rows: int
     ok: int
     flagged: int
+    flagged_by: dict[str, int]
     status_counts: Counter
     kept: int
     quarantined: int
@@ -350,7 +352,7 @@ def _check_shard(
     return _ShardResult(
         rows=len(rows),
         ok=statuses.get(STATUS_OK, 0),
-        flagged=sum(bool(r["flagged"]) for r in rows),
+        **flag_counts(table),  # from flag_reason, which _check_row holds to the scores and thresholds
         status_counts=statuses,
         kept=clean.samples if clean is not None else 0,
         quarantined=quarantine.samples if quarantine is not None else 0,
@@ -368,6 +370,7 @@ def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Re
         "count": result.rows,
         "ok": result.ok,
         "flagged": result.flagged,
+        "flagged_by": result.flagged_by,
         "status_counts": dict(result.status_counts),
     }
     for name, value in expected.items():

@@ -10,7 +10,10 @@ import torch
 from sanitizer.collapse import SKETCH_DIM, embedding_sketch, neighbour_similarity, reference_rows
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
+from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.report import write_report
+from sanitizer.verify import verify_run
 
 from .test_pipeline import manifests, tree_digest
 
@@ -90,6 +93,12 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(tiny_decoder_dir, cluste
     assert summary.flagged_by["collapse"] == sum(by_collapse)
     assert summary.flagged == sum(r is not None for r in reasons)
     assert set(table.column("collapse_threshold").to_pylist()) == {np.float32(summary.collapse_threshold)}
+    assert verify_run(out) == []
+    html = write_report(out).read_text()
+    by = f"flagged by score {summary.flagged_by['score']:,}, by collapse {summary.flagged_by['collapse']:,}"
+    assert (
+        f"<td>collapse threshold</td><td>{summary.collapse_threshold:.6g} (quantile:0.975); {by}</td>" in html
+    )
 
     # A finished run re-run changes nothing; without --collapse the pass is undone.
     before = tree_digest(out / "manifest")
@@ -100,6 +109,23 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(tiny_decoder_dir, cluste
     assert undone.column("collapse").null_count == undone.num_rows
     assert set(undone.column("flag_reason").to_pylist()) <= {None, "score"}
     assert again.flagged == again.flagged_by["score"] and again.collapse_rule is None
+
+
+def test_verify_holds_the_flags_to_the_collapse_threshold(tiny_decoder_dir, cluster_shards, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_decoder_dir, cluster_shards, out, collapse="quantile:0.975")
+    path = out / "manifest" / "shard-000001.parquet"
+    table = read_manifest(path)
+    reasons = table.column("flag_reason").to_pylist()
+    index = next(i for i, reason in enumerate(reasons) if "collapse" in (reason or ""))
+    raised = pa.array([2.0] * table.num_rows, pa.float32())  # no cosine similarity is above it
+    write_manifest(path, table.set_column(COLUMNS.index("collapse_threshold"), "collapse_threshold", raised))
+    violations = verify_run(out)
+    key = table.column("key")[index].as_py()
+    assert any(
+        v.startswith(f"shard shard-000001: row {index} key {key!r}: flagged=True ({reasons[index]})")
+        for v in violations
+    )
 
 
 def test_collapse_quantile_needs_a_decoder_that_kept_its_holdout(tiny_decoder_dir, cluster_shards, tmp_path):
@@ -113,3 +139,11 @@ def test_collapse_quantile_needs_a_decoder_that_kept_its_holdout(tiny_decoder_di
     assert summary.flagged_by["collapse"] >= 12
     with pytest.raises(UsageError, match="paper rule is for scores"):
         run(old, cluster_shards, tmp_path / "c", collapse="paper")
+
+
+def test_the_collapse_pass_benchmark_times_a_generated_run():
+    from bench import collapse_pass
+
+    result = collapse_pass.main(["--samples", "300", "--per-shard", "100"])
+    assert (result["samples"], result["shards"], result["reference"]) == (300, 3, 300)
+    assert result["samples_per_second"] > 0

@@ -108,6 +108,17 @@ class ShardCollector:
         self.samples += table.num_rows
 
 
+def flagged_totals(run: RunDir, stems: list[str]) -> dict:
+    """flag_counts summed over finished shards' stats files."""
+    by: Counter = Counter({"score": 0, "collapse": 0})
+    flagged = 0
+    for stem in stems:
+        stats = run.read_stats(stem)
+        flagged += stats["flagged"]
+        by.update(stats["flagged_by"])
+    return {"flagged": flagged, "flagged_by": dict(by)}
+
+
 def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.Table]) -> int:
     """Pass each finished shard's manifest through `update`; write back (manifest, then stats) those
     it changed. Returns how many changed, so a finished run re-run rewrites nothing."""

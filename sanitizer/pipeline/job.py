@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from sanitizer.device import resolve_device
 from sanitizer.errors import UsageError
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import apply_flags, holdout_for
-from sanitizer.pipeline.collect import ShardCollector, ok_scores
+from sanitizer.pipeline.collect import ShardCollector, flagged_totals, ok_scores
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
@@ -198,9 +198,9 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         if rule.needs_scores:
             threshold = resolve_threshold(rule, None, ok_scores(run, done))
         collapse = apply_flags(run, done, threshold, collapse_rule, holdout)
-        summary = summarize(run, shards, collector, time.time() - started)
-        summary = replace(summary, threshold=threshold, threshold_rule=str(rule))
-        summary = replace(summary, collapse_threshold=collapse, collapse_rule=config["collapse_rule"])
+        thresholds = {"threshold": threshold, "threshold_rule": str(rule)}
+        thresholds |= {"collapse_threshold": collapse, "collapse_rule": config["collapse_rule"]}
+        summary = summarize(run, shards, collector, time.time() - started, thresholds)
         run.write_run(
             {
                 "identity": identity,
@@ -403,33 +403,25 @@ def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, 
             bar.set_postfix(samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed))
 
 
-def summarize(run: RunDir, shards: list[ShardRef], collector: ShardCollector, seconds: float) -> Summary:
-    """Totals over the finished shards' stats; the thresholds are left for the caller to fill in."""
+def summarize(
+    run: RunDir, shards: list[ShardRef], collector: ShardCollector, seconds: float, thresholds: dict
+) -> Summary:
+    """Totals over the finished shards' stats; `thresholds` gives the Summary's threshold fields."""
     statuses: Counter = Counter()
-    flagged_by: Counter = Counter({"score": 0, "collapse": 0})
-    flagged = done = 0
-    for shard in shards:
-        if run.is_done(shard.stem):
-            stats = run.read_stats(shard.stem)
-            statuses.update(stats["status_counts"])
-            flagged += stats["flagged"]
-            flagged_by.update(stats["flagged_by"])
-            done += 1
+    done = [s.stem for s in shards if run.is_done(s.stem)]
+    for stem in done:
+        statuses.update(run.read_stats(stem)["status_counts"])
     failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if not run.is_done(s.stem)}
     return Summary(
         run_dir=run.root,
         shards=len(shards),
-        shards_done=done,
+        shards_done=len(done),
         failed_shards=failed,
         samples=sum(statuses.values()),
         ok=statuses.get("ok", 0),
         status_counts=dict(sorted(statuses.items())),
-        flagged=flagged,
-        flagged_by=dict(flagged_by),
-        threshold=None,
-        threshold_rule="",
-        collapse_threshold=None,
-        collapse_rule=None,
+        **flagged_totals(run, done),
+        **thresholds,
         seconds=seconds,
         scored_now=collector.samples,
     )

@@ -1,0 +1,75 @@
+"""Time of the collapse pass (`sanitizer score --collapse`) over a scored run, without the scoring.
+
+    .venv/bin/python bench/collapse_pass.py --samples 200000 --per-shard 10000
+
+Writes a run directory of manifests whose sketches are random unit vectors (the pass's cost does not
+depend on their values), then times `apply_flags` with the collapse rule `value:0.99`: reading every
+shard's sketches twice (the reference sample, then the statistic), the neighbour search against up to
+REFERENCE_SIZE reference rows, and rewriting the manifests. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sanitizer.atomic import write_json_atomic
+from sanitizer.collapse import REFERENCE_SIZE, SKETCH_DIM
+from sanitizer.manifest import to_table, write_manifest
+from sanitizer.pipeline.collapse_pass import apply_flags
+from sanitizer.pipeline.collect import flag_counts
+from sanitizer.rundir import RunDir
+from sanitizer.thresholds import parse_rule
+
+
+def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator) -> list[str]:
+    """Manifests and stats of a scored run (every row ok, scored, not yet flagged)."""
+    run, stems = RunDir(root), []
+    for start in range(0, samples, per_shard):
+        n, stem = min(per_shard, samples - start), f"shard-{start // per_shard:06d}"
+        sketch = rng.normal(size=(n, SKETCH_DIM)).astype(np.float32)
+        sketch /= np.linalg.norm(sketch, axis=1, keepdims=True)
+        unset = ("error", "threshold", "flag_reason", "collapse", "collapse_threshold", "caption")
+        columns = {c: [None] * n for c in (*unset, "width", "height", "label")}
+        columns |= {
+            "key": [f"{stem}-{i}" for i in range(n)], "shard": [stem] * n, "index": np.arange(n),
+            "status": ["ok"] * n, "score": rng.random(n, np.float32), "score_std": np.zeros(n, np.float32),
+            "flagged": np.zeros(n, bool), "embedding_norm": np.ones(n, np.float32),
+            "sketch": list(sketch.astype(np.float16)), "sha256": [f"{stem}-{i}" for i in range(n)],
+        }  # fmt: skip
+        table = to_table(columns)
+        run.manifest(stem).parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(run.manifest(stem), table)
+        stats = {"shard": stem, "count": n, "ok": n, "status_counts": {"ok": n}, **flag_counts(table)}
+        write_json_atomic(run.stats(stem), stats)
+        stems.append(stem)
+    return stems
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=200_000)
+    p.add_argument("--per-shard", type=int, default=10_000)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        stems = write_run(Path(tmp), args.samples, args.per_shard, np.random.default_rng(0))
+        started = time.perf_counter()
+        apply_flags(RunDir(Path(tmp)), stems, 0.5, parse_rule("value:0.99"))
+        seconds = time.perf_counter() - started
+    result = {
+        "samples": args.samples, "shards": len(stems), "reference": min(args.samples, REFERENCE_SIZE),
+        "seconds": round(seconds, 2), "samples_per_second": round(args.samples / seconds),
+        "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
