@@ -147,3 +147,12 @@ def test_the_collapse_pass_benchmark_times_a_generated_run():
     result = collapse_pass.main(["--samples", "300", "--per-shard", "100"])
     assert (result["samples"], result["shards"], result["reference"]) == (300, 3, 300)
     assert result["samples_per_second"] > 0
+
+
+def test_the_knn_distance_baseline_is_the_same_neighbour_search():
+    from sanitizer.redteam.metrics import knn_distance
+
+    rng = np.random.default_rng(2)
+    queries, reference = rng.normal(size=(50, 16)), rng.normal(size=(200, 16))
+    brute = np.sort(1 - unit(queries) @ unit(reference).T, axis=1)[:, :10].mean(1)
+    assert np.allclose(knn_distance(queries, reference), brute, atol=1e-6)

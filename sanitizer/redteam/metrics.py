@@ -1,9 +1,11 @@
-"""Detection metrics in plain numpy (no scikit-learn): rank-based AUC, TPR and FPR at a threshold,
-TPR at a false-positive budget."""
+"""Detection metrics without scikit-learn: rank-based AUC, TPR and FPR at a threshold, TPR at a
+false-positive budget, and the kNN-distance baseline."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from sanitizer.collapse import neighbour_similarity
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -45,16 +47,11 @@ def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
     return rates(scores, positive, negatives[min(int(fpr * len(negatives)), len(negatives) - 1)])[0]
 
 
-def knn_distance(
-    queries: np.ndarray, reference: np.ndarray, k: int = 10, exclude_self: bool = False
-) -> np.ndarray:
-    """Mean cosine distance of each query to its k nearest reference embeddings (a baseline detector)."""
-    q = queries / (np.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
-    r = reference / (np.linalg.norm(reference, axis=1, keepdims=True) + 1e-12)
-    out = np.empty(len(q), np.float32)
-    skip = 1 if exclude_self else 0
-    for start in range(0, len(q), 1024):
-        dist = 1 - q[start : start + 1024] @ r.T
-        nearest = np.partition(dist, k + skip - 1, axis=1)[:, : k + skip]
-        out[start : start + 1024] = np.sort(nearest, axis=1)[:, skip:].mean(1)
-    return out
+def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int = 10) -> np.ndarray:
+    """Mean cosine distance of each query to its k nearest reference embeddings (a baseline detector):
+    the collapse pass's neighbour search, on the embeddings made unit length."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+    return 1 - neighbour_similarity(unit(queries), unit(reference), k=k)
