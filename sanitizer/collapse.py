@@ -29,7 +29,9 @@ import torch
 SKETCH_DIM = 64
 NEIGHBOURS = 5
 REFERENCE_SIZE = 20_000
-DEFAULT_COLLAPSE_RULE = "quantile:0.975"
+# The two tests' false-positive rates add: the score's default 3% and this 2% keep a run within the
+# 5% the detection benchmark allows (with 0.975 its runs flagged up to 5.5% of clean images).
+DEFAULT_COLLAPSE_RULE = "quantile:0.98"
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
 
 
@@ -78,3 +80,18 @@ def neighbour_similarity(
         top[torch.isinf(top)] = torch.nan  # fewer than k other files: the mean of those there are
         out[start : start + len(q)] = top.nanmean(1).numpy()
     return out
+
+
+def group_by_seed(sketches: np.ndarray, link: float, limit: int) -> np.ndarray:
+    """Group label of each row (unit sketches, given in the order to seed groups from), -1 for rows in
+    none of the first `limit` groups. The first ungrouped row seeds a group of every ungrouped row whose
+    cosine to it is at least `link`: `limit` passes, deterministic, enough to show a person which
+    flagged samples share one embedding (the report's collapse clusters)."""
+    labels = np.full(len(sketches), -1, np.int64)
+    for group in range(limit):
+        free = np.flatnonzero(labels < 0)
+        if not len(free):
+            break
+        labels[free[sketches[free] @ sketches[free[0]] >= link]] = group
+        labels[free[0]] = group  # a link above 1 (value:X) still leaves the seed its own group
+    return labels

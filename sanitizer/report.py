@@ -4,7 +4,8 @@ RUN_DIR/report/index.html plus PNG files beside it, nothing fetched from elsewhe
 histogram against the threshold and the decoder's calibration, the flag rate per shard, the most
 flagged samples next to typical clean ones (what the decoder saw, what it rebuilt, the original), where
 in the image the reconstruction fails (a patch trigger shows up as a bright square), the embeddings in
-two dimensions, the ROC curve when the shards carry ground truth, and an encoder-level verdict.
+two dimensions, the ROC curve when the shards carry ground truth, an encoder-level verdict, and,
+after `score --collapse`, the groups of samples that pass flagged, side by side.
 
 Memory and time stay bounded whatever the run's size: manifests are read one shard and a few columns
 at a time, and only a bounded sample of images (from at most MAX_SHARDS_READ shards) is read again
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.checkpoint import read_meta
+from sanitizer.collapse import SKETCH_DIM, group_by_seed
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import read_manifest
@@ -43,9 +45,14 @@ SHIFT_LIMIT = 0.8
 GRID_ROWS = 8  # most-flagged and typical clean samples shown as images
 SAMPLE_PER_GROUP = 256  # flagged and clean samples behind the heat map and the projection
 MAX_SHARDS_READ = 8  # input shards read again for that sample (plus those of the grid's samples)
+CLUSTER_POOL = 4096  # collapse-flagged rows, highest collapse first, that the page groups
+CLUSTERS = 4  # groups shown, one row of images each
+CLUSTER_TILES = 8
 BINS = 60
 SEED = 0
-FIGURES = ("scores.png", "shards.png", "samples.png", "localisation.png", "embeddings.png", "roc.png")
+FIGURES = (
+    "scores.png", "shards.png", "samples.png", "clusters.png", "localisation.png", "embeddings.png", "roc.png"
+)  # fmt: skip
 FLAG_COLOUR, CLEAN_COLOUR, CALIBRATION_COLOUR = "#d62728", "#4c78a8", "#444444"
 
 
@@ -356,6 +363,69 @@ def sample_rows(run: RunDir, scan: RunScan) -> tuple[list[Pick], list[Pick]]:
             table = _read(run, stem, _SCAN_COLUMNS)
             picked[want] += _picks(run, stem, np.sort(np.asarray(rows)), table)
     return picked[True], picked[False]
+
+
+@dataclass
+class Cluster:
+    """Collapse-flagged samples whose sketches lie within the collapse threshold of the group's first."""
+
+    size: int  # members among the pooled rows
+    poisoned: int | None  # members labelled poisoned; None when none carries a label
+    picks: list[Pick]  # the first CLUSTER_TILES members, highest collapse first
+
+
+def collapse_clusters(run: RunDir, stems: list[str], link: float) -> tuple[list[Cluster], int]:
+    """The CLUSTERS largest-collapse groups among the CLUSTER_POOL rows of highest collapse that the
+    collapse pass flagged, and how many rows it flagged in all. A trigger's images look different but
+    share a patch or a tint; re-encoded copies of one photo look the same (a dedup step's work)."""
+    pool: list[tuple[float, str, int]] = []  # (-collapse, stem, row): sorts highest collapse first
+    extra: dict[tuple[str, int], tuple[np.ndarray, bool | None]] = {}  # sketch, label
+    total = 0
+    for stem in stems:
+        table = _read(run, stem, ["flag_reason", "collapse", "sketch", "label"])
+        by_collapse = pc.fill_null(pc.match_substring(table.column("flag_reason"), "collapse"), False)
+        rows = np.flatnonzero(by_collapse.to_numpy(zero_copy_only=False))
+        total += len(rows)
+        values = table.column("collapse").to_numpy(zero_copy_only=False)[rows]
+        order = np.argsort(-values, kind="stable")[:CLUSTER_POOL]
+        rows, values = rows[order], values[order]
+        chosen = table.take(rows)
+        sketches = chosen.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
+        for row, sketch, label in zip(
+            rows.tolist(), sketches.reshape(-1, SKETCH_DIM), chosen.column("label").to_pylist(), strict=True
+        ):
+            extra[(stem, row)] = (sketch.astype(np.float32), label)
+        pool = heapq.nsmallest(
+            CLUSTER_POOL, pool + [(-float(v), stem, r) for v, r in zip(values, rows.tolist(), strict=True)]
+        )
+        extra = {(stem, row): extra[(stem, row)] for _, stem, row in pool}
+    if not pool:
+        return [], total
+    where = [(stem, row) for _, stem, row in pool]
+    groups = group_by_seed(np.stack([extra[w][0] for w in where]), link, CLUSTERS)
+    clusters = []
+    for g in range(int(groups.max()) + 1):
+        members = [where[i] for i in np.flatnonzero(groups == g)]
+        labels = [extra[w][1] for w in members if extra[w][1] is not None]
+        clusters.append(
+            Cluster(len(members), sum(labels) if labels else None, _picks_at(run, members[:CLUSTER_TILES]))
+        )
+    return clusters, total
+
+
+def _picks_at(run: RunDir, rows: list[tuple[str, int]]) -> list[Pick]:
+    """Picks of (stem, row position) pairs, in the order given, reading each manifest once."""
+    by_stem: dict[str, list[int]] = {}
+    for stem, row in rows:
+        by_stem.setdefault(stem, []).append(row)
+    found = {}
+    for stem, positions in by_stem.items():
+        ordered = np.sort(np.asarray(positions))
+        for row, pick in zip(
+            ordered.tolist(), _picks(run, stem, ordered, _read(run, stem, _SCAN_COLUMNS)), strict=True
+        ):
+            found[(stem, row)] = pick
+    return [found[r] for r in rows]
 
 
 # -- images: read the few samples again, rebuild them with the run's encoder and decoder -------------
@@ -676,6 +746,7 @@ NAV = {
     "scores": "Scores",
     "shards": "Shards",
     "samples": "Flagged samples",
+    "clusters": "Clusters",
     "localisation": "Trigger location",
     "embeddings": "Embeddings",
     "roc": "ROC",
@@ -875,6 +946,45 @@ def samples_section(out: Path, top: Views, typical_clean: Views) -> Section:
     return Section("samples", "Most flagged samples", text + _img("samples.png", "sample grid") + table)
 
 
+def plot_clusters(path: Path, clusters: list[Cluster], images: dict) -> None:
+    """One row of originals per cluster, highest collapse first."""
+    fig = _figure(8.5, 1.15 * len(clusters) + 0.3)
+    axes = fig.subplots(len(clusters), CLUSTER_TILES, squeeze=False)
+    for r, cluster in enumerate(clusters):
+        shown = [p for p in cluster.picks if (p.stem, p.index) in images]
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(shown):
+                ax.set_axis_off()
+                continue
+            ax.imshow(images[(shown[c].stem, shown[c].index)][0], interpolation="nearest")
+            if c == 0:
+                ax.set_ylabel(f"{r + 1}: {cluster.size:,}", fontsize=8)
+    save_png(fig, path)
+
+
+def clusters_section(out: Path, clusters: list[Cluster], total: int, images: dict) -> Section:
+    title = "Collapse clusters"
+    if not clusters:
+        return Section("clusters", title, _note("the collapse pass flagged no sample"))
+    plot_clusters(out / "clusters.png", clusters, images)
+    rows = [
+        [i + 1, c.size, "" if c.poisoned is None else c.poisoned, ", ".join(p.key for p in c.picks[:3])]
+        for i, c in enumerate(clusters)
+    ]
+    table = _table(["cluster", "samples", "poisoned (truth)", "first keys"], rows, {0, 1, 2})
+    pooled = min(total, CLUSTER_POOL)
+    text = (
+        f"<p>The collapse pass flagged {total:,} samples. Of the {pooled:,} with the highest collapse, each "
+        "row groups those whose embedding is within the collapse threshold of the row's first (the row's "
+        "label is the group's size). Different images that share one embedding are what a backdoor's "
+        "trigger makes: look for what they have in common (a patch, a tint, a caption). Copies of one "
+        "photo re-encoded look alike everywhere; a dedup step removes those.</p>"
+    )
+    return Section("clusters", title, text + _img("clusters.png", "collapse clusters") + table)
+
+
 def localisation_section(out: Path, flagged: Views, clean: Views) -> Section:
     if not flagged.picks or not clean.picks:
         return Section(
@@ -998,25 +1108,32 @@ def load_scorer(info: dict):
 def image_sections(
     out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan
 ) -> list[Section]:
-    """Grid, heat map and projection: the only part that reads images and runs the models."""
-    ids = (
+    """Grid, clusters, heat map and projection: the only part that reads images and runs the models."""
+    link = (info.get("collapse") or {}).get("value")  # the collapse threshold, after `score --collapse`
+    ids = [
         ("samples", "Most flagged samples"),
+        *([("clusters", "Collapse clusters")] if link is not None else []),
         ("localisation", "Where the trigger sits"),
         ("embeddings", "Embeddings"),
-    )
+    ]
     try:
         scorer, size = load_scorer(info)
     except SanitizerError as e:
         note = _note(f"the run's encoder or decoder cannot be loaded ({e}); images are not shown")
         return [Section(i, t, note) for i, t in ids]
     flagged_sample, clean_sample = sample_rows(run, scan)
+    clusters, collapsed = [], 0
+    if link is not None:
+        clusters, collapsed = collapse_clusters(run, [s.stem for s in scan.shards], link)
     urls = {s.stem: s.url for s in shards}
-    images, notes = read_images(urls, scan.top + flagged_sample + clean_sample, size)
+    in_clusters = [p for c in clusters for p in c.picks]
+    images, notes = read_images(urls, scan.top + flagged_sample + clean_sample + in_clusters, size)
     top = render_views(scorer, scan.top, images, size)
     flagged = render_views(scorer, flagged_sample, images, size)
     clean = render_views(scorer, clean_sample, images, size)
     sections = [
         samples_section(out, top, typical(clean, GRID_ROWS)),
+        *([clusters_section(out, clusters, collapsed, images)] if link is not None else []),
         localisation_section(out, flagged, clean),
         embeddings_section(out, flagged, clean),
     ]

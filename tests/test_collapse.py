@@ -1,5 +1,6 @@
 """The collapse pass: sketches, the neighbour statistic, and the pass over a scored run."""
 
+import re
 import shutil
 
 import numpy as np
@@ -7,7 +8,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sanitizer.collapse import SKETCH_DIM, embedding_sketch, neighbour_similarity, reference_rows
+from sanitizer.collapse import (
+    SKETCH_DIM,
+    embedding_sketch,
+    group_by_seed,
+    neighbour_similarity,
+    reference_rows,
+)
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
 from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
@@ -49,6 +56,17 @@ def test_neighbour_similarity_leaves_out_the_same_file():
     # Fewer other files than k: the mean of those there are; none at all: NaN.
     assert neighbour_similarity(cluster[:1], cluster[:3], np.array([0]), np.arange(3), k=5)[0] > 0.99
     assert np.isnan(neighbour_similarity(cluster[:1], cluster[:1], np.array([0]), np.array([0]))[0])
+
+
+def test_group_by_seed_groups_around_the_first_ungrouped_row():
+    rng = np.random.default_rng(2)
+    a = unit(np.ones((5, 16)) + 0.01 * rng.normal(size=(5, 16)))
+    b = unit(-np.ones((3, 16)) + 0.01 * rng.normal(size=(3, 16)))
+    spread = unit(rng.normal(size=(4, 16)))
+    rows = np.concatenate([a[:1], b[:1], a[1:], spread, b[1:]])
+    assert group_by_seed(rows, 0.99, limit=2).tolist() == [0, 1, 0, 0, 0, 0, -1, -1, -1, -1, 1, 1]
+    # A link no cosine reaches leaves each seed a group of its own, up to the limit.
+    assert group_by_seed(rows, 1.5, limit=3).tolist() == [0, 1, 2] + [-1] * 9
 
 
 def test_reference_is_a_seeded_sample():
@@ -99,6 +117,15 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(tiny_decoder_dir, cluste
     assert (
         f"<td>collapse threshold</td><td>{summary.collapse_threshold:.6g} (quantile:0.975); {by}</td>" in html
     )
+    # The report shows what the pass flagged, grouped: the 12 near-copies are the first group.
+    assert '<section id="clusters"><h2>Collapse clusters</h2>' in html
+    assert f"The collapse pass flagged {summary.flagged_by['collapse']:,} samples." in html
+    first = re.search(
+        r"<tr><td class=num>1</td><td class=num>(\d+)</td><td class=num></td><td>([^<]*)</td>", html
+    )
+    assert 12 <= int(first[1]) <= 12 + sum(by_collapse[:70])  # the random tiny encoder's own near pairs
+    assert {int(key.removeprefix("shard")) for key in first[2].split(", ")} <= set(range(70, 82))
+    assert (out / "report" / "clusters.png").is_file()
 
     # A finished run re-run changes nothing; without --collapse the pass is undone.
     before = tree_digest(out / "manifest")
@@ -109,6 +136,8 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(tiny_decoder_dir, cluste
     assert undone.column("collapse").null_count == undone.num_rows
     assert set(undone.column("flag_reason").to_pylist()) <= {None, "score"}
     assert again.flagged == again.flagged_by["score"] and again.collapse_rule is None
+    assert 'id="clusters"' not in write_report(out).read_text()
+    assert not (out / "report" / "clusters.png").exists()  # an older report's figure does not linger
 
 
 def test_verify_holds_the_flags_to_the_collapse_threshold(tiny_decoder_dir, cluster_shards, tmp_path):
