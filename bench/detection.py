@@ -545,10 +545,11 @@ def downstream(
     out = {}
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
         probe = fit_linear_probe(train.embeddings[train_keep], labels[train_keep], seed=SEED)
-        correct = probe.predict(emb_clean[clean_keep]) == data.test[1][clean_keep]
+        correct = probe.predict(emb_clean) == data.test[1]
         hits = probe.predict(emb_trig[trig_keep]) == TARGET  # removed triggered images are failed attacks
         out[name] = {
-            "clean_accuracy": round(float(correct.mean()), 4),
+            "clean_accuracy": round(float(correct[clean_keep].mean()), 4),
+            "clean_accuracy_all": round(float(correct.mean()), 4),  # the training filter's effect alone
             "asr": round(float(hits.sum() / len(emb_trig)), 4),
             "train_removed": round(float(1 - train_keep.mean()), 4),
             "clean_test_removed": round(float(1 - clean_keep.mean()), 4),
@@ -673,7 +674,8 @@ def markdown(result: dict) -> str:
         f"Mode: {result['mode']}; seed {result['seed']}; wall time {result['wall_seconds'] / 60:.1f} min; "
         f"device {result['device']} ({result['precision']}); torch {result['versions']['torch']}, "
         f"timm {result['versions']['timm']}, open_clip {result['versions']['open_clip']}  ",
-        f"`dede`: {result['settings']['dede']}; `dede-paper`: {result['settings']['dede-paper']}  ",
+        f"`dede`: {result['settings']['dede']}; `dede-paper`: {result['settings']['dede-paper']}; "
+        f"`collapse`: {result['settings']['collapse']}  ",
         f"Decoders (all methods): {result['sizes']['decoder']} images "
         f"({result['decoder_training']['holdout']:.3f} of them held out to calibrate), "
         f"{result['decoder_training']['epochs']} epochs, trimmed loss {result['decoder_training']['trim']}, "
@@ -720,13 +722,17 @@ def markdown(result: dict) -> str:
         "each scored set (it flags half); `dede-paper`: the reference code's scoring and threshold, the",
         "operating point of the paper's downstream figures.",
         "",
-        "| attack | defence | clean acc | ASR | train removed | clean test removed |",
-        "|---|---|---|---|---|---|",
+        "`clean acc` is on the clean test images the defence keeps; `all` on every clean test image, so",
+        "that it shows what filtering the probe's training data alone costs.",
+        "",
+        "| attack | defence | clean acc | clean acc, all | ASR | train removed | clean test removed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for attack, d in result["downstream"].items():
         for key, r in d.items():
             lines.append(
-                f"| {attack} | {DOWNSTREAM_NAMES[key]} | {r['clean_accuracy']:.3f} | {r['asr']:.3f} "
+                f"| {attack} | {DOWNSTREAM_NAMES[key]} | {r['clean_accuracy']:.3f} "
+                f"| {r['clean_accuracy_all']:.3f} | {r['asr']:.3f} "
                 f"| {r['train_removed']:.3f} | {r['clean_test_removed']:.3f} |"
             )
     return "\n".join(lines) + "\n"
@@ -1066,6 +1072,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {
             "dede": {**DEDE.to_dict(), "threshold": DEDE_RULE},
             "dede-paper": {**PAPER.to_dict(), "threshold": PAPER_RULE},
+            "collapse": {"threshold": DEFAULT_COLLAPSE_RULE},
         },
     }
     probe = ProbeData(*data.probe, *data.test, TARGET)

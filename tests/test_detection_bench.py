@@ -155,6 +155,8 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     assert set(down) == set(D.DOWNSTREAM_NAMES) and set(by_class) == {"dede", "dede-control"}
     assert all(set(by_class[m]) == {"auc", "clean_flagged"} for m in by_class)
     assert down["no_defence"]["train_removed"] == 0
+    # Without a defence every clean test image is kept: both accuracies are over the same images.
+    assert down["no_defence"]["clean_accuracy_all"] == down["no_defence"]["clean_accuracy"]
     for name in ("dede_paper_threshold_filtered", "dede_paper_filtered"):  # the median flags half
         assert down[name]["train_removed"] == pytest.approx(0.5, abs=0.02)
     unions = {(t, m) for t, m in expected if m.startswith("dede+collapse")}  # two calibrations, no one median
