@@ -767,9 +767,9 @@ def targets_table(result: dict) -> list[str]:
     def both(attack: str, train: str, method: str, field: str) -> list[float]:
         return [rows[attack, rate, train, method][field] for rate in POISON_RATES]
 
-    def auc_at_least(train: str, floor: float):
+    def auc_at_least(train: str, floor: float, method: str = "dede"):
         def check(attack: str) -> tuple[bool, str]:
-            aucs = both(attack, train, "dede", "auc")
+            aucs = both(attack, train, method, "auc")
             return min(aucs) >= floor, " / ".join(f"{a:.3f}" for a in aucs)
 
         return check
@@ -797,6 +797,9 @@ def targets_table(result: dict) -> list[str]:
 
     checks = {
         "ID AUC >= 0.98 (0.5 / 0.01)": auc_at_least("id", 0.98),
+        "the same ranked by `dede+collapse` (either test, in units of its threshold)": auc_at_least(
+            "id", 0.98, "dede+collapse"
+        ),
         "OOD AUC >= 0.95 (0.5 / 0.01)": auc_at_least("ood", 0.95),
         "default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)": operating_point("dede"),
         "the same with `score --collapse` (`dede+collapse`)": operating_point("dede+collapse"),
