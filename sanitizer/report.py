@@ -367,7 +367,8 @@ def sample_rows(run: RunDir, scan: RunScan) -> tuple[list[Pick], list[Pick]]:
 
 @dataclass
 class Cluster:
-    """Collapse-flagged samples whose sketches lie within the collapse threshold of the group's first."""
+    """Collapse-flagged samples whose sketch's cosine to the group's first is at least the collapse
+    threshold (a threshold on a mean over 5 neighbours, used here for one pair: a display heuristic)."""
 
     size: int  # members among the pooled rows
     poisoned: int | None  # members labelled poisoned; None when none carries a label
@@ -375,9 +376,10 @@ class Cluster:
 
 
 def collapse_clusters(run: RunDir, stems: list[str], link: float) -> tuple[list[Cluster], int]:
-    """The CLUSTERS largest-collapse groups among the CLUSTER_POOL rows of highest collapse that the
-    collapse pass flagged, and how many rows it flagged in all. A trigger's images look different but
-    share a patch or a tint; re-encoded copies of one photo look the same (a dedup step's work)."""
+    """Up to CLUSTERS groups, seeded in order of collapse, among the CLUSTER_POOL rows of highest
+    collapse that the collapse pass flagged, and how many rows it flagged in all. A trigger's images
+    look different but share a patch or a tint; re-encoded copies of one photo look the same (a dedup
+    step's work)."""
     pool: list[tuple[float, str, int]] = []  # (-collapse, stem, row): sorts highest collapse first
     extra: dict[tuple[str, int], tuple[np.ndarray, bool | None]] = {}  # sketch, label
     total = 0
