@@ -428,9 +428,10 @@ def sketches(embedded: Embedded) -> np.ndarray:
 
 def self_collapse(sketched: np.ndarray) -> np.ndarray:
     """The collapse pass's statistic with the scored set as its own reference (every set here is
-    smaller than REFERENCE_SIZE, so the product would take all of it too), each image a distinct file."""
+    smaller than REFERENCE_SIZE, so the product would take all of it too), each image a distinct file.
+    An image without a sketch, which the product never flags by collapse, ranks below every cosine."""
     ids = np.arange(len(sketched))
-    return neighbour_similarity(sketched, sketched, ids, ids)
+    return np.nan_to_num(neighbour_similarity(sketched, sketched, ids, ids), nan=-1.0)
 
 
 def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
@@ -442,8 +443,10 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
 
 
 def holdout_collapse(fitted, reference: np.ndarray) -> np.ndarray:
-    """The collapse calibration: the decoder's held-out images against the scored set's reference."""
-    return neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+    """The collapse calibration: the decoder's held-out images against the scored set's reference
+    (those without a sketch left out, as the product leaves them out)."""
+    values = neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+    return values[~np.isnan(values)]
 
 
 def union(dede: np.ndarray, collapse: np.ndarray, fitted, collapse_calibration: np.ndarray) -> np.ndarray:

@@ -7,7 +7,10 @@ like that rebuild scores as clean: no per-image score can see it. Within the sco
 those images are each other's near-duplicates. This pass measures that, after scoring:
 
 - every ok sample's embedding is kept as a `sketch`, a seeded random projection to SKETCH_DIM
-  dimensions (cosines survive it; 128 bytes a sample in the manifest);
+  dimensions (cosines survive it; 128 bytes a sample in the manifest), or NaN where the embedding is
+  concentrated on fewer than MIN_EFFECTIVE_DIM features: a CNN whose ReLU features die for some
+  inputs maps them all to one axis (3-8% of clean images on the detection benchmark's fine-tuned
+  victims), a direction they share without being alike, so such rows take no part in the pass;
 - the reference is a seeded sample of at most REFERENCE_SIZE ok rows of the scored set;
 - a sample's `collapse` is its mean cosine similarity to its NEIGHBOURS nearest reference rows, files
   identical to it (same sha256, itself included) left out: exact duplicates are for a dedup step;
@@ -32,6 +35,7 @@ REFERENCE_SIZE = 20_000
 # The two tests' false-positive rates add: the score's default 3% and this 2% keep a run within the
 # 5% the detection benchmark allows (with 0.975 its runs flagged up to 5.5% of clean images).
 DEFAULT_COLLAPSE_RULE = "quantile:0.98"
+MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
 
 
@@ -42,10 +46,20 @@ def _projection(dim: int) -> torch.Tensor:
     return torch.randn(dim, SKETCH_DIM, generator=generator) / SKETCH_DIM**0.5
 
 
+def effective_dim(embedding: torch.Tensor) -> torch.Tensor:
+    """(B,) how many features carry an embedding, (sum e^2)^2 / sum e^4: D for a flat one, 1 for a
+    single feature, 0 for all zeros."""
+    e = embedding.float()
+    return (e**2).sum(1) ** 2 / (e**4).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def embedding_sketch(embedding: torch.Tensor) -> torch.Tensor:
-    """(B, D) embeddings -> (B, SKETCH_DIM) float32 unit vectors, on the embeddings' device."""
+    """(B, D) embeddings -> (B, SKETCH_DIM) float32 unit vectors, on the embeddings' device; rows of
+    NaN for embeddings below MIN_EFFECTIVE_DIM."""
     projection = _projection(embedding.shape[1]).to(embedding.device)
-    return torch.nn.functional.normalize(embedding.float() @ projection, dim=1)
+    sketch = torch.nn.functional.normalize(embedding.float() @ projection, dim=1)
+    sketch[effective_dim(embedding) < MIN_EFFECTIVE_DIM] = torch.nan
+    return sketch
 
 
 def reference_rows(total: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
@@ -64,21 +78,27 @@ def neighbour_similarity(
     block: int = 1024,
 ) -> np.ndarray:
     """Mean cosine similarity of each query to its k most similar reference rows, a reference row
-    with the query's id (the same file) left out. Rows are unit vectors; NaN when none are left."""
-    r = torch.from_numpy(np.ascontiguousarray(reference, np.float32))
+    with the query's id (the same file) left out. Rows are unit vectors, or NaN where there is no
+    sketch (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NaN, as
+    does one with no reference row left."""
+    usable = np.isfinite(reference).all(1)
+    r = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
+    if reference_ids is not None:
+        reference_ids = reference_ids[usable]
     out = np.full(len(queries), np.nan, np.float32)
     k = min(k, len(r))
+    asked = np.flatnonzero(np.isfinite(queries).all(1))
     if k == 0:
         return out
-    for start in range(0, len(queries), block):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + block], np.float32))
+    for start in range(0, len(asked), block):
+        rows = asked[start : start + block]
+        q = torch.from_numpy(np.ascontiguousarray(queries[rows], np.float32))
         sim = q @ r.T
         if query_ids is not None:
-            same = query_ids[start : start + block, None] == reference_ids[None, :]
-            sim[torch.from_numpy(same)] = -torch.inf
+            sim[torch.from_numpy(query_ids[rows, None] == reference_ids[None, :])] = -torch.inf
         top = sim.topk(k, dim=1).values
         top[torch.isinf(top)] = torch.nan  # fewer than k other files: the mean of those there are
-        out[start : start + len(q)] = top.nanmean(1).numpy()
+        out[rows] = top.nanmean(1).numpy()
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 
 from sanitizer.collapse import (
     SKETCH_DIM,
+    effective_dim,
     embedding_sketch,
     group_by_seed,
     neighbour_similarity,
@@ -56,6 +57,26 @@ def test_neighbour_similarity_leaves_out_the_same_file():
     # Fewer other files than k: the mean of those there are; none at all: NaN.
     assert neighbour_similarity(cluster[:1], cluster[:3], np.array([0]), np.arange(3), k=5)[0] > 0.99
     assert np.isnan(neighbour_similarity(cluster[:1], cluster[:1], np.array([0]), np.array([0]))[0])
+
+
+def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
+    """A CNN whose ReLU features die maps such images to one axis: the same direction, not the same
+    image. They get no sketch, are no one's neighbour and have no collapse value of their own."""
+    rng = np.random.default_rng(3)
+    spread = np.abs(rng.normal(size=(3, 32))).astype(np.float32)
+    axis = np.zeros((3, 32), np.float32)
+    axis[:, 7] = [0.1, 2.0, 30.0]  # one feature, three norms: cosine 1 between all of them
+    embeddings = torch.from_numpy(np.concatenate([spread, axis, np.zeros((1, 32), np.float32)]))
+    assert effective_dim(torch.eye(4)[:1] + torch.eye(4)[1:2]).item() == pytest.approx(2.0)
+    assert effective_dim(embeddings)[3:].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    sketch = embedding_sketch(embeddings).numpy()
+    assert np.isfinite(sketch[:3]).all() and np.isnan(sketch[3:]).all()
+    sim = neighbour_similarity(sketch, sketch, np.arange(7), np.arange(7), k=2)
+    assert np.isnan(sim[3:]).all() and np.isfinite(sim[:3]).all()
+    # The rows without a sketch are left out of the reference, not counted as neighbours.
+    assert sim[:3] == pytest.approx(
+        neighbour_similarity(sketch[:3], sketch[:3], np.arange(3), np.arange(3), k=2)
+    )
 
 
 def test_group_by_seed_groups_around_the_first_ungrouped_row():
@@ -138,6 +159,35 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(tiny_decoder_dir, cluste
     assert again.flagged == again.flagged_by["score"] and again.collapse_rule is None
     assert 'id="clusters"' not in write_report(out).read_text()
     assert not (out / "report" / "clusters.png").exists()  # an older report's figure does not linger
+
+
+def test_rows_without_a_sketch_take_no_part(tiny_decoder_dir, cluster_shards, tmp_path):
+    """The scorer writes a NaN sketch for an embedding on fewer than 2 features; the pass then gives
+    the row no collapse value and does not count it as anyone's neighbour. Here the near-copies lose
+    their sketches, so the cluster they made is no longer flagged."""
+    out = tmp_path / "run"
+    run(tiny_decoder_dir, cluster_shards, out, collapse="value:0.999")
+    for path in sorted((out / "manifest").glob("*.parquet")):
+        table = read_manifest(path)
+        near = np.isin(table.column("key").to_pylist(), [f"shard{i:08d}" for i in range(70, 82)])
+        sketch = table.column("sketch").combine_chunks()
+        values = sketch.values.to_numpy(zero_copy_only=False).reshape(-1, SKETCH_DIM).copy()
+        values[near] = np.nan
+        blanked = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.ravel()), type=sketch.type, mask=sketch.is_null()
+        )
+        write_manifest(path, table.set_column(COLUMNS.index("sketch"), "sketch", blanked))
+    summary = run(tiny_decoder_dir, cluster_shards, out, collapse="value:0.999")
+    table = concat(out)
+    near = [f"shard{i:08d}" for i in range(70, 82)]
+    rows = [i for i, key in enumerate(table.column("key").to_pylist()) if key in near]
+    assert len(rows) == 12
+    assert all(table.column("collapse")[i].as_py() is None for i in rows)
+    others = [c for i, c in enumerate(table.column("collapse").to_pylist()) if i not in rows]
+    assert None not in others  # a row without a sketch is no one's neighbour, not everyone's
+    assert not any("collapse" in (table.column("flag_reason")[i].as_py() or "") for i in rows)
+    assert summary.flagged_by["collapse"] == 0  # nothing else in the set is that close
+    assert verify_run(out) == []
 
 
 def test_verify_holds_the_flags_to_the_collapse_threshold(tiny_decoder_dir, cluster_shards, tmp_path):

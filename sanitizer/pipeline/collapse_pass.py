@@ -56,6 +56,11 @@ class Reference:
         return neighbour_similarity(sketches, self.sketches, self.ids_of(sha256s), self.ids)
 
 
+def _finite(values: np.ndarray | None) -> np.ndarray | None:
+    """Without the NaNs of rows that have no sketch (or no neighbour): a threshold reads the rest."""
+    return None if values is None else values[~np.isnan(values)]
+
+
 def holdout_for(rule: ThresholdRule, decoder_dir: Path) -> tuple[np.ndarray, list[str]] | None:
     """The held-out images (sketches, sha256s) that a quantile rule reads. Called before scoring, so
     that a rule that cannot work is refused before hours of scoring, not after."""
@@ -91,7 +96,7 @@ def apply_flags(
             values[stem][ok] = reference.similarity(sketch, sha256s)
         scored = np.concatenate(list(values.values()))
         calibration = None if holdout is None else reference.similarity(*holdout)
-        value = resolve_threshold(rule, calibration, scored[~np.isnan(scored)])
+        value = resolve_threshold(rule, _finite(calibration), _finite(scored))
     rewrite(
         run, stems, lambda stem, table: set_flags(with_collapse(table, values.get(stem), value), threshold)
     )
