@@ -3,9 +3,10 @@
     .venv/bin/python bench/collapse_pass.py --samples 200000 --per-shard 10000
 
 Writes a run directory of manifests whose sketches are random unit vectors (the pass's cost does not
-depend on their values), then times `apply_flags` with the collapse rule `value:0.99`: reading every
-shard's sketches twice (the reference sample, then the statistic), the neighbour search against up to
-REFERENCE_SIZE reference rows, and rewriting the manifests. Prints one JSON line.
+depend on their values), then times `apply_flags` with the default collapse rule against 2000 random
+held-out images (the most a decoder keeps): reading every shard's sketches twice (the reference
+sample, then the statistic), the neighbour search against up to REFERENCE_SIZE reference rows, the
+p-values, and rewriting the manifests. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ import numpy as np
 import torch
 
 from sanitizer.atomic import write_json_atomic
-from sanitizer.collapse import REFERENCE_SIZE, SKETCH_DIM
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, REFERENCE_SIZE, SKETCH_DIM
 from sanitizer.manifest import to_table, write_manifest
-from sanitizer.pipeline.collapse_pass import apply_flags
+from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags
 from sanitizer.pipeline.collect import flag_counts
 from sanitizer.rundir import RunDir
 from sanitizer.thresholds import parse_rule
+
+HOLDOUT = 2000
+
+
+def unit_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    sketch = rng.normal(size=(n, SKETCH_DIM)).astype(np.float32)
+    return sketch / np.linalg.norm(sketch, axis=1, keepdims=True)
 
 
 def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator) -> list[str]:
@@ -33,8 +41,7 @@ def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator
     run, stems = RunDir(root), []
     for start in range(0, samples, per_shard):
         n, stem = min(per_shard, samples - start), f"shard-{start // per_shard:06d}"
-        sketch = rng.normal(size=(n, SKETCH_DIM)).astype(np.float32)
-        sketch /= np.linalg.norm(sketch, axis=1, keepdims=True)
+        sketch = unit_rows(n, rng)
         unset = ("error", "threshold", "flag_reason", "collapse", "collapse_threshold", "caption")
         columns = {c: [None] * n for c in (*unset, "width", "height", "label")}
         columns |= {
@@ -58,9 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-shard", type=int, default=10_000)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        stems = write_run(Path(tmp), args.samples, args.per_shard, np.random.default_rng(0))
+        rng = np.random.default_rng(0)
+        stems = write_run(Path(tmp), args.samples, args.per_shard, rng)
+        holdout = HoldoutImages(
+            rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), [f"held-{i}" for i in range(HOLDOUT)]
+        )
         started = time.perf_counter()
-        apply_flags(RunDir(Path(tmp)), stems, 0.5, parse_rule("value:0.99"))
+        apply_flags(RunDir(Path(tmp)), stems, 0.5, parse_rule(DEFAULT_COLLAPSE_RULE), holdout)
         seconds = time.perf_counter() - started
     result = {
         "samples": args.samples, "shards": len(stems), "reference": min(args.samples, REFERENCE_SIZE),

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, embedding_sketch, neighbour_similarity
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, HeldOut, embedding_sketch, neighbour_similarity
 from sanitizer.device import precision
 from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
 from sanitizer.errors import SanitizerError
@@ -428,10 +428,10 @@ def sketches(embedded: Embedded) -> np.ndarray:
 
 def self_collapse(sketched: np.ndarray) -> np.ndarray:
     """The collapse pass's statistic with the scored set as its own reference (every set here is
-    smaller than REFERENCE_SIZE, so the product would take all of it too), each image a distinct file.
-    An image without a sketch, which the product never flags by collapse, ranks below every cosine."""
+    smaller than REFERENCE_SIZE, so the product would take all of it too), each image a distinct file;
+    NaN for an image without a sketch, as in the product."""
     ids = np.arange(len(sketched))
-    return np.nan_to_num(neighbour_similarity(sketched, sketched, ids, ids), nan=-1.0)
+    return neighbour_similarity(sketched, sketched, ids, ids)
 
 
 def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
@@ -442,19 +442,16 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
     return (scores - median) / max(gap, 1e-9)  # a degenerate calibration (tiny tests): threshold = median
 
 
-def holdout_collapse(fitted, reference: np.ndarray) -> np.ndarray:
-    """The collapse calibration: the decoder's held-out images against the scored set's reference
-    (those without a sketch left out, as the product leaves them out)."""
-    values = neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
-    return values[~np.isnan(values)]
-
-
-def union(dede: np.ndarray, collapse: np.ndarray, fitted, collapse_calibration: np.ndarray) -> np.ndarray:
-    """What `score --collapse` flags, as one score (flagged above 1): the larger of the two tests'
-    over_threshold units."""
+def union(dede: np.ndarray, collapse: np.ndarray, fitted, reference: np.ndarray) -> np.ndarray:
+    """What `score --collapse` flags, as one score (flagged above 1): the larger of the over_threshold
+    units of the score and of the evidence, the pass's held-out images being the decoder's, against
+    the scored set as the reference (sanitizer/collapse.py)."""
+    sketches = fitted.holdout_sketches.astype(np.float32)
+    held = HeldOut.of(fitted.calibration, neighbour_similarity(sketches, reference))
+    weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no sketch: the score alone
     return np.maximum(
         over_threshold(dede, fitted.calibration, DEDE_RULE),
-        over_threshold(collapse, collapse_calibration, DEFAULT_COLLAPSE_RULE),
+        over_threshold(weighed, held.own_evidence(), DEFAULT_COLLAPSE_RULE),
     )
 
 
@@ -462,9 +459,9 @@ def collapse_rows(
     attack: str, train_data: str, suffix: str, tests: TestSets, fitted, embedded: EmbeddedTests,
     clean: np.ndarray, triggered: np.ndarray,
 ) -> list[dict]:  # fmt: skip
-    """`collapse`, the product's collapse pass alone (`score --collapse` flags it beside `dede`), and
-    `dede+collapse`, what that run flags: each rate's scored set is the pass's reference, and the
-    decoder's held-out images against it are its calibration (sanitizer/collapse.py)."""
+    """`collapse`, the collapse statistic alone (ranked; its TPR and FPR at the quantile of the held-out
+    images' collapse that the default rule names), and `dede+collapse`, what `score --collapse` flags:
+    each rate's scored set is the pass's reference, the decoder's held-out images its calibration."""
     sk_clean, sk_trig = sketches(embedded.clean), sketches(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
@@ -472,11 +469,12 @@ def collapse_rows(
         reference = np.concatenate([sk_clean[cs], sk_trig[ts]])
         collapse = self_collapse(reference)
         n = len(sk_clean[cs])
-        calibration = holdout_collapse(fitted, reference)
-        both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, calibration)
+        held = neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+        ranked = np.nan_to_num(collapse, nan=-1.0)  # without a sketch: below every cosine
+        both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, reference)
         rows += [
-            rate_row(attack, train_data, "collapse" + suffix, rate, collapse[:n], collapse[n:],
-                     DEFAULT_COLLAPSE_RULE, calibration),
+            rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
+                     DEFAULT_COLLAPSE_RULE, held[~np.isnan(held)]),
             rate_row(attack, train_data, "dede+collapse" + suffix, rate, both[:n], both[n:], "value:1", None),
         ]  # fmt: skip
     return rows
@@ -519,7 +517,7 @@ def kept_by_union(
     train, clean, triggered = (sketches(images) for images in sets)
     out = []
     for sketched, scores in ((train, dede[0]), (np.r_[clean, triggered], np.r_[dede[1], dede[2]])):
-        out.append(union(scores, self_collapse(sketched), fitted, holdout_collapse(fitted, sketched)) <= 1)
+        out.append(union(scores, self_collapse(sketched), fitted, sketched) <= 1)
     return out[0], out[1][: len(clean)], out[1][len(clean) :]
 
 

@@ -155,8 +155,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         const=DEFAULT_COLLAPSE_RULE,
         metavar="RULE",
         help="also flag samples whose embedding nearly coincides with many others' (a backdoor's "
-        f"trigger cluster; also flags re-encoded copies of one image): quantile:Q, mad:K or value:X "
-        f"({DEFAULT_COLLAPSE_RULE})",
+        "trigger cluster; also flags re-encoded copies of one image), weighing that with the score: a "
+        "rule on the evidence -ln p_score - ln p_collapse, p-values against the decoder's held-out "
+        f"images: quantile:Q, mad:K or value:X ({DEFAULT_COLLAPSE_RULE})",
     )
     p.add_argument(
         "--batch-size", type=int, help="rows per scoring call (default: whole micro-batches, <= 64 MiB)"
@@ -211,7 +212,7 @@ def format_summary(s) -> str:
         collapse = "none (no ok samples)" if s.collapse_threshold is None else f"{s.collapse_threshold:.6g}"
         lines.append(
             f"  by score: {s.flagged_by['score']}  by collapse: {s.flagged_by['collapse']} "
-            f"(collapse threshold {collapse} [{s.collapse_rule}])"
+            f"(collapse evidence threshold {collapse} [{s.collapse_rule}])"
         )
     lines += [
         f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s)",

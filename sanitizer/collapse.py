@@ -14,8 +14,17 @@ those images are each other's near-duplicates. This pass measures that, after sc
 - the reference is a seeded sample of at most REFERENCE_SIZE ok rows of the scored set;
 - a sample's `collapse` is its mean cosine similarity to its NEIGHBOURS nearest reference rows, files
   identical to it (same sha256, itself included) left out: exact duplicates are for a dedup step;
-- the threshold rule reads the decoder's held-out images against the same reference, so a bigger or
-  denser set, whose nearest neighbours are nearer, moves the threshold with it.
+- a sample is flagged when its score and its collapse are together rarer than the rule allows among
+  the decoder's held-out images, measured against the same reference (so that a bigger or denser set,
+  whose nearest neighbours are nearer, moves the threshold with it). Each statistic becomes a tail
+  p-value against the held-out images' own, and the two combine as in Fisher's method, into an
+  `evidence` of -ln p_score - ln p_collapse. One threshold on that keeps the false-positive budget
+  whole: two tests flagging on their own would add their rates, and would miss a sample moderately
+  unusual on both, as DRUPE's triggered images are (it spreads their embeddings on purpose, and the
+  decoder rebuilds many of them fairly well). Each row's `collapse_threshold` is the collapse it
+  needs, given its score, to be flagged. The rarest collapse a holdout of n images can attest is
+  1 / (n + 1), so collapse alone flags a sample only when n + 1 > exp(threshold): a few hundred
+  held-out images at the default rule.
 
 A trigger is seen when at least NEIGHBOURS of its images land in the reference, i.e. from a poison
 rate of about NEIGHBOURS / REFERENCE_SIZE. Clusters of near-duplicates that are different files (one
@@ -24,6 +33,7 @@ photo re-encoded many times) are flagged too; that is why the pass is opt-in (`s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -32,8 +42,8 @@ import torch
 SKETCH_DIM = 64
 NEIGHBOURS = 5
 REFERENCE_SIZE = 20_000
-# The two tests' false-positive rates add: the score's default 3% and this 2% keep a run within the
-# 5% the detection benchmark allows (with 0.975 its runs flagged up to 5.5% of clean images).
+# The evidence that 2% of the held-out images exceed. Beside the score's own test (3% by default) it
+# flagged 3.6-4.1% of them in the detection benchmark's runs, within the 5% the benchmark allows.
 DEFAULT_COLLAPSE_RULE = "quantile:0.98"
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
@@ -115,3 +125,61 @@ def group_by_seed(sketches: np.ndarray, link: float, limit: int) -> np.ndarray:
         labels[free[sketches[free] @ sketches[free[0]] >= link]] = group
         labels[free[0]] = group  # a link above 1 (value:X) still leaves the seed its own group
     return labels
+
+
+def tail_p(values: np.ndarray, calibration: np.ndarray, own: bool = False) -> np.ndarray:
+    """How rare each value is among the calibration's, from above: (1 + #{c >= v}) / (n + 1), the
+    p-value of a value exchangeable with the calibration. With `own`, the values are the calibration
+    itself, each weighed against the others. NaN stays NaN."""
+    ordered = np.sort(calibration)
+    at_least = len(ordered) - np.searchsorted(ordered, values, side="left")
+    p = at_least / len(ordered) if own else (1 + at_least) / (len(ordered) + 1)
+    return np.where(np.isnan(values), np.nan, p)
+
+
+def evidence(score_p: np.ndarray, collapse_p: np.ndarray) -> np.ndarray:
+    """Fisher's combination of the two tests' p-values, -ln p_score - ln p_collapse: large when a
+    sample is rare on either, or fairly rare on both."""
+    return -np.log(score_p) - np.log(collapse_p)
+
+
+def collapse_needed(score_p: np.ndarray, holdout_collapse: np.ndarray, limit: float) -> np.ndarray:
+    """Per row, the collapse above which the row's evidence is above `limit`, given its score's
+    p-value: a held-out image's collapse, +inf where no collapse would do, -inf where any would, NaN
+    where there is no score. Flags by it and by `evidence(...) > limit` agree (but for exact ties)."""
+    ordered = np.sort(holdout_collapse)[::-1].astype(np.float32)
+    n = len(ordered)
+    # evidence > limit <=> p_collapse < exp(-limit) / p_score <=> #{held out >= c} < bound
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = np.exp(-limit) / score_p * (n + 1) - 1
+    most = np.ceil(bound) - 1  # the most held-out collapses that may be at least c
+    picked = ordered[np.clip(np.nan_to_num(most), 0, max(n - 1, 0)).astype(np.int64)] if n else most
+    needed = np.where(most < 0, np.inf, np.where(most >= n, -np.inf, picked))
+    return np.where(np.isnan(score_p), np.nan, needed).astype(np.float32)
+
+
+@dataclass
+class HeldOut:
+    """The decoder's held-out images as the pass weighs samples against them: their scores and their
+    collapse against the run's reference, those without a collapse (no sketch) left out."""
+
+    scores: np.ndarray
+    collapse: np.ndarray
+
+    @classmethod
+    def of(cls, scores: np.ndarray, collapse: np.ndarray) -> HeldOut:
+        usable = ~np.isnan(collapse)
+        return cls(np.asarray(scores, np.float64)[usable], collapse[usable])
+
+    def own_evidence(self) -> np.ndarray:
+        """Each held-out image's evidence against the others: what a quantile rule reads."""
+        return evidence(
+            tail_p(self.scores, self.scores, own=True), tail_p(self.collapse, self.collapse, own=True)
+        )
+
+    def evidence(self, scores: np.ndarray, collapse: np.ndarray) -> np.ndarray:
+        """NaN where either is NaN (a row that is not ok, or has no sketch)."""
+        return evidence(tail_p(scores, self.scores), tail_p(collapse, self.collapse))
+
+    def needed(self, scores: np.ndarray, limit: float) -> np.ndarray:
+        return collapse_needed(tail_p(scores, self.scores), self.collapse, limit)

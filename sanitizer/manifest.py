@@ -70,13 +70,17 @@ def _constant(n: int, value: float | None) -> pa.Array:
     return pa.nulls(n, pa.float32()) if value is None else pa.array(np.full(n, value, np.float32))
 
 
-def with_collapse(table: pa.Table, collapse: np.ndarray | None, threshold: float | None) -> pa.Table:
-    """Replace the collapse columns (null where the collapse pass did not run or a row is not ok)."""
-    n = table.num_rows
-    values = (
-        pa.nulls(n, pa.float32()) if collapse is None else pa.array(collapse, pa.float32(), from_pandas=True)
-    )
-    return _replace(_replace(table, "collapse", values), "collapse_threshold", _constant(n, threshold))
+def with_collapse(table: pa.Table, collapse: np.ndarray | None, needed: np.ndarray | None) -> pa.Table:
+    """Replace the collapse columns: each row's collapse and the collapse it needs to be flagged
+    (null where the collapse pass did not run or a row is not ok)."""
+
+    def column(values: np.ndarray | None) -> pa.Array:
+        n = table.num_rows
+        return (
+            pa.nulls(n, pa.float32()) if values is None else pa.array(values, pa.float32(), from_pandas=True)
+        )
+
+    return _replace(_replace(table, "collapse", column(collapse)), "collapse_threshold", column(needed))
 
 
 def set_flags(table: pa.Table, threshold: float | None) -> pa.Table:

@@ -367,15 +367,16 @@ def sample_rows(run: RunDir, scan: RunScan) -> tuple[list[Pick], list[Pick]]:
 
 @dataclass
 class Cluster:
-    """Collapse-flagged samples whose sketch's cosine to the group's first is at least the collapse
-    threshold (a threshold on a mean over 5 neighbours, used here for one pair: a display heuristic)."""
+    """Collapse-flagged samples whose sketch's cosine to the group's first is at least the lowest
+    collapse among the pooled rows (a mean over 5 neighbours, used here for one pair: a display
+    heuristic)."""
 
     size: int  # members among the pooled rows
     poisoned: int | None  # members labelled poisoned; None when none carries a label
     picks: list[Pick]  # the first CLUSTER_TILES members, highest collapse first
 
 
-def collapse_clusters(run: RunDir, stems: list[str], link: float) -> tuple[list[Cluster], int]:
+def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int]:
     """Up to CLUSTERS groups, seeded in order of collapse, among the CLUSTER_POOL rows of highest
     collapse that the collapse pass flagged, and how many rows it flagged in all. A trigger's images
     look different but share a patch or a tint; re-encoded copies of one photo look the same (a dedup
@@ -404,6 +405,7 @@ def collapse_clusters(run: RunDir, stems: list[str], link: float) -> tuple[list[
     if not pool:
         return [], total
     where = [(stem, row) for _, stem, row in pool]
+    link = -max(value for value, _, _ in pool)  # the lowest pooled collapse
     groups = group_by_seed(np.stack([extra[w][0] for w in where]), link, CLUSTERS)
     clusters = []
     for g in range(int(groups.max()) + 1):
@@ -827,7 +829,7 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
     if collapse.get("rule"):  # `score --collapse`: the second test, and what each flagged
         by = (info.get("totals") or {}).get("flagged_by", {})
         counts = f"; flagged by score {by.get('score', 0):,}, by collapse {by.get('collapse', 0):,}"
-        rows.insert(1, ["collapse threshold", _threshold_text(collapse) + counts])
+        rows.insert(1, ["collapse evidence threshold", _threshold_text(collapse) + counts])
     if meta is not None:
         rows.insert(
             1, ["encoder", meta["encoder"]["spec"] + f" (weights {meta['encoder']['weights_sha256'][:12]})"]
@@ -979,7 +981,8 @@ def clusters_section(out: Path, clusters: list[Cluster], total: int, images: dic
     pooled = min(total, CLUSTER_POOL)
     text = (
         f"<p>The collapse pass flagged {total:,} samples. Of the {pooled:,} with the highest collapse, each "
-        "row groups those whose embedding is within the collapse threshold of the row's first (the row's "
+        "row groups those whose embedding is as near the row's first as the least collapsed of them is to "
+        "its neighbours (the row's "
         "label is the group's size). Different images that share one embedding are what a backdoor's "
         "trigger makes: look for what they have in common (a patch, a tint, a caption). Copies of one "
         "photo re-encoded look alike everywhere; a dedup step removes those.</p>"
@@ -1111,10 +1114,10 @@ def image_sections(
     out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan
 ) -> list[Section]:
     """Grid, clusters, heat map and projection: the only part that reads images and runs the models."""
-    link = (info.get("collapse") or {}).get("value")  # the collapse threshold, after `score --collapse`
+    collapsed = (info.get("collapse") or {}).get("value") is not None  # after `score --collapse`
     ids = [
         ("samples", "Most flagged samples"),
-        *([("clusters", "Collapse clusters")] if link is not None else []),
+        *([("clusters", "Collapse clusters")] if collapsed else []),
         ("localisation", "Where the trigger sits"),
         ("embeddings", "Embeddings"),
     ]
@@ -1124,9 +1127,7 @@ def image_sections(
         note = _note(f"the run's encoder or decoder cannot be loaded ({e}); images are not shown")
         return [Section(i, t, note) for i, t in ids]
     flagged_sample, clean_sample = sample_rows(run, scan)
-    clusters, collapsed = [], 0
-    if link is not None:
-        clusters, collapsed = collapse_clusters(run, [s.stem for s in scan.shards], link)
+    clusters, by_collapse = collapse_clusters(run, [s.stem for s in scan.shards]) if collapsed else ([], 0)
     urls = {s.stem: s.url for s in shards}
     in_clusters = [p for c in clusters for p in c.picks]
     images, notes = read_images(urls, scan.top + flagged_sample + clean_sample + in_clusters, size)
@@ -1135,7 +1136,7 @@ def image_sections(
     clean = render_views(scorer, clean_sample, images, size)
     sections = [
         samples_section(out, top, typical(clean, GRID_ROWS)),
-        *([clusters_section(out, clusters, collapsed, images)] if link is not None else []),
+        *([clusters_section(out, clusters, by_collapse, images)] if collapsed else []),
         localisation_section(out, flagged, clean),
         embeddings_section(out, flagged, clean),
     ]

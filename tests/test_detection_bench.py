@@ -92,7 +92,7 @@ def tiny_data(rng: np.random.Generator) -> D.Data:
         return images(n), np.arange(n) % 10
 
     return D.Data(
-        labelled(8), images(16), images(8), labelled(40), labelled(8), images(8), labelled(20), labelled(8)
+        labelled(8), images(16), images(8), labelled(40), labelled(35), images(8), labelled(20), labelled(8)
     )
 
 
@@ -173,13 +173,13 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
 
 def test_the_ood_decoder_trains_in_one_pass_and_the_others_in_two(own_victim: tuple[D.Victim, Path]):
     """MNIST holds no trigger, so its decoder skips the second pass; the victim's and the control's
-    leave out the worst-rebuilt 0.1 of their 7 training images (1)."""
+    leave out the worst-rebuilt 0.1 of their 30 training images (3)."""
     victim = with_asr(own_victim[0], 1.0)
     data, training = tiny_inputs()
     with D.DecoderPool(1, 1) as pool:
         decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
         left_out = [d.result().left_out for d in (decoders.id, decoders.control, decoders.ood)]
-    assert left_out == [1, 1, 0]
+    assert left_out == [3, 3, 0]
 
 
 def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tuple[D.Victim, Path]):
@@ -202,15 +202,16 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
 
 def test_collapse_rows_flag_images_that_share_one_embedding():
     """Triggered images sent to one point are each other's nearest neighbours: at 50% the collapse
-    pass flags them all, and the union flags them whatever their reconstruction score; a lone
-    triggered image has no one to collapse with, so at 1% (one image here) only its score can flag it."""
+    pass flags them all, and the union flags them though their reconstruction scores are ordinary (400
+    held-out images attest a collapse rarer than any of theirs); a lone triggered image has no one to
+    collapse with, so at 1% (one image here) only its score can flag it."""
     rng = np.random.default_rng(0)
-    n, dim = 40, 16
-    clean, holdout = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    n, dim, held_out = 40, 16, 400
+    clean, holdout = rng.normal(size=(n, dim)), rng.normal(size=(held_out, dim))
     triggered = rng.normal(size=dim) + 1e-3 * rng.normal(size=(n // 2, dim))
     embedded = D.EmbeddedTests(D.Embedded(None, clean, "c"), D.Embedded(None, triggered, "t"))
     holdout_sketches = D.embedding_sketch(torch.from_numpy(holdout)).numpy().astype(np.float16)
-    fitted = SimpleNamespace(holdout_sketches=holdout_sketches, calibration=np.linspace(0, 1, 101))
+    fitted = SimpleNamespace(holdout_sketches=holdout_sketches, calibration=np.linspace(0, 1, held_out))
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
     dede_clean, dede_trig = np.full(n, 0.5), np.r_[2.0, np.full(n // 2 - 1, 0.5)]  # the first rebuilds badly
     rows = D.collapse_rows("a", "id", "", tests, fitted, embedded, dede_clean, dede_trig)

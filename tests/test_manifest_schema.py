@@ -91,11 +91,12 @@ def test_flags_and_reasons_follow_both_tests():
     rows["score"] = [0.9, 0.1, 0.9, 0.1, None]
     table = set_flags(to_table(rows), 0.5)
     assert table.column("flag_reason").to_pylist() == ["score", None, "score", None, None]
-    table = set_flags(with_collapse(table, np.array([0.2, 0.99, 0.99, 0.2, np.nan]), 0.95), 0.5)
+    needed = np.array([0.95, 0.95, 0.95, 0.95, np.nan])  # per row; none for a failed row
+    table = set_flags(with_collapse(table, np.array([0.2, 0.99, 0.99, 0.2, np.nan]), needed), 0.5)
     assert table.column("flagged").to_pylist() == [True, True, True, False, False]
     assert table.column("flag_reason").to_pylist() == ["score", "collapse", "score+collapse", None, None]
     assert table.column("collapse").null_count == 1
-    assert table.column("collapse_threshold").to_pylist() == [np.float32(0.95)] * 5
+    assert table.column("collapse_threshold").to_pylist() == [np.float32(0.95)] * 4 + [None]
     assert set_flags(table, None).column("flag_reason").to_pylist() == [
         None,
         "collapse",

@@ -1,9 +1,11 @@
 """The collapse pass over a scored run: after every shard is scored, each ok sample's sketch is
-compared with a reference sample of the whole run (see sanitizer.collapse for why and how)."""
+compared with a reference sample of the whole run, and its score and collapse are weighed together
+against the decoder's held-out images (see sanitizer.collapse for why and how)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +13,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.checkpoint import load_holdout
-from sanitizer.collapse import SKETCH_DIM, neighbour_similarity, reference_rows
+from sanitizer.collapse import SKETCH_DIM, HeldOut, neighbour_similarity, reference_rows
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.pipeline.collect import rewrite
 from sanitizer.rundir import RunDir
+from sanitizer.scoring import ScoreSettings
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
 
 
-def ok_sketches(run: RunDir, stems: list[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray, list[str]]]:
-    """(stem, positions of its ok rows, their (n, SKETCH_DIM) sketches, their sha256s), shard by shard."""
+def ok_sketches(
+    run: RunDir, stems: list[str]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, list[str], np.ndarray]]:
+    """(stem, positions of its ok rows, their (n, SKETCH_DIM) sketches, their sha256s, their scores),
+    shard by shard."""
     for stem in stems:
-        table = read_manifest(run.manifest(stem), ["status", "sketch", "sha256"])
+        table = read_manifest(run.manifest(stem), ["status", "sketch", "sha256", "score"])
         ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
         rows = table.take(pa.array(ok))
         sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
-        yield stem, ok, sketch.reshape(-1, SKETCH_DIM).astype(np.float32), rows.column("sha256").to_pylist()
+        scores = rows.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        yield (
+            stem,
+            ok,
+            sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
+            rows.column("sha256").to_pylist(),
+            scores,
+        )
 
 
 class Reference:
@@ -37,7 +50,7 @@ class Reference:
         total = sum(run.read_stats(stem)["ok"] for stem in stems)
         chosen = reference_rows(total)
         sketches, digests, seen = [], [], 0
-        for _, _, sketch, sha256s in ok_sketches(run, stems):
+        for _, _, sketch, sha256s, _ in ok_sketches(run, stems):
             mine = chosen[(chosen >= seen) & (chosen < seen + len(sketch))] - seen
             sketches.append(sketch[mine])
             digests += [sha256s[i] for i in mine]
@@ -56,25 +69,32 @@ class Reference:
         return neighbour_similarity(sketches, self.sketches, self.ids_of(sha256s), self.ids)
 
 
-def _finite(values: np.ndarray | None) -> np.ndarray | None:
-    """Without the NaNs of rows that have no sketch (or no neighbour): a threshold reads the rest."""
-    return None if values is None else values[~np.isnan(values)]
+@dataclass
+class HoldoutImages:
+    """The decoder's held-out images as the pass weighs a run against them: their scores (the
+    calibration, made at the run's scoring settings), sketches and sha256s, in one order."""
+
+    scores: np.ndarray
+    sketches: np.ndarray
+    sha256s: list[str]
 
 
-def holdout_for(rule: ThresholdRule, decoder_dir: Path) -> tuple[np.ndarray, list[str]] | None:
-    """The held-out images (sketches, sha256s) that a quantile rule reads. Called before scoring, so
-    that a rule that cannot work is refused before hours of scoring, not after."""
+def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: ScoreSettings) -> HoldoutImages:
+    """The held-out images every collapse rule weighs samples against. Called before scoring, so
+    that a pass that cannot work is refused before hours of scoring, not after."""
     if rule.kind == "paper":
         raise UsageError("the paper rule is for scores; give the collapse pass quantile:Q, mad:K or value:X")
-    if rule.kind != "quantile":
-        return None
-    holdout = load_holdout(decoder_dir)
-    if holdout is None:
+    held_out = load_holdout(decoder_dir)
+    if held_out is None:
         raise UsageError(
-            f"{decoder_dir} was trained before the collapse pass kept its held-out images; "
-            "retrain it, or give --collapse mad:K or value:X"
+            f"{decoder_dir} was trained before the collapse pass kept its held-out images; retrain it"
         )
-    return holdout
+    if settings != ScoreSettings.from_dict(meta["scoring"]):
+        raise UsageError(
+            f"the collapse pass weighs each score against the calibration, which was made with "
+            f"{meta['scoring']}; scoring with {settings.to_dict()} needs a decoder calibrated for them"
+        )
+    return HoldoutImages(np.asarray(meta["calibration"]["scores"], np.float64), *held_out)
 
 
 def apply_flags(
@@ -82,22 +102,32 @@ def apply_flags(
     stems: list[str],
     threshold: float | None,
     rule: ThresholdRule | None,
-    holdout: tuple[np.ndarray, list[str]] | None = None,
+    holdout: HoldoutImages | None = None,
 ) -> float | None:
     """Flag every finished shard by the score threshold and, given a collapse rule, by the collapse
-    pass; returns the collapse threshold. Without a rule the collapse columns are cleared, so that a
-    run's flags always say what its last invocation asked for. `holdout` is what holdout_for gave."""
+    pass; returns the pass's evidence threshold. Without a rule the collapse columns are cleared, so
+    that a run's flags always say what its last invocation asked for. `holdout` is what holdout_for
+    gave."""
     values: dict[str, np.ndarray] = {}
-    value = None
+    needed: dict[str, np.ndarray] = {}
+    limit = None
     reference = Reference(run, stems) if rule is not None else None
     if reference is not None and len(reference.sketches):
-        for stem, ok, sketch, sha256s in ok_sketches(run, stems):
+        held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.sha256s))
+        scores: dict[str, np.ndarray] = {}
+        for stem, ok, sketch, sha256s, ok_scores in ok_sketches(run, stems):
             values[stem] = np.full(run.read_stats(stem)["count"], np.nan, np.float32)
             values[stem][ok] = reference.similarity(sketch, sha256s)
-        scored = np.concatenate(list(values.values()))
-        calibration = None if holdout is None else reference.similarity(*holdout)
-        value = resolve_threshold(rule, _finite(calibration), _finite(scored))
+            scores[stem] = np.full(len(values[stem]), np.nan)
+            scores[stem][ok] = ok_scores
+        scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
+        limit = resolve_threshold(rule, held.own_evidence(), scored[~np.isnan(scored)])
+        for stem in values:
+            needed[stem] = held.needed(scores[stem], limit)
+            needed[stem][np.isnan(values[stem])] = np.nan  # no collapse: judged by the score alone
     rewrite(
-        run, stems, lambda stem, table: set_flags(with_collapse(table, values.get(stem), value), threshold)
+        run,
+        stems,
+        lambda stem, table: set_flags(with_collapse(table, values.get(stem), needed.get(stem)), threshold),
     )
-    return value
+    return limit

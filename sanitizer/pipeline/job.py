@@ -76,7 +76,7 @@ class Summary:
     flagged_by: dict[str, int]  # flagged by the score, by the collapse pass (a sample can be both)
     threshold: float | None
     threshold_rule: str
-    collapse_threshold: float | None
+    collapse_threshold: float | None  # on the evidence (sanitizer.collapse)
     collapse_rule: str | None
     seconds: float
     scored_now: int = 0
@@ -137,8 +137,10 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     settings.check_patch_size(meta["model"]["patch_size"])
     rule = parse_rule(job.threshold)
     collapse_rule = parse_rule(job.collapse) if job.collapse is not None else None
-    holdout = holdout_for(collapse_rule, Path(job.decoder_dir)) if collapse_rule is not None else None
     threshold = initial_threshold(rule, settings, meta)
+    holdout = (
+        None if collapse_rule is None else holdout_for(collapse_rule, Path(job.decoder_dir), meta, settings)
+    )
     shards = expand_shards(job.data)
     device = resolve_device(job.device)
     workers = job.workers if job.workers is not None else default_workers(device)
