@@ -798,7 +798,7 @@ def targets_table(result: dict) -> list[str]:
 
     checks = {
         "ID AUC >= 0.98 (0.5 / 0.01)": auc_at_least("id", 0.98),
-        "the same ranked by `dede+collapse` (either test, in units of its threshold)": auc_at_least(
+        "the same ranked by `dede+collapse` (score or evidence, in units of its threshold)": auc_at_least(
             "id", 0.98, "dede+collapse"
         ),
         "OOD AUC >= 0.95 (0.5 / 0.01)": auc_at_least("ood", 0.95),

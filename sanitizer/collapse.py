@@ -43,7 +43,7 @@ SKETCH_DIM = 64
 NEIGHBOURS = 5
 REFERENCE_SIZE = 20_000
 # The evidence that 2% of the held-out images exceed. Beside the score's own test (3% by default) it
-# flagged 3.6-4.1% of them in the detection benchmark's runs, within the 5% the benchmark allows.
+# flagged 3.9-4.3% of them in the detection benchmark's runs, within the 5% the benchmark allows.
 DEFAULT_COLLAPSE_RULE = "quantile:0.98"
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines

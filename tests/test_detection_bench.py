@@ -375,7 +375,7 @@ def test_the_targets_table_says_met_missed_or_no_implant():
     assert "missed: 0.990 / 0.970 |" in table["ID AUC >= 0.98 (0.5 / 0.01)"]
     assert (
         "met: 0.990 / 0.990 |"
-        in table["the same ranked by `dede+collapse` (either test, in units of its threshold)"]
+        in table["the same ranked by `dede+collapse` (score or evidence, in units of its threshold)"]
     )
     assert "met: 0.960 / 0.960 |" in table["OOD AUC >= 0.95 (0.5 / 0.01)"]
     assert (
