@@ -234,6 +234,15 @@ def test_verify_holds_the_flags_to_the_collapse_threshold(decoder_dir, cluster_s
     )
 
 
+def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):
+    """60 held-out images attest p = 1/61 at best: a rule that needs rarer says so, with the size."""
+    run(decoder_dir, cluster_shards, tmp_path / "a", collapse=RULE)  # evidence 4 < ln 61: enough
+    assert "held-out images" not in caplog.text
+    run(decoder_dir, cluster_shards, tmp_path / "b", collapse="value:5")
+    assert "the collapse pass has 60 held-out images" in caplog.text
+    assert "148 or more (a larger train --holdout)" in caplog.text  # e^5 = 148.4
+
+
 def test_the_collapse_pass_needs_the_holdout_and_its_calibration(decoder_dir, cluster_shards, tmp_path):
     old = tmp_path / "old-decoder"
     shutil.copytree(decoder_dir, old)

@@ -4,6 +4,8 @@ against the decoder's held-out images (see sanitizer.collapse for why and how)."
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from sanitizer.pipeline.collect import rewrite
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
+
+log = logging.getLogger(__name__)
 
 
 def ok_sketches(
@@ -97,6 +101,18 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
     return HoldoutImages(np.asarray(meta["calibration"]["scores"], np.float64), *held_out)
 
 
+def warn_if_small(held_out: int, limit: float) -> None:
+    """The rarest collapse n held-out images attest is p = 1/(n+1): below exp(limit) of them, no
+    collapse flags a sample whose score is ordinary. Say so, with the holdout that would."""
+    if held_out + 1 <= math.exp(limit):
+        log.warning(
+            "the collapse pass has %d held-out images: a collapse flags a sample only beside an unusual "
+            "score; %d or more (a larger train --holdout) would let collapse alone flag one",
+            held_out,
+            math.floor(math.exp(limit)),
+        )
+
+
 def apply_flags(
     run: RunDir,
     stems: list[str],
@@ -122,6 +138,7 @@ def apply_flags(
             scores[stem][ok] = ok_scores
         scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
         limit = resolve_threshold(rule, held.own_evidence(), scored[~np.isnan(scored)])
+        warn_if_small(len(held.scores), limit)
         for stem in values:
             needed[stem] = held.needed(scores[stem], limit)
             needed[stem][np.isnan(values[stem])] = np.nan  # no collapse: judged by the score alone
