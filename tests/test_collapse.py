@@ -254,6 +254,8 @@ def test_the_collapse_pass_needs_the_holdout_and_its_calibration(decoder_dir, cl
         run(decoder_dir, cluster_shards, tmp_path / "b", collapse=RULE, threshold="mad:3", num_masks=1)
     with pytest.raises(UsageError, match="paper rule is for scores"):
         run(decoder_dir, cluster_shards, tmp_path / "c", collapse="paper")
+    with pytest.raises(UsageError, match="its value is an evidence"):
+        run(decoder_dir, cluster_shards, tmp_path / "d", collapse="value:0.99")  # a cosine, once
 
 
 def test_tail_p_and_evidence():

@@ -88,6 +88,12 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
     that a pass that cannot work is refused before hours of scoring, not after."""
     if rule.kind == "paper":
         raise UsageError("the paper rule is for scores; give the collapse pass quantile:Q, mad:K or value:X")
+    if rule.kind == "value" and rule.param <= 1:
+        # exp(-x) (1 + x) of exchangeable samples pass -ln(p_s p_c) > x: 74% at 1
+        raise UsageError(
+            f"--collapse {rule} would flag most samples: its value is an evidence, "
+            "-ln p_score - ln p_collapse (the default rule's is about 5), not a cosine"
+        )
     held_out = load_holdout(decoder_dir)
     if held_out is None:
         raise UsageError(
