@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
@@ -48,10 +49,12 @@ MAX_SHARDS_READ = 8  # input shards read again for that sample (plus those of th
 CLUSTER_POOL = 4096  # collapse-flagged rows, highest collapse first, that the page groups
 CLUSTERS = 4  # groups shown, one row of images each
 CLUSTER_TILES = 8
+JOINT_POINTS = 20_000  # rows drawn in the score-collapse plane: a seeded sample spread over the shards
 BINS = 60
 SEED = 0
 FIGURES = (
-    "scores.png", "shards.png", "samples.png", "clusters.png", "localisation.png", "embeddings.png", "roc.png"
+    "scores.png", "joint.png", "shards.png", "samples.png", "clusters.png", "localisation.png",
+    "embeddings.png", "roc.png",
 )  # fmt: skip
 FLAG_COLOUR, CLEAN_COLOUR, CALIBRATION_COLOUR = "#d62728", "#4c78a8", "#444444"
 
@@ -596,6 +599,80 @@ def plot_scores(path: Path, h: Histograms, threshold: float | None, rule: str) -
     save_png(fig, path)
 
 
+@dataclass
+class JointPoints:
+    """A sample of the rows that have a collapse: where the collapse pass puts them."""
+
+    score: np.ndarray
+    collapse: np.ndarray
+    needed: np.ndarray  # collapse_threshold: the collapse each row needs, given its score
+    reason: np.ndarray  # flag_reason, "" for kept rows
+    truth: np.ndarray | None  # label, where every sampled row has one
+
+
+def joint_points(run: RunDir, stems: list[str]) -> JointPoints | None:
+    """Up to JOINT_POINTS rows with a collapse, an equal seeded share from each shard."""
+    rng, share = np.random.default_rng(SEED), -(-JOINT_POINTS // max(len(stems), 1))
+    parts = []
+    for stem in stems:
+        table = _read(run, stem, ["score", "collapse", "collapse_threshold", "flag_reason", "label"])
+        rows = np.flatnonzero(pc.is_valid(table.column("collapse")).to_numpy(zero_copy_only=False))
+        parts.append(table.take(np.sort(rng.choice(rows, min(share, len(rows)), replace=False))))
+    table = pa.concat_tables(parts) if parts else None
+    if table is None or not table.num_rows:
+        return None
+    column = lambda name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
+    label = table.column("label")
+    return JointPoints(
+        column("score"),
+        column("collapse"),
+        column("collapse_threshold"),
+        np.array([r or "" for r in table.column("flag_reason").to_pylist()], object),
+        None if label.null_count else label.to_numpy(zero_copy_only=False).astype(bool),
+    )
+
+
+def plot_joint(path: Path, points: JointPoints, threshold: float | None) -> None:
+    """Score against collapse, each row coloured by what flagged it, the pass's boundary (the collapse
+    a row needs at each score) and the score's threshold. The collapse is drawn as 1 - cosine on a log
+    scale, upside down, so that the crowd just below 1 spreads out and nearer is higher."""
+    fig = _figure(8.5, 4.4)
+    ax = fig.add_subplot()
+    distance = 1 - points.collapse
+    floor = max(float(distance[distance > 0].min()) / 2 if (distance > 0).any() else 1e-6, 1e-7)
+    top = max(float(distance.max()) * 1.5, floor * 10)
+    distance = np.clip(distance, floor, top)
+    colours = {"": CLEAN_COLOUR, "score": "#ff7f0e", "collapse": FLAG_COLOUR, "score+collapse": "#7b1fa2"}
+    for reason, colour in colours.items():
+        chosen = points.reason == reason
+        if chosen.any():
+            name = f"by {reason}" if reason else "kept"
+            ax.scatter(
+                points.score[chosen], distance[chosen], s=5, color=colour, alpha=0.5, linewidths=0,
+                label=f"{name} ({int(chosen.sum()):,})",
+            )  # fmt: skip
+    if points.truth is not None and points.truth.any():
+        t = points.truth
+        ax.scatter(
+            points.score[t], distance[t], s=16, facecolors="none", edgecolors="black", linewidths=0.4,
+            label="poisoned (truth)",
+        )  # fmt: skip
+    order = np.argsort(points.score, kind="stable")
+    boundary = np.clip(1 - points.needed[order], floor, top)  # +inf needed: off the top of the plot
+    ax.plot(points.score[order], boundary, color="black", linewidth=1.2, label="collapse needed")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="score threshold")
+    if (points.score > 0).all() and points.score.max() > 100 * points.score.min():
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(top, floor)
+    ax.set_xlabel("reconstruction error (score)")
+    ax.set_ylabel("1 - collapse (up: nearer its 5 nearest)")
+    _legend_above(ax)
+    ax.spines[["top", "right"]].set_visible(False)
+    save_png(fig, path)
+
+
 def plot_shards(path: Path, shards: list[ShardLine], expected: float | None) -> None:
     """Flag rate per shard: bars with names for a few shards, dots in input order for many."""
     fig = _figure(8.5, 3.2)
@@ -748,6 +825,7 @@ NAV = {
     "summary": "Totals",
     "verdict": "Verdict",
     "scores": "Scores",
+    "joint": "Score and collapse",
     "shards": "Shards",
     "samples": "Flagged samples",
     "clusters": "Clusters",
@@ -906,6 +984,22 @@ def scores_section(out: Path, hist: Histograms | None, threshold: float | None, 
         "of it is what a backdoor looks like.</p>"
     )
     return Section("scores", "Score distribution", text + _img("scores.png", "score histogram"))
+
+
+def joint_section(out: Path, points: JointPoints | None, threshold: float | None) -> Section:
+    title = "Score and collapse"
+    if points is None:
+        return Section("joint", title, _note("no sample has a collapse value: nothing to plot"))
+    plot_joint(out / "joint.png", points, threshold)
+    text = (
+        f"<p>{len(points.score):,} samples with a collapse value (a seeded sample): how badly each is "
+        "rebuilt, against how nearly its embedding coincides with its 5 nearest in the run. The collapse "
+        "pass weighs the two together, each as a p-value against the decoder's held-out images, so a "
+        "sample is flagged above the black line, which is lower the rarer its score; samples right of "
+        "the dashed line are flagged by their score alone. A trigger's images sit top left when the "
+        "decoder rebuilds them well, top right when it does not.</p>"
+    )
+    return Section("joint", title, text + _img("joint.png", "score against collapse"))
 
 
 def shards_section(out: Path, scan: RunScan, expected: float | None) -> Section:
@@ -1111,10 +1205,10 @@ def load_scorer(info: dict):
 
 
 def image_sections(
-    out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan
+    out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan, collapsed: bool
 ) -> list[Section]:
-    """Grid, clusters, heat map and projection: the only part that reads images and runs the models."""
-    collapsed = (info.get("collapse") or {}).get("value") is not None  # after `score --collapse`
+    """Grid, clusters (`collapsed`: after `score --collapse`), heat map and projection: the only part
+    that reads images and runs the models."""
     ids = [
         ("samples", "Most flagged samples"),
         *([("clusters", "Collapse clusters")] if collapsed else []),
@@ -1164,12 +1258,14 @@ def write_report(run_dir: Path) -> Path:
         verdict = encoder_verdict(run.root)
         hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
         roc, _ = roc_section(out, scan, threshold)
+        collapsed = (info.get("collapse") or {}).get("value") is not None  # after `score --collapse`
         sections = [
             summary_section(info, scan, meta),
             verdict_section(verdict),
             scores_section(out, hist, threshold, rule),
+            *([joint_section(out, joint_points(run, done), threshold)] if collapsed else []),
             shards_section(out, scan, verdict["expected_rate"]),
-            *image_sections(out, run, info, shards, scan),
+            *image_sections(out, run, info, shards, scan, collapsed),
             roc,
         ]
         page = out / "index.html"

@@ -174,6 +174,10 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert 12 <= int(first[1]) <= 12 + sum(by_collapse[:70])  # the random tiny encoder's own near pairs
     assert {int(key.removeprefix("shard")) for key in first[2].split(", ")} <= set(range(70, 82))
     assert (out / "report" / "clusters.png").is_file()
+    # ... and where the pass puts every sample: 86 rows with a collapse, all drawn.
+    assert '<section id="joint"><h2>Score and collapse</h2>' in html
+    assert "<p>86 samples with a collapse value" in html
+    assert (out / "report" / "joint.png").is_file()
 
     # A finished run re-run changes nothing; without --collapse the pass is undone.
     before = tree_digest(out / "manifest")
@@ -186,6 +190,7 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert again.flagged == again.flagged_by["score"] and again.collapse_rule is None
     assert 'id="clusters"' not in write_report(out).read_text()
     assert not (out / "report" / "clusters.png").exists()  # an older report's figure does not linger
+    assert not (out / "report" / "joint.png").exists()
 
 
 def test_rows_without_a_sketch_take_no_part(decoder_dir, cluster_shards, tmp_path):
