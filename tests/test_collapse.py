@@ -239,6 +239,20 @@ def test_verify_holds_the_flags_to_the_collapse_threshold(decoder_dir, cluster_s
     )
 
 
+def test_a_mad_rule_reads_the_runs_own_evidence(decoder_dir, cluster_shards, tmp_path):
+    """mad:K puts the evidence threshold K robust deviations above the run's median evidence: a larger
+    K flags a subset, and the flags hold up under verify."""
+    low = run(decoder_dir, cluster_shards, tmp_path / "low", collapse="mad:1")
+    high = run(decoder_dir, cluster_shards, tmp_path / "high", collapse="mad:4")
+    assert 0 < low.collapse_threshold < high.collapse_threshold
+    flagged = {name: concat(tmp_path / name).column("flag_reason").to_pylist() for name in ("low", "high")}
+    by_collapse = {
+        name: {i for i, r in enumerate(f) if "collapse" in (r or "")} for name, f in flagged.items()
+    }
+    assert by_collapse["high"] < by_collapse["low"]
+    assert verify_run(tmp_path / "low") == [] and verify_run(tmp_path / "high") == []
+
+
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):
     """60 held-out images attest p = 1/61 at best: a rule that needs rarer says so, with the size."""
     run(decoder_dir, cluster_shards, tmp_path / "a", collapse=RULE)  # evidence 4 < ln 61: enough

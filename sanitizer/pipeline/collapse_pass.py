@@ -26,23 +26,30 @@ from sanitizer.thresholds import ThresholdRule, resolve_threshold
 log = logging.getLogger(__name__)
 
 
-def ok_sketches(
-    run: RunDir, stems: list[str]
-) -> Iterator[tuple[str, np.ndarray, np.ndarray, list[str], np.ndarray]]:
-    """(stem, positions of its ok rows, their (n, SKETCH_DIM) sketches, their sha256s, their scores),
-    shard by shard."""
+@dataclass
+class OkRows:
+    """One shard's ok rows as the pass reads them."""
+
+    stem: str
+    positions: np.ndarray  # row positions in the shard's manifest
+    sketches: np.ndarray  # (n, SKETCH_DIM) float32
+    sha256s: list[str]
+    scores: np.ndarray  # float32, as the manifest keeps them
+
+
+def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
+    """Each shard's ok rows, shard by shard: only the columns the pass needs are read."""
     for stem in stems:
         table = read_manifest(run.manifest(stem), ["status", "sketch", "sha256", "score"])
         ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
         rows = table.take(pa.array(ok))
         sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
-        scores = rows.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        yield (
+        yield OkRows(
             stem,
             ok,
             sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
             rows.column("sha256").to_pylist(),
-            scores,
+            rows.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
         )
 
 
@@ -54,11 +61,11 @@ class Reference:
         total = sum(run.read_stats(stem)["ok"] for stem in stems)
         chosen = reference_rows(total)
         sketches, digests, seen = [], [], 0
-        for _, _, sketch, sha256s, _ in ok_sketches(run, stems):
-            mine = chosen[(chosen >= seen) & (chosen < seen + len(sketch))] - seen
-            sketches.append(sketch[mine])
-            digests += [sha256s[i] for i in mine]
-            seen += len(sketch)
+        for rows in ok_rows(run, stems):
+            mine = chosen[(chosen >= seen) & (chosen < seen + len(rows.sketches))] - seen
+            sketches.append(rows.sketches[mine])
+            digests += [rows.sha256s[i] for i in mine]
+            seen += len(rows.sketches)
         self.sketches = np.concatenate(sketches) if sketches else np.zeros((0, SKETCH_DIM), np.float32)
         self._ids: dict[str, int] = {}
         self.ids = self.ids_of(digests, add=True)
@@ -137,13 +144,17 @@ def apply_flags(
     if reference is not None and len(reference.sketches):
         held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.sha256s))
         scores: dict[str, np.ndarray] = {}
-        for stem, ok, sketch, sha256s, ok_scores in ok_sketches(run, stems):
+        for rows in ok_rows(run, stems):
+            stem = rows.stem
             values[stem] = np.full(run.read_stats(stem)["count"], np.nan, np.float32)
-            values[stem][ok] = reference.similarity(sketch, sha256s)
-            scores[stem] = np.full(len(values[stem]), np.nan)
-            scores[stem][ok] = ok_scores
-        scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
-        limit = resolve_threshold(rule, held.own_evidence(), scored[~np.isnan(scored)])
+            values[stem][rows.positions] = reference.similarity(rows.sketches, rows.sha256s)
+            scores[stem] = np.full(len(values[stem]), np.nan, np.float32)  # 8 bytes a row in all
+            scores[stem][rows.positions] = rows.scores
+        scored = None
+        if rule.needs_scores:  # mad:K reads the run's own evidence
+            scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
+            scored = scored[~np.isnan(scored)]
+        limit = resolve_threshold(rule, held.own_evidence(), scored)
         warn_if_small(len(held.scores), limit)
         for stem in values:
             needed[stem] = held.needed(scores[stem], limit)
