@@ -50,8 +50,8 @@ from sanitizer.redteam.implant import (
 from sanitizer.redteam.metrics import auc, knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import TRIGGERS, Trigger
-from sanitizer.report import SHIFT_LIMIT, above_median
 from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
+from sanitizer.stats import SHIFT_LIMIT, above_median
 from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
 

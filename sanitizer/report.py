@@ -33,16 +33,10 @@ from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import ok_scores
 from sanitizer.rundir import RunDir
-from sanitizer.stats import beta_binomial_sf, binomial_sf, roc_auc, roc_curve
+from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf, roc_auc, roc_curve
 from sanitizer.thresholds import parse_rule
 
 ALPHA = 1e-3  # significance level of the encoder verdict: a false alarm about an encoder is costly
-# Above this share of a run's scores over the calibration's median the data as a whole rebuilds worse
-# than the calibration data: a backdoor moves only its triggered share t of the scores (to 0.5 + t / 2
-# at most), so 0.8 needs 60% of the data triggered. On the detection benchmark (session 13): decoders
-# trained on the victims' own data 0.52-0.54 (1% triggered) and 0.76-0.77 (50%); the same victims'
-# decoders trained on MNIST digits, scoring Fashion-MNIST, 0.83-0.97.
-SHIFT_LIMIT = 0.8
 GRID_ROWS = 8  # most-flagged and typical clean samples shown as images
 SAMPLE_PER_GROUP = 256  # flagged and clean samples behind the heat map and the projection
 MAX_SHARDS_READ = 8  # input shards read again for that sample (plus those of the grid's samples)
@@ -173,11 +167,6 @@ def encoder_verdict(run_dir: Path) -> dict:
         else f"no evidence of a backdoor ({shown}): {flagged} of {ok} samples flagged, {p0:.2%} expected"
     )
     return result
-
-
-def above_median(scores: np.ndarray, calibration: np.ndarray) -> int:
-    """How many scores are above the calibration's median, compared in float32 as manifests hold them."""
-    return int((np.asarray(scores, np.float32) > np.float32(np.median(calibration))).sum())
 
 
 def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None) -> float | None:
@@ -986,11 +975,21 @@ def scores_section(out: Path, hist: Histograms | None, threshold: float | None, 
     return Section("scores", "Score distribution", text + _img("scores.png", "score histogram"))
 
 
-def joint_section(out: Path, points: JointPoints | None, threshold: float | None) -> Section:
+def joint_section(
+    out: Path, points: JointPoints | None, threshold: float | None, shift: float | None
+) -> Section:
+    """`shift`: the share of the run's evidence above the held-out images' median (run.json)."""
     title = "Score and collapse"
     if points is None:
         return Section("joint", title, _note("no sample has a collapse value: nothing to plot"))
     plot_joint(out / "joint.png", points, threshold)
+    unlike = ""
+    if shift is not None and shift > SHIFT_LIMIT:
+        unlike = _note(
+            f"{shift:.0%} of this run's evidence is above the held-out images' median (about 50% on data "
+            "like them): the decoder's held-out images are unlike this data, so the collapse pass flags "
+            "far more than its rule says. Score with a decoder trained on data like it."
+        )
     text = (
         f"<p>{len(points.score):,} samples with a collapse value (a seeded sample): how badly each is "
         "rebuilt, against how nearly its embedding coincides with its 5 nearest in the run. The collapse "
@@ -999,7 +998,7 @@ def joint_section(out: Path, points: JointPoints | None, threshold: float | None
         "the dashed line are flagged by their score alone. A trigger's images sit top left when the "
         "decoder rebuilds them well, top right when it does not.</p>"
     )
-    return Section("joint", title, text + _img("joint.png", "score against collapse"))
+    return Section("joint", title, unlike + text + _img("joint.png", "score against collapse"))
 
 
 def shards_section(out: Path, scan: RunScan, expected: float | None) -> Section:
@@ -1258,12 +1257,13 @@ def write_report(run_dir: Path) -> Path:
         verdict = encoder_verdict(run.root)
         hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
         roc, _ = roc_section(out, scan, threshold)
-        collapsed = (info.get("collapse") or {}).get("value") is not None  # after `score --collapse`
+        collapse = info.get("collapse") or {}
+        collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
         sections = [
             summary_section(info, scan, meta),
             verdict_section(verdict),
             scores_section(out, hist, threshold, rule),
-            *([joint_section(out, joint_points(run, done), threshold)] if collapsed else []),
+            *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),
             shards_section(out, scan, verdict["expected_rate"]),
             *image_sections(out, run, info, shards, scan, collapsed),
             roc,

@@ -1,4 +1,5 @@
-"""Small statistics for the audit report: binomial and beta-binomial tails, and a threshold-free ROC.
+"""Small statistics for the audit report: binomial and beta-binomial tails, a threshold-free ROC, and
+the share above a calibration's median that tells data unlike the calibration data.
 
 scipy is not a dependency, so the tails are computed here from log-probabilities (math.lgamma). The
 binomial tail sums only the terms that can matter: exact to double precision and O(sqrt(n)) terms, so
@@ -11,6 +12,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+# Above this share of a run's scores over the calibration's median the data as a whole rebuilds worse
+# than the calibration data: a backdoor moves only its triggered share t of the scores (to 0.5 + t / 2
+# at most), so 0.8 needs 60% of the data triggered. On the detection benchmark (session 13): decoders
+# trained on the victims' own data 0.52-0.54 (1% triggered) and 0.76-0.77 (50%); the same victims'
+# decoders trained on MNIST digits, scoring Fashion-MNIST, 0.83-0.97.
+SHIFT_LIMIT = 0.8
+
+
+def above_median(scores: np.ndarray, calibration: np.ndarray) -> int:
+    """How many scores are above the calibration's median, compared in float32 as manifests hold them."""
+    return int((np.asarray(scores, np.float32) > np.float32(np.median(calibration))).sum())
+
 
 _SIGMAS = 40.0  # terms further than this from the mode are below exp(-800): they cannot change a double
 

@@ -1,5 +1,6 @@
 """The collapse pass: sketches, the neighbour statistic, and the pass over a scored run."""
 
+import json
 import re
 import shutil
 
@@ -25,6 +26,7 @@ from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import write_report
 from sanitizer.scoring import ScoreSettings
+from sanitizer.stats import SHIFT_LIMIT
 from sanitizer.train import TrainSettings, train_decoder
 from sanitizer.verify import verify_run
 
@@ -154,6 +156,7 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert summary.flagged_by["collapse"] == sum(by_collapse)
     assert summary.flagged == sum(r is not None for r in reasons)
     assert summary.collapse_threshold == 4.0
+    assert json.loads((out / "run.json").read_text())["collapse"]["above_holdout_median"] <= SHIFT_LIMIT
     # Each row's collapse threshold is what its score leaves to the collapse: lower for higher scores.
     scores, needed = (
         np.array(table.column(c).to_pylist(), np.float64) for c in ("score", "collapse_threshold")
@@ -251,6 +254,19 @@ def test_a_mad_rule_reads_the_runs_own_evidence(decoder_dir, cluster_shards, tmp
     }
     assert by_collapse["high"] < by_collapse["low"]
     assert verify_run(tmp_path / "low") == [] and verify_run(tmp_path / "high") == []
+
+
+def test_data_unlike_the_holdout_is_reported(decoder_dir, tmp_path, caplog):
+    """Uniform noise is nothing like the decoder's held-out images: most of its evidence lies above
+    their median, and the run, the log and the report say so."""
+    noise = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    write_image_shards(tmp_path / "noise", noise, per_shard=20)
+    run(decoder_dir, tmp_path / "noise", tmp_path / "run", collapse=RULE)
+    share = json.loads((tmp_path / "run" / "run.json").read_text())["collapse"]["above_holdout_median"]
+    assert share > SHIFT_LIMIT
+    assert "held-out images are unlike this data" in caplog.text
+    html = write_report(tmp_path / "run").read_text()
+    assert "are unlike this data, so the collapse pass flags far more than its rule says" in html
 
 
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):

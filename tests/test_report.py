@@ -20,8 +20,8 @@ from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, to_table, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
-from sanitizer.report import SEED, SHIFT_LIMIT, encoder_verdict, expected_flag_rate, pca_2d, write_report
-from sanitizer.stats import beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
+from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
+from sanitizer.stats import SHIFT_LIMIT, beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
 
 SECTIONS = ("summary", "verdict", "scores", "shards", "samples", "localisation", "embeddings", "roc")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -21,6 +21,7 @@ from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.pipeline.collect import rewrite
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
+from sanitizer.stats import SHIFT_LIMIT
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
 
 log = logging.getLogger(__name__)
@@ -126,20 +127,38 @@ def warn_if_small(held_out: int, limit: float) -> None:
         )
 
 
+@dataclass
+class CollapsePass:
+    """What the pass found: its evidence threshold, and the share of the run's evidence above the
+    held-out images' median (about 0.5 on data like them; above SHIFT_LIMIT they are unlike it)."""
+
+    value: float | None = None
+    above_holdout_median: float | None = None
+
+
+def warn_if_unlike(share: float) -> None:
+    if share > SHIFT_LIMIT:
+        log.warning(
+            "%.0f%% of the run's evidence is above the held-out images' median (about 50%% on data like "
+            "them): the decoder's held-out images are unlike this data, so the collapse pass flags far "
+            "more than its rule says; use a decoder trained on data like it",
+            100 * share,
+        )
+
+
 def apply_flags(
     run: RunDir,
     stems: list[str],
     threshold: float | None,
     rule: ThresholdRule | None,
     holdout: HoldoutImages | None = None,
-) -> float | None:
+) -> CollapsePass:
     """Flag every finished shard by the score threshold and, given a collapse rule, by the collapse
-    pass; returns the pass's evidence threshold. Without a rule the collapse columns are cleared, so
-    that a run's flags always say what its last invocation asked for. `holdout` is what holdout_for
-    gave."""
+    pass. Without a rule the collapse columns are cleared, so that a run's flags always say what its
+    last invocation asked for. `holdout` is what holdout_for gave."""
     values: dict[str, np.ndarray] = {}
     needed: dict[str, np.ndarray] = {}
-    limit = None
+    found = CollapsePass()
     reference = Reference(run, stems) if rule is not None else None
     if reference is not None and len(reference.sketches):
         held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.sha256s))
@@ -150,12 +169,14 @@ def apply_flags(
             values[stem][rows.positions] = reference.similarity(rows.sketches, rows.sha256s)
             scores[stem] = np.full(len(values[stem]), np.nan, np.float32)  # 8 bytes a row in all
             scores[stem][rows.positions] = rows.scores
-        scored = None
-        if rule.needs_scores:  # mad:K reads the run's own evidence
-            scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
-            scored = scored[~np.isnan(scored)]
-        limit = resolve_threshold(rule, held.own_evidence(), scored)
+        own = held.own_evidence()
+        scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
+        scored = scored[~np.isnan(scored)]
+        limit = resolve_threshold(rule, own, scored)
+        found = CollapsePass(limit, float((scored > np.median(own)).mean()) if len(scored) else None)
         warn_if_small(len(held.scores), limit)
+        if found.above_holdout_median is not None:
+            warn_if_unlike(found.above_holdout_median)
         for stem in values:
             needed[stem] = held.needed(scores[stem], limit)
             needed[stem][np.isnan(values[stem])] = np.nan  # no collapse: judged by the score alone
@@ -164,4 +185,4 @@ def apply_flags(
         stems,
         lambda stem, table: set_flags(with_collapse(table, values.get(stem), needed.get(stem)), threshold),
     )
-    return limit
+    return found

@@ -201,7 +201,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
             threshold = resolve_threshold(rule, None, ok_scores(run, done))
         collapse = apply_flags(run, done, threshold, collapse_rule, holdout)
         thresholds = {"threshold": threshold, "threshold_rule": str(rule)}
-        thresholds |= {"collapse_threshold": collapse, "collapse_rule": config["collapse_rule"]}
+        thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": config["collapse_rule"]}
         summary = summarize(run, shards, collector, time.time() - started, thresholds)
         run.write_run(
             {
@@ -210,7 +210,11 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
                 "versions": versions(),
                 "state": "complete" if not summary.failed_shards else "incomplete",
                 "threshold": {"rule": str(rule), "value": threshold},
-                "collapse": {"rule": config["collapse_rule"], "value": collapse},
+                "collapse": {
+                    "rule": config["collapse_rule"],
+                    "value": collapse.value,
+                    "above_holdout_median": collapse.above_holdout_median,
+                },
                 "totals": {
                     "samples": summary.samples,
                     "ok": summary.ok,
