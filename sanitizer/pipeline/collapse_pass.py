@@ -137,6 +137,8 @@ class CollapsePass:
 
 
 def warn_if_unlike(share: float) -> None:
+    """A triggered share t moves at most t of the evidence above the held-out median (0.5 + t/2), as
+    it does the scores (SHIFT_LIMIT): more says the held-out images are unlike the data."""
     if share > SHIFT_LIMIT:
         log.warning(
             "%.0f%% of the run's evidence is above the held-out images' median (about 50%% on data like "
