@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from sanitizer.checkpoint import load_holdout, save_holdout
 from sanitizer.collapse import (
     SKETCH_DIM,
     collapse_needed,
@@ -267,6 +268,20 @@ def test_data_unlike_the_holdout_is_reported(decoder_dir, tmp_path, caplog):
     assert "held-out images are unlike this data" in caplog.text
     html = write_report(tmp_path / "run").read_text()
     assert "are unlike this data, so the collapse pass flags far more than its rule says" in html
+
+
+def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, tmp_path, caplog):
+    """Held-out images whose embeddings all sit on one feature give the pass nothing to weigh against:
+    the run still finishes, flagged by score alone, and says why."""
+    blank = tmp_path / "decoder"
+    shutil.copytree(decoder_dir, blank)
+    sketches, sha256s = load_holdout(blank)
+    save_holdout(blank, np.full_like(sketches, np.nan), sha256s)
+    summary = run(blank, cluster_shards, tmp_path / "run", collapse=RULE)
+    assert "none of the decoder's held-out images has a sketch" in caplog.text
+    assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
+    assert concat(tmp_path / "run").column("collapse").null_count == 86
+    assert verify_run(tmp_path / "run") == []
 
 
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):
