@@ -197,22 +197,27 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert not (out / "report" / "joint.png").exists()
 
 
+def blank_sketches(out, keys: list[str]) -> None:
+    """Give these samples of a finished run NaN sketches, as the scorer does for a degenerate embedding."""
+    for path in sorted((out / "manifest").glob("*.parquet")):
+        table = read_manifest(path)
+        chosen = np.isin(table.column("key").to_pylist(), keys)
+        sketch = table.column("sketch").combine_chunks()
+        values = sketch.values.to_numpy(zero_copy_only=False).reshape(-1, SKETCH_DIM).copy()
+        values[chosen] = np.nan
+        blanked = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.ravel()), type=sketch.type, mask=sketch.is_null()
+        )
+        write_manifest(path, table.set_column(COLUMNS.index("sketch"), "sketch", blanked))
+
+
 def test_rows_without_a_sketch_take_no_part(decoder_dir, cluster_shards, tmp_path):
     """The scorer writes a NaN sketch for an embedding on fewer than 2 features; the pass then gives
     the row no collapse value and does not count it as anyone's neighbour. Here the near-copies lose
     their sketches, so the cluster they made is no longer flagged by it."""
     out = tmp_path / "run"
     run(decoder_dir, cluster_shards, out, collapse=RULE)
-    for path in sorted((out / "manifest").glob("*.parquet")):
-        table = read_manifest(path)
-        near = np.isin(table.column("key").to_pylist(), [f"shard{i:08d}" for i in range(70, 82)])
-        sketch = table.column("sketch").combine_chunks()
-        values = sketch.values.to_numpy(zero_copy_only=False).reshape(-1, SKETCH_DIM).copy()
-        values[near] = np.nan
-        blanked = pa.FixedSizeListArray.from_arrays(
-            pa.array(values.ravel()), type=sketch.type, mask=sketch.is_null()
-        )
-        write_manifest(path, table.set_column(COLUMNS.index("sketch"), "sketch", blanked))
+    blank_sketches(out, [f"shard{i:08d}" for i in range(70, 82)])
     summary = run(decoder_dir, cluster_shards, out, collapse=RULE)
     table = concat(out)
     near = [f"shard{i:08d}" for i in range(70, 82)]
@@ -272,16 +277,24 @@ def test_data_unlike_the_holdout_is_reported(decoder_dir, tmp_path, caplog):
 
 def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, tmp_path, caplog):
     """Held-out images whose embeddings all sit on one feature give the pass nothing to weigh against:
-    the run still finishes, flagged by score alone, and says why."""
+    the run still finishes, flagged by score alone, and says why; so does a run without sketches."""
     blank = tmp_path / "decoder"
     shutil.copytree(decoder_dir, blank)
     sketches, sha256s = load_holdout(blank)
     save_holdout(blank, np.full_like(sketches, np.nan), sha256s)
     summary = run(blank, cluster_shards, tmp_path / "run", collapse=RULE)
-    assert "none of the decoder's held-out images has a sketch" in caplog.text
+    assert "no held-out image has a collapse" in caplog.text
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
     assert concat(tmp_path / "run").column("collapse").null_count == 86
     assert verify_run(tmp_path / "run") == []
+    # Nor can it when no scored sample has a sketch, whatever the rule.
+    out = tmp_path / "blank-run"
+    run(decoder_dir, cluster_shards, out)
+    blank_sketches(out, concat(out).column("key").to_pylist())
+    caplog.clear()
+    summary = run(decoder_dir, cluster_shards, out, collapse="mad:3")
+    assert "no held-out image has a collapse" in caplog.text
+    assert summary.collapse_threshold is None and verify_run(out) == []
 
 
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):

@@ -148,6 +148,55 @@ def warn_if_unlike(share: float) -> None:
         )
 
 
+def weighing(
+    run: RunDir, stems: list[str], rule: ThresholdRule | None, holdout: HoldoutImages | None
+) -> tuple[Reference, HeldOut] | None:
+    """The run's reference and the held-out images' statistics against it; None when there is nothing
+    to weigh (no rule, no ok row, no held-out image with a collapse): after hours of scoring, a pass
+    that cannot run must not fail the run, so the last case is a warning."""
+    if rule is None:
+        return None
+    reference = Reference(run, stems)
+    if not len(reference.sketches):
+        return None
+    held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.sha256s))
+    if not len(held.scores):
+        log.warning(
+            "no held-out image has a collapse (none has a sketch, or no scored sample has one): the "
+            "collapse pass cannot run"
+        )
+        return None
+    return reference, held
+
+
+def weigh(
+    run: RunDir, stems: list[str], rule: ThresholdRule, reference: Reference, held: HeldOut
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], CollapsePass]:
+    """Per shard, each row's collapse and the collapse it needs to be flagged (NaN for rows that are not
+    ok or have no sketch: those are judged by the score alone), and what the pass found."""
+    values: dict[str, np.ndarray] = {}
+    scores: dict[str, np.ndarray] = {}
+    for rows in ok_rows(run, stems):
+        values[rows.stem] = np.full(run.read_stats(rows.stem)["count"], np.nan, np.float32)
+        values[rows.stem][rows.positions] = reference.similarity(rows.sketches, rows.sha256s)
+        scores[rows.stem] = np.full(len(values[rows.stem]), np.nan, np.float32)  # 8 bytes a row in all
+        scores[rows.stem][rows.positions] = rows.scores
+    own = held.own_evidence()
+    scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
+    scored = scored[~np.isnan(scored)]
+    if not len(scored):  # no ok row has a sketch: no collapse to weigh, and mad:K has no evidence
+        log.warning("no scored sample has a sketch: the collapse pass flags nothing")
+        return {}, {}, CollapsePass()
+    limit = resolve_threshold(rule, own, scored)
+    found = CollapsePass(limit, float((scored > np.median(own)).mean()))
+    warn_if_small(len(held.scores), limit)
+    warn_if_unlike(found.above_holdout_median)
+    needed = {stem: held.needed(scores[stem], limit) for stem in values}
+    for stem in values:
+        needed[stem][np.isnan(values[stem])] = np.nan
+    return values, needed, found
+
+
 def apply_flags(
     run: RunDir,
     stems: list[str],
@@ -158,35 +207,10 @@ def apply_flags(
     """Flag every finished shard by the score threshold and, given a collapse rule, by the collapse
     pass. Without a rule the collapse columns are cleared, so that a run's flags always say what its
     last invocation asked for. `holdout` is what holdout_for gave."""
-    values: dict[str, np.ndarray] = {}
-    needed: dict[str, np.ndarray] = {}
-    found = CollapsePass()
-    reference = Reference(run, stems) if rule is not None else None
-    held = None
-    if reference is not None and len(reference.sketches):
-        held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.sha256s))
-        if not len(held.scores):  # after hours of scoring, a pass that cannot run must not fail the run
-            log.warning("none of the decoder's held-out images has a sketch: the collapse pass cannot run")
-            held = None
-    if held is not None:
-        scores: dict[str, np.ndarray] = {}
-        for rows in ok_rows(run, stems):
-            stem = rows.stem
-            values[stem] = np.full(run.read_stats(stem)["count"], np.nan, np.float32)
-            values[stem][rows.positions] = reference.similarity(rows.sketches, rows.sha256s)
-            scores[stem] = np.full(len(values[stem]), np.nan, np.float32)  # 8 bytes a row in all
-            scores[stem][rows.positions] = rows.scores
-        own = held.own_evidence()
-        scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
-        scored = scored[~np.isnan(scored)]
-        limit = resolve_threshold(rule, own, scored)
-        found = CollapsePass(limit, float((scored > np.median(own)).mean()) if len(scored) else None)
-        warn_if_small(len(held.scores), limit)
-        if found.above_holdout_median is not None:
-            warn_if_unlike(found.above_holdout_median)
-        for stem in values:
-            needed[stem] = held.needed(scores[stem], limit)
-            needed[stem][np.isnan(values[stem])] = np.nan  # no collapse: judged by the score alone
+    values, needed, found = {}, {}, CollapsePass()
+    weighed = weighing(run, stems, rule, holdout)
+    if weighed is not None:
+        values, needed, found = weigh(run, stems, rule, *weighed)
     rewrite(
         run,
         stems,
