@@ -442,12 +442,16 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
     return (scores - median) / max(gap, 1e-9)  # a degenerate calibration (tiny tests): threshold = median
 
 
-def union(dede: np.ndarray, collapse: np.ndarray, fitted, reference: np.ndarray) -> np.ndarray:
+def holdout_collapse(fitted, reference: np.ndarray) -> np.ndarray:
+    """The decoder's held-out images' collapse against a scored set (NaN for those without a sketch)."""
+    return neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+
+
+def union(dede: np.ndarray, collapse: np.ndarray, fitted, held_collapse: np.ndarray) -> np.ndarray:
     """What `score --collapse` flags, as one score (flagged above 1): the larger of the over_threshold
-    units of the score and of the evidence, the pass's held-out images being the decoder's, against
-    the scored set as the reference (sanitizer/collapse.py)."""
-    sketches = fitted.holdout_sketches.astype(np.float32)
-    held = HeldOut.of(fitted.calibration, neighbour_similarity(sketches, reference))
+    units of the score and of the evidence, weighed against the decoder's held-out images
+    (`held_collapse`: theirs against the scored set, sanitizer/collapse.py)."""
+    held = HeldOut.of(fitted.calibration, held_collapse)
     weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no sketch: the score alone
     return np.maximum(
         over_threshold(dede, fitted.calibration, DEDE_RULE),
@@ -469,9 +473,9 @@ def collapse_rows(
         reference = np.concatenate([sk_clean[cs], sk_trig[ts]])
         collapse = self_collapse(reference)
         n = len(sk_clean[cs])
-        held = neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+        held = holdout_collapse(fitted, reference)
         ranked = np.nan_to_num(collapse, nan=-1.0)  # without a sketch: below every cosine
-        both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, reference)
+        both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, held)
         rows += [
             rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
                      DEFAULT_COLLAPSE_RULE, held[~np.isnan(held)]),
@@ -517,7 +521,7 @@ def kept_by_union(
     train, clean, triggered = (sketches(images) for images in sets)
     out = []
     for sketched, scores in ((train, dede[0]), (np.r_[clean, triggered], np.r_[dede[1], dede[2]])):
-        out.append(union(scores, self_collapse(sketched), fitted, sketched) <= 1)
+        out.append(union(scores, self_collapse(sketched), fitted, holdout_collapse(fitted, sketched)) <= 1)
     return out[0], out[1][: len(clean)], out[1][len(clean) :]
 
 

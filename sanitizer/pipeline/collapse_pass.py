@@ -21,7 +21,7 @@ from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.pipeline.collect import rewrite
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
-from sanitizer.stats import SHIFT_LIMIT
+from sanitizer.stats import SHIFT_LIMIT, above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def weigh(
         log.warning("no scored sample has a sketch: the collapse pass flags nothing")
         return {}, {}, CollapsePass()
     limit = resolve_threshold(rule, own, scored)
-    found = CollapsePass(limit, float((scored > np.median(own)).mean()))
+    found = CollapsePass(limit, above_median(scored, own) / len(scored))
     warn_if_small(len(held.scores), limit)
     warn_if_unlike(found.above_holdout_median)
     needed = {stem: held.needed(scores[stem], limit) for stem in values}
