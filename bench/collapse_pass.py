@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/collapse_pass.py --samples 200000 --per-shard 10000
 
-Writes a run directory of manifests whose sketches are random unit vectors (the pass's cost does not
-depend on their values), then times `apply_flags` with the default collapse rule against 2000 random
-held-out images (the most a decoder keeps): reading every shard's sketches twice (the reference
-sample, then the statistic), the neighbour search against up to REFERENCE_SIZE reference rows, the
-p-values, and rewriting the manifests. Prints one JSON line.
+Writes a run directory of manifests whose sketches are random unit vectors and thumbnails random
+bytes (the pass's cost does not depend on their values), then times `apply_flags` with the default
+collapse rule against 2000 random held-out images (the most a decoder keeps): reading every shard's
+sketches twice (the reference sample, then the statistic), the neighbour search against up to
+REFERENCE_SIZE reference rows with near-duplicates left out, the p-values, and rewriting the
+manifests. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from sanitizer.atomic import write_json_atomic
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, REFERENCE_SIZE, SKETCH_DIM
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, REFERENCE_SIZE, SKETCH_DIM, THUMBNAIL_SIDE
 from sanitizer.manifest import to_table, write_manifest
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags
 from sanitizer.pipeline.collect import flag_counts
@@ -36,6 +37,10 @@ def unit_rows(n: int, rng: np.random.Generator) -> np.ndarray:
     return sketch / np.linalg.norm(sketch, axis=1, keepdims=True)
 
 
+def thumbnails(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, (n, THUMBNAIL_SIDE**2), dtype=np.uint8)
+
+
 def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator) -> list[str]:
     """Manifests and stats of a scored run (every row ok, scored, not yet flagged)."""
     run, stems = RunDir(root), []
@@ -43,12 +48,12 @@ def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator
         n, stem = min(per_shard, samples - start), f"shard-{start // per_shard:06d}"
         sketch = unit_rows(n, rng)
         unset = ("error", "threshold", "flag_reason", "collapse", "collapse_threshold", "caption")
-        columns = {c: [None] * n for c in (*unset, "width", "height", "label")}
+        columns = {c: [None] * n for c in (*unset, "width", "height", "sha256", "label")}
         columns |= {
             "key": [f"{stem}-{i}" for i in range(n)], "shard": [stem] * n, "index": np.arange(n),
             "status": ["ok"] * n, "score": rng.random(n, np.float32), "score_std": np.zeros(n, np.float32),
             "flagged": np.zeros(n, bool), "embedding_norm": np.ones(n, np.float32),
-            "sketch": list(sketch.astype(np.float16)), "sha256": [f"{stem}-{i}" for i in range(n)],
+            "sketch": list(sketch.astype(np.float16)), "thumbnail": list(map(bytes, thumbnails(n, rng))),
         }  # fmt: skip
         table = to_table(columns)
         run.manifest(stem).parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         stems = write_run(Path(tmp), args.samples, args.per_shard, rng)
-        holdout = HoldoutImages(
-            rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), [f"held-{i}" for i in range(HOLDOUT)]
-        )
+        holdout = HoldoutImages(rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), thumbnails(HOLDOUT, rng))
         started = time.perf_counter()
         apply_flags(RunDir(Path(tmp)), stems, 0.5, parse_rule(DEFAULT_COLLAPSE_RULE), holdout)
         seconds = time.perf_counter() - started

@@ -31,7 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, HeldOut, embedding_sketch, neighbour_similarity
+from sanitizer.collapse import (
+    DEFAULT_COLLAPSE_RULE,
+    HeldOut,
+    embedding_sketch,
+    neighbour_similarity,
+    thumbnail,
+)
 from sanitizer.device import precision
 from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
 from sanitizer.errors import SanitizerError
@@ -422,16 +428,29 @@ def baseline_rows(
     return rows
 
 
-def sketches(embedded: Embedded) -> np.ndarray:
-    return embedding_sketch(torch.from_numpy(embedded.embeddings)).numpy()
+@dataclass
+class Sketched:
+    """What the collapse pass keeps of each image: its embedding's sketch and its thumbnail."""
+
+    sketches: np.ndarray
+    thumbnails: np.ndarray
+
+    @classmethod
+    def of(cls, images: Embedded) -> Sketched:
+        return cls(embedding_sketch(torch.from_numpy(images.embeddings)).numpy(), thumbnail(images.pixels))
+
+    def take(self, rows: np.ndarray) -> Sketched:
+        return Sketched(self.sketches[rows], self.thumbnails[rows])
+
+    def join(self, other: Sketched) -> Sketched:
+        return Sketched(np.r_[self.sketches, other.sketches], np.r_[self.thumbnails, other.thumbnails])
 
 
-def self_collapse(sketched: np.ndarray) -> np.ndarray:
+def self_collapse(images: Sketched) -> np.ndarray:
     """The collapse pass's statistic with the scored set as its own reference (every set here is
-    smaller than REFERENCE_SIZE, so the product would take all of it too), each image a distinct file;
+    smaller than REFERENCE_SIZE, so the product would take all of it too), near-duplicates left out;
     NaN for an image without a sketch, as in the product."""
-    ids = np.arange(len(sketched))
-    return neighbour_similarity(sketched, sketched, ids, ids)
+    return neighbour_similarity(images.sketches, images.sketches, images.thumbnails, images.thumbnails)
 
 
 def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
@@ -442,9 +461,10 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
     return (scores - median) / max(gap, 1e-9)  # a degenerate calibration (tiny tests): threshold = median
 
 
-def holdout_collapse(fitted, reference: np.ndarray) -> np.ndarray:
+def holdout_collapse(fitted, reference: Sketched) -> np.ndarray:
     """The decoder's held-out images' collapse against a scored set (NaN for those without a sketch)."""
-    return neighbour_similarity(fitted.holdout_sketches.astype(np.float32), reference)
+    sketches = fitted.holdout_sketches.astype(np.float32)
+    return neighbour_similarity(sketches, reference.sketches, fitted.holdout_thumbnails, reference.thumbnails)
 
 
 def union(dede: np.ndarray, collapse: np.ndarray, fitted, held_collapse: np.ndarray) -> np.ndarray:
@@ -466,13 +486,13 @@ def collapse_rows(
     """`collapse`, the collapse statistic alone (ranked; its TPR and FPR at the quantile of the held-out
     images' collapse that the default rule names), and `dede+collapse`, what `score --collapse` flags:
     each rate's scored set is the pass's reference, the decoder's held-out images its calibration."""
-    sk_clean, sk_trig = sketches(embedded.clean), sketches(embedded.triggered)
+    sk_clean, sk_trig = Sketched.of(embedded.clean), Sketched.of(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
-        reference = np.concatenate([sk_clean[cs], sk_trig[ts]])
+        reference = sk_clean.take(cs).join(sk_trig.take(ts))
         collapse = self_collapse(reference)
-        n = len(sk_clean[cs])
+        n = len(clean[cs])
         held = holdout_collapse(fitted, reference)
         ranked = np.nan_to_num(collapse, nan=-1.0)  # without a sketch: below every cosine
         both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, held)
@@ -518,11 +538,12 @@ def kept_by_union(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What `score --collapse` keeps of the training, clean test and triggered test images: the training
     data is one scored set, the test data (clean and triggered pooled, as `kept` pools them) another."""
-    train, clean, triggered = (sketches(images) for images in sets)
+    train, clean, triggered = (Sketched.of(images) for images in sets)
     out = []
-    for sketched, scores in ((train, dede[0]), (np.r_[clean, triggered], np.r_[dede[1], dede[2]])):
+    for sketched, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]])):
         out.append(union(scores, self_collapse(sketched), fitted, holdout_collapse(fitted, sketched)) <= 1)
-    return out[0], out[1][: len(clean)], out[1][len(clean) :]
+    n = len(dede[1])
+    return out[0], out[1][:n], out[1][n:]
 
 
 def downstream(

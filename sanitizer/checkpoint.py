@@ -25,7 +25,7 @@ from sanitizer.model import DedeConfig, DedeDecoder
 FORMAT = "sanitizer-dede-decoder/1"
 WEIGHTS = "decoder.safetensors"
 META = "decoder.json"
-HOLDOUT = "holdout.safetensors"  # the held-out images' sketches and sha256s, for the collapse pass
+HOLDOUT = "holdout.safetensors"  # the held-out images' sketches and thumbnails, for the collapse pass
 STATE_DIR = ".checkpoint"
 
 
@@ -59,19 +59,21 @@ def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
     return meta
 
 
-def save_holdout(out_dir: Path, sketches: np.ndarray, sha256s: list[str]) -> None:
-    digests = np.frombuffer(b"".join(bytes.fromhex(h) for h in sha256s), np.uint8).reshape(-1, 32)
-    tensors = {"sketch": torch.from_numpy(sketches), "sha256": torch.from_numpy(digests.copy())}
+def save_holdout(out_dir: Path, sketches: np.ndarray, thumbnails: np.ndarray) -> None:
+    tensors = {"sketch": torch.from_numpy(sketches), "thumbnail": torch.from_numpy(thumbnails)}
     _save_tensors(tensors, Path(out_dir) / HOLDOUT)
 
 
-def load_holdout(decoder_dir: Path) -> tuple[np.ndarray, list[str]] | None:
-    """(sketches, sha256s) of the decoder's held-out images; None for a decoder saved without them."""
+def load_holdout(decoder_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sketches, thumbnails) of the decoder's held-out images; None for a decoder saved without them
+    (before the collapse pass kept them, or before it told near-duplicates apart)."""
     path = Path(decoder_dir) / HOLDOUT
     if not path.is_file():
         return None
     tensors = _load_tensors(path)
-    return tensors["sketch"].float().numpy(), [bytes(row).hex() for row in tensors["sha256"].numpy()]
+    if "thumbnail" not in tensors:
+        return None
+    return tensors["sketch"].float().numpy(), tensors["thumbnail"].numpy()
 
 
 def read_meta(decoder_dir: Path) -> dict:

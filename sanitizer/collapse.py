@@ -12,8 +12,11 @@ those images are each other's near-duplicates. This pass measures that, after sc
   inputs maps them all to one axis (3-8% of clean images on the detection benchmark's fine-tuned
   victims), a direction they share without being alike, so such rows take no part in the pass;
 - the reference is a seeded sample of at most REFERENCE_SIZE ok rows of the scored set;
-- a sample's `collapse` is its mean cosine similarity to its NEIGHBOURS nearest reference rows, files
-  identical to it (same sha256, itself included) left out: exact duplicates are for a dedup step;
+- a sample's `collapse` is its mean cosine similarity to its NEIGHBOURS nearest reference rows, its
+  near-duplicates left out: rows whose `thumbnail` (the decoded image, grey, averaged down to 8 x 8)
+  is within NEAR_DUPLICATE_RMS grey levels of its own, itself and identical files included. A photo
+  re-encoded or resized many times embeds as one point too, but is one image, not a trigger on many;
+  a trigger shared by different images leaves their thumbnails far apart;
 - a sample is flagged when its score and its collapse are together rarer than the rule allows among
   the decoder's held-out images, measured against the same reference (so that a bigger or denser set,
   whose nearest neighbours are nearer, moves the threshold with it). Each statistic becomes a tail
@@ -27,8 +30,8 @@ those images are each other's near-duplicates. This pass measures that, after sc
   held-out images at the default rule.
 
 A trigger is seen when at least NEIGHBOURS of its images land in the reference, i.e. from a poison
-rate of about NEIGHBOURS / REFERENCE_SIZE. Clusters of near-duplicates that are different files (one
-photo re-encoded many times) are flagged too; that is why the pass is opt-in (`score --collapse`).
+rate of about NEIGHBOURS / REFERENCE_SIZE. A trigger stamped on copies of one image is not: those
+copies are each other's near-duplicates, and only the score can flag them.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ REFERENCE_SIZE = 20_000
 # The evidence that 2% of the held-out images exceed. Beside the score's own test (3% by default) it
 # flagged 3.9-4.3% of them in the detection benchmark's runs, within the 5% the benchmark allows.
 DEFAULT_COLLAPSE_RULE = "quantile:0.98"
+# On 32 x 32 Fashion-MNIST, copies re-encoded as JPEG at quality 30-95, or resized by 0.75-4 and back,
+# stay within 3.4 grey levels (RMS) of the original's thumbnail (6.1 at quality 10); no two of 2,000
+# different images come nearer than 5.3, and the benchmark's triggers do not bring them nearer.
+THUMBNAIL_SIDE = 8
+NEAR_DUPLICATE_RMS = 4.0
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
 
@@ -72,6 +80,29 @@ def embedding_sketch(embedding: torch.Tensor) -> torch.Tensor:
     return sketch
 
 
+def thumbnail(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 images -> (N, THUMBNAIL_SIDE**2) uint8: the grey image averaged over an
+    8 x 8 grid of areas, row-major. Computed on the decoded pixels, so that copies of one image in
+    other formats or sizes get about the same thumbnail."""
+    grey = torch.from_numpy(np.ascontiguousarray(pixels)).float().mean(-1, keepdim=True)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grey.permute(0, 3, 1, 2), THUMBNAIL_SIDE)
+    return pooled.round().to(torch.uint8).reshape(len(pixels), -1).numpy()
+
+
+def _as_points(thumbnails: np.ndarray, query: bool) -> torch.Tensor:
+    """Thumbnails as rows whose products, query by reference, are -|q - r|^2: near-duplicates are then
+    one matrix product away (2 q.r - |q|^2 - |r|^2), as cheap as the sketches' cosines."""
+    t = torch.from_numpy(thumbnails.astype(np.float32) - 128)
+    squared, ones = (t**2).sum(1, keepdim=True), torch.ones(len(t), 1)
+    return torch.cat([2 * t, -squared, -ones] if query else [t, ones, squared], 1)
+
+
+def near_duplicates(queries: np.ndarray, reference: np.ndarray) -> torch.Tensor:
+    """(Q, R) bool: which reference thumbnails lie within NEAR_DUPLICATE_RMS of each query's."""
+    limit = NEAR_DUPLICATE_RMS**2 * queries.shape[1]
+    return _as_points(queries, True) @ _as_points(reference, False).T >= -limit
+
+
 def reference_rows(total: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
     """Sorted positions, among `total` ok rows in run order, of the seeded reference sample."""
     if total <= size:
@@ -82,19 +113,19 @@ def reference_rows(total: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.
 def neighbour_similarity(
     queries: np.ndarray,
     reference: np.ndarray,
-    query_ids: np.ndarray | None = None,
-    reference_ids: np.ndarray | None = None,
+    query_thumbnails: np.ndarray | None = None,
+    reference_thumbnails: np.ndarray | None = None,
     k: int = NEIGHBOURS,
     block: int = 1024,
 ) -> np.ndarray:
-    """Mean cosine similarity of each query to its k most similar reference rows, a reference row
-    with the query's id (the same file) left out. Rows are unit vectors, or NaN where there is no
-    sketch (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NaN, as
-    does one with no reference row left."""
+    """Mean cosine similarity of each query to its k most similar reference rows; given thumbnails,
+    the query's near-duplicates are left out. Rows are unit vectors, or NaN where there is no sketch
+    (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NaN, as does
+    one with no reference row left."""
     usable = np.isfinite(reference).all(1)
     r = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
-    if reference_ids is not None:
-        reference_ids = reference_ids[usable]
+    if reference_thumbnails is not None:
+        reference_thumbnails = reference_thumbnails[usable]
     out = np.full(len(queries), np.nan, np.float32)
     k = min(k, len(r))
     asked = np.flatnonzero(np.isfinite(queries).all(1))
@@ -104,10 +135,10 @@ def neighbour_similarity(
         rows = asked[start : start + block]
         q = torch.from_numpy(np.ascontiguousarray(queries[rows], np.float32))
         sim = q @ r.T
-        if query_ids is not None:
-            sim[torch.from_numpy(query_ids[rows, None] == reference_ids[None, :])] = -torch.inf
+        if query_thumbnails is not None:
+            sim.masked_fill_(near_duplicates(query_thumbnails[rows], reference_thumbnails), -torch.inf)
         top = sim.topk(k, dim=1).values
-        top[torch.isinf(top)] = torch.nan  # fewer than k other files: the mean of those there are
+        top[torch.isinf(top)] = torch.nan  # fewer than k other images: the mean of those there are
         out[rows] = top.nanmean(1).numpy()
     return out
 

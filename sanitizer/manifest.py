@@ -1,6 +1,6 @@
 """The manifest: one Parquet row per input sample, failures included, under an explicit schema.
 
-schemas/manifest-v2.json describes the same columns for people and other tools; a test keeps the
+schemas/manifest-v3.json describes the same columns for people and other tools; a test keeps the
 two in step. Writers go through `write_manifest`, which refuses a table that does not match.
 """
 
@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sanitizer.atomic import atomic_path
-from sanitizer.collapse import SKETCH_DIM
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE
 
-SCHEMA_VERSION = "manifest-v2"
+SCHEMA_VERSION = "manifest-v3"
 # Parquet's compliant name for a list's items, so that a file read back has exactly this schema
 SKETCH_TYPE = pa.list_(pa.field("element", pa.float16()), SKETCH_DIM)
+THUMBNAIL_TYPE = pa.binary(THUMBNAIL_SIDE * THUMBNAIL_SIDE)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -39,6 +40,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("sha256", pa.string()),
+        pa.field("thumbnail", THUMBNAIL_TYPE),
         pa.field("label", pa.bool_()),
     ],
     metadata={"schema": SCHEMA_VERSION},

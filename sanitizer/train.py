@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from sanitizer import checkpoint
+from sanitizer.collapse import thumbnail
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
@@ -97,12 +98,11 @@ class ImageSet:
     pixels: np.ndarray  # (N, H, W, 3) uint8
     keys: list[str]
     statuses: Counter  # decode outcome of every sample read, "ok" included
-    sha256s: list[str] = field(default_factory=list)  # of each image member's bytes, when from files
 
 
 def load_images(data: str, size: int, max_samples: int) -> ImageSet:
     """Decodable images from shards, up to max_samples; every other sample is counted, not fatal."""
-    pixels, keys, sha256s, statuses = [], [], [], Counter()
+    pixels, keys, statuses = [], [], Counter()
     for shard in expand_shards(data):
         try:
             for sample in iter_samples(shard.url):
@@ -111,7 +111,6 @@ def load_images(data: str, size: int, max_samples: int) -> ImageSet:
                 if decoded.status == "ok":
                     pixels.append(decoded.pixels)
                     keys.append(sample.key)
-                    sha256s.append(decoded.sha256)
                 if len(keys) >= max_samples:
                     break
         except ShardError as e:
@@ -122,7 +121,7 @@ def load_images(data: str, size: int, max_samples: int) -> ImageSet:
     if len(keys) < MIN_IMAGES:
         found = ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "no samples"
         raise UsageError(f"{data} has {len(keys)} decodable images ({found}); training needs {MIN_IMAGES}")
-    return ImageSet(np.stack(pixels), keys, statuses, sha256s)
+    return ImageSet(np.stack(pixels), keys, statuses)
 
 
 def split_holdout(keys: list[str], share: float) -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +206,7 @@ class FitResult:
     decoder: DedeDecoder
     calibration: np.ndarray  # scores of the held-out images at the test settings
     holdout_sketches: np.ndarray  # (H, SKETCH_DIM) float16: their sketches, for the collapse pass
+    holdout_thumbnails: np.ndarray  # (H, THUMBNAIL_SIDE**2) uint8: theirs, for the same
     holdout: np.ndarray  # (H,) their positions in the images given
     # (N, D) victim embeddings of every image, in the order given: computed once, for training and
     # calibration, and for whoever scores the same images next
@@ -346,6 +346,7 @@ def fit_decoder(
         decoder,
         calibration.score,
         calibration.sketch,
+        thumbnail(images.pixels[holdout_idx]),
         holdout_idx,
         embeddings,
         epochs,
@@ -398,7 +399,7 @@ def train_decoder(
         "scoring": score_settings.to_dict(),
         "calibration": {"n": int(len(fit.calibration)), "scores": [float(x) for x in fit.calibration]},
     }
-    checkpoint.save_holdout(out_dir, fit.holdout_sketches, [images.sha256s[i] for i in fit.holdout])
+    checkpoint.save_holdout(out_dir, fit.holdout_sketches, fit.holdout_thumbnails)
     meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
     checkpoint.clear_training_state(out_dir)
     return meta

@@ -1,5 +1,6 @@
 """The collapse pass: sketches, the neighbour statistic, and the pass over a scored run."""
 
+import io
 import json
 import re
 import shutil
@@ -8,18 +9,22 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from sanitizer.checkpoint import load_holdout, save_holdout
 from sanitizer.collapse import (
     SKETCH_DIM,
+    THUMBNAIL_SIDE,
     collapse_needed,
     effective_dim,
     embedding_sketch,
     evidence,
     group_by_seed,
+    near_duplicates,
     neighbour_similarity,
     reference_rows,
     tail_p,
+    thumbnail,
 )
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
@@ -57,19 +62,48 @@ def test_sketch_keeps_cosines_and_is_the_same_everywhere():
     assert np.allclose(pinned, [0.0831, 0.1138, -0.1447], atol=1e-4), pinned
 
 
-def test_neighbour_similarity_leaves_out_the_same_file():
+def test_neighbour_similarity_leaves_out_near_duplicates():
     rng = np.random.default_rng(1)
     cluster = unit(np.ones((6, 16)) + 0.01 * rng.normal(size=(6, 16)))
     spread = unit(rng.normal(size=(30, 16)))
     reference = np.concatenate([cluster, spread])
-    ids = np.arange(len(reference))
-    sim = neighbour_similarity(reference, reference, ids, ids, k=5)
+    apart = rng.integers(0, 256, (len(reference), THUMBNAIL_SIDE**2), dtype=np.uint8)  # different images
+    sim = neighbour_similarity(reference, reference, apart, apart, k=5)
     assert sim[:6].min() > 0.99 and sim[6:].max() < 0.9
-    # Without the ids each row is its own nearest neighbour.
+    # Without thumbnails each row is its own nearest neighbour.
     assert neighbour_similarity(reference[6:], reference, k=1).min() == pytest.approx(1.0, abs=1e-6)
-    # Fewer other files than k: the mean of those there are; none at all: NaN.
-    assert neighbour_similarity(cluster[:1], cluster[:3], np.array([0]), np.arange(3), k=5)[0] > 0.99
-    assert np.isnan(neighbour_similarity(cluster[:1], cluster[:1], np.array([0]), np.array([0]))[0])
+    # The cluster's images as copies of one picture (each off by up to 4 grey levels): not neighbours.
+    copies = apart.copy()
+    copies[:6] = np.clip(apart[:1].astype(int) + rng.integers(-4, 5, (6, THUMBNAIL_SIDE**2)), 0, 255)
+    sim = neighbour_similarity(reference, reference, copies, copies, k=5)
+    assert sim[:6].max() < 0.9
+    # Fewer other images than k: the mean of those there are; none at all: NaN.
+    assert neighbour_similarity(cluster[:1], cluster[:3], apart[:1], apart[:3], k=5)[0] > 0.99
+    assert np.isnan(neighbour_similarity(cluster[:1], cluster[:1], apart[:1], apart[:1])[0])
+
+
+def test_thumbnails_tell_copies_from_other_images():
+    """Copies of one image in other formats and sizes are near-duplicates; different images, the
+    same trigger on them included, are not."""
+    pixels = synthetic_images(40, 32, seed=9)
+    own = thumbnail(pixels)
+    assert own.shape == (40, THUMBNAIL_SIDE**2) and own.dtype == np.uint8
+    block_mean = pixels.astype(np.float64).mean(-1).reshape(40, 8, 4, 8, 4).mean((2, 4))
+    assert np.abs(own.reshape(40, 8, 8) - block_mean).max() <= 0.5 + 1e-4
+
+    def reencoded(image: np.ndarray, fmt: str, side: int) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(image).resize((side, side), Image.BICUBIC).save(buffer, fmt, quality=50)
+        return np.asarray(Image.open(buffer).convert("RGB").resize((32, 32), Image.BICUBIC))
+
+    copies = np.stack(
+        [reencoded(p, fmt, side) for p in pixels[:10] for fmt, side in (("JPEG", 32), ("PNG", 64))]
+    )
+    assert near_duplicates(thumbnail(copies), own[:10])[np.arange(20), np.arange(20) // 2].all()
+    patched = pixels.copy()
+    patched[:, 20:30, 20:30] = 255  # one white square on each
+    others = near_duplicates(thumbnail(patched), thumbnail(patched))
+    assert (others == np.eye(40, dtype=bool)).all()
 
 
 def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
@@ -84,12 +118,11 @@ def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
     assert effective_dim(embeddings)[3:].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
     sketch = embedding_sketch(embeddings).numpy()
     assert np.isfinite(sketch[:3]).all() and np.isnan(sketch[3:]).all()
-    sim = neighbour_similarity(sketch, sketch, np.arange(7), np.arange(7), k=2)
+    apart = np.arange(7 * THUMBNAIL_SIDE**2).reshape(7, -1).astype(np.uint8)  # 7 different images
+    sim = neighbour_similarity(sketch, sketch, apart, apart, k=2)
     assert np.isnan(sim[3:]).all() and np.isfinite(sim[:3]).all()
     # The rows without a sketch are left out of the reference, not counted as neighbours.
-    assert sim[:3] == pytest.approx(
-        neighbour_similarity(sketch[:3], sketch[:3], np.arange(3), np.arange(3), k=2)
-    )
+    assert sim[:3] == pytest.approx(neighbour_similarity(sketch[:3], sketch[:3], apart[:3], apart[:3], k=2))
 
 
 def test_group_by_seed_groups_around_the_first_ungrouped_row():
@@ -112,15 +145,19 @@ def test_reference_is_a_seeded_sample():
 
 @pytest.fixture(scope="module")
 def cluster_shards(tmp_path_factory):
-    """70 unrelated images, 12 near-copies of one more (one pixel differs: 12 different files with
-    nearly one embedding, as a trigger makes them) and 4 byte-identical copies of another."""
-    pixels = synthetic_images(72, 32, seed=5)
+    """70 unrelated images; 12 circular shifts of one more (12 different pictures that the tiny
+    encoder, a global-average-pooled CNN, embeds at nearly one point, as a trigger makes them); 12
+    near-copies of another (one pixel differs: different files, one picture) and 4 byte-identical
+    copies of a third."""
+    pixels = synthetic_images(73, 32, seed=5)
+    shifts = [(dy, dx) for dy in (0, 8, 16, 24) for dx in (0, 8, 16)]
+    shifted = np.stack([np.roll(pixels[71], shift, (0, 1)) for shift in shifts])
     near = np.repeat(pixels[70:71], 12, axis=0)
     for i in range(12):
         near[i, i, 0, 0] ^= 0xFF
-    copies = np.repeat(pixels[71:72], 4, axis=0)
+    copies = np.repeat(pixels[72:73], 4, axis=0)
     out = tmp_path_factory.mktemp("cluster")
-    write_image_shards(out, np.concatenate([pixels[:70], near, copies]), per_shard=43)
+    write_image_shards(out, np.concatenate([pixels[:70], shifted, near, copies]), per_shard=43)
     return out
 
 
@@ -151,8 +188,8 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     table = concat(out)
     reasons = table.column("flag_reason").to_pylist()
     by_collapse = ["collapse" in (r or "") for r in reasons]
-    assert all(by_collapse[70:82])  # every near-copy
-    assert not any(by_collapse[82:])  # identical files are not each other's neighbours
+    assert all(by_collapse[70:82])  # every shifted picture
+    assert not any(by_collapse[82:])  # near-copies and identical files are not each other's neighbours
     assert sum(by_collapse[:70]) <= 10  # a rough rule: about 2% of unrelated pairs of p-values pass it
     assert summary.flagged_by["collapse"] == sum(by_collapse)
     assert summary.flagged == sum(r is not None for r in reasons)
@@ -169,7 +206,7 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     html = write_report(out).read_text()
     by = f"flagged by score {summary.flagged_by['score']:,}, by collapse {summary.flagged_by['collapse']:,}"
     assert f"<td>collapse evidence threshold</td><td>4 ({RULE}); {by}</td>" in html
-    # The report shows what the pass flagged, grouped: the 12 near-copies are the first group.
+    # The report shows what the pass flagged, grouped: the 12 shifted pictures are the first group.
     assert '<section id="clusters"><h2>Collapse clusters</h2>' in html
     assert f"The collapse pass flagged {summary.flagged_by['collapse']:,} samples." in html
     first = re.search(
@@ -178,9 +215,9 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert 12 <= int(first[1]) <= 12 + sum(by_collapse[:70])  # the random tiny encoder's own near pairs
     assert {int(key.removeprefix("shard")) for key in first[2].split(", ")} <= set(range(70, 82))
     assert (out / "report" / "clusters.png").is_file()
-    # ... and where the pass puts every sample: 86 rows with a collapse, all drawn.
+    # ... and where the pass puts every sample: 98 rows with a collapse, all drawn.
     assert '<section id="joint"><h2>Score and collapse</h2>' in html
-    assert "<p>86 samples with a collapse value" in html
+    assert "<p>98 samples with a collapse value" in html
     assert (out / "report" / "joint.png").is_file()
 
     # A finished run re-run changes nothing; without --collapse the pass is undone.
@@ -213,15 +250,15 @@ def blank_sketches(out, keys: list[str]) -> None:
 
 def test_rows_without_a_sketch_take_no_part(decoder_dir, cluster_shards, tmp_path):
     """The scorer writes a NaN sketch for an embedding on fewer than 2 features; the pass then gives
-    the row no collapse value and does not count it as anyone's neighbour. Here the near-copies lose
-    their sketches, so the cluster they made is no longer flagged by it."""
+    the row no collapse value and does not count it as anyone's neighbour. Here the shifted pictures
+    lose their sketches, so the cluster they made is no longer flagged by it."""
     out = tmp_path / "run"
     run(decoder_dir, cluster_shards, out, collapse=RULE)
     blank_sketches(out, [f"shard{i:08d}" for i in range(70, 82)])
     summary = run(decoder_dir, cluster_shards, out, collapse=RULE)
     table = concat(out)
-    near = [f"shard{i:08d}" for i in range(70, 82)]
-    rows = [i for i, key in enumerate(table.column("key").to_pylist()) if key in near]
+    shifted = [f"shard{i:08d}" for i in range(70, 82)]
+    rows = [i for i, key in enumerate(table.column("key").to_pylist()) if key in shifted]
     assert len(rows) == 12
     assert all(table.column("collapse")[i].as_py() is None for i in rows)
     others = [c for i, c in enumerate(table.column("collapse").to_pylist()) if i not in rows]
@@ -280,12 +317,12 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     the run still finishes, flagged by score alone, and says why; so does a run without sketches."""
     blank = tmp_path / "decoder"
     shutil.copytree(decoder_dir, blank)
-    sketches, sha256s = load_holdout(blank)
-    save_holdout(blank, np.full_like(sketches, np.nan), sha256s)
+    sketches, thumbnails = load_holdout(blank)
+    save_holdout(blank, np.full_like(sketches, np.nan), thumbnails)
     summary = run(blank, cluster_shards, tmp_path / "run", collapse=RULE)
     assert "no held-out image has a collapse" in caplog.text
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
-    assert concat(tmp_path / "run").column("collapse").null_count == 86
+    assert concat(tmp_path / "run").column("collapse").null_count == 98
     assert verify_run(tmp_path / "run") == []
     # Nor can it when no scored sample has a sketch, whatever the rule.
     out = tmp_path / "blank-run"

@@ -209,9 +209,15 @@ def test_collapse_rows_flag_images_that_share_one_embedding():
     n, dim, held_out = 40, 16, 400
     clean, holdout = rng.normal(size=(n, dim)), rng.normal(size=(held_out, dim))
     triggered = rng.normal(size=dim) + 1e-3 * rng.normal(size=(n // 2, dim))
-    embedded = D.EmbeddedTests(D.Embedded(None, clean, "c"), D.Embedded(None, triggered, "t"))
-    holdout_sketches = D.embedding_sketch(torch.from_numpy(holdout)).numpy().astype(np.float16)
-    fitted = SimpleNamespace(holdout_sketches=holdout_sketches, calibration=np.linspace(0, 1, held_out))
+    pictures = rng.integers(0, 256, (n + n // 2 + held_out, 8, 8, 3), dtype=np.uint8)  # all different
+    embedded = D.EmbeddedTests(
+        D.Embedded(pictures[:n], clean, "c"), D.Embedded(pictures[n : n + n // 2], triggered, "t")
+    )
+    fitted = SimpleNamespace(
+        holdout_sketches=D.embedding_sketch(torch.from_numpy(holdout)).numpy().astype(np.float16),
+        holdout_thumbnails=D.thumbnail(pictures[n + n // 2 :]),
+        calibration=np.linspace(0, 1, held_out),
+    )
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
     dede_clean, dede_trig = np.full(n, 0.5), np.r_[2.0, np.full(n // 2 - 1, 0.5)]  # the first rebuilds badly
     rows = D.collapse_rows("a", "id", "", tests, fitted, embedded, dede_clean, dede_trig)

@@ -10,6 +10,7 @@ from sanitizer.manifest import (
     MANIFEST_SCHEMA,
     SCHEMA_VERSION,
     SKETCH_TYPE,
+    THUMBNAIL_TYPE,
     read_manifest,
     set_flags,
     to_table,
@@ -25,6 +26,7 @@ TYPES = {
     "float": pa.float32(),
     "bool": pa.bool_(),
     "fixed_size_list<element: halffloat>[64]": SKETCH_TYPE,
+    "fixed_size_binary[64]": THUMBNAIL_TYPE,
 }
 
 
@@ -56,6 +58,7 @@ def row(**over):
         width=32,
         height=32,
         sha256="ab",
+        thumbnail=bytes(64),
         label=None,
     )
     return {k: [v] for k, v in {**base, **over}.items()}

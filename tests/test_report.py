@@ -421,7 +421,17 @@ def run_with_scores(root: Path, scores: np.ndarray, calibration: np.ndarray) -> 
         root, "quantile:0.97", threshold, [(len(scores), int(flagged.sum()))], calibration.tolist()
     )
     n = len(scores)
-    unset = ("error", "score_std", "embedding_norm", "caption", "width", "height", "sketch", "flag_reason")
+    unset = (
+        "error",
+        "score_std",
+        "embedding_norm",
+        "caption",
+        "width",
+        "height",
+        "sketch",
+        "thumbnail",
+        "flag_reason",
+    )
     columns = {c: [None] * n for c in (*unset, "collapse", "collapse_threshold")}
     columns |= {"sha256": [None] * n, "label": [None] * n, "flagged": flagged, "threshold": [threshold] * n}
     columns |= {"key": [f"k{i}" for i in range(n)], "shard": ["s0"] * n, "index": np.arange(n)}

@@ -1,4 +1,3 @@
-import hashlib
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +11,8 @@ from safetensors.torch import load_file
 import sanitizer.train as train_module
 from sanitizer.checkpoint import check_encoder, load_decoder, load_holdout, read_meta
 from sanitizer.cli import main
-from sanitizer.collapse import SKETCH_DIM
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, thumbnail
+from sanitizer.data.decode import decode_image
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
 from sanitizer.device import precision
@@ -38,13 +38,14 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     names = sorted(p.name for p in tiny_decoder_dir.iterdir())
     assert names == ["decoder.json", "decoder.safetensors", "holdout.safetensors"]
     meta = read_meta(tiny_decoder_dir)
-    # The held-out images, for the collapse pass: their sketches and which files they were.
-    sketches, sha256s = load_holdout(tiny_decoder_dir)
+    # The held-out images, for the collapse pass: their sketches and thumbnails.
+    sketches, thumbnails = load_holdout(tiny_decoder_dir)
     assert sketches.shape == (meta["calibration"]["n"], SKETCH_DIM)
     assert np.allclose(np.linalg.norm(sketches, axis=1), 1, atol=2e-3)
     shards = sorted(tiny_shards.glob("*.tar"))
-    images = {hashlib.sha256(s.by_ext()["png"]).hexdigest() for p in shards for s in iter_samples(str(p))}
-    assert len(set(sha256s)) == len(sha256s) and set(sha256s) <= images
+    decoded = [decode_image(s, 32).pixels for p in shards for s in iter_samples(str(p))]
+    images = {bytes(t) for t in thumbnail(np.stack(decoded))}
+    assert thumbnails.shape == (len(sketches), THUMBNAIL_SIDE**2) and {bytes(t) for t in thumbnails} <= images
     assert meta["encoder"]["spec"] == TINY_ENCODER
     assert meta["encoder"]["weights_sha256"] == tiny_encoder.weights_sha256
     assert meta["encoder"]["preprocess"]["image_size"] == 32

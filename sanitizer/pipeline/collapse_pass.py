@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.checkpoint import load_holdout
-from sanitizer.collapse import SKETCH_DIM, HeldOut, neighbour_similarity, reference_rows
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, neighbour_similarity, reference_rows
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.pipeline.collect import rewrite
@@ -34,61 +34,55 @@ class OkRows:
     stem: str
     positions: np.ndarray  # row positions in the shard's manifest
     sketches: np.ndarray  # (n, SKETCH_DIM) float32
-    sha256s: list[str]
+    thumbnails: np.ndarray  # (n, THUMBNAIL_SIDE**2) uint8
     scores: np.ndarray  # float32, as the manifest keeps them
 
 
 def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
     """Each shard's ok rows, shard by shard: only the columns the pass needs are read."""
     for stem in stems:
-        table = read_manifest(run.manifest(stem), ["status", "sketch", "sha256", "score"])
+        table = read_manifest(run.manifest(stem), ["status", "sketch", "thumbnail", "score"])
         ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
         rows = table.take(pa.array(ok))
         sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
+        thumbnails = rows.column("thumbnail").combine_chunks()
+        thumbnail_bytes = thumbnails.buffers()[1][thumbnails.offset * THUMBNAIL_SIDE**2 :]
         yield OkRows(
             stem,
             ok,
             sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
-            rows.column("sha256").to_pylist(),
+            np.frombuffer(thumbnail_bytes, np.uint8, len(ok) * THUMBNAIL_SIDE**2).reshape(len(ok), -1),
             rows.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
         )
 
 
 class Reference:
-    """The reference sample: sketches, and one id per distinct file so that a file is not its own
-    neighbour (ids of files outside the reference are -1, which no reference row has)."""
+    """The reference sample: the sketches and thumbnails of a seeded sample of the run's ok rows."""
 
     def __init__(self, run: RunDir, stems: list[str]) -> None:
         total = sum(run.read_stats(stem)["ok"] for stem in stems)
         chosen = reference_rows(total)
-        sketches, digests, seen = [], [], 0
+        sketches, thumbnails, seen = [], [], 0
         for rows in ok_rows(run, stems):
             mine = chosen[(chosen >= seen) & (chosen < seen + len(rows.sketches))] - seen
             sketches.append(rows.sketches[mine])
-            digests += [rows.sha256s[i] for i in mine]
+            thumbnails.append(rows.thumbnails[mine])
             seen += len(rows.sketches)
-        self.sketches = np.concatenate(sketches) if sketches else np.zeros((0, SKETCH_DIM), np.float32)
-        self._ids: dict[str, int] = {}
-        self.ids = self.ids_of(digests, add=True)
+        self.sketches = np.concatenate([*sketches, np.zeros((0, SKETCH_DIM), np.float32)])
+        self.thumbnails = np.concatenate([*thumbnails, np.zeros((0, THUMBNAIL_SIDE**2), np.uint8)])
 
-    def ids_of(self, sha256s: list[str], add: bool = False) -> np.ndarray:
-        if add:
-            for digest in sha256s:
-                self._ids.setdefault(digest, len(self._ids))
-        return np.array([self._ids.get(d, -1) for d in sha256s], np.int64)
-
-    def similarity(self, sketches: np.ndarray, sha256s: list[str]) -> np.ndarray:
-        return neighbour_similarity(sketches, self.sketches, self.ids_of(sha256s), self.ids)
+    def similarity(self, sketches: np.ndarray, thumbnails: np.ndarray) -> np.ndarray:
+        return neighbour_similarity(sketches, self.sketches, thumbnails, self.thumbnails)
 
 
 @dataclass
 class HoldoutImages:
     """The decoder's held-out images as the pass weighs a run against them: their scores (the
-    calibration, made at the run's scoring settings), sketches and sha256s, in one order."""
+    calibration, made at the run's scoring settings), sketches and thumbnails, in one order."""
 
     scores: np.ndarray
     sketches: np.ndarray
-    sha256s: list[str]
+    thumbnails: np.ndarray
 
 
 def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: ScoreSettings) -> HoldoutImages:
@@ -105,7 +99,8 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
     held_out = load_holdout(decoder_dir)
     if held_out is None:
         raise UsageError(
-            f"{decoder_dir} was trained before the collapse pass kept its held-out images; retrain it"
+            f"{decoder_dir} was trained before the collapse pass kept its held-out images' sketches and "
+            "thumbnails; retrain it, or score with --no-collapse"
         )
     if settings != ScoreSettings.from_dict(meta["scoring"]):
         raise UsageError(
@@ -159,7 +154,7 @@ def weighing(
     reference = Reference(run, stems)
     if not len(reference.sketches):
         return None
-    held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.sha256s))
+    held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
     if not len(held.scores):
         log.warning(
             "no held-out image has a collapse (none has a sketch, or no scored sample has one): the "
@@ -178,7 +173,7 @@ def weigh(
     scores: dict[str, np.ndarray] = {}
     for rows in ok_rows(run, stems):
         values[rows.stem] = np.full(run.read_stats(rows.stem)["count"], np.nan, np.float32)
-        values[rows.stem][rows.positions] = reference.similarity(rows.sketches, rows.sha256s)
+        values[rows.stem][rows.positions] = reference.similarity(rows.sketches, rows.thumbnails)
         scores[rows.stem] = np.full(len(values[rows.stem]), np.nan, np.float32)  # 8 bytes a row in all
         scores[rows.stem][rows.positions] = rows.scores
     own = held.own_evidence()

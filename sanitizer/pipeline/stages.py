@@ -18,12 +18,12 @@ import pyarrow.compute as pc
 import torch
 
 from sanitizer.checkpoint import check_encoder, load_decoder
-from sanitizer.collapse import SKETCH_DIM
+from sanitizer.collapse import SKETCH_DIM, thumbnail
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import resolve_device
 from sanitizer.encoders import Preprocess, load_encoder
-from sanitizer.manifest import SKETCH_TYPE
+from sanitizer.manifest import SKETCH_TYPE, THUMBNAIL_TYPE
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ _META_FIELDS = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("sha256", pa.string()),
+    pa.field("thumbnail", THUMBNAIL_TYPE),
     pa.field("label", pa.bool_()),
     pa.field("seed", pa.int64()),
 ]
@@ -75,6 +76,7 @@ def read_shard(
         for sample in iter_samples(url):
             decoded = decode_image(sample, image_size, max_pixels)
             key = printable(sample.key)
+            thumb = None if decoded.pixels is None else thumbnail(decoded.pixels[None]).tobytes()
             rows.append(
                 {
                     "shard": stem,
@@ -87,6 +89,7 @@ def read_shard(
                     "width": decoded.width,
                     "height": decoded.height,
                     "sha256": decoded.sha256,
+                    "thumbnail": thumb,
                     "label": decode_label(sample),
                     "seed": int(key_seeds([sample.key])[0]),
                     "pixels": decoded.pixels.tobytes() if decoded.pixels is not None else blank,
