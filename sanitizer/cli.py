@@ -152,12 +152,16 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--collapse",
         nargs="?",
+        default=DEFAULT_COLLAPSE_RULE,
         const=DEFAULT_COLLAPSE_RULE,
         metavar="RULE",
-        help="also flag samples whose embedding nearly coincides with many others' (a backdoor's "
-        "trigger cluster; also flags re-encoded copies of one image), weighing that with the score: a "
-        "rule on the evidence -ln p_score - ln p_collapse, p-values against the decoder's held-out "
-        f"images: quantile:Q, mad:K or value:X ({DEFAULT_COLLAPSE_RULE})",
+        help="the collapse pass: also flag samples whose embedding nearly coincides with many other "
+        "images' (a backdoor's trigger cluster; near-duplicates of one image do not count), weighing "
+        "that with the score: a rule on the evidence -ln p_score - ln p_collapse, p-values against the "
+        f"decoder's held-out images: quantile:Q, mad:K or value:X (default {DEFAULT_COLLAPSE_RULE})",
+    )
+    p.add_argument(
+        "--no-collapse", dest="collapse", action="store_const", const=None, help="flag by score alone"
     )
     p.add_argument(
         "--batch-size", type=int, help="rows per scoring call (default: whole micro-batches, <= 64 MiB)"

@@ -331,8 +331,10 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
     summary = run_score_job(
         ScoreJob(decoder_dir=decoder_dir, data=str(dataset_dir), out=run_dir, workers=None)
     )
+    by = summary.flagged_by
     stages.note(
-        f"{summary.ok} samples scored, {summary.flagged} flagged at threshold {summary.threshold:.4g}"
+        f"{summary.ok} samples scored, {summary.flagged} flagged: {by['score']} by score (threshold "
+        f"{summary.threshold:.4g}), {by['collapse']} by the collapse pass"
     )
 
     stages.start("defender: cleaning")

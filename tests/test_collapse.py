@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from sanitizer.checkpoint import load_holdout, save_holdout
+from sanitizer.cli import build_parser
 from sanitizer.collapse import (
+    DEFAULT_COLLAPSE_RULE,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
     collapse_needed,
@@ -220,11 +222,11 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert "<p>98 samples with a collapse value" in html
     assert (out / "report" / "joint.png").is_file()
 
-    # A finished run re-run changes nothing; without --collapse the pass is undone.
+    # A finished run re-run changes nothing; with --no-collapse the pass is undone.
     before = tree_digest(out / "manifest")
     run(decoder_dir, cluster_shards, out, collapse=RULE)
     assert tree_digest(out / "manifest") == before
-    again = run(decoder_dir, cluster_shards, out)
+    again = run(decoder_dir, cluster_shards, out, collapse=None)
     undone = concat(out)
     assert undone.column("collapse").null_count == undone.num_rows
     assert set(undone.column("flag_reason").to_pylist()) <= {None, "score"}
@@ -341,6 +343,19 @@ def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, capl
     run(decoder_dir, cluster_shards, tmp_path / "b", collapse="value:5")
     assert "the collapse pass has 60 held-out images" in caplog.text
     assert "148 or more (a larger train --holdout)" in caplog.text  # e^5 = 148.4
+    caplog.clear()
+    run(decoder_dir, cluster_shards, tmp_path / "c", collapse="value:1000")  # e^1000: no float holds it
+    assert "1.014e+304 or more" in caplog.text
+
+
+def test_the_pass_runs_by_default():
+    def collapse(*extra: str) -> str | None:
+        argv = ["score", "--decoder", "d", "--data", "x", "--out", "o", *extra]
+        return build_parser().parse_args(argv).collapse
+
+    assert collapse() == collapse("--collapse") == DEFAULT_COLLAPSE_RULE == ScoreJob("d", "x", "o").collapse
+    assert collapse("--collapse", "mad:3") == "mad:3"
+    assert collapse("--no-collapse") is None
 
 
 def test_the_collapse_pass_needs_the_holdout_and_its_calibration(decoder_dir, cluster_shards, tmp_path):

@@ -68,7 +68,11 @@ def test_flags_follow_the_threshold(local_run):
             table.column("flagged").to_numpy(zero_copy_only=False),
         )
         assert set(table.column("threshold").to_pylist()) == {np.float32(summary.threshold)}
-        assert np.array_equal(flagged, score_ > np.float32(summary.threshold))
+        collapse, needed = (
+            table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+            for c in ("collapse", "collapse_threshold")
+        )  # the collapse pass runs by default: a row's collapse flags it too
+        assert np.array_equal(flagged, (score_ > np.float32(summary.threshold)) | (collapse > needed))
 
 
 def test_clean_and_quarantine_hold_the_ok_rows_byte_for_byte(local_run, tiny_shards):
@@ -163,7 +167,7 @@ def test_mad_rule_and_rethreshold_without_rescoring(tmp_path, local_run, tiny_de
     scores = np.concatenate([t.column("score").to_numpy() for t in manifests(tmp_path / "mad").values()])
     median = np.median(scores)
     assert summary.threshold == pytest.approx(median + 1.4826 * np.median(np.abs(scores - median)), rel=1e-6)
-    assert summary.flagged == int((scores > np.float32(summary.threshold)).sum())
+    assert summary.flagged_by["score"] == int((scores > np.float32(summary.threshold)).sum())
     result = clean_run(tmp_path / "mad", threshold="value:0")
     assert (result.kept, result.quarantined) == (0, 120)
     assert all(t.column("flagged").to_pylist() == [True] * 40 for t in manifests(tmp_path / "mad").values())
@@ -243,19 +247,37 @@ def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     assert (resumed.samples, resumed.scored_now) == (40, 0)
     per_pixel = manifests(tmp_path / "run")["shard-000000"].column("score").to_numpy()
     score(
-        tiny_decoder_dir, first, tmp_path / "pooled", workers=0, error="mse", relax_steps=0, threshold="mad:3"
-    )
+        tiny_decoder_dir, first, tmp_path / "pooled", workers=0, error="mse", relax_steps=0,
+        threshold="mad:3", collapse=None,
+    )  # fmt: skip
     pooled = manifests(tmp_path / "pooled")["shard-000000"].column("score").to_numpy()
     assert (pooled < per_pixel).all()  # the square of a mean is at most the mean of the squares
 
 
 def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tiny_shards, capsys):
     """`score --relax-steps 0` scores every sample unrelaxed (almost all higher than with the
-    decoder's relaxed default) and records it; the decoder's quantile calibration no longer applies."""
+    decoder's relaxed default) and records it; the decoder's calibration no longer applies, to the
+    quantile rule or to the collapse pass."""
     argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
     assert main([*argv, "--out", str(tmp_path / "q"), "--relax-steps", "0"]) == 2
     assert "scoring with {" in capsys.readouterr().err
-    assert main([*argv, "--out", str(tmp_path / "r"), "--relax-steps", "0", "--threshold", "mad:3"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "r"), "--relax-steps", "0", "--threshold", "mad:3"]) == 2
+    assert "the collapse pass weighs each score against the calibration" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *argv,
+                "--out",
+                str(tmp_path / "r"),
+                "--relax-steps",
+                "0",
+                "--threshold",
+                "mad:3",
+                "--no-collapse",
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["identity"]["scoring"]["relax_steps"] == 0
     relaxed, unrelaxed = (

@@ -23,7 +23,10 @@ from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
 from sanitizer.stats import SHIFT_LIMIT, beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
 
-SECTIONS = ("summary", "verdict", "scores", "shards", "samples", "localisation", "embeddings", "roc")
+SECTIONS = (
+    "summary", "verdict", "scores", "joint", "shards", "samples", "clusters", "localisation",
+    "embeddings", "roc",
+)  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HOSTILE_CAPTION = '<script>alert("x")</script> $\\frac{1}{0}$ & photo '
 
@@ -144,7 +147,7 @@ def test_report_without_ground_truth_or_decoder(labelled_run, tmp_path):
     page = write_report(run)
     parsed = parse(page)
     assert parsed.ids == list(SECTIONS)
-    assert set(parsed.images) == {"scores.png", "shards.png"}
+    assert set(parsed.images) == {"scores.png", "shards.png", "joint.png"}  # the decoder draws the rest
     text = " ".join(parsed.text)
     assert "carry no ground truth" in text and "cannot be loaded" in text
     # quantile:Q needs no calibration file: the verdict still stands
@@ -174,7 +177,7 @@ def test_report_of_a_run_that_flags_nothing_renders(tmp_path, tiny_decoder_dir, 
     """No flagged sample: the embedding plot shows the kept ones alone, and the page still renders."""
     job = ScoreJob(
         decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "run", workers=0,
-        threshold="value:1000",
+        threshold="value:1000", collapse="value:1000",
     )  # fmt: skip
     assert run_score_job(job, progress=False).flagged == 0
     page = write_report(tmp_path / "run")

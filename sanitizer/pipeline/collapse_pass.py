@@ -45,13 +45,12 @@ def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
         ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
         rows = table.take(pa.array(ok))
         sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
-        thumbnails = rows.column("thumbnail").combine_chunks()
-        thumbnail_bytes = thumbnails.buffers()[1][thumbnails.offset * THUMBNAIL_SIDE**2 :]
+        thumbnails = b"".join(rows.column("thumbnail").to_pylist())  # an ok row always has one
         yield OkRows(
             stem,
             ok,
             sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
-            np.frombuffer(thumbnail_bytes, np.uint8, len(ok) * THUMBNAIL_SIDE**2).reshape(len(ok), -1),
+            np.frombuffer(thumbnails, np.uint8).reshape(len(ok), THUMBNAIL_SIDE**2),
             rows.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
         )
 
@@ -105,7 +104,8 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
     if settings != ScoreSettings.from_dict(meta["scoring"]):
         raise UsageError(
             f"the collapse pass weighs each score against the calibration, which was made with "
-            f"{meta['scoring']}; scoring with {settings.to_dict()} needs a decoder calibrated for them"
+            f"{meta['scoring']}; scoring with {settings.to_dict()} needs a decoder calibrated for them "
+            "(or --no-collapse)"
         )
     return HoldoutImages(np.asarray(meta["calibration"]["scores"], np.float64), *held_out)
 
@@ -113,12 +113,12 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
 def warn_if_small(held_out: int, limit: float) -> None:
     """The rarest collapse n held-out images attest is p = 1/(n+1): below exp(limit) of them, no
     collapse flags a sample whose score is ordinary. Say so, with the holdout that would."""
-    if held_out + 1 <= math.exp(limit):
+    if math.log(held_out + 1) <= limit:
         log.warning(
             "the collapse pass has %d held-out images: a collapse flags a sample only beside an unusual "
-            "score; %d or more (a larger train --holdout) would let collapse alone flag one",
+            "score; %.4g or more (a larger train --holdout) would let collapse alone flag one",
             held_out,
-            math.floor(math.exp(limit)),
+            math.floor(math.exp(min(limit, 700))),  # value:1000 asks for more images than a float holds
         )
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from sanitizer.checkpoint import read_meta
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
 from sanitizer.errors import UsageError
@@ -51,7 +52,7 @@ class ScoreJob:
     relax_steps: int | None = None
     relax_radius: float | None = None
     threshold: str = DEFAULT_RULE
-    collapse: str | None = None  # a threshold rule for the collapse pass; None: no collapse pass
+    collapse: str | None = DEFAULT_COLLAPSE_RULE  # a rule for the collapse pass; None: no pass
     batch_size: int | None = None  # rows per scoring call; None: up to 8 micro-batches, <= ~64 MiB
     workers: int | None = None  # scoring actors; 0 = no Ray, one process; None = one per GPU or CPU
     ray_address: str | None = None
