@@ -2,11 +2,12 @@
 
 For each attack (badencoder, drupe, ctrl, blend, clip-backdoor) it implants a backdoor (reporting the
 attack's own ASR), trains DeDe decoders on in-distribution data (1% poisoned) and on OOD data, and
-scores test sets with 50% and 1% triggered images. Methods: `dede` (our settings), `dede-paper` (one
-mask, mean squared error per pixel, median-of-scored-set threshold), `dede-control` and
-`dede-paper-control` (the same data through the CLEAN encoder with its own decoder: a detector of
-unusual pixels scores high there too), and the embedding-space baselines `embedding-norm`, `knn-distance`
-and `knn-collapse`.
+scores test sets with 50% and 1% triggered images. Methods: `dede` (what `sanitizer score` flags by
+default: the score's test, or the collapse pass's evidence), `dede-score` (the score alone, as
+`score --no-collapse`), `collapse` (the collapse statistic alone), `dede-paper` (one mask, mean squared
+error per pixel, median-of-scored-set threshold), each with its `-control` (the same data through the
+CLEAN encoder with its own decoder: a detector of unusual pixels scores high there too), and the
+embedding-space baselines `embedding-norm` and `knn-distance`.
 
     bench/install_data.sh                           # once: Fashion-MNIST, MNIST, ImageNet weights
     .venv/bin/python bench/detection.py --quick     # ~CPU-sized; full mode: --device cuda
@@ -121,8 +122,8 @@ FULL = Sizes(
     clip=ContrastiveSettings(clean_epochs=100, poison_epochs=50, poison_rate=0.001),
     decoder_model={},
 )
-# `dede`: the package's defaults; `dede-paper`: the reference code's (one mask, per-pixel MSE, median
-# of the scored set).
+# `dede-score`: the package's scoring defaults; `dede-paper`: the reference code's (one mask, per-pixel
+# MSE, median of the scored set).
 DEDE = ScoreSettings()
 DEDE_RULE = DEFAULT_RULE
 PAPER = ScoreSettings(num_masks=1, aggregate="mean", error_pool=1, error="mse", relax_steps=0)
@@ -135,7 +136,7 @@ PAPER_RULE = "paper"
 # 1000-2000.
 HOLDOUT = 1 / 7
 DECODER_TRAINING = TrainSettings(seed=SEED, holdout=HOLDOUT)
-# The ablation behind the defaults: `dede` without the latent relaxation (the default before session
+# The ablation behind the defaults: `dede-score` without the latent relaxation (the default before session
 # 12), with squared errors (the default before session 7), with each other per-patch aggregate, and
 # per pixel.
 ABLATION = {
@@ -260,7 +261,7 @@ def id_training_set(data: Data, trigger: Trigger) -> tuple[ImageSet, np.ndarray]
 
 
 def fit(encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model: dict) -> tuple:
-    """A decoder trained with the package's own fit_decoder, calibrated at the `dede` settings."""
+    """A decoder trained with the package's own fit_decoder, calibrated at the `dede-score` settings."""
     result = fit_decoder(encoder, images, training, DEDE, model, progress=False)
     log.info(
         "decoder %s: %d epochs, loss %.4f, %d images left out, %.0f s",
@@ -387,10 +388,11 @@ def dede_rows(
     attack: str, train_data: str, encoder, fitted, images: ImageSet, tests: TestSets,
     embedded: EmbeddedTests, suffix: str = "", triggered: np.ndarray | None = None, ablation: bool = False,
 ) -> tuple[list[dict], dict]:  # fmt: skip
-    """`dede` and `dede-paper` rows, and with `ablation` the ABLATION's (each calibrated as `dede`);
-    and the `dede` rows' `by_class` breakdown at its default threshold. `triggered` marks the images of
-    `images` that carry the trigger: the `dede` rows then also say what a clean holdout would give."""
-    methods = [("dede", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
+    """`dede`, `collapse`, `dede-score` and `dede-paper` rows, and with `ablation` the ABLATION's (each
+    calibrated as `dede-score`); and the `dede-score` rows' `by_class` breakdown at its default
+    threshold. `triggered` marks the images of `images` that carry the trigger: the `dede-score` rows
+    then also say what a clean holdout would give."""
+    methods = [("dede-score", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
     if ablation:
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
     holdout_idx = split_holdout(images.keys, DECODER_TRAINING.holdout)[1]
@@ -399,17 +401,17 @@ def dede_rows(
     for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, embedded.clean, settings)
         t = score(encoder, fitted.decoder, embedded.triggered, settings)
-        # fit() calibrated the decoder at the `dede` settings: the package's own calibration
+        # fit() calibrated the decoder at the `dede-score` settings: the package's own calibration
         calibration = (
             fitted.calibration if settings == DEDE else score(encoder, fitted.decoder, holdout, settings)
         )
         clean = None
-        if method == "dede" and triggered is not None:
-            clean = calibration[~triggered[holdout_idx]]
-        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration, clean)
-        if method == "dede":
-            classes = by_class(c, t, tests, resolve_threshold(parse_rule(rule), calibration))
+        if method == "dede-score":
             rows += collapse_rows(attack, train_data, suffix, tests, fitted, embedded, c, t)
+            classes = by_class(c, t, tests, resolve_threshold(parse_rule(rule), calibration))
+            if triggered is not None:
+                clean = calibration[~triggered[holdout_idx]]
+        rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration, clean)
     return rows, classes
 
 
@@ -483,9 +485,10 @@ def collapse_rows(
     attack: str, train_data: str, suffix: str, tests: TestSets, fitted, embedded: EmbeddedTests,
     clean: np.ndarray, triggered: np.ndarray,
 ) -> list[dict]:  # fmt: skip
-    """`collapse`, the collapse statistic alone (ranked; its TPR and FPR at the quantile of the held-out
-    images' collapse that the default rule names), and `dede+collapse`, what `score --collapse` flags:
-    each rate's scored set is the pass's reference, the decoder's held-out images its calibration."""
+    """`dede`, what `sanitizer score` flags (the score's test or the collapse pass's), and `collapse`,
+    the collapse statistic alone (ranked; its TPR and FPR at the quantile of the held-out images'
+    collapse that the default rule names): each rate's scored set is the pass's reference, the
+    decoder's held-out images its calibration."""
     sk_clean, sk_trig = Sketched.of(embedded.clean), Sketched.of(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
@@ -497,27 +500,28 @@ def collapse_rows(
         ranked = np.nan_to_num(collapse, nan=-1.0)  # without a sketch: below every cosine
         both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, held)
         rows += [
+            rate_row(attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None),
             rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
                      DEFAULT_COLLAPSE_RULE, held[~np.isnan(held)]),
-            rate_row(attack, train_data, "dede+collapse" + suffix, rate, both[:n], both[n:], "value:1", None),
         ]  # fmt: skip
     return rows
 
 
-# The downstream table's defences: our detector at its default threshold; the same scores at the
-# reference code's threshold (the median of each scored set, which flags half of it); and the reference
-# code's scoring with its threshold, the operating point of the paper's downstream figures.
+# The downstream table's threshold defences: our score alone at its default threshold; the same
+# scores at the reference code's threshold (the median of each scored set, which flags half of it); and
+# the reference code's scoring with its threshold, the operating point of the paper's downstream
+# figures. `dede_filtered`, what `sanitizer score` flags by default, is added beside them.
 DOWNSTREAM_DEFENCES = {
-    "dede_filtered": (DEDE, DEDE_RULE),
+    "dede_score_filtered": (DEDE, DEDE_RULE),
     "dede_paper_threshold_filtered": (DEDE, PAPER_RULE),
     "dede_paper_filtered": (PAPER, PAPER_RULE),
 }
 DOWNSTREAM_NAMES = {
     "no_defence": "none",
-    "dede_filtered": f"`dede` ({DEDE_RULE})",
-    "dede_paper_threshold_filtered": "`dede`, paper threshold",
+    "dede_score_filtered": f"`dede-score` ({DEDE_RULE}, `--no-collapse`)",
+    "dede_paper_threshold_filtered": "`dede-score`, paper threshold",
     "dede_paper_filtered": "`dede-paper`",
-    "dede_collapse_filtered": "`dede+collapse` (`score --collapse`)",
+    "dede_filtered": "`dede` (the defaults: score and collapse pass)",
 }
 
 
@@ -536,7 +540,7 @@ def kept(
 def kept_by_union(
     sets: tuple[Embedded, Embedded, Embedded], dede: list[np.ndarray], fitted
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What `score --collapse` keeps of the training, clean test and triggered test images: the training
+    """What `sanitizer score` keeps of the training, clean test and triggered test images: the training
     data is one scored set, the test data (clean and triggered pooled, as `kept` pools them) another."""
     train, clean, triggered = (Sketched.of(images) for images in sets)
     out = []
@@ -563,10 +567,10 @@ def downstream(
     defences = {"no_defence": tuple(np.ones(len(images.pixels), bool) for images in sets)}
     scored: dict[ScoreSettings, list[np.ndarray]] = {}
     for name, (settings, rule) in DOWNSTREAM_DEFENCES.items():
-        if settings not in scored:  # `dede` scores serve both of its thresholds
+        if settings not in scored:  # `dede-score` scores serve both of its thresholds, and `dede`
             scored[settings] = [score(enc, fitted.decoder, images, settings) for images in sets]
         defences[name] = kept(*scored[settings], rule, fitted.calibration)
-    defences["dede_collapse_filtered"] = kept_by_union(sets, scored[DEDE], fitted)
+    defences["dede_filtered"] = kept_by_union(sets, scored[DEDE], fitted)
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
     out = {}
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
@@ -629,7 +633,7 @@ def submit_decoders(
 def run_attack(
     victim: Victim, data: Data, decoders: Decoders, ablation: bool
 ) -> tuple[list[dict], dict, dict]:
-    """(detection rows, downstream table, `dede`'s `by_class` breakdown on the victim and the control),
+    """(detection rows, downstream table, `dede-score`'s `by_class` breakdown on the victim and the control),
     once the attack's decoders have trained; with `ablation`, the ABLATION's rows on the ID decoders."""
     attack, enc = victim.attack, victim.implant.encoder
     tests = TestSets(
@@ -641,11 +645,11 @@ def run_attack(
     rows, classes = dede_rows(
         attack, "id", enc, fitted_id, id_set, tests, embedded, triggered=poisoned, ablation=ablation
     )
-    classes = {"dede": classes, "dede-control": {}}
+    classes = {"dede-score": classes, "dede-score-control": {}}
     if decoders.ood:
         rows += dede_rows(attack, "ood", enc, decoders.ood.result(), ood_set(data), tests, embedded)[0]
     if decoders.control:
-        control_rows, classes["dede-control"] = dede_rows(
+        control_rows, classes["dede-score-control"] = dede_rows(
             attack, "id", victim.clean, decoders.control.result(), id_set, tests,
             EmbeddedTests.of(victim.clean, tests), suffix="-control", ablation=ablation,
         )  # fmt: skip
@@ -700,8 +704,9 @@ def markdown(result: dict) -> str:
         f"Mode: {result['mode']}; seed {result['seed']}; wall time {result['wall_seconds'] / 60:.1f} min; "
         f"device {result['device']} ({result['precision']}); torch {result['versions']['torch']}, "
         f"timm {result['versions']['timm']}, open_clip {result['versions']['open_clip']}  ",
-        f"`dede`: {result['settings']['dede']}; `dede-paper`: {result['settings']['dede-paper']}; "
-        f"`collapse`: {result['settings']['collapse']}  ",
+        f"`dede-score`: {result['settings']['dede-score']}; "
+        f"`dede-paper`: {result['settings']['dede-paper']}; `collapse`: {result['settings']['collapse']}; "
+        "`dede`: `dede-score` or the collapse pass  ",
         f"Decoders (all methods): {result['sizes']['decoder']} images "
         f"({result['decoder_training']['holdout']:.3f} of them held out to calibrate), "
         f"{result['decoder_training']['epochs']} epochs, trimmed loss {result['decoder_training']['trim']}, "
@@ -744,9 +749,10 @@ def markdown(result: dict) -> str:
         "",
         "## Downstream (linear probe; ASR counts removed triggered images as failed attacks)",
         "",
-        "`dede` filters at its default threshold; `dede`, paper threshold: the same scores at the median of",
-        "each scored set (it flags half); `dede-paper`: the reference code's scoring and threshold, the",
-        "operating point of the paper's downstream figures.",
+        "`dede` filters what `sanitizer score` flags by default; `dede-score` by the score alone at its",
+        "default threshold; `dede-score`, paper threshold: the same scores at the median of each scored set",
+        "(it flags half); `dede-paper`: the reference code's scoring and threshold, the operating point of",
+        "the paper's downstream figures.",
         "",
         "`clean acc` is on the clean test images the defence keeps; `all` on every clean test image, so",
         "that it shows what filtering the probe's training data alone costs.",
@@ -808,9 +814,12 @@ def targets_table(result: dict) -> list[str]:
 
         return check
 
-    def control(attack: str) -> tuple[bool, str]:
-        aucs = both(attack, "id", "dede-control", "auc")
-        return max(aucs) <= 0.65, " / ".join(f"{a:.3f}" for a in aucs)
+    def control(method: str):
+        def check(attack: str) -> tuple[bool, str]:
+            aucs = both(attack, "id", method, "auc")
+            return max(aucs) <= 0.65, " / ".join(f"{a:.3f}" for a in aucs)
+
+        return check
 
     def downstream(defence: str):
         def check(attack: str) -> tuple[bool, str]:
@@ -821,22 +830,26 @@ def targets_table(result: dict) -> list[str]:
 
         return check
 
-    checks = {
-        "ID AUC >= 0.98 (0.5 / 0.01)": auc_at_least("id", 0.98),
-        "the same ranked by `dede+collapse` (score or evidence, in units of its threshold)": auc_at_least(
-            "id", 0.98, "dede+collapse"
+    alone = "the same for `dede-score` (the score alone, `--no-collapse`)"
+    checks = [
+        (
+            "ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold)",
+            auc_at_least("id", 0.98),
         ),
-        "OOD AUC >= 0.95 (0.5 / 0.01)": auc_at_least("ood", 0.95),
-        "default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)": operating_point("dede"),
-        "the same with `score --collapse` (`dede+collapse`)": operating_point("dede+collapse"),
-        "clean-encoder control AUC <= 0.65 (0.5 / 0.01)": control,
-        "downstream ASR after filtering <= 0.05, clean accuracy within 0.01": downstream("dede_filtered"),
-        "the same with `score --collapse`": downstream("dede_collapse_filtered"),
-    }
+        (alone, auc_at_least("id", 0.98, "dede-score")),
+        ("OOD AUC >= 0.95 (0.5 / 0.01)", auc_at_least("ood", 0.95)),
+        (alone, auc_at_least("ood", 0.95, "dede-score")),
+        ("default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)", operating_point("dede")),
+        (alone, operating_point("dede-score")),
+        ("clean-encoder control AUC <= 0.65 (0.5 / 0.01)", control("dede-control")),
+        (alone, control("dede-score-control")),
+        ("downstream ASR after filtering <= 0.05, clean accuracy within 0.01", downstream("dede_filtered")),
+        (alone, downstream("dede_score_filtered")),
+    ]
     minutes = result["wall_seconds"] / 60
     lines = [
         "",
-        f"## The issue's targets (`dede`; an attack below ASR {IMPLANTED_ASR:g} did not implant)",
+        f"## The issue's targets (`dede`, the defaults; an attack under ASR {IMPLANTED_ASR:g} failed)",
         "",
     ]
     if result["mode"] == "quick":
@@ -846,19 +859,19 @@ def targets_table(result: dict) -> list[str]:
         "| target | " + " | ".join(result["attacks"]) + " |",
         "|" + "---|" * (1 + len(result["attacks"])),
     ]
-    for name, check in checks.items():
+    for name, check in checks:
         lines.append(f"| {name} | " + " | ".join(_target_cells(result, check)) + " |")
     return lines
 
 
-TPR_METHODS = ("dede", "dede-unrelaxed", "dede-paper")
+TPR_METHODS = ("dede-score", "dede-unrelaxed", "dede-paper")
 
 
 def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
     """TPR at the calibrated threshold against the TPR the ranking allows at 5% FPR (whether a miss is
-    the threshold's or the score's), for `dede`, `dede` unrelaxed (with the ablation) and `dede-paper`;
-    and the TPR / FPR of `dede` calibrated on the holdout without its triggered images (what the
-    contamination costs)."""
+    the threshold's or the score's), for `dede-score`, `dede-unrelaxed` (with the ablation) and
+    `dede-paper`; and the TPR / FPR of `dede-score` calibrated on the holdout without its triggered
+    images (what the contamination costs)."""
     cells = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in rows}
     if not any("tpr_at_fpr05" in r for r in rows):
         return []
@@ -867,7 +880,7 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
         "",
         "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
         "",
-        "| attack | rate | train | " + " | ".join(methods) + " | dede, holdout without its triggered "
+        "| attack | rate | train | " + " | ".join(methods) + " | dede-score, holdout without its triggered "
         "images: TPR / FPR |",
         "|" + "---|" * (4 + len(methods)),
     ]
@@ -885,20 +898,20 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
 
 
 def shift_table(rows: list[dict]) -> list[str]:
-    """Share of each `dede` test set above its decoder's calibration median, the statistic behind the
+    """Share of each `dede-score` test set above its decoder's calibration median, the statistic behind the
     report's "no verdict" (data unlike the decoder's training data)."""
     share = {
         (r["train_data"], r["attack"], r["poison_rate"]): r["above_calibration_median"]
         for r in rows
-        if r["method"] == "dede" and "above_calibration_median" in r
+        if r["method"] == "dede-score" and "above_calibration_median" in r
     }
     if not share:
         return []
     columns = list(dict.fromkeys((t, rate) for t, _, rate in share))
     lines = [
         "",
-        f"## Share of the scored set above the calibration's median (`dede`; the report gives no verdict "
-        f"above {SHIFT_LIMIT:g})",
+        "## Share of the scored set above the calibration's median (`dede-score`; the report gives no "
+        f"verdict above {SHIFT_LIMIT:g})",
         "",
         "| attack | " + " | ".join(f"{t} {rate:g}" for t, rate in columns) + " |",
         "|" + "---|" * (1 + len(columns)),
@@ -916,7 +929,10 @@ def ablation_table(rows: list[dict]) -> list[str]:
     if not any(method in ABLATION for _, _, method in auc_of):
         return []
     label = lambda s: f"{s.error}, {s.aggregate}, pool {s.error_pool}, relax {s.relax_steps}"  # noqa: E731
-    names = {f"dede ({label(DEDE)})": "dede", **{f"{n} ({label(s)})": n for n, s in ABLATION.items()}}
+    names = {
+        f"dede-score ({label(DEDE)})": "dede-score",
+        **{f"{n} ({label(s)})": n for n, s in ABLATION.items()},
+    }
     lines = [
         "",
         "## Relaxation, patch error, aggregate and error pooling (ID decoder): AUC on the victim / on "
@@ -938,11 +954,12 @@ def ablation_table(rows: list[dict]) -> list[str]:
 
 CLASS_TABLES = {
     "auc": (
-        "`dede` AUC per source class of the triggered images (ID decoder): victim / control",
+        "`dede-score` AUC per source class of the triggered images (ID decoder): victim / control",
         "Within each class: its clean test images against its triggered images.",
     ),
     "clean_flagged": (
-        "Clean test images flagged per class at `dede`'s default threshold (ID decoder): victim / control",
+        "Clean test images flagged per class at `dede-score`'s default threshold (ID decoder): victim / "
+        "control",
         "The share of each class's clean test images above the calibrated threshold: where the false "
         "positives come from.",
     ),
@@ -953,13 +970,16 @@ def source_class_table(classes: dict) -> list[str]:
     """The `by_class` breakdown of every attack as Markdown: one table per measure in CLASS_TABLES."""
     lines = []
     for measure, (title, caption) in CLASS_TABLES.items():
-        names = list(dict.fromkeys(c for a in classes.values() for c in a["dede"].get(measure, {})))
+        names = list(dict.fromkeys(c for a in classes.values() for c in a["dede-score"].get(measure, {})))
         if not names:
             continue
         lines += ["", f"## {title}", "", caption, ""]
         lines += ["| attack | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
         for attack, a in classes.items():
-            victim, control = a["dede"][measure], a["dede-control"].get(measure, {})  # {}: no implant
+            victim, control = (
+                a["dede-score"][measure],
+                a["dede-score-control"].get(measure, {}),
+            )  # {}: no implant
             cells = [f"{victim[c]:.2f}" + (f" / {control[c]:.2f}" if c in control else "") for c in names]
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines
@@ -1099,7 +1119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decoder_training": training.to_dict(),
         "ood_decoder_training": ood_training(training).to_dict(),
         "settings": {
-            "dede": {**DEDE.to_dict(), "threshold": DEDE_RULE},
+            "dede-score": {**DEDE.to_dict(), "threshold": DEDE_RULE},
             "dede-paper": {**PAPER.to_dict(), "threshold": PAPER_RULE},
             "collapse": {"threshold": DEFAULT_COLLAPSE_RULE},
         },

@@ -138,31 +138,33 @@ def attack_result(victim: D.Victim, jobs: int, threads: int, ablation: bool = Tr
 
 
 def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: tuple[D.Victim, Path]):
-    """Every method at both rates: ID rows for dede, dede-paper, the ablation, the collapse pass and
-    the union, their controls and the embedding baselines; OOD rows for dede, dede-paper and the
-    collapse pass and union."""
+    """Every method at both rates: ID rows for dede (the defaults), dede-score, dede-paper, the
+    ablation and the collapse statistic, their controls and the embedding baselines; OOD rows for
+    dede, dede-score, dede-paper and the collapse statistic."""
     rows, down, by_class = attack_result(with_asr(own_victim[0], 1.0), jobs=1, threads=1)
-    dede = ["dede", "dede-paper", *D.ABLATION, "collapse", "dede+collapse"]
+    dede = ["dede", "dede-score", "dede-paper", *D.ABLATION, "collapse"]
     expected = {
         *(("id", m + suffix) for m in dede for suffix in ("", "-control")),
-        ("ood", "dede"), ("ood", "dede-paper"), ("ood", "collapse"), ("ood", "dede+collapse"),
+        ("ood", "dede"), ("ood", "dede-score"), ("ood", "dede-paper"), ("ood", "collapse"),
         ("id", "embedding-norm"), ("id", "knn-distance"),
     }  # fmt: skip
     got = [(r["train_data"], r["method"], r["poison_rate"]) for r in rows]
     assert sorted(got) == sorted((t, m, rate) for t, m in expected for rate in D.POISON_RATES)
     assert all(0 <= r[k] <= 1 for r in rows for k in ("auc", "tpr", "fpr", "tpr_at_fpr05"))
     assert {r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {8}
-    assert set(down) == set(D.DOWNSTREAM_NAMES) and set(by_class) == {"dede", "dede-control"}
+    assert set(down) == set(D.DOWNSTREAM_NAMES) and set(by_class) == {"dede-score", "dede-score-control"}
     assert all(set(by_class[m]) == {"auc", "clean_flagged"} for m in by_class)
     assert down["no_defence"]["train_removed"] == 0
     # Without a defence every clean test image is kept: both accuracies are over the same images.
     assert down["no_defence"]["clean_accuracy_all"] == down["no_defence"]["clean_accuracy"]
     for name in ("dede_paper_threshold_filtered", "dede_paper_filtered"):  # the median flags half
         assert down[name]["train_removed"] == pytest.approx(0.5, abs=0.02)
-    unions = {(t, m) for t, m in expected if m.startswith("dede+collapse")}  # two calibrations, no one median
+    unions = {(t, m) for t, m in expected if m in ("dede", "dede-control")}  # two calibrations, no one median
     assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == unions
     with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
-    assert with_clean == {("id", "dede")}  # the victim's ID decoder: the only holdout with triggered images
+    assert with_clean == {
+        ("id", "dede-score")
+    }  # the victim's ID decoder: the only holdout with triggered images
     assert all(
         0 <= r[k] <= 1
         for r in rows
@@ -184,7 +186,8 @@ def test_the_ood_decoder_trains_in_one_pass_and_the_others_in_two(own_victim: tu
 
 def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tuple[D.Victim, Path]):
     """With no backdoor the victim is a control in itself: no OOD or control decoder is trained, and
-    without the ablation the ID rows are dede and dede-paper (and the baselines)."""
+    without the ablation the ID rows are dede, dede-score, dede-paper and collapse (and the
+    baselines)."""
     victim = with_asr(own_victim[0], D.IMPLANTED_ASR - 0.01)
     data, training = tiny_inputs()
     with D.DecoderPool(1, 1) as pool:
@@ -192,9 +195,9 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
         assert decoders.ood is None and decoders.control is None
         rows, down, by_class = D.run_attack(victim, data, decoders, ablation=False)
     got = {(r["train_data"], r["method"], r["poison_rate"]) for r in rows}
-    methods = ("dede", "dede-paper", "collapse", "dede+collapse", "embedding-norm", "knn-distance")
+    methods = ("dede", "dede-score", "dede-paper", "collapse", "embedding-norm", "knn-distance")
     assert got == {("id", m, rate) for m in methods for rate in D.POISON_RATES}
-    assert set(down) == set(D.DOWNSTREAM_NAMES) and by_class["dede-control"] == {}
+    assert set(down) == set(D.DOWNSTREAM_NAMES) and by_class["dede-score-control"] == {}
     table = D.source_class_table({"a": by_class})
     rows = [line for line in table if line.startswith("| a | ")]
     assert len(rows) == 2 and all(" / " not in line for line in rows)  # the victim's only, no control
@@ -222,13 +225,13 @@ def test_collapse_rows_flag_images_that_share_one_embedding():
     dede_clean, dede_trig = np.full(n, 0.5), np.r_[2.0, np.full(n // 2 - 1, 0.5)]  # the first rebuilds badly
     rows = D.collapse_rows("a", "id", "", tests, fitted, embedded, dede_clean, dede_trig)
     got = {(r["method"], r["poison_rate"]): r for r in rows}
-    assert set(got) == {(m, rate) for m in ("collapse", "dede+collapse") for rate in D.POISON_RATES}
+    assert set(got) == {(m, rate) for m in ("collapse", "dede") for rate in D.POISON_RATES}
     assert [(r["n_clean"], r["n_triggered"]) for r in rows] == [(n // 2, n // 2)] * 2 + [(n, 1)] * 2
-    for method in ("collapse", "dede+collapse"):
+    for method in ("collapse", "dede"):
         assert (got[method, 0.5]["auc"], got[method, 0.5]["tpr"]) == (1.0, 1.0)
         assert got[method, 0.5]["fpr"] <= 0.1
     assert got["collapse", 0.01]["tpr"] == 0.0  # the one triggered image at 1% has no cluster,
-    assert got["dede+collapse", 0.01]["tpr"] == 1.0  # but its score is far above the threshold
+    assert got["dede", 0.01]["tpr"] == 1.0  # but its score is far above the threshold
 
 
 def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
@@ -267,7 +270,7 @@ def test_the_class_breakdown_gives_each_class_its_auc_and_its_share_of_false_pos
     assert got["auc"] == {names[0]: 0.5, names[1]: 0.625}
     assert got["clean_flagged"] == {names[0]: 0.5, names[1]: 0.5}
     control = D.by_class(clean / 2, trig, tests, threshold=0.45)
-    table = "\n".join(D.source_class_table({"a": {"dede": got, "dede-control": control}}))
+    table = "\n".join(D.source_class_table({"a": {"dede-score": got, "dede-score-control": control}}))
     # halved clean scores: the control's AUCs are 1 (class 0) and 6 of 8; it flags one image, of class 1
     assert "| a | 0.50 / 1.00 | 0.62 / 0.75 |" in table
     assert "| a | 0.50 / 0.00 | 0.50 / 0.25 |" in table and "false positives come from" in table
@@ -338,10 +341,13 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     }
     markdown = out.with_suffix(".md").read_text()
     assert "| drupe | 0.5 | id |" in markdown and "## TPR at the calibrated threshold / at 5% FPR" in markdown
-    assert "| attack | rate | train | dede | dede-paper |" in markdown  # no dede-unrelaxed: no --ablation
+    header = "| attack | rate | train | dede | collapse | dede-score | dede-paper | dede-control |"
+    assert header in markdown  # no dede-unrelaxed: no --ablation
     assert "## Relaxation, patch error" not in markdown and not result["ablation"]
     assert "## Share of the scored set above the calibration's median" in markdown
-    assert "## The issue's targets" in markdown and "| ID AUC >= 0.98 (0.5 / 0.01) |" in markdown
+    assert (
+        "## The issue's targets" in markdown and "| ID AUC >= 0.98 (0.5 / 0.01; score or evidence" in markdown
+    )
     assert "| attack | id 0.5 | id 0.01 | ood 0.5 | ood 0.01 |" in markdown
     for name in D.DOWNSTREAM_NAMES.values():
         assert f"| drupe | {name} | " in markdown
@@ -360,7 +366,7 @@ def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: 
     """A quick-mode result: attack "a" with `rows` and its downstream figures after filtering (no
     defence: clean accuracy 0.8, ASR 1.0), and attack "b" at ASR `other_asr` with no rows."""
     down = {"no_defence": {"clean_accuracy": 0.8, "asr": 1.0}}
-    down |= {"dede_filtered": filtered, "dede_collapse_filtered": filtered}
+    down |= {"dede_filtered": filtered, "dede_score_filtered": filtered}
     return {
         "rows": rows, "mode": "quick", "wall_seconds": 60.0 * minutes, "downstream": {"a": down},
         "attacks": {"a": {"asr": 0.99}, "b": {"asr": other_asr}},
@@ -369,35 +375,32 @@ def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: 
 
 def test_the_targets_table_says_met_missed_or_no_implant():
     """Computed from the rows: a target is met only at both rates; an attack that did not implant is
-    neither met nor missed."""
+    neither met nor missed. Each target is given for `dede`, then for `dede-score`."""
     rows = [target_row(0.5, "id", "dede", 0.99), target_row(0.01, "id", "dede", 0.97, tpr=0.8)]
     rows += [target_row(r, "ood", "dede", 0.96) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
-    rows += [target_row(r, "id", "dede+collapse", 0.99, tpr=0.91) for r in D.POISON_RATES]
+    rows += [target_row(r, "id", "dede-score", 0.99, tpr=0.91) for r in D.POISON_RATES]
+    rows += [target_row(r, "ood", "dede-score", 0.5) for r in D.POISON_RATES]
+    rows += [target_row(r, "id", "dede-score-control", 0.7) for r in D.POISON_RATES]
     result = targets_result(rows, {"clean_accuracy": 0.785, "asr": 0.04}, other_asr=0.2, minutes=10)
-    table = {
-        line.split(" | ")[0].lstrip("| "): line for line in D.targets_table(result) if line.startswith("| ")
-    }
-    assert "missed: 0.990 / 0.970 |" in table["ID AUC >= 0.98 (0.5 / 0.01)"]
-    assert (
-        "met: 0.990 / 0.990 |"
-        in table["the same ranked by `dede+collapse` (score or evidence, in units of its threshold)"]
-    )
-    assert "met: 0.960 / 0.960 |" in table["OOD AUC >= 0.95 (0.5 / 0.01)"]
-    assert (
-        "missed: 0.950 at 0.030 / 0.800 at 0.030"
-        in table["default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)"]
-    )
-    union = table["the same with `score --collapse` (`dede+collapse`)"]
-    assert "met: 0.910 at 0.030 / 0.910 at 0.030" in union
-    assert "met: 0.600 / 0.600" in table["clean-encoder control AUC <= 0.65 (0.5 / 0.01)"]
-    assert (
-        "missed: ASR 0.040, CA -0.0150"
-        in table["downstream ASR after filtering <= 0.05, clean accuracy within 0.01"]
-    )
-    assert all(
-        line.endswith("| no implant (ASR 0.200) |") for name, line in table.items() if name != "target"
-    )
+    lines = [line for line in D.targets_table(result) if line.startswith("| ")][1:]  # after the header
+    alone = "| the same for `dede-score` (the score alone, `--no-collapse`) | "
+    expected = [
+        "| ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold) | missed: 0.990 / 0.970",
+        alone + "met: 0.990 / 0.990",
+        "| OOD AUC >= 0.95 (0.5 / 0.01) | met: 0.960 / 0.960",
+        alone + "missed: 0.500 / 0.500",
+        "| default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01) | missed: 0.950 at 0.030 / 0.800 at "
+        "0.030",
+        alone + "met: 0.910 at 0.030 / 0.910 at 0.030",
+        "| clean-encoder control AUC <= 0.65 (0.5 / 0.01) | met: 0.600 / 0.600",
+        alone + "missed: 0.700 / 0.700",
+        "| downstream ASR after filtering <= 0.05, clean accuracy within 0.01 | missed: ASR 0.040, CA "
+        "-0.0150",
+        alone + "missed: ASR 0.040, CA -0.0150",
+    ]
+    assert [line.split(" | no implant")[0] for line in lines] == expected
+    assert all(line.endswith(" | no implant (ASR 0.200) |") for line in lines)
     assert "Quick mode under 30 min: met (10.0 min)." in D.targets_table(result)
 
 
@@ -407,8 +410,9 @@ def test_partial_results_mark_the_attacks_still_training_as_pending():
         target_row(rate, train, method, 0.99)
         for rate in D.POISON_RATES
         for train in ("id", "ood")
-        for method in ("dede", "dede-control", "dede+collapse")
+        for method in ("dede", "dede-control", "dede-score", "dede-score-control")
     ]
     result = targets_result(rows, {"clean_accuracy": 0.8, "asr": 0.0}, other_asr=0.99, minutes=1)
     lines = [line for line in D.targets_table(result) if line.startswith("| ID AUC")]
-    assert lines == ["| ID AUC >= 0.98 (0.5 / 0.01) | met: 0.990 / 0.990 | pending |"]
+    name = "ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold)"
+    assert lines == [f"| {name} | met: 0.990 / 0.990 | pending |"]
