@@ -1,4 +1,4 @@
-"""Time of the collapse pass (`sanitizer score --collapse`) over a scored run, without the scoring.
+"""Time of the collapse pass (part of `sanitizer score`) over a scored run, without the scoring.
 
     .venv/bin/python bench/collapse_pass.py --samples 200000 --per-shard 10000
 

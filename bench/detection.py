@@ -470,7 +470,7 @@ def holdout_collapse(fitted, reference: Sketched) -> np.ndarray:
 
 
 def union(dede: np.ndarray, collapse: np.ndarray, fitted, held_collapse: np.ndarray) -> np.ndarray:
-    """What `score --collapse` flags, as one score (flagged above 1): the larger of the over_threshold
+    """What `sanitizer score` flags, as one score (flagged above 1): the larger of the over_threshold
     units of the score and of the evidence, weighed against the decoder's held-out images
     (`held_collapse`: theirs against the scored set, sanitizer/collapse.py)."""
     held = HeldOut.of(fitted.calibration, held_collapse)

@@ -21,11 +21,15 @@ from sanitizer.cli import main as sanitizer
 
 
 def options(mapping: dict) -> list[str]:
-    """{"batch_size": 1024, "data": "x"} -> ["--batch-size", "1024", "--data", "x"]."""
+    """{"batch_size": 1024, "data": "x", "no_collapse": true} -> ["--batch-size", "1024", "--data", "x",
+    "--no-collapse"]: true is a bare flag; null and false leave the option out."""
     argv = []
     for key, value in mapping.items():
-        if value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
     return argv
 
 

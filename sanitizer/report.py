@@ -5,7 +5,7 @@ histogram against the threshold and the decoder's calibration, the flag rate per
 flagged samples next to typical clean ones (what the decoder saw, what it rebuilt, the original), where
 in the image the reconstruction fails (a patch trigger shows up as a bright square), the embeddings in
 two dimensions, the ROC curve when the shards carry ground truth, an encoder-level verdict, and,
-after `score --collapse`, the groups of samples that pass flagged, side by side.
+after the collapse pass, the groups of samples that pass flagged, side by side.
 
 Memory and time stay bounded whatever the run's size: manifests are read one shard and a few columns
 at a time, and only a bounded sample of images (from at most MAX_SHARDS_READ shards) is read again
@@ -371,8 +371,8 @@ class Cluster:
 def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int]:
     """Up to CLUSTERS groups, seeded in order of collapse, among the CLUSTER_POOL rows of highest
     collapse that the collapse pass flagged, and how many rows it flagged in all. A trigger's images
-    look different but share a patch or a tint; re-encoded copies of one photo look the same (a dedup
-    step's work)."""
+    look different but share a patch or a tint; copies of one photo are not each other's neighbours
+    (sanitizer.collapse), so they do not make a group by themselves."""
     pool: list[tuple[float, str, int]] = []  # (-collapse, stem, row): sorts highest collapse first
     extra: dict[tuple[str, int], tuple[np.ndarray, bool | None]] = {}  # sketch, label
     total = 0
@@ -893,7 +893,7 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
         ["state", info.get("state", "?")],
     ]
     collapse = info.get("collapse") or {}
-    if collapse.get("rule"):  # `score --collapse`: the second test, and what each flagged
+    if collapse.get("rule"):  # the collapse pass ran: the second test, and what each flagged
         by = (info.get("totals") or {}).get("flagged_by", {})
         counts = f"; flagged by score {by.get('score', 0):,}, by collapse {by.get('collapse', 0):,}"
         rows.insert(1, ["collapse evidence threshold", _threshold_text(collapse) + counts])
@@ -1078,7 +1078,7 @@ def clusters_section(out: Path, clusters: list[Cluster], total: int, images: dic
         "its neighbours (the row's "
         "label is the group's size). Different images that share one embedding are what a backdoor's "
         "trigger makes: look for what they have in common (a patch, a tint, a caption). Copies of one "
-        "photo re-encoded look alike everywhere; a dedup step removes those.</p>"
+        "photo, re-encoded or resized, are not counted as each other's neighbours.</p>"
     )
     return Section("clusters", title, text + _img("clusters.png", "collapse clusters") + table)
 
@@ -1206,7 +1206,7 @@ def load_scorer(info: dict):
 def image_sections(
     out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan, collapsed: bool
 ) -> list[Section]:
-    """Grid, clusters (`collapsed`: after `score --collapse`), heat map and projection: the only part
+    """Grid, clusters (`collapsed`: after the collapse pass), heat map and projection: the only part
     that reads images and runs the models."""
     ids = [
         ("samples", "Most flagged samples"),

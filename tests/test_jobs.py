@@ -11,6 +11,7 @@ def test_options_become_cli_flags():
         "--data",
         "a.tar",
     ]
+    assert options({"no_collapse": True, "other": False}) == ["--no-collapse"]  # true: a bare flag
 
 
 def test_job_config_scores_cleans_and_reports_like_the_cli(
