@@ -156,15 +156,15 @@ def encoder_verdict(run_dir: Path) -> dict:
             f"no verdict: {shift:.0%} of the scores are above the median of the decoder's calibration "
             f"scores (about 50% on clean data like the calibration data; {SHIFT_LIMIT:.0%} only if "
             f"{2 * SHIFT_LIMIT - 1:.0%} of this data were triggered): this data is unlike the decoder's "
-            f"training data, so {flagged} of {ok} flagged ({p0:.2%} expected, {shown}) says more about "
-            "the data than the encoder; train a decoder on a sample of this data"
+            f"training data, so {flagged} of {ok} flagged by score ({p0:.2%} expected, {shown}) says more "
+            "about the data than the encoder; train a decoder on a sample of this data"
         )
         return result
+    counted = f"{flagged} of {ok} samples flagged by score, {p0:.2%} expected"
     result["text"] = (
-        f"this encoder behaves as backdoored on this data ({shown}): {flagged} of {ok} samples flagged, "
-        f"{p0:.2%} expected"
+        f"this encoder behaves as backdoored on this data ({shown}): {counted}"
         if result["backdoored"]
-        else f"no evidence of a backdoor ({shown}): {flagged} of {ok} samples flagged, {p0:.2%} expected"
+        else f"no evidence of a backdoor ({shown}): {counted}"
     )
     return result
 

@@ -259,6 +259,7 @@ def test_verdict_p_value_for_a_quantile_rule(tmp_path):
     assert v["expected_rate"] == pytest.approx(0.05)
     assert v["p_value"] == pytest.approx(exact_sf(80, 1000, 0.05), rel=1e-9)
     assert v["backdoored"] is True and v["text"].startswith("this encoder behaves as backdoored")
+    assert v["text"].endswith("80 of 1000 samples flagged by score, 5.00% expected")  # the pass's aside
     # 55 flagged is within chance
     v = encoder_verdict(fake_run(tmp_path / "b", "quantile:0.95", 1.0, [(1000, 55)]))
     assert v["p_value"] == pytest.approx(exact_sf(55, 1000, 0.05), rel=1e-9)
