@@ -53,6 +53,8 @@ DEFAULT_COLLAPSE_RULE = "quantile:0.98"
 # different images come nearer than 5.3, and the benchmark's triggers do not bring them nearer.
 THUMBNAIL_SIDE = 8
 NEAR_DUPLICATE_RMS = 4.0
+_NEAR_SQUARED = NEAR_DUPLICATE_RMS**2  # per thumbnail pixel
+CANDIDATES = 4 * NEIGHBOURS  # the nearest reference rows searched first for a query's near-duplicates
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
 
@@ -90,17 +92,39 @@ def thumbnail(pixels: np.ndarray) -> np.ndarray:
 
 
 def _as_points(thumbnails: np.ndarray, query: bool) -> torch.Tensor:
-    """Thumbnails as rows whose products, query by reference, are -|q - r|^2: near-duplicates are then
-    one matrix product away (2 q.r - |q|^2 - |r|^2), as cheap as the sketches' cosines."""
-    t = torch.from_numpy(thumbnails.astype(np.float32) - 128)
-    squared, ones = (t**2).sum(1, keepdim=True), torch.ones(len(t), 1)
+    """Thumbnails as rows whose products, query by reference, are -|q - r|^2 (2 q.r - |q|^2 - |r|^2):
+    every pair in one matrix product, exact in float64 for 8-bit pixels."""
+    t = torch.from_numpy(thumbnails.astype(np.float64) - 128)
+    squared, ones = (t**2).sum(1, keepdim=True), torch.ones(len(t), 1, dtype=torch.float64)
     return torch.cat([2 * t, -squared, -ones] if query else [t, ones, squared], 1)
 
 
 def near_duplicates(queries: np.ndarray, reference: np.ndarray) -> torch.Tensor:
     """(Q, R) bool: which reference thumbnails lie within NEAR_DUPLICATE_RMS of each query's."""
-    limit = NEAR_DUPLICATE_RMS**2 * queries.shape[1]
-    return _as_points(queries, True) @ _as_points(reference, False).T >= -limit
+    return _as_points(queries, True) @ _as_points(reference, False).T >= -_NEAR_SQUARED * queries.shape[1]
+
+
+def _top_apart(
+    sim: torch.Tensor, query_thumbnails: np.ndarray, reference_thumbnails: np.ndarray, k: int
+) -> torch.Tensor:
+    """(B, k) each query's k highest similarities to reference rows that are not its near-duplicates,
+    -inf where fewer are left. Near-duplicates are looked for among each query's CANDIDATES most
+    similar rows, which is cheap, and in the whole reference only for the queries that have fewer than
+    k others there (an image with many copies)."""
+    values, index = sim.topk(min(CANDIDATES, sim.shape[1]), dim=1)
+    q = torch.from_numpy(query_thumbnails.astype(np.float32))
+    r = torch.from_numpy(reference_thumbnails.astype(np.float32))
+    squared = ((q[:, None, :] - r[index]) ** 2).sum(-1)  # exact: integers below 2^24
+    apart = squared > _NEAR_SQUARED * q.shape[1]
+    values = values.masked_fill(~apart, -torch.inf)
+    crowded = torch.nonzero((apart.sum(1) < k) & (values.shape[1] < sim.shape[1])).flatten()
+    if len(crowded):
+        full = sim[crowded].masked_fill(
+            near_duplicates(query_thumbnails[crowded.numpy()], reference_thumbnails), -torch.inf
+        )
+        values[crowded] = -torch.inf
+        values[crowded, :k] = full.topk(k, dim=1).values
+    return values.topk(k, dim=1).values
 
 
 def reference_rows(total: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
@@ -135,9 +159,10 @@ def neighbour_similarity(
         rows = asked[start : start + block]
         q = torch.from_numpy(np.ascontiguousarray(queries[rows], np.float32))
         sim = q @ r.T
-        if query_thumbnails is not None:
-            sim.masked_fill_(near_duplicates(query_thumbnails[rows], reference_thumbnails), -torch.inf)
-        top = sim.topk(k, dim=1).values
+        if query_thumbnails is None:
+            top = sim.topk(k, dim=1).values
+        else:
+            top = _top_apart(sim, query_thumbnails[rows], reference_thumbnails, k)
         top[torch.isinf(top)] = torch.nan  # fewer than k other images: the mean of those there are
         out[rows] = top.nanmean(1).numpy()
     return out

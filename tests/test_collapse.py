@@ -14,7 +14,9 @@ from PIL import Image
 from sanitizer.checkpoint import load_holdout, save_holdout
 from sanitizer.cli import build_parser
 from sanitizer.collapse import (
+    CANDIDATES,
     DEFAULT_COLLAPSE_RULE,
+    NEAR_DUPLICATE_RMS,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
     collapse_needed,
@@ -82,6 +84,24 @@ def test_neighbour_similarity_leaves_out_near_duplicates():
     # Fewer other images than k: the mean of those there are; none at all: NaN.
     assert neighbour_similarity(cluster[:1], cluster[:3], apart[:1], apart[:3], k=5)[0] > 0.99
     assert np.isnan(neighbour_similarity(cluster[:1], cluster[:1], apart[:1], apart[:1])[0])
+
+
+def test_near_duplicates_are_left_out_however_many_copies():
+    """Near-duplicates are looked for among each query's CANDIDATES nearest rows first, in the whole
+    reference only where those hold fewer than k others (a picture with many copies): the result is
+    the brute-force one either way."""
+    rng = np.random.default_rng(4)
+    pictures = rng.integers(0, 256, (80, THUMBNAIL_SIDE**2))
+    copies = np.clip(pictures[:1] + rng.integers(-3, 4, (3 * CANDIDATES, THUMBNAIL_SIDE**2)), 0, 255)
+    thumbnails = np.concatenate([copies, pictures[1:]]).astype(np.uint8)
+    sketches = unit(np.concatenate([np.ones((len(copies), 16)) + 0.01 * rng.normal(size=(len(copies), 16)),
+                                    rng.normal(size=(79, 16)) + 0.3]))  # fmt: skip
+    got = neighbour_similarity(sketches, sketches, thumbnails, thumbnails, k=5, block=7)
+    distance = np.sqrt(((thumbnails[:, None].astype(float) - thumbnails[None]) ** 2).mean(-1))
+    similarity = np.where(distance > NEAR_DUPLICATE_RMS, sketches @ sketches.T, -np.inf)
+    expected = np.sort(similarity, 1)[:, -5:].mean(1)
+    assert np.allclose(got, expected, atol=1e-6)
+    assert got[: len(copies)].max() < 0.9  # the copies' neighbours are the other pictures
 
 
 def test_thumbnails_tell_copies_from_other_images():
