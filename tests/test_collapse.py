@@ -365,7 +365,7 @@ def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, capl
     assert "148 or more (a larger train --holdout)" in caplog.text  # e^5 = 148.4
     caplog.clear()
     run(decoder_dir, cluster_shards, tmp_path / "c", collapse="value:1000")  # e^1000: no float holds it
-    assert "1.014e+304 or more" in caplog.text
+    assert "e^1000 or more" in caplog.text
 
 
 def test_the_pass_runs_by_default():

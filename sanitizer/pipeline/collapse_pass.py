@@ -114,11 +114,12 @@ def warn_if_small(held_out: int, limit: float) -> None:
     """The rarest collapse n held-out images attest is p = 1/(n+1): below exp(limit) of them, no
     collapse flags a sample whose score is ordinary. Say so, with the holdout that would."""
     if math.log(held_out + 1) <= limit:
+        needed = f"{math.floor(math.exp(limit))}" if limit < 50 else f"e^{limit:.4g}"  # e^1000: no float
         log.warning(
             "the collapse pass has %d held-out images: a collapse flags a sample only beside an unusual "
-            "score; %.4g or more (a larger train --holdout) would let collapse alone flag one",
+            "score; %s or more (a larger train --holdout) would let collapse alone flag one",
             held_out,
-            math.floor(math.exp(min(limit, 700))),  # value:1000 asks for more images than a float holds
+            needed,
         )
 
 
