@@ -21,7 +21,10 @@ import pandas as pd
 from sanitizer.clean import clean_run
 from sanitizer.report import encoder_verdict
 
-COLUMNS = ["key", "shard", "index", "status", "error", "score", "flagged", "threshold", "caption", "label"]
+COLUMNS = [
+    "key", "shard", "index", "status", "error", "score", "flagged", "flag_reason", "threshold", "caption",
+    "label",
+]  # fmt: skip
 
 
 def load_manifest(run_dir: Path) -> pd.DataFrame:
@@ -46,7 +49,8 @@ def flag_rate_per_shard(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def what_if(df: pd.DataFrame, quantiles: tuple[float, ...] = (0.9, 0.95, 0.97, 0.99, 0.995)) -> pd.DataFrame:
-    """How many samples each threshold would flag (score > threshold), with TPR/FPR when labelled."""
+    """How many samples each score threshold would flag by itself (score > threshold; the collapse pass
+    flags beside it), with TPR/FPR when labelled."""
     ok = df[df["status"] == "ok"]
     scores = ok["score"].to_numpy(np.float64)
     current = float(ok["threshold"].dropna().iloc[0]) if ok["threshold"].notna().any() else None
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     df = load_manifest(args.run_dir)
     print(f"{len(df)} samples; status counts:\n{df['status'].value_counts().to_string()}\n")
-    print(f"flagged: {int(df['flagged'].sum())} ({df['flagged'].mean():.2%} of all rows)")
+    print(f"flagged: {int(df['flagged'].sum())} ({df['flagged'].mean():.2%} of all rows); by reason:")
+    print(df["flag_reason"].value_counts().to_string(), "\n")
     print(f"verdict: {encoder_verdict(args.run_dir)['text']}\n")
     print("flag rate per shard (highest first):")
     print(flag_rate_per_shard(df).head(10).to_string(), "\n")
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(failures):
         print("samples that could not be scored:")
         print(failures[["shard", "index", "key", "status", "error"]].head(20).to_string(index=False), "\n")
-    print("what other thresholds would flag:")
+    print("what other score thresholds would flag (the score's test alone):")
     print(what_if(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"), "\n")
 
     if args.reclean:
