@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanitizer.checkpoint import save_decoder
+from sanitizer.checkpoint import save_decoder, save_holdout
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
@@ -192,8 +193,12 @@ def phase(device: torch.device, results: dict):
 
 
 # -- setup -------------------------------------------------------------------------------------------
+HELD_OUT = 100  # the random decoder's calibration scores and held-out images
+
+
 def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
-    """A random-init decoder directory with the meta the scoring job reads."""
+    """A random-init decoder directory with the meta the scoring job reads, and random held-out images
+    for its collapse pass, which the job runs by default (its cost does not depend on their values)."""
     decoder = DedeDecoder(DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim))
     meta = {
         "encoder": {
@@ -205,9 +210,14 @@ def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
         },
         "training": {"note": "random init, for bench/throughput.py"},
         "scoring": settings.to_dict(),
-        "calibration": {"n": 100, "scores": [float(x) for x in np.linspace(0.5, 1.5, 100)]},
+        "calibration": {"n": HELD_OUT, "scores": [float(x) for x in np.linspace(0.5, 1.5, HELD_OUT)]},
     }
     save_decoder(out, decoder, meta)
+    rng = np.random.default_rng(0)
+    sketches = rng.normal(size=(HELD_OUT, SKETCH_DIM))
+    sketches /= np.linalg.norm(sketches, axis=1, keepdims=True)
+    thumbnails = rng.integers(0, 256, (HELD_OUT, THUMBNAIL_SIDE**2), np.uint8)
+    save_holdout(out, sketches.astype(np.float16), thumbnails)
     return out
 
 

@@ -16,3 +16,15 @@ def test_model_only_times_the_model_loop_alone(tmp_path, monkeypatch):
     assert result["pipeline_img_s"] is None and result["train_img_s"] is None
     assert result["pipeline_by_workers_img_s"] == {}
     assert not (tmp_path / "shards").exists()  # no shards written for a run that reads none
+
+
+def test_the_pipeline_phase_scores_with_the_default_collapse_pass(tmp_path, tiny_encoder, tiny_shards):
+    """The random decoder holds random held-out images, so the timed job is the default one, pass
+    included (a decoder without them would be refused)."""
+    from sanitizer.pipeline.job import ScoreJob, run_score_job
+    from sanitizer.scoring import ScoreSettings
+
+    decoder_dir = throughput.make_decoder(tiny_encoder, tmp_path / "decoder", ScoreSettings())
+    summary = run_score_job(ScoreJob(decoder_dir, str(tiny_shards), tmp_path / "run", workers=0), False)
+    assert summary.collapse_rule == "quantile:0.98" and summary.collapse_threshold is not None
+    assert summary.samples == 120
