@@ -42,6 +42,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from sanitizer.stats import SHIFT_LIMIT
+
 SKETCH_DIM = 64
 NEIGHBOURS = 5
 REFERENCE_SIZE = 20_000
@@ -53,7 +55,7 @@ DEFAULT_COLLAPSE_RULE = "quantile:0.98"
 # different images come nearer than 5.3, and the benchmark's triggers do not bring them nearer.
 THUMBNAIL_SIDE = 8
 NEAR_DUPLICATE_RMS = 4.0
-_NEAR_SQUARED = NEAR_DUPLICATE_RMS**2  # per thumbnail pixel
+_NEAR_SQUARED = NEAR_DUPLICATE_RMS**2 * THUMBNAIL_SIDE**2  # the squared distance between whole thumbnails
 CANDIDATES = 4 * NEIGHBOURS  # the nearest reference rows searched first for a query's near-duplicates
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
@@ -101,7 +103,7 @@ def _as_points(thumbnails: np.ndarray, query: bool) -> torch.Tensor:
 
 def near_duplicates(queries: np.ndarray, reference: np.ndarray) -> torch.Tensor:
     """(Q, R) bool: which reference thumbnails lie within NEAR_DUPLICATE_RMS of each query's."""
-    return _as_points(queries, True) @ _as_points(reference, False).T >= -_NEAR_SQUARED * queries.shape[1]
+    return _as_points(queries, True) @ _as_points(reference, False).T >= -_NEAR_SQUARED
 
 
 def _top_apart(
@@ -115,7 +117,7 @@ def _top_apart(
     q = torch.from_numpy(query_thumbnails.astype(np.float32))
     r = torch.from_numpy(reference_thumbnails.astype(np.float32))
     squared = ((q[:, None, :] - r[index]) ** 2).sum(-1)  # exact: integers below 2^24
-    apart = squared > _NEAR_SQUARED * q.shape[1]
+    apart = squared > _NEAR_SQUARED
     values = values.masked_fill(~apart, -torch.inf)
     crowded = torch.nonzero((apart.sum(1) < k) & (values.shape[1] < sim.shape[1])).flatten()
     if len(crowded):
@@ -239,3 +241,16 @@ class HeldOut:
 
     def needed(self, scores: np.ndarray, limit: float) -> np.ndarray:
         return collapse_needed(tail_p(scores, self.scores), self.collapse, limit)
+
+
+def unlike_holdout(share: float | None) -> str | None:
+    """What to tell the user when a share of the run's evidence above the held-out images' median is
+    more than a backdoor explains: a triggered share t moves at most t of it (0.5 + t/2), as it does the
+    scores (SHIFT_LIMIT). None when it is not."""
+    if share is None or share <= SHIFT_LIMIT:
+        return None
+    return (
+        f"{share:.0%} of the run's evidence is above the held-out images' median (about 50% on data like "
+        "them): the decoder's held-out images are unlike this data, so the collapse pass flags far more "
+        "than its rule says; score with a decoder trained on data like it"
+    )

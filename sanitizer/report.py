@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.checkpoint import read_meta
-from sanitizer.collapse import SKETCH_DIM, group_by_seed
+from sanitizer.collapse import SKETCH_DIM, group_by_seed, unlike_holdout
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import read_manifest
@@ -983,13 +983,8 @@ def joint_section(
     if points is None:
         return Section("joint", title, _note("no sample has a collapse value: nothing to plot"))
     plot_joint(out / "joint.png", points, threshold)
-    unlike = ""
-    if shift is not None and shift > SHIFT_LIMIT:
-        unlike = _note(
-            f"{shift:.0%} of this run's evidence is above the held-out images' median (about 50% on data "
-            "like them): the decoder's held-out images are unlike this data, so the collapse pass flags "
-            "far more than its rule says. Score with a decoder trained on data like it."
-        )
+    unlike = unlike_holdout(shift)
+    unlike = "" if unlike is None else _note(unlike[0].upper() + unlike[1:] + ".")
     text = (
         f"<p>{len(points.score):,} samples with a collapse value (a seeded sample): how badly each is "
         "rebuilt, against how nearly its embedding coincides with its 5 nearest in the run. The collapse "

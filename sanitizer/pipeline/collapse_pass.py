@@ -15,13 +15,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.checkpoint import load_holdout
-from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, neighbour_similarity, reference_rows
+from sanitizer.collapse import (
+    SKETCH_DIM,
+    THUMBNAIL_SIDE,
+    HeldOut,
+    neighbour_similarity,
+    reference_rows,
+    unlike_holdout,
+)
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.pipeline.collect import rewrite
 from sanitizer.rundir import RunDir
 from sanitizer.scoring import ScoreSettings
-from sanitizer.stats import SHIFT_LIMIT, above_median
+from sanitizer.stats import above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
 
 log = logging.getLogger(__name__)
@@ -132,18 +139,6 @@ class CollapsePass:
     above_holdout_median: float | None = None
 
 
-def warn_if_unlike(share: float) -> None:
-    """A triggered share t moves at most t of the evidence above the held-out median (0.5 + t/2), as
-    it does the scores (SHIFT_LIMIT): more says the held-out images are unlike the data."""
-    if share > SHIFT_LIMIT:
-        log.warning(
-            "%.0f%% of the run's evidence is above the held-out images' median (about 50%% on data like "
-            "them): the decoder's held-out images are unlike this data, so the collapse pass flags far "
-            "more than its rule says; use a decoder trained on data like it",
-            100 * share,
-        )
-
-
 def weighing(
     run: RunDir, stems: list[str], rule: ThresholdRule | None, holdout: HoldoutImages | None
 ) -> tuple[Reference, HeldOut] | None:
@@ -186,7 +181,8 @@ def weigh(
     limit = resolve_threshold(rule, own, scored)
     found = CollapsePass(limit, above_median(scored, own) / len(scored))
     warn_if_small(len(held.scores), limit)
-    warn_if_unlike(found.above_holdout_median)
+    if (unlike := unlike_holdout(found.above_holdout_median)) is not None:
+        log.warning(unlike)
     needed = {stem: held.needed(scores[stem], limit) for stem in values}
     for stem in values:
         needed[stem][np.isnan(values[stem])] = np.nan
