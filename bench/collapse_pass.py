@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/collapse_pass.py --samples 200000 --per-shard 10000
 
-Writes a run directory of manifests whose sketches are random unit vectors and thumbnails random
-bytes (the pass's cost does not depend on their values), then times `apply_flags` with the default
-collapse rule against 2000 random held-out images (the most a decoder keeps): reading every shard's
-sketches twice (the reference sample, then the statistic), the neighbour search against up to
+Writes a run directory of manifests whose sketches are random unit vectors and thumbnails and file
+digests random bytes (the pass's cost does not depend on their values), then times `apply_flags` with
+the default collapse rule against 2000 random held-out images (the most a decoder keeps): reading every
+shard's sketches twice (drawing the reference sample by keyed hashes of the digests, then the
+statistic), the neighbour search against up to
 REFERENCE_SIZE reference rows with near-duplicates left out, the p-values, and rewriting the
 manifests. Prints one JSON line.
 """
@@ -48,12 +49,13 @@ def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator
         n, stem = min(per_shard, samples - start), f"shard-{start // per_shard:06d}"
         sketch = unit_rows(n, rng)
         unset = ("error", "threshold", "flag_reason", "collapse", "collapse_threshold", "caption")
-        columns = {c: [None] * n for c in (*unset, "width", "height", "sha256", "label")}
+        columns = {c: [None] * n for c in (*unset, "width", "height", "label")}
         columns |= {
             "key": [f"{stem}-{i}" for i in range(n)], "shard": [stem] * n, "index": np.arange(n),
             "status": ["ok"] * n, "score": rng.random(n, np.float32), "score_std": np.zeros(n, np.float32),
             "flagged": np.zeros(n, bool), "embedding_norm": np.ones(n, np.float32),
             "sketch": list(sketch.astype(np.float16)), "thumbnail": list(map(bytes, thumbnails(n, rng))),
+            "sha256": [bytes(row).hex() for row in rng.integers(0, 256, (n, 32), dtype=np.uint8)],
         }  # fmt: skip
         table = to_table(columns)
         run.manifest(stem).parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         stems = write_run(Path(tmp), args.samples, args.per_shard, rng)
-        holdout = HoldoutImages(rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), thumbnails(HOLDOUT, rng))
+        held_out = (rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), thumbnails(HOLDOUT, rng))
+        holdout = HoldoutImages(*held_out, reference_key=rng.bytes(32))
         started = time.perf_counter()
         apply_flags(RunDir(Path(tmp)), stems, 0.5, parse_rule(DEFAULT_COLLAPSE_RULE), holdout)
         seconds = time.perf_counter() - started

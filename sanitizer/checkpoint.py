@@ -42,11 +42,16 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def reference_key(decoder_dir: Path) -> bytes:
+    """The key of the collapse pass's reference draw (sanitizer.collapse.reference_rank): a digest of
+    the decoder's weights that no file records (decoder.json and run.json record their sha256), so
+    that only someone who holds the decoder can aim files into or out of a run's reference."""
+    with open(Path(decoder_dir) / WEIGHTS, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(person=b"collapse-ref")).digest()[:32]
 
 
 def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:

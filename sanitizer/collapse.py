@@ -11,7 +11,10 @@ those images are each other's near-duplicates. This pass measures that, after sc
   concentrated on fewer than MIN_EFFECTIVE_DIM features: a CNN whose ReLU features die for some
   inputs maps them all to one axis (3-8% of clean images on the detection benchmark's fine-tuned
   victims), a direction they share without being alike, so such rows take no part in the pass;
-- the reference is a seeded sample of at most REFERENCE_SIZE ok rows of the scored set;
+- the reference is the REFERENCE_SIZE ok rows of the scored set whose files rank lowest by a hash
+  keyed with a secret of the decoder's (reference_rank): drawn by content, it is the same whatever
+  the order of the shards, and an attacker without the decoder cannot grind files into it or out of
+  it;
 - a sample's `collapse` is its mean cosine similarity to its NEIGHBOURS nearest reference rows, its
   near-duplicates left out: rows whose `thumbnail` (the decoded image, grey, averaged down to 8 x 8)
   is within NEAR_DUPLICATE_RMS grey levels of its own, itself and identical files included. A photo
@@ -36,6 +39,7 @@ copies are each other's near-duplicates, and only the score can flag them.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cache
 
@@ -129,11 +133,21 @@ def _top_apart(
     return values.topk(k, dim=1).values
 
 
-def reference_rows(total: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
-    """Sorted positions, among `total` ok rows in run order, of the seeded reference sample."""
-    if total <= size:
-        return np.arange(total)
-    return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+def reference_rank(sha256: list[str], key: bytes) -> np.ndarray:
+    """(N,) uint64: each file's place in the reference draw, its sha256 hashed with `key`. Copies of
+    one file share a rank, so they are drawn together."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(bytes.fromhex(h), digest_size=8, key=key).digest()) for h in sha256],
+        np.uint64,
+    )
+
+
+def within_lowest(rank: np.ndarray, size: int = REFERENCE_SIZE) -> np.ndarray:
+    """(N,) bool: the rows among the `size` lowest ranks, with every row tied with the last of them, so
+    that which rows are drawn does not depend on their order."""
+    if len(rank) <= size:
+        return np.ones(len(rank), bool)
+    return rank <= np.partition(rank, size - 1)[size - 1]
 
 
 def neighbour_similarity(

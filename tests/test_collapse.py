@@ -1,5 +1,6 @@
 """The collapse pass: sketches, the neighbour statistic, and the pass over a scored run."""
 
+import hashlib
 import io
 import json
 import re
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sanitizer.checkpoint import load_holdout, save_holdout
+from sanitizer.checkpoint import load_holdout, reference_key, save_holdout
 from sanitizer.cli import build_parser
 from sanitizer.collapse import (
     CANDIDATES,
@@ -26,13 +27,15 @@ from sanitizer.collapse import (
     group_by_seed,
     near_duplicates,
     neighbour_similarity,
-    reference_rows,
+    reference_rank,
     tail_p,
     thumbnail,
+    within_lowest,
 )
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
 from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
+from sanitizer.pipeline import collapse_pass
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import write_report
 from sanitizer.scoring import ScoreSettings
@@ -158,11 +161,29 @@ def test_group_by_seed_groups_around_the_first_ungrouped_row():
     assert group_by_seed(rows, 1.5, limit=3).tolist() == [0, 1, 2] + [-1] * 9
 
 
-def test_reference_is_a_seeded_sample():
-    assert reference_rows(10, size=20).tolist() == list(range(10))
-    chosen = reference_rows(1000, size=50)
-    assert len(set(chosen.tolist())) == 50 and (np.diff(chosen) > 0).all()
-    assert (chosen == reference_rows(1000, size=50)).all()
+def test_the_reference_is_drawn_by_keyed_content():
+    digests = [hashlib.sha256(bytes([i, j])).hexdigest() for i in range(4) for j in range(250)]
+    rank = reference_rank(digests, b"k" * 32)
+    assert rank.dtype == np.uint64 and len(set(rank.tolist())) == 1000
+    assert (rank == reference_rank(digests, b"k" * 32)).all()
+    drawn = within_lowest(rank, 50)
+    assert drawn.sum() == 50 and rank[drawn].max() < rank[~drawn].min()
+    # The draw is the same in any order, and another key draws another sample (2.5 shared expected).
+    order = np.random.default_rng(0).permutation(1000)
+    assert (within_lowest(rank[order], 50) == drawn[order]).all()
+    assert (drawn & within_lowest(reference_rank(digests, b"j" * 32), 50)).sum() < 15
+    # Copies of one file share a rank: drawn together, even past the size.
+    last = digests[int(np.argsort(rank)[49])]
+    copies = within_lowest(reference_rank([*digests, last], b"k" * 32), 50)
+    assert copies.sum() == 51 and copies[-1]
+    assert within_lowest(rank[:10], 50).all()
+
+
+def test_the_reference_key_is_the_decoders_and_recorded_nowhere(decoder_dir, tmp_path):
+    key = reference_key(decoder_dir)
+    assert len(key) == 32 and key == reference_key(decoder_dir)
+    assert key.hex() not in (decoder_dir / "decoder.json").read_text()
+    assert key.hex() != json.loads((decoder_dir / "decoder.json").read_text())["decoder_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +275,29 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert 'id="clusters"' not in write_report(out).read_text()
     assert not (out / "report" / "clusters.png").exists()  # an older report's figure does not linger
     assert not (out / "report" / "joint.png").exists()
+
+
+def test_the_pass_is_the_same_whatever_the_shard_order(decoder_dir, cluster_shards, tmp_path, monkeypatch):
+    """With a reference smaller than the run, the same shards listed in reverse give every sample the
+    same collapse and the same flags: the reference is drawn by content, not by position."""
+    shards = sorted(str(path) for path in cluster_shards.glob("*.tar"))
+    assert len(shards) == 3
+
+    def collapse_by_key(listed: list[str], reference_size: int, name: str) -> dict[str, np.ndarray]:
+        monkeypatch.setattr(collapse_pass, "REFERENCE_SIZE", reference_size)
+        run(decoder_dir, ",".join(listed), tmp_path / name, collapse=RULE)
+        table = concat(tmp_path / name)
+        order = np.argsort(table.column("key").to_pylist())
+        return {c: np.array(table.column(c).to_pylist())[order] for c in ("key", "collapse", "flag_reason")}
+
+    forward, reverse = collapse_by_key(shards, 40, "forward"), collapse_by_key(shards[::-1], 40, "reverse")
+    assert (forward["key"] == reverse["key"]).all() and len(forward["key"]) == 98
+    np.testing.assert_allclose(
+        forward["collapse"].astype(float), reverse["collapse"].astype(float), atol=1e-6
+    )
+    assert (forward["flag_reason"] == reverse["flag_reason"]).all()
+    whole = collapse_by_key(shards, 98, "whole")  # the whole run as the reference: other neighbours
+    assert np.abs(forward["collapse"].astype(float) - whole["collapse"].astype(float)).max() > 0.01
 
 
 def blank_sketches(out, keys: list[str]) -> None:

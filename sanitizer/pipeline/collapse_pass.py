@@ -14,14 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.checkpoint import load_holdout
+from sanitizer.checkpoint import load_holdout, reference_key
 from sanitizer.collapse import (
+    REFERENCE_SIZE,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
     HeldOut,
     neighbour_similarity,
-    reference_rows,
+    reference_rank,
     unlike_holdout,
+    within_lowest,
 )
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
@@ -43,12 +45,13 @@ class OkRows:
     sketches: np.ndarray  # (n, SKETCH_DIM) float32
     thumbnails: np.ndarray  # (n, THUMBNAIL_SIDE**2) uint8
     scores: np.ndarray  # float32, as the manifest keeps them
+    sha256: list[str]  # of each row's file
 
 
 def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
     """Each shard's ok rows, shard by shard: only the columns the pass needs are read."""
     for stem in stems:
-        table = read_manifest(run.manifest(stem), ["status", "sketch", "thumbnail", "score"])
+        table = read_manifest(run.manifest(stem), ["status", "sketch", "thumbnail", "score", "sha256"])
         ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
         rows = table.take(pa.array(ok))
         sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
@@ -59,23 +62,36 @@ def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
             sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
             np.frombuffer(thumbnails, np.uint8).reshape(len(ok), THUMBNAIL_SIDE**2),
             rows.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
+            rows.column("sha256").to_pylist(),  # an ok row always has one
         )
 
 
-class Reference:
-    """The reference sample: the sketches and thumbnails of a seeded sample of the run's ok rows."""
+Drawn = tuple[np.ndarray, np.ndarray, np.ndarray]  # ranks, sketches, thumbnails
 
-    def __init__(self, run: RunDir, stems: list[str]) -> None:
-        total = sum(run.read_stats(stem)["ok"] for stem in stems)
-        chosen = reference_rows(total)
-        sketches, thumbnails, seen = [], [], 0
+
+def lowest(drawn: Drawn) -> Drawn:
+    """The rows of the REFERENCE_SIZE lowest ranks (within_lowest), in rank order."""
+    rank = drawn[0]
+    rows = np.flatnonzero(within_lowest(rank, REFERENCE_SIZE))
+    rows = rows[np.argsort(rank[rows], kind="stable")]
+    return tuple(part[rows] for part in drawn)
+
+
+class Reference:
+    """The reference sample: the sketches and thumbnails of the run's ok rows of lowest reference_rank,
+    in rank order, so that it is the same whatever the order of the shards. Drawn shard by shard:
+    at most REFERENCE_SIZE rows and one shard's are held."""
+
+    def __init__(self, run: RunDir, stems: list[str], key: bytes) -> None:
+        drawn: Drawn = (
+            np.zeros(0, np.uint64),
+            np.zeros((0, SKETCH_DIM), np.float32),
+            np.zeros((0, THUMBNAIL_SIDE**2), np.uint8),
+        )
         for rows in ok_rows(run, stems):
-            mine = chosen[(chosen >= seen) & (chosen < seen + len(rows.sketches))] - seen
-            sketches.append(rows.sketches[mine])
-            thumbnails.append(rows.thumbnails[mine])
-            seen += len(rows.sketches)
-        self.sketches = np.concatenate([*sketches, np.zeros((0, SKETCH_DIM), np.float32)])
-        self.thumbnails = np.concatenate([*thumbnails, np.zeros((0, THUMBNAIL_SIDE**2), np.uint8)])
+            shard = (reference_rank(rows.sha256, key), rows.sketches, rows.thumbnails)
+            drawn = lowest(tuple(np.concatenate(pair) for pair in zip(drawn, shard, strict=True)))
+        _, self.sketches, self.thumbnails = drawn
 
     def similarity(self, sketches: np.ndarray, thumbnails: np.ndarray) -> np.ndarray:
         return neighbour_similarity(sketches, self.sketches, thumbnails, self.thumbnails)
@@ -84,11 +100,13 @@ class Reference:
 @dataclass
 class HoldoutImages:
     """The decoder's held-out images as the pass weighs a run against them: their scores (the
-    calibration, made at the run's scoring settings), sketches and thumbnails, in one order."""
+    calibration, made at the run's scoring settings), sketches and thumbnails, in one order; and the
+    decoder's key for drawing the run's reference (checkpoint.reference_key)."""
 
     scores: np.ndarray
     sketches: np.ndarray
     thumbnails: np.ndarray
+    reference_key: bytes
 
 
 def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: ScoreSettings) -> HoldoutImages:
@@ -114,7 +132,8 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
             f"{meta['scoring']}; scoring with {settings.to_dict()} needs a decoder calibrated for them "
             "(or --no-collapse)"
         )
-    return HoldoutImages(np.asarray(meta["calibration"]["scores"], np.float64), *held_out)
+    scores = np.asarray(meta["calibration"]["scores"], np.float64)
+    return HoldoutImages(scores, *held_out, reference_key(decoder_dir))
 
 
 def warn_if_small(held_out: int, limit: float) -> None:
@@ -147,7 +166,7 @@ def weighing(
     that cannot run must not fail the run, so the last case is a warning."""
     if rule is None:
         return None
-    reference = Reference(run, stems)
+    reference = Reference(run, stems, holdout.reference_key)
     if not len(reference.sketches):
         return None
     held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
