@@ -407,10 +407,11 @@ def dede_rows(
         )
         clean = None
         if method == "dede-score":
-            rows += collapse_rows(attack, train_data, suffix, tests, fitted, embedded, c, t)
+            held_triggered = None if triggered is None else triggered[holdout_idx]
+            rows += collapse_rows(attack, train_data, suffix, tests, fitted, embedded, c, t, held_triggered)
             classes = by_class(c, t, tests, resolve_threshold(parse_rule(rule), calibration))
-            if triggered is not None:
-                clean = calibration[~triggered[holdout_idx]]
+            if held_triggered is not None:
+                clean = calibration[~held_triggered]
         rows += detection_rows(attack, train_data, method + suffix, tests, c, t, rule, calibration, clean)
     return rows, classes
 
@@ -469,26 +470,30 @@ def holdout_collapse(fitted, reference: Sketched) -> np.ndarray:
     return neighbour_similarity(sketches, reference.sketches, fitted.holdout_thumbnails, reference.thumbnails)
 
 
-def union(dede: np.ndarray, collapse: np.ndarray, fitted, held_collapse: np.ndarray) -> np.ndarray:
+def union(
+    dede: np.ndarray, collapse: np.ndarray, calibration: np.ndarray, held_collapse: np.ndarray
+) -> np.ndarray:
     """What `sanitizer score` flags, as one score (flagged above 1): the larger of the over_threshold
-    units of the score and of the evidence, weighed against the decoder's held-out images
-    (`held_collapse`: theirs against the scored set, sanitizer/collapse.py)."""
-    held = HeldOut.of(fitted.calibration, held_collapse)
+    units of the score and of the evidence, weighed against the decoder's held-out images (their
+    scores, `calibration`, and `held_collapse`, their collapse against the scored set, in one order:
+    sanitizer/collapse.py)."""
+    held = HeldOut.of(calibration, held_collapse)
     weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no sketch: the score alone
     return np.maximum(
-        over_threshold(dede, fitted.calibration, DEDE_RULE),
+        over_threshold(dede, calibration, DEDE_RULE),
         over_threshold(weighed, held.own_evidence(), DEFAULT_COLLAPSE_RULE),
     )
 
 
 def collapse_rows(
     attack: str, train_data: str, suffix: str, tests: TestSets, fitted, embedded: EmbeddedTests,
-    clean: np.ndarray, triggered: np.ndarray,
+    clean: np.ndarray, triggered: np.ndarray, held_triggered: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
     """`dede`, what `sanitizer score` flags (the score's test or the collapse pass's), and `collapse`,
     the collapse statistic alone (ranked; its TPR and FPR at the quantile of the held-out images'
     collapse that the default rule names): each rate's scored set is the pass's reference, the
-    decoder's held-out images its calibration."""
+    decoder's held-out images its calibration. `held_triggered` marks the held-out images that carry
+    the trigger: the `dede` rows then also say what the defaults flag calibrated without them."""
     sk_clean, sk_trig = Sketched.of(embedded.clean), Sketched.of(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
@@ -498,9 +503,17 @@ def collapse_rows(
         n = len(clean[cs])
         held = holdout_collapse(fitted, reference)
         ranked = np.nan_to_num(collapse, nan=-1.0)  # without a sketch: below every cosine
-        both = union(np.r_[clean[cs], triggered[ts]], collapse, fitted, held)
+        scores = np.r_[clean[cs], triggered[ts]]
+        both = union(scores, collapse, fitted.calibration, held)
+        dede = rate_row(attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None)
+        if held_triggered is not None:
+            keep = ~held_triggered
+            tpr, fpr = rates(
+                union(scores, collapse, fitted.calibration[keep], held[keep]), np.arange(len(both)) >= n, 1.0
+            )
+            dede |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
         rows += [
-            rate_row(attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None),
+            dede,
             rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
                      DEFAULT_COLLAPSE_RULE, held[~np.isnan(held)]),
         ]  # fmt: skip
@@ -545,7 +558,8 @@ def kept_by_union(
     train, clean, triggered = (Sketched.of(images) for images in sets)
     out = []
     for sketched, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]])):
-        out.append(union(scores, self_collapse(sketched), fitted, holdout_collapse(fitted, sketched)) <= 1)
+        held = holdout_collapse(fitted, sketched)
+        out.append(union(scores, self_collapse(sketched), fitted.calibration, held) <= 1)
     n = len(dede[1])
     return out[0], out[1][:n], out[1][n:]
 
@@ -867,11 +881,16 @@ def targets_table(result: dict) -> list[str]:
 TPR_METHODS = ("dede-score", "dede-unrelaxed", "dede-paper")
 
 
+def operating_point(row: dict, suffix: str = "", digits: int = 3) -> str:
+    """A row's "TPR / FPR", or with a suffix its other calibration's."""
+    return f"{row['tpr' + suffix]:.{digits}f} / {row['fpr' + suffix]:.3f}"
+
+
 def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
     """TPR at the calibrated threshold against the TPR the ranking allows at 5% FPR (whether a miss is
     the threshold's or the score's), for `dede-score`, `dede-unrelaxed` (with the ablation) and
-    `dede-paper`; and the TPR / FPR of `dede-score` calibrated on the holdout without its triggered
-    images (what the contamination costs)."""
+    `dede-paper`; and the TPR / FPR of `dede-score` and of `dede` calibrated on the holdout without its
+    triggered images (what the contamination costs, and what it saves)."""
     cells = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in rows}
     if not any("tpr_at_fpr05" in r for r in rows):
         return []
@@ -880,20 +899,25 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
         "",
         "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
         "",
-        "| attack | rate | train | " + " | ".join(methods) + " | dede-score, holdout without its triggered "
-        "images: TPR / FPR |",
-        "|" + "---|" * (4 + len(methods)),
+        "The last two columns calibrate on the holdout without its triggered images, which only the "
+        "benchmark can pick out: `dede-score`'s TPR / FPR, and `dede`'s against its TPR / FPR as run.",
+        "",
+        "| attack | rate | train | "
+        + " | ".join(methods)
+        + " | dede-score, clean holdout | dede, clean holdout (as run) |",
+        "|" + "---|" * (5 + len(methods)),
     ]
     for attack, rate, train in dict.fromkeys((a, r, t) for a, r, t, _ in cells):
         found = [cells.get((attack, rate, train, m)) for m in methods]
         text = [f"{c['tpr']:.2f} / {c['tpr_at_fpr05']:.2f}" if c else "" for c in found]
-        dede = found[0] or {}
-        clean = (
-            f"{dede['tpr_clean_holdout']:.2f} / {dede['fpr_clean_holdout']:.3f}"
+        score, dede = (cells.get((attack, rate, train, m), {}) for m in ("dede-score", "dede"))
+        clean = [
+            operating_point(score, "_clean_holdout", 2) if "tpr_clean_holdout" in score else "",
+            f"{operating_point(dede, '_clean_holdout')} ({operating_point(dede)})"
             if "tpr_clean_holdout" in dede
-            else ""
-        )
-        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, clean]) + " |")
+            else "",
+        ]
+        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, *clean]) + " |")
     return lines
 
 

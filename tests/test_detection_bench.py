@@ -162,9 +162,8 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
     unions = {(t, m) for t, m in expected if m in ("dede", "dede-control")}  # two calibrations, no one median
     assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == unions
     with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
-    assert with_clean == {
-        ("id", "dede-score")
-    }  # the victim's ID decoder: the only holdout with triggered images
+    assert with_clean == {("id", "dede-score"), ("id", "dede")}  # the victim's ID decoder: the only
+    # holdout with triggered images
     assert all(
         0 <= r[k] <= 1
         for r in rows
@@ -254,6 +253,37 @@ def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
         assert row["fpr_clean_holdout"] > row["fpr"] and row["tpr_clean_holdout"] >= row["tpr"]
         # the report's shift statistic: the share of scores above the (contaminated) calibration's median
         assert row["above_calibration_median"] == round(float((scores > np.median(contaminated)).mean()), 4)
+
+
+def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_out_images():
+    """20 of the 420 held-out images carry the trigger and score above every other: they take the
+    score test's 0.97 quantile to their own, so the triggered test images (scores 1.00 down to 0.94,
+    spread embeddings: no collapse) pass it; without them the threshold falls to about 0.97, above
+    which half of them lie (and the one of the 1% rate, the first)."""
+    rng = np.random.default_rng(1)
+    n, dim = 40, 16
+    pictures = rng.integers(0, 256, (n + n // 2 + 420, 8, 8, 3), dtype=np.uint8)  # all different
+    embedded = D.EmbeddedTests(
+        D.Embedded(pictures[:n], rng.normal(size=(n, dim)), "c"),
+        D.Embedded(pictures[n : n + n // 2], rng.normal(size=(n // 2, dim)), "t"),
+    )
+    fitted = SimpleNamespace(
+        holdout_sketches=D.embedding_sketch(torch.from_numpy(rng.normal(size=(420, dim)))).numpy(),
+        holdout_thumbnails=D.thumbnail(pictures[n + n // 2 :]),
+        calibration=np.r_[np.linspace(0, 1, 400), np.full(20, 5.0)],
+    )
+    held_triggered = np.arange(420) >= 400
+    tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
+    clean, trig = rng.random(n) * 0.9, np.linspace(1.0, 0.94, n // 2)
+    rows = D.collapse_rows("a", "id", "", tests, fitted, embedded, clean, trig, held_triggered)
+    for row in (r for r in rows if r["method"] == "dede"):
+        assert row["tpr"] == 0.0 and row["fpr"] == 0.0
+        assert row["tpr_clean_holdout"] >= 0.5 and row["fpr_clean_holdout"] == 0.0
+    assert not any(
+        "tpr_clean_holdout" in r for r in D.collapse_rows("a", "id", "", tests, fitted, embedded, clean, trig)
+    )
+    table = "\n".join(D.tpr_at_fpr_table(rows))
+    assert "| dede-score, clean holdout | dede, clean holdout (as run) |" in table
 
 
 def test_the_class_breakdown_gives_each_class_its_auc_and_its_share_of_false_positives():
