@@ -46,12 +46,21 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _weights(decoder_dir: Path) -> Path:
+    weights = Path(decoder_dir) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{decoder_dir} has {META} but no {WEIGHTS}")
+    return weights
+
+
 def reference_key(decoder_dir: Path) -> bytes:
     """The key of the collapse pass's reference draw (sanitizer.collapse.reference_rank): a digest of
     the decoder's weights that no file records (decoder.json and run.json record their sha256), so
     that only someone who holds the decoder can aim files into or out of a run's reference."""
-    with open(Path(decoder_dir) / WEIGHTS, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(person=b"collapse-ref")).digest()[:32]
+    with open(_weights(decoder_dir), "rb") as f:
+        return hashlib.file_digest(
+            f, lambda: hashlib.blake2b(digest_size=32, person=b"collapse-ref")
+        ).digest()
 
 
 def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
@@ -96,9 +105,7 @@ def read_meta(decoder_dir: Path) -> dict:
 
 def load_decoder(decoder_dir: Path, device: torch.device | str = "cpu") -> tuple[DedeDecoder, dict]:
     meta = read_meta(decoder_dir)
-    weights = Path(decoder_dir) / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{decoder_dir} has {META} but no {WEIGHTS}")
+    weights = _weights(decoder_dir)
     if file_sha256(weights) != meta.get("decoder_sha256"):
         raise CheckpointError(f"{weights} does not match the hash recorded in {META}")
     decoder = DedeDecoder(DedeConfig(**meta["model"]))

@@ -482,6 +482,19 @@ def test_full_disk_while_cleaning(monkeypatch, tmp_path, reference):
 # ---------------------------------------------------------------- weights that carry code
 
 
+def test_a_decoder_without_its_weights_is_a_clean_error(tmp_path, corpus, tiny_decoder_dir):
+    """The collapse pass keys its reference with the weights, before any scoring: a decoder directory
+    that lost them is refused there, as loading it would be."""
+    decoder = Path(shutil.copytree(tiny_decoder_dir, tmp_path / "decoder"))
+    (decoder / "decoder.safetensors").unlink()
+    result = cli(*score_args(decoder, corpus, tmp_path / "run", 0), cwd=tmp_path)
+    assert result.rc == 2
+    assert result.err.splitlines()[-1] == (
+        f"sanitizer: error: {decoder} has decoder.json but no decoder.safetensors"
+    )
+    assert "Traceback" not in result.err
+
+
 def test_pickled_weights_are_refused_and_never_run(tmp_path, corpus, tiny_decoder_dir):
 
     evil = tmp_path / "encoder.pt"
