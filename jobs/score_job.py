@@ -4,8 +4,9 @@
         python -m jobs.score_job --config jobs/configs/clip_pairs.yaml
 
 Inside a Ray job RAY_ADDRESS is set, so the scoring actors run on the cluster's GPUs. The config's
-`score` mapping holds `sanitizer score` options (underscores or dashes); `clean` and `report` say
-whether to run those steps. The job is resumable: submit it again and finished shards are skipped.
+`score` mapping holds `sanitizer score` options (underscores or dashes); `clean` and `report` are
+true (the default), false, or a mapping of that command's options (`clean: {}` runs it with its
+defaults). The job is resumable: submit it again and finished shards are skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sanitizer.cli import EXIT_OK
+from sanitizer.cli import EXIT_OK, EXIT_USAGE
 from sanitizer.cli import main as sanitizer
 
 
@@ -33,17 +34,39 @@ def options(mapping: dict) -> list[str]:
     return argv
 
 
-def run(config: dict) -> int:
-    score = dict(config["score"])
-    out = score["out"]
-    code = sanitizer(["score", *options(score)])
-    if code != EXIT_OK:
-        return code
-    if config.get("clean", True):
-        clean = config.get("clean") if isinstance(config.get("clean"), dict) else {}
-        code = sanitizer(["clean", out, *options(clean)])
-    if code == EXIT_OK and config.get("report", True):
-        code = sanitizer(["report", out])
+class ConfigError(ValueError):
+    """A job config that cannot be run as written; the message says which key and why."""
+
+
+def step_options(config: dict, step: str) -> list[str] | None:
+    """The CLI options of an optional step, or None to skip it. Absent or true: run with the defaults;
+    a mapping, even an empty one (`clean: {}`): run with those options; false or null: skip."""
+    value = config.get(step, True)
+    if value is True:
+        return []
+    if value is False or value is None:
+        return None
+    if isinstance(value, dict):
+        return options(value)
+    raise ConfigError(f"`{step}` must be true, false or a mapping of options, not {value!r}")
+
+
+def score_options(config: object) -> tuple[list[str], str]:
+    """The `score` step's options and its run directory, which clean and report read."""
+    score = config.get("score") if isinstance(config, dict) else None
+    if not isinstance(score, dict) or not score.get("out"):
+        raise ConfigError("the config needs a `score` mapping with at least `out` (and `decoder`, `data`)")
+    return options(score), str(score["out"])
+
+
+def run(config: object) -> int:
+    score, out = score_options(config)
+    clean, report = step_options(config, "clean"), step_options(config, "report")
+    code = sanitizer(["score", *score])
+    if code == EXIT_OK and clean is not None:
+        code = sanitizer(["clean", out, *clean])
+    if code == EXIT_OK and report is not None:
+        code = sanitizer(["report", out, *report])
     return code
 
 
@@ -51,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="YAML job config (see jobs/configs/)")
     args = parser.parse_args(argv)
-    return run(yaml.safe_load(args.config.read_text()))
+    try:
+        return run(yaml.safe_load(args.config.read_text()))
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        print(f"score_job: error: {args.config}: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

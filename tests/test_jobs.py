@@ -1,7 +1,8 @@
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
-from jobs.score_job import main, options
+from jobs.score_job import ConfigError, main, options, step_options
 
 
 def test_options_become_cli_flags():
@@ -28,7 +29,7 @@ def test_job_config_scores_cleans_and_reports_like_the_cli(
             "out": str(tmp_path / "run"),
             "workers": 0,
         },
-        "clean": {"threshold": "mad:3"},
+        "clean": {},  # as the shipped configs say it: clean with the defaults
         "report": True,
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
@@ -36,3 +37,51 @@ def test_job_config_scores_cleans_and_reports_like_the_cli(
     assert len(list((tmp_path / "run" / "clean").glob("*.tar"))) == 3
     assert pq.read_table(tmp_path / "run/manifest/shard-000000.parquet").num_rows == 40
     assert [str(p) for p in reported] == [str(tmp_path / "run")]
+
+
+def test_a_step_runs_unless_switched_off_and_an_empty_mapping_runs_it_with_defaults():
+    assert step_options({}, "clean") == []
+    assert step_options({"clean": True}, "clean") == []
+    assert step_options({"clean": {}}, "clean") == []
+    assert step_options({"clean": {"threshold": "mad:4"}}, "clean") == ["--threshold", "mad:4"]
+    assert step_options({"clean": False}, "clean") is None
+    assert step_options({"clean": None}, "clean") is None
+    with pytest.raises(
+        ConfigError, match="`report` must be true, false or a mapping of options, not 'yes please'"
+    ):
+        step_options({"report": "yes please"}, "report")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "needs a `score` mapping with at least `out`"),
+        ("score: {decoder: d, data: x.tar}\n", "needs a `score` mapping with at least `out`"),
+        ("score: {out: r}\nclean: 3\n", "`clean` must be true, false or a mapping of options, not 3"),
+        ("score: [unclosed\n", "while parsing"),
+    ],
+)
+def test_a_config_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, text, message):
+    (tmp_path / "job.yaml").write_text(text)
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"score_job: error: {tmp_path / 'job.yaml'}: ") and message in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_the_shipped_configs_score_clean_and_report():
+    from pathlib import Path
+
+    import jobs.score_job as job
+
+    configs = sorted((Path(job.__file__).parent / "configs").glob("*.yaml"))
+    assert len(configs) == 2
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        assert job.score_options(config)[1]
+        assert step_options(config, "clean") is not None and step_options(config, "report") is not None
