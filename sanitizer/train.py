@@ -14,11 +14,13 @@ pass rebuilds worst.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -236,8 +238,23 @@ class _Pass:
             return max(1, round(FIRST_PASS * self.epochs))
         return self.epochs
 
+    @cached_property
+    def inputs(self) -> dict:
+        """What the pass trains on, as a checkpoint records it: the encoder's weights and normalisation,
+        and a digest of the training images' pixels. A rerun with other weights or other data of the
+        same size must not resume a decoder half-trained on these."""
+        p = self.encoder.preprocess
+        return {
+            "encoder_sha256": self.encoder.weights_sha256,
+            "normalize": [*p.mean, *p.std],
+            "pixels_blake2b": hashlib.blake2b(
+                np.ascontiguousarray(self.pixels).data, digest_size=16
+            ).hexdigest(),
+        }
+
     def plan(self, number: int, left_out: list[int]) -> dict:
         return {
+            "inputs": self.inputs,
             "settings": self.settings.to_dict(),
             "epochs": self.epochs_of(number),
             "model": self.config.to_dict(),
@@ -289,7 +306,8 @@ class _Pass:
             return None
         if saved["plan"] != plan:
             raise UsageError(
-                f"{self.resume_dir} holds an unfinished training run with other settings; use another --out"
+                f"{self.resume_dir} holds an unfinished training run with other settings, encoder weights or "
+                f"data; use another --out, or delete {self.resume_dir / checkpoint.STATE_DIR} to start afresh"
             )
         return checkpoint.load_training_state(self.resume_dir, decoder, optimizer)
 

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from unittest.mock import ANY
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sanitizer.checkpoint as checkpoint_module
 import sanitizer.train as train_module
 from sanitizer.checkpoint import check_encoder, load_decoder, load_holdout, read_meta
 from sanitizer.cli import main
@@ -16,8 +18,8 @@ from sanitizer.data.decode import decode_image
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
 from sanitizer.device import precision
-from sanitizer.encoders import embed_pixels, load_encoder
-from sanitizer.errors import CheckpointError
+from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
+from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 from sanitizer.train import (
@@ -118,6 +120,45 @@ def test_resume_after_interruption_equals_uninterrupted(
         **read_meta(tmp_path / "full")["training"], "seconds": ANY, "data": ANY
     }  # fmt: skip
     assert not (tmp_path / "resumed/.checkpoint").exists()
+
+
+@pytest.mark.parametrize("change", ["weights", "data"])
+def test_an_unfinished_run_is_not_resumed_with_other_weights_or_other_data(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch, change
+):
+    """Same settings and the same number of images, so only the inputs tell the runs apart."""
+    settings = TrainSettings(epochs=2, batch_size=32, refit=0)
+    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+    real_epoch = train_module.train_epoch
+
+    def dies_in_second_epoch(*args, **kwargs):
+        if args[6] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "d", settings, **common)
+    monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+    encoder, data = tiny_encoder, tiny_shards
+    if change == "weights":
+        encoder = load_encoder(TINY_ENCODER, image_size=32)
+        with torch.no_grad():
+            next(encoder.module.parameters()).add_(0.01)
+        encoder = replace(encoder, weights_sha256=weights_sha256(encoder.module))
+        assert encoder.weights_sha256 != tiny_encoder.weights_sha256
+    else:
+        data = tmp_path / "other"
+        write_image_shards(data, synthetic_images(120, 32, seed=9), per_shard=40)
+    with pytest.raises(
+        UsageError, match="unfinished training run with other settings, encoder weights or data"
+    ):
+        train_decoder(encoder, str(data), tmp_path / "d", settings, **common)
+    assert checkpoint_module.read_training_progress(tmp_path / "d")["epoch"] == 1  # left as it was
+    train_decoder(
+        tiny_encoder, str(tiny_shards), tmp_path / "d", settings, **common
+    )  # the same inputs resume
+    assert len(read_meta(tmp_path / "d")["training"]["epoch_losses"]) == 2
 
 
 def test_worst_rebuilt_takes_the_highest_scores_ties_by_position():
