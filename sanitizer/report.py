@@ -1192,8 +1192,13 @@ def load_scorer(info: dict):
     """The run's encoder and decoder, exactly as scoring used them (ScoreStage checks the encoder hash)."""
     from sanitizer.pipeline.stages import ScoreStage
 
+    config = info["config"]
     stage = ScoreStage(
-        info["config"]["decoder_dir"], info["identity"]["scoring"], device="auto", micro_batch=64
+        config["decoder_dir"],
+        info["identity"]["scoring"],
+        device="auto",
+        micro_batch=64,
+        encoder_weights=config.get("encoder_weights"),  # absent in runs from before it was recorded
     )
     return stage.scorer, stage.image_size
 

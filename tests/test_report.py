@@ -154,6 +154,32 @@ def test_report_without_ground_truth_or_decoder(labelled_run, tmp_path):
     assert encoder_verdict(run)["p_value"] is not None
 
 
+def test_report_loads_the_encoder_weights_the_run_was_scored_with(tmp_path, tiny_encoder):
+    """Weights moved after training and given to `score --encoder-weights`: the report finds them too."""
+    from safetensors.torch import save_file
+
+    from sanitizer.train import TrainSettings, train_decoder
+
+    from .conftest import TINY_MODEL
+
+    write_image_shards(tmp_path / "data", synthetic_images(40, 32, seed=5), per_shard=20)
+    save_file(tiny_encoder.module.state_dict(), str(tmp_path / "w.safetensors"))
+    train_decoder(
+        tiny_encoder, str(tmp_path / "data"), tmp_path / "dec", TrainSettings(epochs=1, batch_size=16),
+        model_overrides=TINY_MODEL, encoder_weights=str(tmp_path / "w.safetensors"), progress=False,
+    )  # fmt: skip
+    moved = tmp_path / "elsewhere.safetensors"
+    (tmp_path / "w.safetensors").rename(moved)
+    job = ScoreJob(
+        tmp_path / "dec", str(tmp_path / "data"), tmp_path / "run", workers=0, encoder_weights=str(moved)
+    )
+    run_score_job(job, progress=False)
+    assert json.loads((tmp_path / "run/run.json").read_text())["config"]["encoder_weights"] == str(moved)
+    parsed = parse(write_report(tmp_path / "run"))
+    assert "cannot be loaded" not in " ".join(parsed.text)
+    assert {"samples.png", "embeddings.png"} <= set(parsed.images)
+
+
 def test_report_on_hostile_input(tmp_path, tiny_decoder_dir):
     """Truncated tars, non-images, bombs, empty shards: the page lists them and still renders."""
     from sanitizer.data.hostile import write_hostile_corpus

@@ -165,6 +165,8 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
             )
         config = {
             "decoder_dir": str(Path(job.decoder_dir).resolve()),
+            # where the weights were found if not where training recorded them: the report loads them too
+            "encoder_weights": str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
             "data": job.data,
             "threshold_rule": str(rule),
             "collapse_rule": None if collapse_rule is None else str(collapse_rule),
