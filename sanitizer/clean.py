@@ -12,8 +12,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from sanitizer.atomic import write_json_atomic
 from sanitizer.checkpoint import read_meta
 from sanitizer.data.decode import find_image_member
@@ -23,7 +21,7 @@ from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
 from sanitizer.rundir import RunDir
-from sanitizer.scoring import ScoreSettings
+from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.thresholds import parse_rule, resolve_threshold
 
 
@@ -50,10 +48,9 @@ def resolve_rule(text: str, run: RunDir, info: dict, done: list[str]) -> float:
     calibration = None
     if rule.kind == "quantile":
         meta = read_meta(Path(info["config"]["decoder_dir"]))
-        scored = ScoreSettings.from_dict(info["identity"]["scoring"])
-        if ScoreSettings.from_dict(meta["scoring"]) != scored:
+        calibration = calibration_for(meta, ScoreSettings.from_dict(info["identity"]["scoring"]))
+        if calibration is None:
             raise UsageError(f"{rule} needs a calibration made with this run's scoring settings")
-        calibration = np.asarray(meta["calibration"]["scores"], np.float32)
     return resolve_threshold(rule, calibration, ok_scores(run, done) if rule.needs_scores else None)
 
 

@@ -33,6 +33,7 @@ from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import ok_scores
 from sanitizer.rundir import RunDir
+from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf, roc_auc, roc_curve
 from sanitizer.thresholds import parse_rule
 
@@ -101,9 +102,10 @@ def _calibration(info: dict) -> tuple[np.ndarray | None, dict | None]:
         meta = read_meta(Path(info["config"]["decoder_dir"]))
     except (SanitizerError, KeyError, OSError):
         return None, None
-    if meta.get("scoring") != info.get("identity", {}).get("scoring"):
-        return None, meta  # calibrated at other test settings: its scores do not describe this run
-    return np.asarray(meta.get("calibration", {}).get("scores", []), np.float32), meta
+    try:
+        return calibration_for(meta, ScoreSettings.from_dict(info["identity"]["scoring"])), meta
+    except (KeyError, TypeError):  # a run.json or decoder.json without these: no usable calibration
+        return None, meta
 
 
 def _done_totals(run: RunDir, shards: list[ShardRef]) -> tuple[int, int]:

@@ -99,6 +99,15 @@ class ScoreSettings:
         return cls(**{"error_pool": 1, "error": "mse", "relax_steps": 0, **saved})
 
 
+def calibration_for(meta: dict, settings: ScoreSettings) -> np.ndarray | None:
+    """The decoder's calibration scores (decoder.json), or None when they were made with other scoring
+    settings than `settings` and so do not describe these scores. Both sides are read as from_dict
+    reads them, so a decoder saved before a setting existed still matches its own old default."""
+    if ScoreSettings.from_dict(meta["scoring"]) != settings:
+        return None
+    return np.asarray(meta["calibration"]["scores"], np.float32)
+
+
 def key_seeds(keys: Iterable[str]) -> np.ndarray:
     """A 64-bit seed per sample key (blake2b), stable across processes and machines."""
     return np.array(

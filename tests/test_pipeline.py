@@ -17,6 +17,7 @@ from sanitizer.data.tario import iter_samples, write_shards
 from sanitizer.errors import UsageError
 from sanitizer.manifest import MANIFEST_SCHEMA
 from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
 
 
@@ -245,6 +246,8 @@ def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     run_json.write_text(json.dumps(info))
     resumed = score(old_decoder, first, tmp_path / "run", workers=0)
     assert (resumed.samples, resumed.scored_now) == (40, 0)
+    # the report's verdict reads that calibration too, rather than fall back to the binomial test
+    assert encoder_verdict(tmp_path / "run")["test"] == "beta-binomial"
     per_pixel = manifests(tmp_path / "run")["shard-000000"].column("score").to_numpy()
     score(
         tiny_decoder_dir, first, tmp_path / "pooled", workers=0, error="mse", relax_steps=0,

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
@@ -33,7 +32,7 @@ from sanitizer.pipeline.collapse_pass import apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector, flagged_totals, ok_scores
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.rundir import RunDir
-from sanitizer.scoring import ScoreSettings
+from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
 
 log = logging.getLogger(__name__)
@@ -98,12 +97,13 @@ def initial_threshold(rule: ThresholdRule, settings: ScoreSettings, meta: dict) 
     """The threshold known before scoring; None for rules that need the scored set."""
     if rule.needs_scores:
         return None
-    if rule.kind == "quantile" and settings != ScoreSettings.from_dict(meta["scoring"]):
+    calibration = calibration_for(meta, settings)
+    if rule.kind == "quantile" and calibration is None:
         raise UsageError(
             f"{rule} reads the calibration, which was made with {meta['scoring']}; scoring with "
             f"{settings.to_dict()} needs mad:K, value:X, or a decoder calibrated for these settings"
         )
-    return resolve_threshold(rule, np.asarray(meta["calibration"]["scores"], np.float32))
+    return resolve_threshold(rule, calibration)
 
 
 def normalised_identity(identity: dict | None) -> dict | None:
