@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,8 @@ def parse_rule(text: str) -> ThresholdRule:
             rule = ThresholdRule("value", float(text))
     except ValueError:
         raise UsageError(f"threshold {text!r} is not quantile:Q, mad:K, value:X, paper or a number") from None
+    if rule.param is not None and not math.isfinite(rule.param):  # nan would flag nothing, silently
+        raise UsageError(f"threshold {text!r} needs a finite number")
     if rule.kind == "quantile" and not 0 < rule.param < 1:
         raise UsageError(f"quantile must be in (0, 1), not {rule.param}")
     return rule
