@@ -2,15 +2,19 @@
 
 A SPEC names how to build the encoder: `timm:NAME`, `open_clip:NAME` (its visual tower),
 `torchscript:PATH` or `export:PATH` (a saved torch.export program). Weights come from safetensors or a
-plain state dict loaded with weights_only=True: nothing is ever unpickled. The encoder is frozen.
+plain state dict loaded with weights_only=True, and an exported program is refused when torch.export.load
+would unpickle any of it: nothing is ever unpickled. The encoder is frozen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import logging
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,7 +204,41 @@ def _build_torchscript(path: str, weights: Path | None) -> tuple[nn.Module, None
     return module, None
 
 
+def unpickled_by_export_load(path: str) -> str | None:
+    """What in a .pt2 archive torch.export.load would unpickle or run as native code, found without
+    loading any of it; None when nothing. It unpickles weights and constants marked `use_pickle`,
+    custom and opaque objects, archives in the format before torch 2.7's, and any .pt member that
+    fails to load as plain tensors (it retries those with weights_only=False); it runs AOTInductor's
+    compiled libraries. A backdoored encoder is the file this tool is built to distrust."""
+    from torch.export.pt2_archive import constants as pt2
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name.partition("/")[2]: name for name in archive.namelist()}
+        if pt2.ARCHIVE_FORMAT_PATH not in members:
+            return "an archive in the format before torch 2.7's, which loading unpickles whole (re-save it)"
+        for relative, name in members.items():
+            if relative.startswith(pt2.AOTINDUCTOR_DIR):
+                return f"{name} is compiled AOTInductor code, which loading would run"
+            if relative.endswith("_config.json"):
+                for key, payload in json.loads(archive.read(name)).get("config", {}).items():
+                    objects = (pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)
+                    if payload.get("use_pickle") or payload.get("path_name", "").startswith(objects):
+                        return f"{name} marks {key} as a pickled object, which loading would unpickle"
+            elif relative.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                except Exception:  # noqa: BLE001 - whatever it holds, it is more than plain tensors
+                    return f"{name} holds more than plain tensors, which loading would unpickle"
+    return None
+
+
 def _build_export(path: str, weights: Path | None) -> tuple[nn.Module, None]:
+    try:
+        unsafe = unpickled_by_export_load(path)
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as e:
+        raise EncoderError(f"cannot load exported encoder {path}: {e}") from None
+    if unsafe:
+        raise EncoderError(f"refused exported encoder {path}: {unsafe}")
     try:
         module = torch.export.load(path).module()
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds for a bad file

@@ -1,10 +1,13 @@
 import pickle
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from sanitizer.data.hostile import PWNED_FILE, pickle_payload
 from sanitizer.encoders import load_encoder, parse_spec
 from sanitizer.errors import EncoderError, UsageError
 
@@ -75,6 +78,56 @@ def test_torchscript_and_export_kinds(tmp_path):
         assert enc.preprocess.mean == (0.5, 0.5, 0.5)
         assert torch.allclose(enc.embed(x), expected, atol=1e-5)
         assert enc.weights_sha256 == load_encoder(spec, image_size=16).weights_sha256
+
+
+def tampered(archive: Path, out: Path, change) -> Path:
+    """A copy of a .pt2 archive with each member's bytes passed through change(relative name, bytes);
+    None drops the member."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = change(info.filename.partition("/")[2], src.read(info.filename))
+            if data is not None:
+                dst.writestr(info, data)
+    return out
+
+
+def pickled_weights(name: str, data: bytes) -> bytes:
+    """The first weight marked `use_pickle`, its bytes a pickle that writes a file when loaded."""
+    if name.endswith("weights_config.json"):
+        return data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+    return pickle_payload() if name == "data/weights/weight_0" else data
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (  # torch retries a .pt member that is not plain tensors with weights_only=False
+            lambda name, data: pickle_payload() if name.endswith("sample_inputs/model.pt") else data,
+            "data/sample_inputs/model.pt holds more than plain tensors, which loading would unpickle",
+        ),
+        (
+            pickled_weights,
+            "weights_config.json marks conv.weight as a pickled object, which loading would unpickle",
+        ),
+        (
+            lambda name, data: None if name == "archive_format" else data,
+            "an archive in the format before torch 2.7's, which loading unpickles whole",
+        ),
+    ],
+)
+def test_an_exported_encoder_that_loading_would_unpickle_is_refused_unread(
+    tmp_path, monkeypatch, change, reason
+):
+    monkeypatch.chdir(tmp_path)
+    net = TinyCNN().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "enc.pt2")
+    path = tampered(tmp_path / "enc.pt2", tmp_path / "t.pt2", change)
+    with pytest.raises(EncoderError) as caught:
+        load_encoder(f"export:{path}", image_size=16)
+    assert str(caught.value).startswith(f"refused exported encoder {path}: ") and reason in str(caught.value)
+    assert not (tmp_path / PWNED_FILE).exists()
 
 
 def test_file_kinds_need_an_image_size(tmp_path):
