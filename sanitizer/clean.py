@@ -20,7 +20,7 @@ from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
-from sanitizer.rundir import RunDir
+from sanitizer.rundir import RunDir, open_run
 from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.thresholds import parse_rule, resolve_threshold
 
@@ -32,14 +32,6 @@ class CleanSummary:
     quarantined: int
     threshold: float
     skipped_shards: list[str]
-
-
-def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
-    run = RunDir(Path(run_dir))
-    info = run.read_run()
-    if info is None:
-        raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
-    return run, info, [ShardRef(**s) for s in info["identity"]["shards"]]
 
 
 def resolve_rule(text: str, run: RunDir, info: dict, done: list[str]) -> float:

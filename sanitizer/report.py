@@ -32,7 +32,7 @@ from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import ok_scores
-from sanitizer.rundir import RunDir
+from sanitizer.rundir import RunDir, open_run
 from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf, roc_auc, roc_curve
 from sanitizer.thresholds import parse_rule
@@ -126,7 +126,7 @@ def encoder_verdict(run_dir: Path) -> dict:
     far worse than it should: it behaves as backdoored here. It also fires when the data is very unlike
     the calibration data, which the text says.
     """
-    run, info, shards = _open(run_dir)
+    run, info, shards = open_run(run_dir)
     ok, flagged = _done_totals(run, shards)
     threshold = (info.get("threshold") or {}).get("value")
     rule = (info.get("threshold") or {}).get("rule")
@@ -185,14 +185,6 @@ def _p_text(p: float) -> str:
 
 
 # -- reading the run, one shard and a few columns at a time ----------------------------------------
-def _open(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
-    run = RunDir(Path(run_dir))
-    info = run.read_run()
-    if info is None:
-        raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
-    return run, info, [ShardRef(**s) for s in info["identity"]["shards"]]
-
-
 @dataclass(frozen=True, order=True)
 class Pick:
     """A manifest row chosen to be shown: where it is, and what the manifest says about it."""
@@ -1242,7 +1234,7 @@ def image_sections(
 
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
-    run, info, shards = _open(run_dir)
+    run, info, shards = open_run(run_dir)
     out = run.root / "report"
     with run.lock():
         done = [s.stem for s in shards if run.is_done(s.stem)]

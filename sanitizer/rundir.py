@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sanitizer.atomic import remove_stale_temps, write_json_atomic
+from sanitizer.data.shards import ShardRef
 from sanitizer.errors import UsageError
 
 RUN_FORMAT = "sanitizer-run/1"
@@ -83,3 +84,12 @@ class RunDir:
             yield
         finally:
             os.close(fd)
+
+
+def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
+    """A scored run as clean and report read it: the directory, its run.json and its input shards."""
+    run = RunDir(Path(run_dir))
+    info = run.read_run()
+    if info is None:
+        raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
+    return run, info, [ShardRef(**s) for s in info["identity"]["shards"]]
