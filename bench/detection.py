@@ -54,11 +54,11 @@ from sanitizer.redteam.implant import (
     drupe,
     measure_attack,
 )
-from sanitizer.redteam.metrics import auc, knn_distance, rates, tpr_at_fpr
+from sanitizer.redteam.metrics import knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import TRIGGERS, Trigger
 from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
-from sanitizer.stats import SHIFT_LIMIT, above_median
+from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
 
@@ -342,7 +342,7 @@ def rate_row(
     tpr, fpr = rates(scores, positive, threshold)
     row = {
         "attack": attack, "poison_rate": rate, "train_data": train_data, "method": method,
-        "auc": round(auc(scores, positive), 4), "tpr": round(tpr, 4), "fpr": round(fpr, 4),
+        "auc": round(roc_auc(scores, positive), 4), "tpr": round(tpr, 4), "fpr": round(fpr, 4),
         "tpr_at_fpr05": round(tpr_at_fpr(scores, positive, 0.05), 4), "threshold": rule,
         "n_clean": len(clean), "n_triggered": len(triggered),
     }  # fmt: skip
@@ -365,7 +365,7 @@ def by_class(clean_scores: np.ndarray, trig_scores: np.ndarray, tests: TestSets,
     for k in np.unique(tests.sources):
         c, t = clean_scores[tests.clean_labels == k], trig_scores[tests.sources == k]
         positive = np.r_[np.zeros(len(c), bool), np.ones(len(t), bool)]
-        out["auc"][names[k]] = round(auc(np.r_[c, t], positive), 4)
+        out["auc"][names[k]] = round(roc_auc(np.r_[c, t], positive), 4)
     for k in np.unique(tests.clean_labels):
         flagged = clean_scores[tests.clean_labels == k] > threshold
         out["clean_flagged"][names[k]] = round(float(flagged.mean()), 4)

@@ -138,10 +138,22 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr, np.r_[np.inf, s[last_of_tie]]
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their mean rank (what the Mann-Whitney U statistic needs)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half), i.e. P(score of a positive > score of a negative)."""
+    """Area under the ROC curve, P(score of a positive > score of a negative) with ties counting half:
+    the Mann-Whitney U statistic from the ranks, exact and O(n log n)."""
     labels = np.asarray(labels, bool)
-    if labels.all() or not labels.any():
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
         raise ValueError("AUC needs both positive and negative samples")
-    fpr, tpr, _ = roc_curve(scores, labels)
-    return float(np.trapezoid(tpr, fpr))
+    ranks = average_ranks(np.asarray(scores, np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -20,7 +20,7 @@ from sanitizer.redteam.implant import (
     ctrl_simclr,
     sliced_wasserstein,
 )
-from sanitizer.redteam.metrics import auc, rates, tpr_at_fpr
+from sanitizer.redteam.metrics import rates, tpr_at_fpr
 from sanitizer.redteam.probes import attack_report, fit_linear_probe
 from sanitizer.redteam.triggers import (
     TRIGGERS,
@@ -34,6 +34,7 @@ from sanitizer.redteam.triggers import (
     dct_matrix,
 )
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.stats import roc_auc
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder
 
 
@@ -105,8 +106,8 @@ def test_resize_grey_takes_read_only_arrays_silently():
 
 def test_auc_and_rates():
     positive = np.array([0, 0, 1, 1], bool)
-    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), positive) == 0.75
-    assert auc(np.ones(4), positive) == 0.5
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), positive) == 0.75
+    assert roc_auc(np.ones(4), positive) == 0.5
     assert rates(np.array([0.1, 0.4, 0.35, 0.8]), positive, 0.3) == (1.0, 0.5)
 
 
@@ -179,7 +180,7 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
     # 0.797-0.808 over decoder seeds 0-5 in fp32 (session 10), 0.796-0.808 in bf16 (session 11, and
     # session 12 with the relaxed scores choosing what the second pass leaves out): well above
     # chance, with room for the seed.
-    assert auc(np.r_[clean_scores, trig_scores], positive) >= 0.75
+    assert roc_auc(np.r_[clean_scores, trig_scores], positive) >= 0.75
 
 
 def test_ctrl_simclr_does_not_depend_on_the_callers_rng(tmp_path):

@@ -1,31 +1,11 @@
-"""Detection metrics without scikit-learn: rank-based AUC, TPR and FPR at a threshold, TPR at a
-false-positive budget, and the kNN-distance baseline."""
+"""Detection metrics without scikit-learn: TPR and FPR at a threshold, TPR at a false-positive budget,
+and the kNN-distance baseline (the AUC is sanitizer.stats.roc_auc, which the report uses too)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from sanitizer.collapse import neighbour_similarity
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their mean rank (what the Mann-Whitney U statistic needs)."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), np.float64)
-    ranks[order] = np.arange(1, len(values) + 1)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
-def auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half."""
-    positive = positive.astype(bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    ranks = average_ranks(np.asarray(scores, np.float64))
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
