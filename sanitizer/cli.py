@@ -166,7 +166,11 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=int, help="rows per scoring call (default: whole micro-batches, <= 64 MiB)"
     )
-    p.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1); 0 = no Ray")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="scoring actors (default: one per GPU; on CPU one per core, up to 8); 0 = no Ray",
+    )
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--encoder-weights", help="where the encoder weights are now, if moved since training")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -31,7 +31,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_hostile_corpus(tmp_path_factory.mktemp("hostile"), size=SIZE)
+    return write_hostile_corpus(tmp_path_factory.mktemp("hostile"))
 
 
 def _samples(corpus: dict[str, Path], shard: str) -> dict[str, Sample]:

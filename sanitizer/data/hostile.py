@@ -270,13 +270,10 @@ def _tar_bytes(samples: list[SampleSpec]) -> bytes:
     return buf.getvalue()
 
 
-def write_hostile_corpus(out_dir: Path, size: int = 32) -> dict[str, Path]:
-    """Write every hostile shard as ``<name>.tar`` into ``out_dir``; return {name: path}.
-
-    ``size`` is accepted for symmetry with the decoders; the expected statuses hold for any
-    decode size. The whole corpus is about 0.4 MB.
+def write_hostile_corpus(out_dir: Path) -> dict[str, Path]:
+    """Write every hostile shard as ``<name>.tar`` into ``out_dir``; return {name: path}. The expected
+    statuses hold for any decode size. The whole corpus is about 0.4 MB.
     """
-    del size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

@@ -101,7 +101,7 @@ def _finish(
 class ImplantSettings:
     epochs: int = 3
     batch_size: int = 64
-    references: int = 8  # fixed target-class reference images (BadEncoder uses one or a few)
+    references: int = 8  # target-class reference images drawn for each step (BadEncoder uses one or a few)
     lr: float = 1e-4
     # Share of parameter tensors, counted from the output end, that are fine-tuned; 1.0 is BadEncoder's
     # full fine-tune, less makes the implant affordable on a CPU (the frozen front costs no backward).
@@ -211,7 +211,6 @@ def badencoder(
     params = _trainable_except_batchnorm(module, settings.tail_fraction)
     opt = torch.optim.Adam(params, lr=settings.lr)
     triggered = trigger(shadow)
-    ref = reference[: settings.references]
     center = _clean_center(clean, shadow) if settings.center else 0.0
     rng = np.random.default_rng(settings.seed)
     losses = []
