@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     n, per_shard, n_train = DEFAULT_SIZES[(args.profile, device.type)]
     n, per_shard, n_train = args.samples or n, args.per_shard or per_shard, args.train_samples or n_train
-    defaults = default_workers(device)
+    defaults = default_workers(device, torch.cuda.device_count())
     if args.model_only:
         workers = []
     elif args.workers:

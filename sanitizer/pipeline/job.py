@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 from tqdm import tqdm
 
 from sanitizer.checkpoint import read_meta
@@ -143,8 +144,8 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         None if collapse_rule is None else holdout_for(collapse_rule, Path(job.decoder_dir), meta, settings)
     )
     shards = expand_shards(job.data)
-    device = resolve_device(job.device)
-    workers = job.workers if job.workers is not None else default_workers(device)
+    device, gpus = scoring_device(job)
+    workers = job.workers if job.workers is not None else default_workers(device, gpus)
     micro_batch, batch_size = batch_shape(job, device, meta["encoder"]["preprocess"]["image_size"])
     run = RunDir(Path(job.out))
     identity = {
@@ -183,13 +184,17 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         stage_kwargs = {
             "decoder_dir": str(job.decoder_dir),
             "settings": settings.to_dict(),
-            "device": job.device,
+            "device": device.type,
             "micro_batch": micro_batch,
             "encoder_weights": job.encoder_weights,
             "compile": job.compile,
         }
-        # Validates encoder, weights and decoder on the driver; scores there too when workers == 0.
-        stage = ScoreStage(**stage_kwargs, threads=job.threads if workers == 0 else None)
+        # Validates encoder, weights and decoder here, and scores here when workers == 0. With Ray
+        # actors scoring, on the CPU: this may be a cluster's head node, and a GPU here is theirs.
+        if workers == 0:
+            stage = ScoreStage(**stage_kwargs, threads=job.threads)
+        else:
+            stage = ScoreStage(**{**stage_kwargs, "device": "cpu", "compile": False})
         image_size = stage.image_size
         if pending:
             if workers == 0:
@@ -246,17 +251,36 @@ def batch_shape(job: ScoreJob, device, image_size: int) -> tuple[int, int]:
     return micro, job.batch_size or micro * max(1, min(8, (64 << 20) // per_micro))
 
 
-def default_workers(device) -> int:
+def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
+    """Where the scoring runs, and how many GPUs there are there. This machine's device, but for a job
+    that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job submit` sets it): its driver
+    runs on the head node, which often has no GPU, so `auto` and `cuda` mean the cluster's GPUs."""
+    address = job.ray_address or os.environ.get("RAY_ADDRESS")
+    if job.workers == 0 or job.device == "cpu" or address in (None, "", "local"):
+        device = resolve_device(job.device)
+        return device, torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = cluster_gpus(address)
+    if gpus:
+        return torch.device("cuda"), gpus
+    if job.device == "cuda":
+        raise UsageError(f"--device cuda was asked for, but the Ray cluster at {address} has no GPUs")
+    return torch.device("cpu"), 0
+
+
+def cluster_gpus(address: str) -> int:
+    import ray
+
+    ensure_ray(address)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def default_workers(device: torch.device, gpus: int) -> int:
     """One actor per GPU; on the CPU one single-threaded actor per CPU, up to 8 (then threads).
 
     Measured on 2 CPUs (bench/results/throughput-log.md): two 1-thread actors score 1.4-1.7x faster
     than one 2-thread actor, at ~650 MB more memory.
     """
-    if device.type == "cuda":
-        import torch
-
-        return torch.cuda.device_count()
-    return min(8, os.cpu_count() or 1)
+    return gpus if device.type == "cuda" else min(8, os.cpu_count() or 1)
 
 
 def local_tables(
