@@ -29,7 +29,7 @@ from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
 from sanitizer.errors import UsageError
 from sanitizer.manifest import SCHEMA_VERSION
-from sanitizer.pipeline.collapse_pass import apply_flags, holdout_for
+from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector, flagged_totals, ok_scores
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.rundir import RunDir
@@ -132,8 +132,38 @@ def versions() -> dict:
     return out
 
 
-def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
-    started = time.time()
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job decides before it touches RUN_DIR: what it scores, how, where, and what run.json
+    records of it (`identity`, which a re-run must match, and `config`)."""
+
+    settings: ScoreSettings
+    rule: ThresholdRule
+    threshold: float | None  # known before scoring; None for rules that need the scored set
+    collapse_rule: ThresholdRule | None
+    holdout: HoldoutImages | None
+    shards: list[ShardRef]
+    device: torch.device
+    workers: int
+    micro_batch: int
+    batch_size: int
+    identity: dict
+    config: dict
+
+    def record(self, state: str, **more: object) -> dict:
+        """run.json's contents: identity, config and versions, the state, and `more`."""
+        return {
+            "identity": self.identity,
+            "config": self.config,
+            "versions": versions(),
+            "state": state,
+            **more,
+        }
+
+
+def plan_job(job: ScoreJob) -> JobPlan:
+    """Reads the decoder and the shard list and checks every option, so a mistake stops the job before
+    RUN_DIR is touched."""
     meta = read_meta(job.decoder_dir)
     settings = score_settings(job, meta)
     settings.check_patch_size(meta["model"]["patch_size"])
@@ -147,7 +177,6 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     device, gpus = scoring_device(job)
     workers = job.workers if job.workers is not None else default_workers(device, gpus)
     micro_batch, batch_size = batch_shape(job, device, meta["encoder"]["preprocess"]["image_size"])
-    run = RunDir(Path(job.out))
     identity = {
         "decoder_sha256": meta["decoder_sha256"],
         "shards": [asdict(s) for s in shards],
@@ -155,86 +184,114 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         "device_type": device.type,
         "manifest": SCHEMA_VERSION,
     }
+    config = {
+        "decoder_dir": str(Path(job.decoder_dir).resolve()),
+        # where the weights were found if not where training recorded them: the report loads them too
+        "encoder_weights": str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
+        "data": job.data,
+        "threshold_rule": str(rule),
+        "collapse_rule": None if collapse_rule is None else str(collapse_rule),
+        "batch_size": batch_size,
+        "workers": workers,
+        "micro_batch": micro_batch,
+        "compile": job.compile,
+        "device": str(device),
+        "ray_address": job.ray_address,
+    }
+    return JobPlan(
+        settings, rule, threshold, collapse_rule, holdout, shards, device, workers, micro_batch, batch_size,
+        identity, config,
+    )  # fmt: skip
+
+
+def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
+    started = time.time()
+    plan = plan_job(job)
+    run = RunDir(Path(job.out))
     with run.lock():
-        removed = run.remove_stale_temps()
-        if removed:
-            log.info("removed %d temporary files left by an interrupted run", removed)
-        previous = run.read_run()
-        if previous is not None and normalised_identity(previous.get("identity")) != identity:
-            raise UsageError(
-                f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
-            )
-        config = {
-            "decoder_dir": str(Path(job.decoder_dir).resolve()),
-            # where the weights were found if not where training recorded them: the report loads them too
-            "encoder_weights": str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
-            "data": job.data,
-            "threshold_rule": str(rule),
-            "collapse_rule": None if collapse_rule is None else str(collapse_rule),
-            "batch_size": batch_size,
-            "workers": workers,
-            "micro_batch": micro_batch,
-            "compile": job.compile,
-            "device": str(device),
-            "ray_address": job.ray_address,
-        }
-        run.write_run({"identity": identity, "config": config, "versions": versions(), "state": "running"})
-        pending = [s for s in shards if not run.is_done(s.stem)]
-        collector = ShardCollector(run, {s.stem: s.url for s in shards}, threshold)
-        stage_kwargs = {
-            "decoder_dir": str(job.decoder_dir),
-            "settings": settings.to_dict(),
-            "device": device.type,
-            "micro_batch": micro_batch,
-            "encoder_weights": job.encoder_weights,
-            "compile": job.compile,
-        }
-        # Validates encoder, weights and decoder here, and scores here when workers == 0. With Ray
-        # actors scoring, on the CPU: this may be a cluster's head node, and a GPU here is theirs.
-        if workers == 0:
-            stage = ScoreStage(**stage_kwargs, threads=job.threads)
-        else:
-            stage = ScoreStage(**{**stage_kwargs, "device": "cpu", "compile": False})
-        image_size = stage.image_size
-        if pending:
-            if workers == 0:
-                readers = job.read_threads or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
-                tables = local_tables(pending, stage, image_size, batch_size, readers)
-            else:
-                tables = ray_tables(pending, stage_kwargs, image_size, job, batch_size, workers, device.type)
-            del stage  # the Ray actors load their own copies
-            consume(tables, collector, len(pending), progress)
-        done = [s.stem for s in shards if run.is_done(s.stem)]
-        if rule.needs_scores:
-            threshold = resolve_threshold(rule, None, ok_scores(run, done))
-        collapse = apply_flags(run, done, threshold, collapse_rule, holdout)
-        thresholds = {"threshold": threshold, "threshold_rule": str(rule)}
-        thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": config["collapse_rule"]}
-        summary = summarize(run, shards, collector, time.time() - started, thresholds)
-        run.write_run(
-            {
-                "identity": identity,
-                "config": config,
-                "versions": versions(),
-                "state": "complete" if not summary.failed_shards else "incomplete",
-                "threshold": {"rule": str(rule), "value": threshold},
-                "collapse": {
-                    "rule": config["collapse_rule"],
-                    "value": collapse.value,
-                    "above_holdout_median": collapse.above_holdout_median,
-                },
-                "totals": {
-                    "samples": summary.samples,
-                    "ok": summary.ok,
-                    "flagged": summary.flagged,
-                    "flagged_by": summary.flagged_by,
-                    "status_counts": summary.status_counts,
-                    "shards": summary.shards,
-                    "shards_done": summary.shards_done,
-                },
-                "failed_shards": [{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
-            }
+        begin(run, plan)
+        collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
+        pending = [s for s in plan.shards if not run.is_done(s.stem)]
+        score_shards(job, plan, pending, collector, progress)
+        return finish(run, plan, collector, started)
+
+
+def begin(run: RunDir, plan: JobPlan) -> None:
+    """Clears what an interrupted run left, refuses a RUN_DIR of another job, and marks it running."""
+    removed = run.remove_stale_temps()
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+    previous = run.read_run()
+    if previous is not None and normalised_identity(previous.get("identity")) != plan.identity:
+        raise UsageError(
+            f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
         )
+    run.write_run(plan.record("running"))
+
+
+def score_shards(
+    job: ScoreJob, plan: JobPlan, pending: list[ShardRef], collector: ShardCollector, progress: bool
+) -> None:
+    """Scores the pending shards here (workers == 0) or on Ray actors; the collector writes each."""
+    stage_kwargs = {
+        "decoder_dir": str(job.decoder_dir),
+        "settings": plan.settings.to_dict(),
+        "device": plan.device.type,
+        "micro_batch": plan.micro_batch,
+        "encoder_weights": job.encoder_weights,
+        "compile": job.compile,
+    }
+    # Validates encoder, weights and decoder here, even with nothing pending. With Ray actors
+    # scoring, on the CPU: this may be a cluster's head node, and a GPU here is theirs.
+    if plan.workers == 0:
+        stage = ScoreStage(**stage_kwargs, threads=job.threads)
+    else:
+        stage = ScoreStage(**{**stage_kwargs, "device": "cpu", "compile": False})
+    if not pending:
+        return
+    if plan.workers == 0:
+        readers = job.read_threads or (min(8, os.cpu_count() or 1) if plan.device.type == "cuda" else 1)
+        tables = local_tables(pending, stage, stage.image_size, plan.batch_size, readers)
+    else:
+        tables = ray_tables(
+            pending, stage_kwargs, stage.image_size, job, plan.batch_size, plan.workers, plan.device.type
+        )
+        del stage  # the Ray actors load their own copies
+    consume(tables, collector, len(pending), progress)
+
+
+def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float) -> Summary:
+    """Thresholds that needed the scored set, the collapse pass, the totals, and the final run.json."""
+    done = [s.stem for s in plan.shards if run.is_done(s.stem)]
+    threshold = plan.threshold
+    if plan.rule.needs_scores:
+        threshold = resolve_threshold(plan.rule, None, ok_scores(run, done))
+    collapse = apply_flags(run, done, threshold, plan.collapse_rule, plan.holdout)
+    collapse_rule = plan.config["collapse_rule"]
+    thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
+    thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": collapse_rule}
+    summary = summarize(run, plan.shards, collector, time.time() - started, thresholds)
+    run.write_run(
+        plan.record(
+            "complete" if not summary.failed_shards else "incomplete",
+            threshold={"rule": str(plan.rule), "value": threshold},
+            collapse={
+                "rule": collapse_rule,
+                "value": collapse.value,
+                "above_holdout_median": collapse.above_holdout_median,
+            },
+            totals={
+                "samples": summary.samples,
+                "ok": summary.ok,
+                "flagged": summary.flagged,
+                "flagged_by": summary.flagged_by,
+                "status_counts": summary.status_counts,
+                "shards": summary.shards,
+                "shards_done": summary.shards_done,
+            },
+            failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
+        )
+    )
     return summary
 
 
