@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench-detection bench-throughput clean-venv
+.PHONY: demo test lint clean-venv
 
 # Re-install only when pyproject.toml changes; pip reads torch from the machine's local mirror.
 $(BIN)/.installed: pyproject.toml
