@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -42,6 +43,12 @@ class Preprocess:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise UsageError(f"--image-size must be at least 1, not {self.image_size}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
+            raise UsageError(f"--mean and --std must be finite, --std above 0: not {self.mean}, {self.std}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -288,7 +295,9 @@ def load_encoder(
     if own is None and image_size is None:
         raise UsageError(f"{kind} encoders carry no preprocessing: give --image-size (and --mean/--std)")
     own = own or Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD)
-    preprocess = Preprocess(image_size or own.image_size, mean or own.mean, std or own.std)
+    preprocess = Preprocess(
+        own.image_size if image_size is None else image_size, mean or own.mean, std or own.std
+    )
     freeze(module)
     digest = weights_sha256(module)
     module = module.to(device)

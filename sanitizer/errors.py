@@ -15,3 +15,7 @@ class EncoderError(SanitizerError):
 
 class CheckpointError(SanitizerError):
     """A decoder directory is missing, unreadable, unsafe, or made for another encoder."""
+
+
+class TrainingError(SanitizerError):
+    """Training went wrong in a way its settings explain (a loss that is no longer a number)."""

@@ -32,6 +32,11 @@ class DedeConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "embed_dim", "patch_size", "width", "heads", "decoder_depth"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.depth < 0:
+            raise UsageError(f"--depth must be at least 0, not {self.depth}")
         if self.image_size % self.patch_size:
             raise UsageError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.width % self.heads:

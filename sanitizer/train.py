@@ -34,7 +34,7 @@ from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
 from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
-from sanitizer.errors import UsageError
+from sanitizer.errors import TrainingError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 
@@ -84,6 +84,17 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for flag, value in (("--batch-size", self.batch_size), ("--max-samples", self.max_samples)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, not {value}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UsageError(
+                f"--epochs must be at least 1, not {self.epochs} (leave it out for the automatic choice)"
+            )
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise UsageError(f"--lr must be a number above 0, not {self.lr}")
+        if not 0 < self.mask_ratio < 1:
+            raise UsageError(f"--mask-ratio must be in (0, 1), not {self.mask_ratio}")
         if not 0 < self.holdout < 1:
             raise UsageError(f"--holdout must be in (0, 1), not {self.holdout}")
         if not 0 <= self.trim < 0.5:
@@ -289,6 +300,11 @@ class _Pass:
             losses.append(
                 train_epoch(decoder, optimizer, self.encoder, pixels, embeddings, s, epoch, total_steps, bar)
             )
+            if not math.isfinite(losses[-1]):  # before it is checkpointed: a rerun starts from sound weights
+                raise TrainingError(
+                    f"the training loss is {losses[-1]} in epoch {epoch + 1}: lower --lr, or check that "
+                    "the encoder's embeddings of these images are finite numbers"
+                )
             if self.resume_dir:
                 progress_state = {"plan": plan, "epoch": epoch + 1, "losses": losses}
                 checkpoint.save_training_state(self.resume_dir, decoder, optimizer, progress_state)

@@ -1,3 +1,5 @@
+import math
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -19,8 +21,8 @@ from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
 from sanitizer.device import precision
 from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
-from sanitizer.errors import CheckpointError, UsageError
-from sanitizer.model import DedeDecoder
+from sanitizer.errors import CheckpointError, TrainingError, UsageError
+from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 from sanitizer.train import (
     FIRST_PASS,
@@ -392,3 +394,68 @@ def test_cli_train_records_absolute_encoder_paths(tmp_path, tiny_shards, tiny_en
     )
     assert code == 0, err
     assert read_meta(tmp_path / "dec")["encoder"]["weights_file"] == str(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(batch_size=0), "--batch-size must be at least 1, not 0"),
+        (dict(max_samples=-1), "--max-samples must be at least 1, not -1"),
+        (dict(epochs=0), "--epochs must be at least 1, not 0"),
+        (dict(lr=float("nan")), "--lr must be a number above 0, not nan"),
+        (dict(lr=0.0), "--lr must be a number above 0, not 0.0"),
+        (dict(mask_ratio=1.0), "--mask-ratio must be in (0, 1), not 1.0"),
+        (dict(mask_ratio=0.0), "--mask-ratio must be in (0, 1), not 0.0"),
+    ],
+)
+def test_training_settings_out_of_range_are_one_usage_error(settings, message):
+    with pytest.raises(UsageError) as caught:
+        TrainSettings(**settings)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (dict(patch_size=0), "--patch-size must be at least 1, not 0"),
+        (dict(heads=-2), "--heads must be at least 1, not -2"),
+        (dict(width=0), "--width must be at least 1, not 0"),
+        (dict(decoder_depth=0), "--decoder-depth must be at least 1, not 0"),
+        (dict(depth=-1), "--depth must be at least 0, not -1"),
+    ],
+)
+def test_decoder_sizes_out_of_range_are_one_usage_error(sizes, message):
+    with pytest.raises(UsageError, match=message):
+        DedeConfig.default_for(32, 16, **sizes)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(std=(0.0, 0.0, 0.0)), "--std above 0"),
+        (dict(mean=(float("inf"), 0.0, 0.0)), "--mean and --std must be finite"),
+        (dict(image_size=-32), "--image-size must be at least 1, not -32"),
+        (dict(image_size=0), "--image-size must be at least 1, not 0"),
+    ],
+)
+def test_preprocessing_that_would_feed_the_encoder_nonsense_is_refused(options, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_encoder(TINY_ENCODER, **{"image_size": 32, **options})
+
+
+def test_a_loss_that_is_not_a_number_stops_training_before_it_is_checkpointed(
+    tmp_path, tiny_shards, tiny_encoder
+):
+    settings = TrainSettings(epochs=3, batch_size=32, lr=1e30, refit=0)
+    with pytest.raises(TrainingError, match=r"the training loss is (nan|inf) in epoch \d: lower --lr"):
+        train_decoder(
+            tiny_encoder,
+            str(tiny_shards),
+            tmp_path / "d",
+            settings,
+            model_overrides=TINY_MODEL,
+            progress=False,
+        )
+    assert not (tmp_path / "d" / "decoder.json").exists()
+    progress = checkpoint_module.read_training_progress(tmp_path / "d")
+    assert progress is None or all(math.isfinite(x) for x in progress["losses"])
