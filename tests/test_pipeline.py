@@ -347,3 +347,24 @@ def test_cuda_on_a_cluster_without_gpus_is_one_usage_error(monkeypatch, tmp_path
     ):
         job_module.scoring_device(job)
     assert job_module.scoring_device(replace(job, workers=0, device="cpu"))[0].type == "cpu"  # no Ray: here
+
+
+@pytest.mark.parametrize(
+    ("option", "message"), [(("--batch-size", "-5"), "--batch-size must be at least 1, not -5"),
+                            (("--workers", "-1"), "--workers must be at least 0, not -1")]
+)  # fmt: skip
+def test_score_counts_out_of_range_stop_before_the_run_dir_is_made(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys, option, message
+):
+    argv = [
+        "score",
+        "--decoder",
+        str(tiny_decoder_dir),
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main([*argv, *option]) == 2
+    assert capsys.readouterr().err.strip() == f"sanitizer: error: {message}"
+    assert not (tmp_path / "r").exists()

@@ -63,6 +63,18 @@ class ScoreJob:
     threads: int | None = None  # torch CPU threads per scoring actor; None: the CPUs shared out
     read_threads: int | None = None  # workers=0 decode threads; None: 1 on CPU, up to 8 with CUDA
 
+    def __post_init__(self) -> None:
+        floors = {
+            "--workers": (self.workers, 0),
+            "--batch-size": (self.batch_size, 1),
+            "micro_batch": (self.micro_batch, 1),
+            "threads": (self.threads, 1),
+            "read_threads": (self.read_threads, 1),
+        }
+        for name, (value, least) in floors.items():
+            if value is not None and value < least:
+                raise UsageError(f"{name} must be at least {least}, not {value}")
+
 
 @dataclass
 class Summary:
