@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from sanitizer.atomic import atomic_path
 from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE
+from sanitizer.errors import UsageError
 
 SCHEMA_VERSION = "manifest-v3"
 # Parquet's compliant name for a list's items, so that a file read back has exactly this schema
@@ -110,5 +111,12 @@ def write_manifest(path: Path, table: pa.Table) -> None:
 
 
 def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """The manifest (or only `columns` of it, which Parquet reads alone), in the schema's types."""
-    return pq.read_table(path, columns=columns, schema=MANIFEST_SCHEMA)
+    """The manifest (or only `columns` of it, which Parquet reads alone), in the schema's types. One
+    that cannot be read was damaged after its shard finished: its stats marker says it is done."""
+    try:
+        return pq.read_table(path, columns=columns, schema=MANIFEST_SCHEMA)
+    except (pa.ArrowException, OSError) as e:
+        raise UsageError(
+            f"cannot read manifest {path} ({str(e).splitlines()[0] or type(e).__name__}); restore it, or "
+            f"delete its shard's stats/<stem>_stats.json and re-run score to score that shard again"
+        ) from None

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +51,21 @@ class RunDir:
         return self.stats(stem).is_file()
 
     def read_run(self) -> dict | None:
+        """run.json, None before the first run; a file that is not a JSON object is a usage error."""
         if not self.run_json.is_file():
             return None
-        return json.loads(self.run_json.read_text())
+        return _read_object(self.run_json)
 
     def write_run(self, run: dict) -> None:
         write_json_atomic(self.run_json, {"format": RUN_FORMAT, **run})
 
     def read_stats(self, stem: str) -> dict:
-        return json.loads(self.stats(stem).read_text())
+        """A finished shard's counts, checked for the fields every reader takes from them."""
+        stats = _read_object(self.stats(stem))
+        counts = [stats.get(k) for k in ("count", "ok", "flagged")]
+        if not all(type(c) is int for c in counts) or not isinstance(stats.get("status_counts"), dict):
+            raise _damaged(self.stats(stem), "its counts are missing or not whole numbers")
+        return stats
 
     def remove_stale_temps(self) -> int:
         """Temp files of a killed job: never visible under a final name, removed on the next start."""
@@ -86,10 +93,52 @@ class RunDir:
             os.close(fd)
 
 
+# A stem names files under RUN_DIR: one that could name anything else is never followed.
+SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# What clean and report read from run.json, and the type each must have (optional ones may be absent).
+_RUN_FIELDS = {
+    "identity": dict, "identity.shards": list, "identity.scoring": dict, "config": dict,
+    "config.decoder_dir": str,
+}  # fmt: skip
+_OPTIONAL_RUN_FIELDS = {"threshold": dict, "threshold.rule": str, "totals": dict, "collapse": dict}
+
+
 def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
-    """A scored run as clean and report read it: the directory, its run.json and its input shards."""
+    """A scored run as clean and report read it: the directory, its run.json (checked for what they
+    read from it) and its input shards."""
     run = RunDir(Path(run_dir))
     info = run.read_run()
     if info is None:
         raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
-    return run, info, [ShardRef(**s) for s in info["identity"]["shards"]]
+    for name, kind in (_RUN_FIELDS | _OPTIONAL_RUN_FIELDS).items():
+        value = _field(info, name)
+        if (value is not None or name in _RUN_FIELDS) and not isinstance(value, kind):
+            raise _damaged(run.run_json, f"{name} is {type(value).__name__}, not {kind.__name__}")
+    shards = []
+    for entry in info["identity"]["shards"]:
+        if not isinstance(entry, dict) or set(entry) != {"url", "stem"} or not isinstance(entry["stem"], str):
+            raise _damaged(run.run_json, f"identity.shards holds {entry!r}, not a url and a stem")
+        if SAFE_STEM.match(entry["stem"]) is None:
+            raise _damaged(run.run_json, f"shard stem {entry['stem']!r} is not a safe file name")
+        shards.append(ShardRef(**entry))
+    return run, info, shards
+
+
+def _field(info: dict, dotted: str) -> object:
+    for key in dotted.split("."):
+        info = info.get(key) if isinstance(info, dict) else None
+    return info
+
+
+def _read_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _damaged(path, f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise _damaged(path, f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _damaged(path: Path, why: str) -> UsageError:
+    return UsageError(f"{path} is damaged: {why}; restore it, or score into a new RUN_DIR")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,11 +39,10 @@ from sanitizer.data.tario import (
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
 from sanitizer.pipeline.collect import flag_counts
-from sanitizer.rundir import RunDir
+from sanitizer.rundir import SAFE_STEM, RunDir
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
-_SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _CHUNK = 1 << 20
 
 
@@ -386,7 +384,7 @@ def _parse_shards(info: dict, report: _Report) -> list[ShardRef] | None:
         return None
     safe = []
     for shard in shards:
-        if _SAFE_STEM.match(shard.stem) is None:  # a stem names files: never follow one that escapes
+        if SAFE_STEM.match(shard.stem) is None:  # a stem names files: never follow one that escapes
             report.add(f"run.json: shard stem {q(shard.stem)} is not a safe file name")
         else:
             safe.append(shard)

@@ -368,3 +368,79 @@ def test_score_counts_out_of_range_stop_before_the_run_dir_is_made(
     assert main([*argv, *option]) == 2
     assert capsys.readouterr().err.strip() == f"sanitizer: error: {message}"
     assert not (tmp_path / "r").exists()
+
+
+def _edit_run_json(change):
+    def damage(run: Path) -> None:
+        info = json.loads((run / "run.json").read_text())
+        change(info)
+        (run / "run.json").write_text(json.dumps(info))
+
+    return damage
+
+
+ALL = ("clean", "report", "score")
+DAMAGES = {  # what is damaged: (how, which commands read it, the message)
+    "run.json cut short": (
+        lambda run: (run / "run.json").write_text((run / "run.json").read_text()[:40]),
+        ALL,
+        "run.json is damaged: not valid JSON",
+    ),
+    "run.json a list": (
+        lambda run: (run / "run.json").write_text("[1, 2]"),
+        ALL,
+        "run.json is damaged: a JSON list",
+    ),
+    "a shard entry with another key": (  # score refuses it as another job's identity
+        _edit_run_json(lambda info: info["identity"]["shards"][0].update(extra=1)),
+        ("clean", "report"),
+        "run.json is damaged: identity.shards holds",
+    ),
+    "a stem that leaves RUN_DIR": (
+        _edit_run_json(lambda info: info["identity"]["shards"][0].update(stem="../../outside/x")),
+        ("clean", "report"),
+        "run.json is damaged: shard stem '../../outside/x' is not a safe file name",
+    ),
+    "threshold not a mapping": (  # score rewrites it
+        _edit_run_json(lambda info: info.update(threshold=[1])),
+        ("clean", "report"),
+        "run.json is damaged: threshold is list, not dict",
+    ),
+    "a manifest overwritten": (
+        lambda run: (run / "manifest/shard-000001.parquet").write_bytes(b"garbage"),
+        ALL,
+        "cannot read manifest ",
+    ),
+    "a stats marker overwritten": (  # clean reads the manifests alone
+        lambda run: (run / "stats/shard-000001_stats.json").write_text("garbage"),
+        ("report", "score"),
+        "shard-000001_stats.json is damaged: not valid JSON",
+    ),
+    "a stats marker without counts": (
+        lambda run: (run / "stats/shard-000001_stats.json").write_text("{}"),
+        ("report", "score"),
+        "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_run_dir_is_one_line_for_clean_report_and_a_rerun(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, capsys, damage
+):
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    change, readers, message = DAMAGES[damage]
+    change(run)
+    commands = {
+        "clean": ["clean", str(run)],
+        "report": ["report", str(run)],
+        "score": ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--out", str(run),
+                  "--workers", "0"],
+    }  # fmt: skip
+    for name in readers:
+        assert main(commands[name]) == 2, name
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("sanitizer: error: ") and message in err, (name, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "outside").exists()

@@ -27,7 +27,7 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
-from sanitizer.errors import UsageError
+from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector, flagged_totals, ok_scores
@@ -122,9 +122,12 @@ def initial_threshold(rule: ThresholdRule, settings: ScoreSettings, meta: dict) 
 def normalised_identity(identity: dict | None) -> dict | None:
     """A saved run identity with its scoring settings in today's form, so that a run begun by an
     earlier version (before error_pool, error or relax_steps was saved) resumes instead of being refused."""
-    if not identity or "scoring" not in identity:
+    if not isinstance(identity, dict) or not isinstance(identity.get("scoring"), dict):
+        return identity  # none, or not one this version wrote: it matches no job
+    try:
+        return {**identity, "scoring": ScoreSettings.from_dict(identity["scoring"]).to_dict()}
+    except (TypeError, SanitizerError):
         return identity
-    return {**identity, "scoring": ScoreSettings.from_dict(identity["scoring"]).to_dict()}
 
 
 def versions() -> dict:
