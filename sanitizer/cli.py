@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
+from sanitizer.data.shards import is_text
 from sanitizer.errors import SanitizerError
 from sanitizer.thresholds import DEFAULT_RULE
 
@@ -303,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    untext = [a for a in (sys.argv[1:] if argv is None else argv) if not is_text(a)]
+    if untext:  # a path that cannot be recorded in run.json or decoder.json, found before any work
+        print(f"sanitizer: error: argument {untext[0]!r} is not UTF-8; rename the path", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="sanitizer: %(message)s",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,28 @@ def test_one_missing_part_of_a_list_fails_the_whole_spec(tmp_path: Path) -> None
         expand_shards(f"{tmp_path}/a.tar,{tmp_path}/b.tar")
     assert "b.tar" in str(info.value) and "a.tar" not in str(info.value).replace("b.tar", "")
     assert isinstance(info.value, SanitizerError)
+
+
+def test_a_shard_whose_name_is_not_utf8_is_refused_before_any_work(tmp_path, tiny_shards, capsys):
+    """run.json and decoder.json record shard paths as text; a name that is not UTF-8 would fail there,
+    after the work (train lost a finished decoder this way)."""
+    data = tmp_path / "e"
+    data.mkdir()
+    odd = os.fsdecode(b"\xff\xfe.tar")  # undecodable bytes come back as surrogates
+    shutil.copy(tiny_shards / "shard-000000.tar", data / odd)
+    with pytest.raises(UsageError, match="has a name that is not UTF-8; rename it"):
+        expand_shards(str(data))
+    from sanitizer.cli import main
+
+    argv = [
+        "score",
+        "--decoder",
+        str(tmp_path / "d"),
+        "--data",
+        str(data / odd),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 2
+    assert "is not UTF-8; rename the path" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sanitizer.errors import UsageError
-from sanitizer.thresholds import ThresholdRule, parse_rule
+from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
 
 @pytest.mark.parametrize(
@@ -39,3 +40,11 @@ def test_anything_else_is_one_usage_error(text: str, message: str):
     with pytest.raises(UsageError) as caught:
         parse_rule(text)
     assert str(caught.value) == message
+
+
+def test_a_threshold_beyond_float32_is_refused_rather_than_written_as_infinity():
+    with pytest.raises(
+        UsageError, match="threshold value:1e\\+40 resolves to 1e\\+40, beyond what a float32"
+    ):
+        resolve_threshold(parse_rule("1e40"), None)
+    assert resolve_threshold(parse_rule("value:3e38"), None) == float(np.float32(3e38))

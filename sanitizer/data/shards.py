@@ -148,4 +148,18 @@ def expand_shards(spec: str) -> list[ShardRef]:
         more = f" (and {len(misses) - 3} more)" if len(misses) > 3 else ""
         raise UsageError("no shards found: " + "; ".join(misses[:3]) + more)
     unique = list(dict.fromkeys(urls))
+    for url in unique:
+        if not is_text(url):
+            raise UsageError(
+                f"shard {url!r} has a name that is not UTF-8; rename it (run.json records it as text)"
+            )
     return assign_stems(unique)
+
+
+def is_text(name: str) -> bool:
+    """Whether a path as Python decoded it (undecodable bytes as surrogates) can be written as UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
