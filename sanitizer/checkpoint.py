@@ -18,9 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sanitizer.atomic import atomic_path, write_json_atomic
-from sanitizer.encoders import VictimEncoder
-from sanitizer.errors import CheckpointError
+from sanitizer.encoders import Preprocess, VictimEncoder
+from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.records import RecordError, check_fields, read_object
+from sanitizer.scoring import ScoreSettings
 
 FORMAT = "sanitizer-dede-decoder/1"
 WEIGHTS = "decoder.safetensors"
@@ -90,16 +92,33 @@ def load_holdout(decoder_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return tensors["sketch"].float().numpy(), tensors["thumbnail"].numpy()
 
 
+# What scoring, clean and report read from decoder.json, and the type each must have.
+_META_FIELDS = {
+    "decoder_sha256": str, "model": dict, "encoder": dict, "encoder.spec": str, "encoder.weights_sha256": str,
+    "encoder.preprocess": dict, "encoder.preprocess.image_size": int, "scoring": dict, "calibration": dict,
+    "calibration.scores": list,
+}  # fmt: skip
+_OPTIONAL_META_FIELDS = {"encoder.weights_file": str, "training": dict}
+
+
 def read_meta(decoder_dir: Path) -> dict:
+    """decoder.json, checked for everything the package reads from it, so that a file damaged or
+    edited by hand is refused here with its reason, not deep inside scoring."""
     path = Path(decoder_dir) / META
     if not path.is_file():
         raise CheckpointError(f"{decoder_dir} is not a decoder directory (no {META}); run `sanitizer train`")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}; this version reads {FORMAT}")
+        meta = read_object(path)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} has format {meta.get('format')!r}; this version reads {FORMAT}")
+        check_fields(meta, _META_FIELDS, _OPTIONAL_META_FIELDS)
+        DedeConfig(**meta["model"])
+        Preprocess.from_dict(meta["encoder"]["preprocess"])
+        ScoreSettings.from_dict(meta["scoring"])
+        if not all(type(x) in (int, float) for x in meta["calibration"]["scores"]):
+            raise RecordError("calibration.scores holds something other than numbers")
+    except (RecordError, UsageError, TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be used: {e}; retrain, or restore the file") from None
     return meta
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 from sanitizer.atomic import remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import UsageError
+from sanitizer.records import RecordError, check_fields, read_object
 
 RUN_FORMAT = "sanitizer-run/1"
 
@@ -100,7 +100,9 @@ _RUN_FIELDS = {
     "identity": dict, "identity.shards": list, "identity.scoring": dict, "config": dict,
     "config.decoder_dir": str,
 }  # fmt: skip
-_OPTIONAL_RUN_FIELDS = {"threshold": dict, "threshold.rule": str, "totals": dict, "collapse": dict}
+_OPTIONAL_RUN_FIELDS = {
+    "threshold": dict, "threshold.rule": str, "totals": dict, "collapse": dict, "failed_shards": list,
+}  # fmt: skip
 
 
 def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
@@ -110,34 +112,26 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
     info = run.read_run()
     if info is None:
         raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
-    for name, kind in (_RUN_FIELDS | _OPTIONAL_RUN_FIELDS).items():
-        value = _field(info, name)
-        if (value is not None or name in _RUN_FIELDS) and not isinstance(value, kind):
-            raise _damaged(run.run_json, f"{name} is {type(value).__name__}, not {kind.__name__}")
-    shards = []
-    for entry in info["identity"]["shards"]:
-        if not isinstance(entry, dict) or set(entry) != {"url", "stem"} or not isinstance(entry["stem"], str):
-            raise _damaged(run.run_json, f"identity.shards holds {entry!r}, not a url and a stem")
-        if SAFE_STEM.match(entry["stem"]) is None:
-            raise _damaged(run.run_json, f"shard stem {entry['stem']!r} is not a safe file name")
-        shards.append(ShardRef(**entry))
-    return run, info, shards
+    try:
+        check_fields(info, _RUN_FIELDS, _OPTIONAL_RUN_FIELDS)
+        return run, info, [_shard(entry) for entry in info["identity"]["shards"]]
+    except RecordError as e:
+        raise _damaged(run.run_json, str(e)) from None
 
 
-def _field(info: dict, dotted: str) -> object:
-    for key in dotted.split("."):
-        info = info.get(key) if isinstance(info, dict) else None
-    return info
+def _shard(entry: object) -> ShardRef:
+    if not isinstance(entry, dict) or set(entry) != {"url", "stem"} or not isinstance(entry["stem"], str):
+        raise RecordError(f"identity.shards holds {entry!r}, not a url and a stem")
+    if SAFE_STEM.match(entry["stem"]) is None:
+        raise RecordError(f"shard stem {entry['stem']!r} is not a safe file name")
+    return ShardRef(**entry)
 
 
 def _read_object(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _damaged(path, f"not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise _damaged(path, f"a JSON {type(value).__name__}, not an object")
-    return value
+        return read_object(path)
+    except RecordError as e:
+        raise _damaged(path, str(e)) from None
 
 
 def _damaged(path: Path, why: str) -> UsageError:

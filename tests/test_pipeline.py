@@ -444,3 +444,37 @@ def test_a_damaged_run_dir_is_one_line_for_clean_report_and_a_rerun(
         assert err.splitlines()[-1].startswith("sanitizer: error: ") and message in err, (name, err)
         assert "Traceback" not in err
     assert not (tmp_path / "outside").exists()
+
+
+DECODER_EDITS = {
+    "a list": (lambda meta: [meta], "a JSON list, not an object"),
+    "no model": (lambda meta: meta.pop("model") and meta, "model is NoneType, not dict"),
+    "a model key this version lacks": (lambda meta: meta["model"].update(colour=1) or meta, "colour"),
+    "width as text": (lambda meta: meta["model"].update(width="32") or meta, "cannot be used"),
+    "no encoder hash": (
+        lambda meta: meta["encoder"].pop("weights_sha256") and meta,
+        "encoder.weights_sha256",
+    ),
+    "no calibration": (lambda meta: meta.pop("calibration") and meta, "calibration is NoneType, not dict"),
+    "calibration of text": (
+        lambda meta: meta["calibration"].update(scores=["a"]) or meta,
+        "calibration.scores holds something other than numbers",
+    ),
+    "image size as text": (
+        lambda meta: meta["encoder"]["preprocess"].update(image_size="32") or meta,
+        "cannot be used",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", DECODER_EDITS)
+def test_a_decoder_json_edited_by_hand_is_one_line(tmp_path, tiny_decoder_dir, tiny_shards, capsys, edit):
+    decoder = Path(shutil.copytree(tiny_decoder_dir, tmp_path / "decoder"))
+    change, message = DECODER_EDITS[edit]
+    meta = json.loads((decoder / "decoder.json").read_text())
+    (decoder / "decoder.json").write_text(json.dumps(change(meta)))
+    argv = ["score", "--decoder", str(decoder), "--data", str(tiny_shards), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sanitizer: error: {decoder / 'decoder.json'} ") and message in err, err
+    assert not (tmp_path / "r").exists()

@@ -254,7 +254,12 @@ def fake_run(root: Path, rule: str, value: float, shards: list[tuple[int, int]],
     decoder = root / "decoder"
     if calibration is not None:
         decoder.mkdir(parents=True)
-        meta = {"format": FORMAT, "scoring": scoring, "calibration": {"scores": list(calibration)}}
+        meta = {
+            "format": FORMAT, "decoder_sha256": "0" * 64, "model": {"image_size": 32, "embed_dim": 8},
+            "encoder": {"spec": "timm:test_resnet", "weights_sha256": "0" * 64,
+                        "preprocess": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}},
+            "scoring": scoring, "calibration": {"scores": list(calibration)},
+        }  # fmt: skip
         (decoder / META).write_text(json.dumps(meta))
     refs = [{"url": f"/data/s{i}.tar", "stem": f"s{i}"} for i in range(len(shards))]
     (root / "stats").mkdir(parents=True)
