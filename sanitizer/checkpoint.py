@@ -180,7 +180,16 @@ def load_training_state(out_dir: Path, decoder: DedeDecoder, optimizer: torch.op
 def read_training_progress(out_dir: Path) -> dict | None:
     """The last checkpoint's plan, epoch and losses without loading its tensors; None when there is none."""
     path = out_dir / STATE_DIR / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        progress = read_object(path)
+        check_fields(progress, {"plan": dict, "epoch": int, "losses": list}, {})
+    except RecordError as e:
+        raise CheckpointError(
+            f"{path} is damaged: {e}; delete {out_dir / STATE_DIR} to start the training afresh"
+        ) from None
+    return progress
 
 
 def clear_training_state(out_dir: Path) -> None:

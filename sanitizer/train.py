@@ -405,6 +405,10 @@ def train_decoder(
     out_dir = Path(out_dir)
     if (out_dir / checkpoint.META).is_file():
         raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
+    try:  # before any training: an --out that cannot be a directory would fail at the first checkpoint
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot use {out_dir} as --out: {e.strerror or e}") from None
     config = DedeConfig.default_for(
         encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
     )

@@ -459,3 +459,27 @@ def test_a_loss_that_is_not_a_number_stops_training_before_it_is_checkpointed(
     assert not (tmp_path / "d" / "decoder.json").exists()
     progress = checkpoint_module.read_training_progress(tmp_path / "d")
     assert progress is None or all(math.isfinite(x) for x in progress["losses"])
+
+
+def test_an_out_that_cannot_be_a_directory_is_refused_before_training(tmp_path, tiny_shards, tiny_encoder):
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(UsageError, match="cannot use .*f/d as --out: Not a directory"):
+        train_decoder(
+            tiny_encoder, str(tiny_shards), tmp_path / "f" / "d", TrainSettings(epochs=1), progress=False
+        )
+
+
+@pytest.mark.parametrize("state", ["garbage", "[1]", "{}", '{"plan": {}, "epoch": "1", "losses": []}'])
+def test_a_damaged_training_checkpoint_is_one_error_naming_it(tmp_path, tiny_shards, tiny_encoder, state):
+    (tmp_path / "d" / ".checkpoint").mkdir(parents=True)
+    (tmp_path / "d" / ".checkpoint" / "state.json").write_text(state)
+    settings = TrainSettings(epochs=1, batch_size=32, refit=0)
+    with pytest.raises(CheckpointError, match=r"state.json is damaged: .*; delete .*\.checkpoint to start"):
+        train_decoder(
+            tiny_encoder,
+            str(tiny_shards),
+            tmp_path / "d",
+            settings,
+            model_overrides=TINY_MODEL,
+            progress=False,
+        )
