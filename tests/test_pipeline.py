@@ -478,3 +478,33 @@ def test_a_decoder_json_edited_by_hand_is_one_line(tmp_path, tiny_decoder_dir, t
     err = capsys.readouterr().err
     assert err.startswith(f"sanitizer: error: {decoder / 'decoder.json'} ") and message in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_cluster_address_nothing_answers_at_is_refused_at_once(tmp_path, tiny_decoder_dir, tiny_shards):
+    """In a process of its own: one where this session's Ray is not already running."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        "score",
+        "--decoder",
+        str(tiny_decoder_dir),
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    argv += ["--workers", "1", "--ray-address", f"127.0.0.1:{port}", "--device", "cpu"]
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "sanitizer.cli", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert time.monotonic() - started < 60  # ray.init alone retried for minutes
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sanitizer: error: cannot reach the Ray cluster at 127.0.0.1:{port} (")

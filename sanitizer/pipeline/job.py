@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import queue
+import socket
 import threading
 import time
 from collections import Counter
@@ -491,9 +492,25 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
     if address:
+        check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **kwargs)
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse a cluster address that nothing answers at: ray.init retries it for minutes, holding the
+    run. Addresses that are not HOST:PORT (`auto`, `local`) are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
+            "check --ray-address or RAY_ADDRESS"
+        ) from None
 
 
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
