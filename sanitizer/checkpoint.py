@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,8 @@ def read_meta(decoder_dir: Path) -> dict:
         DedeConfig(**meta["model"])
         Preprocess.from_dict(meta["encoder"]["preprocess"])
         ScoreSettings.from_dict(meta["scoring"])
-        if not all(type(x) in (int, float) for x in meta["calibration"]["scores"]):
-            raise RecordError("calibration.scores holds something other than numbers")
+        if not all(type(x) in (int, float) and math.isfinite(x) for x in meta["calibration"]["scores"]):
+            raise RecordError("calibration.scores holds something other than finite numbers")
     except (RecordError, UsageError, TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be used: {e}; retrain, or restore the file") from None
     return meta

@@ -458,7 +458,11 @@ DECODER_EDITS = {
     "no calibration": (lambda meta: meta.pop("calibration") and meta, "calibration is NoneType, not dict"),
     "calibration of text": (
         lambda meta: meta["calibration"].update(scores=["a"]) or meta,
-        "calibration.scores holds something other than numbers",
+        "calibration.scores holds something other than finite numbers",
+    ),
+    "calibration of NaN (a decoder that diverged)": (
+        lambda meta: meta["calibration"].update(scores=[float("nan")] * 3) or meta,
+        "calibration.scores holds something other than finite numbers",
     ),
     "image size as text": (
         lambda meta: meta["encoder"]["preprocess"].update(image_size="32") or meta,
