@@ -220,10 +220,10 @@ def unpickled_by_export_load(path: str) -> str | None:
     from torch.export.pt2_archive import constants as pt2
 
     with zipfile.ZipFile(path) as archive:
-        members = {name.partition("/")[2]: name for name in archive.namelist()}
-        if pt2.ARCHIVE_FORMAT_PATH not in members:
+        members = [(name.partition("/")[2], name) for name in archive.namelist()]  # every one, repeats too
+        if pt2.ARCHIVE_FORMAT_PATH not in {relative for relative, _ in members}:
             return "an archive in the format before torch 2.7's, which loading unpickles whole (re-save it)"
-        for relative, name in members.items():
+        for relative, name in members:
             if relative.startswith(pt2.AOTINDUCTOR_DIR):
                 return f"{name} is compiled AOTInductor code, which loading would run"
             if relative.endswith("_config.json"):
