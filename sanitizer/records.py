@@ -27,13 +27,13 @@ def check_fields(record: dict, required: dict[str, type | tuple], optional: dict
     """RecordError naming the first dotted field ("a.b") that is missing (when required) or of
     another type than given."""
     for name, kind in (required | optional).items():
-        value = field(record, name)
+        value = lookup(record, name)
         if (value is not None or name in required) and not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise RecordError(f"{name} is {type(value).__name__}, not {names}")
 
 
-def field(record: dict, dotted: str) -> object:
+def lookup(record: dict, dotted: str) -> object:
     """record["a"]["b"] for "a.b"; None where any step is missing or not an object."""
     for key in dotted.split("."):
         record = record.get(key) if isinstance(record, dict) else None

@@ -96,12 +96,13 @@ class RunDir:
 # A stem names files under RUN_DIR: one that could name anything else is never followed.
 SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 # What clean and report read from run.json, and the type each must have (optional ones may be absent).
-_RUN_FIELDS = {
+RUN_FIELDS = {
     "identity": dict, "identity.shards": list, "identity.scoring": dict, "config": dict,
     "config.decoder_dir": str,
 }  # fmt: skip
-_OPTIONAL_RUN_FIELDS = {
-    "threshold": dict, "threshold.rule": str, "totals": dict, "collapse": dict, "failed_shards": list,
+OPTIONAL_RUN_FIELDS = {
+    "threshold": dict, "threshold.rule": str, "threshold.value": (int, float), "totals": dict,
+    "collapse": dict, "collapse.value": (int, float), "failed_shards": list,
 }  # fmt: skip
 
 
@@ -113,7 +114,7 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
     if info is None:
         raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
     try:
-        check_fields(info, _RUN_FIELDS, _OPTIONAL_RUN_FIELDS)
+        check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS)
         return run, info, [_shard(entry) for entry in info["identity"]["shards"]]
     except RecordError as e:
         raise _damaged(run.run_json, str(e)) from None

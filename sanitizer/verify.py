@@ -39,7 +39,8 @@ from sanitizer.data.tario import (
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
 from sanitizer.pipeline.collect import flag_counts
-from sanitizer.rundir import SAFE_STEM, RunDir
+from sanitizer.records import RecordError, check_fields, lookup
+from sanitizer.rundir import OPTIONAL_RUN_FIELDS, SAFE_STEM, RunDir
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
@@ -484,7 +485,11 @@ def verify_run(run_dir: Path) -> list[str]:
     known = {s.stem for s in shards}
     for stem in sorted(set(failed) - known):
         report.add(f"run.json lists failed shard {q(stem)}, which is not an input of this run")
-    threshold = (info.get("threshold") or {}).get("value")
+    try:
+        check_fields(info, {}, OPTIONAL_RUN_FIELDS)
+    except RecordError as e:
+        report.add(f"run.json: {e}")
+    threshold = lookup(info, "threshold.value")
     threshold = float(threshold) if isinstance(threshold, int | float) else None
     cleaned = (run.root / "clean").is_dir()
     results: dict[str, _ShardResult] = {}

@@ -406,6 +406,11 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
         ("clean", "report"),
         "run.json is damaged: threshold is list, not dict",
     ),
+    "a threshold value of text": (
+        _edit_run_json(lambda info: info["threshold"].update(value="0.5")),
+        ("clean", "report"),
+        "run.json is damaged: threshold.value is str, not int or float",
+    ),
     "a manifest overwritten": (
         lambda run: (run / "manifest/shard-000001.parquet").write_bytes(b"garbage"),
         ALL,
@@ -512,3 +517,12 @@ def test_a_cluster_address_nothing_answers_at_is_refused_at_once(tmp_path, tiny_
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"sanitizer: error: cannot reach the Ray cluster at 127.0.0.1:{port} (")
+
+
+def test_verify_reports_a_malformed_threshold_as_a_violation(tmp_path, local_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    _edit_run_json(lambda info: info.update(threshold=[1]))(run)
+    assert main(["verify", str(run)]) == 1
+    out = capsys.readouterr()
+    assert "run.json: threshold is list, not dict" in out.out + out.err and "Traceback" not in out.err
