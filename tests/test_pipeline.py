@@ -526,3 +526,19 @@ def test_verify_reports_a_malformed_threshold_as_a_violation(tmp_path, local_run
     assert main(["verify", str(run)]) == 1
     out = capsys.readouterr()
     assert "run.json: threshold is list, not dict" in out.out + out.err and "Traceback" not in out.err
+
+
+def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
+):
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    clean_run(run, "value:0.5")
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        score(tiny_decoder_dir, tiny_shards, run, workers=0)  # its default rule, not clean's
+    assert f"run `sanitizer clean {run}` again" in caplog.text and "[value:0.5]" in caplog.text
+    caplog.clear()
+    clean_run(run)  # at the score's threshold now: a rescore agrees and says nothing
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        score(tiny_decoder_dir, tiny_shards, run, workers=0)
+    assert "again" not in caplog.text

@@ -225,15 +225,24 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     plan = plan_job(job)
     run = RunDir(Path(job.out))
     with run.lock():
-        begin(run, plan)
+        previous = begin(run, plan)
         collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
         score_shards(job, plan, pending, collector, progress)
-        return finish(run, plan, collector, started)
+        summary = finish(run, plan, collector, started)
+    cleaned_at = (previous or {}).get("threshold") if (previous or {}).get("clean") else None
+    if cleaned_at and cleaned_at.get("value") != summary.threshold:
+        log.warning(
+            "clean/ and quarantine/ were written at threshold %s [%s]; this run flags at %s [%s]: run "
+            "`sanitizer clean %s` again to match them to it", cleaned_at.get("value"), cleaned_at.get("rule"),
+            summary.threshold, summary.threshold_rule, run.root,
+        )  # fmt: skip
+    return summary
 
 
-def begin(run: RunDir, plan: JobPlan) -> None:
-    """Clears what an interrupted run left, refuses a RUN_DIR of another job, and marks it running."""
+def begin(run: RunDir, plan: JobPlan) -> dict | None:
+    """Clears what an interrupted run left, refuses a RUN_DIR of another job, and marks it running;
+    returns the run.json it found."""
     removed = run.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
@@ -243,6 +252,7 @@ def begin(run: RunDir, plan: JobPlan) -> None:
             f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
         )
     run.write_run(plan.record("running"))
+    return previous
 
 
 def score_shards(
