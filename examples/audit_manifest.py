@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sanitizer.clean import clean_run
+from sanitizer.errors import SanitizerError
 from sanitizer.report import encoder_verdict
 
 COLUMNS = [
@@ -98,11 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(failures):
         print("samples that could not be scored:")
         print(failures[["shard", "index", "key", "status", "error"]].head(20).to_string(index=False), "\n")
-    print("what other score thresholds would flag (the score's test alone):")
-    print(what_if(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"), "\n")
+    if (df["status"] == "ok").any():  # a run whose every sample failed has no scores to re-threshold
+        print("what other score thresholds would flag (the score's test alone):")
+        print(what_if(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"), "\n")
 
     if args.reclean:
-        summary = clean_run(args.run_dir, args.reclean)
+        try:
+            summary = clean_run(args.run_dir, args.reclean)
+        except SanitizerError as e:
+            print(f"audit_manifest: error: {e}", file=sys.stderr)
+            return 2
         print(
             f"re-cleaned at {args.reclean} (threshold {summary.threshold:.6g}): kept {summary.kept}, "
             f"quarantined {summary.quarantined}; run `sanitizer report {args.run_dir}` to refresh the page"

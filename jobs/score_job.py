@@ -21,21 +21,23 @@ from sanitizer.cli import EXIT_OK, EXIT_USAGE
 from sanitizer.cli import main as sanitizer
 
 
+class ConfigError(ValueError):
+    """A job config that cannot be run as written; the message says which key and why."""
+
+
 def options(mapping: dict) -> list[str]:
     """{"batch_size": 1024, "data": "x", "no_collapse": true} -> ["--batch-size", "1024", "--data", "x",
     "--no-collapse"]: true is a bare flag; null and false leave the option out."""
     argv = []
     for key, value in mapping.items():
+        if not isinstance(key, str) or isinstance(value, list | dict):
+            raise ConfigError(f"option {key!r}: {value!r} is not a name and a single value")
         flag = f"--{key.replace('_', '-')}"
         if value is True:
             argv.append(flag)
         elif value is not None and value is not False:
             argv += [flag, str(value)]
     return argv
-
-
-class ConfigError(ValueError):
-    """A job config that cannot be run as written; the message says which key and why."""
 
 
 def step_options(config: dict, step: str) -> list[str] | None:

@@ -169,9 +169,13 @@ def _build_timm(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]
 
     import sanitizer.zoo  # noqa: F401 - registers the package's own timm models
 
+    if ":" in name or "/" in name:  # hf-hub:, local-dir: and repo ids would read a hub or a path
+        raise EncoderError(
+            f"timm:{name} is not a timm model name; give the name and a local --encoder-weights"
+        )
     try:
         module = _seeded_init(lambda: timm.create_model(name, pretrained=False, num_classes=0))
-    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
+    except (RuntimeError, ValueError) as e:  # timm raises RuntimeError for unknown model names
         raise EncoderError(f"timm has no model {name!r} ({e})") from None
     if weights is not None:
         classifier = module.pretrained_cfg.get("classifier", "fc")

@@ -85,3 +85,10 @@ def test_the_shipped_configs_score_clean_and_report():
         config = yaml.safe_load(path.read_text())
         assert job.score_options(config)[1]
         assert step_options(config, "clean") is not None and step_options(config, "report") is not None
+
+
+def test_an_option_that_is_not_a_name_and_one_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="option 1: 2 is not a name and a single value"):
+        options({1: 2})
+    with pytest.raises(ConfigError, match=r"option 'out': \['a', 'b'\] is not a name and a single value"):
+        options({"out": ["a", "b"]})

@@ -542,3 +542,18 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
     assert "again" not in caplog.text
+
+
+def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_path, local_run, capsys):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "examples" / "audit_manifest.py"
+    spec = importlib.util.spec_from_file_location("audit_manifest", path)
+    audit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit)
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    assert audit.main([str(run), "--top", "2"]) == 0
+    assert "what other score thresholds would flag" in capsys.readouterr().out
+    assert audit.main([str(run), "--reclean", "bad"]) == 2
+    assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")

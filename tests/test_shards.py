@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sanitizer.data.shards import ShardRef, assign_stems, base_stem, expand_shards
+from sanitizer.data.shards import ShardRef, assign_stems, base_stem, expand_shards, ranged_count
 from sanitizer.errors import SanitizerError, UsageError
 
 
@@ -180,3 +180,9 @@ def test_a_shard_whose_name_is_not_utf8_is_refused_before_any_work(tmp_path, tin
     assert main(argv) == 2
     assert "is not UTF-8; rename the path" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_mistyped_range_is_refused_before_it_is_listed():
+    assert ranged_count("s{0..9}-{00..99..10}.tar") == 10 * 10 and ranged_count("{a..c}{1,2}.tar") == 1
+    with pytest.raises(UsageError, match=r"names more than 100,000 shards; check its ranges"):
+        expand_shards("shards/shard-{000000..99999999}.tar")  # listing it took 25 s and gigabytes

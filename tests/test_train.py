@@ -21,7 +21,7 @@ from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
 from sanitizer.device import precision
 from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
-from sanitizer.errors import CheckpointError, TrainingError, UsageError
+from sanitizer.errors import CheckpointError, EncoderError, TrainingError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 from sanitizer.train import (
@@ -483,3 +483,29 @@ def test_a_damaged_training_checkpoint_is_one_error_naming_it(tmp_path, tiny_sha
             model_overrides=TINY_MODEL,
             progress=False,
         )
+
+
+def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(tmp_path, tiny_shards, tiny_encoder, caplog):
+    with pytest.raises(
+        UsageError, match="--holdout 0.999 holds out all 120 images; none is left to train on"
+    ):
+        train_decoder(
+            tiny_encoder, str(tiny_shards), tmp_path / "d", TrainSettings(holdout=0.999), progress=False
+        )
+    settings = TrainSettings(epochs=1, batch_size=32, refit=0)
+    with caplog.at_level("WARNING", logger="sanitizer.train"):
+        train_decoder(
+            tiny_encoder,
+            str(tiny_shards),
+            tmp_path / "e",
+            settings,
+            model_overrides=TINY_MODEL,
+            progress=False,
+        )
+    assert "calibrating on 6 held-out images: a quantile threshold read from so few is rough" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["a/b", "hf-hub:org/repo", "local-dir:/tmp"])
+def test_a_timm_name_that_would_read_a_hub_or_a_path_is_refused(name):
+    with pytest.raises(EncoderError, match="is not a timm model name"):
+        load_encoder(f"timm:{name}", image_size=32)

@@ -23,6 +23,8 @@ SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 MAX_STEM_CHARS = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+MAX_SHARDS = 100_000  # per pattern: LAION-5B as img2dataset writes it is about 60,000 shards
+_NUMERIC_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,15 @@ def assign_stems(urls: list[str]) -> list[ShardRef]:
     return [ShardRef(url=u, stem=s) for u, s in zip(urls, stems, strict=True)]
 
 
+def ranged_count(pattern: str) -> int:
+    """How many names the numeric ranges {A..B} or {A..B..STEP} of a brace pattern multiply out to,
+    counted without listing them."""
+    count = 1
+    for a, b, step in _NUMERIC_RANGE.findall(pattern):
+        count *= abs(int(b) - int(a)) // max(1, abs(int(step or 1))) + 1
+    return count
+
+
 def expand_shards(spec: str) -> list[ShardRef]:
     """Expand brace patterns, globs, directories and comma lists into ordered, unique shards.
 
@@ -132,6 +143,10 @@ def expand_shards(spec: str) -> list[ShardRef]:
     urls: list[str] = []
     misses: list[str] = []
     for part in parts:
+        if ranged_count(part) > MAX_SHARDS:  # braceexpand would take minutes and gigabytes to list them
+            raise UsageError(
+                f"shard pattern {part!r} names more than {MAX_SHARDS:,} shards; check its ranges"
+            )
         try:
             items = list(braceexpand(part))
         except UnbalancedBracesError as e:
