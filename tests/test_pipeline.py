@@ -27,6 +27,11 @@ def score(decoder_dir, data, out, **kw):
     return run_score_job(ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, **kw), progress=False)
 
 
+def score_argv(decoder: Path, data: Path, out: Path) -> list[str]:
+    """`sanitizer score` with a decoder, data and RUN_DIR, as the CLI tests below call it."""
+    return ["score", "--decoder", str(decoder), "--data", str(data), "--out", str(out)]
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -356,15 +361,7 @@ def test_cuda_on_a_cluster_without_gpus_is_one_usage_error(monkeypatch, tmp_path
 def test_score_counts_out_of_range_stop_before_the_run_dir_is_made(
     tmp_path, tiny_decoder_dir, tiny_shards, capsys, option, message
 ):
-    argv = [
-        "score",
-        "--decoder",
-        str(tiny_decoder_dir),
-        "--data",
-        str(tiny_shards),
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    argv = score_argv(tiny_decoder_dir, tiny_shards, tmp_path / "r")
     assert main([*argv, *option]) == 2
     assert capsys.readouterr().err.strip() == f"sanitizer: error: {message}"
     assert not (tmp_path / "r").exists()
@@ -440,9 +437,8 @@ def test_a_damaged_run_dir_is_one_line_for_clean_report_and_a_rerun(
     commands = {
         "clean": ["clean", str(run)],
         "report": ["report", str(run)],
-        "score": ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--out", str(run),
-                  "--workers", "0"],
-    }  # fmt: skip
+        "score": [*score_argv(tiny_decoder_dir, tiny_shards, run), "--workers", "0"],
+    }
     for name in readers:
         assert main(commands[name]) == 2, name
         err = capsys.readouterr().err
@@ -482,7 +478,7 @@ def test_a_decoder_json_edited_by_hand_is_one_line(tmp_path, tiny_decoder_dir, t
     change, message = DECODER_EDITS[edit]
     meta = json.loads((decoder / "decoder.json").read_text())
     (decoder / "decoder.json").write_text(json.dumps(change(meta)))
-    argv = ["score", "--decoder", str(decoder), "--data", str(tiny_shards), "--out", str(tmp_path / "r")]
+    argv = score_argv(decoder, tiny_shards, tmp_path / "r")
     assert main([*argv, "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sanitizer: error: {decoder / 'decoder.json'} ") and message in err, err
@@ -499,15 +495,7 @@ def test_a_cluster_address_nothing_answers_at_is_refused_at_once(tmp_path, tiny_
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [
-        "score",
-        "--decoder",
-        str(tiny_decoder_dir),
-        "--data",
-        str(tiny_shards),
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    argv = score_argv(tiny_decoder_dir, tiny_shards, tmp_path / "r")
     argv += ["--workers", "1", "--ray-address", f"127.0.0.1:{port}", "--device", "cpu"]
     started = time.monotonic()
     done = subprocess.run(

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from unittest.mock import ANY
 
 import numpy as np
@@ -396,6 +397,11 @@ def test_cli_train_records_absolute_encoder_paths(tmp_path, tiny_shards, tiny_en
     assert read_meta(tmp_path / "dec")["encoder"]["weights_file"] == str(tmp_path / "w.safetensors")
 
 
+def train_tiny(encoder, data: Path, out: Path, settings: TrainSettings) -> dict:
+    """train_decoder on the tiny decoder, quietly, as the tests of its refusals call it."""
+    return train_decoder(encoder, str(data), out, settings, model_overrides=TINY_MODEL, progress=False)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -448,14 +454,7 @@ def test_a_loss_that_is_not_a_number_stops_training_before_it_is_checkpointed(
 ):
     settings = TrainSettings(epochs=3, batch_size=32, lr=1e30, refit=0)
     with pytest.raises(TrainingError, match=r"the training loss is (nan|inf) in epoch \d: lower --lr"):
-        train_decoder(
-            tiny_encoder,
-            str(tiny_shards),
-            tmp_path / "d",
-            settings,
-            model_overrides=TINY_MODEL,
-            progress=False,
-        )
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
     assert not (tmp_path / "d" / "decoder.json").exists()
     progress = checkpoint_module.read_training_progress(tmp_path / "d")
     assert progress is None or all(math.isfinite(x) for x in progress["losses"])
@@ -475,14 +474,7 @@ def test_a_damaged_training_checkpoint_is_one_error_naming_it(tmp_path, tiny_sha
     (tmp_path / "d" / ".checkpoint" / "state.json").write_text(state)
     settings = TrainSettings(epochs=1, batch_size=32, refit=0)
     with pytest.raises(CheckpointError, match=r"state.json is damaged: .*; delete .*\.checkpoint to start"):
-        train_decoder(
-            tiny_encoder,
-            str(tiny_shards),
-            tmp_path / "d",
-            settings,
-            model_overrides=TINY_MODEL,
-            progress=False,
-        )
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
 
 
 def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(tmp_path, tiny_shards, tiny_encoder, caplog):
@@ -494,14 +486,7 @@ def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(tmp_path, tiny_sha
         )
     settings = TrainSettings(epochs=1, batch_size=32, refit=0)
     with caplog.at_level("WARNING", logger="sanitizer.train"):
-        train_decoder(
-            tiny_encoder,
-            str(tiny_shards),
-            tmp_path / "e",
-            settings,
-            model_overrides=TINY_MODEL,
-            progress=False,
-        )
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "e", settings)
     assert "calibrating on 6 held-out images: a quantile threshold read from so few is rough" in caplog.text
 
 
