@@ -45,7 +45,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = final.parent / f"{_temp_prefix(final.name)}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         yield tmp
         _fsync_file(tmp)
@@ -56,6 +56,15 @@ def atomic_path(final: Path) -> Iterator[Path]:
             e.filename = str(final)  # a failed write (ENOSPC) names no file; say which output it was
         raise
     _fsync_dir(final.parent)
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}{_TMP_MARK}"
+
+
+def is_temp_of(name: str, final_name: str) -> bool:
+    """Whether the file ``name`` is a temp file of a write to ``final_name`` in the same directory."""
+    return name.startswith(_temp_prefix(final_name))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sanitizer.atomic import remove_stale_temps, write_json_atomic
+from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import UsageError
 from sanitizer.records import RecordError, check_fields, read_object
@@ -66,6 +66,22 @@ class RunDir:
         if not all(type(c) is int for c in counts) or not isinstance(stats.get("status_counts"), dict):
             raise _damaged(self.stats(stem), "its counts are missing or not whole numbers")
         return stats
+
+    def refuse_foreign(self) -> None:
+        """A RUN_DIR holds one job's files: a directory holding others and no run.json is refused, so
+        that an --out naming the input's folder or a home directory is never written into (nor its
+        hidden temp-like files removed)."""
+        if not self.root.is_dir() or self.run_json.is_file():
+            return
+        others = sorted(  # all a job writes before run.json is its lock and run.json's temp file
+            p.name for p in self.root.iterdir() if p.name != ".lock" and not is_temp_of(p.name, "run.json")
+        )
+        if others:
+            shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UsageError(
+                f"--out {self.root} holds other files ({shown}) and no run.json; "
+                "score into a new or empty directory"
+            )
 
     def remove_stale_temps(self) -> int:
         """Temp files of a killed job: never visible under a final name, removed on the next start."""

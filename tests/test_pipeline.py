@@ -165,6 +165,32 @@ def test_run_dir_of_another_input_is_refused(tmp_path, local_run, tiny_decoder_d
         score(tiny_decoder_dir, str(tiny_shards / "shard-000000.tar"), other, workers=0)
 
 
+def test_out_holding_other_files_is_refused_untouched(tmp_path, tiny_decoder_dir, tiny_shards):
+    """--out naming the input's folder: nothing written there, no temp-like file of the user's removed."""
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    (folder / ".notes.txt.tmp-1-ab").write_text("the user's")
+    before = tree_digest(folder)
+    with pytest.raises(
+        UsageError,
+        match=r"holds other files \('\.notes\.txt\.tmp-1-ab', 'shard-000000\.tar', 'shard-000001\.tar', "
+        r"\.\.\.\) and no run\.json",
+    ):
+        score(tiny_decoder_dir, folder, folder, workers=0)
+    assert tree_digest(folder) == before and not (folder / ".lock").exists()
+
+
+def test_empty_out_or_one_left_by_a_run_killed_before_run_json_is_used(
+    tmp_path, tiny_decoder_dir, tiny_shards
+):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("4242")
+    (out / ".run.json.tmp-4242-0123abcd").write_text("{")
+    assert score(tiny_decoder_dir, tiny_shards, out, workers=0).shards_done == 3
+    assert not (out / ".run.json.tmp-4242-0123abcd").exists()
+
+
 def test_quantile_rule_needs_matching_calibration(tmp_path, tiny_decoder_dir, tiny_shards):
     with pytest.raises(UsageError, match="reads the calibration"):
         score(tiny_decoder_dir, tiny_shards, tmp_path / "r", workers=0, num_masks=7)

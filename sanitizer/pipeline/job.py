@@ -224,6 +224,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     started = time.time()
     plan = plan_job(job)
     run = RunDir(Path(job.out))
+    run.refuse_foreign()
     with run.lock():
         previous = begin(run, plan)
         collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
