@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = (rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), thumbnails(HOLDOUT, rng))
         holdout = HoldoutImages(*held_out, reference_key=rng.bytes(32))
         started = time.perf_counter()
-        apply_flags(RunDir(Path(tmp)), stems, 0.5, parse_rule(DEFAULT_COLLAPSE_RULE), holdout)
+        apply_flags(RunDir(Path(tmp)), stems, 0.5, (parse_rule(DEFAULT_COLLAPSE_RULE), holdout))
         seconds = time.perf_counter() - started
     result = {
         "samples": args.samples, "shards": len(stems), "reference": min(args.samples, REFERENCE_SIZE),

@@ -22,7 +22,7 @@ from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
 from sanitizer.rundir import RunDir, open_run
 from sanitizer.scoring import ScoreSettings, calibration_for
-from sanitizer.thresholds import parse_rule, resolve_threshold
+from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
 
 @dataclass
@@ -34,9 +34,8 @@ class CleanSummary:
     skipped_shards: list[str]
 
 
-def resolve_rule(text: str, run: RunDir, info: dict, done: list[str]) -> float:
+def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) -> float:
     """A threshold for a finished run; quantile rules read the decoder's calibration."""
-    rule = parse_rule(text)
     calibration = None
     if rule.kind == "quantile":
         meta = read_meta(Path(info["config"]["decoder_dir"]))
@@ -88,10 +87,15 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
         run.remove_stale_temps()
         done = [s.stem for s in shards if run.is_done(s.stem)]
         if threshold is not None:
-            value = resolve_rule(threshold, run, info, done)
+            rule = parse_rule(threshold)
+            value = resolve_rule(rule, run, info, done)
             apply_threshold(run, done, value)
-            info["threshold"] = {"rule": str(parse_rule(threshold)), "value": value}
+            # run.json follows the manifests at once: should a split below fail, the run stays
+            # consistent, scored at the new threshold and not cleaned at it.
+            info["threshold"] = {"rule": str(rule), "value": value}
             info.setdefault("totals", {}).update(flagged_totals(run, done))
+            info.pop("clean", None)
+            run.write_run(info)
         value = (info.get("threshold") or {}).get("value")
         if value is None:
             raise UsageError(f"{run_dir} has no threshold yet; give --threshold")
@@ -105,6 +109,6 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
         # open_clip looks for sizes.json beside the shards, keyed by file name.
         write_json_atomic(run.root / "clean" / "sizes.json", {f"{stem}.tar": n for stem, n in sizes.items()})
         info["clean"] = {"kept": kept, "quarantined": quarantined, "shards": len(sizes)}
-        run.write_run({k: v for k, v in info.items() if k != "format"})
+        run.write_run(info)
     skipped = [s.stem for s in shards if s.stem not in done]
     return CleanSummary(len(sizes), kept, quarantined, value, skipped)

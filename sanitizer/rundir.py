@@ -57,7 +57,8 @@ class RunDir:
         return _read_object(self.run_json)
 
     def write_run(self, run: dict) -> None:
-        write_json_atomic(self.run_json, {"format": RUN_FORMAT, **run})
+        """run.json in this version's format (a record read back from it is written as it is)."""
+        write_json_atomic(self.run_json, {**run, "format": RUN_FORMAT})
 
     def read_stats(self, stem: str) -> dict:
         """A finished shard's counts, checked for the fields every reader takes from them."""

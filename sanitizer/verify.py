@@ -181,7 +181,7 @@ class _OutputTar:
             if hasattr(self.members, "close"):
                 self.members.close()  # closes the file
             return
-        extra = self._pushed[::-1] + [m for m in self.members if m[0] is not None or m[2] is not None]
+        extra = self._pushed[::-1] + list(self.members)
         for name, _, problem in extra[:3]:
             if name is None:
                 self.report.add(f"{self.label}/{self.stem}.tar {problem}", self.stem)
@@ -317,19 +317,16 @@ def _check_shard(
             i, n = sample.index, sample.index + 1
             key = printable(sample.key)
             row = by_index.get(i)
-            if row is None:
-                report.add(f"input sample {i} key {q(key)} has no manifest row", stem)
-                if clean is not None and quarantine is not None:
-                    members = [(m.name, _sha256(m.data)) for m in sample.members]
+            members = [(m.name, _sha256(m.data)) for m in sample.members] if cleaned else []
+            if row is None or row["key"] != key:
+                mismatch = "has no manifest row" if row is None else f"but row {i} has key {q(row['key'])}"
+                report.add(f"input sample {i} key {q(key)} {mismatch}", stem)
+                if cleaned:  # already reported: pass over its members, wherever they were copied
                     clean.skip_if_next(members)
                     quarantine.skip_if_next(members)
                 continue
-            if row["key"] != key:
-                report.add(f"row {i} has key {q(row['key'])} but input sample {i} is {q(key)}", stem)
-                continue
             _check_row(row, sample, i, stem, threshold, report)
-            if clean is not None and quarantine is not None and row["status"] == STATUS_OK:
-                members = [(m.name, _sha256(m.data)) for m in sample.members]
+            if cleaned and row["status"] == STATUS_OK:
                 (quarantine if row["flagged"] else clean).expect(i, key, members)
     except ShardError as e:
         report.add(
@@ -374,7 +371,8 @@ def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Re
     }
     for name, value in expected.items():
         if stats.get(name) != value:
-            report.add(f"stats {name} is {stats.get(name)!r}, the manifest says {value!r}", shard.stem)
+            source = "run.json" if name in ("shard", "url") else "the manifest"
+            report.add(f"stats {name} is {stats.get(name)!r}, {source} says {value!r}", shard.stem)
 
 
 def _parse_shards(info: dict, report: _Report) -> list[ShardRef] | None:
@@ -422,20 +420,23 @@ def _check_files(run: RunDir, stems: set[str], done: set[str], cleaned: bool, re
                 report.add(f"{name} exists but clean/ does not")
 
 
-def _check_sizes(run: RunDir, kept: dict[str, int], report: _Report) -> None:
-    for path, expected in (
-        (run.sizes_json, {f"clean/{stem}.tar": n for stem, n in kept.items()}),
-        (run.root / "clean" / "sizes.json", {f"{stem}.tar": n for stem, n in kept.items()}),
-    ):
+def _check_sizes(run: RunDir, kept: dict[str, int], unchecked: set[str], report: _Report) -> None:
+    """sizes.json against the samples found in each clean tar; shards whose manifest could not be
+    checked (already reported) are passed over."""
+    for path, prefix in ((run.sizes_json, "clean/"), (run.root / "clean" / "sizes.json", "")):
         name = path.relative_to(run.root).as_posix()
         sizes, problem = _read_json(path)
         if not isinstance(sizes, dict):
             report.add(f"{name} is {problem or 'not a JSON object'}")
             continue
-        for tar in sorted(set(sizes) | set(expected)):
-            if sizes.get(tar) != expected.get(tar):
-                got, want = sizes.get(tar), expected.get(tar)
-                report.add(f"{name}: {q(tar)} is {got!r}, the clean tar holds {want!r} samples")
+        expected = {f"{prefix}{stem}.tar": n for stem, n in kept.items()}
+        skip = {f"{prefix}{stem}.tar" for stem in unchecked}
+        for tar in sorted((set(sizes) | set(expected)) - skip):
+            got, want = sizes.get(tar), expected.get(tar)
+            if want is None:
+                report.add(f"{name}: {q(tar)} is not a clean tar of this run")
+            elif got != want:
+                report.add(f"{name}: {q(tar)} is {got!r}, but that clean tar holds {want!r} samples")
 
 
 def _check_totals(
@@ -446,12 +447,15 @@ def _check_totals(
         report.add("run.json has no totals: the job did not finish; re-run `sanitizer score`")
         return
     statuses: Counter = Counter()
+    flagged_by = Counter({"score": 0, "collapse": 0})
     for r in results.values():
         statuses.update(r.status_counts)
+        flagged_by.update(r.flagged_by)
     expected = {
         "samples": sum(r.rows for r in results.values()),
         "ok": sum(r.ok for r in results.values()),
         "flagged": sum(r.flagged for r in results.values()),
+        "flagged_by": dict(sorted(flagged_by.items())),
         "status_counts": dict(sorted(statuses.items())),
         "shards": len(shards),
         "shards_done": len(results),
@@ -524,7 +528,7 @@ def verify_run(run_dir: Path) -> list[str]:
     _check_files(run, known, done, cleaned, report)
     if cleaned:
         kept = {stem: r.kept for stem, r in results.items()}
-        _check_sizes(run, kept, report)
+        _check_sizes(run, kept, done - set(results), report)
         summary = info.get("clean")
         expected = {
             "kept": sum(kept.values()),

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import sanitizer.clean
 from sanitizer.clean import clean_run
 from sanitizer.cli import main
 from sanitizer.data.synth import encode_image, synthetic_images, write_image_shards
@@ -21,6 +22,7 @@ from sanitizer.manifest import MANIFEST_SCHEMA
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
+from sanitizer.verify import verify_run
 
 
 def score(decoder_dir, data, out, **kw):
@@ -556,6 +558,27 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
     assert "again" not in caplog.text
+
+
+def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(
+    tmp_path, local_run, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+
+    def fail(*_):
+        raise UsageError("the input changed")
+
+    monkeypatch.setattr(sanitizer.clean, "split_shard", fail)
+    with pytest.raises(UsageError, match="the input changed"):
+        clean_run(run, "value:0.5")
+    info = json.loads((run / "run.json").read_text())
+    flagged = sum(t.column("flagged").to_numpy().sum() for t in manifests(run).values())
+    assert info["threshold"] == {"rule": "value:0.5", "value": 0.5} and "clean" not in info
+    assert info["totals"]["flagged"] == flagged
+    monkeypatch.undo()
+    clean_run(run)  # finishes the split at the new threshold
+    assert verify_run(run) == []
 
 
 def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_path, local_run, capsys):

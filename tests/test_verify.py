@@ -89,6 +89,36 @@ def test_deleted_manifest_row(run_copy):
     ]
 
 
+def test_renamed_key_is_one_violation_not_a_cascade(run_copy):
+    path = run_copy / "manifest" / "shard-000001.parquet"
+    table = read_manifest(path)
+    key = table.column("key")[7].as_py()
+    keys = table.column("key").to_pylist()
+    keys[7] = "renamed"
+    column = table.schema.get_field_index("key")
+    write_manifest(path, table.set_column(column, table.schema.field(column), pa.array(keys)))
+    assert verify_run(run_copy) == [
+        f"shard shard-000001: input sample 7 key {key!r} but row 7 has key 'renamed'"
+    ]
+
+
+def test_totals_flagged_by_is_checked(run_copy):
+    info = json.loads((run_copy / "run.json").read_text())
+    truth = info["totals"]["flagged_by"]
+    info["totals"]["flagged_by"] = {**truth, "score": 999}
+    (run_copy / "run.json").write_text(json.dumps(info))
+    assert verify_run(run_copy) == [
+        f"run.json totals.flagged_by is {info['totals']['flagged_by']!r}, the manifests add up to {truth!r}"
+    ]
+
+
+def test_an_unreadable_manifest_is_reported_once(run_copy):
+    (run_copy / "manifest" / "shard-000001.parquet").write_bytes(b"not parquet")
+    violations = verify_run(run_copy)
+    assert violations[0].startswith("shard shard-000001: manifest/shard-000001.parquet cannot be read")
+    assert not [v for v in violations if "sizes.json" in v]
+
+
 def test_changed_byte_in_a_clean_member(run_copy):
     path = run_copy / "clean" / "shard-000002.tar"
     with tarfile.open(path) as tar:
@@ -121,7 +151,7 @@ def test_sizes_json_off_by_one(run_copy):
     (run_copy / "sizes.json").write_text(json.dumps(sizes))
     n = sizes["clean/shard-000001.tar"]
     assert verify_run(run_copy) == [
-        f"sizes.json: 'clean/shard-000001.tar' is {n}, the clean tar holds {n - 1} samples"
+        f"sizes.json: 'clean/shard-000001.tar' is {n}, but that clean tar holds {n - 1} samples"
     ]
 
 

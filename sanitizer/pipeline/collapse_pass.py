@@ -159,14 +159,12 @@ class CollapsePass:
     above_holdout_median: float | None = None
 
 
-def weighing(
-    run: RunDir, stems: list[str], rule: ThresholdRule | None, holdout: HoldoutImages | None
+def reference_and_holdout(
+    run: RunDir, stems: list[str], holdout: HoldoutImages
 ) -> tuple[Reference, HeldOut] | None:
     """The run's reference and the held-out images' statistics against it; None when there is nothing
-    to weigh (no rule, no ok row, no held-out image with a collapse): after hours of scoring, a pass
-    that cannot run must not fail the run, so the last case is a warning."""
-    if rule is None:
-        return None
+    to weigh (no ok row, no held-out image with a collapse): after hours of scoring, a pass that
+    cannot run must not fail the run, so the last case is a warning."""
     reference = Reference(run, stems, holdout.reference_key)
     if not len(reference.sketches):
         return None
@@ -180,7 +178,7 @@ def weighing(
     return reference, held
 
 
-def weigh(
+def collapse_columns(
     run: RunDir, stems: list[str], rule: ThresholdRule, reference: Reference, held: HeldOut
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], CollapsePass]:
     """Per shard, each row's collapse and the collapse it needs to be flagged (NaN for rows that are not
@@ -213,16 +211,16 @@ def apply_flags(
     run: RunDir,
     stems: list[str],
     threshold: float | None,
-    rule: ThresholdRule | None,
-    holdout: HoldoutImages | None = None,
+    collapse: tuple[ThresholdRule, HoldoutImages] | None,
 ) -> CollapsePass:
-    """Flag every finished shard by the score threshold and, given a collapse rule, by the collapse
-    pass. Without a rule the collapse columns are cleared, so that a run's flags always say what its
-    last invocation asked for. `holdout` is what holdout_for gave."""
+    """Flag every finished shard by the score threshold and, given a collapse rule and what
+    holdout_for gave for it, by the collapse pass. Without them the collapse columns are cleared, so
+    that a run's flags always say what its last invocation asked for."""
     values, needed, found = {}, {}, CollapsePass()
-    weighed = weighing(run, stems, rule, holdout)
-    if weighed is not None:
-        values, needed, found = weigh(run, stems, rule, *weighed)
+    if collapse is not None:
+        rule, holdout = collapse
+        if (weighed := reference_and_holdout(run, stems, holdout)) is not None:
+            values, needed, found = collapse_columns(run, stems, rule, *weighed)
     rewrite(
         run,
         stems,

@@ -156,8 +156,7 @@ class JobPlan:
     settings: ScoreSettings
     rule: ThresholdRule
     threshold: float | None  # known before scoring; None for rules that need the scored set
-    collapse_rule: ThresholdRule | None
-    holdout: HoldoutImages | None
+    collapse: tuple[ThresholdRule, HoldoutImages] | None  # the collapse pass's rule and what it weighs
     shards: list[ShardRef]
     device: torch.device
     workers: int
@@ -186,8 +185,10 @@ def plan_job(job: ScoreJob) -> JobPlan:
     rule = parse_rule(job.threshold)
     collapse_rule = parse_rule(job.collapse) if job.collapse is not None else None
     threshold = initial_threshold(rule, settings, meta)
-    holdout = (
-        None if collapse_rule is None else holdout_for(collapse_rule, Path(job.decoder_dir), meta, settings)
+    collapse = (
+        None
+        if collapse_rule is None
+        else (collapse_rule, holdout_for(collapse_rule, Path(job.decoder_dir), meta, settings))
     )
     shards = expand_shards(job.data)
     device, gpus = scoring_device(job)
@@ -215,7 +216,7 @@ def plan_job(job: ScoreJob) -> JobPlan:
         "ray_address": job.ray_address,
     }
     return JobPlan(
-        settings, rule, threshold, collapse_rule, holdout, shards, device, workers, micro_batch, batch_size,
+        settings, rule, threshold, collapse, shards, device, workers, micro_batch, batch_size,
         identity, config,
     )  # fmt: skip
 
@@ -293,7 +294,7 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
     threshold = plan.threshold
     if plan.rule.needs_scores:
         threshold = resolve_threshold(plan.rule, None, ok_scores(run, done))
-    collapse = apply_flags(run, done, threshold, plan.collapse_rule, plan.holdout)
+    collapse = apply_flags(run, done, threshold, plan.collapse)
     collapse_rule = plan.config["collapse_rule"]
     thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
     thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": collapse_rule}
