@@ -21,7 +21,7 @@ from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
 from sanitizer.rundir import RunDir, open_run
-from sanitizer.scoring import ScoreSettings, calibration_for
+from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
 
@@ -39,9 +39,8 @@ def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) 
     calibration = None
     if rule.kind == "quantile":
         meta = read_meta(Path(info["config"]["decoder_dir"]))
-        calibration = calibration_for(meta, ScoreSettings.from_dict(info["identity"]["scoring"]))
-        if calibration is None:
-            raise UsageError(f"{rule} needs a calibration made with this run's scoring settings")
+        settings = ScoreSettings.from_dict(info["identity"]["scoring"])
+        calibration = required_calibration(meta, settings, str(rule), "mad:K or value:X")
     return resolve_threshold(rule, calibration, ok_scores(run, done) if rule.needs_scores else None)
 
 

@@ -8,8 +8,9 @@ two dimensions, the ROC curve when the shards carry ground truth, an encoder-lev
 after the collapse pass, the groups of samples that pass flagged, side by side.
 
 Memory and time stay bounded whatever the run's size: manifests are read one shard and a few columns
-at a time, and only a bounded sample of images (from at most MAX_SHARDS_READ shards) is read again
-and run through the encoder and decoder.
+at a time, and only a bounded sample of images is read again and run through the encoder and decoder
+(the typical ones from at most MAX_SHARDS_READ shards, the most flagged and the collapse groups' from
+the shards they are in).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sanitizer.collapse import SKETCH_DIM, group_by_seed, unlike_holdout
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.pipeline.collect import ok_scores
+from sanitizer.pipeline.collect import flag_counts, ok_scores
 from sanitizer.rundir import RunDir, open_run
 from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf, roc_auc, roc_curve
@@ -176,8 +177,11 @@ def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndar
     stems = [s.stem for s in shards if run.is_done(s.stem)]
     if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
         return None
-    scores = ok_scores(run, stems)
-    return above_median(scores, calibration) / len(scores) if len(scores) else None
+    above = total = 0
+    for stem in stems:  # a shard at a time: a run's scores need not fit in memory
+        scores = ok_scores(run, [stem])
+        above, total = above + above_median(scores, calibration), total + len(scores)
+    return above / total if total else None
 
 
 def _p_text(p: float) -> str:
@@ -204,6 +208,7 @@ class ShardLine:
     count: int
     ok: int
     flagged: int
+    by_score: int  # flagged by the score test, which the expected rate is the rate of
 
 
 @dataclass
@@ -227,7 +232,7 @@ class RunScan:
         return sum(s.flagged for s in self.shards)
 
 
-_SCAN_COLUMNS = ["index", "status", "score", "flagged", "label"]
+_SCAN_COLUMNS = ["index", "status", "score", "flagged", "flag_reason", "label"]
 
 
 def _read(run: RunDir, stem: str, columns: list[str]):
@@ -261,7 +266,8 @@ def scan_run(run: RunDir, stems: list[str]) -> RunScan:
         flagged = table.column("flagged").to_numpy(zero_copy_only=False).astype(bool)
         for item in pc.value_counts(table.column("status")).to_pylist():
             scan.statuses[item["values"]] += item["counts"]
-        scan.shards.append(ShardLine(stem, table.num_rows, int(ok.sum()), int(flagged.sum())))
+        by_score = flag_counts(table)["flagged_by"]["score"]
+        scan.shards.append(ShardLine(stem, table.num_rows, int(ok.sum()), int(flagged.sum()), by_score))
         if ok.any():
             scan.lo, scan.hi = min(scan.lo, float(score[ok].min())), max(scan.hi, float(score[ok].max()))
         candidates = np.flatnonzero(flagged)
@@ -657,10 +663,11 @@ def plot_joint(path: Path, points: JointPoints, threshold: float | None) -> None
 
 
 def plot_shards(path: Path, shards: list[ShardLine], expected: float | None) -> None:
-    """Flag rate per shard: bars with names for a few shards, dots in input order for many."""
+    """The score test's flag rate per shard, against the rate it has on clean data: bars with names
+    for a few shards, dots in input order for many."""
     fig = _figure(8.5, 3.2)
     ax = fig.add_subplot()
-    rates = np.array([s.flagged / s.ok if s.ok else 0.0 for s in shards]) * 100
+    rates = np.array([s.by_score / s.ok if s.ok else 0.0 for s in shards]) * 100
     x = np.arange(len(shards))
     if len(shards) <= 40:
         ax.bar(x, rates, color=[FLAG_COLOUR if r > 0 else CLEAN_COLOUR for r in rates], width=0.7)
@@ -673,7 +680,7 @@ def plot_shards(path: Path, shards: list[ShardLine], expected: float | None) -> 
             expected * 100, color="black", linestyle="--", linewidth=1, label=f"expected {expected:.1%}"
         )
         _legend_above(ax)
-    ax.set_ylabel("flagged (% of ok)")
+    ax.set_ylabel("flagged by score (% of ok)")
     ax.spines[["top", "right"]].set_visible(False)
     save_png(fig, path)
 
@@ -993,13 +1000,17 @@ def joint_section(
 def shards_section(out: Path, scan: RunScan, expected: float | None) -> Section:
     plot_shards(out / "shards.png", scan.shards, expected)
     worst = sorted(scan.shards, key=lambda s: (-s.flagged, s.stem))[:15]
-    rows = [[s.stem, s.count, s.ok, s.flagged, f"{s.flagged / s.ok:.2%}" if s.ok else "-"] for s in worst]
-    table = _table(["shard", "samples", "ok", "flagged", "rate"], rows, {1, 2, 3, 4})
+    rows = [
+        [s.stem, s.count, s.ok, s.flagged, s.by_score, f"{s.by_score / s.ok:.2%}" if s.ok else "-"]
+        for s in worst
+    ]
+    table = _table(["shard", "samples", "ok", "flagged", "by score", "score rate"], rows, {1, 2, 3, 4, 5})
     return Section(
         "shards",
         "Flag rate per shard",
         "<p>Poison often arrives together (one crawl, one source): a shard far above the dashed line is "
-        "worth a look.</p>"
+        "worth a look. The line is the score test's rate on clean data, so the plot counts that test's "
+        "flags; the collapse pass's come on top.</p>"
         + _img("shards.png", "flag rate per shard")
         + "<h3>Shards with the most flags</h3>"
         + table,

@@ -108,6 +108,18 @@ def calibration_for(meta: dict, settings: ScoreSettings) -> np.ndarray | None:
     return np.asarray(meta["calibration"]["scores"], np.float32)
 
 
+def required_calibration(meta: dict, settings: ScoreSettings, reader: str, otherwise: str) -> np.ndarray:
+    """calibration_for, where `reader` cannot go on without it: one message for every step, naming
+    both settings and `otherwise`, what would do instead."""
+    calibration = calibration_for(meta, settings)
+    if calibration is None:
+        raise UsageError(
+            f"{reader} reads the calibration, which was made with {meta['scoring']}; scoring with "
+            f"{settings.to_dict()} needs {otherwise}"
+        )
+    return calibration
+
+
 def key_seeds(keys: Iterable[str]) -> np.ndarray:
     """A 64-bit seed per sample key (blake2b), stable across processes and machines."""
     return np.array(

@@ -429,7 +429,7 @@ def test_the_collapse_pass_needs_the_holdout_and_its_calibration(decoder_dir, cl
     with pytest.raises(UsageError, match="trained before the collapse pass"):
         run(old, cluster_shards, tmp_path / "a", collapse=RULE)
     assert not (tmp_path / "a").exists()  # refused before any scoring
-    with pytest.raises(UsageError, match="weighs each score against the calibration"):
+    with pytest.raises(UsageError, match="the collapse pass reads the calibration, which was made with"):
         run(decoder_dir, cluster_shards, tmp_path / "b", collapse=RULE, threshold="mad:3", num_masks=1)
     with pytest.raises(UsageError, match="paper rule is for scores"):
         run(decoder_dir, cluster_shards, tmp_path / "c", collapse="paper")

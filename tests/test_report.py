@@ -228,6 +228,20 @@ def test_image_sample_is_bounded(labelled_run, monkeypatch):
     assert len(scan.top) <= report.GRID_ROWS and scan.top == sorted(scan.top, reverse=True)
 
 
+def test_the_shard_plot_counts_the_score_tests_flags_the_expected_rate_is_for(labelled_run):
+    """The dashed line is the score test's clean-data rate: each shard's bar counts that test's flags,
+    which add up to what the verdict tests, not every flag (the collapse pass's come on top)."""
+    from sanitizer import report
+    from sanitizer.rundir import RunDir
+
+    stems = sorted(p.stem for p in (labelled_run / "manifest").glob("*.parquet"))
+    scan = report.scan_run(RunDir(labelled_run), stems)
+    for line in scan.shards:
+        reasons = read_manifest(labelled_run / "manifest" / f"{line.stem}.parquet").column("flag_reason")
+        assert line.by_score == sum(r in ("score", "score+collapse") for r in reasons.to_pylist())
+    assert sum(line.by_score for line in scan.shards) == encoder_verdict(labelled_run)["flagged"]
+
+
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(UsageError, match="not a RUN_DIR"):
         write_report(tmp_path)

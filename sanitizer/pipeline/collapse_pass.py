@@ -29,7 +29,7 @@ from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.pipeline.collect import rewrite
 from sanitizer.rundir import RunDir
-from sanitizer.scoring import ScoreSettings, calibration_for
+from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.stats import above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
 
@@ -126,13 +126,8 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
             f"{decoder_dir} was trained before the collapse pass kept its held-out images' sketches and "
             "thumbnails; retrain it, or score with --no-collapse"
         )
-    calibration = calibration_for(meta, settings)
-    if calibration is None:
-        raise UsageError(
-            f"the collapse pass weighs each score against the calibration, which was made with "
-            f"{meta['scoring']}; scoring with {settings.to_dict()} needs a decoder calibrated for them "
-            "(or --no-collapse)"
-        )
+    otherwise = "a decoder calibrated for them, or --no-collapse"
+    calibration = required_calibration(meta, settings, "the collapse pass", otherwise)
     scores = calibration.astype(np.float64)
     return HoldoutImages(scores, *held_out, reference_key(decoder_dir))
 

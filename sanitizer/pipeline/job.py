@@ -34,7 +34,7 @@ from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout
 from sanitizer.pipeline.collect import ShardCollector, flagged_totals, ok_scores
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.rundir import RunDir
-from sanitizer.scoring import ScoreSettings, calibration_for
+from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,10 @@ def initial_threshold(rule: ThresholdRule, settings: ScoreSettings, meta: dict) 
     """The threshold known before scoring; None for rules that need the scored set."""
     if rule.needs_scores:
         return None
-    calibration = calibration_for(meta, settings)
-    if rule.kind == "quantile" and calibration is None:
-        raise UsageError(
-            f"{rule} reads the calibration, which was made with {meta['scoring']}; scoring with "
-            f"{settings.to_dict()} needs mad:K, value:X, or a decoder calibrated for these settings"
-        )
-    return resolve_threshold(rule, calibration)
+    if rule.kind != "quantile":
+        return resolve_threshold(rule, None)
+    otherwise = "mad:K, value:X, or a decoder calibrated for these settings"
+    return resolve_threshold(rule, required_calibration(meta, settings, str(rule), otherwise))
 
 
 def normalised_identity(identity: dict | None) -> dict | None:
