@@ -62,6 +62,11 @@ def _temp_prefix(name: str) -> str:
     return f".{name}{_TMP_MARK}"
 
 
+def is_temp(name: str) -> bool:
+    """Whether the file ``name`` is a temp file of some write (output names never start with a dot)."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
 def is_temp_of(name: str, final_name: str) -> bool:
     """Whether the file ``name`` is a temp file of a write to ``final_name`` in the same directory."""
     return name.startswith(_temp_prefix(final_name))
@@ -89,8 +94,8 @@ def remove_stale_temps(directory: Path) -> int:
     if not directory.is_dir():
         return 0
     removed = 0
-    for path in directory.glob(f".*{_TMP_MARK}*"):
-        if path.is_file() and not path.is_symlink():
+    for path in directory.iterdir():
+        if is_temp(path.name) and path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -87,17 +87,18 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
         done = [s.stem for s in shards if run.is_done(s.stem)]
         if threshold is not None:
             rule = parse_rule(threshold)
-            value = resolve_rule(rule, run, info, done)
-            apply_threshold(run, done, value)
-            # run.json follows the manifests at once: should a split below fail, the run stays
-            # consistent, scored at the new threshold and not cleaned at it.
-            info["threshold"] = {"rule": str(rule), "value": value}
-            info.setdefault("totals", {}).update(flagged_totals(run, done))
-            info.pop("clean", None)
-            run.write_run(info)
+            info["threshold"] = {"rule": str(rule), "value": resolve_rule(rule, run, info, done)}
         value = (info.get("threshold") or {}).get("value")
         if value is None:
             raise UsageError(f"{run_dir} has no threshold yet; give --threshold")
+        # The manifests are flagged at run.json's threshold before any split: a new one, or the one
+        # run.json kept when a `clean --threshold` was killed while it re-flagged them.
+        if apply_threshold(run, done, value) or threshold is not None:
+            # run.json follows the manifests at once: should a split below fail, the run stays
+            # consistent, flagged at this threshold and not yet cleaned at it.
+            info.setdefault("totals", {}).update(flagged_totals(run, done))
+            info.pop("clean", None)
+            run.write_run(info)
         sizes, kept, quarantined = {}, 0, 0
         for shard in shards:
             if shard.stem in done:

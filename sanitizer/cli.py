@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -25,6 +26,7 @@ RELAX_STEPS_HELP = "signed-gradient steps on the embedding token before the erro
 RELAX_RADIUS_HELP = "how far (L-inf, decoder latent units) those steps may move the token in all"
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
 
 
 def _triple(name: str) -> dict:
@@ -319,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except SanitizerError as e:
         print(f"sanitizer: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `sanitizer verify RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # a full disk, a vanished directory: one line naming the path, no traceback
         where = f": {e.filename}" if e.filename else ""
         print(f"sanitizer: error: {e.strerror or e}{where}", file=sys.stderr)

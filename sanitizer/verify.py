@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sanitizer.atomic import _TMP_MARK
+from sanitizer.atomic import is_temp
 from sanitizer.data.decode import DECODE_STATUSES, find_image_member
 from sanitizer.data.shards import ShardRef
 from sanitizer.data.tario import (
@@ -407,12 +407,12 @@ def _check_files(run: RunDir, stems: set[str], done: set[str], cleaned: bool, re
         if not directory.is_dir():
             continue
         for path in sorted(directory.iterdir()):
-            if _TMP_MARK in path.name:
+            if is_temp(path.name):
                 report.add(f"{sub}/{q(path.name)[1:-1]}: temporary file left by an interrupted job")
             elif path.name not in names or not path.is_file() or path.is_symlink():
                 report.add(f"{sub}/{q(path.name)[1:-1]}: not an output of this run")
     for path in sorted(run.root.iterdir()):
-        if _TMP_MARK in path.name:
+        if is_temp(path.name):
             report.add(f"{q(path.name)[1:-1]}: temporary file left by an interrupted job")
     if not cleaned:
         for name in ("sizes.json", "quarantine"):

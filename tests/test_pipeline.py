@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -554,10 +555,13 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
         score(tiny_decoder_dir, tiny_shards, run, workers=0)  # its default rule, not clean's
     assert f"run `sanitizer clean {run}` again" in caplog.text and "[value:0.5]" in caplog.text
     caplog.clear()
-    clean_run(run)  # at the score's threshold now: a rescore agrees and says nothing
+    assert "clean" not in json.loads((run / "run.json").read_text())
+    clean_run(run)  # at the score's threshold now: a rescore changes nothing and says nothing
+    cleaned = tree_digest(run)
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
     assert "again" not in caplog.text
+    assert tree_digest(run) == cleaned and verify_run(run) == []
 
 
 def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(
@@ -579,6 +583,50 @@ def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(
     monkeypatch.undo()
     clean_run(run)  # finishes the split at the new threshold
     assert verify_run(run) == []
+
+
+def test_clean_after_a_rethreshold_killed_mid_reflag_splits_at_run_jsons_threshold(tmp_path, local_run):
+    """`clean --threshold 0.5` killed after re-flagging one manifest (run.json still at the old value):
+    a plain `clean` re-flags it back and writes what an undisturbed clean wrote."""
+    from sanitizer.pipeline.collect import apply_threshold
+
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    assert apply_threshold(RunDir(run), ["shard-000001"], 0.0) == 1
+    clean_run(run)
+    assert tree_digest(run) == tree_digest(local_run[0])
+    assert verify_run(run) == []
+
+
+def test_rescoring_a_shard_of_a_cleaned_run_says_to_clean_again(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
+):
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "stats" / "shard-000001_stats.json").unlink()  # as if that shard had failed, and been mended
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        score(tiny_decoder_dir, tiny_shards, run, workers=0)
+    assert f"this run scored 1 more shard(s); run `sanitizer clean {run}` again" in caplog.text
+    assert "clean" not in json.loads((run / "run.json").read_text())
+
+
+def test_a_data_rule_with_no_ok_sample_still_finishes_the_run(tmp_path, tiny_decoder_dir, capsys):
+    """mad:K on shards without a single ok sample: the run is recorded (an empty shard done, a broken
+    one failed) and verifies, with no threshold, instead of stopping before run.json."""
+    (tmp_path / "data").mkdir()
+    tarfile.open(tmp_path / "data" / "empty.tar", "w").close()
+    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
+    argv = score_argv(tiny_decoder_dir, tmp_path / "data", tmp_path / "run")
+    assert main([*argv, "--workers", "0", "--threshold", "mad:3"]) == 1  # the broken shard failed
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["state"], info["threshold"]["value"], info["totals"]["shards_done"]) == (
+        "incomplete",
+        None,
+        1,
+    )
+    assert [f["stem"] for f in info["failed_shards"]] == ["broken"]
+    assert "needs scored samples and this run has none" in capsys.readouterr().err
+    assert verify_run(tmp_path / "run") == []
 
 
 def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_path, local_run, capsys):

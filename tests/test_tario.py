@@ -107,19 +107,36 @@ def test_by_ext_first_occurrence_wins() -> None:
     assert s.by_ext() == {"png": b"1"}
 
 
-def test_non_regular_members_are_skipped(tmp_path: Path) -> None:
+def test_links_and_devices_mark_their_sample_and_directories_are_passed_over(tmp_path: Path) -> None:
+    """A link is never followed (its target may be another sample's member or a file here), and a
+    sample holding one is recorded, not dropped: a sample made of a link alone still gets its row."""
     path = tmp_path / "t.tar"
     with tarfile.open(path, "w") as tar:
         d = tarfile.TarInfo("a.dir")
         d.type = tarfile.DIRTYPE
         tar.addfile(d)
-        link = tarfile.TarInfo("a.lnk")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
-        info = tarfile.TarInfo("a.png")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"x"))
-    assert _keys(path) == [("a", ["a.png"], "ok")]
+        specials = [("a.lnk", tarfile.SYMTYPE, "/etc/passwd"), ("b.jpg", tarfile.LNKTYPE, "a.png")]
+        for name, kind, target in [*specials, ("c.fifo", tarfile.FIFOTYPE, "")]:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tar.addfile(link)
+            if name == "a.lnk":
+                info = tarfile.TarInfo("a.png")
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+    a, b, c = iter_samples(str(path))
+    assert (a.key, a.status, a.members) == (
+        "a",
+        "special_member",
+        [Member("a.lnk", b""), Member("a.png", b"x")],
+    )
+    assert a.error == "member 'a.lnk' is a symbolic link to '/etc/passwd'"
+    assert (b.key, b.status, b.error) == ("b", "special_member", "member 'b.jpg' is a hard link to 'a.png'")
+    assert (c.key, c.status, c.error) == (
+        "c",
+        "special_member",
+        "member 'c.fifo' is not a file (tar type b'6')",
+    )
 
 
 def test_gzipped_tar(tmp_path: Path) -> None:

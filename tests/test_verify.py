@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -70,6 +72,29 @@ def test_no_run_json(tmp_path, capsys):
     assert verify_run(tmp_path) == [f"run.json is missing: {tmp_path} is not a finished run"]
     assert main(["verify", str(tmp_path)]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 violation(s) in {tmp_path}"
+
+
+def test_a_shard_named_like_a_temp_file_is_an_output_not_a_leftover(tmp_path, tiny_decoder_dir, tiny_shards):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_shards / "shard-000000.tar", data / "batch.tmp-001.tar")
+    run = score_and_clean(tiny_decoder_dir, data, tmp_path / "run", 0)
+    assert (run / "clean" / "batch.tmp-001.tar").is_file() and verify_run(run) == []
+
+
+def test_verify_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`sanitizer verify RUN | head -1`: no error line and no traceback, the shell's SIGPIPE status."""
+    shards = [{"url": f"/nowhere/s{i}.tar", "stem": f"s{i}"} for i in range(5000)]  # 5000 violations
+    (tmp_path / "run.json").write_text(json.dumps({"identity": {"shards": shards}, "state": "complete"}))
+    verify = subprocess.Popen(
+        [sys.executable, "-m", "sanitizer.cli", "verify", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert verify.stdout.readline().startswith(b"shard s0: has no stats marker")
+    verify.stdout.close()
+    assert verify.wait(timeout=120) == 141
+    assert verify.stderr.read() == b""
 
 
 def test_deleted_manifest_row(run_copy):

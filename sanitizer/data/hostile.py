@@ -237,6 +237,28 @@ def _truncated_expected() -> list[tuple[str, str]]:
     return [("t0", "ok"), ("t1", "ok"), ("t2", "truncated_shard")]
 
 
+def _links_tar() -> bytes:
+    """A shard as `tar` archives deduplicated files: an image stored once, then hard-linked from a
+    second sample; and a sample whose only member is a symbolic link out of the archive."""
+    png, caption = _png(_photo(32, 32, seed=70)), b"a sample whose image is a link"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, target, data in (
+            ("target.png", tarfile.REGTYPE, "", png),
+            ("linked.png", tarfile.LNKTYPE, "target.png", b""),
+            ("linked.txt", tarfile.REGTYPE, "", caption),
+            ("symlink_only.png", tarfile.SYMTYPE, "/etc/passwd", b""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.size = kind, target, len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _links_expected() -> list[tuple[str, str]]:
+    return [("target", "ok"), ("linked", "special_member"), ("symlink_only", "special_member")]
+
+
 @functools.cache
 def _specs() -> dict[str, ShardSpec]:
     """Built once per process; callers must not mutate the result."""
@@ -249,9 +271,13 @@ def _specs() -> dict[str, ShardSpec]:
         "empty": [],
         "zero_bytes": lambda: b"",
         "truncated": _truncated_tar,
+        "links": _links_tar,
         "not_a_tar_random": _not_a_tar_random,
         "not_a_tar_gzip": _not_a_tar_gzip,
     }
+
+
+_RAW_EXPECTED = {"truncated": _truncated_expected, "links": _links_expected}  # shards written as raw bytes
 
 
 def _to_sample(members: list[MemberSpec], index: int) -> Sample:
@@ -295,8 +321,8 @@ def expected_statuses() -> dict[str, list[tuple[str, str]] | None]:
     for name, spec in _specs().items():
         if name in SHARD_ERROR_SHARDS:
             out[name] = None
-        elif name == "truncated":
-            out[name] = _truncated_expected()
+        elif name in _RAW_EXPECTED:
+            out[name] = _RAW_EXPECTED[name]()
         elif callable(spec):
             out[name] = []
         else:

@@ -27,7 +27,8 @@ TAR_ERRORS = "surrogateescape"  # non-UTF-8 member names round-trip byte for byt
 STATUS_OK = "ok"
 STATUS_MEMBER_TOO_LARGE = "member_too_large"
 STATUS_TRUNCATED_SHARD = "truncated_shard"
-INCOMPLETE_STATUSES = frozenset({STATUS_MEMBER_TOO_LARGE, STATUS_TRUNCATED_SHARD})
+STATUS_SPECIAL_MEMBER = "special_member"  # a hard or symbolic link, a device: no bytes of its own
+INCOMPLETE_STATUSES = frozenset({STATUS_MEMBER_TOO_LARGE, STATUS_TRUNCATED_SHARD, STATUS_SPECIAL_MEMBER})
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
 
@@ -157,7 +158,8 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
 
     Raises ``ShardError`` only when no tar header can be read at all. A cut-off shard ends with
     its in-progress sample marked ``truncated_shard``; members larger than ``max_member_bytes``
-    are skipped unread (data ``b""``) and mark their sample ``member_too_large``.
+    are skipped unread (data ``b""``) and mark their sample ``member_too_large``, links and devices
+    ``special_member``. Directory entries are passed over.
     """
     with ExitStack() as stack:
         reader = _CountingReader(_open_raw(url, stack))
@@ -195,8 +197,8 @@ def _group_members(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Samp
             if problem is not None and current is not None:
                 _mark_truncated(current, problem)
             break
-        if not info.isreg():
-            continue
+        if info.isdir():
+            continue  # the archive's structure, not a sample's content
         key, ext = split_key(info.name)
         if current is None or key != current.key or ext in exts:
             if current is not None:
@@ -205,14 +207,10 @@ def _group_members(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Samp
             count += 1
             exts = set()
         exts.add(ext)
-        if info.size > max_member_bytes:
+        if (unread := _unread(info, max_member_bytes)) is not None:
             current.members.append(Member(info.name, b""))
             if current.status == STATUS_OK:
-                current.status = STATUS_MEMBER_TOO_LARGE
-                current.error = one_line(
-                    f"member {printable(info.name)!r} has {info.size} bytes, "
-                    f"more than max_member_bytes={max_member_bytes}"
-                )
+                current.status, current.error = unread[0], one_line(unread[1])
             continue
         try:
             fileobj = tar.extractfile(info)
@@ -224,6 +222,23 @@ def _group_members(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Samp
         current.members.append(Member(info.name, data))
     if current is not None:
         yield current
+
+
+def _unread(info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str, str] | None:
+    """Why a member's bytes are not read, as (status, error) for its sample; None when they are. A
+    link is not followed: its target may be another sample's member, or a file on this machine."""
+    name = printable(info.name)
+    if info.islnk() or info.issym():
+        kind = "hard" if info.islnk() else "symbolic"
+        return STATUS_SPECIAL_MEMBER, f"member {name!r} is a {kind} link to {printable(info.linkname)!r}"
+    if not info.isreg():
+        return STATUS_SPECIAL_MEMBER, f"member {name!r} is not a file (tar type {info.type!r})"
+    if info.size > max_member_bytes:
+        return (
+            STATUS_MEMBER_TOO_LARGE,
+            f"member {name!r} has {info.size} bytes, more than max_member_bytes={max_member_bytes}",
+        )
+    return None
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

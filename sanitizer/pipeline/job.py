@@ -228,15 +228,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
         collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
         score_shards(job, plan, pending, collector, progress)
-        summary = finish(run, plan, collector, started)
-    cleaned_at = (previous or {}).get("threshold") if (previous or {}).get("clean") else None
-    if cleaned_at and cleaned_at.get("value") != summary.threshold:
-        log.warning(
-            "clean/ and quarantine/ were written at threshold %s [%s]; this run flags at %s [%s]: run "
-            "`sanitizer clean %s` again to match them to it", cleaned_at.get("value"), cleaned_at.get("rule"),
-            summary.threshold, summary.threshold_rule, run.root,
-        )  # fmt: skip
-    return summary
+        return finish(run, plan, collector, started, previous or {})
 
 
 def begin(run: RunDir, plan: JobPlan) -> dict | None:
@@ -285,12 +277,15 @@ def score_shards(
     consume(tables, collector, len(pending), progress)
 
 
-def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float) -> Summary:
-    """Thresholds that needed the scored set, the collapse pass, the totals, and the final run.json."""
+def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float, previous: dict) -> Summary:
+    """Thresholds that needed the scored set, the collapse pass, the totals, and the final run.json
+    (which keeps `previous`'s record of clean while the flags it split by still hold)."""
     done = [s.stem for s in plan.shards if run.is_done(s.stem)]
     threshold = plan.threshold
-    if plan.rule.needs_scores:
-        threshold = resolve_threshold(plan.rule, None, ok_scores(run, done))
+    if plan.rule.needs_scores and len(scores := ok_scores(run, done)):
+        threshold = resolve_threshold(plan.rule, None, scores)
+    elif plan.rule.needs_scores:  # the job still finishes: its failed shards and totals are recorded
+        log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
     collapse = apply_flags(run, done, threshold, plan.collapse)
     collapse_rule = plan.config["collapse_rule"]
     thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
@@ -315,9 +310,31 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
                 "shards_done": summary.shards_done,
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
+            **still_clean(run, previous, len(collector.done), threshold, str(plan.rule)),
         )
     )
     return summary
+
+
+def still_clean(run: RunDir, previous: dict, scored: int, threshold: float | None, rule: str) -> dict:
+    """The previous run.json's record of clean, while clean/ and quarantine/ still match the flags: a
+    re-run that scored no shard and flags at the same threshold changed none. Otherwise it is dropped,
+    with a warning to clean again."""
+    clean, cleaned_at = previous.get("clean"), previous.get("threshold") or {}
+    if not clean:
+        return {}
+    if not scored and cleaned_at.get("value") == threshold:
+        return {"clean": clean}
+    why = (
+        f"this run scored {scored} more shard(s)"
+        if scored
+        else f"they were split at threshold {cleaned_at.get('value')} [{cleaned_at.get('rule')}], "
+        f"this run flags at {threshold} [{rule}]"
+    )
+    log.warning(
+        "clean/ and quarantine/ no longer match the flags: %s; run `sanitizer clean %s` again", why, run.root
+    )
+    return {}
 
 
 def batch_shape(job: ScoreJob, device, image_size: int) -> tuple[int, int]:
