@@ -8,7 +8,6 @@ the manifest (keys, image hashes), so a shard changed since scoring is refused, 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from sanitizer.atomic import write_json_atomic
 from sanitizer.checkpoint import read_meta
 from sanitizer.data.decode import find_image_member
 from sanitizer.data.shards import ShardRef
-from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable
+from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable, sha256_hex
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
@@ -62,7 +61,7 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
                 if status[i] != "ok":
                     continue
                 image = find_image_member(sample)
-                if image is None or _sha256(image[1]) != digests[i]:
+                if image is None or sha256_hex(image[1]) != digests[i]:
                     raise UsageError(
                         f"{shard.url} changed since it was scored (image of {keys[i]!r} differs)"
                     )
@@ -76,15 +75,11 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
     return clean.count, quarantine.count
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
     run, info, shards = open_run(run_dir)
     with run.lock():
         run.remove_stale_temps()
-        done = [s.stem for s in shards if run.is_done(s.stem)]
+        done = run.done(shards)
         if threshold is not None:
             rule = parse_rule(threshold)
             info["threshold"] = {"rule": str(rule), "value": resolve_rule(rule, run, info, done)}

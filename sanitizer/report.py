@@ -174,7 +174,7 @@ def encoder_verdict(run_dir: Path) -> dict:
 
 def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None) -> float | None:
     """Share of the finished shards' ok scores above the calibration's median (None without both)."""
-    stems = [s.stem for s in shards if run.is_done(s.stem)]
+    stems = run.done(shards)
     if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
         return None
     above = total = 0
@@ -1248,7 +1248,7 @@ def write_report(run_dir: Path) -> Path:
     run, info, shards = open_run(run_dir)
     out = run.root / "report"
     with run.lock():
-        done = [s.stem for s in shards if run.is_done(s.stem)]
+        done = run.done(shards)
         if not done:
             raise UsageError(f"{run_dir} has no finished shard to report on; run `sanitizer score` first")
         out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,10 @@ class RunDir:
     def is_done(self, stem: str) -> bool:
         return self.stats(stem).is_file()
 
+    def done(self, shards: list[ShardRef]) -> list[str]:
+        """The stems of the finished shards, in input order: what every step after scoring reads."""
+        return [s.stem for s in shards if self.is_done(s.stem)]
+
     def read_run(self) -> dict | None:
         """run.json, None before the first run; a file that is not a JSON object is a usage error."""
         if not self.run_json.is_file():

@@ -35,6 +35,7 @@ from sanitizer.data.tario import (
     describe,
     iter_samples,
     printable,
+    sha256_hex,
     split_key,
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
@@ -53,10 +54,6 @@ def q(text: str, limit: int = 80) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return repr(text)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -264,7 +261,7 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
             report.add(f"{where}: status ok with an error message", stem)
     image = find_image_member(sample)
     if (status == STATUS_OK or row["sha256"] is not None) and (
-        image is None or row["sha256"] != _sha256(image[1])
+        image is None or row["sha256"] != sha256_hex(image[1])
     ):
         report.add(f"{where}: sha256 does not match the input's image member", stem)
     if status != STATUS_OK:
@@ -317,7 +314,7 @@ def _check_shard(
             i, n = sample.index, sample.index + 1
             key = printable(sample.key)
             row = by_index.get(i)
-            members = [(m.name, _sha256(m.data)) for m in sample.members] if cleaned else []
+            members = [(m.name, sha256_hex(m.data)) for m in sample.members] if cleaned else []
             if row is None or row["key"] != key:
                 mismatch = "has no manifest row" if row is None else f"but row {i} has key {q(row['key'])}"
                 report.add(f"input sample {i} key {q(key)} {mismatch}", stem)
@@ -499,7 +496,7 @@ def verify_run(run_dir: Path) -> list[str]:
     results: dict[str, _ShardResult] = {}
     for shard in shards:
         stem = shard.stem
-        done = run.stats(stem).is_file()
+        done = run.is_done(stem)
         if stem in failed:
             if done:
                 report.add("listed as failed in run.json but has a stats marker", stem)
@@ -524,7 +521,7 @@ def verify_run(run_dir: Path) -> list[str]:
     if not failed and info.get("state") == "incomplete":
         report.add("run.json state is 'incomplete' but lists no failed shard")
     _check_totals(info, shards, results, report)
-    done = {s.stem for s in shards if s.stem not in failed and run.stats(s.stem).is_file()}
+    done = set(run.done(shards)) - set(failed)
     _check_files(run, known, done, cleaned, report)
     if cleaned:
         kept = {stem: r.kept for stem, r in results.items()}

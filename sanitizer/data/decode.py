@@ -8,7 +8,6 @@ Status strings are part of the manifest contract (users filter on them):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sanitizer.data.tario import STATUS_OK, Sample, describe, one_line, split_key
+from sanitizer.data.tario import STATUS_OK, Sample, describe, one_line, sha256_hex, split_key
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 TEXT_EXTS = ("txt", "caption", "text")
@@ -150,7 +149,7 @@ def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> Dec
     name, data = found
     if not data:
         return _failed(STATUS_EMPTY_IMAGE, f"image member {name!r} has 0 bytes")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_hex(data)
     return _decode_bytes(data, size, max_pixels, digest)
 
 

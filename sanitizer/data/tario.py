@@ -7,6 +7,7 @@ only a shard that cannot be read at all raises ``ShardError``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import tarfile
@@ -66,6 +67,11 @@ class Sample:
         for member in self.members:
             out.setdefault(split_key(member.name)[1], member.data)
         return out
+
+
+def sha256_hex(data: bytes) -> str:
+    """How member bytes are identified: the manifest's image digest, and outputs against inputs."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def one_line(text: str, limit: int = _MAX_ERROR_CHARS) -> str:

@@ -280,7 +280,7 @@ def score_shards(
 def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float, previous: dict) -> Summary:
     """Thresholds that needed the scored set, the collapse pass, the totals, and the final run.json
     (which keeps `previous`'s record of clean while the flags it split by still hold)."""
-    done = [s.stem for s in plan.shards if run.is_done(s.stem)]
+    done = run.done(plan.shards)
     threshold = plan.threshold
     if plan.rule.needs_scores and len(scores := ok_scores(run, done)):
         threshold = resolve_threshold(plan.rule, None, scores)
@@ -556,7 +556,7 @@ def summarize(
 ) -> Summary:
     """Totals over the finished shards' stats; `thresholds` gives the Summary's threshold fields."""
     statuses: Counter = Counter()
-    done = [s.stem for s in shards if run.is_done(s.stem)]
+    done = run.done(shards)
     for stem in done:
         statuses.update(run.read_stats(stem)["status_counts"])
     failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if not run.is_done(s.stem)}
