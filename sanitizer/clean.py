@@ -100,9 +100,8 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
                 n_clean, n_quarantine = split_shard(run, shard)
                 sizes[shard.stem] = n_clean
                 kept, quarantined = kept + n_clean, quarantined + n_quarantine
-        write_json_atomic(run.sizes_json, {f"clean/{stem}.tar": n for stem, n in sizes.items()})
-        # open_clip looks for sizes.json beside the shards, keyed by file name.
-        write_json_atomic(run.root / "clean" / "sizes.json", {f"{stem}.tar": n for stem, n in sizes.items()})
+        for path, content in run.sizes(sizes).items():
+            write_json_atomic(path, content)
         info["clean"] = {"kept": kept, "quarantined": quarantined, "shards": len(sizes)}
         run.write_run(info)
     skipped = [s.stem for s in shards if s.stem not in done]

@@ -35,6 +35,10 @@ class RunDir:
     def sizes_json(self) -> Path:
         return self.root / "sizes.json"
 
+    @property
+    def clean_sizes_json(self) -> Path:
+        return self.root / "clean" / "sizes.json"
+
     def manifest(self, stem: str) -> Path:
         return self.root / "manifest" / f"{stem}.parquet"
 
@@ -46,6 +50,16 @@ class RunDir:
 
     def quarantine(self, stem: str) -> Path:
         return self.root / "quarantine" / f"{stem}.tar"
+
+    def sizes(self, kept: dict[str, int]) -> dict[Path, dict[str, int]]:
+        """The two sizes.json files for clean tars holding `kept` samples by stem: RUN_DIR's, keyed by
+        path in RUN_DIR, and clean/'s, keyed by file name, where open_clip looks for it."""
+        return {
+            self.sizes_json: {
+                self.clean(stem).relative_to(self.root).as_posix(): n for stem, n in kept.items()
+            },
+            self.clean_sizes_json: {self.clean(stem).name: n for stem, n in kept.items()},
+        }
 
     def is_done(self, stem: str) -> bool:
         return self.stats(stem).is_file()
@@ -136,12 +150,13 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
         raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
     try:
         check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS)
-        return run, info, [_shard(entry) for entry in info["identity"]["shards"]]
+        return run, info, [shard_entry(entry) for entry in info["identity"]["shards"]]
     except RecordError as e:
         raise _damaged(run.run_json, str(e)) from None
 
 
-def _shard(entry: object) -> ShardRef:
+def shard_entry(entry: object) -> ShardRef:
+    """One input shard as run.json's identity.shards records it; a RecordError if it is not one."""
     if not isinstance(entry, dict) or set(entry) != {"url", "stem"} or not isinstance(entry["stem"], str):
         raise RecordError(f"identity.shards holds {entry!r}, not a url and a stem")
     if SAFE_STEM.match(entry["stem"]) is None:

@@ -41,7 +41,7 @@ from sanitizer.data.tario import (
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
 from sanitizer.pipeline.collect import flag_counts
 from sanitizer.records import RecordError, check_fields, lookup
-from sanitizer.rundir import OPTIONAL_RUN_FIELDS, SAFE_STEM, RunDir
+from sanitizer.rundir import OPTIONAL_RUN_FIELDS, RunDir, shard_entry
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
@@ -373,31 +373,31 @@ def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Re
 
 
 def _parse_shards(info: dict, report: _Report) -> list[ShardRef] | None:
-    try:
-        shards = [ShardRef(url=str(s["url"]), stem=str(s["stem"])) for s in info["identity"]["shards"]]
-    except (KeyError, TypeError) as e:
-        report.add(f"run.json: identity.shards is malformed ({describe(e)})")
+    """run.json's input shards, each checked as clean and report check it; those that are not
+    (a stem that would name a file outside RUN_DIR among them) are reported and never followed."""
+    entries = lookup(info, "identity.shards")
+    if not isinstance(entries, list):
+        report.add("run.json: identity.shards is missing or not a list")
         return None
-    safe = []
-    for shard in shards:
-        if SAFE_STEM.match(shard.stem) is None:  # a stem names files: never follow one that escapes
-            report.add(f"run.json: shard stem {q(shard.stem)} is not a safe file name")
-        else:
-            safe.append(shard)
-    stems = Counter(s.stem for s in shards)
-    for stem, count in stems.items():
+    shards = []
+    for entry in entries:
+        try:
+            shards.append(shard_entry(entry))
+        except RecordError as e:
+            report.add(f"run.json: {e}")
+    for stem, count in Counter(s.stem for s in shards).items():
         if count > 1:
             report.add(f"run.json: shard stem {q(stem)} appears {count} times")
-    return safe
+    return shards
 
 
 def _check_files(run: RunDir, stems: set[str], done: set[str], cleaned: bool, report: _Report) -> None:
     """Files under RUN_DIR that no shard accounts for, and temp files left by a killed writer."""
     expected = {
-        "manifest": {f"{s}.parquet" for s in stems},
-        "stats": {f"{s}_stats.json" for s in stems},
-        "clean": {f"{s}.tar" for s in done} | {"sizes.json"},
-        "quarantine": {f"{s}.tar" for s in done},
+        "manifest": {run.manifest(s).name for s in stems},
+        "stats": {run.stats(s).name for s in stems},
+        "clean": {run.clean(s).name for s in done} | {run.clean_sizes_json.name},
+        "quarantine": {run.quarantine(s).name for s in done},
     }
     for sub, names in expected.items():
         directory = run.root / sub
@@ -420,15 +420,14 @@ def _check_files(run: RunDir, stems: set[str], done: set[str], cleaned: bool, re
 def _check_sizes(run: RunDir, kept: dict[str, int], unchecked: set[str], report: _Report) -> None:
     """sizes.json against the samples found in each clean tar; shards whose manifest could not be
     checked (already reported) are passed over."""
-    for path, prefix in ((run.sizes_json, "clean/"), (run.root / "clean" / "sizes.json", "")):
+    skipped = run.sizes(dict.fromkeys(unchecked, 0))
+    for path, expected in run.sizes(kept).items():
         name = path.relative_to(run.root).as_posix()
         sizes, problem = _read_json(path)
         if not isinstance(sizes, dict):
             report.add(f"{name} is {problem or 'not a JSON object'}")
             continue
-        expected = {f"{prefix}{stem}.tar": n for stem, n in kept.items()}
-        skip = {f"{prefix}{stem}.tar" for stem in unchecked}
-        for tar in sorted((set(sizes) | set(expected)) - skip):
+        for tar in sorted((set(sizes) | set(expected)) - set(skipped[path])):
             got, want = sizes.get(tar), expected.get(tar)
             if want is None:
                 report.add(f"{name}: {q(tar)} is not a clean tar of this run")
@@ -475,63 +474,75 @@ def verify_run(run_dir: Path) -> list[str]:
     shards = _parse_shards(info, report)
     if shards is None:
         return report.finish()
-    if info.get("state") not in ("complete", "incomplete"):
-        report.add(f"run.json state is {info.get('state')!r}: the job did not finish")
+    failed = _check_state(info, {s.stem for s in shards}, report)
+    results = _check_shards(run, info, shards, failed, report)
+    _check_totals(info, shards, results, report)
+    done = set(run.done(shards)) - set(failed)
+    cleaned = (run.root / "clean").is_dir()
+    _check_files(run, {s.stem for s in shards}, done, cleaned, report)
+    if cleaned:
+        _check_clean_record(run, info, results, done - set(results), report)
+    return report.finish()
+
+
+def _check_state(info: dict, known: set[str], report: _Report) -> dict[str, str]:
+    """run.json's state, failed shards and field types; returns the failed shards' errors by stem."""
     failed: dict[str, str] = {}
     for entry in info.get("failed_shards") or []:
         if isinstance(entry, dict) and isinstance(entry.get("stem"), str):
             failed[entry["stem"]] = str(entry.get("error"))
         else:
             report.add(f"run.json: malformed failed_shards entry {entry!r}")
-    known = {s.stem for s in shards}
     for stem in sorted(set(failed) - known):
         report.add(f"run.json lists failed shard {q(stem)}, which is not an input of this run")
+    state = info.get("state")
+    if state not in ("complete", "incomplete"):
+        report.add(f"run.json state is {state!r}: the job did not finish")
+    elif failed and state == "complete":
+        report.add("run.json state is 'complete' but lists failed shards")
+    elif not failed and state == "incomplete":
+        report.add("run.json state is 'incomplete' but lists no failed shard")
     try:
         check_fields(info, {}, OPTIONAL_RUN_FIELDS)
     except RecordError as e:
         report.add(f"run.json: {e}")
+    return failed
+
+
+def _check_shards(
+    run: RunDir, info: dict, shards: list[ShardRef], failed: dict[str, str], report: _Report
+) -> dict[str, _ShardResult]:
+    """Each finished shard against its input and its stats marker; the others against run.json."""
     threshold = lookup(info, "threshold.value")
     threshold = float(threshold) if isinstance(threshold, int | float) else None
     cleaned = (run.root / "clean").is_dir()
     results: dict[str, _ShardResult] = {}
     for shard in shards:
-        stem = shard.stem
-        done = run.is_done(stem)
-        if stem in failed:
-            if done:
-                report.add("listed as failed in run.json but has a stats marker", stem)
-            elif run.manifest(stem).exists():
-                report.add("listed as failed in run.json but has a manifest", stem)
-            continue
-        if not done:
-            has_manifest = run.manifest(stem).exists()
-            report.add(
-                "has no stats marker "
-                + ("(manifest present) " if has_manifest else "and no manifest ")
-                + "and is not listed as failed in run.json",
-                stem,
-            )
-            continue
-        result = _check_shard(run, shard, threshold, cleaned, report)
-        if result is not None:
+        stem, done, has_manifest = shard.stem, run.is_done(shard.stem), run.manifest(shard.stem).exists()
+        if stem in failed and (done or has_manifest):
+            marker = "a stats marker" if done else "a manifest"
+            report.add(f"listed as failed in run.json but has {marker}", stem)
+        elif stem not in failed and not done:
+            found = "(manifest present) " if has_manifest else "and no manifest "
+            report.add(f"has no stats marker {found}and is not listed as failed in run.json", stem)
+        elif done and (result := _check_shard(run, shard, threshold, cleaned, report)) is not None:
             _check_stats(run, shard, result, report)
             results[stem] = result
-    if failed and info.get("state") == "complete":
-        report.add("run.json state is 'complete' but lists failed shards")
-    if not failed and info.get("state") == "incomplete":
-        report.add("run.json state is 'incomplete' but lists no failed shard")
-    _check_totals(info, shards, results, report)
-    done = set(run.done(shards)) - set(failed)
-    _check_files(run, known, done, cleaned, report)
-    if cleaned:
-        kept = {stem: r.kept for stem, r in results.items()}
-        _check_sizes(run, kept, done - set(results), report)
-        summary = info.get("clean")
-        expected = {
-            "kept": sum(kept.values()),
-            "quarantined": sum(r.quarantined for r in results.values()),
-            "shards": len(results),
-        }
-        if summary != expected:
-            report.add(f"run.json clean is {summary!r}, the clean and quarantine tars hold {expected!r}")
-    return report.finish()
+    return results
+
+
+def _check_clean_record(
+    run: RunDir, info: dict, results: dict[str, _ShardResult], unchecked: set[str], report: _Report
+) -> None:
+    """sizes.json and run.json's clean record against what the clean and quarantine tars hold."""
+    kept = {stem: r.kept for stem, r in results.items()}
+    _check_sizes(run, kept, unchecked, report)
+    expected = {
+        "kept": sum(kept.values()),
+        "quarantined": sum(r.quarantined for r in results.values()),
+        "shards": len(results),
+    }
+    if info.get("clean") != expected:
+        report.add(
+            f"run.json clean is {info.get('clean')!r}, the clean and quarantine tars hold {expected!r}"
+        )

@@ -97,6 +97,15 @@ def test_verify_into_a_closed_pipe_stops_quietly(tmp_path):
     assert verify.stderr.read() == b""
 
 
+def test_a_shard_stem_leaving_run_dir_is_reported_and_never_followed(run_copy):
+    info = json.loads((run_copy / "run.json").read_text())
+    info["identity"]["shards"][0]["stem"] = "../../outside"
+    (run_copy / "run.json").write_text(json.dumps(info))
+    violations = verify_run(run_copy)
+    assert violations[0] == "run.json: shard stem '../../outside' is not a safe file name"
+    assert not (run_copy.parent.parent / "outside_stats.json").exists()
+
+
 def test_deleted_manifest_row(run_copy):
     path = run_copy / "manifest" / "shard-000001.parquet"
     table = read_manifest(path)

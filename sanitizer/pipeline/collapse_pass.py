@@ -41,6 +41,7 @@ class OkRows:
     """One shard's ok rows as the pass reads them."""
 
     stem: str
+    count: int  # rows in the shard's manifest, ok or not
     positions: np.ndarray  # row positions in the shard's manifest
     sketches: np.ndarray  # (n, SKETCH_DIM) float32
     thumbnails: np.ndarray  # (n, THUMBNAIL_SIDE**2) uint8
@@ -58,6 +59,7 @@ def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
         thumbnails = b"".join(rows.column("thumbnail").to_pylist())  # an ok row always has one
         yield OkRows(
             stem,
+            table.num_rows,
             ok,
             sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
             np.frombuffer(thumbnails, np.uint8).reshape(len(ok), THUMBNAIL_SIDE**2),
@@ -181,7 +183,7 @@ def collapse_columns(
     values: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
     for rows in ok_rows(run, stems):
-        values[rows.stem] = np.full(run.read_stats(rows.stem)["count"], np.nan, np.float32)
+        values[rows.stem] = np.full(rows.count, np.nan, np.float32)
         values[rows.stem][rows.positions] = reference.similarity(rows.sketches, rows.thumbnails)
         scores[rows.stem] = np.full(len(values[rows.stem]), np.nan, np.float32)  # 8 bytes a row in all
         scores[rows.stem][rows.positions] = rows.scores
