@@ -52,7 +52,7 @@ from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
 from sanitizer.model import DedeConfig, DedeDecoder
-from sanitizer.pipeline.job import ScoreJob, default_workers, ensure_ray, run_score_job
+from sanitizer.pipeline.job import ScoreJob, ensure_ray, local_workers, run_score_job
 from sanitizer.scoring import Scorer, ScoreSettings
 from sanitizer.train import TrainSettings, train_epoch
 
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     n, per_shard, n_train = DEFAULT_SIZES[(args.profile, device.type)]
     n, per_shard, n_train = args.samples or n, args.per_shard or per_shard, args.train_samples or n_train
-    defaults = default_workers(device, torch.cuda.device_count())
+    defaults = local_workers(device)
     if args.model_only:
         workers = []
     elif args.workers:

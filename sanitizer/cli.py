@@ -172,7 +172,10 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        help="scoring actors (default: one per GPU; on CPU one per core, up to 8); 0 = no Ray",
+        help=(
+            "scoring actors (default: one per GPU; on CPU one per core, up to 8, or per CPU of a cluster "
+            "joined); 0 = no Ray"
+        ),
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--encoder-weights", help="where the encoder weights are now, if moved since training")

@@ -339,41 +339,46 @@ def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(
     assert "Traceback" not in err and not (tmp_path / "r" / "manifest").exists()
 
 
+LOCAL_CPU_WORKERS = min(8, os.cpu_count())
+
+
 @pytest.mark.parametrize(
     ("device", "address", "cluster", "expected"),
     [
-        ("auto", "ray://head:10001", 4, ("cuda", 4)),  # a GPU-less head: the cluster's GPUs
-        ("cuda", "ray://head:10001", 2, ("cuda", 2)),
-        ("auto", "ray://head:10001", 0, ("cpu", 0)),
-        ("cpu", "ray://head:10001", 4, ("cpu", 0)),  # asked for: never asks the cluster
-        ("auto", "local", 4, ("cpu", 0)),  # a Ray started here has this machine's devices
-        ("auto", None, 4, ("cpu", 0)),
+        (
+            "auto",
+            "ray://head:10001",
+            {"GPU": 4.0, "CPU": 64.0},
+            ("cuda", 4),
+        ),  # a GPU-less head: the cluster's
+        ("cuda", "ray://head:10001", {"GPU": 2.0, "CPU": 8.0}, ("cuda", 2)),
+        ("auto", "ray://head:10001", {"CPU": 48.0}, ("cpu", 48)),  # a CPU cluster: an actor per CPU
+        ("cpu", "ray://head:10001", {"GPU": 4.0}, ("cpu", LOCAL_CPU_WORKERS)),  # asked for: never asks
+        ("auto", "local", {"GPU": 4.0}, ("cpu", LOCAL_CPU_WORKERS)),  # a Ray started here: this machine
+        ("auto", None, {"GPU": 4.0}, ("cpu", LOCAL_CPU_WORKERS)),
     ],
 )
-def test_a_job_that_joins_a_cluster_scores_on_the_clusters_gpus(
+def test_a_job_that_joins_a_cluster_fills_the_clusters_devices(
     monkeypatch, tmp_path, device, address, cluster, expected
 ):
     import sanitizer.pipeline.job as job_module
 
     asked = []
-    monkeypatch.setattr(job_module, "cluster_gpus", lambda at: asked.append(at) or cluster)
+    monkeypatch.setattr(job_module, "cluster_resources", lambda at: asked.append(at) or cluster)
     monkeypatch.setattr(job_module.torch.cuda, "is_available", lambda: False)  # as on this CI machine
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     job = ScoreJob(
         decoder_dir=tmp_path, data="x.tar", out=tmp_path / "run", device=device, ray_address=address
     )
-    placed, gpus = job_module.scoring_device(job)
-    assert (placed.type, gpus) == expected
+    placed, workers = job_module.scoring_device(job)
+    assert (placed.type, workers) == expected
     assert asked == ([address] if address not in (None, "local") and device != "cpu" else [])
-    assert job_module.default_workers(placed, gpus) == (
-        gpus if placed.type == "cuda" else min(8, os.cpu_count())
-    )
 
 
 def test_cuda_on_a_cluster_without_gpus_is_one_usage_error(monkeypatch, tmp_path):
     import sanitizer.pipeline.job as job_module
 
-    monkeypatch.setattr(job_module, "cluster_gpus", lambda at: 0)
+    monkeypatch.setattr(job_module, "cluster_resources", lambda at: {"CPU": 16.0})
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` sets it
     job = ScoreJob(decoder_dir=tmp_path, data="x.tar", out=tmp_path / "run", device="cuda")
     with pytest.raises(

@@ -188,8 +188,8 @@ def plan_job(job: ScoreJob) -> JobPlan:
         else (collapse_rule, holdout_for(collapse_rule, Path(job.decoder_dir), meta, settings))
     )
     shards = expand_shards(job.data)
-    device, gpus = scoring_device(job)
-    workers = job.workers if job.workers is not None else default_workers(device, gpus)
+    device, fill = scoring_device(job)
+    workers = job.workers if job.workers is not None else fill
     micro_batch, batch_size = batch_shape(job, device, meta["encoder"]["preprocess"]["image_size"])
     identity = {
         "decoder_sha256": meta["decoder_sha256"],
@@ -351,35 +351,37 @@ def batch_shape(job: ScoreJob, device, image_size: int) -> tuple[int, int]:
 
 
 def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
-    """Where the scoring runs, and how many GPUs there are there. This machine's device, but for a job
-    that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job submit` sets it): its driver
-    runs on the head node, which often has no GPU, so `auto` and `cuda` mean the cluster's GPUs."""
+    """Where the scoring runs, and how many scoring actors fill it (the default --workers). This
+    machine's device, but for a job that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job
+    submit` sets it): its driver runs on the head node, which often has no GPU, so `auto` and `cuda`
+    mean the cluster's GPUs, and a cluster without GPUs is filled with one single-CPU actor per CPU."""
     address = job.ray_address or os.environ.get("RAY_ADDRESS")
     if job.workers == 0 or job.device == "cpu" or address in (None, "", "local"):
         device = resolve_device(job.device)
-        return device, torch.cuda.device_count() if device.type == "cuda" else 0
-    gpus = cluster_gpus(address)
-    if gpus:
-        return torch.device("cuda"), gpus
+        return device, local_workers(device)
+    resources = cluster_resources(address)
+    if resources.get("GPU", 0) >= 1:
+        return torch.device("cuda"), int(resources["GPU"])
     if job.device == "cuda":
         raise UsageError(f"--device cuda was asked for, but the Ray cluster at {address} has no GPUs")
-    return torch.device("cpu"), 0
+    return torch.device("cpu"), max(1, int(resources.get("CPU", 1)))
 
 
-def cluster_gpus(address: str) -> int:
+def cluster_resources(address: str) -> dict[str, float]:
     import ray
 
     ensure_ray(address)
-    return int(ray.cluster_resources().get("GPU", 0))
+    return ray.cluster_resources()
 
 
-def default_workers(device: torch.device, gpus: int) -> int:
-    """One actor per GPU; on the CPU one single-threaded actor per CPU, up to 8 (then threads).
+def local_workers(device: torch.device) -> int:
+    """Actors that fill this machine: one per GPU; on the CPU one single-threaded actor per CPU, up
+    to 8 (then threads).
 
     Measured on 2 CPUs (bench/results/throughput-log.md): two 1-thread actors score 1.4-1.7x faster
     than one 2-thread actor, at ~650 MB more memory.
     """
-    return gpus if device.type == "cuda" else min(8, os.cpu_count() or 1)
+    return torch.cuda.device_count() if device.type == "cuda" else min(8, os.cpu_count() or 1)
 
 
 def local_tables(
