@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sanitizer.cli import EXIT_OK, EXIT_USAGE
+from sanitizer.cli import EXIT_OK, EXIT_USAGE, build_parser
 from sanitizer.cli import main as sanitizer
 
 
@@ -32,6 +32,8 @@ def options(mapping: dict) -> list[str]:
     for key, value in mapping.items():
         if not isinstance(key, str) or isinstance(value, list | dict):
             raise ConfigError(f"option {key!r}: {value!r} is not a name and a single value")
+        if key in ("help", "h"):  # would print a help page and exit 0, the job not run
+            raise ConfigError(f"`{key}` is not an option a job can take")
         flag = f"--{key.replace('_', '-')}"
         if value is True:
             argv.append(flag)
@@ -61,14 +63,26 @@ def score_options(config: object) -> tuple[list[str], str]:
     return options(score), str(score["out"])
 
 
-def run(config: object) -> int:
+def steps(config: object) -> list[list[str]]:
+    """The command lines the config runs, in order, each checked for options its command does not
+    take: a typo in `clean` is found before hours of scoring."""
     score, out = score_options(config)
-    clean, report = step_options(config, "clean"), step_options(config, "report")
-    code = sanitizer(["score", *score])
-    if code == EXIT_OK and clean is not None:
-        code = sanitizer(["clean", out, *clean])
-    if code == EXIT_OK and report is not None:
-        code = sanitizer(["report", out, *report])
+    argvs = [["score", *score]]
+    for step in ("clean", "report"):
+        if (argv := step_options(config, step)) is not None:
+            argvs.append([step, out, *argv])
+    for argv in argvs:
+        _, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            raise ConfigError(f"`{argv[0]}` has no option {unknown[0]!r}")
+    return argvs
+
+
+def run(config: object) -> int:
+    code = EXIT_OK
+    for argv in steps(config):
+        if code == EXIT_OK:
+            code = sanitizer(argv)
     return code
 
 

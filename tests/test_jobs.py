@@ -59,6 +59,12 @@ def test_a_step_runs_unless_switched_off_and_an_empty_mapping_runs_it_with_defau
         ("score: {decoder: d, data: x.tar}\n", "needs a `score` mapping with at least `out`"),
         ("score: {out: r}\nclean: 3\n", "`clean` must be true, false or a mapping of options, not 3"),
         ("score: [unclosed\n", "while parsing"),
+        ("score: {out: r, help: true}\n", "`help` is not an option a job can take"),
+        (
+            "score: {out: r, decoder: d, data: x.tar}\nclean: {treshold: 'mad:4'}\n",
+            "`clean` has no option '--treshold'",
+        ),
+        ("score: {out: r, decoder: d, data: x.tar, bogus: 1}\n", "`score` has no option '--bogus'"),
     ],
 )
 def test_a_config_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, text, message):
