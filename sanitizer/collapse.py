@@ -257,14 +257,23 @@ class HeldOut:
         return collapse_needed(tail_p(scores, self.scores), self.collapse, limit)
 
 
+def above_median_text(share: float, what: str, median: str) -> str:
+    """The share of `what` above `median`, with what it is on clean data and how far a backdoor can
+    take it: a triggered share t moves at most t of it (0.5 + t/2), so past SHIFT_LIMIT the data is
+    unlike the decoder's. The collapse pass says it of the evidence, the report's verdict of the scores."""
+    return (
+        f"{share:.0%} of {what} above {median} (about 50% on clean data like the decoder's held-out "
+        f"images; {SHIFT_LIMIT:.0%} only if {2 * SHIFT_LIMIT - 1:.0%} of this data were triggered)"
+    )
+
+
 def unlike_holdout(share: float | None) -> str | None:
     """What to tell the user when a share of the run's evidence above the held-out images' median is
-    more than a backdoor explains: a triggered share t moves at most t of it (0.5 + t/2), as it does the
-    scores (SHIFT_LIMIT). None when it is not."""
+    more than a backdoor explains (SHIFT_LIMIT). None when it is not."""
     if share is None or share <= SHIFT_LIMIT:
         return None
     return (
-        f"{share:.0%} of the run's evidence is above the held-out images' median (about 50% on data like "
-        "them): the decoder's held-out images are unlike this data, so the collapse pass flags far more "
-        "than its rule says; score with a decoder trained on data like it"
+        above_median_text(share, "the run's evidence is", "the held-out images' median")
+        + ": the decoder's held-out images are unlike this data, so the collapse pass flags far more than "
+        "its rule says; score with a decoder trained on data like it"
     )

@@ -213,29 +213,29 @@ def test_report_of_a_run_that_flags_nothing_renders(tmp_path, tiny_decoder_dir, 
 
 def test_image_sample_is_bounded(labelled_run, monkeypatch):
     """However big the run, only SAMPLE_PER_GROUP rows per group, from MAX_SHARDS_READ shards."""
-    from sanitizer import report
+    from sanitizer.report import scan as report_scan
     from sanitizer.rundir import RunDir
 
-    monkeypatch.setattr(report, "SAMPLE_PER_GROUP", 3)
-    monkeypatch.setattr(report, "MAX_SHARDS_READ", 1)
+    monkeypatch.setattr(report_scan, "SAMPLE_PER_GROUP", 3)
+    monkeypatch.setattr(report_scan, "MAX_SHARDS_READ", 1)
     run = RunDir(labelled_run)
     stems = sorted(p.stem for p in (labelled_run / "manifest").glob("*.parquet"))
-    scan = report.scan_run(run, stems)
-    flagged, clean = report.sample_rows(run, scan)
+    scan = report_scan.scan_run(run, stems)
+    flagged, clean = report_scan.sample_rows(run, scan)
     assert 0 < len(clean) <= 3 and len(flagged) <= 3
     assert len({p.stem for p in flagged + clean}) == 1
     assert all(p.flagged for p in flagged) and not any(p.flagged for p in clean)
-    assert len(scan.top) <= report.GRID_ROWS and scan.top == sorted(scan.top, reverse=True)
+    assert len(scan.top) <= report_scan.GRID_ROWS and scan.top == sorted(scan.top, reverse=True)
 
 
 def test_the_shard_plot_counts_the_score_tests_flags_the_expected_rate_is_for(labelled_run):
     """The dashed line is the score test's clean-data rate: each shard's bar counts that test's flags,
     which add up to what the verdict tests, not every flag (the collapse pass's come on top)."""
-    from sanitizer import report
+    from sanitizer.report.scan import scan_run
     from sanitizer.rundir import RunDir
 
     stems = sorted(p.stem for p in (labelled_run / "manifest").glob("*.parquet"))
-    scan = report.scan_run(RunDir(labelled_run), stems)
+    scan = scan_run(RunDir(labelled_run), stems)
     for line in scan.shards:
         reasons = read_manifest(labelled_run / "manifest" / f"{line.stem}.parquet").column("flag_reason")
         assert line.by_score == sum(r in ("score", "score+collapse") for r in reasons.to_pylist())

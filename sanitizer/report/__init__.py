@@ -1,0 +1,142 @@
+"""`sanitizer report RUN_DIR`: one HTML page that shows a person what was removed and why.
+
+RUN_DIR/report/index.html plus PNG files beside it, nothing fetched from elsewhere: the score
+histogram against the threshold and the decoder's calibration, the flag rate per shard, the most
+flagged samples next to typical clean ones (what the decoder saw, what it rebuilt, the original), where
+in the image the reconstruction fails (a patch trigger shows up as a bright square), the embeddings in
+two dimensions, the ROC curve when the shards carry ground truth, an encoder-level verdict, and,
+after the collapse pass, the groups of samples that pass flagged, side by side.
+
+Memory and time stay bounded whatever the run's size: manifests are read one shard and a few columns
+at a time, and only a bounded sample of images is read again and run through the encoder and decoder
+(the typical ones from at most MAX_SHARDS_READ shards, the most flagged and the collapse groups' from
+the shards they are in).
+
+This module puts the page together (write_report); the parts, in the order it uses them:
+  verdict  the encoder-level verdict (encoder_verdict, also `sanitizer score`'s last line)
+  scan     what the page needs from the manifests: counts, histograms, samples, collapse groups
+  views    the sampled images read again and rebuilt with the run's encoder and decoder
+  figures  the PNG plots
+  page     the sections' HTML (SECTIONS: their ids and headings, in order) and the page around them
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sanitizer.atomic import atomic_path, remove_stale_temps
+from sanitizer.data.shards import ShardRef
+from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.report.figures import pca_2d
+from sanitizer.report.page import (
+    SECTIONS,
+    Section,
+    clusters_section,
+    embeddings_section,
+    joint_section,
+    localisation_section,
+    note,
+    render_page,
+    roc_section,
+    samples_section,
+    scores_section,
+    shards_section,
+    summary_section,
+    verdict_section,
+)
+from sanitizer.report.scan import (
+    GRID_ROWS,
+    SEED,
+    RunScan,
+    collapse_clusters,
+    histograms,
+    joint_points,
+    sample_rows,
+    scan_run,
+)
+from sanitizer.report.verdict import (
+    ALPHA,
+    decoder_calibration,
+    encoder_verdict,
+    expected_flag_rate,
+    flag_count_p_value,
+    run_threshold,
+    run_verdict,
+    share_above_median,
+)
+from sanitizer.report.views import load_scorer, read_images, render_views, typical
+from sanitizer.rundir import RunDir, open_run
+
+__all__ = [
+    "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",
+    "image_sections", "pca_2d", "share_above_median", "write_report",
+]  # fmt: skip
+
+FIGURES = (
+    "scores.png", "joint.png", "shards.png", "samples.png", "clusters.png", "localisation.png",
+    "embeddings.png", "roc.png",
+)  # fmt: skip
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
+    run, info, shards = open_run(run_dir)
+    out = run.root / "report"
+    with run.lock():
+        done = run.done(shards)
+        if not done:
+            raise UsageError(f"{run_dir} has no finished shard to report on; run `sanitizer score` first")
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        for name in FIGURES:  # a figure this run does not produce must not linger from an older report
+            (out / name).unlink(missing_ok=True)
+        threshold, rule = run_threshold(info)
+        calibration, meta = decoder_calibration(info)
+        scan = scan_run(run, done)
+        verdict = run_verdict(run, info, shards, calibration)
+        hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
+        collapse = info.get("collapse") or {}
+        collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
+        sections = [
+            summary_section(info, scan, meta),
+            verdict_section(verdict),
+            scores_section(out, hist, threshold, rule),
+            *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),
+            shards_section(out, scan, verdict["expected_rate"]),
+            *image_sections(out, run, info, shards, scan, collapsed),
+            roc_section(out, scan, threshold),
+        ]
+        page = out / "index.html"
+        with atomic_path(page) as tmp:
+            tmp.write_text(render_page(run.root, sections, info.get("versions", {})), encoding="utf-8")
+    return page
+
+
+def image_sections(
+    out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan, collapsed: bool
+) -> list[Section]:
+    """Grid, clusters (`collapsed`: after the collapse pass), heat map and projection: the only part
+    that reads images and runs the models."""
+    try:
+        scorer, size = load_scorer(info)
+    except SanitizerError as e:
+        why = note(f"the run's encoder or decoder cannot be loaded ({e}); images are not shown")
+        ids = ["samples", *(["clusters"] if collapsed else []), "localisation", "embeddings"]
+        return [Section(i, why) for i in ids]
+    flagged_sample, clean_sample = sample_rows(run, scan)
+    clusters, by_collapse = collapse_clusters(run, [s.stem for s in scan.shards]) if collapsed else ([], 0)
+    urls = {s.stem: s.url for s in shards}
+    in_clusters = [p for c in clusters for p in c.picks]
+    images, notes = read_images(urls, scan.top + flagged_sample + clean_sample + in_clusters, size)
+    top = render_views(scorer, scan.top, images, size)
+    flagged = render_views(scorer, flagged_sample, images, size)
+    clean = render_views(scorer, clean_sample, images, size)
+    sections = [
+        samples_section(out, top, typical(clean, GRID_ROWS)),
+        *([clusters_section(out, clusters, by_collapse, images)] if collapsed else []),
+        localisation_section(out, flagged, clean),
+        embeddings_section(out, flagged, clean),
+    ]
+    if notes:
+        sections[0].body += "".join(note(n) for n in notes[:10])
+    return sections

@@ -1,0 +1,181 @@
+"""The verdict on the encoder: are more of a run's samples flagged by score than its threshold allows?
+
+The threshold was set for a false-positive rate on data like the decoder's calibration (its held-out
+images). The count of flagged samples is tested against that rate (flag_count_p_value), and the verdict
+is withheld when the data as a whole is unlike the calibration data (SHIFT_LIMIT): then the count says
+more about the data than about the encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sanitizer.checkpoint import read_meta
+from sanitizer.collapse import above_median_text
+from sanitizer.data.shards import ShardRef
+from sanitizer.errors import SanitizerError
+from sanitizer.pipeline.collect import ok_scores
+from sanitizer.rundir import RunDir, open_run
+from sanitizer.scoring import ScoreSettings, calibration_for
+from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
+from sanitizer.thresholds import parse_rule
+
+ALPHA = 1e-3  # significance level of the encoder verdict: a false alarm about an encoder is costly
+
+
+def encoder_verdict(run_dir: Path) -> dict:
+    """Is the flagged share of a run significantly above the false-positive rate the threshold allows?
+
+    On clean data like the decoder's calibration, each ok sample is flagged with a probability p0 that
+    is known only as well as the calibration pins it down; the one-sided p-value is P(X >= flagged)
+    under that null (flag_count_p_value). A small p-value says the encoder rebuilds a part of this data
+    far worse than it should: it behaves as backdoored here. It also fires when the data is very unlike
+    the calibration data, which the text says.
+    """
+    run, info, shards = open_run(run_dir)
+    return run_verdict(run, info, shards, decoder_calibration(info)[0])
+
+
+def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np.ndarray | None) -> dict:
+    """encoder_verdict of a run already opened, with its decoder's calibration already read."""
+    ok, flagged = _done_totals(run, shards)
+    threshold, rule = run_threshold(info)
+    p0 = expected_flag_rate(rule, threshold, calibration) if rule and threshold is not None else None
+    result = {
+        "ok": ok,
+        "flagged": flagged,
+        "flag_rate": flagged / ok if ok else 0.0,
+        "expected_rate": p0,
+        "calibration_n": None if calibration is None else int(len(calibration)),
+        "p_value": None,
+        "test": None,
+        "alpha": ALPHA,
+        "backdoored": None,
+        "above_calibration_median": share_above_median(run, shards, calibration),
+    }
+    if p0 is None or not ok:
+        result["text"] = "no verdict: the run has no threshold, no ok samples or no usable calibration"
+        return result
+    p, result["test"] = flag_count_p_value(flagged, ok, p0, threshold, calibration)
+    result["p_value"] = p
+    result["backdoored"] = bool(p < ALPHA)
+    shown = f"p={p_text(p)}"
+    shift = result["above_calibration_median"]
+    if shift is not None and shift > SHIFT_LIMIT:
+        result["backdoored"] = None
+        result["text"] = (
+            f"no verdict: {shift_text(shift)}: this data is unlike the decoder's training data, so "
+            f"{flagged} of {ok} flagged by score ({p0:.2%} expected, {shown}) says more about the data "
+            "than the encoder; train a decoder on a sample of this data"
+        )
+        return result
+    counted = flag_count_text(flagged, ok, p0)
+    result["text"] = (
+        f"this encoder behaves as backdoored on this data ({shown}): {counted}"
+        if result["backdoored"]
+        else f"no evidence of a backdoor ({shown}): {counted}"
+    )
+    return result
+
+
+def run_threshold(info: dict) -> tuple[float | None, str | None]:
+    """run.json's score threshold and the rule that set it; None for either that is not recorded."""
+    recorded = info.get("threshold") or {}
+    return recorded.get("value"), recorded.get("rule")
+
+
+def decoder_calibration(info: dict) -> tuple[np.ndarray | None, dict | None]:
+    """The decoder's calibration scores and its decoder.json, if the decoder is still where the run
+    found it (open_run has checked that run.json names it)."""
+    try:
+        meta = read_meta(Path(info["config"]["decoder_dir"]))
+    except (SanitizerError, OSError):
+        return None, None
+    try:
+        return calibration_for(meta, ScoreSettings.from_dict(info["identity"]["scoring"])), meta
+    except (KeyError, TypeError):  # a run.json or decoder.json without these: no usable calibration
+        return None, meta
+
+
+def _done_totals(run: RunDir, shards: list[ShardRef]) -> tuple[int, int]:
+    ok = flagged = 0
+    for shard in shards:
+        if run.is_done(shard.stem):
+            stats = run.read_stats(shard.stem)
+            ok, flagged = ok + stats["ok"], flagged + stats["flagged_by"]["score"]
+    return ok, flagged
+
+
+def expected_flag_rate(rule_text: str, threshold: float, calibration: np.ndarray | None) -> float | None:
+    """The false-positive rate the threshold was set for, on data like the decoder's calibration.
+
+    With the calibration scores (m of them, j above the threshold) it is (j + 1) / (m + 1): the mean of
+    the Beta(j + 1, m - j) law of the rate on clean data exchangeable with them, which never claims
+    exactly zero. Without them, quantile:Q means 1 - Q by construction; other rules give no rate.
+    """
+    counts = _calibration_counts(threshold, calibration)
+    if counts is not None:
+        above, m = counts
+        return (above + 1) / (m + 1)
+    rule = parse_rule(rule_text)
+    return 1.0 - rule.param if rule.kind == "quantile" else None
+
+
+def _calibration_counts(threshold: float, calibration: np.ndarray | None) -> tuple[int, int] | None:
+    """(calibration scores above the threshold, calibration scores), if there are any."""
+    if calibration is None or not len(calibration):
+        return None
+    return int((calibration > np.float32(threshold)).sum()), len(calibration)
+
+
+def flag_count_p_value(
+    flagged: int, ok: int, p0: float, threshold: float, calibration: np.ndarray | None
+) -> tuple[float, str]:
+    """(P(at least `flagged` of `ok` clean samples are flagged), the name of the test).
+
+    The rate a threshold set on m calibration scores allows is itself uncertain (its standard error is
+    ~sqrt(p0 / m)): a binomial test at p0 alone would call a clean encoder backdoored on any large run
+    whose rate is a little above p0 by chance of the calibration. So with the calibration scores the
+    count is beta-binomial (the rate Beta(j + 1, m - j), as in conformal prediction: exact for clean
+    data exchangeable with the calibration, conservative for an interpolated threshold); without them it
+    is Binomial(ok, p0).
+    """
+    counts = _calibration_counts(threshold, calibration)
+    if counts is None:
+        return binomial_sf(flagged, ok, p0), "binomial"
+    above, m = counts
+    return beta_binomial_sf(flagged, ok, above + 1, m - above), "beta-binomial"
+
+
+def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None) -> float | None:
+    """Share of the finished shards' ok scores above the calibration's median (None without both)."""
+    stems = run.done(shards)
+    if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
+        return None
+    above = total = 0
+    for stem in stems:  # a shard at a time: a run's scores need not fit in memory
+        scores = ok_scores(run, [stem])
+        above, total = above + above_median(scores, calibration), total + len(scores)
+    return above / total if total else None
+
+
+def flag_count_text(flagged: int, ok: int, expected_rate: float) -> str:
+    """ "7 of 60 samples flagged by score, 3.00% expected": the count the verdict tests."""
+    return f"{flagged} of {ok} samples flagged by score, {expected_rate:.2%} expected"
+
+
+def shift_text(share: float) -> str:
+    """How the run's scores sit against the calibration's median, and what that share is on clean data."""
+    return above_median_text(share, "the scores are", "the median of the decoder's calibration scores")
+
+
+def threshold_text(value: float | None, rule: str | None, digits: int = 6) -> str:
+    """A threshold as the page and its plots show it: "0.0123 (quantile:0.99)"."""
+    shown = "not set" if value is None else f"{value:.{digits}g}"
+    return f"{shown} ({'no rule' if rule is None else rule})"
+
+
+def p_text(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-300 else "<1e-300"
