@@ -24,9 +24,8 @@ import torch
 
 from sanitizer.atomic import write_json_atomic
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, REFERENCE_SIZE, SKETCH_DIM, THUMBNAIL_SIDE
-from sanitizer.manifest import to_table, write_manifest
+from sanitizer.manifest import flag_counts, to_table, write_manifest
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags
-from sanitizer.pipeline.collect import flag_counts
 from sanitizer.rundir import RunDir
 from sanitizer.thresholds import parse_rule
 

@@ -18,8 +18,7 @@ from sanitizer.data.shards import ShardRef
 from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable, sha256_hex
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.pipeline.collect import apply_threshold, flagged_totals, ok_scores
-from sanitizer.rundir import RunDir, open_run
+from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, ok_scores, open_run
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 

@@ -6,6 +6,7 @@ two in step. Writers go through `write_manifest`, which refuses a table that doe
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,11 @@ def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
             f"cannot read manifest {path} ({str(e).splitlines()[0] or type(e).__name__}); restore it, or "
             f"delete its shard's stats/<stem>_stats.json and re-run score to score that shard again"
         ) from None
+
+
+def flag_counts(table: pa.Table) -> dict:
+    """flagged: rows flagged; flagged_by: how many of them each test flagged (a row can count twice)."""
+    reasons = Counter(table.column("flag_reason").drop_null().to_pylist())
+    by_score = reasons["score"] + reasons["score+collapse"]
+    by_collapse = reasons["collapse"] + reasons["score+collapse"]
+    return {"flagged": sum(reasons.values()), "flagged_by": {"score": by_score, "collapse": by_collapse}}

@@ -1,4 +1,5 @@
-"""RUN_DIR: where a scoring job's outputs live, how they are named, and who may write them.
+"""RUN_DIR: where a scoring job's outputs live, how they are named, who may write them, and the reads
+and rewrites of its manifests that the steps after scoring share (re-flagging, the scored set).
 
 Every file is written under a temporary name and renamed, so no partial file is ever visible under
 its final name. A shard is done when its stats file exists (it is written after its manifest part).
@@ -11,13 +12,19 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import UsageError
+from sanitizer.manifest import flag_counts, read_manifest, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, read_object
 
 RUN_FORMAT = "sanitizer-run/1"
@@ -173,3 +180,47 @@ def _read_object(path: Path) -> dict:
 
 def _damaged(path: Path, why: str) -> UsageError:
     return UsageError(f"{path} is damaged: {why}; restore it, or score into a new RUN_DIR")
+
+
+# -- what every step after scoring reads from the manifests, and how it re-flags them
+
+
+def flagged_totals(run: RunDir, stems: list[str]) -> dict:
+    """flag_counts summed over finished shards' stats files."""
+    by: Counter = Counter({"score": 0, "collapse": 0})
+    flagged = 0
+    for stem in stems:
+        stats = run.read_stats(stem)
+        flagged += stats["flagged"]
+        by.update(stats["flagged_by"])
+    return {"flagged": flagged, "flagged_by": dict(by)}
+
+
+def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.Table]) -> int:
+    """Pass each finished shard's manifest through `update`; write back (manifest, then stats) those
+    it changed. Returns how many changed, so a finished run re-run rewrites nothing."""
+    changed = 0
+    for stem in stems:
+        table = read_manifest(run.manifest(stem))
+        updated = update(stem, table)
+        if updated.equals(table):
+            continue
+        write_manifest(run.manifest(stem), updated)
+        write_json_atomic(run.stats(stem), {**run.read_stats(stem), **flag_counts(updated)})
+        changed += 1
+    return changed
+
+
+def apply_threshold(run: RunDir, stems: list[str], threshold: float) -> int:
+    """Re-flag finished shards by a new score threshold (collapse flags stay as they are)."""
+    return rewrite(run, stems, lambda _, table: set_flags(table, threshold))
+
+
+def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:
+    """Scores of every ok row of the finished shards: what data-dependent rules look at."""
+    parts = []
+    for stem in stems:
+        table = read_manifest(run.manifest(stem), ["status", "score"])
+        ok = pc.equal(table.column("status"), "ok")
+        parts.append(table.filter(ok).column("score").to_numpy().astype(np.float32))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

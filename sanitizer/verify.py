@@ -38,8 +38,7 @@ from sanitizer.data.tario import (
     sha256_hex,
     split_key,
 )
-from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
-from sanitizer.pipeline.collect import flag_counts
+from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts
 from sanitizer.records import RecordError, check_fields, lookup
 from sanitizer.rundir import OPTIONAL_RUN_FIELDS, RunDir, shard_entry
 

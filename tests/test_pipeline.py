@@ -593,7 +593,7 @@ def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(
 def test_clean_after_a_rethreshold_killed_mid_reflag_splits_at_run_jsons_threshold(tmp_path, local_run):
     """`clean --threshold 0.5` killed after re-flagging one manifest (run.json still at the old value):
     a plain `clean` re-flags it back and writes what an undisturbed clean wrote."""
-    from sanitizer.pipeline.collect import apply_threshold
+    from sanitizer.rundir import apply_threshold
 
     run = tmp_path / "run"
     shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))

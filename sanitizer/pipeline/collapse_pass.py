@@ -27,8 +27,7 @@ from sanitizer.collapse import (
 )
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
-from sanitizer.pipeline.collect import rewrite
-from sanitizer.rundir import RunDir
+from sanitizer.rundir import RunDir, rewrite
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.stats import above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold

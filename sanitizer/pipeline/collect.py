@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import write_json_atomic
-from sanitizer.manifest import COLUMNS, read_manifest, set_flags, to_table, write_manifest
+from sanitizer.manifest import COLUMNS, flag_counts, set_flags, to_table, write_manifest
 from sanitizer.pipeline.stages import END, RESULT_SCHEMA, SHARD_FAILED
 from sanitizer.rundir import RunDir
 
@@ -36,14 +34,6 @@ def manifest_table(rows: pa.Table, threshold: float | None) -> pa.Table:
     }
     columns.update({c: [value] * rows.num_rows for c, value in unset.items()})
     return set_flags(to_table(columns), threshold)
-
-
-def flag_counts(table: pa.Table) -> dict:
-    """flagged: rows flagged; flagged_by: how many of them each test flagged (a row can count twice)."""
-    reasons = Counter(table.column("flag_reason").drop_null().to_pylist())
-    by_score = reasons["score"] + reasons["score+collapse"]
-    by_collapse = reasons["collapse"] + reasons["score+collapse"]
-    return {"flagged": sum(reasons.values()), "flagged_by": {"score": by_score, "collapse": by_collapse}}
 
 
 def shard_stats(stem: str, url: str, table: pa.Table, seconds: float) -> dict:
@@ -106,44 +96,3 @@ class ShardCollector:
         write_json_atomic(self.run.stats(stem), stats)
         self.done.append(stem)
         self.samples += table.num_rows
-
-
-def flagged_totals(run: RunDir, stems: list[str]) -> dict:
-    """flag_counts summed over finished shards' stats files."""
-    by: Counter = Counter({"score": 0, "collapse": 0})
-    flagged = 0
-    for stem in stems:
-        stats = run.read_stats(stem)
-        flagged += stats["flagged"]
-        by.update(stats["flagged_by"])
-    return {"flagged": flagged, "flagged_by": dict(by)}
-
-
-def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.Table]) -> int:
-    """Pass each finished shard's manifest through `update`; write back (manifest, then stats) those
-    it changed. Returns how many changed, so a finished run re-run rewrites nothing."""
-    changed = 0
-    for stem in stems:
-        table = read_manifest(run.manifest(stem))
-        updated = update(stem, table)
-        if updated.equals(table):
-            continue
-        write_manifest(run.manifest(stem), updated)
-        write_json_atomic(run.stats(stem), {**run.read_stats(stem), **flag_counts(updated)})
-        changed += 1
-    return changed
-
-
-def apply_threshold(run: RunDir, stems: list[str], threshold: float) -> int:
-    """Re-flag finished shards by a new score threshold (collapse flags stay as they are)."""
-    return rewrite(run, stems, lambda _, table: set_flags(table, threshold))
-
-
-def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:
-    """Scores of every ok row of the finished shards: what data-dependent rules look at."""
-    parts = []
-    for stem in stems:
-        table = read_manifest(run.manifest(stem), ["status", "score"])
-        ok = pc.equal(table.column("status"), "ok")
-        parts.append(table.filter(ok).column("score").to_numpy().astype(np.float32))
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -31,9 +31,9 @@ from sanitizer.device import resolve_device
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
-from sanitizer.pipeline.collect import ShardCollector, flagged_totals, ok_scores
+from sanitizer.pipeline.collect import ShardCollector
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
-from sanitizer.rundir import RunDir
+from sanitizer.rundir import RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
 

@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.collapse import SKETCH_DIM, group_by_seed
-from sanitizer.manifest import read_manifest
-from sanitizer.pipeline.collect import flag_counts
+from sanitizer.manifest import flag_counts, read_manifest
 from sanitizer.rundir import RunDir
 
 GRID_ROWS = 8  # most-flagged and typical clean samples shown as images

@@ -16,8 +16,7 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError
-from sanitizer.pipeline.collect import ok_scores
-from sanitizer.rundir import RunDir, open_run
+from sanitizer.rundir import RunDir, ok_scores, open_run
 from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
 from sanitizer.thresholds import parse_rule
