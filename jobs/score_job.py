@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sanitizer.cli import EXIT_OK, EXIT_USAGE, build_parser
+from sanitizer.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser
 from sanitizer.cli import main as sanitizer
 
 
@@ -79,10 +79,14 @@ def steps(config: object) -> list[list[str]]:
 
 
 def run(config: object) -> int:
+    """Each step in turn; a run that finished incomplete (a shard that is not a tar) is still cleaned
+    and reported, as `sanitizer clean` and `report` would do by hand, and the job exits 1."""
     code = EXIT_OK
     for argv in steps(config):
-        if code == EXIT_OK:
-            code = sanitizer(argv)
+        step = sanitizer(argv)
+        code = max(code, step)
+        if step not in (EXIT_OK, EXIT_INCOMPLETE):
+            break
     return code
 
 
@@ -91,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="YAML job config (see jobs/configs/)")
     args = parser.parse_args(argv)
     try:
-        return run(yaml.safe_load(args.config.read_text()))
-    except (OSError, yaml.YAMLError, ConfigError) as e:
+        return run(yaml.safe_load(args.config.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as e:
         print(f"score_job: error: {args.config}: {e}", file=sys.stderr)
         return EXIT_USAGE
 

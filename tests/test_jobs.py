@@ -39,6 +39,32 @@ def test_job_config_scores_cleans_and_reports_like_the_cli(
     assert [str(p) for p in reported] == [str(tmp_path / "run")]
 
 
+def test_a_run_with_a_shard_that_is_not_a_tar_is_still_cleaned_and_reported(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
+):
+    import shutil
+
+    import sanitizer.report
+
+    reported = []
+    monkeypatch.setattr(sanitizer.report, "write_report", lambda run_dir: reported.append(run_dir) or run_dir)
+    data = shutil.copytree(tiny_shards, tmp_path / "data")
+    (data / "shard-000003.tar").write_bytes(b"not a tar" * 100)
+    config = {"score": {"decoder": str(tiny_decoder_dir), "data": str(data), "out": str(tmp_path / "run"),
+                        "workers": 0}}  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 1  # incomplete, as score and clean say
+    assert len(list((tmp_path / "run" / "clean").glob("*.tar"))) == 3
+    assert [str(p) for p in reported] == [str(tmp_path / "run")]
+
+
+def test_a_config_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "job.yaml").write_bytes("score: {out: donn\u00e9es}\n".encode("latin-1"))
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("score_job: error: ") and "can't decode" in err and "Traceback" not in err
+
+
 def test_a_step_runs_unless_switched_off_and_an_empty_mapping_runs_it_with_defaults():
     assert step_options({}, "clean") == []
     assert step_options({"clean": True}, "clean") == []
