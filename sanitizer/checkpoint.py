@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from sanitizer.atomic import atomic_path, write_json_atomic
+from sanitizer.atomic import write_bytes_atomic, write_json_atomic
 from sanitizer.encoders import Preprocess, VictimEncoder
 from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
@@ -32,9 +32,10 @@ HOLDOUT = "holdout.safetensors"  # the held-out images' sketches and thumbnails,
 STATE_DIR = ".checkpoint"
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Plain tensors as safetensors, atomically, with the permissions the umask gives every other file
+    (safetensors' save_file makes them 0600: unreadable to the workers of a shared filesystem)."""
+    write_bytes_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -69,7 +70,7 @@ def reference_key(decoder_dir: Path) -> bytes:
 def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
     """Weights first, then the JSON: a directory with decoder.json is a finished decoder."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_tensors(decoder.state_dict(), out_dir / WEIGHTS)
+    save_tensors(decoder.state_dict(), out_dir / WEIGHTS)
     meta = {"format": FORMAT, **meta, "model": decoder.config.to_dict()}
     meta["decoder_sha256"] = file_sha256(out_dir / WEIGHTS)
     write_json_atomic(out_dir / META, meta)
@@ -78,7 +79,7 @@ def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
 
 def save_holdout(out_dir: Path, sketches: np.ndarray, thumbnails: np.ndarray) -> None:
     tensors = {"sketch": torch.from_numpy(sketches), "thumbnail": torch.from_numpy(thumbnails)}
-    _save_tensors(tensors, Path(out_dir) / HOLDOUT)
+    save_tensors(tensors, Path(out_dir) / HOLDOUT)
 
 
 def load_holdout(decoder_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -157,7 +158,7 @@ def save_training_state(
     tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
     for index, slots in opt["state"].items():
         tensors.update({f"optim.{index}.{name}": t for name, t in slots.items()})
-    _save_tensors(tensors, state_dir / "state.safetensors")
+    save_tensors(tensors, state_dir / "state.safetensors")
     write_json_atomic(state_dir / "state.json", {**progress, "param_groups": opt["param_groups"]})
 
 

@@ -29,6 +29,11 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
 
 
+def user_path(text: str) -> Path:
+    """A path argument as a shell would expand it: `~` also from a quoted argument or a job config."""
+    return Path(text).expanduser()
+
+
 def _triple(name: str) -> dict:
     return {"nargs": 3, "type": float, "metavar": ("R", "G", "B"), "help": f"per-channel {name} (0..1 scale)"}
 
@@ -38,12 +43,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--encoder", required=True, help="timm:NAME, open_clip:NAME, torchscript:PATH or export:PATH"
     )
-    p.add_argument("--encoder-weights", help="safetensors or state-dict file (loaded with weights_only=True)")
+    p.add_argument(
+        "--encoder-weights",
+        type=user_path,
+        help="safetensors or state-dict file (loaded with weights_only=True)",
+    )
     p.add_argument("--image-size", type=int, help="input size; default: the model's own config")
     p.add_argument("--mean", **_triple("mean"))
     p.add_argument("--std", **_triple("std"))
     p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
-    p.add_argument("--out", required=True, type=Path, help="DECODER_DIR to write")
+    p.add_argument("--out", required=True, type=user_path, help="DECODER_DIR to write")
     p.add_argument("--patch-size", type=int, help="default: 8 up to 64 px, 16 above")
     p.add_argument("--width", type=int, help="transformer width of the decoder")
     p.add_argument("--depth", type=int, help="blocks over visible patches")
@@ -138,9 +147,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score shards into a Parquet manifest (Ray job, resumable)")
-    p.add_argument("--decoder", required=True, type=Path, help="DECODER_DIR written by `sanitizer train`")
+    p.add_argument(
+        "--decoder", required=True, type=user_path, help="DECODER_DIR written by `sanitizer train`"
+    )
     p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
-    p.add_argument("--out", required=True, type=Path, help="RUN_DIR for manifest, stats and run.json")
+    p.add_argument("--out", required=True, type=user_path, help="RUN_DIR for manifest, stats and run.json")
     calibrated = " (default: the decoder's calibration setting)"
     p.add_argument("--test-mask-ratio", type=float, help="mask ratio of scores" + calibrated)
     p.add_argument("--num-masks", type=int, help="masks averaged per score" + calibrated)
@@ -178,7 +189,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    p.add_argument("--encoder-weights", help="where the encoder weights are now, if moved since training")
+    p.add_argument(
+        "--encoder-weights", type=user_path, help="where the encoder weights are now, if moved since training"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=run_score)
 
@@ -204,7 +217,7 @@ def run_score(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray_address,
         device=args.device,
-        encoder_weights=args.encoder_weights,
+        encoder_weights=str(args.encoder_weights) if args.encoder_weights else None,
     )
     summary = run_score_job(job)
     print(format_summary(summary))
@@ -238,7 +251,7 @@ def format_summary(s) -> str:
 
 def add_clean(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clean", help="write clean/ and quarantine/ shards from a scored run")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
     p.add_argument("--threshold", help="re-flag first: a number, quantile:Q, mad:K, value:X or paper")
     p.set_defaults(func=run_clean)
 
@@ -258,7 +271,7 @@ def run_clean(args: argparse.Namespace) -> int:
 
 def add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report/index.html: what was flagged and why")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
     p.set_defaults(func=run_report)
 
 
@@ -271,7 +284,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a finished run against its inputs (rows, bytes, counts)")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
     p.set_defaults(func=run_verify)
 
 
@@ -287,7 +300,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="end to end on a built-in dataset with a backdoor implanted on the spot")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write everything")
+    p.add_argument("--out", type=user_path, default=Path("demo-out"), help="where to write everything")
     p.add_argument("--quick", action="store_true", help="a reduced run (used by the tests)")
     p.set_defaults(func=run_demo)
 

@@ -107,15 +107,16 @@ def write_manifest(path: Path, table: pa.Table) -> None:
     """Atomic, deterministic Parquet (no wall-clock metadata), exactly in the schema."""
     if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
         raise ValueError(f"manifest table does not match {SCHEMA_VERSION}: {table.schema}")
-    with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(MANIFEST_SCHEMA.metadata), tmp, compression="zstd")
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:  # a file, not a path pyarrow parses
+        pq.write_table(table.replace_schema_metadata(MANIFEST_SCHEMA.metadata), sink, compression="zstd")
 
 
 def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
     """The manifest (or only `columns` of it, which Parquet reads alone), in the schema's types. One
     that cannot be read was damaged after its shard finished: its stats marker says it is done."""
     try:
-        return pq.read_table(path, columns=columns, schema=MANIFEST_SCHEMA)
+        with pa.OSFile(str(path)) as source:  # pyarrow would expand a `~` in a path, or read it as a URI
+            return pq.read_table(source, columns=columns, schema=MANIFEST_SCHEMA)
     except (pa.ArrowException, OSError) as e:
         raise UsageError(
             f"cannot read manifest {path} ({str(e).splitlines()[0] or type(e).__name__}); restore it, or "

@@ -634,6 +634,17 @@ def test_a_data_rule_with_no_ok_sample_still_finishes_the_run(tmp_path, tiny_dec
     assert verify_run(tmp_path / "run") == []
 
 
+def test_a_tilde_in_a_path_means_home_as_in_a_shell(tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch):
+    """`--out '~/run'` (quoted, or from a job config): one RUN_DIR under $HOME, not `./~` beside it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_decoder_dir, tmp_path / "home" / "dec")
+    argv = ["score", "--decoder", "~/dec", "--data", str(tiny_shards), "--out", "~/run", "--workers", "0"]
+    assert main(argv) == 0 and main(["clean", "~/run"]) == 0
+    assert len(list((tmp_path / "home" / "run" / "manifest").glob("*.parquet"))) == 3
+    assert not (tmp_path / "~").exists()
+
+
 def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_path, local_run, capsys):
     import importlib.util
 

@@ -494,3 +494,11 @@ def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(tmp_path, tiny_sha
 def test_a_timm_name_that_would_read_a_hub_or_a_path_is_refused(name):
     with pytest.raises(EncoderError, match="is not a timm model name"):
         load_encoder(f"timm:{name}", image_size=32)
+
+
+def test_decoder_files_are_as_readable_as_the_umask_makes_any_file(tiny_decoder_dir):
+    """Workers on a shared filesystem, often another user, read what train wrote (safetensors alone
+    would make the weights 0600)."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_decoder_dir.iterdir() if p.is_file()}
+    assert {"decoder.safetensors", "holdout.safetensors", "decoder.json"} <= set(modes)
+    assert len(set(modes.values())) == 1, modes

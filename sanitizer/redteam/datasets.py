@@ -99,8 +99,8 @@ def efficientnet_lite0_weights() -> Path:
     if out.is_file():
         return out
     import timm
-    from safetensors.torch import save_file
 
+    from sanitizer.checkpoint import save_tensors
     from sanitizer.encoders import read_state_dict
 
     source = read_state_dict(
@@ -113,5 +113,5 @@ def efficientnet_lite0_weights() -> Path:
         raise DataMissing("the EfficientNet-Lite0 checkpoint does not match timm's tf_efficientnet_lite0")
     out.parent.mkdir(parents=True, exist_ok=True)
     renamed = {k: v.contiguous() for k, v in zip(target, source.values(), strict=True)}
-    save_file(renamed, str(out))
+    save_tensors(renamed, out)
     return out

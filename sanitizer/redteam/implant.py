@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from sanitizer.checkpoint import save_tensors
 from sanitizer.encoders import OPEN_CLIP_CONFIGS, VictimEncoder, embed_pixels, load_encoder
 from sanitizer.redteam.probes import AttackReport, attack_report, fit_linear_probe
 from sanitizer.redteam.triggers import Trigger, clip_patch, ctrl
@@ -73,7 +73,7 @@ def measure_attack(encoder: VictimEncoder, trigger: Trigger, data: ProbeData) ->
 def save_victim(module: nn.Module, path: Path) -> Path:
     """Weights as safetensors (plain tensors only), which load_encoder reads for timm/open_clip specs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+    save_tensors(module.state_dict(), path)
     return path
 
 
