@@ -142,7 +142,10 @@ def run_train(args: argparse.Namespace) -> int:
         f"final loss {t['epoch_losses'][-1]:.4f}; calibrated on {meta['calibration']['n']} held-out images\n"
         f"decoder: {args.out}"
     )
-    return EXIT_OK
+    unreadable = t["decode_statuses"].get("unreadable_shard", 0)
+    if unreadable:  # trained without them, as score goes on without them: finished, but incomplete
+        print(f"{unreadable} shard(s) could not be read as tars and were left out (see the warnings above)")
+    return EXIT_INCOMPLETE if unreadable else EXIT_OK
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
@@ -228,7 +231,7 @@ def run_score(args: argparse.Namespace) -> int:
 def format_summary(s) -> str:
     share = 100 * s.flagged / s.ok if s.ok else 0.0
     failures = ", ".join(f"{k}={v}" for k, v in s.status_counts.items() if k != "ok") or "none"
-    threshold = "pending" if s.threshold is None else f"{s.threshold:.6g}"
+    threshold = "none (no ok samples)" if s.threshold is None else f"{s.threshold:.6g}"
     lines = [
         f"shards: {s.shards_done}/{s.shards} done"
         + (f", {len(s.failed_shards)} failed" if s.failed_shards else ""),
@@ -236,7 +239,11 @@ def format_summary(s) -> str:
         f"flagged: {s.flagged} ({share:.2f}% of ok) at threshold {threshold} [{s.threshold_rule}]",
     ]
     if s.collapse_rule is not None:
-        collapse = "none (no ok samples)" if s.collapse_threshold is None else f"{s.collapse_threshold:.6g}"
+        collapse = (
+            "none (the pass could not run, see above)"
+            if s.collapse_threshold is None
+            else f"{s.collapse_threshold:.6g}"
+        )
         lines.append(
             f"  by score: {s.flagged_by['score']}  by collapse: {s.flagged_by['collapse']} "
             f"(collapse evidence threshold {collapse} [{s.collapse_rule}])"

@@ -248,7 +248,10 @@ def prepare_out(out: Path) -> None:
             )
         for name in SUBDIRS:
             shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot use --out {out}: {e.strerror or e}") from None
     (out / MARKER).write_text("written by `sanitizer demo`; the demo may replace this directory's contents\n")
 
 

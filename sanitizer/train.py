@@ -84,9 +84,13 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for flag, value in (("--batch-size", self.batch_size), ("--max-samples", self.max_samples)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, not {value}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.max_samples < MIN_IMAGES:
+            raise UsageError(
+                f"--max-samples must be at least {MIN_IMAGES} (training needs {MIN_IMAGES} images), "
+                f"not {self.max_samples}"
+            )
         if self.epochs is not None and self.epochs < 1:
             raise UsageError(
                 f"--epochs must be at least 1, not {self.epochs} (leave it out for the automatic choice)"

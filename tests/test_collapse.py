@@ -386,7 +386,7 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     sketches, thumbnails = load_holdout(blank)
     save_holdout(blank, np.full_like(sketches, np.nan), thumbnails)
     summary = run(blank, cluster_shards, tmp_path / "run", collapse=RULE)
-    assert "no held-out image has a collapse" in caplog.text
+    assert "0 held-out image(s) have a collapse" in caplog.text
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
     assert concat(tmp_path / "run").column("collapse").null_count == 98
     assert verify_run(tmp_path / "run") == []
@@ -396,8 +396,18 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     blank_sketches(out, concat(out).column("key").to_pylist())
     caplog.clear()
     summary = run(decoder_dir, cluster_shards, out, collapse="mad:3")
-    assert "no held-out image has a collapse" in caplog.text
+    assert "0 held-out image(s) have a collapse" in caplog.text
     assert summary.collapse_threshold is None and verify_run(out) == []
+    # Nor with one held-out image: weighed against no other, it would put the limit at 0.
+    lone = tmp_path / "lone"
+    shutil.copytree(decoder_dir, lone)
+    one = np.full_like(sketches, np.nan)
+    one[0] = sketches[0]
+    save_holdout(lone, one, thumbnails)
+    caplog.clear()
+    summary = run(lone, cluster_shards, tmp_path / "lone-run", collapse=RULE)
+    assert "1 held-out image(s) have a collapse" in caplog.text
+    assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
 
 
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):

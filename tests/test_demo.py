@@ -47,6 +47,12 @@ def test_demo_replaces_only_its_own_outputs(tmp_path):
     assert not (tmp_path / "run").exists() and (tmp_path / "mine.txt").is_file()
 
 
+def test_demo_out_under_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match=r"cannot use --out .*afile/sub: Not a directory"):
+        demo.prepare_out(tmp_path / "afile" / "sub")
+
+
 def test_generated_data_when_fashion_mnist_is_missing(tmp_path, monkeypatch):
     """Without the Debian package the demo still has a dataset, poisoned and labelled as planned."""
     from sanitizer.redteam import datasets

@@ -1,5 +1,6 @@
 import math
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -253,6 +254,10 @@ def test_tampered_decoder_weights_are_refused(tmp_path, tiny_decoder_dir):
         load_decoder(tmp_path)
 
 
+BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1"]
+TINY_ARGS = ["--patch-size", "8", "--width", "32", "--depth", "1", "--decoder-depth", "1", "--heads", "2"]
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -291,6 +296,17 @@ def test_cli_train_writes_a_decoder(tmp_path, tiny_shards, capsys):
     assert read_meta(tmp_path / "dec")["training"]["epochs"] == 1
 
 
+def test_cli_train_leaving_out_a_shard_that_is_not_a_tar_finishes_incomplete(tmp_path, tiny_shards, capsys):
+    """Trained on the rest, as score goes on without such a shard, and exit 1 as score's: not 0."""
+    data = shutil.copytree(tiny_shards, tmp_path / "data")
+    (data / "shard-000009.tar").write_bytes(b"not a tar" * 100)
+    argv = [*BASE, "--data", str(data), "--out", str(tmp_path / "dec"), "--device", "cpu", *TINY_ARGS]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "1 shard(s) could not be read as tars and were left out" in out
+    assert "skipping" in err and "shard-000009.tar" in err
+    assert read_meta(tmp_path / "dec")["training"]["decode_statuses"]["unreadable_shard"] == 1
+
+
 @pytest.fixture(scope="module")
 def html_shards(tmp_path_factory):
     from sanitizer.data.tario import write_shards
@@ -298,9 +314,6 @@ def html_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("html")
     write_shards(({"__key__": f"p{i}", "jpg": b"<html><body>404</body></html>"} for i in range(30)), out)
     return out
-
-
-BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1"]
 
 
 @pytest.mark.parametrize(
@@ -406,7 +419,7 @@ def train_tiny(encoder, data: Path, out: Path, settings: TrainSettings) -> dict:
     ("settings", "message"),
     [
         (dict(batch_size=0), "--batch-size must be at least 1, not 0"),
-        (dict(max_samples=-1), "--max-samples must be at least 1, not -1"),
+        (dict(max_samples=10), "--max-samples must be at least 20 (training needs 20 images), not 10"),
         (dict(epochs=0), "--epochs must be at least 1, not 0"),
         (dict(lr=float("nan")), "--lr must be a number above 0, not nan"),
         (dict(lr=0.0), "--lr must be a number above 0, not 0.0"),

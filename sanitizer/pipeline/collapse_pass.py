@@ -165,10 +165,11 @@ def reference_and_holdout(
     if not len(reference.sketches):
         return None
     held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
-    if not len(held.scores):
+    if len(held.scores) < 2:  # each is weighed against the others: one alone would set a limit of 0
         log.warning(
-            "no held-out image has a collapse (none has a sketch, or no scored sample has one): the "
-            "collapse pass cannot run"
+            "%d held-out image(s) have a collapse (one needs a sketch, and a scored sample one too); the "
+            "collapse pass needs 2 or more (a larger train --holdout), so it cannot run",
+            len(held.scores),
         )
         return None
     return reference, held
