@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from sanitizer.atomic import write_bytes_atomic, write_json_atomic
+from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
 from sanitizer.encoders import Preprocess, VictimEncoder
 from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
@@ -195,7 +195,10 @@ def read_training_progress(out_dir: Path) -> dict | None:
 
 
 def clear_training_state(out_dir: Path) -> None:
+    """Once the decoder is saved: the checkpoint, and any temp file a killed checkpoint write left."""
+    state_dir = out_dir / STATE_DIR
     for name in ("state.safetensors", "state.json"):
-        (out_dir / STATE_DIR / name).unlink(missing_ok=True)
-    if (out_dir / STATE_DIR).is_dir():
-        (out_dir / STATE_DIR).rmdir()
+        (state_dir / name).unlink(missing_ok=True)
+    if state_dir.is_dir():
+        remove_stale_temps(state_dir)
+        state_dir.rmdir()

@@ -558,7 +558,7 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
     clean_run(run, "value:0.5")
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)  # its default rule, not clean's
-    assert f"run `sanitizer clean {run}` again" in caplog.text and "[value:0.5]" in caplog.text
+    assert f"this run re-flagged 3 shard(s); run `sanitizer clean {run}` again" in caplog.text
     caplog.clear()
     assert "clean" not in json.loads((run / "run.json").read_text())
     clean_run(run)  # at the score's threshold now: a rescore changes nothing and says nothing
@@ -567,6 +567,9 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
     assert "again" not in caplog.text
     assert tree_digest(run) == cleaned and verify_run(run) == []
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):  # the collapse flags cleared
+        score(tiny_decoder_dir, tiny_shards, run, workers=0, collapse=None)
+    assert "re-flagged" in caplog.text and "clean" not in json.loads((run / "run.json").read_text())
 
 
 def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(

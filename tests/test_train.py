@@ -114,6 +114,8 @@ def test_resume_after_interruption_equals_uninterrupted(
     with pytest.raises(KeyboardInterrupt):
         train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
     assert not (tmp_path / "resumed" / "decoder.json").exists()
+    # as a checkpoint write killed half-way leaves it: it must not keep the finished run from tidying up
+    (tmp_path / "resumed/.checkpoint/.state.safetensors.tmp-1-0123abcd").write_bytes(b"partial")
     train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
     assert round(FIRST_PASS * 3) == 2 and calls[: dies_at + 1] == [0, 1, 0, 1, 2][: dies_at + 1]
     assert calls[dies_at + 1 :] == rerun  # the rerun trained only what was missing

@@ -209,18 +209,19 @@ def apply_flags(
     stems: list[str],
     threshold: float | None,
     collapse: tuple[ThresholdRule, HoldoutImages] | None,
-) -> CollapsePass:
+) -> tuple[CollapsePass, int]:
     """Flag every finished shard by the score threshold and, given a collapse rule and what
     holdout_for gave for it, by the collapse pass. Without them the collapse columns are cleared, so
-    that a run's flags always say what its last invocation asked for."""
+    that a run's flags always say what its last invocation asked for. Returns what the pass found and
+    how many manifests changed."""
     values, needed, found = {}, {}, CollapsePass()
     if collapse is not None:
         rule, holdout = collapse
         if (weighed := reference_and_holdout(run, stems, holdout)) is not None:
             values, needed, found = collapse_columns(run, stems, rule, *weighed)
-    rewrite(
+    changed = rewrite(
         run,
         stems,
         lambda stem, table: set_flags(with_collapse(table, values.get(stem), needed.get(stem)), threshold),
     )
-    return found
+    return found, changed

@@ -286,7 +286,7 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
         threshold = resolve_threshold(plan.rule, None, scores)
     elif plan.rule.needs_scores:  # the job still finishes: its failed shards and totals are recorded
         log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
-    collapse = apply_flags(run, done, threshold, plan.collapse)
+    collapse, reflagged = apply_flags(run, done, threshold, plan.collapse)
     collapse_rule = plan.config["collapse_rule"]
     thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
     thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": collapse_rule}
@@ -310,27 +310,22 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
                 "shards_done": summary.shards_done,
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
-            **still_clean(run, previous, len(collector.done), threshold, str(plan.rule)),
+            **still_clean(run, previous, len(collector.done), reflagged),
         )
     )
     return summary
 
 
-def still_clean(run: RunDir, previous: dict, scored: int, threshold: float | None, rule: str) -> dict:
+def still_clean(run: RunDir, previous: dict, scored: int, reflagged: int) -> dict:
     """The previous run.json's record of clean, while clean/ and quarantine/ still match the flags: a
-    re-run that scored no shard and flags at the same threshold changed none. Otherwise it is dropped,
-    with a warning to clean again."""
-    clean, cleaned_at = previous.get("clean"), previous.get("threshold") or {}
+    re-run that scored no shard and changed no manifest (another threshold or collapse rule would).
+    Otherwise it is dropped, with a warning to clean again."""
+    clean = previous.get("clean")
     if not clean:
         return {}
-    if not scored and cleaned_at.get("value") == threshold:
+    if not scored and not reflagged:
         return {"clean": clean}
-    why = (
-        f"this run scored {scored} more shard(s)"
-        if scored
-        else f"they were split at threshold {cleaned_at.get('value')} [{cleaned_at.get('rule')}], "
-        f"this run flags at {threshold} [{rule}]"
-    )
+    why = f"this run scored {scored} more shard(s)" if scored else f"this run re-flagged {reflagged} shard(s)"
     log.warning(
         "clean/ and quarantine/ no longer match the flags: %s; run `sanitizer clean %s` again", why, run.root
     )
