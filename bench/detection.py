@@ -60,7 +60,7 @@ from sanitizer.redteam.triggers import TRIGGERS, Trigger
 from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
-from sanitizer.train import ImageSet, TrainSettings, fit_decoder, split_holdout
+from sanitizer.train import ImageSet, TrainSettings, fit_decoder
 
 log = logging.getLogger("bench.detection")
 # The first victim is built with every thread (nothing trains yet), so it is the implant that gains most
@@ -395,8 +395,7 @@ def dede_rows(
     methods = [("dede-score", DEDE, DEDE_RULE), ("dede-paper", PAPER, PAPER_RULE)]
     if ablation:
         methods += [(name, settings, DEDE_RULE) for name, settings in ABLATION.items()]
-    holdout_idx = split_holdout(images.keys, DECODER_TRAINING.holdout)[1]
-    holdout = Embedded(images.pixels[holdout_idx], fitted.embeddings[holdout_idx], "holdout")
+    holdout = Embedded(images.pixels[fitted.holdout], fitted.embeddings[fitted.holdout], "holdout")
     rows, classes = [], {}
     for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, embedded.clean, settings)
@@ -407,7 +406,7 @@ def dede_rows(
         )
         clean = None
         if method == "dede-score":
-            held_triggered = None if triggered is None else triggered[holdout_idx]
+            held_triggered = None if triggered is None else triggered[fitted.holdout]
             rows += collapse_rows(attack, train_data, suffix, tests, fitted, embedded, c, t, held_triggered)
             classes = by_class(c, t, tests, resolve_threshold(parse_rule(rule), calibration))
             if held_triggered is not None:

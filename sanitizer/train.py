@@ -193,8 +193,8 @@ def train_epoch(
 ) -> float:
     """One pass in a seeded order; returns the mean loss over hidden patches (of the images kept).
 
-    The losses stay on the device until the epoch ends (the progress bar reads one every 25 steps),
-    so the host never waits for the device mid-epoch.
+    The losses stay on the device until the epoch ends, so the host waits for the device mid-epoch
+    only when the progress bar reads one (every 25 steps).
     """
     device = encoder.device
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)

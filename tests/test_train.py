@@ -185,7 +185,9 @@ def test_second_pass_leaves_out_the_images_the_first_rebuilds_worst(tiny_encoder
     monkeypatch.setattr(train_module, "train_epoch", recording)
     scoring = ScoreSettings(num_masks=1)
     settings = TrainSettings(epochs=2, batch_size=32, refit=0.2)
-    fit = fit_decoder(tiny_encoder, ImageSet(pixels, keys, Counter()), settings, scoring, TINY_MODEL, False)
+    fit = fit_decoder(
+        tiny_encoder, ImageSet(pixels, keys, Counter()), settings, scoring, TINY_MODEL, progress=False
+    )
 
     (first, every), (second, kept) = passes
     train_idx, _ = split_holdout(keys, settings.holdout)
@@ -210,7 +212,9 @@ def test_a_fit_embeds_each_image_once_and_returns_the_embeddings(tiny_encoder, m
 
     monkeypatch.setattr(train_module, "embed_pixels", counting)
     scoring, settings = ScoreSettings(num_masks=1), TrainSettings(epochs=1, batch_size=16, holdout=0.2)
-    fit = fit_decoder(tiny_encoder, ImageSet(pixels, keys, Counter()), settings, scoring, TINY_MODEL, False)
+    fit = fit_decoder(
+        tiny_encoder, ImageSet(pixels, keys, Counter()), settings, scoring, TINY_MODEL, progress=False
+    )
     assert embedded == [60]
     assert np.array_equal(fit.embeddings, embed_pixels(tiny_encoder, pixels))
     holdout = split_holdout(keys, settings.holdout)[1]

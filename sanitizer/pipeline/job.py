@@ -1,7 +1,8 @@
 """`sanitizer score`: every input shard -> a manifest part and a stats marker, resumably.
 
-Ray only orchestrates: CPU tasks read and decode shards, a pool of actors (one per GPU, or CPU
-actors) runs encoder + decoder, and the driver writes each shard's outputs as it completes. The
+Ray only orchestrates: on GPUs, CPU tasks read and decode shards for a pool of actors (one per GPU)
+that runs encoder + decoder; on CPUs each actor reads its own shards too. The driver writes each
+shard's outputs as it completes. The
 same two stages also run in one process without Ray (`workers=0`), for benchmarks and small jobs.
 Re-running a job skips finished shards; a finished job re-run changes nothing.
 """
@@ -129,12 +130,9 @@ def normalised_identity(identity: dict | None) -> dict | None:
 
 
 def versions() -> dict:
-    import pyarrow
-    import torch
-
     import sanitizer
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "pyarrow": pyarrow.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "pyarrow": pa.__version__}
     out["sanitizer"] = getattr(sanitizer, "__version__", "dev")
     try:
         import ray
@@ -333,8 +331,9 @@ def still_clean(run: RunDir, previous: dict, scored: int, reflagged: int) -> dic
 
 
 def batch_shape(job: ScoreJob, device, image_size: int) -> tuple[int, int]:
-    """(micro_batch, batch_size): the model's fixed batch, and rows per scoring call. A call is whole
-    micro-batches (no padding wasted), at most 8 and ~64 MiB of pixels (Ray's object store holds them)."""
+    """(micro_batch, batch_size): the model's fixed batch, and rows per scoring call. By default a call
+    is whole micro-batches (no padding wasted), at most 8 and ~64 MiB of pixels (Ray's object store
+    holds them); --batch-size sets it instead."""
     if job.micro_batch:
         micro = job.micro_batch
     elif device.type == "cuda":
