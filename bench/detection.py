@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shlex
 import sys
@@ -39,7 +40,7 @@ from sanitizer.collapse import (
     neighbour_similarity,
     thumbnail,
 )
-from sanitizer.device import precision
+from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
 from sanitizer.errors import SanitizerError
 from sanitizer.redteam import datasets
@@ -69,6 +70,7 @@ log = logging.getLogger("bench.detection")
 ATTACKS = ("ctrl", "clip-backdoor", "blend", "badencoder", "drupe")
 POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"
+DATA_SIZE = 32  # px: Fashion-MNIST's 28 px grey, resized to 32 px RGB by datasets.fashion_mnist
 SEED = 0
 RESULTS = Path(__file__).parent / "results"
 # An attack whose victim ASR stays below this did not implant: the victim has no backdoor, so its rows
@@ -1093,17 +1095,46 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
         raise SystemExit(f"--encoder-weights: no such file {args.encoder_weights}")
     own = BaseEncoder(args.encoder, args.encoder_weights, args.image_size) if args.encoder else None
     default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
-    attacks = tuple(a for a in (args.attacks or ",".join(default)).split(",") if a)
+    given = args.attacks if args.attacks is not None else ",".join(default)
+    attacks = tuple(a for a in given.split(",") if a)
+    if not attacks:
+        raise SystemExit(f"--attacks {given!r} names no attack; choose from {', '.join(ATTACKS)}")
     unknown = sorted(set(attacks) - set(ATTACKS))
     if unknown:
         raise SystemExit(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
+    twice = sorted(a for a in set(attacks) if attacks.count(a) > 1)
+    if twice:
+        raise SystemExit(f"--attacks names {', '.join(twice)} more than once")
     trained_here = sorted(set(attacks) - set(FINE_TUNED))
     if own and trained_here:
         raise SystemExit(
             f"{', '.join(trained_here)} poison the training of a victim built here, so --encoder does "
             f"not apply to them; --encoder works with {', '.join(FINE_TUNED)}"
         )
+    if own is not None:
+        check_input_size(own)
     return own, attacks
+
+
+def check_input_size(own: BaseEncoder) -> None:
+    """The benchmark's images are DATA_SIZE px and are not resized: an encoder that takes another size
+    is refused here, not after its implant."""
+    try:
+        size = own.load("cpu").preprocess.image_size
+    except SanitizerError as e:
+        raise SystemExit(f"--encoder: {e}") from None
+    if size != DATA_SIZE:
+        raise SystemExit(
+            f"{own.spec} takes {size} px images and the benchmark's are {DATA_SIZE} px (Fashion-MNIST, "
+            f"not resized): give --image-size {DATA_SIZE} if it accepts them"
+        )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Where the results go, checked before minutes of work rather than after."""
+    for flag, path in (("--json", args.json), ("--md", args.md)):
+        if path is not None and (path.is_dir() or not os.access(path.parent, os.W_OK)):
+            raise SystemExit(f"{flag} {path}: not a file this process can write")
 
 
 def decoder_training(args: argparse.Namespace, sizes: Sizes) -> TrainSettings:
@@ -1120,9 +1151,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(SEED)
     started = time.time()
     sizes = QUICK if args.quick else FULL
+    try:
+        resolve_device(args.device)
+    except SanitizerError as e:
+        raise SystemExit(f"detection: {e}") from None
+    check_outputs(args)
     own, attacks = chosen_victims(args)
     training = decoder_training(args, sizes)
-    data = load_data(sizes)
+    try:
+        data = load_data(sizes)
+    except SanitizerError as e:  # the data are not installed: bench/install_data.sh, it says
+        raise SystemExit(f"detection: {e}") from None
     header = {
         "command": " ".join(
             shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]

@@ -27,11 +27,9 @@ def test_default_is_every_attack_on_the_benchmark_victims():
     assert choose() == (None, D.ATTACKS)
 
 
-def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order(tmp_path):
-    weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")
-    own, attacks = choose("--encoder", "timm:resnet18_cifar", "--encoder-weights", str(weights))
-    assert own == D.BaseEncoder("timm:resnet18_cifar", weights, None)
+def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
+    own, attacks = choose("--encoder", "timm:resnet18_cifar")
+    assert own == D.BaseEncoder("timm:resnet18_cifar", None, None)
     assert attacks == ("blend", "badencoder", "drupe")
     assert choose("--encoder", "timm:resnet18_cifar", "--attacks", "drupe")[1] == ("drupe",)
 
@@ -62,12 +60,32 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order(tmp_path):
             ["--attacks", "badencoder,badnets"],
             "unknown attacks ['badnets']; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
         ),
+        (
+            ["--attacks", ""],
+            "--attacks '' names no attack; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
+        ),
+        (
+            ["--attacks", ","],
+            "--attacks ',' names no attack; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
+        ),
+        (["--attacks", "drupe,blend,drupe"], "--attacks names drupe more than once"),
+        (
+            ["--encoder", "timm:resnet18"],  # ImageNet's 224 px: it would fail only after its implant
+            "timm:resnet18 takes 224 px images and the benchmark's are 32 px (Fashion-MNIST, not resized): "
+            "give --image-size 32 if it accepts them",
+        ),
     ],
 )
 def test_bad_choices_exit_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         choose(*argv)
     assert str(e.value) == message
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    for argv in (["--json", str(tmp_path)], ["--md", str(tmp_path / "absent" / "t.md")]):
+        with pytest.raises(SystemExit, match="not a file this process can write"):
+            D.check_outputs(D.parse_args(argv))
 
 
 def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
