@@ -51,6 +51,25 @@ def test_triggers_keep_shape_dtype_and_are_deterministic(name):
     assert np.array_equal(x, synthetic_images(4, 32, seed=3))  # the input is not modified
 
 
+@pytest.mark.parametrize("name", sorted(TRIGGERS))
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (2, 32, 7, 3)])
+def test_triggers_refuse_images_too_small_to_place_them(name, shape):
+    """Below 16 px a side BadEncoder's square started off the image and the CLIP patch did not fit."""
+    with pytest.raises(
+        ValueError, match=f"images of {shape[1]}x{shape[2]} px: the triggers need 16 px a side"
+    ):
+        TRIGGERS[name](np.zeros(shape, np.uint8))
+
+
+def test_trigger_strengths_that_are_not_numbers_are_refused():
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], not nan"):
+        blend(grey(), alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        blend(grey(), alpha=1.5)
+    with pytest.raises(ValueError, match="magnitude must be a finite number, not nan"):
+        ctrl(grey(), magnitude=float("nan"))
+
+
 def test_badencoder_patch_is_the_reference_square():
     assert badencoder_box(32) == (21, 10) and badencoder_box(224) == (173, 50)
     out = badencoder_patch(grey())

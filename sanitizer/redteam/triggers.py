@@ -19,9 +19,18 @@ _RGB_TO_YUV = np.array(
 _YUV_TO_RGB = np.linalg.inv(_RGB_TO_YUV)
 
 
+# The smallest side the triggers are placed on as their papers place them: BadEncoder's square
+# scaled down and the CLIP patch's 8 px floor still leave most of the image as it was.
+MIN_SIDE = 16
+
+
 def _check(pixels: np.ndarray) -> None:
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    if min(pixels.shape[1:3]) < MIN_SIDE:
+        raise ValueError(
+            f"images of {pixels.shape[1]}x{pixels.shape[2]} px: the triggers need {MIN_SIDE} px a side"
+        )
 
 
 def badencoder_box(size: int) -> tuple[int, int]:
@@ -51,6 +60,8 @@ def blend_pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
 def blend(pixels: np.ndarray, alpha: float = 0.15, seed: int = 0) -> np.ndarray:
     """The classic blended trigger: (1 - alpha) * image + alpha * a fixed random pattern, rounded."""
     _check(pixels)
+    if not 0 <= alpha <= 1:  # NaN included
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
     pattern = blend_pattern(pixels.shape[1], pixels.shape[2], seed).astype(np.float32)
     mixed = (1 - alpha) * pixels.astype(np.float32) + alpha * pattern
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
@@ -76,6 +87,8 @@ def ctrl(pixels: np.ndarray, magnitude: float = 100.0) -> np.ndarray:
     RGB -> YUV, 2-D DCT of the whole image per channel, add, inverse DCT, YUV -> RGB, round and clamp.
     """
     _check(pixels)
+    if not np.isfinite(magnitude):
+        raise ValueError(f"magnitude must be a finite number, not {magnitude}")
     n, h, w, _ = pixels.shape
     yuv = pixels.astype(np.float64) @ _RGB_TO_YUV.T
     dh, dw = dct_matrix(h), dct_matrix(w)
