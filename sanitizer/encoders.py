@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KINDS = ("timm", "open_clip", "torchscript", "export")
+MODEL_KINDS = ("timm", "open_clip")  # built here by name; their weights are plain tensors
+FILE_KINDS = ("torchscript", "export")  # whole models read from a file
+KINDS = (*MODEL_KINDS, *FILE_KINDS)
 # Small open_clip architectures of the package's own (e.g. for the red-team kit's CLIP victim).
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "configs" / "open_clip"
 
@@ -271,7 +273,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, name = spec.partition(":")
     if not sep or kind not in _BUILDERS or not name:
         raise UsageError(f"encoder spec {spec!r} is not one of {', '.join(k + ':NAME' for k in KINDS)}")
-    if kind in ("torchscript", "export") and not Path(name).is_file():
+    if kind in FILE_KINDS and not Path(name).is_file():
         raise EncoderError(f"encoder file not found: {name}")
     return kind, name
 
@@ -279,7 +281,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def canonical_spec(spec: str) -> str:
     """File-based specs with an absolute path, so a decoder directory works from any directory."""
     kind, name = parse_spec(spec)
-    return f"{kind}:{Path(name).resolve()}" if kind in ("torchscript", "export") else spec
+    return f"{kind}:{Path(name).resolve()}" if kind in FILE_KINDS else spec
 
 
 def load_encoder(
@@ -293,7 +295,7 @@ def load_encoder(
     """Build, load, freeze and probe the encoder; flags override the model's own preprocessing."""
     kind, name = parse_spec(spec)
     weights = Path(weights) if weights else None
-    if weights is None and kind in ("timm", "open_clip"):
+    if weights is None and kind in MODEL_KINDS:
         log.warning("%s has no --encoder-weights: using seeded random weights", spec)
     module, own = _BUILDERS[kind](name, weights)
     if own is None and image_size is None:
@@ -305,7 +307,7 @@ def load_encoder(
     freeze(module)
     digest = weights_sha256(module)
     module = module.to(device)
-    if torch.device(device).type == "cuda" and kind in ("timm", "open_clip"):
+    if torch.device(device).type == "cuda" and kind in MODEL_KINDS:
         # normalize() already hands over NHWC-strided images; NHWC weights spare cuDNN a conversion.
         module = module.to(memory_format=torch.channels_last)
     encoder = VictimEncoder(spec, module, preprocess, 0, digest)

@@ -349,7 +349,7 @@ def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
     machine's device, but for a job that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job
     submit` sets it): its driver runs on the head node, which often has no GPU, so `auto` and `cuda`
     mean the cluster's GPUs, and a cluster without GPUs is filled with one single-CPU actor per CPU."""
-    address = job.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(job.ray_address)
     if job.workers == 0 or job.device == "cpu" or address in (None, "", "local"):
         device = resolve_device(job.device)
         return device, local_workers(device)
@@ -502,6 +502,11 @@ def ray_tables(
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
+def cluster_address(given: str | None) -> str | None:
+    """--ray-address, else RAY_ADDRESS, as `ray job submit` sets it; None: a local Ray."""
+    return given or os.environ.get("RAY_ADDRESS")
+
+
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join a cluster when given an address; otherwise start a quiet local one."""
     import ray
@@ -512,7 +517,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    address = cluster_address(address)
     if address:
         check_reachable(address)
         ray.init(address=address, **kwargs)
@@ -555,7 +560,7 @@ def summarize(
     done = run.done(shards)
     for stem in done:
         statuses.update(run.read_stats(stem)["status_counts"])
-    failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if not run.is_done(s.stem)}
+    failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if s.stem not in done}
     return Summary(
         run_dir=run.root,
         shards=len(shards),
