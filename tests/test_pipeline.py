@@ -152,6 +152,18 @@ def test_shard_order_does_not_change_scores(tmp_path, local_run, tiny_decoder_di
         ).read_bytes()
 
 
+def test_a_run_resumes_with_its_shards_listed_in_another_order(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards
+):
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    reordered = ",".join(str(p) for p in sorted(tiny_shards.glob("*.tar"), reverse=True))
+    assert score(tiny_decoder_dir, reordered, run, workers=0).shards_done == 3  # not "another input"
+    before = {k: v for k, v in tree_digest(local_run[0]).items() if k.startswith(("manifest/", "stats/"))}
+    assert {k: v for k, v in tree_digest(run).items() if k in before} == before
+    assert verify_run(run) == []
+
+
 def test_second_job_on_the_same_run_dir_is_refused(tmp_path, tiny_decoder_dir, tiny_shards):
     with (
         RunDir(tmp_path / "busy").lock(),

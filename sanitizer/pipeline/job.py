@@ -119,12 +119,21 @@ def initial_threshold(rule: ThresholdRule, settings: ScoreSettings, meta: dict) 
 
 
 def normalised_identity(identity: dict | None) -> dict | None:
-    """A saved run identity with its scoring settings in today's form, so that a run begun by an
-    earlier version (before error_pool, error or relax_steps was saved) resumes instead of being refused."""
+    """A run identity as two jobs compare it: its shards in stem order (stems and scores do not depend
+    on the order they are listed in), and its scoring settings in today's form, so that a run begun by
+    an earlier version (before error_pool, error or relax_steps was saved) resumes instead of being
+    refused."""
     if not isinstance(identity, dict) or not isinstance(identity.get("scoring"), dict):
         return identity  # none, or not one this version wrote: it matches no job
+    shards = identity.get("shards")
+    if isinstance(shards, list) and all(isinstance(s, dict) for s in shards):
+        shards = sorted(shards, key=lambda s: str(s.get("stem")))
     try:
-        return {**identity, "scoring": ScoreSettings.from_dict(identity["scoring"]).to_dict()}
+        return {
+            **identity,
+            "shards": shards,
+            "scoring": ScoreSettings.from_dict(identity["scoring"]).to_dict(),
+        }
     except (TypeError, SanitizerError):
         return identity
 
@@ -236,7 +245,9 @@ def begin(run: RunDir, plan: JobPlan) -> dict | None:
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     previous = run.read_run()
-    if previous is not None and normalised_identity(previous.get("identity")) != plan.identity:
+    if previous is not None and normalised_identity(previous.get("identity")) != normalised_identity(
+        plan.identity
+    ):
         raise UsageError(
             f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
         )
