@@ -93,15 +93,15 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             info.setdefault("totals", {}).update(flagged_totals(run, done))
             info.pop("clean", None)
             run.write_run(info)
+        finished = set(done)  # up to MAX_SHARDS of them: a list would make these lookups quadratic
         sizes, kept, quarantined = {}, 0, 0
-        for shard in shards:
-            if shard.stem in done:
-                n_clean, n_quarantine = split_shard(run, shard)
-                sizes[shard.stem] = n_clean
-                kept, quarantined = kept + n_clean, quarantined + n_quarantine
+        for shard in (s for s in shards if s.stem in finished):
+            n_clean, n_quarantine = split_shard(run, shard)
+            sizes[shard.stem] = n_clean
+            kept, quarantined = kept + n_clean, quarantined + n_quarantine
         for path, content in run.sizes(sizes).items():
             write_json_atomic(path, content)
         info["clean"] = {"kept": kept, "quarantined": quarantined, "shards": len(sizes)}
         run.write_run(info)
-    skipped = [s.stem for s in shards if s.stem not in done]
+    skipped = [s.stem for s in shards if s.stem not in finished]
     return CleanSummary(len(sizes), kept, quarantined, value, skipped)

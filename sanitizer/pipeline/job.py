@@ -291,15 +291,17 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
     (which keeps `previous`'s record of clean while the flags it split by still hold)."""
     done = run.done(plan.shards)
     threshold = plan.threshold
-    if plan.rule.needs_scores and len(scores := ok_scores(run, done)):
-        threshold = resolve_threshold(plan.rule, None, scores)
-    elif plan.rule.needs_scores:  # the job still finishes: its failed shards and totals are recorded
-        log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
+    if plan.rule.needs_scores:
+        scores = ok_scores(run, done)
+        if len(scores):
+            threshold = resolve_threshold(plan.rule, None, scores)
+        else:  # the job still finishes: its failed shards and totals are recorded
+            log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
     collapse, reflagged = apply_flags(run, done, threshold, plan.collapse)
     collapse_rule = plan.config["collapse_rule"]
     thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
     thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": collapse_rule}
-    summary = summarize(run, plan.shards, collector, time.time() - started, thresholds)
+    summary = summarize(run, plan.shards, done, collector, time.time() - started, thresholds)
     run.write_run(
         plan.record(
             "complete" if not summary.failed_shards else "incomplete",
@@ -564,14 +566,20 @@ def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, 
 
 
 def summarize(
-    run: RunDir, shards: list[ShardRef], collector: ShardCollector, seconds: float, thresholds: dict
+    run: RunDir,
+    shards: list[ShardRef],
+    done: list[str],
+    collector: ShardCollector,
+    seconds: float,
+    thresholds: dict,
 ) -> Summary:
-    """Totals over the finished shards' stats; `thresholds` gives the Summary's threshold fields."""
+    """Totals over the finished shards' (`done`) stats; `thresholds` gives the Summary's threshold
+    fields."""
     statuses: Counter = Counter()
-    done = run.done(shards)
     for stem in done:
         statuses.update(run.read_stats(stem)["status_counts"])
-    failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if s.stem not in done}
+    finished = set(done)  # up to MAX_SHARDS of them: a list would make this quadratic
+    failed = {s.stem: collector.failed.get(s.stem, "not finished") for s in shards if s.stem not in finished}
     return Summary(
         run_dir=run.root,
         shards=len(shards),
