@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
 from sanitizer.encoders import Preprocess, VictimEncoder
 from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
-from sanitizer.records import RecordError, check_fields, read_object
+from sanitizer.records import RecordError, check_fields, parse_object, read_object
 from sanitizer.scoring import ScoreSettings
 
 FORMAT = "sanitizer-dede-decoder/1"
@@ -30,12 +30,17 @@ WEIGHTS = "decoder.safetensors"
 META = "decoder.json"
 HOLDOUT = "holdout.safetensors"  # the held-out images' sketches and thumbnails, for the collapse pass
 STATE_DIR = ".checkpoint"
+STATE = "state.safetensors"  # in STATE_DIR: the unfinished training run's checkpoint
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Plain tensors as safetensors, atomically, with the permissions the umask gives every other file
-    (safetensors' save_file makes them 0600: unreadable to the workers of a shared filesystem)."""
-    write_bytes_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Plain tensors (and string metadata) as safetensors, atomically, with the permissions the umask
+    gives every other file (safetensors' save_file makes them 0600: unreadable to the workers of a
+    shared filesystem)."""
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_bytes_atomic(path, save(plain, metadata=metadata))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -151,54 +156,61 @@ def check_encoder(meta: dict, encoder: VictimEncoder) -> None:
 def save_training_state(
     out_dir: Path, decoder: DedeDecoder, optimizer: torch.optim.Optimizer, progress: dict
 ) -> None:
-    """Model and Adam moments as safetensors; epoch and hyper-parameters as JSON."""
-    state_dir = out_dir / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Model and Adam moments as tensors, the progress (plan, epoch, losses, Adam's hyper-parameters) as
+    the file's metadata: one file, written atomically, so the epoch it states is the one its weights
+    are of, wherever the job is killed."""
     opt = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
     for index, slots in opt["state"].items():
         tensors.update({f"optim.{index}.{name}": t for name, t in slots.items()})
-    save_tensors(tensors, state_dir / "state.safetensors")
-    write_json_atomic(state_dir / "state.json", {**progress, "param_groups": opt["param_groups"]})
-
-
-def load_training_state(out_dir: Path, decoder: DedeDecoder, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore the last epoch's state into decoder and optimizer; None when there is none."""
-    state_dir = out_dir / STATE_DIR
-    if not (state_dir / "state.json").is_file():
-        return None
-    progress = json.loads((state_dir / "state.json").read_text())
-    tensors = _load_tensors(state_dir / "state.safetensors")
-    decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    slots: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        if name.startswith("optim."):
-            _, index, slot = name.split(".", 2)
-            slots.setdefault(int(index), {})[slot] = t
-    optimizer.load_state_dict({"state": slots, "param_groups": progress.pop("param_groups")})
-    return progress
+    progress = {**progress, "param_groups": opt["param_groups"]}
+    save_tensors(tensors, out_dir / STATE_DIR / STATE, {"progress": json.dumps(progress)})
 
 
 def read_training_progress(out_dir: Path) -> dict | None:
-    """The last checkpoint's plan, epoch and losses without loading its tensors; None when there is none."""
-    path = out_dir / STATE_DIR / "state.json"
+    """The last checkpoint's progress, read from its header without its tensors; None when there is none."""
+    path = out_dir / STATE_DIR / STATE
     if not path.is_file():
         return None
     try:
-        progress = read_object(path)
-        check_fields(progress, {"plan": dict, "epoch": int, "losses": list}, {})
-    except RecordError as e:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("progress")
+        if text is None:
+            raise RecordError("its metadata holds no training progress")
+        progress = parse_object(text)
+        check_fields(progress, {"plan": dict, "epoch": int, "losses": list, "param_groups": list}, {})
+    except (SafetensorError, OSError, RecordError) as e:
         raise CheckpointError(
             f"{path} is damaged: {e}; delete {out_dir / STATE_DIR} to start the training afresh"
         ) from None
     return progress
 
 
+def load_training_state(
+    out_dir: Path, progress: dict, decoder: DedeDecoder, optimizer: torch.optim.Optimizer
+) -> None:
+    """Restore the checkpoint whose progress read_training_progress returned into decoder and optimizer."""
+    path = out_dir / STATE_DIR / STATE
+    tensors = _load_tensors(path)
+    try:
+        decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            if name.startswith("optim."):
+                _, index, slot = name.split(".", 2)
+                slots.setdefault(int(index), {})[slot] = t
+        optimizer.load_state_dict({"state": slots, "param_groups": progress["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path} does not fit this decoder: {str(e).splitlines()[0]}; delete {out_dir / STATE_DIR} "
+            "to start the training afresh"
+        ) from None
+
+
 def clear_training_state(out_dir: Path) -> None:
     """Once the decoder is saved: the checkpoint, and any temp file a killed checkpoint write left."""
     state_dir = out_dir / STATE_DIR
-    for name in ("state.safetensors", "state.json"):
-        (state_dir / name).unlink(missing_ok=True)
+    (state_dir / STATE).unlink(missing_ok=True)
     if state_dir.is_dir():
         remove_stale_temps(state_dir)
         state_dir.rmdir()

@@ -15,8 +15,17 @@ class RecordError(ValueError):
 def read_object(path: Path) -> dict:
     """The JSON object in `path`; RecordError when it is not valid JSON or not an object."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"not valid JSON ({e})") from None
+    return parse_object(text)
+
+
+def parse_object(text: str) -> dict:
+    """The JSON object in `text`; RecordError when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
         raise RecordError(f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise RecordError(f"a JSON {type(value).__name__}, not an object")

@@ -251,6 +251,7 @@ class _Pass:
     settings: TrainSettings
     epochs: int
     resume_dir: Path | None
+    saved: dict | None  # the checkpoint in resume_dir when the run started (read_training_progress)
     progress: bool
 
     def epochs_of(self, number: int) -> int:
@@ -294,7 +295,7 @@ class _Pass:
         plan = self.plan(number, left_out)
         state = self._resumable_state(plan, decoder, optimizer)
         start_epoch = state["epoch"] if state else 0
-        losses = state["losses"] if state else []
+        losses = list(state["losses"]) if state else []
         epochs = self.epochs_of(number)
         total_steps = epochs * math.ceil(len(keep) / s.batch_size)
         bar = tqdm(
@@ -323,10 +324,9 @@ class _Pass:
     def _resumable_state(
         self, plan: dict, decoder: DedeDecoder, optimizer: torch.optim.Optimizer
     ) -> dict | None:
-        """The checkpoint's progress, loaded into decoder and optimizer, when it is of this pass; None
-        when there is none or it is the finished first pass, where the second starts afresh."""
-        saved = checkpoint.read_training_progress(self.resume_dir) if self.resume_dir else None
-        first_pass = self.plan(1, [])
+        """The saved checkpoint's progress, loaded into decoder and optimizer, when it is of this pass;
+        None when there is none or it is the finished first pass, where the second starts afresh."""
+        saved, first_pass = self.saved, self.plan(1, [])
         if saved is None or (plan != first_pass and saved["plan"] == first_pass):
             return None
         if saved["plan"] != plan:
@@ -334,7 +334,8 @@ class _Pass:
                 f"{self.resume_dir} holds an unfinished training run with other settings, encoder weights or "
                 f"data; use another --out, or delete {self.resume_dir / checkpoint.STATE_DIR} to start afresh"
             )
-        return checkpoint.load_training_state(self.resume_dir, decoder, optimizer)
+        checkpoint.load_training_state(self.resume_dir, saved, decoder, optimizer)
+        return saved
 
 
 def worst_rebuilt(scores: np.ndarray, share: float) -> list[int]:
@@ -375,9 +376,11 @@ def fit_decoder(
     embeddings = embed_pixels(encoder, images.pixels)
     pixels = images.pixels[train_idx]
     epochs = settings.epochs or auto_epochs(len(pixels))
-    training = _Pass(encoder, config, pixels, embeddings[train_idx], settings, epochs, resume_dir, progress)
-    saved = (checkpoint.read_training_progress(resume_dir) or {}) if resume_dir else {}
-    if settings.refit and saved.get("plan", {}).get("pass") == 2:
+    saved = checkpoint.read_training_progress(resume_dir) if resume_dir else None
+    training = _Pass(
+        encoder, config, pixels, embeddings[train_idx], settings, epochs, resume_dir, saved, progress
+    )
+    if settings.refit and saved and saved["plan"].get("pass") == 2:
         left_out = saved["plan"]["left_out"]  # the first pass had finished before the interruption
     else:
         decoder, losses = training.run(1, [])

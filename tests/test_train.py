@@ -1,4 +1,6 @@
+import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -126,6 +128,40 @@ def test_resume_after_interruption_equals_uninterrupted(
         **read_meta(tmp_path / "full")["training"], "seconds": ANY, "data": ANY
     }  # fmt: skip
     assert not (tmp_path / "resumed/.checkpoint").exists()
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_from_an_epoch_that_matches_its_weights(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch
+):
+    """Killed right after the first file of epoch 2's checkpoint lands: whatever the checkpoint says it
+    holds must be what it holds, or the rerun trains an epoch twice and ends on other weights."""
+    settings = TrainSettings(epochs=3, batch_size=32, refit=0)
+    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+    train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "full", settings, **common)
+
+    real_epoch, real_replace, epochs = train_module.train_epoch, os.replace, []
+
+    def counting_epoch(*args, **kwargs):
+        epochs.append(args[6])
+        return real_epoch(*args, **kwargs)
+
+    def dies_after_epoch_2s_first_write(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if epochs == [0, 1] and ".checkpoint" in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_epoch", counting_epoch)
+    monkeypatch.setattr(os, "replace", dies_after_epoch_2s_first_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
+    monkeypatch.setattr(os, "replace", real_replace)
+    train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "resumed", settings, **common)
+    assert epochs == [0, 1, 2]  # epoch 2 was checkpointed whole: only epoch 3 is trained again
+    full = load_file(str(tmp_path / "full/decoder.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed/decoder.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    losses = [read_meta(tmp_path / d)["training"]["epoch_losses"] for d in ("full", "resumed")]
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize("change", ["weights", "data"])
@@ -487,12 +523,46 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_training(tmp_path, 
         )
 
 
-@pytest.mark.parametrize("state", ["garbage", "[1]", "{}", '{"plan": {}, "epoch": "1", "losses": []}'])
-def test_a_damaged_training_checkpoint_is_one_error_naming_it(tmp_path, tiny_shards, tiny_encoder, state):
-    (tmp_path / "d" / ".checkpoint").mkdir(parents=True)
-    (tmp_path / "d" / ".checkpoint" / "state.json").write_text(state)
+@pytest.mark.parametrize(
+    "progress",
+    [None, "garbage", "[1]", "{}", '{"plan": {}, "epoch": "1", "losses": [], "param_groups": []}',
+     '{"plan": {}, "epoch": 1, "losses": []}'],
+)  # fmt: skip
+def test_a_damaged_training_checkpoint_is_one_error_naming_it(tmp_path, tiny_shards, tiny_encoder, progress):
+    state = tmp_path / "d" / ".checkpoint" / "state.safetensors"
+    state.parent.mkdir(parents=True)
+    metadata = None if progress is None else {"progress": progress}
+    checkpoint_module.save_tensors({"model.x": torch.zeros(1)}, state, metadata)
     settings = TrainSettings(epochs=1, batch_size=32, refit=0)
-    with pytest.raises(CheckpointError, match=r"state.json is damaged: .*; delete .*\.checkpoint to start"):
+    with pytest.raises(
+        CheckpointError, match=r"state.safetensors is damaged: .*; delete .*\.checkpoint to start"
+    ):
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
+    state.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"state.safetensors is damaged: .*; delete"):
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_the_decoder_is_one_error_naming_it(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch
+):
+    """Progress that matches the run, tensors that do not fit it (a file put together by hand)."""
+    settings = TrainSettings(epochs=2, batch_size=32, refit=0)
+    real_epoch = train_module.train_epoch
+
+    def dies_in_second_epoch(*args, **kwargs):
+        if args[6] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
+    monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+    progress = checkpoint_module.read_training_progress(tmp_path / "d")
+    state = tmp_path / "d" / ".checkpoint" / "state.safetensors"
+    checkpoint_module.save_tensors({"model.x": torch.zeros(1)}, state, {"progress": json.dumps(progress)})
+    with pytest.raises(CheckpointError, match=r"state.safetensors does not fit this decoder: .*; delete"):
         train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
 
 
