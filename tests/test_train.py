@@ -164,13 +164,8 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_an_epoch_that_matches_its
     assert losses[0] == losses[1]
 
 
-@pytest.mark.parametrize("change", ["weights", "data"])
-def test_an_unfinished_run_is_not_resumed_with_other_weights_or_other_data(
-    tmp_path, tiny_shards, tiny_encoder, monkeypatch, change
-):
-    """Same settings and the same number of images, so only the inputs tell the runs apart."""
-    settings = TrainSettings(epochs=2, batch_size=32, refit=0)
-    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+def killed_in_second_epoch(monkeypatch, train) -> None:
+    """Call train() with the job killed as its second epoch starts: its checkpoint holds the first."""
     real_epoch = train_module.train_epoch
 
     def dies_in_second_epoch(*args, **kwargs):
@@ -180,8 +175,20 @@ def test_an_unfinished_run_is_not_resumed_with_other_weights_or_other_data(
 
     monkeypatch.setattr(train_module, "train_epoch", dies_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "d", settings, **common)
+        train()
     monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+
+
+@pytest.mark.parametrize("change", ["weights", "data"])
+def test_an_unfinished_run_is_not_resumed_with_other_weights_or_other_data(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch, change
+):
+    """Same settings and the same number of images, so only the inputs tell the runs apart."""
+    settings = TrainSettings(epochs=2, batch_size=32, refit=0)
+    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+    killed_in_second_epoch(
+        monkeypatch, lambda: train_decoder(tiny_encoder, str(tiny_shards), tmp_path / "d", settings, **common)
+    )
     encoder, data = tiny_encoder, tiny_shards
     if change == "weights":
         encoder = load_encoder(TINY_ENCODER, image_size=32)
@@ -548,17 +555,9 @@ def test_a_checkpoint_whose_tensors_do_not_fit_the_decoder_is_one_error_naming_i
 ):
     """Progress that matches the run, tensors that do not fit it (a file put together by hand)."""
     settings = TrainSettings(epochs=2, batch_size=32, refit=0)
-    real_epoch = train_module.train_epoch
-
-    def dies_in_second_epoch(*args, **kwargs):
-        if args[6] == 1:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
-    monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+    killed_in_second_epoch(
+        monkeypatch, lambda: train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
+    )
     progress = checkpoint_module.read_training_progress(tmp_path / "d")
     state = tmp_path / "d" / ".checkpoint" / "state.safetensors"
     checkpoint_module.save_tensors({"model.x": torch.zeros(1)}, state, {"progress": json.dumps(progress)})
