@@ -142,10 +142,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"final loss {t['epoch_losses'][-1]:.4f}; calibrated on {meta['calibration']['n']} held-out images\n"
         f"decoder: {args.out}"
     )
-    unreadable = t["decode_statuses"].get("unreadable_shard", 0)
-    if unreadable:  # trained without them, as score goes on without them: finished, but incomplete
-        print(f"{unreadable} shard(s) could not be read as tars and were left out (see the warnings above)")
-    return EXIT_INCOMPLETE if unreadable else EXIT_OK
+    for failed in t["failed_shards"]:  # trained without them, as score goes on: finished, but incomplete
+        print(f"left out {failed['url']}: {failed['error']}")
+    return EXIT_INCOMPLETE if t["failed_shards"] else EXIT_OK
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:

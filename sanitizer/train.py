@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -115,11 +115,13 @@ class ImageSet:
     pixels: np.ndarray  # (N, H, W, 3) uint8
     keys: list[str]
     statuses: Counter  # decode outcome of every sample read, "ok" included
+    # {"url", "error"} of each shard left out because it could not be read (none for images in memory)
+    failed_shards: list[dict] = field(default_factory=list)
 
 
 def load_images(data: str, size: int, max_samples: int) -> ImageSet:
     """Decodable images from shards, up to max_samples; every other sample is counted, not fatal."""
-    pixels, keys, statuses = [], [], Counter()
+    pixels, keys, statuses, failed = [], [], Counter(), []
     for shard in expand_shards(data):
         try:
             for sample in iter_samples(shard.url):
@@ -132,13 +134,14 @@ def load_images(data: str, size: int, max_samples: int) -> ImageSet:
                     break
         except ShardError as e:
             statuses["unreadable_shard"] += 1
+            failed.append({"url": e.url, "error": e.message})
             log.warning("skipping %s", e)
         if len(keys) >= max_samples:
             break
     if len(keys) < MIN_IMAGES:
         found = ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "no samples"
         raise UsageError(f"{data} has {len(keys)} decodable images ({found}); training needs {MIN_IMAGES}")
-    return ImageSet(np.stack(pixels), keys, statuses)
+    return ImageSet(np.stack(pixels), keys, statuses, failed)
 
 
 # Fewer held-out images than this pin a quantile threshold down poorly (the 0.97 quantile of 100 is
@@ -452,6 +455,7 @@ def train_decoder(
             "n_train": fit.n_train,
             "left_out": fit.left_out,
             "decode_statuses": dict(sorted(images.statuses.items())),
+            "failed_shards": images.failed_shards,
             "epoch_losses": [round(x, 6) for x in fit.losses],
             "seconds": round(fit.seconds, 1),
         },

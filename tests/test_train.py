@@ -351,9 +351,13 @@ def test_cli_train_leaving_out_a_shard_that_is_not_a_tar_finishes_incomplete(tmp
     (data / "shard-000009.tar").write_bytes(b"not a tar" * 100)
     argv = [*BASE, "--data", str(data), "--out", str(tmp_path / "dec"), "--device", "cpu", *TINY_ARGS]
     code, out, err = run_cli(capsys, *argv)
-    assert code == 1 and "1 shard(s) could not be read as tars and were left out" in out
+    left_out = f"left out {data / 'shard-000009.tar'}: not a readable tar file"
+    assert code == 1 and left_out in out
     assert "skipping" in err and "shard-000009.tar" in err
-    assert read_meta(tmp_path / "dec")["training"]["decode_statuses"]["unreadable_shard"] == 1
+    training = read_meta(tmp_path / "dec")["training"]
+    assert training["decode_statuses"]["unreadable_shard"] == 1
+    assert training["failed_shards"] == [{"url": str(data / "shard-000009.tar"), "error": ANY}]
+    assert training["failed_shards"][0]["error"].startswith("not a readable tar file")
 
 
 @pytest.fixture(scope="module")
