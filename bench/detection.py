@@ -57,7 +57,7 @@ from sanitizer.redteam.implant import (
 )
 from sanitizer.redteam.metrics import knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
-from sanitizer.redteam.triggers import TRIGGERS, Trigger
+from sanitizer.redteam.triggers import MIN_SIDE, TRIGGERS, Trigger
 from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
@@ -70,7 +70,7 @@ log = logging.getLogger("bench.detection")
 ATTACKS = ("ctrl", "clip-backdoor", "blend", "badencoder", "drupe")
 POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"
-DATA_SIZE = 32  # px: Fashion-MNIST's 28 px grey, resized to 32 px RGB by datasets.fashion_mnist
+DATA_SIZE = 32  # px: the victims built here take Fashion-MNIST's 28 px grey resized to 32 px RGB
 SEED = 0
 RESULTS = Path(__file__).parent / "results"
 # An attack whose victim ASR stays below this did not implant: the victim has no backdoor, so its rows
@@ -161,11 +161,11 @@ class Data:
     trigger_source: tuple[np.ndarray, np.ndarray]  # non-target test images that get the trigger
 
 
-def load_data(s: Sizes) -> Data:
-    """Disjoint slices of Fashion-MNIST (fixed order) and MNIST digits as OOD data."""
-    x, y = datasets.fashion_mnist("train")
-    xt, yt = datasets.fashion_mnist("test")
-    ood, _ = datasets.mnist()
+def load_data(s: Sizes, size: int = DATA_SIZE) -> Data:
+    """Disjoint slices of Fashion-MNIST (fixed order) and MNIST digits as OOD data, at `size` px. Only
+    the slices taken are resized: at an encoder's 224 px the whole of both would be 12 GB."""
+    (x, y), (xt, yt) = datasets.fashion_mnist_grey("train"), datasets.fashion_mnist_grey("test")
+    ood = datasets.mnist_grey()[0]
     rng = np.random.default_rng(SEED)
     order, test_order = rng.permutation(len(x)), rng.permutation(len(xt))
     cuts = np.cumsum([s.pretrain, s.shadow, 500, s.probe, s.decoder])
@@ -175,9 +175,13 @@ def load_data(s: Sizes) -> Data:
     test, rest = test_order[: s.test_clean], test_order[s.test_clean :]
     trig = rest[yt[rest] != TARGET][:n_trig]
     ood = ood[np.random.default_rng(SEED).permutation(len(ood))[: s.decoder]]
+
+    def px(grey: np.ndarray) -> np.ndarray:
+        return datasets.resize_grey(grey, size)
+
     return Data(
-        (x[pre], y[pre]), x[sha], x[ref], (x[pro], y[pro]), (x[dec], y[dec]), ood, (xt[test], yt[test]),
-        (xt[trig], yt[trig]),
+        (px(x[pre]), y[pre]), px(x[sha]), px(x[ref]), (px(x[pro]), y[pro]), (px(x[dec]), y[dec]), px(ood),
+        (px(xt[test]), yt[test]), (px(xt[trig]), yt[trig]),
     )  # fmt: skip
 
 
@@ -1044,7 +1048,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--image-size",
         type=int,
         default=None,
-        help="its input size (default: its own; the data are 32 px, so 32 keeps a CPU run short)",
+        help="its input size, which the data are resized to (default: its own; 32, the size of the "
+        "other victims' data, keeps a CPU run short)",
     )
     p.add_argument(
         "--trim",
@@ -1084,8 +1089,6 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
     """(the user's encoder or None, the attacks to run), or SystemExit with what is wrong."""
     if args.encoder is None and (args.encoder_weights or args.image_size):
         raise SystemExit("--encoder-weights and --image-size describe --encoder; give --encoder too")
-    if args.image_size is not None and args.image_size < 8:
-        raise SystemExit(f"--image-size must be at least 8, not {args.image_size}")
     if args.encoder is not None:
         try:
             parse_spec(args.encoder)
@@ -1111,23 +1114,23 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
             f"{', '.join(trained_here)} poison the training of a victim built here, so --encoder does "
             f"not apply to them; --encoder works with {', '.join(FINE_TUNED)}"
         )
-    if own is not None:
-        check_input_size(own)
-    return own, attacks
+    return (with_input_size(own) if own else None), attacks
 
 
-def check_input_size(own: BaseEncoder) -> None:
-    """The benchmark's images are DATA_SIZE px and are not resized: an encoder that takes another size
-    is refused here, not after its implant."""
+def with_input_size(own: BaseEncoder) -> BaseEncoder:
+    """`own` with the input size it is loaded at, which the data are resized to. Loading it once on the
+    CPU here refuses an encoder that does not load, or whose images are too small for the triggers,
+    before any work."""
     try:
         size = own.load("cpu").preprocess.image_size
     except SanitizerError as e:
         raise SystemExit(f"--encoder: {e}") from None
-    if size != DATA_SIZE:
+    if size < MIN_SIDE:
         raise SystemExit(
-            f"{own.spec} takes {size} px images and the benchmark's are {DATA_SIZE} px (Fashion-MNIST, "
-            f"not resized): give --image-size {DATA_SIZE} if it accepts them"
+            f"{own.spec} at {size} px: the triggers need images of at least {MIN_SIDE} px a side "
+            "(--image-size)"
         )
+    return replace(own, image_size=size)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -1159,7 +1162,7 @@ def main(argv: list[str] | None = None) -> dict:
     own, attacks = chosen_victims(args)
     training = decoder_training(args, sizes)
     try:
-        data = load_data(sizes)
+        data = load_data(sizes, own.image_size if own else DATA_SIZE)
     except SanitizerError as e:  # the data are not installed: bench/install_data.sh, it says
         raise SystemExit(f"detection: {e}") from None
     header = {

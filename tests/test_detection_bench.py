@@ -29,7 +29,7 @@ def test_default_is_every_attack_on_the_benchmark_victims():
 
 def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
     own, attacks = choose("--encoder", "timm:resnet18_cifar")
-    assert own == D.BaseEncoder("timm:resnet18_cifar", None, None)
+    assert own == D.BaseEncoder("timm:resnet18_cifar", None, 32)  # its own input size, filled in
     assert attacks == ("blend", "badencoder", "drupe")
     assert choose("--encoder", "timm:resnet18_cifar", "--attacks", "drupe")[1] == ("drupe",)
 
@@ -46,7 +46,11 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
             ["--encoder-weights", "w.safetensors"],
             "--encoder-weights and --image-size describe --encoder; give --encoder too",
         ),
-        (["--encoder", "timm:x", "--image-size", "4"], "--image-size must be at least 8, not 4"),
+        (
+            ["--encoder", "timm:resnet10_cifar_s", "--image-size", "12"],
+            "timm:resnet10_cifar_s at 12 px: the triggers need images of at least 16 px a side "
+            "(--image-size)",
+        ),
         (
             ["--encoder", "resnet18"],
             "--encoder: encoder spec 'resnet18' is not one of timm:NAME, open_clip:NAME, "
@@ -69,17 +73,46 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
             "--attacks ',' names no attack; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
         ),
         (["--attacks", "drupe,blend,drupe"], "--attacks names drupe more than once"),
-        (
-            ["--encoder", "timm:resnet18"],  # ImageNet's 224 px: it would fail only after its implant
-            "timm:resnet18 takes 224 px images and the benchmark's are 32 px (Fashion-MNIST, not resized): "
-            "give --image-size 32 if it accepts them",
-        ),
     ],
 )
 def test_bad_choices_exit_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         choose(*argv)
     assert str(e.value) == message
+
+
+def test_the_data_take_the_own_encoders_input_size():
+    """ImageNet's 224 px (it used to be refused, as the data were 32 px only); --image-size overrides it."""
+    assert choose("--encoder", "timm:resnet18")[0].image_size == 224
+    assert choose("--encoder", "timm:resnet18", "--image-size", "48")[0].image_size == 48
+
+
+def test_load_data_resizes_only_the_slices_it_takes(monkeypatch):
+    """At any size the same images in the same disjoint slices, each resized on its own: the 32 px data
+    are those resized whole (bit for bit), and at 224 px nothing but the slices is ever that large."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (800, 28, 28), dtype=np.uint8), np.arange(800) % 10
+    test = rng.integers(0, 256, (100, 28, 28), dtype=np.uint8), np.arange(100) % 10
+    digits = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), np.arange(60) % 10
+    monkeypatch.setattr(D.datasets, "fashion_mnist_grey", lambda split: train if split == "train" else test)
+    monkeypatch.setattr(D.datasets, "mnist_grey", lambda: digits)
+    sizes = replace(D.QUICK, pretrain=50, shadow=30, probe=40, decoder=60, test_clean=20)
+    small, large = D.load_data(sizes), D.load_data(sizes, 48)
+    whole = D.datasets.resize_grey(train[0], 32)
+    fields = ("pretrain", "shadow", "reference", "probe", "decoder", "ood", "test", "trigger_source")
+    for name in fields:
+        a, b = getattr(small, name), getattr(large, name)
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        assert a.shape[1:] == (32, 32, 3) and b.shape == (len(a), 48, 48, 3)
+
+    def rows_of(images: np.ndarray) -> list[int]:
+        return [int(np.flatnonzero((whole == img).all(axis=(1, 2, 3)))[0]) for img in images]
+
+    decoder, reference, shadow = rows_of(small.decoder[0]), rows_of(small.reference), rows_of(small.shadow)
+    assert np.array_equal(small.decoder[1], train[1][decoder]) and not set(decoder) & set(shadow)
+    assert np.array_equal(large.decoder[0], D.datasets.resize_grey(train[0][decoder], 48))
+    assert (train[1][reference] == D.TARGET).all() and (small.trigger_source[1] != D.TARGET).all()
+    assert len(small.pretrain[0]) == 50 and len(small.decoder[0]) == 60 and len(small.test[0]) == 20
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
@@ -375,11 +408,15 @@ def test_jobs_and_threads_must_be_positive(flag: str, value: str, capsys: pytest
 def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path, monkeypatch):
     """main() end to end on tiny data: each victim built, its decoders queued, then the rows."""
     monkeypatch.setattr(D, "QUICK", TINY)
-    monkeypatch.setattr(D, "load_data", lambda sizes: tiny_data(np.random.default_rng(0)))
+    data_sizes = []
+    monkeypatch.setattr(
+        D, "load_data", lambda sizes, size: data_sizes.append(size) or tiny_data(np.random.default_rng(0))
+    )
     monkeypatch.setattr(D, "IMPLANTED_ASR", 0.0)  # every tiny victim counts as implanted
     out = tmp_path / "r.json"
     argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
     D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path)])
+    assert data_sizes == [32]  # the encoder's input size
     result = json.loads(out.read_text())
     assert result["complete"] and result["jobs"] == 2 and set(result["attack_asr"]) == {"badencoder", "drupe"}
     assert {r["attack"] for r in result["rows"]} == {"badencoder", "drupe"}

