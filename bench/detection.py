@@ -111,13 +111,15 @@ QUICK = Sizes(
     clip=ContrastiveSettings(clean_epochs=12, poison_epochs=16, poison_rate=0.15, batch_size=128),
     decoder_model={},
 )
+# Fashion-MNIST has 60,000 training and 10,000 test images, and the slices are disjoint: they take
+# all 60,000 (split_indices checks) and the 50% test set pairs 3000 clean with 3000 triggered images.
 FULL = Sizes(
-    pretrain=50_000,
-    simclr_images=50_000,
-    shadow=10_000,
-    probe=10_000,
-    decoder=21_000,  # 19,000 trained on, 2000 (the package's most) held out
-    test_clean=9000,
+    pretrain=30_000,
+    simclr_images=30_000,
+    shadow=5000,
+    probe=5000,
+    decoder=19_500,  # 17,500 trained on, 2000 (the package's most) held out; OOD: MNIST's 10,000 digits
+    test_clean=6000,
     decoder_epochs=None,  # the package's automatic choice (about 200k image visits)
     implant=ImplantSettings(epochs=20, batch_size=64, lr=1e-4),
     simclr=ContrastiveSettings(clean_epochs=200, poison_epochs=200, poison_rate=0.01),
@@ -161,27 +163,50 @@ class Data:
     trigger_source: tuple[np.ndarray, np.ndarray]  # non-target test images that get the trigger
 
 
+REFERENCE_DRAW = 500  # training images the attacker's target-class reference images are drawn from
+
+
+def split_indices(s: Sizes, train_labels: np.ndarray, test_labels: np.ndarray, n_ood: int) -> dict:
+    """Positions of each of Data's slices: disjoint slices of one fixed order of Fashion-MNIST's
+    training images, the clean test images and the non-target test images that get the trigger, and
+    the OOD digits. A slice that the data cannot fill is an error, not a shorter slice."""
+    rng = np.random.default_rng(SEED)
+    order, test_order = rng.permutation(len(train_labels)), rng.permutation(len(test_labels))
+    wanted = [s.pretrain, s.shadow, REFERENCE_DRAW, s.probe, s.decoder]
+    if sum(wanted) > len(order):
+        raise ValueError(f"the sizes take {sum(wanted)} training images; the data have {len(order)}")
+    pretrain, shadow, reference, probe, decoder = np.split(order, np.cumsum(wanted))[:5]
+    test, rest = test_order[: s.test_clean], test_order[s.test_clean :]
+    trigger_source = rest[test_labels[rest] != TARGET][: s.test_clean // 2]
+    if len(trigger_source) < s.test_clean // 2:
+        raise ValueError(
+            f"the test images left after {s.test_clean} clean ones hold {len(trigger_source)} of another "
+            f"class than the target to trigger; the sizes take {s.test_clean // 2}"
+        )
+    return {
+        "pretrain": pretrain, "shadow": shadow, "reference": reference[train_labels[reference] == TARGET],
+        "probe": probe, "decoder": decoder, "test": test, "trigger_source": trigger_source,
+        "ood": np.random.default_rng(SEED).permutation(n_ood)[: s.decoder],
+    }  # fmt: skip
+
+
 def load_data(s: Sizes, size: int = DATA_SIZE) -> Data:
-    """Disjoint slices of Fashion-MNIST (fixed order) and MNIST digits as OOD data, at `size` px. Only
-    the slices taken are resized: at an encoder's 224 px the whole of both would be 12 GB."""
+    """Fashion-MNIST's slices (split_indices) and MNIST digits as OOD data, at `size` px. Only the
+    slices taken are resized: at an encoder's 224 px the whole of both would be 12 GB."""
     (x, y), (xt, yt) = datasets.fashion_mnist_grey("train"), datasets.fashion_mnist_grey("test")
     ood = datasets.mnist_grey()[0]
-    rng = np.random.default_rng(SEED)
-    order, test_order = rng.permutation(len(x)), rng.permutation(len(xt))
-    cuts = np.cumsum([s.pretrain, s.shadow, 500, s.probe, s.decoder])
-    pre, sha, ref, pro, dec = np.split(order, cuts)[:5]
-    ref = ref[y[ref] == TARGET]
-    n_trig = s.test_clean // 2
-    test, rest = test_order[: s.test_clean], test_order[s.test_clean :]
-    trig = rest[yt[rest] != TARGET][:n_trig]
-    ood = ood[np.random.default_rng(SEED).permutation(len(ood))[: s.decoder]]
+    at = split_indices(s, y, yt, len(ood))
 
     def px(grey: np.ndarray) -> np.ndarray:
         return datasets.resize_grey(grey, size)
 
+    def labelled(images: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return px(images[at[name]]), labels[at[name]]
+
     return Data(
-        (px(x[pre]), y[pre]), px(x[sha]), px(x[ref]), (px(x[pro]), y[pro]), (px(x[dec]), y[dec]), px(ood),
-        (px(xt[test]), yt[test]), (px(xt[trig]), yt[trig]),
+        labelled(x, y, "pretrain"), px(x[at["shadow"]]), px(x[at["reference"]]), labelled(x, y, "probe"),
+        labelled(x, y, "decoder"), px(ood[at["ood"]]), labelled(xt, yt, "test"),
+        labelled(xt, yt, "trigger_source"),
     )  # fmt: skip
 
 

@@ -87,6 +87,35 @@ def test_the_data_take_the_own_encoders_input_size():
     assert choose("--encoder", "timm:resnet18", "--image-size", "48")[0].image_size == 48
 
 
+@pytest.mark.parametrize("sizes", [D.QUICK, D.FULL], ids=["quick", "full"])
+def test_each_mode_takes_disjoint_slices_of_the_sizes_it_states(sizes):
+    """On Fashion-MNIST's shape (60,000 training and 10,000 test images, balanced classes) and MNIST's
+    10,000 digits. The full mode once asked for 91,500 training images and got empty probe, reference
+    and decoder slices."""
+    train, test = np.arange(60_000) % 10, np.arange(10_000) % 10
+    at = D.split_indices(sizes, train, test, 10_000)
+    for name in ("pretrain", "shadow", "probe", "decoder"):
+        assert len(at[name]) == getattr(sizes, name)
+    assert len(at["test"]) == sizes.test_clean and len(at["trigger_source"]) == sizes.test_clean // 2
+    assert len(at["ood"]) == min(sizes.decoder, 10_000) and len(at["reference"]) > 0
+    assert (train[at["reference"]] == D.TARGET).all() and (test[at["trigger_source"]] != D.TARGET).all()
+    used = np.concatenate([at[n] for n in ("pretrain", "shadow", "reference", "probe", "decoder")])
+    assert len(np.unique(used)) == len(used)
+    assert not set(at["test"]) & set(at["trigger_source"])
+
+
+def test_sizes_the_data_cannot_fill_are_an_error_not_shorter_slices():
+    train, test = np.arange(60_000) % 10, np.arange(10_000) % 10
+    with pytest.raises(ValueError, match="the sizes take 91500 training images; the data have 60000"):
+        D.split_indices(
+            replace(D.FULL, pretrain=50_000, shadow=10_000, probe=10_000, decoder=21_000), train, test, 10_000
+        )
+    with pytest.raises(
+        ValueError, match=r"hold \d+ of another class than the target to trigger; the sizes take 4500"
+    ):
+        D.split_indices(replace(D.FULL, test_clean=9000), train, test, 10_000)
+
+
 def test_load_data_resizes_only_the_slices_it_takes(monkeypatch):
     """At any size the same images in the same disjoint slices, each resized on its own: the 32 px data
     are those resized whole (bit for bit), and at 224 px nothing but the slices is ever that large."""
