@@ -850,9 +850,9 @@ def targets_table(result: dict) -> list[str]:
 
         return check
 
-    def operating_point(method: str):
+    def operating_point(train: str, method: str = "dede"):
         def check(attack: str) -> tuple[bool, str]:
-            tpr, fpr = both(attack, "id", method, "tpr"), both(attack, "id", method, "fpr")
+            tpr, fpr = both(attack, train, method, "tpr"), both(attack, train, method, "fpr")
             ok = min(tpr) >= 0.90 and max(fpr) <= 0.05
             return ok, " / ".join(f"{t:.3f} at {f:.3f}" for t, f in zip(tpr, fpr, strict=True))
 
@@ -883,8 +883,10 @@ def targets_table(result: dict) -> list[str]:
         (alone, auc_at_least("id", 0.98, "dede-score")),
         ("OOD AUC >= 0.95 (0.5 / 0.01)", auc_at_least("ood", 0.95)),
         (alone, auc_at_least("ood", 0.95, "dede-score")),
-        ("default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)", operating_point("dede")),
-        (alone, operating_point("dede-score")),
+        ("default threshold, ID decoders: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)", operating_point("id")),
+        (alone, operating_point("id", "dede-score")),
+        ("the same with OOD decoders", operating_point("ood")),
+        (alone, operating_point("ood", "dede-score")),
         ("clean-encoder control AUC <= 0.65 (0.5 / 0.01)", control("dede-control")),
         (alone, control("dede-score-control")),
         ("downstream ASR after filtering <= 0.05, clean accuracy within 0.01", downstream("dede_filtered")),

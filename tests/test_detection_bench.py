@@ -494,7 +494,7 @@ def test_the_targets_table_says_met_missed_or_no_implant():
     rows += [target_row(r, "ood", "dede", 0.96) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-score", 0.99, tpr=0.91) for r in D.POISON_RATES]
-    rows += [target_row(r, "ood", "dede-score", 0.5) for r in D.POISON_RATES]
+    rows += [target_row(r, "ood", "dede-score", 0.5, fpr=0.6) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-score-control", 0.7) for r in D.POISON_RATES]
     result = targets_result(rows, {"clean_accuracy": 0.785, "asr": 0.04}, other_asr=0.2, minutes=10)
     lines = [line for line in D.targets_table(result) if line.startswith("| ")][1:]  # after the header
@@ -504,9 +504,11 @@ def test_the_targets_table_says_met_missed_or_no_implant():
         alone + "met: 0.990 / 0.990",
         "| OOD AUC >= 0.95 (0.5 / 0.01) | met: 0.960 / 0.960",
         alone + "missed: 0.500 / 0.500",
-        "| default threshold: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01) | missed: 0.950 at 0.030 / 0.800 at "
-        "0.030",
+        "| default threshold, ID decoders: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01) | missed: 0.950 at "
+        "0.030 / 0.800 at 0.030",
         alone + "met: 0.910 at 0.030 / 0.910 at 0.030",
+        "| the same with OOD decoders | met: 0.950 at 0.030 / 0.950 at 0.030",
+        alone + "missed: 0.950 at 0.600 / 0.950 at 0.600",
         "| clean-encoder control AUC <= 0.65 (0.5 / 0.01) | met: 0.600 / 0.600",
         alone + "missed: 0.700 / 0.700",
         "| downstream ASR after filtering <= 0.05, clean accuracy within 0.01 | missed: ASR 0.040, CA "
