@@ -129,6 +129,20 @@ def read_meta(decoder_dir: Path) -> dict:
     return meta
 
 
+def read_run_meta(decoder_dir: Path, decoder_sha256: str) -> dict:
+    """read_meta for the steps after scoring, which read the decoder a run was scored with (its
+    calibration, its weights): a directory retrained in place since holds another decoder, whose
+    calibration would set other thresholds and verdicts for the same scores."""
+    meta = read_meta(decoder_dir)
+    if meta["decoder_sha256"] != decoder_sha256:
+        raise CheckpointError(
+            f"{decoder_dir} now holds another decoder than the one the run was scored with (decoder_sha256 "
+            f"{meta['decoder_sha256'][:12]}..., the run's {decoder_sha256[:12]}...); restore that decoder, "
+            "or score again into a new --out"
+        )
+    return meta
+
+
 def load_decoder(decoder_dir: Path, device: torch.device | str = "cpu") -> tuple[DedeDecoder, dict]:
     meta = read_meta(decoder_dir)
     weights = _weights(decoder_dir)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sanitizer.atomic import write_json_atomic
-from sanitizer.checkpoint import read_meta
+from sanitizer.checkpoint import read_run_meta
 from sanitizer.data.decode import find_image_member
 from sanitizer.data.shards import ShardRef
 from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable, sha256_hex
@@ -36,7 +36,7 @@ def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) 
     """A threshold for a finished run; quantile rules read the decoder's calibration."""
     calibration = None
     if rule.kind == "quantile":
-        meta = read_meta(Path(info["config"]["decoder_dir"]))
+        meta = read_run_meta(Path(info["config"]["decoder_dir"]), info["identity"]["decoder_sha256"])
         settings = ScoreSettings.from_dict(info["identity"]["scoring"])
         calibration = required_calibration(meta, settings, str(rule), "mad:K or value:X")
     return resolve_threshold(rule, calibration, ok_scores(run, done) if rule.needs_scores else None)

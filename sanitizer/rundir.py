@@ -139,8 +139,8 @@ class RunDir:
 SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 # What clean and report read from run.json, and the type each must have (optional ones may be absent).
 RUN_FIELDS = {
-    "identity": dict, "identity.shards": list, "identity.scoring": dict, "config": dict,
-    "config.decoder_dir": str,
+    "identity": dict, "identity.shards": list, "identity.scoring": dict, "identity.decoder_sha256": str,
+    "config": dict, "config.decoder_dir": str,
 }  # fmt: skip
 OPTIONAL_RUN_FIELDS = {
     "threshold": dict, "threshold.rule": str, "threshold.value": (int, float), "totals": dict,

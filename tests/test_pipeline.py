@@ -673,3 +673,40 @@ def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_pa
     assert "what other score thresholds would flag" in capsys.readouterr().out
     assert audit.main([str(run), "--reclean", "bad"]) == 2
     assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")
+
+
+def retrained_in_place(decoder_dir: Path) -> None:
+    """Other weights under the same DECODER_DIR, as a weekly retrain into it leaves them."""
+    from safetensors.torch import load_file
+
+    from sanitizer.checkpoint import META, WEIGHTS, file_sha256, save_tensors
+
+    tensors = load_file(str(decoder_dir / WEIGHTS))
+    first = next(iter(tensors))
+    save_tensors({**tensors, first: tensors[first] + 0.01}, decoder_dir / WEIGHTS)
+    meta = json.loads((decoder_dir / META).read_text())
+    (decoder_dir / META).write_text(
+        json.dumps({**meta, "decoder_sha256": file_sha256(decoder_dir / WEIGHTS)})
+    )
+
+
+def test_a_decoder_retrained_in_place_is_not_read_as_the_runs(tmp_path, tiny_decoder_dir, tiny_shards):
+    """Its calibration would give the same scores another quantile threshold and verdict, and its
+    weights other rebuilds in the report: clean refuses a calibrated rule, the report leaves both out."""
+    from sanitizer.errors import CheckpointError
+    from sanitizer.report.verdict import decoder_calibration
+    from sanitizer.report.views import load_scorer
+
+    decoder = shutil.copytree(tiny_decoder_dir, tmp_path / "dec")
+    run = tmp_path / "run"
+    score(decoder, tiny_shards, run, workers=0)
+    info = json.loads((run / "run.json").read_text())
+    assert decoder_calibration(info)[0] is not None
+    retrained_in_place(decoder)
+    message = f"{decoder} now holds another decoder than the one the run was scored with"
+    with pytest.raises(CheckpointError, match=message):
+        clean_run(run, "quantile:0.9")
+    with pytest.raises(CheckpointError, match=message):
+        load_scorer(info)
+    assert decoder_calibration(info) == (None, None)
+    assert clean_run(run, "value:0.5").threshold == 0.5  # a rule that reads no calibration still works

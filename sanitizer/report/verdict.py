@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanitizer.checkpoint import read_meta
+from sanitizer.checkpoint import read_run_meta
 from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError
@@ -86,10 +86,10 @@ def run_threshold(info: dict) -> tuple[float | None, str | None]:
 
 
 def decoder_calibration(info: dict) -> tuple[np.ndarray | None, dict | None]:
-    """The decoder's calibration scores and its decoder.json, if the decoder is still where the run
-    found it (open_run has checked that run.json names it)."""
+    """The decoder's calibration scores and its decoder.json, if the decoder the run was scored with is
+    still where the run found it (open_run has checked that run.json names it)."""
     try:
-        meta = read_meta(Path(info["config"]["decoder_dir"]))
+        meta = read_run_meta(Path(info["config"]["decoder_dir"]), info["identity"]["decoder_sha256"])
     except (SanitizerError, OSError):
         return None, None
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,9 +30,11 @@ class Views:
 
 def load_scorer(info: dict):
     """The run's encoder and decoder, exactly as scoring used them (ScoreStage checks the encoder hash)."""
+    from sanitizer.checkpoint import read_run_meta
     from sanitizer.pipeline.stages import ScoreStage
 
     config = info["config"]
+    read_run_meta(Path(config["decoder_dir"]), info["identity"]["decoder_sha256"])
     stage = ScoreStage(
         config["decoder_dir"],
         info["identity"]["scoring"],
