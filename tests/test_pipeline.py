@@ -36,10 +36,11 @@ def score_argv(decoder: Path, data: Path, out: Path) -> list[str]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
+    """Every file's digest but the lock's (it holds the pid of the last job: not an output)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 
@@ -584,6 +585,59 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
     assert "re-flagged" in caplog.text and "clean" not in json.loads((run / "run.json").read_text())
 
 
+def test_a_refused_rerun_leaves_a_finished_run_as_it_was(tmp_path, local_run, tiny_decoder_dir, tiny_shards):
+    """A mistyped --encoder-weights is refused before run.json is touched: it used to be marked
+    running without its threshold, totals and record of clean, which verify then failed for good."""
+    from sanitizer.errors import SanitizerError
+
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    before = tree_digest(run)
+    with pytest.raises(SanitizerError):
+        score(
+            tiny_decoder_dir, tiny_shards, run, workers=0, encoder_weights=str(tmp_path / "nope.safetensors")
+        )
+    assert tree_digest(run) == before and verify_run(run) == []
+
+
+@pytest.mark.parametrize("scored", [False, True], ids=["nothing-scored", "a-shard-scored"])
+def test_a_rerun_killed_before_it_finishes_leaves_the_record_of_clean_for_the_next(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, monkeypatch, caplog, scored
+):
+    """Killed after it marked the run running (here: in the collapse pass). The next re-run finishes
+    the run as an undisturbed one would: the record of clean kept if nothing was scored since it was
+    made, dropped with the warning to clean again if the killed run had scored a shard."""
+    import sanitizer.pipeline.job as job_module
+
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    before = tree_digest(run)
+    if scored:
+        (run / "stats" / "shard-000001_stats.json").unlink()  # as if it had failed, and been mended
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module, "apply_flags", killed)
+    with pytest.raises(KeyboardInterrupt):
+        score(tiny_decoder_dir, tiny_shards, run, workers=0)
+    info = json.loads((run / "run.json").read_text())
+    assert info["state"] == "running" and "clean" in info and "threshold" in info
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        score(tiny_decoder_dir, tiny_shards, run, workers=0)
+    if scored:
+        assert "clean/ and quarantine/ no longer match the flags: " in caplog.text
+        assert "clean" not in json.loads((run / "run.json").read_text())
+        clean_run(run)
+    else:
+        assert "again" not in caplog.text
+    timed = {"stats/shard-000001_stats.json"} if scored else set()  # its `seconds` are this run's
+    after = tree_digest(run)
+    assert {k: after[k] for k in after.keys() - timed} == {k: before[k] for k in before.keys() - timed}
+    assert after.keys() == before.keys() and verify_run(run) == []
+
+
 def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(
     tmp_path, local_run, monkeypatch
 ):
@@ -626,7 +680,7 @@ def test_rescoring_a_shard_of_a_cleaned_run_says_to_clean_again(
     (run / "stats" / "shard-000001_stats.json").unlink()  # as if that shard had failed, and been mended
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
-    assert f"this run scored 1 more shard(s); run `sanitizer clean {run}` again" in caplog.text
+    assert f"1 shard(s) were scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
     assert "clean" not in json.loads((run / "run.json").read_text())
 
 

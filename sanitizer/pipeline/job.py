@@ -228,38 +228,52 @@ def plan_job(job: ScoreJob) -> JobPlan:
 def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     started = time.time()
     plan = plan_job(job)
+    # The encoder, its weights and the decoder load before RUN_DIR is touched, even with nothing
+    # pending: a mistyped path on a finished run must leave it as it was. With Ray actors scoring,
+    # on the CPU (this may be a cluster's head node, and a GPU here is theirs), and then let go.
+    stage = load_stage(job, plan)
+    image_size = stage.image_size
+    if plan.workers:
+        stage = None
     run = RunDir(Path(job.out))
     run.refuse_foreign()
     with run.lock():
         previous = begin(run, plan)
         collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
-        score_shards(job, plan, pending, collector, progress)
-        return finish(run, plan, collector, started, previous or {})
+        score_shards(job, plan, stage, image_size, pending, collector, progress)
+        return finish(run, plan, collector, started, previous)
 
 
-def begin(run: RunDir, plan: JobPlan) -> dict | None:
+# What a finished run.json records beyond its identity and config. A re-run carries them while it
+# runs, so that one interrupted or killed leaves the record of clean for the next to judge.
+RESULTS = ("threshold", "collapse", "totals", "failed_shards", "clean")
+
+
+def begin(run: RunDir, plan: JobPlan) -> dict:
     """Clears what an interrupted run left, refuses a RUN_DIR of another job, and marks it running;
-    returns the run.json it found."""
+    returns the run.json it found ({} for a new run)."""
     removed = run.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    previous = run.read_run()
-    if previous is not None and normalised_identity(previous.get("identity")) != normalised_identity(
-        plan.identity
-    ):
+    previous = run.read_run() or {}
+    if previous and normalised_identity(previous.get("identity")) != normalised_identity(plan.identity):
         raise UsageError(
             f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
         )
-    run.write_run(plan.record("running"))
+    run.write_run(plan.record("running", **{k: previous[k] for k in RESULTS if k in previous}))
     return previous
 
 
-def score_shards(
-    job: ScoreJob, plan: JobPlan, pending: list[ShardRef], collector: ShardCollector, progress: bool
-) -> None:
-    """Scores the pending shards here (workers == 0) or on Ray actors; the collector writes each."""
-    stage_kwargs = {
+def load_stage(job: ScoreJob, plan: JobPlan) -> ScoreStage:
+    """The scoring stage as the workers will load it: encoder, weights and decoder, checked."""
+    if plan.workers == 0:
+        return ScoreStage(**stage_options(job, plan), threads=job.threads)
+    return ScoreStage(**{**stage_options(job, plan), "device": "cpu", "compile": False})
+
+
+def stage_options(job: ScoreJob, plan: JobPlan) -> dict:
+    return {
         "decoder_dir": str(job.decoder_dir),
         "settings": plan.settings.to_dict(),
         "device": plan.device.type,
@@ -267,22 +281,29 @@ def score_shards(
         "encoder_weights": job.encoder_weights,
         "compile": job.compile,
     }
-    # Validates encoder, weights and decoder here, even with nothing pending. With Ray actors
-    # scoring, on the CPU: this may be a cluster's head node, and a GPU here is theirs.
-    if plan.workers == 0:
-        stage = ScoreStage(**stage_kwargs, threads=job.threads)
-    else:
-        stage = ScoreStage(**{**stage_kwargs, "device": "cpu", "compile": False})
+
+
+def score_shards(
+    job: ScoreJob,
+    plan: JobPlan,
+    stage: ScoreStage | None,
+    image_size: int,
+    pending: list[ShardRef],
+    collector: ShardCollector,
+    progress: bool,
+) -> None:
+    """Scores the pending shards here with `stage` (workers == 0), or on Ray actors (stage None: they
+    load their own); the collector writes each."""
     if not pending:
         return
-    if plan.workers == 0:
+    if stage is not None:
         readers = job.read_threads or (min(8, os.cpu_count() or 1) if plan.device.type == "cuda" else 1)
-        tables = local_tables(pending, stage, stage.image_size, plan.batch_size, readers)
+        tables = local_tables(pending, stage, image_size, plan.batch_size, readers)
     else:
+        options = stage_options(job, plan)
         tables = ray_tables(
-            pending, stage_kwargs, stage.image_size, job, plan.batch_size, plan.workers, plan.device.type
+            pending, options, image_size, job, plan.batch_size, plan.workers, plan.device.type
         )
-        del stage  # the Ray actors load their own copies
     consume(tables, collector, len(pending), progress)
 
 
@@ -302,15 +323,18 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
     thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
     thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": collapse_rule}
     summary = summarize(run, plan.shards, done, collector, time.time() - started, thresholds)
+    now = {
+        "threshold": {"rule": str(plan.rule), "value": threshold},
+        "collapse": {
+            "rule": collapse_rule,
+            "value": collapse.value,
+            "above_holdout_median": collapse.above_holdout_median,
+        },
+    }
     run.write_run(
         plan.record(
             "complete" if not summary.failed_shards else "incomplete",
-            threshold={"rule": str(plan.rule), "value": threshold},
-            collapse={
-                "rule": collapse_rule,
-                "value": collapse.value,
-                "above_holdout_median": collapse.above_holdout_median,
-            },
+            **now,
             totals={
                 "samples": summary.samples,
                 "ok": summary.ok,
@@ -321,22 +345,29 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
                 "shards_done": summary.shards_done,
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
-            **still_clean(run, previous, len(collector.done), reflagged),
+            **still_clean(run, previous, now, len(done), len(collector.done), reflagged),
         )
     )
     return summary
 
 
-def still_clean(run: RunDir, previous: dict, scored: int, reflagged: int) -> dict:
-    """The previous run.json's record of clean, while clean/ and quarantine/ still match the flags: a
-    re-run that scored no shard and changed no manifest (another threshold or collapse rule would).
-    Otherwise it is dropped, with a warning to clean again."""
+def still_clean(run: RunDir, previous: dict, now: dict, done: int, scored: int, reflagged: int) -> dict:
+    """The previous run.json's record of clean, while clean/ and quarantine/ still match the flags: no
+    shard scored since (here, or by a re-run that was interrupted: the record counts the shards it
+    split), no manifest re-flagged, and the same thresholds (`now`'s) as the record was made at. Else
+    it is dropped, with a warning to clean again."""
     clean = previous.get("clean")
     if not clean:
         return {}
-    if not scored and not reflagged:
+    changed = {k for k in ("threshold", "collapse") if previous.get(k) != now[k]}
+    if not scored and not reflagged and clean.get("shards") == done and not changed:
         return {"clean": clean}
-    why = f"this run scored {scored} more shard(s)" if scored else f"this run re-flagged {reflagged} shard(s)"
+    if scored or clean.get("shards") != done:
+        why = f"{max(scored, done - clean.get('shards', 0))} shard(s) were scored since it was cleaned"
+    elif reflagged:
+        why = f"this run re-flagged {reflagged} shard(s)"
+    else:
+        why = f"its {' and '.join(sorted(changed))} changed since"
     log.warning(
         "clean/ and quarantine/ no longer match the flags: %s; run `sanitizer clean %s` again", why, run.root
     )
