@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -27,6 +29,16 @@ RELAX_RADIUS_HELP = "how far (L-inf, decoder latent units) those steps may move 
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15  # Ctrl-C; SIGTERM, as schedulers stop a job
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `ray job stop`, `kill`): the job stops as on Ctrl-C, its temp files
+    removed and its finished shards kept for the re-run, instead of dying wherever it was."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def user_path(text: str) -> Path:
@@ -338,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,  # bind to the current stderr on every call (tests swap it)
     )
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return args.func(args)
     except SanitizerError as e:
@@ -350,9 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"sanitizer: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_INCOMPLETE
+    except Terminated:
+        print("sanitizer: terminated (SIGTERM); run it again to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("sanitizer: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -322,6 +322,26 @@ def test_killed_job_rerun_equals_the_undisturbed_run(killed_local, reference):
     assert verify_run(killed_local.run) == []
 
 
+def test_a_job_stopped_by_sigterm_says_so_and_the_rerun_completes_it(
+    tmp_path, corpus, tiny_decoder_dir, reference
+):
+    """Schedulers stop jobs with SIGTERM: the job stops as on Ctrl-C (one line, exit 143, temp files
+    removed) instead of dying wherever the signal found it, and a re-run completes the run."""
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    args = score_args(tiny_decoder_dir, corpus, run, 0)
+    job = start_job(args, tmp_path, log)
+    wait_for(lambda: stats_count(run) > 0, job, "the first stats marker", log)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 143, log.read_text()
+    assert "sanitizer: terminated (SIGTERM); run it again to resume" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    assert stats_count(run) < len(DONE)
+    assert_nothing_partial(run)
+    assert cli(*args, cwd=tmp_path).rc == 1  # the two not-a-tar shards
+    cli("clean", run, cwd=tmp_path)
+    assert_same_outputs(run, reference.run)
+
+
 def test_ray_job_killed_then_actor_killed_on_rerun(
     ray_session, tmp_path, corpus, tiny_decoder_dir, reference
 ):

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import queue
+import signal
 import socket
 import threading
 import time
@@ -562,11 +563,14 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     address = cluster_address(address)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **kwargs)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
