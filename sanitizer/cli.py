@@ -263,7 +263,8 @@ def format_summary(s) -> str:
         f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s)",
     ]
     lines += [f"FAILED shard {stem}: {error}" for stem, error in sorted(s.failed_shards.items())]
-    lines += [f"manifest: {s.run_dir / 'manifest'}", f"run: {s.run_dir / 'run.json'}"]
+    manifest = s.run_dir / "manifest" if s.shards_done else "none (no shard was scored)"
+    lines += [f"manifest: {manifest}", f"run: {s.run_dir / 'run.json'}"]
     return "\n".join(lines)
 
 
@@ -278,10 +279,13 @@ def run_clean(args: argparse.Namespace) -> int:
     from sanitizer.clean import clean_run
 
     s = clean_run(args.run_dir, args.threshold)
-    print(
-        f"kept {s.kept} samples in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
-        f"{args.run_dir / 'quarantine'} ({s.shards} shards, threshold {s.threshold:.6g})"
-    )
+    if s.shards:
+        print(
+            f"kept {s.kept} samples in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
+            f"{args.run_dir / 'quarantine'} ({s.shards} shards, threshold {s.threshold:.6g})"
+        )
+    else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make
+        print(f"no shard was scored: nothing to clean (threshold {s.threshold:.6g})")
     for stem in s.skipped_shards:
         print(f"skipped shard {stem}: it was not scored (see run.json)")
     return EXIT_INCOMPLETE if s.skipped_shards else EXIT_OK

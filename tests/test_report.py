@@ -211,6 +211,27 @@ def test_report_of_a_run_that_flags_nothing_renders(tmp_path, tiny_decoder_dir, 
     assert (page.parent / "embeddings.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir, capsys):
+    """No input is a tar: score and clean name no directory they did not make, and the report shows
+    the failed shards, with no scores and no verdict, and says why."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "a.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    (data / "b.tar").write_text("not a tar\n")
+    score = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(data), "--out", str(run)]
+    assert cli.main([*score, "--workers", "0"]) == 1
+    assert "\nmanifest: none (no shard was scored)\n" in capsys.readouterr().out
+    assert cli.main(["clean", str(run)]) == 1
+    assert capsys.readouterr().out.startswith("no shard was scored: nothing to clean")
+    assert not (run / "manifest").exists() and not (run / "quarantine").exists()
+    assert cli.main(["report", str(run)]) == 0
+    parsed = parse(run / "report/index.html")
+    assert parsed.ids == ["summary"] and not parsed.images
+    text = " ".join(parsed.text)
+    assert "No shard was scored: 2 of 2 failed" in text and "no verdict" in text
+    assert "Shards that failed" in text and "invalid header" in text
+
+
 def test_image_sample_is_bounded(labelled_run, monkeypatch):
     """However big the run, only SAMPLE_PER_GROUP rows per group, from MAX_SHARDS_READ shards."""
     from sanitizer.report import scan as report_scan

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.data.shards import ShardRef
-from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.errors import SanitizerError
 from sanitizer.report.figures import pca_2d
 from sanitizer.report.page import (
     SECTIONS,
@@ -42,6 +44,7 @@ from sanitizer.report.page import (
     scores_section,
     shards_section,
     summary_section,
+    unscored_section,
     verdict_section,
 )
 from sanitizer.report.scan import (
@@ -83,33 +86,47 @@ def write_report(run_dir: Path) -> Path:
     run, info, shards = open_run(run_dir)
     out = run.root / "report"
     with run.lock():
-        done = run.done(shards)
-        if not done:
-            raise UsageError(f"{run_dir} has no finished shard to report on; run `sanitizer score` first")
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
         for name in FIGURES:  # a figure this run does not produce must not linger from an older report
             (out / name).unlink(missing_ok=True)
-        threshold, rule = run_threshold(info)
+        done = run.done(shards)
         calibration, meta = decoder_calibration(info)
-        scan = scan_run(run, done)
-        verdict = run_verdict(run, info, shards, calibration)
-        hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
-        collapse = info.get("collapse") or {}
-        collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
-        sections = [
-            summary_section(info, scan, meta),
-            verdict_section(verdict),
-            scores_section(out, hist, threshold, rule),
-            *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),
-            shards_section(out, scan, verdict["expected_rate"]),
-            *image_sections(out, run, info, shards, scan, collapsed),
-            roc_section(out, scan, threshold),
-        ]
+        if done:
+            sections = scored_sections(out, run, info, shards, done, calibration, meta)
+        else:  # every shard failed, or none has finished yet: what is known, and why no more
+            sections = [unscored_section(info, meta)]
         page = out / "index.html"
         with atomic_path(page) as tmp:
             tmp.write_text(render_page(run.root, sections, info.get("versions", {})), encoding="utf-8")
     return page
+
+
+def scored_sections(
+    out: Path,
+    run: RunDir,
+    info: dict,
+    shards: list[ShardRef],
+    done: list[str],
+    calibration: np.ndarray | None,
+    meta: dict | None,
+) -> list[Section]:
+    """The page's sections for a run with finished shards (`done`), writing their figures to `out`."""
+    threshold, rule = run_threshold(info)
+    scan = scan_run(run, done)
+    verdict = run_verdict(run, info, shards, calibration)
+    hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
+    collapse = info.get("collapse") or {}
+    collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
+    return [
+        summary_section(info, scan, meta),
+        verdict_section(verdict),
+        scores_section(out, hist, threshold, rule),
+        *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),
+        shards_section(out, scan, verdict["expected_rate"]),
+        *image_sections(out, run, info, shards, scan, collapsed),
+        roc_section(out, scan, threshold),
+    ]
 
 
 def image_sections(

@@ -142,6 +142,21 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
     return Section("summary", body)
 
 
+def unscored_section(info: dict, meta: dict | None) -> Section:
+    """The totals of a run with no finished shard, saying why the page stops there: a run whose every
+    shard failed is still worth a page, its failed shards being what there is to review."""
+    total = len(info["identity"]["shards"])
+    failed = len(info.get("failed_shards") or [])
+    why = (
+        f"No shard was scored: {failed} of {total} failed (listed below)" if failed else "No shard was scored"
+    )
+    if failed < total:
+        why += f"; {total - failed} not finished yet: run `sanitizer score` again to finish them"
+    section = summary_section(info, RunScan(), meta)
+    section.body = note(why + ". There are no scores to plot and no verdict on the encoder.") + section.body
+    return section
+
+
 def _shift_note(share: float | None) -> str:
     return "" if share is None else f" {shift_text(share)}."
 
