@@ -410,6 +410,17 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
 
 
+def test_a_run_of_one_image_says_why_the_pass_flags_nothing(decoder_dir, tmp_path, caplog):
+    """One sample, with a sketch: the held-out images have it as their neighbour, but it has none (it
+    is its own near-duplicate), and the log says that, not that it lacks a sketch."""
+    write_image_shards(tmp_path / "one", synthetic_images(1, 32, seed=6), per_shard=1)
+    summary = run(decoder_dir, tmp_path / "one", tmp_path / "run", collapse=RULE)
+    assert summary.collapse_threshold is None and summary.ok == 1
+    assert not np.isnan(concat(tmp_path / "run").column("sketch")[0].values.to_numpy()).any()
+    assert "no scored sample has a neighbour in the run's reference but itself" in caplog.text
+    assert "has a sketch" not in caplog.text
+
+
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):
     """60 held-out images attest p = 1/61 at best: a rule that needs rarer says so, with the size."""
     run(decoder_dir, cluster_shards, tmp_path / "a", collapse=RULE)  # evidence 4 < ln 61: enough

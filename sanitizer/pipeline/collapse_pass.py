@@ -190,8 +190,13 @@ def collapse_columns(
     own = held.own_evidence()
     scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
     scored = scored[~np.isnan(scored)]
-    if not len(scored):  # no ok row has a sketch: no collapse to weigh, and mad:K has no evidence
-        log.warning("no scored sample has a sketch: the collapse pass flags nothing")
+    if not len(scored):  # no collapse to weigh, and mad:K has no evidence
+        # The reference has a sketch (reference_and_holdout), so each sample's only reference rows are
+        # itself and its near-duplicates, which neighbour_similarity leaves out.
+        log.warning(
+            "no scored sample has a neighbour in the run's reference but itself and its near-duplicates "
+            "(the run holds one image, or copies of one): the collapse pass flags nothing"
+        )
         return {}, {}, CollapsePass()
     limit = resolve_threshold(rule, own, scored)
     found = CollapsePass(limit, above_median(scored, own) / len(scored))
