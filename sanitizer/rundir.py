@@ -28,6 +28,8 @@ from sanitizer.manifest import flag_counts, read_manifest, set_flags, write_mani
 from sanitizer.records import RecordError, check_fields, read_object
 
 RUN_FORMAT = "sanitizer-run/1"
+# What a job writes directly under RUN_DIR, its .lock aside (what tells a damaged run from no run).
+RUN_ENTRIES = ("run.json", "manifest", "stats", "clean", "quarantine", "sizes.json", "report")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class RunDir:
     def done(self, shards: list[ShardRef]) -> list[str]:
         """The stems of the finished shards, in input order: what every step after scoring reads."""
         return [s.stem for s in shards if self.is_done(s.stem)]
+
+    def is_run(self) -> bool:
+        """Whether the directory holds anything a job writes: one that lost its run.json is a damaged
+        run, not some other directory (an input folder, a DECODER_DIR)."""
+        return any((self.root / name).exists() for name in RUN_ENTRIES)
 
     def read_run(self) -> dict | None:
         """run.json, None before the first run; a file that is not a JSON object is a usage error."""
@@ -154,12 +161,16 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
     run = RunDir(Path(run_dir))
     info = run.read_run()
     if info is None:
-        raise UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
+        raise not_a_run(run_dir)
     try:
         check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS)
         return run, info, [shard_entry(entry) for entry in info["identity"]["shards"]]
     except RecordError as e:
         raise _damaged(run.run_json, str(e)) from None
+
+
+def not_a_run(run_dir: Path) -> UsageError:
+    return UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
 
 
 def shard_entry(entry: object) -> ShardRef:

@@ -40,7 +40,7 @@ from sanitizer.data.tario import (
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts
 from sanitizer.records import RecordError, check_fields, lookup
-from sanitizer.rundir import OPTIONAL_RUN_FIELDS, RunDir, shard_entry
+from sanitizer.rundir import OPTIONAL_RUN_FIELDS, RunDir, not_a_run, shard_entry
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
@@ -462,11 +462,12 @@ def _check_totals(
 
 
 def verify_run(run_dir: Path) -> list[str]:
-    """Every violation of the run's invariants, one human-readable line each; [] when all hold."""
+    """Every violation of the run's invariants, one human-readable line each; [] when all hold. A
+    path that holds no run at all is a usage error, as for clean and report."""
     run = RunDir(Path(run_dir))
     report = _Report()
-    if not run.root.is_dir():
-        return [f"{run.root} is not a directory"]
+    if not run.is_run():
+        raise not_a_run(run_dir)
     info, problem = _read_json(run.run_json)
     if not isinstance(info, dict):
         return [f"run.json is {problem or 'not a JSON object'}: {run.root} is not a finished run"]

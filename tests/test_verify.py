@@ -68,10 +68,26 @@ def test_good_ray_run_passes_and_matches_the_local_one(
             assert (run / name / path.name).read_bytes() == path.read_bytes()
 
 
-def test_no_run_json(tmp_path, capsys):
-    assert verify_run(tmp_path) == [f"run.json is missing: {tmp_path} is not a finished run"]
-    assert main(["verify", str(tmp_path)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 violation(s) in {tmp_path}"
+def test_a_path_that_holds_no_run_is_a_usage_error(tmp_path, tiny_decoder_dir, capsys):
+    """Nothing there, an empty directory, a DECODER_DIR, a file: one error line and exit 2, as clean
+    and report give; no violation is counted, there being no run to violate anything."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "nonexistent", tmp_path / "empty", tiny_decoder_dir, tmp_path / "file"):
+        assert main(["verify", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert (
+            captured.err
+            == f"sanitizer: error: {path} is not a RUN_DIR (no run.json); run `sanitizer score` first\n"
+        )
+
+
+def test_a_run_that_lost_its_run_json_is_a_violation(run_copy, capsys):
+    (run_copy / "run.json").unlink()
+    assert verify_run(run_copy) == [f"run.json is missing: {run_copy} is not a finished run"]
+    assert main(["verify", str(run_copy)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 violation(s) in {run_copy}"
 
 
 def test_a_shard_named_like_a_temp_file_is_an_output_not_a_leftover(tmp_path, tiny_decoder_dir, tiny_shards):
