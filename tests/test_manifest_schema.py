@@ -17,8 +17,10 @@ from sanitizer.manifest import (
     with_collapse,
     write_manifest,
 )
+from sanitizer.pipeline.job import ScoreJob, run_score_job
 
 SCHEMA_FILE = Path(__file__).parents[1] / "schemas" / f"{SCHEMA_VERSION}.json"
+STATS_SCHEMA_FILE = SCHEMA_FILE.parent / "stats-v1.json"
 TYPES = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -36,6 +38,16 @@ def test_schema_file_describes_the_code_schema():
     columns = [(c["name"], TYPES[c["type"]], c["nullable"]) for c in described["columns"]]
     assert columns == [(f.name, f.type, f.nullable) for f in MANIFEST_SCHEMA]
     assert all(c["description"] for c in described["columns"])
+
+
+def test_stats_schema_lists_what_a_stats_file_holds(tmp_path, tiny_decoder_dir, tiny_shards):
+    """Every field a stats marker holds is described, and nothing else (flagged_by was missing)."""
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "run", workers=0)
+    run_score_job(job, progress=False)
+    described = json.loads(STATS_SCHEMA_FILE.read_text())["fields"]
+    assert all(described.values())
+    for path in sorted((tmp_path / "run" / "stats").glob("*_stats.json")):
+        assert sorted(json.loads(path.read_text())) == sorted(described)
 
 
 def row(**over):
