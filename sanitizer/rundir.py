@@ -2,7 +2,8 @@
 and rewrites of its manifests that the steps after scoring share (re-flagging, the scored set).
 
 Every file is written under a temporary name and renamed, so no partial file is ever visible under
-its final name. A shard is done when its stats file exists (it is written after its manifest part).
+its final name. A shard is done when its stats file exists (it is written after its manifest part); a
+re-run of `score` scores one again whose local input's size or mtime differs from what that file recorded.
 One job at a time: an advisory lock on RUN_DIR/.lock, released by the kernel if the job dies.
 """
 
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
-from sanitizer.data.shards import ShardRef
+from sanitizer.data.shards import ShardRef, changed_since
 from sanitizer.errors import UsageError
 from sanitizer.manifest import flag_counts, read_manifest, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, read_object
@@ -72,6 +73,17 @@ class RunDir:
 
     def is_done(self, stem: str) -> bool:
         return self.stats(stem).is_file()
+
+    def input_changed(self, shard: ShardRef) -> bool:
+        """Whether a done shard's local input changed in size or mtime since its stats marker was
+        written (it was still being downloaded, or was replaced): its manifest no longer describes it."""
+        return changed_since(self.read_stats(shard.stem).get("input"), shard.url)
+
+    def unmark(self, stem: str) -> None:
+        """Forget a done shard, its stats marker first: until it is scored again it is a shard never
+        scored, so a job killed meanwhile, or a new read that fails, leaves no stale manifest behind."""
+        self.stats(stem).unlink(missing_ok=True)
+        self.manifest(stem).unlink(missing_ok=True)
 
     def done(self, shards: list[ShardRef]) -> list[str]:
         """The stems of the finished shards, in input order: what every step after scoring reads."""

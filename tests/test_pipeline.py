@@ -16,6 +16,7 @@ import pytest
 import sanitizer.clean
 from sanitizer.clean import clean_run
 from sanitizer.cli import main
+from sanitizer.data.shards import changed_since
 from sanitizer.data.synth import encode_image, synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples, write_shards
 from sanitizer.errors import UsageError
@@ -682,6 +683,47 @@ def test_rescoring_a_shard_of_a_cleaned_run_says_to_clean_again(
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
     assert f"1 shard(s) were scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
     assert "clean" not in json.loads((run / "run.json").read_text())
+
+
+def nightly_run(tmp_path: Path, tiny_decoder_dir: Path, tiny_shards: Path) -> tuple[Path, Path]:
+    """(run, shard): the tiny shards scored and cleaned while the last one was still downloading (its
+    first 20,000 bytes there), the whole file written in its place since."""
+    data = tmp_path / "nightly"
+    shutil.copytree(tiny_shards, data)
+    shard = (data / "shard-000002.tar").resolve()
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:20000])
+    run = tmp_path / "run"
+    assert score(tiny_decoder_dir, data, run, workers=0).samples < 120
+    clean_run(run)
+    shard.write_bytes(whole)
+    return run, shard
+
+
+def test_a_shard_that_changed_since_it_was_scored_is_scored_again(
+    tmp_path, tiny_decoder_dir, tiny_shards, caplog
+):
+    run, shard = nightly_run(tmp_path, tiny_decoder_dir, tiny_shards)
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        summary = score(tiny_decoder_dir, shard.parent, run, workers=0)
+    assert f"{shard} changed since it was scored: scoring it again" in caplog.text
+    assert f"this run scored 1 more shard(s); run `sanitizer clean {run}` again" in caplog.text
+    assert (summary.samples, summary.scored_now, summary.shards_done) == (120, 40, 3)
+    assert "clean" not in json.loads((run / "run.json").read_text())
+    clean_run(run)
+    assert verify_run(run) == []
+    assert score(tiny_decoder_dir, shard.parent, run, workers=0).scored_now == 0
+
+
+def test_a_stats_marker_without_its_inputs_stamp_still_marks_the_shard_done(
+    tmp_path, tiny_decoder_dir, tiny_shards
+):
+    """Markers written before the stamp was recorded force no re-score, nor do remote inputs."""
+    run, shard = nightly_run(tmp_path, tiny_decoder_dir, tiny_shards)
+    marker = run / "stats" / "shard-000002_stats.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "input"}))
+    assert score(tiny_decoder_dir, shard.parent, run, workers=0).scored_now == 0
+    assert not changed_since({"size": 0, "mtime_ns": 0}, f"file://{shard}")  # no stat of a URL
 
 
 def test_a_data_rule_with_no_ok_sample_still_finishes_the_run(tmp_path, tiny_decoder_dir, capsys):

@@ -40,6 +40,26 @@ def is_remote(url: str) -> bool:
     return "://" in url
 
 
+def file_stamp(url: str) -> dict[str, int] | None:
+    """A local shard's size and mtime (ns): what tells that a file changed under the same name without
+    reading it again. None for a remote URL, which has no such cheap check, or a file it cannot stat."""
+    if is_remote(url):
+        return None
+    try:
+        stat = os.stat(url)
+    except OSError:
+        return None
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def changed_since(recorded: object, url: str) -> bool:
+    """Whether a shard's input differs from the `file_stamp` recorded when it was scored. A stamp that
+    was not recorded (a remote input, a marker of an earlier version) or cannot be taken now tells
+    nothing: False."""
+    current = file_stamp(url)
+    return recorded is not None and current is not None and recorded != current
+
+
 def _split_top_level(spec: str) -> list[str]:
     """Split on commas outside braces, so ``a/{x,y}.tar,b.tar`` is two parts, not three."""
     parts, depth, start = [], 0, 0

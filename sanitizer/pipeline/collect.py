@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import write_json_atomic
+from sanitizer.data.shards import file_stamp
 from sanitizer.manifest import COLUMNS, flag_counts, set_flags, to_table, write_manifest
 from sanitizer.pipeline.stages import END, RESULT_SCHEMA, SHARD_FAILED
 from sanitizer.rundir import RunDir
@@ -36,7 +37,9 @@ def manifest_table(rows: pa.Table, threshold: float | None) -> pa.Table:
     return set_flags(to_table(columns), threshold)
 
 
-def shard_stats(stem: str, url: str, table: pa.Table, seconds: float) -> dict:
+def shard_stats(stem: str, url: str, stamp: dict | None, table: pa.Table, seconds: float) -> dict:
+    """A shard's stats marker: its counts, and its input's `file_stamp` as it was before the read, by
+    which a re-run tells that the file changed since."""
     status = Counter(table.column("status").to_pylist())
     errors = [
         e
@@ -46,6 +49,7 @@ def shard_stats(stem: str, url: str, table: pa.Table, seconds: float) -> dict:
     return {
         "shard": stem,
         "url": url,
+        "input": stamp,
         "count": table.num_rows,
         "ok": status.get("ok", 0),
         **flag_counts(table),
@@ -67,6 +71,11 @@ class ShardCollector:
     failed: dict[str, str] = field(default_factory=dict)
     done: list[str] = field(default_factory=list)
     samples: int = 0
+    stamps: dict[str, dict | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # before any shard is read: a file that grows while it is read is stamped as it was
+        self.stamps = {stem: file_stamp(url) for stem, url in self.urls.items()}
 
     def add(self, table: pa.Table) -> None:
         table = table.select(RESULT_SCHEMA.names)
@@ -92,7 +101,7 @@ class ShardCollector:
         rows = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
         table = manifest_table(rows, self.threshold)
         write_manifest(self.run.manifest(stem), table)
-        stats = shard_stats(stem, self.urls[stem], table, time.time() - self.started[stem])
+        stats = shard_stats(stem, self.urls[stem], self.stamps[stem], table, time.time() - self.started[stem])
         write_json_atomic(self.run.stats(stem), stats)
         self.done.append(stem)
         self.samples += table.num_rows

@@ -241,9 +241,20 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     with run.lock():
         previous = begin(run, plan)
         collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
-        pending = [s for s in plan.shards if not run.is_done(s.stem)]
+        pending = pending_shards(run, plan.shards)
         score_shards(job, plan, stage, image_size, pending, collector, progress)
         return finish(run, plan, collector, started, previous)
+
+
+def pending_shards(run: RunDir, shards: list[ShardRef]) -> list[ShardRef]:
+    """The shards to score: those not done, and done ones whose local input changed since they were
+    scored, which are forgotten first (a shard scored while it was still downloading is scored again
+    in full once it is complete)."""
+    for shard in shards:
+        if run.is_done(shard.stem) and run.input_changed(shard):
+            log.warning("%s changed since it was scored: scoring it again", shard.url)
+            run.unmark(shard.stem)
+    return [s for s in shards if not run.is_done(s.stem)]
 
 
 # What a finished run.json records beyond its identity and config. A re-run carries them while it
