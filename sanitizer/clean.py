@@ -13,9 +13,9 @@ from pathlib import Path
 
 from sanitizer.atomic import write_json_atomic
 from sanitizer.checkpoint import read_run_meta
-from sanitizer.data.decode import find_image_member
+from sanitizer.data.decode import image_differs
 from sanitizer.data.shards import ShardRef
-from sanitizer.data.tario import ShardError, TarWriter, iter_samples, printable, sha256_hex
+from sanitizer.data.tario import STATUS_OK, ShardError, TarWriter, iter_samples, printable
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, ok_scores, open_run
@@ -57,14 +57,12 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
                 if i >= len(keys) or keys[i] != printable(sample.key):
                     raise UsageError(f"{shard.url} changed since it was scored (sample {i} differs)")
                 seen += 1
-                if status[i] != "ok":
-                    continue
-                image = find_image_member(sample)
-                if image is None or sha256_hex(image[1]) != digests[i]:
+                if image_differs(sample, status[i], digests[i]):
                     raise UsageError(
                         f"{shard.url} changed since it was scored (image of {keys[i]!r} differs)"
                     )
-                (quarantine if flagged[i] else clean).write(sample)
+                if status[i] == STATUS_OK:
+                    (quarantine if flagged[i] else clean).write(sample)
         except ShardError as e:
             raise UsageError(f"cannot read {shard.url} again to clean it: {e.message}") from None
         if seen != len(keys):

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sanitizer.atomic import is_temp
-from sanitizer.data.decode import DECODE_STATUSES, find_image_member
+from sanitizer.data.decode import DECODE_STATUSES, image_differs
 from sanitizer.data.shards import ShardRef
 from sanitizer.data.tario import (
     INCOMPLETE_STATUSES,
@@ -258,10 +258,7 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
             report.add(f"{where}: status ok without a finite score", stem)
         if row["error"] is not None:
             report.add(f"{where}: status ok with an error message", stem)
-    image = find_image_member(sample)
-    if (status == STATUS_OK or row["sha256"] is not None) and (
-        image is None or row["sha256"] != sha256_hex(image[1])
-    ):
+    if image_differs(sample, status, row["sha256"]):
         report.add(f"{where}: sha256 does not match the input's image member", stem)
     if status != STATUS_OK:
         if score is not None:

@@ -272,6 +272,18 @@ def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_
     )
 
 
+def test_clean_refuses_a_sample_not_an_image_when_scored_that_is_an_image_now(tmp_path, tiny_decoder_dir):
+    """A page saved as .jpg (not_an_image), since replaced by an image under the same key: clean
+    compares its digest too, where it left the sample out of clean/ and quarantine/ unseen."""
+    data, image = tmp_path / "data", encode_image(synthetic_images(1, 32)[0])
+    shard = [{"__key__": "img", "png": image}, {"__key__": "page", "jpg": b"<!doctype html><html></html>"}]
+    write_shards(shard, data, prefix="web")
+    score(tiny_decoder_dir, data, tmp_path / "run", workers=0)
+    write_shards([shard[0], {"__key__": "page", "jpg": image}], data, prefix="web")
+    with pytest.raises(UsageError, match=r"changed since it was scored \(image of 'page' differs\)"):
+        clean_run(tmp_path / "run")
+
+
 NEWER_SETTINGS = ("error_pool", "error", "relax_steps", "relax_radius")
 
 

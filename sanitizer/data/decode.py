@@ -79,6 +79,16 @@ def find_image_member(sample: Sample) -> tuple[str, bytes] | None:
     return None
 
 
+def image_differs(sample: Sample, status: str, digest: str | None) -> bool:
+    """Whether the sample's image member is not the one its manifest row recorded: every row whose
+    image bytes were read holds their sha256 (ok rows, and not_an_image, decode_error and the like),
+    so a file that now holds another image under the same key is told apart whatever its status was."""
+    if status != STATUS_OK and digest is None:
+        return False  # no image bytes were read (no_image, empty_image, a cut or link): nothing to compare
+    image = find_image_member(sample)
+    return image is None or sha256_hex(image[1]) != digest
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; alpha is composited onto black."""
     mode = im.mode
