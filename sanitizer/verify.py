@@ -288,6 +288,8 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
 def _check_shard(
     run: RunDir, shard: ShardRef, threshold: float | None, cleaned: bool, report: _Report
 ) -> _ShardResult | None:
+    """A finished shard's manifest against its input and output tars; its counts come from the
+    manifest, so that a shard whose input cannot be read again still adds up in the totals."""
     stem = shard.stem
     table = _read_manifest(run.manifest(stem), stem, report)
     if table is None:
@@ -301,6 +303,38 @@ def _check_shard(
             by_index[row["index"]] = row
     if [r["index"] for r in rows] != sorted(by_index):
         report.add("manifest rows are not in index order", stem)
+    split = _check_input(run, shard, rows, by_index, threshold, cleaned, report)
+    if split is None:  # the tars were not read in step with the input: they hold what clean wrote
+        split = _split_of(rows)
+    statuses = Counter(r["status"] for r in rows)
+    return _ShardResult(
+        rows=len(rows),
+        ok=statuses.get(STATUS_OK, 0),
+        **flag_counts(table),  # from flag_reason, which _check_row holds to the scores and thresholds
+        status_counts=statuses,
+        kept=split[0],
+        quarantined=split[1],
+    )
+
+
+def _split_of(rows: list[dict]) -> tuple[int, int]:
+    """(kept, quarantined) as clean splits a manifest's rows: the ok ones, by their flag."""
+    flags = [bool(r["flagged"]) for r in rows if r["status"] == STATUS_OK]
+    return flags.count(False), flags.count(True)
+
+
+def _check_input(
+    run: RunDir,
+    shard: ShardRef,
+    rows: list[dict],
+    by_index: dict[int, dict],
+    threshold: float | None,
+    cleaned: bool,
+    report: _Report,
+) -> tuple[int, int] | None:
+    """Reads the input in step with the manifest rows and the output tars; returns the samples found
+    in clean/ and quarantine/, or None when the input cannot be read (reported once)."""
+    stem = shard.stem
     whose = _whose(rows)
     clean = _OutputTar(run.clean(stem), "clean", stem, report, whose) if cleaned else None
     quarantine = _OutputTar(run.quarantine(stem), "quarantine", stem, report, whose) if cleaned else None
@@ -334,18 +368,11 @@ def _check_shard(
         report.add(f"{len(extra)} row(s) with no input sample, indexes {extra[:5]}", stem)
     if n != len(rows):
         report.add(f"manifest has {len(rows)} rows, the input has {n} samples", stem)
-    for out in (clean, quarantine):
-        if out is not None:
-            out.finish()
-    statuses = Counter(r["status"] for r in rows)
-    return _ShardResult(
-        rows=len(rows),
-        ok=statuses.get(STATUS_OK, 0),
-        **flag_counts(table),  # from flag_reason, which _check_row holds to the scores and thresholds
-        status_counts=statuses,
-        kept=clean.samples if clean is not None else 0,
-        quarantined=quarantine.samples if quarantine is not None else 0,
-    )
+    if clean is None or quarantine is None:
+        return 0, 0
+    clean.finish()
+    quarantine.finish()
+    return clean.samples, quarantine.samples
 
 
 def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Report) -> None:

@@ -139,6 +139,26 @@ def test_deleted_manifest_row(run_copy):
     ]
 
 
+def point_input_at(run: Path, stem: str, url: str) -> None:
+    """Record `url` as the input of shard `stem`, in run.json and in its stats marker, as if the run
+    had scored it there."""
+    info = json.loads((run / "run.json").read_text())
+    info["identity"]["shards"] = [
+        {**s, "url": url} if s["stem"] == stem else s for s in info["identity"]["shards"]
+    ]
+    (run / "run.json").write_text(json.dumps(info))
+    marker = run / "stats" / f"{stem}_stats.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "url": url}))
+
+
+def test_an_input_moved_away_is_one_violation_the_totals_still_add_up(run_copy, tmp_path):
+    moved = str(tmp_path / "moved" / "shard-000001.tar")
+    point_input_at(run_copy, "shard-000001", moved)
+    violations = verify_run(run_copy)
+    assert len(violations) == 1, violations
+    assert violations[0].startswith(f"shard shard-000001: input {moved!r} cannot be read (cannot open: ")
+
+
 def test_renamed_key_is_one_violation_not_a_cascade(run_copy):
     path = run_copy / "manifest" / "shard-000001.parquet"
     table = read_manifest(path)
