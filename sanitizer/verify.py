@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from sanitizer.atomic import is_temp
 from sanitizer.data.decode import DECODE_STATUSES, image_differs
-from sanitizer.data.shards import ShardRef
+from sanitizer.data.shards import ShardRef, changed_since
 from sanitizer.data.tario import (
     INCOMPLETE_STATUSES,
     STATUS_OK,
@@ -333,8 +333,17 @@ def _check_input(
     report: _Report,
 ) -> tuple[int, int] | None:
     """Reads the input in step with the manifest rows and the output tars; returns the samples found
-    in clean/ and quarantine/, or None when the input cannot be read (reported once)."""
+    in clean/ and quarantine/, or None when the input changed since it was scored or cannot be read
+    (reported once: row by row it would differ everywhere)."""
     stem = shard.stem
+    stats, _ = _read_json(run.stats(stem))
+    if isinstance(stats, dict) and changed_since(stats.get("input"), shard.url):
+        report.add(
+            f"input {q(shard.url, 200)} changed since it was scored (its size or mtime is not what its "
+            "stats marker recorded): run `sanitizer score` again",
+            stem,
+        )
+        return None
     whose = _whose(rows)
     clean = _OutputTar(run.clean(stem), "clean", stem, report, whose) if cleaned else None
     quarantine = _OutputTar(run.quarantine(stem), "quarantine", stem, report, whose) if cleaned else None

@@ -159,6 +159,17 @@ def test_an_input_moved_away_is_one_violation_the_totals_still_add_up(run_copy, 
     assert violations[0].startswith(f"shard shard-000001: input {moved!r} cannot be read (cannot open: ")
 
 
+def test_an_input_that_changed_since_it_was_scored_is_one_violation(run_copy, tiny_shards, tmp_path):
+    """Scored in full, cut short since (or the other way round, as a shard scored while downloading)."""
+    changed = tmp_path / "shard-000001.tar"
+    changed.write_bytes((tiny_shards / "shard-000001.tar").read_bytes()[:20000])
+    point_input_at(run_copy, "shard-000001", str(changed))
+    assert verify_run(run_copy) == [
+        f"shard shard-000001: input {str(changed)!r} changed since it was scored (its size or mtime is "
+        "not what its stats marker recorded): run `sanitizer score` again"
+    ]
+
+
 def test_renamed_key_is_one_violation_not_a_cascade(run_copy):
     path = run_copy / "manifest" / "shard-000001.parquet"
     table = read_manifest(path)
