@@ -119,7 +119,7 @@ class _OutputTar:
     ) -> None:
         self.label, self.stem, self.report, self.whose = label, stem, report, whose
         self.members = _tar_members(path) if path.is_file() else iter(())
-        self.broken = not path.is_file()
+        self.missing = self.broken = not path.is_file()
         self.samples = 0
         self._pushed: list[tuple[str, str | None, str | None]] = []
         if self.broken:
@@ -151,6 +151,10 @@ class _OutputTar:
                 self.report.add(f"{where}: member {q(name)} {problem}", self.stem)
             elif got_digest != digest:
                 self.report.add(f"{where}: member {q(name)} differs from the input (sha256)", self.stem)
+
+    def held(self) -> int | None:
+        """The samples found in step with the input; None when the tar is missing: none to count."""
+        return None if self.missing else self.samples
 
     def _next(self) -> tuple[str, str | None, str | None] | None:
         return self._pushed.pop() if self._pushed else next(self.members, None)
@@ -200,8 +204,8 @@ class _ShardResult:
     flagged: int
     flagged_by: dict[str, int]
     status_counts: Counter
-    kept: int
-    quarantined: int
+    kept: int | None  # None: the clean tar is missing (reported), so sizes.json is not held to it
+    quarantined: int | None
 
 
 def _read_manifest(path: Path, stem: str, report: _Report) -> pa.Table | None:
@@ -331,7 +335,7 @@ def _check_input(
     threshold: float | None,
     cleaned: bool,
     report: _Report,
-) -> tuple[int, int] | None:
+) -> tuple[int | None, int | None] | None:
     """Reads the input in step with the manifest rows and the output tars; returns the samples found
     in clean/ and quarantine/, or None when the input changed since it was scored or cannot be read
     (reported once: row by row it would differ everywhere)."""
@@ -381,7 +385,7 @@ def _check_input(
         return 0, 0
     clean.finish()
     quarantine.finish()
-    return clean.samples, quarantine.samples
+    return clean.held(), quarantine.held()
 
 
 def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Report) -> None:
@@ -555,24 +559,45 @@ def _check_shards(
         if stem in failed and (done or has_manifest):
             marker = "a stats marker" if done else "a manifest"
             report.add(f"listed as failed in run.json but has {marker}", stem)
-        elif stem not in failed and not done:
+        elif stem in failed:
+            _check_failed(shard, report)
+        elif not done:
             found = "(manifest present) " if has_manifest else "and no manifest "
             report.add(f"has no stats marker {found}and is not listed as failed in run.json", stem)
-        elif done and (result := _check_shard(run, shard, threshold, cleaned, report)) is not None:
+        elif (result := _check_shard(run, shard, threshold, cleaned, report)) is not None:
             _check_stats(run, shard, result, report)
             results[stem] = result
     return results
+
+
+def _check_failed(shard: ShardRef, report: _Report) -> None:
+    """A shard listed as failed must still fail to read: one that reads now (replaced by a good tar)
+    has samples with no manifest row."""
+    try:
+        samples = sum(1 for _ in iter_samples(shard.url))
+    except (ShardError, OSError):
+        return
+    report.add(
+        f"listed as failed but now reads ({samples} samples, no manifest rows): run `sanitizer score` again",
+        shard.stem,
+    )
 
 
 def _check_clean_record(
     run: RunDir, info: dict, results: dict[str, _ShardResult], unchecked: set[str], report: _Report
 ) -> None:
     """sizes.json and run.json's clean record against what the clean and quarantine tars hold."""
-    kept = {stem: r.kept for stem, r in results.items()}
-    _check_sizes(run, kept, unchecked, report)
+    kept = {stem: r.kept for stem, r in results.items() if r.kept is not None}
+    _check_sizes(run, kept, unchecked | (set(results) - set(kept)), report)
+    if info.get("clean") is None:
+        report.add(
+            "run.json has no record of clean, but clean/ exists (a `score` re-run since changed the flags, "
+            "or a clean did not finish): run `sanitizer clean` again"
+        )
+        return
     expected = {
         "kept": sum(kept.values()),
-        "quarantined": sum(r.quarantined for r in results.values()),
+        "quarantined": sum(r.quarantined or 0 for r in results.values()),
         "shards": len(results),
     }
     if info.get("clean") != expected:

@@ -170,6 +170,33 @@ def test_an_input_that_changed_since_it_was_scored_is_one_violation(run_copy, ti
     ]
 
 
+def test_a_failed_shard_that_reads_now_is_one_violation(tmp_path, tiny_decoder_dir, tiny_shards):
+    """Not a tar when scored, replaced by a good one since: verify reads it again and says to score;
+    once scored, that clean/ is out of date is said once, not as a tar both missing and holding 40."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_shards / "shard-000000.tar", data / "a.tar")
+    (data / "b.tar").write_bytes(b"not a tar at all" * 64)
+    job = ScoreJob(
+        decoder_dir=tiny_decoder_dir, data=str(data), out=tmp_path / "run", workers=0, collapse=None
+    )
+    assert run_score_job(job, progress=False).failed_shards
+    clean_run(job.out)
+    shutil.copy(tiny_shards / "shard-000001.tar", data / "b.tar")
+    assert verify_run(job.out) == [
+        "shard b: listed as failed but now reads (40 samples, no manifest rows): run `sanitizer score` again"
+    ]
+    run_score_job(job, progress=False)
+    assert verify_run(job.out) == [
+        "shard b: clean/b.tar is missing",
+        "shard b: quarantine/b.tar is missing",
+        "run.json has no record of clean, but clean/ exists (a `score` re-run since changed the flags, "
+        "or a clean did not finish): run `sanitizer clean` again",
+    ]
+    clean_run(job.out)
+    assert verify_run(job.out) == []
+
+
 def test_renamed_key_is_one_violation_not_a_cascade(run_copy):
     path = run_copy / "manifest" / "shard-000001.parquet"
     table = read_manifest(path)
