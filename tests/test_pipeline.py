@@ -719,7 +719,7 @@ def test_a_shard_that_changed_since_it_was_scored_is_scored_again(
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         summary = score(tiny_decoder_dir, shard.parent, run, workers=0)
     assert f"{shard} changed since it was scored: scoring it again" in caplog.text
-    assert f"this run scored 1 more shard(s); run `sanitizer clean {run}` again" in caplog.text
+    assert f"1 shard(s) were scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
     assert (summary.samples, summary.scored_now, summary.shards_done) == (120, 40, 3)
     assert "clean" not in json.loads((run / "run.json").read_text())
     clean_run(run)
