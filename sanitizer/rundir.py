@@ -81,9 +81,10 @@ class RunDir:
 
     def unmark(self, stem: str) -> None:
         """Forget a done shard, its stats marker first: until it is scored again it is a shard never
-        scored, so a job killed meanwhile, or a new read that fails, leaves no stale manifest behind."""
-        self.stats(stem).unlink(missing_ok=True)
-        self.manifest(stem).unlink(missing_ok=True)
+        scored, so a job killed meanwhile, or a new read that fails, leaves no stale manifest or
+        clean and quarantine tars of its old samples behind."""
+        for path in (self.stats(stem), self.manifest(stem), self.clean(stem), self.quarantine(stem)):
+            path.unlink(missing_ok=True)
 
     def done(self, shards: list[ShardRef]) -> list[str]:
         """The stems of the finished shards, in input order: what every step after scoring reads."""

@@ -727,6 +727,45 @@ def test_a_shard_that_changed_since_it_was_scored_is_scored_again(
     assert score(tiny_decoder_dir, shard.parent, run, workers=0).scored_now == 0
 
 
+def test_a_rerun_killed_after_it_rescored_a_changed_shard_leaves_no_stale_record_of_clean(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
+):
+    """The shard's old clean and quarantine tars and run.json's record of clean go as it is forgotten:
+    a kill before the run finishes used to leave that record for the next re-run to keep."""
+    import sanitizer.pipeline.job as job_module
+
+    run, shard = nightly_run(tmp_path, tiny_decoder_dir, tiny_shards)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module, "apply_flags", killed)
+    with pytest.raises(KeyboardInterrupt):
+        score(tiny_decoder_dir, shard.parent, run, workers=0)
+    monkeypatch.undo()
+    assert "clean" not in json.loads((run / "run.json").read_text())
+    assert not (run / "clean" / "shard-000002.tar").exists()
+    assert not (run / "quarantine" / "shard-000002.tar").exists()
+    assert score(tiny_decoder_dir, shard.parent, run, workers=0).samples == 120
+    assert "clean" not in json.loads((run / "run.json").read_text())
+    clean_run(run)
+    assert verify_run(run) == []
+
+
+def test_a_changed_shard_that_no_longer_reads_leaves_no_outputs_of_its_old_samples(
+    tmp_path, tiny_decoder_dir, tiny_shards, caplog
+):
+    run, shard = nightly_run(tmp_path, tiny_decoder_dir, tiny_shards)
+    shard.write_bytes(b"not a tar" * 100)
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        summary = score(tiny_decoder_dir, shard.parent, run, workers=0)
+    assert summary.failed_shards and summary.shards_done == 2
+    assert "the run has 2 finished shard(s) and clean split 3; run `sanitizer clean" in caplog.text
+    assert not (run / "clean" / "shard-000002.tar").exists()
+    clean_run(run)
+    assert verify_run(run) == []
+
+
 def test_a_stats_marker_without_its_inputs_stamp_still_marks_the_shard_done(
     tmp_path, tiny_decoder_dir, tiny_shards
 ):
@@ -735,7 +774,8 @@ def test_a_stats_marker_without_its_inputs_stamp_still_marks_the_shard_done(
     marker = run / "stats" / "shard-000002_stats.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "input"}))
     assert score(tiny_decoder_dir, shard.parent, run, workers=0).scored_now == 0
-    assert not changed_since({"size": 0, "mtime_ns": 0}, f"file://{shard}")  # no stat of a URL
+    assert not changed_since({"size": 0, "mtime_ns": 0}, "s3://bucket/shard-000002.tar")  # no stat of a URL
+    assert changed_since({"size": 0, "mtime_ns": 0}, f"file://{shard}")  # a local file by URL is stamped
 
 
 def test_a_data_rule_with_no_ok_sample_still_finishes_the_run(tmp_path, tiny_decoder_dir, capsys):

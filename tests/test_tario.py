@@ -340,3 +340,17 @@ def test_fsspec_url(tmp_path: Path) -> None:
     assert _keys(f"file://{path}") == [("a", ["a.png"], "ok")]
     with pytest.raises(ShardError, match="cannot open"):
         list(iter_samples(f"file://{tmp_path}/missing.tar"))
+
+
+def test_a_tar_writer_stopped_while_it_opens_publishes_nothing(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM as `clean` opens an output: the temp file goes, no empty tar appears under
+    the final name (verify then read it as a broken output)."""
+    import sanitizer.data.tario as tario
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tario.tarfile, "open", stopped)
+    with pytest.raises(KeyboardInterrupt), TarWriter(tmp_path / "out.tar"):
+        pass
+    assert list(tmp_path.iterdir()) == []

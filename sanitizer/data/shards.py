@@ -42,11 +42,13 @@ def is_remote(url: str) -> bool:
 
 def file_stamp(url: str) -> dict[str, int] | None:
     """A local shard's size and mtime (ns): what tells that a file changed under the same name without
-    reading it again. None for a remote URL, which has no such cheap check, or a file it cannot stat."""
-    if is_remote(url):
+    reading it again (a `file://` URL is one). None for a remote URL, which has no such cheap check, or
+    a file it cannot stat."""
+    path = url.removeprefix("file://")
+    if is_remote(path):
         return None
     try:
-        stat = os.stat(url)
+        stat = os.stat(path)
     except OSError:
         return None
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

@@ -284,9 +284,9 @@ class TarWriter:
                 encoding=TAR_ENCODING,
                 errors=TAR_ERRORS,
             )
-        except BaseException:
-            stack.close()
-            raise
+        except BaseException as e:  # the temp file goes, not published: atomic_path sees the exception
+            if not stack.__exit__(type(e), e, e.__traceback__):
+                raise
         self._stack = stack
         return self
 

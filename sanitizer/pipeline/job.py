@@ -241,30 +241,19 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     with run.lock():
         previous = begin(run, plan)
         collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
-        pending = pending_shards(run, plan.shards)
+        pending = [s for s in plan.shards if not run.is_done(s.stem)]
         score_shards(job, plan, stage, image_size, pending, collector, progress)
         return finish(run, plan, collector, started, previous)
 
 
-def pending_shards(run: RunDir, shards: list[ShardRef]) -> list[ShardRef]:
-    """The shards to score: those not done, and done ones whose local input changed since they were
-    scored, which are forgotten first (a shard scored while it was still downloading is scored again
-    in full once it is complete)."""
-    for shard in shards:
-        if run.is_done(shard.stem) and run.input_changed(shard):
-            log.warning("%s changed since it was scored: scoring it again", shard.url)
-            run.unmark(shard.stem)
-    return [s for s in shards if not run.is_done(s.stem)]
-
-
-# What a finished run.json records beyond its identity and config. A re-run carries them while it
-# runs, so that one interrupted or killed leaves the record of clean for the next to judge.
-RESULTS = ("threshold", "collapse", "totals", "failed_shards", "clean")
+# What a re-run carries of a finished run.json while it runs: what still_clean weighs the record of
+# clean against, so that a re-run killed before it finishes leaves that record for the next to judge.
+CARRIED = ("threshold", "collapse", "clean")
 
 
 def begin(run: RunDir, plan: JobPlan) -> dict:
-    """Clears what an interrupted run left, refuses a RUN_DIR of another job, and marks it running;
-    returns the run.json it found ({} for a new run)."""
+    """Clears what an interrupted run left, refuses a RUN_DIR of another job, forgets shards whose
+    input changed, and marks the run running; returns the run.json it found ({} for a new run)."""
     removed = run.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
@@ -273,8 +262,21 @@ def begin(run: RunDir, plan: JobPlan) -> dict:
         raise UsageError(
             f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
         )
-    run.write_run(plan.record("running", **{k: previous[k] for k in RESULTS if k in previous}))
+    carried = {k: previous[k] for k in CARRIED if k in previous}
+    if forget_changed(run, plan.shards):  # clean/ held their old samples: it no longer matches the run
+        carried.pop("clean", None)
+    run.write_run(plan.record("running", **carried))
     return previous
+
+
+def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
+    """Done shards whose local input changed since they were scored (one scored while it was still
+    downloading, one replaced), forgotten so that they are scored again; their stems."""
+    changed = [s for s in shards if run.is_done(s.stem) and run.input_changed(s)]
+    for shard in changed:
+        log.warning("%s changed since it was scored: scoring it again", shard.url)
+        run.unmark(shard.stem)
+    return [s.stem for s in changed]
 
 
 def load_stage(job: ScoreJob, plan: JobPlan) -> ScoreStage:
@@ -366,16 +368,19 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
 def still_clean(run: RunDir, previous: dict, now: dict, done: int, scored: int, reflagged: int) -> dict:
     """The previous run.json's record of clean, while clean/ and quarantine/ still match the flags: no
     shard scored since (here, or by a re-run that was interrupted: the record counts the shards it
-    split), no manifest re-flagged, and the same thresholds (`now`'s) as the record was made at. Else
-    it is dropped, with a warning to clean again."""
+    split, and a shard scored again for a changed input drops it in `begin`), no manifest re-flagged,
+    and the same thresholds (`now`'s) as the record was made at. Else it is dropped, with a warning to
+    clean again."""
     clean = previous.get("clean")
     if not clean:
         return {}
     changed = {k for k in ("threshold", "collapse") if previous.get(k) != now[k]}
     if not scored and not reflagged and clean.get("shards") == done and not changed:
         return {"clean": clean}
-    if scored or clean.get("shards") != done:
-        why = f"{max(scored, done - clean.get('shards', 0))} shard(s) were scored since it was cleaned"
+    if scored:
+        why = f"{scored} shard(s) were scored since it was cleaned"
+    elif clean.get("shards") != done:
+        why = f"the run has {done} finished shard(s) and clean split {clean.get('shards')}"
     elif reflagged:
         why = f"this run re-flagged {reflagged} shard(s)"
     else:
