@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
-from sanitizer.errors import SanitizerError
+from sanitizer.errors import SanitizerError, Terminated
 from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -30,11 +30,6 @@ RELAX_RADIUS_HELP = "how far (L-inf, decoder latent units) those steps may move 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15  # Ctrl-C; SIGTERM, as schedulers stop a job
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `ray job stop`, `kill`): the job stops as on Ctrl-C, its temp files
-    removed and its finished shards kept for the re-run, instead of dying wherever it was."""
 
 
 def _terminate(signum: int, frame: object) -> None:

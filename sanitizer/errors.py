@@ -19,3 +19,8 @@ class CheckpointError(SanitizerError):
 
 class TrainingError(SanitizerError):
     """Training went wrong in a way its settings explain (a loss that is no longer a number)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `ray job stop`, `kill`): the job stops as on Ctrl-C, its temp files
+    removed and its finished shards kept for the re-run, instead of dying wherever it was."""

@@ -858,3 +858,22 @@ def test_a_decoder_retrained_in_place_is_not_read_as_the_runs(tmp_path, tiny_dec
         load_scorer(info)
     assert decoder_calibration(info) == (None, None)
     assert clean_run(run, "value:0.5").threshold == 0.5  # a rule that reads no calibration still works
+
+
+def test_sigterm_while_ray_starts_stops_the_job_as_terminated(monkeypatch):
+    """Ray's own SIGTERM handler, active while ray.init runs, exits with the signal's number: the job
+    would end with status 15 and no word instead of the CLI's 143 and its line."""
+    import signal
+
+    import ray
+
+    from sanitizer.errors import Terminated
+    from sanitizer.pipeline.job import ensure_ray
+
+    def stopped_while_starting(**kwargs):
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", stopped_while_starting)
+    with pytest.raises(Terminated):
+        ensure_ray(None, num_cpus=1)

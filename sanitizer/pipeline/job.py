@@ -30,7 +30,7 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
-from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.errors import SanitizerError, Terminated, UsageError
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
@@ -579,12 +579,18 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     address = cluster_address(address)
-    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         check_reachable(address)
-        ray.init(address=address, **kwargs)
+        kwargs["address"] = address
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **kwargs)
+        kwargs |= {"num_cpus": num_cpus, "object_store_memory": 512 * 1024**2}
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(**kwargs)
+    except SystemExit as e:  # Ray's own SIGTERM handler, active while Ray starts, exits with the signal
+        if e.code == signal.SIGTERM:
+            raise Terminated from None
+        raise
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
 
