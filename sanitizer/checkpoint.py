@@ -184,6 +184,11 @@ def save_training_state(
 def read_training_progress(out_dir: Path) -> dict | None:
     """The last checkpoint's progress, read from its header without its tensors; None when there is none."""
     path = out_dir / STATE_DIR / STATE
+    if (out_dir / STATE_DIR / "state.json").is_file():  # versions before the one-file checkpoint
+        raise CheckpointError(
+            f"{out_dir / STATE_DIR} holds an unfinished training run of an earlier version, which this one "
+            "cannot resume; delete it to start the training afresh"
+        )
     if not path.is_file():
         return None
     try:

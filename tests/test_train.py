@@ -554,6 +554,20 @@ def test_a_damaged_training_checkpoint_is_one_error_naming_it(tmp_path, tiny_sha
         train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", settings)
 
 
+@pytest.mark.parametrize("files", [("state.json",), ("state.json", "state.safetensors")])
+def test_a_checkpoint_of_an_earlier_version_is_one_error_saying_so(
+    tmp_path, tiny_shards, tiny_encoder, files
+):
+    """Its progress sat in state.json beside the tensors: not damage, and not resumable either (with
+    state.json alone, training used to finish and then fail to remove the directory)."""
+    for name in files:
+        (tmp_path / "d" / ".checkpoint").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / ".checkpoint" / name).write_text('{"plan": {}, "epoch": 1, "losses": [0.5]}')
+    with pytest.raises(CheckpointError, match=r"holds an unfinished training run of an earlier version"):
+        train_tiny(tiny_encoder, tiny_shards, tmp_path / "d", TrainSettings(epochs=1, batch_size=32))
+    assert not (tmp_path / "d" / "decoder.json").exists()
+
+
 def test_a_checkpoint_whose_tensors_do_not_fit_the_decoder_is_one_error_naming_it(
     tmp_path, tiny_shards, tiny_encoder, monkeypatch
 ):
