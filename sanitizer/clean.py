@@ -28,7 +28,7 @@ class CleanSummary:
     shards: int
     kept: int
     quarantined: int
-    threshold: float
+    threshold: float | None  # None: no shard was scored, and a data rule found no scores
     skipped_shards: list[str]
 
 
@@ -81,7 +81,7 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             rule = parse_rule(threshold)
             info["threshold"] = {"rule": str(rule), "value": resolve_rule(rule, run, info, done)}
         value = (info.get("threshold") or {}).get("value")
-        if value is None:
+        if value is None and done:  # a run with no finished shard has nothing to split at any
             raise UsageError(f"{run_dir} has no threshold yet; give --threshold")
         # The manifests are flagged at run.json's threshold before any split: a new one, or the one
         # run.json kept when a `clean --threshold` was killed while it re-flagged them.

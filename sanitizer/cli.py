@@ -280,7 +280,7 @@ def run_clean(args: argparse.Namespace) -> int:
             f"{args.run_dir / 'quarantine'} ({s.shards} shards, threshold {s.threshold:.6g})"
         )
     else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make
-        print(f"no shard was scored: nothing to clean (threshold {s.threshold:.6g})")
+        print("no shard was scored: nothing to clean")
     for stem in s.skipped_shards:
         print(f"skipped shard {stem}: it was not scored (see run.json)")
     return EXIT_INCOMPLETE if s.skipped_shards else EXIT_OK

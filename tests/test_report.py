@@ -219,10 +219,13 @@ def test_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir, capsys):
     (data / "a.tar").write_bytes(np.random.default_rng(0).bytes(5000))
     (data / "b.tar").write_text("not a tar\n")
     score = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(data), "--out", str(run)]
-    assert cli.main([*score, "--workers", "0"]) == 1
+    assert cli.main([*score, "--workers", "0", "--threshold", "mad:3"]) == 1  # a rule that finds no scores
     assert "\nmanifest: none (no shard was scored)\n" in capsys.readouterr().out
     assert cli.main(["clean", str(run)]) == 1
-    assert capsys.readouterr().out.startswith("no shard was scored: nothing to clean")
+    assert capsys.readouterr().out.splitlines() == [
+        "no shard was scored: nothing to clean",
+        *(f"skipped shard {s}: it was not scored (see run.json)" for s in "ab"),
+    ]
     assert not (run / "manifest").exists() and not (run / "quarantine").exists()
     assert cli.main(["report", str(run)]) == 0
     parsed = parse(run / "report/index.html")
