@@ -62,7 +62,7 @@ def shard_stats(stem: str, url: str, stamp: dict | None, table: pa.Table, second
 @dataclass
 class ShardCollector:
     run: RunDir
-    urls: dict[str, str]  # stem -> input url
+    urls: dict[str, str]  # stem -> input url, of the shards this job scores
     threshold: float | None
     parts: dict[str, list[pa.Table]] = field(default_factory=dict)
     expected: dict[str, int] = field(default_factory=dict)

@@ -240,8 +240,9 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     run.refuse_foreign()
     with run.lock():
         previous = begin(run, plan)
-        collector = ShardCollector(run, {s.stem: s.url for s in plan.shards}, plan.threshold)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
+        # it stamps the inputs it will write markers for: a re-run of a finished run stats none again
+        collector = ShardCollector(run, {s.stem: s.url for s in pending}, plan.threshold)
         score_shards(job, plan, stage, image_size, pending, collector, progress)
         return finish(run, plan, collector, started, previous)
 
