@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
-from sanitizer.data.shards import ShardRef, changed_since
+from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.errors import UsageError
 from sanitizer.manifest import flag_counts, read_manifest, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, read_object
@@ -111,6 +111,9 @@ class RunDir:
         counts = [stats.get(k) for k in ("count", "ok", "flagged")]
         if not all(type(c) is int for c in counts) or not isinstance(stats.get("status_counts"), dict):
             raise _damaged(self.stats(stem), "its counts are missing or not whole numbers")
+        stamp = stats.get("input")  # None: a remote input, or a marker of an earlier version
+        if stamp is not None and not is_file_stamp(stamp):
+            raise _damaged(self.stats(stem), "its input stamp is not {size, mtime_ns} in whole numbers")
         return stats
 
     def refuse_foreign(self) -> None:

@@ -427,13 +427,17 @@ def test_score_counts_out_of_range_stop_before_the_run_dir_is_made(
     assert not (tmp_path / "r").exists()
 
 
-def _edit_run_json(change):
+def _edit_json(relative: str, change):
     def damage(run: Path) -> None:
-        info = json.loads((run / "run.json").read_text())
-        change(info)
-        (run / "run.json").write_text(json.dumps(info))
+        record = json.loads((run / relative).read_text())
+        change(record)
+        (run / relative).write_text(json.dumps(record))
 
     return damage
+
+
+def _edit_run_json(change):
+    return _edit_json("run.json", change)
 
 
 ALL = ("clean", "report", "score")
@@ -482,6 +486,13 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
         lambda run: (run / "stats/shard-000001_stats.json").write_text("{}"),
         ("report", "score"),
         "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
+    ),
+    "a stats marker's input stamp edited": (  # it read as "changed": score re-scored, verify blamed the input
+        _edit_json(
+            "stats/shard-000001_stats.json", lambda stats: stats.update(input={"size": "1", "mtime_ns": 0})
+        ),
+        ("report", "score"),
+        "shard-000001_stats.json is damaged: its input stamp is not {size, mtime_ns} in whole numbers",
     ),
 }
 

@@ -159,6 +159,21 @@ def test_an_input_moved_away_is_one_violation_the_totals_still_add_up(run_copy, 
     assert violations[0].startswith(f"shard shard-000001: input {moved!r} cannot be read (cannot open: ")
 
 
+def test_an_edited_input_stamp_is_one_violation_and_the_input_is_still_checked(run_copy):
+    """A stamp of the wrong form tells nothing of the input: it used to read as "changed" and stop
+    the shard's checks there, blaming an input that never changed."""
+    marker = run_copy / "stats" / "shard-000001_stats.json"
+    stats = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**stats, "input": {"size": "1", "mtime_ns": 0}}))
+    (run_copy / "clean" / "shard-000001.tar").write_bytes(b"")
+    violations = verify_run(run_copy)
+    assert violations[0] == (
+        "shard shard-000001: stats input is {'size': '1', 'mtime_ns': 0}, not {size, mtime_ns} in whole "
+        "numbers"
+    )
+    assert any("clean/shard-000001.tar" in v for v in violations[1:]), violations
+
+
 def test_an_input_that_changed_since_it_was_scored_is_one_violation(run_copy, tiny_shards, tmp_path):
     """Scored in full, cut short since (or the other way round, as a shard scored while downloading)."""
     changed = tmp_path / "shard-000001.tar"

@@ -54,6 +54,15 @@ def file_stamp(url: str) -> dict[str, int] | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def is_file_stamp(value: object) -> bool:
+    """Whether `value` has file_stamp's form, as a stats marker read back must."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"size", "mtime_ns"}
+        and all(type(v) is int for v in value.values())
+    )
+
+
 def changed_since(recorded: object, url: str) -> bool:
     """Whether a shard's input differs from the `file_stamp` recorded when it was scored. A stamp that
     was not recorded (a remote input, a marker of an earlier version) or cannot be taken now tells
