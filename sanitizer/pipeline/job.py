@@ -441,7 +441,7 @@ def local_workers(device: torch.device) -> int:
 
 
 def local_tables(
-    pending: list[ShardRef], stage: ScoreStage, image_size: int, batch_size: int, readers: int = 1
+    pending: list[ShardRef], stage: ScoreStage, image_size: int, batch_size: int, readers: int
 ) -> Iterator[pa.Table]:
     """One process: `readers` threads decode shards (PIL and hashlib release the GIL) while this
     thread scores batches of `batch_size` rows."""
@@ -596,14 +596,17 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
 
 
-def check_reachable(address: str, timeout: float = 10.0) -> None:
+REACH_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str) -> None:
     """Refuse a cluster address that nothing answers at: ray.init retries it for minutes, holding the
     run. Addresses that are not HOST:PORT (`auto`, `local`) are left to Ray."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as e:
         raise UsageError(
             f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
