@@ -556,6 +556,30 @@ def test_a_decoder_json_edited_by_hand_is_one_line(tmp_path, tiny_decoder_dir, t
     assert not (tmp_path / "r").exists()
 
 
+def test_a_local_run_starts_its_own_ray_beside_a_cluster_ray_start_left(tiny_decoder_dir, tiny_shards):
+    """`ray start` records its cluster where ray.init() without an address looks for one: a local run
+    joined it, and refused our local settings with a traceback (or scored on whatever it was). The
+    record here points at an address where nothing runs; a short temp dir keeps Ray's sockets short."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="rt") as temp:
+        (Path(temp) / "ray").mkdir()
+        (Path(temp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+        argv = [*score_argv(tiny_decoder_dir, tiny_shards, Path(temp) / "r"), "--workers", "1"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp}
+        done = subprocess.run(
+            [sys.executable, "-m", "sanitizer.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads((Path(temp) / "r" / "run.json").read_text())["totals"]["samples"] == 120
+
+
 def test_a_cluster_address_nothing_answers_at_is_refused_at_once(tmp_path, tiny_decoder_dir, tiny_shards):
     """In a process of its own: one where this session's Ray is not already running."""
     import socket

@@ -583,8 +583,8 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         check_reachable(address)
         kwargs["address"] = address
-    else:
-        kwargs |= {"num_cpus": num_cpus, "object_store_memory": 512 * 1024**2}
+    else:  # "local": a new Ray, even where `ray start` left a cluster running that ray.init would join
+        kwargs |= {"address": "local", "num_cpus": num_cpus, "object_store_memory": 512 * 1024**2}
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
