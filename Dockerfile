@@ -9,10 +9,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/sanitizer
 
-# Dependencies first (pinned in pyproject.toml), so a code change does not reinstall torch.
+# Dependencies first (pinned in pyproject.toml), so a code change does not reinstall torch; the
+# cluster extra adds Ray's job server, so that a head started from this image takes `ray job submit`.
 COPY pyproject.toml README.md ./
 RUN mkdir sanitizer && touch sanitizer/__init__.py \
-    && pip install --quiet . \
+    && pip install --quiet './[cluster]' \
     && pip uninstall --yes --quiet sanitizer
 
 COPY sanitizer sanitizer

@@ -124,3 +124,16 @@ def test_an_option_that_is_not_a_name_and_one_value_is_a_config_error():
         options({1: 2})
     with pytest.raises(ConfigError, match=r"option 'out': \['a', 'b'\] is not a name and a single value"):
         options({"out": ["a", "b"]})
+
+
+def test_the_image_installs_the_job_server_of_the_ray_it_pins():
+    """`ray job submit` talks to the head's job server, which ray[data] lacks: a head started from the
+    image took no job. The cluster extra adds it, pinned to the very Ray the package runs on."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pinned = {r.split("[")[0]: r.split("==")[1] for r in project["dependencies"] if r.startswith("ray[")}
+    assert project["optional-dependencies"]["cluster"] == [f"ray[default]=={pinned['ray']}"]
+    assert "pip install --quiet './[cluster]'" in (root / "Dockerfile").read_text()
