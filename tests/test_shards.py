@@ -100,6 +100,26 @@ def test_glob_sorted_and_files_only(tmp_path: Path) -> None:
     assert [Path(r.url).name for r in refs] == ["a.tar", "b.tar", "c.tar.gz"]
 
 
+def test_glob_over_img2dataset_output_leaves_its_side_files_out(tmp_path: Path, caplog) -> None:
+    """img2dataset writes NNNNN.parquet and NNNNN_stats.json beside each NNNNN.tar: `data/*` is
+    its shards, and the side files are named in one warning instead of failing as shards."""
+    for i in range(2):
+        for name in [f"{i:05d}.tar", f"{i:05d}.parquet", f"{i:05d}_stats.json"]:
+            _touch(tmp_path / name)
+    with caplog.at_level("WARNING", logger="sanitizer.data.shards"):
+        refs = expand_shards(str(tmp_path / "*"))
+    assert [r.stem for r in refs] == ["00000", "00001"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"pattern {str(tmp_path / '*')!r} also matches files that are not .tar.gz, .tgz, .tar shards, "
+        "left out: 00000.parquet, 00000_stats.json, 00001.parquet (and 1 more)"
+    ]
+    with pytest.raises(UsageError) as info:
+        expand_shards(str(tmp_path / "*.parquet"))
+    assert str(info.value) == (
+        f"no shards found: pattern {str(tmp_path / '*.parquet')!r} matches no .tar.gz, .tgz, .tar files"
+    )
+
+
 def test_directory_lists_tar_files_sorted(tmp_path: Path) -> None:
     for name in ["b.tgz", "a.tar", "c.tar.gz", "notes.txt", "x.parquet"]:
         _touch(tmp_path / name)
@@ -136,7 +156,10 @@ def test_remote_urls_pass_through_after_brace_expansion() -> None:
 
 
 def test_nothing_matched_messages(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"pattern .*nope-\*\.tar.* matches no files"):
+    with pytest.raises(
+        UsageError,
+        match=r"pattern .*nope-\*\.tar.* matches no \.tar\.gz, \.tgz, \.tar files",
+    ):
         expand_shards(str(tmp_path / "nope-*.tar"))
     with pytest.raises(UsageError, match=r"missing\.tar.* does not exist"):
         expand_shards(str(tmp_path / "missing.tar"))

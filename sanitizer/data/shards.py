@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import re
 from collections import Counter
@@ -19,6 +20,7 @@ from braceexpand import UnbalancedBracesError, braceexpand
 
 from sanitizer.errors import UsageError
 
+log = logging.getLogger(__name__)
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 MAX_STEM_CHARS = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -90,12 +92,33 @@ def _is_shard_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES)
 
 
+def _first_three(items: list[str], sep: str) -> str:
+    """A list too long for one line: its first three, and how many more."""
+    more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+    return sep.join(items[:3]) + more
+
+
+def _expand_glob(item: str) -> list[str]:
+    """A glob's shard files, as a directory's. img2dataset writes `00000.parquet` and
+    `00000_stats.json` beside each `00000.tar`, so `data/*` matches them too: they are left out,
+    with a warning naming them, rather than each failing the job as a shard that is not a tar."""
+    files = [Path(m) for m in sorted(glob.glob(os.path.expanduser(item))) if Path(m).is_file()]
+    others = [p.name for p in files if not _is_shard_file(p)]
+    if others and len(others) < len(files):
+        log.warning(
+            "pattern %r also matches files that are not %s shards, left out: %s",
+            item,
+            ", ".join(SHARD_SUFFIXES),
+            _first_three(others, ", "),
+        )
+    return [str(p.resolve()) for p in files if _is_shard_file(p)]
+
+
 def _expand_local(item: str) -> list[str]:
     """Expand one local glob, directory or file; an empty list means it matched nothing."""
     path = Path(item).expanduser()
     if _GLOB_CHARS.search(item):
-        matches = sorted(glob.glob(os.path.expanduser(item)))
-        return [str(Path(m).resolve()) for m in matches if Path(m).is_file()]
+        return _expand_glob(item)
     if path.is_dir():
         return [str(p.resolve()) for p in sorted(path.iterdir()) if _is_shard_file(p)]
     if path.is_file():
@@ -106,7 +129,7 @@ def _expand_local(item: str) -> list[str]:
 def _describe_miss(item: str) -> str:
     path = Path(item).expanduser()
     if _GLOB_CHARS.search(item):
-        return f"pattern {item!r} matches no files"
+        return f"pattern {item!r} matches no {', '.join(SHARD_SUFFIXES)} files"
     if path.is_dir():
         return f"directory {item!r} contains no {', '.join(SHARD_SUFFIXES)} files"
     return f"shard file {item!r} does not exist"
@@ -191,8 +214,7 @@ def expand_shards(spec: str) -> list[ShardRef]:
                 misses.append(_describe_miss(item))
             urls.extend(found)
     if misses:
-        more = f" (and {len(misses) - 3} more)" if len(misses) > 3 else ""
-        raise UsageError("no shards found: " + "; ".join(misses[:3]) + more)
+        raise UsageError("no shards found: " + _first_three(misses, "; "))
     unique = list(dict.fromkeys(urls))
     for url in unique:
         if not is_text(url):
