@@ -185,6 +185,11 @@ def test_captions(corpus: dict[str, Path]) -> None:
         ([("k.json", b"\xff\xfe")], None),
         ([("k.caption", b"c")], "c"),
         ([("k.png", b"x")], None),
+        # A key with dots: `a.b.jpg` and `a.b.txt` are key `a`'s `b.jpg` and `b.txt`; the caption is
+        # found by the rule that finds the image, an exact extension first.
+        ([("a.b.jpg", b"x"), ("a.b.txt", b"dots in the key")], "dots in the key"),
+        ([("a.b.jpg", b"x"), ("a.b.json", b'{"caption": "json of a dotted key"}')], "json of a dotted key"),
+        ([("k.seg.txt", b"compound"), ("k.txt", b"exact")], "exact"),
     ],
 )
 def test_decode_text_rules(members: list[tuple[str, bytes]], caption: str | None) -> None:
@@ -207,6 +212,8 @@ def test_decode_text_rules(members: list[tuple[str, bytes]], caption: str | None
 def test_decode_label(data: bytes, label: bool | None) -> None:
     assert decode_label(Sample("k", 0, [Member("k.json", data)])) is label
     assert decode_label(Sample("k", 0, [Member("k.png", b"")])) is None
+    dotted = [Member("a.b.jpg", b"x"), Member("a.b.json", data)]
+    assert decode_label(Sample("a", 0, dotted)) is label
 
 
 def test_good_shard_labels(corpus: dict[str, Path]) -> None:

@@ -65,18 +65,23 @@ def _failed(status: str, error: str | None, **extra: Any) -> DecodedImage:
     return DecodedImage(status=status, error=one_line(error) if error else error, **fields)
 
 
-def find_image_member(sample: Sample) -> tuple[str, bytes] | None:
-    """The sample's image: first exact image extension, else first whose last part is one.
-
-    The fallback accepts WebDataset-style compound extensions such as ``left.png``.
-    """
+def find_member(sample: Sample, exts: tuple[str, ...]) -> tuple[str, bytes] | None:
+    """The sample's first member of an extension in ``exts``, else the first whose extension's last
+    part is one. The fallback accepts WebDataset-style compound extensions such as ``left.png``, and
+    the members of a key with dots (``a.b.jpg`` and ``a.b.txt``: key ``a``, extensions ``b.jpg`` and
+    ``b.txt``), so that image, caption and json are found by one rule."""
     for member in sample.members:
-        if split_key(member.name)[1] in IMAGE_EXTS:
+        if split_key(member.name)[1] in exts:
             return member.name, member.data
     for member in sample.members:
-        if split_key(member.name)[1].rsplit(".", 1)[-1] in IMAGE_EXTS:
+        if split_key(member.name)[1].rsplit(".", 1)[-1] in exts:
             return member.name, member.data
     return None
+
+
+def find_image_member(sample: Sample) -> tuple[str, bytes] | None:
+    """The sample's image (see ``find_member``)."""
+    return find_member(sample, IMAGE_EXTS)
 
 
 def image_differs(sample: Sample, status: str, digest: str | None) -> bool:
@@ -208,9 +213,10 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int, digest: str) -> Decod
 
 
 def _json_object(sample: Sample) -> dict[str, Any] | None:
-    data = sample.by_ext().get("json")
-    if not data:
+    found = find_member(sample, ("json",))
+    if found is None or not found[1]:
         return None
+    data = found[1]
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):
@@ -221,10 +227,9 @@ def _json_object(sample: Sample) -> dict[str, Any] | None:
 def decode_text(sample: Sample) -> str | None:
     """The caption: a text member, else the json member's "caption"/"text" string field."""
     caption: str | None = None
-    for member in sample.members:
-        if split_key(member.name)[1] in TEXT_EXTS:
-            caption = member.data.decode("utf-8", errors="replace").strip()
-            break
+    text = find_member(sample, TEXT_EXTS)
+    if text is not None:
+        caption = text[1].decode("utf-8", errors="replace").strip()
     else:
         obj = _json_object(sample)
         if obj is not None:
