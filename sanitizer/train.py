@@ -36,6 +36,7 @@ from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import TrainingError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.progress import progress_bar
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def train_epoch(
         losses.append(loss.detach())
         bar.update(len(idx))
         if not bar.disable and (i % 25 == 0 or i == steps - 1):
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.4f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.4f}", refresh=False)
     return float(np.mean(torch.stack(losses).cpu().numpy().astype(np.float64)))
 
 
@@ -301,13 +302,12 @@ class _Pass:
         losses = list(state["losses"]) if state else []
         epochs = self.epochs_of(number)
         total_steps = epochs * math.ceil(len(keep) / s.batch_size)
-        bar = tqdm(
+        bar = progress_bar(
+            self.progress,
             total=epochs * len(keep),
             initial=start_epoch * len(keep),
             unit="img",
             desc=f"train (pass {number})" if s.refit else "train",
-            disable=not self.progress,
-            dynamic_ncols=True,
         )
         for epoch in range(start_epoch, epochs):
             losses.append(

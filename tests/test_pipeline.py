@@ -912,3 +912,17 @@ def test_sigterm_while_ray_starts_stops_the_job_as_terminated(monkeypatch):
     monkeypatch.setattr(ray, "init", stopped_while_starting)
     with pytest.raises(Terminated):
         ensure_ray(None, num_cpus=1)
+
+
+def test_progress_in_a_log_is_a_line_a_minute_not_one_per_shard(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """Where stderr is not a terminal (a scheduled job's log, `ray job logs`) each redraw of the bar
+    stays as a line: a run of 100,000 shards wrote a line per shard and more."""
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "r", workers=0)
+    run_score_job(job, progress=True)
+    bar = [
+        line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("score:")
+    ]
+    assert len(bar) == 2, bar  # drawn when it starts and when it ends
+    assert bar[-1].startswith("score: 100%|") and "samples=120" in bar[-1]

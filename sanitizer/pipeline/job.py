@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from sanitizer.checkpoint import read_meta
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
@@ -35,6 +34,7 @@ from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
+from sanitizer.progress import progress_bar
 from sanitizer.rundir import RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
@@ -617,13 +617,15 @@ def check_reachable(address: str) -> None:
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
     started = time.time()
     # closed on any exit, so an error message is not followed (or overdrawn) by a stale bar
-    with tqdm(total=shards, unit="shard", desc="score", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(progress, total=shards, unit="shard", desc="score") as bar:
         for table in tables:
             before = len(collector.done) + len(collector.failed)
             collector.add(table)
             bar.update(len(collector.done) + len(collector.failed) - before)
             rate = collector.samples / max(1e-9, time.time() - started)
-            bar.set_postfix(samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed))
+            bar.set_postfix(  # shown at the bar's next redraw, which it times
+                samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed), refresh=False
+            )
 
 
 def summarize(
