@@ -580,6 +580,43 @@ def test_a_local_run_starts_its_own_ray_beside_a_cluster_ray_start_left(tiny_dec
         assert json.loads((Path(temp) / "r" / "run.json").read_text())["totals"]["samples"] == 120
 
 
+def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path):
+    """Its scoring actors failed and were retried in 220 lines of tracebacks, and the run died saying
+    nothing of what to do. Here the workers find another module named sanitizer first (an old install
+    on the nodes); the driver, started elsewhere, has this one."""
+    import subprocess
+    import sys
+
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "sanitizer.py").write_text('"""another package of this name"""\n')
+    (tmp_path / "probe.py").write_text(
+        "import sys, ray\n"
+        "from sanitizer.errors import UsageError\n"
+        "from sanitizer.pipeline.job import check_cluster_imports\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False,\n"
+        "         runtime_env={'env_vars': {'PYTHONPATH': sys.argv[1]}})\n"
+        "try:\n"
+        "    check_cluster_imports('HEAD:6379')\n"
+        "except UsageError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "probe.py", str(tmp_path / "stub")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.stdout.strip() == (
+        "the workers of the Ray cluster at HEAD:6379 cannot import sanitizer (No module named "
+        "'sanitizer.pipeline'; 'sanitizer' is not a package): install this package on every node (the "
+        "Dockerfile's image has it), or submit the job with `ray job submit --working-dir .`"
+    ), done.stderr
+
+
+def test_a_cluster_whose_workers_import_the_package_passes_the_check(ray_session):
+    from sanitizer.pipeline.job import check_cluster_imports
+
+    check_cluster_imports("local")  # raises where they cannot
+
+
 def test_a_cluster_address_nothing_answers_at_is_refused_at_once(tmp_path, tiny_decoder_dir, tiny_shards):
     """In a process of its own: one where this session's Ray is not already running."""
     import socket

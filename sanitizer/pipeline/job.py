@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import queue
+import re
 import signal
 import socket
 import threading
@@ -594,6 +595,8 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         raise
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
+    if address:
+        check_cluster_imports(address)
 
 
 REACH_TIMEOUT_S = 10.0
@@ -611,6 +614,34 @@ def check_reachable(address: str) -> None:
         raise UsageError(
             f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
             "check --ray-address or RAY_ADDRESS"
+        ) from None
+
+
+def _imported_there() -> None:
+    """A task that does nothing: a worker unpickles it by importing this module, as every scoring
+    actor must."""
+
+
+def check_cluster_imports(address: str) -> None:
+    """Ask a worker of a joined cluster to import this package before any actor is made. Where the
+    nodes lack it, each scoring actor fails and is retried, in pages of tracebacks, and the run dies
+    with none of them saying what to do. A cluster too busy to answer within a minute is left to the
+    actors."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_imported_there)
+    try:
+        ray.get(task.remote(), timeout=6 * REACH_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        return
+    except ray.exceptions.RayError as e:
+        missing = re.search(r"No module named [^\n]*", str(e))
+        if missing is None:
+            raise
+        raise UsageError(
+            f"the workers of the Ray cluster at {address} cannot import sanitizer ({missing[0]}): "
+            "install this package on every node (the Dockerfile's image has it), or submit the job "
+            "with `ray job submit --working-dir .`"
         ) from None
 
 
