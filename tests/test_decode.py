@@ -24,6 +24,7 @@ from sanitizer.data.hostile import (
     pickle_payload,
     write_hostile_corpus,
 )
+from sanitizer.data.synth import encode_image, synthetic_images
 from sanitizer.data.tario import Member, Sample, ShardError, iter_samples
 
 SIZE = 32
@@ -102,6 +103,15 @@ def test_bomb_refused_before_decoding_and_warnings_left_alone(corpus: dict[str, 
     assert list(warnings.filters) == before
     small = decode_image(samples["wrong_ext"], SIZE, max_pixels=100)
     assert small.status == "decompression_bomb" and "max_pixels=100" in (small.error or "")
+
+
+def test_jpeg_cut_inside_its_header_is_truncated_image() -> None:
+    """A small JPEG cut in half ends inside its header: Pillow fails while opening it ("Truncated File
+    Read"), and that is as much a truncated image as one cut in its pixels, not a decode_error."""
+    jpeg = encode_image(synthetic_images(1, 32, seed=3)[0], "jpeg")
+    d = decode_image(Sample("k", 0, [Member("k.jpg", jpeg[: len(jpeg) // 2])]), SIZE)
+    assert (d.status, d.error, d.pixels) == ("truncated_image", "OSError: Truncated File Read", None)
+    assert d.sha256 is not None
 
 
 def test_reading_status_passes_through() -> None:

@@ -185,7 +185,8 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int, digest: str) -> Decod
     except UnidentifiedImageError:
         return _failed(STATUS_NOT_AN_IMAGE, "bytes are not a supported image", sha256=digest)
     except Exception as e:  # noqa: BLE001 - any header parsing failure is per-sample
-        return _failed(STATUS_DECODE_ERROR, describe(e), sha256=digest)
+        # a file cut inside its header (a small JPEG cut in half) is as truncated as one cut in its pixels
+        return _failed(_classify_load_error(e), describe(e), sha256=digest)
     with im:
         w, h = im.size
         dims = {"width": w, "height": h, "sha256": digest}
