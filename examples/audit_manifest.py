@@ -6,7 +6,8 @@
 The manifest is plain Parquet (one file per shard, schema in schemas/manifest-v3.json), so any tool
 reads it; here pandas reads only the columns it needs. `--reclean RULE` re-flags with a new threshold
 and rewrites clean/ and quarantine/ without scoring anything again (the same as `sanitizer clean
-RUN_DIR --threshold RULE`).
+RUN_DIR --threshold RULE`, exit 1 too where a shard was not scored). A run whose every shard failed
+has no manifest: it lists the failed shards and exits 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 from sanitizer.clean import clean_run
 from sanitizer.errors import SanitizerError
 from sanitizer.report import encoder_verdict
+from sanitizer.rundir import open_run
 
 COLUMNS = [
     "key", "shard", "index", "status", "error", "score", "flagged", "flag_reason", "threshold", "caption",
@@ -28,12 +30,25 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def load_manifest(run_dir: Path) -> pd.DataFrame:
-    """Every shard's manifest as one DataFrame (only the columns used here)."""
+def load_manifest(run_dir: Path) -> pd.DataFrame | None:
+    """Every shard's manifest as one DataFrame (only the columns used here); None when no shard was
+    scored, which `no_manifest` explains."""
     parts = sorted((run_dir / "manifest").glob("*.parquet"))
     if not parts:
-        sys.exit(f"{run_dir} has no manifest/*.parquet: run `sanitizer score` first")
+        return None
     return pd.concat([pd.read_parquet(p, columns=COLUMNS) for p in parts], ignore_index=True)
+
+
+def no_manifest(run_dir: Path) -> str:
+    """Why a run has no manifest: a run whose every shard failed holds run.json alone (README, "Output
+    layout"); then the failed shards are what there is to look at."""
+    _, info, shards = open_run(run_dir)  # a SanitizerError where there is no run at all
+    failed = info.get("failed_shards") or []
+    lines = [f"no shard was scored: {len(failed)} of {len(shards)} failed (run.json failed_shards)"]
+    lines += [f"  {f['stem']}: {f['error']}" for f in failed[:20]]
+    if len(failed) < len(shards):
+        lines.append("the others have not finished: run `sanitizer score` again")
+    return "\n".join(lines)
 
 
 def top_flagged_per_shard(df: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -82,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 160)
     pd.set_option("display.max_colwidth", 60)
 
-    df = load_manifest(args.run_dir)
+    try:
+        df = load_manifest(args.run_dir)
+        if df is None:
+            print(no_manifest(args.run_dir))
+            return 1
+    except SanitizerError as e:
+        print(f"audit_manifest: error: {e}", file=sys.stderr)
+        return 2
     print(f"{len(df)} samples; status counts:\n{df['status'].value_counts().to_string()}\n")
     print(f"flagged: {int(df['flagged'].sum())} ({df['flagged'].mean():.2%} of all rows); by reason:")
     print(df["flag_reason"].value_counts().to_string(), "\n")
@@ -113,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             f"re-cleaned at {args.reclean} (threshold {summary.threshold:.6g}): kept {summary.kept}, "
             f"quarantined {summary.quarantined}; run `sanitizer report {args.run_dir}` to refresh the page"
         )
+        for stem in summary.skipped_shards:  # as `sanitizer clean` says it, and with its exit code
+            print(f"skipped shard {stem}: it was not scored (see run.json)")
+        return 1 if summary.skipped_shards else 0
     return 0
 
 

@@ -880,19 +880,57 @@ def test_a_tilde_in_a_path_means_home_as_in_a_shell(tmp_path, tiny_decoder_dir, 
     assert not (tmp_path / "~").exists()
 
 
-def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_path, local_run, capsys):
+def audit_example():
+    """examples/audit_manifest.py as a module."""
     import importlib.util
 
     path = Path(__file__).parents[1] / "examples" / "audit_manifest.py"
     spec = importlib.util.spec_from_file_location("audit_manifest", path)
     audit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(audit)
+    return audit
+
+
+def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_path, local_run, capsys):
+    audit = audit_example()
     run = tmp_path / "run"
     shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
     assert audit.main([str(run), "--top", "2"]) == 0
     assert "what other score thresholds would flag" in capsys.readouterr().out
     assert audit.main([str(run), "--reclean", "bad"]) == 2
     assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")
+
+
+def test_the_audit_example_names_the_failed_shards_of_a_run_with_no_manifest(
+    tmp_path, tiny_decoder_dir, capsys
+):
+    """A run whose every shard failed holds run.json alone: the example says so and lists them (it said
+    to run `sanitizer score` first, which had been run), exit 1 as `sanitizer clean` there."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
+    assert main([*score_argv(tiny_decoder_dir, tmp_path / "data", tmp_path / "run"), "--workers", "0"]) == 1
+    capsys.readouterr()
+    assert audit_example().main([str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "no shard was scored: 1 of 1 failed (run.json failed_shards)",
+        "  broken: not a readable tar file: ReadError: invalid header",
+    ]
+
+
+def test_the_audit_examples_reclean_names_skipped_shards_and_exits_1(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """--reclean is `sanitizer clean --threshold`: a failed shard is named as skipped, exit 1 (it said
+    nothing and exited 0)."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(tiny_shards / "shard-000000.tar", tmp_path / "data")
+    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
+    assert main([*score_argv(tiny_decoder_dir, tmp_path / "data", tmp_path / "run"), "--workers", "0"]) == 1
+    capsys.readouterr()
+    assert audit_example().main([str(tmp_path / "run"), "--reclean", "value:0.5"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("re-cleaned at value:0.5 (threshold 0.5): kept ")
+    assert out[-1] == "skipped shard broken: it was not scored (see run.json)"
 
 
 def retrained_in_place(decoder_dir: Path) -> None:
