@@ -33,6 +33,13 @@ RUN_FORMAT = "sanitizer-run/1"
 RUN_ENTRIES = ("run.json", "manifest", "stats", "clean", "quarantine", "sizes.json", "report")
 
 
+# A clean/ that run.json holds no record of: verify counts it, the report says it (its tiles are gone).
+STALE_CLEAN = (
+    "run.json has no record of clean, but clean/ exists (a `score` re-run since changed the flags, "
+    "or a clean did not finish): run `sanitizer clean` again"
+)
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -70,6 +77,10 @@ class RunDir:
             },
             self.clean_sizes_json: {self.clean(stem).name: n for stem, n in kept.items()},
         }
+
+    def stale_clean(self, info: dict) -> bool:
+        """Whether clean/ holds tars that do not match the flags: run.json dropped its record of clean."""
+        return info.get("clean") is None and (self.root / "clean").is_dir()
 
     def is_done(self, stem: str) -> bool:
         return self.stats(stem).is_file()

@@ -40,7 +40,7 @@ from sanitizer.data.tario import (
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts
 from sanitizer.records import RecordError, check_fields, lookup
-from sanitizer.rundir import OPTIONAL_RUN_FIELDS, RunDir, not_a_run, shard_entry
+from sanitizer.rundir import OPTIONAL_RUN_FIELDS, STALE_CLEAN, RunDir, not_a_run, shard_entry
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
@@ -593,10 +593,7 @@ def _check_clean_record(
     kept = {stem: r.kept for stem, r in results.items() if r.kept is not None}
     _check_sizes(run, kept, unchecked | (set(results) - set(kept)), report)
     if info.get("clean") is None:
-        report.add(
-            "run.json has no record of clean, but clean/ exists (a `score` re-run since changed the flags, "
-            "or a clean did not finish): run `sanitizer clean` again"
-        )
+        report.add(STALE_CLEAN)
         return
     expected = {
         "kept": sum(kept.values()),

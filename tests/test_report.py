@@ -16,6 +16,7 @@ from PIL import Image
 
 from sanitizer import cli
 from sanitizer.checkpoint import FORMAT, META
+from sanitizer.clean import clean_run
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, to_table, write_manifest
@@ -233,6 +234,21 @@ def test_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir, capsys):
     text = " ".join(parsed.text)
     assert "No shard was scored: 2 of 2 failed" in text and "no verdict" in text
     assert "Shards that failed" in text and "invalid header" in text
+
+
+def test_the_report_says_when_clean_no_longer_matches_the_flags(labelled_run, tmp_path, tiny_decoder_dir):
+    """A `score` re-run at another threshold than clean's drops run.json's record of clean: the page's
+    kept and quarantined tiles go, and it says why and what to do (it said nothing) as verify does."""
+    stale = "run.json has no record of clean, but clean/ exists (a `score` re-run since changed the flags"
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    clean_run(run, "value:0.5")
+    text = " ".join(parse(write_report(run)).text)
+    assert "kept in clean/" in text and stale not in text
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(labelled_run.parent / "data"), out=run, workers=0)
+    run_score_job(job, progress=False)
+    text = " ".join(parse(write_report(run)).text)
+    assert "kept in clean/" not in text and stale in text
 
 
 def test_image_sample_is_bounded(labelled_run, monkeypatch):

@@ -68,7 +68,7 @@ from sanitizer.report.verdict import (
     share_above_median,
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
-from sanitizer.rundir import RunDir, open_run
+from sanitizer.rundir import STALE_CLEAN, RunDir, open_run
 
 __all__ = [
     "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",
@@ -96,6 +96,8 @@ def write_report(run_dir: Path) -> Path:
             sections = scored_sections(out, run, info, shards, done, calibration, meta)
         else:  # every shard failed, or none has finished yet: what is known, and why no more
             sections = [unscored_section(info, meta)]
+        if run.stale_clean(info):  # the kept/quarantined tiles are gone: say why, not only by their absence
+            sections[0].body = note(STALE_CLEAN) + sections[0].body
         page = out / "index.html"
         with atomic_path(page) as tmp:
             tmp.write_text(render_page(run.root, sections, info.get("versions", {})), encoding="utf-8")
