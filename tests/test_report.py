@@ -212,6 +212,21 @@ def test_report_of_a_run_that_flags_nothing_renders(tmp_path, tiny_decoder_dir, 
     assert (page.parent / "embeddings.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_a_run_scored_without_the_collapse_pass_is_reported_without_it(
+    tmp_path, tiny_decoder_dir, tiny_shards
+):
+    """--no-collapse: no collapse sections, and the shard plot's note does not speak of the pass's flags
+    coming on top of the plotted ones (it did, though there were none)."""
+    job = ScoreJob(
+        decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "run", workers=0, collapse=None
+    )
+    run_score_job(job, progress=False)
+    parsed = parse(write_report(tmp_path / "run"))
+    assert parsed.ids == [s for s in SECTIONS if s not in ("joint", "clusters")]
+    text = " ".join(parsed.text)
+    assert "so the plot counts that test's flags." in text and "collapse pass" not in text
+
+
 def test_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir, capsys):
     """No input is a tar: score and clean name no directory they did not make, and the report shows
     the failed shards, with no scores and no verdict, and says why."""

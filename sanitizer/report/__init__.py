@@ -125,7 +125,7 @@ def scored_sections(
         verdict_section(verdict),
         scores_section(out, hist, threshold, rule),
         *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),
-        shards_section(out, scan, verdict["expected_rate"]),
+        shards_section(out, scan, verdict["expected_rate"], collapsed),
         *image_sections(out, run, info, shards, scan, collapsed),
         roc_section(out, scan, threshold),
     ]

@@ -233,8 +233,10 @@ def joint_section(
     return Section("joint", unlike + text + _img("joint.png", "score against collapse"))
 
 
-def shards_section(out: Path, scan: RunScan, expected: float | None) -> Section:
+def shards_section(out: Path, scan: RunScan, expected: float | None, collapsed: bool) -> Section:
+    """`collapsed`: the collapse pass ran, so a shard's flags can be more than the plot counts."""
     plot_shards(out / "shards.png", scan.shards, expected)
+    on_top = "; the collapse pass's come on top" if collapsed else ""
     worst = sorted(scan.shards, key=lambda s: (-s.flagged, s.stem))[:15]
     rows = [
         [s.stem, s.count, s.ok, s.flagged, s.by_score, f"{s.by_score / s.ok:.2%}" if s.ok else "-"]
@@ -245,7 +247,7 @@ def shards_section(out: Path, scan: RunScan, expected: float | None) -> Section:
         "shards",
         "<p>Poison often arrives together (one crawl, one source): a shard far above the dashed line is "
         "worth a look. The line is the score test's rate on clean data, so the plot counts that test's "
-        "flags; the collapse pass's come on top.</p>"
+        f"flags{on_top}.</p>"
         + _img("shards.png", "flag rate per shard")
         + "<h3>Shards with the most flags</h3>"
         + table,
