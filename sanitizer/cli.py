@@ -246,9 +246,11 @@ def format_summary(s) -> str:
     ]
     if s.collapse_rule is not None:
         collapse = (
-            "none (the pass could not run, see above)"
-            if s.collapse_threshold is None
-            else f"{s.collapse_threshold:.6g}"
+            f"{s.collapse_threshold:.6g}"
+            if s.collapse_threshold is not None
+            else "none (no ok samples)"
+            if not s.ok
+            else "none (the pass could not run, see above)"
         )
         lines.append(
             f"  by score: {s.flagged_by['score']}  by collapse: {s.flagged_by['collapse']} "

@@ -901,14 +901,29 @@ def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_pa
     assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")
 
 
+def score_a_run_whose_every_shard_failed(tmp_path: Path, decoder_dir: Path) -> None:
+    """tmp_path/run scored at the default rules from tmp_path/data, whose one shard is not a tar."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
+    assert main([*score_argv(decoder_dir, tmp_path / "data", tmp_path / "run"), "--workers", "0"]) == 1
+
+
+def test_score_of_a_run_whose_every_shard_failed_says_why_there_is_no_collapse_threshold(
+    tmp_path, tiny_decoder_dir, capsys
+):
+    """No ok sample: the collapse pass has nothing to weigh, and the summary says so, as it does for the
+    score's threshold (it said 'the pass could not run, see above', with nothing above)."""
+    score_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir)
+    line = "  by score: 0  by collapse: 0 (collapse evidence threshold none (no ok samples) [quantile:0.98])"
+    assert line in capsys.readouterr().out.splitlines()
+
+
 def test_the_audit_example_names_the_failed_shards_of_a_run_with_no_manifest(
     tmp_path, tiny_decoder_dir, capsys
 ):
     """A run whose every shard failed holds run.json alone: the example says so and lists them (it said
     to run `sanitizer score` first, which had been run), exit 1 as `sanitizer clean` there."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
-    assert main([*score_argv(tiny_decoder_dir, tmp_path / "data", tmp_path / "run"), "--workers", "0"]) == 1
+    score_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir)
     capsys.readouterr()
     assert audit_example().main([str(tmp_path / "run")]) == 1
     assert capsys.readouterr().out.splitlines() == [
