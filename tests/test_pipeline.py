@@ -918,6 +918,13 @@ def test_score_of_a_run_whose_every_shard_failed_says_why_there_is_no_collapse_t
     assert line in capsys.readouterr().out.splitlines()
 
 
+def test_the_verdict_on_a_run_with_no_ok_sample_says_that_is_why(tmp_path, tiny_decoder_dir, capsys):
+    """It said 'no threshold, no ok samples or no usable calibration': the run had a threshold and a
+    calibration, and the user had to guess which of the three it was."""
+    score_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir)
+    assert capsys.readouterr().out.splitlines()[-1] == "verdict: no verdict: the run has no ok samples"
+
+
 def test_the_audit_example_names_the_failed_shards_of_a_run_with_no_manifest(
     tmp_path, tiny_decoder_dir, capsys
 ):
@@ -983,6 +990,10 @@ def test_a_decoder_retrained_in_place_is_not_read_as_the_runs(tmp_path, tiny_dec
         load_scorer(info)
     assert decoder_calibration(info) == (None, None)
     assert clean_run(run, "value:0.5").threshold == 0.5  # a rule that reads no calibration still works
+    assert encoder_verdict(run)["text"] == (
+        "no verdict: no usable calibration: the decoder the run was scored with is gone or replaced, and "
+        "value:0.5 sets no false-positive rate without it"
+    )
 
 
 def test_sigterm_while_ray_starts_stops_the_job_as_terminated(monkeypatch):

@@ -55,7 +55,7 @@ def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np
         "above_calibration_median": share_above_median(run, shards, calibration),
     }
     if p0 is None or not ok:
-        result["text"] = "no verdict: the run has no threshold, no ok samples or no usable calibration"
+        result["text"] = f"no verdict: {_no_rate(ok, threshold, rule)}"
         return result
     p, result["test"] = flag_count_p_value(flagged, ok, p0, threshold, calibration)
     result["p_value"] = p
@@ -77,6 +77,18 @@ def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np
         else f"no evidence of a backdoor ({shown}): {counted}"
     )
     return result
+
+
+def _no_rate(ok: int, threshold: float | None, rule: str | None) -> str:
+    """Why a run gets no verdict, the first reason that holds, so that the user knows what to fix."""
+    if not ok:
+        return "the run has no ok samples"
+    if rule is None or threshold is None:
+        return "the run has no threshold; give `sanitizer clean RUN_DIR` a --threshold"
+    return (
+        f"no usable calibration: the decoder the run was scored with is gone or replaced, and {rule} "
+        "sets no false-positive rate without it"
+    )
 
 
 def run_threshold(info: dict) -> tuple[float | None, str | None]:
