@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import shlex
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sanitizer.cli import EXIT_USAGE
 from sanitizer.collapse import (
     DEFAULT_COLLAPSE_RULE,
     HeldOut,
@@ -42,7 +42,7 @@ from sanitizer.collapse import (
 )
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
-from sanitizer.errors import SanitizerError
+from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -1053,6 +1053,15 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def side(text: str) -> int:
+    """An --image-size: whole pixels, enough for the triggers (refused by argparse, before any work)."""
+    if not text.isdigit() or int(text) < MIN_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"the triggers need images of at least {MIN_SIDE} px a side, not {text!r}"
+        )
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized run (under 30 min on 2 cores, in fp32)")
@@ -1073,7 +1082,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder-weights", type=Path, default=None, help="its weights (safetensors or .pt)")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=side,
         default=None,
         help="its input size, which the data are resized to (default: its own; 32, the size of the "
         "other victims' data, keeps a CPU run short)",
@@ -1113,31 +1122,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[str, ...]]:
-    """(the user's encoder or None, the attacks to run), or SystemExit with what is wrong."""
+    """(the user's encoder or None, the attacks to run), or UsageError with what is wrong."""
     if args.encoder is None and (args.encoder_weights or args.image_size):
-        raise SystemExit("--encoder-weights and --image-size describe --encoder; give --encoder too")
+        raise UsageError("--encoder-weights and --image-size describe --encoder; give --encoder too")
     if args.encoder is not None:
         try:
             parse_spec(args.encoder)
         except SanitizerError as e:
-            raise SystemExit(f"--encoder: {e}") from None
+            raise UsageError(f"--encoder: {e}") from None
     if args.encoder_weights is not None and not args.encoder_weights.is_file():
-        raise SystemExit(f"--encoder-weights: no such file {args.encoder_weights}")
+        raise UsageError(f"--encoder-weights: no such file {args.encoder_weights}")
     own = BaseEncoder(args.encoder, args.encoder_weights, args.image_size) if args.encoder else None
     default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
     given = args.attacks if args.attacks is not None else ",".join(default)
-    attacks = tuple(a for a in given.split(",") if a)
+    attacks = tuple(a.strip() for a in given.split(",") if a.strip())  # "badencoder, drupe" too
     if not attacks:
-        raise SystemExit(f"--attacks {given!r} names no attack; choose from {', '.join(ATTACKS)}")
+        raise UsageError(f"--attacks {given!r} names no attack; choose from {', '.join(ATTACKS)}")
     unknown = sorted(set(attacks) - set(ATTACKS))
     if unknown:
-        raise SystemExit(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
+        raise UsageError(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
     twice = sorted(a for a in set(attacks) if attacks.count(a) > 1)
     if twice:
-        raise SystemExit(f"--attacks names {', '.join(twice)} more than once")
+        raise UsageError(f"--attacks names {', '.join(twice)} more than once")
     trained_here = sorted(set(attacks) - set(FINE_TUNED))
     if own and trained_here:
-        raise SystemExit(
+        raise UsageError(
             f"{', '.join(trained_here)} poison the training of a victim built here, so --encoder does "
             f"not apply to them; --encoder works with {', '.join(FINE_TUNED)}"
         )
@@ -1151,28 +1160,40 @@ def with_input_size(own: BaseEncoder) -> BaseEncoder:
     try:
         size = own.load("cpu").preprocess.image_size
     except SanitizerError as e:
-        raise SystemExit(f"--encoder: {e}") from None
+        raise UsageError(f"--encoder: {e}") from None
     if size < MIN_SIDE:
-        raise SystemExit(
+        raise UsageError(
             f"{own.spec} at {size} px: the triggers need images of at least {MIN_SIDE} px a side "
             "(--image-size)"
         )
     return replace(own, image_size=size)
 
 
+def writable(path: Path) -> bool:
+    """Whether this process can write a file at `path`, found by opening it (os.access passes a parent
+    that is a file, or anything for root); a file that was not there is removed again."""
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError:
+        return False
+    if not existed:
+        path.unlink()
+    return True
+
+
 def check_outputs(args: argparse.Namespace) -> None:
-    """Where the results go, checked before minutes of work rather than after."""
-    for flag, path in (("--json", args.json), ("--md", args.md)):
-        if path is not None and (path.is_dir() or not os.access(path.parent, os.W_OK)):
-            raise SystemExit(f"{flag} {path}: not a file this process can write")
+    """Where the results go (the Markdown beside the JSON by default), checked before minutes of work
+    rather than after."""
+    for flag, path in (("--json", args.json), ("--md", args.md or args.json.with_suffix(".md"))):
+        if not writable(path):
+            raise UsageError(f"{flag} {path}: not a file this process can write")
 
 
 def decoder_training(args: argparse.Namespace, sizes: Sizes) -> TrainSettings:
-    """The decoders' training settings, or SystemExit with what is wrong."""
-    try:
-        return replace(DECODER_TRAINING, epochs=sizes.decoder_epochs, trim=args.trim, refit=args.refit)
-    except SanitizerError as e:
-        raise SystemExit(f"detection: {e}") from None
+    """The decoders' training settings (SanitizerError for a --trim or --refit out of range)."""
+    return replace(DECODER_TRAINING, epochs=sizes.decoder_epochs, trim=args.trim, refit=args.refit)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1181,17 +1202,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(SEED)
     started = time.time()
     sizes = QUICK if args.quick else FULL
-    try:
-        resolve_device(args.device)
-    except SanitizerError as e:
-        raise SystemExit(f"detection: {e}") from None
+    resolve_device(args.device)
     check_outputs(args)
     own, attacks = chosen_victims(args)
     training = decoder_training(args, sizes)
-    try:
-        data = load_data(sizes, own.image_size if own else DATA_SIZE)
-    except SanitizerError as e:  # the data are not installed: bench/install_data.sh, it says
-        raise SystemExit(f"detection: {e}") from None
+    data = load_data(sizes, own.image_size if own else DATA_SIZE)  # not installed: names install_data.sh
     header = {
         "command": " ".join(
             shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
@@ -1217,45 +1232,53 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     probe = ProbeData(*data.probe, *data.test, TARGET)
-    try:  # a victim that cannot be built or loaded (bad --encoder weights): one line, not a traceback
-        with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
-            work = args.work or Path(tmp)
-            # Each victim's decoders queue as soon as it is built and train while the next victim is
-            # implanted with the pool's share of the threads: most implants keep about one core busy
-            # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
-            queued, attack_info, controls = [], {}, {}
-            for victim in iter_victims(data, sizes, attacks, work, args.device, own):
-                attack_info[victim.attack] = {
-                    "spec": victim.implant.spec,
-                    **victim.implant.report.to_dict(),
-                    "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
-                    "seconds": round(victim.implant.seconds, 1),
-                }
-                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
-            rows, down, classes = [], {}, {}
-            for victim, decoders in queued:
-                attack = victim.attack
-                attack_rows, down[attack], classes[attack] = run_attack(victim, data, decoders, args.ablation)
-                rows += attack_rows
-                result = {
-                    **header,
-                    "complete": attack == attacks[-1],
-                    "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
-                    "attacks": attack_info,
-                    "rows": rows,
-                    "downstream": down,
-                    "by_class": classes,
-                    "wall_seconds": round(time.time() - started, 1),
-                }
-                # after every attack, so that a long run leaves partial results
-                write_results(result, args.json, args.md)
-                log.info("%s done at %.0f s", attack, time.time() - started)
-    except SanitizerError as e:
-        raise SystemExit(f"detection: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
+        work = args.work or Path(tmp)
+        # Each victim's decoders queue as soon as it is built and train while the next victim is
+        # implanted with the pool's share of the threads: most implants keep about one core busy
+        # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
+        queued, attack_info, controls = [], {}, {}
+        for victim in iter_victims(data, sizes, attacks, work, args.device, own):
+            attack_info[victim.attack] = {
+                "spec": victim.implant.spec,
+                **victim.implant.report.to_dict(),
+                "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
+                "seconds": round(victim.implant.seconds, 1),
+            }
+            queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
+        rows, down, classes = [], {}, {}
+        for victim, decoders in queued:
+            attack = victim.attack
+            attack_rows, down[attack], classes[attack] = run_attack(victim, data, decoders, args.ablation)
+            rows += attack_rows
+            result = {
+                **header,
+                "complete": attack == attacks[-1],
+                "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
+                "attacks": attack_info,
+                "rows": rows,
+                "downstream": down,
+                "by_class": classes,
+                "wall_seconds": round(time.time() - started, 1),
+            }
+            # after every attack, so that a long run leaves partial results
+            write_results(result, args.json, args.md)
+            log.info("%s done at %.0f s", attack, time.time() - started)
     log.info("wrote %s in %.1f min", args.json, result["wall_seconds"] / 60)
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """main() as a command. A user's mistake (a bad flag, an encoder or weights that do not load, data
+    not installed) ends as the `sanitizer` command's do: one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except SanitizerError as e:
+        print(f"detection: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main()
+    sys.exit(cli())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,7 @@ import torch
 from bench import detection as D
 from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
+from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.redteam.implant import ImplantSettings
 from sanitizer.redteam.metrics import rates
 from sanitizer.train import TrainSettings
@@ -32,6 +35,7 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
     assert own == D.BaseEncoder("timm:resnet18_cifar", None, 32)  # its own input size, filled in
     assert attacks == ("blend", "badencoder", "drupe")
     assert choose("--encoder", "timm:resnet18_cifar", "--attacks", "drupe")[1] == ("drupe",)
+    assert choose("--attacks", "badencoder, drupe")[1] == ("badencoder", "drupe")  # as one types a list
 
 
 @pytest.mark.parametrize(
@@ -45,11 +49,6 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
         (
             ["--encoder-weights", "w.safetensors"],
             "--encoder-weights and --image-size describe --encoder; give --encoder too",
-        ),
-        (
-            ["--encoder", "timm:resnet10_cifar_s", "--image-size", "12"],
-            "timm:resnet10_cifar_s at 12 px: the triggers need images of at least 16 px a side "
-            "(--image-size)",
         ),
         (
             ["--encoder", "resnet18"],
@@ -76,9 +75,56 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
     ],
 )
 def test_bad_choices_exit_with_one_line(argv, message):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:
         choose(*argv)
     assert str(e.value) == message
+
+
+def test_an_encoder_whose_images_are_too_small_for_the_triggers_is_refused():
+    with pytest.raises(UsageError) as e:
+        D.with_input_size(D.BaseEncoder("timm:resnet10_cifar_s", None, 12))
+    assert str(e.value) == (
+        "timm:resnet10_cifar_s at 12 px: the triggers need images of at least 16 px a side (--image-size)"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-32", "12", "15", "abc", "32.5"])
+def test_image_sizes_the_triggers_cannot_use_are_refused_by_the_parser(value: str, capsys):
+    """--image-size 0 used to load the encoder and say `--encoder: --image-size must be at least 1`."""
+    with pytest.raises(SystemExit) as e:
+        D.parse_args(["--encoder", "timm:resnet10_cifar_s", "--image-size", value])
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            f": error: argument --image-size: the triggers need images of at least 16 px a side, "
+            f"not {value!r}"
+        )
+    )
+    assert D.parse_args(["--image-size", "17"]).image_size == 17
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--attacks", "badnets"], "unknown attacks ['badnets']; choose from ctrl, clip-backdoor, blend, "
+         "badencoder, drupe"),
+        (["--trim", "0.7"], "--trim must be in [0, 0.5), not 0.7"),
+        (["--json", "/dev/null/r.json"], "--json /dev/null/r.json: not a file this process can write"),
+    ],
+)  # fmt: skip
+def test_a_users_mistake_is_one_line_and_exit_code_2(argv: list[str], message: str):
+    """As the `sanitizer` command's: every refusal used to exit 1, the parser's own 2."""
+    bench = Path(D.__file__)
+    run = subprocess.run(
+        [sys.executable, str(bench), "--quick", *argv],
+        capture_output=True,
+        text=True,
+        cwd=bench.parent.parent,
+        timeout=300,  # the old code went on into the benchmark
+    )
+    assert (run.returncode, run.stderr, run.stdout) == (2, f"detection: error: {message}\n", "")
 
 
 def test_the_data_take_the_own_encoders_input_size():
@@ -145,9 +191,28 @@ def test_load_data_resizes_only_the_slices_it_takes(monkeypatch):
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
-    for argv in (["--json", str(tmp_path)], ["--md", str(tmp_path / "absent" / "t.md")]):
-        with pytest.raises(SystemExit, match="not a file this process can write"):
-            D.check_outputs(D.parse_args(argv))
+    """A parent that is a file passed os.access (and root passes it everywhere): the run started and
+    would have failed at its first write, minutes later."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "r.md").mkdir()
+    cases = {
+        "--json": [tmp_path, tmp_path / "file" / "r.json", Path("/proc/r.json")],
+        "--md": [tmp_path / "absent" / "t.md", tmp_path / "file" / "t.md", tmp_path / "r.md"],
+    }
+    for flag, paths in cases.items():
+        for path in paths:
+            argv = (
+                [flag, str(path)]
+                if flag == "--json"
+                else ["--json", str(tmp_path / "r.json"), flag, str(path)]
+            )
+            with pytest.raises(UsageError) as e:
+                D.check_outputs(D.parse_args(argv))
+            assert str(e.value) == f"{flag} {path}: not a file this process can write"
+    with pytest.raises(UsageError, match="--md .*r.md: not a file"):  # the default Markdown, beside the JSON
+        D.check_outputs(D.parse_args(["--json", str(tmp_path / "r.json")]))
+    D.check_outputs(D.parse_args(["--json", str(tmp_path / "s.json")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "r.md"]  # checked, nothing left behind
 
 
 def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
@@ -159,9 +224,9 @@ def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
         TrainSettings().refit,
     )
     for flag in ("--trim", "--refit"):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SanitizerError) as e:
             D.decoder_training(D.parse_args([flag, "0.5"]), D.QUICK)
-        assert str(e.value) == f"detection: {flag} must be in [0, 0.5), not 0.5"
+        assert str(e.value) == f"{flag} must be in [0, 0.5), not 0.5"
 
 
 def tiny_data(rng: np.random.Generator) -> D.Data:
