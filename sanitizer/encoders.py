@@ -126,13 +126,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def first_mismatch(error: str) -> str:
+    """The first tensor torch's load_state_dict error names, and how many more: its first line is only
+    'Error(s) in loading state_dict for ResNet:', the tensors follow one a line."""
+    lines = [line.strip() for line in error.strip().splitlines()]
+    if len(lines) < 2:
+        return lines[0] if lines else error
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return lines[1].rstrip(".") + more
+
+
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], ignorable: tuple[str, ...]) -> None:
     """Load strictly, except for keys under `ignorable` prefixes (classifier heads, text towers)."""
     state = {k: v for k, v in state.items() if not k.startswith(ignorable)}
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise EncoderError(f"weights do not fit the encoder: {str(e).splitlines()[0]}") from None
+        raise EncoderError(f"weights do not fit the encoder: {first_mismatch(str(e))}") from None
     if result.missing_keys or result.unexpected_keys:
         raise EncoderError(
             "weights do not fit the encoder: "

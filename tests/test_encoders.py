@@ -170,3 +170,19 @@ def test_bad_weights_are_refused_with_a_reason(tmp_path, tiny_encoder):
     save_file({"conv1.weight": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(EncoderError, match="do not fit"):
         load_encoder("timm:test_resnet", tmp_path / "wrong.safetensors", image_size=32)
+
+
+def test_weights_of_other_shapes_name_the_tensor_that_does_not_fit(tmp_path, tiny_encoder):
+    """The message was torch's first line alone: 'Error(s) in loading state_dict for ResNet:'."""
+    state = tiny_encoder.module.state_dict()
+    wrong = {k: torch.zeros(2, *v.shape[1:]) if v.ndim else v for k, v in state.items()}
+    first = next(k for k, v in state.items() if v.ndim and v.shape[0] != 2)
+    more = sum(1 for v in state.values() if v.ndim and v.shape[0] != 2) - 1
+    save_file(wrong, str(tmp_path / "other.safetensors"))
+    with pytest.raises(EncoderError) as e:
+        load_encoder("timm:test_resnet", tmp_path / "other.safetensors", image_size=32)
+    assert str(e.value) == (
+        f"weights do not fit the encoder: size mismatch for {first}: copying a param with shape "
+        f"torch.Size({[2, *state[first].shape[1:]]}) from checkpoint, the shape in current model is "
+        f"torch.Size({list(state[first].shape)}) (and {more} more)"
+    )
