@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -122,6 +123,7 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(argv: list[str], message: s
         capture_output=True,
         text=True,
         cwd=bench.parent.parent,
+        env={**os.environ, "PYTHONPATH": str(bench.parent.parent)},  # this checkout's package
         timeout=300,  # the old code went on into the benchmark
     )
     assert (run.returncode, run.stderr, run.stdout) == (2, f"detection: error: {message}\n", "")
