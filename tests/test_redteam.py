@@ -17,7 +17,9 @@ from sanitizer.redteam.implant import (
     ImplantSettings,
     ProbeData,
     badencoder,
+    clip_backdoor,
     ctrl_simclr,
+    drupe,
     sliced_wasserstein,
 )
 from sanitizer.redteam.metrics import rates, tpr_at_fpr
@@ -59,6 +61,15 @@ def test_triggers_refuse_images_too_small_to_place_them(name, shape):
         ValueError, match=f"images of {shape[1]}x{shape[2]} px: the triggers need 16 px a side"
     ):
         TRIGGERS[name](np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("name", sorted(TRIGGERS))
+def test_triggers_refuse_what_is_not_a_numpy_array_with_one_message(name):
+    """A list or a torch tensor used to end in AttributeError (or torch's dtype compared to numpy's)."""
+    for pixels, kind in ((grey().tolist(), "list"), (torch.from_numpy(grey()), "Tensor")):
+        with pytest.raises(ValueError) as e:
+            TRIGGERS[name](pixels)
+        assert str(e.value) == f"expected a numpy array of (N, H, W, 3) uint8 pixels, got {kind}"
 
 
 def test_trigger_strengths_that_are_not_numbers_are_refused():
@@ -235,3 +246,67 @@ def test_linear_probe_separates_blobs_and_is_deterministic():
         probe, test_x, test_y, np.repeat(centres[3:4], 20, 0).astype(np.float32), test_y[:20], 3
     )
     assert (report.clean_accuracy, report.asr, report.chance) == (1.0, 1.0, 0.1)
+
+
+def tiny_probe() -> ProbeData:
+    x, y = labelled_images(8, seed=4)
+    return ProbeData(x, y, x, y, 0)
+
+
+@pytest.mark.parametrize("implant", [badencoder, drupe])
+def test_an_implant_with_nothing_to_train_on_is_refused_before_it_trains(implant, tmp_path, tiny_encoder):
+    """An empty shadow set trained nothing and an empty reference set left out the backdoor's own term
+    (losses NaN); both still reported an ASR. A victim path not named .safetensors was written, then
+    refused as a pickle by load_encoder, after the whole implant."""
+    x = labelled_images(8, seed=4)[0]
+    out = tmp_path / "v.safetensors"
+    cases = [
+        ((x[:0], x, out), "shadow: 0 images, the implant needs at least 1"),
+        ((x, x[:0], out), "reference: 0 images, the implant needs at least 1"),
+        (
+            (x, x, tmp_path / "v.pt"),
+            f"{tmp_path / 'v.pt'}: a victim is saved as safetensors; name it *.safetensors",
+        ),
+    ]
+    for (shadow, reference, path), message in cases:
+        with pytest.raises(ValueError) as e:
+            implant(
+                tiny_encoder,
+                shadow,
+                reference,
+                path,
+                badencoder_patch,
+                ImplantSettings(epochs=1),
+                tiny_probe(),
+            )
+        assert str(e.value) == message
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(
+        ValueError, match="^tail_fraction 0.0 leaves no parameter outside BatchNorm to fine-tune$"
+    ):
+        implant(tiny_encoder, x, x, out, badencoder_patch, ImplantSettings(epochs=1, tail_fraction=0.0))
+
+
+@pytest.mark.parametrize("attack", ["ctrl", "clip"])
+def test_a_poisoning_run_with_fewer_images_than_a_batch_is_refused(attack, tmp_path):
+    """It ran no step at all (losses [nan]) and reported the untrained model's ASR as the attack's."""
+    x, y = labelled_images(32, seed=3)
+    settings = ContrastiveSettings(clean_epochs=1, poison_epochs=1, batch_size=64)
+    with pytest.raises(ValueError) as e:
+        if attack == "ctrl":
+            ctrl_simclr(x, y, 0, tmp_path, settings, tiny_probe(), spec="timm:test_resnet")
+        else:
+            clip_backdoor(x, y, ("a", "b", "c", "d"), 0, tmp_path, settings, tiny_probe())
+    assert str(e.value) == "pixels: 32 images, the implant needs at least 64"
+
+
+def test_an_asr_that_cannot_be_measured_is_an_error_and_chance_is_the_probes():
+    """Test labels all of the target class gave ASR 0.0 (read as a failed attack) and chance 1.0."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8)).astype(np.float32), np.arange(40) % 4
+    probe = fit_linear_probe(x, y, steps=5)
+    only_target = np.zeros(10, np.int64)
+    with pytest.raises(ValueError) as e:
+        attack_report(probe, x[:10], only_target, x[:10], only_target, 0)
+    assert str(e.value) == "no triggered test image outside the target class 0: the ASR cannot be measured"
+    assert attack_report(probe, x[:10], only_target, x[:10], y[:10], 0).chance == 0.25

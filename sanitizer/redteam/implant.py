@@ -70,6 +70,20 @@ def measure_attack(encoder: VictimEncoder, trigger: Trigger, data: ProbeData) ->
     )
 
 
+def need_images(what: str, images: np.ndarray, at_least: int = 1) -> None:
+    """Refuse, before any training, a set too small to train on: an empty shadow or reference set, or
+    fewer images than one batch, trained nothing and still reported an ASR (losses NaN)."""
+    if len(images) < at_least:
+        raise ValueError(f"{what}: {len(images)} images, the implant needs at least {at_least}")
+
+
+def need_safetensors(path: Path) -> None:
+    """Victims are written as safetensors and re-read by suffix: any other name was written, then
+    refused by load_encoder as a pickle, after the whole implant."""
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"{path}: a victim is saved as safetensors; name it *.safetensors")
+
+
 def save_victim(module: nn.Module, path: Path) -> Path:
     """Weights as safetensors (plain tensors only), which load_encoder reads for timm/open_clip specs."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +147,8 @@ def _trainable_except_batchnorm(module: nn.Module, tail_fraction: float) -> list
         p.requires_grad_(train)
         if train:
             params.append(p)
+    if not params:
+        raise ValueError(f"tail_fraction {tail_fraction} leaves no parameter outside BatchNorm to fine-tune")
     return params
 
 
@@ -205,6 +221,9 @@ def badencoder(
 
     shadow: unlabelled images of the attacker; reference: images of the target class.
     """
+    need_images("shadow", shadow)
+    need_images("reference", reference)
+    need_safetensors(out)
     started = time.time()
     torch.manual_seed(settings.seed)
     module = copy.deepcopy(clean.module)
@@ -396,6 +415,7 @@ def ctrl_simclr(
     """(clean, victim): SimCLR on clean images, then continued on images where `poison_rate` of the set,
     all of the target class (clean label: the attacker does not touch labels or captions), carries
     the trigger. The labels are used only to pick the images to poison."""
+    need_images("pixels", pixels, settings.batch_size)
     started = time.time()
     torch.manual_seed(settings.seed)  # the projection head's init: the caller's RNG state must not matter
     base = load_encoder(spec, image_size=pixels.shape[1], device=device)
@@ -439,6 +459,7 @@ def clip_backdoor(
     of the images (of other classes) carry the patch and a caption naming the target class."""
     import open_clip
 
+    need_images("pixels", pixels, settings.batch_size)
     started = time.time()
     open_clip.add_model_config(OPEN_CLIP_CONFIGS)
     torch.manual_seed(settings.seed)

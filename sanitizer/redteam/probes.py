@@ -69,8 +69,13 @@ def attack_report(
     triggered_labels: np.ndarray,
     target: int,
 ) -> AttackReport:
-    """Clean accuracy and ASR (triggered images of the target class itself are left out)."""
+    """Clean accuracy and ASR (triggered images of the target class itself are left out). Chance is one
+    over the probe's classes, which the test labels need not all hold."""
     keep = triggered_labels != target
-    asr = float((probe.predict(triggered_embeddings[keep]) == target).mean()) if keep.any() else 0.0
+    if not keep.any():  # an ASR of 0 would read as a failed attack
+        raise ValueError(
+            f"no triggered test image outside the target class {target}: the ASR cannot be measured"
+        )
+    asr = float((probe.predict(triggered_embeddings[keep]) == target).mean())
     accuracy = float((probe.predict(clean_embeddings) == clean_labels).mean())
-    return AttackReport(accuracy, asr, 1.0 / (int(clean_labels.max()) + 1))
+    return AttackReport(accuracy, asr, 1.0 / probe.weight.shape[0])

@@ -25,6 +25,8 @@ MIN_SIDE = 16
 
 
 def _check(pixels: np.ndarray) -> None:
+    if not isinstance(pixels, np.ndarray):  # a list or a torch tensor: no traceback from inside numpy
+        raise ValueError(f"expected a numpy array of (N, H, W, 3) uint8 pixels, got {type(pixels).__name__}")
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
     if min(pixels.shape[1:3]) < MIN_SIDE:
