@@ -305,9 +305,9 @@ def load_encoder(
     """Build, load, freeze and probe the encoder; flags override the model's own preprocessing."""
     kind, name = parse_spec(spec)
     weights = Path(weights) if weights else None
-    if weights is None and kind in MODEL_KINDS:
-        log.warning("%s has no --encoder-weights: using seeded random weights", spec)
     module, own = _BUILDERS[kind](name, weights)
+    if weights is None and kind in MODEL_KINDS:  # after the build: a misspelt name is its error alone
+        log.warning("%s has no --encoder-weights: using seeded random weights", spec)
     if own is None and image_size is None:
         raise UsageError(f"{kind} encoders carry no preprocessing: give --image-size (and --mean/--std)")
     own = own or Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD)

@@ -1,3 +1,4 @@
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -186,3 +187,18 @@ def test_weights_of_other_shapes_name_the_tensor_that_does_not_fit(tmp_path, tin
         f"torch.Size({[2, *state[first].shape[1:]]}) from checkpoint, the shape in current model is "
         f"torch.Size({list(state[first].shape)}) (and {more} more)"
     )
+
+
+def test_a_model_that_does_not_exist_is_its_error_alone(caplog):
+    """The 'using seeded random weights' warning came first, a second line for a misspelt name."""
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(EncoderError, match="timm has no model 'no_such_net'"),
+    ):
+        load_encoder("timm:no_such_net", image_size=32)
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING):
+        load_encoder("timm:test_resnet", image_size=32)
+    assert [r.getMessage() for r in caplog.records] == [
+        "timm:test_resnet has no --encoder-weights: using seeded random weights"
+    ]
