@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import pickle
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class VictimEncoder:
 
 
 # -- weights ---------------------------------------------------------------------------------------
+RESAVE = "save the model's state_dict() with safetensors.torch.save_file and pass that file"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from safetensors, or from a torch file loaded with weights_only=True (no pickle code)."""
     path = Path(path)
@@ -112,10 +116,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns of pickle protocols on the way to refusing
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise EncoderError(f"refused {path}: it holds more than plain tensors ({first})") from None
+        raise EncoderError(
+            f"refused {path}: it holds more than plain tensors ({_unpickler_reason(e)}); {RESAVE}"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise EncoderError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
     for wrapper in ("state_dict", "model", "module"):
@@ -123,30 +130,79 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EncoderError(f"{path} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
-def first_mismatch(error: str) -> str:
-    """The first tensor torch's load_state_dict error names, and how many more: its first line is only
-    'Error(s) in loading state_dict for ResNet:', the tensors follow one a line."""
-    lines = [line.strip() for line in error.strip().splitlines()]
-    if len(lines) < 2:
-        return lines[0] if lines else error
-    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-    return lines[1].rstrip(".") + more
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler met, without its advice to unpickle the file after all."""
+    text = str(e).replace("\x1b[1m", "").replace("\x1b[0m", "")
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    reason = reason.strip().splitlines()[0] if found and reason.strip() else text.splitlines()[0]
+    return reason.split(" was not an allowed global")[0][:200]
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], ignorable: tuple[str, ...]) -> None:
-    """Load strictly, except for keys under `ignorable` prefixes (classifier heads, text towers)."""
-    state = {k: v for k, v in state.items() if not k.startswith(ignorable)}
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise EncoderError(f"weights do not fit the encoder: {first_mismatch(str(e))}") from None
-    if result.missing_keys or result.unexpected_keys:
+def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path) -> str:
+    """The one prefix under which the file holds every tensor the encoder has: '' for its own state
+    dict, 'backbone.', 'encoder.', 'module.', '_orig_mod.', 'visual.' (a whole CLIP)... as trainers
+    save it beside projection heads or a text tower. Two (MoCo's encoder_q and encoder_k) are refused."""
+    found: dict[str, set[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            rest = ".".join(parts[i:])
+            if rest in wanted:
+                found.setdefault("".join(f"{p}." for p in parts[:i]), set()).add(rest)
+    whole = sorted(prefix for prefix, names in found.items() if len(names) == len(wanted))
+    if len(whole) > 1:
+        named = ", ".join(repr(p) for p in whole)
         raise EncoderError(
-            "weights do not fit the encoder: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+            f"{path} holds the encoder's tensors several times, under {named}; "
+            "save the one to audit on its own"
+        )
+    if not whole:
+        best = max(found, key=lambda p: len(found[p]), default="")
+        lacking = sorted(wanted - found.get(best, set()))
+        raise EncoderError(
+            f"{path} does not hold this encoder: {len(lacking)} of its {len(wanted)} tensors are missing "
+            f"(e.g. {', '.join(lacking[:3])}{f', under {best!r}' if best else ''}); give the --encoder the "
+            "file was saved from"
+        )
+    return whole[0]
+
+
+def load_weights(module: nn.Module, path: Path, ignorable: tuple[str, ...]) -> None:
+    """Load the encoder's tensors from wherever in the file they are (see encoder_prefix), strictly:
+    beside them, only keys under `ignorable` prefixes (classifier heads) may lie; the rest of the file
+    (projection heads, a text tower) is left out, and the log says what."""
+    own = module.state_dict()
+    state = read_state_dict(path)
+    prefix = encoder_prefix(state, set(own), path)
+    children = {name.split(".")[0] for name in own}  # a key under one of them belongs to the encoder
+    under = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    picked = {k: v for k, v in under.items() if k in own}
+    extra = sorted(
+        k for k in under if k not in own and k.split(".")[0] in children and not k.startswith(ignorable)
+    )
+    if extra:
+        raise EncoderError(
+            f"{path} does not fit this encoder: it has {len(extra)} more tensors (e.g. "
+            f"{', '.join(prefix + k for k in extra[:3])}); give the --encoder the file was saved from"
+        )
+    for name, tensor in picked.items():
+        if tensor.shape != own[name].shape:
+            raise EncoderError(
+                f"{path} does not fit this encoder: {prefix}{name} is {tuple(tensor.shape)} in the file, "
+                f"{tuple(own[name].shape)} in the encoder; give the --encoder the file was saved from"
+            )
+    module.load_state_dict(picked)
+    left_out = len(state) - len(picked)
+    if prefix or left_out:
+        log.info(
+            "encoder weights: %d tensors under %r in %s; %d others left out",
+            len(picked),
+            prefix,
+            path,
+            left_out,
         )
 
 
@@ -192,7 +248,7 @@ def _build_timm(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]
     if weights is not None:
         classifier = module.pretrained_cfg.get("classifier", "fc")
         heads = classifier if isinstance(classifier, tuple) else (classifier,)
-        load_weights(module, read_state_dict(weights), tuple(f"{h}." for h in heads))
+        load_weights(module, weights, tuple(f"{h}." for h in heads))
     cfg = timm.data.resolve_model_data_config(module)
     return module, Preprocess(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
 
@@ -208,10 +264,7 @@ def _build_open_clip(name: str, weights: Path | None) -> tuple[nn.Module, Prepro
     model = _seeded_init(lambda: open_clip.create_model(name, pretrained=None))
     visual = model.visual
     if weights is not None:
-        state = read_state_dict(weights)
-        if any(k.startswith("visual.") for k in state):
-            state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-        load_weights(visual, state, ())
+        load_weights(visual, weights, ())
     cfg = visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     return visual, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -223,7 +276,7 @@ def _build_torchscript(path: str, weights: Path | None) -> tuple[nn.Module, None
     except (RuntimeError, ValueError, OSError) as e:
         raise EncoderError(f"cannot load TorchScript encoder {path}: {str(e).splitlines()[0]}") from None
     if weights is not None:
-        load_weights(module, read_state_dict(weights), ())
+        load_weights(module, weights, ())
     return module, None
 
 
@@ -267,7 +320,7 @@ def _build_export(path: str, weights: Path | None) -> tuple[nn.Module, None]:
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds for a bad file
         raise EncoderError(f"cannot load exported encoder {path}: {str(e).splitlines()[0]}") from None
     if weights is not None:
-        load_weights(module, read_state_dict(weights), ())
+        load_weights(module, weights, ())
     return module, None
 
 

@@ -32,15 +32,25 @@ def test_timm_kind_uses_model_config_and_flags(tiny_encoder):
     assert own.weights_sha256 == tiny_encoder.weights_sha256  # seeded init: same weights everywhere
 
 
-def test_weights_from_safetensors_and_state_dict_give_one_hash(tmp_path, tiny_encoder):
-    other = {k: v * 1.5 if v.is_floating_point() else v for k, v in tiny_encoder.module.state_dict().items()}
-    save_file(other, str(tmp_path / "w.safetensors"))
-    torch.save({"state_dict": {f"module.{k}": v for k, v in other.items()}}, tmp_path / "w.pt")
-    a = load_encoder("timm:test_resnet", tmp_path / "w.safetensors", image_size=32)
-    b = load_encoder("timm:test_resnet", tmp_path / "w.pt", image_size=32)
-    assert a.weights_sha256 == b.weights_sha256 != tiny_encoder.weights_sha256
+def scaled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Other weights than the seeded ones, so that loading them is seen."""
+    return {k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}
+
+
+def assert_one_encoder(a_file: Path, b_file: Path, seeded) -> None:
+    """Both files load as the same encoder, and not as the seeded one."""
+    a = load_encoder("timm:test_resnet", a_file, image_size=32)
+    b = load_encoder("timm:test_resnet", b_file, image_size=32)
+    assert a.weights_sha256 == b.weights_sha256 != seeded.weights_sha256
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(a.embed(x), b.embed(x))
+
+
+def test_weights_from_safetensors_and_state_dict_give_one_hash(tmp_path, tiny_encoder):
+    other = scaled(tiny_encoder.module.state_dict())
+    save_file(other, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in other.items()}}, tmp_path / "w.pt")
+    assert_one_encoder(tmp_path / "w.safetensors", tmp_path / "w.pt", tiny_encoder)
 
 
 def test_classifier_head_in_checkpoint_is_ignored(tmp_path, tiny_encoder):
@@ -51,6 +61,77 @@ def test_classifier_head_in_checkpoint_is_ignored(tmp_path, tiny_encoder):
     assert enc.weights_sha256 == tiny_encoder.weights_sha256
 
 
+@pytest.mark.parametrize("prefix", ["backbone.", "encoder.", "module.", "_orig_mod.", "model.backbone."])
+def test_a_trainers_prefix_and_projection_head_are_found_and_left_out(tmp_path, tiny_encoder, prefix):
+    own = scaled(tiny_encoder.module.state_dict())
+    save_file(own, str(tmp_path / "plain.safetensors"))
+    saved = {f"{prefix}{k}": v for k, v in own.items()}
+    saved |= {"projector.0.weight": torch.zeros(128, 96), "projector.2.weight": torch.zeros(32, 128)}
+    saved[f"{prefix}fc.weight"] = torch.zeros(10, 96)  # a classifier head inside the backbone
+    save_file(saved, str(tmp_path / "simclr.safetensors"))
+    assert_one_encoder(tmp_path / "plain.safetensors", tmp_path / "simclr.safetensors", tiny_encoder)
+
+
+def test_a_lightning_checkpoint_in_half_precision_loads(tmp_path, tiny_encoder):
+    own = scaled(tiny_encoder.module.state_dict())
+    half = {f"model.backbone.{k}": v.half() if v.is_floating_point() else v for k, v in own.items()}
+    torch.save({"state_dict": half, "epoch": 3, "global_step": 100}, tmp_path / "last.ckpt")
+    enc = load_encoder("timm:test_resnet", tmp_path / "last.ckpt", image_size=32)
+    loaded = enc.module.state_dict()
+    assert all(loaded[k].dtype == v.dtype for k, v in own.items())  # cast back to the model's float32
+    assert all(torch.equal(loaded[k], v.half().to(v.dtype)) for k, v in own.items())
+
+
+def refusal(tmp_path: Path, state: dict[str, torch.Tensor], spec: str = "timm:test_resnet") -> str:
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(EncoderError) as caught:
+        load_encoder(spec, tmp_path / "w.safetensors", image_size=32)
+    return str(caught.value).replace(str(tmp_path / "w.safetensors"), "FILE")
+
+
+def test_weights_that_do_not_fit_are_refused_naming_what(tmp_path, tiny_encoder):
+    own = tiny_encoder.module.state_dict()
+    twice = {f"encoder_q.{k}": v for k, v in own.items()} | {
+        f"encoder_k.{k}": v.clone() for k, v in own.items()
+    }
+    assert refusal(tmp_path, twice) == (
+        "FILE holds the encoder's tensors several times, under 'encoder_k.', 'encoder_q.'; "
+        "save the one to audit on its own"
+    )
+    other_stem = {k: torch.zeros(64, 3, 7, 7) if k == "conv1.0.weight" else v for k, v in own.items()}
+    assert refusal(tmp_path, {f"backbone.{k}": v for k, v in other_stem.items()}) == (
+        "FILE does not fit this encoder: backbone.conv1.0.weight is (64, 3, 7, 7) in the file, "
+        f"{tuple(own['conv1.0.weight'].shape)} in the encoder; give the --encoder the file was saved from"
+    )
+    deeper = own | {"layer1.9.conv1.weight": torch.zeros(1)}
+    assert refusal(tmp_path, deeper) == (
+        "FILE does not fit this encoder: it has 1 more tensors (e.g. layer1.9.conv1.weight); "
+        "give the --encoder the file was saved from"
+    )
+    lacking = {k: v for k, v in own.items() if k != "bn1.bias"}
+    assert refusal(tmp_path, lacking) == (
+        f"FILE does not hold this encoder: 1 of its {len(own)} tensors are missing (e.g. bn1.bias); "
+        "give the --encoder the file was saved from"
+    )
+
+
+def test_a_pickled_model_is_refused_with_what_it_holds_and_no_warning(tmp_path, tiny_encoder, recwarn):
+    torch.save(tiny_encoder.module, tmp_path / "model.pt")  # the whole module, as torch.save(model) does
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "model.pt", image_size=32)
+    assert str(caught.value) == (
+        f"refused {tmp_path / 'model.pt'}: it holds more than plain tensors "
+        "(Unsupported global: GLOBAL timm.models.resnet.ResNet); "
+        "save the model's state_dict() with safetensors.torch.save_file and pass that file"
+    )
+    (tmp_path / "old.pth").write_bytes(pickle.dumps({"x": torch.zeros(1)}, protocol=4))
+    with pytest.raises(
+        EncoderError, match=r"it holds more than plain tensors \(Unsupported operand 149\); save"
+    ):
+        load_encoder("timm:test_resnet", tmp_path / "old.pth", image_size=32)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_open_clip_visual_tower_from_full_or_visual_state_dict(tmp_path):
     enc = load_encoder("open_clip:sanitizer-tiny-vit")
     assert (enc.embed_dim, enc.preprocess.image_size) == (64, 32)
@@ -59,9 +140,12 @@ def test_open_clip_visual_tower_from_full_or_visual_state_dict(tmp_path):
     save_file(full, str(tmp_path / "clip.safetensors"))
     visual_only = {k.removeprefix("visual."): v for k, v in full.items() if k.startswith("visual.")}
     save_file(visual_only, str(tmp_path / "visual.safetensors"))
+    save_file({f"model.{k}": v.half() for k, v in full.items()}, str(tmp_path / "wrapped.safetensors"))
     a = load_encoder("open_clip:sanitizer-tiny-vit", tmp_path / "clip.safetensors")
     b = load_encoder("open_clip:sanitizer-tiny-vit", tmp_path / "visual.safetensors")
     assert a.weights_sha256 == b.weights_sha256 != enc.weights_sha256
+    c = load_encoder("open_clip:sanitizer-tiny-vit", tmp_path / "wrapped.safetensors").module.state_dict()
+    assert all(torch.equal(c[k], v.half().float()) for k, v in a.module.state_dict().items())
 
 
 def test_torchscript_and_export_kinds(tmp_path):
@@ -169,7 +253,7 @@ def test_bad_weights_are_refused_with_a_reason(tmp_path, tiny_encoder):
     with pytest.raises(EncoderError, match="refused"):
         load_encoder("timm:test_resnet", tmp_path / "evil.pt", image_size=32)
     save_file({"conv1.weight": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(EncoderError, match="do not fit"):
+    with pytest.raises(EncoderError, match="does not hold this encoder"):
         load_encoder("timm:test_resnet", tmp_path / "wrong.safetensors", image_size=32)
 
 
