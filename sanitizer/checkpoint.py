@@ -156,13 +156,27 @@ def load_decoder(decoder_dir: Path, device: torch.device | str = "cpu") -> tuple
     return decoder.to(device).eval(), meta
 
 
-def check_encoder(meta: dict, encoder: VictimEncoder) -> None:
+def encoder_weights_file(meta: dict, given: str | None) -> str | None:
+    """The encoder weights to score with: where --encoder-weights says they are now, else the file
+    `train` read (decoder.json's encoder.weights_file), which must still be there."""
+    recorded = meta["encoder"].get("weights_file")
+    if given or not recorded or Path(recorded).is_file():
+        return given or recorded
+    raise CheckpointError(
+        f"the decoder was trained with encoder weights {recorded}, which are gone; "
+        "give --encoder-weights where that file is now"
+    )
+
+
+def check_encoder(meta: dict, encoder: VictimEncoder, weights: str | None) -> None:
     """Refuse to score with a decoder that was trained against another encoder."""
     expected = meta["encoder"]["weights_sha256"]
     if encoder.weights_sha256 != expected:
+        loaded = weights or "no weights file (seeded random weights)"
         raise CheckpointError(
             f"the decoder was trained for encoder {meta['encoder']['spec']} with weights "
-            f"{expected[:12]}..., but the encoder loaded has weights {encoder.weights_sha256[:12]}..."
+            f"{expected[:12]}..., but {loaded} gives {encoder.weights_sha256[:12]}...; give "
+            "--encoder-weights the file it was trained with, or train a decoder for these weights"
         )
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import save_file
 
 from sanitizer import faultkit
 from sanitizer.checkpoint import file_sha256
@@ -539,3 +540,31 @@ def test_pickled_weights_are_refused_and_never_run(tmp_path, corpus, tiny_decode
     )
     assert "Traceback" not in result.err
     assert not list(tmp_path.rglob(PWNED_FILE))
+
+
+def test_score_names_the_encoder_weights_to_give(tmp_path, corpus, tiny_decoder_dir, tiny_encoder):
+    decoder = Path(shutil.copytree(tiny_decoder_dir, tmp_path / "decoder"))
+    meta = json.loads((decoder / "decoder.json").read_text())
+    gone = tmp_path / "moved-away.safetensors"
+    meta["encoder"]["weights_file"] = str(gone)  # trained with a file that is no longer there
+    (decoder / "decoder.json").write_text(json.dumps(meta))
+    result = cli(*score_args(decoder, corpus, tmp_path / "run1", 0), cwd=tmp_path)
+    assert (result.rc, result.err.splitlines()[-1]) == (
+        2,
+        f"sanitizer: error: the decoder was trained with encoder weights {gone}, which are gone; "
+        "give --encoder-weights where that file is now",
+    )
+
+    other = tmp_path / "other.safetensors"
+    save_file({k: v * 2 for k, v in tiny_encoder.module.state_dict().items()}, str(other))
+    result = cli(*score_args(decoder, corpus, tmp_path / "run2", 0), "--encoder-weights", other, cwd=tmp_path)
+    expected = meta["encoder"]["weights_sha256"][:12]
+    assert result.rc == 2
+    assert result.err.splitlines()[-1].startswith(
+        f"sanitizer: error: the decoder was trained for encoder timm:test_resnet with weights {expected}..., "
+        f"but {other} gives "
+    )
+    assert result.err.splitlines()[-1].endswith(
+        "...; give --encoder-weights the file it was trained with, or train a decoder for these weights"
+    )
+    assert not (tmp_path / "run1").exists() and not (tmp_path / "run2").exists()

@@ -289,8 +289,14 @@ def test_loss_is_trimmed_after_the_first_fifth_of_the_steps(tmp_path, tiny_shard
 def test_decoder_for_another_encoder_is_refused(tiny_decoder_dir):
     _, meta = load_decoder(tiny_decoder_dir)
     other = load_encoder("timm:test_efficientnet", image_size=32)
-    with pytest.raises(CheckpointError, match="trained for encoder timm:test_resnet"):
-        check_encoder(meta, other)
+    with pytest.raises(CheckpointError) as caught:
+        check_encoder(meta, other, None)
+    assert str(caught.value) == (
+        f"the decoder was trained for encoder timm:test_resnet with weights "
+        f"{meta['encoder']['weights_sha256'][:12]}..., but no weights file (seeded random weights) gives "
+        f"{other.weights_sha256[:12]}...; give --encoder-weights the file it was trained with, or train a "
+        "decoder for these weights"
+    )
 
 
 def test_tampered_decoder_weights_are_refused(tmp_path, tiny_decoder_dir):

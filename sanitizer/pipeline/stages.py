@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sanitizer.checkpoint import check_encoder, load_decoder
+from sanitizer.checkpoint import check_encoder, encoder_weights_file, load_decoder
 from sanitizer.collapse import SKETCH_DIM, thumbnail
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
@@ -147,15 +147,11 @@ class ScoreStage:
         decoder, meta = load_decoder(Path(decoder_dir), self.device)
         enc = meta["encoder"]
         preprocess = Preprocess.from_dict(enc["preprocess"])
+        weights = encoder_weights_file(meta, encoder_weights)
         encoder = load_encoder(
-            enc["spec"],
-            encoder_weights or enc.get("weights_file"),
-            preprocess.image_size,
-            preprocess.mean,
-            preprocess.std,
-            self.device,
+            enc["spec"], weights, preprocess.image_size, preprocess.mean, preprocess.std, self.device
         )
-        check_encoder(meta, encoder)
+        check_encoder(meta, encoder, weights)
         self.image_size = preprocess.image_size
         self.scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(settings), micro_batch, compile)
 
