@@ -111,7 +111,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise EncoderError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -131,6 +131,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EncoderError(f"{path} is not a state dict of tensors")
     return state
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors do (an 8-byte header length, then its JSON), whatever its
+    name: hubs and trainers also save them as .bin or .pt."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:] == b"{" and 0 < size <= path.stat().st_size - 8
 
 
 def _unpickler_reason(e: pickle.UnpicklingError) -> str:

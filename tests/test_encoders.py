@@ -51,6 +51,8 @@ def test_weights_from_safetensors_and_state_dict_give_one_hash(tmp_path, tiny_en
     save_file(other, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in other.items()}}, tmp_path / "w.pt")
     assert_one_encoder(tmp_path / "w.safetensors", tmp_path / "w.pt", tiny_encoder)
+    (tmp_path / "w.safetensors").rename(tmp_path / "pytorch_model.bin")  # safetensors by another name
+    assert_one_encoder(tmp_path / "pytorch_model.bin", tmp_path / "w.pt", tiny_encoder)
 
 
 def test_classifier_head_in_checkpoint_is_ignored(tmp_path, tiny_encoder):
