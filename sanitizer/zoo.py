@@ -7,7 +7,7 @@ timm's resnet18 has an ImageNet stem (7x7 stride-2 conv and a max-pool) that thr
 from __future__ import annotations
 
 from timm.models import register_model
-from timm.models.resnet import BasicBlock, ResNet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 # Arguments timm's create_model passes to every entry point; they are not ResNet's.
@@ -28,15 +28,27 @@ def _cifar_cfg() -> dict:
     }
 
 
-@register_model
-def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
-    """ResNet-18 with a 3x3 stride-1 stem and no max-pool; 512-d pooled output."""
+def _cifar_resnet(block: type[nn.Module], layers: tuple[int, ...], **kwargs) -> ResNet:
+    """A timm ResNet with the CIFAR stem: a 3x3 stride-1 conv (64 channels) and no max-pool, as
+    SimCLR trainers build torchvision's ResNets for 32 px images (the same key names)."""
     kwargs = {k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY_KWARGS}
-    model = ResNet(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+    model = ResNet(block=block, layers=layers, **kwargs)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     model.pretrained_cfg = model.default_cfg = _cifar_cfg()
     return model
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-18 with the CIFAR stem; 512-d pooled output."""
+    return _cifar_resnet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def resnet50_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-50 with the CIFAR stem; 2048-d pooled output."""
+    return _cifar_resnet(Bottleneck, (3, 4, 6, 3), **kwargs)
 
 
 def _imagenet_cfg(classifier: str) -> dict:
@@ -72,9 +84,4 @@ def resnet10_cifar_s(pretrained: bool = False, **kwargs) -> ResNet:
 
     About 8x cheaper than resnet18_cifar: small enough to train a SimCLR victim on two CPU cores.
     """
-    kwargs = {k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY_KWARGS}
-    model = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), **kwargs)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    model.pretrained_cfg = model.default_cfg = _cifar_cfg()
-    return model
+    return _cifar_resnet(BasicBlock, (1, 1, 1, 1), channels=(32, 64, 128, 256), **kwargs)
