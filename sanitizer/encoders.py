@@ -390,8 +390,19 @@ def load_encoder(
         raise
     except Exception as e:  # noqa: BLE001 - a model that cannot run at this size is a config error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EncoderError(f"{spec} fails on a {preprocess.image_size}px image: {msg}") from None
+        raise EncoderError(
+            f"{spec} fails on a {preprocess.image_size}px image: {msg}; {size_hint(kind, own)}"
+        ) from None
     return encoder
+
+
+def size_hint(kind: str, own: Preprocess) -> str:
+    """What --image-size to give an encoder that fails at the one given."""
+    if kind in MODEL_KINDS:
+        return (
+            f"its config says {own.image_size} px: leave --image-size out or give the size it was trained at"
+        )
+    return "give the --image-size it was saved for"
 
 
 def embed_pixels(encoder: VictimEncoder, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -293,3 +293,20 @@ def test_a_torchvision_simclr_resnet_with_the_cifar_stem_embeds_as_saved(tmp_pat
     x = torch.randn(2, 3, 32, 32)
     assert (enc.embed_dim, enc.preprocess.image_size) == (width, 32)
     assert torch.allclose(enc.embed(x), net.eval()(x), atol=1e-5)
+
+
+def test_an_encoder_that_fails_at_the_image_size_says_which_to_give(tmp_path):
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("open_clip:sanitizer-tiny-vit", image_size=48)
+    assert str(caught.value).startswith("open_clip:sanitizer-tiny-vit fails on a 48px image: ")
+    assert str(caught.value).endswith(
+        "; its config says 32 px: leave --image-size out or give the size it was trained at"
+    )
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(
+        TinyCNN().eval(), (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, tmp_path / "enc.pt2")
+    with pytest.raises(EncoderError) as caught:
+        load_encoder(f"export:{tmp_path / 'enc.pt2'}", image_size=32)
+    assert str(caught.value).endswith("; give the --image-size it was saved for")
