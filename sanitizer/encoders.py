@@ -179,6 +179,23 @@ def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path) -> str:
     return whole[0]
 
 
+def check_tensor(where: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
+    """Refuse what load_state_dict would take silently: a float weight given as integers (a quantised
+    model, cast to nonsense) or as NaN/inf (a diverged run); and name a shape that does not fit."""
+    if tensor.shape != own.shape:
+        raise EncoderError(
+            f"{where} is {tuple(tensor.shape)} in the file, {tuple(own.shape)} in the encoder: the file "
+            "does not fit this encoder; give the --encoder the file was saved from"
+        )
+    if own.is_floating_point() and not tensor.is_floating_point():
+        raise EncoderError(
+            f"{where} is {tensor.dtype} in the file, a float in the encoder (a quantised model?); "
+            "save the float weights"
+        )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise EncoderError(f"{where} holds NaN or infinite values; save weights from before the run diverged")
+
+
 def load_weights(module: nn.Module, path: Path, ignorable: tuple[str, ...]) -> None:
     """Load the encoder's tensors from wherever in the file they are (see encoder_prefix), strictly:
     beside them, only keys under `ignorable` prefixes (classifier heads) may lie; the rest of the file
@@ -198,11 +215,7 @@ def load_weights(module: nn.Module, path: Path, ignorable: tuple[str, ...]) -> N
             f"{', '.join(prefix + k for k in extra[:3])}); give the --encoder the file was saved from"
         )
     for name, tensor in picked.items():
-        if tensor.shape != own[name].shape:
-            raise EncoderError(
-                f"{path} does not fit this encoder: {prefix}{name} is {tuple(tensor.shape)} in the file, "
-                f"{tuple(own[name].shape)} in the encoder; give the --encoder the file was saved from"
-            )
+        check_tensor(f"{path}: {prefix}{name}", tensor, own[name])
     module.load_state_dict(picked)
     left_out = len(state) - len(picked)
     if prefix or left_out:

@@ -102,8 +102,18 @@ def test_weights_that_do_not_fit_are_refused_naming_what(tmp_path, tiny_encoder)
     )
     other_stem = {k: torch.zeros(64, 3, 7, 7) if k == "conv1.0.weight" else v for k, v in own.items()}
     assert refusal(tmp_path, {f"backbone.{k}": v for k, v in other_stem.items()}) == (
-        "FILE does not fit this encoder: backbone.conv1.0.weight is (64, 3, 7, 7) in the file, "
-        f"{tuple(own['conv1.0.weight'].shape)} in the encoder; give the --encoder the file was saved from"
+        "FILE: backbone.conv1.0.weight is (64, 3, 7, 7) in the file, "
+        f"{tuple(own['conv1.0.weight'].shape)} in the encoder: the file does not fit this encoder; "
+        "give the --encoder the file was saved from"
+    )
+    quantised = own | {"conv1.0.weight": own["conv1.0.weight"].to(torch.int8)}
+    assert refusal(tmp_path, quantised) == (
+        "FILE: conv1.0.weight is torch.int8 in the file, a float in the encoder (a quantised model?); "
+        "save the float weights"
+    )
+    diverged = own | {"bn1.bias": torch.full_like(own["bn1.bias"], float("nan"))}
+    assert refusal(tmp_path, diverged) == (
+        "FILE: bn1.bias holds NaN or infinite values; save weights from before the run diverged"
     )
     deeper = own | {"layer1.9.conv1.weight": torch.zeros(1)}
     assert refusal(tmp_path, deeper) == (
