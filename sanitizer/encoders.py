@@ -129,7 +129,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderError(f"{path} is not a state dict of tensors")
+        held = f"a {type(state).__name__}"
+        if isinstance(state, dict):
+            others = [repr(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+            held = f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which are not tensors"
+        raise EncoderError(
+            f"{path} is not a state dict of tensors (it holds {held}); save the encoder's state_dict() "
+            "on its own"
+        )
     return state
 
 

@@ -127,6 +127,17 @@ def test_weights_that_do_not_fit_are_refused_naming_what(tmp_path, tiny_encoder)
     )
 
 
+def test_a_checkpoint_of_two_networks_is_refused_naming_them(tmp_path, tiny_encoder):
+    own = tiny_encoder.module.state_dict()
+    torch.save({"student": own, "teacher": own, "epoch": 5}, tmp_path / "dino.pth")
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "dino.pth", image_size=32)
+    assert str(caught.value) == (
+        f"{tmp_path / 'dino.pth'} is not a state dict of tensors (it holds 'student', 'teacher', 'epoch', "
+        "which are not tensors); save the encoder's state_dict() on its own"
+    )
+
+
 def test_a_pickled_model_is_refused_with_what_it_holds_and_no_warning(tmp_path, tiny_encoder, recwarn):
     torch.save(tiny_encoder.module, tmp_path / "model.pt")  # the whole module, as torch.save(model) does
     with pytest.raises(EncoderError) as caught:
