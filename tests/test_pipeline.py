@@ -144,6 +144,16 @@ def test_ray_workers_and_batch_size_do_not_change_scores(
         assert ray_part == (run / "manifest" / f"{stem}.parquet").read_bytes()
 
 
+def test_a_ray_run_prints_no_note_of_ray_data_progress_bars(
+    tmp_path, ray_session, tiny_decoder_dir, tiny_shards, capfd
+):
+    from ray.util.debug import reset_log_once
+
+    reset_log_once("ray_data_progress_manager_disabled")  # Ray says it once per process
+    score(tiny_decoder_dir, tiny_shards, tmp_path / "ray", workers=1)
+    assert "Progress bars disabled" not in capfd.readouterr().err
+
+
 def test_shard_order_does_not_change_scores(tmp_path, local_run, tiny_decoder_dir, tiny_shards):
     run, _ = local_run
     reordered = ",".join(str(p) for p in sorted(tiny_shards.glob("*.tar"), reverse=True))

@@ -531,7 +531,8 @@ def ray_tables(
 
     ensure_ray(job.ray_address)
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # score draws its own bar, per shard
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and Ray's note that it did
     ds = ray.data.from_items(
         [{"url": s.url, "stem": s.stem} for s in pending], override_num_blocks=len(pending)
     )
