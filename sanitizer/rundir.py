@@ -236,15 +236,18 @@ def flagged_totals(run: RunDir, stems: list[str]) -> dict:
 
 def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.Table]) -> int:
     """Pass each finished shard's manifest through `update`; write back (manifest, then stats) those
-    it changed. Returns how many changed, so a finished run re-run rewrites nothing."""
+    it changed, and the stats whose counts disagree with their manifest (a rewrite killed between the
+    two writes). Returns how many shards it wrote, so a finished run re-run rewrites nothing."""
     changed = 0
     for stem in stems:
         table = read_manifest(run.manifest(stem))
         updated = update(stem, table)
-        if updated.equals(table):
+        stats, counts = run.read_stats(stem), flag_counts(updated)
+        if updated.equals(table) and all(stats.get(k) == v for k, v in counts.items()):
             continue
-        write_manifest(run.manifest(stem), updated)
-        write_json_atomic(run.stats(stem), {**run.read_stats(stem), **flag_counts(updated)})
+        if not updated.equals(table):
+            write_manifest(run.manifest(stem), updated)
+        write_json_atomic(run.stats(stem), {**stats, **counts})
         changed += 1
     return changed
 

@@ -1037,3 +1037,28 @@ def test_progress_in_a_log_is_a_line_a_minute_not_one_per_shard(
     ]
     assert len(bar) == 2, bar  # drawn when it starts and when it ends
     assert bar[-1].startswith("score: 100%|") and "samples=120" in bar[-1]
+
+
+def test_a_reflag_killed_between_a_manifest_and_its_stats_is_mended_by_the_rerun(
+    tmp_path, local_run, monkeypatch
+):
+    """`clean --threshold` killed after it rewrote a manifest, before that shard's stats marker: the
+    re-run found the manifest already flagged, skipped the shard, and left its stats (and run.json's
+    totals, summed from them) at the old flags."""
+    import sanitizer.rundir
+
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sanitizer.rundir, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        clean_run(run, "value:0")  # flags every ok row
+    monkeypatch.undo()
+    clean_run(run, "value:0")
+    for stem, table in manifests(run).items():
+        assert RunDir(run).read_stats(stem)["flagged"] == table.num_rows == 40
+    assert json.loads((run / "run.json").read_text())["totals"]["flagged"] == 120
+    assert verify_run(run) == []
