@@ -119,7 +119,9 @@ class RunDir:
     def read_stats(self, stem: str) -> dict:
         """A finished shard's counts, checked for the fields every reader takes from them."""
         stats = _read_object(self.stats(stem))
+        by = stats.get("flagged_by")
         counts = [stats.get(k) for k in ("count", "ok", "flagged")]
+        counts += [by.get(k) for k in ("score", "collapse")] if isinstance(by, dict) else [None]
         if not all(type(c) is int for c in counts) or not isinstance(stats.get("status_counts"), dict):
             raise _damaged(self.stats(stem), "its counts are missing or not whole numbers")
         stamp = stats.get("input")  # None: a remote input, or a marker of an earlier version
