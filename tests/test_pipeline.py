@@ -1067,3 +1067,26 @@ def test_a_reflag_killed_between_a_manifest_and_its_stats_is_mended_by_the_rerun
         assert RunDir(run).read_stats(stem)["flagged"] == table.num_rows == 40
     assert json.loads((run / "run.json").read_text())["totals"]["flagged"] == 120
     assert verify_run(run) == []
+
+
+def test_the_collector_keeps_nothing_of_a_finished_shard_but_its_stem(tmp_path, tiny_shards):
+    """Its memory must not grow with the number of shards: it kept each finished shard's expected and
+    received counts and start time for the whole job."""
+    import pyarrow as pa
+
+    from sanitizer.pipeline.collect import ShardCollector
+    from sanitizer.pipeline.stages import SCORE_FIELDS, read_shard
+
+    def unscored(table: pa.Table) -> pa.Table:  # read_shard's rows as the collector takes them
+        out = table.drop_columns(["pixels"])
+        for f in SCORE_FIELDS:
+            out = out.append_column(f, pa.nulls(out.num_rows, f.type))
+        return out
+
+    shards = {p.stem: str(p) for p in sorted(tiny_shards.glob("*.tar"))}
+    collector = ShardCollector(RunDir(tmp_path / "run"), shards, None)
+    for stem, url in shards.items():
+        for table in read_shard(url, stem, 32, chunk_rows=16):
+            collector.add(unscored(table))
+    assert collector.done == list(shards) and collector.samples == 120
+    assert not (collector.parts or collector.expected or collector.received or collector.started)

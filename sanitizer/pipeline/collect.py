@@ -95,13 +95,16 @@ class ShardCollector:
                 self._finish(stem)
 
     def _finish(self, stem: str) -> None:
-        parts = self.parts.pop(stem, [])
+        # what is held of a shard in flight goes: only its stem is kept, in done or failed
+        parts, started, stamp = self.parts.pop(stem, []), self.started.pop(stem), self.stamps.pop(stem)
+        del self.expected[stem]
+        self.received.pop(stem, None)  # a shard that gave no rows has no count
         if stem in self.failed:  # rows read before the failure are dropped: the shard is retried
             return
         rows = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
         table = manifest_table(rows, self.threshold)
         write_manifest(self.run.manifest(stem), table)
-        stats = shard_stats(stem, self.urls[stem], self.stamps[stem], table, time.time() - self.started[stem])
+        stats = shard_stats(stem, self.urls[stem], stamp, table, time.time() - started)
         write_json_atomic(self.run.stats(stem), stats)
         self.done.append(stem)
         self.samples += table.num_rows
