@@ -64,9 +64,7 @@ def _table(rows: list[dict], image_size: int) -> pa.Table:
     return pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
 
 
-def read_shard(
-    url: str, stem: str, image_size: int, chunk_rows: int = 256, max_pixels: int = 50_000_000
-) -> Iterator[pa.Table]:
+def read_shard(url: str, stem: str, image_size: int, chunk_rows: int = 256) -> Iterator[pa.Table]:
     """Decode every sample of one shard; never raises: a shard that cannot be read ends FAILED."""
     blank = bytes(image_size * image_size * 3)
     rows: list[dict] = []
@@ -74,7 +72,7 @@ def read_shard(
     end = {"status": SHARD_DONE, "error": None}
     try:
         for sample in iter_samples(url):
-            decoded = decode_image(sample, image_size, max_pixels)
+            decoded = decode_image(sample, image_size)
             key = printable(sample.key)
             thumb = None if decoded.pixels is None else thumbnail(decoded.pixels[None]).tobytes()
             rows.append(
