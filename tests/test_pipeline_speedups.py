@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from sanitizer.checkpoint import load_decoder
@@ -135,3 +136,17 @@ def test_encoder_weights_keep_their_layout_off_cuda():
     encoder = load_encoder("timm:test_resnet", image_size=32, device="cpu")
     convs = [p for p in encoder.module.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous() for p in convs)  # channels_last is for CUDA only
+
+
+def test_an_error_while_scoring_names_the_shards_of_the_batch(tiny_decoder_dir, tiny_shards):
+    """On a Ray actor the traceback is all that comes back: it named no shard to look at."""
+    shard = expand_shards(str(tiny_shards))[0]
+    stage = ReadScoreStage(str(tiny_decoder_dir), ScoreSettings(num_masks=2).to_dict(), "cpu", micro_batch=16)
+
+    def broken(*_):
+        raise RuntimeError("the encoder failed")
+
+    stage.scorer.score = broken
+    with pytest.raises(RuntimeError, match="the encoder failed") as caught:
+        list(stage(pa.table({"url": [shard.url], "stem": [shard.stem]})))
+    assert caught.value.__notes__ == [f"while scoring shard {shard.stem}"]

@@ -154,6 +154,15 @@ class ScoreStage:
         self.scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(settings), micro_batch, compile)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        try:
+            return self._score(table)
+        except Exception as e:  # a Ray actor's traceback is all the driver sees: name what it scored
+            stems = pc.unique(table.column("shard")).to_pylist()
+            e.add_note(f"while scoring shard{'s' if len(stems) > 1 else ''} {', '.join(stems)}")
+            raise
+
+    def _score(self, table: pa.Table) -> pa.Table:
+        """The rows with their scores and sketches; the pixels dropped."""
         is_ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.not_equal(table.column("index"), END))
         ok = np.flatnonzero(pc.fill_null(is_ok, False).to_numpy())
         n = table.num_rows
