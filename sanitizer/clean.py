@@ -32,8 +32,11 @@ class CleanSummary:
     skipped_shards: list[str]
 
 
-def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) -> float:
-    """A threshold for a finished run; quantile rules read the decoder's calibration."""
+def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) -> float | None:
+    """A threshold for a finished run; quantile rules read the decoder's calibration. None for a rule
+    that needs scores on a run with no finished shard: nothing is split at any threshold."""
+    if rule.needs_scores and not done:
+        return None
     calibration = None
     if rule.kind == "quantile":
         meta = read_run_meta(Path(info["config"]["decoder_dir"]), info["identity"]["decoder_sha256"])

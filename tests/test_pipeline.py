@@ -1090,3 +1090,21 @@ def test_the_collector_keeps_nothing_of_a_finished_shard_but_its_stem(tmp_path, 
             collector.add(unscored(table))
     assert collector.done == list(shards) and collector.samples == 120
     assert not (collector.parts or collector.expected or collector.received or collector.started)
+
+
+@pytest.mark.parametrize("rule", ["mad:4", "paper"])
+def test_clean_at_a_data_rule_of_a_run_whose_every_shard_failed_has_nothing_to_clean(
+    tmp_path, tiny_decoder_dir, capsys, rule
+):
+    """As plain `clean` there: it was a usage error (exit 2), 'needs scored samples, and there are
+    none', though no threshold could split a run that has no finished shard."""
+    score_a_run_whose_every_shard_failed(tmp_path, tiny_decoder_dir)
+    capsys.readouterr()
+    assert main(["clean", str(tmp_path / "run"), "--threshold", rule]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "no shard was scored: nothing to clean",
+        "skipped shard broken: it was not scored (see run.json)",
+    ]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["threshold"] == {"rule": rule, "value": None}
+    assert verify_run(tmp_path / "run") == []
