@@ -18,7 +18,7 @@ from sanitizer.data.shards import ShardRef
 from sanitizer.data.tario import STATUS_OK, ShardError, TarWriter, iter_samples, printable
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, ok_scores, open_run
+from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
@@ -76,8 +76,7 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
 
 
 def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
-    run, info, shards = open_run(run_dir)
-    with run.lock():
+    with locked_run(run_dir) as (run, info, shards):
         run.remove_stale_temps()
         done = run.done(shards)
         if threshold is not None:

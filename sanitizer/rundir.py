@@ -198,6 +198,17 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
         raise _damaged(run.run_json, str(e)) from None
 
 
+@contextlib.contextmanager
+def locked_run(run_dir: Path) -> Iterator[tuple[RunDir, dict, list[ShardRef]]]:
+    """open_run's run, read once RUN_DIR's lock is held: a job that held it until then (a `score`
+    finishing) has written its last run.json, which a read before the lock would miss and overwrite.
+    A path that holds no run is refused first, so that no lock file is made there."""
+    if not RunDir(Path(run_dir)).run_json.is_file():
+        raise not_a_run(run_dir)
+    with RunDir(Path(run_dir)).lock():
+        yield open_run(run_dir)
+
+
 def not_a_run(run_dir: Path) -> UsageError:
     return UsageError(f"{run_dir} is not a RUN_DIR (no run.json); run `sanitizer score` first")
 

@@ -1108,3 +1108,29 @@ def test_clean_at_a_data_rule_of_a_run_whose_every_shard_failed_has_nothing_to_c
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["threshold"] == {"rule": rule, "value": None}
     assert verify_run(tmp_path / "run") == []
+
+
+def test_clean_reads_run_json_once_it_holds_the_lock(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, monkeypatch
+):
+    """A `score` that held the lock finishes (here at another threshold) just as `clean` starts: clean
+    read run.json before it took the lock, so it re-flagged the manifests back to the old threshold
+    and wrote the old run.json over the one the score job had just finished."""
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    lock = RunDir.lock
+    raced = []
+
+    def score_finishes_first(self):
+        if not raced:
+            raced.append(1)
+            score(tiny_decoder_dir, tiny_shards, run, workers=0, threshold="value:0.5")
+        return lock(self)
+
+    monkeypatch.setattr(RunDir, "lock", score_finishes_first)
+    clean_run(run)
+    assert raced and json.loads((run / "run.json").read_text())["threshold"]["rule"] == "value:0.5"
+    assert {np.float32(0.5)} == {
+        t for m in manifests(run).values() for t in m.column("threshold").to_pylist()
+    }
+    assert verify_run(run) == []

@@ -68,7 +68,7 @@ from sanitizer.report.verdict import (
     share_above_median,
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
-from sanitizer.rundir import STALE_CLEAN, RunDir, open_run
+from sanitizer.rundir import STALE_CLEAN, RunDir, locked_run
 
 __all__ = [
     "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",
@@ -83,9 +83,8 @@ FIGURES = (
 
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
-    run, info, shards = open_run(run_dir)
-    out = run.root / "report"
-    with run.lock():
+    with locked_run(run_dir) as (run, info, shards):
+        out = run.root / "report"
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
         for name in FIGURES:  # a figure this run does not produce must not linger from an older report
