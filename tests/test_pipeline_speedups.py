@@ -150,3 +150,26 @@ def test_an_error_while_scoring_names_the_shards_of_the_batch(tiny_decoder_dir, 
     with pytest.raises(RuntimeError, match="the encoder failed") as caught:
         list(stage(pa.table({"url": [shard.url], "stem": [shard.stem]})))
     assert caught.value.__notes__ == [f"while scoring shard {shard.stem}"]
+
+
+def test_a_job_that_fails_stops_its_decode_threads(tmp_path, tiny_decoder_dir, monkeypatch):
+    """A write that fails (a full disk) ends the job: its readers went on polling their full queue,
+    holding their shards open, for as long as the exception was kept (a caller's log, a test)."""
+    import sanitizer.pipeline.collect
+    from sanitizer.data.synth import synthetic_images, write_image_shards
+
+    write_image_shards(
+        tmp_path / "data", synthetic_images(60, 32, seed=3), per_shard=2
+    )  # more than the queue
+
+    def full(path, _):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(sanitizer.pipeline.collect, "write_manifest", full)
+    before = threading.active_count()
+    job = ScoreJob(
+        tiny_decoder_dir, str(tmp_path / "data"), tmp_path / "r", workers=0, read_threads=2, batch_size=2
+    )
+    with pytest.raises(OSError, match="No space left") as caught:
+        run_score_job(job, progress=False)
+    assert caught.value is not None and threading.active_count() == before

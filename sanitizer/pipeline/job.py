@@ -9,6 +9,7 @@ Re-running a job skips finished shards; a finished job re-run changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -320,7 +321,9 @@ def score_shards(
         tables = ray_tables(
             pending, options, image_size, job, plan.batch_size, plan.workers, plan.device.type
         )
-    consume(tables, collector, len(pending), progress)
+    # closed on any exit: an error must not leave the decode threads polling, their shards open
+    with contextlib.closing(tables):
+        consume(tables, collector, len(pending), progress)
 
 
 def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float, previous: dict) -> Summary:
@@ -443,7 +446,7 @@ def local_workers(device: torch.device) -> int:
 
 def local_tables(
     pending: list[ShardRef], stage: ScoreStage, image_size: int, batch_size: int, readers: int
-) -> Iterator[pa.Table]:
+) -> Generator[pa.Table, None, None]:
     """One process: `readers` threads decode shards (PIL and hashlib release the GIL) while this
     thread scores batches of `batch_size` rows."""
     for table in rebatch(decoded_tables(pending, image_size, readers), batch_size):
@@ -519,7 +522,7 @@ def ray_tables(
     batch_size: int,
     workers: int,
     device_type: str,
-) -> Iterator[pa.Table]:
+) -> Generator[pa.Table, None, None]:
     """Ray Data: shards -> decoded tables -> a pool of scoring actors; the results come back here.
 
     CPU: each actor gets an equal share of the CPUs as torch threads and reads its own shards, one
