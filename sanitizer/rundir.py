@@ -119,10 +119,11 @@ class RunDir:
     def read_stats(self, stem: str) -> dict:
         """A finished shard's counts, checked for the fields every reader takes from them."""
         stats = _read_object(self.stats(stem))
-        by = stats.get("flagged_by")
+        by, statuses = stats.get("flagged_by"), stats.get("status_counts")
         counts = [stats.get(k) for k in ("count", "ok", "flagged")]
         counts += [by.get(k) for k in ("score", "collapse")] if isinstance(by, dict) else [None]
-        if not all(type(c) is int for c in counts) or not isinstance(stats.get("status_counts"), dict):
+        counts += list(statuses.values()) if isinstance(statuses, dict) else [None]
+        if not all(type(c) is int for c in counts):
             raise _damaged(self.stats(stem), "its counts are missing or not whole numbers")
         stamp = stats.get("input")  # None: a remote input, or a marker of an earlier version
         if stamp is not None and not is_file_stamp(stamp):

@@ -502,6 +502,11 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
         ("report", "score"),
         "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
     ),
+    "a stats marker's status counts of text": (  # summed by score's summary: a TypeError's traceback
+        _edit_json("stats/shard-000001_stats.json", lambda stats: stats.update(status_counts={"ok": "40"})),
+        ("score",),
+        "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
+    ),
     "a stats marker's input stamp edited": (  # it read as "changed": score re-scored, verify blamed the input
         _edit_json(
             "stats/shard-000001_stats.json", lambda stats: stats.update(input={"size": "1", "mtime_ns": 0})
