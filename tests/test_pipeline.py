@@ -188,8 +188,23 @@ def test_run_dir_of_another_input_is_refused(tmp_path, local_run, tiny_decoder_d
     run, _ = local_run
     other = tmp_path / "copy"
     shutil.copytree(run, other)
-    with pytest.raises(UsageError, match="another decoder, input or scoring settings"):
+    with pytest.raises(UsageError, match=r"holds a run of another input \(its shards\); use a new --out"):
         score(tiny_decoder_dir, str(tiny_shards / "shard-000000.tar"), other, workers=0)
+
+
+def test_a_run_scored_on_another_device_is_refused_naming_the_device(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards
+):
+    """Scored on a GPU, resumed where there is none: it said "another decoder, input or scoring
+    settings", none of which had changed."""
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    _edit_run_json(lambda info: info["identity"].update(device_type="cuda"))(run)
+    with pytest.raises(UsageError) as caught:
+        score(tiny_decoder_dir, tiny_shards, run, workers=0)
+    assert str(caught.value) == (
+        f"{run} holds a run of another device (scored on cuda, this job runs on cpu); use a new --out"
+    )
 
 
 def test_out_holding_other_files_is_refused_untouched(tmp_path, tiny_decoder_dir, tiny_shards):

@@ -261,15 +261,35 @@ def begin(run: RunDir, plan: JobPlan) -> dict:
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     previous = run.read_run() or {}
-    if previous and normalised_identity(previous.get("identity")) != normalised_identity(plan.identity):
-        raise UsageError(
-            f"{run.root} holds a run with another decoder, input or scoring settings; use a new --out"
-        )
+    if previous and (other := identity_change(previous.get("identity"), plan.identity)):
+        raise UsageError(f"{run.root} holds a run of another {other}; use a new --out")
     carried = {k: previous[k] for k in CARRIED if k in previous}
     if forget_changed(run, plan.shards):  # clean/ held their old samples: it no longer matches the run
         carried.pop("clean", None)
     run.write_run(plan.record("running", **carried))
     return previous
+
+
+# run.json's identity, part by part, as a refusal names the one that differs
+IDENTITY_PARTS = {
+    "decoder_sha256": "decoder",
+    "shards": "input (its shards)",
+    "scoring": "scoring settings",
+    "manifest": "manifest version",
+}
+
+
+def identity_change(recorded: object, identity: dict) -> str | None:
+    """What differs between a RUN_DIR's recorded identity and this job's, in words; None if nothing."""
+    before, now = normalised_identity(recorded), normalised_identity(identity)
+    if before == now:
+        return None
+    if not isinstance(before, dict):
+        return "job"
+    parts = [name for key, name in IDENTITY_PARTS.items() if before.get(key) != now[key]]
+    if before.get("device_type") != now["device_type"]:
+        parts.append(f"device (scored on {before.get('device_type')}, this job runs on {now['device_type']})")
+    return " and ".join(parts) or "job"
 
 
 def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
