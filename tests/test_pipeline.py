@@ -502,31 +502,31 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
         ALL,
         "cannot read manifest ",
     ),
-    "a stats marker overwritten": (  # clean reads the manifests alone
+    "a stats marker overwritten": (  # clean reads it as it re-flags (rundir.rewrite)
         lambda run: (run / "stats/shard-000001_stats.json").write_text("garbage"),
-        ("report", "score"),
+        ALL,
         "shard-000001_stats.json is damaged: not valid JSON",
     ),
     "a stats marker without counts": (
         lambda run: (run / "stats/shard-000001_stats.json").write_text("{}"),
-        ("report", "score"),
+        ALL,
         "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
     ),
     "a stats marker without flagged_by": (  # its totals read it: a KeyError's traceback
         _edit_json("stats/shard-000001_stats.json", lambda stats: stats.pop("flagged_by")),
-        ("report", "score"),
+        ALL,
         "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
     ),
-    "a stats marker's status counts of text": (  # summed by score's summary: a TypeError's traceback
+    "a stats marker's status counts of text": (  # score summed them: a TypeError traceback
         _edit_json("stats/shard-000001_stats.json", lambda stats: stats.update(status_counts={"ok": "40"})),
-        ("score",),
+        ALL,
         "shard-000001_stats.json is damaged: its counts are missing or not whole numbers",
     ),
     "a stats marker's input stamp edited": (  # it read as "changed": score re-scored, verify blamed the input
         _edit_json(
             "stats/shard-000001_stats.json", lambda stats: stats.update(input={"size": "1", "mtime_ns": 0})
         ),
-        ("report", "score"),
+        ALL,
         "shard-000001_stats.json is damaged: its input stamp is not {size, mtime_ns} in whole numbers",
     ),
 }
