@@ -1154,3 +1154,28 @@ def test_clean_reads_run_json_once_it_holds_the_lock(
         t for m in manifests(run).values() for t in m.column("threshold").to_pylist()
     }
     assert verify_run(run) == []
+
+
+def test_a_scoring_actor_that_cannot_load_the_decoder_is_one_line(
+    tmp_path, ray_session, tiny_decoder_dir, tiny_shards, monkeypatch, capsys
+):
+    """The driver checks the decoder, but each actor loads it again, on a cluster on its own node,
+    which may lack the file: that stopped the job with Ray's traceback of an ActorDiedError."""
+    import sanitizer.pipeline.job as job_module
+
+    decoder = shutil.copytree(tiny_decoder_dir, tmp_path / "decoder")
+    load = job_module.load_stage
+
+    def gone_after_the_check(job, plan):  # as on a node without DECODER_DIR
+        stage = load(job, plan)
+        (decoder / "decoder.safetensors").unlink()
+        return stage
+
+    monkeypatch.setattr(job_module, "load_stage", gone_after_the_check)
+    assert main([*score_argv(decoder, tiny_shards, tmp_path / "run"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"sanitizer: error: a scoring actor stopped: {decoder} has decoder.json but no decoder.safetensors "
+        "(on a Ray cluster, every node needs DECODER_DIR and the encoder weights at the paths given)"
+    )
+    assert "Traceback" not in err and "Full stack trace" not in err

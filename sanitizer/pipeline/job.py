@@ -586,7 +586,26 @@ def ray_tables(
             fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
             num_cpus=threads,
         )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    # Ray Data logs the stack of an error it raises, which reaches the caller anyway: a user's error
+    # in a worker (worker_user_error) must stay one line
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.RayError as e:
+        if (why := worker_user_error(e)) is None:
+            raise
+        raise UsageError(
+            f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
+            "encoder weights at the paths given)"
+        ) from None
+
+
+def worker_user_error(error: Exception) -> str | None:
+    """The message of a SanitizerError that a Ray worker raised (a decoder or weights file its node
+    cannot read), found in the error's text: an actor that dies in its constructor comes back as
+    an ActorDiedError that keeps the worker's traceback as text only. None if there is none."""
+    found = re.findall(r"^sanitizer\.errors\.\w+: (.+)$", str(error), re.MULTILINE)
+    return found[-1] if found else None
 
 
 def cluster_address(given: str | None) -> str | None:
