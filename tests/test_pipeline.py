@@ -1179,3 +1179,18 @@ def test_a_scoring_actor_that_cannot_load_the_decoder_is_one_line(
         "(on a Ray cluster, every node needs DECODER_DIR and the encoder weights at the paths given)"
     )
     assert "Traceback" not in err and "Full stack trace" not in err
+
+
+def test_a_job_on_a_ray_already_started_keeps_ray_datas_info_lines_off_the_console(
+    tmp_path, ray_session, tiny_decoder_dir, tiny_shards, capsys
+):
+    """Importing ray.data sets its logger to DEBUG; ensure_ray quieted it only when it started Ray
+    itself after that import, so a job that joins a cluster (which starts Ray before ray.data is
+    imported) or finds Ray started printed Ray Data's INFO lines on every run."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.DEBUG)  # as `import ray.data` leaves it
+    argv = score_argv(tiny_decoder_dir, tiny_shards, tmp_path / "run")
+    assert main([*argv, "--workers", "1", "--no-collapse"]) == 0
+    err = capsys.readouterr().err
+    assert "Starting execution of Dataset" not in err and "INFO" not in err, err

@@ -553,6 +553,7 @@ def ray_tables(
     from ray.data import ActorPoolStrategy, DataContext
 
     ensure_ray(job.ray_address)
+    quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # score draws its own bar, per shard
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and Ray's note that it did
@@ -586,9 +587,6 @@ def ray_tables(
             fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
             num_cpus=threads,
         )
-    # Ray Data logs the stack of an error it raises, which reaches the caller anyway: a user's error
-    # in a worker (worker_user_error) must stay one line
-    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     except ray.exceptions.RayError as e:
@@ -598,6 +596,14 @@ def ray_tables(
             f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
             "encoder weights at the paths given)"
         ) from None
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's INFO lines off the console, and the stack it logs of an error it raises, which
+    reaches the caller anyway (a user's error in a worker, worker_user_error, must stay one line).
+    Set once ray.data is imported: its import sets its logger to DEBUG."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
 
 
 def worker_user_error(error: Exception) -> str | None:
@@ -621,7 +627,6 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     address = cluster_address(address)
     if address:
