@@ -556,7 +556,6 @@ def ray_tables(
     quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # score draws its own bar, per shard
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and Ray's note that it did
     ds = ray.data.from_items(
         [{"url": s.url, "stem": s.stem} for s in pending], override_num_blocks=len(pending)
     )
@@ -603,6 +602,7 @@ def quiet_ray_data() -> None:
     reaches the caller anyway (a user's error in a worker, worker_user_error, must stay one line).
     Set once ray.data is imported: its import sets its logger to DEBUG."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
 
 
