@@ -128,16 +128,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        held = f"a {type(state).__name__}"
-        if isinstance(state, dict):
-            others = [repr(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
-            held = f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which are not tensors"
+    held = not_a_state_dict(state)
+    if held:
         raise EncoderError(
             f"{path} is not a state dict of tensors (it holds {held}); save the encoder's state_dict() "
             "on its own"
         )
     return state
+
+
+def not_a_state_dict(state: object) -> str | None:
+    """What in `state` a state dict (tensor names to tensors) cannot hold, for the refusal; None when
+    it is one. torch saves any key, and a key that is not a name has no place in the encoder."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    others = [repr(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        return f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which are not tensors"
+    return next((f"{k!r}, which is not a tensor's name" for k in state if not isinstance(k, str)), None)
 
 
 def is_safetensors(path: Path) -> bool:
@@ -186,20 +194,28 @@ def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path) -> str:
     return whole[0]
 
 
+FULL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # cast to the encoder's
+
+
 def check_tensor(where: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
-    """Refuse what load_state_dict would take silently: a float weight given as integers (a quantised
-    model, cast to nonsense) or as NaN/inf (a diverged run); and name a shape that does not fit."""
+    """Refuse what load_state_dict would take silently: a float weight given as integers or float8 (a
+    quantised model, cast to nonsense) or as NaN/inf in the encoder's float (a diverged run); and name
+    a shape or a sparse layout that does not fit."""
+    if tensor.layout != torch.strided:
+        raise EncoderError(f"{where} is a {tensor.layout} tensor; save dense weights")
     if tensor.shape != own.shape:
         raise EncoderError(
             f"{where} is {tuple(tensor.shape)} in the file, {tuple(own.shape)} in the encoder: the file "
             "does not fit this encoder; give the --encoder the file was saved from"
         )
-    if own.is_floating_point() and not tensor.is_floating_point():
+    if not own.is_floating_point():
+        return
+    if tensor.dtype not in FULL_FLOATS:
         raise EncoderError(
             f"{where} is {tensor.dtype} in the file, a float in the encoder (a quantised model?); "
             "save the float weights"
         )
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not torch.isfinite(tensor.to(own.dtype)).all():
         raise EncoderError(f"{where} holds NaN or infinite values; save weights from before the run diverged")
 
 

@@ -127,6 +127,35 @@ def test_weights_that_do_not_fit_are_refused_naming_what(tmp_path, tiny_encoder)
     )
 
 
+def test_tensors_torch_cannot_check_are_refused_in_one_line(tmp_path, tiny_encoder):
+    """A float8 weight (a quantised model, as int8 is) and a sparse one gave a NotImplementedError
+    traceback from the NaN check; a key that is not a name, an AttributeError; and a float64 weight
+    too large for the encoder's float32 loaded as inf (infinite there)."""
+    own = tiny_encoder.module.state_dict()
+    float8 = own | {"bn1.bias": own["bn1.bias"].to(torch.float8_e4m3fn)}
+    assert refusal(tmp_path, float8) == (
+        "FILE: bn1.bias is torch.float8_e4m3fn in the file, a float in the encoder (a quantised model?); "
+        "save the float weights"
+    )
+    huge = own | {"bn1.bias": own["bn1.bias"].double() + 1e300}
+    assert refusal(tmp_path, huge) == (
+        "FILE: bn1.bias holds NaN or infinite values; save weights from before the run diverged"
+    )
+    torch.save(own | {"bn1.bias": own["bn1.bias"].to_sparse()}, tmp_path / "sparse.pt")
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "sparse.pt", image_size=32)
+    assert str(caught.value) == (
+        f"{tmp_path / 'sparse.pt'}: bn1.bias is a torch.sparse_coo tensor; save dense weights"
+    )
+    torch.save({0: torch.zeros(1), **own}, tmp_path / "keys.pt")
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "keys.pt", image_size=32)
+    assert str(caught.value) == (
+        f"{tmp_path / 'keys.pt'} is not a state dict of tensors (it holds 0, which is not a tensor's "
+        "name); save the encoder's state_dict() on its own"
+    )
+
+
 def test_a_checkpoint_of_two_networks_is_refused_naming_them(tmp_path, tiny_encoder):
     own = tiny_encoder.module.state_dict()
     torch.save({"student": own, "teacher": own, "epoch": 5}, tmp_path / "dino.pth")
