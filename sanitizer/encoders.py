@@ -219,13 +219,23 @@ def check_tensor(where: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
         raise EncoderError(f"{where} holds NaN or infinite values; save weights from before the run diverged")
 
 
+def optional_names(module: nn.Module) -> set[str]:
+    """Tensors a file may lack, which load_state_dict fills in itself: the BatchNorm counters
+    (num_batches_tracked) that eval never reads and torchvision's older weights do not hold."""
+    return {
+        f"{name}{'.' if name else ''}num_batches_tracked"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    }
+
+
 def load_weights(module: nn.Module, path: Path, ignorable: tuple[str, ...]) -> None:
     """Load the encoder's tensors from wherever in the file they are (see encoder_prefix), strictly:
     beside them, only keys under `ignorable` prefixes (classifier heads) may lie; the rest of the file
     (projection heads, a text tower) is left out, and the log says what."""
     own = module.state_dict()
     state = read_state_dict(path)
-    prefix = encoder_prefix(state, set(own), path)
+    prefix = encoder_prefix(state, set(own) - optional_names(module), path)
     children = {name.split(".")[0] for name in own}  # a key under one of them belongs to the encoder
     under = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     picked = {k: v for k, v in under.items() if k in own}
