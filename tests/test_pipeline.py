@@ -615,15 +615,35 @@ def test_a_local_run_starts_its_own_ray_beside_a_cluster_ray_start_left(tiny_dec
         assert json.loads((Path(temp) / "r" / "run.json").read_text())["totals"]["samples"] == 120
 
 
-def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path):
+OLDER_JOB = '"""an older sanitizer.pipeline.job, without the probe task"""\n'
+ANOTHER = (
+    "No module named 'sanitizer.pipeline'; 'sanitizer' is not a package",
+    {"sanitizer.py": '"""another package of this name"""'},
+)
+OLDER = (
+    "Can't get attribute '_imported_there' on <module 'sanitizer.pipeline.job' from 'STUB/sanitizer/"
+    "pipeline/job.py'>",
+    {
+        "sanitizer/__init__.py": "",
+        "sanitizer/pipeline/__init__.py": "",
+        "sanitizer/pipeline/job.py": OLDER_JOB,
+    },
+)
+
+
+@pytest.mark.parametrize(("reason", "stub"), [ANOTHER, OLDER], ids=["another module", "an older install"])
+def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path, reason, stub):
     """Its scoring actors failed and were retried in 220 lines of tracebacks, and the run died saying
-    nothing of what to do. Here the workers find another module named sanitizer first (an old install
-    on the nodes); the driver, started elsewhere, has this one."""
+    nothing of what to do. Here the workers find another module named sanitizer first, or an older
+    install of it on the nodes, whose job module lacks the probe task (that one was a traceback); the
+    driver, started elsewhere, has this one."""
+    import os
     import subprocess
     import sys
 
-    (tmp_path / "stub").mkdir()
-    (tmp_path / "stub" / "sanitizer.py").write_text('"""another package of this name"""\n')
+    for name, text in stub.items():
+        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "stub" / name).write_text(text)
     (tmp_path / "probe.py").write_text(
         "import sys, ray\n"
         "from sanitizer.errors import UsageError\n"
@@ -638,11 +658,12 @@ def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "probe.py", str(tmp_path / "stub")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},  # this checkout's package
     )  # fmt: skip
-    assert done.stdout.strip() == (
-        "the workers of the Ray cluster at HEAD:6379 cannot import sanitizer (No module named "
-        "'sanitizer.pipeline'; 'sanitizer' is not a package): install this package on every node (the "
-        "Dockerfile's image has it), or submit the job with `ray job submit --working-dir .`"
+    assert done.stdout.strip().replace(str(tmp_path / "stub"), "STUB") == (
+        f"the workers of the Ray cluster at HEAD:6379 cannot import sanitizer ({reason}): install this "
+        "package on every node (the Dockerfile's image has it), or submit the job with "
+        "`ray job submit --working-dir .`"
     ), done.stderr
 
 

@@ -670,6 +670,10 @@ def _imported_there() -> None:
     actor must."""
 
 
+# What a worker says when it lacks the package, or has an older one without this module's probe task.
+UNIMPORTABLE = r"(?:No module named|Can't get attribute) [^\n]*"
+
+
 def check_cluster_imports(address: str) -> None:
     """Ask a worker of a joined cluster to import this package before any actor is made. Where the
     nodes lack it, each scoring actor fails and is retried, in pages of tracebacks, and the run dies
@@ -683,7 +687,7 @@ def check_cluster_imports(address: str) -> None:
     except ray.exceptions.GetTimeoutError:
         return
     except ray.exceptions.RayError as e:
-        missing = re.search(r"No module named [^\n]*", str(e))
+        missing = re.search(UNIMPORTABLE, str(e))
         if missing is None:
             raise
         raise UsageError(
