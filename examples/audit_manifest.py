@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             f"re-cleaned at {args.reclean} (threshold {summary.threshold:.6g}): kept {summary.kept}, "
             f"quarantined {summary.quarantined}; run `sanitizer report {args.run_dir}` to refresh the page"
         )
-        for stem in summary.skipped_shards:  # as `sanitizer clean` says it, and with its exit code
-            print(f"skipped shard {stem}: it was not scored (see run.json)")
+        for line in summary.skipped_lines():  # as `sanitizer clean` says it, and with its exit code
+            print(line)
         return 1 if summary.skipped_shards else 0
     return 0
 

@@ -31,6 +31,10 @@ class CleanSummary:
     threshold: float | None  # None: no shard was scored, and a data rule found no scores
     skipped_shards: list[str]
 
+    def skipped_lines(self) -> list[str]:
+        """A line per shard left out, as `sanitizer clean` and examples/audit_manifest.py print them."""
+        return [f"skipped shard {stem}: it was not scored (see run.json)" for stem in self.skipped_shards]
+
 
 def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) -> float | None:
     """A threshold for a finished run; quantile rules read the decoder's calibration. None for a rule

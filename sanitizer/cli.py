@@ -283,8 +283,8 @@ def run_clean(args: argparse.Namespace) -> int:
         )
     else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make
         print("no shard was scored: nothing to clean")
-    for stem in s.skipped_shards:
-        print(f"skipped shard {stem}: it was not scored (see run.json)")
+    for line in s.skipped_lines():
+        print(line)
     return EXIT_INCOMPLETE if s.skipped_shards else EXIT_OK
 
 
