@@ -16,6 +16,7 @@ import pytest
 import sanitizer.clean
 from sanitizer.clean import clean_run
 from sanitizer.cli import main
+from sanitizer.data.decode import find_member
 from sanitizer.data.shards import changed_since
 from sanitizer.data.synth import encode_image, synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples, write_shards
@@ -67,7 +68,7 @@ def test_every_input_sample_has_exactly_one_row(local_run, tiny_shards):
         assert table.column("key").to_pylist() == [s.key for s in samples]
         assert table.column("index").to_pylist() == list(range(len(samples)))
         assert set(table.column("shard").to_pylist()) == {shard.stem}
-        assert table.column("caption").to_pylist() == [s.by_ext()["txt"].decode() for s in samples]
+        assert table.column("caption").to_pylist() == [find_member(s, ("txt",))[1].decode() for s in samples]
         stats = RunDir(run).read_stats(shard.stem)
         assert (stats["count"], stats["ok"]) == (40, 40)
         assert stats["flagged"] == sum(table.column("flagged").to_pylist())

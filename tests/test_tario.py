@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sanitizer.atomic import atomic_path, remove_stale_temps, write_json_atomic
+from sanitizer.data.decode import find_member
 from sanitizer.data.hostile import pickle_payload, write_hostile_corpus
 from sanitizer.data.tario import (
     Member,
@@ -78,8 +79,8 @@ def test_grouping_and_index(tmp_path: Path) -> None:
         ("c", 2, "ok", None),
     ]
     assert samples[0].members == [Member("a.jpg", b"1"), Member("a.txt", b"2")]
-    assert samples[1].by_ext() == {"seg.png": b"3", "png": b"4"}
-    assert samples[2].by_ext() == {"": b"5"}
+    assert [split_key(m.name)[1] for m in samples[1].members] == ["seg.png", "png"]
+    assert samples[2].members == [Member("c", b"5")]
 
 
 def test_duplicate_keys_give_separate_samples(tmp_path: Path) -> None:
@@ -102,9 +103,9 @@ def test_duplicate_keys_give_separate_samples(tmp_path: Path) -> None:
     ]
 
 
-def test_by_ext_first_occurrence_wins() -> None:
+def test_the_first_member_of_an_extension_wins() -> None:
     s = Sample("k", 0, [Member("k.PNG", b"1"), Member("k.png", b"2")])
-    assert s.by_ext() == {"png": b"1"}
+    assert find_member(s, ("png",)) == ("k.PNG", b"1")
 
 
 def test_links_and_devices_mark_their_sample_and_directories_are_passed_over(tmp_path: Path) -> None:
@@ -232,8 +233,8 @@ def test_pickle_members_are_opaque_bytes(
     monkeypatch.chdir(tmp_path)
     paths = hostile
     by_key = {s.key: s for s in iter_samples(str(paths["names"]))}
-    assert by_key["pickled"].by_ext()["pyd"] == pickle_payload()
-    assert by_key["pickled"].by_ext()["pickle"] == pickle_payload()
+    assert find_member(by_key["pickled"], ("pyd",))[1] == pickle_payload()
+    assert find_member(by_key["pickled"], ("pickle",))[1] == pickle_payload()
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -61,13 +61,6 @@ class Sample:
     status: str = STATUS_OK
     error: str | None = None
 
-    def by_ext(self) -> dict[str, bytes]:
-        """Map lower-cased extension to data; the first member wins."""
-        out: dict[str, bytes] = {}
-        for member in self.members:
-            out.setdefault(split_key(member.name)[1], member.data)
-        return out
-
 
 def sha256_hex(data: bytes) -> str:
     """How member bytes are identified: the manifest's image digest, and outputs against inputs."""
