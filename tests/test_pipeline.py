@@ -632,12 +632,9 @@ OLDER = (
 )
 
 
-@pytest.mark.parametrize(("reason", "stub"), [ANOTHER, OLDER], ids=["another module", "an older install"])
-def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path, reason, stub):
-    """Its scoring actors failed and were retried in 220 lines of tracebacks, and the run died saying
-    nothing of what to do. Here the workers find another module named sanitizer first, or an older
-    install of it on the nodes, whose job module lacks the probe task (that one was a traceback); the
-    driver, started elsewhere, has this one."""
+def cluster_import_check(tmp_path: Path, stub: dict[str, str], start_ray: str) -> str:
+    """What check_cluster_imports says, run in a process of its own (this checkout's package) on the
+    Ray that `start_ray` starts, whose workers see the `stub` files first on sys.argv[1]."""
     import os
     import subprocess
     import sys
@@ -649,8 +646,7 @@ def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path, reason, 
         "import sys, ray\n"
         "from sanitizer.errors import UsageError\n"
         "from sanitizer.pipeline.job import check_cluster_imports\n"
-        "ray.init(address='local', num_cpus=1, include_dashboard=False,\n"
-        "         runtime_env={'env_vars': {'PYTHONPATH': sys.argv[1]}})\n"
+        f"{start_ray}"
         "try:\n"
         "    check_cluster_imports('HEAD:6379')\n"
         "except UsageError as e:\n"
@@ -659,13 +655,44 @@ def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path, reason, 
     done = subprocess.run(
         [sys.executable, "probe.py", str(tmp_path / "stub")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},  # this checkout's package
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
-    assert done.stdout.strip().replace(str(tmp_path / "stub"), "STUB") == (
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().replace(str(tmp_path / "stub"), "STUB")
+
+
+def cannot_import(reason: str) -> str:
+    return (
         f"the workers of the Ray cluster at HEAD:6379 cannot import sanitizer ({reason}): install this "
         "package on every node (the Dockerfile's image has it), or submit the job with "
         "`ray job submit --working-dir .`"
-    ), done.stderr
+    )
+
+
+@pytest.mark.parametrize(("reason", "stub"), [ANOTHER, OLDER], ids=["another module", "an older install"])
+def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path, reason, stub):
+    """Its scoring actors failed and were retried in 220 lines of tracebacks, and the run died saying
+    nothing of what to do. Here the workers find another module named sanitizer first, or an older
+    install of it on the nodes, whose job module lacks the probe task (that one was a traceback); the
+    driver, started elsewhere, has this one."""
+    start = (
+        "ray.init(address='local', num_cpus=1, include_dashboard=False,\n"
+        "         runtime_env={'env_vars': {'PYTHONPATH': sys.argv[1]}})\n"
+    )
+    assert cluster_import_check(tmp_path, stub, start) == cannot_import(reason)
+
+
+def test_a_cluster_node_that_lacks_the_package_is_found_beside_one_that_has_it(tmp_path):
+    """The probe task asked for no CPU, so Ray ran it on the driver's own node, which has the package
+    (the driver imports it): a second node that lacks it passed the check, and every scoring actor
+    placed there failed as before. Each node that can hold an actor (one with CPUs) is asked now."""
+    start = (
+        "from ray.cluster_utils import Cluster\n"
+        "cluster = Cluster(initialize_head=True, head_node_args={'num_cpus': 1})\n"
+        "cluster.add_node(num_cpus=1, env_vars={'PYTHONPATH': sys.argv[1]})  # the stub only\n"
+        "ray.init(address=cluster.address, include_dashboard=False)\n"
+    )
+    assert cluster_import_check(tmp_path, ANOTHER[1], start) == cannot_import(ANOTHER[0])
 
 
 def test_a_cluster_whose_workers_import_the_package_passes_the_check(ray_session):

@@ -675,26 +675,37 @@ UNIMPORTABLE = r"(?:No module named|Can't get attribute) [^\n]*"
 
 
 def check_cluster_imports(address: str) -> None:
-    """Ask a worker of a joined cluster to import this package before any actor is made. Where the
-    nodes lack it, each scoring actor fails and is retried, in pages of tracebacks, and the run dies
-    with none of them saying what to do. A cluster too busy to answer within a minute is left to the
-    actors."""
+    """Ask each node of a joined cluster that can hold a scoring actor (one with CPUs) to import this
+    package before any actor is made: one task that asks for no CPU runs on the driver's own node,
+    which has it. Where a node lacks it, each actor placed there fails and is retried, in pages of
+    tracebacks, and the run dies with none of them saying what to do. A cluster too busy to answer
+    within a minute, or a node gone meanwhile, is left to the actors."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(_imported_there)
-    try:
-        ray.get(task.remote(), timeout=6 * REACH_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        return
-    except ray.exceptions.RayError as e:
-        missing = re.search(UNIMPORTABLE, str(e))
-        if missing is None:
-            raise
-        raise UsageError(
-            f"the workers of the Ray cluster at {address} cannot import sanitizer ({missing[0]}): "
-            "install this package on every node (the Dockerfile's image has it), or submit the job "
-            "with `ray job submit --working-dir .`"
-        ) from None
+    probes = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("CPU", 0) > 0
+    ]
+    deadline = time.monotonic() + 6 * REACH_TIMEOUT_S
+    for probe in probes:
+        try:
+            ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            return
+        except ray.exceptions.TaskUnschedulableError:
+            continue
+        except ray.exceptions.RayError as e:
+            missing = re.search(UNIMPORTABLE, str(e))
+            if missing is None:
+                raise
+            raise UsageError(
+                f"the workers of the Ray cluster at {address} cannot import sanitizer ({missing[0]}): "
+                "install this package on every node (the Dockerfile's image has it), or submit the job "
+                "with `ray job submit --working-dir .`"
+            ) from None
 
 
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
