@@ -96,15 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pd.set_option("display.width", 160)
     pd.set_option("display.max_colwidth", 60)
-
-    try:
-        df = load_manifest(args.run_dir)
-        if df is None:
-            print(no_manifest(args.run_dir))
-            return 1
+    try:  # no run there, a damaged run.json, a bad --reclean rule: one line, as `sanitizer` says it
+        return audit(args)
     except SanitizerError as e:
         print(f"audit_manifest: error: {e}", file=sys.stderr)
         return 2
+
+
+def audit(args: argparse.Namespace) -> int:
+    """Print what the run flagged; re-clean it with --reclean. 1 where a shard was not scored."""
+    df = load_manifest(args.run_dir)
+    if df is None:
+        print(no_manifest(args.run_dir))
+        return 1
     print(f"{len(df)} samples; status counts:\n{df['status'].value_counts().to_string()}\n")
     print(f"flagged: {int(df['flagged'].sum())} ({df['flagged'].mean():.2%} of all rows); by reason:")
     print(df["flag_reason"].value_counts().to_string(), "\n")
@@ -126,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(what_if(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"), "\n")
 
     if args.reclean:
-        try:
-            summary = clean_run(args.run_dir, args.reclean)
-        except SanitizerError as e:
-            print(f"audit_manifest: error: {e}", file=sys.stderr)
-            return 2
+        summary = clean_run(args.run_dir, args.reclean)
         print(
             f"re-cleaned at {args.reclean} (threshold {summary.threshold:.6g}): kept {summary.kept}, "
             f"quarantined {summary.quarantined}; run `sanitizer report {args.run_dir}` to refresh the page"

@@ -985,6 +985,18 @@ def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_pa
     assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")
 
 
+def test_the_audit_example_on_a_damaged_run_is_one_line(tmp_path, local_run, capsys):
+    """A run.json damaged beside a manifest: the verdict's read of it raised a UsageError traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "run.json").write_text("{not json")
+    assert audit_example().main([str(run)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"audit_manifest: error: {run / 'run.json'} is damaged: not valid JSON (Expecting property name "
+        "enclosed in double quotes: line 1 column 2 (char 1)); restore it, or score into a new RUN_DIR"
+    ]
+
+
 def score_a_run_whose_every_shard_failed(tmp_path: Path, decoder_dir: Path) -> None:
     """tmp_path/run scored at the default rules from tmp_path/data, whose one shard is not a tar."""
     (tmp_path / "data").mkdir()
