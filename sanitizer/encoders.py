@@ -231,8 +231,10 @@ def optional_names(module: nn.Module) -> set[str]:
 
 def load_weights(module: nn.Module, path: Path, ignorable: tuple[str, ...]) -> None:
     """Load the encoder's tensors from wherever in the file they are (see encoder_prefix), strictly:
-    beside them, only keys under `ignorable` prefixes (classifier heads) may lie; the rest of the file
-    (projection heads, a text tower) is left out, and the log says what."""
+    every one (BatchNorm counters aside, see optional_names), and no key under the prefix that falls in
+    one of the encoder's modules without being the encoder's (a deeper network), but under `ignorable`
+    prefixes (classifier heads). The rest of the file (projection heads, a text tower) is left out,
+    and the log says how many."""
     own = module.state_dict()
     state = read_state_dict(path)
     prefix = encoder_prefix(state, set(own) - optional_names(module), path)
