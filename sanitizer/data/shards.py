@@ -88,8 +88,12 @@ def _split_top_level(spec: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
 def _is_shard_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES)
+    return path.is_file() and _is_shard_name(path.name)
 
 
 def _first_three(items: list[str], sep: str) -> str:
@@ -103,7 +107,7 @@ def _expand_glob(item: str) -> list[str]:
     `00000_stats.json` beside each `00000.tar`, so `data/*` matches them too: they are left out,
     with a warning naming them, rather than each failing the job as a shard that is not a tar."""
     files = [Path(m) for m in sorted(glob.glob(os.path.expanduser(item))) if Path(m).is_file()]
-    others = [p.name for p in files if not _is_shard_file(p)]
+    others = [p.name for p in files if not _is_shard_name(p.name)]
     if others and len(others) < len(files):
         log.warning(
             "pattern %r also matches files that are not %s shards, left out: %s",
@@ -111,7 +115,7 @@ def _expand_glob(item: str) -> list[str]:
             ", ".join(SHARD_SUFFIXES),
             _first_three(others, ", "),
         )
-    return [str(p.resolve()) for p in files if _is_shard_file(p)]
+    return [str(p.resolve()) for p in files if _is_shard_name(p.name)]
 
 
 def _expand_local(item: str) -> list[str]:
