@@ -622,7 +622,7 @@ ANOTHER = (
     {"sanitizer.py": '"""another package of this name"""'},
 )
 OLDER = (
-    "Can't get attribute '_imported_there' on <module 'sanitizer.pipeline.job' from 'STUB/sanitizer/"
+    "Can't get attribute '_files_there' on <module 'sanitizer.pipeline.job' from 'STUB/sanitizer/"
     "pipeline/job.py'>",
     {
         "sanitizer/__init__.py": "",
@@ -633,7 +633,7 @@ OLDER = (
 
 
 def cluster_import_check(tmp_path: Path, stub: dict[str, str], start_ray: str) -> str:
-    """What check_cluster_imports says, run in a process of its own (this checkout's package) on the
+    """What check_cluster says, run in a process of its own (this checkout's package) on the
     Ray that `start_ray` starts, whose workers see the `stub` files first on sys.argv[1]."""
     import os
     import subprocess
@@ -645,10 +645,10 @@ def cluster_import_check(tmp_path: Path, stub: dict[str, str], start_ray: str) -
     (tmp_path / "probe.py").write_text(
         "import sys, ray\n"
         "from sanitizer.errors import UsageError\n"
-        "from sanitizer.pipeline.job import check_cluster_imports\n"
+        "from sanitizer.pipeline.job import check_cluster\n"
         f"{start_ray}"
         "try:\n"
-        "    check_cluster_imports('HEAD:6379')\n"
+        "    check_cluster('HEAD:6379', [])\n"
         "except UsageError as e:\n"
         "    print(e)\n"
     )
@@ -695,10 +695,103 @@ def test_a_cluster_node_that_lacks_the_package_is_found_beside_one_that_has_it(t
     assert cluster_import_check(tmp_path, ANOTHER[1], start) == cannot_import(ANOTHER[0])
 
 
-def test_a_cluster_whose_workers_import_the_package_passes_the_check(ray_session):
-    from sanitizer.pipeline.job import check_cluster_imports
+def test_a_cluster_whose_workers_import_the_package_and_read_the_files_passes_the_check(
+    ray_session, tiny_decoder_dir
+):
+    from sanitizer.pipeline.job import check_cluster
+    from sanitizer.pipeline.stages import stage_files
 
-    check_cluster_imports("local")  # raises where they cannot
+    check_cluster("local", stage_files(str(tiny_decoder_dir)))  # raises where they cannot
+
+
+def test_the_files_a_scoring_stage_reads_are_named_as_the_workers_get_them(tiny_decoder_dir):
+    """Relative paths stay relative: each worker resolves them where it runs, as its actor will."""
+    from sanitizer.pipeline.stages import stage_files
+
+    assert stage_files(str(tiny_decoder_dir), "weights/victim.safetensors") == [
+        f"{tiny_decoder_dir}/decoder.json",
+        f"{tiny_decoder_dir}/decoder.safetensors",
+        "weights/victim.safetensors",
+    ]
+
+
+def test_a_file_above_the_hashed_size_is_fingerprinted_by_its_size(tmp_path, monkeypatch):
+    import sanitizer.pipeline.job as job_module
+
+    (tmp_path / "big").write_bytes(b"12345")
+    (tmp_path / "small").write_bytes(b"1234")
+    monkeypatch.setattr(job_module, "HASHED_BYTES", 4)
+    assert job_module.fingerprint(str(tmp_path / "big")) == job_module.Fingerprint(5)
+    assert job_module.fingerprint(str(tmp_path / "small")).sha256 == hashlib.sha256(b"1234").hexdigest()
+    assert job_module.fingerprint(str(tmp_path / "gone")) == job_module.Fingerprint(
+        why="No such file or directory"
+    )
+
+
+def _unlink(path: Path) -> None:
+    path.unlink()
+
+
+def _append_a_byte(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b" ")
+
+
+def _flip_the_last_byte(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "why"),
+    [
+        ("decoder.safetensors", _unlink, "cannot read {path} (No such file or directory)"),
+        (
+            "decoder.json",
+            _append_a_byte,
+            "holds another {path} than the driver ({size} bytes, the driver's {was})",
+        ),
+        (
+            "decoder.safetensors",
+            _flip_the_last_byte,
+            "holds another {path} than the driver (same size, another sha256)",
+        ),
+    ],
+    ids=["missing", "another size", "another sha256"],
+)
+def test_a_cluster_node_without_the_files_the_actors_read_is_one_line_before_any_actor(
+    tmp_path, ray_session, tiny_decoder_dir, tiny_shards, monkeypatch, capsys, name, change, why
+):
+    """DECODER_DIR on the driver's local disk, not on a worker node's (or a stale copy there): each
+    scoring actor died loading it, Ray printed its traceback, and the job ended 'a scoring actor
+    stopped'. Each node now reads the files first. The one local node stands in for a worker node
+    that sees the file otherwise than the driver: it is changed right after the driver read it."""
+    import ray
+
+    import sanitizer.pipeline.job as job_module
+
+    decoder = shutil.copytree(tiny_decoder_dir, tmp_path / "decoder")
+    path = decoder / name
+    was = path.stat().st_size
+    driver_fingerprint = job_module.fingerprint
+
+    def changed_after_the_driver_read_it(file: str) -> job_module.Fingerprint:
+        seen = driver_fingerprint(file)
+        if file == str(path):
+            change(path)
+        return seen
+
+    monkeypatch.setattr(job_module, "fingerprint", changed_after_the_driver_read_it)
+    argv = score_argv(decoder, tiny_shards, tmp_path / "run")
+    assert main([*argv, "--workers", "1", "--device", "cpu", "--ray-address", "HEAD:6379"]) == 2
+    ip = ray.nodes()[0]["NodeManagerAddress"]
+    size = path.stat().st_size if path.exists() else None
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sanitizer: error: node {ip} of the Ray cluster at HEAD:6379 "
+        + why.format(path=path, size=size, was=was)
+        + ": put DECODER_DIR and the encoder weights on storage that every node shares, or copy them to "
+        "the same paths on every node"
+    )
+    assert not list((tmp_path / "run" / "manifest").glob("*"))
 
 
 def test_a_cluster_address_nothing_answers_at_is_refused_at_once(tmp_path, tiny_decoder_dir, tiny_shards):

@@ -10,6 +10,7 @@ Re-running a job skips finished shards; a finished job re-run changes nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -35,7 +36,7 @@ from sanitizer.errors import SanitizerError, Terminated, UsageError
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
-from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
+from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch, stage_files
 from sanitizer.progress import progress_bar
 from sanitizer.rundir import RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
@@ -435,8 +436,8 @@ def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
     machine's device, but for a job that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job
     submit` sets it): its driver runs on the head node, which often has no GPU, so `auto` and `cuda`
     mean the cluster's GPUs, and a cluster without GPUs is filled with one single-CPU actor per CPU."""
-    address = cluster_address(job.ray_address)
-    if job.workers == 0 or job.device == "cpu" or address in (None, "", "local"):
+    address = joined_cluster(job.ray_address)
+    if job.workers == 0 or job.device == "cpu" or address is None:
         device = resolve_device(job.device)
         return device, local_workers(device)
     resources = cluster_resources(address)
@@ -553,6 +554,8 @@ def ray_tables(
     from ray.data import ActorPoolStrategy, DataContext
 
     ensure_ray(job.ray_address)
+    if address := joined_cluster(job.ray_address):
+        check_cluster(address, stage_files(stage_kwargs["decoder_dir"], stage_kwargs["encoder_weights"]))
     quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # score draws its own bar, per shard
@@ -619,6 +622,12 @@ def cluster_address(given: str | None) -> str | None:
     return given or os.environ.get("RAY_ADDRESS")
 
 
+def joined_cluster(given: str | None) -> str | None:
+    """The address of the cluster a job joins; None for a Ray of its own (no address, or `local`)."""
+    address = cluster_address(given)
+    return None if address in (None, "", "local") else address
+
+
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join a cluster when given an address; otherwise start a quiet local one."""
     import ray
@@ -643,8 +652,6 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         raise
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
-    if address:
-        check_cluster_imports(address)
 
 
 REACH_TIMEOUT_S = 10.0
@@ -665,34 +672,73 @@ def check_reachable(address: str) -> None:
         ) from None
 
 
-def _imported_there() -> None:
-    """A task that does nothing: a worker unpickles it by importing this module, as every scoring
-    actor must."""
+# A file the scoring actors read is hashed on each node up to this size (a decoder, most encoder
+# weights): a stale copy of the same size is caught too; a larger one is compared by its size alone.
+HASHED_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A file as one node sees it: its size and (up to HASHED_BYTES) sha256, or why it cannot be read."""
+
+    size: int | None = None
+    sha256: str | None = None
+    why: str | None = None
+
+
+def fingerprint(path: str) -> Fingerprint:
+    """`path` as this process sees it: opened and read (there is not enough: it must be readable)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > HASHED_BYTES:
+                f.read(1)  # readable, not only there
+                return Fingerprint(size)
+            return Fingerprint(size, hashlib.file_digest(f, "sha256").hexdigest())
+    except OSError as e:
+        return Fingerprint(why=e.strerror or type(e).__name__)
+
+
+def _files_there(paths: list[str]) -> list[Fingerprint]:
+    """The task each node runs before any actor starts: a worker unpickles it by importing this
+    module, as every scoring actor must, and it fingerprints the files the actors will read there."""
+    return [fingerprint(p) for p in paths]
 
 
 # What a worker says when it lacks the package, or has an older one without this module's probe task.
 UNIMPORTABLE = r"(?:No module named|Can't get attribute) [^\n]*"
+# How to give every node the files the actors read
+SHARE_FILES = (
+    "put DECODER_DIR and the encoder weights on storage that every node shares, or copy them to the "
+    "same paths on every node"
+)
 
 
-def check_cluster_imports(address: str) -> None:
+def check_cluster(address: str, files: list[str]) -> None:
     """Ask each node of a joined cluster that can hold a scoring actor (one with CPUs) to import this
-    package before any actor is made: one task that asks for no CPU runs on the driver's own node,
-    which has it. Where a node lacks it, each actor placed there fails and is retried, in pages of
-    tracebacks, and the run dies with none of them saying what to do. A cluster too busy to answer
-    within a minute, or a node gone meanwhile, is left to the actors."""
+    package and to read `files` as the driver reads them, before any actor is made: one task pinned to
+    each node. Where a node lacks the package or a file (a local disk, not shared storage) or holds
+    another copy, each actor placed there fails and is retried, in pages of tracebacks. A cluster too
+    busy to answer within a minute, or a node gone meanwhile, is left to the actors."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(num_cpus=0, max_retries=0)(_imported_there)
+    expected = [fingerprint(f) for f in files]
+    task = ray.remote(num_cpus=0, max_retries=0)(_files_there)
     probes = [
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        (
+            node["NodeManagerAddress"],
+            task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(files),
+        )
         for node in ray.nodes()
         if node["Alive"] and node["Resources"].get("CPU", 0) > 0
     ]
     deadline = time.monotonic() + 6 * REACH_TIMEOUT_S
-    for probe in probes:
+    for ip, probe in probes:
         try:
-            ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
+            found = ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError:
             return
         except ray.exceptions.TaskUnschedulableError:
@@ -706,6 +752,21 @@ def check_cluster_imports(address: str) -> None:
                 "install this package on every node (the Dockerfile's image has it), or submit the job "
                 "with `ray job submit --working-dir .`"
             ) from None
+        if why := file_difference(files, expected, found):
+            raise UsageError(f"node {ip} of the Ray cluster at {address} {why}: {SHARE_FILES}")
+
+
+def file_difference(files: list[str], expected: list[Fingerprint], found: list[Fingerprint]) -> str | None:
+    """The first file a node sees otherwise than the driver, in words; None if it sees them all alike."""
+    for path, mine, theirs in zip(files, expected, found, strict=True):
+        if theirs == mine:
+            continue
+        if theirs.why is not None:
+            return f"cannot read {path} ({theirs.why})"
+        if theirs.size != mine.size:
+            return f"holds another {path} than the driver ({theirs.size} bytes, the driver's {mine.size})"
+        return f"holds another {path} than the driver (same size, another sha256)"
+    return None
 
 
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sanitizer.checkpoint import check_encoder, encoder_weights_file, load_decoder
+from sanitizer.checkpoint import META, WEIGHTS, check_encoder, encoder_weights_file, load_decoder, read_meta
 from sanitizer.collapse import SKETCH_DIM, thumbnail
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import resolve_device
-from sanitizer.encoders import Preprocess, load_encoder
+from sanitizer.encoders import FILE_KINDS, Preprocess, load_encoder, parse_spec
 from sanitizer.manifest import SKETCH_TYPE, THUMBNAIL_TYPE
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 
@@ -124,6 +124,18 @@ def pixels_of(table: pa.Table, image_size: int) -> np.ndarray:
     width = image_size * image_size * 3
     data = np.frombuffer(column.buffers()[1], np.uint8, count=(column.offset + len(column)) * width)
     return data[column.offset * width :].reshape(len(column), image_size, image_size, 3)
+
+
+def stage_files(decoder_dir: str, encoder_weights: str | None = None) -> list[str]:
+    """The files a ScoreStage made with these arguments reads, as it names them (a relative path
+    resolves where the worker runs): decoder.json, the decoder's weights, the encoder weights, and a
+    torchscript or exported encoder's own file. On a cluster every node must hold them."""
+    meta = read_meta(Path(decoder_dir))
+    files = [str(Path(decoder_dir) / META), str(Path(decoder_dir) / WEIGHTS)]
+    if weights := encoder_weights_file(meta, encoder_weights):
+        files.append(weights)
+    kind, name = parse_spec(meta["encoder"]["spec"])
+    return files + [name] if kind in FILE_KINDS else files
 
 
 class ScoreStage:
