@@ -103,6 +103,29 @@ def set_flags(table: pa.Table, threshold: float | None) -> pa.Table:
     return _replace(table, "flag_reason", pa.array(reason, pa.string()))
 
 
+# Each float type of the manifest, and the integer type of its bits (a sketch as a list of them)
+_BITS = {
+    pa.float32(): pa.uint32(),
+    SKETCH_TYPE: pa.list_(pa.field("element", pa.uint16()), SKETCH_DIM),
+}
+
+
+def same_values(a: pa.Table, b: pa.Table) -> bool:
+    """Whether two manifest tables hold the same values, floats compared bit for bit: Arrow's equality
+    never holds a NaN equal to itself, and the sketch of an embedding on fewer than 2 features is NaN,
+    so by Table.equals a manifest holding one would differ from itself."""
+    if not a.schema.equals(b.schema) or a.num_rows != b.num_rows:
+        return False
+    return all(_bits(a.column(i)).equals(_bits(b.column(i))) for i in range(a.num_columns))
+
+
+def _bits(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    bits = _BITS.get(column.type)
+    if bits is None:
+        return column
+    return pa.chunked_array([chunk.view(bits) for chunk in column.chunks], bits)
+
+
 def write_manifest(path: Path, table: pa.Table) -> None:
     """Atomic, deterministic Parquet (no wall-clock metadata), exactly in the schema."""
     if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.errors import UsageError
-from sanitizer.manifest import flag_counts, read_manifest, set_flags, write_manifest
+from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, read_object
 
 RUN_FORMAT = "sanitizer-run/1"
@@ -256,10 +256,10 @@ def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.
     for stem in stems:
         table = read_manifest(run.manifest(stem))
         updated = update(stem, table)
-        stats, counts = run.read_stats(stem), flag_counts(updated)
-        if updated.equals(table) and all(stats.get(k) == v for k, v in counts.items()):
+        stats, counts, same = run.read_stats(stem), flag_counts(updated), same_values(updated, table)
+        if same and all(stats.get(k) == v for k, v in counts.items()):
             continue
-        if not updated.equals(table):
+        if not same:
             write_manifest(run.manifest(stem), updated)
         write_json_atomic(run.stats(stem), {**stats, **counts})
         changed += 1

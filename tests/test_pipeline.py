@@ -1348,3 +1348,24 @@ def test_a_job_on_a_ray_already_started_keeps_ray_datas_info_lines_off_the_conso
     assert main([*argv, "--workers", "1", "--no-collapse"]) == 0
     err = capsys.readouterr().err
     assert "Starting execution of Dataset" not in err and "INFO" not in err, err
+
+
+def test_a_rerun_of_a_run_with_sketchless_samples_rewrites_nothing(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch, caplog
+):
+    import torch
+
+    import sanitizer.collapse as collapse
+
+    real = collapse.effective_dim  # some embeddings on one feature: their sketch is NaN
+    monkeypatch.setattr(collapse, "effective_dim", lambda e: torch.where(e[:, 0] > e[:, 1], real(e), 1.0))
+    out = tmp_path / "run"
+    score(tiny_decoder_dir, tiny_shards, out, workers=0)
+    sketches = pq.read_table(out / "manifest").column("sketch").combine_chunks().flatten().to_numpy()
+    assert np.isnan(sketches).any() and not np.isnan(sketches).all()
+    clean_run(out)
+    before = tree_digest(out)
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        score(tiny_decoder_dir, tiny_shards, out, workers=0)
+    assert "no longer match" not in caplog.text
+    assert tree_digest(out) == before  # run.json keeps its record of clean
