@@ -1369,3 +1369,27 @@ def test_a_rerun_of_a_run_with_sketchless_samples_rewrites_nothing(
         score(tiny_decoder_dir, tiny_shards, out, workers=0)
     assert "no longer match" not in caplog.text
     assert tree_digest(out) == before  # run.json keeps its record of clean
+
+
+def test_a_cluster_at_an_ipv6_address_as_ray_writes_it_is_reached():
+    """Ray writes an IPv6 address in brackets ([::1]:6379); the check must reach it, not look up
+    '[::1]' as a host name and refuse a cluster that answers."""
+    import socket
+
+    from sanitizer.pipeline.job import check_reachable
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with socket.socket(socket.AF_INET6) as server:
+        try:
+            server.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        server.listen()
+        port = server.getsockname()[1]
+        check_reachable(f"[::1]:{port}")
+        check_reachable(f"ray://[::1]:{port}")
+    with pytest.raises(
+        UsageError, match=rf"^cannot reach the Ray cluster at \[::1\]:{port} \(Connection refused\)"
+    ):
+        check_reachable(f"[::1]:{port}")

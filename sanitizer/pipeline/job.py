@@ -659,8 +659,10 @@ REACH_TIMEOUT_S = 10.0
 
 def check_reachable(address: str) -> None:
     """Refuse a cluster address that nothing answers at: ray.init retries it for minutes, holding the
-    run. Addresses that are not HOST:PORT (`auto`, `local`) are left to Ray."""
+    run. Addresses that are not HOST:PORT (`auto`, `local`) are left to Ray; an IPv6 host is in
+    brackets, as Ray writes it ([::1]:6379)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
     if not host or not port.isdigit():
         return
     try:
