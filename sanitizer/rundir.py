@@ -106,11 +106,17 @@ class RunDir:
         run, not some other directory (an input folder, a DECODER_DIR)."""
         return any((self.root / name).exists() for name in RUN_ENTRIES)
 
-    def read_run(self) -> dict | None:
-        """run.json, None before the first run; a file that is not a JSON object is a usage error."""
+    def read_run(self, optional: dict[str, type | tuple] | None = None) -> dict | None:
+        """run.json, None before the first run; a file that is not a JSON object, or holds one of the
+        `optional` fields (check_fields) in another form, is a usage error."""
         if not self.run_json.is_file():
             return None
-        return _read_object(self.run_json)
+        info = _read_object(self.run_json)
+        try:
+            check_fields(info, {}, optional or {})
+        except RecordError as e:
+            raise _damaged(self.run_json, str(e)) from None
+        return info
 
     def write_run(self, run: dict) -> None:
         """run.json in this version's format (a record read back from it is written as it is)."""

@@ -493,6 +493,11 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
         ("clean", "report"),
         "run.json is damaged: threshold is list, not dict",
     ),
+    "a record of clean not a mapping": (  # a re-run weighs it against the flags: an AttributeError
+        _edit_run_json(lambda info: info.update(clean=5)),
+        ("score",),
+        "run.json is damaged: clean is int, not dict",
+    ),
     "a threshold value of text": (
         _edit_run_json(lambda info: info["threshold"].update(value="0.5")),
         ("clean", "report"),

@@ -253,6 +253,8 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
 # What a re-run carries of a finished run.json while it runs: what still_clean weighs the record of
 # clean against, so that a re-run killed before it finishes leaves that record for the next to judge.
 CARRIED = ("threshold", "collapse", "clean")
+# What still_clean reads of them, beyond comparing them: the record of clean's fields
+READ_OF_PREVIOUS = {"clean": dict}
 
 
 def begin(run: RunDir, plan: JobPlan) -> dict:
@@ -261,7 +263,7 @@ def begin(run: RunDir, plan: JobPlan) -> dict:
     removed = run.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    previous = run.read_run() or {}
+    previous = run.read_run(READ_OF_PREVIOUS) or {}
     if previous and (other := identity_change(previous.get("identity"), plan.identity)):
         raise UsageError(f"{run.root} holds a run of another {other}; use a new --out")
     carried = {k: previous[k] for k in CARRIED if k in previous}
