@@ -405,7 +405,7 @@ LOCAL_CPU_WORKERS = min(8, os.cpu_count())
         ),  # a GPU-less head: the cluster's
         ("cuda", "ray://head:10001", {"GPU": 2.0, "CPU": 8.0}, ("cuda", 2)),
         ("auto", "ray://head:10001", {"CPU": 48.0}, ("cpu", 48)),  # a CPU cluster: an actor per CPU
-        ("cpu", "ray://head:10001", {"GPU": 4.0}, ("cpu", LOCAL_CPU_WORKERS)),  # asked for: never asks
+        ("cpu", "ray://head:10001", {"GPU": 4.0, "CPU": 48.0}, ("cpu", 48)),  # the cluster's CPUs too
         ("auto", "local", {"GPU": 4.0}, ("cpu", LOCAL_CPU_WORKERS)),  # a Ray started here: this machine
         ("auto", None, {"GPU": 4.0}, ("cpu", LOCAL_CPU_WORKERS)),
     ],
@@ -424,7 +424,7 @@ def test_a_job_that_joins_a_cluster_fills_the_clusters_devices(
     )
     placed, workers = job_module.scoring_device(job)
     assert (placed.type, workers) == expected
-    assert asked == ([address] if address not in (None, "local") and device != "cpu" else [])
+    assert asked == ([address] if address not in (None, "local") else [])
 
 
 def test_cuda_on_a_cluster_without_gpus_is_one_usage_error(monkeypatch, tmp_path):

@@ -437,13 +437,15 @@ def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
     """Where the scoring runs, and how many scoring actors fill it (the default --workers). This
     machine's device, but for a job that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job
     submit` sets it): its driver runs on the head node, which often has no GPU, so `auto` and `cuda`
-    mean the cluster's GPUs, and a cluster without GPUs is filled with one single-CPU actor per CPU."""
+    mean the cluster's GPUs, and `cpu`, or a cluster without GPUs, fills the cluster's CPUs with one
+    single-CPU actor each (the head's CPU count would give each actor the cluster's CPUs shared out
+    among too few, more threads than a small node holds: Ray Data then waits for them forever)."""
     address = joined_cluster(job.ray_address)
-    if job.workers == 0 or job.device == "cpu" or address is None:
+    if job.workers == 0 or address is None:
         device = resolve_device(job.device)
         return device, local_workers(device)
     resources = cluster_resources(address)
-    if resources.get("GPU", 0) >= 1:
+    if job.device != "cpu" and resources.get("GPU", 0) >= 1:
         return torch.device("cuda"), int(resources["GPU"])
     if job.device == "cuda":
         raise UsageError(f"--device cuda was asked for, but the Ray cluster at {address} has no GPUs")
