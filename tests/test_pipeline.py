@@ -1398,3 +1398,20 @@ def test_a_cluster_at_an_ipv6_address_as_ray_writes_it_is_reached():
         UsageError, match=rf"^cannot reach the Ray cluster at \[::1\]:{port} \(Connection refused\)"
     ):
         check_reachable(f"[::1]:{port}")
+
+
+@pytest.mark.parametrize(
+    ("workers", "node_cpus", "threads"),
+    [
+        (1, [16.0], 16),  # one machine: its CPUs
+        (2, [16.0], 8),
+        (1, [1.0, 1.0], 1),  # asked 2 CPUs on nodes of 1: never placed, the job waited forever
+        (2, [2.0, 2.0, 2.0], 2),  # not 3
+        (6, [2.0, 2.0, 2.0], 1),
+        (4, [0.0, 2.0], 1),  # a head without CPUs holds none
+    ],
+)
+def test_a_cpu_actor_asks_for_no_more_cpus_than_one_node_holds(workers, node_cpus, threads):
+    from sanitizer.pipeline.job import actor_threads
+
+    assert actor_threads(workers, node_cpus) == threads

@@ -550,9 +550,9 @@ def ray_tables(
 ) -> Generator[pa.Table, None, None]:
     """Ray Data: shards -> decoded tables -> a pool of scoring actors; the results come back here.
 
-    CPU: each actor gets an equal share of the CPUs as torch threads and reads its own shards, one
-    shard per call (ReadScoreStage). GPU: read tasks decode on the CPUs, unfused from the actors
-    (one GPU and one CPU each), which take batches of `batch_size` decoded rows.
+    CPU: each actor gets an equal share of the CPUs as torch threads (actor_threads) and reads its
+    own shards, one shard per call (ReadScoreStage). GPU: read tasks decode on the CPUs, unfused from
+    the actors (one GPU and one CPU each), which take batches of `batch_size` decoded rows.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -584,7 +584,8 @@ def ray_tables(
             num_gpus=1,
         )
     else:
-        threads = job.threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+        threads = job.threads or actor_threads(workers, node_cpus)
         ds = ds.map_batches(
             ReadScoreStage,
             batch_size=1,
@@ -602,6 +603,14 @@ def ray_tables(
             f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
             "encoder weights at the paths given)"
         ) from None
+
+
+def actor_threads(workers: int, node_cpus: list[float]) -> int:
+    """Torch threads (and CPUs asked) per CPU scoring actor: the cluster's CPUs shared out among
+    `workers`, but no more than one node holds, as an actor lives on one node: one that asks for more
+    is never placed, and Ray Data waits for it forever."""
+    shared = int(sum(node_cpus)) // workers
+    return max(1, min(shared, int(max(node_cpus, default=1))))
 
 
 def quiet_ray_data() -> None:
