@@ -438,8 +438,7 @@ def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
     machine's device, but for a job that joins a Ray cluster (--ray-address, or RAY_ADDRESS as `ray job
     submit` sets it): its driver runs on the head node, which often has no GPU, so `auto` and `cuda`
     mean the cluster's GPUs, and `cpu`, or a cluster without GPUs, fills the cluster's CPUs with one
-    single-CPU actor each (the head's CPU count would give each actor the cluster's CPUs shared out
-    among too few, more threads than a small node holds: Ray Data then waits for them forever)."""
+    single-CPU actor each (not as many as the head has CPUs: a head is often small)."""
     address = joined_cluster(job.ray_address)
     if job.workers == 0 or address is None:
         device = resolve_device(job.device)
