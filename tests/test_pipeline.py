@@ -185,12 +185,43 @@ def test_second_job_on_the_same_run_dir_is_refused(tmp_path, tiny_decoder_dir, t
         score(tiny_decoder_dir, tiny_shards, tmp_path / "busy", workers=0)
 
 
-def test_run_dir_of_another_input_is_refused(tmp_path, local_run, tiny_decoder_dir, tiny_shards):
+def test_run_dir_of_another_input_is_refused_naming_the_shards_it_lacks(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards
+):
     run, _ = local_run
     other = tmp_path / "copy"
     shutil.copytree(run, other)
-    with pytest.raises(UsageError, match=r"holds a run of another input \(its shards\); use a new --out"):
+    before = tree_digest(other)
+    with pytest.raises(UsageError) as caught:
         score(tiny_decoder_dir, str(tiny_shards / "shard-000000.tar"), other, workers=0)
+    gone = f"{tiny_shards / 'shard-000001.tar'}, {tiny_shards / 'shard-000002.tar'}"
+    assert str(caught.value) == (
+        f"{other} holds a run of another input (2 of its shards not in --data: {gone}); use a new --out"
+    )
+    assert tree_digest(other) == before
+
+
+def test_a_run_whose_input_grew_scores_only_the_new_shards_and_ends_as_a_run_of_all(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
+):
+    """A scheduled job over a scraped dataset: the same --data (a folder) holds new shards at its next
+    run. It was refused as "another input", so each run had to score everything into a new --out."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        shutil.copy2(tiny_shards / name, data / name)
+    run = tmp_path / "run"
+    score(tiny_decoder_dir, data, run, workers=0)
+    clean_run(run)
+    shutil.copy2(tiny_shards / "shard-000002.tar", data / "shard-000002.tar")
+    summary = score(tiny_decoder_dir, data, run, workers=0)
+    assert (summary.scored_now, summary.shards_done, summary.samples) == (40, 3, 120)
+    assert "1 shard(s) were scored since it was cleaned; run `sanitizer clean" in caplog.text
+    assert "clean" not in json.loads((run / "run.json").read_text())
+    full = manifests(local_run[0])  # the collapse pass and the flags are those of a run of all three
+    assert {stem: t.equals(full[stem]) for stem, t in manifests(run).items()} == dict.fromkeys(full, True)
+    clean_run(run)
+    assert verify_run(run) == []
 
 
 def test_a_run_scored_on_another_device_is_refused_naming_the_device(

@@ -283,16 +283,35 @@ IDENTITY_PARTS = {
 
 
 def identity_change(recorded: object, identity: dict) -> str | None:
-    """What differs between a RUN_DIR's recorded identity and this job's, in words; None if nothing."""
+    """What differs between a RUN_DIR's recorded identity and this job's, in words; None if nothing.
+    An input that only grew is no change: a scheduled job over a scraped dataset scores the new shards
+    into the same run. One that lost shards is, naming them: their outputs would stay behind."""
     before, now = normalised_identity(recorded), normalised_identity(identity)
+    if not isinstance(before, dict):
+        return None if before == now else "job"
+    gone = shards_gone(before.get("shards"), now["shards"])
+    if gone is not None and not gone:
+        before = {**before, "shards": now["shards"]}
     if before == now:
         return None
-    if not isinstance(before, dict):
-        return "job"
     parts = [name for key, name in IDENTITY_PARTS.items() if before.get(key) != now[key]]
+    if gone:
+        shown = ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else "")
+        parts[parts.index(IDENTITY_PARTS["shards"])] = (
+            f"input ({len(gone)} of its shards not in --data: {shown})"
+        )
     if before.get("device_type") != now["device_type"]:
         parts.append(f"device (scored on {before.get('device_type')}, this job runs on {now['device_type']})")
     return " and ".join(parts) or "job"
+
+
+def shards_gone(recorded: object, shards: list[dict]) -> list[str] | None:
+    """The urls of the recorded shards (stem and url) that `shards` lacks, in stem order; None where
+    the record is not a list of shards (a damaged run.json matches no input)."""
+    if not isinstance(recorded, list) or not all(isinstance(s, dict) for s in recorded):
+        return None
+    now = {(s["stem"], s["url"]) for s in shards}
+    return [str(s.get("url")) for s in recorded if (s.get("stem"), s.get("url")) not in now]
 
 
 def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
