@@ -12,6 +12,8 @@ defaults). The job is resumable: submit it again and finished shards are skipped
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -63,19 +65,36 @@ def score_options(config: object) -> tuple[list[str], str]:
     return options(score), str(score["out"])
 
 
+STEPS = ("score", "clean", "report")
+
+
 def steps(config: object) -> list[list[str]]:
-    """The command lines the config runs, in order, each checked for options its command does not
-    take: a typo in `clean` is found before hours of scoring."""
+    """The command lines the config runs, in order, each checked as its command would parse it: a
+    typo in `clean` or a value of the wrong type is found before hours of scoring."""
     score, out = score_options(config)
+    if unknown := sorted(str(key) for key in config if key not in STEPS):
+        raise ConfigError(f"unknown key `{unknown[0]}`: a config holds {', '.join(STEPS)}")
     argvs = [["score", *score]]
-    for step in ("clean", "report"):
+    for step in STEPS[1:]:
         if (argv := step_options(config, step)) is not None:
             argvs.append([step, out, *argv])
     for argv in argvs:
-        _, unknown = build_parser().parse_known_args(argv)
-        if unknown:
-            raise ConfigError(f"`{argv[0]}` has no option {unknown[0]!r}")
+        check_parses(argv)
     return argvs
+
+
+def check_parses(argv: list[str]) -> None:
+    """A ConfigError where `sanitizer` would refuse the command line: argparse's own complaint as one
+    line (it printed a usage page of the command and exited, the config never named)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            _, unknown = build_parser().parse_known_args(argv)
+    except SystemExit:
+        complaint = stderr.getvalue().strip().splitlines()[-1].split(": error: ", 1)[-1]
+        raise ConfigError(f"`{argv[0]}`: {complaint}") from None
+    if unknown:
+        raise ConfigError(f"`{argv[0]}` has no option {unknown[0]!r}")
 
 
 def run(config: object) -> int:
@@ -95,10 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="YAML job config (see jobs/configs/)")
     args = parser.parse_args(argv)
     try:
-        return run(yaml.safe_load(args.config.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as e:
+        return run(read_config(args.config))
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
         print(f"score_job: error: {args.config}: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def read_config(path: Path) -> object:
+    """The YAML document; a ConfigError of one line where it is not YAML (the parser's own message
+    spans lines of context and a caret, which a scheduler's log shows as separate entries)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"not YAML: {e.problem or e.context}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not YAML: {' '.join(str(e).split())}") from None
 
 
 if __name__ == "__main__":

@@ -84,13 +84,25 @@ def test_a_step_runs_unless_switched_off_and_an_empty_mapping_runs_it_with_defau
         ("", "needs a `score` mapping with at least `out`"),
         ("score: {decoder: d, data: x.tar}\n", "needs a `score` mapping with at least `out`"),
         ("score: {out: r}\nclean: 3\n", "`clean` must be true, false or a mapping of options, not 3"),
-        ("score: [unclosed\n", "while parsing"),
+        (
+            "score: [unclosed\n",
+            "not YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)",
+        ),
         ("score: {out: r, help: true}\n", "`help` is not an option a job can take"),
         (
             "score: {out: r, decoder: d, data: x.tar}\nclean: {treshold: 'mad:4'}\n",
             "`clean` has no option '--treshold'",
         ),
         ("score: {out: r, decoder: d, data: x.tar, bogus: 1}\n", "`score` has no option '--bogus'"),
+        (
+            "score: {out: r, decoder: d, data: x.tar, workers: two}\n",
+            "`score`: argument --workers: invalid int value: 'two'",
+        ),
+        ("score: {out: r, decoder: d}\n", "`score`: the following arguments are required: --data"),
+        (
+            "score: {out: r, decoder: d, data: x.tar}\nclaen: false\n",
+            "unknown key `claen`: a config holds score, clean, report",
+        ),
     ],
 )
 def test_a_config_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, text, message):
@@ -98,6 +110,7 @@ def test_a_config_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, text,
     assert main(["--config", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"score_job: error: {tmp_path / 'job.yaml'}: ") and message in err
+    assert err.count("\n") == 1  # one line: a YAML error was 8 (the parser's context and a caret)
     assert "Traceback" not in err and not (tmp_path / "r").exists()
 
 
