@@ -21,6 +21,7 @@ import yaml
 
 from sanitizer.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser
 from sanitizer.cli import main as sanitizer
+from sanitizer.data.shards import _split_top_level
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,27 @@ def score_options(config: object) -> tuple[list[str], str]:
     return options(score), str(score["out"])
 
 
+# The `score` options that name files; `data` may list several, comma-separated outside braces.
+PATH_OPTIONS = ("decoder", "data", "out", "encoder_weights")
+
+
+def refuse_relative_paths(score: dict) -> None:
+    """A relative path would be read against the job's working directory, which under `ray job submit
+    --working-dir` is Ray's temporary copy of it: RUN_DIR would land there and be lost, and the next
+    run would start afresh. Absolute paths and URLs only."""
+    for key, value in score.items():
+        name = str(key).replace("-", "_")
+        if name not in PATH_OPTIONS or value is None or value is False:
+            continue
+        for part in _split_top_level(str(value)) if name == "data" else [str(value)]:
+            if "://" not in part and not Path(part).is_absolute():
+                raise ConfigError(
+                    f"`score.{key}` is a relative path ({part!r}): a job runs in a working directory of "
+                    "Ray's (a temporary copy under `ray job submit --working-dir`); give an absolute path "
+                    "or a URL"
+                )
+
+
 STEPS = ("score", "clean", "report")
 
 
@@ -80,6 +102,7 @@ def steps(config: object) -> list[list[str]]:
             argvs.append([step, out, *argv])
     for argv in argvs:
         check_parses(argv)
+    refuse_relative_paths(config["score"])
     return argvs
 
 

@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.score_job import ConfigError, main, options, step_options
+from jobs.score_job import ConfigError, main, options, step_options, steps
 
 
 def test_options_become_cli_flags():
@@ -112,6 +112,40 @@ def test_a_config_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, text,
     assert err.startswith(f"score_job: error: {tmp_path / 'job.yaml'}: ") and message in err
     assert err.count("\n") == 1  # one line: a YAML error was 8 (the parser's context and a caret)
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("score", "message"),
+    [
+        ("{out: runs/today, decoder: /d, data: /x.tar}", "`score.out` is a relative path ('runs/today')"),
+        (
+            "{out: /r, decoder: decoders/r18, data: /x.tar}",
+            "`score.decoder` is a relative path ('decoders/r18')",
+        ),
+        ("{out: /r, decoder: /d, data: '/a.tar,b.tar'}", "`score.data` is a relative path ('b.tar')"),
+        (
+            "{out: /r, decoder: /d, data: /x.tar, encoder-weights: w.pt}",
+            "`score.encoder-weights` is a relative",
+        ),
+    ],
+)
+def test_a_relative_path_in_a_job_config_is_refused(tmp_path, capsys, score, message):
+    """Under `ray job submit --working-dir .` the job runs in Ray's temporary copy of the directory: a
+    relative `out` put the run there, lost with it, and the next run of the schedule started afresh."""
+    (tmp_path / "job.yaml").write_text(f"score: {score}\n")
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"score_job: error: {tmp_path / 'job.yaml'}: {message}") and err.count("\n") == 1
+    assert "give an absolute path or a URL" in err
+
+
+def test_urls_and_absolute_paths_are_taken():
+    config = {
+        "score": {"out": "/r", "decoder": "/d", "data": "s3://b/{0..9}.tar,/x/{a,b}.tar"},
+        "report": False,
+    }
+    data = config["score"]["data"]
+    assert steps(config) == [["score", "--out", "/r", "--decoder", "/d", "--data", data], ["clean", "/r"]]
 
 
 def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path, capsys):
