@@ -1,12 +1,15 @@
 """Ray job entry point: score, clean and report one dataset as described by a YAML config.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python -m jobs.score_job --config jobs/configs/clip_pairs.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.score_job \\
+        --config jobs/configs/clip_pairs.yaml
 
 Inside a Ray job RAY_ADDRESS is set, so the scoring actors run on the cluster's GPUs. The config's
-`score` mapping holds `sanitizer score` options (underscores or dashes); `clean` and `report` are
-true (the default), false, or a mapping of that command's options (`clean: {}` runs it with its
-defaults). The job is resumable: submit it again and finished shards are skipped.
+`score` mapping holds `sanitizer score` options (underscores or dashes; paths absolute or URLs);
+`clean` and `report` are true (the default), false, or a mapping of that command's options (`clean:
+{}` runs it with its defaults). The job is resumable: submit it again and finished shards are
+skipped; shards added to `data` since are scored, and the whole run cleaned and reported again. The
+last line says how each step ended; the exit code is the worst of theirs (0 done, 1 incomplete, 2 a
+usage error, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -122,18 +125,26 @@ def check_parses(argv: list[str]) -> None:
 
 def run(config: object) -> int:
     """Each step in turn; a run that finished incomplete (a shard that is not a tar) is still cleaned
-    and reported, as `sanitizer clean` and `report` would do by hand, and the job exits 1."""
-    code = EXIT_OK
-    for argv in steps(config):
-        step = sanitizer(argv)
-        code = max(code, step)
-        if step not in (EXIT_OK, EXIT_INCOMPLETE):
+    and reported, as `sanitizer clean` and `report` would do by hand, and the job exits 1. The last
+    line says how each step ended: a scheduler's log otherwise ends with whatever the last step said."""
+    argvs, codes = steps(config), []
+    for argv in argvs:
+        codes.append(sanitizer(argv))
+        if codes[-1] not in (EXIT_OK, EXIT_INCOMPLETE):
             break
+    code = max(codes)
+    ended = [f"{argv[0]} exit {c}" for argv, c in zip(argvs, codes, strict=False)]
+    ended += [f"{argv[0]} not run" for argv in argvs[len(codes) :]]
+    print(f"score_job: {', '.join(ended)}; exit {code}", flush=True)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.score_job",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, type=Path, help="YAML job config (see jobs/configs/)")
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,7 @@ def test_options_become_cli_flags():
 
 
 def test_job_config_scores_cleans_and_reports_like_the_cli(
-    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch, capsys
 ):
     import sanitizer.report
 
@@ -37,10 +37,34 @@ def test_job_config_scores_cleans_and_reports_like_the_cli(
     assert len(list((tmp_path / "run" / "clean").glob("*.tar"))) == 3
     assert pq.read_table(tmp_path / "run/manifest/shard-000000.parquet").num_rows == 40
     assert [str(p) for p in reported] == [str(tmp_path / "run")]
+    last = capsys.readouterr().out.splitlines()[-1]  # what a scheduler's log ends with
+    assert last == "score_job: score exit 0, clean exit 0, report exit 0; exit 0"
+
+
+def test_a_step_that_fails_ends_the_job_and_its_last_line_says_which(tmp_path, tiny_shards, capsys):
+    config = {
+        "score": {"decoder": str(tmp_path / "absent"), "data": str(tiny_shards), "out": str(tmp_path / "r")}
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 2
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "score_job: score exit 2, clean not run, report not run; exit 2"
+    )
+
+
+def test_help_describes_the_config():
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["--help"])
+    assert out.getvalue().startswith("usage: python -m jobs.score_job [-h] --config CONFIG")
+    assert "`clean` and `report` are" in out.getvalue()
 
 
 def test_a_run_with_a_shard_that_is_not_a_tar_is_still_cleaned_and_reported(
-    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch, capsys
 ):
     import shutil
 
@@ -56,6 +80,8 @@ def test_a_run_with_a_shard_that_is_not_a_tar_is_still_cleaned_and_reported(
     assert main(["--config", str(tmp_path / "job.yaml")]) == 1  # incomplete, as score and clean say
     assert len(list((tmp_path / "run" / "clean").glob("*.tar"))) == 3
     assert [str(p) for p in reported] == [str(tmp_path / "run")]
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "score_job: score exit 1, clean exit 1, report exit 0; exit 1"
 
 
 def test_a_config_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, capsys):
