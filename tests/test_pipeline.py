@@ -1244,14 +1244,16 @@ def test_progress_in_a_log_is_a_line_a_minute_not_one_per_shard(
     tmp_path, tiny_decoder_dir, tiny_shards, capsys
 ):
     """Where stderr is not a terminal (a scheduled job's log, `ray job logs`) each redraw of the bar
-    stays as a line: a run of 100,000 shards wrote a line per shard and more."""
+    stays as a line: a run of 100,000 shards wrote a line per shard and more. Each is a line ended by a
+    newline, in ASCII: tqdm's carriage returns kept a whole run's redraws on one line of the log."""
     job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "r", workers=0)
     run_score_job(job, progress=True)
-    bar = [
-        line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("score:")
-    ]
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.isascii()
+    bar = [line for line in err.splitlines() if line.startswith("score:")]
     assert len(bar) == 2, bar  # drawn when it starts and when it ends
-    assert bar[-1].startswith("score: 100%|") and "samples=120" in bar[-1]
+    assert bar[0].startswith("score:   0%|          | 0/3")
+    assert bar[-1].startswith("score: 100%|##########| 3/3") and "samples=120" in bar[-1]
 
 
 def test_a_reflag_killed_between_a_manifest_and_its_stats_is_mended_by_the_rerun(
