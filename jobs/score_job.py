@@ -96,9 +96,9 @@ STEPS = ("score", "clean", "report")
 def steps(config: object) -> list[list[str]]:
     """The command lines the config runs, in order, each checked as its command would parse it: a
     typo in `clean` or a value of the wrong type is found before hours of scoring."""
-    score, out = score_options(config)
-    if unknown := sorted(str(key) for key in config if key not in STEPS):
+    if isinstance(config, dict) and (unknown := sorted(str(k) for k in config if k not in STEPS)):
         raise ConfigError(f"unknown key `{unknown[0]}`: a config holds {', '.join(STEPS)}")
+    score, out = score_options(config)
     argvs = [["score", *score]]
     for step in STEPS[1:]:
         if (argv := step_options(config, step)) is not None:
@@ -117,7 +117,8 @@ def check_parses(argv: list[str]) -> None:
         with contextlib.redirect_stderr(stderr):
             _, unknown = build_parser().parse_known_args(argv)
     except SystemExit:
-        complaint = stderr.getvalue().strip().splitlines()[-1].split(": error: ", 1)[-1]
+        said = stderr.getvalue().strip().splitlines() or ["it cannot be parsed"]
+        complaint = said[-1].split(": error: ", 1)[-1]
         raise ConfigError(f"`{argv[0]}`: {complaint}") from None
     if unknown:
         raise ConfigError(f"`{argv[0]}` has no option {unknown[0]!r}")

@@ -129,6 +129,10 @@ def test_a_step_runs_unless_switched_off_and_an_empty_mapping_runs_it_with_defau
             "score: {out: r, decoder: d, data: x.tar}\nclaen: false\n",
             "unknown key `claen`: a config holds score, clean, report",
         ),
+        (
+            "scor: {out: r, decoder: d, data: x.tar}\n",
+            "unknown key `scor`: a config holds score, clean, report",
+        ),
     ],
 )
 def test_a_config_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, text, message):
