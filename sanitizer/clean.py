@@ -49,6 +49,15 @@ def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) 
     return resolve_threshold(rule, calibration, ok_scores(run, done) if rule.needs_scores else None)
 
 
+def changed_since_scored(shard: ShardRef, why: str) -> UsageError:
+    """A shard whose content is not what its manifest describes, and how to get past it: `score`
+    scores a local shard again when its size or mtime changed, which a copy that kept both hides."""
+    return UsageError(
+        f"{shard.url} changed since it was scored ({why}): score it again (`sanitizer score` re-scores "
+        "a local shard whose size or mtime changed; `touch` it if neither did), then clean"
+    )
+
+
 def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
     """Write clean/<stem>.tar and quarantine/<stem>.tar from the input; returns (kept, quarantined)."""
     table = read_manifest(run.manifest(shard.stem))
@@ -62,20 +71,16 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
             for sample in iter_samples(shard.url):
                 i = sample.index
                 if i >= len(keys) or keys[i] != printable(sample.key):
-                    raise UsageError(f"{shard.url} changed since it was scored (sample {i} differs)")
+                    raise changed_since_scored(shard, f"sample {i} differs")
                 seen += 1
                 if image_differs(sample, status[i], digests[i]):
-                    raise UsageError(
-                        f"{shard.url} changed since it was scored (image of {keys[i]!r} differs)"
-                    )
+                    raise changed_since_scored(shard, f"image of {keys[i]!r} differs")
                 if status[i] == STATUS_OK:
                     (quarantine if flagged[i] else clean).write(sample)
         except ShardError as e:
             raise UsageError(f"cannot read {shard.url} again to clean it: {e.message}") from None
         if seen != len(keys):
-            raise UsageError(
-                f"{shard.url} changed since it was scored ({seen} samples, manifest has {len(keys)})"
-            )
+            raise changed_since_scored(shard, f"{seen} samples, manifest has {len(keys)}")
     return clean.count, quarantine.count
 
 

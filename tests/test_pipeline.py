@@ -341,6 +341,33 @@ def test_clean_refuses_a_sample_not_an_image_when_scored_that_is_an_image_now(tm
         clean_run(tmp_path / "run")
 
 
+def test_clean_of_a_shard_replaced_keeping_its_size_and_mtime_says_how_to_score_it_again(
+    tmp_path, tiny_decoder_dir, tiny_shards
+):
+    """A copy that kept size and mtime (`cp -p`, `rsync -t`) is not seen by `score`'s re-run; clean
+    stopped with 'changed since it was scored' and no word of what to do."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        shutil.copy2(tiny_shards / name, data / name)
+    score(tiny_decoder_dir, data, tmp_path / "run", workers=0)
+    replaced, stamp = data / "shard-000001.tar", (data / "shard-000001.tar").stat()
+    replaced.write_bytes((tiny_shards / "shard-000002.tar").read_bytes())
+    assert replaced.stat().st_size == stamp.st_size
+    os.utime(replaced, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert score(tiny_decoder_dir, data, tmp_path / "run", workers=0).scored_now == 0
+    with pytest.raises(UsageError) as caught:
+        clean_run(tmp_path / "run")
+    assert str(caught.value) == (
+        f"{replaced} changed since it was scored (sample 0 differs): score it again (`sanitizer score` "
+        "re-scores a local shard whose size or mtime changed; `touch` it if neither did), then clean"
+    )
+    replaced.touch()  # as it says
+    assert score(tiny_decoder_dir, data, tmp_path / "run", workers=0).scored_now == 40
+    assert clean_run(tmp_path / "run").shards == 2
+    assert verify_run(tmp_path / "run") == []
+
+
 NEWER_SETTINGS = ("error_pool", "error", "relax_steps", "relax_radius")
 
 
