@@ -201,6 +201,20 @@ def test_run_dir_of_another_input_is_refused_naming_the_shards_it_lacks(
     assert tree_digest(other) == before
 
 
+def test_an_input_of_the_same_file_name_that_renames_a_scored_shard_is_refused_saying_so():
+    """A new shard of the same file name gives both stems a hash suffix: no url left --data, and the
+    refusal said that it had ('1 of its shards not in --data: /x/a.tar')."""
+    from sanitizer.pipeline.job import identity_change
+
+    same = {"decoder_sha256": "d", "scoring": {}, "device_type": "cpu", "manifest": "manifest-v3"}
+    recorded = {**same, "shards": [{"stem": "a", "url": "/x/a.tar"}]}
+    now = {**same, "shards": [{"stem": "a-1", "url": "/x/a.tar"}, {"stem": "a-2", "url": "/y/a.tar"}]}
+    assert identity_change(recorded, now) == (
+        "input (another input shares the file name of /x/a.tar: its stem changed)"
+    )
+    assert identity_change(recorded, {**now, "shards": [*recorded["shards"], now["shards"][1]]}) is None
+
+
 def test_a_run_whose_input_grew_scores_only_the_new_shards_and_ends_as_a_run_of_all(
     tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
 ):

@@ -289,29 +289,37 @@ def identity_change(recorded: object, identity: dict) -> str | None:
     before, now = normalised_identity(recorded), normalised_identity(identity)
     if not isinstance(before, dict):
         return None if before == now else "job"
-    gone = shards_gone(before.get("shards"), now["shards"])
-    if gone is not None and not gone:
+    lost = shards_lost(before.get("shards"), now["shards"])
+    if lost == []:
         before = {**before, "shards": now["shards"]}
     if before == now:
         return None
     parts = [name for key, name in IDENTITY_PARTS.items() if before.get(key) != now[key]]
-    if gone:
-        shown = ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else "")
-        parts[parts.index(IDENTITY_PARTS["shards"])] = (
-            f"input ({len(gone)} of its shards not in --data: {shown})"
-        )
+    if lost:
+        parts[parts.index(IDENTITY_PARTS["shards"])] = lost_shards_part(lost, now["shards"])
     if before.get("device_type") != now["device_type"]:
         parts.append(f"device (scored on {before.get('device_type')}, this job runs on {now['device_type']})")
     return " and ".join(parts) or "job"
 
 
-def shards_gone(recorded: object, shards: list[dict]) -> list[str] | None:
-    """The urls of the recorded shards (stem and url) that `shards` lacks, in stem order; None where
-    the record is not a list of shards (a damaged run.json matches no input)."""
+def shards_lost(recorded: object, shards: list[dict]) -> list[dict] | None:
+    """The recorded shards (stem and url) that `shards` lacks; None where the record is not a list of
+    shards (a damaged run.json matches no input)."""
     if not isinstance(recorded, list) or not all(isinstance(s, dict) for s in recorded):
         return None
     now = {(s["stem"], s["url"]) for s in shards}
-    return [str(s.get("url")) for s in recorded if (s.get("stem"), s.get("url")) not in now]
+    return [s for s in recorded if (s.get("stem"), s.get("url")) not in now]
+
+
+def lost_shards_part(lost: list[dict], shards: list[dict]) -> str:
+    """The refusal's words for shards the run lists and the job lacks: those gone from --data by url,
+    or, where every url is still there, the stems that a new input of the same file name changed."""
+    urls = {s["url"] for s in shards}
+    gone = [str(s.get("url")) for s in lost if s.get("url") not in urls]
+    if not gone:
+        return f"input (another input shares the file name of {lost[0].get('url')}: its stem changed)"
+    shown = ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else "")
+    return f"input ({len(gone)} of its shards not in --data: {shown})"
 
 
 def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
