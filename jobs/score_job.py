@@ -24,7 +24,7 @@ import yaml
 
 from sanitizer.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser
 from sanitizer.cli import main as sanitizer
-from sanitizer.data.shards import _split_top_level
+from sanitizer.data.shards import split_top_level
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,7 @@ def refuse_relative_paths(score: dict) -> None:
         name = str(key).replace("-", "_")
         if name not in PATH_OPTIONS or value is None or value is False:
             continue
-        for part in _split_top_level(str(value)) if name == "data" else [str(value)]:
+        for part in split_top_level(str(value)) if name == "data" else [str(value)]:
             if "://" not in part and not Path(part).is_absolute():
                 raise ConfigError(
                     f"`score.{key}` is a relative path ({part!r}): a job runs in a working directory of "

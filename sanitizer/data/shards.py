@@ -73,7 +73,7 @@ def changed_since(recorded: object, url: str) -> bool:
     return recorded is not None and current is not None and recorded != current
 
 
-def _split_top_level(spec: str) -> list[str]:
+def split_top_level(spec: str) -> list[str]:
     """Split on commas outside braces, so ``a/{x,y}.tar,b.tar`` is two parts, not three."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(spec):
@@ -195,7 +195,7 @@ def expand_shards(spec: str) -> list[ShardRef]:
     Raises ``UsageError`` naming every part that matched nothing, so a typo in one shard range
     is not silently skipped.
     """
-    parts = _split_top_level(spec or "")
+    parts = split_top_level(spec or "")
     if not parts:
         raise UsageError("no shards given: expected a file, directory, glob or brace pattern")
     urls: list[str] = []
