@@ -427,19 +427,38 @@ def train_decoder(
 ) -> dict:
     """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json."""
     out_dir = Path(out_dir)
-    if (out_dir / checkpoint.META).is_file():
-        raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
     try:  # before any training: an --out that cannot be a directory would fail at the first checkpoint
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot use {out_dir} as --out: {e.strerror or e}") from None
-    config = DedeConfig.default_for(
-        encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
-    )
-    score_settings.check_patch_size(config.patch_size)
-    images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
-    fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
-    meta = {
+    with checkpoint.training_lock(out_dir):
+        # read under the lock: a job that held it until now may have finished there
+        if (out_dir / checkpoint.META).is_file():
+            raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
+        config = DedeConfig.default_for(
+            encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
+        )
+        score_settings.check_patch_size(config.patch_size)
+        images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
+        fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
+        meta = decoder_meta(encoder, encoder_weights, images, data, settings, score_settings, fit)
+        checkpoint.save_holdout(out_dir, fit.holdout_sketches, fit.holdout_thumbnails)
+        meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
+        checkpoint.clear_training_state(out_dir)
+    return meta
+
+
+def decoder_meta(
+    encoder: VictimEncoder,
+    encoder_weights: str | None,
+    images: ImageSet,
+    data: str,
+    settings: TrainSettings,
+    score_settings: ScoreSettings,
+    fit: FitResult,
+) -> dict:
+    """decoder.json's record of a finished fit (save_decoder adds the model and the weights' hash)."""
+    return {
         "encoder": {
             "spec": encoder.spec,
             "weights_file": encoder_weights,
@@ -462,7 +481,3 @@ def train_decoder(
         "scoring": score_settings.to_dict(),
         "calibration": {"n": int(len(fit.calibration)), "scores": [float(x) for x in fit.calibration]},
     }
-    checkpoint.save_holdout(out_dir, fit.holdout_sketches, fit.holdout_thumbnails)
-    meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
-    checkpoint.clear_training_state(out_dir)
-    return meta

@@ -1,3 +1,4 @@
+import fcntl
 import json
 import math
 import os
@@ -364,6 +365,28 @@ def test_cli_train_leaving_out_a_shard_that_is_not_a_tar_finishes_incomplete(tmp
     assert training["decode_statuses"]["unreadable_shard"] == 1
     assert training["failed_shards"] == [{"url": str(data / "shard-000009.tar"), "error": ANY}]
     assert training["failed_shards"][0]["error"].startswith("not a readable tar file")
+
+
+def test_a_second_train_in_a_decoder_dir_in_use_is_refused_and_touches_nothing(tmp_path, tiny_shards, capsys):
+    """Two jobs in one DECODER_DIR overwrote each other's checkpoints and decoder files, and both
+    exited 0, each naming the directory as its decoder. A job holds a lock on the directory."""
+    out = tmp_path / "dec"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # as a running train holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        argv = [*BASE, "--data", str(tiny_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
+        code, out_text, err = run_cli(capsys, *argv)
+    finally:
+        os.close(fd)
+    assert code == 2 and out_text == ""
+    assert err.splitlines()[-1] == (
+        f"sanitizer: error: another sanitizer train is using {out}; "
+        "wait for it to finish, or choose another --out"
+    )
+    assert list(out.iterdir()) == []
+    code, _, err = run_cli(capsys, *argv)  # the lock released, as the kernel releases a dead job's
+    assert code == 0, err
 
 
 @pytest.fixture(scope="module")
