@@ -253,6 +253,7 @@ class _Pass:
     pixels: np.ndarray  # the training images, holdout excluded
     embeddings: np.ndarray
     settings: TrainSettings
+    score_settings: ScoreSettings  # what the first pass's decoder scores its training images with
     epochs: int
     resume_dir: Path | None
     saved: dict | None  # the checkpoint in resume_dir when the run started (read_training_progress)
@@ -278,7 +279,7 @@ class _Pass:
         }
 
     def plan(self, number: int, left_out: list[int]) -> dict:
-        return {
+        plan = {
             "inputs": self.inputs,
             "settings": self.settings.to_dict(),
             "epochs": self.epochs_of(number),
@@ -287,6 +288,9 @@ class _Pass:
             "pass": number,
             "left_out": left_out,
         }
+        if number == 2:  # the first pass's scores at these settings chose left_out
+            plan["ranked_with"] = self.score_settings.to_dict()
+        return plan
 
     def run(self, number: int, left_out: list[int]) -> tuple[DedeDecoder, list[float]]:
         """Train a fresh decoder on the images not left out, resuming from a checkpoint of this pass."""
@@ -381,8 +385,9 @@ def fit_decoder(
     epochs = settings.epochs or auto_epochs(len(pixels))
     saved = checkpoint.read_training_progress(resume_dir) if resume_dir else None
     training = _Pass(
-        encoder, config, pixels, embeddings[train_idx], settings, epochs, resume_dir, saved, progress
-    )
+        encoder, config, pixels, embeddings[train_idx], settings, score_settings, epochs, resume_dir, saved,
+        progress,
+    )  # fmt: skip
     if settings.refit and saved and saved["plan"].get("pass") == 2:
         left_out = saved["plan"]["left_out"]  # the first pass had finished before the interruption
     else:

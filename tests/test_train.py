@@ -211,6 +211,30 @@ def test_an_unfinished_run_is_not_resumed_with_other_weights_or_other_data(
     assert len(read_meta(tmp_path / "d")["training"]["epoch_losses"]) == 2
 
 
+def test_a_second_pass_is_not_resumed_with_other_scoring_settings(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch
+):
+    """The first pass's scores, at the scoring settings, chose the images the second pass leaves out:
+    resumed with others, the decoder recorded settings that had not chosen them (and differed from an
+    uninterrupted run with those settings)."""
+    settings = TrainSettings(epochs=2, batch_size=32)  # the first pass: one epoch
+
+    def train(error: str) -> dict:
+        scoring = ScoreSettings(num_masks=1, error=error)
+        return train_decoder(
+            tiny_encoder, str(tiny_shards), tmp_path / "d", settings, scoring, TINY_MODEL, progress=False
+        )
+
+    killed_in_second_epoch(monkeypatch, lambda: train("ssim"))  # in the second pass
+    assert checkpoint_module.read_training_progress(tmp_path / "d")["plan"]["pass"] == 2
+    with pytest.raises(
+        UsageError, match="unfinished training run with other settings, encoder weights or data"
+    ):
+        train("mse")
+    assert checkpoint_module.read_training_progress(tmp_path / "d")["epoch"] == 1  # left as it was
+    assert train("ssim")["scoring"]["error"] == "ssim"  # the same settings resume
+
+
 def test_worst_rebuilt_takes_the_highest_scores_ties_by_position():
     assert worst_rebuilt(np.array([0.1, 0.5, 0.5, 0.2, 0.9], np.float32), 0.4) == [1, 4]
     assert worst_rebuilt(np.array([0.3, 0.1]), 0.1) == []
