@@ -439,6 +439,7 @@ def train_decoder(
     with checkpoint.training_lock(out_dir):
         # read under the lock: a job that held it until now may have finished there
         if (out_dir / checkpoint.META).is_file():
+            checkpoint.clear_training_state(out_dir)  # what a job killed as it finished left
             raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
         config = DedeConfig.default_for(
             encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})

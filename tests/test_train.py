@@ -413,6 +413,27 @@ def test_a_second_train_in_a_decoder_dir_in_use_is_refused_and_touches_nothing(t
     assert code == 0, err
 
 
+def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it_finished_left(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """Killed between writing decoder.json and removing .checkpoint/, a job left the checkpoint for
+    good: every rerun is refused (the decoder is finished), and nothing else removes it."""
+    out = shutil.copytree(tiny_decoder_dir, tmp_path / "dec")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / ".checkpoint").mkdir()
+    (out / ".checkpoint/state.safetensors").write_bytes(b"the last epoch's state")
+    (out / ".checkpoint/.state.safetensors.tmp-1-0123abcd").write_bytes(b"partial")
+    argv = [*BASE, "--data", str(tiny_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert (
+        err.splitlines()[-1]
+        == f"sanitizer: error: {out} already holds a trained decoder; choose another --out"
+    )
+    assert not (out / ".checkpoint").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the decoder as it was
+
+
 @pytest.fixture(scope="module")
 def html_shards(tmp_path_factory):
     from sanitizer.data.tario import write_shards
