@@ -8,13 +8,9 @@ this directory is ever unpickled: tensors go through safetensors, the rest throu
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -185,24 +181,6 @@ def check_encoder(meta: dict, encoder: VictimEncoder, weights: str | None) -> No
 
 
 # -- training state, for resuming -------------------------------------------------------------------
-@contextlib.contextmanager
-def training_lock(out_dir: Path) -> Iterator[None]:
-    """One `train` at a time in a DECODER_DIR: two would overwrite each other's checkpoints and files,
-    and both report success. The lock is on the directory itself (no file is added to it), and the
-    kernel releases it when the job ends, even on SIGKILL."""
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(
-                f"another sanitizer train is using {out_dir}; wait for it to finish, or choose another --out"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def save_training_state(
     out_dir: Path, decoder: DedeDecoder, optimizer: torch.optim.Optimizer, progress: dict
 ) -> None:

@@ -10,8 +10,6 @@ One job at a time: an advisory lock on RUN_DIR/.lock, released by the kernel if 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ import pyarrow.compute as pc
 from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.errors import UsageError
+from sanitizer.joblock import job_lock
 from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, read_object
 
@@ -157,25 +156,9 @@ class RunDir:
         subdirs = ("", "manifest", "stats", "clean", "quarantine")
         return sum(remove_stale_temps(self.root / d) for d in subdirs if (self.root / d).is_dir())
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive for the job's lifetime; a second job on the same RUN_DIR is refused at once."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UsageError(f"cannot use {self.root} as RUN_DIR: {e.strerror}") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise UsageError(f"another sanitizer job (pid {holder}) is using {self.root}") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-        finally:
-            os.close(fd)
+        return job_lock(self.root, "RUN_DIR")
 
 
 # A stem names files under RUN_DIR: one that could name anything else is never followed.

@@ -35,6 +35,7 @@ from sanitizer.data.tario import ShardError, iter_samples
 from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import TrainingError, UsageError
+from sanitizer.joblock import job_lock
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.progress import progress_bar
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
@@ -432,11 +433,9 @@ def train_decoder(
 ) -> dict:
     """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json."""
     out_dir = Path(out_dir)
-    try:  # before any training: an --out that cannot be a directory would fail at the first checkpoint
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot use {out_dir} as --out: {e.strerror or e}") from None
-    with checkpoint.training_lock(out_dir):
+    # made before any training (an --out that cannot be a directory would fail at the first
+    # checkpoint), and held: a second train there would overwrite this one's checkpoints and files
+    with job_lock(out_dir, "--out"):
         # read under the lock: a job that held it until now may have finished there
         if (out_dir / checkpoint.META).is_file():
             checkpoint.clear_training_state(out_dir)  # what a job killed as it finished left

@@ -1,4 +1,3 @@
-import fcntl
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from sanitizer.data.tario import iter_samples
 from sanitizer.device import precision
 from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
 from sanitizer.errors import CheckpointError, EncoderError, TrainingError, UsageError
+from sanitizer.joblock import job_lock
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 from sanitizer.train import (
@@ -45,7 +45,7 @@ from .conftest import TINY_ENCODER, TINY_MODEL
 
 def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_encoder, tiny_shards):
     names = sorted(p.name for p in tiny_decoder_dir.iterdir())
-    assert names == ["decoder.json", "decoder.safetensors", "holdout.safetensors"]
+    assert names == [".lock", "decoder.json", "decoder.safetensors", "holdout.safetensors"]
     meta = read_meta(tiny_decoder_dir)
     # The held-out images, for the collapse pass: their sketches and thumbnails.
     sketches, thumbnails = load_holdout(tiny_decoder_dir)
@@ -393,22 +393,16 @@ def test_cli_train_leaving_out_a_shard_that_is_not_a_tar_finishes_incomplete(tmp
 
 def test_a_second_train_in_a_decoder_dir_in_use_is_refused_and_touches_nothing(tmp_path, tiny_shards, capsys):
     """Two jobs in one DECODER_DIR overwrote each other's checkpoints and decoder files, and both
-    exited 0, each naming the directory as its decoder. A job holds a lock on the directory."""
+    exited 0, each naming the directory as its decoder. A job holds DECODER_DIR/.lock, as score RUN_DIR's."""
     out = tmp_path / "dec"
-    out.mkdir()
-    fd = os.open(out, os.O_RDONLY)  # as a running train holds it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        argv = [*BASE, "--data", str(tiny_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
+    argv = [*BASE, "--data", str(tiny_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
+    with job_lock(out, "--out"):  # as a running train holds it
         code, out_text, err = run_cli(capsys, *argv)
-    finally:
-        os.close(fd)
     assert code == 2 and out_text == ""
-    assert err.splitlines()[-1] == (
-        f"sanitizer: error: another sanitizer train is using {out}; "
-        "wait for it to finish, or choose another --out"
+    assert (
+        err.splitlines()[-1] == f"sanitizer: error: another sanitizer job (pid {os.getpid()}) is using {out}"
     )
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [".lock"]
     code, _, err = run_cli(capsys, *argv)  # the lock released, as the kernel releases a dead job's
     assert code == 0, err
 
@@ -419,7 +413,7 @@ def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it
     """Killed between writing decoder.json and removing .checkpoint/, a job left the checkpoint for
     good: every rerun is refused (the decoder is finished), and nothing else removes it."""
     out = shutil.copytree(tiny_decoder_dir, tmp_path / "dec")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
     (out / ".checkpoint").mkdir()
     (out / ".checkpoint/state.safetensors").write_bytes(b"the last epoch's state")
     (out / ".checkpoint/.state.safetensors.tmp-1-0123abcd").write_bytes(b"partial")
@@ -431,7 +425,7 @@ def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it
         == f"sanitizer: error: {out} already holds a trained decoder; choose another --out"
     )
     assert not (out / ".checkpoint").exists()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the decoder as it was
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before  # as it was
 
 
 @pytest.fixture(scope="module")
