@@ -105,7 +105,7 @@ _META_FIELDS = {
     "encoder.preprocess": dict, "encoder.preprocess.image_size": int, "scoring": dict, "calibration": dict,
     "calibration.scores": list,
 }  # fmt: skip
-_OPTIONAL_META_FIELDS = {"encoder.weights_file": str, "training": dict}
+_OPTIONAL_META_FIELDS = {"encoder.weights_file": str, "encoder.weights_prefix": str, "training": dict}
 
 
 def read_meta(decoder_dir: Path) -> dict:

@@ -55,6 +55,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         type=user_path,
         help="safetensors or state-dict file (loaded with weights_only=True)",
     )
+    p.add_argument(
+        "--encoder-weights-prefix",
+        metavar="PREFIX",
+        help="where in --encoder-weights the encoder to audit is, for a file that holds it twice "
+        "(encoder_q., teacher.); default: found by its tensors' names",
+    )
     p.add_argument("--image-size", type=int, help="input size; default: the model's own config")
     p.add_argument("--mean", **_triple("mean"))
     p.add_argument("--std", **_triple("std"))
@@ -107,7 +113,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from sanitizer.device import resolve_device
-    from sanitizer.encoders import canonical_spec, load_encoder
+    from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
     from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
 
@@ -125,6 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     weights = str(Path(args.encoder_weights).resolve()) if args.encoder_weights else None
+    prefix = None if args.encoder_weights_prefix is None else as_prefix(args.encoder_weights_prefix)
     encoder = load_encoder(
         canonical_spec(args.encoder),
         weights,
@@ -132,6 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.mean and tuple(args.mean),
         args.std and tuple(args.std),
         device,
+        prefix,
     )
     overrides = {
         "patch_size": args.patch_size,
@@ -140,7 +148,9 @@ def run_train(args: argparse.Namespace) -> int:
         "decoder_depth": args.decoder_depth,
         "heads": args.heads,
     }
-    meta = train_decoder(encoder, args.data, args.out, settings, score_settings, overrides, weights)
+    meta = train_decoder(
+        encoder, args.data, args.out, settings, score_settings, overrides, weights, weights_prefix=prefix
+    )
     t = meta["training"]
     print(
         f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s"

@@ -165,10 +165,46 @@ def _unpickler_reason(e: pickle.UnpicklingError) -> str:
     return reason.split(" was not an allowed global")[0][:200]
 
 
-def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path) -> str:
+PREFIX_OPTION = "--encoder-weights-prefix"
+
+
+def as_prefix(text: str) -> str:
+    """A prefix as the user writes it ('encoder_q' or 'encoder_q.'), as the file's keys start: '' is the
+    top level."""
+    return text if not text or text.endswith(".") else f"{text}."
+
+
+def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path, chosen: str | None = None) -> str:
     """The one prefix under which the file holds every tensor the encoder has: '' for its own state
     dict, 'backbone.', 'encoder.', 'module.', '_orig_mod.', 'visual.' (a whole CLIP)... as trainers
-    save it beside projection heads or a text tower. Two (MoCo's encoder_q and encoder_k) are refused."""
+    save it beside projection heads or a text tower. A file that holds it under several (MoCo's
+    encoder_q and encoder_k) needs the user's choice, `chosen`, which must then hold it whole."""
+    found = names_by_prefix(keys, wanted)
+    whole = sorted(prefix for prefix, names in found.items() if len(names) == len(wanted))
+    named = ", ".join(repr(p) for p in whole)
+    if chosen is not None and chosen not in found and whole:
+        raise EncoderError(
+            f"{path} holds none of the encoder's tensors under {chosen!r}; it holds them under {named}"
+        )
+    if chosen is None and len(whole) > 1:
+        raise EncoderError(
+            f"{path} holds the encoder's tensors several times, under {named}; choose the one to audit "
+            f"with {PREFIX_OPTION} (e.g. {PREFIX_OPTION} {whole[-1]})"
+        )
+    if chosen is None:  # the one whole prefix, or the nearest miss for the refusal
+        chosen = whole[0] if whole else max(found, key=lambda p: len(found[p]), default="")
+    lacking = sorted(wanted - found.get(chosen, set()))
+    if lacking:
+        raise EncoderError(
+            f"{path} does not hold this encoder: {len(lacking)} of its {len(wanted)} tensors are missing "
+            f"(e.g. {', '.join(lacking[:3])}{f', under {chosen!r}' if chosen else ''}); give the --encoder "
+            "the file was saved from"
+        )
+    return chosen
+
+
+def names_by_prefix(keys: Iterable[str], wanted: set[str]) -> dict[str, set[str]]:
+    """For each prefix of the file's keys, the encoder's tensor names found under it."""
     found: dict[str, set[str]] = {}
     for key in keys:
         parts = key.split(".")
@@ -176,22 +212,7 @@ def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path) -> str:
             rest = ".".join(parts[i:])
             if rest in wanted:
                 found.setdefault("".join(f"{p}." for p in parts[:i]), set()).add(rest)
-    whole = sorted(prefix for prefix, names in found.items() if len(names) == len(wanted))
-    if len(whole) > 1:
-        named = ", ".join(repr(p) for p in whole)
-        raise EncoderError(
-            f"{path} holds the encoder's tensors several times, under {named}; "
-            "save the one to audit on its own"
-        )
-    if not whole:
-        best = max(found, key=lambda p: len(found[p]), default="")
-        lacking = sorted(wanted - found.get(best, set()))
-        raise EncoderError(
-            f"{path} does not hold this encoder: {len(lacking)} of its {len(wanted)} tensors are missing "
-            f"(e.g. {', '.join(lacking[:3])}{f', under {best!r}' if best else ''}); give the --encoder the "
-            "file was saved from"
-        )
-    return whole[0]
+    return found
 
 
 FULL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # cast to the encoder's
@@ -229,15 +250,18 @@ def optional_names(module: nn.Module) -> set[str]:
     }
 
 
-def load_weights(module: nn.Module, path: Path, ignorable: tuple[str, ...]) -> None:
-    """Load the encoder's tensors from wherever in the file they are (see encoder_prefix), strictly:
+def load_weights(
+    module: nn.Module, path: Path, ignorable: tuple[str, ...], prefix: str | None = None
+) -> None:
+    """Load the encoder's tensors from under `prefix`, or wherever in the file they are (see
+    encoder_prefix), strictly:
     every one (BatchNorm counters aside, see optional_names), and no key under the prefix that falls in
     one of the encoder's modules without being the encoder's (a deeper network), but under `ignorable`
     prefixes (classifier heads). The rest of the file (projection heads, a text tower) is left out,
     and the log says how many."""
     own = module.state_dict()
     state = read_state_dict(path)
-    prefix = encoder_prefix(state, set(own) - optional_names(module), path)
+    prefix = encoder_prefix(state, set(own) - optional_names(module), path, prefix)
     children = {name.split(".")[0] for name in own}  # a key under one of them belongs to the encoder
     under = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     picked = {k: v for k, v in under.items() if k in own}
@@ -281,7 +305,8 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-# -- builders: each returns (module, preprocess from the model's own config or None) ---------------
+# -- builders: each returns the module, the preprocessing of the model's own config (or None) and the
+# prefixes of the file's keys that may lie in the encoder's modules without being its (classifier heads)
 def _seeded_init(build):
     """Random init is seeded so a weightless spec names the same encoder in every process."""
     with torch.random.fork_rng(devices=[]):
@@ -289,7 +314,10 @@ def _seeded_init(build):
         return build()
 
 
-def _build_timm(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]:
+Built = tuple[nn.Module, Preprocess | None, tuple[str, ...]]
+
+
+def _build_timm(name: str) -> Built:
     import timm
 
     import sanitizer.zoo  # noqa: F401 - registers the package's own timm models
@@ -302,15 +330,14 @@ def _build_timm(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]
         module = _seeded_init(lambda: timm.create_model(name, pretrained=False, num_classes=0))
     except (RuntimeError, ValueError) as e:  # timm raises RuntimeError for unknown model names
         raise EncoderError(f"timm has no model {name!r} ({e})") from None
-    if weights is not None:
-        classifier = module.pretrained_cfg.get("classifier", "fc")
-        heads = classifier if isinstance(classifier, tuple) else (classifier,)
-        load_weights(module, weights, tuple(f"{h}." for h in heads))
+    classifier = module.pretrained_cfg.get("classifier", "fc")
+    heads = classifier if isinstance(classifier, tuple) else (classifier,)
     cfg = timm.data.resolve_model_data_config(module)
-    return module, Preprocess(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+    preprocess = Preprocess(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+    return module, preprocess, tuple(f"{h}." for h in heads)
 
 
-def _build_open_clip(name: str, weights: Path | None) -> tuple[nn.Module, Preprocess]:
+def _build_open_clip(name: str) -> Built:
     import open_clip
 
     open_clip.add_model_config(OPEN_CLIP_CONFIGS)
@@ -320,21 +347,17 @@ def _build_open_clip(name: str, weights: Path | None) -> tuple[nn.Module, Prepro
         raise EncoderError(f"open_clip has no model {name!r}")
     model = _seeded_init(lambda: open_clip.create_model(name, pretrained=None))
     visual = model.visual
-    if weights is not None:
-        load_weights(visual, weights, ())
     cfg = visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    return visual, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]))
+    return visual, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"])), ()
 
 
-def _build_torchscript(path: str, weights: Path | None) -> tuple[nn.Module, None]:
+def _build_torchscript(path: str) -> Built:
     try:
         module = torch.jit.load(path, map_location="cpu")
     except (RuntimeError, ValueError, OSError) as e:
         raise EncoderError(f"cannot load TorchScript encoder {path}: {str(e).splitlines()[0]}") from None
-    if weights is not None:
-        load_weights(module, weights, ())
-    return module, None
+    return module, None, ()
 
 
 def unpickled_by_export_load(path: str) -> str | None:
@@ -365,7 +388,7 @@ def unpickled_by_export_load(path: str) -> str | None:
     return None
 
 
-def _build_export(path: str, weights: Path | None) -> tuple[nn.Module, None]:
+def _build_export(path: str) -> Built:
     try:
         unsafe = unpickled_by_export_load(path)
     except (OSError, zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as e:
@@ -376,9 +399,7 @@ def _build_export(path: str, weights: Path | None) -> tuple[nn.Module, None]:
         module = torch.export.load(path).module()
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds for a bad file
         raise EncoderError(f"cannot load exported encoder {path}: {str(e).splitlines()[0]}") from None
-    if weights is not None:
-        load_weights(module, weights, ())
-    return module, None
+    return module, None, ()
 
 
 _BUILDERS = {
@@ -411,12 +432,17 @@ def load_encoder(
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
     device: str | torch.device = "cpu",
+    weights_prefix: str | None = None,
 ) -> VictimEncoder:
-    """Build, load, freeze and probe the encoder; flags override the model's own preprocessing."""
+    """Build, load, freeze and probe the encoder; flags override the model's own preprocessing.
+    `weights_prefix` picks where in the weights file the encoder is (None: found by encoder_prefix)."""
     kind, name = parse_spec(spec)
-    weights = Path(weights) if weights else None
-    module, own = _BUILDERS[kind](name, weights)
-    if weights is None and kind in MODEL_KINDS:  # after the build: a misspelt name is its error alone
+    if weights_prefix is not None and not weights:
+        raise UsageError(f"{PREFIX_OPTION} picks the encoder in a weights file: give --encoder-weights too")
+    module, own, ignorable = _BUILDERS[kind](name)
+    if weights:
+        load_weights(module, Path(weights), ignorable, weights_prefix)
+    elif kind in MODEL_KINDS:  # after the build: a misspelt name is its error alone
         log.warning("%s has no --encoder-weights: using seeded random weights", spec)
     if own is None and image_size is None:
         raise UsageError(f"{kind} encoders carry no preprocessing: give --image-size (and --mean/--std)")

@@ -430,8 +430,10 @@ def train_decoder(
     model_overrides: dict | None = None,
     encoder_weights: str | None = None,
     progress: bool = True,
+    weights_prefix: str | None = None,
 ) -> dict:
-    """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json."""
+    """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json.
+    `weights_prefix`, where the user chose the encoder in its weights file, is recorded for `score`."""
     out_dir = Path(out_dir)
     # made before any training (an --out that cannot be a directory would fail at the first
     # checkpoint), and held: a second train there would overwrite this one's checkpoints and files
@@ -467,6 +469,7 @@ def decoder_meta(
         "encoder": {
             "spec": encoder.spec,
             "weights_file": encoder_weights,
+            **({} if weights_prefix is None else {"weights_prefix": weights_prefix}),  # absent: auto
             "weights_sha256": encoder.weights_sha256,
             "embed_dim": encoder.embed_dim,
             "preprocess": encoder.preprocess.to_dict(),

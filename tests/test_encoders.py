@@ -98,7 +98,7 @@ def test_weights_that_do_not_fit_are_refused_naming_what(tmp_path, tiny_encoder)
     }
     assert refusal(tmp_path, twice) == (
         "FILE holds the encoder's tensors several times, under 'encoder_k.', 'encoder_q.'; "
-        "save the one to audit on its own"
+        "choose the one to audit with --encoder-weights-prefix (e.g. --encoder-weights-prefix encoder_q.)"
     )
     other_stem = {k: torch.zeros(64, 3, 7, 7) if k == "conv1.0.weight" else v for k, v in own.items()}
     assert refusal(tmp_path, {f"backbone.{k}": v for k, v in other_stem.items()}) == (
@@ -125,6 +125,59 @@ def test_weights_that_do_not_fit_are_refused_naming_what(tmp_path, tiny_encoder)
     assert refusal(tmp_path, lacking) == (
         f"FILE does not hold this encoder: 1 of its {len(needed)} tensors are missing (e.g. bn1.bias); "
         "give the --encoder the file was saved from"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "key"),
+    [
+        ("encoder_q.", "encoder_k."),
+        ("module.encoder_q.", "module.encoder_k."),
+        ("student.", "teacher."),
+        ("", "ema."),
+    ],
+)
+def test_a_file_that_holds_the_encoder_twice_loads_the_one_chosen(tmp_path, tiny_encoder, query, key):
+    """MoCo's query and key encoders (also under DDP's module.), BYOL's online and target, DINO's
+    student and teacher saved flat: they were refused with no way to choose but to re-save the file."""
+    own = tiny_encoder.module.state_dict()
+    chosen = {query: scaled(own), key: {k: v * 0.5 if v.is_floating_point() else v for k, v in own.items()}}
+    both = {f"{prefix}{k}": v.clone() for prefix, state in chosen.items() for k, v in state.items()}
+    save_file(both, str(tmp_path / "both.safetensors"))
+    for prefix, state in chosen.items():
+        save_file(state, str(tmp_path / "one.safetensors"))
+        alone = load_encoder("timm:test_resnet", tmp_path / "one.safetensors", image_size=32)
+        picked = load_encoder(
+            "timm:test_resnet", tmp_path / "both.safetensors", image_size=32, weights_prefix=prefix
+        )
+        assert picked.weights_sha256 == alone.weights_sha256 != tiny_encoder.weights_sha256
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "both.safetensors", image_size=32, weights_prefix="nope.")
+    assert str(caught.value) == (
+        f"{tmp_path / 'both.safetensors'} holds none of the encoder's tensors under 'nope.'; it holds them "
+        f"under {', '.join(repr(p) for p in sorted(chosen))}"
+    )
+
+
+def test_a_chosen_prefix_must_hold_the_whole_encoder(tmp_path, tiny_encoder):
+    own = tiny_encoder.module.state_dict()
+    both = {f"encoder_q.{k}": v for k, v in own.items()} | {
+        f"encoder_k.{k}": v.clone() for k, v in own.items() if k != "bn1.bias"
+    }
+    save_file(both, str(tmp_path / "w.safetensors"))
+    with pytest.raises(EncoderError) as caught:
+        load_encoder(
+            "timm:test_resnet", tmp_path / "w.safetensors", image_size=32, weights_prefix="encoder_k."
+        )
+    needed = [k for k in own if not k.endswith("num_batches_tracked")]
+    assert str(caught.value) == (
+        f"{tmp_path / 'w.safetensors'} does not hold this encoder: 1 of its {len(needed)} tensors are "
+        "missing (e.g. bn1.bias, under 'encoder_k.'); give the --encoder the file was saved from"
+    )
+    with pytest.raises(UsageError) as caught:
+        load_encoder("timm:test_resnet", image_size=32, weights_prefix="encoder_k.")
+    assert str(caught.value) == (
+        "--encoder-weights-prefix picks the encoder in a weights file: give --encoder-weights too"
     )
 
 

@@ -676,3 +676,34 @@ def test_decoder_files_are_as_readable_as_the_umask_makes_any_file(tiny_decoder_
     modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_decoder_dir.iterdir() if p.is_file()}
     assert {"decoder.safetensors", "holdout.safetensors", "decoder.json"} <= set(modes)
     assert len(set(modes.values())) == 1, modes
+
+
+def test_cli_a_decoder_trained_on_one_of_two_encoders_in_a_file_scores_with_it(
+    tmp_path, tiny_shards, tiny_encoder, capsys
+):
+    """--encoder-weights-prefix picks MoCo's key encoder; decoder.json records it, so score loads
+    the same tensors (their hash is checked). A decoder trained without it records none and scores
+    as before: the prefix is then found by the tensors' names."""
+    from safetensors.torch import save_file
+
+    own = tiny_encoder.module.state_dict()
+    moco = {f"encoder_q.{k}": v.clone() for k, v in own.items()}
+    moco |= {f"encoder_k.{k}": v * 0.5 if v.is_floating_point() else v.clone() for k, v in own.items()}
+    save_file(moco, str(tmp_path / "moco.safetensors"))
+    save_file({f"backbone.{k}": v for k, v in own.items()}, str(tmp_path / "one.safetensors"))
+    train = [*BASE, *TINY_ARGS, "--data", str(tiny_shards), "--device", "cpu", "--refit", "0"]
+    weights = ["--encoder-weights", str(tmp_path / "moco.safetensors")]
+    code, _, err = run_cli(capsys, *train, "--out", str(tmp_path / "none"), *weights)
+    assert code == 2 and err.endswith("(e.g. --encoder-weights-prefix encoder_q.)\n")
+    prefixed = [*train, "--out", str(tmp_path / "k"), *weights, "--encoder-weights-prefix", "encoder_k"]
+    assert run_cli(capsys, *prefixed)[0] == 0
+    plain = ["--out", str(tmp_path / "plain"), "--encoder-weights", str(tmp_path / "one.safetensors")]
+    assert run_cli(capsys, *train, *plain)[0] == 0
+    k, plain_meta = read_meta(tmp_path / "k")["encoder"], read_meta(tmp_path / "plain")["encoder"]
+    assert k["weights_prefix"] == "encoder_k." and "weights_prefix" not in plain_meta
+    assert k["weights_sha256"] != plain_meta["weights_sha256"] == tiny_encoder.weights_sha256
+    for decoder in ("k", "plain"):
+        score = ["score", "--decoder", str(tmp_path / decoder), "--data", str(tiny_shards), "--workers", "0"]
+        code, out, err = run_cli(capsys, *score, "--out", str(tmp_path / f"run-{decoder}"), "--device", "cpu")
+        assert code == 0, err
+        assert "samples: 120  ok: 120" in out

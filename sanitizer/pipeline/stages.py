@@ -159,7 +159,13 @@ class ScoreStage:
         preprocess = Preprocess.from_dict(enc["preprocess"])
         weights = encoder_weights_file(meta, encoder_weights)
         encoder = load_encoder(
-            enc["spec"], weights, preprocess.image_size, preprocess.mean, preprocess.std, self.device
+            enc["spec"],
+            weights,
+            preprocess.image_size,
+            preprocess.mean,
+            preprocess.std,
+            self.device,
+            enc.get("weights_prefix"),  # absent (decoders before it, or trained without): found
         )
         check_encoder(meta, encoder, weights)
         self.image_size = preprocess.image_size
