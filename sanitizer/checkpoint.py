@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
-from sanitizer.encoders import Preprocess, VictimEncoder
+from sanitizer.encoders import AmbiguousWeights, Preprocess, VictimEncoder, load_encoder
 from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.records import RecordError, check_fields, parse_object, read_object
@@ -166,6 +166,33 @@ def encoder_weights_file(meta: dict, given: str | None) -> str | None:
         f"the decoder was trained with encoder weights {recorded}, which are gone; "
         "give --encoder-weights where that file is now"
     )
+
+
+def load_trained_encoder(meta: dict, weights: str | None, device: torch.device | str) -> VictimEncoder:
+    """The encoder the decoder was trained for, checked: from under the prefix decoder.json records,
+    else found by the tensors' names. A decoder trained before checkpoints' nested dicts were told
+    apart ({'state_dict': ..., 'state_dict_ema': ...} loaded the first) records no prefix for a file
+    that now holds the encoder twice: the one with the decoder's hash is the one it was trained for."""
+    enc = meta["encoder"]
+    preprocess = Preprocess.from_dict(enc["preprocess"])
+
+    def load(prefix: str | None) -> VictimEncoder:
+        size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
+        return load_encoder(enc["spec"], weights, size, mean, std, device, prefix)
+
+    try:
+        encoder = load(enc.get("weights_prefix"))
+    except AmbiguousWeights as e:
+        candidates = (load(prefix) for prefix in e.prefixes)
+        encoder = next((c for c in candidates if c.weights_sha256 == enc["weights_sha256"]), None)
+        if encoder is None:
+            raise CheckpointError(
+                f"{weights} holds the encoder several times ({', '.join(map(repr, e.prefixes))}), none "
+                f"with the weights the decoder was trained for ({enc['weights_sha256'][:12]}...); give "
+                "--encoder-weights the file it was trained with, or train a decoder for these weights"
+            ) from None
+    check_encoder(meta, encoder, weights)
+    return encoder
 
 
 def check_encoder(meta: dict, encoder: VictimEncoder, weights: str | None) -> None:

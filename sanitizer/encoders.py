@@ -106,7 +106,10 @@ RESAVE = "save the model's state_dict() with safetensors.torch.save_file and pas
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors, or from a torch file loaded with weights_only=True (no pickle code)."""
+    """Tensors from safetensors, or from a torch file loaded with weights_only=True (no pickle code),
+    by their dotted names: a checkpoint's nested dicts ({'state_dict': ..., 'state_dict_ema': ...},
+    DINO's {'student': ..., 'teacher': ...}) become prefixes, which encoder_prefix finds or the user
+    chooses between; what is not a tensor (epochs, arguments, lists) is left out."""
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"weights file not found: {path}")
@@ -125,27 +128,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise EncoderError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    held = not_a_state_dict(state)
-    if held:
+    tensors = named_tensors(state)
+    if not tensors:
         raise EncoderError(
-            f"{path} is not a state dict of tensors (it holds {held}); save the encoder's state_dict() "
-            "on its own"
+            f"{path} holds no tensors by name (it holds {_what(state)}); save the encoder's state_dict()"
         )
-    return state
+    return tensors
 
 
-def not_a_state_dict(state: object) -> str | None:
-    """What in `state` a state dict (tensor names to tensors) cannot hold, for the refusal; None when
-    it is one. torch saves any key, and a key that is not a name has no place in the encoder."""
+def named_tensors(state: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors in nested dicts, by dotted name; keys that are not names (an optimizer's parameter
+    numbers) and values that are neither tensors nor dicts are left out."""
+    if isinstance(state, torch.Tensor):
+        return {prefix.removesuffix("."): state} if prefix else {}
+    if not isinstance(state, dict):
+        return {}
+    found: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(key, str):
+            found |= named_tensors(value, f"{prefix}{key}.")
+    return found
+
+
+def _what(state: object) -> str:
+    """What a file without named tensors holds, for the refusal."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}"
-    others = [repr(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if others:
-        return f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which are not tensors"
-    return next((f"{k!r}, which is not a tensor's name" for k in state if not isinstance(k, str)), None)
+    keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
+    return f"only {keys}" if state else "an empty dict"
 
 
 def is_safetensors(path: Path) -> bool:
@@ -168,6 +178,14 @@ def _unpickler_reason(e: pickle.UnpicklingError) -> str:
 PREFIX_OPTION = "--encoder-weights-prefix"
 
 
+class AmbiguousWeights(EncoderError):
+    """The file holds the encoder whole under several prefixes, and none was chosen."""
+
+    def __init__(self, message: str, prefixes: list[str]) -> None:
+        super().__init__(message)
+        self.prefixes = prefixes
+
+
 def as_prefix(text: str) -> str:
     """A prefix as the user writes it ('encoder_q' or 'encoder_q.'), as the file's keys start: '' is the
     top level."""
@@ -187,9 +205,10 @@ def encoder_prefix(keys: Iterable[str], wanted: set[str], path: Path, chosen: st
             f"{path} holds none of the encoder's tensors under {chosen!r}; it holds them under {named}"
         )
     if chosen is None and len(whole) > 1:
-        raise EncoderError(
+        raise AmbiguousWeights(
             f"{path} holds the encoder's tensors several times, under {named}; choose the one to audit "
-            f"with {PREFIX_OPTION} (e.g. {PREFIX_OPTION} {whole[-1]})"
+            f"with {PREFIX_OPTION} (e.g. {PREFIX_OPTION} {whole[-1]})",
+            whole,
         )
     if chosen is None:  # the one whole prefix, or the nearest miss for the refusal
         chosen = whole[0] if whole else max(found, key=lambda p: len(found[p]), default="")

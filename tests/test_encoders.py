@@ -215,24 +215,57 @@ def test_tensors_torch_cannot_check_are_refused_in_one_line(tmp_path, tiny_encod
     assert str(caught.value) == (
         f"{tmp_path / 'sparse.pt'}: bn1.bias is a torch.sparse_coo tensor; save dense weights"
     )
-    torch.save({0: torch.zeros(1), **own}, tmp_path / "keys.pt")
-    with pytest.raises(EncoderError) as caught:
-        load_encoder("timm:test_resnet", tmp_path / "keys.pt", image_size=32)
-    assert str(caught.value) == (
-        f"{tmp_path / 'keys.pt'} is not a state dict of tensors (it holds 0, which is not a tensor's "
-        "name); save the encoder's state_dict() on its own"
+    torch.save({0: torch.zeros(1), **own}, tmp_path / "keys.pt")  # a key that is no name is left out
+    assert load_encoder("timm:test_resnet", tmp_path / "keys.pt", image_size=32).weights_sha256 == (
+        tiny_encoder.weights_sha256
     )
+    for held, what in ((torch.zeros(3), "a Tensor"), ({}, "an empty dict"), ({"epoch": 3}, "only 'epoch'")):
+        torch.save(held, tmp_path / "none.pt")
+        with pytest.raises(EncoderError) as caught:
+            load_encoder("timm:test_resnet", tmp_path / "none.pt", image_size=32)
+        assert str(caught.value) == (
+            f"{tmp_path / 'none.pt'} holds no tensors by name (it holds {what}); "
+            "save the encoder's state_dict()"
+        )
 
 
-def test_a_checkpoint_of_two_networks_is_refused_naming_them(tmp_path, tiny_encoder):
+@pytest.mark.parametrize(
+    ("saved", "names"),
+    [
+        ({"student": "a", "teacher": "b", "epoch": 5}, ("student.", "teacher.")),  # DINO
+        (
+            {"state_dict": "a", "state_dict_ema": "b", "epoch": 3, "optimizer": {"state": {0: {"m": "a"}}}},
+            ("state_dict.", "state_dict_ema."),  # timm's train.py
+        ),
+        ({"model": "a", "model_ema": "b"}, ("model.", "model_ema.")),
+    ],
+)
+def test_a_checkpoint_of_two_networks_is_refused_naming_them_and_either_loads(
+    tmp_path, tiny_encoder, saved, names
+):
+    """A checkpoint with the encoder in two nested dicts: a whole DINO checkpoint was refused as 'not a
+    state dict of tensors' with no way to choose, and timm's (its model and its EMA) loaded the model
+    whatever the user wanted. Each nested dict's keys now lie under its name as a prefix."""
     own = tiny_encoder.module.state_dict()
-    torch.save({"student": own, "teacher": own, "epoch": 5}, tmp_path / "dino.pth")
-    with pytest.raises(EncoderError) as caught:
-        load_encoder("timm:test_resnet", tmp_path / "dino.pth", image_size=32)
-    assert str(caught.value) == (
-        f"{tmp_path / 'dino.pth'} is not a state dict of tensors (it holds 'student', 'teacher', 'epoch', "
-        "which are not tensors); save the encoder's state_dict() on its own"
+    states = {"a": scaled(own), "b": {k: v * 0.5 if v.is_floating_point() else v for k, v in own.items()}}
+
+    def filled(value):
+        return states[value] if isinstance(value, str) else {k: filled(v) for k, v in value.items()}
+
+    torch.save(
+        {k: filled(v) if isinstance(v, (str, dict)) else v for k, v in saved.items()}, tmp_path / "c.pth"
     )
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "c.pth", image_size=32)
+    assert str(caught.value) == (
+        f"{tmp_path / 'c.pth'} holds the encoder's tensors several times, under {names[0]!r}, {names[1]!r}; "
+        f"choose the one to audit with --encoder-weights-prefix (e.g. --encoder-weights-prefix {names[1]})"
+    )
+    for prefix, state in zip(names, states.values(), strict=True):
+        save_file(state, str(tmp_path / "one.safetensors"))
+        alone = load_encoder("timm:test_resnet", tmp_path / "one.safetensors", image_size=32)
+        picked = load_encoder("timm:test_resnet", tmp_path / "c.pth", image_size=32, weights_prefix=prefix)
+        assert picked.weights_sha256 == alone.weights_sha256
 
 
 def test_a_pickled_model_is_refused_with_what_it_holds_and_no_warning(tmp_path, tiny_encoder, recwarn):
@@ -428,3 +461,30 @@ def test_an_encoder_that_fails_at_the_image_size_says_which_to_give(tmp_path):
     with pytest.raises(EncoderError) as caught:
         load_encoder(f"export:{tmp_path / 'enc.pt2'}", image_size=32)
     assert str(caught.value).endswith("; give the --image-size it was saved for")
+
+
+def test_a_decoder_that_records_no_prefix_scores_with_the_copy_it_was_trained_for(tmp_path, tiny_encoder):
+    """A decoder trained before nested dicts were told apart loaded a timm checkpoint's state_dict and
+    recorded no prefix; the file now holds the encoder twice, and score takes the copy whose tensors
+    have the decoder's hash, or refuses in one line when neither has it."""
+    from sanitizer.checkpoint import load_trained_encoder
+    from sanitizer.errors import CheckpointError
+
+    own = tiny_encoder.module.state_dict()
+    model, ema = scaled(own), {k: v * 0.5 if v.is_floating_point() else v for k, v in own.items()}
+    torch.save({"state_dict": model, "state_dict_ema": ema, "epoch": 3}, tmp_path / "timm.pth.tar")
+    for state in (model, ema):
+        save_file(state, str(tmp_path / "one.safetensors"))
+        trained = load_encoder("timm:test_resnet", tmp_path / "one.safetensors", image_size=32)
+        meta = {"encoder": {"spec": "timm:test_resnet", "weights_sha256": trained.weights_sha256}}
+        meta["encoder"]["preprocess"] = trained.preprocess.to_dict()
+        loaded = load_trained_encoder(meta, str(tmp_path / "timm.pth.tar"), "cpu")
+        assert loaded.weights_sha256 == trained.weights_sha256
+    meta["encoder"]["weights_sha256"] = tiny_encoder.weights_sha256
+    with pytest.raises(CheckpointError) as caught:
+        load_trained_encoder(meta, str(tmp_path / "timm.pth.tar"), "cpu")
+    assert str(caught.value) == (
+        f"{tmp_path / 'timm.pth.tar'} holds the encoder several times ('state_dict.', 'state_dict_ema.'), "
+        f"none with the weights the decoder was trained for ({tiny_encoder.weights_sha256[:12]}...); give "
+        "--encoder-weights the file it was trained with, or train a decoder for these weights"
+    )

@@ -17,12 +17,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sanitizer.checkpoint import META, WEIGHTS, check_encoder, encoder_weights_file, load_decoder, read_meta
+from sanitizer.checkpoint import (
+    META,
+    WEIGHTS,
+    encoder_weights_file,
+    load_decoder,
+    load_trained_encoder,
+    read_meta,
+)
 from sanitizer.collapse import SKETCH_DIM, thumbnail
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import resolve_device
-from sanitizer.encoders import FILE_KINDS, Preprocess, load_encoder, parse_spec
+from sanitizer.encoders import FILE_KINDS, parse_spec
 from sanitizer.manifest import SKETCH_TYPE, THUMBNAIL_TYPE
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
 
@@ -155,20 +162,9 @@ class ScoreStage:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         decoder, meta = load_decoder(Path(decoder_dir), self.device)
-        enc = meta["encoder"]
-        preprocess = Preprocess.from_dict(enc["preprocess"])
         weights = encoder_weights_file(meta, encoder_weights)
-        encoder = load_encoder(
-            enc["spec"],
-            weights,
-            preprocess.image_size,
-            preprocess.mean,
-            preprocess.std,
-            self.device,
-            enc.get("weights_prefix"),  # absent (decoders before it, or trained without): found
-        )
-        check_encoder(meta, encoder, weights)
-        self.image_size = preprocess.image_size
+        encoder = load_trained_encoder(meta, weights, self.device)
+        self.image_size = encoder.preprocess.image_size
         self.scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(settings), micro_batch, compile)
 
     def __call__(self, table: pa.Table) -> pa.Table:
