@@ -111,13 +111,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     DINO's {'student': ..., 'teacher': ...}) become prefixes, which encoder_prefix finds or the user
     chooses between; what is not a tensor (epochs, arguments, lists) is left out."""
     path = Path(path)
-    if not path.is_file():
-        raise EncoderError(f"weights file not found: {path}")
+    check_weights_file(path)
     try:
         if path.suffix == ".safetensors" or is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+        elif not is_torch_file(path):
+            raise EncoderError(f"cannot read weights {path}: it is neither safetensors nor a torch.save file")
         else:
             with warnings.catch_warnings():  # torch warns of pickle protocols on the way to refusing
                 warnings.simplefilter("ignore")
@@ -126,6 +127,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise EncoderError(
             f"refused {path}: it holds more than plain tensors ({_unpickler_reason(e)}); {RESAVE}"
         ) from None
+    except EncoderError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise EncoderError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
     tensors = named_tensors(state)
@@ -156,6 +159,32 @@ def _what(state: object) -> str:
         return f"a {type(state).__name__}"
     keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
     return f"only {keys}" if state else "an empty dict"
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar")
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse, naming why, what cannot be a weights file: a hub's model directory (naming the weights
+    files in it), something that is not a regular file, an empty file."""
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        inside = f" (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''})" if held else ""
+        raise EncoderError(f"{path} is a directory{inside}; give the weights file itself")
+    if not path.exists():
+        raise EncoderError(f"weights file not found: {path}")
+    if not path.is_file():
+        raise EncoderError(f"{path} is not a regular file; give the weights file itself")
+    if path.stat().st_size == 0:
+        raise EncoderError(f"{path} is empty (0 bytes); give the weights file itself")
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether the file starts as torch.save's do: a zip archive, or (before torch 1.6) a pickle with
+    a protocol opcode; anything else is no torch file, whatever an unpickler says of its first byte."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def is_safetensors(path: Path) -> bool:

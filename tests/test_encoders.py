@@ -1,4 +1,5 @@
 import logging
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -488,3 +489,40 @@ def test_a_decoder_that_records_no_prefix_scores_with_the_copy_it_was_trained_fo
         f"none with the weights the decoder was trained for ({tiny_encoder.weights_sha256[:12]}...); give "
         "--encoder-weights the file it was trained with, or train a decoder for these weights"
     )
+
+
+def test_what_cannot_be_a_weights_file_is_named(tmp_path, tiny_encoder, capsys):
+    """A hub's model directory was 'weights file not found: DIR'; an empty .pt 'cannot read weights
+    FILE: EOFError: ' (an empty reason); a file of other bytes named .pt 'refused FILE: it holds more
+    than plain tensors (Unsupported operand 120)', as if it were a pickle."""
+    from sanitizer.cli import main
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(scaled(tiny_encoder.module.state_dict()), str(hub / "model.safetensors"))
+    (hub / "config.json").write_text("{}")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_bytes(b"xyz: not weights\n")
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "link.safetensors").symlink_to(hub / "model.safetensors")
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere.pt")
+    expected = {
+        "hub": f"{hub} is a directory (it holds model.safetensors); give the weights file itself",
+        "empty.pt": f"{tmp_path / 'empty.pt'} is empty (0 bytes); give the weights file itself",
+        "notes.pt": f"cannot read weights {tmp_path / 'notes.pt'}: "
+        "it is neither safetensors nor a torch.save file",
+        "fifo.pt": f"{tmp_path / 'fifo.pt'} is not a regular file; give the weights file itself",
+        "dangling.pt": f"weights file not found: {tmp_path / 'dangling.pt'}",
+    }
+    for name, message in expected.items():
+        with pytest.raises(EncoderError) as caught:
+            load_encoder("timm:test_resnet", tmp_path / name, image_size=32)
+        assert str(caught.value) == message
+    linked = load_encoder("timm:test_resnet", tmp_path / "link.safetensors", image_size=32)
+    assert (
+        linked.weights_sha256
+        == load_encoder("timm:test_resnet", hub / "model.safetensors", image_size=32).weights_sha256
+    )
+    argv = ["train", "--encoder", "timm:test_resnet", "--encoder-weights", str(hub), "--image-size", "32"]
+    assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "dec")]) == 2
+    assert capsys.readouterr().err == f"sanitizer: error: {expected['hub']}\n"
