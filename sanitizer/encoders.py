@@ -269,9 +269,11 @@ FULL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # c
 def check_tensor(where: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
     """Refuse what load_state_dict would take silently: a float weight given as integers or float8 (a
     quantised model, cast to nonsense) or as NaN/inf in the encoder's float (a diverged run); and name
-    a shape or a sparse layout that does not fit."""
+    a shape, a sparse layout or a meta tensor (no values), which torch's checks fail on."""
     if tensor.layout != torch.strided:
         raise EncoderError(f"{where} is a {tensor.layout} tensor; save dense weights")
+    if tensor.is_meta:  # a model built without memory (init_empty_weights, FSDP) saved before loading
+        raise EncoderError(f"{where} is a meta tensor, a shape without values; save the loaded weights")
     if tensor.shape != own.shape:
         raise EncoderError(
             f"{where} is {tuple(tensor.shape)} in the file, {tuple(own.shape)} in the encoder: the file "

@@ -198,8 +198,9 @@ def test_a_file_without_batchnorm_counters_loads(tmp_path, tiny_encoder):
 
 def test_tensors_torch_cannot_check_are_refused_in_one_line(tmp_path, tiny_encoder):
     """A float8 weight (a quantised model, as int8 is) and a sparse one gave a NotImplementedError
-    traceback from the NaN check; a key that is not a name, an AttributeError; and a float64 weight
-    too large for the encoder's float32 loaded as inf (infinite there)."""
+    traceback from the NaN check; a key that is not a name, an AttributeError; a meta tensor (a model
+    built without memory, saved before loading) a RuntimeError; and a float64 weight too large for
+    the encoder's float32 loaded as inf (infinite there)."""
     own = tiny_encoder.module.state_dict()
     float8 = own | {"bn1.bias": own["bn1.bias"].to(torch.float8_e4m3fn)}
     assert refusal(tmp_path, float8) == (
@@ -215,6 +216,12 @@ def test_tensors_torch_cannot_check_are_refused_in_one_line(tmp_path, tiny_encod
         load_encoder("timm:test_resnet", tmp_path / "sparse.pt", image_size=32)
     assert str(caught.value) == (
         f"{tmp_path / 'sparse.pt'}: bn1.bias is a torch.sparse_coo tensor; save dense weights"
+    )
+    torch.save(own | {"bn1.bias": own["bn1.bias"].to("meta")}, tmp_path / "meta.pt")  # RuntimeError
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "meta.pt", image_size=32)
+    assert str(caught.value) == (
+        f"{tmp_path / 'meta.pt'}: bn1.bias is a meta tensor, a shape without values; save the loaded weights"
     )
     torch.save({0: torch.zeros(1), **own}, tmp_path / "keys.pt")  # a key that is no name is left out
     assert load_encoder("timm:test_resnet", tmp_path / "keys.pt", image_size=32).weights_sha256 == (
