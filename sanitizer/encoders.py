@@ -8,6 +8,7 @@ would unpickle any of it: nothing is ever unpickled. The encoder is frozen.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -103,6 +104,10 @@ class VictimEncoder:
 
 # -- weights ---------------------------------------------------------------------------------------
 RESAVE = "save the model's state_dict() with safetensors.torch.save_file and pass that file"
+# Plain data beside the tensors that the weights-only unpickler may build: the training arguments timm's
+# train.py, DINO and torchvision's reference scripts save ('args'), an attribute bag whose values must be
+# allowed in turn. Without it every such checkpoint was refused as a pickled object.
+ALLOWED_GLOBALS = [argparse.Namespace]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -120,8 +125,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif not is_torch_file(path):
             raise EncoderError(f"cannot read weights {path}: it is neither safetensors nor a torch.save file")
         else:
-            with warnings.catch_warnings():  # torch warns of pickle protocols on the way to refusing
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(), torch.serialization.safe_globals(ALLOWED_GLOBALS):
+                warnings.simplefilter("ignore")  # torch warns of pickle protocols on the way to refusing
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise EncoderError(

@@ -1,3 +1,4 @@
+import argparse
 import logging
 import os
 import pickle
@@ -242,7 +243,13 @@ def test_tensors_torch_cannot_check_are_refused_in_one_line(tmp_path, tiny_encod
     [
         ({"student": "a", "teacher": "b", "epoch": 5}, ("student.", "teacher.")),  # DINO
         (
-            {"state_dict": "a", "state_dict_ema": "b", "epoch": 3, "optimizer": {"state": {0: {"m": "a"}}}},
+            {
+                "state_dict": "a",
+                "state_dict_ema": "b",
+                "epoch": 3,
+                "optimizer": {"state": {0: {"m": "a"}}},
+                "args": argparse.Namespace(model="test_resnet", lr=0.1, sizes=[1, 2], amp=None),
+            },
             ("state_dict.", "state_dict_ema."),  # timm's train.py
         ),
         ({"model": "a", "model_ema": "b"}, ("model.", "model_ema.")),
@@ -253,7 +260,8 @@ def test_a_checkpoint_of_two_networks_is_refused_naming_them_and_either_loads(
 ):
     """A checkpoint with the encoder in two nested dicts: a whole DINO checkpoint was refused as 'not a
     state dict of tensors' with no way to choose, and timm's (its model and its EMA) loaded the model
-    whatever the user wanted. Each nested dict's keys now lie under its name as a prefix."""
+    whatever the user wanted (and was refused whole for its training arguments, an argparse.Namespace).
+    Each nested dict's keys now lie under its name as a prefix."""
     own = tiny_encoder.module.state_dict()
     states = {"a": scaled(own), "b": {k: v * 0.5 if v.is_floating_point() else v for k, v in own.items()}}
 
@@ -285,6 +293,12 @@ def test_a_pickled_model_is_refused_with_what_it_holds_and_no_warning(tmp_path, 
         "(Unsupported global: GLOBAL timm.models.resnet.ResNet); "
         "save the model's state_dict() with safetensors.torch.save_file and pass that file"
     )
+    args = argparse.Namespace(output=Path("/runs/x"))  # allowed, but not what it holds
+    torch.save({"state_dict": tiny_encoder.module.state_dict(), "args": args}, tmp_path / "args.pth")
+    with pytest.raises(
+        EncoderError, match=r"tensors \(Unsupported global: GLOBAL pathlib\.PosixPath\); save"
+    ):
+        load_encoder("timm:test_resnet", tmp_path / "args.pth", image_size=32)
     (tmp_path / "old.pth").write_bytes(pickle.dumps({"x": torch.zeros(1)}, protocol=4))
     with pytest.raises(
         EncoderError, match=r"it holds more than plain tensors \(Unsupported operand 149\); save"
