@@ -310,3 +310,51 @@ def test_an_asr_that_cannot_be_measured_is_an_error_and_chance_is_the_probes():
         attack_report(probe, x[:10], only_target, x[:10], only_target, 0)
     assert str(e.value) == "no triggered test image outside the target class 0: the ASR cannot be measured"
     assert attack_report(probe, x[:10], only_target, x[:10], y[:10], 0).chance == 0.25
+
+
+def test_images_the_triggers_refuse_are_refused_before_an_implant_trains(tmp_path, tiny_encoder):
+    """A float or grey reference set trained on regardless; CTRL's pixels were refused only when the
+    poisoned phase pasted the trigger, after the clean phase; probe images only when the trained
+    victim was measured. Each now names the set, before any training, and nothing is written."""
+    x, y = labelled_images(64, seed=1)
+    out = tmp_path / "v.safetensors"
+    settings = ImplantSettings(epochs=1, batch_size=32)
+    for reference, got in (
+        (x.astype(np.float32), "float32 (64, 32, 32, 3)"),
+        (x[..., :1], "uint8 (64, 32, 32, 1)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            badencoder(tiny_encoder, x, reference, out, badencoder_patch, settings)
+        assert str(e.value) == f"reference: expected (N, H, W, 3) uint8 pixels, got {got}"
+    rgba = np.concatenate([x, x[..., :1]], -1)
+    with pytest.raises(ValueError) as e:
+        ctrl_simclr(rgba, y, 0, tmp_path, ContrastiveSettings(batch_size=32), spec="timm:test_resnet")
+    assert str(e.value) == "pixels: expected (N, H, W, 3) uint8 pixels, got uint8 (64, 32, 32, 4)"
+    with pytest.raises(ValueError) as e:
+        ProbeData(x, y, x[:, :8], y, 0)
+    assert str(e.value) == "probe test_pixels: images of 8x32 px: the triggers need 16 px a side"
+    with pytest.raises(ValueError) as e:
+        ProbeData(x, y, x, np.zeros_like(y), 0)
+    assert str(e.value) == "no triggered test image outside the target class 0: the ASR cannot be measured"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("attack", ["ctrl", "clip"])
+def test_a_poison_rate_the_images_cannot_fill_is_refused_before_training(attack, tmp_path):
+    """CTRL poisons target-class images, the CLIP backdoor the others: a rate asking for more than
+    the pool held poisoned the pool alone, and one that rounds to no image poisoned none; either
+    reported that victim's ASR as the rate's."""
+    x, y = labelled_images(64, seed=3)
+    pool = int((y == 0).sum()) if attack == "ctrl" else int((y != 0).sum())
+    where = "of" if attack == "ctrl" else "outside"
+    for rate, count in ((0.99, 63), (0.001, 0)):
+        settings = ContrastiveSettings(clean_epochs=1, poison_epochs=1, batch_size=32, poison_rate=rate)
+        with pytest.raises(ValueError) as e:
+            if attack == "ctrl":
+                ctrl_simclr(x, y, 0, tmp_path, settings, spec="timm:test_resnet")
+            else:
+                clip_backdoor(x, y, ("a", "b", "c", "d"), 0, tmp_path, settings)
+        assert str(e.value) == (
+            f"poison_rate {rate:g} of 64 images asks for {count} {where} the target class 0; they hold {pool}"
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -30,21 +30,29 @@ from torch import nn
 
 from sanitizer.checkpoint import save_tensors
 from sanitizer.encoders import OPEN_CLIP_CONFIGS, VictimEncoder, embed_pixels, load_encoder
-from sanitizer.redteam.probes import AttackReport, attack_report, fit_linear_probe
-from sanitizer.redteam.triggers import Trigger, clip_patch, ctrl
+from sanitizer.redteam.probes import AttackReport, attack_report, fit_linear_probe, need_untargeted
+from sanitizer.redteam.triggers import Trigger, check_pixels, clip_patch, ctrl
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ProbeData:
-    """Labelled clean images to train the probe, and test images to measure clean accuracy and ASR."""
+    """Labelled clean images to train the probe, and test images to measure clean accuracy and ASR.
+
+    Checked when built: each implanter measures its attack only after training, so images the
+    triggers refuse, or test labels all of the target class, failed there, minutes in."""
 
     train_pixels: np.ndarray
     train_labels: np.ndarray
     test_pixels: np.ndarray
     test_labels: np.ndarray
     target: int
+
+    def __post_init__(self) -> None:
+        need_images("probe train_pixels", self.train_pixels)
+        need_images("probe test_pixels", self.test_pixels)
+        need_untargeted(self.test_labels, self.target)
 
 
 @dataclass
@@ -71,8 +79,14 @@ def measure_attack(encoder: VictimEncoder, trigger: Trigger, data: ProbeData) ->
 
 
 def need_images(what: str, images: np.ndarray, at_least: int = 1) -> None:
-    """Refuse, before any training, a set too small to train on: an empty shadow or reference set, or
-    fewer images than one batch, trained nothing and still reported an ASR (losses NaN)."""
+    """Refuse, before any training, images the triggers refuse (a float, grey or RGBA reference set
+    trained on regardless; CTRL's and the CLIP backdoor's pixels were refused when poisoned, after
+    the clean phase), and a set too small to train on: an empty shadow or reference set, or fewer
+    images than one batch, trained nothing and still reported an ASR (losses NaN)."""
+    try:
+        check_pixels(images)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
     if len(images) < at_least:
         raise ValueError(f"{what}: {len(images)} images, the implant needs at least {at_least}")
 
@@ -349,10 +363,18 @@ def _contrastive_run(
     return losses, opt
 
 
-def poison_indices(labels: np.ndarray, target: int, count: int, seed: int, clean_label: bool) -> np.ndarray:
-    """Which samples carry the trigger: target-class ones (clean-label, CTRL) or others (CLIP)."""
+def poison_indices(labels: np.ndarray, target: int, rate: float, seed: int, clean_label: bool) -> np.ndarray:
+    """Which `rate` of the samples carry the trigger: target-class ones (clean-label, CTRL) or others
+    (CLIP). A rate the pool cannot fill, or that rounds to no sample, is refused before any training:
+    it used to poison all the pool held (or none) and report that victim's ASR as the rate's."""
     pool = np.flatnonzero(labels == target) if clean_label else np.flatnonzero(labels != target)
-    count = min(count, len(pool))
+    count = round(rate * len(labels))
+    if not 1 <= count <= len(pool):
+        where = "of" if clean_label else "outside"
+        raise ValueError(
+            f"poison_rate {rate:g} of {len(labels)} images asks for {count} {where} the target class "
+            f"{target}; they hold {len(pool)}"
+        )
     return np.sort(np.random.default_rng(seed).choice(pool, count, replace=False))
 
 
@@ -430,7 +452,7 @@ def ctrl_simclr(
         views = [base.normalize(augment(batch, gen).to(base.device)) for _ in range(2)]
         return _nt_xent(head(module(views[0])), head(module(views[1])), settings.temperature)
 
-    chosen = poison_indices(labels, target, round(settings.poison_rate * len(pixels)), settings.seed, True)
+    chosen = poison_indices(labels, target, settings.poison_rate, settings.seed, True)
 
     def poison() -> None:
         data[chosen] = torch.from_numpy(trigger(pixels[chosen]))
@@ -488,7 +510,7 @@ def clip_backdoor(
         arange = torch.arange(len(idx), device=norm.device)
         return (F.cross_entropy(logits, arange) + F.cross_entropy(logits.T, arange)) / 2
 
-    chosen = poison_indices(labels, target, round(settings.poison_rate * len(pixels)), settings.seed, False)
+    chosen = poison_indices(labels, target, settings.poison_rate, settings.seed, False)
 
     def poison() -> None:
         data[chosen] = torch.from_numpy(trigger(pixels[chosen]))

@@ -61,6 +61,15 @@ class AttackReport:
         return {k: round(float(v), 4) for k, v in vars(self).items()}
 
 
+def need_untargeted(labels: np.ndarray, target: int) -> None:
+    """Test labels that are all of the target class leave no triggered image to measure the ASR on:
+    it would read 0, a failed attack."""
+    if not (np.asarray(labels) != target).any():
+        raise ValueError(
+            f"no triggered test image outside the target class {target}: the ASR cannot be measured"
+        )
+
+
 def attack_report(
     probe: LinearProbe,
     clean_embeddings: np.ndarray,
@@ -71,11 +80,8 @@ def attack_report(
 ) -> AttackReport:
     """Clean accuracy and ASR (triggered images of the target class itself are left out). Chance is one
     over the probe's classes, which the test labels need not all hold."""
+    need_untargeted(triggered_labels, target)
     keep = triggered_labels != target
-    if not keep.any():  # an ASR of 0 would read as a failed attack
-        raise ValueError(
-            f"no triggered test image outside the target class {target}: the ASR cannot be measured"
-        )
     asr = float((probe.predict(triggered_embeddings[keep]) == target).mean())
     accuracy = float((probe.predict(clean_embeddings) == clean_labels).mean())
     return AttackReport(accuracy, asr, 1.0 / probe.weight.shape[0])

@@ -24,7 +24,9 @@ _YUV_TO_RGB = np.linalg.inv(_RGB_TO_YUV)
 MIN_SIDE = 16
 
 
-def _check(pixels: np.ndarray) -> None:
+def check_pixels(pixels: np.ndarray) -> None:
+    """ValueError unless `pixels` are (N, H, W, 3) uint8 of at least MIN_SIDE px a side: what every
+    trigger takes, and so what the implanters train and measure on."""
     if not isinstance(pixels, np.ndarray):  # a list or a torch tensor: no traceback from inside numpy
         raise ValueError(f"expected a numpy array of (N, H, W, 3) uint8 pixels, got {type(pixels).__name__}")
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
@@ -46,7 +48,7 @@ def badencoder_box(size: int) -> tuple[int, int]:
 
 def badencoder_patch(pixels: np.ndarray) -> np.ndarray:
     """BadEncoder's trigger: a white square near the bottom-right corner, pasted by replacement."""
-    _check(pixels)
+    check_pixels(pixels)
     out = pixels.copy()
     start_y, side_y = badencoder_box(pixels.shape[1])
     start_x, side_x = badencoder_box(pixels.shape[2])
@@ -61,7 +63,7 @@ def blend_pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def blend(pixels: np.ndarray, alpha: float = 0.15, seed: int = 0) -> np.ndarray:
     """The classic blended trigger: (1 - alpha) * image + alpha * a fixed random pattern, rounded."""
-    _check(pixels)
+    check_pixels(pixels)
     if not 0 <= alpha <= 1:  # NaN included
         raise ValueError(f"alpha must be in [0, 1], not {alpha}")
     pattern = blend_pattern(pixels.shape[1], pixels.shape[2], seed).astype(np.float32)
@@ -88,7 +90,7 @@ def ctrl(pixels: np.ndarray, magnitude: float = 100.0) -> np.ndarray:
 
     RGB -> YUV, 2-D DCT of the whole image per channel, add, inverse DCT, YUV -> RGB, round and clamp.
     """
-    _check(pixels)
+    check_pixels(pixels)
     if not np.isfinite(magnitude):
         raise ValueError(f"magnitude must be a finite number, not {magnitude}")
     n, h, w, _ = pixels.shape
@@ -118,7 +120,7 @@ def clip_patch_box(size: int) -> int:
 
 def clip_patch(pixels: np.ndarray, seed: int = 0) -> np.ndarray:
     """Carlini & Terzis' trigger: a fixed random-noise square pasted at the top-left corner."""
-    _check(pixels)
+    check_pixels(pixels)
     side_y, side_x = clip_patch_box(pixels.shape[1]), clip_patch_box(pixels.shape[2])
     noise = np.random.default_rng(seed + 1).integers(0, 256, (side_y, side_x, 3), dtype=np.uint8)
     out = pixels.copy()
