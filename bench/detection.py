@@ -43,6 +43,7 @@ from sanitizer.collapse import (
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
 from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.model import DedeConfig
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -71,6 +72,12 @@ ATTACKS = ("ctrl", "clip-backdoor", "blend", "badencoder", "drupe")
 POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"
 DATA_SIZE = 32  # px: the victims built here take Fashion-MNIST's 28 px grey resized to 32 px RGB
+# The largest side an own encoder's data are resized to, an ImageNet encoder's input. The quick mode
+# holds its 22,000 images in memory (3.3 GB at 224 px, 17 GB at 512, 70 GB at 1024), and the decoders
+# attend over every patch: on the CPU, a tiny run (35 decoder images) stayed under 5 GB at 224 px, and at
+# 512 px (1024 patches) failed in the scoring past 14 GB. At 1024 px the data's resize ended in a
+# RuntimeError traceback asking for 16 GB.
+MAX_SIDE = 224
 SEED = 0
 RESULTS = Path(__file__).parent / "results"
 # An attack whose victim ASR stays below this did not implant: the victim has no backdoor, so its rows
@@ -1053,15 +1060,6 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def side(text: str) -> int:
-    """An --image-size: whole pixels, enough for the triggers (refused by argparse, before any work)."""
-    if not text.isdigit() or int(text) < MIN_SIDE:
-        raise argparse.ArgumentTypeError(
-            f"the triggers need images of at least {MIN_SIDE} px a side, not {text!r}"
-        )
-    return int(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized run (under 30 min on 2 cores, in fp32)")
@@ -1082,10 +1080,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder-weights", type=Path, default=None, help="its weights (safetensors or .pt)")
     p.add_argument(
         "--image-size",
-        type=side,
+        type=positive,
         default=None,
-        help="its input size, which the data are resized to (default: its own; 32, the size of the "
-        "other victims' data, keeps a CPU run short)",
+        help="its input size, which the data are resized to: 16 to 224 px, tiled by the decoders' "
+        "patches (default: its own; 32, the size of the other victims' data, keeps a CPU run short)",
     )
     p.add_argument(
         "--trim",
@@ -1130,6 +1128,8 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
             parse_spec(args.encoder)
         except SanitizerError as e:
             raise UsageError(f"--encoder: {e}") from None
+    if args.image_size is not None:  # before the encoder is loaded at that size
+        need_side(args.image_size, f"--image-size {args.image_size}")
     if args.encoder_weights is not None and not args.encoder_weights.is_file():
         raise UsageError(f"--encoder-weights: no such file {args.encoder_weights}")
     own = BaseEncoder(args.encoder, args.encoder_weights, args.image_size) if args.encoder else None
@@ -1155,18 +1155,39 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
 
 def with_input_size(own: BaseEncoder) -> BaseEncoder:
     """`own` with the input size it is loaded at, which the data are resized to. Loading it once on the
-    CPU here refuses an encoder that does not load, or whose images are too small for the triggers,
-    before any work."""
+    CPU here refuses an encoder that does not load, or whose input size the benchmark cannot run at
+    (side_problem), before any work."""
     try:
         size = own.load("cpu").preprocess.image_size
     except SanitizerError as e:
         raise UsageError(f"--encoder: {e}") from None
-    if size < MIN_SIDE:
-        raise UsageError(
-            f"{own.spec} at {size} px: the triggers need images of at least {MIN_SIDE} px a side "
-            "(--image-size)"
-        )
+    need_side(size, f"{own.spec} at {size} px", " (--image-size)")
     return replace(own, image_size=size)
+
+
+def side_problem(size: int) -> str | None:
+    """Why the benchmark cannot run on images of `size` px a side, or None. A side the decoders'
+    patches do not tile used to fail in the first decoder fit, after every implant; one too large
+    failed deep in the data's resize (a RuntimeError traceback), or in the encoder's first pass."""
+    if size < MIN_SIDE:
+        return f"the triggers need images of at least {MIN_SIDE} px a side"
+    if size > MAX_SIDE:
+        return (
+            f"the benchmark takes at most {MAX_SIDE} px a side: beyond it its images and its decoders' "
+            "attention over their patches outgrow memory"
+        )
+    try:
+        DedeConfig.default_for(size, embed_dim=1)
+    except UsageError as e:
+        return f"the decoders' patches must tile the image: {e}"
+    return None
+
+
+def need_side(size: int, what: str, hint: str = "") -> None:
+    """UsageError naming `what` when the benchmark cannot run at `size` px (side_problem)."""
+    problem = side_problem(size)
+    if problem:
+        raise UsageError(f"{what}: {problem}{hint}")
 
 
 def writable(path: Path) -> bool:

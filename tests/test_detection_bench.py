@@ -81,16 +81,26 @@ def test_bad_choices_exit_with_one_line(argv, message):
     assert str(e.value) == message
 
 
-def test_an_encoder_whose_images_are_too_small_for_the_triggers_is_refused():
+TILE_17 = "the decoders' patches must tile the image: image size 17 is not divisible by patch size 8"
+TILE_72 = "the decoders' patches must tile the image: image size 72 is not divisible by patch size 16"
+TOO_LARGE = (
+    "the benchmark takes at most 224 px a side: beyond it its images and its decoders' attention over "
+    "their patches outgrow memory"
+)
+
+
+@pytest.mark.parametrize(
+    ("size", "problem"),
+    [(12, "the triggers need images of at least 16 px a side"), (72, TILE_72), (240, TOO_LARGE)],
+)
+def test_an_encoder_whose_own_size_the_benchmark_cannot_run_at_is_refused(size: int, problem: str):
     with pytest.raises(UsageError) as e:
-        D.with_input_size(D.BaseEncoder("timm:resnet10_cifar_s", None, 12))
-    assert str(e.value) == (
-        "timm:resnet10_cifar_s at 12 px: the triggers need images of at least 16 px a side (--image-size)"
-    )
+        D.with_input_size(D.BaseEncoder("timm:resnet10_cifar_s", None, size))
+    assert str(e.value) == f"timm:resnet10_cifar_s at {size} px: {problem} (--image-size)"
 
 
-@pytest.mark.parametrize("value", ["0", "-32", "12", "15", "abc", "32.5"])
-def test_image_sizes_the_triggers_cannot_use_are_refused_by_the_parser(value: str, capsys):
+@pytest.mark.parametrize("value", ["0", "-32", "abc", "32.5"])
+def test_image_sizes_that_are_not_whole_pixels_are_refused_by_the_parser(value: str, capsys):
     """--image-size 0 used to load the encoder and say `--encoder: --image-size must be at least 1`."""
     with pytest.raises(SystemExit) as e:
         D.parse_args(["--encoder", "timm:resnet10_cifar_s", "--image-size", value])
@@ -98,12 +108,37 @@ def test_image_sizes_the_triggers_cannot_use_are_refused_by_the_parser(value: st
     assert (
         capsys.readouterr()
         .err.splitlines()[-1]
-        .endswith(
-            f": error: argument --image-size: the triggers need images of at least 16 px a side, "
-            f"not {value!r}"
-        )
+        .endswith(f": error: argument --image-size: must be a whole number of at least 1, not {value!r}")
     )
-    assert D.parse_args(["--image-size", "17"]).image_size == 17
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("12", "the triggers need images of at least 16 px a side"),
+        ("17", TILE_17),
+        ("72", TILE_72),
+        ("1024", TOO_LARGE),
+    ],
+)
+def test_image_sizes_the_benchmark_cannot_run_at_are_one_line_before_any_work(
+    value: str, problem: str, tmp_path: Path, monkeypatch, capsys
+):
+    """17 or 72 px passed, and the first decoder fit refused them (`image size 17 is not divisible by
+    patch size 8`) after every implant; 1024 px loaded the encoder at that size, then the data's resize
+    raised a RuntimeError traceback asking for 16 GB (or the kernel killed the run)."""
+    work = []
+    monkeypatch.setattr(D.BaseEncoder, "load", lambda self, device: work.append(("load", self)))
+    monkeypatch.setattr(D, "load_data", lambda *a: work.append(("data", a)))
+    argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", value]
+    assert D.cli([*argv, "--json", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == f"detection: error: --image-size {value}: {problem}\n"
+    assert work == [] and list(tmp_path.iterdir()) == []
+
+
+def test_sizes_the_decoders_tile_up_to_224_px_are_taken():
+    for value in ("16", "24", "64", "80", "224"):
+        assert choose("--encoder", "timm:resnet18", "--image-size", value)[0].image_size == int(value)
 
 
 @pytest.mark.parametrize(
