@@ -73,7 +73,7 @@ POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"
 DATA_SIZE = 32  # px: the victims built here take Fashion-MNIST's 28 px grey resized to 32 px RGB
 # The largest side an own encoder's data are resized to, an ImageNet encoder's input. The quick mode
-# holds its 22,000 images in memory (3.3 GB at 224 px, 17 GB at 512, 70 GB at 1024), and the decoders
+# holds its 18,000 images in memory (2.7 GB at 224 px, 14 GB at 512, 57 GB at 1024), and the decoders
 # attend over every patch: on the CPU, a tiny run (35 decoder images) stayed under 5 GB at 224 px, and at
 # 512 px (1024 patches) failed in the scoring past 14 GB. At 1024 px the data's resize ended in a
 # RuntimeError traceback asking for 16 GB.
@@ -197,9 +197,12 @@ def split_indices(s: Sizes, train_labels: np.ndarray, test_labels: np.ndarray, n
     }  # fmt: skip
 
 
-def load_data(s: Sizes, size: int = DATA_SIZE) -> Data:
+def load_data(s: Sizes, size: int = DATA_SIZE, pretrain: bool = True) -> Data:
     """Fashion-MNIST's slices (split_indices) and MNIST digits as OOD data, at `size` px. Only the
-    slices taken are resized: at an encoder's 224 px the whole of both would be 12 GB."""
+    slices taken are resized: at an encoder's 224 px the whole of both would be 12 GB. The victims'
+    pretraining slice only where a victim is built here (`pretrain`): it was resized for every run,
+    4000 images of the quick mode's 22,000 and 30,000 of the full mode's 78,500, never read by the
+    attacks that fine-tune an encoder (so never by an --encoder run)."""
     (x, y), (xt, yt) = datasets.fashion_mnist_grey("train"), datasets.fashion_mnist_grey("test")
     ood = datasets.mnist_grey()[0]
     at = split_indices(s, y, yt, len(ood))
@@ -210,6 +213,8 @@ def load_data(s: Sizes, size: int = DATA_SIZE) -> Data:
     def labelled(images: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
         return px(images[at[name]]), labels[at[name]]
 
+    if not pretrain:
+        at["pretrain"] = at["pretrain"][:0]
     return Data(
         labelled(x, y, "pretrain"), px(x[at["shadow"]]), px(x[at["reference"]]), labelled(x, y, "probe"),
         labelled(x, y, "decoder"), px(ood[at["ood"]]), labelled(xt, yt, "test"),
@@ -1227,7 +1232,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_outputs(args)
     own, attacks = chosen_victims(args)
     training = decoder_training(args, sizes)
-    data = load_data(sizes, own.image_size if own else DATA_SIZE)  # not installed: names install_data.sh
+    built_here = any(a not in FINE_TUNED for a in attacks)
+    # not installed: names install_data.sh
+    data = load_data(sizes, own.image_size if own else DATA_SIZE, pretrain=built_here)
     header = {
         "command": " ".join(
             shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]

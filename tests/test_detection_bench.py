@@ -225,6 +225,9 @@ def test_load_data_resizes_only_the_slices_it_takes(monkeypatch):
     assert np.array_equal(large.decoder[0], D.datasets.resize_grey(train[0][decoder], 48))
     assert (train[1][reference] == D.TARGET).all() and (small.trigger_source[1] != D.TARGET).all()
     assert len(small.pretrain[0]) == 50 and len(small.decoder[0]) == 60 and len(small.test[0]) == 20
+    skipped = D.load_data(sizes, 48, pretrain=False)  # only the victims built here pretrain
+    assert skipped.pretrain[0].shape == (0, 48, 48, 3) and skipped.pretrain[1].shape == (0,)
+    assert np.array_equal(skipped.decoder[0], large.decoder[0])
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
@@ -540,14 +543,17 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     """main() end to end on tiny data: each victim built, its decoders queued, then the rows."""
     monkeypatch.setattr(D, "QUICK", TINY)
     data_sizes = []
-    monkeypatch.setattr(
-        D, "load_data", lambda sizes, size: data_sizes.append(size) or tiny_data(np.random.default_rng(0))
-    )
+
+    def load_data(sizes: D.Sizes, size: int, pretrain: bool) -> D.Data:
+        data_sizes.append((size, pretrain))
+        return tiny_data(np.random.default_rng(0))
+
+    monkeypatch.setattr(D, "load_data", load_data)
     monkeypatch.setattr(D, "IMPLANTED_ASR", 0.0)  # every tiny victim counts as implanted
     out = tmp_path / "r.json"
     argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
     D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path)])
-    assert data_sizes == [32]  # the encoder's input size
+    assert data_sizes == [(32, False)]  # the encoder's input size; no victim pretrained here
     result = json.loads(out.read_text())
     assert result["complete"] and result["jobs"] == 2 and set(result["attack_asr"]) == {"badencoder", "drupe"}
     assert {r["attack"] for r in result["rows"]} == {"badencoder", "drupe"}
