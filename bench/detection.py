@@ -1210,11 +1210,23 @@ def writable(path: Path) -> bool:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Where the results go (the Markdown beside the JSON by default), checked before minutes of work
-    rather than after."""
+    """Where the results go (the Markdown beside the JSON by default) and where the victims are kept
+    (`--work`, made here if absent), checked before minutes of work rather than after: a --work that
+    was a file, or under one, ended the first implant in a FileExistsError traceback."""
     for flag, path in (("--json", args.json), ("--md", args.md or args.json.with_suffix(".md"))):
         if not writable(path):
             raise UsageError(f"{flag} {path}: not a file this process can write")
+    if args.work is not None and not writable_dir(args.work):
+        raise UsageError(f"--work {args.work}: not a directory this process can write in")
+
+
+def writable_dir(path: Path) -> bool:
+    """Whether `path` is, or can be made, a directory this process can write a file in."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return path.is_dir() and writable(path / ".detection-write-check")
 
 
 def decoder_training(args: argparse.Namespace, sizes: Sizes) -> TrainSettings:

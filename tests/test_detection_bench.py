@@ -255,6 +255,18 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "r.md"]  # checked, nothing left behind
 
 
+def test_a_work_directory_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """A --work that was a file, or under one, passed, and the first implant ended in a
+    FileExistsError traceback when it saved its victim (in the quick mode, after minutes)."""
+    (tmp_path / "file").write_text("")
+    for work in (tmp_path / "file", tmp_path / "file" / "w", Path("/proc/w")):
+        with pytest.raises(UsageError) as e:
+            D.check_outputs(D.parse_args(["--json", str(tmp_path / "r.json"), "--work", str(work)]))
+        assert str(e.value) == f"--work {work}: not a directory this process can write in"
+    D.check_outputs(D.parse_args(["--json", str(tmp_path / "r.json"), "--work", str(tmp_path / "a" / "b")]))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "file"]  # made, left empty
+
+
 def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
     training = D.decoder_training(D.parse_args(["--quick", "--trim", "0", "--refit", "0"]), D.QUICK)
     assert training.trim == 0 and training.refit == 0 and training.epochs == D.QUICK.decoder_epochs
