@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ from sanitizer.redteam.implant import (
     ContrastiveSettings,
     ImplantSettings,
     ProbeData,
+    _trainable_except_batchnorm,
     badencoder,
     clip_backdoor,
     ctrl_simclr,
@@ -358,3 +360,18 @@ def test_a_poison_rate_the_images_cannot_fill_is_refused_before_training(attack,
             f"poison_rate {rate:g} of 64 images asks for {count} {where} the target class 0; they hold {pool}"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def fine_tuned(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters the BadEncoder implant would fine-tune in `module` (all of its tail)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for p in _trainable_except_batchnorm(module, 1.0)]
+
+
+def test_a_torchscript_encoders_batchnorm_stays_frozen_as_an_eager_ones():
+    """BadEncoder keeps BatchNorm frozen; a scripted encoder's layers are not nn.BatchNorm2d instances,
+    so every one of its BatchNorm weights and biases was fine-tuned."""
+    eager = load_encoder("timm:resnet10_cifar_s", image_size=32).module
+    scripted = fine_tuned(torch.jit.script(copy.deepcopy(eager)))
+    assert scripted == fine_tuned(eager) and len(scripted) > 0
+    assert not [n for n in scripted if "bn" in n.split(".")[-2]]

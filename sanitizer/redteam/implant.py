@@ -157,13 +157,22 @@ def _trainable_except_batchnorm(module: nn.Module, tail_fraction: float) -> list
     first = len(owned) - max(1, round(tail_fraction * len(owned)))
     params = []
     for i, (m, p) in enumerate(owned):
-        train = i >= first and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        train = i >= first and not is_batchnorm(m)
         p.requires_grad_(train)
         if train:
             params.append(p)
     if not params:
         raise ValueError(f"tail_fraction {tail_fraction} leaves no parameter outside BatchNorm to fine-tune")
     return params
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm layer, eager or scripted: a TorchScript encoder's layers are RecursiveScriptModules
+    that keep only their class's name (`original_name`), so its BatchNorm weights were fine-tuned."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    name = getattr(module, "original_name", "")
+    return isinstance(module, torch.jit.ScriptModule) and "BatchNorm" in name
 
 
 def _embed(module: nn.Module, encoder: VictimEncoder, pixels: np.ndarray) -> torch.Tensor:
