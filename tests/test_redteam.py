@@ -93,6 +93,15 @@ def test_badencoder_patch_is_the_reference_square():
     assert (out[:, 21:31, 21:31] == 255).all()
 
 
+def test_badencoder_patch_on_a_non_square_image_scales_each_side_on_its_own_axis():
+    out = badencoder_patch(np.full((1, 16, 40, 3), 100, np.uint8))
+    (start_y, side_y), (start_x, side_x) = badencoder_box(16), badencoder_box(40)
+    assert (start_y, side_y, start_x, side_x) == (8, 7, 27, 12)
+    expected = np.zeros((16, 40), bool)
+    expected[8:15, 27:39] = True
+    assert np.array_equal((out[0] != 100).any(-1), expected) and (out[0][expected] == 255).all()
+
+
 def test_blend_is_the_alpha_mix_of_a_seeded_pattern():
     pattern = blend_pattern(32, 32, seed=0).astype(np.float64)
     out = blend(grey())

@@ -1,4 +1,6 @@
-"""Backdoor implanters: real attacks on real training, each returning the victim and its own ASR.
+"""Backdoor implanters: real attacks on real training, each returning its victim with the attack's own
+ASR (`badencoder`, `drupe`), or the clean encoder and the victim, each with its own (`ctrl_simclr`,
+`clip_backdoor`, which train the clean one first).
 
 - `badencoder`: fine-tune a clean encoder with BadEncoder's three cosine terms (BatchNorm frozen).
 - `drupe`: the same plus DRUPE-style stealth terms: a sliced-Wasserstein term that makes triggered

@@ -47,7 +47,8 @@ def badencoder_box(size: int) -> tuple[int, int]:
 
 
 def badencoder_patch(pixels: np.ndarray) -> np.ndarray:
-    """BadEncoder's trigger: a white square near the bottom-right corner, pasted by replacement."""
+    """BadEncoder's trigger: a white square near the bottom-right corner, pasted by replacement. Each
+    side follows its own axis (badencoder_box), so on a non-square image it is a rectangle."""
     check_pixels(pixels)
     out = pixels.copy()
     start_y, side_y = badencoder_box(pixels.shape[1])
