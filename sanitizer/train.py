@@ -448,7 +448,10 @@ def train_decoder(
         score_settings.check_patch_size(config.patch_size)
         images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
         fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
-        meta = decoder_meta(encoder, encoder_weights, images, data, settings, score_settings, fit)
+        weights = {"weights_file": encoder_weights}
+        if weights_prefix is not None:  # absent: found by the tensors' names
+            weights["weights_prefix"] = weights_prefix
+        meta = decoder_meta(encoder, weights, images, data, settings, score_settings, fit)
         checkpoint.save_holdout(out_dir, fit.holdout_sketches, fit.holdout_thumbnails)
         meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
         checkpoint.clear_training_state(out_dir)
@@ -457,19 +460,19 @@ def train_decoder(
 
 def decoder_meta(
     encoder: VictimEncoder,
-    encoder_weights: str | None,
+    weights: dict,
     images: ImageSet,
     data: str,
     settings: TrainSettings,
     score_settings: ScoreSettings,
     fit: FitResult,
 ) -> dict:
-    """decoder.json's record of a finished fit (save_decoder adds the model and the weights' hash)."""
+    """decoder.json's record of a finished fit (save_decoder adds the model and the weights' hash);
+    `weights` is where the encoder's weights came from: their file, and the prefix the user chose."""
     return {
         "encoder": {
             "spec": encoder.spec,
-            "weights_file": encoder_weights,
-            **({} if weights_prefix is None else {"weights_prefix": weights_prefix}),  # absent: auto
+            **weights,
             "weights_sha256": encoder.weights_sha256,
             "embed_dim": encoder.embed_dim,
             "preprocess": encoder.preprocess.to_dict(),
