@@ -266,6 +266,51 @@ def test_the_report_says_when_clean_no_longer_matches_the_flags(labelled_run, tm
     assert "kept in clean/" not in text and stale in text
 
 
+def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, tmp_path):
+    """A `clean --threshold` killed while it re-flags the manifests leaves some at the new threshold
+    and run.json at the old (it is written after them). The verdict tested the mixed count against
+    run.json's rate; it is withheld now, the page says why and what to do, and `clean` mends it."""
+    from sanitizer.rundir import RunDir, apply_threshold
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    stems = sorted(p.stem for p in (run / "manifest").glob("*.parquet"))
+    assert apply_threshold(RunDir(run), stems[:1], 0.0) == 1  # as far as the killed clean got
+    verdict = encoder_verdict(run)
+    assert verdict["backdoored"] is None and verdict["p_value"] is None
+    assert verdict["other_threshold_shards"] == stems[:1]
+    threshold = json.loads((run / "run.json").read_text())["threshold"]
+    why = (
+        f"1 shard(s) ({stems[0]}) were flagged at another threshold than run.json's "
+        f"{threshold['value']:.6g} ({threshold['rule']}) (a `sanitizer clean --threshold` did not "
+        "finish), so the flag counts mix thresholds: run `sanitizer clean RUN_DIR` to flag every shard "
+        "at run.json's"
+    )
+    assert verdict["text"] == "no verdict: " + why
+    text = parse(write_report(run)).text
+    assert text.count(why) == 1 and text.count("no verdict: " + why) == 1  # on the totals and the verdict
+    clean_run(run)
+    verdict = encoder_verdict(run)
+    assert verdict["other_threshold_shards"] == [] and verdict["p_value"] is not None
+    assert why not in " ".join(parse(write_report(run)).text)
+
+
+def test_the_totals_count_each_tests_flags_in_the_shards_they_count(labelled_run, tmp_path):
+    """With a shard not done (its stats marker gone), the totals counted its flags by score and by
+    collapse from run.json, beside tiles that leave it out: both now count the finished shards."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    stems = sorted(p.stem for p in (run / "manifest").glob("*.parquet"))
+    (run / "stats" / f"{stems[0]}_stats.json").unlink()
+    reasons = read_manifest(run / "manifest" / f"{stems[1]}.parquet").column("flag_reason").to_pylist()
+    by_score = sum(r in ("score", "score+collapse") for r in reasons)
+    by_collapse = sum(r in ("collapse", "score+collapse") for r in reasons)
+    totals = json.loads((run / "run.json").read_text())["totals"]["flagged_by"]
+    assert (by_score, by_collapse) != (totals["score"], totals["collapse"])
+    text = " ".join(parse(write_report(run)).text)
+    assert f"; flagged by score {by_score:,}, by collapse {by_collapse:,}" in text
+
+
 def test_image_sample_is_bounded(labelled_run, monkeypatch):
     """However big the run, only SAMPLE_PER_GROUP rows per group, from MAX_SHARDS_READ shards."""
     from sanitizer.report import scan as report_scan

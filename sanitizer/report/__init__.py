@@ -63,6 +63,7 @@ from sanitizer.report.verdict import (
     encoder_verdict,
     expected_flag_rate,
     flag_count_p_value,
+    other_threshold_text,
     run_threshold,
     run_verdict,
     share_above_median,
@@ -119,8 +120,13 @@ def scored_sections(
     hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
     collapse = info.get("collapse") or {}
     collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
+    summary = summary_section(info, scan, meta)
+    if verdict["other_threshold_shards"]:  # the tiles count flags at mixed thresholds: say so first
+        summary.body = (
+            note(other_threshold_text(verdict["other_threshold_shards"], threshold, rule)) + summary.body
+        )
     return [
-        summary_section(info, scan, meta),
+        summary,
         verdict_section(verdict),
         scores_section(out, hist, threshold, rule),
         *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),

@@ -117,9 +117,11 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
         ["state", info.get("state", "?")],
     ]
     collapse = info.get("collapse") or {}
-    if collapse.get("rule"):  # the collapse pass ran: the second test, and what each flagged
-        by = (info.get("totals") or {}).get("flagged_by", {})
-        counts = f"; flagged by score {by.get('score', 0):,}, by collapse {by.get('collapse', 0):,}"
+    if collapse.get("rule"):  # the collapse pass ran: the second test, and what each flagged (as the tiles)
+        by_score, by_collapse = (
+            sum(getattr(s, by) for s in scan.shards) for by in ("by_score", "by_collapse")
+        )
+        counts = f"; flagged by score {by_score:,}, by collapse {by_collapse:,}"
         rows.insert(
             1,
             [

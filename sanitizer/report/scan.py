@@ -51,6 +51,7 @@ class ShardLine:
     ok: int
     flagged: int
     by_score: int  # flagged by the score test, which the expected rate is the rate of
+    by_collapse: int  # flagged by the collapse pass
 
 
 @dataclass
@@ -123,8 +124,9 @@ def scan_run(run: RunDir, stems: list[str]) -> RunScan:
         flagged = table.column("flagged").to_numpy(zero_copy_only=False).astype(bool)
         for item in pc.value_counts(table.column("status")).to_pylist():
             scan.statuses[item["values"]] += item["counts"]
-        by_score = flag_counts(table)["flagged_by"]["score"]
-        scan.shards.append(ShardLine(stem, table.num_rows, int(ok.sum()), int(flagged.sum()), by_score))
+        by = flag_counts(table)["flagged_by"]
+        line = ShardLine(stem, table.num_rows, int(ok.sum()), int(flagged.sum()), by["score"], by["collapse"])
+        scan.shards.append(line)
         if ok.any():
             scan.lo, scan.hi = min(scan.lo, float(score[ok].min())), max(scan.hi, float(score[ok].max()))
         candidates = np.flatnonzero(flagged)

@@ -16,6 +16,7 @@ from sanitizer.checkpoint import read_run_meta
 from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError
+from sanitizer.manifest import read_manifest
 from sanitizer.rundir import RunDir, ok_scores, open_run
 from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
@@ -53,9 +54,15 @@ def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np
         "alpha": ALPHA,
         "backdoored": None,
         "above_calibration_median": share_above_median(run, shards, calibration),
+        "other_threshold_shards": [] if threshold is None else other_threshold_shards(run, shards, threshold),
     }
     if p0 is None or not ok:
         result["text"] = f"no verdict: {_no_rate(ok, threshold, rule)}"
+        return result
+    if result["other_threshold_shards"]:
+        result["text"] = "no verdict: " + other_threshold_text(
+            result["other_threshold_shards"], threshold, rule
+        )
         return result
     p, result["test"] = flag_count_p_value(flagged, ok, p0, threshold, calibration)
     result["p_value"] = p
@@ -170,6 +177,33 @@ def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndar
         scores = ok_scores(run, [stem])
         above, total = above + above_median(scores, calibration), total + len(scores)
     return above / total if total else None
+
+
+def other_threshold_shards(run: RunDir, shards: list[ShardRef], threshold: float) -> list[str]:
+    """The finished shards whose manifest was flagged at another score threshold than run.json's: a
+    `clean --threshold` killed while it re-flagged the manifests leaves some (run.json changes after
+    them), and a count of flags at mixed thresholds tests nothing."""
+    return [
+        stem
+        for stem in run.done(shards)
+        if run.manifest(stem).is_file() and not _flagged_at(run, stem, threshold)
+    ]
+
+
+def _flagged_at(run: RunDir, stem: str, threshold: float) -> bool:
+    """Whether every row of a shard's manifest was flagged at `threshold` (a null one never was)."""
+    column = read_manifest(run.manifest(stem), ["threshold"]).column("threshold")
+    return bool((column.to_numpy(zero_copy_only=False).astype(np.float32) == np.float32(threshold)).all())
+
+
+def other_threshold_text(stems: list[str], threshold: float, rule: str | None) -> str:
+    """What the page and the verdict say of shards flagged at another threshold than run.json's."""
+    shown = ", ".join(stems[:3]) + (f" and {len(stems) - 3} more" if len(stems) > 3 else "")
+    return (
+        f"{len(stems)} shard(s) ({shown}) were flagged at another threshold than run.json's "
+        f"{threshold_text(threshold, rule)} (a `sanitizer clean --threshold` did not finish), so the "
+        "flag counts mix thresholds: run `sanitizer clean RUN_DIR` to flag every shard at run.json's"
+    )
 
 
 def flag_count_text(flagged: int, ok: int, expected_rate: float) -> str:
