@@ -306,3 +306,30 @@ def test_symlink_member_in_an_output_tar_is_a_violation(run_copy):
         "shard shard-000000: quarantine/shard-000000.tar: unexpected member 'escape.png' (no manifest row) "
         "after the last sample"
     ]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda t: t.drop_columns(["collapse", "sketch"]), "no column collapse, sketch"),
+        (lambda t: t.append_column("note", pa.array(["x"] * t.num_rows)), "extra column note"),
+        (
+            lambda t: t.set_column(
+                t.schema.get_field_index("score"), "score", t.column("score").cast(pa.float64())
+            ),
+            "column score is double, not float",
+        ),
+        (
+            lambda t: t.replace_schema_metadata({b"schema": b"manifest-v2"}),
+            "its metadata says schema 'manifest-v2'",
+        ),
+    ],
+)
+def test_a_manifest_of_another_schema_says_how_it_differs(run_copy, change, why):
+    """The line said `is not manifest-v3 (schema 'manifest-v3')` whatever differed (a column missing
+    or of another type), contradicting itself; it names the difference now."""
+    path = sorted((run_copy / "manifest").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    changed = change(table)
+    pq.write_table(changed.replace_schema_metadata(changed.schema.metadata or table.schema.metadata), path)
+    assert f"shard {path.stem}: manifest/{path.name} is not manifest-v3: {why}" in verify_run(run_copy)
