@@ -192,9 +192,11 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
 def locked_run(run_dir: Path) -> Iterator[tuple[RunDir, dict, list[ShardRef]]]:
     """open_run's run, read once RUN_DIR's lock is held: a job that held it until then (a `score`
     finishing) has written its last run.json, which a read before the lock would miss and overwrite.
-    A path that holds no run is refused first, so that no lock file is made there."""
-    if not RunDir(Path(run_dir)).run_json.is_file():
-        raise not_a_run(run_dir)
+    A path that holds no run is refused first, so that no lock file is made there; a run that lost its
+    run.json is a damaged run (`sanitizer score` would refuse that directory as another's)."""
+    run = RunDir(Path(run_dir))
+    if not run.run_json.is_file():
+        raise _damaged(run.run_json, "it is missing") if run.is_run() else not_a_run(run_dir)
     with RunDir(Path(run_dir)).lock():
         yield open_run(run_dir)
 

@@ -347,6 +347,18 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
         write_report(tmp_path)
 
 
+def test_a_run_that_lost_its_run_json_is_a_damaged_run(labelled_run, tmp_path, capsys):
+    """It was 'not a RUN_DIR (no run.json); run `sanitizer score` first', and score refuses a
+    directory holding other files and no run.json: the advice led nowhere."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    (run / "run.json").unlink()
+    assert cli.main(["report", str(run)]) == 2
+    why = "is damaged: it is missing; restore it, or score into a new RUN_DIR"
+    assert capsys.readouterr().err == f"sanitizer: error: {run}/run.json {why}\n"
+    assert not (run / "report").exists() and not (run / ".lock").exists()
+
+
 def test_cli_report(labelled_run, capsys):
     assert cli.main(["report", str(labelled_run)]) == 0
     assert "index.html" in capsys.readouterr().out
