@@ -31,10 +31,30 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise UsageError(f"another sanitizer job (pid {holder}) is using {root}") from None
+            raise in_use(root, fd) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def refuse_busy(root: Path) -> None:
+    """Refuse a directory whose lock a job holds now; nothing is written (a read-only RUN_DIR can be
+    checked) and nothing stays held (a job started a moment later is not refused with a stale pid)."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY)
+    except OSError:  # no job ever locked it, or it cannot be opened: nothing tells of one running
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise in_use(root, fd) from None
+    finally:
+        os.close(fd)
+
+
+def in_use(root: Path, fd: int) -> UsageError:
+    """The refusal of a directory a job holds, naming the pid the job wrote into the lock file."""
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    return UsageError(f"another sanitizer job (pid {holder}) is using {root}")

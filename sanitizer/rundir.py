@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.errors import UsageError
-from sanitizer.joblock import job_lock
+from sanitizer.joblock import job_lock, refuse_busy
 from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, read_object
 
@@ -159,6 +159,10 @@ class RunDir:
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive for the job's lifetime; a second job on the same RUN_DIR is refused at once."""
         return job_lock(self.root, "RUN_DIR")
+
+    def refuse_busy(self) -> None:
+        """Refuse a RUN_DIR a job holds now, for a reader whose checks a job still writing would fail."""
+        refuse_busy(self.root)
 
 
 # A stem names files under RUN_DIR: one that could name anything else is never followed.

@@ -521,6 +521,7 @@ def verify_run(run_dir: Path) -> list[str]:
     report = _Report()
     if not run.is_run():
         raise not_a_run(run_dir)
+    run.refuse_busy()  # a job still writing it would show as violations
     info, problem = _read_json(run.run_json)
     if not isinstance(info, dict):
         return [f"run.json is {problem or 'not a JSON object'}: {run.root} is not a finished run"]

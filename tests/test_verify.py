@@ -333,3 +333,22 @@ def test_a_manifest_of_another_schema_says_how_it_differs(run_copy, change, why)
     changed = change(table)
     pq.write_table(changed.replace_schema_metadata(changed.schema.metadata or table.schema.metadata), path)
     assert f"shard {path.stem}: manifest/{path.name} is not manifest-v3: {why}" in verify_run(run_copy)
+
+
+def test_a_run_a_job_is_using_is_refused(run_copy, capsys):
+    """verify read a run while a job held its lock (a `score` still writing it): its half-written
+    files showed as violations, or a run about to change passed. It is refused as a second job is."""
+    import fcntl
+    import os
+
+    fd = os.open(run_copy / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"4242", 0)
+        assert main(["verify", str(run_copy)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"sanitizer: error: another sanitizer job (pid 4242) is using {run_copy}\n"
+    finally:
+        os.close(fd)
+    assert main(["verify", str(run_copy)]) == 0
