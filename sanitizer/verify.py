@@ -282,9 +282,9 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
             report.add(f"{where}: status {status} has a score", stem)
         if not row["error"]:
             report.add(f"{where}: status {status} without an error message", stem)
-    if threshold is not None and (
-        row_threshold is None or np.float32(row_threshold) != np.float32(threshold)
-    ):
+    if (row_threshold is None) != (threshold is None) or (
+        threshold is not None and np.float32(row_threshold) != np.float32(threshold)
+    ):  # a row flagged at a threshold run.json no longer holds counts too (it passed)
         report.add(f"{where}: threshold {row_threshold} but run.json says {threshold}", stem)
     collapse, collapse_threshold = row["collapse"], row["collapse_threshold"]
     ok = status == STATUS_OK

@@ -352,3 +352,17 @@ def test_a_run_a_job_is_using_is_refused(run_copy, capsys):
     finally:
         os.close(fd)
     assert main(["verify", str(run_copy)]) == 0
+
+
+def test_a_run_json_that_lost_its_threshold_is_checked_against_the_rows(run_copy):
+    """run.json's threshold deleted (or null) after clean: verify passed it, the rows' thresholds
+    being compared only with a threshold run.json holds. Each row flagged at one is a violation now."""
+    info = json.loads((run_copy / "run.json").read_text())
+    del info["threshold"]
+    (run_copy / "run.json").write_text(json.dumps(info))
+    row = read_manifest(run_copy / "manifest" / "shard-000000.parquet").slice(0, 1).to_pylist()[0]
+    violations = verify_run(run_copy)
+    assert (
+        f"shard shard-000000: row 0 key {row['key']!r}: threshold {row['threshold']} but run.json says None"
+        in violations
+    )
