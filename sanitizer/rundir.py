@@ -25,7 +25,8 @@ from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.errors import UsageError
 from sanitizer.joblock import job_lock, refuse_busy
 from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
-from sanitizer.records import RecordError, check_fields, read_object
+from sanitizer.records import RecordError, check_fields, lookup, read_object
+from sanitizer.thresholds import parse_rule
 
 RUN_FORMAT = "sanitizer-run/1"
 # What a job writes directly under RUN_DIR, its .lock aside (what tells a damaged run from no run).
@@ -174,7 +175,7 @@ RUN_FIELDS = {
 }  # fmt: skip
 OPTIONAL_RUN_FIELDS = {
     "threshold": dict, "threshold.rule": str, "threshold.value": (int, float), "totals": dict,
-    "collapse": dict, "collapse.value": (int, float), "failed_shards": list,
+    "collapse": dict, "collapse.rule": str, "collapse.value": (int, float), "failed_shards": list,
 }  # fmt: skip
 
 
@@ -187,6 +188,7 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
         raise not_a_run(run_dir)
     try:
         check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS)
+        check_rules(info)
         return run, info, [shard_entry(entry) for entry in info["identity"]["shards"]]
     except RecordError as e:
         raise _damaged(run.run_json, str(e)) from None
@@ -203,6 +205,18 @@ def locked_run(run_dir: Path) -> Iterator[tuple[RunDir, dict, list[ShardRef]]]:
         raise _damaged(run.run_json, "it is missing") if run.is_run() else not_a_run(run_dir)
     with RunDir(Path(run_dir)).lock():
         yield open_run(run_dir)
+
+
+def check_rules(info: dict) -> None:
+    """A RecordError when run.json's threshold or collapse rule is not one (edited by hand): it would
+    read as a mistyped option of the command that reads it."""
+    for name in ("threshold.rule", "collapse.rule"):
+        rule = lookup(info, name)
+        try:
+            if rule is not None:
+                parse_rule(rule)
+        except UsageError as e:
+            raise RecordError(f"{name}: {e}") from None
 
 
 def not_a_run(run_dir: Path) -> UsageError:

@@ -40,7 +40,7 @@ from sanitizer.data.tario import (
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts
 from sanitizer.records import RecordError, check_fields, lookup
-from sanitizer.rundir import OPTIONAL_RUN_FIELDS, STALE_CLEAN, RunDir, not_a_run, shard_entry
+from sanitizer.rundir import OPTIONAL_RUN_FIELDS, STALE_CLEAN, RunDir, check_rules, not_a_run, shard_entry
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
@@ -558,6 +558,7 @@ def _check_state(info: dict, known: set[str], report: _Report) -> dict[str, str]
         report.add("run.json state is 'incomplete' but lists no failed shard")
     try:
         check_fields(info, {}, OPTIONAL_RUN_FIELDS)
+        check_rules(info)
     except RecordError as e:
         report.add(f"run.json: {e}")
     return failed

@@ -359,6 +359,26 @@ def test_a_run_that_lost_its_run_json_is_a_damaged_run(labelled_run, tmp_path, c
     assert not (run / "report").exists() and not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("rule", ["mad:abc", 5])
+def test_a_run_json_whose_rule_is_not_one_is_a_damaged_run(labelled_run, tmp_path, capsys, rule):
+    """A hand-edited threshold rule was shown as it was, or, with the decoder gone, stopped the report
+    with "threshold 'mad:abc' is not ..." as if the user had mistyped an option."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    info = json.loads((run / "run.json").read_text())
+    info["collapse"]["rule"] = rule
+    (run / "run.json").write_text(json.dumps(info))
+    assert cli.main(["report", str(run)]) == 2
+    why = (
+        "collapse.rule: threshold 'mad:abc' is not quantile:Q, mad:K, value:X, paper or a number"
+        if isinstance(rule, str)
+        else "collapse.rule is int, not str"
+    )
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run}/run.json is damaged: {why}; restore it, or score into a new RUN_DIR\n"
+    )
+
+
 def test_cli_report(labelled_run, capsys):
     assert cli.main(["report", str(labelled_run)]) == 0
     assert "index.html" in capsys.readouterr().out

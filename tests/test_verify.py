@@ -366,3 +366,11 @@ def test_a_run_json_that_lost_its_threshold_is_checked_against_the_rows(run_copy
         f"shard shard-000000: row 0 key {row['key']!r}: threshold {row['threshold']} but run.json says None"
         in violations
     )
+
+
+def test_a_threshold_rule_that_is_not_one_is_a_violation(run_copy):
+    info = json.loads((run_copy / "run.json").read_text())
+    info["threshold"]["rule"] = "mad:abc"
+    (run_copy / "run.json").write_text(json.dumps(info))
+    why = "threshold 'mad:abc' is not quantile:Q, mad:K, value:X, paper or a number"
+    assert verify_run(run_copy) == [f"run.json: threshold.rule: {why}"]
