@@ -126,24 +126,37 @@ def load_images(data: str, size: int, max_samples: int) -> ImageSet:
     pixels, keys, statuses, failed = [], [], Counter(), []
     for shard in expand_shards(data):
         try:
-            for sample in iter_samples(shard.url):
-                decoded = decode_image(sample, size)
-                statuses[decoded.status] += 1
-                if decoded.status == "ok":
-                    pixels.append(decoded.pixels)
-                    keys.append(sample.key)
-                if len(keys) >= max_samples:
-                    break
+            shard_pixels, shard_keys, shard_statuses = _shard_images(shard.url, size, max_samples - len(keys))
         except ShardError as e:
             statuses["unreadable_shard"] += 1
             failed.append({"url": e.url, "error": e.message})
             log.warning("skipping %s", e)
+            continue
+        pixels += shard_pixels
+        keys += shard_keys
+        statuses.update(shard_statuses)
         if len(keys) >= max_samples:
             break
     if len(keys) < MIN_IMAGES:
         found = ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "no samples"
         raise UsageError(f"{data} has {len(keys)} decodable images ({found}); training needs {MIN_IMAGES}")
     return ImageSet(np.stack(pixels), keys, statuses, failed)
+
+
+def _shard_images(url: str, size: int, room: int) -> tuple[list[np.ndarray], list[str], Counter]:
+    """A shard's decodable images and keys, up to `room`, and each sample's decode status. Raises
+    ShardError when the shard cannot be read that far: its images read before are left out with it,
+    so the training set does not depend on where a connection broke."""
+    pixels, keys, statuses = [], [], Counter()
+    for sample in iter_samples(url):
+        decoded = decode_image(sample, size)
+        statuses[decoded.status] += 1
+        if decoded.status == "ok":
+            pixels.append(decoded.pixels)
+            keys.append(sample.key)
+        if len(keys) >= room:
+            break
+    return pixels, keys, statuses
 
 
 # Fewer held-out images than this pin a quantile threshold down poorly (the 0.97 quantile of 100 is

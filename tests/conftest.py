@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, ClassVar
 
+import fsspec
 import pytest
 import torch
+from fsspec.spec import AbstractFileSystem
 
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.encoders import load_encoder
@@ -59,3 +65,52 @@ def ray_session():
     ensure_ray(None, num_cpus=2)
     yield
     ray.shutdown()
+
+
+RESET = "ConnectionResetError: [Errno 104] Connection reset by peer"  # FlakyFileSystem's error, described
+
+
+class FlakyFile(io.RawIOBase):
+    """A local file read through a connection that breaks after ``fail_after`` bytes."""
+
+    def __init__(self, path: str, fail_after: int, error: BaseException) -> None:
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed with this file
+        self._left = fail_after
+        self._error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            raise self._error
+        data = self._raw.read(self._left if size < 0 else min(size, self._left))
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class FlakyFileSystem(AbstractFileSystem):
+    """`flaky:///PATH`: the local file PATH as a remote store whose reads of a file named in `broken`
+    fail after that many bytes with `error` (a reset connection, a timeout, EIO)."""
+
+    protocol = "flaky"
+    broken: ClassVar[dict[str, int]] = {}
+    error: BaseException = ConnectionResetError(104, "Connection reset by peer")
+
+    def _open(self, path: str, mode: str = "rb", **kwargs) -> IO[bytes]:
+        fail_after = self.broken.get(Path(path).name, os.path.getsize(path) + 1)
+        return FlakyFile(path, fail_after, self.error)
+
+
+@pytest.fixture
+def flaky() -> Iterator[type[FlakyFileSystem]]:
+    """The `flaky://` protocol, registered with fsspec; set its `broken` and `error`."""
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    FlakyFileSystem.broken = {}
+    yield FlakyFileSystem
+    FlakyFileSystem.broken = {}
+    FlakyFileSystem.error = ConnectionResetError(104, "Connection reset by peer")

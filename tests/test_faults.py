@@ -53,6 +53,8 @@ from sanitizer.faultkit import (
 from sanitizer.manifest import read_manifest
 from sanitizer.verify import verify_run
 
+from .conftest import RESET
+
 SYNTH = [f"synth-{i:06d}" for i in range(4)]
 DONE = sorted([n for n in expected_statuses() if n not in SHARD_ERROR_SHARDS] + SYNTH)
 WAIT_S = 300  # generous: a loaded CI machine takes long to import torch and start Ray
@@ -568,3 +570,45 @@ def test_score_names_the_encoder_weights_to_give(tmp_path, corpus, tiny_decoder_
         "...; give --encoder-weights the file it was trained with, or train a decoder for these weights"
     )
     assert not (tmp_path / "run1").exists() and not (tmp_path / "run2").exists()
+
+
+# ---------------------------------------------------------------- remote reads that fail
+
+
+BROKEN = f"read failed after 3000 bytes: {RESET}"
+
+
+def test_a_connection_reset_fails_the_shard_and_the_rerun_scores_it(
+    flaky, tmp_path, corpus, tiny_decoder_dir
+):
+    """A remote shard whose connection breaks mid-read is FAILED, not `truncated_shard` and done (a
+    remote input has no size or mtime to tell a re-run to read it again); `clean` and `verify` name
+    the read error; once the store answers, the re-run scores it and ends as an undisturbed run."""
+    urls = {stem: f"flaky://{corpus}/{stem}.tar" for stem in SYNTH[:2]}
+    data = ",".join(urls.values())
+    reference = tmp_path / "reference"
+    assert cli(*score_args(tiny_decoder_dir, data, reference, 0)).rc == 0
+    assert cli("clean", reference).rc == 0
+
+    run = tmp_path / "run"
+    flaky.broken = {f"{SYNTH[1]}.tar": 3000}
+    result = cli(*score_args(tiny_decoder_dir, data, run, 0))
+    assert result.rc == 1
+    assert f"FAILED shard {SYNTH[1]}: {BROKEN}" in result.out
+    failed = json.loads((run / "run.json").read_text())["failed_shards"]
+    assert failed == [{"stem": SYNTH[1], "error": BROKEN}]
+    assert sorted(p.name for p in (run / "stats").iterdir()) == [f"{SYNTH[0]}_stats.json"]
+
+    flaky.broken = {f"{SYNTH[0]}.tar": 3000}
+    cleaned = cli("clean", run)
+    assert cleaned.rc == 2
+    assert cleaned.err == f"sanitizer: error: cannot read {urls[SYNTH[0]]} again to clean it: {BROKEN}\n"
+    assert (
+        f"shard {SYNTH[0]}: input '{urls[SYNTH[0]]}' cannot be read ({BROKEN}) but the shard is marked done"
+    ) in verify_run(run)
+
+    flaky.broken = {}
+    assert cli(*score_args(tiny_decoder_dir, data, run, 0)).rc == 0
+    assert cli("clean", run).rc == 0
+    assert_same_outputs(run, reference)
+    assert verify_run(run) == []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
 import os
+import random
 import tarfile
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from sanitizer.data.tario import (
     write_shards,
 )
 from sanitizer.errors import SanitizerError
+
+from .conftest import RESET, FlakyFile
 
 
 def _raw_tar(path: Path, members: list[tuple[str, bytes]], *, gz: bool = False) -> Path:
@@ -355,3 +359,41 @@ def test_a_tar_writer_stopped_while_it_opens_publishes_nothing(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt), TarWriter(tmp_path / "out.tar"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("fail_after", [0, 3000, 6144])
+def test_a_read_error_fails_the_shard_where_a_cut_would_mark_it_truncated(tmp_path, flaky, gz, fail_after):
+    """A remote read that fails (a reset connection) says nothing of the file's own end: the shard
+    fails (a re-run reads it again) instead of ending early as `truncated_shard`, or, before its
+    first byte, as an empty shard, both of which count as done."""
+    members = [
+        (f"s{i}.{ext}", random.Random(f"{i}.{ext}").randbytes(1000))
+        for i in range(4)
+        for ext in ("png", "txt")
+    ]
+    path = _raw_tar(tmp_path / ("t.tar.gz" if gz else "t.tar"), members, gz=gz)  # over 6 KB, gzipped too
+    assert [s.status for s in iter_samples(f"flaky://{path}")] == ["ok"] * 4
+    flaky.broken = {path.name: fail_after}
+    with pytest.raises(ShardError) as info:
+        list(iter_samples(f"flaky://{path}"))
+    assert str(info.value) == f"flaky://{path}: read failed after {fail_after} bytes: {RESET}"
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (TimeoutError("read timed out"), "TimeoutError: read timed out"),
+        (OSError(errno.EIO, os.strerror(errno.EIO)), "OSError: [Errno 5] Input/output error"),
+        (ValueError("I/O operation on closed file"), "ValueError: I/O operation on closed file"),
+    ],
+)
+def test_any_read_error_of_a_local_file_fails_the_shard(tmp_path, monkeypatch, error, text):
+    """A disk's EIO mid-file, as a timeout: the shard fails, never reads as cut off or empty."""
+    import sanitizer.data.tario as tario
+
+    path = _raw_tar(tmp_path / "t.tar", [(f"s{i}.png", b"x" * 700) for i in range(4)])
+    monkeypatch.setattr(tario, "open", lambda p, mode: FlakyFile(p, 2048, error), raising=False)
+    with pytest.raises(ShardError) as info:
+        list(iter_samples(str(path)))
+    assert info.value.message == f"read failed after 2048 bytes: {text}"

@@ -40,7 +40,7 @@ from sanitizer.train import (
     worst_rebuilt,
 )
 
-from .conftest import TINY_ENCODER, TINY_MODEL
+from .conftest import RESET, TINY_ENCODER, TINY_MODEL
 
 
 def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_encoder, tiny_shards):
@@ -707,3 +707,15 @@ def test_cli_a_decoder_trained_on_one_of_two_encoders_in_a_file_scores_with_it(
         code, out, err = run_cli(capsys, *score, "--out", str(tmp_path / f"run-{decoder}"), "--device", "cpu")
         assert code == 0, err
         assert "samples: 120  ok: 120" in out
+
+
+def test_a_shard_whose_read_fails_is_left_out_whole(flaky, tiny_shards):
+    """A connection reset mid-shard used to end it as `truncated_shard` and keep the images before
+    the break: the shard is now left out (and listed), all of it, wherever the read broke."""
+    urls = [f"flaky://{tiny_shards}/shard-{i:06d}.tar" for i in range(3)]
+    whole = train_module.load_images(",".join(urls), 32, 10_000)
+    flaky.broken = {"shard-000001.tar": 20_000}
+    images = train_module.load_images(",".join(urls), 32, 10_000)
+    assert images.keys == whole.keys[:40] + whole.keys[80:]
+    assert images.statuses == {"ok": 80, "unreadable_shard": 1}
+    assert images.failed_shards == [{"url": urls[1], "error": f"read failed after 20000 bytes: {RESET}"}]

@@ -109,17 +109,24 @@ class _RecordingTarInfo(tarfile.TarInfo):
 
 
 class _CountingReader(io.RawIOBase):
-    """Counts bytes read, to tell a 0-byte shard (empty) from one that is not a tar."""
+    """Counts bytes read, to tell a 0-byte shard (empty) from one that is not a tar, and turns a
+    failed read into a ShardError. A file cut short reads as an early end, never as an error: an
+    error (a reset connection, a timeout, EIO) says nothing of the file, whose rest may be fine, so
+    it fails the shard (a re-run reads it again) rather than ending it as cut off (as done)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], url: str) -> None:
         self._raw = raw
+        self._url = url
         self.nbytes = 0
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        try:
+            data = self._raw.read(size)
+        except Exception as e:  # noqa: BLE001 - whatever the filesystem raises, the read failed
+            raise ShardError(self._url, f"read failed after {self.nbytes} bytes: {describe(e)}") from None
         self.nbytes += len(data)
         return data
 
@@ -155,13 +162,14 @@ def _mark_truncated(sample: Sample, message: str) -> None:
 def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample]:
     """Yield every sample of a (possibly gzipped) tar in file order, never raising per sample.
 
-    Raises ``ShardError`` only when no tar header can be read at all. A cut-off shard ends with
+    Raises ``ShardError`` when no tar header can be read at all, or when a read fails (at any point:
+    the samples already yielded are not the whole shard). A cut-off shard ends with
     its in-progress sample marked ``truncated_shard``; members larger than ``max_member_bytes``
     are skipped unread (data ``b""``) and mark their sample ``member_too_large``, links and devices
     ``special_member``. Directory entries are passed over.
     """
     with ExitStack() as stack:
-        reader = _CountingReader(_open_raw(url, stack))
+        reader = _CountingReader(_open_raw(url, stack), url)
         try:
             tar = tarfile.open(  # noqa: SIM115 - entered into the stack below
                 fileobj=reader,
