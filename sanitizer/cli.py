@@ -15,6 +15,7 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 
+from sanitizer import __version__
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
 from sanitizer.errors import SanitizerError, Terminated
@@ -343,6 +344,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sanitizer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"sanitizer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_score, add_clean, add_report, add_verify, add_demo):
         add(sub)

@@ -146,7 +146,7 @@ def versions() -> dict:
     import sanitizer
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "pyarrow": pa.__version__}
-    out["sanitizer"] = getattr(sanitizer, "__version__", "dev")
+    out["sanitizer"] = sanitizer.__version__
     try:
         import ray
 
