@@ -27,6 +27,16 @@ POOL_HELP = "pixels per side averaged before errors are measured; 1 = per pixel,
 ERROR_HELP = "each patch's error: ssim (1 - SSIM, relative to the patch's contrast) or mse (the paper's)"
 RELAX_STEPS_HELP = "signed-gradient steps on the embedding token before the error is measured; 0 = the paper"
 RELAX_RADIUS_HELP = "how far (L-inf, decoder latent units) those steps may move the token in all"
+# (flag, type, metavar, help, train's default): what `train` calibrates with and `score` may override
+SCORE_SETTINGS = (
+    ("--test-mask-ratio", float, "R", "mask ratio of scores", 0.99),
+    ("--num-masks", int, "K", "masks averaged per score", 4),
+    ("--aggregate", str, "q25|median|mean", AGGREGATE_HELP, "q25"),
+    ("--error-pool", int, "S", POOL_HELP, 2),
+    ("--error", str, "ssim|mse", ERROR_HELP, "ssim"),
+    ("--relax-steps", int, "N", RELAX_STEPS_HELP, 3),
+    ("--relax-radius", float, "R", RELAX_RADIUS_HELP, 0.03),
+)
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
@@ -46,14 +56,44 @@ def _triple(name: str) -> dict:
     return {"nargs": 3, "type": float, "metavar": ("R", "G", "B"), "help": f"per-channel {name} (0..1 scale)"}
 
 
+def add_score_settings(p: argparse.ArgumentParser, calibrated: bool) -> None:
+    """The scoring settings: `train` calibrates with their defaults, `score` reuses the decoder's."""
+    for flag, kind, metavar, text, default in SCORE_SETTINGS:
+        said = "default: the decoder's calibration setting" if calibrated else f"default {default}"
+        p.add_argument(
+            flag, type=kind, metavar=metavar, default=None if calibrated else default, help=f"{text} ({said})"
+        )
+
+
+def add_data_and_out(p: argparse.ArgumentParser, out: str, what: str) -> None:
+    p.add_argument(
+        "--data", required=True, metavar="SHARDS", help="shards: brace pattern, glob, directory or comma list"
+    )
+    p.add_argument("--out", required=True, type=user_path, metavar=out, help=what)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        metavar="auto|cpu|cuda",
+        help="where the models run; auto: cuda when one is visible, else cpu (default auto)",
+    )
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a DeDe decoder for a victim encoder")
     p.add_argument(
-        "--encoder", required=True, help="timm:NAME, open_clip:NAME, torchscript:PATH or export:PATH"
+        "--encoder",
+        required=True,
+        metavar="SPEC",
+        help="timm:NAME, open_clip:NAME, torchscript:PATH or export:PATH",
     )
     p.add_argument(
         "--encoder-weights",
         type=user_path,
+        metavar="PATH",
         help="safetensors or state-dict file (loaded with weights_only=True)",
     )
     p.add_argument(
@@ -62,32 +102,36 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="where in --encoder-weights the encoder to audit is, for a file that holds it twice "
         "(encoder_q., teacher.); default: found by its tensors' names",
     )
-    p.add_argument("--image-size", type=int, help="input size; default: the model's own config")
+    p.add_argument("--image-size", type=int, metavar="N", help="input size; default: the model's own config")
     p.add_argument("--mean", **_triple("mean"))
     p.add_argument("--std", **_triple("std"))
-    p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
-    p.add_argument("--out", required=True, type=user_path, help="DECODER_DIR to write")
-    p.add_argument("--patch-size", type=int, help="default: 8 up to 64 px, 16 above")
-    p.add_argument("--width", type=int, help="transformer width of the decoder")
-    p.add_argument("--depth", type=int, help="blocks over visible patches")
-    p.add_argument("--decoder-depth", type=int, help="blocks over all patches")
-    p.add_argument("--heads", type=int, help="attention heads")
-    p.add_argument("--mask-ratio", type=float, default=0.9, help="training mask ratio (default 0.9)")
-    p.add_argument("--test-mask-ratio", type=float, default=0.99, help="mask ratio of scores (default 0.99)")
-    p.add_argument("--num-masks", type=int, default=4, help="masks averaged per score (default 4)")
-    p.add_argument("--aggregate", default="q25", help=AGGREGATE_HELP + " (default q25)")
-    p.add_argument("--error-pool", type=int, default=2, help=POOL_HELP + " (default 2)")
-    p.add_argument("--error", default="ssim", help=ERROR_HELP + " (default ssim)")
-    p.add_argument("--relax-steps", type=int, default=3, help=RELAX_STEPS_HELP + " (default 3)")
-    p.add_argument("--relax-radius", type=float, default=0.03, help=RELAX_RADIUS_HELP + " (default 0.03)")
-    p.add_argument("--epochs", type=int, help="default: from the data size (about 200k image visits)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--max-samples", type=int, default=50_000, help="images read for training + calibration")
+    add_data_and_out(p, "DECODER_DIR", "DECODER_DIR to write")
+    p.add_argument("--patch-size", type=int, metavar="P", help="default: 8 up to 64 px, 16 above")
+    p.add_argument("--width", type=int, metavar="W", help="transformer width of the decoder")
+    p.add_argument("--depth", type=int, metavar="D", help="blocks over visible patches")
+    p.add_argument("--decoder-depth", type=int, metavar="D", help="blocks over all patches")
+    p.add_argument("--heads", type=int, metavar="H", help="attention heads")
+    p.add_argument(
+        "--mask-ratio", type=float, default=0.9, metavar="R", help="training mask ratio (default 0.9)"
+    )
+    add_score_settings(p, calibrated=False)
+    p.add_argument(
+        "--epochs", type=int, metavar="E", help="default: from the data size (about 200k image visits)"
+    )
+    p.add_argument("--batch-size", type=int, default=128, metavar="B", help="images per step (default 128)")
+    p.add_argument("--lr", type=float, default=4e-3, metavar="LR", help="peak learning rate (default 0.004)")
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="images read for training + calibration (default 50000)",
+    )
     p.add_argument(
         "--holdout",
         type=float,
         default=0.05,
+        metavar="SHARE",
         help="share of the images held out to calibrate the threshold and the report's verdict "
         "(default 0.05, at most 2000 images)",
     )
@@ -95,6 +139,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--trim",
         type=float,
         default=0.15,
+        metavar="SHARE",
         help="share of each batch, the worst-rebuilt images, left out of the loss after the first "
         "fifth of training, so that triggered images in the data are not learned (default 0.15; "
         "0: every image, as the paper)",
@@ -103,12 +148,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--refit",
         type=float,
         default=0.1,
+        metavar="SHARE",
         help="share of the training images, those a first decoder rebuilds worst, left out when a "
         "second decoder is trained from scratch, so that triggered images are never learned "
         "(default 0.1; 0: one pass)",
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="(default 0)")
     p.set_defaults(func=run_train)
 
 
@@ -168,20 +214,19 @@ def run_train(args: argparse.Namespace) -> int:
 def add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score shards into a Parquet manifest (Ray job, resumable)")
     p.add_argument(
-        "--decoder", required=True, type=user_path, help="DECODER_DIR written by `sanitizer train`"
+        "--decoder",
+        required=True,
+        type=user_path,
+        metavar="DECODER_DIR",
+        help="DECODER_DIR written by `sanitizer train`",
     )
-    p.add_argument("--data", required=True, help="shards: brace pattern, glob, directory or comma list")
-    p.add_argument("--out", required=True, type=user_path, help="RUN_DIR for manifest, stats and run.json")
-    calibrated = " (default: the decoder's calibration setting)"
-    p.add_argument("--test-mask-ratio", type=float, help="mask ratio of scores" + calibrated)
-    p.add_argument("--num-masks", type=int, help="masks averaged per score" + calibrated)
-    p.add_argument("--aggregate", help=AGGREGATE_HELP + calibrated)
-    p.add_argument("--error-pool", type=int, help=POOL_HELP + calibrated)
-    p.add_argument("--error", help=ERROR_HELP + calibrated)
-    p.add_argument("--relax-steps", type=int, help=RELAX_STEPS_HELP + calibrated)
-    p.add_argument("--relax-radius", type=float, help=RELAX_RADIUS_HELP + calibrated)
+    add_data_and_out(p, "RUN_DIR", "RUN_DIR for manifest, stats and run.json")
+    add_score_settings(p, calibrated=True)
     p.add_argument(
-        "--threshold", default=DEFAULT_RULE, help=f"quantile:Q, mad:K, value:X or paper ({DEFAULT_RULE})"
+        "--threshold",
+        default=DEFAULT_RULE,
+        metavar="RULE",
+        help=f"quantile:Q, mad:K, value:X or paper (default {DEFAULT_RULE})",
     )
     p.add_argument(
         "--collapse",
@@ -198,21 +243,28 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "--no-collapse", dest="collapse", action="store_const", const=None, help="flag by score alone"
     )
     p.add_argument(
-        "--batch-size", type=int, help="rows per scoring call (default: whole micro-batches, <= 64 MiB)"
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="rows per scoring call (default: whole micro-batches, <= 64 MiB)",
     )
     p.add_argument(
         "--workers",
         type=int,
+        metavar="N",
         help=(
             "scoring actors (default: one per GPU; on CPU one per core, up to 8, or per CPU of a cluster "
             "joined); 0 = no Ray"
         ),
     )
-    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     p.add_argument(
-        "--encoder-weights", type=user_path, help="where the encoder weights are now, if moved since training"
+        "--encoder-weights",
+        type=user_path,
+        metavar="PATH",
+        help="where the encoder weights are now, if moved since training",
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device(p)
     p.set_defaults(func=run_score)
 
 
@@ -279,7 +331,11 @@ def format_summary(s) -> str:
 def add_clean(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clean", help="write clean/ and quarantine/ shards from a scored run")
     p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
-    p.add_argument("--threshold", help="re-flag first: a number, quantile:Q, mad:K, value:X or paper")
+    p.add_argument(
+        "--threshold",
+        metavar="VALUE_OR_RULE",
+        help="re-flag first: a number, quantile:Q, mad:K, value:X or paper (default: run.json's)",
+    )
     p.set_defaults(func=run_clean)
 
 
@@ -330,7 +386,13 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="end to end on a built-in dataset with a backdoor implanted on the spot")
-    p.add_argument("--out", type=user_path, default=Path("demo-out"), help="where to write everything")
+    p.add_argument(
+        "--out",
+        type=user_path,
+        default=Path("demo-out"),
+        metavar="DIR",
+        help="where to write everything (default demo-out)",
+    )
     p.add_argument("--quick", action="store_true", help="a reduced run (used by the tests)")
     p.set_defaults(func=run_demo)
 

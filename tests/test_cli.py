@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
-from sanitizer.cli import main
+from sanitizer.cli import build_parser, main
 
 
 def exits(argv: list[str]) -> int:
@@ -25,3 +28,79 @@ def test_run_json_records_the_same_version():
     from sanitizer.pipeline.job import versions
 
     assert versions()["sanitizer"] == version("sanitizer")
+
+
+def test_no_command_prints_the_usage_and_exits_2(capsys):
+    assert exits([]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: sanitizer ")
+    assert err.splitlines()[-1] == "sanitizer: error: the following arguments are required: command"
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+OPTION = re.compile(r"(-{1,2}[a-z][a-z-]*)((?: [A-Z][A-Z_]*| [a-z0-9]+(?:\|[a-z0-9]+)+)*)")
+
+
+def readme_cli_block() -> dict[str, str]:
+    """The README's CLI block as {command: its synopsis}; "" holds the options before the command."""
+    block = README.read_text().split("## CLI\n\n```\n", 1)[1].split("```", 1)[0]
+    synopses: dict[str, str] = {}
+    command = None
+    for line in block.splitlines():
+        line = re.split(r"\s{4,}", line.strip())[0]  # a line's remark, after a wide gap, is prose
+        if line.startswith("sanitizer "):
+            word = line.split()[1]
+            command = "" if word.startswith("-") else word
+            line = line.removeprefix(f"sanitizer {word}") if command else line[len("sanitizer ") :]
+            line = line.replace("COMMAND ...", "")  # `sanitizer -v COMMAND ...`: where the options go
+        synopses[command] = synopses.get(command, "") + " " + line
+    return synopses
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    top = build_parser()
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return {"": top, **commands.choices}
+
+
+def metavar(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return ""
+    return " ".join(action.metavar) if isinstance(action.metavar, tuple) else str(action.metavar)
+
+
+@pytest.mark.parametrize("command", ["", "train", "score", "clean", "report", "verify", "demo"])
+def test_the_readme_cli_block_is_what_help_shows(command):
+    """Every option in README's synopsis exists with the same metavar, and every option is there."""
+    synopsis = readme_cli_block()[command]
+    documented = {flag: names.strip() for flag, names in OPTION.findall(synopsis)}
+    parser = parsers()[command]
+    shown = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        if not action.option_strings:  # a positional: its metavar is in the synopsis as a word
+            assert re.search(rf"\b{action.metavar}\b", synopsis), (command, action.metavar)
+            continue
+        flag = next((f for f in action.option_strings if f in documented), action.option_strings[-1])
+        shown[flag] = metavar(action)
+    assert shown == documented
+
+
+@pytest.mark.parametrize("command", ["train", "score", "clean", "report", "verify", "demo"])
+def test_help_states_every_default(command):
+    """An option that has a default says it in --help as `(default X)`, as the README's prose does."""
+    for action in parsers()[command]._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        assert re.search(rf"\(default {re.escape(str(action.default))}[,;)]", action.help or ""), (
+            action.option_strings
+        )
+
+
+def test_the_readme_names_the_demos_default_out():
+    block = readme_cli_block()
+    assert "(--out default: demo-out)" in README.read_text()
+    assert "--out DIR" in block["demo"]
+    assert str(parsers()["demo"].get_default("out")) == "demo-out"
