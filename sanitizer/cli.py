@@ -228,10 +228,10 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         metavar="RULE",
         help=f"quantile:Q, mad:K, value:X or paper (default {DEFAULT_RULE})",
     )
-    p.add_argument(
+    collapse = p.add_mutually_exclusive_group()  # one says how to flag, the other not to: never both
+    collapse.add_argument(
         "--collapse",
         nargs="?",
-        default=DEFAULT_COLLAPSE_RULE,
         const=DEFAULT_COLLAPSE_RULE,
         metavar="RULE",
         help="the collapse pass: also flag samples whose embedding nearly coincides with many other "
@@ -239,9 +239,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "that with the score: a rule on the evidence -ln p_score - ln p_collapse, p-values against the "
         f"decoder's held-out images: quantile:Q, mad:K or value:X (default {DEFAULT_COLLAPSE_RULE})",
     )
-    p.add_argument(
-        "--no-collapse", dest="collapse", action="store_const", const=None, help="flag by score alone"
-    )
+    collapse.add_argument("--no-collapse", action="store_true", help="flag by score alone")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -284,7 +282,7 @@ def run_score(args: argparse.Namespace) -> int:
         relax_steps=args.relax_steps,
         relax_radius=args.relax_radius,
         threshold=args.threshold,
-        collapse=args.collapse,
+        collapse=collapse_rule(args),
         batch_size=args.batch_size,
         workers=args.workers,
         ray_address=args.ray_address,
@@ -295,6 +293,15 @@ def run_score(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"verdict: {encoder_verdict(summary.run_dir)['text']}")  # the report says why, with figures
     return EXIT_INCOMPLETE if summary.failed_shards else EXIT_OK
+
+
+def collapse_rule(args: argparse.Namespace) -> str | None:
+    """The collapse pass's rule, None for --no-collapse. Two dests, not one: argparse tells a bare
+    --collapse from its absence only by a value other than the default, which it needs to refuse
+    --collapse with --no-collapse."""
+    if args.no_collapse:
+        return None
+    return DEFAULT_COLLAPSE_RULE if args.collapse is None else args.collapse
 
 
 def format_summary(s) -> str:

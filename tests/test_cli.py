@@ -104,3 +104,18 @@ def test_the_readme_names_the_demos_default_out():
     assert "(--out default: demo-out)" in README.read_text()
     assert "--out DIR" in block["demo"]
     assert str(parsers()["demo"].get_default("out")) == "demo-out"
+
+
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        (["--collapse", "mad:3", "--no-collapse"], "--no-collapse"),
+        (["--no-collapse", "--collapse"], "--collapse"),
+    ],
+)
+def test_collapse_and_no_collapse_together_are_refused(capsys, given, refused):
+    """The README's `[--collapse RULE | --no-collapse]`: the later one used to win in silence."""
+    assert exits(["score", "--decoder", "d", "--data", "x", "--out", "o", *given]) == 2
+    other = "--collapse" if refused == "--no-collapse" else "--no-collapse"
+    expected = f"sanitizer score: error: argument {refused}: not allowed with argument {other}"
+    assert capsys.readouterr().err.splitlines()[-1] == expected

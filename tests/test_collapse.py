@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sanitizer.checkpoint import load_holdout, reference_key, save_holdout
-from sanitizer.cli import build_parser
+from sanitizer.cli import build_parser, collapse_rule
 from sanitizer.collapse import (
     CANDIDATES,
     DEFAULT_COLLAPSE_RULE,
@@ -436,7 +436,7 @@ def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, capl
 def test_the_pass_runs_by_default():
     def collapse(*extra: str) -> str | None:
         argv = ["score", "--decoder", "d", "--data", "x", "--out", "o", *extra]
-        return build_parser().parse_args(argv).collapse
+        return collapse_rule(build_parser().parse_args(argv))
 
     assert collapse() == collapse("--collapse") == DEFAULT_COLLAPSE_RULE == ScoreJob("d", "x", "o").collapse
     assert collapse("--collapse", "mad:3") == "mad:3"
