@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
+from sanitizer import cli
 from sanitizer.cli import build_parser, main
+from sanitizer.errors import Terminated, UsageError
 
 
 def exits(argv: list[str]) -> int:
@@ -119,3 +124,63 @@ def test_collapse_and_no_collapse_together_are_refused(capsys, given, refused):
     other = "--collapse" if refused == "--no-collapse" else "--no-collapse"
     expected = f"sanitizer score: error: argument {refused}: not allowed with argument {other}"
     assert capsys.readouterr().err.splitlines()[-1] == expected
+
+
+def ends(outcome: object):
+    """A stand-in command that returns `outcome`, or raises it when it is an exception."""
+
+    def command(args: argparse.Namespace) -> int:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return command
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "stderr"),
+    [
+        (0, 0, ""),  # done
+        (1, 1, ""),  # finished but incomplete: a shard that is not a tar, a verify violation
+        (UsageError("bad setting"), 2, "sanitizer: error: bad setting\n"),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/r/manifest/a.parquet"),
+            1,
+            "sanitizer: error: No space left on device: /r/manifest/a.parquet\n",
+        ),
+        (KeyboardInterrupt(), 130, "sanitizer: interrupted\n"),
+        (Terminated(), 143, "sanitizer: terminated (SIGTERM); run it again to resume\n"),
+        (BrokenPipeError(), 141, ""),  # silently: the reader of its output went away
+    ],
+)
+def test_the_readmes_exit_codes(monkeypatch, capsys, outcome, code, stderr):
+    """README "Exit codes", row by row, through main()'s handlers."""
+    monkeypatch.setattr(cli, "run_report", ends(outcome))
+    monkeypatch.setattr(os, "dup2", lambda *fds: None)  # leave pytest's descriptors alone
+    with open(os.devnull, "w") as sink:  # a real file: the broken pipe's handler asks its descriptor
+        monkeypatch.setattr(sys, "stdout", sink)
+        assert main(["report", "RUN"]) == code
+    assert capsys.readouterr().err == stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "last_line"),
+    [
+        (["train"], "sanitizer train: error: the following arguments are required: --encoder, --data, --out"),
+        (
+            ["score", "--workers", "two"],
+            "sanitizer score: error: argument --workers: invalid int value: 'two'",
+        ),
+        (["clean"], "sanitizer clean: error: the following arguments are required: RUN_DIR"),
+    ],
+)
+def test_a_malformed_command_line_exits_2_with_argparses_lines(capsys, argv, last_line):
+    assert exits(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"usage: sanitizer {argv[0]} ") and err[-1] == last_line
+
+
+def test_a_path_that_is_not_utf8_is_one_line_and_exit_2(capsys):
+    bad = os.fsdecode(b"/data/\xff.tar")
+    assert main(["score", "--decoder", "d", "--data", bad, "--out", "o"]) == 2
+    assert capsys.readouterr().err == f"sanitizer: error: argument {bad!r} is not UTF-8; rename the path\n"
