@@ -468,7 +468,8 @@ _BUILDERS = {
 def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, name = spec.partition(":")
     if not sep or kind not in _BUILDERS or not name:
-        raise UsageError(f"encoder spec {spec!r} is not one of {', '.join(k + ':NAME' for k in KINDS)}")
+        forms = ", ".join(f"{k}:{'PATH' if k in FILE_KINDS else 'NAME'}" for k in KINDS)  # as --help says
+        raise UsageError(f"encoder spec {spec!r} is not one of {forms}")
     if kind in FILE_KINDS and not Path(name).is_file():
         raise EncoderError(f"encoder file not found: {name}")
     return kind, name

@@ -184,3 +184,10 @@ def test_a_path_that_is_not_utf8_is_one_line_and_exit_2(capsys):
     bad = os.fsdecode(b"/data/\xff.tar")
     assert main(["score", "--decoder", "d", "--data", bad, "--out", "o"]) == 2
     assert capsys.readouterr().err == f"sanitizer: error: argument {bad!r} is not UTF-8; rename the path\n"
+
+
+def test_a_bad_encoder_spec_names_the_forms_as_help_does(capsys, tmp_path):
+    """torchscript: and export: take a file's path, as --help and the README say, not a NAME."""
+    assert main(["train", "--encoder", "bogus", "--data", "x", "--out", str(tmp_path / "d")]) == 2
+    expected = "encoder spec 'bogus' is not one of timm:NAME, open_clip:NAME, torchscript:PATH, export:PATH"
+    assert capsys.readouterr().err == f"sanitizer: error: {expected}\n"

@@ -54,7 +54,7 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
         (
             ["--encoder", "resnet18"],
             "--encoder: encoder spec 'resnet18' is not one of timm:NAME, open_clip:NAME, "
-            "torchscript:NAME, export:NAME",
+            "torchscript:PATH, export:PATH",
         ),
         (
             ["--encoder", "timm:resnet18_cifar", "--encoder-weights", "/nonexistent/w.safetensors"],
