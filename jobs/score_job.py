@@ -9,7 +9,7 @@ Inside a Ray job RAY_ADDRESS is set, so the scoring actors run on the cluster's 
 {}` runs it with its defaults). The job is resumable: submit it again and finished shards are
 skipped; shards added to `data` since are scored, and the whole run cleaned and reported again. The
 last line says how each step ended; the exit code is the worst of theirs (0 done, 1 incomplete, 2 a
-usage error, 143 SIGTERM).
+usage error, 130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations

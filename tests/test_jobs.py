@@ -2,6 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs import score_job
 from jobs.score_job import ConfigError, main, options, step_options, steps
 
 
@@ -61,6 +62,18 @@ def test_help_describes_the_config():
         main(["--help"])
     assert out.getvalue().startswith("usage: python -m jobs.score_job [-h] --config CONFIG")
     assert "`clean` and `report` are" in out.getvalue()
+    assert "(0 done, 1 incomplete, 2 a\nusage error, 130 Ctrl-C, 143 SIGTERM)" in out.getvalue()
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_a_step_stopped_by_a_signal_ends_the_job_with_its_code(monkeypatch, capsys, code):
+    """Ctrl-C and SIGTERM stop `sanitizer` with 130 and 143: the job stops there, with that code."""
+    monkeypatch.setattr(score_job, "sanitizer", lambda argv: code)
+    assert score_job.run({"score": {"out": "/r", "decoder": "/d", "data": "/x.tar"}}) == code
+    assert (
+        capsys.readouterr().out
+        == f"score_job: score exit {code}, clean not run, report not run; exit {code}\n"
+    )
 
 
 def test_a_run_with_a_shard_that_is_not_a_tar_is_still_cleaned_and_reported(
