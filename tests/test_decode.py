@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import pickletools
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -250,3 +253,27 @@ def test_pickles_are_never_loaded(
     assert decode_image(names["pickle_only"], SIZE).status == "no_image"
     assert not (tmp_path / "PWNED").exists()
     assert not Path("PWNED").exists()
+
+
+_LONG_STRIP = """
+import io, json, resource
+from PIL import Image
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from sanitizer.data.decode import decode_image
+from sanitizer.data.tario import Member, Sample
+buf = io.BytesIO()
+Image.new("RGB", (1_000_000, 1), (10, 200, 30)).save(buf, "PNG")
+d = decode_image(Sample("strip", 0, [Member("strip.png", buf.getvalue())]), 32)
+pixels = None if d.pixels is None else [list(d.pixels.shape), d.pixels[0, 0].tolist()]
+print(json.dumps([len(buf.getvalue()), d.status, d.error, pixels, d.width, d.height]))
+"""
+
+
+def test_a_long_strip_is_resampled_in_bounded_memory() -> None:
+    """A 1,000,000 x 1 PNG (3 KB) is within max_pixels, but resizing its shorter side to 32 px before
+    the crop meant a 32,000,000 x 32 image (3 GB): it decodes under a 1 GiB address-space limit."""
+    done = subprocess.run([sys.executable, "-c", _LONG_STRIP], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    size, *decoded = json.loads(done.stdout)
+    assert size < 10_000
+    assert decoded == ["ok", None, [[32, 32, 3], [10, 200, 30]], 1_000_000, 1]

@@ -120,18 +120,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _resize_crop(im: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (bicubic), then a centre crop, as torchvision Resize+CenterCrop."""
+def _resize_crop(im: Image.Image, size: int, max_pixels: int) -> Image.Image:
+    """Shorter side to ``size`` (bicubic), then a centre crop, as torchvision Resize+CenterCrop.
+
+    An image far wider than tall (a 1,000,000 x 1 PNG is 3 KB) would be resized to billions of
+    pixels first; where that step passes ``max_pixels``, only the cropped box is resampled."""
     w, h = im.size
     if (w, h) != (size, size):
         if w <= h:
             new_w, new_h = size, max(size, int(size * h / w))
         else:
             new_w, new_h = max(size, int(size * w / h)), size
-        if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left = int(round((new_w - size) / 2.0))
         top = int(round((new_h - size) / 2.0))
+        if new_w * new_h > max_pixels:
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            return im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
         im = im.crop((left, top, left + size, top + size))
     return im
 
@@ -204,7 +211,7 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int, digest: str) -> Decod
         except Exception as e:  # noqa: BLE001
             return _failed(_classify_load_error(e), describe(e), **dims)
         try:
-            out = _resize_crop(_to_rgb(im), size)
+            out = _resize_crop(_to_rgb(im), size, max_pixels)
             pixels = np.array(out, dtype=np.uint8)
         except Exception as e:  # noqa: BLE001
             return _failed(STATUS_DECODE_ERROR, describe(e), **dims)
