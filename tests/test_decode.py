@@ -117,6 +117,40 @@ def test_jpeg_cut_inside_its_header_is_truncated_image() -> None:
     assert d.sha256 is not None
 
 
+def _png_with_bad_ihdr_checksum() -> bytes:
+    png = bytearray(encode_image(synthetic_images(1, 32, seed=3)[0], "png"))
+    png[29] ^= 0xFF  # the last byte of IHDR's CRC
+    return bytes(png)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "error"),
+    [
+        (
+            _png_with_bad_ihdr_checksum(),
+            "decode_error",
+            "PNG header: SyntaxError: broken PNG file (bad header checksum in b'IHDR')",
+        ),
+        (
+            encode_image(synthetic_images(1, 32, seed=3)[0], "png")[:40],
+            "decode_error",
+            "PNG header: SyntaxError: broken PNG file (chunk b'IDA')",
+        ),
+        (
+            b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+            "not_an_image",
+            "bytes are not a supported image (JPEG, PNG, WEBP, BMP, GIF, TIFF, PPM)",
+        ),
+    ],
+    ids=["bad_ihdr_checksum", "cut_in_its_header", "svg"],
+)
+def test_a_supported_format_with_a_broken_header_says_why(data: bytes, status: str, error: str) -> None:
+    """Pillow's open says only that it cannot identify bytes whose header its PNG reader refused: such a
+    PNG is a broken image, not an HTML page, and its row carries the reader's reason."""
+    d = decode_image(Sample("k", 0, [Member("k.png", data)]), SIZE)
+    assert (d.status, d.error, d.pixels, d.sha256 is not None) == (status, error, None, True)
+
+
 def test_reading_status_passes_through() -> None:
     s = Sample("k", 0, [Member("k.png", b"")], status="truncated_shard", error="cut")
     d = decode_image(s, SIZE)

@@ -184,13 +184,33 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
 
 
+def _unidentified(data: bytes, digest: str) -> DecodedImage:
+    """Bytes that no supported format opens. Those that start as one does (a PNG whose header is corrupt
+    or cut) are that format's reader's finding, which Pillow's open leaves out; the rest are not_an_image."""
+    for fmt in PIL_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        found = accept(data[:16]) if accept is not None else False
+        if not found or isinstance(found, str):
+            continue
+        try:
+            with _OPEN_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                factory(io.BytesIO(data), None).close()
+        except Exception as e:  # noqa: BLE001 - the reader's reason is the row's error
+            return _failed(_classify_load_error(e), f"{fmt} header: {describe(e)}", sha256=digest)
+        break
+    return _failed(
+        STATUS_NOT_AN_IMAGE, f"bytes are not a supported image ({', '.join(PIL_FORMATS)})", sha256=digest
+    )
+
+
 def _decode_bytes(data: bytes, size: int, max_pixels: int, digest: str) -> DecodedImage:
     try:
         im = _open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return _failed(STATUS_DECOMPRESSION_BOMB, describe(e), sha256=digest)
     except UnidentifiedImageError:
-        return _failed(STATUS_NOT_AN_IMAGE, "bytes are not a supported image", sha256=digest)
+        return _unidentified(data, digest)
     except Exception as e:  # noqa: BLE001 - any header parsing failure is per-sample
         # a file cut inside its header (a small JPEG cut in half) is as truncated as one cut in its pixels
         return _failed(_classify_load_error(e), describe(e), sha256=digest)
