@@ -151,6 +151,25 @@ def test_a_supported_format_with_a_broken_header_says_why(data: bytes, status: s
     assert (d.status, d.error, d.pixels, d.sha256 is not None) == (status, error, None, True)
 
 
+@pytest.mark.parametrize(
+    ("names", "exts"),
+    [
+        (["k.avif", "k.txt"], "'avif', 'txt'"),
+        (["k.heic"], "'heic'"),
+        (["k.svg", "k.json", "k.svg.txt"], "'svg', 'json', 'svg.txt'"),
+        (["k"], "''"),
+    ],
+)
+def test_no_image_names_the_extensions_it_has(names: list[str], exts: str) -> None:
+    """An AVIF, HEIC or SVG file is an image in a format that is left out: the row says which."""
+    d = decode_image(Sample("k", 0, [Member(n, b"bytes") for n in names]), SIZE)
+    assert (d.status, d.sha256) == ("no_image", None)
+    assert d.error == (
+        f"sample has no member with an image extension (jpg, jpeg, png, webp, bmp, gif, tif, tiff, ppm); "
+        f"its extensions: {exts}"
+    )
+
+
 def test_reading_status_passes_through() -> None:
     s = Sample("k", 0, [Member("k.png", b"")], status="truncated_shard", error="cut")
     d = decode_image(s, SIZE)

@@ -156,6 +156,13 @@ def _classify_load_error(exc: BaseException) -> str:
     return STATUS_DECODE_ERROR
 
 
+def _no_image_message(sample: Sample) -> str:
+    """Names the extensions the sample has, so that an .avif, .heic or .svg image reads as a format
+    left out, not as a sample without any image."""
+    exts = ", ".join(dict.fromkeys(repr(split_key(m.name)[1]) for m in sample.members))
+    return f"sample has no member with an image extension ({', '.join(IMAGE_EXTS)}); its extensions: {exts}"
+
+
 def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> DecodedImage:
     """Decode the sample's image to a ``(size, size, 3)`` uint8 array, or say why not.
 
@@ -167,7 +174,7 @@ def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> Dec
         return _failed(sample.status, sample.error)
     found = find_image_member(sample)
     if found is None:
-        return _failed(STATUS_NO_IMAGE, "sample has no member with an image extension")
+        return _failed(STATUS_NO_IMAGE, _no_image_message(sample))
     name, data = found
     if not data:
         return _failed(STATUS_EMPTY_IMAGE, f"image member {name!r} has 0 bytes")
