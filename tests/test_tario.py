@@ -207,6 +207,33 @@ def test_not_a_tar_raises_shard_error(tmp_path: Path, content: bytes) -> None:
     assert info.value.url == str(path) and "\n" not in str(info.value)
 
 
+def _directory_header() -> bytes:
+    info = tarfile.TarInfo("images")
+    info.type = tarfile.DIRTYPE
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+@pytest.mark.parametrize(
+    ("after", "problem"),
+    [
+        (b"", "shard ends without an end-of-archive marker (cut off?)"),
+        (
+            b"garbage " * 64 + bytes(1024),
+            "shard cut off or corrupt at a member header: InvalidHeaderError: invalid header",
+        ),
+    ],
+    ids=["cut", "corrupt"],
+)
+def test_a_shard_that_stops_before_its_first_sample_fails(tmp_path: Path, after: bytes, problem: str) -> None:
+    """Directory entries start no sample: a shard cut or corrupt after them read as an empty shard, all
+    its samples lost without a word. It is a failed shard."""
+    path = tmp_path / "dir_then_cut.tar"
+    path.write_bytes(_directory_header() + after)
+    with pytest.raises(ShardError) as info:
+        list(iter_samples(str(path)))
+    assert info.value.message == f"{problem}, before its first sample"
+
+
 def test_missing_file_raises_shard_error(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="cannot open"):
         list(iter_samples(str(tmp_path / "nope.tar")))

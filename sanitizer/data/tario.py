@@ -159,6 +159,14 @@ def _mark_truncated(sample: Sample, message: str) -> None:
     sample.error = one_line(message)
 
 
+def _stop(url: str, current: Sample | None, problem: str) -> None:
+    """A shard that stops reading marks the sample it was in; one that stops before its first sample
+    (after directory entries) fails, rather than read as an empty shard."""
+    if current is None:
+        raise ShardError(url, f"{problem}, before its first sample")
+    _mark_truncated(current, problem)
+
+
 def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample]:
     """Yield every sample of a (possibly gzipped) tar in file order, never raising per sample.
 
@@ -183,10 +191,10 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
                 return
             raise ShardError(url, f"not a readable tar file: {describe(e)}") from None
         stack.enter_context(tar)
-        yield from _group_members(tar, max_member_bytes)
+        yield from _group_members(url, tar, max_member_bytes)
 
 
-def _group_members(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Sample]:
+def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Sample]:
     """Group consecutive members into samples; a repeated extension starts a new sample."""
     current: Sample | None = None
     exts: set[str] = set()
@@ -195,14 +203,13 @@ def _group_members(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Samp
         try:
             info = tar.next()
         except _READ_ERRORS as e:
-            if current is not None:
-                _mark_truncated(current, f"shard cut off or corrupt: {describe(e)}")
+            _stop(url, current, f"shard cut off or corrupt: {describe(e)}")
             break
         tar.members = []  # stream mode keeps every TarInfo otherwise
         if info is None:
             problem = _end_problem(tar)
-            if problem is not None and current is not None:
-                _mark_truncated(current, problem)
+            if problem is not None:
+                _stop(url, current, problem)
             break
         if info.isdir():
             continue  # the archive's structure, not a sample's content
