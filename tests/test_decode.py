@@ -170,6 +170,23 @@ def test_no_image_names_the_extensions_it_has(names: list[str], exts: str) -> No
     )
 
 
+@pytest.mark.parametrize(
+    ("fmt", "ext", "options"),
+    [("GIF", "gif", {}), ("PNG", "png", {}), ("WEBP", "webp", {"lossless": True}), ("TIFF", "tif", {})],
+    ids=["gif", "apng", "webp", "tiff_pages"],
+)
+def test_an_animation_or_multipage_file_is_scored_on_its_first_frame(
+    fmt: str, ext: str, options: dict[str, object]
+) -> None:
+    """Which frame a trigger must be in to be seen: the first (red here; green and blue follow)."""
+    frames = [Image.new("RGB", (SIZE, SIZE), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], **options)
+    d = decode_image(Sample("k", 0, [Member(f"k.{ext}", buf.getvalue())]), SIZE)
+    assert d.status == "ok" and d.pixels is not None
+    assert np.unique(d.pixels.reshape(-1, 3), axis=0).tolist() == [[250, 0, 0]]
+
+
 def test_reading_status_passes_through() -> None:
     s = Sample("k", 0, [Member("k.png", b"")], status="truncated_shard", error="cut")
     d = decode_image(s, SIZE)
@@ -330,3 +347,15 @@ def test_a_long_strip_is_resampled_in_bounded_memory() -> None:
     size, *decoded = json.loads(done.stdout)
     assert size < 10_000
     assert decoded == ["ok", None, [[32, 32, 3], [10, 200, 30]], 1_000_000, 1]
+
+
+def test_png_metadata_inflating_past_pillows_limit_is_a_decode_error() -> None:
+    """A 50 MB ICC profile deflates to 50 KB; Pillow refuses to inflate PNG metadata past 1 MB."""
+    buf = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(buf, "PNG", icc_profile=bytes(50 << 20))
+    d = decode_image(Sample("k", 0, [Member("k.png", buf.getvalue())]), SIZE)
+    assert len(buf.getvalue()) < 100_000
+    assert (d.status, d.error) == (
+        "decode_error",
+        "ValueError: Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK",
+    )
