@@ -107,6 +107,15 @@ class _RecordingTarInfo(tarfile.TarInfo):
             tarfile_obj._sanitizer_header_error = e  # type: ignore[attr-defined]
             raise
 
+    def _proc_builtin(self, tarfile_obj: tarfile.TarFile) -> tarfile.TarInfo:
+        """tarfile skips the data of regular files alone. A directory that declares some (an old tar's
+        regular file named ``x/`` is one) has it too, as GNU tar reads it: parsed as headers, it made
+        every sample after it unreadable."""
+        info = super()._proc_builtin(tarfile_obj)  # type: ignore[misc]
+        if info.isdir() and info.size > 0:
+            tarfile_obj.offset += info._block(info.size)  # type: ignore[attr-defined]
+        return info
+
 
 class _CountingReader(io.RawIOBase):
     """Counts bytes read, to tell a 0-byte shard (empty) from one that is not a tar, and turns a
