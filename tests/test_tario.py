@@ -234,25 +234,33 @@ def test_a_shard_that_stops_before_its_first_sample_fails(tmp_path: Path, after:
     assert info.value.message == f"{problem}, before its first sample"
 
 
-def test_directory_entries_that_declare_data_are_passed_over_whole(tmp_path: Path) -> None:
-    """A directory with a size (and an old tar's regular file named ``old/``, a directory too) has that
-    many bytes of data, as GNU tar reads it; read as headers, they cut the shard at the first sample."""
-    path = tmp_path / "dir_sizes.tar"
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        (tarfile.DIRTYPE, "ok"),
+        (tarfile.SYMTYPE, "special_member"),
+        (tarfile.LNKTYPE, "special_member"),
+        (tarfile.FIFOTYPE, "special_member"),
+    ],
+    ids=["dir", "symlink", "hardlink", "fifo"],
+)
+def test_entries_that_declare_data_are_passed_over_whole(tmp_path: Path, kind: bytes, status: str) -> None:
+    """A directory, link or device with a size (and an old tar's regular file named ``old/``, a directory
+    too) has that many bytes of data, as GNU tar reads it; read as headers, they cut the shard there."""
+    path = tmp_path / "sizes.tar"
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, kind, data in [
+        for name, typ, data in [
             ("a.png", tarfile.REGTYPE, b"A" * 10),
-            ("d", tarfile.DIRTYPE, b"x" * 700),
+            ("a.txt", kind, b"x" * 700),
             ("old/", tarfile.AREGTYPE, b"y" * 600),
             ("b.png", tarfile.REGTYPE, b"B" * 5),
         ]:
             info = tarfile.TarInfo(name)
-            info.type, info.size = kind, len(data)
+            info.type, info.size, info.linkname = typ, len(data), "a.png"
             tar.addfile(info, io.BytesIO(data))
-    samples = [(s.key, s.status, s.error, s.members) for s in iter_samples(str(path))]
-    assert samples == [
-        ("a", "ok", None, [Member("a.png", b"A" * 10)]),
-        ("b", "ok", None, [Member("b.png", b"B" * 5)]),
-    ]
+    samples = [(s.key, s.status, s.members) for s in iter_samples(str(path))]
+    a_members = [Member("a.png", b"A" * 10)] + ([Member("a.txt", b"")] if status != "ok" else [])
+    assert samples == [("a", status, a_members), ("b", "ok", [Member("b.png", b"B" * 5)])]
 
 
 def test_missing_file_raises_shard_error(tmp_path: Path) -> None:

@@ -108,11 +108,11 @@ class _RecordingTarInfo(tarfile.TarInfo):
             raise
 
     def _proc_builtin(self, tarfile_obj: tarfile.TarFile) -> tarfile.TarInfo:
-        """tarfile skips the data of regular files alone. A directory that declares some (an old tar's
-        regular file named ``x/`` is one) has it too, as GNU tar reads it: parsed as headers, it made
-        every sample after it unreadable."""
+        """tarfile skips the data of regular files alone. A directory, link or device that declares
+        some (an old tar's regular file named ``x/`` is a directory) has it too, as GNU tar reads it:
+        parsed as headers, it made every sample after it unreadable."""
         info = super()._proc_builtin(tarfile_obj)  # type: ignore[misc]
-        if info.isdir() and info.size > 0:
+        if info.type in tarfile.SUPPORTED_TYPES and not info.isreg() and info.size > 0:
             tarfile_obj.offset += info._block(info.size)  # type: ignore[attr-defined]
         return info
 
