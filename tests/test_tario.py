@@ -263,6 +263,18 @@ def test_entries_that_declare_data_are_passed_over_whole(tmp_path: Path, kind: b
     assert samples == [("a", status, a_members), ("b", "ok", [Member("b.png", b"B" * 5)])]
 
 
+@pytest.mark.parametrize("tail", [b"GARBAGE" * 300, b"second tar"], ids=["garbage", "second_tar"])
+def test_bytes_after_the_end_of_archive_are_not_read(tmp_path: Path, tail: bytes) -> None:
+    """The end-of-archive blocks end the shard, as for tar and WebDataset: what follows them (garbage,
+    or a second tar appended with cat) is not read, and the last sample is complete."""
+    first = _raw_tar(tmp_path / "first.tar", [("a.png", b"A"), ("a.txt", b"cap")]).read_bytes()
+    if tail == b"second tar":
+        tail = _raw_tar(tmp_path / "second.tar", [("b.png", b"B")]).read_bytes()
+    path = tmp_path / "joined.tar"
+    path.write_bytes(first + tail)
+    assert _keys(path) == [("a", ["a.png", "a.txt"], "ok")]
+
+
 def test_missing_file_raises_shard_error(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="cannot open"):
         list(iter_samples(str(tmp_path / "nope.tar")))
