@@ -35,6 +35,9 @@ def _touch(path: Path) -> Path:
         ("/d/...x.tar", "___x"),
         ("s3://bucket/p/s-1.tar?versionId=3", "s-1"),
         ("https://host/a/b/c.tar.gz", "c"),
+        ("/d/c.tgz", "c"),
+        ("/d/b.TGZ", "b"),
+        ("/d/e.Tar.Gz", "e"),
     ],
 )
 def test_base_stem_rules(url: str, stem: str) -> None:
