@@ -68,6 +68,18 @@ def test_colliding_stems_all_get_their_own_hash_whatever_the_order() -> None:
     assert len({r.stem for r in refs}) == len(refs)
 
 
+def test_stems_that_differ_only_in_case_collide() -> None:
+    """On a case-insensitive file system clean/A.tar and clean/a.tar are one file: one shard's outputs
+    would overwrite the other's."""
+    urls = ["/d/A.tar", "/d/a.tar", "/d/b.tar"]
+    sha = {u: hashlib.sha1(u.encode()).hexdigest()[:8] for u in urls}
+    assert assign_stems(urls) == [
+        ShardRef("/d/A.tar", f"A-{sha['/d/A.tar']}"),
+        ShardRef("/d/a.tar", f"a-{sha['/d/a.tar']}"),
+        ShardRef("/d/b.tar", "b"),
+    ]
+
+
 def test_long_colliding_stems_stay_within_120_chars() -> None:
     refs = assign_stems(["/a/" + "z" * 200 + ".tar", "/b/" + "z" * 200 + ".tar"])
     assert all(len(r.stem) == 120 for r in refs)

@@ -166,16 +166,18 @@ def _with_hash(stem: str, url: str, n_hex: int) -> str:
 def assign_stems(urls: list[str]) -> list[ShardRef]:
     """Give every URL a unique stem; each colliding stem gets a hash of its own URL appended.
 
-    Only the set of URLs matters, never their order, so re-runs with reordered inputs write to
-    the same outputs.
+    Stems that differ only in case collide too: on a case-insensitive file system (macOS, Windows)
+    ``manifest/A.parquet`` and ``manifest/a.parquet`` are one file. Only the set of URLs matters,
+    never their order, so re-runs with reordered inputs write to the same outputs.
     """
     bases = [base_stem(u) for u in urls]
-    counts = Counter(bases)
-    stems = [_with_hash(b, u, 8) if counts[b] > 1 else b for b, u in zip(bases, urls, strict=True)]
-    counts = Counter(stems)
+    counts = Counter(b.casefold() for b in bases)
+    stems = [_with_hash(b, u, 8) if counts[b.casefold()] > 1 else b for b, u in zip(bases, urls, strict=True)]
+    counts = Counter(s.casefold() for s in stems)
     if len(counts) != len(stems):  # a literal file name equal to "<stem>-<hash8>": use full hash
         stems = [
-            _with_hash(b, u, 40) if counts[s] > 1 else s for b, s, u in zip(bases, stems, urls, strict=True)
+            _with_hash(b, u, 40) if counts[s.casefold()] > 1 else s
+            for b, s, u in zip(bases, stems, urls, strict=True)
         ]
     return [ShardRef(url=u, stem=s) for u, s in zip(urls, stems, strict=True)]
 
