@@ -211,7 +211,7 @@ def test_not_a_tar_shards_fail_the_run_and_the_others_complete(reference):
             f"FAILED shard {stem}: not a readable tar file: ReadError: invalid header" in reference.score.out
         )
     totals = info["totals"]
-    assert (totals["shards"], totals["shards_done"], totals["samples"]) == (15, 13, 139)
+    assert (totals["shards"], totals["shards_done"], totals["samples"]) == (16, 14, 145)
     assert reference.clean.rc == 1
     assert reference.clean.out.splitlines()[1:] == [
         f"skipped shard {s}: it was not scored (see run.json)" for s in sorted(SHARD_ERROR_SHARDS)

@@ -120,6 +120,13 @@ def _good_samples() -> list[SampleSpec]:
     return out
 
 
+def _bad_ihdr_png(arr: np.ndarray) -> bytes:
+    """A PNG whose header chunk's checksum is wrong: Pillow's open cannot identify it."""
+    data = bytearray(_png(arr))
+    data[29] ^= 0xFF  # the last byte of IHDR's CRC
+    return bytes(data)
+
+
 def _hostile_samples() -> list[SampleSpec]:
     """One sample per decode failure, plus the image that is fine despite a wrong extension."""
     arr = _photo(48, 40, seed=7)
@@ -137,6 +144,8 @@ def _hostile_samples() -> list[SampleSpec]:
         ([("random_jpg.jpg", rng.bytes(2048))], "not_an_image"),
         ([("corrupt_png.png", _corrupt_png(arr))], "decode_error"),
         ([("wrong_ext.jpg", _png(arr)), ("wrong_ext.txt", b"png bytes in a .jpg")], "ok"),
+        ([("bad_ihdr_png.png", _bad_ihdr_png(arr))], "decode_error"),
+        ([("avif_image.avif", b"\x00\x00\x00\x1cftypavif" + bytes(64))], "no_image"),
     ]
 
 
@@ -171,6 +180,7 @@ def _mode_samples() -> list[SampleSpec]:
         ("wide_png", "png", _png(_photo(200, 20, seed=13))),
         ("tall_png", "png", _png(_photo(20, 200, seed=14))),
         ("tiny_png", "png", _png(_photo(3, 2, seed=15))),
+        ("long_strip_png", "png", _png(np.full((1, 1_000_000, 3), 128, np.uint8))),  # resized: 32e6 x 32
     ]
     return [([(f"{key}.{ext}", data)], "ok") for key, ext, data in specs]
 
@@ -259,6 +269,28 @@ def _links_expected() -> list[tuple[str, str]]:
     return [("target", "ok"), ("linked", "special_member"), ("symlink_only", "special_member")]
 
 
+def _sized_entries_tar() -> bytes:
+    """A directory and a symbolic link that declare data, as old or odd writers make them: GNU tar
+    skips it; read as headers, it cut the shard."""
+    png = _png(_photo(32, 32, seed=71))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, data in (
+            ("sized_a.png", tarfile.REGTYPE, png),
+            ("sized_dir", tarfile.DIRTYPE, b"d" * 700),
+            ("sized_link.png", tarfile.SYMTYPE, b"l" * 600),
+            ("sized_b.png", tarfile.REGTYPE, png),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname = kind, len(data), "sized_a.png"
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _sized_entries_expected() -> list[tuple[str, str]]:
+    return [("sized_a", "ok"), ("sized_link", "special_member"), ("sized_b", "ok")]
+
+
 @functools.cache
 def _specs() -> dict[str, ShardSpec]:
     """Built once per process; callers must not mutate the result."""
@@ -272,12 +304,17 @@ def _specs() -> dict[str, ShardSpec]:
         "zero_bytes": lambda: b"",
         "truncated": _truncated_tar,
         "links": _links_tar,
+        "sized_entries": _sized_entries_tar,
         "not_a_tar_random": _not_a_tar_random,
         "not_a_tar_gzip": _not_a_tar_gzip,
     }
 
 
-_RAW_EXPECTED = {"truncated": _truncated_expected, "links": _links_expected}  # shards written as raw bytes
+_RAW_EXPECTED = {
+    "truncated": _truncated_expected,
+    "links": _links_expected,
+    "sized_entries": _sized_entries_expected,
+}  # shards written as raw bytes
 
 
 def _to_sample(members: list[MemberSpec], index: int) -> Sample:
