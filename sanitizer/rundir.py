@@ -177,17 +177,22 @@ OPTIONAL_RUN_FIELDS = {
     "threshold": dict, "threshold.rule": str, "threshold.value": (int, float), "totals": dict,
     "collapse": dict, "collapse.rule": str, "collapse.value": (int, float), "failed_shards": list,
 }  # fmt: skip
+# run.json's record of clean, as score weighs it and report shows it. `clean` reads none of it and
+# writes it afresh, so a damaged one does not stop the command that repairs it.
+CLEAN_RECORD_FIELDS = {"clean": dict, "clean.kept": int, "clean.quarantined": int, "clean.shards": int}
 
 
-def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
+def open_run(
+    run_dir: Path, also: dict[str, type | tuple] | None = None
+) -> tuple[RunDir, dict, list[ShardRef]]:
     """A scored run as clean and report read it: the directory, its run.json (checked for what they
-    read from it) and its input shards."""
+    read from it, and for the optional fields `also` names) and its input shards."""
     run = RunDir(Path(run_dir))
     info = run.read_run()
     if info is None:
         raise not_a_run(run_dir)
     try:
-        check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS)
+        check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS | (also or {}))
         check_rules(info)
         return run, info, [shard_entry(entry) for entry in info["identity"]["shards"]]
     except RecordError as e:
@@ -195,7 +200,9 @@ def open_run(run_dir: Path) -> tuple[RunDir, dict, list[ShardRef]]:
 
 
 @contextlib.contextmanager
-def locked_run(run_dir: Path) -> Iterator[tuple[RunDir, dict, list[ShardRef]]]:
+def locked_run(
+    run_dir: Path, also: dict[str, type | tuple] | None = None
+) -> Iterator[tuple[RunDir, dict, list[ShardRef]]]:
     """open_run's run, read once RUN_DIR's lock is held: a job that held it until then (a `score`
     finishing) has written its last run.json, which a read before the lock would miss and overwrite.
     A path that holds no run is refused first, so that no lock file is made there; a run that lost its
@@ -204,7 +211,7 @@ def locked_run(run_dir: Path) -> Iterator[tuple[RunDir, dict, list[ShardRef]]]:
     if not run.run_json.is_file():
         raise _damaged(run.run_json, "it is missing") if run.is_run() else not_a_run(run_dir)
     with RunDir(Path(run_dir)).lock():
-        yield open_run(run_dir)
+        yield open_run(run_dir, also)
 
 
 def check_rules(info: dict) -> None:

@@ -40,7 +40,15 @@ from sanitizer.data.tario import (
 )
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts
 from sanitizer.records import RecordError, check_fields, lookup
-from sanitizer.rundir import OPTIONAL_RUN_FIELDS, STALE_CLEAN, RunDir, check_rules, not_a_run, shard_entry
+from sanitizer.rundir import (
+    CLEAN_RECORD_FIELDS,
+    OPTIONAL_RUN_FIELDS,
+    STALE_CLEAN,
+    RunDir,
+    check_rules,
+    not_a_run,
+    shard_entry,
+)
 
 KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
@@ -557,7 +565,7 @@ def _check_state(info: dict, known: set[str], report: _Report) -> dict[str, str]
     elif not failed and state == "incomplete":
         report.add("run.json state is 'incomplete' but lists no failed shard")
     try:
-        check_fields(info, {}, OPTIONAL_RUN_FIELDS)
+        check_fields(info, {}, OPTIONAL_RUN_FIELDS | CLEAN_RECORD_FIELDS)
         check_rules(info)
     except RecordError as e:
         report.add(f"run.json: {e}")
@@ -609,6 +617,10 @@ def _check_clean_record(
     _check_sizes(run, kept, unchecked | (set(results) - set(kept)), report)
     if info.get("clean") is None:
         report.add(STALE_CLEAN)
+        return
+    try:
+        check_fields(info, {}, CLEAN_RECORD_FIELDS)
+    except RecordError:  # _check_state named it: a damaged record is one violation, not two
         return
     expected = {
         "kept": sum(kept.values()),

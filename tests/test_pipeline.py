@@ -565,10 +565,15 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
         ("clean", "report"),
         "run.json is damaged: threshold is list, not dict",
     ),
-    "a record of clean not a mapping": (  # a re-run weighs it against the flags: an AttributeError
+    "a record of clean not a mapping": (  # a re-run weighs it, the report shows it: AttributeErrors
         _edit_run_json(lambda info: info.update(clean=5)),
-        ("score",),
+        ("report", "score"),  # clean writes it afresh (test_verify: ..._a_damaged_record_of_clean_...)
         "run.json is damaged: clean is int, not dict",
+    ),
+    "a record of clean's count of text": (  # the report's tile formatted it: a ValueError
+        _edit_run_json(lambda info: info.update(clean={"kept": "7", "quarantined": 1, "shards": 2})),
+        ("report", "score"),
+        "run.json is damaged: clean.kept is str, not int",
     ),
     "a threshold value of text": (
         _edit_run_json(lambda info: info["threshold"].update(value="0.5")),

@@ -374,3 +374,22 @@ def test_a_threshold_rule_that_is_not_one_is_a_violation(run_copy):
     (run_copy / "run.json").write_text(json.dumps(info))
     why = "threshold 'mad:abc' is not quantile:Q, mad:K, value:X, paper or a number"
     assert verify_run(run_copy) == [f"run.json: threshold.rule: {why}"]
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (5, "clean is int, not dict"),
+        ({"kept": "7", "quarantined": 1, "shards": 2}, "clean.kept is str, not int"),
+    ],
+)
+def test_a_damaged_record_of_clean_is_one_violation(run_copy, capsys, record, why):
+    """A record of clean that is not one was not checked (the report crashed on it); it is one
+    violation, not also a mismatch with the tars, and `clean` writes a good one over it."""
+    info = json.loads((run_copy / "run.json").read_text())
+    info["clean"] = record
+    (run_copy / "run.json").write_text(json.dumps(info))
+    assert verify_run(run_copy) == [f"run.json: {why}"]
+    assert main(["clean", str(run_copy)]) == 0
+    assert main(["verify", str(run_copy)]) == 0
+    assert capsys.readouterr().out.endswith(f"verify: 0 violation(s) in {run_copy}\n")

@@ -38,7 +38,7 @@ from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout
 from sanitizer.pipeline.collect import ShardCollector
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch, stage_files
 from sanitizer.progress import progress_bar
-from sanitizer.rundir import RunDir, flagged_totals, ok_scores
+from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
 
@@ -254,7 +254,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
 # clean against, so that a re-run killed before it finishes leaves that record for the next to judge.
 CARRIED = ("threshold", "collapse", "clean")
 # What still_clean reads of them, beyond comparing them: the record of clean's fields
-READ_OF_PREVIOUS = {"clean": dict}
+READ_OF_PREVIOUS = CLEAN_RECORD_FIELDS
 
 
 def begin(run: RunDir, plan: JobPlan) -> dict:

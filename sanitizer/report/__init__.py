@@ -69,7 +69,7 @@ from sanitizer.report.verdict import (
     share_above_median,
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
-from sanitizer.rundir import STALE_CLEAN, RunDir, locked_run
+from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, locked_run
 
 __all__ = [
     "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",
@@ -84,7 +84,7 @@ FIGURES = (
 
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
-    with locked_run(run_dir) as (run, info, shards):
+    with locked_run(run_dir, CLEAN_RECORD_FIELDS) as (run, info, shards):  # its tiles show the record
         out = run.root / "report"
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
