@@ -670,3 +670,21 @@ def test_no_verdict_on_data_unlike_the_decoders(tmp_path, tiny_decoder_dir):
     assert v["above_calibration_median"] == 1.0 and v["p_value"] is not None, v
     assert v["backdoored"] is None and v["text"].startswith("no verdict: 100% of the scores")
     assert "No verdict" in " ".join(parse(write_report(tmp_path / "run")).text)
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling symlink"])
+def test_a_report_path_that_is_not_a_directory_is_one_line(labelled_run, tmp_path, capsys, kind):
+    """It was `sanitizer: error: File exists: RUN/report`, exit 1: no word on what to do."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    if kind == "file":
+        (run / "report").write_text("notes")
+    else:
+        (run / "report").symlink_to(tmp_path / "nowhere")
+    assert cli.main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run}/report is not a directory; move or remove it, then run "
+        "`sanitizer report` again\n"
+    )
+    assert (run / "report").is_symlink() or (run / "report").read_text() == "notes"
+    assert not (tmp_path / "nowhere").exists()

@@ -28,7 +28,7 @@ import numpy as np
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.data.shards import ShardRef
-from sanitizer.errors import SanitizerError
+from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.report.figures import pca_2d
 from sanitizer.report.page import (
     SECTIONS,
@@ -85,8 +85,7 @@ FIGURES = (
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
     with locked_run(run_dir, CLEAN_RECORD_FIELDS) as (run, info, shards):  # its tiles show the record
-        out = run.root / "report"
-        out.mkdir(parents=True, exist_ok=True)
+        out = report_dir(run)
         remove_stale_temps(out)
         for name in FIGURES:  # a figure this run does not produce must not linger from an older report
             (out / name).unlink(missing_ok=True)
@@ -102,6 +101,16 @@ def write_report(run_dir: Path) -> Path:
         with atomic_path(page) as tmp:
             tmp.write_text(render_page(run.root, sections, info.get("versions", {})), encoding="utf-8")
     return page
+
+
+def report_dir(run: RunDir) -> Path:
+    """RUN_DIR/report, made if missing. Anything else under that name is the user's (a file saved
+    there by hand): it is neither replaced nor written into."""
+    out = run.root / "report"
+    if not out.is_dir() and (out.exists() or out.is_symlink()):
+        raise UsageError(f"{out} is not a directory; move or remove it, then run `sanitizer report` again")
+    out.mkdir(exist_ok=True)
+    return out
 
 
 def scored_sections(
