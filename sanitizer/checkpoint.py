@@ -31,6 +31,8 @@ META = "decoder.json"
 HOLDOUT = "holdout.safetensors"  # the held-out images' sketches and thumbnails, for the collapse pass
 STATE_DIR = ".checkpoint"
 STATE = "state.safetensors"  # in STATE_DIR: the unfinished training run's checkpoint
+# What a train job killed before it wrote decoder.json may have left in DECODER_DIR
+BEFORE_META = (WEIGHTS, HOLDOUT, STATE_DIR)
 
 
 def save_tensors(

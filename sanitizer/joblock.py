@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from sanitizer.atomic import is_temp_of
 from sanitizer.errors import UsageError
 
 LOCK = ".lock"  # holds the pid of the last job that held the lock
@@ -21,22 +22,63 @@ LOCK = ".lock"  # holds the pid of the last job that held the lock
 @contextlib.contextmanager
 def job_lock(root: Path, role: str) -> Iterator[None]:
     """Exclusive for the job's lifetime; a second job on the same directory is refused at once.
-    `role` names the directory in the refusal of one that cannot be made (RUN_DIR, --out)."""
+    `role` names the directory in the refusal of one that cannot be made (RUN_DIR, --out). The
+    directories it made are removed again if the job wrote nothing there (it was refused)."""
+    made = [d for d in (root, *root.parents) if not d.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UsageError(f"cannot use {root} as {role}: {e.strerror or e}") from None
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise in_use(root, fd) from None
+        held = True
+        if os.fstat(fd).st_nlink == 0:  # its holder removed it as we opened it: it ended a moment ago
+            raise in_use(root, fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        if made and held:
+            _remove_if_unused(made, fd)
         os.close(fd)
+
+
+def _remove_if_unused(made: list[Path], fd: int) -> None:
+    """Remove the directories a job that holds the lock made (innermost first) when all it left there
+    is its lock file, unlinked while still held (a job that opened it meanwhile sees it gone and is
+    refused)."""
+    root = made[0]
+    with contextlib.suppress(OSError):
+        if [p.name for p in root.iterdir()] != [LOCK]:
+            return
+        (root / LOCK).unlink()
+        for directory in made:
+            directory.rmdir()
+
+
+def refuse_foreign(root: Path, marker: str, step: str, leftovers: tuple[str, ...] = ()) -> None:
+    """A job's --out holds that job's files only: a directory holding others and no `marker` (the
+    file that says a job of `step`'s kind made it) is refused, so that an --out naming the input's
+    folder or a home directory is never written into (nor its hidden temp-like files removed).
+    `leftovers` are what such a job, killed, may leave before its marker, besides the marker's temp
+    files and the lock."""
+    if not root.is_dir() or (root / marker).is_file():
+        return
+    others = sorted(p.name for p in root.iterdir() if not _left_by_a_job(p.name, marker, leftovers))
+    if others:
+        shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UsageError(
+            f"--out {root} holds other files ({shown}) and no {marker}; {step} into a new or empty directory"
+        )
+
+
+def _left_by_a_job(name: str, marker: str, leftovers: tuple[str, ...]) -> bool:
+    return name in (LOCK, *leftovers) or any(is_temp_of(name, n) for n in (marker, *leftovers))
 
 
 def refuse_busy(root: Path) -> None:

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.atomic import is_temp_of, remove_stale_temps, write_json_atomic
+from sanitizer.atomic import remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.errors import UsageError
-from sanitizer.joblock import job_lock, refuse_busy
+from sanitizer.joblock import job_lock, refuse_busy, refuse_foreign
 from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, lookup, read_object
 from sanitizer.thresholds import parse_rule
@@ -137,20 +137,9 @@ class RunDir:
         return stats
 
     def refuse_foreign(self) -> None:
-        """A RUN_DIR holds one job's files: a directory holding others and no run.json is refused, so
-        that an --out naming the input's folder or a home directory is never written into (nor its
-        hidden temp-like files removed)."""
-        if not self.root.is_dir() or self.run_json.is_file():
-            return
-        others = sorted(  # all a job writes before run.json is its lock and run.json's temp file
-            p.name for p in self.root.iterdir() if p.name != ".lock" and not is_temp_of(p.name, "run.json")
-        )
-        if others:
-            shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
-            raise UsageError(
-                f"--out {self.root} holds other files ({shown}) and no run.json; "
-                "score into a new or empty directory"
-            )
+        """A directory holding other files and no run.json is not a RUN_DIR to write into (all a job
+        writes before run.json is its lock and run.json's temp file)."""
+        refuse_foreign(self.root, self.run_json.name, "score")
 
     def remove_stale_temps(self) -> int:
         """Temp files of a killed job: never visible under a final name, removed on the next start."""

@@ -35,7 +35,7 @@ from sanitizer.data.tario import ShardError, iter_samples
 from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import TrainingError, UsageError
-from sanitizer.joblock import job_lock
+from sanitizer.joblock import job_lock, refuse_foreign
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.progress import progress_bar
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
@@ -448,6 +448,7 @@ def train_decoder(
     """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json.
     `weights_prefix`, where the user chose the encoder in its weights file, is recorded for `score`."""
     out_dir = Path(out_dir)
+    refuse_foreign(out_dir, checkpoint.META, "train", checkpoint.BEFORE_META)
     # made before any training (an --out that cannot be a directory would fail at the first
     # checkpoint), and held: a second train there would overwrite this one's checkpoints and files
     with job_lock(out_dir, "--out"):

@@ -398,11 +398,11 @@ def test_a_second_train_in_a_decoder_dir_in_use_is_refused_and_touches_nothing(t
     argv = [*BASE, "--data", str(tiny_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
     with job_lock(out, "--out"):  # as a running train holds it
         code, out_text, err = run_cli(capsys, *argv)
+        assert [p.name for p in out.iterdir()] == [".lock"]
     assert code == 2 and out_text == ""
     assert (
         err.splitlines()[-1] == f"sanitizer: error: another sanitizer job (pid {os.getpid()}) is using {out}"
     )
-    assert [p.name for p in out.iterdir()] == [".lock"]
     code, _, err = run_cli(capsys, *argv)  # the lock released, as the kernel releases a dead job's
     assert code == 0, err
 
@@ -426,6 +426,48 @@ def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it
     )
     assert not (out / ".checkpoint").exists()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before  # as it was
+
+
+def test_an_out_holding_other_files_is_refused_untouched(tmp_path, tiny_shards, capsys):
+    """--out naming the shards' own folder (or a home directory): the decoder files were written among
+    them. It is refused as score refuses such a RUN_DIR, before anything is written there."""
+    folder = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+    (folder / "notes.txt").write_text("the user's")
+    before = sorted(p.name for p in folder.iterdir())
+    argv = [*BASE, "--data", str(folder), "--out", str(folder), "--device", "cpu", *TINY_ARGS]
+    code, out_text, err = run_cli(capsys, *argv)
+    assert code == 2 and out_text == ""
+    assert err.splitlines()[-1] == (
+        f"sanitizer: error: --out {folder} holds other files ('notes.txt', 'shard-000000.tar', "
+        "'shard-000001.tar', ...) and no decoder.json; train into a new or empty directory"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_an_out_left_by_a_killed_train_is_resumed_not_refused(tmp_path, tiny_shards, capsys):
+    """What a train killed before decoder.json may leave is its own, not another's files."""
+    out = tmp_path / "dec"
+    (out / ".checkpoint").mkdir(parents=True)
+    for name in (".lock", "holdout.safetensors", ".decoder.json.tmp-1-ab", ".holdout.safetensors.tmp-1-cd"):
+        (out / name).write_bytes(b"")
+    argv = [*BASE, "--data", str(tiny_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert read_meta(out)["training"]["epochs"] == 1
+
+
+def test_a_refused_train_leaves_no_out_it_made(tmp_path, html_shards, capsys):
+    """Refused inside its lock (no decodable image), a train left --out behind, empty but for the
+    lock file: the next train into it, with other data, found a directory it had not asked for."""
+    out = tmp_path / "a" / "b" / "dec"
+    argv = [*BASE, "--data", str(html_shards), "--out", str(out), "--device", "cpu", *TINY_ARGS]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "has 0 decodable images (not_an_image=30)" in err.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # one the user made is theirs: it stays (with the lock file)
+    argv = [*BASE, "--data", str(html_shards), "--out", str(tmp_path / "mine"), "--device", "cpu", *TINY_ARGS]
+    assert run_cli(capsys, *argv)[0] == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [".lock"]
 
 
 @pytest.fixture(scope="module")
