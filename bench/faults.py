@@ -54,6 +54,7 @@ from sanitizer.faultkit import (
     start_job,
     stats_count,
 )
+from sanitizer.joblock import recorded_pid
 from sanitizer.manifest import read_manifest, write_manifest
 from sanitizer.scoring import ScoreSettings
 from sanitizer.train import TrainSettings, train_decoder
@@ -130,13 +131,7 @@ def score_args(ws: dict, run: Path, workers: int) -> list[str]:
 
 
 def holds_lock(run: Path, job: subprocess.Popen) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            return (run / ".lock").read_text() == str(job.pid)
-        except OSError:
-            return False
-
-    return check
+    return lambda: recorded_pid(run) == job.pid
 
 
 def baseline(ws: dict, args: list[str], run: Path, name: str) -> float:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from sanitizer.atomic import is_temp_of
 from sanitizer.errors import UsageError
 
-LOCK = ".lock"  # holds the pid of the last job that held the lock
+LOCK = ".lock"  # "PID on HOST" of the last job that held the lock (before, the pid alone)
 
 
 @contextlib.contextmanager
@@ -40,7 +41,7 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
         if os.fstat(fd).st_nlink == 0:  # its holder removed it as we opened it: it ended a moment ago
             raise in_use(root, fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
         if made and held:
@@ -97,6 +98,15 @@ def refuse_busy(root: Path) -> None:
 
 
 def in_use(root: Path, fd: int) -> UsageError:
-    """The refusal of a directory a job holds, naming the pid the job wrote into the lock file."""
-    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    """The refusal of a directory a job holds, naming the pid and host the job wrote into the lock
+    file: on a filesystem that several hosts share, a pid alone does not say which process it is."""
+    holder = os.pread(fd, 320, 0).decode(errors="replace").strip() or "unknown"
     return UsageError(f"another sanitizer job (pid {holder}) is using {root}")
+
+
+def recorded_pid(root: Path) -> int | None:
+    """The pid the last job that locked `root` recorded (on whichever host); None where none did."""
+    try:
+        return int((root / LOCK).read_text().split(maxsplit=1)[0])
+    except (OSError, ValueError, IndexError):
+        return None

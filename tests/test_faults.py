@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import threading
@@ -50,6 +51,7 @@ from sanitizer.faultkit import (
     session_pids,
     stats_count,
 )
+from sanitizer.joblock import recorded_pid
 from sanitizer.manifest import read_manifest
 from sanitizer.verify import verify_run
 
@@ -134,13 +136,6 @@ def start_job(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     job = faultkit.start_job(args, cwd, log)
     JOBS.append(job)
     return job
-
-
-def lock_holder(run: Path) -> str:
-    try:
-        return (run / ".lock").read_text().strip()
-    except OSError:
-        return ""
 
 
 # ---------------------------------------------------------------- the corpus and the reference run
@@ -294,7 +289,7 @@ def killed_local(tmp_path_factory, corpus, tiny_decoder_dir) -> KilledRun:
     run, log = base / "run", base / "job.log"
     args = score_args(tiny_decoder_dir, corpus, run, 0)
     first = start_job(args, base, log)
-    wait_for(lambda: lock_holder(run) == str(first.pid), first, "the job took the lock", log)
+    wait_for(lambda: recorded_pid(run) == first.pid, first, "the job took the lock", log)
     second = cli(*args, cwd=base)
     wait_for(lambda: stats_count(run) > 0, first, "the first stats marker", log)
     assert kill_job(first), "the job ended before it was killed"
@@ -302,13 +297,15 @@ def killed_local(tmp_path_factory, corpus, tiny_decoder_dir) -> KilledRun:
     assert_nothing_partial(run)
 
     again = start_job(args, base, log)
-    wait_for(lambda: lock_holder(run) == str(again.pid), again, "the re-run took the lock", log)
+    wait_for(lambda: recorded_pid(run) == again.pid, again, "the re-run took the lock", log)
     time.sleep(random.Random(7).uniform(0.0, 1.0))
     kill_job(again)  # it may have finished by then on a fast machine: the outcome must not differ
     assert_nothing_partial(run)
 
     rerun = cli(*args, cwd=base)
-    return KilledRun(run, second, str(first.pid), done, rerun, cli("clean", run, cwd=base))
+    return KilledRun(
+        run, second, f"{first.pid} on {socket.gethostname()}", done, rerun, cli("clean", run, cwd=base)
+    )
 
 
 def test_second_job_on_a_busy_run_dir_is_refused(killed_local):

@@ -337,7 +337,8 @@ def test_a_manifest_of_another_schema_says_how_it_differs(run_copy, change, why)
 
 def test_a_run_a_job_is_using_is_refused(run_copy, capsys):
     """verify read a run while a job held its lock (a `score` still writing it): its half-written
-    files showed as violations, or a run about to change passed. It is refused as a second job is."""
+    files showed as violations, or a run about to change passed. It is refused as a second job is.
+    The lock file holds a pid alone, as versions before the host was recorded wrote it."""
     import fcntl
     import os
 
