@@ -41,8 +41,8 @@ from sanitizer.collapse import (
     thumbnail,
 )
 from sanitizer.device import precision, resolve_device
-from sanitizer.encoders import VictimEncoder, embed_pixels, load_encoder, parse_spec
-from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.encoders import VictimEncoder, check_weights_file, embed_pixels, load_encoder, parse_spec
+from sanitizer.errors import EncoderError, SanitizerError, UsageError
 from sanitizer.model import DedeConfig
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
@@ -1135,8 +1135,11 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
             raise UsageError(f"--encoder: {e}") from None
     if args.image_size is not None:  # before the encoder is loaded at that size
         need_side(args.image_size, f"--image-size {args.image_size}")
-    if args.encoder_weights is not None and not args.encoder_weights.is_file():
-        raise UsageError(f"--encoder-weights: no such file {args.encoder_weights}")
+    if args.encoder_weights is not None:  # as `sanitizer train` says it, before anything is built
+        try:
+            check_weights_file(args.encoder_weights)
+        except EncoderError as e:
+            raise UsageError(str(e)) from None
     own = BaseEncoder(args.encoder, args.encoder_weights, args.image_size) if args.encoder else None
     default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
     given = args.attacks if args.attacks is not None else ",".join(default)

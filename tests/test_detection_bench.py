@@ -58,7 +58,7 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
         ),
         (
             ["--encoder", "timm:resnet18_cifar", "--encoder-weights", "/nonexistent/w.safetensors"],
-            "--encoder-weights: no such file /nonexistent/w.safetensors",
+            "weights file not found: /nonexistent/w.safetensors",
         ),
         (
             ["--attacks", "badencoder,badnets"],
@@ -79,6 +79,18 @@ def test_bad_choices_exit_with_one_line(argv, message):
     with pytest.raises(UsageError) as e:
         choose(*argv)
     assert str(e.value) == message
+
+
+def test_weights_that_are_a_directory_are_refused_as_sanitizer_refuses_them(tmp_path):
+    """It said "no such file" of a hub's model folder, which exists; `sanitizer train` names what is
+    in it and what to give instead."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError) as e:
+        choose("--encoder", "timm:resnet18_cifar", "--encoder-weights", str(tmp_path))
+    assert (
+        str(e.value)
+        == f"{tmp_path} is a directory (it holds model.safetensors); give the weights file itself"
+    )
 
 
 TILE_17 = "the decoders' patches must tile the image: image size 17 is not divisible by patch size 8"
