@@ -19,7 +19,8 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from sanitizer.errors import TrainingError, UsageError
 from sanitizer.joblock import job_lock, refuse_foreign
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.progress import progress_bar
-from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.scoring import Scorer, Scores, ScoreSettings, key_seeds
 
 log = logging.getLogger(__name__)
 
@@ -122,41 +123,95 @@ class ImageSet:
 
 
 def load_images(data: str, size: int, max_samples: int) -> ImageSet:
-    """Decodable images from shards, up to max_samples; every other sample is counted, not fatal."""
-    pixels, keys, statuses, failed = [], [], Counter(), []
+    """Decodable images from shards, up to max_samples; every other sample is counted, not fatal.
+
+    The pixels go straight into one array grown in place (see `_grown`): a list of images stacked at
+    the end would hold them twice.
+    """
+    pixels = np.empty((0, size, size, 3), np.uint8)
+    keys, statuses, failed = [], Counter(), []
     for shard in expand_shards(data):
+        start, shard_statuses = len(keys), Counter()
         try:
-            shard_pixels, shard_keys, shard_statuses = _shard_images(shard.url, size, max_samples - len(keys))
+            for sample in iter_samples(shard.url):
+                decoded = decode_image(sample, size)
+                shard_statuses[decoded.status] += 1
+                if decoded.status == "ok":
+                    pixels = _grown(pixels, len(keys), max_samples)
+                    pixels[len(keys)] = decoded.pixels
+                    keys.append(sample.key)
+                if len(keys) >= max_samples:
+                    break
         except ShardError as e:
+            # the images read before the break are left out with it: the training set does not depend
+            # on where a connection broke (their rows are overwritten by the next shard's)
+            del keys[start:]
             statuses["unreadable_shard"] += 1
             failed.append({"url": e.url, "error": e.message})
             log.warning("skipping %s", e)
             continue
-        pixels += shard_pixels
-        keys += shard_keys
         statuses.update(shard_statuses)
         if len(keys) >= max_samples:
             break
     if len(keys) < MIN_IMAGES:
         found = ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "no samples"
         raise UsageError(f"{data} has {len(keys)} decodable images ({found}); training needs {MIN_IMAGES}")
-    return ImageSet(np.stack(pixels), keys, statuses, failed)
+    pixels.resize((len(keys), size, size, 3), refcheck=False)  # gives the unused rows back
+    return ImageSet(pixels, keys, statuses, failed)
 
 
-def _shard_images(url: str, size: int, room: int) -> tuple[list[np.ndarray], list[str], Counter]:
-    """A shard's decodable images and keys, up to `room`, and each sample's decode status. Raises
-    ShardError when the shard cannot be read that far: its images read before are left out with it,
-    so the training set does not depend on where a connection broke."""
-    pixels, keys, statuses = [], [], Counter()
-    for sample in iter_samples(url):
-        decoded = decode_image(sample, size)
-        statuses[decoded.status] += 1
-        if decoded.status == "ok":
-            pixels.append(decoded.pixels)
-            keys.append(sample.key)
-        if len(keys) >= room:
-            break
-    return pixels, keys, statuses
+# Bytes of the pieces the images are copied in (batches of a growing array, chunks scored, hashed or
+# sent to the device): small beside the images themselves (50,000 at 224 px are 7.5 GB).
+CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_rows(array: np.ndarray, multiple: int = 1) -> int:
+    """Rows of `array` per chunk of about CHUNK_BYTES: a multiple of `multiple`, at least one of it."""
+    row_bytes = math.prod(array.shape[1:]) * array.itemsize
+    return max(1, CHUNK_BYTES // (row_bytes * multiple)) * multiple
+
+
+def _grown(pixels: np.ndarray, n: int, cap: int) -> np.ndarray:
+    """`pixels`, with room for row n: grown by a quarter (a chunk at least, up to cap rows) in place.
+
+    ndarray.resize reallocates, which on Linux moves a large block's pages rather than copying them,
+    so the peak is the images plus the unfilled quarter, not the images twice.
+    """
+    if n == len(pixels):
+        rows = min(cap, n + max(n // 4, chunk_rows(pixels)))
+        pixels.resize((rows, *pixels.shape[1:]), refcheck=False)
+    return pixels
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows `at` of `data` (a host array, or a device tensor), copied out a batch or a chunk at a time:
+    the training, held-out and kept images are index vectors into one array, not copies of it."""
+
+    data: np.ndarray | torch.Tensor
+    at: np.ndarray  # (n,) positions in data
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def subset(self, idx: np.ndarray) -> Rows:
+        return Rows(self.data, self.at[idx])
+
+    def take(self, idx: np.ndarray | slice, device: torch.device) -> torch.Tensor:
+        """Rows idx of this subset, on the device."""
+        if isinstance(self.data, torch.Tensor):
+            return self.data[torch.from_numpy(self.at[idx]).to(self.data.device)]
+        return torch.from_numpy(self.array(idx)).to(device, non_blocking=True)
+
+    def array(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Rows idx of this subset of a host array, as an array of their own."""
+        return self.data[self.at[idx]]
+
+    def chunks(self, multiple: int = 1) -> Iterator[slice]:
+        """Consecutive slices of this subset of about CHUNK_BYTES each, whole multiples of `multiple`
+        rows (but the last)."""
+        step = chunk_rows(self.data, multiple)
+        return (slice(i, i + step) for i in range(0, len(self), step))
 
 
 # Fewer held-out images than this pin a quantile threshold down poorly (the 0.97 quantile of 100 is
@@ -184,26 +239,25 @@ def lr_at(step: int, total: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def on_device(array: np.ndarray, device: torch.device, share: float = 0.25) -> np.ndarray | torch.Tensor:
-    """On CUDA, the array as a device tensor when it fits in `share` of the free memory (training data
-    then crosses the bus once, not every epoch); otherwise, and on the CPU, the array unchanged."""
-    if device.type != "cuda" or array.nbytes > share * torch.cuda.mem_get_info(device)[0]:
-        return array
-    return torch.from_numpy(array).to(device)
-
-
-def _rows(data: np.ndarray | torch.Tensor, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        return data[torch.from_numpy(idx).to(data.device)]
-    return torch.from_numpy(data[idx]).to(device, non_blocking=True)
+def on_device(rows: Rows, device: torch.device, share: float = 0.25) -> Rows:
+    """On CUDA, the rows as a device tensor when they fit in `share` of the free memory (training data
+    then crosses the bus once, not every epoch), sent a chunk at a time; otherwise, and on the CPU,
+    the rows unchanged."""
+    data = rows.data
+    if device.type != "cuda" or len(rows) * data[0:1].nbytes > share * torch.cuda.mem_get_info(device)[0]:
+        return rows
+    out = torch.empty((len(rows), *data.shape[1:]), dtype=torch.from_numpy(data[:0]).dtype, device=device)
+    for part in rows.chunks():
+        out[part] = rows.take(part, device)
+    return Rows(out, np.arange(len(rows)))
 
 
 def train_epoch(
     decoder: DedeDecoder,
     optimizer: torch.optim.Optimizer,
     encoder: VictimEncoder,
-    pixels: np.ndarray | torch.Tensor,
-    embeddings: np.ndarray | torch.Tensor,
+    pixels: Rows,
+    embeddings: Rows,
     settings: TrainSettings,
     epoch: int,
     total_steps: int,
@@ -226,11 +280,11 @@ def train_epoch(
         step = epoch * steps + i
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, settings.lr)
-        images = encoder.normalize(_rows(pixels, idx, device))
+        images = encoder.normalize(pixels.take(idx, device))
         noise = torch.rand(len(idx), decoder.config.num_patches, generator=gen).to(device)
         trim = settings.trim if step >= trim_from else 0.0
         with autocast(device):
-            loss, _, _ = decoder(images, _rows(embeddings, idx, device), settings.mask_ratio, noise, trim)
+            loss, _, _ = decoder(images, embeddings.take(idx, device), settings.mask_ratio, noise, trim)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -264,8 +318,8 @@ class _Pass:
 
     encoder: VictimEncoder
     config: DedeConfig
-    pixels: np.ndarray  # the training images, holdout excluded
-    embeddings: np.ndarray
+    pixels: Rows  # the training images, holdout excluded
+    embeddings: Rows  # theirs
     settings: TrainSettings
     score_settings: ScoreSettings  # what the first pass's decoder scores its training images with
     epochs: int
@@ -284,12 +338,13 @@ class _Pass:
         and a digest of the training images' pixels. A rerun with other weights or other data of the
         same size must not resume a decoder half-trained on these."""
         p = self.encoder.preprocess
+        pixels = hashlib.blake2b(digest_size=16)
+        for part in self.pixels.chunks():
+            pixels.update(self.pixels.array(part).data)
         return {
             "encoder_sha256": self.encoder.weights_sha256,
             "normalize": [*p.mean, *p.std],
-            "pixels_blake2b": hashlib.blake2b(
-                np.ascontiguousarray(self.pixels).data, digest_size=16
-            ).hexdigest(),
+            "pixels_blake2b": pixels.hexdigest(),
         }
 
     def plan(self, number: int, left_out: list[int]) -> dict:
@@ -310,7 +365,7 @@ class _Pass:
         """Train a fresh decoder on the images not left out, resuming from a checkpoint of this pass."""
         keep = np.setdiff1d(np.arange(len(self.pixels)), left_out)
         device = self.encoder.device
-        pixels, embeddings = (on_device(a[keep], device) for a in (self.pixels, self.embeddings))
+        pixels, embeddings = (on_device(a.subset(keep), device) for a in (self.pixels, self.embeddings))
         decoder = DedeDecoder(self.config, seed=self.settings.seed).to(device)
         s = self.settings
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -395,12 +450,11 @@ def fit_decoder(
         )  # fmt: skip
     started = time.time()
     embeddings = embed_pixels(encoder, images.pixels)
-    pixels = images.pixels[train_idx]
-    epochs = settings.epochs or auto_epochs(len(pixels))
+    train = Rows(images.pixels, train_idx), Rows(embeddings, train_idx)
+    epochs = settings.epochs or auto_epochs(len(train_idx))
     saved = checkpoint.read_training_progress(resume_dir) if resume_dir else None
     training = _Pass(
-        encoder, config, pixels, embeddings[train_idx], settings, score_settings, epochs, resume_dir, saved,
-        progress,
+        encoder, config, *train, settings, score_settings, epochs, resume_dir, saved, progress
     )  # fmt: skip
     if settings.refit and saved and saved["plan"].get("pass") == 2:
         left_out = saved["plan"]["left_out"]  # the first pass had finished before the interruption
@@ -408,22 +462,21 @@ def fit_decoder(
         decoder, losses = training.run(1, [])
         left_out = []
         if settings.refit:
-            seeds = key_seeds(images.keys[i] for i in train_idx)
-            first = Scorer(encoder, decoder, score_settings).score(pixels, seeds, training.embeddings)
+            first = score_rows(Scorer(encoder, decoder, score_settings), images.keys, *train)
             left_out = worst_rebuilt(first.score, settings.refit)
     if settings.refit:
         decoder, losses = training.run(2, left_out)
 
-    holdout_keys = [images.keys[i] for i in holdout_idx]
-    calibration = Scorer(encoder, decoder, score_settings).score(
-        images.pixels[holdout_idx], key_seeds(holdout_keys), embeddings[holdout_idx]
+    held = Rows(images.pixels, holdout_idx)
+    calibration = score_rows(
+        Scorer(encoder, decoder, score_settings), images.keys, held, Rows(embeddings, holdout_idx)
     )
-    n_train = len(pixels) - len(left_out)
+    n_train = len(train_idx) - len(left_out)
     return FitResult(
         decoder,
         calibration.score,
         calibration.sketch,
-        thumbnail(images.pixels[holdout_idx]),
+        np.concatenate([thumbnail(held.array(part)) for part in held.chunks()]),
         holdout_idx,
         embeddings,
         epochs,
@@ -432,6 +485,16 @@ def fit_decoder(
         len(left_out),
         time.time() - started,
     )
+
+
+def score_rows(scorer: Scorer, keys: list[str], pixels: Rows, embeddings: Rows) -> Scores:
+    """Scores of the rows (keys: of every row of their arrays), a chunk at a time: whole micro-batches,
+    so that each micro-batch holds the images it would in one call over all of them."""
+    parts = [
+        scorer.score(pixels.array(part), key_seeds(keys[i] for i in pixels.at[part]), embeddings.array(part))
+        for part in pixels.chunks(scorer.micro_batch)
+    ]
+    return Scores(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Scores)})
 
 
 def train_decoder(

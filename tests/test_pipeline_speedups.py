@@ -17,7 +17,7 @@ from sanitizer.data.tario import iter_samples
 from sanitizer.pipeline.job import ScoreJob, decoded_tables, run_score_job
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
-from sanitizer.train import TrainSettings, _rows, on_device, train_epoch
+from sanitizer.train import Rows, TrainSettings, on_device, train_epoch
 
 
 def manifest_tables(run):
@@ -98,13 +98,15 @@ def test_training_data_on_device_gives_the_same_epoch(tiny_encoder):
 
     from sanitizer.model import DedeConfig, DedeDecoder
 
-    assert isinstance(on_device(np.zeros(3), torch.device("cpu")), np.ndarray)  # the CPU keeps arrays
+    host = Rows(np.zeros((3, 2)), np.arange(3))
+    assert on_device(host, torch.device("cpu")) is host  # the CPU keeps arrays
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
     embeddings = rng.standard_normal((48, tiny_encoder.embed_dim)).astype(np.float32)
     idx = np.array([1, 5, 7])
     assert torch.equal(
-        _rows(torch.from_numpy(pixels), idx, torch.device("cpu")), torch.from_numpy(pixels[idx])
+        Rows(torch.from_numpy(pixels), np.arange(48)).take(idx, torch.device("cpu")),
+        torch.from_numpy(pixels[idx]),
     )
     settings = TrainSettings(batch_size=16)
     losses = []
@@ -114,6 +116,7 @@ def test_training_data_on_device_gives_the_same_epoch(tiny_encoder):
         decoder = DedeDecoder(config)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
         bar = tqdm(disable=True)
+        px, emb = Rows(px, np.arange(48)), Rows(emb, np.arange(48))
         losses.append(train_epoch(decoder, optimizer, tiny_encoder, px, emb, settings, 0, 3, bar))
     assert losses[0] == losses[1]
 
