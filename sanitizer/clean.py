@@ -15,8 +15,8 @@ from sanitizer.atomic import write_json_atomic
 from sanitizer.checkpoint import read_run_meta
 from sanitizer.data.decode import image_differs
 from sanitizer.data.shards import ShardRef
-from sanitizer.data.tario import STATUS_OK, ShardError, TarWriter, iter_samples, printable
-from sanitizer.errors import UsageError
+from sanitizer.data.tario import STATUS_OK, ShardError, ShardReadError, TarWriter, iter_samples, printable
+from sanitizer.errors import ReadFailed, UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
@@ -78,7 +78,10 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
                 if status[i] == STATUS_OK:
                     (quarantine if flagged[i] else clean).write(sample)
         except ShardError as e:
-            raise UsageError(f"cannot read {shard.url} again to clean it: {e.message}") from None
+            why = f"cannot read {shard.url} again to clean it: {e.message}"
+            if isinstance(e, ShardReadError):  # not the user's doing: exit 1, and a re-run may read it
+                raise ReadFailed(f"{why}; run clean again") from None
+            raise UsageError(why) from None
         if seen != len(keys):
             raise changed_since_scored(shard, f"{seen} samples, manifest has {len(keys)}")
     return clean.count, quarantine.count

@@ -18,7 +18,7 @@ from pathlib import Path
 from sanitizer import __version__
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
-from sanitizer.errors import SanitizerError, Terminated
+from sanitizer.errors import ReadFailed, SanitizerError, Terminated
 from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return args.func(args)
+    except ReadFailed as e:  # no mistake of the user's: the command may succeed when run again
+        print(f"sanitizer: error: {e}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except SanitizerError as e:
         print(f"sanitizer: error: {e}", file=sys.stderr)
         return EXIT_USAGE

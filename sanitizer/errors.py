@@ -21,6 +21,11 @@ class TrainingError(SanitizerError):
     """Training went wrong in a way its settings explain (a loss that is no longer a number)."""
 
 
+class ReadFailed(SanitizerError):
+    """An input that could be read before failed to read now (a reset connection, EIO): no mistake of
+    the user's, so the CLI exits 1, as for a full disk, and running the command again may succeed."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `ray job stop`, `kill`): the job stops as on Ctrl-C, its temp files
     removed and its finished shards kept for the re-run, instead of dying wherever it was."""

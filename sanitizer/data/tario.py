@@ -43,6 +43,11 @@ class ShardError(SanitizerError):
         self.message = message
 
 
+class ShardReadError(ShardError):
+    """A read that failed part-way (a reset connection, a timeout, EIO): nothing is known of the file,
+    whose rest may be fine, so a later run may read it where this one could not."""
+
+
 @dataclass(frozen=True)
 class Member:
     """One tar member: its exact name (surrogate-escaped) and its exact bytes."""
@@ -135,7 +140,7 @@ class _CountingReader(io.RawIOBase):
         try:
             data = self._raw.read(size)
         except Exception as e:  # noqa: BLE001 - whatever the filesystem raises, the read failed
-            raise ShardError(self._url, f"read failed after {self.nbytes} bytes: {describe(e)}") from None
+            raise ShardReadError(self._url, f"read failed after {self.nbytes} bytes: {describe(e)}") from None
         self.nbytes += len(data)
         return data
 
