@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from sanitizer.device import autocast
-from sanitizer.errors import EncoderError, UsageError
+from sanitizer.errors import EncoderError, UsageError, shortlist
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,7 @@ def _what(state: object) -> str:
     """What a file without named tensors holds, for the refusal."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}"
-    keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
-    return f"only {keys}" if state else "an empty dict"
+    return f"only {shortlist([repr(k) for k in state], 5)}" if state else "an empty dict"
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar")
@@ -174,7 +173,7 @@ def check_weights_file(path: Path) -> None:
     files in it), something that is not a regular file, an empty file."""
     if path.is_dir():
         held = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-        inside = f" (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''})" if held else ""
+        inside = f" (it holds {shortlist(held, 5)})" if held else ""
         raise EncoderError(f"{path} is a directory{inside}; give the weights file itself")
     if not path.exists():
         raise EncoderError(f"weights file not found: {path}")

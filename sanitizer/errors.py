@@ -1,5 +1,14 @@
 """Errors a user can cause and fix; the CLI prints them as one line, never a traceback."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def shortlist(items: Sequence[str], n: int = 3) -> str:
+    """The first `n` of a list, for a message that must stay one line; ', ...' where more follow."""
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
 
 class SanitizerError(Exception):
     """A user-facing failure: bad input, bad configuration, mismatched files."""

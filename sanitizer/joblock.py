@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sanitizer.atomic import is_temp_of
-from sanitizer.errors import UsageError
+from sanitizer.errors import UsageError, shortlist
 
 LOCK = ".lock"  # "PID on HOST" of the last job that held the lock (before, the pid alone)
 
@@ -72,7 +72,7 @@ def refuse_foreign(root: Path, marker: str, step: str, leftovers: tuple[str, ...
         return
     others = sorted(p.name for p in root.iterdir() if not _left_by_a_job(p.name, marker, leftovers))
     if others:
-        shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
+        shown = shortlist([repr(n) for n in others])
         raise UsageError(
             f"--out {root} holds other files ({shown}) and no {marker}; {step} into a new or empty directory"
         )

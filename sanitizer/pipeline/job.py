@@ -32,7 +32,7 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
-from sanitizer.errors import SanitizerError, Terminated, UsageError
+from sanitizer.errors import SanitizerError, Terminated, UsageError, shortlist
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
@@ -318,8 +318,7 @@ def lost_shards_part(lost: list[dict], shards: list[dict]) -> str:
     gone = [str(s.get("url")) for s in lost if s.get("url") not in urls]
     if not gone:
         return f"input (another input shares the file name of {lost[0].get('url')}: its stem changed)"
-    shown = ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else "")
-    return f"input ({len(gone)} of its shards not in --data: {shown})"
+    return f"input ({len(gone)} of its shards not in --data: {shortlist(gone)})"
 
 
 def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
