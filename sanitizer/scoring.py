@@ -41,6 +41,10 @@ ERRORS = ("mse", "ssim")
 # 0.03 raised the blend control's AUC by 0.05 against 0.1, and 0.3 lowered the victims' AUC.
 SSIM_C1, SSIM_C2 = 0.01, 0.1
 _MASK32 = 0xFFFFFFFF
+# The status of a decoded image whose score is not a finite number (an encoder that divides by an
+# image's own spread makes NaN of a flat one): it could not be scored, so, as an image that could not
+# be decoded, it is held out of clean/ (NaN is above no threshold: as `ok` it would pass as clean).
+STATUS_NONFINITE_SCORE = "nonfinite_score"
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,13 @@ def required_calibration(meta: dict, settings: ScoreSettings, reader: str, other
             f"{settings.to_dict()} needs {otherwise}"
         )
     return calibration
+
+
+def nonfinite_reason(score: float, norm: float) -> str:
+    """The error of a `nonfinite_score` row: whether the encoder's embedding was already not finite."""
+    if not np.isfinite(norm):
+        return f"score is {score}: the encoder's embedding of this image is not finite (norm {norm})"
+    return f"score is {score}, though the encoder's embedding is finite (norm {norm:.6g})"
 
 
 def key_seeds(keys: Iterable[str]) -> np.ndarray:

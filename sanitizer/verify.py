@@ -49,8 +49,9 @@ from sanitizer.rundir import (
     not_a_run,
     shard_entry,
 )
+from sanitizer.scoring import STATUS_NONFINITE_SCORE
 
-KNOWN_STATUSES = frozenset(DECODE_STATUSES) | INCOMPLETE_STATUSES
+KNOWN_STATUSES = frozenset((*DECODE_STATUSES, STATUS_NONFINITE_SCORE)) | INCOMPLETE_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
 _CHUNK = 1 << 20
 

@@ -31,7 +31,13 @@ from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import resolve_device
 from sanitizer.encoders import FILE_KINDS, parse_spec
 from sanitizer.manifest import SKETCH_TYPE, THUMBNAIL_TYPE
-from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.scoring import (
+    STATUS_NONFINITE_SCORE,
+    Scorer,
+    ScoreSettings,
+    key_seeds,
+    nonfinite_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +182,8 @@ class ScoreStage:
             raise
 
     def _score(self, table: pa.Table) -> pa.Table:
-        """The rows with their scores and sketches; the pixels dropped."""
+        """The rows with their scores and sketches; the pixels dropped. An ok row whose score is not
+        finite becomes a `nonfinite_score` row, without scores, as a row that could not be decoded."""
         is_ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.not_equal(table.column("index"), END))
         ok = np.flatnonzero(pc.fill_null(is_ok, False).to_numpy())
         n = table.num_rows
@@ -190,15 +197,30 @@ class ScoreStage:
             result = self.scorer.score(pixels, seeds)
             score[ok], score_std[ok], norm[ok] = result.score, result.score_std, result.embedding_norm
             sketch[ok] = result.sketch
-        not_ok = np.ones(n, bool)
-        not_ok[ok] = False
         out = table.drop_columns(["pixels"])
+        failed = np.zeros(n, bool)
+        failed[ok] = ~np.isfinite(score[ok])
+        if failed.any():
+            out = as_nonfinite(out, failed, score, norm)
+        not_ok = ~np.isfinite(score)  # rows that are not ok hold NaN here
         for name, values in (("score", score), ("score_std", score_std), ("embedding_norm", norm)):
             out = out.append_column(name, pa.array(values, pa.float32(), mask=not_ok))
         sketches = pa.FixedSizeListArray.from_arrays(
             pa.array(sketch.ravel()), type=SKETCH_TYPE, mask=pa.array(not_ok)
         )
         return out.append_column(SCORE_FIELDS[-1], sketches)
+
+
+def as_nonfinite(table: pa.Table, rows: np.ndarray, score: np.ndarray, norm: np.ndarray) -> pa.Table:
+    """`table` with `rows` (ok rows whose score is not finite) marked `nonfinite_score`: their status,
+    their error, and no thumbnail, as a row that is not ok has none. Rare, so done row by row."""
+    status, error, thumb = (table.column(c).to_pylist() for c in ("status", "error", "thumbnail"))
+    for i in np.flatnonzero(rows):
+        status[i], error[i], thumb[i] = STATUS_NONFINITE_SCORE, nonfinite_reason(score[i], norm[i]), None
+    for name, values in (("status", status), ("error", error), ("thumbnail", thumb)):
+        field = table.schema.field(name)
+        table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, field.type))
+    return table
 
 
 class ReadScoreStage(ScoreStage):
