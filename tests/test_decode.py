@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickletools
@@ -359,3 +360,36 @@ def test_png_metadata_inflating_past_pillows_limit_is_a_decode_error() -> None:
         "decode_error",
         "ValueError: Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK",
     )
+
+
+def _sample(*members: tuple[str, bytes]) -> Sample:
+    return Sample(members[0][0].split(".")[0], 0, [Member(name, data) for name, data in members])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("k.jpg", "k.png"), ("k.png", "k.jpg"), ("k.jpg", "k.webp"), ("k.left.png", "k.right.png")],
+)
+def test_a_sample_with_several_image_members_is_not_scored_whatever_their_order(names) -> None:
+    """A trainer reads whichever image its settings name first (open_clip's `jpg;png`): scoring one
+    would pass the other as clean unscored, so neither is scored, in either order."""
+    image = _png(synthetic_images(1, SIZE, seed=3)[0])
+    d = decode_image(_sample(*[(name, image) for name in names]), SIZE)
+    assert (d.status, d.pixels, d.sha256) == ("several_images", None, None)
+    listed = f"{names[0]!r}, {names[1]!r}"
+    assert d.error == f"sample has 2 image members ({listed}): a trainer may read any, so none is scored"
+
+
+def test_an_empty_image_member_beside_a_valid_one_is_several_images_not_empty_image() -> None:
+    image = _png(synthetic_images(1, SIZE, seed=3)[0])
+    d = decode_image(_sample(("k.jpg", b""), ("k.png", image), ("k.txt", b"a cat")), SIZE)
+    assert d.status == "several_images" and d.error.startswith(
+        "sample has 2 image members ('k.jpg', 'k.png')"
+    )
+
+
+def test_a_plain_image_extension_is_the_image_beside_compound_ones() -> None:
+    """`k.jpg` and `k.seg.png` (a mask): the plain extension is the image, as `jpg;png` reads it."""
+    image, mask = (_png(p) for p in synthetic_images(2, SIZE, seed=3))
+    d = decode_image(_sample(("k.seg.png", mask), ("k.jpg", image)), SIZE)
+    assert d.status == "ok" and d.sha256 == hashlib.sha256(image).hexdigest()

@@ -355,6 +355,28 @@ def test_clean_refuses_a_sample_not_an_image_when_scored_that_is_an_image_now(tm
         clean_run(tmp_path / "run")
 
 
+def test_a_sample_with_two_images_gets_no_score_and_clean_refuses_one_that_gained_a_second(
+    tmp_path, tiny_decoder_dir
+):
+    """`k.jpg` and `k.png`: a trainer reads either, so neither is scored (`several_images`, in no tar).
+    A sample scored `ok` on its one image that has a second one now was copied to clean/ with it,
+    unscored, as its first image still matched."""
+    data, (image, other) = tmp_path / "data", (encode_image(p) for p in synthetic_images(2, 32))
+    write_shards([{"__key__": "two", "jpg": b"", "png": image}, {"__key__": "one", "png": image}], data)
+    score(tiny_decoder_dir, data, tmp_path / "run", workers=0)
+    rows = pq.read_table(tmp_path / "run/manifest/shard-000000.parquet").to_pydict()
+    assert rows["status"] == ["several_images", "ok"] and rows["score"][0] is None
+    assert (
+        rows["error"][0]
+        == "sample has 2 image members ('two.jpg', 'two.png'): a trainer may read any, so none is scored"
+    )
+    write_shards(
+        [{"__key__": "two", "jpg": b"", "png": image}, {"__key__": "one", "png": image, "webp": other}], data
+    )
+    with pytest.raises(UsageError, match=r"changed since it was scored \(image of 'one' differs\)"):
+        clean_run(tmp_path / "run")
+
+
 def test_clean_of_a_shard_replaced_keeping_its_size_and_mtime_says_how_to_score_it_again(
     tmp_path, tiny_decoder_dir, tiny_shards
 ):

@@ -1,7 +1,7 @@
 """Decode sample bytes defensively: every failure becomes a status string, never an exception.
 
 Status strings are part of the manifest contract (users filter on them):
-``ok``, ``no_image``, ``empty_image``, ``not_an_image``, ``decompression_bomb``,
+``ok``, ``no_image``, ``several_images``, ``empty_image``, ``not_an_image``, ``decompression_bomb``,
 ``truncated_image``, ``decode_error``, plus the reading statuses ``member_too_large``,
 ``special_member`` and ``truncated_shard`` passed through from ``tario``.
 """
@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sanitizer.data.tario import STATUS_OK, Sample, describe, one_line, sha256_hex, split_key
+from sanitizer.data.tario import STATUS_OK, Member, Sample, describe, one_line, sha256_hex, split_key
+from sanitizer.errors import shortlist
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 TEXT_EXTS = ("txt", "caption", "text")
 MAX_CAPTION_CHARS = 10_000
 
 STATUS_NO_IMAGE = "no_image"
+STATUS_SEVERAL_IMAGES = "several_images"
 STATUS_EMPTY_IMAGE = "empty_image"
 STATUS_NOT_AN_IMAGE = "not_an_image"
 STATUS_DECOMPRESSION_BOMB = "decompression_bomb"
@@ -33,6 +35,7 @@ STATUS_DECODE_ERROR = "decode_error"
 DECODE_STATUSES = (
     STATUS_OK,
     STATUS_NO_IMAGE,
+    STATUS_SEVERAL_IMAGES,
     STATUS_EMPTY_IMAGE,
     STATUS_NOT_AN_IMAGE,
     STATUS_DECOMPRESSION_BOMB,
@@ -65,23 +68,27 @@ def _failed(status: str, error: str | None, **extra: Any) -> DecodedImage:
     return DecodedImage(status=status, error=one_line(error) if error else error, **fields)
 
 
-def find_member(sample: Sample, exts: tuple[str, ...]) -> tuple[str, bytes] | None:
-    """The sample's first member of an extension in ``exts``, else the first whose extension's last
-    part is one. The fallback accepts WebDataset-style compound extensions such as ``left.png``, and
-    the members of a key with dots (``a.b.jpg`` and ``a.b.txt``: key ``a``, extensions ``b.jpg`` and
+def matching_members(sample: Sample, exts: tuple[str, ...]) -> list[Member]:
+    """The sample's members of an extension in ``exts``, else those whose extension's last part is
+    one. The fallback accepts WebDataset-style compound extensions such as ``left.png``, and the
+    members of a key with dots (``a.b.jpg`` and ``a.b.txt``: key ``a``, extensions ``b.jpg`` and
     ``b.txt``), so that image, caption and json are found by one rule."""
-    for member in sample.members:
-        if split_key(member.name)[1] in exts:
-            return member.name, member.data
-    for member in sample.members:
-        if split_key(member.name)[1].rsplit(".", 1)[-1] in exts:
-            return member.name, member.data
-    return None
+    exact = [m for m in sample.members if split_key(m.name)[1] in exts]
+    return exact or [m for m in sample.members if split_key(m.name)[1].rsplit(".", 1)[-1] in exts]
+
+
+def find_member(sample: Sample, exts: tuple[str, ...]) -> tuple[str, bytes] | None:
+    """The first of the sample's ``matching_members``: its caption or json."""
+    found = matching_members(sample, exts)
+    return (found[0].name, found[0].data) if found else None
 
 
 def find_image_member(sample: Sample) -> tuple[str, bytes] | None:
-    """The sample's image (see ``find_member``)."""
-    return find_member(sample, IMAGE_EXTS)
+    """The sample's image: its one image member (``matching_members``). None where it has none, or
+    several: a training pipeline reads whichever its settings name first (open_clip's ``jpg;png``),
+    so scoring one would pass the other as clean unscored (``several_images``)."""
+    found = matching_members(sample, IMAGE_EXTS)
+    return (found[0].name, found[0].data) if len(found) == 1 else None
 
 
 def image_differs(sample: Sample, status: str, digest: str | None) -> bool:
@@ -172,10 +179,14 @@ def decode_image(sample: Sample, size: int, max_pixels: int = 50_000_000) -> Dec
     """
     if sample.status != STATUS_OK:
         return _failed(sample.status, sample.error)
-    found = find_image_member(sample)
-    if found is None:
+    images = matching_members(sample, IMAGE_EXTS)
+    if not images:
         return _failed(STATUS_NO_IMAGE, _no_image_message(sample))
-    name, data = found
+    if len(images) > 1:
+        names = shortlist([repr(m.name) for m in images])
+        msg = f"sample has {len(images)} image members ({names}): a trainer may read any, so none is scored"
+        return _failed(STATUS_SEVERAL_IMAGES, msg)
+    name, data = images[0].name, images[0].data
     if not data:
         return _failed(STATUS_EMPTY_IMAGE, f"image member {name!r} has 0 bytes")
     digest = sha256_hex(data)
