@@ -27,7 +27,7 @@ from sanitizer.atomic import is_temp
 from sanitizer.data.decode import DECODE_STATUSES, image_differs
 from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
 from sanitizer.data.tario import (
-    INCOMPLETE_STATUSES,
+    READ_STATUSES,
     STATUS_OK,
     TAR_ENCODING,
     TAR_ERRORS,
@@ -51,7 +51,7 @@ from sanitizer.rundir import (
 )
 from sanitizer.scoring import STATUS_NONFINITE_SCORE
 
-KNOWN_STATUSES = frozenset((*DECODE_STATUSES, STATUS_NONFINITE_SCORE)) | INCOMPLETE_STATUSES
+KNOWN_STATUSES = frozenset((*DECODE_STATUSES, STATUS_NONFINITE_SCORE)) | READ_STATUSES
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
 _CHUNK = 1 << 20
 

@@ -343,6 +343,38 @@ def test_image_only_shards_and_bad_samples_get_rows_and_statuses(tmp_path, tiny_
     )
 
 
+def test_a_key_repeated_in_a_shard_is_kept_once_so_the_outputs_read_back_as_scored(
+    tmp_path, tiny_decoder_dir
+):
+    """`a`, a bad `b`, `a` again (other extensions): copied beside each other once `b` is left out,
+    the two `a` read back as one sample of two images (`a.jpg a.txt a.png a.json`), which clean/'s
+    count and verify did not see. The later `a` is `duplicate_key`, not copied."""
+    image = encode_image(synthetic_images(1, 32)[0])
+    write_shards(
+        [
+            {"__key__": "a", "jpg": image, "txt": b"first"},
+            {"__key__": "b", "jpg": b"<html>"},
+            {"__key__": "a", "png": image, "json": b'{"caption": "second"}'},
+        ],
+        tmp_path / "data",
+    )
+    score(tiny_decoder_dir, tmp_path / "data", tmp_path / "run", workers=0)
+    clean_run(tmp_path / "run")
+    table = pq.read_table(tmp_path / "run/manifest/shard-000000.parquet")
+    assert table.column("status").to_pylist() == ["ok", "not_an_image", "duplicate_key"]
+    assert (
+        table.column("error").to_pylist()[2]
+        == "key 'a' is sample 0's: only the first sample of a key is kept"
+    )
+    back = [
+        s
+        for d in ("clean", "quarantine")
+        for s in iter_samples(str(tmp_path / "run" / d / "shard-000000.tar"))
+    ]
+    assert [(s.key, [m.name for m in s.members]) for s in back] == [("a", ["a.jpg", "a.txt"])]
+    assert verify_run(tmp_path / "run") == []
+
+
 def test_clean_refuses_a_sample_not_an_image_when_scored_that_is_an_image_now(tmp_path, tiny_decoder_dir):
     """A page saved as .jpg (not_an_image), since replaced by an image under the same key: clean
     compares its digest too, where it left the sample out of clean/ and quarantine/ unseen."""

@@ -101,10 +101,26 @@ def test_duplicate_keys_give_separate_samples(tmp_path: Path) -> None:
     assert got == [
         ("a", ["a.png", "a.txt"], "ok"),
         ("b", ["b.png"], "ok"),
-        ("a", ["a.png"], "ok"),
+        ("a", ["a.png"], "duplicate_key"),
         ("c", ["c.png"], "ok"),
-        ("c", ["c.png", "c.txt"], "ok"),
+        ("c", ["c.png", "c.txt"], "duplicate_key"),
     ]
+    errors = [s.error for s in iter_samples(str(tmp_path / "t.tar"))]
+    assert errors[2] == "key 'a' is sample 0's: only the first sample of a key is kept"
+    assert errors[4] == "key 'c' is sample 3's: only the first sample of a key is kept"
+
+
+def test_a_repeated_key_is_not_copied_so_no_output_tar_merges_two_samples(tmp_path: Path) -> None:
+    """`a` (jpg, txt), `b`, `a` (png, json): with `b` removed, both `a` side by side in one tar read
+    back as one sample of two images and two captions (and WebDataset's reader agrees). The later
+    `a` is not ok, so clean never copies it."""
+    members = [("a.jpg", b"1"), ("a.txt", b"t"), ("b.jpg", b"2"), ("a.png", b"3"), ("a.json", b"{}")]
+    samples = list(iter_samples(str(_raw_tar(tmp_path / "in.tar", members))))
+    assert [s.status for s in samples] == ["ok", "ok", "duplicate_key"]
+    with TarWriter(tmp_path / "out.tar") as writer:
+        for sample in (s for s in samples if s.key != "b" and s.status == "ok"):
+            writer.write(sample)
+    assert _keys(tmp_path / "out.tar") == [("a", ["a.jpg", "a.txt"], "ok")]
 
 
 def test_the_first_member_of_an_extension_wins() -> None:

@@ -3,7 +3,7 @@
 Status strings are part of the manifest contract (users filter on them):
 ``ok``, ``no_image``, ``several_images``, ``empty_image``, ``not_an_image``, ``decompression_bomb``,
 ``truncated_image``, ``decode_error``, plus the reading statuses ``member_too_large``,
-``special_member`` and ``truncated_shard`` passed through from ``tario``.
+``special_member``, ``truncated_shard`` and ``duplicate_key`` passed through from ``tario``.
 """
 
 from __future__ import annotations

@@ -186,14 +186,15 @@ def _mode_samples() -> list[SampleSpec]:
 
 
 def _duplicate_samples() -> list[SampleSpec]:
-    """A key repeated after another key, and the same key+ext twice in a row: 5 rows."""
+    """A key repeated after another key, and the same key+ext twice in a row: 5 rows, the repeats
+    `duplicate_key`."""
     a, b, c = (_png(_photo(32, 32, seed=s)) for s in (30, 31, 32))
     return [
         ([("dup_a.png", a), ("dup_a.txt", b"first a")], "ok"),
         ([("dup_b.png", b)], "ok"),
-        ([("dup_a.png", a), ("dup_a.txt", b"second a, same key, not adjacent")], "ok"),
+        ([("dup_a.png", a), ("dup_a.txt", b"second a, same key, not adjacent")], "duplicate_key"),
         ([("dup_c.png", c)], "ok"),
-        ([("dup_c.png", c), ("dup_c.txt", b"same key and ext right after")], "ok"),
+        ([("dup_c.png", c), ("dup_c.txt", b"same key and ext right after")], "duplicate_key"),
     ]
 
 

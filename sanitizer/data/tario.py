@@ -29,7 +29,9 @@ STATUS_OK = "ok"
 STATUS_MEMBER_TOO_LARGE = "member_too_large"
 STATUS_TRUNCATED_SHARD = "truncated_shard"
 STATUS_SPECIAL_MEMBER = "special_member"  # a hard or symbolic link, a device: no bytes of its own
+STATUS_DUPLICATE_KEY = "duplicate_key"  # a key an earlier sample of the shard has: its copy would merge
 INCOMPLETE_STATUSES = frozenset({STATUS_MEMBER_TOO_LARGE, STATUS_TRUNCATED_SHARD, STATUS_SPECIAL_MEMBER})
+READ_STATUSES = INCOMPLETE_STATUSES | {STATUS_DUPLICATE_KEY}  # what iter_samples marks; decode adds its own
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
 
@@ -188,7 +190,8 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
     the samples already yielded are not the whole shard). A cut-off shard ends with
     its in-progress sample marked ``truncated_shard``; members larger than ``max_member_bytes``
     are skipped unread (data ``b""``) and mark their sample ``member_too_large``, links and devices
-    ``special_member``. Directory entries are passed over.
+    ``special_member``, a sample whose key an earlier one has ``duplicate_key``. Directory entries are
+    passed over.
     """
     with ExitStack() as stack:
         reader = _CountingReader(_open_raw(url, stack), url)
@@ -212,6 +215,7 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
     """Group consecutive members into samples; a repeated extension starts a new sample."""
     current: Sample | None = None
     exts: set[str] = set()
+    first_index: dict[str, int] = {}  # each key's first sample
     count = 0
     while True:
         try:
@@ -232,6 +236,7 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
             if current is not None:
                 yield current
             current = Sample(key=key, index=count, members=[])
+            _mark_duplicate(current, first_index)
             count += 1
             exts = set()
         exts.add(ext)
@@ -250,6 +255,19 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
         current.members.append(Member(info.name, data))
     if current is not None:
         yield current
+
+
+def _mark_duplicate(sample: Sample, first_index: dict[str, int]) -> None:
+    """A key is one sample. Two of a key, copied to one output tar with the samples between them
+    removed, would read back side by side: as one sample (``a.jpg a.txt`` + ``a.png``), or as an
+    error in WebDataset (``duplicate file name``). So the first is the key's sample; a later one is
+    marked, keeps its row and is not copied."""
+    first = first_index.setdefault(sample.key, sample.index)
+    if first != sample.index:
+        sample.status = STATUS_DUPLICATE_KEY
+        sample.error = one_line(
+            f"key {printable(sample.key)!r} is sample {first}'s: only the first sample of a key is kept"
+        )
 
 
 def _unread(info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str, str] | None:
