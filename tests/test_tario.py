@@ -202,6 +202,21 @@ def test_truncated_gzip_tar(tmp_path: Path) -> None:
     assert [s.key for s in samples] == [f"s{i}" for i in range(len(samples))]
 
 
+@pytest.mark.parametrize("after", [b"", b"trailing garbage"])
+def test_a_gzip_of_several_members_reads_as_gzip_and_tar_read_it(tmp_path: Path, after: bytes) -> None:
+    """bgzip, pgzip and `cat` of gzipped parts write a gzip of several members; tarfile's reader stopped
+    after the first: the samples after it had no rows and the shard read as cut off. Bytes after the
+    last member are ignored, as gzip ignores trailing garbage."""
+    members = [(f"s{i}.{ext}", bytes([i]) * 700) for i in range(3) for ext in ("png", "txt")]
+    data = _raw_tar(tmp_path / "t.tar", members).read_bytes()
+    cut = 3 * 512  # s0.png's header and data, and s0.txt's header
+    path = tmp_path / "multi.tar.gz"
+    path.write_bytes(gzip.compress(data[:cut], mtime=0) + gzip.compress(data[cut:], mtime=0) + after)
+    samples = list(iter_samples(str(path)))
+    assert [(s.key, s.status) for s in samples] == [("s0", "ok"), ("s1", "ok"), ("s2", "ok")]
+    assert [m for s in samples for m in s.members] == [Member(n, d) for n, d in members]
+
+
 def test_hostile_truncated_shard(hostile: dict[str, Path]) -> None:
     paths = hostile
     samples = list(iter_samples(str(paths["truncated"])))

@@ -34,6 +34,8 @@ INCOMPLETE_STATUSES = frozenset({STATUS_MEMBER_TOO_LARGE, STATUS_TRUNCATED_SHARD
 READ_STATUSES = INCOMPLETE_STATUSES | {STATUS_DUPLICATE_KEY}  # what iter_samples marks; decode adds its own
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
+GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_CHUNK = 1 << 16
 
 
 class ShardError(SanitizerError):
@@ -146,6 +148,57 @@ class _CountingReader(io.RawIOBase):
         self.nbytes += len(data)
         return data
 
+    def readinto(self, buffer: Any) -> int:
+        """What io.BufferedReader reads through (to peek at the gzip magic)."""
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _GzipMembers(io.RawIOBase):
+    """A gzip file's members one after another, as `gzip -d` and GNU tar read them. bgzip, pgzip and
+    `cat` of gzipped parts of a tar write several; tarfile's own reader stops at the end of the first, so
+    the samples after it were lost and the shard read as cut off. Bytes after a member that do not
+    start another are ignored, as gzip ignores trailing garbage; a cut member ends the data there."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._z = zlib.decompressobj(wbits=31)
+        self._pending = b""
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._decompress(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _decompress(self, size: int) -> bytes:
+        while not self._done:
+            if not self._pending:
+                self._pending = self._raw.read(_GZIP_CHUNK)
+                if not self._pending:
+                    self._done = True
+                    break
+            out = self._z.decompress(self._pending, size)
+            self._pending = self._z.unconsumed_tail
+            if self._z.eof:
+                self._pending = self._z.unused_data
+                self._start_next_member()
+            if out:
+                return out
+        return b""
+
+    def _start_next_member(self) -> None:
+        while len(self._pending) < len(GZIP_MAGIC) and (more := self._raw.read(_GZIP_CHUNK)):
+            self._pending += more
+        if self._pending.startswith(GZIP_MAGIC):
+            self._z = zlib.decompressobj(wbits=31)
+        else:
+            self._done = True
+
 
 def _open_raw(url: str, stack: ExitStack) -> IO[bytes]:
     try:
@@ -195,10 +248,12 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
     """
     with ExitStack() as stack:
         reader = _CountingReader(_open_raw(url, stack), url)
+        buffered = io.BufferedReader(reader, _GZIP_CHUNK)
+        gzipped = buffered.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC)
         try:
             tar = tarfile.open(  # noqa: SIM115 - entered into the stack below
-                fileobj=reader,
-                mode="r|*",
+                fileobj=_GzipMembers(buffered) if gzipped else buffered,
+                mode="r|" if gzipped else "r|*",
                 tarinfo=_RecordingTarInfo,
                 encoding=TAR_ENCODING,
                 errors=TAR_ERRORS,
