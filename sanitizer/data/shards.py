@@ -191,6 +191,18 @@ def ranged_count(pattern: str) -> int:
     return count
 
 
+def _misses_message(misses: list[str], found: int) -> str:
+    """What --data names and is not there. Beside shards that were found, it is not "no shards": a
+    brace range over img2dataset's output lacks the shards that failed to download, and a glob or the
+    directory takes those that are there."""
+    if not found:
+        return "no shards found: " + _first_three(misses, "; ")
+    return (
+        f"{len(misses)} of the shards --data names not found ({found} found): {_first_three(misses, '; ')}; "
+        "to take only those that exist, give their directory or a glob"
+    )
+
+
 def expand_shards(spec: str) -> list[ShardRef]:
     """Expand brace patterns, globs, directories and comma lists into ordered, unique shards.
 
@@ -220,7 +232,7 @@ def expand_shards(spec: str) -> list[ShardRef]:
                 misses.append(_describe_miss(item))
             urls.extend(found)
     if misses:
-        raise UsageError("no shards found: " + _first_three(misses, "; "))
+        raise UsageError(_misses_message(misses, len(urls)))
     unique = list(dict.fromkeys(urls))
     for url in unique:
         if not is_text(url):
