@@ -275,7 +275,7 @@ def decode_text(sample: Sample) -> str | None:
     caption: str | None = None
     text = find_member(sample, TEXT_EXTS)
     if text is not None:
-        caption = text[1].decode("utf-8", errors="replace").strip()
+        caption = text[1].decode("utf-8-sig", errors="replace").strip()  # -sig: without a leading BOM
     else:
         obj = _json_object(sample)
         if obj is not None:
