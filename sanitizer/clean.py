@@ -51,10 +51,11 @@ def resolve_rule(rule: ThresholdRule, run: RunDir, info: dict, done: list[str]) 
 
 def changed_since_scored(shard: ShardRef, why: str) -> UsageError:
     """A shard whose content is not what its manifest describes, and how to get past it: `score`
-    scores a local shard again when its size or mtime changed, which a copy that kept both hides."""
+    scores a shard again when its size, mtime or remote version changed, which a local copy that kept
+    size and mtime hides (a store that gives no version hides a remote one of the same size)."""
     return UsageError(
         f"{shard.url} changed since it was scored ({why}): score it again (`sanitizer score` re-scores "
-        "a local shard whose size or mtime changed; `touch` it if neither did), then clean"
+        "a shard whose size, mtime or version changed; `touch` a local one if none did), then clean"
     )
 
 

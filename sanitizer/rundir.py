@@ -3,7 +3,8 @@ and rewrites of its manifests that the steps after scoring share (re-flagging, t
 
 Every file is written under a temporary name and renamed, so no partial file is ever visible under
 its final name. A shard is done when its stats file exists (it is written after its manifest part); a
-re-run of `score` scores one again whose local input's size or mtime differs from what that file recorded.
+re-run of `score` scores one again whose input's stamp (a local file's size and mtime, a remote object's
+size and version) differs from what that file recorded.
 One job at a time: an advisory lock on RUN_DIR/.lock, released by the kernel if the job dies.
 """
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import remove_stale_temps, write_json_atomic
-from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
+from sanitizer.data.shards import STAMP_FORM, ShardRef, file_stamps, is_file_stamp, stamp_differs
 from sanitizer.errors import UsageError
 from sanitizer.joblock import job_lock, refuse_busy, refuse_foreign
 from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
@@ -85,10 +86,14 @@ class RunDir:
     def is_done(self, stem: str) -> bool:
         return self.stats(stem).is_file()
 
-    def input_changed(self, shard: ShardRef) -> bool:
-        """Whether a done shard's local input changed in size or mtime since its stats marker was
-        written (it was still being downloaded, or was replaced): its manifest no longer describes it."""
-        return changed_since(self.read_stats(shard.stem).get("input"), shard.url)
+    def changed_inputs(self, shards: list[ShardRef]) -> list[ShardRef]:
+        """The done shards whose input changed since their stats markers were written (a local file in
+        size or mtime, a remote object in size or version: it was still being downloaded, or was
+        replaced): their manifests no longer describe them."""
+        done = [s for s in shards if self.is_done(s.stem)]
+        recorded = [self.read_stats(s.stem).get("input") for s in done]
+        now = file_stamps([s.url for s in done])
+        return [s for s, r, n in zip(done, recorded, now, strict=True) if stamp_differs(r, n)]
 
     def unmark(self, stem: str) -> None:
         """Forget a done shard, its stats marker first: until it is scored again it is a shard never
@@ -131,9 +136,9 @@ class RunDir:
         counts += list(statuses.values()) if isinstance(statuses, dict) else [None]
         if not all(type(c) is int for c in counts):
             raise _damaged(self.stats(stem), "its counts are missing or not whole numbers")
-        stamp = stats.get("input")  # None: a remote input, or a marker of an earlier version
+        stamp = stats.get("input")  # None: an input with no stamp, or a marker of an earlier version
         if stamp is not None and not is_file_stamp(stamp):
-            raise _damaged(self.stats(stem), "its input stamp is not {size, mtime_ns} in whole numbers")
+            raise _damaged(self.stats(stem), f"its input stamp is not {STAMP_FORM}")
         return stats
 
     def refuse_foreign(self) -> None:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from sanitizer.atomic import is_temp
 from sanitizer.data.decode import DECODE_STATUSES, image_differs
-from sanitizer.data.shards import ShardRef, changed_since, is_file_stamp
+from sanitizer.data.shards import STAMP_FORM, ShardRef, changed_since, is_file_stamp
 from sanitizer.data.tario import (
     READ_STATUSES,
     STATUS_OK,
@@ -365,11 +365,11 @@ def _check_input(
     stats, _ = _read_json(run.stats(stem))
     stamp = stats.get("input") if isinstance(stats, dict) else None
     if stamp is not None and not is_file_stamp(stamp):  # tells nothing of the input: read it
-        report.add(f"stats input is {stamp!r}, not {{size, mtime_ns}} in whole numbers", stem)
+        report.add(f"stats input is {stamp!r}, not {STAMP_FORM}", stem)
     elif changed_since(stamp, shard.url):
         report.add(
-            f"input {q(shard.url, 200)} changed since it was scored (its size or mtime is not what its "
-            "stats marker recorded): run `sanitizer score` again",
+            f"input {q(shard.url, 200)} changed since it was scored (its size, mtime or version is not "
+            "what its stats marker recorded): run `sanitizer score` again",
             stem,
         )
         return None

@@ -94,12 +94,19 @@ class FlakyFile(io.RawIOBase):
 
 
 class FlakyFileSystem(AbstractFileSystem):
-    """`flaky:///PATH`: the local file PATH as a remote store whose reads of a file named in `broken`
-    fail after that many bytes with `error` (a reset connection, a timeout, EIO)."""
+    """`flaky:///PATH`: the local file PATH as a remote store whose info() gives its size and an ETag
+    (`etags[NAME]`, "1" unless set), and whose reads of a file named in `broken` fail after that many
+    bytes with `error` (a reset connection, a timeout, EIO)."""
 
     protocol = "flaky"
     broken: ClassVar[dict[str, int]] = {}
+    etags: ClassVar[dict[str, str]] = {}
     error: BaseException = ConnectionResetError(104, "Connection reset by peer")
+
+    def info(self, path: str, **kwargs) -> dict:
+        path = self._strip_protocol(path)
+        etag = f'"{self.etags.get(Path(path).name, "1")}"'
+        return {"name": path, "size": os.path.getsize(path), "type": "file", "ETag": etag}
 
     def _open(self, path: str, mode: str = "rb", **kwargs) -> IO[bytes]:
         fail_after = self.broken.get(Path(path).name, os.path.getsize(path) + 1)
@@ -108,9 +115,9 @@ class FlakyFileSystem(AbstractFileSystem):
 
 @pytest.fixture
 def flaky() -> Iterator[type[FlakyFileSystem]]:
-    """The `flaky://` protocol, registered with fsspec; set its `broken` and `error`."""
+    """The `flaky://` protocol, registered with fsspec; set its `broken`, `etags` and `error`."""
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
-    FlakyFileSystem.broken = {}
+    FlakyFileSystem.broken, FlakyFileSystem.etags = {}, {}
     yield FlakyFileSystem
-    FlakyFileSystem.broken = {}
+    FlakyFileSystem.broken, FlakyFileSystem.etags = {}, {}
     FlakyFileSystem.error = ConnectionResetError(104, "Connection reset by peer")

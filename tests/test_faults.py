@@ -579,7 +579,7 @@ def test_a_connection_reset_fails_the_shard_and_the_rerun_scores_it(
     flaky, tmp_path, corpus, tiny_decoder_dir
 ):
     """A remote shard whose connection breaks mid-read is FAILED, not `truncated_shard` and done (a
-    remote input has no size or mtime to tell a re-run to read it again); `clean` and `verify` name
+    read that failed tells nothing of the rest of the shard); `clean` and `verify` name
     the read error; once the store answers, the re-run scores it and ends as an undisturbed run."""
     urls = {stem: f"flaky://{corpus}/{stem}.tar" for stem in SYNTH[:2]}
     data = ",".join(urls.values())
@@ -610,3 +610,42 @@ def test_a_connection_reset_fails_the_shard_and_the_rerun_scores_it(
     assert cli("clean", run).rc == 0
     assert_same_outputs(run, reference)
     assert verify_run(run) == []
+
+
+def test_a_remote_object_replaced_under_its_name_is_scored_again(flaky, tmp_path, corpus, tiny_decoder_dir):
+    """A remote input's stats marker recorded no stamp: an object replaced under the same name was
+    never scored again, and `clean` refused it at every run. Its store's size and ETag are its stamp
+    now: `verify` names it, and the re-run scores it again, as a local file whose size or mtime changed."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    for stem in SYNTH[:2]:
+        shutil.copy(corpus / f"{stem}.tar", bucket / f"{stem}.tar")
+    replaced = bucket / f"{SYNTH[1]}.tar"
+    urls = [f"flaky://{bucket}/{stem}.tar" for stem in SYNTH[:2]]
+    run = tmp_path / "run"
+    assert cli(*score_args(tiny_decoder_dir, ",".join(urls), run, 0)).rc == 0
+    marker = json.loads((run / "stats" / f"{SYNTH[1]}_stats.json").read_text())
+    assert marker["input"] == {"size": replaced.stat().st_size, "etag": '"1"'}
+    assert cli("clean", run).rc == 0
+
+    replaced.write_bytes((corpus / f"{SYNTH[2]}.tar").read_bytes())
+    assert replaced.stat().st_size == marker["input"]["size"]  # only the store's ETag tells
+    flaky.etags = {replaced.name: "2"}
+    cleaned = cli("clean", run)
+    assert (cleaned.rc, cleaned.err) == (
+        2,
+        f"sanitizer: error: {urls[1]} changed since it was scored (sample 0 differs): score it again "
+        "(`sanitizer score` re-scores a shard whose size, mtime or version changed; `touch` a local one "
+        "if none did), then clean\n",
+    )
+    assert verify_run(run) == [
+        f"shard {SYNTH[1]}: input '{urls[1]}' changed since it was scored (its size, mtime or version is "
+        "not what its stats marker recorded): run `sanitizer score` again"
+    ]
+    rescored = cli(*score_args(tiny_decoder_dir, ",".join(urls), run, 0))
+    assert rescored.rc == 0
+    assert f"{urls[1]} changed since it was scored: scoring it again" in rescored.err
+    assert json.loads((run / "stats" / f"{SYNTH[1]}_stats.json").read_text())["input"]["etag"] == '"2"'
+    assert cli("clean", run).rc == 0
+    assert verify_run(run) == []
+    assert "scoring it again" not in cli(*score_args(tiny_decoder_dir, ",".join(urls), run, 0)).err

@@ -428,7 +428,7 @@ def test_clean_of_a_shard_replaced_keeping_its_size_and_mtime_says_how_to_score_
         clean_run(tmp_path / "run")
     assert str(caught.value) == (
         f"{replaced} changed since it was scored (sample 0 differs): score it again (`sanitizer score` "
-        "re-scores a local shard whose size or mtime changed; `touch` it if neither did), then clean"
+        "re-scores a shard whose size, mtime or version changed; `touch` a local one if none did), then clean"
     )
     replaced.touch()  # as it says
     assert score(tiny_decoder_dir, data, tmp_path / "run", workers=0).scored_now == 40
@@ -664,7 +664,8 @@ DAMAGES = {  # what is damaged: (how, which commands read it, the message)
             "stats/shard-000001_stats.json", lambda stats: stats.update(input={"size": "1", "mtime_ns": 0})
         ),
         ALL,
-        "shard-000001_stats.json is damaged: its input stamp is not {size, mtime_ns} in whole numbers",
+        "shard-000001_stats.json is damaged: its input stamp is not {size, mtime_ns} in whole numbers, or "
+        "a remote object's size and version as text",
     ),
 }
 
@@ -1154,12 +1155,13 @@ def test_a_changed_shard_that_no_longer_reads_leaves_no_outputs_of_its_old_sampl
 def test_a_stats_marker_without_its_inputs_stamp_still_marks_the_shard_done(
     tmp_path, tiny_decoder_dir, tiny_shards
 ):
-    """Markers written before the stamp was recorded force no re-score, nor do remote inputs."""
+    """Markers written before the stamp was recorded force no re-score, nor do remote inputs whose
+    store cannot be asked."""
     run, shard = nightly_run(tmp_path, tiny_decoder_dir, tiny_shards)
     marker = run / "stats" / "shard-000002_stats.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "input"}))
     assert score(tiny_decoder_dir, shard.parent, run, workers=0).scored_now == 0
-    assert not changed_since({"size": 0, "mtime_ns": 0}, "s3://bucket/shard-000002.tar")  # no stat of a URL
+    assert not changed_since({"size": 0, "mtime_ns": 0}, "nostore://bucket/shard-000002.tar")  # no such store
     assert changed_since({"size": 0, "mtime_ns": 0}, f"file://{shard}")  # a local file by URL is stamped
 
 

@@ -5,11 +5,24 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
+import fsspec
 import pytest
+from fsspec.spec import AbstractFileSystem
 
-from sanitizer.data.shards import ShardRef, assign_stems, base_stem, expand_shards, ranged_count
+from sanitizer.data.shards import (
+    ShardRef,
+    assign_stems,
+    base_stem,
+    changed_since,
+    expand_shards,
+    file_stamp,
+    is_file_stamp,
+    ranged_count,
+)
 from sanitizer.errors import SanitizerError, UsageError
 
 
@@ -230,3 +243,88 @@ def test_a_mistyped_range_is_refused_before_it_is_listed():
     assert ranged_count("s{0..9}-{00..99..10}.tar") == 10 * 10 and ranged_count("{a..c}{1,2}.tar") == 1
     with pytest.raises(UsageError, match=r"names more than 100,000 shards; check its ranges"):
         expand_shards("shards/shard-{000000..99999999}.tar")  # listing it took 25 s and gigabytes
+
+
+class InfoFileSystem(AbstractFileSystem):
+    """`info://NAME`: an object whose info() is `objects[NAME]`, as a real store gives it."""
+
+    protocol = "info"
+    objects: ClassVar[dict[str, dict]] = {}
+
+    def info(self, path: str, **kwargs) -> dict:
+        return self.objects[self._strip_protocol(path)]
+
+
+MODIFIED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+STORE_INFO = {  # what each store's info() holds of an object, and the stamp made of it
+    "s3fs": (
+        {
+            "name": "b/s.tar",
+            "size": 10,
+            "Size": 10,
+            "ETag": '"9a0"',
+            "LastModified": MODIFIED,
+            "VersionId": None,
+        },
+        {"size": 10, "etag": '"9a0"', "modified": "2026-01-02 03:04:05+00:00"},
+    ),
+    "gcsfs": (
+        {
+            "name": "b/s.tar",
+            "size": 10,
+            "etag": "CJ4=",
+            "md5Hash": "XUF==",
+            "generation": "1712",
+            "updated": "2026-01-02T03:04:05Z",
+            "mtime": MODIFIED,
+        },
+        {"size": 10, "etag": "CJ4=", "md5": "XUF==", "version": "1712", "modified": "2026-01-02T03:04:05Z"},
+    ),
+    "http, no size": (
+        {"name": "h/s.tar", "size": None, "ETag": 'W/"x"', "Last-Modified": "Fri, 02 Jan 2026 03:04:05 GMT"},
+        {"etag": 'W/"x"', "modified": "Fri, 02 Jan 2026 03:04:05 GMT"},
+    ),
+    "nothing": ({"name": "h/s.tar", "size": None, "type": "file"}, None),
+}
+
+
+@pytest.fixture
+def info_store() -> type[InfoFileSystem]:
+    fsspec.register_implementation("info", InfoFileSystem, clobber=True)
+    InfoFileSystem.objects = {}
+    return InfoFileSystem
+
+
+@pytest.mark.parametrize("store", STORE_INFO)
+def test_a_remote_stamp_is_the_size_and_version_its_store_gives(info_store, store):
+    """A remote input was stamped `null`: nothing told a re-run that it was replaced."""
+    info, stamp = STORE_INFO[store]
+    info_store.objects = {"s.tar": info}
+    assert file_stamp("info://s.tar") == stamp
+    assert stamp is None or is_file_stamp(stamp)
+    assert file_stamp("info://gone.tar") is None  # no such object: no stamp
+
+
+def test_a_remote_stamp_differs_in_the_fields_both_stamps_hold(info_store):
+    info_store.objects = {"s.tar": {"size": 10, "ETag": '"a"', "VersionId": "v2"}}
+    assert not changed_since({"size": 10, "etag": '"a"'}, "info://s.tar")  # a listing gave no version
+    assert changed_since({"size": 10, "etag": '"b"'}, "info://s.tar")
+    assert changed_since({"size": 11}, "info://s.tar")
+    assert not changed_since(None, "info://s.tar")  # a marker of an earlier version tells nothing
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        {},
+        {"size": "1", "mtime_ns": 0},
+        {"size": 1},
+        {"etag": 1},
+        {"size": 1, "mtime_ns": 2, "etag": "x"},
+        {"mtime_ns": 2},
+        {"size": 1, "owner": "x"},
+        [1, 2],
+    ],
+)
+def test_only_stamps_of_file_stamps_form_are_stamps(stamp):
+    assert is_file_stamp(stamp) is (stamp == {"size": 1})

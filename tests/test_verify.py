@@ -169,7 +169,7 @@ def test_an_edited_input_stamp_is_one_violation_and_the_input_is_still_checked(r
     violations = verify_run(run_copy)
     assert violations[0] == (
         "shard shard-000001: stats input is {'size': '1', 'mtime_ns': 0}, not {size, mtime_ns} in whole "
-        "numbers"
+        "numbers, or a remote object's size and version as text"
     )
     assert any("clean/shard-000001.tar" in v for v in violations[1:]), violations
 
@@ -180,8 +180,8 @@ def test_an_input_that_changed_since_it_was_scored_is_one_violation(run_copy, ti
     changed.write_bytes((tiny_shards / "shard-000001.tar").read_bytes()[:20000])
     point_input_at(run_copy, "shard-000001", str(changed))
     assert verify_run(run_copy) == [
-        f"shard shard-000001: input {str(changed)!r} changed since it was scored (its size or mtime is "
-        "not what its stats marker recorded): run `sanitizer score` again"
+        f"shard shard-000001: input {str(changed)!r} changed since it was scored (its size, mtime or "
+        "version is not what its stats marker recorded): run `sanitizer score` again"
     ]
 
 

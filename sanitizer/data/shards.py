@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +27,7 @@ MAX_STEM_CHARS = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 MAX_SHARDS = 100_000  # per pattern: LAION-5B as img2dataset writes it is about 60,000 shards
+STAMP_THREADS = 32  # requests to a store in flight at once, for stamps
 _NUMERIC_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
 
 
@@ -42,13 +44,27 @@ def is_remote(url: str) -> bool:
     return "://" in url
 
 
-def file_stamp(url: str) -> dict[str, int] | None:
-    """A local shard's size and mtime (ns): what tells that a file changed under the same name without
-    reading it again (a `file://` URL is one). None for a remote URL, which has no such cheap check, or
-    a file it cannot stat."""
+# A remote object's version, by the names fsspec stores give it in info() (s3fs: ETag, VersionId,
+# LastModified; gcsfs: etag, md5Hash, generation, updated, mtime; HTTP: ETag, Content-MD5,
+# Last-Modified), each stamped under one name, from the first of its names the store gives.
+_REMOTE_VERSION = {
+    "etag": ("ETag", "etag"),
+    "md5": ("md5Hash", "md5", "Content-MD5"),
+    "version": ("VersionId", "version_id", "generation"),
+    "modified": ("LastModified", "updated", "mtime", "Last-Modified"),
+}
+_STAMP_TYPES = {"size": int, "mtime_ns": int, **dict.fromkeys(_REMOTE_VERSION, str)}
+STAMP_FORM = "{size, mtime_ns} in whole numbers, or a remote object's size and version as text"
+
+
+def file_stamp(url: str) -> dict[str, int | str] | None:
+    """What tells that a shard changed under the same name without reading it again: a local file's
+    size and mtime (ns) (a `file://` URL is one), a remote object's size and whichever version (ETag,
+    MD5, generation or version id, modification time) its store gives. None where there is neither,
+    or it cannot be stat'ed."""
     path = url.removeprefix("file://")
     if is_remote(path):
-        return None
+        return _remote_stamp(url)
     try:
         stat = os.stat(path)
     except OSError:
@@ -56,21 +72,57 @@ def file_stamp(url: str) -> dict[str, int] | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _remote_stamp(url: str) -> dict[str, int | str] | None:
+    """`file_stamp` of a fsspec URL, from its store's info() (asked afresh, not from a listing cache)."""
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(path)
+        info = fs.info(path)
+    except Exception:  # noqa: BLE001 - an unknown protocol, no such object, no access: no stamp
+        return None
+    stamp: dict[str, int | str] = {}
+    if type(info.get("size")) is int:
+        stamp["size"] = info["size"]
+    for field, names in _REMOTE_VERSION.items():
+        value = next((info[n] for n in names if info.get(n) not in (None, "")), None)
+        if value is not None:
+            stamp[field] = str(value)
+    return stamp or None
+
+
 def is_file_stamp(value: object) -> bool:
-    """Whether `value` has file_stamp's form, as a stats marker read back must."""
+    """Whether `value` has file_stamp's form, as a stats marker read back must: a local file's
+    {size, mtime_ns}, or a remote object's size and version fields."""
     return (
         isinstance(value, dict)
-        and set(value) == {"size", "mtime_ns"}
-        and all(type(v) is int for v in value.values())
+        and bool(value)
+        and all(k in _STAMP_TYPES and type(v) is _STAMP_TYPES[k] for k, v in value.items())
+        and ("mtime_ns" not in value or set(value) == {"size", "mtime_ns"})
     )
 
 
-def changed_since(recorded: object, url: str) -> bool:
-    """Whether a shard's input differs from the `file_stamp` recorded when it was scored. A stamp that
-    was not recorded (a remote input, a marker of an earlier version) or cannot be taken now tells
+def file_stamps(urls: list[str]) -> list[dict[str, int | str] | None]:
+    """`file_stamp` of each URL, asked in parallel: a remote one is a request to its store each, and
+    a run may have tens of thousands of shards."""
+    with ThreadPoolExecutor(max_workers=STAMP_THREADS) as pool:
+        return list(pool.map(file_stamp, urls))
+
+
+def stamp_differs(recorded: object, current: dict[str, int | str] | None) -> bool:
+    """Whether a shard's input differs from the `file_stamp` recorded when it was scored, in any field
+    both stamps hold (a store may give a field to one call and not another). A stamp that was not
+    recorded (a marker of an earlier version, a store that gives nothing) or cannot be taken now tells
     nothing: False."""
-    current = file_stamp(url)
-    return recorded is not None and current is not None and recorded != current
+    if not isinstance(recorded, dict) or current is None:
+        return False
+    return any(recorded[k] != current[k] for k in recorded.keys() & current.keys())
+
+
+def changed_since(recorded: object, url: str) -> bool:
+    """`stamp_differs` from the input as it is now."""
+    return stamp_differs(recorded, file_stamp(url))
 
 
 def split_top_level(spec: str) -> list[str]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sanitizer.atomic import write_json_atomic
-from sanitizer.data.shards import file_stamp
+from sanitizer.data.shards import file_stamps
 from sanitizer.manifest import COLUMNS, flag_counts, set_flags, to_table, write_manifest
 from sanitizer.pipeline.stages import END, RESULT_SCHEMA, SHARD_FAILED
 from sanitizer.rundir import RunDir
@@ -75,7 +75,7 @@ class ShardCollector:
 
     def __post_init__(self) -> None:
         # before any shard is read: a file that grows while it is read is stamped as it was
-        self.stamps = {stem: file_stamp(url) for stem, url in self.urls.items()}
+        self.stamps = dict(zip(self.urls, file_stamps(list(self.urls.values())), strict=True))
 
     def add(self, table: pa.Table) -> None:
         table = table.select(RESULT_SCHEMA.names)

@@ -322,9 +322,9 @@ def lost_shards_part(lost: list[dict], shards: list[dict]) -> str:
 
 
 def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
-    """Done shards whose local input changed since they were scored (one scored while it was still
+    """Done shards whose input changed since they were scored (one scored while it was still
     downloading, one replaced), forgotten so that they are scored again; their stems."""
-    changed = [s for s in shards if run.is_done(s.stem) and run.input_changed(s)]
+    changed = run.changed_inputs(shards)
     for shard in changed:
         log.warning("%s changed since it was scored: scoring it again", shard.url)
         run.unmark(shard.stem)
