@@ -71,9 +71,10 @@ RESET = "ConnectionResetError: [Errno 104] Connection reset by peer"  # FlakyFil
 
 
 class FlakyFile(io.RawIOBase):
-    """A local file read through a connection that breaks after ``fail_after`` bytes."""
+    """A local file read through a connection that breaks after ``fail_after`` bytes: with ``error``,
+    or, where that is None, by ending there, as a transfer the server cut short."""
 
-    def __init__(self, path: str, fail_after: int, error: BaseException) -> None:
+    def __init__(self, path: str, fail_after: int, error: BaseException | None) -> None:
         self._raw = open(path, "rb")  # noqa: SIM115 - closed with this file
         self._left = fail_after
         self._error = error
@@ -82,7 +83,9 @@ class FlakyFile(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
+        if self._left <= 0 and size != 0:
+            if self._error is None:
+                return b""
             raise self._error
         data = self._raw.read(self._left if size < 0 else min(size, self._left))
         self._left -= len(data)
@@ -96,10 +99,12 @@ class FlakyFile(io.RawIOBase):
 class FlakyFileSystem(AbstractFileSystem):
     """`flaky:///PATH`: the local file PATH as a remote store whose info() gives its size and an ETag
     (`etags[NAME]`, "1" unless set), and whose reads of a file named in `broken` fail after that many
-    bytes with `error` (a reset connection, a timeout, EIO)."""
+    bytes with `error` (a reset connection, a timeout, EIO), of one named in `cut` end after that many
+    (a transfer the server cut short, fewer bytes than info() says)."""
 
     protocol = "flaky"
     broken: ClassVar[dict[str, int]] = {}
+    cut: ClassVar[dict[str, int]] = {}
     etags: ClassVar[dict[str, str]] = {}
     error: BaseException = ConnectionResetError(104, "Connection reset by peer")
 
@@ -109,15 +114,17 @@ class FlakyFileSystem(AbstractFileSystem):
         return {"name": path, "size": os.path.getsize(path), "type": "file", "ETag": etag}
 
     def _open(self, path: str, mode: str = "rb", **kwargs) -> IO[bytes]:
-        fail_after = self.broken.get(Path(path).name, os.path.getsize(path) + 1)
-        return FlakyFile(path, fail_after, self.error)
+        name = Path(path).name
+        if name in self.cut:
+            return FlakyFile(path, self.cut[name], None)
+        return FlakyFile(path, self.broken.get(name, os.path.getsize(path) + 1), self.error)
 
 
 @pytest.fixture
 def flaky() -> Iterator[type[FlakyFileSystem]]:
-    """The `flaky://` protocol, registered with fsspec; set its `broken`, `etags` and `error`."""
+    """The `flaky://` protocol, registered with fsspec; set its `broken`, `cut`, `etags` and `error`."""
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
-    FlakyFileSystem.broken, FlakyFileSystem.etags = {}, {}
+    FlakyFileSystem.broken, FlakyFileSystem.cut, FlakyFileSystem.etags = {}, {}, {}
     yield FlakyFileSystem
-    FlakyFileSystem.broken, FlakyFileSystem.etags = {}, {}
+    FlakyFileSystem.broken, FlakyFileSystem.cut, FlakyFileSystem.etags = {}, {}, {}
     FlakyFileSystem.error = ConnectionResetError(104, "Connection reset by peer")

@@ -79,6 +79,11 @@ def score_args(decoder: Path, data: Path, run: Path, workers: int) -> list[str]:
     ]
 
 
+def cut_short(corpus: Path, stem: str) -> str:
+    """The read error of a corpus shard whose `flaky://` transfer ends after 3000 bytes (`cut`)."""
+    return f"read ended after 3000 of its {(corpus / f'{stem}.tar').stat().st_size} bytes"
+
+
 def assert_same_outputs(run: Path, reference: Path) -> None:
     got, want = outputs(run), outputs(reference)
     assert sorted(got) == sorted(want)
@@ -575,37 +580,42 @@ def test_score_names_the_encoder_weights_to_give(tmp_path, corpus, tiny_decoder_
 BROKEN = f"read failed after 3000 bytes: {RESET}"
 
 
-def test_a_connection_reset_fails_the_shard_and_the_rerun_scores_it(
-    flaky, tmp_path, corpus, tiny_decoder_dir
+@pytest.mark.parametrize("fault", ["broken", "cut"])
+def test_a_remote_read_that_fails_part_way_fails_the_shard_and_the_rerun_scores_it(
+    flaky, tmp_path, corpus, tiny_decoder_dir, fault
 ):
-    """A remote shard whose connection breaks mid-read is FAILED, not `truncated_shard` and done (a
-    read that failed tells nothing of the rest of the shard); `clean` and `verify` name
-    the read error; once the store answers, the re-run scores it and ends as an undisturbed run."""
+    """A remote shard whose connection breaks mid-read (`broken`), or whose transfer the server ends
+    before the size its store gives (`cut`; it read as a tar cut there), is FAILED, not
+    `truncated_shard` and done (its samples after the break lost from clean/ for good); `clean` and
+    `verify` name the read error; once the store answers, the re-run scores it and ends as an
+    undisturbed run."""
     urls = {stem: f"flaky://{corpus}/{stem}.tar" for stem in SYNTH[:2]}
     data = ",".join(urls.values())
     reference = tmp_path / "reference"
     assert cli(*score_args(tiny_decoder_dir, data, reference, 0)).rc == 0
     assert cli("clean", reference).rc == 0
+    failure = {stem: BROKEN if fault == "broken" else cut_short(corpus, stem) for stem in SYNTH[:2]}
 
     run = tmp_path / "run"
-    flaky.broken = {f"{SYNTH[1]}.tar": 3000}
+    setattr(flaky, fault, {f"{SYNTH[1]}.tar": 3000})
     result = cli(*score_args(tiny_decoder_dir, data, run, 0))
     assert result.rc == 1
-    assert f"FAILED shard {SYNTH[1]}: {BROKEN}" in result.out
+    assert f"FAILED shard {SYNTH[1]}: {failure[SYNTH[1]]}" in result.out
     failed = json.loads((run / "run.json").read_text())["failed_shards"]
-    assert failed == [{"stem": SYNTH[1], "error": BROKEN}]
+    assert failed == [{"stem": SYNTH[1], "error": failure[SYNTH[1]]}]
     assert sorted(p.name for p in (run / "stats").iterdir()) == [f"{SYNTH[0]}_stats.json"]
 
-    flaky.broken = {f"{SYNTH[0]}.tar": 3000}
+    setattr(flaky, fault, {f"{SYNTH[0]}.tar": 3000})
     cleaned = cli("clean", run)
     assert cleaned.rc == 1  # an I/O error, not a usage error: a scheduler may simply run it again
-    expected = f"cannot read {urls[SYNTH[0]]} again to clean it: {BROKEN}; run clean again"
+    expected = f"cannot read {urls[SYNTH[0]]} again to clean it: {failure[SYNTH[0]]}; run clean again"
     assert cleaned.err == f"sanitizer: error: {expected}\n"
     assert (
-        f"shard {SYNTH[0]}: input '{urls[SYNTH[0]]}' cannot be read ({BROKEN}) but the shard is marked done"
+        f"shard {SYNTH[0]}: input '{urls[SYNTH[0]]}' cannot be read ({failure[SYNTH[0]]}) but the shard "
+        "is marked done"
     ) in verify_run(run)
 
-    flaky.broken = {}
+    setattr(flaky, fault, {})
     assert cli(*score_args(tiny_decoder_dir, data, run, 0)).rc == 0
     assert cli("clean", run).rc == 0
     assert_same_outputs(run, reference)

@@ -20,6 +20,7 @@ from sanitizer.data.tario import (
     Member,
     Sample,
     ShardError,
+    ShardReadError,
     TarWriter,
     iter_samples,
     split_key,
@@ -496,3 +497,24 @@ def test_any_read_error_of_a_local_file_fails_the_shard(tmp_path, monkeypatch, e
     with pytest.raises(ShardError) as info:
         list(iter_samples(str(path)))
     assert info.value.message == f"read failed after 2048 bytes: {text}"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("served", [0, 3000, 6144])
+def test_a_remote_transfer_cut_short_fails_the_shard_where_a_cut_file_would_mark_it_truncated(
+    tmp_path, flaky, gz, served
+):
+    """A server that ends the transfer before the size its store gives read as a tar cut there:
+    `truncated_shard`, done, and the rest of the shard lost from clean/ for good. It is a read that
+    failed: the shard fails, and a re-run reads it again."""
+    members = [
+        (f"s{i}.{ext}", random.Random(f"{i}.{ext}").randbytes(1000))
+        for i in range(4)
+        for ext in ("png", "txt")
+    ]
+    path = _raw_tar(tmp_path / ("t.tar.gz" if gz else "t.tar"), members, gz=gz)
+    flaky.cut = {path.name: served}
+    with pytest.raises(ShardReadError) as info:
+        list(iter_samples(f"flaky://{path}"))
+    size = path.stat().st_size
+    assert str(info.value) == f"flaky://{path}: read ended after {served} of its {size} bytes"

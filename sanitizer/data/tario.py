@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from sanitizer.atomic import atomic_path
-from sanitizer.data.shards import is_remote
+from sanitizer.data.shards import file_stamp, is_remote
 from sanitizer.errors import SanitizerError
 
 TAR_ENCODING = "utf-8"
@@ -130,11 +130,13 @@ class _CountingReader(io.RawIOBase):
     """Counts bytes read, to tell a 0-byte shard (empty) from one that is not a tar, and turns a
     failed read into a ShardError. A file cut short reads as an early end, never as an error: an
     error (a reset connection, a timeout, EIO) says nothing of the file, whose rest may be fine, so
-    it fails the shard (a re-run reads it again) rather than ending it as cut off (as done)."""
+    it fails the shard (a re-run reads it again) rather than ending it as cut off (as done). So does
+    an end before `size`, the bytes its stamp says it has: a transfer the server cut short."""
 
-    def __init__(self, raw: IO[bytes], url: str) -> None:
+    def __init__(self, raw: IO[bytes], url: str, size: int | None) -> None:
         self._raw = raw
         self._url = url
+        self._size = size
         self.nbytes = 0
 
     def readable(self) -> bool:
@@ -146,6 +148,8 @@ class _CountingReader(io.RawIOBase):
         except Exception as e:  # noqa: BLE001 - whatever the filesystem raises, the read failed
             raise ShardReadError(self._url, f"read failed after {self.nbytes} bytes: {describe(e)}") from None
         self.nbytes += len(data)
+        if not data and size != 0 and self._size is not None and self.nbytes < self._size:
+            raise ShardReadError(self._url, f"read ended after {self.nbytes} of its {self._size} bytes")
         return data
 
     def readinto(self, buffer: Any) -> int:
@@ -239,15 +243,17 @@ def _stop(url: str, current: Sample | None, problem: str) -> None:
 def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample]:
     """Yield every sample of a (possibly gzipped) tar in file order, never raising per sample.
 
-    Raises ``ShardError`` when no tar header can be read at all, or when a read fails (at any point:
-    the samples already yielded are not the whole shard). A cut-off shard ends with
+    Raises ``ShardError`` when no tar header can be read at all, or when a read fails or ends before
+    the size the file's stamp gives (at any point: the samples already yielded are not the whole
+    shard). A cut-off shard ends with
     its in-progress sample marked ``truncated_shard``; members larger than ``max_member_bytes``
     are skipped unread (data ``b""``) and mark their sample ``member_too_large``, links and devices
     ``special_member``, a sample whose key an earlier one has ``duplicate_key``. Directory entries are
     passed over.
     """
     with ExitStack() as stack:
-        reader = _CountingReader(_open_raw(url, stack), url)
+        stamp = file_stamp(url)  # before the open: the bytes the object has as it is read
+        reader = _CountingReader(_open_raw(url, stack), url, stamp.get("size") if stamp else None)
         buffered = io.BufferedReader(reader, _GZIP_CHUNK)
         gzipped = buffered.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC)
         try:
