@@ -353,7 +353,8 @@ def run_clean(args: argparse.Namespace) -> int:
     if s.shards:
         print(
             f"kept {s.kept} samples in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
-            f"{args.run_dir / 'quarantine'} ({s.shards} shards, threshold {s.threshold:.6g})"
+            f"{args.run_dir / 'quarantine'} ({s.shards} shards: {s.split} split, "
+            f"{s.shards - s.split} already clean; threshold {s.threshold:.6g})"
         )
     else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make
         print("no shard was scored: nothing to clean")

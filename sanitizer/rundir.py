@@ -174,6 +174,10 @@ OPTIONAL_RUN_FIELDS = {
 # run.json's record of clean, as score weighs it and report shows it. `clean` reads none of it and
 # writes it afresh, so a damaged one does not stop the command that repairs it.
 CLEAN_RECORD_FIELDS = {"clean": dict, "clean.kept": int, "clean.quarantined": int, "clean.shards": int}
+# run.json's record of what clean split, shard by shard (sanitizer.clean.SplitRecord): what lets the
+# next clean skip a shard whose outputs still hold what it would write. `score` carries it as it is,
+# as it holds its own proof of what still matches (manifest digests, file stamps).
+SPLIT_RECORD = "split"
 
 
 def open_run(

@@ -63,8 +63,11 @@ def file_stamp(url: str) -> dict[str, int | str] | None:
     MD5, generation or version id, modification time) its store gives. None where there is neither,
     or it cannot be stat'ed."""
     path = url.removeprefix("file://")
-    if is_remote(path):
-        return _remote_stamp(url)
+    return _remote_stamp(url) if is_remote(path) else path_stamp(path)
+
+
+def path_stamp(path: str | os.PathLike) -> dict[str, int] | None:
+    """A local file's size and mtime (ns), as file_stamp takes them; None if it cannot be stat'ed."""
     try:
         stat = os.stat(path)
     except OSError:

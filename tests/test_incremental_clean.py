@@ -1,0 +1,183 @@
+"""`sanitizer clean` splits only the shards whose tars no longer hold what a split would write, and
+ends with the bytes a clean from scratch writes."""
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+import sanitizer.clean
+from sanitizer.cli import main
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.verify import verify_run
+
+NAMES = ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar")
+OUTPUTS = ("clean", "quarantine")
+
+
+def score(decoder_dir: Path, data: Path, out: Path, collapse: str | None = None) -> None:
+    """Without the collapse pass by default: a grown run's old shards keep their flags."""
+    job = ScoreJob(decoder_dir=decoder_dir, data=str(data), out=out, workers=0, collapse=collapse)
+    run_score_job(job, progress=False)
+
+
+def clean(run: Path, capsys, *options: str) -> str:
+    """`sanitizer clean`'s summary line (exit 0)."""
+    assert main(["clean", str(run), *options]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def stamps(run: Path) -> dict[str, tuple[int, int]]:
+    """Each output tar's inode and mtime: what a rewrite changes, identical bytes or not."""
+    tars = sorted(p for d in OUTPUTS for p in (run / d).glob("*.tar"))
+    return {f"{p.parent.name}/{p.name}": (p.stat().st_ino, p.stat().st_mtime_ns) for p in tars}
+
+
+def outputs(run: Path) -> dict[str, bytes]:
+    """The bytes clean writes: both tar sets, both sizes.json; and run.json's record of clean."""
+    files = sorted(p for d in OUTPUTS for p in (run / d).iterdir()) + [run / "sizes.json"]
+    record = json.loads((run / "run.json").read_text())["clean"]
+    return {str(p.relative_to(run)): p.read_bytes() for p in files} | {"clean": json.dumps(record).encode()}
+
+
+def from_scratch(run: Path, tmp_path: Path, capsys) -> dict[str, bytes]:
+    """What clean writes into a copy of `run` that holds no clean outputs and no record of them."""
+    copy = tmp_path / "scratch"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock", *OUTPUTS, "sizes.json"))
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k not in ("clean", "split")}))
+    assert "3 split, 0 already clean" in clean(copy, capsys)
+    return outputs(copy)
+
+
+def summary(split: int, already: int) -> str:
+    return f"(3 shards: {split} split, {already} already clean; threshold"
+
+
+@pytest.fixture
+def grown(request, tmp_path, tiny_decoder_dir, tiny_shards, capsys) -> tuple[Path, Path]:
+    """A run cleaned over two shards, then scored again over an input grown by a third (with the
+    collapse rule the test names, if any)."""
+    data, run, collapse = tmp_path / "data", tmp_path / "run", getattr(request, "param", None)
+    data.mkdir()
+    for name in NAMES[:2]:
+        shutil.copy2(tiny_shards / name, data / name)
+    score(tiny_decoder_dir, data, run, collapse)
+    assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
+    shutil.copy2(tiny_shards / NAMES[2], data / NAMES[2])
+    score(tiny_decoder_dir, data, run, collapse)
+    return data, run
+
+
+def test_clean_of_a_grown_run_splits_the_new_shard_alone_and_writes_a_clean_from_scratchs_bytes(
+    grown, tmp_path, capsys
+):
+    """A scheduled job re-read and rewrote every shard of the dataset at each run."""
+    _, run = grown
+    before = stamps(run)
+    assert summary(1, 2) in clean(run, capsys)
+    after = stamps(run)
+    assert {k: after[k] for k in before} == before  # not rewritten: the same files, untouched
+    assert len(after) == 6
+    assert verify_run(run) == []
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
+    assert summary(0, 3) in clean(run, capsys)  # a finished clean, re-run, rewrites nothing
+    assert stamps(run) == after
+
+
+@pytest.mark.parametrize("grown", [DEFAULT_COLLAPSE_RULE], indirect=True)
+def test_a_grown_run_that_the_collapse_pass_reflagged_is_cleaned_as_from_scratch(grown, tmp_path, capsys):
+    _, run = grown
+    assert "(3 shards: " in clean(run, capsys)
+    assert verify_run(run) == []
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
+
+
+def edit_a_tar(run: Path, data: Path) -> None:
+    """A byte of a clean tar changed in place: same size, another mtime."""
+    tar = run / "clean" / "shard-000001.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[600] ^= 1
+    tar.write_bytes(bytes(raw))
+
+
+def drop_the_record(run: Path, data: Path) -> None:
+    """run.json as a clean of an earlier version left it: a record of clean and none of the split."""
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "split"}))
+
+
+def of_another_version(run: Path, data: Path) -> None:
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "split": {**info["split"], "sanitizer": "0.0.1"}}))
+
+
+@pytest.mark.parametrize(
+    ("change", "split"),
+    [
+        (lambda run, data: (run / "quarantine" / "shard-000000.tar").unlink(), {"shard-000000"}),
+        (lambda run, data: (run / "clean" / "shard-000002.tar").unlink(), {"shard-000002"}),
+        (edit_a_tar, {"shard-000001"}),
+        (lambda run, data: (data / NAMES[1]).touch(), {"shard-000001"}),  # score scores it again
+        (drop_the_record, {"shard-000000", "shard-000001", "shard-000002"}),
+        (of_another_version, {"shard-000000", "shard-000001", "shard-000002"}),
+    ],
+    ids=["deleted-quarantine-tar", "deleted-clean-tar", "edited-tar", "rescored", "old-record", "version"],
+)
+def test_what_changed_since_the_last_clean_is_split_again_and_nothing_else(
+    grown, tmp_path, tiny_decoder_dir, capsys, change, split
+):
+    data, run = grown
+    clean(run, capsys)
+    before = stamps(run)
+    change(run, data)
+    score(tiny_decoder_dir, data, run)  # as a scheduled job runs it before clean: a no-op but a touch
+    assert summary(len(split), 3 - len(split)) in clean(run, capsys)
+    after = stamps(run)
+    assert {k for k in after if after[k] != before.get(k)} == {f"{d}/{s}.tar" for s in split for d in OUTPUTS}
+    assert verify_run(run) == []
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
+
+
+def test_another_threshold_splits_every_shard_and_its_return_too(grown, tmp_path, capsys):
+    _, run = grown
+    clean(run, capsys)
+    assert summary(3, 0) in clean(run, capsys, "--threshold", "value:0.05")
+    assert verify_run(run) == []
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
+    assert summary(0, 3) in clean(run, capsys, "--threshold", "value:0.05")
+    assert summary(3, 0) in clean(run, capsys, "--threshold", "quantile:0.97")
+    assert verify_run(run) == []
+
+
+def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the_rest(
+    grown, tmp_path, capsys, monkeypatch
+):
+    _, run = grown
+    drop_the_record(run, Path())  # three shards to split
+    split_shard, calls = sanitizer.clean.split_shard, []
+
+    def stopped_at_the_third(run_dir, shard):
+        calls.append(shard.stem)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return split_shard(run_dir, shard)
+
+    monkeypatch.setattr(sanitizer.clean, "split_shard", stopped_at_the_third)
+    assert main(["clean", str(run)]) == 143
+    assert "sanitizer: terminated (SIGTERM); run it again to resume" in capsys.readouterr().err
+    assert not list((run / "clean").glob(".*"))  # no temp file left
+    record = json.loads((run / "run.json").read_text())["split"]["shards"]
+    assert sorted(record) == ["shard-000000", "shard-000001"]
+    assert verify_run(run)  # not cleaned yet: run.json has no record of clean
+    calls.clear()
+    assert summary(1, 2) in clean(run, capsys)
+    assert calls == ["shard-000002"]
+    assert verify_run(run) == []
+    monkeypatch.undo()
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
