@@ -181,3 +181,14 @@ def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the
     assert verify_run(run) == []
     monkeypatch.undo()
     assert outputs(run) == from_scratch(run, tmp_path, capsys)
+
+
+def test_a_remote_input_is_split_at_every_clean(flaky, tmp_path, tiny_decoder_dir, tiny_shards, capsys):
+    """A remote shard has no size or mtime to show that it did not change: only reading it again does."""
+    run = tmp_path / "run"
+    score(tiny_decoder_dir, ",".join(f"flaky://{tiny_shards}/{name}" for name in NAMES[:2]), run)
+    assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
+    before = stamps(run)
+    assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
+    assert all(stamps(run)[k] != v for k, v in before.items())
+    assert verify_run(run) == []
