@@ -7,10 +7,9 @@ Inside a Ray job RAY_ADDRESS is set, so the scoring actors run on the cluster's 
 `score` mapping holds `sanitizer score` options (underscores or dashes; paths absolute or URLs);
 `clean` and `report` are true (the default), false, or a mapping of that command's options (`clean:
 {}` runs it with its defaults). The job is resumable: submit it again and finished shards are
-skipped; shards added to `data` since are scored and split (with the old ones whose flags moved), and
-the whole run reported again. The
-last line says how each step ended; the exit code is the worst of theirs (0 done, 1 incomplete, 2 a
-usage error, 130 Ctrl-C, 143 SIGTERM).
+skipped; shards added to `data` since are scored and split (with the old ones whose manifest the re-run
+rewrote), and the whole run reported again. The last line says how each step ended; the exit code is
+the worst of theirs (0 done, 1 incomplete, 2 a usage error, 130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
