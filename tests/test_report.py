@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from fractions import Fraction
@@ -688,3 +689,38 @@ def test_a_report_path_that_is_not_a_directory_is_one_line(labelled_run, tmp_pat
     )
     assert (run / "report").is_symlink() or (run / "report").read_text() == "notes"
     assert not (tmp_path / "nowhere").exists()
+
+
+def table_rows(page: Path, headers: list[str]) -> list[list[str]]:
+    """The body rows of the page's table whose header row starts with `headers`, cell by cell, as the
+    HTML holds them (escaped)."""
+    text = page.read_text(encoding="utf-8")
+    start = text.index("<tr>" + "".join(f"<th>{h}</th>" for h in headers))
+    body = text[text.index("<tbody>", start) : text.index("</tbody>", start)]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for row in body.split("</tr>")[:-1]]
+
+
+def test_what_the_dataset_names_cannot_hide_or_reorder_the_page(tmp_path, tiny_decoder_dir):
+    """Keys and captions are shown as text: markup escaped (it was), and now control characters, line
+    breaks and the right-to-left override as their escapes (they reached the page raw: an escape sequence
+    for whoever cats the file, U+202E showing the text after it reversed), long ones cut with "..."."""
+    keys = ["<script>alert(1)</script>", "line\nbreak", "esc\x1b[2Jx", "rtl\u202etxt", "k" * 300]
+    captions = ['"onerror=alert(2)', "\x1b[31mred\x1b[0m", "a|b\tc", "\u202eevil", "x" * 5000]
+    write_image_shards(tmp_path / "data", synthetic_images(5, 32, seed=3), keys=keys, captions=captions)
+    job = ScoreJob(
+        decoder_dir=tiny_decoder_dir, data=str(tmp_path / "data"), out=tmp_path / "run", workers=0,
+        threshold="value:0", collapse=None,
+    )  # fmt: skip
+    run_score_job(job, progress=False)
+    rows = table_rows(write_report(tmp_path / "run"), ["", "key"])
+    assert sorted((r[1], r[6]) for r in rows) == sorted(
+        [
+            ("&lt;script&gt;alert(1)&lt;/script&gt;", "&quot;onerror=alert(2)"),
+            ("line\\nbreak", "\\x1b[31mred\\x1b[0m"),
+            ("esc\\x1b[2Jx", "a|b\\tc"),
+            ("rtl\\u202etxt", "\\u202eevil"),
+            ("k" * 117 + "...", "x" * 117 + "..."),
+        ]
+    )
+    html = (tmp_path / "run/report/index.html").read_text(encoding="utf-8")
+    assert not {"\x1b", "\u202e", "\t"} & set(html)

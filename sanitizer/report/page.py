@@ -5,6 +5,7 @@ table, in one static file with its CSS inline and every value from the data esca
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,25 @@ class Section:
         return SECTIONS[self.id][1]
 
 
+SHOWN_CHARS = 120  # of a key or a caption in a table: a 3,000-character key would fill the screen
+# Characters that print nothing yet change what is seen: control characters (a newline, an escape
+# sequence), the line and paragraph separators, and the bidirectional controls (U+202E turns
+# `photo_gpj.exe` into `photo_exe.jpg` on screen). Other text, ideographic spaces and emoji included,
+# is shown as it is.
+_UNSEEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
 def esc(value: object) -> str:
-    """Keys, captions and shard names come from scraped data: never let them become markup."""
-    return html.escape(str(value), quote=True)
+    """Keys, captions and shard names come from scraped data: never let them become markup, nor hide
+    or reorder the text around them. The characters in _UNSEEN are shown as their escapes (`\\x1b`)."""
+    shown = _UNSEEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+    return html.escape(shown, quote=True)
+
+
+def cut(text: str | None, limit: int = SHOWN_CHARS) -> str:
+    """The start of a long key or caption, and "..." to say there is more (the manifest has it all)."""
+    text = text or ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _img(name: str, alt: str) -> str:
@@ -260,9 +277,7 @@ def _grid_rows(tag: str, views: Views) -> list[list[object]]:
     rows = []
     for i, p in enumerate(views.picks):
         label = "" if p.label is None else ("poisoned" if p.label else "clean")
-        rows.append(
-            [f"{tag}{i + 1}", p.key, p.stem, p.index, f"{p.score:.4g}", label, (p.caption or "")[:120]]
-        )
+        rows.append([f"{tag}{i + 1}", cut(p.key), p.stem, p.index, f"{p.score:.4g}", label, cut(p.caption)])
     return rows
 
 
@@ -287,7 +302,7 @@ def clusters_section(out: Path, clusters: list[Cluster], total: int, images: dic
         return Section("clusters", note("the collapse pass flagged no sample"))
     plot_clusters(out / "clusters.png", clusters, images)
     rows = [
-        [i + 1, c.size, "" if c.poisoned is None else c.poisoned, ", ".join(p.key for p in c.picks[:3])]
+        [i + 1, c.size, "" if c.poisoned is None else c.poisoned, ", ".join(cut(p.key) for p in c.picks[:3])]
         for i, c in enumerate(clusters)
     ]
     table = _table(["cluster", "samples", "poisoned (truth)", "first keys"], rows, {0, 1, 2})
