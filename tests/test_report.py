@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -139,8 +140,6 @@ def test_report_without_ground_truth_or_decoder(labelled_run, tmp_path):
     info = json.loads((run / "run.json").read_text())
     info["config"]["decoder_dir"] = str(tmp_path / "moved-away")
     (run / "run.json").write_text(json.dumps(info))
-    import pyarrow as pa
-
     for path in (run / "manifest").glob("*.parquet"):
         table = read_manifest(path)
         column = table.schema.get_field_index("label")
@@ -724,3 +723,20 @@ def test_what_the_dataset_names_cannot_hide_or_reorder_the_page(tmp_path, tiny_d
     )
     html = (tmp_path / "run/report/index.html").read_text(encoding="utf-8")
     assert not {"\x1b", "\u202e", "\t"} & set(html)
+
+
+def test_a_collapse_that_is_not_a_number_is_left_out_of_the_plot(labelled_run, tmp_path):
+    """The pass writes null where a row has no collapse; a NaN there (a damaged manifest) stopped the
+    report with a traceback from the plot's axis limits. It is left out, as a null is."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    path = sorted((run / "manifest").glob("*.parquet"))[0]
+    table = read_manifest(path)
+    collapse = table.column("collapse").to_numpy(zero_copy_only=False).copy()
+    collapse[0] = np.nan
+    index = table.schema.get_field_index("collapse")
+    table = table.set_column(index, table.schema.field(index), pa.array(collapse, pa.float32()))
+    write_manifest(path, table)
+    page = write_report(run)
+    assert parse(page).ids == list(SECTIONS)
+    assert (page.parent / "joint.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -283,7 +283,8 @@ def joint_points(run: RunDir, stems: list[str]) -> JointPoints | None:
     parts = []
     for stem in stems:
         table = _read(run, stem, ["score", "collapse", "collapse_threshold", "flag_reason", "label"])
-        rows = np.flatnonzero(pc.is_valid(table.column("collapse")).to_numpy(zero_copy_only=False))
+        collapse = table.column("collapse").to_numpy(zero_copy_only=False)  # null reads as NaN
+        rows = np.flatnonzero(np.isfinite(collapse))  # the pass writes null, never NaN: a NaN is damage
         parts.append(table.take(np.sort(rng.choice(rows, min(share, len(rows)), replace=False))))
     table = pa.concat_tables(parts) if parts else None
     if table is None or not table.num_rows:
