@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import sanitizer.clean
+from sanitizer.atomic import write_json_atomic
 from sanitizer.clean import clean_run
 from sanitizer.cli import main
 from sanitizer.data.decode import find_member
@@ -1557,3 +1558,33 @@ def test_a_cpu_actor_asks_for_no_more_cpus_than_one_node_holds(workers, node_cpu
     from sanitizer.pipeline.job import actor_threads
 
     assert actor_threads(workers, node_cpus) == threads
+
+
+def test_a_shard_killed_between_its_manifest_and_its_stats_that_then_fails_leaves_no_manifest(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
+):
+    """A job killed after a shard's manifest was written and before its stats marker leaves a manifest
+    of a shard not done; when the re-run cannot read that shard (it was replaced, or its store fails),
+    the shard is listed as failed and its old manifest goes: it used to stay, read as rows of the run
+    by `pd.read_parquet(RUN_DIR/manifest)` and a violation for `verify`."""
+    import sanitizer.pipeline.collect as collect_module
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    shard, run = data / "shard-000002.tar", tmp_path / "run"
+
+    def killed(path, obj):
+        if path.name == "shard-000002_stats.json":
+            raise KeyboardInterrupt
+        write_json_atomic(path, obj)
+
+    monkeypatch.setattr(collect_module, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        score(tiny_decoder_dir, data, run, workers=0)
+    monkeypatch.undo()
+    assert (run / "manifest" / "shard-000002.parquet").exists()
+    shard.write_bytes(b"not a tar" * 100)
+    summary = score(tiny_decoder_dir, data, run, workers=0)
+    assert list(summary.failed_shards) == ["shard-000002"]
+    assert not (run / "manifest" / "shard-000002.parquet").exists()
+    assert verify_run(run) == []

@@ -100,6 +100,7 @@ class ShardCollector:
         del self.expected[stem]
         self.received.pop(stem, None)  # a shard that gave no rows has no count
         if stem in self.failed:  # rows read before the failure are dropped: the shard is retried
+            self.run.unmark(stem)  # and a manifest a killed job wrote before its marker goes with them
             return
         rows = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
         table = manifest_table(rows, self.threshold)
