@@ -36,7 +36,14 @@ from sanitizer.errors import SanitizerError, Terminated, UsageError, shortlist
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
-from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch, stage_files
+from sanitizer.pipeline.stages import (
+    ReadScoreStage,
+    ScoreStage,
+    read_shard,
+    read_shards,
+    rebatch,
+    stage_files,
+)
 from sanitizer.progress import progress_bar
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, SPLIT_RECORD, RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
@@ -561,12 +568,6 @@ def decoded_tables(pending: list[ShardRef], image_size: int, readers: int) -> It
             t.join()
 
 
-def _read_shards(batch: pa.Table, image_size: int) -> Iterator[pa.Table]:
-    """Ray CPU task: a batch of shard descriptors -> decoded tables."""
-    for url, stem in zip(batch.column("url").to_pylist(), batch.column("stem").to_pylist(), strict=True):
-        yield from read_shard(url, stem, image_size)
-
-
 def ray_tables(
     pending: list[ShardRef],
     stage_kwargs: dict,
@@ -596,7 +597,7 @@ def ray_tables(
     )
     if device_type == "cuda":
         ds = ds.map_batches(
-            _read_shards,
+            read_shards,
             batch_size=1,
             batch_format="pyarrow",
             fn_kwargs={"image_size": image_size},

@@ -235,10 +235,16 @@ class ReadScoreStage(ScoreStage):
         self.batch_size = batch_size
 
     def __call__(self, shards: pa.Table) -> Iterator[pa.Table]:
-        urls, stems = shards.column("url").to_pylist(), shards.column("stem").to_pylist()
-        for url, stem in zip(urls, stems, strict=True):
-            for table in rebatch(read_shard(url, stem, self.image_size), self.batch_size):
-                yield super().__call__(table)
+        for table in rebatch(read_shards(shards, self.image_size), self.batch_size):
+            yield super().__call__(table)
+
+
+def read_shards(shards: pa.Table, image_size: int) -> Iterator[pa.Table]:
+    """read_shard's tables for each shard a table of shard descriptors (url, stem) names, in order:
+    what a Ray read task or a ReadScoreStage call gets."""
+    urls, stems = shards.column("url").to_pylist(), shards.column("stem").to_pylist()
+    for url, stem in zip(urls, stems, strict=True):
+        yield from read_shard(url, stem, image_size)
 
 
 def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
