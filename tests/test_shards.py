@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fsspec.spec import AbstractFileSystem
 
@@ -41,11 +44,14 @@ def _touch(path: Path) -> Path:
         ("/d/X.TAR", "X"),
         ("/d/a.b.tar", "a.b"),
         ("/d/we ird#name.tar", "we_ird_name"),
-        ("/d/ü.tar", "_"),
-        ("/d/.hidden.tar", "_hidden"),
-        ("/d/..tar", "_"),
-        ("/d/.tar", "_"),
-        ("/d/...x.tar", "___x"),
+        ("/d/ü.tar", "shard"),
+        ("/d/.hidden.tar", "hidden"),
+        ("/d/..tar", "shard"),
+        ("/d/.tar", "shard"),
+        ("/d/...x.tar", "x"),
+        ("/d/_a.tar", "a"),
+        ("/d/-a.tar", "a"),
+        ("/d/数据-0001.tar", "0001"),
         ("s3://bucket/p/s-1.tar?versionId=3", "s-1"),
         ("https://host/a/b/c.tar.gz", "c"),
         ("/d/c.tgz", "c"),
@@ -64,6 +70,15 @@ def test_stem_is_at_most_120_chars_and_file_safe() -> None:
         s = base_stem(url)
         assert s not in (".", "..", "")
         assert "/" not in s and "\\" not in s and not s.startswith(".")
+
+
+def test_pandas_reads_the_manifest_of_every_shard_as_one_table(tmp_path: Path) -> None:
+    """README's audit, `pd.read_parquet(RUN_DIR/manifest)`, skips files named `_*` and `.*`: a shard
+    named `_a.tar`, `.b.tar` or `ü.tar` had a stem so named, and its rows were silently left out."""
+    urls = ["/d/_a.tar", "/d/.b.tar", "/d/ü.tar", "/d/数据-0001.tar", "/d/c.tar"]
+    for i, ref in enumerate(assign_stems(urls)):
+        pq.write_table(pa.table({"shard": [ref.stem], "index": [i]}), tmp_path / f"{ref.stem}.parquet")
+    assert sorted(pd.read_parquet(tmp_path)["index"]) == [0, 1, 2, 3, 4]
 
 
 def test_colliding_stems_all_get_their_own_hash_whatever_the_order() -> None:

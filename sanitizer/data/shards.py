@@ -201,16 +201,18 @@ def _file_name(url: str) -> str:
 
 
 def base_stem(url: str) -> str:
-    """The shard's file name without its tar suffix, restricted to ``[A-Za-z0-9._-]``."""
+    """The shard's file name without its tar suffix, restricted to ``[A-Za-z0-9._-]`` and starting
+    with a letter or digit: pandas, pyarrow and Spark skip files whose names start with ``_`` or ``.``
+    when they read a directory, so ``pd.read_parquet(RUN_DIR/manifest)`` would silently lack the rows
+    of ``_a.tar``, ``.a.tar`` or ``ü-1.tar``. A name with no letter or digit left is ``shard``."""
     name = _file_name(url)
     lower = name.lower()
     for suffix in SHARD_SUFFIXES:
         if lower.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    stem = _UNSAFE.sub("_", name)
-    stem = "_" * (len(stem) - len(stem.lstrip("."))) + stem.lstrip(".")
-    return stem[:MAX_STEM_CHARS] or "_"
+    stem = _UNSAFE.sub("_", name).lstrip("._-")
+    return stem[:MAX_STEM_CHARS] or "shard"
 
 
 def _with_hash(stem: str, url: str, n_hex: int) -> str:
