@@ -218,9 +218,24 @@ def test_an_input_of_the_same_file_name_that_renames_a_scored_shard_is_refused_s
     recorded = {**same, "shards": [{"stem": "a", "url": "/x/a.tar"}]}
     now = {**same, "shards": [{"stem": "a-1", "url": "/x/a.tar"}, {"stem": "a-2", "url": "/y/a.tar"}]}
     assert identity_change(recorded, now) == (
-        "input (another input shares the file name of /x/a.tar: its stem changed)"
+        "input (the stem of /x/a.tar is a-1, the run's is a: another input shares its file name, or "
+        "the run was scored by a version that named stems otherwise)"
     )
     assert identity_change(recorded, {**now, "shards": [*recorded["shards"], now["shards"][1]]}) is None
+
+
+def test_a_run_scored_under_other_stem_rules_is_refused_naming_both_stems():
+    """Stems used to keep a leading `_` (`_a.tar`, `.a.tar`); a re-score of such a run was refused as
+    one whose input gained a shard of the same file name, which it had not."""
+    from sanitizer.pipeline.job import identity_change
+
+    same = {"decoder_sha256": "d", "scoring": {}, "device_type": "cpu", "manifest": "manifest-v3"}
+    recorded = {**same, "shards": [{"stem": "_a", "url": "/x/_a.tar"}]}
+    now = {**same, "shards": [{"stem": "a", "url": "/x/_a.tar"}]}
+    assert identity_change(recorded, now) == (
+        "input (the stem of /x/_a.tar is a, the run's is _a: another input shares its file name, or "
+        "the run was scored by a version that named stems otherwise)"
+    )
 
 
 def test_a_run_whose_input_grew_scores_only_the_new_shards_and_ends_as_a_run_of_all(

@@ -321,11 +321,16 @@ def shards_lost(recorded: object, shards: list[dict]) -> list[dict] | None:
 
 def lost_shards_part(lost: list[dict], shards: list[dict]) -> str:
     """The refusal's words for shards the run lists and the job lacks: those gone from --data by url,
-    or, where every url is still there, the stems that a new input of the same file name changed."""
-    urls = {s["url"] for s in shards}
-    gone = [str(s.get("url")) for s in lost if s.get("url") not in urls]
+    or, where every url is still there, a stem that changed: a new input of the same file name gave
+    it a hash, or the run was scored by a version that named stems otherwise (`_a` is `a` now)."""
+    stems = {s["url"]: s["stem"] for s in shards}
+    gone = [str(s.get("url")) for s in lost if s.get("url") not in stems]
     if not gone:
-        return f"input (another input shares the file name of {lost[0].get('url')}: its stem changed)"
+        url, was = lost[0].get("url"), lost[0].get("stem")
+        return (
+            f"input (the stem of {url} is {stems[url]}, the run's is {was}: another input shares its "
+            f"file name, or the run was scored by a version that named stems otherwise)"
+        )
     return f"input ({len(gone)} of its shards not in --data: {shortlist(gone)})"
 
 
