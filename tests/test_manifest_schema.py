@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -121,3 +122,45 @@ def test_flags_and_reasons_follow_both_tests():
     ]
     cleared = set_flags(with_collapse(table, None, None), 0.5)
     assert cleared.column("flag_reason").to_pylist() == ["score", None, "score", None, None]
+
+
+README = Path(__file__).parents[1] / "README.md"
+README_TYPES = {**TYPES, "float32": pa.float32(), "fixed_size_list<float16>[64]": SKETCH_TYPE}
+
+
+def readme_schema_rows() -> list[tuple[str, pa.DataType, bool]]:
+    """README's manifest table as (column, type, nullable) rows; its `width, height` row is two."""
+    table = README.read_text().split("### Manifest schema", 1)[1].split("\n\n", 2)[1]
+    rows = []
+    for line in table.splitlines()[2:]:
+        names, kind, null, _ = (cell.strip() for cell in line.strip("|").split(" | ", 3))
+        rows += [(name, README_TYPES[kind], null != "never") for name in names.split(", ")]
+    return rows
+
+
+def test_the_readme_schema_table_is_the_code_schema():
+    """Every column in order, with its type and whether it can be null (the table had no nulls
+    column: an auditor could not tell which columns pandas would read as float64 or object)."""
+    assert readme_schema_rows() == [(f.name, f.type, f.nullable) for f in MANIFEST_SCHEMA]
+
+
+def test_the_readme_audit_runs_on_a_run_with_failures_as_it_says(tmp_path, tiny_decoder_dir, monkeypatch):
+    """README's pandas lines, verbatim, on a RUN_DIR of hostile shards: one table of every sample,
+    statuses the schema lists, and the dtypes its note says pandas gives columns with nulls."""
+    from sanitizer.data.hostile import write_hostile_corpus
+
+    write_hostile_corpus(tmp_path / "data")
+    run = tmp_path / "runs" / "today"
+    run_score_job(ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tmp_path / "data"), out=run, workers=0))
+    audit = README.read_text().split("Audit the manifest with pandas:\n\n```python\n", 1)[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(audit, "README.md", "exec"), names)  # noqa: S102 - the README's own example
+    m = names["m"]
+    assert len(m) == json.loads((run / "run.json").read_text())["totals"]["samples"]
+    statuses = json.loads(SCHEMA_FILE.read_text())["columns"][3]["description"]
+    assert {"ok", "not_an_image", "truncated_shard"} <= set(m.status)
+    assert all(s in statuses for s in set(m.status))
+    assert (m.width.dtype, m.label.dtype, m.score.dtype) == (np.float64, object, np.float32)
+    nullable = pd.read_parquet(run / "manifest", dtype_backend="numpy_nullable")
+    assert [str(nullable[c].dtype) for c in ("width", "label", "score")] == ["Int32", "boolean", "Float32"]
