@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import re
+import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -47,9 +48,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 OPTION = re.compile(r"(-{1,2}[a-z][a-z-]*)((?: [A-Z][A-Z_]*| [a-z0-9]+(?:\|[a-z0-9]+)+)*)")
 
 
+def readme_cli_text() -> str:
+    return README.read_text().split("## CLI\n\n```\n", 1)[1].split("```", 1)[0]
+
+
 def readme_cli_block() -> dict[str, str]:
     """The README's CLI block as {command: its synopsis}; "" holds the options before the command."""
-    block = README.read_text().split("## CLI\n\n```\n", 1)[1].split("```", 1)[0]
+    block = readme_cli_text()
     synopses: dict[str, str] = {}
     command = None
     for line in block.splitlines():
@@ -91,6 +96,35 @@ def test_the_readme_cli_block_is_what_help_shows(command):
         flag = next((f for f in action.option_strings if f in documented), action.option_strings[-1])
         shown[flag] = metavar(action)
     assert shown == documented
+
+
+def example_commands() -> list[list[str]]:
+    """Every whole `sanitizer` and `bench/detection.py` command in the fenced code blocks of the README
+    and examples/*.md, continuation lines joined and comments left out (the CLI block's synopses are
+    tested above)."""
+    docs = [README, *sorted((README.parent / "examples").glob("*.md"))]
+    commands = []
+    blocks = [b for doc in docs for b in re.findall(r"```\w*\n(.*?)```", doc.read_text(), re.S)]
+    for block in (b for b in blocks if b != readme_cli_text()):
+        for line in block.replace("\\\n", " ").splitlines():
+            if not re.match(r"\s*(\S*python \S*bench/detection\.py|sanitizer) ", line):
+                continue  # python code or prose
+            words = shlex.split(line, comments=True)
+            commands.append(words[next(i for i, w in enumerate(words) if "python" not in w) :])
+    return commands
+
+
+def test_every_example_command_in_the_docs_parses():
+    """A newcomer copies them as written: each must be accepted by the parser it is for."""
+    from bench.detection import parse_args as detection_args
+
+    commands = example_commands()
+    assert {c[0] for c in commands} == {"sanitizer", "bench/detection.py"} and len(commands) >= 8, commands
+    for program, *argv in commands:
+        try:
+            build_parser().parse_args(argv) if program == "sanitizer" else detection_args(argv)
+        except SystemExit:
+            pytest.fail(f"{program} {shlex.join(argv)}: refused by its parser")
 
 
 @pytest.mark.parametrize("command", ["train", "score", "clean", "report", "verify", "demo"])
