@@ -6,8 +6,9 @@
 The manifest is plain Parquet (one file per shard, schema in schemas/manifest-v3.json), so any tool
 reads it; here pandas reads only the columns it needs. `--reclean RULE` re-flags with a new threshold
 and rewrites clean/ and quarantine/ without scoring anything again (the same as `sanitizer clean
-RUN_DIR --threshold RULE`, exit 1 too where a shard was not scored). A run whose every shard failed
-has no manifest: it lists the failed shards and exits 1.
+RUN_DIR --threshold RULE`). Shards that failed or have not finished, which have no rows, are listed
+from run.json, and the exit code is then 1, as `sanitizer score` and `clean` end there; a run whose
+every shard failed has no manifest, and that list is all it prints.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ COLUMNS = [
     "key", "shard", "index", "status", "error", "score", "flagged", "flag_reason", "threshold", "caption",
     "label",
 ]  # fmt: skip
+FAILED = "{failed} of {shards} failed (run.json failed_shards)"  # the head of the list of shards not scored
 
 
 def load_manifest(run_dir: Path) -> pd.DataFrame | None:
@@ -39,16 +41,24 @@ def load_manifest(run_dir: Path) -> pd.DataFrame | None:
     return pd.concat([pd.read_parquet(p, columns=COLUMNS) for p in parts], ignore_index=True)
 
 
+def unscored(run_dir: Path, head: str) -> list[str]:
+    """The shards the manifest lacks, from run.json: `head` (filled with the counts), each failed
+    shard and why, and whether others have not finished; [] where every shard was scored."""
+    run, info, shards = open_run(run_dir)  # a SanitizerError where there is no run at all
+    failed, done = info.get("failed_shards") or [], len(run.done(shards))
+    if not failed and done == len(shards):
+        return []
+    lines = [head.format(failed=len(failed), shards=len(shards))]
+    lines += [f"  {f['stem']}: {f['error']}" for f in failed[:20]]
+    if done + len(failed) < len(shards):
+        lines.append("the others have not finished: run `sanitizer score` again")
+    return lines
+
+
 def no_manifest(run_dir: Path) -> str:
     """Why a run has no manifest: a run whose every shard failed holds run.json alone (README, "Output
     layout"); then the failed shards are what there is to look at."""
-    _, info, shards = open_run(run_dir)  # a SanitizerError where there is no run at all
-    failed = info.get("failed_shards") or []
-    lines = [f"no shard was scored: {len(failed)} of {len(shards)} failed (run.json failed_shards)"]
-    lines += [f"  {f['stem']}: {f['error']}" for f in failed[:20]]
-    if len(failed) < len(shards):
-        lines.append("the others have not finished: run `sanitizer score` again")
-    return "\n".join(lines)
+    return "\n".join(unscored(run_dir, "no shard was scored: " + FAILED))
 
 
 def top_flagged_per_shard(df: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -110,6 +120,9 @@ def audit(args: argparse.Namespace) -> int:
         print(no_manifest(args.run_dir))
         return 1
     print(f"{len(df)} samples; status counts:\n{df['status'].value_counts().to_string()}\n")
+    missing = unscored(args.run_dir, FAILED + ", and have no rows:")
+    if missing:  # their samples are in no row above, nor in clean/ or quarantine/
+        print("\n".join(missing) + "\n")
     print(f"flagged: {int(df['flagged'].sum())} ({df['flagged'].mean():.2%} of all rows); by reason:")
     print(df["flag_reason"].value_counts().to_string(), "\n")
     print(f"verdict: {encoder_verdict(args.run_dir)['text']}\n")
@@ -137,8 +150,8 @@ def audit(args: argparse.Namespace) -> int:
         )
         for line in summary.skipped_lines():  # as `sanitizer clean` says it, and with its exit code
             print(line)
-        return 1 if summary.skipped_shards else 0
-    return 0
+        return 1 if summary.skipped_shards or missing else 0
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":

@@ -1289,15 +1289,35 @@ def test_the_audit_example_names_the_failed_shards_of_a_run_with_no_manifest(
     ]
 
 
+def score_a_run_with_a_failed_shard(tmp_path: Path, decoder_dir: Path, shards: Path) -> None:
+    """tmp_path/run scored from one good shard and one that is not a tar."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(shards / "shard-000000.tar", tmp_path / "data")
+    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
+    assert main([*score_argv(decoder_dir, tmp_path / "data", tmp_path / "run"), "--workers", "0"]) == 1
+
+
+def test_the_audit_example_names_the_failed_shards_beside_the_manifest_and_exits_1(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """A shard that failed has no rows: the audit said nothing of it and exited 0, so an auditor saw
+    a complete run where part of the data was never looked at."""
+    score_a_run_with_a_failed_shard(tmp_path, tiny_decoder_dir, tiny_shards)
+    capsys.readouterr()
+    assert audit_example().main([str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out.split("\n\n")
+    assert out[1].splitlines() == [
+        "1 of 2 failed (run.json failed_shards), and have no rows:",
+        "  broken: not a readable tar file: ReadError: invalid header",
+    ]
+
+
 def test_the_audit_examples_reclean_names_skipped_shards_and_exits_1(
     tmp_path, tiny_decoder_dir, tiny_shards, capsys
 ):
     """--reclean is `sanitizer clean --threshold`: a failed shard is named as skipped, exit 1 (it said
     nothing and exited 0)."""
-    (tmp_path / "data").mkdir()
-    shutil.copy(tiny_shards / "shard-000000.tar", tmp_path / "data")
-    (tmp_path / "data" / "broken.tar").write_bytes(b"not a tar at all" * 64)
-    assert main([*score_argv(tiny_decoder_dir, tmp_path / "data", tmp_path / "run"), "--workers", "0"]) == 1
+    score_a_run_with_a_failed_shard(tmp_path, tiny_decoder_dir, tiny_shards)
     capsys.readouterr()
     assert audit_example().main([str(tmp_path / "run"), "--reclean", "value:0.5"]) == 1
     out = capsys.readouterr().out.splitlines()
