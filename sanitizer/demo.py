@@ -327,7 +327,11 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
             plan.decoder_model,
             str(implant.weights.resolve()),
         )
-    stages.note(f"{meta['training']['epochs']} epochs in {meta['training']['seconds']} s: {decoder_dir}")
+    training = meta["training"]
+    stages.note(
+        f"{training['epochs']} epochs on {training['n_train']} images in {training['seconds']} s, "
+        f"{meta['calibration']['n']} held out to calibrate the threshold: {decoder_dir}"
+    )
 
     stages.start("defender: scoring the dataset with the Ray pipeline")
     run_dir = out / "run"

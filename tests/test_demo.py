@@ -21,6 +21,10 @@ def test_quick_demo_runs_end_to_end(tmp_path, ray_session, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"detection AUC \(ground truth in the shards\): [01]\.\d{3}", printed), printed[-2000:]
     assert "[7/7] defender: writing the audit report" in printed
+    # it said "10 epochs in N s" after "training ... on 1000 clean images": 950 trained, 50 held out
+    assert re.search(
+        r"\n      10 epochs on 950 images in [\d.]+ s, 50 held out to calibrate the threshold:", printed
+    )
     run = out / "run"
     assert (run / "report" / "index.html").is_file()
     info = json.loads((run / "run.json").read_text())
