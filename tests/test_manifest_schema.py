@@ -162,5 +162,6 @@ def test_the_readme_audit_runs_on_a_run_with_failures_as_it_says(tmp_path, tiny_
     assert {"ok", "not_an_image", "truncated_shard"} <= set(m.status)
     assert all(s in statuses for s in set(m.status))
     assert (m.width.dtype, m.label.dtype, m.score.dtype) == (np.float64, object, np.float32)
+    assert set(m.shard) <= set(names["shards"].stem) and len(names["run"]["failed_shards"]) == 2
     nullable = pd.read_parquet(run / "manifest", dtype_backend="numpy_nullable")
     assert [str(nullable[c].dtype) for c in ("width", "label", "score")] == ["Int32", "boolean", "Float32"]
