@@ -127,6 +127,17 @@ def test_every_example_command_in_the_docs_parses():
             pytest.fail(f"{program} {shlex.join(argv)}: refused by its parser")
 
 
+def test_the_job_config_in_the_ray_example_is_one_the_job_runs():
+    """examples/submit_ray_job.md's YAML is copied to make a config: steps() refuses one it cannot run."""
+    import yaml
+
+    from jobs.score_job import steps
+
+    text = (README.parent / "examples" / "submit_ray_job.md").read_text()
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    assert [argv[0] for argv in steps(config)] == ["score", "clean", "report"]
+
+
 @pytest.mark.parametrize("command", ["train", "score", "clean", "report", "verify", "demo"])
 def test_help_states_every_default(command):
     """An option that has a default says it in --help as `(default X)`, as the README's prose does."""
