@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from sanitizer.clean import clean_run
+from sanitizer.cli import reader_went_away
 from sanitizer.errors import SanitizerError
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import open_run
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except SanitizerError as e:
         print(f"audit_manifest: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `audit_manifest.py RUN | head`: as `sanitizer` ends there
+        return reader_went_away()
 
 
 def audit(args: argparse.Namespace) -> int:

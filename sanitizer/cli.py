@@ -444,8 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sanitizer: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `sanitizer verify RUN | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return EXIT_BROKEN_PIPE
+        return reader_went_away()
     except OSError as e:  # a full disk, a vanished directory: one line naming the path, no traceback
         where = f": {e.filename}" if e.filename else ""
         print(f"sanitizer: error: {e.strerror or e}{where}", file=sys.stderr)
@@ -459,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def reader_went_away() -> int:
+    """The exit code of a command whose reader closed its output (`| head`), silently: stdout goes to
+    /dev/null, so that flushing it at exit raises nothing more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import replace
@@ -1237,6 +1238,16 @@ def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_pa
     assert "what other score thresholds would flag" in capsys.readouterr().out
     assert audit.main([str(run), "--reclean", "bad"]) == 2
     assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")
+
+
+def test_the_audit_example_into_a_closed_pipe_ends_silently_as_sanitizer_does(local_run, monkeypatch):
+    """`audit_manifest.py RUN | head`: once head had its lines, the next print raised BrokenPipeError
+    and Python printed a traceback; it now ends as `sanitizer verify RUN | head` does, exit 141."""
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w", buffering=1) as closed:  # line-buffered: the first line meets the closed pipe
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert audit_example().main([str(local_run[0])]) == 141
 
 
 def test_the_audit_example_on_a_damaged_run_is_one_line(tmp_path, local_run, capsys):
