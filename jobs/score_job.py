@@ -9,7 +9,8 @@ Inside a Ray job RAY_ADDRESS is set, so the scoring actors run on the cluster's 
 {}` runs it with its defaults). The job is resumable: submit it again and finished shards are
 skipped; shards added to `data` since are scored and split (with the old ones whose manifest the re-run
 rewrote), and the whole run reported again. The last line says how each step ended; the exit code is
-the worst of theirs (0 done, 1 incomplete, 2 a usage error, 130 Ctrl-C, 143 SIGTERM).
+the worst of theirs (0 done, 1 incomplete, 2 a usage error, 75 busy: another job holds RUN_DIR, skip
+this run, 130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from sanitizer.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser
+from sanitizer.cli import EXIT_BUSY, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser
 from sanitizer.cli import main as sanitizer
 from sanitizer.data.shards import split_top_level
 
@@ -134,10 +135,16 @@ def run(config: object) -> int:
         if codes[-1] not in (EXIT_OK, EXIT_INCOMPLETE):
             break
     code = max(codes)
-    ended = [f"{argv[0]} exit {c}" for argv, c in zip(argvs, codes, strict=False)]
+    ended = [f"{argv[0]} {ending(c)}" for argv, c in zip(argvs, codes, strict=False)]
     ended += [f"{argv[0]} not run" for argv in argvs[len(codes) :]]
     print(f"score_job: {', '.join(ended)}; exit {code}", flush=True)
     return code
+
+
+def ending(code: int) -> str:
+    """How a step ended, for the last line: `busy` (another job holds RUN_DIR; the scheduler's next
+    tick will do it) rather than a number to look up."""
+    return "busy" if code == EXIT_BUSY else f"exit {code}"
 
 
 def main(argv: list[str] | None = None) -> int:

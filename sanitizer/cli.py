@@ -1,7 +1,8 @@
 """The `sanitizer` command: train a decoder, score shards, clean them, report, verify, demo.
 
 A user's mistake (bad flag, missing file, wrong encoder) ends with one line on stderr and exit code 2;
-a run that finished but could not process everything (a shard that is not a tar) exits with 1.
+a run that finished but could not process everything (a shard that is not a tar) exits with 1; a
+directory another job holds, with 75 (try again later).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from sanitizer import __version__
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
-from sanitizer.errors import ReadFailed, SanitizerError, Terminated
+from sanitizer.errors import Busy, ReadFailed, SanitizerError, Terminated
 from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -39,6 +40,7 @@ SCORE_SETTINGS = (
 )
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: another job holds the directory; a scheduler skips this tick
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15  # Ctrl-C; SIGTERM, as schedulers stop a job
 
@@ -421,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_code(e: SanitizerError) -> int:
+    """What a scheduler needs to tell apart: a read that failed (1: no mistake of the user's, running
+    it again may succeed), a directory another job holds (75: it is still running, skip this tick),
+    and the user's mistake (2: it will fail the same way until fixed)."""
+    if isinstance(e, ReadFailed):
+        return EXIT_INCOMPLETE
+    return EXIT_BUSY if isinstance(e, Busy) else EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     untext = [a for a in (sys.argv[1:] if argv is None else argv) if not is_text(a)]
@@ -437,12 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return args.func(args)
-    except ReadFailed as e:  # no mistake of the user's: the command may succeed when run again
-        print(f"sanitizer: error: {e}", file=sys.stderr)
-        return EXIT_INCOMPLETE
     except SanitizerError as e:
         print(f"sanitizer: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return error_code(e)
     except BrokenPipeError:  # `sanitizer verify RUN | head`: the reader has what it wanted
         return reader_went_away()
     except OSError as e:  # a full disk, a vanished directory: one line naming the path, no traceback

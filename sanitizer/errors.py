@@ -30,6 +30,11 @@ class TrainingError(SanitizerError):
     """Training went wrong in a way its settings explain (a loss that is no longer a number)."""
 
 
+class Busy(SanitizerError):
+    """Another job holds the directory's lock: no mistake, and nothing wrong with the job, so the CLI
+    exits 75 (sysexits' EX_TEMPFAIL), which a scheduler can tell from a broken job and retry later."""
+
+
 class ReadFailed(SanitizerError):
     """An input that could be read before failed to read now (a reset connection, EIO): no mistake of
     the user's, so the CLI exits 1, as for a full disk, and running the command again may succeed."""

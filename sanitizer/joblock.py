@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sanitizer.atomic import is_temp_of
-from sanitizer.errors import UsageError, shortlist
+from sanitizer.errors import Busy, UsageError, shortlist
 
 LOCK = ".lock"  # "PID on HOST" of the last job that held the lock (before, the pid alone)
 
@@ -97,11 +97,11 @@ def refuse_busy(root: Path) -> None:
         os.close(fd)
 
 
-def in_use(root: Path, fd: int) -> UsageError:
+def in_use(root: Path, fd: int) -> Busy:
     """The refusal of a directory a job holds, naming the pid and host the job wrote into the lock
     file: on a filesystem that several hosts share, a pid alone does not say which process it is."""
     holder = os.pread(fd, 320, 0).decode(errors="replace").strip() or "unknown"
-    return UsageError(f"another sanitizer job (pid {holder}) is using {root}")
+    return Busy(f"another sanitizer job (pid {holder}) is using {root}")
 
 
 def recorded_pid(root: Path) -> int | None:

@@ -15,7 +15,7 @@ import pytest
 
 from sanitizer import cli
 from sanitizer.cli import build_parser, main
-from sanitizer.errors import Terminated, UsageError
+from sanitizer.errors import Busy, ReadFailed, Terminated, UsageError
 
 
 def exits(argv: list[str]) -> int:
@@ -188,6 +188,12 @@ def ends(outcome: object):
         (0, 0, ""),  # done
         (1, 1, ""),  # finished but incomplete: a shard that is not a tar, a verify violation
         (UsageError("bad setting"), 2, "sanitizer: error: bad setting\n"),
+        (  # another job holds the directory: a scheduler skips this tick rather than page someone
+            Busy("another sanitizer job (pid 7 on h) is using /r"),
+            75,
+            "sanitizer: error: another sanitizer job (pid 7 on h) is using /r\n",
+        ),
+        (ReadFailed("read failed after 5 bytes"), 1, "sanitizer: error: read failed after 5 bytes\n"),
         (
             OSError(errno.ENOSPC, "No space left on device", "/r/manifest/a.parquet"),
             1,

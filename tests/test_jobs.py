@@ -1,9 +1,13 @@
+import os
+import socket
+
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from jobs import score_job
 from jobs.score_job import ConfigError, main, options, step_options, steps
+from sanitizer.rundir import RunDir
 
 
 def test_options_become_cli_flags():
@@ -53,6 +57,35 @@ def test_a_step_that_fails_ends_the_job_and_its_last_line_says_which(tmp_path, t
     )
 
 
+def test_a_run_dir_another_job_holds_ends_the_job_busy_with_75(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """It exited 2, as a broken config does: an hourly scheduler could not tell "the last run is still
+    going, skip this tick" from "the job is broken". Busy is 75 (EX_TEMPFAIL), named on the last line."""
+    out = tmp_path / "run"
+    config = {
+        "score": {"decoder": str(tiny_decoder_dir), "data": str(tiny_shards), "out": str(out), "workers": 0}
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    with RunDir(out).lock():  # as a score still running holds it
+        assert main(["--config", str(tmp_path / "job.yaml")]) == 75
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    out_text, err = capsys.readouterr()
+    assert out_text.splitlines()[-1] == "score_job: score busy, clean not run, report not run; exit 75"
+    holder = f"{os.getpid()} on {socket.gethostname()}"
+    assert err.splitlines()[-1] == f"sanitizer: error: another sanitizer job (pid {holder}) is using {out}"
+
+
+@pytest.mark.parametrize(("codes", "last"), [((0, 75), "score exit 0, clean busy, report not run; exit 75")])
+def test_a_later_step_that_finds_the_run_busy_ends_the_job_with_75(monkeypatch, capsys, codes, last):
+    """Another job took RUN_DIR between this job's score and its clean: it finishes the run, so this
+    one stops there, busy, rather than as a broken job."""
+    ends = iter(codes)
+    monkeypatch.setattr(score_job, "sanitizer", lambda argv: next(ends))
+    assert score_job.run({"score": {"out": "/r", "decoder": "/d", "data": "/x.tar"}}) == 75
+    assert capsys.readouterr().out == f"score_job: {last}\n"
+
+
 def test_help_describes_the_config():
     import contextlib
     import io
@@ -62,7 +95,10 @@ def test_help_describes_the_config():
         main(["--help"])
     assert out.getvalue().startswith("usage: python -m jobs.score_job [-h] --config CONFIG")
     assert "`clean` and `report` are" in out.getvalue()
-    assert "(0 done, 1 incomplete, 2 a\nusage error, 130 Ctrl-C, 143 SIGTERM)" in out.getvalue()
+    assert (
+        "(0 done, 1 incomplete, 2 a\nusage error, 75 busy: another job holds RUN_DIR, skip this run, "
+        "130 Ctrl-C, 143 SIGTERM)" in out.getvalue()
+    )
 
 
 @pytest.mark.parametrize("code", [130, 143])

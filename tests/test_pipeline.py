@@ -22,7 +22,7 @@ from sanitizer.data.decode import find_member
 from sanitizer.data.shards import changed_since
 from sanitizer.data.synth import encode_image, synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples, write_shards
-from sanitizer.errors import UsageError
+from sanitizer.errors import Busy, UsageError
 from sanitizer.manifest import MANIFEST_SCHEMA
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import encoder_verdict
@@ -189,7 +189,7 @@ def test_a_run_resumes_with_its_shards_listed_in_another_order(
 def test_second_job_on_the_same_run_dir_is_refused(tmp_path, tiny_decoder_dir, tiny_shards):
     with (
         RunDir(tmp_path / "busy").lock(),
-        pytest.raises(UsageError, match="another sanitizer job .* is using"),
+        pytest.raises(Busy, match="another sanitizer job .* is using"),
     ):
         score(tiny_decoder_dir, tiny_shards, tmp_path / "busy", workers=0)
 

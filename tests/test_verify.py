@@ -335,23 +335,28 @@ def test_a_manifest_of_another_schema_says_how_it_differs(run_copy, change, why)
     assert f"shard {path.stem}: manifest/{path.name} is not manifest-v3: {why}" in verify_run(run_copy)
 
 
-def test_a_run_a_job_is_using_is_refused(run_copy, capsys):
+@pytest.mark.parametrize("command", ["verify", "clean", "report"])
+def test_a_run_a_job_is_using_is_refused_busy(run_copy, capsys, command):
     """verify read a run while a job held its lock (a `score` still writing it): its half-written
-    files showed as violations, or a run about to change passed. It is refused as a second job is.
-    The lock file holds a pid alone, as versions before the host was recorded wrote it."""
+    files showed as violations, or a run about to change passed. It is refused as a second job is,
+    as clean and report are, with 75 (busy: try again later), not 2 (a usage error): a scheduler
+    tells "still running" from "broken". The lock file holds a pid alone, as versions before the
+    host was recorded wrote it."""
     import fcntl
     import os
 
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
     fd = os.open(run_copy / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"4242", 0)
-        assert main(["verify", str(run_copy)]) == 2
-        err = capsys.readouterr().err
-        assert err == f"sanitizer: error: another sanitizer job (pid 4242) is using {run_copy}\n"
+        assert main([command, str(run_copy)]) == 75
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", f"sanitizer: error: another sanitizer job (pid 4242) is using {run_copy}\n")
     finally:
         os.close(fd)
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert main(["verify", str(run_copy)]) == 0
 
 
