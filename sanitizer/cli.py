@@ -163,9 +163,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from sanitizer.device import resolve_device
     from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
+    from sanitizer.joblock import refuse_busy
     from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
 
+    refuse_busy(args.out)  # before the encoder loads (minutes, GPU memory the running train uses)
     score_settings = ScoreSettings(**{f.name: getattr(args, f.name) for f in fields(ScoreSettings)})
     settings = TrainSettings(
         epochs=args.epochs,

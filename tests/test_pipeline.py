@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tarfile
 from collections import Counter
@@ -23,6 +24,7 @@ from sanitizer.data.shards import changed_since
 from sanitizer.data.synth import encode_image, synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples, write_shards
 from sanitizer.errors import Busy, UsageError
+from sanitizer.joblock import job_lock
 from sanitizer.manifest import MANIFEST_SCHEMA
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import encoder_verdict
@@ -192,6 +194,33 @@ def test_second_job_on_the_same_run_dir_is_refused(tmp_path, tiny_decoder_dir, t
         pytest.raises(Busy, match="another sanitizer job .* is using"),
     ):
         score(tiny_decoder_dir, tiny_shards, tmp_path / "busy", workers=0)
+
+
+def never_loaded(*args, **kwargs):
+    raise AssertionError("the encoder was loaded")
+
+
+@pytest.mark.parametrize("held", ["run", "decoder"])
+def test_a_busy_run_dir_or_decoder_dir_is_refused_before_the_encoder_loads(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch, held
+):
+    """A RUN_DIR held by the last scheduled run was refused only after the encoder had loaded (seconds
+    to minutes, and memory on the GPU that run uses). A DECODER_DIR a `train` holds, with no
+    decoder.json yet, was "not a decoder directory ...; run `sanitizer train`", exit 2, while that
+    train ran: busy, as a scheduler should retry it."""
+    import sanitizer.pipeline.job as job_module
+
+    monkeypatch.setattr(job_module, "load_stage", never_loaded)
+    decoder = tiny_decoder_dir if held == "run" else tmp_path / "training"
+    busy = tmp_path / "run" if held == "run" else decoder
+    with job_lock(busy, "--out"), pytest.raises(Busy) as refused:
+        score(decoder, tiny_shards, tmp_path / "run", workers=0)
+    assert (
+        str(refused.value)
+        == f"another sanitizer job (pid {os.getpid()} on {socket.gethostname()}) is using {busy}"
+    )
+    if held == "decoder":
+        assert not (tmp_path / "run").exists()  # RUN_DIR not made for a job that could not run
 
 
 def test_run_dir_of_another_input_is_refused_naming_the_shards_it_lacks(

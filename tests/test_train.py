@@ -409,6 +409,22 @@ def test_a_second_train_in_a_decoder_dir_in_use_is_refused_and_touches_nothing(t
     assert code == 0, err
 
 
+def test_a_busy_decoder_dir_is_refused_before_the_encoder_loads(tmp_path, tiny_shards, capsys, monkeypatch):
+    """The refusal came after the encoder loaded: 44 s beside a running train on 2 CPUs, and on a GPU
+    memory the running train uses, for a job that could only be refused."""
+    import sanitizer.encoders
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(sanitizer.encoders, "load_encoder", loaded)
+    out = tmp_path / "dec"
+    with job_lock(out, "--out"):
+        code, _, err = run_cli(capsys, *BASE, "--data", str(tiny_shards), "--out", str(out), *TINY_ARGS)
+    holder = f"{os.getpid()} on {socket.gethostname()}"
+    assert (code, err) == (75, f"sanitizer: error: another sanitizer job (pid {holder}) is using {out}\n")
+
+
 def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it_finished_left(
     tmp_path, tiny_decoder_dir, tiny_shards, capsys
 ):

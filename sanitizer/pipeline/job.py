@@ -33,6 +33,7 @@ from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
 from sanitizer.errors import SanitizerError, Terminated, UsageError, shortlist
+from sanitizer.joblock import refuse_busy
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
@@ -236,8 +237,18 @@ def plan_job(job: ScoreJob) -> JobPlan:
     )  # fmt: skip
 
 
+def refuse_busy_dirs(job: ScoreJob) -> None:
+    """A RUN_DIR another job holds (the last scheduled run still going), or a DECODER_DIR a `train`
+    holds (no decoder.json yet: not "run `sanitizer train`"), is refused before the encoder loads,
+    which takes seconds to minutes and memory on the GPU the running job uses. RUN_DIR's lock, taken
+    later, still decides between two jobs started at once."""
+    refuse_busy(Path(job.decoder_dir))
+    RunDir(Path(job.out)).refuse_busy()
+
+
 def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     started = time.time()
+    refuse_busy_dirs(job)
     plan = plan_job(job)
     # The encoder, its weights and the decoder load before RUN_DIR is touched, even with nothing
     # pending: a mistyped path on a finished run must leave it as it was. With Ray actors scoring,
