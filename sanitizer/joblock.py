@@ -97,11 +97,45 @@ def refuse_busy(root: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def no_job_meanwhile(root: Path, reader: str) -> Iterator[None]:
+    """For a reader that holds no lock (`verify`: holding one would refuse the next job naming a stale
+    pid): refused if a job holds `root` as it starts, and as it ends if a job took the lock since, as a
+    scheduled `score` or `clean` does during an hours-long verify: what it read may mix that job's files
+    from before and after, and would show as violations of a run that has none."""
+    before = _stamp(root)  # before the check: a job that locks it between the two is seen at the end
+    refuse_busy(root)
+    yield
+    refuse_busy(root)
+    after = _stamp(root)
+    if after != before:
+        holder = _holder(after[2] if after else b"")
+        raise Busy(
+            f"another sanitizer job (pid {holder}) used {root} while {reader} read it; run {reader} again"
+        )
+
+
+def _stamp(root: Path) -> tuple[int, int, bytes] | None:
+    """The lock file as the last job that took the lock left it: it writes its pid and host anew."""
+    try:
+        with open(root / LOCK, "rb") as f:
+            st = os.fstat(f.fileno())
+            return st.st_ino, st.st_mtime_ns, f.read(HOLDER_BYTES)
+    except OSError:
+        return None
+
+
+HOLDER_BYTES = 320  # "PID on HOST": a host name is at most 253 characters
+
+
+def _holder(text: bytes) -> str:
+    return text.decode(errors="replace").strip() or "unknown"
+
+
 def in_use(root: Path, fd: int) -> Busy:
     """The refusal of a directory a job holds, naming the pid and host the job wrote into the lock
     file: on a filesystem that several hosts share, a pid alone does not say which process it is."""
-    holder = os.pread(fd, 320, 0).decode(errors="replace").strip() or "unknown"
-    return Busy(f"another sanitizer job (pid {holder}) is using {root}")
+    return Busy(f"another sanitizer job (pid {_holder(os.pread(fd, HOLDER_BYTES, 0))}) is using {root}")
 
 
 def recorded_pid(root: Path) -> int | None:

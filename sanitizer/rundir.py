@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from sanitizer.atomic import remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import STAMP_FORM, ShardRef, file_stamps, is_file_stamp, stamp_differs
 from sanitizer.errors import UsageError
-from sanitizer.joblock import job_lock, refuse_busy, refuse_foreign
+from sanitizer.joblock import job_lock, no_job_meanwhile, refuse_busy, refuse_foreign
 from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
 from sanitizer.records import RecordError, check_fields, lookup, read_object
 from sanitizer.thresholds import parse_rule
@@ -158,6 +158,10 @@ class RunDir:
     def refuse_busy(self) -> None:
         """Refuse a RUN_DIR a job holds now, for a reader whose checks a job still writing would fail."""
         refuse_busy(self.root)
+
+    def no_job_meanwhile(self, reader: str) -> contextlib.AbstractContextManager[None]:
+        """Refused if a job holds RUN_DIR as `reader` starts, or took it before `reader` ended."""
+        return no_job_meanwhile(self.root, reader)
 
 
 # A stem names files under RUN_DIR: one that could name anything else is never followed.

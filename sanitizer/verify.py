@@ -527,10 +527,14 @@ def verify_run(run_dir: Path) -> list[str]:
     """Every violation of the run's invariants, one human-readable line each; [] when all hold. A
     path that holds no run at all is a usage error, as for clean and report."""
     run = RunDir(Path(run_dir))
-    report = _Report()
     if not run.is_run():
         raise not_a_run(run_dir)
-    run.refuse_busy()  # a job still writing it would show as violations
+    with run.no_job_meanwhile("verify"):  # a job writing it would show as violations
+        return _verify(run)
+
+
+def _verify(run: RunDir) -> list[str]:
+    report = _Report()
     info, problem = _read_json(run.run_json)
     if not isinstance(info, dict):
         return [f"run.json is {problem or 'not a JSON object'}: {run.root} is not a finished run"]

@@ -360,6 +360,34 @@ def test_a_run_a_job_is_using_is_refused_busy(run_copy, capsys, command):
     assert main(["verify", str(run_copy)]) == 0
 
 
+def test_a_job_that_used_the_run_while_verify_read_it_makes_verify_busy(run_copy, capsys, monkeypatch):
+    """verify checked the lock as it started only: a scheduled `clean` (or `score`) that ran while an
+    hours-long verify read the shards again changed the files under it, and verify printed violations
+    of a run that had none, exit 1. It now ends busy, 75, naming that job, with nothing printed."""
+    import os
+    import socket
+
+    import sanitizer.verify
+
+    check_shards = sanitizer.verify._check_shards
+
+    def a_clean_meanwhile(run, *args):
+        clean_run(run.root, "quantile:0.5")  # another threshold: other flags, clean/ and run.json
+        return check_shards(run, *args)
+
+    monkeypatch.setattr(sanitizer.verify, "_check_shards", a_clean_meanwhile)
+    assert main(["verify", str(run_copy)]) == 75
+    out, err = capsys.readouterr()
+    holder = f"{os.getpid()} on {socket.gethostname()}"
+    assert (out, err) == (
+        "",
+        f"sanitizer: error: another sanitizer job (pid {holder}) used {run_copy} while "
+        "verify read it; run verify again\n",
+    )
+    monkeypatch.undo()
+    assert main(["verify", str(run_copy)]) == 0  # run again, it finds the run as clean left it
+
+
 def test_a_run_json_that_lost_its_threshold_is_checked_against_the_rows(run_copy):
     """run.json's threshold deleted (or null) after clean: verify passed it, the rows' thresholds
     being compared only with a threshold run.json holds. Each row flagged at one is a violation now."""
