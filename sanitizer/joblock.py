@@ -37,6 +37,8 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise in_use(root, fd) from None
+        except OSError as e:
+            raise unlockable(root, e) from None
         held = True
         if os.fstat(fd).st_nlink == 0:  # its holder removed it as we opened it: it ended a moment ago
             raise in_use(root, fd)
@@ -93,8 +95,20 @@ def refuse_busy(root: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise in_use(root, fd) from None
+    except OSError as e:
+        raise unlockable(root, e) from None
     finally:
         os.close(fd)
+
+
+def unlockable(root: Path, e: OSError) -> UsageError:
+    """A filesystem that has no locks (NFS without its lock daemon: ENOLCK; Lustre mounted without
+    flock: ENOSYS) gave a bare `No locks available`, exit 1, as if a disk filled, naming no path. It
+    will fail the same way until the directory moves or the mount changes: a usage error."""
+    return UsageError(
+        f"cannot lock {root / LOCK}: {e.strerror or e}; a job needs a filesystem with file locks there "
+        "(a local disk, NFS with its lock service, Lustre mounted with flock) to keep two jobs apart"
+    )
 
 
 @contextlib.contextmanager

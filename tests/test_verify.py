@@ -360,6 +360,28 @@ def test_a_run_a_job_is_using_is_refused_busy(run_copy, capsys, command):
     assert main(["verify", str(run_copy)]) == 0
 
 
+@pytest.mark.parametrize("command", ["verify", "clean"])
+def test_a_filesystem_without_locks_is_one_line_naming_the_lock_and_exit_2(
+    run_copy, capsys, monkeypatch, command
+):
+    """NFS without its lock service gives ENOLCK: it was `sanitizer: error: No locks available`, exit 1,
+    as for a full disk, naming no path, though running it again fails the same way."""
+    import errno
+
+    import sanitizer.joblock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(sanitizer.joblock.fcntl, "flock", no_locks)
+    assert main([command, str(run_copy)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: cannot lock {run_copy / '.lock'}: No locks available; a job needs a filesystem "
+        "with file locks there (a local disk, NFS with its lock service, Lustre mounted with flock) to keep "
+        "two jobs apart\n"
+    )
+
+
 def test_a_job_that_used_the_run_while_verify_read_it_makes_verify_busy(run_copy, capsys, monkeypatch):
     """verify checked the lock as it started only: a scheduled `clean` (or `score`) that ran while an
     hours-long verify read the shards again changed the files under it, and verify printed violations
