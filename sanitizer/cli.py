@@ -19,7 +19,7 @@ from pathlib import Path
 from sanitizer import __version__
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
-from sanitizer.errors import Busy, ReadFailed, SanitizerError, Terminated
+from sanitizer.errors import Busy, ReadFailed, SanitizerError, Terminated, visible
 from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -43,6 +43,19 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: another job holds the directory; a scheduler skips this tick
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15  # Ctrl-C; SIGTERM, as schedulers stop a job
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print a result or an error: paths, keys and errors in it come from the dataset, so they are
+    shown `visible` (an escape sequence in a shard's name must not clear the terminal)."""
+    print(visible(text, keep="\n"), file=sys.stderr if err else sys.stdout)
+
+
+class _VisibleFormatter(logging.Formatter):
+    """Log lines as `say` prints: one line each, whatever a warning quotes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return visible(super().format(record))
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -203,7 +216,7 @@ def run_train(args: argparse.Namespace) -> int:
         encoder, args.data, args.out, settings, score_settings, overrides, weights, weights_prefix=prefix
     )
     t = meta["training"]
-    print(
+    say(
         f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s"
         + (f" ({t['left_out']} left out by the first pass)" if t["left_out"] else "")
         + ", "
@@ -211,7 +224,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"decoder: {args.out}"
     )
     for failed in t["failed_shards"]:  # trained without them, as score goes on: finished, but incomplete
-        print(f"left out {failed['url']}: {failed['error']}")
+        say(f"left out {failed['url']}: {failed['error']}")
     return EXIT_INCOMPLETE if t["failed_shards"] else EXIT_OK
 
 
@@ -294,8 +307,8 @@ def run_score(args: argparse.Namespace) -> int:
         encoder_weights=str(args.encoder_weights) if args.encoder_weights else None,
     )
     summary = run_score_job(job)
-    print(format_summary(summary))
-    print(f"verdict: {encoder_verdict(summary.run_dir)['text']}")  # the report says why, with figures
+    say(format_summary(summary))
+    say(f"verdict: {encoder_verdict(summary.run_dir)['text']}")  # the report says why, with figures
     return EXIT_INCOMPLETE if summary.failed_shards else EXIT_OK
 
 
@@ -355,15 +368,15 @@ def run_clean(args: argparse.Namespace) -> int:
 
     s = clean_run(args.run_dir, args.threshold)
     if s.shards:
-        print(
+        say(
             f"kept {s.kept} samples in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
             f"{args.run_dir / 'quarantine'} ({s.shards} shards: {s.split} split, "
             f"{s.shards - s.split} already clean; threshold {s.threshold:.6g})"
         )
     else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make
-        print("no shard was scored: nothing to clean")
+        say("no shard was scored: nothing to clean")
     for line in s.skipped_lines():
-        print(line)
+        say(line)
     return EXIT_INCOMPLETE if s.skipped_shards else EXIT_OK
 
 
@@ -376,7 +389,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from sanitizer.report import write_report
 
-    print(f"report: {write_report(args.run_dir)}")
+    say(f"report: {write_report(args.run_dir)}")
     return EXIT_OK
 
 
@@ -391,8 +404,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
     violations = verify_run(args.run_dir)
     for violation in violations:
-        print(violation)
-    print(f"verify: {len(violations)} violation(s) in {args.run_dir}")
+        say(violation)
+    say(f"verify: {len(violations)} violation(s) in {args.run_dir}")
     return EXIT_INCOMPLETE if violations else EXIT_OK
 
 
@@ -438,32 +451,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     untext = [a for a in (sys.argv[1:] if argv is None else argv) if not is_text(a)]
     if untext:  # a path that cannot be recorded in run.json or decoder.json, found before any work
-        print(f"sanitizer: error: argument {untext[0]!r} is not UTF-8; rename the path", file=sys.stderr)
+        say(f"sanitizer: error: argument {untext[0]!r} is not UTF-8; rename the path", err=True)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="sanitizer: %(message)s",
-        stream=sys.stderr,
-        force=True,  # bind to the current stderr on every call (tests swap it)
-    )
+    handler = logging.StreamHandler(sys.stderr)  # the current stderr on every call (tests swap it)
+    handler.setFormatter(_VisibleFormatter("sanitizer: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)
     on_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return args.func(args)
     except SanitizerError as e:
-        print(f"sanitizer: error: {e}", file=sys.stderr)
+        say(f"sanitizer: error: {visible(str(e))}", err=True)
         return error_code(e)
     except BrokenPipeError:  # `sanitizer verify RUN | head`: the reader has what it wanted
         return reader_went_away()
     except OSError as e:  # a full disk, a vanished directory: one line naming the path, no traceback
         where = f": {e.filename}" if e.filename else ""
-        print(f"sanitizer: error: {e.strerror or e}{where}", file=sys.stderr)
+        say(f"sanitizer: error: {visible(f'{e.strerror or e}{where}')}", err=True)
         return EXIT_INCOMPLETE
     except Terminated:
-        print("sanitizer: terminated (SIGTERM); run it again to resume", file=sys.stderr)
+        say("sanitizer: terminated (SIGTERM); run it again to resume", err=True)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("sanitizer: interrupted", file=sys.stderr)
+        say("sanitizer: interrupted", err=True)
         return EXIT_INTERRUPTED
     finally:
         if on_main_thread:

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+# Characters that print nothing yet change what is seen: control characters (a newline, an escape
+# sequence that clears a terminal), the line and paragraph separators, and the bidirectional controls
+# (U+202E turns `photo_gpj.exe` into `photo_exe.jpg` on screen). Other text, ideographic spaces and
+# emoji included, is shown as it is.
+_UNSEEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def shortlist(items: Sequence[str], n: int = 3) -> str:
     """The first `n` of a list, for a message that must stay one line; ', ...' where more follow."""
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def visible(text: str, keep: str = "") -> str:
+    """`text` with what a dataset names in it (shard paths, keys, captions, errors that quote them)
+    unable to drive a terminal or hide and reorder what is around it: each character of _UNSEEN but
+    those in `keep` (the newlines of a message of several lines) shown as its escape (`\\x1b`)."""
+
+    def escape(m: re.Match) -> str:
+        return m.group() if m.group() in keep else m.group().encode("unicode_escape").decode("ascii")
+
+    return _UNSEEN.sub(escape, text)
 
 
 class SanitizerError(Exception):

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shlex
+import shutil
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -242,3 +243,24 @@ def test_a_bad_encoder_spec_names_the_forms_as_help_does(capsys, tmp_path):
     assert main(["train", "--encoder", "bogus", "--data", "x", "--out", str(tmp_path / "d")]) == 2
     expected = "encoder spec 'bogus' is not one of timm:NAME, open_clip:NAME, torchscript:PATH, export:PATH"
     assert capsys.readouterr().err == f"sanitizer: error: {expected}\n"
+
+
+def test_what_a_dataset_names_cannot_drive_the_terminal(tmp_path, tiny_decoder_dir, tiny_shards, capsys):
+    """A shard's file name is the dataset's: its escape sequence or bidi override is printed as its
+    escape in score's warning, its summary and an error line, never raw (it would clear the screen)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(next(tiny_shards.glob("*.tar")), data / "good.tar")
+    (data / "bad\x1b[2J\u202eraw.tar").write_bytes(b"not a tar" * 100)
+    argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--workers", "0", "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\u202e" not in out + err
+    assert "bad\\x1b[2J\\u202eraw.tar" in err  # the warning names the file, escaped
+    missing = str(tmp_path / "gone\x1b[31m.tar")
+    assert (
+        main(["score", "--decoder", str(tiny_decoder_dir), "--data", missing, "--out", str(tmp_path / "r2")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "gone\\x1b[31m.tar" in err and err.count("\n") == 1

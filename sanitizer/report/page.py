@@ -5,13 +5,13 @@ table, in one static file with its CSS inline and every value from the data esca
 from __future__ import annotations
 
 import html
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sanitizer.collapse import unlike_holdout
+from sanitizer.errors import visible
 from sanitizer.report.figures import (
     plot_clusters,
     plot_embeddings,
@@ -57,18 +57,12 @@ class Section:
 
 
 SHOWN_CHARS = 120  # of a key or a caption in a table: a 3,000-character key would fill the screen
-# Characters that print nothing yet change what is seen: control characters (a newline, an escape
-# sequence), the line and paragraph separators, and the bidirectional controls (U+202E turns
-# `photo_gpj.exe` into `photo_exe.jpg` on screen). Other text, ideographic spaces and emoji included,
-# is shown as it is.
-_UNSEEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def esc(value: object) -> str:
     """Keys, captions and shard names come from scraped data: never let them become markup, nor hide
-    or reorder the text around them. The characters in _UNSEEN are shown as their escapes (`\\x1b`)."""
-    shown = _UNSEEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
-    return html.escape(shown, quote=True)
+    or reorder the text around them (`visible`)."""
+    return html.escape(visible(str(value)), quote=True)
 
 
 def cut(text: str | None, limit: int = SHOWN_CHARS) -> str:
