@@ -19,7 +19,7 @@ from pathlib import Path
 from sanitizer import __version__
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
-from sanitizer.errors import Busy, ReadFailed, SanitizerError, Terminated, visible
+from sanitizer.errors import Busy, ReadFailed, SanitizerError, Terminated, shortlist, visible
 from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -225,6 +225,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     for failed in t["failed_shards"]:  # trained without them, as score goes on: finished, but incomplete
         say(f"left out {failed['url']}: {failed['error']}")
+    nonfinite = t["nonfinite_embeddings"]
+    if nonfinite["n"]:  # trained without them, as images that do not decode: finished
+        names = shortlist([repr(k) for k in nonfinite["keys"]])
+        say(f"left out {nonfinite['n']} image(s) whose embedding by the encoder is not finite: {names}")
     return EXIT_INCOMPLETE if t["failed_shards"] else EXIT_OK
 
 

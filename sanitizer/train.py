@@ -35,7 +35,7 @@ from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
 from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
-from sanitizer.errors import TrainingError, UsageError
+from sanitizer.errors import TrainingError, UsageError, shortlist
 from sanitizer.joblock import job_lock, refuse_foreign
 from sanitizer.model import DedeConfig, DedeDecoder
 from sanitizer.progress import progress_bar
@@ -309,6 +309,7 @@ class FitResult:
     losses: list[float]  # mean training loss of each epoch (of the last pass)
     n_train: int
     left_out: int  # training images the second pass left out (0 with one pass)
+    nonfinite: list[str]  # keys of the images whose embedding is not finite: neither trained nor held out
     seconds: float
 
 
@@ -420,6 +421,25 @@ def worst_rebuilt(scores: np.ndarray, share: float) -> list[int]:
     return sorted(np.argsort(-scores, kind="stable")[:n].tolist())
 
 
+def finite_rows(embeddings: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(positions of the images whose embedding is finite, the only ones trained or calibrated on;
+    the keys of the others).
+
+    An encoder that divides by an image's own spread embeds a flat image as NaN: one such image in a
+    batch made every weight NaN, and one held out made the calibration NaN. They are left out, as
+    images that do not decode are; training is refused only when too few are left.
+    """
+    finite = np.isfinite(embeddings).all(axis=1)
+    usable, left_out = np.flatnonzero(finite), [keys[i] for i in np.flatnonzero(~finite)]
+    if len(usable) < MIN_IMAGES:
+        raise UsageError(
+            f"the encoder's embedding of {len(left_out)} of the {len(keys)} decodable images is not finite "
+            f"({shortlist([repr(k) for k in left_out])}): {len(usable)} are left, and training needs "
+            f"{MIN_IMAGES}"
+        )
+    return usable, left_out
+
+
 def fit_decoder(
     encoder: VictimEncoder,
     images: ImageSet,
@@ -438,18 +458,21 @@ def fit_decoder(
     config = DedeConfig.default_for(
         encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
     )
-    train_idx, holdout_idx = split_holdout(images.keys, settings.holdout)
+    started = time.time()
+    embeddings = embed_pixels(encoder, images.pixels)
+    usable, nonfinite = finite_rows(embeddings, images.keys)
+    train_idx, holdout_idx = (
+        usable[i] for i in split_holdout([images.keys[i] for i in usable], settings.holdout)
+    )
     if not len(train_idx):
         raise UsageError(
-            f"--holdout {settings.holdout} holds out all {len(images.keys)} images; none is left to train on"
+            f"--holdout {settings.holdout} holds out all {len(usable)} images; none is left to train on"
         )
     if len(holdout_idx) < FEW_HELD_OUT:
         log.warning(
             "calibrating on %d held-out images: a quantile threshold read from so few is rough; give more "
             "data or a larger --holdout (%d or more held out)", len(holdout_idx), FEW_HELD_OUT,
         )  # fmt: skip
-    started = time.time()
-    embeddings = embed_pixels(encoder, images.pixels)
     train = Rows(images.pixels, train_idx), Rows(embeddings, train_idx)
     epochs = settings.epochs or auto_epochs(len(train_idx))
     saved = checkpoint.read_training_progress(resume_dir) if resume_dir else None
@@ -483,6 +506,7 @@ def fit_decoder(
         losses,
         n_train,
         len(left_out),
+        nonfinite,
         time.time() - started,
     )
 
@@ -535,6 +559,10 @@ def train_decoder(
     return meta
 
 
+# Keys of the images left out for a non-finite embedding that decoder.json names (all are counted).
+NAMED_KEYS = 10
+
+
 def decoder_meta(
     encoder: VictimEncoder,
     weights: dict,
@@ -563,6 +591,7 @@ def decoder_meta(
             "left_out": fit.left_out,
             "decode_statuses": dict(sorted(images.statuses.items())),
             "failed_shards": images.failed_shards,
+            "nonfinite_embeddings": {"n": len(fit.nonfinite), "keys": fit.nonfinite[:NAMED_KEYS]},
             "epoch_losses": [round(x, 6) for x in fit.losses],
             "seconds": round(fit.seconds, 1),
         },

@@ -24,6 +24,8 @@ torch.set_num_threads(2)
 TINY_ENCODER = "timm:test_resnet"
 TINY_SIZE = 32
 TINY_MODEL = {"patch_size": 8, "width": 32, "depth": 1, "decoder_depth": 1, "heads": 2}
+# The same, as the command line gives it
+TINY_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
 
 
 @pytest.fixture(scope="session")

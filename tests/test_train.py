@@ -43,7 +43,7 @@ from sanitizer.train import (
     worst_rebuilt,
 )
 
-from .conftest import RESET, TINY_ENCODER, TINY_MODEL
+from .conftest import RESET, TINY_ARGS, TINY_ENCODER, TINY_MODEL
 
 
 def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_encoder, tiny_shards):
@@ -338,7 +338,6 @@ def test_tampered_decoder_weights_are_refused(tmp_path, tiny_decoder_dir):
 
 
 BASE = ["train", "--encoder", TINY_ENCODER, "--image-size", "32", "--epochs", "1"]
-TINY_ARGS = ["--patch-size", "8", "--width", "32", "--depth", "1", "--decoder-depth", "1", "--heads", "2"]
 
 
 def run_cli(capsys, *argv):
