@@ -494,6 +494,7 @@ def fit_decoder(
     calibration = score_rows(
         Scorer(encoder, decoder, score_settings), images.keys, held, Rows(embeddings, holdout_idx)
     )
+    check_calibration(calibration.score, resume_dir)
     n_train = len(train_idx) - len(left_out)
     return FitResult(
         decoder,
@@ -509,6 +510,21 @@ def fit_decoder(
         nonfinite,
         time.time() - started,
     )
+
+
+def check_calibration(scores: np.ndarray, resume_dir: Path | None) -> None:
+    """Refuses a decoder that scores held-out images, whose embeddings are finite, as NaN or inf: the
+    last step diverged, after the loss that was checked (an epoch of one step at too high a rate).
+    Saved, its decoder.json was refused by every later step. Its checkpoint is removed: resumed, it
+    would only give this decoder again."""
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:
+        if resume_dir:
+            checkpoint.clear_training_state(resume_dir)
+        raise TrainingError(
+            f"the trained decoder's scores of {bad} of the {len(scores)} held-out images are not finite, "
+            "though their embeddings are: training diverged; lower --lr"
+        )
 
 
 def score_rows(scorer: Scorer, keys: list[str], pixels: Rows, embeddings: Rows) -> Scores:

@@ -653,6 +653,20 @@ def test_a_loss_that_is_not_a_number_stops_training_before_it_is_checkpointed(
     assert progress is None or all(math.isfinite(x) for x in progress["losses"])
 
 
+def test_a_decoder_whose_last_step_diverged_is_refused_not_saved(tmp_path, tiny_shards, tiny_encoder):
+    """One step at lr 1e30: its loss, measured before the step, is finite, the decoder it leaves is
+    not. It was saved with NaN calibration scores (exit 0), and every later step refused decoder.json."""
+    out = tmp_path / "a" / "d"
+    settings = TrainSettings(epochs=1, batch_size=128, lr=1e30, refit=0)
+    with pytest.raises(TrainingError) as caught:
+        train_tiny(tiny_encoder, tiny_shards, out, settings)
+    assert str(caught.value) == (
+        "the trained decoder's scores of 6 of the 6 held-out images are not finite, though their "
+        "embeddings are: training diverged; lower --lr"
+    )
+    assert not out.exists()  # nor a checkpoint that a rerun would resume into the same decoder
+
+
 def test_an_out_that_cannot_be_a_directory_is_refused_before_training(tmp_path, tiny_shards, tiny_encoder):
     (tmp_path / "f").write_text("a file")
     with pytest.raises(UsageError, match="cannot use .*f/d as --out: Not a directory"):
