@@ -254,7 +254,7 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
     with ExitStack() as stack:
         stamp = file_stamp(url)  # before the open: the bytes the object has as it is read
         reader = _CountingReader(_open_raw(url, stack), url, stamp.get("size") if stamp else None)
-        buffered = io.BufferedReader(reader, _GZIP_CHUNK)
+        buffered = io.BufferedReader(reader, tarfile.RECORDSIZE)
         gzipped = buffered.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC)
         try:
             tar = tarfile.open(  # noqa: SIM115 - entered into the stack below
