@@ -41,7 +41,14 @@ from sanitizer.collapse import (
     thumbnail,
 )
 from sanitizer.device import precision, resolve_device
-from sanitizer.encoders import VictimEncoder, check_weights_file, embed_pixels, load_encoder, parse_spec
+from sanitizer.encoders import (
+    FILE_KINDS,
+    VictimEncoder,
+    check_weights_file,
+    embed_pixels,
+    load_encoder,
+    parse_spec,
+)
 from sanitizer.errors import EncoderError, SanitizerError, UsageError
 from sanitizer.model import DedeConfig
 from sanitizer.redteam import datasets
@@ -1130,9 +1137,13 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
         raise UsageError("--encoder-weights and --image-size describe --encoder; give --encoder too")
     if args.encoder is not None:
         try:
-            parse_spec(args.encoder)
+            kind = parse_spec(args.encoder)[0]
         except SanitizerError as e:
             raise UsageError(f"--encoder: {e}") from None
+        if kind in FILE_KINDS and args.image_size is None:  # load_encoder's words name --mean/--std too
+            raise UsageError(
+                f"--encoder {args.encoder}: a {kind} file carries no input size; give --image-size"
+            )
     if args.image_size is not None:  # before the encoder is loaded at that size
         need_side(args.image_size, f"--image-size {args.image_size}")
     if args.encoder_weights is not None:  # as `sanitizer train` says it, before anything is built

@@ -81,6 +81,17 @@ def test_bad_choices_exit_with_one_line(argv, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("kind", ["torchscript", "export"])
+def test_an_encoder_file_without_image_size_asks_for_it_alone(kind: str, tmp_path: Path):
+    """It said `give --image-size (and --mean/--std)`, `sanitizer train`'s words: the benchmark has
+    no --mean or --std (its data are normalised with ImageNet's)."""
+    path = tmp_path / "enc.pt"
+    path.write_bytes(b"not read")
+    with pytest.raises(UsageError) as e:
+        choose("--encoder", f"{kind}:{path}")
+    assert str(e.value) == f"--encoder {kind}:{path}: a {kind} file carries no input size; give --image-size"
+
+
 def test_weights_that_are_a_directory_are_refused_as_sanitizer_refuses_them(tmp_path):
     """It said "no such file" of a hub's model folder, which exists; `sanitizer train` names what is
     in it and what to give instead."""
