@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shlex
 import sys
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanitizer.cli import EXIT_USAGE
+from sanitizer.atomic import write_bytes_atomic
+from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from sanitizer.collapse import (
     DEFAULT_COLLAPSE_RULE,
     HeldOut,
@@ -742,9 +744,9 @@ class DecoderPool:
     def __enter__(self) -> DecoderPool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._pool is not None:  # on an error or Ctrl-C, not after the fits still running (minutes)
+            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
         torch.set_num_threads(self._before)
 
 
@@ -1061,9 +1063,22 @@ def source_class_table(classes: dict) -> list[str]:
 
 
 def write_results(result: dict, json_path: Path, md_path: Path | None) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    (md_path or json_path.with_suffix(".md")).write_text(markdown(result))
+    """Each file whole or as it was: a Ctrl-C during a write used to leave a truncated JSON."""
+    write_bytes_atomic(json_path, (json.dumps(result, indent=1) + "\n").encode())
+    write_bytes_atomic(md_path or json_path.with_suffix(".md"), markdown(result).encode())
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, saying what the run had written by then."""
+
+
+def interrupted(done: list[str], attacks: tuple[str, ...], json_path: Path) -> Interrupted:
+    if not done:
+        return Interrupted("interrupted before any attack's results were written")
+    return Interrupted(
+        f"interrupted: {json_path} holds the results of {', '.join(done)} of {', '.join(attacks)} "
+        '("complete": false)'
+    )
 
 
 def positive(text: str) -> int:
@@ -1286,38 +1301,43 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     probe = ProbeData(*data.probe, *data.test, TARGET)
-    with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
-        work = args.work or Path(tmp)
-        # Each victim's decoders queue as soon as it is built and train while the next victim is
-        # implanted with the pool's share of the threads: most implants keep about one core busy
-        # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
-        queued, attack_info, controls = [], {}, {}
-        for victim in iter_victims(data, sizes, attacks, work, args.device, own):
-            attack_info[victim.attack] = {
-                "spec": victim.implant.spec,
-                **victim.implant.report.to_dict(),
-                "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
-                "seconds": round(victim.implant.seconds, 1),
-            }
-            queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
-        rows, down, classes = [], {}, {}
-        for victim, decoders in queued:
-            attack = victim.attack
-            attack_rows, down[attack], classes[attack] = run_attack(victim, data, decoders, args.ablation)
-            rows += attack_rows
-            result = {
-                **header,
-                "complete": attack == attacks[-1],
-                "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
-                "attacks": attack_info,
-                "rows": rows,
-                "downstream": down,
-                "by_class": classes,
-                "wall_seconds": round(time.time() - started, 1),
-            }
-            # after every attack, so that a long run leaves partial results
-            write_results(result, args.json, args.md)
-            log.info("%s done at %.0f s", attack, time.time() - started)
+    done: list[str] = []  # the attacks whose results are written
+    try:
+        with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
+            work = args.work or Path(tmp)
+            # Each victim's decoders queue as soon as it is built and train while the next victim is
+            # implanted with the pool's share of the threads: most implants keep about one core busy
+            # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
+            queued, attack_info, controls = [], {}, {}
+            for victim in iter_victims(data, sizes, attacks, work, args.device, own):
+                attack_info[victim.attack] = {
+                    "spec": victim.implant.spec,
+                    **victim.implant.report.to_dict(),
+                    "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
+                    "seconds": round(victim.implant.seconds, 1),
+                }
+                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
+            rows, down, classes = [], {}, {}
+            for victim, decoders in queued:
+                attack = victim.attack
+                attack_rows, down[attack], classes[attack] = run_attack(victim, data, decoders, args.ablation)
+                rows += attack_rows
+                result = {
+                    **header,
+                    "complete": attack == attacks[-1],
+                    "attack_asr": {a: info["asr"] for a, info in attack_info.items()},
+                    "attacks": attack_info,
+                    "rows": rows,
+                    "downstream": down,
+                    "by_class": classes,
+                    "wall_seconds": round(time.time() - started, 1),
+                }
+                # after every attack, so that a long run leaves partial results
+                write_results(result, args.json, args.md)
+                done.append(attack)
+                log.info("%s done at %.0f s", attack, time.time() - started)
+    except KeyboardInterrupt:
+        raise interrupted(done, attacks, args.json) from None
     log.info("wrote %s in %.1f min", args.json, result["wall_seconds"] / 60)
     return result
 
@@ -1330,9 +1350,17 @@ def cli(argv: list[str] | None = None) -> int:
     except SanitizerError as e:
         print(f"detection: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as e:  # an Interrupted says what was written
+        print(f"detection: {str(e) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    sys.exit(cli())
+    code = cli()
+    if code == EXIT_INTERRUPTED:  # a decoder fit cannot be stopped, and exiting would wait for its thread
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -677,3 +679,34 @@ def test_partial_results_mark_the_attacks_still_training_as_pending():
     lines = [line for line in D.targets_table(result) if line.startswith("| ID AUC")]
     name = "ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold)"
     assert lines == [f"| {name} | met: 0.990 / 0.990 | pending |"]
+
+
+def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypatch, capsys):
+    """Ctrl-C while a decoder trained waited for the fit (minutes) and ended in a traceback; the
+    partial results were written in place, so a Ctrl-C during the write left a truncated JSON."""
+    monkeypatch.setattr(D, "QUICK", TINY)
+    monkeypatch.setattr(D, "load_data", lambda *a, **k: tiny_data(np.random.default_rng(0)))
+    training = threading.Event()  # a fit that trains until the test ends
+    monkeypatch.setattr(D, "fit", lambda *a: training.wait(300))
+    scored = []
+
+    def run_attack(victim: D.Victim, *rest) -> tuple[list, dict, dict]:
+        scored.append(victim.attack)
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        return [], {}, {"dede-score": {}, "dede-score-control": {}}
+
+    monkeypatch.setattr(D, "run_attack", run_attack)
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
+    started = time.monotonic()
+    try:
+        assert D.cli([*argv, "--attacks", "badencoder,drupe"]) == 130
+        assert time.monotonic() - started < 120  # the implants, not the fit's 300 s
+    finally:
+        training.set()
+    written = f'{out} holds the results of badencoder of badencoder, drupe ("complete": false)'
+    assert capsys.readouterr().err == f"detection: interrupted: {written}\n"
+    assert not json.loads(out.read_text())["complete"]
+    assert "Complete: False (partial results" in out.with_suffix(".md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temp file left
