@@ -88,6 +88,7 @@ DATA_SIZE = 32  # px: the victims built here take Fashion-MNIST's 28 px grey res
 # RuntimeError traceback asking for 16 GB.
 MAX_SIDE = 224
 SEED = 0
+DEFAULT_THREADS = 2
 RESULTS = Path(__file__).parent / "results"
 # An attack whose victim ASR stays below this did not implant: the victim has no backdoor, so its rows
 # neither meet nor miss a detection target, and only its ID decoder is trained (see submit_decoders).
@@ -1135,7 +1136,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
     p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
     p.add_argument(
-        "--threads", type=positive, default=2, help="torch CPU threads; use 1 on a shared, busy machine"
+        "--threads",
+        type=positive,
+        default=DEFAULT_THREADS,
+        help="torch CPU threads, at most the machine's CPUs; use 1 on a shared, busy machine",
     )
     p.add_argument(
         "--jobs",
@@ -1144,6 +1148,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="decoders trained at once, while the next victims are built; they share the --threads",
     )
     return p.parse_args(argv)
+
+
+def check_threads(threads: int) -> None:
+    """UsageError for more --threads than CPUs (or the default): 1000 on 2 cores started 2000 threads
+    that crawled through the first implant, and 99999 ended in a MemoryError traceback."""
+    most = max(os.cpu_count() or 1, DEFAULT_THREADS)
+    if threads > most:
+        raise UsageError(f"--threads {threads}: this machine has {os.cpu_count()} CPUs; give at most {most}")
 
 
 def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[str, ...]]:
@@ -1265,6 +1277,7 @@ def decoder_training(args: argparse.Namespace, sizes: Sizes) -> TrainSettings:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     started = time.time()

@@ -710,3 +710,18 @@ def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypa
     assert not json.loads(out.read_text())["complete"]
     assert "Complete: False (partial results" in out.with_suffix(".md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temp file left
+
+
+def test_more_threads_than_cpus_are_refused_before_any_work(monkeypatch, capsys):
+    """--threads 99999 ended in a MemoryError traceback while the data loaded; 1000 on 2 cores
+    started 2000 threads that crawled."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(D, "load_data", lambda *a, **k: pytest.fail("the run started"))
+    assert D.cli(["--quick", "--threads", "1000"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "detection: error: --threads 1000: this machine has 4 CPUs; give at most 4\n"
+    )
+    D.check_threads(4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    D.check_threads(D.DEFAULT_THREADS)  # the default runs on one CPU too
