@@ -384,3 +384,32 @@ def test_a_torchscript_encoders_batchnorm_stays_frozen_as_an_eager_ones():
     scripted = fine_tuned(torch.jit.script(copy.deepcopy(eager)))
     assert scripted == fine_tuned(eager) and len(scripted) > 0
     assert not [n for n in scripted if "bn" in n.split(".")[-2]]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be a whole number of at least 1, not 0"),
+        ({"batch_size": -4}, "batch_size must be a whole number of at least 1, not -4"),
+        ({"references": 0}, "references must be a whole number of at least 1, not 0"),
+        ({"epochs": -1}, "epochs must be a whole number of at least 0, not -1"),
+        ({"tail_fraction": 2.0}, "tail_fraction must be in [0, 1], not 2.0"),
+        ({"lr": float("nan")}, "lr must be a positive number, not nan"),
+        ({"lr": -1e-4}, "lr must be a positive number, not -0.0001"),
+    ],
+)
+def test_implant_settings_that_cannot_train_are_refused_when_made(settings: dict, message: str):
+    """A batch of 0 raised ZeroDivisionError in the implant; 0 references or a negative batch trained
+    on NaN losses and saved that victim; a tail_fraction over 1 was taken as 1."""
+    with pytest.raises(ValueError) as e:
+        ImplantSettings(**settings)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name", ["clean_epochs", "poison_epochs", "batch_size"])
+def test_contrastive_settings_refuse_counts_under_their_least(name: str):
+    """A batch of 0 ended the clean phase in range()'s 'arg 3 must not be zero'."""
+    least = 1 if name == "batch_size" else 0
+    with pytest.raises(ValueError) as e:
+        ContrastiveSettings(**{name: least - 1})
+    assert str(e.value) == f"{name} must be a whole number of at least {least}, not {least - 1}"

@@ -150,6 +150,23 @@ class ImplantSettings:
     stealth_warmup: float = 0.3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """A batch of 0 raised ZeroDivisionError; 0 references, a negative batch or lr trained on NaN
+        losses and saved that victim; a tail_fraction over 1 was taken as 1."""
+        need_counts(self, epochs=0, batch_size=1, references=1)
+        if not 0 <= self.tail_fraction <= 1:  # NaN included; 0 is _trainable_except_batchnorm's to refuse
+            raise ValueError(f"tail_fraction must be in [0, 1], not {self.tail_fraction}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, not {self.lr}")
+
+
+def need_counts(settings: object, **least: int) -> None:
+    """ValueError naming the first of `settings`' counts under its least value (or not a whole number)."""
+    for name, floor in least.items():
+        value = getattr(settings, name)
+        if not isinstance(value, int) or value < floor:
+            raise ValueError(f"{name} must be a whole number of at least {floor}, not {value!r}")
+
 
 def _trainable_except_batchnorm(module: nn.Module, tail_fraction: float) -> list[nn.Parameter]:
     """BadEncoder keeps BatchNorm frozen: eval mode everywhere, gradients only outside BN layers,
@@ -345,6 +362,10 @@ class ContrastiveSettings:
     temperature: float = 0.5
     poison_rate: float = 0.01  # share of the training set that carries the trigger
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """A batch of 0 ended the clean phase in range()'s 'arg 3 must not be zero'."""
+        need_counts(self, clean_epochs=0, poison_epochs=0, batch_size=1)
 
 
 def _contrastive_run(
