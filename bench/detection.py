@@ -1255,6 +1255,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     (`--work`, made here if absent), checked before minutes of work rather than after: a --work that
     was a file, or under one, ended the first implant in a FileExistsError traceback."""
     for flag, path in (("--json", args.json), ("--md", args.md or args.json.with_suffix(".md"))):
+        if not path.parent.exists():  # said 'not a file this process can write', which did not say why
+            raise UsageError(f"{flag} {path}: no directory {path.parent}; make it first")
         if not writable(path):
             raise UsageError(f"{flag} {path}: not a file this process can write")
     if args.work is not None and not writable_dir(args.work):

@@ -262,7 +262,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     (tmp_path / "r.md").mkdir()
     cases = {
         "--json": [tmp_path, tmp_path / "file" / "r.json", Path("/proc/r.json")],
-        "--md": [tmp_path / "absent" / "t.md", tmp_path / "file" / "t.md", tmp_path / "r.md"],
+        "--md": [tmp_path / "file" / "t.md", tmp_path / "r.md"],
     }
     for flag, paths in cases.items():
         for path in paths:
@@ -274,6 +274,14 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
             with pytest.raises(UsageError) as e:
                 D.check_outputs(D.parse_args(argv))
             assert str(e.value) == f"{flag} {path}: not a file this process can write"
+    for flag in ("--json", "--md"):  # a directory that is not there is named
+        path = tmp_path / "absent" / "r"
+        argv = (
+            [flag, str(path)] if flag == "--json" else ["--json", str(tmp_path / "r.json"), flag, str(path)]
+        )
+        with pytest.raises(UsageError) as e:
+            D.check_outputs(D.parse_args(argv))
+        assert str(e.value) == f"{flag} {path}: no directory {tmp_path / 'absent'}; make it first"
     with pytest.raises(UsageError, match="--md .*r.md: not a file"):  # the default Markdown, beside the JSON
         D.check_outputs(D.parse_args(["--json", str(tmp_path / "r.json")]))
     D.check_outputs(D.parse_args(["--json", str(tmp_path / "s.json")]))
