@@ -124,6 +124,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         elif not is_torch_file(path):
             raise EncoderError(f"cannot read weights {path}: it is neither safetensors nor a torch.save file")
+        elif kind := program_archive(path):
+            raise EncoderError(f"{path} is a {kind} program, not weights: give it as --encoder {kind}:PATH")
         else:
             with warnings.catch_warnings(), torch.serialization.safe_globals(ALLOWED_GLOBALS):
                 warnings.simplefilter("ignore")  # torch warns of pickle protocols on the way to refusing
@@ -189,6 +191,20 @@ def is_torch_file(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def program_archive(path: Path) -> str | None:
+    """`torchscript` or `export` where a torch zip archive holds a whole model (TorchScript's code/,
+    torch.export's archive_format) rather than torch.save's tensors, which torch.load reports as a
+    corrupt file or a pickling question."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(name.endswith("/archive_format") for name in names):
+        return "export"
+    return "torchscript" if any("/code/__torch__/" in name for name in names) else None
 
 
 def is_safetensors(path: Path) -> bool:

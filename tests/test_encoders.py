@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sanitizer.data.hostile import PWNED_FILE, pickle_payload
-from sanitizer.encoders import load_encoder, parse_spec
+from sanitizer.encoders import load_encoder, parse_spec, read_state_dict
 from sanitizer.errors import EncoderError, UsageError
 
 
@@ -547,3 +547,18 @@ def test_what_cannot_be_a_weights_file_is_named(tmp_path, tiny_encoder, capsys):
     argv = ["train", "--encoder", "timm:test_resnet", "--encoder-weights", str(hub), "--image-size", "32"]
     assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "dec")]) == 2
     assert capsys.readouterr().err == f"sanitizer: error: {expected['hub']}\n"
+
+
+def test_a_whole_model_given_as_weights_names_the_spec_that_loads_it(tmp_path):
+    """A TorchScript or torch.export file passed as --encoder-weights was torch.load's 'Cannot use
+    weights_only=True with TorchScript archives' or 'internal miniz error ... corrupted' paragraph."""
+    conv = torch.nn.Conv2d(3, 4, 3)
+    torch.jit.save(torch.jit.script(conv), tmp_path / "m.pt")
+    torch.export.save(torch.export.export(conv, (torch.randn(1, 3, 8, 8),)), tmp_path / "m.pt2")
+    for name, kind in (("m.pt", "torchscript"), ("m.pt2", "export")):
+        with pytest.raises(EncoderError) as e:
+            read_state_dict(tmp_path / name)
+        assert (
+            str(e.value)
+            == f"{tmp_path / name} is a {kind} program, not weights: give it as --encoder {kind}:PATH"
+        )
