@@ -19,7 +19,7 @@ from pathlib import Path
 from sanitizer import __version__
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
-from sanitizer.errors import Busy, ReadFailed, SanitizerError, Terminated, shortlist, visible
+from sanitizer.errors import Busy, OutOfMemory, ReadFailed, SanitizerError, Terminated, shortlist, visible
 from sanitizer.thresholds import DEFAULT_RULE
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -173,8 +173,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
+TRAIN_MEMORY_ADVICE = (
+    "give a lower --batch-size, --image-size or --max-samples, or a smaller decoder (--width, --depth, "
+    "--decoder-depth)"
+)
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from sanitizer.device import resolve_device
+    from sanitizer.device import memory_guard, resolve_device
     from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
     from sanitizer.joblock import refuse_busy
     from sanitizer.scoring import ScoreSettings
@@ -212,9 +218,12 @@ def run_train(args: argparse.Namespace) -> int:
         "decoder_depth": args.decoder_depth,
         "heads": args.heads,
     }
-    meta = train_decoder(
-        encoder, args.data, args.out, settings, score_settings, overrides, weights, weights_prefix=prefix
-    )
+    size = encoder.preprocess.image_size
+    doing = f"training at --batch-size {args.batch_size} on {size} px images"
+    with memory_guard(device, doing, TRAIN_MEMORY_ADVICE):
+        meta = train_decoder(
+            encoder, args.data, args.out, settings, score_settings, overrides, weights, weights_prefix=prefix
+        )
     t = meta["training"]
     say(
         f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s"
@@ -443,10 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def error_code(e: SanitizerError) -> int:
-    """What a scheduler needs to tell apart: a read that failed (1: no mistake of the user's, running
-    it again may succeed), a directory another job holds (75: it is still running, skip this tick),
+    """What a scheduler needs to tell apart: a read that failed or memory that ran out (1: no mistake in
+    the input, running it again may succeed), a directory another job holds (75: it is still running, skip this tick),
     and the user's mistake (2: it will fail the same way until fixed)."""
-    if isinstance(e, ReadFailed):
+    if isinstance(e, (ReadFailed, OutOfMemory)):
         return EXIT_INCOMPLETE
     return EXIT_BUSY if isinstance(e, Busy) else EXIT_USAGE
 

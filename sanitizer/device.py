@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+from collections.abc import Iterator
 
 import torch
 
-from sanitizer.errors import UsageError
+from sanitizer.errors import OutOfMemory, UsageError
+
+# what torch's CPU allocator raises (a RuntimeError) when the host has no memory for a tensor
+HOST_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -39,3 +44,26 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if precision(device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def exhausted_memory(error: BaseException, device: torch.device) -> str | None:
+    """What `error` says ran out, in words ("GPU 0's memory", "host memory"); None for any other error,
+    which keeps its traceback: it is a bug to report, not a batch too large."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        found = re.search(r"\bGPU (\d+)", str(error))
+        return f"GPU {found[1] if found else device.index or 0}'s memory"
+    if isinstance(error, MemoryError) or HOST_ALLOCATION_FAILED in str(error):
+        return "host memory"
+    return None
+
+
+@contextlib.contextmanager
+def memory_guard(device: torch.device, doing: str, advice: str) -> Iterator[None]:
+    """Memory exhaustion inside as one OutOfMemory line: `ran out of WHAT DOING; ADVICE`. Raised from
+    None, so that the tensors the traceback's frames hold are freed with it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        if (what := exhausted_memory(e, device)) is None:
+            raise
+        raise OutOfMemory(f"ran out of {what} {doing}; {advice}") from None

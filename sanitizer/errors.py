@@ -58,6 +58,11 @@ class ReadFailed(SanitizerError):
     the user's, so the CLI exits 1, as for a full disk, and running the command again may succeed."""
 
 
+class OutOfMemory(SanitizerError):
+    """The GPU or the host ran out of memory at the batch sizes given: nothing wrong with the input,
+    so the CLI exits 1, as for a full disk; smaller batches may fit, and finished work is kept."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `ray job stop`, `kill`): the job stops as on Ctrl-C, its temp files
     removed and its finished shards kept for the re-run, instead of dying wherever it was."""

@@ -383,20 +383,34 @@ class _Pass:
             unit="img",
             desc=f"train (pass {number})" if s.refit else "train",
         )
-        for epoch in range(start_epoch, epochs):
-            losses.append(
-                train_epoch(decoder, optimizer, self.encoder, pixels, embeddings, s, epoch, total_steps, bar)
-            )
-            if not math.isfinite(losses[-1]):  # before it is checkpointed: a rerun starts from sound weights
-                raise TrainingError(
-                    f"the training loss is {losses[-1]} in epoch {epoch + 1}: lower --lr, or check that "
-                    "the encoder's embeddings of these images are finite numbers"
-                )
-            if self.resume_dir:
-                progress_state = {"plan": plan, "epoch": epoch + 1, "losses": losses}
-                checkpoint.save_training_state(self.resume_dir, decoder, optimizer, progress_state)
-        bar.close()
+        with bar:  # closed on any exit, so that an error's line is the last one, not a stale bar
+            for epoch in range(start_epoch, epochs):
+                losses.append(self._epoch(decoder, optimizer, pixels, embeddings, epoch, total_steps, bar))
+                if self.resume_dir:
+                    progress_state = {"plan": plan, "epoch": epoch + 1, "losses": losses}
+                    checkpoint.save_training_state(self.resume_dir, decoder, optimizer, progress_state)
         return decoder, losses
+
+    def _epoch(
+        self,
+        decoder: DedeDecoder,
+        optimizer: torch.optim.Optimizer,
+        pixels: Rows,
+        embeddings: Rows,
+        epoch: int,
+        total_steps: int,
+        bar: tqdm,
+    ) -> float:
+        """One epoch's mean loss, refused when it is not a number, before it is checkpointed: a rerun
+        starts from sound weights."""
+        s = self.settings
+        loss = train_epoch(decoder, optimizer, self.encoder, pixels, embeddings, s, epoch, total_steps, bar)
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the training loss is {loss} in epoch {epoch + 1}: lower --lr, or check that "
+                "the encoder's embeddings of these images are finite numbers"
+            )
+        return loss
 
     def _resumable_state(
         self, plan: dict, decoder: DedeDecoder, optimizer: torch.optim.Optimizer

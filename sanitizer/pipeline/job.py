@@ -32,7 +32,7 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
-from sanitizer.errors import SanitizerError, Terminated, UsageError, shortlist
+from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, shortlist
 from sanitizer.joblock import refuse_busy
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
@@ -642,8 +642,11 @@ def ray_tables(
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     except ray.exceptions.RayError as e:
-        if (why := worker_user_error(e)) is None:
+        if (found := worker_user_error(e)) is None:
             raise
+        kind, why = found
+        if kind == OutOfMemory.__name__:  # the batch, not the cluster's files
+            raise OutOfMemory(why) from None
         raise UsageError(
             f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
             "encoder weights at the paths given)"
@@ -665,13 +668,17 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
+    # "An exception was raised from a task of operator ...", with the worker's traceback, which the
+    # exception raised here carries too: an OutOfMemory in an actor must stay one line
+    logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
 
 
-def worker_user_error(error: Exception) -> str | None:
-    """The message of a SanitizerError that a Ray worker raised (a decoder or weights file its node
-    cannot read), found in the error's text: an actor that dies in its constructor comes back as
-    an ActorDiedError that keeps the worker's traceback as text only. None if there is none."""
-    found = re.findall(r"^sanitizer\.errors\.\w+: (.+)$", str(error), re.MULTILINE)
+def worker_user_error(error: Exception) -> tuple[str, str] | None:
+    """The class name and message of a SanitizerError that a Ray worker raised (a decoder or weights
+    file its node cannot read, OutOfMemory), found in the error's text: an actor that dies in its
+    constructor comes back as an ActorDiedError that keeps the worker's traceback as text only. None
+    if there is none."""
+    found = re.findall(r"^sanitizer\.errors\.(\w+): (.+)$", str(error), re.MULTILINE)
     return found[-1] if found else None
 
 

@@ -28,7 +28,7 @@ from sanitizer.checkpoint import (
 from sanitizer.collapse import SKETCH_DIM, thumbnail
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
-from sanitizer.device import resolve_device
+from sanitizer.device import memory_guard, resolve_device
 from sanitizer.encoders import FILE_KINDS, parse_spec
 from sanitizer.manifest import SKETCH_TYPE, THUMBNAIL_TYPE
 from sanitizer.scoring import (
@@ -174,8 +174,11 @@ class ScoreStage:
         self.scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(settings), micro_batch, compile)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        micro = self.scorer.micro_batch
+        doing = f"scoring {table.num_rows} rows in model batches of {micro}"
         try:
-            return self._score(table)
+            with memory_guard(self.device, doing, memory_advice(table.num_rows, micro)):
+                return self._score(table)
         except Exception as e:  # a Ray actor's traceback is all the driver sees: name what it scored
             stems = pc.unique(table.column("shard")).to_pylist()
             e.add_note(f"while scoring shard{'s' if len(stems) > 1 else ''} {', '.join(stems)}")
@@ -209,6 +212,18 @@ class ScoreStage:
             pa.array(sketch.ravel()), type=SKETCH_TYPE, mask=pa.array(not_ok)
         )
         return out.append_column(SCORE_FIELDS[-1], sketches)
+
+
+def memory_advice(rows: int, micro_batch: int) -> str:
+    """What a user whose scoring ran out of memory can do: fewer rows per call, where the call held
+    more than one model batch (the model's own batch is fixed, as scores must not depend on it)."""
+    kept = "finished shards are kept, so the re-run resumes"
+    if rows > micro_batch:
+        return f"give a lower --batch-size ({micro_batch} or less); {kept}"
+    return (
+        f"--batch-size cannot lower the model's batch of {micro_batch}: free that memory of other "
+        f"processes, or use a device with more; {kept}"
+    )
 
 
 def as_nonfinite(table: pa.Table, rows: np.ndarray, score: np.ndarray, norm: np.ndarray) -> pa.Table:
