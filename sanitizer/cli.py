@@ -357,7 +357,7 @@ def format_summary(s) -> str:
             f"(collapse evidence threshold {collapse} [{s.collapse_rule}])"
         )
     lines += [
-        f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s)",
+        f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.samples_per_second:.0f} samples/s)",
     ]
     lines += [f"FAILED shard {stem}: {error}" for stem, error in sorted(s.failed_shards.items())]
     manifest = s.run_dir / "manifest" if s.shards_done else "none (no shard was scored)"

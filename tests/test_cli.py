@@ -264,3 +264,27 @@ def test_what_a_dataset_names_cannot_drive_the_terminal(tmp_path, tiny_decoder_d
     )
     err = capsys.readouterr().err
     assert "\x1b" not in err and "gone\\x1b[31m.tar" in err and err.count("\n") == 1
+
+
+def test_the_summarys_rate_counts_samples_as_it_says_not_images(tmp_path):
+    """scored_now counts every manifest row, not_an_image and no_image rows too: the rate said img/s."""
+    from sanitizer.pipeline.job import Summary
+
+    summary = Summary(
+        run_dir=tmp_path,
+        shards=1,
+        shards_done=1,
+        failed_shards={},
+        samples=120,
+        ok=100,
+        status_counts={"no_image": 5, "not_an_image": 15, "ok": 100},
+        flagged=3,
+        flagged_by={"score": 3, "collapse": 0},
+        threshold=0.5,
+        threshold_rule="quantile:0.97",
+        collapse_threshold=None,
+        collapse_rule=None,
+        seconds=2.0,
+        scored_now=120,
+    )
+    assert "throughput: 120 samples in 2.0 s (60 samples/s)" in cli.format_summary(summary).splitlines()

@@ -106,10 +106,10 @@ class Summary:
     collapse_threshold: float | None  # on the evidence (sanitizer.collapse)
     collapse_rule: str | None
     seconds: float
-    scored_now: int = 0
+    scored_now: int = 0  # manifest rows written by this job: not_an_image and no_image rows too
 
     @property
-    def images_per_second(self) -> float:
+    def samples_per_second(self) -> float:
         return self.scored_now / self.seconds if self.seconds else 0.0
 
 
@@ -846,7 +846,10 @@ def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, 
             bar.update(len(collector.done) + len(collector.failed) - before)
             rate = collector.samples / max(1e-9, time.time() - started)
             bar.set_postfix(  # shown at the bar's next redraw, which it times
-                samples=collector.samples, img_s=f"{rate:.0f}", failed=len(collector.failed), refresh=False
+                samples=collector.samples,
+                samples_s=f"{rate:.0f}",
+                failed=len(collector.failed),
+                refresh=False,
             )
 
 
