@@ -5,16 +5,14 @@ name, in input order, with fixed tar metadata, so re-running gives identical fil
 re-flags the manifest first, without re-scoring. The input shard is read again and checked against
 the manifest (keys, image hashes), so a shard changed since scoring is refused, not mis-split.
 
-It is incremental: run.json's `split` record keeps, for each shard split, what its tars were written
-from and what they are (SplitRecord). A scheduled job over a growing input then splits the new and
+It is incremental: a marker per shard split, stats/<stem>_clean.json, keeps what its tars were written
+from and what they are (SplitMarker). A scheduled job over a growing input then splits the new and
 re-flagged shards only, not the whole dataset at every run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +20,12 @@ from sanitizer import __version__
 from sanitizer.atomic import write_json_atomic
 from sanitizer.checkpoint import read_run_meta
 from sanitizer.data.decode import image_differs
-from sanitizer.data.shards import ShardRef, file_stamp, path_stamp
+from sanitizer.data.shards import ShardRef, file_stamps, path_stamp
 from sanitizer.data.tario import STATUS_OK, ShardError, ShardReadError, TarWriter, iter_samples, printable
 from sanitizer.errors import ReadFailed, UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.rundir import SPLIT_RECORD, RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
+from sanitizer.records import RecordError, read_object
+from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
@@ -97,65 +96,58 @@ def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
     return clean.count, quarantine.count
 
 
-# How often a clean that splits many shards saves its record of them: a job SIGKILLed loses at most
-# this much of its work; one stopped by SIGTERM, Ctrl-C or an error saves the record as it stops.
-SAVE_EVERY_S = 60.0
 COUNTS = ("kept", "quarantined")
+# run.json's record of the split before the markers (a `split` entry per shard): dropped by the next
+# clean, which splits each shard once more, as no marker shows what its tars hold.
+OLD_SPLIT_RECORD = "split"
 
 
-@dataclass
-class SplitRecord:
-    """run.json's `split`: for each shard split, the sha256 of the manifest it was split from, the file
-    stamps (size, mtime) of its input and of both tars as written, and their counts, under the version
-    and threshold they were split by. A shard whose entry still matches all of them holds in its tars
-    what a split would write again, so it is skipped. A remote input has no stamp: it is always split
-    again, as only reading it shows that it still matches its manifest."""
+@dataclass(frozen=True)
+class SplitMarker:
+    """stats/<stem>_clean.json, written once a shard's two tars are in place: the version and threshold
+    it was split by, the sha256 of the manifest it was split from, the file stamps of its input and of
+    both tars as written, and their counts. A shard whose marker still matches all of them holds in its
+    tars what a split would write again, so it is skipped. A marker per shard, not a record in run.json:
+    a run of 60,000 shards would make run.json megabytes that every reader reads and every save rewrites.
+    An input with no stamp is split at every clean."""
 
-    key: dict  # the version and threshold (rule and value) that every entry was split by
-    shards: dict[str, dict]
-    saved: float
+    key: dict  # the version and threshold (rule and value) of this clean
 
     @classmethod
-    def resume(cls, info: dict) -> SplitRecord:
-        """The last clean's record; an empty one where that split by another version or threshold,
-        or where run.json holds none (a clean of an earlier version) or a damaged one."""
-        key = {"sanitizer": __version__, "threshold": info.get("threshold")}
-        record = info.get(SPLIT_RECORD)
-        same = isinstance(record, dict) and all(record.get(k) == v for k, v in key.items())
-        shards = record.get("shards") if same else None
-        return cls(key, dict(shards) if isinstance(shards, dict) else {}, time.monotonic())
+    def of(cls, info: dict) -> SplitMarker:
+        return cls({"sanitizer": __version__, "threshold": info.get("threshold")})
 
-    def still_split(self, run: RunDir, shard: ShardRef, digest: str) -> dict | None:
-        """The shard's entry if its tars still hold what splitting its manifest would write; else None."""
-        entry = self.shards.get(shard.stem)
-        now = {"manifest": digest, **split_stamps(run, shard)}
-        if not isinstance(entry, dict) or None in now.values():
+    def still_split(self, run: RunDir, shard: ShardRef, digest: str, source: dict | None) -> dict | None:
+        """The shard's marker if its tars still hold what splitting its manifest would write; else None."""
+        now = {**self.key, "manifest": digest, "input": source, "tars": tar_stamps(run, shard)}
+        if None in (source, *now["tars"].values()):
             return None
-        counted = all(type(entry.get(k)) is int for k in COUNTS)
-        return entry if counted and all(entry.get(k) == v for k, v in now.items()) else None
+        marker = read_marker(run.split_marker(shard.stem))
+        counted = marker is not None and all(type(marker.get(k)) is int for k in COUNTS)
+        return marker if counted and all(marker.get(k) == v for k, v in now.items()) else None
 
-    def split(self, run: RunDir, shard: ShardRef, digest: str) -> dict:
-        """Split the shard and record it; its old entry goes first, as its tars are being replaced."""
-        self.shards.pop(shard.stem, None)
-        source = file_stamp(shard.url)  # before the read: an input changed while read differs next time
+    def split(self, run: RunDir, shard: ShardRef, digest: str, source: dict | None) -> dict:
+        """Split the shard, then mark it; its old marker goes first, as its tars are being replaced.
+        `source`: its input's stamp taken before the read, so an input changed while read differs
+        next time."""
+        run.split_marker(shard.stem).unlink(missing_ok=True)
         counts = dict(zip(COUNTS, split_shard(run, shard), strict=True))
-        entry = {"manifest": digest, **split_stamps(run, shard), "input": source, **counts}
-        self.shards[shard.stem] = entry
-        return entry
-
-    def save(self, run: RunDir, info: dict, stems: list[str] | None = None) -> None:
-        """Into run.json; `stems`: the entries to keep (the finished shards), at the end of a clean."""
-        if stems is not None:
-            self.shards = {stem: self.shards[stem] for stem in stems}
-        info[SPLIT_RECORD] = {**self.key, "shards": self.shards}
-        run.write_run(info)
-        self.saved = time.monotonic()
+        marker = {**self.key, "manifest": digest, "input": source, "tars": tar_stamps(run, shard), **counts}
+        write_json_atomic(run.split_marker(shard.stem), marker)
+        return marker
 
 
-def split_stamps(run: RunDir, shard: ShardRef) -> dict[str, dict[str, int] | None]:
-    """The file stamps a split shard's entry holds: its input's and both tars' (None: no such file)."""
+def read_marker(path: Path) -> dict | None:
+    """A split marker; None where there is none or it is damaged: its shard is split again."""
+    try:
+        return read_object(path)
+    except (OSError, RecordError):
+        return None
+
+
+def tar_stamps(run: RunDir, shard: ShardRef) -> dict[str, dict[str, int] | None]:
+    """The file stamps of a shard's two tars (None: no such file): what a marker holds of them."""
     return {
-        "input": file_stamp(shard.url),
         "clean": path_stamp(run.clean(shard.stem)),
         "quarantine": path_stamp(run.quarantine(shard.stem)),
     }
@@ -185,37 +177,28 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             info.setdefault("totals", {}).update(flagged_totals(run, done))
             info.pop("clean", None)
             run.write_run(info)
+        info.pop(OLD_SPLIT_RECORD, None)
         finished = set(done)  # up to MAX_SHARDS of them: a list would make these lookups quadratic
-        record = SplitRecord.resume(info)
-        entries, split = split_all(run, info, [s for s in shards if s.stem in finished], record)
-        sizes = {stem: entry["kept"] for stem, entry in entries.items()}
+        markers, split = split_all(run, SplitMarker.of(info), [s for s in shards if s.stem in finished])
+        sizes = {stem: marker["kept"] for stem, marker in markers.items()}
         for path, content in run.sizes(sizes).items():
             write_json_atomic(path, content)
-        kept, quarantined = (sum(entry[k] for entry in entries.values()) for k in COUNTS)
+        kept, quarantined = (sum(marker[k] for marker in markers.values()) for k in COUNTS)
         info["clean"] = {"kept": kept, "quarantined": quarantined, "shards": len(sizes)}
-        record.save(run, info, list(entries))
+        run.write_run(info)
     skipped = [s.stem for s in shards if s.stem not in finished]
     return CleanSummary(len(sizes), kept, quarantined, value, skipped, split)
 
 
-def split_all(
-    run: RunDir, info: dict, shards: list[ShardRef], record: SplitRecord
-) -> tuple[dict[str, dict], int]:
-    """Each finished shard's entry, split now unless its tars already hold that split; and how many
-    were split. The record is saved now and then, and when a split stops, so that work done stays done."""
-    entries, split = {}, 0
-    try:
-        for shard in shards:
-            digest = manifest_digest(run, shard.stem)
-            entry = record.still_split(run, shard, digest)
-            if entry is None:
-                entry, split = record.split(run, shard, digest), split + 1
-                if time.monotonic() - record.saved > SAVE_EVERY_S:
-                    record.save(run, info)
-            entries[shard.stem] = entry
-    except BaseException:
-        if split:
-            with contextlib.suppress(OSError):  # the error that stopped it is the one to report
-                record.save(run, info)
-        raise
-    return entries, split
+def split_all(run: RunDir, key: SplitMarker, shards: list[ShardRef]) -> tuple[dict[str, dict], int]:
+    """Each finished shard's marker, split now unless its tars already hold that split; and how many
+    were split. Each split is marked as it ends, so a clean stopped half-way keeps what it split."""
+    markers, split = {}, 0
+    sources = file_stamps([s.url for s in shards])  # a request each for remote inputs: in parallel
+    for shard, source in zip(shards, sources, strict=True):
+        digest = manifest_digest(run, shard.stem)
+        marker = key.still_split(run, shard, digest, source)
+        if marker is None:
+            marker, split = key.split(run, shard, digest, source), split + 1
+        markers[shard.stem] = marker
+    return markers, split

@@ -122,7 +122,8 @@ def kill_job(proc: subprocess.Popen, timeout: float = 30) -> bool:
 
 # -- runs ------------------------------------------------------------------------------------------
 def outputs(run: Path) -> dict[str, object]:
-    """What must not depend on faults: manifests as tables, stats without timings, tar bytes."""
+    """What must not depend on faults: manifests as tables, stats and split markers without the times
+    they hold (a scoring's seconds, the stamps of the tars split), tar bytes."""
     out: dict[str, object] = {}
     for path in sorted(run.rglob("*")):
         rel = path.relative_to(run).as_posix()
@@ -131,7 +132,7 @@ def outputs(run: Path) -> dict[str, object]:
         if rel.endswith(".parquet"):
             out[rel] = pq.read_table(path)
         elif rel.startswith("stats/"):
-            out[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
+            out[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("seconds", "tars")}
         elif rel == "run.json":
             info = json.loads(path.read_text())
             keep = ("identity", "state", "threshold", "totals", "failed_shards", "clean")

@@ -4,7 +4,8 @@ and rewrites of its manifests that the steps after scoring share (re-flagging, t
 Every file is written under a temporary name and renamed, so no partial file is ever visible under
 its final name. A shard is done when its stats file exists (it is written after its manifest part); a
 re-run of `score` scores one again whose input's stamp (a local file's size and mtime, a remote object's
-size and version) differs from what that file recorded.
+size and version) differs from what that file recorded. Beside it, `<stem>_clean.json` marks the
+shard split by `clean` (what its tars were written from and what they are: sanitizer.clean.SplitMarker).
 One job at a time: an advisory lock on RUN_DIR/.lock, released by the kernel if the job dies.
 """
 
@@ -63,6 +64,9 @@ class RunDir:
     def stats(self, stem: str) -> Path:
         return self.root / "stats" / f"{stem}_stats.json"
 
+    def split_marker(self, stem: str) -> Path:
+        return self.root / "stats" / f"{stem}_clean.json"
+
     def clean(self, stem: str) -> Path:
         return self.root / "clean" / f"{stem}.tar"
 
@@ -99,7 +103,8 @@ class RunDir:
         """Forget a done shard, its stats marker first: until it is scored again it is a shard never
         scored, so a job killed meanwhile, or a new read that fails, leaves no stale manifest or
         clean and quarantine tars of its old samples behind."""
-        for path in (self.stats(stem), self.manifest(stem), self.clean(stem), self.quarantine(stem)):
+        paths = (self.stats(stem), self.split_marker(stem), self.manifest(stem))
+        for path in (*paths, self.clean(stem), self.quarantine(stem)):
             path.unlink(missing_ok=True)
 
     def done(self, shards: list[ShardRef]) -> list[str]:
@@ -178,10 +183,6 @@ OPTIONAL_RUN_FIELDS = {
 # run.json's record of clean, as score weighs it and report shows it. `clean` reads none of it and
 # writes it afresh, so a damaged one does not stop the command that repairs it.
 CLEAN_RECORD_FIELDS = {"clean": dict, "clean.kept": int, "clean.quarantined": int, "clean.shards": int}
-# run.json's record of what clean split, shard by shard (sanitizer.clean.SplitRecord): what lets the
-# next clean skip a shard whose outputs still hold what it would write. `score` carries it as it is,
-# as it holds its own proof of what still matches (manifest digests, file stamps).
-SPLIT_RECORD = "split"
 
 
 def open_run(

@@ -456,7 +456,7 @@ def _check_files(run: RunDir, stems: set[str], done: set[str], cleaned: bool, re
     """Files under RUN_DIR that no shard accounts for, and temp files left by a killed writer."""
     expected = {
         "manifest": {run.manifest(s).name for s in stems},
-        "stats": {run.stats(s).name for s in stems},
+        "stats": {run.stats(s).name for s in stems} | {run.split_marker(s).name for s in done},
         "clean": {run.clean(s).name for s in done} | {run.clean_sizes_json.name},
         "quarantine": {run.quarantine(s).name for s in done},
     }

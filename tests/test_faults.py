@@ -234,6 +234,7 @@ def test_run_dir_holds_exactly_the_outputs(reference):
         expected |= {
             f"manifest/{stem}.parquet",
             f"stats/{stem}_stats.json",
+            f"stats/{stem}_clean.json",
             f"clean/{stem}.tar",
             f"quarantine/{stem}.tar",
         }

@@ -37,6 +37,11 @@ def stamps(run: Path) -> dict[str, tuple[int, int]]:
     return {f"{p.parent.name}/{p.name}": (p.stat().st_ino, p.stat().st_mtime_ns) for p in tars}
 
 
+def markers(run: Path) -> list[str]:
+    """The shards whose split marker is written."""
+    return sorted(p.name.removesuffix("_clean.json") for p in (run / "stats").glob("*_clean.json"))
+
+
 def outputs(run: Path) -> dict[str, bytes]:
     """The bytes clean writes: both tar sets, both sizes.json; and run.json's record of clean."""
     files = sorted(p for d in OUTPUTS for p in (run / d).iterdir()) + [run / "sizes.json"]
@@ -48,9 +53,9 @@ def from_scratch(run: Path, tmp_path: Path, capsys) -> dict[str, bytes]:
     """What clean writes into a copy of `run` that holds no clean outputs and no record of them."""
     copy = tmp_path / "scratch"
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock", *OUTPUTS, "sizes.json"))
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock", *OUTPUTS, "sizes.json", "*_clean.json"))
     info = json.loads((copy / "run.json").read_text())
-    (copy / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k not in ("clean", "split")}))
+    (copy / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "clean"}))
     assert "3 split, 0 already clean" in clean(copy, capsys)
     return outputs(copy)
 
@@ -106,15 +111,23 @@ def edit_a_tar(run: Path, data: Path) -> None:
     tar.write_bytes(bytes(raw))
 
 
-def drop_the_record(run: Path, data: Path) -> None:
-    """run.json as a clean of an earlier version left it: a record of clean and none of the split."""
-    info = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "split"}))
+def drop_the_markers(run: Path, data: Path) -> None:
+    """The run as a clean of an earlier version left it: a record of clean and no split markers."""
+    for marker in (run / "stats").glob("*_clean.json"):
+        marker.unlink()
+
+
+def edit_markers(run: Path, edit: dict) -> None:
+    for marker in (run / "stats").glob("*_clean.json"):
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), **edit}))
 
 
 def of_another_version(run: Path, data: Path) -> None:
-    info = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**info, "split": {**info["split"], "sanitizer": "0.0.1"}}))
+    edit_markers(run, {"sanitizer": "0.0.1"})
+
+
+def damage_a_marker(run: Path, data: Path) -> None:
+    (run / "stats" / "shard-000001_clean.json").write_text("{")
 
 
 @pytest.mark.parametrize(
@@ -124,10 +137,21 @@ def of_another_version(run: Path, data: Path) -> None:
         (lambda run, data: (run / "clean" / "shard-000002.tar").unlink(), {"shard-000002"}),
         (edit_a_tar, {"shard-000001"}),
         (lambda run, data: (data / NAMES[1]).touch(), {"shard-000001"}),  # score scores it again
-        (drop_the_record, {"shard-000000", "shard-000001", "shard-000002"}),
+        (drop_the_markers, {"shard-000000", "shard-000001", "shard-000002"}),
         (of_another_version, {"shard-000000", "shard-000001", "shard-000002"}),
+        (lambda run, data: (run / "stats" / "shard-000002_clean.json").unlink(), {"shard-000002"}),
+        (damage_a_marker, {"shard-000001"}),
     ],
-    ids=["deleted-quarantine-tar", "deleted-clean-tar", "edited-tar", "rescored", "old-record", "version"],
+    ids=[
+        "deleted-quarantine-tar",
+        "deleted-clean-tar",
+        "edited-tar",
+        "rescored",
+        "no-markers",
+        "version",
+        "deleted-marker",
+        "damaged-marker",
+    ],  # fmt: skip
 )
 def test_what_changed_since_the_last_clean_is_split_again_and_nothing_else(
     grown, tmp_path, tiny_decoder_dir, capsys, change, split
@@ -141,6 +165,7 @@ def test_what_changed_since_the_last_clean_is_split_again_and_nothing_else(
     after = stamps(run)
     assert {k for k in after if after[k] != before.get(k)} == {f"{d}/{s}.tar" for s in split for d in OUTPUTS}
     assert verify_run(run) == []
+    assert markers(run) == ["shard-000000", "shard-000001", "shard-000002"]
     assert outputs(run) == from_scratch(run, tmp_path, capsys)
 
 
@@ -159,7 +184,7 @@ def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the
     grown, tmp_path, capsys, monkeypatch
 ):
     _, run = grown
-    drop_the_record(run, Path())  # three shards to split
+    drop_the_markers(run, Path())  # three shards to split
     split_shard, calls = sanitizer.clean.split_shard, []
 
     def stopped_at_the_third(run_dir, shard):
@@ -172,8 +197,7 @@ def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the
     assert main(["clean", str(run)]) == 143
     assert "sanitizer: terminated (SIGTERM); run it again to resume" in capsys.readouterr().err
     assert not list((run / "clean").glob(".*"))  # no temp file left
-    record = json.loads((run / "run.json").read_text())["split"]["shards"]
-    assert sorted(record) == ["shard-000000", "shard-000001"]
+    assert markers(run) == ["shard-000000", "shard-000001"]
     assert verify_run(run)  # not cleaned yet: run.json has no record of clean
     calls.clear()
     assert summary(1, 2) in clean(run, capsys)
@@ -183,12 +207,65 @@ def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the
     assert outputs(run) == from_scratch(run, tmp_path, capsys)
 
 
-def test_a_remote_input_is_split_at_every_clean(flaky, tmp_path, tiny_decoder_dir, tiny_shards, capsys):
-    """A remote shard has no size or mtime to show that it did not change: only reading it again does."""
-    run = tmp_path / "run"
+def test_the_split_is_marked_per_shard_not_recorded_in_run_json(grown, tmp_path, capsys):
+    """run.json held an entry per shard split (~15 MB for 60,000 shards), rewritten every minute."""
+    _, run = grown
+    clean(run, capsys)
+    info = json.loads((run / "run.json").read_text())
+    assert "split" not in info and set(info["clean"]) == {"kept", "quarantined", "shards"}
+    assert markers(run) == ["shard-000000", "shard-000001", "shard-000002"]
+    marker = json.loads((run / "stats" / "shard-000000_clean.json").read_text())
+    tar = run / "clean" / "shard-000000.tar"
+    assert marker["tars"]["clean"] == {"size": tar.stat().st_size, "mtime_ns": tar.stat().st_mtime_ns}
+    assert marker["kept"] == json.loads((run / "sizes.json").read_text())["clean/shard-000000.tar"]
+
+
+def test_a_run_json_split_record_of_the_previous_format_is_dropped_and_every_shard_split_once(
+    grown, tmp_path, capsys
+):
+    _, run = grown
+    clean(run, capsys)
+    drop_the_markers(run, Path())
+    info = json.loads((run / "run.json").read_text())
+    old = {"sanitizer": "0.1.0", "threshold": info["threshold"], "shards": {"shard-000000": {"kept": 1}}}
+    (run / "run.json").write_text(json.dumps({**info, "split": old}))
+    assert summary(3, 0) in clean(run, capsys)
+    assert "split" not in json.loads((run / "run.json").read_text())
+    assert summary(0, 3) in clean(run, capsys)
+    assert verify_run(run) == []
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
+
+
+def test_a_rescored_shard_loses_its_marker_and_a_stray_marker_fails_verify(
+    grown, tmp_path, tiny_decoder_dir, capsys
+):
+    data, run = grown
+    clean(run, capsys)
+    (data / NAMES[1]).touch()
+    score(tiny_decoder_dir, data, run)
+    assert markers(run) == ["shard-000000", "shard-000002"]
+    clean(run, capsys)
+    (run / "stats" / "other_clean.json").write_text("{}")
+    assert verify_run(run) == ["stats/other_clean.json: not an output of this run"]
+
+
+def score_remote(tiny_decoder_dir: Path, tiny_shards: Path, run: Path) -> None:
     score(tiny_decoder_dir, ",".join(f"flaky://{tiny_shards}/{name}" for name in NAMES[:2]), run)
+
+
+def test_a_remote_input_whose_store_gives_a_version_is_split_once_until_it_changes(
+    flaky, tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """A remote shard was split at every clean, though its store's ETag shows that it did not change."""
+    run = tmp_path / "run"
+    score_remote(tiny_decoder_dir, tiny_shards, run)
     assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
     before = stamps(run)
-    assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
-    assert all(stamps(run)[k] != v for k, v in before.items())
+    assert "(2 shards: 0 split, 2 already clean; threshold" in clean(run, capsys)
+    assert stamps(run) == before
+    flaky.etags = {NAMES[1]: "2"}  # the same bytes as a new object: score scores it again
+    score_remote(tiny_decoder_dir, tiny_shards, run)
+    assert "(2 shards: 1 split, 1 already clean; threshold" in clean(run, capsys)
+    changed = {k for k, v in stamps(run).items() if before[k] != v}
+    assert changed == {"clean/shard-000001.tar", "quarantine/shard-000001.tar"}
     assert verify_run(run) == []

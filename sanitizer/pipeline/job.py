@@ -46,7 +46,7 @@ from sanitizer.pipeline.stages import (
     stage_files,
 )
 from sanitizer.progress import progress_bar
-from sanitizer.rundir import CLEAN_RECORD_FIELDS, SPLIT_RECORD, RunDir, flagged_totals, ok_scores
+from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
 
@@ -269,9 +269,8 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
 
 
 # What a re-run carries of a finished run.json while it runs: what still_clean weighs the record of
-# clean against, so that a re-run killed before it finishes leaves that record for the next to judge,
-# and the record of what clean split, which the next clean judges shard by shard.
-CARRIED = ("threshold", "collapse", "clean", SPLIT_RECORD)
+# clean against, so that a re-run killed before it finishes leaves that record for the next to judge.
+CARRIED = ("threshold", "collapse", "clean")
 # What still_clean reads of them, beyond comparing them: the record of clean's fields
 READ_OF_PREVIOUS = CLEAN_RECORD_FIELDS
 
@@ -438,8 +437,6 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
             **still_clean(run, previous, now, len(done), len(collector.done), reflagged),
-            # kept whole: the next clean re-splits the shards whose manifest or files it no longer matches
-            **{k: previous[k] for k in (SPLIT_RECORD,) if k in previous},
         )
     )
     return summary
