@@ -20,7 +20,7 @@ from sanitizer import __version__
 from sanitizer.atomic import write_json_atomic
 from sanitizer.checkpoint import read_run_meta
 from sanitizer.data.decode import image_differs
-from sanitizer.data.shards import ShardRef, file_stamps, path_stamp
+from sanitizer.data.shards import ShardRef, file_stamps, path_stamp, pins_content
 from sanitizer.data.tario import STATUS_OK, ShardError, ShardReadError, TarWriter, iter_samples, printable
 from sanitizer.errors import ReadFailed, UsageError
 from sanitizer.manifest import read_manifest
@@ -109,7 +109,9 @@ class SplitMarker:
     both tars as written, and their counts. A shard whose marker still matches all of them holds in its
     tars what a split would write again, so it is skipped. A marker per shard, not a record in run.json:
     a run of 60,000 shards would make run.json megabytes that every reader reads and every save rewrites.
-    An input with no stamp is split at every clean."""
+    A remote input is skipped only where its stamp holds a version (pins_content): a size alone stays
+    the same when an object is replaced by one of the same size, so only reading it again would show
+    that it still matches its manifest."""
 
     key: dict  # the version and threshold (rule and value) of this clean
 
@@ -120,7 +122,7 @@ class SplitMarker:
     def still_split(self, run: RunDir, shard: ShardRef, digest: str, source: dict | None) -> dict | None:
         """The shard's marker if its tars still hold what splitting its manifest would write; else None."""
         now = {**self.key, "manifest": digest, "input": source, "tars": tar_stamps(run, shard)}
-        if None in (source, *now["tars"].values()):
+        if not pins_content(source) or None in now["tars"].values():
             return None
         marker = read_marker(run.split_marker(shard.stem))
         counted = marker is not None and all(type(marker.get(k)) is int for k in COUNTS)

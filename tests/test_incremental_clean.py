@@ -269,3 +269,20 @@ def test_a_remote_input_whose_store_gives_a_version_is_split_once_until_it_chang
     changed = {k for k, v in stamps(run).items() if before[k] != v}
     assert changed == {"clean/shard-000001.tar", "quarantine/shard-000001.tar"}
     assert verify_run(run) == []
+
+
+def test_a_remote_input_whose_store_gives_a_size_alone_is_split_at_every_clean(
+    flaky, tmp_path, tiny_decoder_dir, tiny_shards, capsys, monkeypatch
+):
+    """A size stays the same when an object is replaced by one of the same size: only reading it shows
+    that it still matches its manifest."""
+    info = flaky.info
+    monkeypatch.setattr(flaky, "info", lambda fs, path, **kw: {**info(fs, path), "ETag": None})
+    run = tmp_path / "run"
+    score_remote(tiny_decoder_dir, tiny_shards, run)
+    assert json.loads((run / "stats" / "shard-000000_stats.json").read_text())["input"].keys() == {"size"}
+    assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
+    before = stamps(run)
+    assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
+    assert all(stamps(run)[k] != v for k, v in before.items())
+    assert verify_run(run) == []

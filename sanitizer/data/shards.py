@@ -106,6 +106,13 @@ def is_file_stamp(value: object) -> bool:
     )
 
 
+def pins_content(stamp: dict[str, int | str] | None) -> bool:
+    """Whether a stamp that still matches shows that the file holds what it held when stamped: a local
+    file's mtime, or a remote object's version (ETag, MD5, version id, modification time), does. A
+    size alone does not: an object replaced by another of the same size keeps it."""
+    return stamp is not None and any(k == "mtime_ns" or k in _REMOTE_VERSION for k in stamp)
+
+
 def file_stamps(urls: list[str]) -> list[dict[str, int | str] | None]:
     """`file_stamp` of each URL, asked in parallel: a remote one is a request to its store each, and
     a run may have tens of thousands of shards."""
