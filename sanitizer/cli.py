@@ -180,7 +180,7 @@ TRAIN_MEMORY_ADVICE = (
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from sanitizer.device import memory_guard, resolve_device
+    from sanitizer.device import memory_guard, resolve_device, training_threads
     from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
     from sanitizer.joblock import refuse_busy
     from sanitizer.scoring import ScoreSettings
@@ -220,7 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
     }
     size = encoder.preprocess.image_size
     doing = f"training at --batch-size {args.batch_size} on {size} px images"
-    with memory_guard(device, doing, TRAIN_MEMORY_ADVICE):
+    with memory_guard(device, doing, TRAIN_MEMORY_ADVICE), training_threads(device, size):
         meta = train_decoder(
             encoder, args.data, args.out, settings, score_settings, overrides, weights, weights_prefix=prefix
         )
@@ -453,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def error_code(e: SanitizerError) -> int:
     """What a scheduler needs to tell apart: a read that failed or memory that ran out (1: no mistake in
-    the input, running it again may succeed), a directory another job holds (75: it is still running, skip this tick),
-    and the user's mistake (2: it will fail the same way until fixed)."""
+    the input, running it again may succeed), a directory another job holds (75: it is still running,
+    skip this tick), and the user's mistake (2: it will fail the same way until fixed)."""
     if isinstance(e, (ReadFailed, OutOfMemory)):
         return EXIT_INCOMPLETE
     return EXIT_BUSY if isinstance(e, Busy) else EXIT_USAGE

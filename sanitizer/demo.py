@@ -13,13 +13,11 @@ and what matters here is that its backdoor is real (the kit measures its attack 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,24 +103,6 @@ class Split:
     probe: np.ndarray
     decoder: np.ndarray
     dataset: np.ndarray
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the demo's tiny models on one CPU thread.
-
-    They are as fast on one thread as on two, and a second thread makes them stall for minutes when
-    another process holds the other core: every small op ends at an OpenMP barrier that waits for the
-    preempted thread (measured: one implant epoch 1.9 s on one thread, 84 s on two on a busy machine).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Stages:
@@ -276,6 +256,7 @@ def ground_truth_auc(run_dir: Path) -> float | None:
 def run_demo(out_dir: Path, quick: bool = False) -> int:
     """Attack, poison, train, score (Ray), clean and report; prints where everything is. Exit code 0."""
     from sanitizer.clean import clean_run
+    from sanitizer.device import one_torch_thread
     from sanitizer.pipeline.job import ScoreJob, run_score_job
     from sanitizer.report import encoder_verdict, write_report
     from sanitizer.scoring import ScoreSettings

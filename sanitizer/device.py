@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from collections.abc import Iterator
 
@@ -67,3 +68,36 @@ def memory_guard(device: torch.device, doing: str, advice: str) -> Iterator[None
         if (what := exhausted_memory(e, device)) is None:
             raise
         raise OutOfMemory(f"ran out of {what} {doing}; {advice}") from None
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one CPU thread, then restore the count.
+
+    With two threads every op ends at an OpenMP barrier that waits for both; when another process
+    holds the other core, each op waits for the preempted thread's time slice. Measured on the
+    shared 2-core dev VM (session 29): a 32 px decoder's training steps ran at 1072-1577 img/s on one
+    thread and 71-91 img/s on two, a 224 px one's at 19-23 and 11-12 img/s; one implant epoch of the
+    demo took 1.9 s on one thread and 84 s on two.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Up to this image size the decoder is DedeConfig's small one (8 px patches, one block), whose ops are
+# too small to split: one thread is as fast as two on a quiet machine (the demo's measurement) and far
+# faster on a busy one. A larger decoder's may gain from more threads on a quiet, many-core machine,
+# which could not be measured here, so it keeps torch's count.
+ONE_THREAD_MAX_SIZE = 64
+
+
+def training_threads(device: torch.device, image_size: int) -> contextlib.AbstractContextManager:
+    """One torch thread for training a small decoder on the CPU (see one_torch_thread), unless
+    OMP_NUM_THREADS chooses the count; torch's own count elsewhere."""
+    if device.type != "cpu" or image_size > ONE_THREAD_MAX_SIZE or "OMP_NUM_THREADS" in os.environ:
+        return contextlib.nullcontext()
+    return one_torch_thread()

@@ -840,3 +840,43 @@ def test_fit_decoder_copies_no_set_of_images(tmp_path, monkeypatch):
     fit(replace(images, pixels=images.pixels[:40], keys=images.keys[:40]))  # imports everything once
     peak = traced_peak(lambda: fit(images))
     assert peak < 0.3 * images.pixels.nbytes
+
+
+@pytest.mark.parametrize(("omp_num_threads", "size", "threads"), [(None, 32, 1), ("2", 32, 2), (None, 96, 2)])
+def test_cli_train_on_the_cpu_uses_one_torch_thread_unless_omp_num_threads_is_set(
+    tmp_path, tiny_shards, capsys, monkeypatch, omp_num_threads, size, threads
+):
+    """Two threads stalled at every op's barrier on a busy 2-core machine (71-91 img/s against
+    1072-1577 on one thread); the count is restored afterwards. A decoder above 64 px, which is not
+    the small one, keeps torch's count."""
+    if omp_num_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    real = train_module.train_decoder
+    monkeypatch.setattr(train_module, "train_decoder", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        argv = [
+            *BASE,
+            *TINY_ARGS,
+            "--image-size",
+            str(size),
+            "--data",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "d"),
+            "--device",
+            "cpu",
+        ]
+        code, out, _ = run_cli(capsys, *argv)
+        assert (code, seen, torch.get_num_threads()) == (0, [threads], 2), out
+    finally:
+        torch.set_num_threads(before)
