@@ -413,13 +413,13 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from sanitizer.verify import verify_run
+    from sanitizer.verify import verify
 
-    violations = verify_run(args.run_dir)
-    for violation in violations:
-        say(violation)
-    say(f"verify: {len(violations)} violation(s) in {args.run_dir}")
-    return EXIT_INCOMPLETE if violations else EXIT_OK
+    verdict = verify(args.run_dir)
+    for line in verdict.violations + verdict.unscored_lines():
+        say(line)
+    say(verdict.summary(args.run_dir))
+    return EXIT_INCOMPLETE if verdict.violations or verdict.unscored else EXIT_OK
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:

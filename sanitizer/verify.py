@@ -523,9 +523,37 @@ def _check_totals(
             report.add(f"run.json totals.{name} is {got!r}, the manifests add up to {value!r}")
 
 
+@dataclass
+class Verdict:
+    """What verify found: the violations of the run's invariants, and the input shards the run lists
+    as failed, which hold none of them (no rows, no tars) but were never scored: a run can be
+    consistent and still incomplete, as `score` and `clean` say with exit 1."""
+
+    violations: list[str]
+    shards: int = 0
+    unscored: dict[str, str] = field(default_factory=dict)  # each failed input shard's error, by stem
+
+    def unscored_lines(self) -> list[str]:
+        return [
+            f"shard {stem}: never scored ({printable(error)}): in neither clean/ nor quarantine/"
+            for stem, error in self.unscored.items()
+        ]
+
+    def summary(self, run_dir: Path) -> str:
+        line = f"verify: {len(self.violations)} violation(s) in {run_dir}"
+        if self.unscored:
+            line += f"; incomplete: {len(self.unscored)} of {self.shards} shard(s) never scored"
+        return line
+
+
 def verify_run(run_dir: Path) -> list[str]:
-    """Every violation of the run's invariants, one human-readable line each; [] when all hold. A
-    path that holds no run at all is a usage error, as for clean and report."""
+    """Every violation of the run's invariants, one human-readable line each; [] when all hold."""
+    return verify(run_dir).violations
+
+
+def verify(run_dir: Path) -> Verdict:
+    """The run checked against its inputs. A path that holds no run at all is a usage error, as for
+    clean and report."""
     run = RunDir(Path(run_dir))
     if not run.is_run():
         raise not_a_run(run_dir)
@@ -537,10 +565,10 @@ def _verify(run: RunDir) -> list[str]:
     report = _Report()
     info, problem = _read_json(run.run_json)
     if not isinstance(info, dict):
-        return [f"run.json is {problem or 'not a JSON object'}: {run.root} is not a finished run"]
+        return Verdict([f"run.json is {problem or 'not a JSON object'}: {run.root} is not a finished run"])
     shards = _parse_shards(info, report)
     if shards is None:
-        return report.finish()
+        return Verdict(report.finish())
     failed = _check_state(info, {s.stem for s in shards}, report)
     results = _check_shards(run, info, shards, failed, report)
     _check_totals(info, shards, results, report)
@@ -549,7 +577,8 @@ def _verify(run: RunDir) -> list[str]:
     _check_files(run, {s.stem for s in shards}, done, cleaned, report)
     if cleaned:
         _check_clean_record(run, info, results, done - set(results), report)
-    return report.finish()
+    unscored = {s.stem: failed[s.stem] for s in shards if s.stem in failed}
+    return Verdict(report.finish(), len(shards), unscored)
 
 
 def _check_state(info: dict, known: set[str], report: _Report) -> dict[str, str]:

@@ -269,9 +269,17 @@ def test_path_traversal_names_are_copied_but_never_followed(reference, corpus):
 
 
 def test_verify_passes_on_the_hostile_run(reference):
+    """No violation; the shards that are not tars were never scored, which makes it exit 1, as score."""
     assert verify_run(reference.run) == []
     result = cli("verify", reference.run)
-    assert (result.rc, result.out) == (0, f"verify: 0 violation(s) in {reference.run}\n")
+    never = (
+        "never scored (not a readable tar file: ReadError: invalid header): in neither clean/ nor quarantine/"
+    )
+    assert (result.rc, result.out) == (
+        1,
+        f"shard not_a_tar_gzip: {never}\nshard not_a_tar_random: {never}\n"
+        f"verify: 0 violation(s) in {reference.run}; incomplete: 2 of 16 shard(s) never scored\n",
+    )
 
 
 # ---------------------------------------------------------------- the whole job killed

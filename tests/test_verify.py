@@ -185,18 +185,36 @@ def test_an_input_that_changed_since_it_was_scored_is_one_violation(run_copy, ti
     ]
 
 
-def test_a_failed_shard_that_reads_now_is_one_violation(tmp_path, tiny_decoder_dir, tiny_shards):
-    """Not a tar when scored, replaced by a good one since: verify reads it again and says to score;
-    once scored, that clean/ is out of date is said once, not as a tar both missing and holding 40."""
+def scored_with_a_failed_shard(tmp_path: Path, decoder_dir: Path, tiny_shards: Path) -> ScoreJob:
+    """A run of a good shard a and a shard b that is not a tar, scored and cleaned."""
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(tiny_shards / "shard-000000.tar", data / "a.tar")
     (data / "b.tar").write_bytes(b"not a tar at all" * 64)
-    job = ScoreJob(
-        decoder_dir=tiny_decoder_dir, data=str(data), out=tmp_path / "run", workers=0, collapse=None
-    )
+    job = ScoreJob(decoder_dir=decoder_dir, data=str(data), out=tmp_path / "run", workers=0, collapse=None)
     assert run_score_job(job, progress=False).failed_shards
     clean_run(job.out)
+    return job
+
+
+def test_a_failed_shard_makes_the_run_incomplete(tmp_path, tiny_decoder_dir, tiny_shards, capsys):
+    """A run consistent in every other way but with a shard never scored: verify, used as a gate
+    before training, says which and exits 1, as score and clean do for that run."""
+    job = scored_with_a_failed_shard(tmp_path, tiny_decoder_dir, tiny_shards)
+    assert verify_run(job.out) == []
+    assert main(["verify", str(job.out)]) == 1
+    assert capsys.readouterr().out == (
+        "shard b: never scored (not a readable tar file: ReadError: invalid header): in neither clean/ "
+        "nor quarantine/\n"
+        f"verify: 0 violation(s) in {job.out}; incomplete: 1 of 2 shard(s) never scored\n"
+    )
+
+
+def test_a_failed_shard_that_reads_now_is_one_violation(tmp_path, tiny_decoder_dir, tiny_shards):
+    """Not a tar when scored, replaced by a good one since: verify reads it again and says to score;
+    once scored, that clean/ is out of date is said once, not as a tar both missing and holding 40."""
+    job = scored_with_a_failed_shard(tmp_path, tiny_decoder_dir, tiny_shards)
+    data = tmp_path / "data"
     shutil.copy(tiny_shards / "shard-000001.tar", data / "b.tar")
     assert verify_run(job.out) == [
         "shard b: listed as failed but now reads (40 samples, no manifest rows): run `sanitizer score` again"
