@@ -312,7 +312,7 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
 
 
 def _check_shard(
-    run: RunDir, shard: ShardRef, threshold: float | None, cleaned: bool, report: _Report
+    run: RunDir, shard: ShardRef, stats: object, threshold: float | None, cleaned: bool, report: _Report
 ) -> _ShardResult | None:
     """A finished shard's manifest against its input and output tars; its counts come from the
     manifest, so that a shard whose input cannot be read again still adds up in the totals."""
@@ -329,7 +329,7 @@ def _check_shard(
             by_index[row["index"]] = row
     if [r["index"] for r in rows] != sorted(by_index):
         report.add("manifest rows are not in index order", stem)
-    split = _check_input(run, shard, rows, by_index, threshold, cleaned, report)
+    split = _check_input(run, shard, stats, rows, by_index, threshold, cleaned, report)
     if split is None:  # the tars were not read in step with the input: they hold what clean wrote
         split = _split_of(rows)
     statuses = Counter(r["status"] for r in rows)
@@ -352,6 +352,7 @@ def _split_of(rows: list[dict]) -> tuple[int, int]:
 def _check_input(
     run: RunDir,
     shard: ShardRef,
+    stats: object,
     rows: list[dict],
     by_index: dict[int, dict],
     threshold: float | None,
@@ -362,7 +363,6 @@ def _check_input(
     in clean/ and quarantine/, or None when the input changed since it was scored or cannot be read
     (reported once: row by row it would differ everywhere)."""
     stem = shard.stem
-    stats, _ = _read_json(run.stats(stem))
     stamp = stats.get("input") if isinstance(stats, dict) else None
     if stamp is not None and not is_file_stamp(stamp):  # tells nothing of the input: read it
         report.add(f"stats input is {stamp!r}, not {STAMP_FORM}", stem)
@@ -413,8 +413,9 @@ def _check_input(
     return clean.held(), quarantine.held()
 
 
-def _check_stats(run: RunDir, shard: ShardRef, result: _ShardResult, report: _Report) -> None:
-    stats, problem = _read_json(run.stats(shard.stem))
+def _check_stats(
+    shard: ShardRef, stats: object, problem: str | None, result: _ShardResult, report: _Report
+) -> None:
     if not isinstance(stats, dict):
         report.add(f"stats/{shard.stem}_stats.json is {problem or 'not a JSON object'}", shard.stem)
         return
@@ -624,9 +625,11 @@ def _check_shards(
         elif not done:
             found = "(manifest present) " if has_manifest else "and no manifest "
             report.add(f"has no stats marker {found}and is not listed as failed in run.json", stem)
-        elif (result := _check_shard(run, shard, threshold, cleaned, report)) is not None:
-            _check_stats(run, shard, result, report)
-            results[stem] = result
+        else:  # its stats marker, read once: the input stamp and the counts
+            stats, problem = _read_json(run.stats(stem))
+            if (result := _check_shard(run, shard, stats, threshold, cleaned, report)) is not None:
+                _check_stats(shard, stats, problem, result, report)
+                results[stem] = result
     return results
 
 

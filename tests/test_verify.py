@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sanitizer import verify as verify_module
 from sanitizer.clean import clean_run
 from sanitizer.cli import main
 from sanitizer.data.tario import TarWriter, iter_samples
@@ -467,3 +469,18 @@ def test_a_damaged_record_of_clean_is_one_violation(run_copy, capsys, record, wh
     assert main(["clean", str(run_copy)]) == 0
     assert main(["verify", str(run_copy)]) == 0
     assert capsys.readouterr().out.endswith(f"verify: 0 violation(s) in {run_copy}\n")
+
+
+def test_each_stats_marker_is_read_once(good_run, monkeypatch):
+    """For its input stamp and its counts alike: a large run has one marker per shard."""
+    reads = Counter()
+    read_json = verify_module._read_json
+
+    def counting(path: Path):
+        reads[path.relative_to(good_run).as_posix()] += 1
+        return read_json(path)
+
+    monkeypatch.setattr(verify_module, "_read_json", counting)
+    assert verify_run(good_run) == []
+    stats = {name: n for name, n in reads.items() if name.startswith("stats/")}
+    assert stats == {f"stats/shard-00000{i}_stats.json": 1 for i in range(3)}
