@@ -26,7 +26,14 @@ from sanitizer.atomic import remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import STAMP_FORM, ShardRef, file_stamps, is_file_stamp, stamp_differs
 from sanitizer.errors import UsageError
 from sanitizer.joblock import job_lock, no_job_meanwhile, refuse_busy, refuse_foreign
-from sanitizer.manifest import flag_counts, read_manifest, same_values, set_flags, write_manifest
+from sanitizer.manifest import (
+    SCHEMA_VERSION,
+    flag_counts,
+    read_manifest,
+    same_values,
+    set_flags,
+    write_manifest,
+)
 from sanitizer.records import RecordError, check_fields, lookup, read_object
 from sanitizer.thresholds import parse_rule
 
@@ -197,9 +204,28 @@ def open_run(
     try:
         check_fields(info, RUN_FIELDS, OPTIONAL_RUN_FIELDS | (also or {}))
         check_rules(info)
-        return run, info, [shard_entry(entry) for entry in info["identity"]["shards"]]
+        shards = [shard_entry(entry) for entry in info["identity"]["shards"]]
     except RecordError as e:
         raise _damaged(run.run_json, str(e)) from None
+    refuse_other_manifests(run_dir, info)
+    return run, info, shards
+
+
+def refuse_other_manifests(run_dir: Path, info: dict) -> None:
+    """A run scored by a version that wrote another manifest schema (run.json's identity.manifest;
+    none before manifest-v2) is refused: read in this one's schema, a column it lacks reads as
+    nulls, and a re-flag would write those nulls back under this version's name."""
+    version = info["identity"].get("manifest")
+    if version != SCHEMA_VERSION:
+        its = (
+            f"its manifests are {version}"
+            if isinstance(version, str)
+            else "its run.json names no manifest version"
+        )
+        raise UsageError(
+            f"{run_dir} was scored by another version of sanitizer ({its}, this one reads {SCHEMA_VERSION}): "
+            "score its input again into a new --out"
+        )
 
 
 @contextlib.contextmanager

@@ -420,7 +420,12 @@ def fake_run(root: Path, rule: str, value: float, shards: list[tuple[int, int]],
         }
         (root / "stats" / f"{ref['stem']}_stats.json").write_text(json.dumps(stats))
     run = {
-        "identity": {"shards": refs, "scoring": scoring, "decoder_sha256": "0" * 64},
+        "identity": {
+            "shards": refs,
+            "scoring": scoring,
+            "decoder_sha256": "0" * 64,
+            "manifest": "manifest-v3",
+        },
         "config": {"decoder_dir": str(decoder)},
         "threshold": {"rule": rule, "value": value},
     }

@@ -484,3 +484,45 @@ def test_each_stats_marker_is_read_once(good_run, monkeypatch):
     assert verify_run(good_run) == []
     stats = {name: n for name, n in reads.items() if name.startswith("stats/")}
     assert stats == {f"stats/shard-00000{i}_stats.json": 1 for i in range(3)}
+
+
+def as_manifest_v2(run: Path) -> None:
+    """The run as the version before manifest-v3 wrote it: no thumbnail column, v2 in the metadata
+    and in run.json's identity."""
+    for path in (run / "manifest").glob("*.parquet"):
+        table = pq.read_table(path).drop_columns(["thumbnail"])
+        pq.write_table(table.replace_schema_metadata({"schema": "manifest-v2"}), path)
+    info = json.loads((run / "run.json").read_text())
+    info["identity"]["manifest"] = "manifest-v2"
+    (run / "run.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("args", [["clean"], ["clean", "--threshold", "mad:3"], ["report"]])
+def test_clean_and_report_refuse_a_run_of_another_manifest_version(run_copy, args, capsys):
+    """They read a manifest-v2 run as v3, its missing thumbnails as nulls, and `clean --threshold`
+    rewrote them so, labelled manifest-v3, which verify then passed. Refused as verify reports it."""
+    as_manifest_v2(run_copy)
+    before = {p.name: p.read_bytes() for p in (run_copy / "manifest").iterdir()}
+    assert main([args[0], str(run_copy), *args[1:]]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run_copy} was scored by another version of sanitizer (its manifests are "
+        "manifest-v2, this one reads manifest-v3): score its input again into a new --out\n"
+    )
+    assert {p.name: p.read_bytes() for p in (run_copy / "manifest").iterdir()} == before
+    assert not (run_copy / "report").exists()
+    assert (
+        "shard shard-000000: manifest/shard-000000.parquet is not manifest-v3: its metadata says schema "
+        "'manifest-v2'; no column thumbnail" in verify_run(run_copy)
+    )
+
+
+def test_a_run_that_names_no_manifest_version_is_refused(run_copy, capsys):
+    """run.json gained identity.manifest with manifest-v2: a run without it is older still."""
+    info = json.loads((run_copy / "run.json").read_text())
+    del info["identity"]["manifest"]
+    (run_copy / "run.json").write_text(json.dumps(info))
+    assert main(["clean", str(run_copy)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run_copy} was scored by another version of sanitizer (its run.json names no "
+        "manifest version, this one reads manifest-v3): score its input again into a new --out\n"
+    )
