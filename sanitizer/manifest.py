@@ -136,15 +136,33 @@ def write_manifest(path: Path, table: pa.Table) -> None:
 
 def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
     """The manifest (or only `columns` of it, which Parquet reads alone), in the schema's types. One
-    that cannot be read was damaged after its shard finished: its stats marker says it is done."""
+    that cannot be read was damaged after its shard finished: its stats marker says it is done. One
+    of another schema is refused too: read in this one's, a column it lacks would read as nulls."""
     try:
         with pa.OSFile(str(path)) as source:  # pyarrow would expand a `~` in a path, or read it as a URI
+            if (why := schema_difference(pq.read_schema(source))) is not None:
+                raise pa.ArrowInvalid(f"not {SCHEMA_VERSION}: {why}")
             return pq.read_table(source, columns=columns, schema=MANIFEST_SCHEMA)
     except (pa.ArrowException, OSError) as e:
         raise UsageError(
             f"cannot read manifest {path} ({str(e).splitlines()[0] or type(e).__name__}); restore it, or "
             f"delete its shard's stats/<stem>_stats.json and re-run score to score that shard again"
         ) from None
+
+
+def schema_difference(schema: pa.Schema) -> str | None:
+    """How a manifest file's schema differs from this version's, so that a refusal says what to look
+    at; None where it is this version's."""
+    version = (schema.metadata or {}).get(b"schema", b"").decode("utf-8", "replace")
+    if version == SCHEMA_VERSION and schema.equals(MANIFEST_SCHEMA, check_metadata=False):
+        return None
+    want, got = {f.name: f.type for f in MANIFEST_SCHEMA}, {f.name: f.type for f in schema}
+    parts = [] if version == SCHEMA_VERSION else [f"its metadata says schema {version[:80]!r}"]
+    missing, extra = [n for n in want if n not in got], [n for n in got if n not in want]
+    parts += [f"no column {', '.join(missing)}"] if missing else []
+    parts += [f"extra column {', '.join(extra)}"] if extra else []
+    parts += [f"column {n} is {got[n]}, not {t}" for n, t in want.items() if n in got and got[n] != t]
+    return "; ".join(parts) or "its columns are in another order or nullability"
 
 
 def flag_counts(table: pa.Table) -> dict:

@@ -38,7 +38,7 @@ from sanitizer.data.tario import (
     sha256_hex,
     split_key,
 )
-from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts
+from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts, schema_difference
 from sanitizer.records import RecordError, check_fields, lookup
 from sanitizer.rundir import (
     CLEAN_RECORD_FIELDS,
@@ -226,28 +226,14 @@ def _read_manifest(path: Path, stem: str, report: _Report) -> pa.Table | None:
     except Exception as e:  # noqa: BLE001 - a corrupt Parquet file is a violation, not a crash
         report.add(f"manifest/{stem}.parquet cannot be read: {describe(e)}", stem)
         return None
-    version = (schema.metadata or {}).get(b"schema", b"").decode("utf-8", "replace")
-    if version != SCHEMA_VERSION or not schema.equals(MANIFEST_SCHEMA, check_metadata=False):
-        report.add(
-            f"manifest/{stem}.parquet is not {SCHEMA_VERSION}: {_schema_difference(schema, version)}", stem
-        )
+    if (why := schema_difference(schema)) is not None:
+        report.add(f"manifest/{stem}.parquet is not {SCHEMA_VERSION}: {why}", stem)
         return None
     try:
         return pq.read_table(path, schema=MANIFEST_SCHEMA)
     except Exception as e:  # noqa: BLE001
         report.add(f"manifest/{stem}.parquet cannot be read: {describe(e)}", stem)
         return None
-
-
-def _schema_difference(schema: pa.Schema, version: str) -> str:
-    """How a manifest's schema differs from this version's, so that the line says what to look at."""
-    want, got = {f.name: f.type for f in MANIFEST_SCHEMA}, {f.name: f.type for f in schema}
-    parts = [] if version == SCHEMA_VERSION else [f"its metadata says schema {q(version)}"]
-    missing, extra = [n for n in want if n not in got], [n for n in got if n not in want]
-    parts += [f"no column {', '.join(missing)}"] if missing else []
-    parts += [f"extra column {', '.join(extra)}"] if extra else []
-    parts += [f"column {n} is {got[n]}, not {t}" for n, t in want.items() if n in got and got[n] != t]
-    return "; ".join(parts) or "its columns are in another order or nullability"
 
 
 def _whose(rows: list[dict]) -> Callable[[str], str]:

@@ -486,12 +486,17 @@ def test_each_stats_marker_is_read_once(good_run, monkeypatch):
     assert stats == {f"stats/shard-00000{i}_stats.json": 1 for i in range(3)}
 
 
+def manifest_v2(path: Path) -> None:
+    """The manifest as manifest-v2 wrote it: no thumbnail column, v2 in its metadata."""
+    table = pq.read_table(path).drop_columns(["thumbnail"])
+    pq.write_table(table.replace_schema_metadata({"schema": "manifest-v2"}), path)
+
+
 def as_manifest_v2(run: Path) -> None:
     """The run as the version before manifest-v3 wrote it: no thumbnail column, v2 in the metadata
     and in run.json's identity."""
     for path in (run / "manifest").glob("*.parquet"):
-        table = pq.read_table(path).drop_columns(["thumbnail"])
-        pq.write_table(table.replace_schema_metadata({"schema": "manifest-v2"}), path)
+        manifest_v2(path)
     info = json.loads((run / "run.json").read_text())
     info["identity"]["manifest"] = "manifest-v2"
     (run / "run.json").write_text(json.dumps(info))
@@ -526,3 +531,18 @@ def test_a_run_that_names_no_manifest_version_is_refused(run_copy, capsys):
         f"sanitizer: error: {run_copy} was scored by another version of sanitizer (its run.json names no "
         "manifest version, this one reads manifest-v3): score its input again into a new --out\n"
     )
+
+
+def test_a_manifest_of_another_schema_in_a_run_of_this_one_cannot_be_read(run_copy, capsys):
+    """clean read it in this schema, its missing columns as nulls, and wrote it back so under a new
+    threshold; it is a manifest that cannot be read now, as one overwritten is."""
+    path = run_copy / "manifest" / "shard-000001.parquet"
+    manifest_v2(path)
+    before = path.read_bytes()
+    assert main(["clean", str(run_copy), "--threshold", "mad:3"]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: cannot read manifest {path} (not manifest-v3: its metadata says schema "
+        "'manifest-v2'; no column thumbnail); restore it, or delete its shard's stats/<stem>_stats.json "
+        "and re-run score to score that shard again\n"
+    )
+    assert path.read_bytes() == before
