@@ -522,7 +522,7 @@ class Verdict:
 
     def unscored_lines(self) -> list[str]:
         return [
-            f"shard {stem}: never scored ({printable(error)}): in neither clean/ nor quarantine/"
+            f"shard {stem}: never scored ({q(error, 200)[1:-1]}): in neither clean/ nor quarantine/"
             for stem, error in self.unscored.items()
         ]
 

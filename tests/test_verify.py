@@ -210,6 +210,11 @@ def test_a_failed_shard_makes_the_run_incomplete(tmp_path, tiny_decoder_dir, tin
         "nor quarantine/\n"
         f"verify: 0 violation(s) in {job.out}; incomplete: 1 of 2 shard(s) never scored\n"
     )
+    info = json.loads((job.out / "run.json").read_text())
+    info["failed_shards"][0]["error"] = "cut\x1b[2J\nshort"  # as a terminal would obey it: escaped
+    (job.out / "run.json").write_text(json.dumps(info))
+    assert main(["verify", str(job.out)]) == 1
+    assert "shard b: never scored (cut\\x1b[2J\\nshort): in neither" in capsys.readouterr().out
 
 
 def test_a_failed_shard_that_reads_now_is_one_violation(tmp_path, tiny_decoder_dir, tiny_shards):
