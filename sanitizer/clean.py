@@ -170,7 +170,10 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             info["threshold"] = {"rule": str(rule), "value": resolve_rule(rule, run, info, done)}
         value = (info.get("threshold") or {}).get("value")
         if value is None and done:  # a run with no finished shard has nothing to split at any
-            raise UsageError(f"{run_dir} has no threshold yet; give --threshold")
+            raise UsageError(
+                f"{run_dir} has no threshold yet: its `sanitizer score` did not finish (run it again to "
+                "finish it), or found no ok score for a data rule; or give --threshold"
+            )
         # The manifests are flagged at run.json's threshold before any split: a new one, or the one
         # run.json kept when a `clean --threshold` was killed while it re-flagged them.
         if apply_threshold(run, done, value) or threshold is not None:

@@ -52,6 +52,7 @@ from sanitizer.rundir import (
 from sanitizer.scoring import STATUS_NONFINITE_SCORE
 
 KNOWN_STATUSES = frozenset((*DECODE_STATUSES, STATUS_NONFINITE_SCORE)) | READ_STATUSES
+FINISHED = ("complete", "incomplete")  # run.json states of a job that ran to its end
 MAX_PER_SHARD = 20  # violations listed per shard before the rest are counted
 _CHUNK = 1 << 20
 
@@ -548,7 +549,7 @@ def verify(run_dir: Path) -> Verdict:
         return _verify(run)
 
 
-def _verify(run: RunDir) -> list[str]:
+def _verify(run: RunDir) -> Verdict:
     report = _Report()
     info, problem = _read_json(run.run_json)
     if not isinstance(info, dict):
@@ -557,6 +558,8 @@ def _verify(run: RunDir) -> list[str]:
     if shards is None:
         return Verdict(report.finish())
     failed = _check_state(info, {s.stem for s in shards}, report)
+    if info.get("state") not in FINISHED:  # its rows and totals are not final: that one line says it
+        return Verdict(report.finish())
     results = _check_shards(run, info, shards, failed, report)
     _check_totals(info, shards, results, report)
     done = set(run.done(shards)) - set(failed)
@@ -579,8 +582,10 @@ def _check_state(info: dict, known: set[str], report: _Report) -> dict[str, str]
     for stem in sorted(set(failed) - known):
         report.add(f"run.json lists failed shard {q(stem)}, which is not an input of this run")
     state = info.get("state")
-    if state not in ("complete", "incomplete"):
-        report.add(f"run.json state is {state!r}: the job did not finish")
+    if state not in FINISHED:
+        report.add(
+            f"run.json state is {state!r}: the job did not finish; run `sanitizer score` again to finish it"
+        )
     elif failed and state == "complete":
         report.add("run.json state is 'complete' but lists failed shards")
     elif not failed and state == "incomplete":

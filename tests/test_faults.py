@@ -476,7 +476,16 @@ def test_full_disk_while_scoring(monkeypatch, tmp_path, corpus, tiny_decoder_dir
     assert sorted(p.name for p in (run / "manifest").iterdir()) == [f"{s}.parquet" for s in DONE[:2]]
     assert sorted(p.name for p in (run / "stats").iterdir()) == [f"{s}_stats.json" for s in DONE[:2]]
     assert json.loads((run / "run.json").read_text())["state"] == "running"
-    assert "run.json state is 'running': the job did not finish" in verify_run(run)
+    # the one line that matters, not one per row of the finished shards' unfinal thresholds
+    assert verify_run(run) == [
+        "run.json state is 'running': the job did not finish; run `sanitizer score` again to finish it"
+    ]
+    refused = cli("clean", run, cwd=tmp_path)
+    assert (refused.rc, refused.err.splitlines()[-1]) == (
+        2,
+        f"sanitizer: error: {run} has no threshold yet: its `sanitizer score` did not finish (run it "
+        "again to finish it), or found no ok score for a data rule; or give --threshold",
+    )
 
     monkeypatch.setattr(pq, "write_table", real)  # space freed: the re-run completes
     assert cli(*args, cwd=tmp_path).rc == 1
