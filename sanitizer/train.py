@@ -445,7 +445,7 @@ def finite_rows(embeddings: np.ndarray, keys: list[str]) -> tuple[np.ndarray, li
     """
     finite = np.isfinite(embeddings).all(axis=1)
     usable, left_out = np.flatnonzero(finite), [keys[i] for i in np.flatnonzero(~finite)]
-    if len(usable) < MIN_IMAGES:
+    if left_out and len(usable) < MIN_IMAGES:  # load_images counted the decodable ones for the CLI
         raise UsageError(
             f"the encoder's embedding of {len(left_out)} of the {len(keys)} decodable images is not finite "
             f"({shortlist([repr(k) for k in left_out])}): {len(usable)} are left, and training needs "
