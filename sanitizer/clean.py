@@ -6,13 +6,14 @@ re-flags the manifest first, without re-scoring. The input shard is read again a
 the manifest (keys, image hashes), so a shard changed since scoring is refused, not mis-split.
 
 It is incremental: a marker per shard split, stats/<stem>_clean.json, keeps what its tars were written
-from and what they are (SplitMarker). A scheduled job over a growing input then splits the new and
-re-flagged shards only, not the whole dataset at every run.
+from and what they are (marker_key, still_split). A scheduled job over a growing input then splits the
+new and re-flagged shards only, not the whole dataset at every run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class CleanSummary:
     quarantined: int
     threshold: float | None  # None: no shard was scored, and a data rule found no scores
     skipped_shards: list[str]
-    split: int  # of `shards`, those split by this run; the others were already clean at this threshold
+    split: int  # of `shards`, those split by this run; the tars of the others already held their split
 
     def skipped_lines(self) -> list[str]:
         """A line per shard left out, as `sanitizer clean` and examples/audit_manifest.py print them."""
@@ -67,13 +68,27 @@ def changed_since_scored(shard: ShardRef, why: str) -> UsageError:
     )
 
 
-def split_shard(run: RunDir, shard: ShardRef) -> tuple[int, int]:
-    """Write clean/<stem>.tar and quarantine/<stem>.tar from the input; returns (kept, quarantined)."""
-    table = read_manifest(run.manifest(shard.stem))
-    keys = table.column("key").to_pylist()
-    status = table.column("status").to_pylist()
-    flagged = table.column("flagged").to_pylist()
-    digests = table.column("sha256").to_pylist()
+# What a split reads of a manifest, row by row: the tars it writes follow from these and the input alone.
+SPLIT_COLUMNS = ("key", "status", "flagged", "sha256")
+
+
+def split_rows(run: RunDir, stem: str) -> dict[str, list]:
+    """The manifest's SPLIT_COLUMNS, as lists."""
+    table = read_manifest(run.manifest(stem), list(SPLIT_COLUMNS))
+    return {column: table.column(column).to_pylist() for column in SPLIT_COLUMNS}
+
+
+def rows_digest(rows: dict[str, list]) -> str:
+    """The sha256 of a split's rows. Not of the manifest file: the collapse pass of a grown run
+    rewrites every old manifest's collapse columns, and a new threshold every one's threshold
+    column, while most shards' flags, and so their tars, stay as they were."""
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def split_shard(run: RunDir, shard: ShardRef, rows: dict[str, list]) -> tuple[int, int]:
+    """Write clean/<stem>.tar and quarantine/<stem>.tar from the input and the manifest's `rows`
+    (split_rows); returns (kept, quarantined)."""
+    keys, status, flagged, digests = (rows[column] for column in SPLIT_COLUMNS)
     seen = 0
     with TarWriter(run.clean(shard.stem)) as clean, TarWriter(run.quarantine(shard.stem)) as quarantine:
         try:
@@ -102,41 +117,35 @@ COUNTS = ("kept", "quarantined")
 OLD_SPLIT_RECORD = "split"
 
 
-@dataclass(frozen=True)
-class SplitMarker:
-    """stats/<stem>_clean.json, written once a shard's two tars are in place: the version and threshold
-    it was split by, the sha256 of the manifest it was split from, the file stamps of its input and of
-    both tars as written, and their counts. A shard whose marker still matches all of them holds in its
-    tars what a split would write again, so it is skipped. A marker per shard, not a record in run.json:
-    a run of 60,000 shards would make run.json megabytes that every reader reads and every save rewrites.
-    A remote input is skipped only where its stamp holds a version (pins_content): a size alone stays
+def marker_key(rows: dict[str, list], source: dict | None) -> dict:
+    """What a shard's split marker must hold for its tars to be what a split would write now: the
+    version, the digest of the rows split (rows_digest) and the input's stamp. A marker per shard,
+    stats/<stem>_clean.json, not a record in run.json: a run of 60,000 shards would make run.json
+    megabytes that every reader reads and every save rewrites."""
+    return {"sanitizer": __version__, "rows": rows_digest(rows), "input": source}
+
+
+def still_split(run: RunDir, shard: ShardRef, key: dict) -> dict | None:
+    """The shard's marker if it holds `key` and the stamps of the tars as they are now; else None.
+    A remote input counts only where its stamp holds a version (pins_content): a size alone stays
     the same when an object is replaced by one of the same size, so only reading it again would show
     that it still matches its manifest."""
+    now = {**key, "tars": tar_stamps(run, shard)}
+    if not pins_content(key["input"]) or None in now["tars"].values():
+        return None
+    marker = read_marker(run.split_marker(shard.stem))
+    counted = marker is not None and all(type(marker.get(k)) is int for k in COUNTS)
+    return marker if counted and all(marker.get(k) == v for k, v in now.items()) else None
 
-    key: dict  # the version and threshold (rule and value) of this clean
 
-    @classmethod
-    def of(cls, info: dict) -> SplitMarker:
-        return cls({"sanitizer": __version__, "threshold": info.get("threshold")})
-
-    def still_split(self, run: RunDir, shard: ShardRef, digest: str, source: dict | None) -> dict | None:
-        """The shard's marker if its tars still hold what splitting its manifest would write; else None."""
-        now = {**self.key, "manifest": digest, "input": source, "tars": tar_stamps(run, shard)}
-        if not pins_content(source) or None in now["tars"].values():
-            return None
-        marker = read_marker(run.split_marker(shard.stem))
-        counted = marker is not None and all(type(marker.get(k)) is int for k in COUNTS)
-        return marker if counted and all(marker.get(k) == v for k, v in now.items()) else None
-
-    def split(self, run: RunDir, shard: ShardRef, digest: str, source: dict | None) -> dict:
-        """Split the shard, then mark it; its old marker goes first, as its tars are being replaced.
-        `source`: its input's stamp taken before the read, so an input changed while read differs
-        next time."""
-        run.split_marker(shard.stem).unlink(missing_ok=True)
-        counts = dict(zip(COUNTS, split_shard(run, shard), strict=True))
-        marker = {**self.key, "manifest": digest, "input": source, "tars": tar_stamps(run, shard), **counts}
-        write_json_atomic(run.split_marker(shard.stem), marker)
-        return marker
+def split_and_mark(run: RunDir, shard: ShardRef, rows: dict[str, list], key: dict) -> dict:
+    """Split the shard, then write its marker: `key`, the stamps of the tars as written, the counts.
+    Its old marker goes first, as its tars are being replaced."""
+    run.split_marker(shard.stem).unlink(missing_ok=True)
+    counts = dict(zip(COUNTS, split_shard(run, shard, rows), strict=True))
+    marker = {**key, "tars": tar_stamps(run, shard), **counts}
+    write_json_atomic(run.split_marker(shard.stem), marker)
+    return marker
 
 
 def read_marker(path: Path) -> dict | None:
@@ -153,12 +162,6 @@ def tar_stamps(run: RunDir, shard: ShardRef) -> dict[str, dict[str, int] | None]
         "clean": path_stamp(run.clean(shard.stem)),
         "quarantine": path_stamp(run.quarantine(shard.stem)),
     }
-
-
-def manifest_digest(run: RunDir, stem: str) -> str:
-    """The manifest's sha256: scoring a shard again, or re-flagging it, changes it."""
-    with open(run.manifest(stem), "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
@@ -184,7 +187,7 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             run.write_run(info)
         info.pop(OLD_SPLIT_RECORD, None)
         finished = set(done)  # up to MAX_SHARDS of them: a list would make these lookups quadratic
-        markers, split = split_all(run, SplitMarker.of(info), [s for s in shards if s.stem in finished])
+        markers, split = split_all(run, [s for s in shards if s.stem in finished])
         sizes = {stem: marker["kept"] for stem, marker in markers.items()}
         for path, content in run.sizes(sizes).items():
             write_json_atomic(path, content)
@@ -195,15 +198,17 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
     return CleanSummary(len(sizes), kept, quarantined, value, skipped, split)
 
 
-def split_all(run: RunDir, key: SplitMarker, shards: list[ShardRef]) -> tuple[dict[str, dict], int]:
+def split_all(run: RunDir, shards: list[ShardRef]) -> tuple[dict[str, dict], int]:
     """Each finished shard's marker, split now unless its tars already hold that split; and how many
-    were split. Each split is marked as it ends, so a clean stopped half-way keeps what it split."""
+    were split. Each split is marked as it ends, so a clean stopped half-way keeps what it split.
+    Inputs are stamped before any is read, so an input changed while read differs next time."""
     markers, split = {}, 0
     sources = file_stamps([s.url for s in shards])  # a request each for remote inputs: in parallel
     for shard, source in zip(shards, sources, strict=True):
-        digest = manifest_digest(run, shard.stem)
-        marker = key.still_split(run, shard, digest, source)
+        rows = split_rows(run, shard.stem)
+        key = marker_key(rows, source)
+        marker = still_split(run, shard, key)
         if marker is None:
-            marker, split = key.split(run, shard, digest, source), split + 1
+            marker, split = split_and_mark(run, shard, rows, key), split + 1
         markers[shard.stem] = marker
     return markers, split

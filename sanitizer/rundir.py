@@ -5,7 +5,7 @@ Every file is written under a temporary name and renamed, so no partial file is 
 its final name. A shard is done when its stats file exists (it is written after its manifest part); a
 re-run of `score` scores one again whose input's stamp (a local file's size and mtime, a remote object's
 size and version) differs from what that file recorded. Beside it, `<stem>_clean.json` marks the
-shard split by `clean` (what its tars were written from and what they are: sanitizer.clean.SplitMarker).
+shard split by `clean` (what its tars were written from and what they are: sanitizer.clean.marker_key).
 One job at a time: an advisory lock on RUN_DIR/.lock, released by the kernel if the job dies.
 """
 

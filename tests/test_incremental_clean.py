@@ -7,11 +7,13 @@ import shutil
 import signal
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 import sanitizer.clean
 from sanitizer.cli import main
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
+from sanitizer.manifest import read_manifest, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.verify import verify_run
 
@@ -169,15 +171,66 @@ def test_what_changed_since_the_last_clean_is_split_again_and_nothing_else(
     assert outputs(run) == from_scratch(run, tmp_path, capsys)
 
 
-def test_another_threshold_splits_every_shard_and_its_return_too(grown, tmp_path, capsys):
+def test_another_threshold_splits_the_shards_whose_flags_it_changes_and_its_return_too(
+    grown, tmp_path, capsys
+):
     _, run = grown
     clean(run, capsys)
-    assert summary(3, 0) in clean(run, capsys, "--threshold", "value:0.05")
+    assert summary(3, 0) in clean(run, capsys, "--threshold", "value:0.05")  # every ok sample flagged
     assert verify_run(run) == []
     assert outputs(run) == from_scratch(run, tmp_path, capsys)
     assert summary(0, 3) in clean(run, capsys, "--threshold", "value:0.05")
     assert summary(3, 0) in clean(run, capsys, "--threshold", "quantile:0.97")
     assert verify_run(run) == []
+
+
+def ok_scores(run: Path) -> list[float]:
+    return sorted(
+        s for p in (run / "manifest").iterdir() for s in read_manifest(p, ["score"])["score"].to_pylist()
+    )
+
+
+def test_a_threshold_that_flips_no_flag_splits_nothing(grown, tmp_path, capsys):
+    """Every shard was split again at any new threshold value, though its tars hold the same samples."""
+    _, run = grown
+    clean(run, capsys)
+    before = stamps(run)
+    value = json.loads((run / "run.json").read_text())["threshold"]["value"]
+    above = min(s for s in ok_scores(run) if s > value)  # between the threshold and the next score
+    assert summary(0, 3) in clean(run, capsys, "--threshold", f"value:{(value + above) / 2}")
+    assert stamps(run) == before
+    assert verify_run(run) == []
+    assert outputs(run) == from_scratch(run, tmp_path, capsys)
+
+
+def rewrite_manifest(run: Path, stem: str, columns: dict[str, object]) -> None:
+    """A manifest with `columns` set to one value in every row, as the collapse pass rewrites them."""
+    path = run / "manifest" / f"{stem}.parquet"
+    table = read_manifest(path)
+    for name, value in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(
+            i, table.schema.field(i), pa.array([value] * table.num_rows, table.schema.field(i).type)
+        )
+    write_manifest(path, table)
+
+
+def test_a_manifest_rewritten_with_the_same_flags_is_not_split_and_one_with_other_flags_is(
+    grown, tmp_path, capsys
+):
+    """The collapse pass of a grown run rewrites every old manifest's collapse columns: each shard was
+    split again, though only those whose flags changed hold other samples in their tars."""
+    _, run = grown
+    clean(run, capsys)
+    before = stamps(run)
+    rewrite_manifest(run, "shard-000000", {"collapse": 0.0, "collapse_threshold": 1.0, "score_std": 0.5})
+    assert summary(0, 3) in clean(run, capsys)
+    assert stamps(run) == before
+    rewrite_manifest(run, "shard-000001", {"collapse": 1.0, "collapse_threshold": 0.0})  # all flagged
+    assert summary(1, 2) in clean(run, capsys)
+    changed = {k for k, v in stamps(run).items() if before[k] != v}
+    assert changed == {"clean/shard-000001.tar", "quarantine/shard-000001.tar"}
+    assert json.loads((run / "sizes.json").read_text())["clean/shard-000001.tar"] == 0
 
 
 def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the_rest(
@@ -187,11 +240,11 @@ def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the
     drop_the_markers(run, Path())  # three shards to split
     split_shard, calls = sanitizer.clean.split_shard, []
 
-    def stopped_at_the_third(run_dir, shard):
+    def stopped_at_the_third(run_dir, shard, rows):
         calls.append(shard.stem)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return split_shard(run_dir, shard)
+        return split_shard(run_dir, shard, rows)
 
     monkeypatch.setattr(sanitizer.clean, "split_shard", stopped_at_the_third)
     assert main(["clean", str(run)]) == 143
