@@ -339,3 +339,17 @@ def test_a_remote_input_whose_store_gives_a_size_alone_is_split_at_every_clean(
     assert "(2 shards: 2 split, 0 already clean; threshold" in clean(run, capsys)
     assert all(stamps(run)[k] != v for k, v in before.items())
     assert verify_run(run) == []
+
+
+@pytest.mark.parametrize(("copy", "split"), [(shutil.copy2, 0), (shutil.copy, 3)], ids=["cp-a", "cp-r"])
+def test_a_run_dir_copied_with_its_mtimes_is_already_clean_and_one_copied_without_is_split_again(
+    grown, tmp_path, capsys, copy, split
+):
+    """What the README says of a RUN_DIR copied to another machine: the tars' stamps are their mtimes."""
+    _, run = grown
+    clean(run, capsys)
+    copied = tmp_path / "copied"
+    shutil.copytree(run, copied, copy_function=copy, ignore=shutil.ignore_patterns(".lock"))
+    assert summary(split, 3 - split) in clean(copied, capsys)
+    assert verify_run(copied) == []
+    assert outputs(copied) == outputs(run)
