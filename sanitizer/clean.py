@@ -112,9 +112,6 @@ def split_shard(run: RunDir, shard: ShardRef, rows: dict[str, list]) -> tuple[in
 
 
 COUNTS = ("kept", "quarantined")
-# run.json's record of the split before the markers (a `split` entry per shard): dropped by the next
-# clean, which splits each shard once more, as no marker shows what its tars hold.
-OLD_SPLIT_RECORD = "split"
 
 
 def marker_key(rows: dict[str, list], source: dict | None) -> dict:
@@ -185,7 +182,6 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
             info.setdefault("totals", {}).update(flagged_totals(run, done))
             info.pop("clean", None)
             run.write_run(info)
-        info.pop(OLD_SPLIT_RECORD, None)
         finished = set(done)  # up to MAX_SHARDS of them: a list would make these lookups quadratic
         markers, split = split_all(run, [s for s in shards if s.stem in finished])
         sizes = {stem: marker["kept"] for stem, marker in markers.items()}

@@ -261,7 +261,7 @@ def test_a_clean_stopped_by_sigterm_keeps_what_it_split_and_the_rerun_splits_the
 
 
 def test_the_split_is_marked_per_shard_not_recorded_in_run_json(grown, tmp_path, capsys):
-    """run.json held an entry per shard split (~15 MB for 60,000 shards), rewritten every minute."""
+    """A record in run.json would be an entry per shard split (~15 MB for 60,000 shards)."""
     _, run = grown
     clean(run, capsys)
     info = json.loads((run / "run.json").read_text())
@@ -271,22 +271,6 @@ def test_the_split_is_marked_per_shard_not_recorded_in_run_json(grown, tmp_path,
     tar = run / "clean" / "shard-000000.tar"
     assert marker["tars"]["clean"] == {"size": tar.stat().st_size, "mtime_ns": tar.stat().st_mtime_ns}
     assert marker["kept"] == json.loads((run / "sizes.json").read_text())["clean/shard-000000.tar"]
-
-
-def test_a_run_json_split_record_of_the_previous_format_is_dropped_and_every_shard_split_once(
-    grown, tmp_path, capsys
-):
-    _, run = grown
-    clean(run, capsys)
-    drop_the_markers(run, Path())
-    info = json.loads((run / "run.json").read_text())
-    old = {"sanitizer": "0.1.0", "threshold": info["threshold"], "shards": {"shard-000000": {"kept": 1}}}
-    (run / "run.json").write_text(json.dumps({**info, "split": old}))
-    assert summary(3, 0) in clean(run, capsys)
-    assert "split" not in json.loads((run / "run.json").read_text())
-    assert summary(0, 3) in clean(run, capsys)
-    assert verify_run(run) == []
-    assert outputs(run) == from_scratch(run, tmp_path, capsys)
 
 
 def test_a_rescored_shard_loses_its_marker_and_a_stray_marker_fails_verify(
