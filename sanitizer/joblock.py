@@ -33,12 +33,7 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
         raise UsageError(f"cannot use {root} as {role}: {e.strerror or e}") from None
     held = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise in_use(root, fd) from None
-        except OSError as e:
-            raise unlockable(root, e) from None
+        _try_lock(root, fd, fcntl.LOCK_EX)
         held = True
         if os.fstat(fd).st_nlink == 0:  # its holder removed it as we opened it: it ended a moment ago
             raise in_use(root, fd)
@@ -92,13 +87,19 @@ def refuse_busy(root: Path) -> None:
     except OSError:  # no job ever locked it, or it cannot be opened: nothing tells of one running
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _try_lock(root, fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _try_lock(root: Path, fd: int, mode: int) -> None:
+    """flock without waiting: a job holding it is `in_use`, a filesystem without locks `unlockable`."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         raise in_use(root, fd) from None
     except OSError as e:
         raise unlockable(root, e) from None
-    finally:
-        os.close(fd)
 
 
 def unlockable(root: Path, e: OSError) -> UsageError:
