@@ -19,13 +19,16 @@ import argparse
 import contextlib
 import io
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from sanitizer.cli import EXIT_BUSY, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser
+from sanitizer.cli import EXIT_BUSY, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, build_parser, user_path
 from sanitizer.cli import main as sanitizer
 from sanitizer.data.shards import split_top_level
+from sanitizer.errors import SanitizerError
+from sanitizer.rundir import RunDir
 
 
 class ConfigError(ValueError):
@@ -130,15 +133,31 @@ def run(config: object) -> int:
     and reported, as `sanitizer clean` and `report` would do by hand, and the job exits 1. The last
     line says how each step ended: a scheduler's log otherwise ends with whatever the last step said."""
     argvs, codes = steps(config), []
-    for argv in argvs:
-        codes.append(sanitizer(argv))
-        if codes[-1] not in (EXIT_OK, EXIT_INCOMPLETE):
-            break
+    with held_for_the_job(score_options(config)[1]):
+        for argv in argvs:
+            codes.append(sanitizer(argv))
+            if codes[-1] not in (EXIT_OK, EXIT_INCOMPLETE):
+                break
     code = max(codes)
     ended = [f"{argv[0]} {ending(c)}" for argv, c in zip(argvs, codes, strict=False)]
     ended += [f"{argv[0]} not run" for argv in argvs[len(codes) :]]
     print(f"score_job: {', '.join(ended)}; exit {code}", flush=True)
     return code
+
+
+@contextlib.contextmanager
+def held_for_the_job(out: str) -> Iterator[None]:
+    """RUN_DIR, locked from the job's start to its end: each step locking it alone let a second job
+    take it between this job's score and its clean, leaving this one `busy` with its scoring done and
+    the second redoing it. Where it cannot be taken (another job holds it, it holds other files, its
+    filesystem has no locks) the job goes on without: its score step refuses it, as `sanitizer score`
+    does, with that command's message and exit code."""
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(SanitizerError):
+            run = RunDir(user_path(out))
+            run.refuse_foreign()  # before the lock file is made in a directory of other files
+            held.enter_context(run.lock_for_steps())
+        yield
 
 
 def ending(code: int) -> str:

@@ -18,6 +18,30 @@ from sanitizer.atomic import is_temp_of
 from sanitizer.errors import Busy, UsageError, shortlist
 
 LOCK = ".lock"  # "PID on HOST" of the last job that held the lock (before, the pid alone)
+# Directories (resolved) that a job of several steps in this process holds for all of them
+_HELD_FOR_STEPS: set[Path] = set()
+
+
+def _held_for_steps(root: Path) -> bool:
+    """Held by this process's job for its steps: known by the path, as the steps must neither flock
+    it again (a second open file of the lock conflicts with the first, even in one process) nor open
+    and close it (on NFS, whose flock is a POSIX lock, closing any descriptor of the file drops it)."""
+    return Path(os.path.realpath(root)) in _HELD_FOR_STEPS
+
+
+@contextlib.contextmanager
+def job_lock_for_steps(root: Path, role: str) -> Iterator[None]:
+    """job_lock for a job that runs several commands in this process (`jobs/score_job.py`: score,
+    clean, report), held from its start to its end: a second job is refused as it starts, rather than
+    taking the directory between two steps and leaving the first job `busy` with its work half done.
+    The steps' own job_lock and refuse_busy take it for theirs."""
+    with job_lock(root, role):
+        key = Path(os.path.realpath(root))
+        _HELD_FOR_STEPS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_FOR_STEPS.discard(key)
 
 
 @contextlib.contextmanager
@@ -25,6 +49,9 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
     """Exclusive for the job's lifetime; a second job on the same directory is refused at once.
     `role` names the directory in the refusal of one that cannot be made (RUN_DIR, --out). The
     directories it made are removed again if the job wrote nothing there (it was refused)."""
+    if _held_for_steps(root):  # a step of the job that holds it
+        yield
+        return
     made = [d for d in (root, *root.parents) if not d.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -82,6 +109,8 @@ def _left_by_a_job(name: str, marker: str, leftovers: tuple[str, ...]) -> bool:
 def refuse_busy(root: Path) -> None:
     """Refuse a directory whose lock a job holds now; nothing is written (a read-only RUN_DIR can be
     checked) and nothing stays held (a job started a moment later is not refused with a stale pid)."""
+    if _held_for_steps(root):  # this job's own
+        return
     try:
         fd = os.open(root / LOCK, os.O_RDONLY)
     except OSError:  # no job ever locked it, or it cannot be opened: nothing tells of one running

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from sanitizer.atomic import remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import STAMP_FORM, ShardRef, file_stamps, is_file_stamp, stamp_differs
 from sanitizer.errors import UsageError
-from sanitizer.joblock import job_lock, no_job_meanwhile, refuse_busy, refuse_foreign
+from sanitizer.joblock import job_lock, job_lock_for_steps, no_job_meanwhile, refuse_busy, refuse_foreign
 from sanitizer.manifest import (
     SCHEMA_VERSION,
     flag_counts,
@@ -166,6 +166,10 @@ class RunDir:
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive for the job's lifetime; a second job on the same RUN_DIR is refused at once."""
         return job_lock(self.root, "RUN_DIR")
+
+    def lock_for_steps(self) -> contextlib.AbstractContextManager[None]:
+        """lock() for a job that runs score, clean and report in this process; the steps' own take it."""
+        return job_lock_for_steps(self.root, "RUN_DIR")
 
     def refuse_busy(self) -> None:
         """Refuse a RUN_DIR a job holds now, for a reader whose checks a job still writing would fail."""

@@ -1,5 +1,8 @@
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -7,7 +10,10 @@ import yaml
 
 from jobs import score_job
 from jobs.score_job import ConfigError, main, options, step_options, steps
+from sanitizer.cli import main as sanitizer_main
 from sanitizer.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent  # where `python -m jobs.score_job` finds this checkout
 
 
 def test_options_become_cli_flags():
@@ -55,6 +61,7 @@ def test_a_step_that_fails_ends_the_job_and_its_last_line_says_which(tmp_path, t
     assert capsys.readouterr().out.splitlines()[-1] == (
         "score_job: score exit 2, clean not run, report not run; exit 2"
     )
+    assert not (tmp_path / "r").exists()  # the RUN_DIR the job held, and wrote nothing into
 
 
 def test_a_run_dir_another_job_holds_ends_the_job_busy_with_75(
@@ -76,13 +83,51 @@ def test_a_run_dir_another_job_holds_ends_the_job_busy_with_75(
     assert err.splitlines()[-1] == f"sanitizer: error: another sanitizer job (pid {holder}) is using {out}"
 
 
+def test_a_second_job_arriving_between_the_first_ones_steps_is_the_one_told_busy(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch, capsys
+):
+    """Each step took RUN_DIR's lock alone: a second job started between the first one's score and
+    its clean took it, scored everything again, and the first ended `clean busy`, exit 75, its
+    scoring done. The job holds RUN_DIR throughout: the second, a process of its own, is refused."""
+    import sanitizer.report
+
+    monkeypatch.setattr(sanitizer.report, "write_report", lambda run_dir: run_dir)
+    out = tmp_path / "run"
+    score = {"decoder": str(tiny_decoder_dir), "data": str(tiny_shards), "out": str(out), "workers": 0}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"score": {**score, "device": "cpu"}}))
+    second = []
+
+    def step_then_second_job(argv: list[str]) -> int:
+        code = sanitizer_main(argv)
+        if argv[0] == "score":  # the first job is between its steps: a second one starts now
+            command = [sys.executable, "-m", "jobs.score_job", "--config", str(tmp_path / "job.yaml")]
+            second.append(subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600))
+        return code
+
+    monkeypatch.setattr(score_job, "sanitizer", step_then_second_job)
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 0
+    first = capsys.readouterr().out.splitlines()[-1]
+    assert first == "score_job: score exit 0, clean exit 0, report exit 0; exit 0"
+    assert second[0].returncode == 75, second[0].stderr
+    assert (
+        second[0].stdout.splitlines()[-1] == "score_job: score busy, clean not run, report not run; exit 75"
+    )
+    holder = f"{os.getpid()} on {socket.gethostname()}"
+    assert second[0].stderr.splitlines()[-1] == (
+        f"sanitizer: error: another sanitizer job (pid {holder}) is using {out}"
+    )
+    assert len(list((out / "clean").glob("*.tar"))) == 3
+
+
 @pytest.mark.parametrize(("codes", "last"), [((0, 75), "score exit 0, clean busy, report not run; exit 75")])
-def test_a_later_step_that_finds_the_run_busy_ends_the_job_with_75(monkeypatch, capsys, codes, last):
-    """Another job took RUN_DIR between this job's score and its clean: it finishes the run, so this
-    one stops there, busy, rather than as a broken job."""
+def test_a_later_step_that_finds_the_run_busy_ends_the_job_with_75(
+    tmp_path, monkeypatch, capsys, codes, last
+):
+    """A later step that finds RUN_DIR busy (another job took it between this job's steps, where this
+    one could not hold it throughout) stops the job there, busy, rather than as a broken job."""
     ends = iter(codes)
     monkeypatch.setattr(score_job, "sanitizer", lambda argv: next(ends))
-    assert score_job.run({"score": {"out": "/r", "decoder": "/d", "data": "/x.tar"}}) == 75
+    assert score_job.run({"score": {"out": str(tmp_path / "r"), "decoder": "/d", "data": "/x.tar"}}) == 75
     assert capsys.readouterr().out == f"score_job: {last}\n"
 
 
@@ -102,10 +147,10 @@ def test_help_describes_the_config():
 
 
 @pytest.mark.parametrize("code", [130, 143])
-def test_a_step_stopped_by_a_signal_ends_the_job_with_its_code(monkeypatch, capsys, code):
+def test_a_step_stopped_by_a_signal_ends_the_job_with_its_code(tmp_path, monkeypatch, capsys, code):
     """Ctrl-C and SIGTERM stop `sanitizer` with 130 and 143: the job stops there, with that code."""
     monkeypatch.setattr(score_job, "sanitizer", lambda argv: code)
-    assert score_job.run({"score": {"out": "/r", "decoder": "/d", "data": "/x.tar"}}) == code
+    assert score_job.run({"score": {"out": str(tmp_path / "r"), "decoder": "/d", "data": "/x.tar"}}) == code
     assert (
         capsys.readouterr().out
         == f"score_job: score exit {code}, clean not run, report not run; exit {code}\n"
@@ -263,3 +308,22 @@ def test_the_image_installs_the_job_server_of_the_ray_it_pins():
     pinned = {r.split("[")[0]: r.split("==")[1] for r in project["dependencies"] if r.startswith("ray[")}
     assert project["optional-dependencies"]["cluster"] == [f"ray[default]=={pinned['ray']}"]
     assert "pip install --quiet './[cluster]'" in (root / "Dockerfile").read_text()
+
+
+def test_the_steps_of_a_job_take_its_lock_for_theirs_and_other_holders_are_still_refused(tmp_path):
+    """A second open file of the lock conflicts with the first even in one process: the job's steps
+    know the job's lock by its path (also spelt through a link); any other lock is refused as before."""
+    from sanitizer.errors import Busy
+    from sanitizer.joblock import job_lock, job_lock_for_steps, refuse_busy
+
+    run, link = tmp_path / "run", tmp_path / "link"
+    link.symlink_to(run)
+    with job_lock_for_steps(run, "RUN_DIR"):
+        refuse_busy(link)
+        with job_lock(link, "RUN_DIR"), job_lock(run, "RUN_DIR"):
+            pass
+    with job_lock(run, "RUN_DIR"):  # as `sanitizer score` alone holds it: not a job's for its steps
+        with pytest.raises(Busy):
+            refuse_busy(run)
+        with pytest.raises(Busy), job_lock_for_steps(run, "RUN_DIR"):
+            pass
