@@ -8,11 +8,13 @@ directory another job holds, with 75 (try again later).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -466,9 +468,32 @@ def main(argv: list[str] | None = None) -> int:
     if untext:  # a path that cannot be recorded in run.json or decoder.json, found before any work
         say(f"sanitizer: error: argument {untext[0]!r} is not UTF-8; rename the path", err=True)
         return EXIT_USAGE
-    handler = logging.StreamHandler(sys.stderr)  # the current stderr on every call (tests swap it)
+    with logging_to_stderr(logging.DEBUG if args.verbose else logging.INFO):
+        return run_command(args)
+
+
+@contextlib.contextmanager
+def logging_to_stderr(level: int) -> Iterator[None]:
+    """The command's log lines, on the stderr of this call (tests and callers swap it), for this call
+    only: the root logger's handlers and level are put back after it, so that a caller's own logging
+    is neither closed nor taken over, and no handler stays bound to a stream that may since be closed
+    (a test's capture), where every later log line printed `--- Logging error ---` and a stack."""
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_VisibleFormatter("sanitizer: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)
+    root = logging.getLogger()
+    handlers, previous = root.handlers[:], root.level
+    root.handlers = [handler]
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(previous)
+        handler.close()  # the stream stays open: it is the caller's
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command, its errors said in one line each with the exit code a scheduler tells apart."""
     on_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:

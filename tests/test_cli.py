@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
+import logging
 import os
 import re
 import shlex
@@ -213,6 +216,26 @@ def test_the_readmes_exit_codes(monkeypatch, capsys, outcome, code, stderr):
         monkeypatch.setattr(sys, "stdout", sink)
         assert main(["report", "RUN"]) == code
     assert capsys.readouterr().err == stderr
+
+
+def test_main_leaves_the_callers_logging_as_it_found_it(monkeypatch, capsys):
+    """main() replaced the root logger's handlers for good (basicConfig(force=True)), closing the
+    caller's, and left its own bound to the stderr of the call: once that stream closed (a test's
+    capture, a redirect's buffer), every later log line printed `--- Logging error ---` and a stack."""
+    said = []
+    mine = logging.Handler()
+    mine.emit = lambda record: said.append(record.getMessage())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [mine])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(cli, "run_report", lambda args: logging.getLogger("sanitizer.x").info("during") or 0)
+    with contextlib.redirect_stderr(io.StringIO()) as during:
+        assert main(["report", "RUN"]) == 0
+        assert during.getvalue() == "sanitizer: during\n"  # the command's own lines, on its stderr
+    during.close()
+    logging.getLogger("caller").warning("after")
+    assert (root.handlers, root.level, said) == ([mine], logging.WARNING, ["after"])
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

@@ -714,9 +714,7 @@ def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypa
     finally:
         training.set()
     written = f'{out} holds the results of badencoder of badencoder, drupe ("complete": false)'
-    # the last line: a root log handler an earlier test bound to its own, now closed, stderr may
-    # report its logging errors above it (the benchmark's cli configures no logging; its main does)
-    assert capsys.readouterr().err.splitlines()[-1] == f"detection: interrupted: {written}"
+    assert capsys.readouterr().err == f"detection: interrupted: {written}\n"
     assert not json.loads(out.read_text())["complete"]
     assert "Complete: False (partial results" in out.with_suffix(".md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temp file left
