@@ -73,19 +73,26 @@ def score_options(config: object) -> tuple[list[str], str]:
     return options(score), str(score["out"])
 
 
-# The `score` options that name files; `data` may list several, comma-separated outside braces.
+# The `score` options that name files; `data` may list several, comma-separated outside braces,
+# and only `data` is read through fsspec: the others are local paths (or a mount's).
 PATH_OPTIONS = ("decoder", "data", "out", "encoder_weights")
 
 
 def refuse_relative_paths(score: dict) -> None:
     """A relative path would be read against the job's working directory, which under `ray job submit
     --working-dir` is Ray's temporary copy of it: RUN_DIR would land there and be lost, and the next
-    run would start afresh. Absolute paths and URLs only."""
+    run would start afresh. Absolute paths, and URLs for `data`; a URL elsewhere was taken as the
+    relative path `s3:/bucket/run` and lost in the same way."""
     for key, value in score.items():
         name = str(key).replace("-", "_")
         if name not in PATH_OPTIONS or value is None or value is False:
             continue
         for part in split_top_level(str(value)) if name == "data" else [str(value)]:
+            if "://" in part and name != "data":
+                raise ConfigError(
+                    f"`score.{key}` is a URL ({part!r}): `sanitizer score` reads and writes it as a local "
+                    "path (a disk or a mount); only `data` may be URLs. Give an absolute path"
+                )
             if "://" not in part and not Path(part).is_absolute():
                 raise ConfigError(
                     f"`score.{key}` is a relative path ({part!r}): a job runs in a working directory of "

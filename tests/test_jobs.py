@@ -263,6 +263,20 @@ def test_a_relative_path_in_a_job_config_is_refused(tmp_path, capsys, score, mes
     assert "give an absolute path or a URL" in err
 
 
+@pytest.mark.parametrize("key", ["out", "decoder", "encoder-weights"])
+def test_a_url_in_a_path_option_other_than_data_is_refused(tmp_path, capsys, key):
+    """Only `data` is read through fsspec: `out: s3://b/run` passed as a URL and was taken as the
+    relative path `s3:/b/run`, in Ray's temporary working directory, lost with it."""
+    score = {"out": "/r", "decoder": "/d", "data": "s3://b/x.tar", key: "s3://b/it"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"score": score}))
+    assert main(["--config", str(tmp_path / "job.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        f"score_job: error: {tmp_path / 'job.yaml'}: `score.{key}` is a URL ('s3://b/it'): `sanitizer "
+        "score` reads and writes it as a local path (a disk or a mount); only `data` may be URLs. Give an "
+        "absolute path\n"
+    )
+
+
 def test_urls_and_absolute_paths_are_taken():
     config = {
         "score": {"out": "/r", "decoder": "/d", "data": "s3://b/{0..9}.tar,/x/{a,b}.tar"},
