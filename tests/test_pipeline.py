@@ -421,6 +421,28 @@ def test_a_key_repeated_in_a_shard_is_kept_once_so_the_outputs_read_back_as_scor
     assert verify_run(tmp_path / "run") == []
 
 
+def test_a_json_caption_holding_a_lone_surrogate_escape_costs_no_sample(tmp_path, tiny_decoder_dir):
+    """`"\\ud800"` is valid JSON (a scraped caption cut inside an emoji's pair): the caption it made
+    could not be stored as UTF-8, and the whole shard failed (`FAILED shard ...: UnicodeEncodeError`),
+    none of its samples scored or cleaned. The surrogate reads as U+FFFD, as bytes that are not UTF-8 do."""
+    image = encode_image(synthetic_images(1, 32)[0])
+    write_shards(
+        [
+            {"__key__": "a", "jpg": image, "txt": b"plain"},
+            {"__key__": "b", "jpg": image, "json": b'{"caption": "cut \\ud83d", "url": "u"}'},
+            {"__key__": "c", "jpg": image, "json": b'{"caption": "pair \\ud83d\\ude00 \\udfff"}'},
+        ],
+        tmp_path / "data",
+    )
+    summary = score(tiny_decoder_dir, tmp_path / "data", tmp_path / "run", workers=0)
+    assert summary.failed_shards == {}
+    table = pq.read_table(tmp_path / "run/manifest/shard-000000.parquet")
+    assert table.column("status").to_pylist() == ["ok"] * 3
+    assert table.column("caption").to_pylist() == ["plain", "cut \ufffd", "pair \U0001f600 \ufffd"]
+    clean_run(tmp_path / "run")
+    assert verify_run(tmp_path / "run") == []
+
+
 def test_clean_refuses_a_sample_not_an_image_when_scored_that_is_an_image_now(tmp_path, tiny_decoder_dir):
     """A page saved as .jpg (not_an_image), since replaced by an image under the same key: clean
     compares its digest too, where it left the sample out of clean/ and quarantine/ unseen."""

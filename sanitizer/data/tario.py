@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,9 @@ _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
 GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_CHUNK = 1 << 16
+# Surrogates that surrogateescape cannot turn back into a byte (it made U+DC80-U+DCFF of bytes 0x80-0xFF):
+# a json caption's lone "\ud800" escape is valid JSON
+_UNESCAPED_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 class ShardError(SanitizerError):
@@ -89,7 +93,9 @@ def describe(exc: BaseException) -> str:
 
 
 def printable(text: str) -> str:
-    """Replace lone surrogates (from non-UTF-8 names) so the text can be stored as UTF-8."""
+    """Replace lone surrogates (from non-UTF-8 names, or a json caption's ``\\ud800`` escape) with
+    U+FFFD, so the text can be stored as UTF-8: a surrogate left in a caption failed its whole shard."""
+    text = _UNESCAPED_SURROGATE.sub("\ufffd", text)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
