@@ -271,6 +271,9 @@ def test_captions(corpus: dict[str, Path]) -> None:
         # A UTF-8 byte-order mark (Windows editors write one) is no part of the caption: str.strip()
         # left it as an invisible first character.
         ([("k.txt", b"\xef\xbb\xbf with a BOM")], "with a BOM"),
+        # UTF-16 with its BOM (Windows' "Unicode" text) read as UTF-8 as "\ufffd\ufffdc\x00a\x00f\x00..."
+        ([("k.txt", " café ☕ ".encode("utf-16"))], "café ☕"),
+        ([("k.txt", b"\xfe\xff" + "café ☕".encode("utf-16-be"))], "café ☕"),
         ([("k.png", b"x")], None),
         # A key with dots: `a.b.jpg` and `a.b.txt` are key `a`'s `b.jpg` and `b.txt`; the caption is
         # found by the rule that finds the image, an exact extension first.

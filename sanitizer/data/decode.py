@@ -8,6 +8,7 @@ Status strings are part of the manifest contract (users filter on them):
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import threading
@@ -270,12 +271,20 @@ def _json_object(sample: Sample) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _caption_text(data: bytes) -> str:
+    """A text member's caption: UTF-8 without a leading byte-order mark, or UTF-16 where its BOM says
+    so (Windows' "Unicode" text, which read as UTF-8 held a NUL after every letter)."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
+
+
 def decode_text(sample: Sample) -> str | None:
     """The caption: a text member, else the json member's "caption"/"text" string field."""
     caption: str | None = None
     text = find_member(sample, TEXT_EXTS)
     if text is not None:
-        caption = text[1].decode("utf-8-sig", errors="replace").strip()  # -sig: without a leading BOM
+        caption = _caption_text(text[1]).strip()
     else:
         obj = _json_object(sample)
         if obj is not None:
