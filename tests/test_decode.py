@@ -301,6 +301,16 @@ def test_decode_text_rules(members: list[tuple[str, bytes]], caption: str | None
 )
 def test_decode_label(data: bytes, label: bool | None) -> None:
     assert decode_label(Sample("k", 0, [Member("k.json", data)])) is label
+
+
+def test_a_json_member_over_1_mib_is_not_parsed() -> None:
+    """A 190 MB json member took 15 s and 1.9 GB to parse for a caption, and as much again for a label:
+    per sample, in every decoding thread. One over 1 MiB gives neither; up to that, both."""
+    for size, caption, label in ((1 << 20, "c", True), ((1 << 20) + 1, None, None)):
+        head = b'{"caption": "c", "poisoned": true, "pad": "'
+        data = head + b"x" * (size - len(head) - 2) + b'"}'
+        sample = Sample("k", 0, [Member("k.jpg", b"x"), Member("k.json", data)])
+        assert len(data) == size and decode_text(sample) == caption and decode_label(sample) is label
     assert decode_label(Sample("k", 0, [Member("k.png", b"")])) is None
     dotted = [Member("a.b.jpg", b"x"), Member("a.b.json", data)]
     assert decode_label(Sample("a", 0, dotted)) is label
