@@ -304,6 +304,18 @@ def test_the_shipped_configs_score_clean_and_report():
         assert step_options(config, "clean") is not None and step_options(config, "report") is not None
 
 
+def test_the_img2dataset_config_names_its_output_folder_not_a_brace_range():
+    """An img2dataset output lacks the shards of a worker that failed or of a run not finished, and
+    score refuses a brace range naming one that is missing ('N of the shards --data names not found'):
+    the shipped config for that output named {00000..00999}.tar. A folder takes the shards there are."""
+    from pathlib import Path
+
+    import jobs.score_job as job
+
+    config = yaml.safe_load((Path(job.__file__).parent / "configs" / "clip_pairs.yaml").read_text())
+    assert config["score"]["data"] == "/data/laion-subset"
+
+
 def test_an_option_that_is_not_a_name_and_one_value_is_a_config_error():
     with pytest.raises(ConfigError, match="option 1: 2 is not a name and a single value"):
         options({1: 2})
