@@ -530,7 +530,7 @@ def union(
     scores, `calibration`, and `held_collapse`, their collapse against the scored set, in one order:
     sanitizer/collapse.py)."""
     held = HeldOut.of(calibration, held_collapse)
-    weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no sketch: the score alone
+    weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no collapse: the score alone
     return np.maximum(
         over_threshold(dede, calibration, DEDE_RULE),
         over_threshold(weighed, held.own_evidence(), DEFAULT_COLLAPSE_RULE),
@@ -542,10 +542,11 @@ def collapse_rows(
     clean: np.ndarray, triggered: np.ndarray, held_triggered: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
     """`dede`, what `sanitizer score` flags (the score's test or the collapse pass's), and `collapse`,
-    the collapse statistic alone (ranked; its TPR and FPR at the quantile of the held-out images'
-    collapse that the default rule names): each rate's scored set is the pass's reference, the
-    decoder's held-out images its calibration. `held_triggered` marks the held-out images that carry
-    the trigger: the `dede` rows then also say what the defaults flag calibrated without them."""
+    the collapse statistic alone (ranked by its p-value among the held-out images', as the pass weighs
+    it; its TPR and FPR at the quantile of theirs that the default rule names): each rate's scored set
+    is the pass's reference, the decoder's held-out images its calibration. `held_triggered` marks the
+    held-out images that carry the trigger: the `dede` rows then also say what the defaults flag
+    calibrated without them."""
     sk_clean, sk_trig = Sketched.of(embedded.clean), Sketched.of(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
@@ -554,7 +555,10 @@ def collapse_rows(
         collapse = self_collapse(reference)
         n = len(clean[cs])
         held = holdout_collapse(fitted, reference)
-        ranked = np.nan_to_num(collapse, nan=-1.0)  # without a sketch: below every cosine
+        weighed = HeldOut.of(fitted.calibration, held)
+        # The collapse as the pass weighs it, a row without a sketch by how rare that is, as -ln p: a
+        # row with no reference row left below every other
+        ranked = np.nan_to_num(-np.log(weighed.collapse_p(collapse)), nan=-1.0)
         scores = np.r_[clean[cs], triggered[ts]]
         both = union(scores, collapse, fitted.calibration, held)
         dede = rate_row(attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None)
@@ -567,7 +571,7 @@ def collapse_rows(
         rows += [
             dede,
             rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
-                     DEFAULT_COLLAPSE_RULE, held[~np.isnan(held)]),
+                     DEFAULT_COLLAPSE_RULE, -np.log(weighed.collapse_p(weighed.collapse, own=True))),
         ]  # fmt: skip
     return rows
 

@@ -9,8 +9,10 @@ those images are each other's near-duplicates. This pass measures that, after sc
 - every ok sample's embedding is kept as a `sketch`, a seeded random projection to SKETCH_DIM
   dimensions (cosines survive it; 128 bytes a sample in the manifest), or NaN where the embedding is
   concentrated on fewer than MIN_EFFECTIVE_DIM features: a CNN whose ReLU features die for some
-  inputs maps them all to one axis (3-8% of clean images on the detection benchmark's fine-tuned
-  victims), a direction they share without being alike, so such rows take no part in the pass;
+  inputs maps them all to one axis (3-10% of clean images on the detection benchmark's fine-tuned
+  victims), a direction they share without being alike, so such rows are no one's neighbour. Nor
+  are they exempt: a backdoor could send its triggered images to one axis to escape the pass. Their
+  collapse is NO_SKETCH, and it is as rare as rows without a sketch are among the held-out images;
 - the reference is the REFERENCE_SIZE ok rows of the scored set whose files rank lowest by a hash
   keyed with a secret of the decoder's (reference_rank): drawn by content, it is the same whatever
   the order of the shards, and an attacker without the decoder cannot grind files into it or out of
@@ -62,6 +64,9 @@ NEAR_DUPLICATE_RMS = 4.0
 _NEAR_SQUARED = NEAR_DUPLICATE_RMS**2 * THUMBNAIL_SIDE**2  # the squared distance between whole thumbnails
 CANDIDATES = 4 * NEIGHBOURS  # the nearest reference rows searched first for a query's near-duplicates
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
+# The collapse of a row without a sketch: above every cosine, as an embedding on one axis points the
+# same way as every other on that axis; weighed by how many held-out images have none (HeldOut).
+NO_SKETCH = np.inf
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
 
 
@@ -160,15 +165,16 @@ def neighbour_similarity(
 ) -> np.ndarray:
     """Mean cosine similarity of each query to its k most similar reference rows; given thumbnails,
     the query's near-duplicates are left out. Rows are unit vectors, or NaN where there is no sketch
-    (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NaN, as does
-    one with no reference row left."""
+    (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NO_SKETCH. A
+    query with no reference row left gets NaN."""
     usable = np.isfinite(reference).all(1)
     r = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
     if reference_thumbnails is not None:
         reference_thumbnails = reference_thumbnails[usable]
-    out = np.full(len(queries), np.nan, np.float32)
+    sketched = np.isfinite(queries).all(1)
+    out = np.where(sketched, np.nan, NO_SKETCH).astype(np.float32)
     k = min(k, len(r))
-    asked = np.flatnonzero(np.isfinite(queries).all(1))
+    asked = np.flatnonzero(sketched)
     if k == 0:
         return out
     for start in range(0, len(asked), block):
@@ -233,7 +239,8 @@ def collapse_needed(score_p: np.ndarray, holdout_collapse: np.ndarray, limit: fl
 @dataclass
 class HeldOut:
     """The decoder's held-out images as the pass weighs samples against them: their scores and their
-    collapse against the run's reference, those without a collapse (no sketch) left out."""
+    collapse against the run's reference (NO_SKETCH for those without a sketch), those without a
+    collapse (no reference row left) left out."""
 
     scores: np.ndarray
     collapse: np.ndarray
@@ -243,18 +250,36 @@ class HeldOut:
         usable = ~np.isnan(collapse)
         return cls(np.asarray(scores, np.float64)[usable], collapse[usable])
 
+    def collapse_p(self, collapse: np.ndarray, own: bool = False) -> np.ndarray:
+        """Each collapse's tail p-value among the held-out images': a cosine against their cosines, and
+        NO_SKETCH by the share of them without a sketch, so that a trigger sending its images to one
+        axis is as suspect as that is rare, and a victim whose clean images often end there is not
+        flagged for it. NaN stays NaN."""
+        cosines = self.collapse[np.isfinite(self.collapse)]
+        none, n = len(self.collapse) - len(cosines), len(self.collapse)
+        p_none = none / n if own else (1 + none) / (n + 1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # no held-out cosine: only NO_SKETCH asked
+            p = tail_p(collapse, cosines, own)
+        return np.where(collapse == NO_SKETCH, p_none, p)
+
     def own_evidence(self) -> np.ndarray:
         """Each held-out image's evidence against the others: what a quantile rule reads."""
-        return evidence(
-            tail_p(self.scores, self.scores, own=True), tail_p(self.collapse, self.collapse, own=True)
-        )
+        return evidence(tail_p(self.scores, self.scores, own=True), self.collapse_p(self.collapse, own=True))
 
     def evidence(self, scores: np.ndarray, collapse: np.ndarray) -> np.ndarray:
-        """NaN where either is NaN (a row that is not ok, or has no sketch)."""
-        return evidence(tail_p(scores, self.scores), tail_p(collapse, self.collapse))
+        """NaN where either is NaN (a row that is not ok, or has no reference row left)."""
+        return evidence(tail_p(scores, self.scores), self.collapse_p(collapse))
 
-    def needed(self, scores: np.ndarray, limit: float) -> np.ndarray:
-        return collapse_needed(tail_p(scores, self.scores), self.collapse, limit)
+    def needed(self, scores: np.ndarray, collapse: np.ndarray, limit: float) -> np.ndarray:
+        """Each row's collapse_needed; for a row without a sketch -inf when it is flagged (its
+        NO_SKETCH is above it), +inf when not; NaN where the row has no collapse."""
+        needed = collapse_needed(
+            tail_p(scores, self.scores), self.collapse[np.isfinite(self.collapse)], limit
+        )
+        none = collapse == NO_SKETCH
+        needed[none] = np.where(self.evidence(scores[none], collapse[none]) > limit, -np.inf, np.inf)
+        needed[np.isnan(collapse)] = np.nan
+        return needed
 
 
 def above_median_text(share: float, what: str, median: str) -> str:

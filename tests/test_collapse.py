@@ -18,8 +18,10 @@ from sanitizer.collapse import (
     CANDIDATES,
     DEFAULT_COLLAPSE_RULE,
     NEAR_DUPLICATE_RMS,
+    NO_SKETCH,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
+    HeldOut,
     collapse_needed,
     effective_dim,
     embedding_sketch,
@@ -133,7 +135,7 @@ def test_thumbnails_tell_copies_from_other_images():
 
 def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
     """A CNN whose ReLU features die maps such images to one axis: the same direction, not the same
-    image. They get no sketch, are no one's neighbour and have no collapse value of their own."""
+    image. They get no sketch, are no one's neighbour, and their collapse is NO_SKETCH."""
     rng = np.random.default_rng(3)
     spread = np.abs(rng.normal(size=(3, 32))).astype(np.float32)
     axis = np.zeros((3, 32), np.float32)
@@ -145,7 +147,7 @@ def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
     assert np.isfinite(sketch[:3]).all() and np.isnan(sketch[3:]).all()
     apart = np.arange(7 * THUMBNAIL_SIDE**2).reshape(7, -1).astype(np.uint8)  # 7 different images
     sim = neighbour_similarity(sketch, sketch, apart, apart, k=2)
-    assert np.isnan(sim[3:]).all() and np.isfinite(sim[:3]).all()
+    assert (sim[3:] == NO_SKETCH).all() and np.isfinite(sim[:3]).all()
     # The rows without a sketch are left out of the reference, not counted as neighbours.
     assert sim[:3] == pytest.approx(neighbour_similarity(sketch[:3], sketch[:3], apart[:3], apart[:3], k=2))
 
@@ -314,24 +316,32 @@ def blank_sketches(out, keys: list[str]) -> None:
         write_manifest(path, table.set_column(COLUMNS.index("sketch"), "sketch", blanked))
 
 
-def test_rows_without_a_sketch_take_no_part(decoder_dir, cluster_shards, tmp_path):
-    """The scorer writes a NaN sketch for an embedding on fewer than 2 features; the pass then gives
-    the row no collapse value and does not count it as anyone's neighbour. Here the shifted pictures
-    lose their sketches, so the cluster they made is no longer flagged by it."""
+def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_rare(
+    decoder_dir, cluster_shards, tmp_path
+):
+    """The scorer writes a NaN sketch for an embedding on fewer than 2 features; the pass does not count
+    such a row as anyone's neighbour, and weighs it by how rare that is among the held-out images. A
+    backdoor could send its triggered images to one axis; here the shifted pictures, the trigger's
+    cluster, lose their sketches, and as no held-out image of this decoder lacks one (p = 1/61 <
+    e^-4), the pass still flags them all. Before, it exempted them, judged by the score alone."""
     out = tmp_path / "run"
     run(decoder_dir, cluster_shards, out, collapse=RULE)
-    blank_sketches(out, [f"shard{i:08d}" for i in range(70, 82)])
+    sketched = concat(out).column("collapse").to_pylist()
+    shifted = [f"shard{i:08d}" for i in range(70, 82)]
+    blank_sketches(out, shifted)
     summary = run(decoder_dir, cluster_shards, out, collapse=RULE)
     table = concat(out)
-    shifted = [f"shard{i:08d}" for i in range(70, 82)]
     rows = [i for i, key in enumerate(table.column("key").to_pylist()) if key in shifted]
     assert len(rows) == 12
-    assert all(table.column("collapse")[i].as_py() is None for i in rows)
+    assert all(table.column("collapse")[i].as_py() == NO_SKETCH for i in rows)
+    assert all(table.column("collapse_threshold")[i].as_py() == -np.inf for i in rows)
+    assert all("collapse" in table.column("flag_reason")[i].as_py() for i in rows)
     others = [c for i, c in enumerate(table.column("collapse").to_pylist()) if i not in rows]
-    assert None not in others  # a row without a sketch is no one's neighbour, not everyone's
-    assert not any("collapse" in (table.column("flag_reason")[i].as_py() or "") for i in rows)
-    assert summary.flagged_by["collapse"] <= 10  # only unrelated images fairly rare on both tests
+    assert np.isfinite(others).all()  # a row without a sketch is no one's neighbour, not everyone's
+    assert all(c < sketched[i] + 1e-6 for i, c in enumerate(table.column("collapse").to_pylist()) if i < 70)
+    assert summary.flagged_by["collapse"] >= 12
     assert verify_run(out) == []
+    assert 'id="clusters"' in write_report(out).read_text()  # the sketched flagged rows are grouped
 
 
 def test_verify_holds_the_flags_to_the_collapse_threshold(decoder_dir, cluster_shards, tmp_path):
@@ -483,6 +493,34 @@ def test_collapse_needed_flags_what_the_evidence_flags():
     assert np.isposinf(collapse_needed(np.array([1.0]), held_collapse[:20], limit)).all()
     assert np.isneginf(collapse_needed(np.array([1e-6]), held_collapse, limit)).all()  # the score suffices
     assert np.isnan(collapse_needed(np.array([np.nan]), held_collapse, limit)).all()  # no score
+
+
+def test_a_row_without_a_sketch_is_as_suspect_as_that_is_rare_among_the_held_out_images():
+    """NO_SKETCH weighs by the held-out share without a sketch; the cosines keep their own p-values
+    (the held-out rows without a sketch do not crowd the top of them), and per-row thresholds still
+    give the evidence's flags, rows without a sketch included."""
+    rng = np.random.default_rng(1)
+    cosines = rng.random(360).astype(np.float32)
+    held = HeldOut.of(rng.random(400), np.r_[cosines, np.full(40, NO_SKETCH, np.float32)])
+    np.testing.assert_allclose(held.collapse_p(np.array([NO_SKETCH, np.nan], np.float32)), [41 / 401, np.nan])
+    probe = np.array([0.5, 0.99], np.float32)
+    np.testing.assert_allclose(held.collapse_p(probe), tail_p(probe, cosines))
+    own = held.collapse_p(held.collapse, own=True)
+    np.testing.assert_allclose(own[360:], 40 / 400)
+    np.testing.assert_allclose(own[:360], tail_p(cosines, cosines, own=True))
+    # New rows exchangeable with the held-out ones, a tenth without a sketch as among them: the
+    # quantile of the held-out images' own evidence flags about the share it names.
+    scores = rng.random(50_000)
+    collapse = np.where(rng.random(50_000) < 0.1, NO_SKETCH, rng.random(50_000)).astype(np.float32)
+    limit = float(np.quantile(held.own_evidence(), 0.98))
+    flagged = held.evidence(scores, collapse) > limit
+    np.testing.assert_array_equal(collapse > held.needed(scores, collapse, limit), flagged)
+    assert 0.01 < flagged.mean() < 0.03
+    none = collapse == NO_SKETCH
+    assert 0 < flagged[none].mean() < 0.1  # those with high scores
+    # Where no held-out image lacks a sketch, every row without one is as rare as can be attested.
+    never = HeldOut.of(rng.random(360), cosines)
+    assert never.collapse_p(np.array([NO_SKETCH], np.float32)) == pytest.approx(1 / 361)
 
 
 def test_the_collapse_pass_benchmark_times_a_generated_run():

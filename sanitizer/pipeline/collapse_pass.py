@@ -165,11 +165,12 @@ def reference_and_holdout(
     if not len(reference.sketches):
         return None
     held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
-    if len(held.scores) < 2:  # each is weighed against the others: one alone would set a limit of 0
+    cosines = int(np.isfinite(held.collapse).sum())
+    if cosines < 2:  # each is weighed against the others: one alone would set a limit of 0
         log.warning(
             "%d held-out image(s) have a collapse (one needs a sketch, and a scored sample one too); the "
             "collapse pass needs 2 or more (a larger train --holdout), so it cannot run",
-            len(held.scores),
+            cosines,
         )
         return None
     return reference, held
@@ -179,7 +180,7 @@ def collapse_columns(
     run: RunDir, stems: list[str], rule: ThresholdRule, reference: Reference, held: HeldOut
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], CollapsePass]:
     """Per shard, each row's collapse and the collapse it needs to be flagged (NaN for rows that are not
-    ok or have no sketch: those are judged by the score alone), and what the pass found."""
+    ok or have no reference row left: those are judged by the score alone), and what the pass found."""
     values: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
     for rows in ok_rows(run, stems):
@@ -203,9 +204,7 @@ def collapse_columns(
     warn_if_small(len(held.scores), limit)
     if (unlike := unlike_holdout(found.above_holdout_median)) is not None:
         log.warning(unlike)
-    needed = {stem: held.needed(scores[stem], limit) for stem in values}
-    for stem in values:
-        needed[stem][np.isnan(values[stem])] = np.nan
+    needed = {stem: held.needed(scores[stem], values[stem], limit) for stem in values}
     return values, needed, found
 
 

@@ -239,6 +239,10 @@ def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int
         rows = np.flatnonzero(by_collapse.to_numpy(zero_copy_only=False))
         total += len(rows)
         values = table.column("collapse").to_numpy(zero_copy_only=False)[rows]
+        rows, values = (
+            rows[np.isfinite(values)],
+            values[np.isfinite(values)],
+        )  # NO_SKETCH: nothing to group by
         order = np.argsort(-values, kind="stable")[:CLUSTER_POOL]
         rows, values = rows[order], values[order]
         chosen = table.take(rows)
