@@ -246,6 +246,10 @@ def test_main_leaves_the_callers_logging_as_it_found_it(monkeypatch, capsys):
             ["score", "--workers", "two"],
             "sanitizer score: error: argument --workers: invalid int value: 'two'",
         ),
+        (
+            ["score", "--micro-batch", "1.5"],
+            "sanitizer score: error: argument --micro-batch: invalid int value: '1.5'",
+        ),
         (["clean"], "sanitizer clean: error: the following arguments are required: RUN_DIR"),
     ],
 )

@@ -218,6 +218,10 @@ def test_a_step_runs_unless_switched_off_and_an_empty_mapping_runs_it_with_defau
             "score: {out: r, decoder: d, data: x.tar, workers: two}\n",
             "`score`: argument --workers: invalid int value: 'two'",
         ),
+        (
+            "score: {out: r, decoder: d, data: x.tar, micro_batch: half}\n",
+            "`score`: argument --micro-batch: invalid int value: 'half'",
+        ),
         ("score: {out: r, decoder: d}\n", "`score`: the following arguments are required: --data"),
         (
             "score: {out: r, decoder: d, data: x.tar}\nclaen: false\n",

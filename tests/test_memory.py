@@ -4,6 +4,7 @@ finished shards kept. Any other error keeps its traceback."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import sanitizer.train as train_module
 from sanitizer.cli import main
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.encoders import load_encoder
+from sanitizer.pipeline.stages import memory_advice
 from sanitizer.scoring import Scorer, ScoreSettings
 from sanitizer.train import TrainSettings, train_decoder
 
@@ -66,14 +68,22 @@ def test_host_memory_exhaustion_within_one_model_batch_keeps_the_finished_shards
     assert main(argv) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         "sanitizer: error: ran out of host memory scoring 41 rows in model batches of 64; --batch-size "
-        f"cannot lower the model's batch of 64: free that memory of other processes, or use a device "
-        f"with more; {KEPT}"
+        "cannot lower the model's batch of 64: give a lower --micro-batch (32, say), free that memory "
+        f"of other processes, or use a device with more; {KEPT}"
     )
     # the first call held the whole first shard (40 samples and its end row): the re-run scores the rest
     assert sorted(p.name for p in (run / "stats").iterdir()) == ["shard-000000_stats.json"]
     monkeypatch.undo()
-    assert main(argv) == 0
+    assert main([*argv, "--micro-batch", "32"]) == 0  # as it says
     assert "throughput: 80 samples in" in capsys.readouterr().out
+    assert json.loads((run / "run.json").read_text())["config"]["micro_batch"] == 32
+
+
+def test_a_model_batch_of_one_that_runs_out_of_memory_is_not_told_to_lower_it():
+    assert memory_advice(1, 1) == (
+        "--batch-size cannot lower the model's batch of 1: free that memory of other processes, or use "
+        f"a device with more; {KEPT}"
+    )
 
 
 def test_another_error_while_scoring_keeps_its_traceback(
@@ -129,8 +139,8 @@ def test_a_real_host_allocation_failure_is_one_line_also_from_a_ray_actor(
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
         "sanitizer: error: ran out of host memory scoring 4 rows in model batches of 64; --batch-size "
-        f"cannot lower the model's batch of 64: free that memory of other processes, or use a device "
-        f"with more; {KEPT}"
+        "cannot lower the model's batch of 64: give a lower --micro-batch (32, say), free that memory "
+        f"of other processes, or use a device with more; {KEPT}"
     )
     assert "Traceback" not in err, err
 

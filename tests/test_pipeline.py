@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import sanitizer.clean
 from sanitizer.atomic import write_json_atomic
@@ -636,7 +637,9 @@ def test_cuda_on_a_cluster_without_gpus_is_one_usage_error(monkeypatch, tmp_path
 
 @pytest.mark.parametrize(
     ("option", "message"), [(("--batch-size", "-5"), "--batch-size must be at least 1, not -5"),
-                            (("--workers", "-1"), "--workers must be at least 0, not -1")]
+                            (("--workers", "-1"), "--workers must be at least 0, not -1"),
+                            (("--micro-batch", "0"), "--micro-batch must be at least 1, not 0"),
+                            (("--micro-batch", "-3"), "--micro-batch must be at least 1, not -3")]
 )  # fmt: skip
 def test_score_counts_out_of_range_stop_before_the_run_dir_is_made(
     tmp_path, tiny_decoder_dir, tiny_shards, capsys, option, message
@@ -645,6 +648,29 @@ def test_score_counts_out_of_range_stop_before_the_run_dir_is_made(
     assert main([*argv, *option]) == 2
     assert capsys.readouterr().err.strip() == f"sanitizer: error: {message}"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "size", "option", "shape"),
+    [
+        ("cpu", 32, [], (64, 512)),  # the defaults: 64 on the CPU; a call is 8 of them, <= 64 MiB
+        ("cuda", 32, [], (1024, 8192)),
+        ("cuda", 224, [], (512, 512)),
+        ("cpu", 32, ["--micro-batch", "8"], (8, 64)),
+        ("cuda", 224, ["--micro-batch", "100"], (100, 400)),
+        ("cuda", 224, ["--micro-batch", "100", "--batch-size", "250"], (100, 250)),  # padded to 300
+    ],
+)
+def test_micro_batch_sets_the_models_batch_and_the_default_batch_size_follows_it(
+    monkeypatch, device, size, option, shape
+):
+    import sanitizer.pipeline.job as job_module
+
+    jobs = []
+    monkeypatch.setattr(job_module, "run_score_job", lambda job: jobs.append(job) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        main([*score_argv(Path("d"), Path("x.tar"), Path("r")), *option])
+    assert job_module.batch_shape(jobs[0], torch.device(device), size) == shape
 
 
 def _edit_json(relative: str, change):

@@ -81,7 +81,7 @@ class ScoreJob:
         floors = {
             "--workers": (self.workers, 0),
             "--batch-size": (self.batch_size, 1),
-            "micro_batch": (self.micro_batch, 1),
+            "--micro-batch": (self.micro_batch, 1),
             "threads": (self.threads, 1),
             "read_threads": (self.read_threads, 1),
         }

@@ -216,13 +216,15 @@ class ScoreStage:
 
 def memory_advice(rows: int, micro_batch: int) -> str:
     """What a user whose scoring ran out of memory can do: fewer rows per call, where the call held
-    more than one model batch (the model's own batch is fixed, as scores must not depend on it)."""
+    more than one model batch; else a smaller model batch, which only --micro-batch sets (it is fixed
+    within a job, as scores must not depend on which rows arrive together)."""
     kept = "finished shards are kept, so the re-run resumes"
     if rows > micro_batch:
         return f"give a lower --batch-size ({micro_batch} or less); {kept}"
+    smaller = f"give a lower --micro-batch ({micro_batch // 2}, say), " if micro_batch > 1 else ""
     return (
-        f"--batch-size cannot lower the model's batch of {micro_batch}: free that memory of other "
-        f"processes, or use a device with more; {kept}"
+        f"--batch-size cannot lower the model's batch of {micro_batch}: {smaller}free that memory of "
+        f"other processes, or use a device with more; {kept}"
     )
 
 
