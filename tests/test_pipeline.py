@@ -673,6 +673,34 @@ def test_micro_batch_sets_the_models_batch_and_the_default_batch_size_follows_it
     assert job_module.batch_shape(jobs[0], torch.device(device), size) == shape
 
 
+def test_a_rerun_at_another_micro_batch_keeps_the_finished_shards_and_says_so(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
+):
+    """After running out of memory a user lowers --micro-batch and runs it again: it resumes, as the
+    error said, scoring only what is not done; the finished shards keep their scores and their record
+    of the model batch they were scored in."""
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "stats" / "shard-000002_stats.json").unlink()
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
+        assert score(tiny_decoder_dir, tiny_shards, run, workers=0, micro_batch=8).scored_now == 40
+    assert [m for m in caplog.messages if "finished shard(s)" in m] == [
+        "2 finished shard(s) were scored in model batches of 64 and keep those scores, which can differ "
+        "in their last bits from scores in batches of 8; to score every shard in batches of 8, score "
+        "into a new --out"
+    ]
+    before, after = manifests(local_run[0]), manifests(run)
+    for stem in ("shard-000000", "shard-000001"):
+        assert after[stem].select(["score", "sketch"]) == before[stem].select(["score", "sketch"])
+    stats = {stem: RunDir(run).read_stats(stem)["micro_batch"] for stem in after}
+    assert stats == {"shard-000000": 64, "shard-000001": 64, "shard-000002": 8}
+    assert json.loads((run / "run.json").read_text())["config"]["micro_batch"] == 8
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):  # a finished run: nothing scored
+        assert score(tiny_decoder_dir, tiny_shards, run, workers=0, micro_batch=64).scored_now == 0
+    assert "1 finished shard(s) were scored in model batches of 8 and keep those scores" in caplog.text
+
+
 def _edit_json(relative: str, change):
     def damage(run: Path) -> None:
         record = json.loads((run / relative).read_text())
@@ -1522,7 +1550,7 @@ def test_the_collector_keeps_nothing_of_a_finished_shard_but_its_stem(tmp_path, 
         return out
 
     shards = {p.stem: str(p) for p in sorted(tiny_shards.glob("*.tar"))}
-    collector = ShardCollector(RunDir(tmp_path / "run"), shards, None)
+    collector = ShardCollector(RunDir(tmp_path / "run"), shards, None, 64)
     for stem, url in shards.items():
         for table in read_shard(url, stem, 32, chunk_rows=16):
             collector.add(unscored(table))

@@ -37,9 +37,12 @@ def manifest_table(rows: pa.Table, threshold: float | None) -> pa.Table:
     return set_flags(to_table(columns), threshold)
 
 
-def shard_stats(stem: str, url: str, stamp: dict | None, table: pa.Table, seconds: float) -> dict:
-    """A shard's stats marker: its counts, and its input's `file_stamp` as it was before the read, by
-    which a re-run tells that the file changed since."""
+def shard_stats(
+    stem: str, url: str, stamp: dict | None, table: pa.Table, seconds: float, micro_batch: int
+) -> dict:
+    """A shard's stats marker: its counts, its input's `file_stamp` as it was before the read, by
+    which a re-run tells that the file changed since, and the model batch its rows were scored in,
+    which a re-run at another --micro-batch keeps."""
     status = Counter(table.column("status").to_pylist())
     errors = [
         e
@@ -56,6 +59,7 @@ def shard_stats(stem: str, url: str, stamp: dict | None, table: pa.Table, second
         "status_counts": dict(sorted(status.items())),
         "shard_error": errors[0] if errors else None,
         "seconds": round(seconds, 3),
+        "micro_batch": micro_batch,
     }
 
 
@@ -64,6 +68,7 @@ class ShardCollector:
     run: RunDir
     urls: dict[str, str]  # stem -> input url, of the shards this job scores
     threshold: float | None
+    micro_batch: int  # the model's batch, recorded in each stats marker
     parts: dict[str, list[pa.Table]] = field(default_factory=dict)
     expected: dict[str, int] = field(default_factory=dict)
     received: Counter = field(default_factory=Counter)
@@ -105,7 +110,7 @@ class ShardCollector:
         rows = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
         table = manifest_table(rows, self.threshold)
         write_manifest(self.run.manifest(stem), table)
-        stats = shard_stats(stem, self.urls[stem], stamp, table, time.time() - started)
+        stats = shard_stats(stem, self.urls[stem], stamp, table, time.time() - started, self.micro_batch)
         write_json_atomic(self.run.stats(stem), stats)
         self.done.append(stem)
         self.samples += table.num_rows

@@ -261,9 +261,11 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     run.refuse_foreign()
     with run.lock():
         previous = begin(run, plan)
+        warn_micro_batch_kept(run, plan)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
         # it stamps the inputs it will write markers for: a re-run of a finished run stats none again
-        collector = ShardCollector(run, {s.stem: s.url for s in pending}, plan.threshold)
+        urls = {s.stem: s.url for s in pending}
+        collector = ShardCollector(run, urls, plan.threshold, plan.micro_batch)
         score_shards(job, plan, stage, image_size, pending, collector, progress)
         return finish(run, plan, collector, started, previous)
 
@@ -289,6 +291,21 @@ def begin(run: RunDir, plan: JobPlan) -> dict:
         carried.pop("clean", None)
     run.write_run(plan.record("running", **carried))
     return previous
+
+
+def warn_micro_batch_kept(run: RunDir, plan: JobPlan) -> None:
+    """A re-run at another --micro-batch (after running out of memory) resumes: it scores the shards
+    not done, and the finished ones keep their scores, which can differ in their last bits from the
+    new batch's. Said, so that one who meant to score them again knows to use a new --out."""
+    recorded = (run.read_stats(stem).get("micro_batch") for stem in run.done(plan.shards))
+    others = Counter(b for b in recorded if b is not None and b != plan.micro_batch)
+    if others:
+        log.warning(
+            "%d finished shard(s) were scored in model batches of %s and keep those scores, which can "
+            "differ in their last bits from scores in batches of %d; to score every shard in batches "
+            "of %d, score into a new --out",
+            others.total(), " and ".join(map(str, sorted(others))), plan.micro_batch, plan.micro_batch,
+        )  # fmt: skip
 
 
 # run.json's identity, part by part, as a refusal names the one that differs
