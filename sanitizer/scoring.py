@@ -54,7 +54,7 @@ class ScoreSettings:
     # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
     # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
     aggregate: str = "q25"
-    # Pixels per side averaged before the error is squared (1: per pixel, as the paper). A decoder
+    # Pixels per side averaged before the error is measured (1: per pixel, as the paper). A decoder
     # that sees only an embedding cannot rebuild fine texture, so per-pixel error is partly noise that
     # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
     # benchmark and moved the clean-encoder control by 0.03 at most.

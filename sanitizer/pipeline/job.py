@@ -2,9 +2,11 @@
 
 Ray only orchestrates: on GPUs, CPU tasks read and decode shards for a pool of actors (one per GPU)
 that runs encoder + decoder; on CPUs each actor reads its own shards too. The driver writes each
-shard's outputs as it completes. The
-same two stages also run in one process without Ray (`workers=0`), for benchmarks and small jobs.
-Re-running a job skips finished shards; a finished job re-run changes nothing.
+shard's outputs as it completes (pipeline/collect.py). The same two stages also run in one process
+without Ray (`workers=0`), for benchmarks and small jobs. Once every shard is in, a threshold rule
+that needs the scored set is resolved, the collapse pass flags (pipeline/collapse_pass.py), and
+run.json records the totals. Re-running a job skips finished shards; a finished job re-run changes
+nothing.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 `read_shard` (CPU): one input shard -> Arrow tables of decoded samples, then one end row that says
 how many rows the shard gave (or why it failed). `ScoreStage` (GPU or CPU): tables -> the same rows
-with scores, pixels dropped. Tables carry an explicit schema, so batches from different shards
-concatenate without type inference, and pixels travel as one contiguous fixed-size-binary buffer.
+with scores, pixels dropped. A Ray job on CPUs runs both in each actor (`ReadScoreStage`, a shard a
+call). Tables carry an explicit schema, so batches from different shards concatenate without type
+inference, and pixels travel as one contiguous fixed-size-binary buffer.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """`sanitizer report RUN_DIR`: one HTML page that shows a person what was removed and why.
 
 RUN_DIR/report/index.html plus PNG files beside it, nothing fetched from elsewhere: the score
-histogram against the threshold and the decoder's calibration, the flag rate per shard, the most
-flagged samples next to typical clean ones (what the decoder saw, what it rebuilt, the original), where
-in the image the reconstruction fails (a patch trigger shows up as a bright square), the embeddings in
-two dimensions, the ROC curve when the shards carry ground truth, an encoder-level verdict, and,
-after the collapse pass, the groups of samples that pass flagged, side by side.
+histogram against the threshold and the decoder's calibration, after the collapse pass each
+sample's score against its collapse, the flag rate per shard, the most flagged samples next to
+typical clean ones (what the decoder saw, what it rebuilt, the original), where in the image the
+reconstruction fails (a patch trigger shows up as a bright square), the embeddings in two dimensions,
+the ROC curve when the shards carry ground truth, an encoder-level verdict, and, after the collapse
+pass, the groups of samples that pass flagged, side by side.
 
 Memory and time stay bounded whatever the run's size: manifests are read one shard and a few columns
 at a time, and only a bounded sample of images is read again and run through the encoder and decoder
