@@ -21,6 +21,16 @@ SCHEMA_VERSION = "manifest-v3"
 # Parquet's compliant name for a list's items, so that a file read back has exactly this schema
 SKETCH_TYPE = pa.list_(pa.field("element", pa.float16()), SKETCH_DIM)
 THUMBNAIL_TYPE = pa.binary(THUMBNAIL_SIDE * THUMBNAIL_SIDE)
+# What the read stage takes from each sample's input besides its key and status, carried into the
+# manifest as it is: one list, so that the two schemas cannot drift apart
+INPUT_FIELDS = (
+    pa.field("caption", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("sha256", pa.string()),
+    pa.field("thumbnail", THUMBNAIL_TYPE),
+    pa.field("label", pa.bool_()),
+)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -38,12 +48,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("collapse_threshold", pa.float32()),
         pa.field("embedding_norm", pa.float32()),
         pa.field("sketch", SKETCH_TYPE),
-        pa.field("caption", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("sha256", pa.string()),
-        pa.field("thumbnail", THUMBNAIL_TYPE),
-        pa.field("label", pa.bool_()),
+        *INPUT_FIELDS,
     ],
     metadata={"schema": SCHEMA_VERSION},
 )

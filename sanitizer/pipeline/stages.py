@@ -31,7 +31,7 @@ from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import memory_guard, resolve_device
 from sanitizer.encoders import FILE_KINDS, parse_spec
-from sanitizer.manifest import SKETCH_TYPE, THUMBNAIL_TYPE
+from sanitizer.manifest import INPUT_FIELDS, SKETCH_TYPE
 from sanitizer.scoring import (
     STATUS_NONFINITE_SCORE,
     Scorer,
@@ -52,12 +52,7 @@ _META_FIELDS = [
     pa.field("key", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
-    pa.field("caption", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("sha256", pa.string()),
-    pa.field("thumbnail", THUMBNAIL_TYPE),
-    pa.field("label", pa.bool_()),
+    *INPUT_FIELDS,
     pa.field("seed", pa.int64()),
 ]
 SCORE_FIELDS = [
