@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 
 from sanitizer import __version__
@@ -80,6 +79,13 @@ def add_score_settings(p: argparse.ArgumentParser, calibrated: bool) -> None:
         p.add_argument(
             flag, type=kind, metavar=metavar, default=None if calibrated else default, help=f"{text} ({said})"
         )
+
+
+def score_setting_args(args: argparse.Namespace) -> dict:
+    """The scoring settings' values as parsed, by their ScoreSettings names (None where `score` was not
+    given one: the decoder's calibration setting stands)."""
+    names = (flag.removeprefix("--").replace("-", "_") for flag, *_ in SCORE_SETTINGS)
+    return {name: getattr(args, name) for name in names}
 
 
 def add_data_and_out(p: argparse.ArgumentParser, out: str, what: str) -> None:
@@ -189,7 +195,7 @@ def run_train(args: argparse.Namespace) -> int:
     from sanitizer.train import TrainSettings, train_decoder
 
     refuse_busy(args.out)  # before the encoder loads (minutes, GPU memory the running train uses)
-    score_settings = ScoreSettings(**{f.name: getattr(args, f.name) for f in fields(ScoreSettings)})
+    score_settings = ScoreSettings(**score_setting_args(args))
     settings = TrainSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -312,13 +318,7 @@ def run_score(args: argparse.Namespace) -> int:
         decoder_dir=args.decoder,
         data=args.data,
         out=args.out,
-        test_mask_ratio=args.test_mask_ratio,
-        num_masks=args.num_masks,
-        aggregate=args.aggregate,
-        error_pool=args.error_pool,
-        error=args.error,
-        relax_steps=args.relax_steps,
-        relax_radius=args.relax_radius,
+        **score_setting_args(args),
         threshold=args.threshold,
         collapse=collapse_rule(args),
         batch_size=args.batch_size,
