@@ -362,6 +362,23 @@ class _Pass:
             plan["ranked_with"] = self.score_settings.to_dict()
         return plan
 
+    def passes(self, keys: list[str]) -> tuple[DedeDecoder, list[float], list[int]]:
+        """The last pass's decoder and epoch losses, and the training images it left out. With refit,
+        the first pass's decoder scores the training images (`keys`: of every row of their arrays) and
+        the worst rebuilt are left out of the second; a run interrupted in the second resumes it with
+        the images the first had chosen."""
+        s = self.settings
+        if s.refit and self.saved and self.saved["plan"].get("pass") == 2:
+            left_out = self.saved["plan"]["left_out"]  # the first pass had finished before the interruption
+        else:
+            decoder, losses = self.run(1, [])
+            if not s.refit:
+                return decoder, losses, []
+            scorer = Scorer(self.encoder, decoder, self.score_settings)
+            left_out = worst_rebuilt(score_rows(scorer, keys, self.pixels, self.embeddings).score, s.refit)
+        decoder, losses = self.run(2, left_out)
+        return decoder, losses, left_out
+
     def run(self, number: int, left_out: list[int]) -> tuple[DedeDecoder, list[float]]:
         """Train a fresh decoder on the images not left out, resuming from a checkpoint of this pass."""
         keep = np.setdiff1d(np.arange(len(self.pixels)), left_out)
@@ -454,6 +471,30 @@ def finite_rows(embeddings: np.ndarray, keys: list[str]) -> tuple[np.ndarray, li
     return usable, left_out
 
 
+def decoder_config(encoder: VictimEncoder, model_overrides: dict | None) -> DedeConfig:
+    """The decoder's shape for this encoder: `train_decoder` checks it before reading any image,
+    `fit_decoder` builds it."""
+    return DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {}))
+
+
+def split_usable(
+    embeddings: np.ndarray, keys: list[str], holdout: float
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(training positions, held-out positions, keys of the images whose embedding is not finite):
+    the images with a finite embedding, split by key hash; refused when none is left to train on,
+    and warned about when too few are held out to calibrate on."""
+    usable, nonfinite = finite_rows(embeddings, keys)
+    train_idx, holdout_idx = (usable[i] for i in split_holdout([keys[i] for i in usable], holdout))
+    if not len(train_idx):
+        raise UsageError(f"--holdout {holdout} holds out all {len(usable)} images; none is left to train on")
+    if len(holdout_idx) < FEW_HELD_OUT:
+        log.warning(
+            "calibrating on %d held-out images: a quantile threshold read from so few is rough; give more "
+            "data or a larger --holdout (%d or more held out)", len(holdout_idx), FEW_HELD_OUT,
+        )  # fmt: skip
+    return train_idx, holdout_idx, nonfinite
+
+
 def fit_decoder(
     encoder: VictimEncoder,
     images: ImageSet,
@@ -469,41 +510,17 @@ def fit_decoder(
     worst are left out, and a second pass trains a fresh decoder on the rest: a decoder that never saw
     the triggered images cannot have learned to rebuild them.
     """
-    config = DedeConfig.default_for(
-        encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
-    )
+    config = decoder_config(encoder, model_overrides)
     started = time.time()
     embeddings = embed_pixels(encoder, images.pixels)
-    usable, nonfinite = finite_rows(embeddings, images.keys)
-    train_idx, holdout_idx = (
-        usable[i] for i in split_holdout([images.keys[i] for i in usable], settings.holdout)
-    )
-    if not len(train_idx):
-        raise UsageError(
-            f"--holdout {settings.holdout} holds out all {len(usable)} images; none is left to train on"
-        )
-    if len(holdout_idx) < FEW_HELD_OUT:
-        log.warning(
-            "calibrating on %d held-out images: a quantile threshold read from so few is rough; give more "
-            "data or a larger --holdout (%d or more held out)", len(holdout_idx), FEW_HELD_OUT,
-        )  # fmt: skip
+    train_idx, holdout_idx, nonfinite = split_usable(embeddings, images.keys, settings.holdout)
     train = Rows(images.pixels, train_idx), Rows(embeddings, train_idx)
     epochs = settings.epochs or auto_epochs(len(train_idx))
     saved = checkpoint.read_training_progress(resume_dir) if resume_dir else None
     training = _Pass(
         encoder, config, *train, settings, score_settings, epochs, resume_dir, saved, progress
     )  # fmt: skip
-    if settings.refit and saved and saved["plan"].get("pass") == 2:
-        left_out = saved["plan"]["left_out"]  # the first pass had finished before the interruption
-    else:
-        decoder, losses = training.run(1, [])
-        left_out = []
-        if settings.refit:
-            first = score_rows(Scorer(encoder, decoder, score_settings), images.keys, *train)
-            left_out = worst_rebuilt(first.score, settings.refit)
-    if settings.refit:
-        decoder, losses = training.run(2, left_out)
-
+    decoder, losses, left_out = training.passes(images.keys)
     held = Rows(images.pixels, holdout_idx)
     calibration = score_rows(
         Scorer(encoder, decoder, score_settings), images.keys, held, Rows(embeddings, holdout_idx)
@@ -573,10 +590,7 @@ def train_decoder(
         if (out_dir / checkpoint.META).is_file():
             checkpoint.clear_training_state(out_dir)  # what a job killed as it finished left
             raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
-        config = DedeConfig.default_for(
-            encoder.preprocess.image_size, encoder.embed_dim, **(model_overrides or {})
-        )
-        score_settings.check_patch_size(config.patch_size)
+        score_settings.check_patch_size(decoder_config(encoder, model_overrides).patch_size)
         images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
         fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
         weights = {"weights_file": encoder_weights}
