@@ -69,11 +69,11 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
         yield
     finally:
         if made and held:
-            _remove_if_unused(made, fd)
+            _remove_if_unused(made)
         os.close(fd)
 
 
-def _remove_if_unused(made: list[Path], fd: int) -> None:
+def _remove_if_unused(made: list[Path]) -> None:
     """Remove the directories a job that holds the lock made (innermost first) when all it left there
     is its lock file, unlinked while still held (a job that opened it meanwhile sees it gone and is
     refused)."""
