@@ -560,10 +560,10 @@ def _verify(run: RunDir) -> Verdict:
     failed = _check_state(info, {s.stem for s in shards}, report)
     if info.get("state") not in FINISHED:  # its rows and totals are not final: that one line says it
         return Verdict(report.finish())
-    results = _check_shards(run, info, shards, failed, report)
+    cleaned = (run.root / "clean").is_dir()
+    results = _check_shards(run, info, shards, failed, cleaned, report)
     _check_totals(info, shards, results, report)
     done = set(run.done(shards)) - set(failed)
-    cleaned = (run.root / "clean").is_dir()
     _check_files(run, {s.stem for s in shards}, done, cleaned, report)
     if cleaned:
         _check_clean_record(run, info, results, done - set(results), report)
@@ -599,12 +599,12 @@ def _check_state(info: dict, known: set[str], report: _Report) -> dict[str, str]
 
 
 def _check_shards(
-    run: RunDir, info: dict, shards: list[ShardRef], failed: dict[str, str], report: _Report
+    run: RunDir, info: dict, shards: list[ShardRef], failed: dict[str, str], cleaned: bool, report: _Report
 ) -> dict[str, _ShardResult]:
-    """Each finished shard against its input and its stats marker; the others against run.json."""
+    """Each finished shard against its input, its stats marker and, when the run was `cleaned`, its
+    clean and quarantine tars; the others against run.json."""
     threshold = lookup(info, "threshold.value")
     threshold = float(threshold) if isinstance(threshold, int | float) else None
-    cleaned = (run.root / "clean").is_dir()
     results: dict[str, _ShardResult] = {}
     for shard in shards:
         stem, done, has_manifest = shard.stem, run.is_done(shard.stem), run.manifest(shard.stem).exists()
