@@ -1,8 +1,10 @@
 """The `sanitizer` command: train a decoder, score shards, clean them, report, verify, demo.
 
 A user's mistake (bad flag, missing file, wrong encoder) ends with one line on stderr and exit code 2;
-a run that finished but could not process everything (a shard that is not a tar) exits with 1; a
-directory another job holds, with 75 (try again later).
+a run that finished but could not process everything (a shard that is not a tar), or one stopped by
+no mistake of the user's (a failed read, a full disk, memory that ran out), exits with 1; a directory
+another job holds, with 75 (try again later); Ctrl-C with 130, SIGTERM with 143 (finished shards
+kept), a reader that closed the output (`| head`) with 141. See error_code and run_command.
 """
 
 from __future__ import annotations
