@@ -1,8 +1,9 @@
 """Driver side of a scoring job: rows arrive in any order; each shard is written once it is complete.
 
 A shard is complete when its end row has arrived and as many sample rows as the end row announces.
-Then its manifest part is written, then its stats file (the done marker). Only the small score
-columns are held, and only for shards in flight, so memory does not grow with the dataset.
+Then its manifest part is written, then its stats file (the done marker). Rows are held without their
+pixels (the scoring stage drops them), and only for shards in flight, so memory does not grow with
+the dataset.
 """
 
 from __future__ import annotations
