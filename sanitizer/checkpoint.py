@@ -1,9 +1,11 @@
 """DECODER_DIR: the trained decoder as safetensors plus one JSON of everything needed to use it.
 
 decoder.json records the encoder it was trained against (spec and weight hash), the preprocessing,
-the model's shape, the training settings and the calibration (held-out scores at the test mask
-ratio). The training state for resuming lives in .checkpoint/ until training finishes. Nothing in
-this directory is ever unpickled: tensors go through safetensors, the rest through JSON.
+the model's shape, the training settings and the calibration (held-out scores at the test
+settings). holdout.safetensors keeps the held-out images' sketches and thumbnails, which the
+collapse pass weighs a run against. The training state for resuming lives in .checkpoint/ until
+training finishes. Nothing in this directory is ever unpickled: tensors go through safetensors, the
+rest through JSON.
 """
 
 from __future__ import annotations
