@@ -31,8 +31,10 @@ def encoder_verdict(run_dir: Path) -> dict:
     On clean data like the decoder's calibration, each ok sample is flagged with a probability p0 that
     is known only as well as the calibration pins it down; the one-sided p-value is P(X >= flagged)
     under that null (flag_count_p_value). A small p-value says the encoder rebuilds a part of this data
-    far worse than it should: it behaves as backdoored here. It also fires when the data is very unlike
-    the calibration data, which the text says.
+    far worse than it should: it behaves as backdoored here. There is no verdict (`backdoored` None,
+    the text says why) when the data is so unlike the calibration data that more than SHIFT_LIMIT of
+    its scores are above the calibration's median, when shards were flagged at other thresholds, or
+    when there is no rate to test against.
     """
     run, info, shards = open_run(run_dir)
     return run_verdict(run, info, shards, decoder_calibration(info)[0])
