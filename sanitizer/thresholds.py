@@ -1,7 +1,8 @@
-"""Threshold rules: a sample is flagged when its score is above the threshold.
+"""Threshold rules: a sample is flagged when its score is above the threshold. The collapse pass
+reads the same rules (but `paper`) on its evidence, with the held-out images' own as the calibration.
 
 - `quantile:Q`: the Q-quantile of the calibration scores (held-out training data, scored at the test
-  mask ratio when the decoder was trained). Sets the false-positive rate on data like the training
+  settings when the decoder was trained). Sets the false-positive rate on data like the training
   data to about 1-Q, whatever the poison rate of the scored set. The default, `quantile:0.97`.
 - `mad:K`: median + K * 1.4826 * MAD of the scored set: adapts to the scored data (robust z-score).
 - `value:X`: a fixed number, e.g. read off the report's histogram.
