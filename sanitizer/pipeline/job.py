@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -51,6 +52,9 @@ from sanitizer.progress import progress_bar
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
+
+if TYPE_CHECKING:  # imported where Ray is used: `score --workers 0` and `--help` never load it
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -609,14 +613,10 @@ def ray_tables(
     workers: int,
     device_type: str,
 ) -> Generator[pa.Table, None, None]:
-    """Ray Data: shards -> decoded tables -> a pool of scoring actors; the results come back here.
-
-    CPU: each actor gets an equal share of the CPUs as torch threads (actor_threads) and reads its
-    own shards, one shard per call (ReadScoreStage). GPU: read tasks decode on the CPUs, unfused from
-    the actors (one GPU and one CPU each), which take batches of `batch_size` decoded rows.
-    """
+    """Ray Data: shards -> decoded tables -> a pool of scoring actors (gpu_scoring, cpu_scoring); the
+    results come back here, and an error a worker raised as one line (actor_error)."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     ensure_ray(job.ray_address)
     if address := joined_cluster(job.ray_address):
@@ -628,45 +628,80 @@ def ray_tables(
         [{"url": s.url, "stem": s.stem} for s in pending], override_num_blocks=len(pending)
     )
     if device_type == "cuda":
-        ds = ds.map_batches(
-            read_shards,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"image_size": image_size},
-            num_cpus=1,
-        )
-        ds = ds.map_batches(
-            ScoreStage,
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
-            fn_constructor_kwargs={**stage_kwargs, "threads": job.threads},
-            num_cpus=1,
-            num_gpus=1,
-        )
+        ds = gpu_scoring(ds, stage_kwargs, image_size, job.threads, batch_size, workers)
     else:
-        node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-        threads = job.threads or actor_threads(workers, node_cpus)
-        ds = ds.map_batches(
-            ReadScoreStage,
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
-            fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
-            num_cpus=threads,
-        )
+        ds = cpu_scoring(ds, stage_kwargs, job.threads, batch_size, workers)
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     except ray.exceptions.RayError as e:
-        if (found := worker_user_error(e)) is None:
+        if (error := actor_error(e)) is None:
             raise
-        kind, why = found
-        if kind == OutOfMemory.__name__:  # the batch, not the cluster's files
-            raise OutOfMemory(why) from None
-        raise UsageError(
-            f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
-            "encoder weights at the paths given)"
-        ) from None
+        raise error from None
+
+
+def gpu_scoring(
+    ds: ray.data.Dataset,
+    stage_kwargs: dict,
+    image_size: int,
+    threads: int | None,
+    batch_size: int,
+    workers: int,
+) -> ray.data.Dataset:
+    """Read tasks decode the shards on the CPUs, unfused from the actors; `workers` actors, a GPU and a
+    CPU each, score batches of `batch_size` decoded rows."""
+    from ray.data import ActorPoolStrategy
+
+    ds = ds.map_batches(
+        read_shards,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"image_size": image_size},
+        num_cpus=1,
+    )
+    return ds.map_batches(
+        ScoreStage,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
+        fn_constructor_kwargs={**stage_kwargs, "threads": threads},
+        num_cpus=1,
+        num_gpus=1,
+    )
+
+
+def cpu_scoring(
+    ds: ray.data.Dataset, stage_kwargs: dict, threads: int | None, batch_size: int, workers: int
+) -> ray.data.Dataset:
+    """`workers` actors, each with an equal share of the cluster's CPUs as torch threads (actor_threads,
+    unless `threads` is given), read their own shards and score them, a shard a call (ReadScoreStage)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    threads = threads or actor_threads(workers, node_cpus)
+    return ds.map_batches(
+        ReadScoreStage,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+        fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
+        num_cpus=threads,
+    )
+
+
+def actor_error(error: Exception) -> SanitizerError | None:
+    """The one-line error a Ray error stands for when a worker raised a SanitizerError (worker_user_error):
+    out of memory as it was (the batch, not the cluster's files), anything else as an actor that could
+    not work with the files it was given. None when no worker raised one."""
+    if (found := worker_user_error(error)) is None:
+        return None
+    kind, why = found
+    if kind == OutOfMemory.__name__:
+        return OutOfMemory(why)
+    return UsageError(
+        f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
+        "encoder weights at the paths given)"
+    )
 
 
 def actor_threads(workers: int, node_cpus: list[float]) -> int:
