@@ -18,12 +18,15 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sanitizer import __version__
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import is_text
 from sanitizer.errors import Busy, OutOfMemory, ReadFailed, SanitizerError, Terminated, shortlist, visible
-from sanitizer.thresholds import DEFAULT_RULE
+from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE
+
+if TYPE_CHECKING:  # sanitizer.pipeline.job loads torch: --help stays instant
+    from sanitizer.pipeline.job import Summary
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
 AGGREGATE_HELP = "how hidden patches' errors pool into a score: mean (the paper's MSE), median or q25"
@@ -345,7 +348,8 @@ def collapse_rule(args: argparse.Namespace) -> str | None:
     return DEFAULT_COLLAPSE_RULE if args.collapse is None else args.collapse
 
 
-def format_summary(s) -> str:
+def format_summary(s: Summary) -> str:
+    """`score`'s report of a finished job: counts, flags and thresholds, throughput, where the outputs are."""
     share = 100 * s.flagged / s.ok if s.ok else 0.0
     failures = ", ".join(f"{k}={v}" for k, v in s.status_counts.items() if k != "ok") or "none"
     threshold = "none (no ok samples)" if s.threshold is None else f"{s.threshold:.6g}"

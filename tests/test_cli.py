@@ -315,3 +315,14 @@ def test_the_summarys_rate_counts_samples_as_it_says_not_images(tmp_path):
         scored_now=120,
     )
     assert "throughput: 120 samples in 2.0 s (60 samples/s)" in cli.format_summary(summary).splitlines()
+
+
+def test_the_cli_module_loads_without_torch():
+    """cli.py keeps its help texts to itself so that `--help` and a mistyped flag answer at once, but
+    it imported DEFAULT_COLLAPSE_RULE from sanitizer.collapse, which loads torch (about a second)."""
+    import subprocess
+
+    code = "import sys, sanitizer.cli; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    root = Path(__file__).parents[1]  # this checkout's package, whatever is installed
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout == "[]\n"

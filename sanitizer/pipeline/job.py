@@ -32,7 +32,6 @@ import pyarrow as pa
 import torch
 
 from sanitizer.checkpoint import read_meta
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
 from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, shortlist
@@ -51,7 +50,13 @@ from sanitizer.pipeline.stages import (
 from sanitizer.progress import progress_bar
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores
 from sanitizer.scoring import ScoreSettings, required_calibration
-from sanitizer.thresholds import DEFAULT_RULE, ThresholdRule, parse_rule, resolve_threshold
+from sanitizer.thresholds import (
+    DEFAULT_COLLAPSE_RULE,
+    DEFAULT_RULE,
+    ThresholdRule,
+    parse_rule,
+    resolve_threshold,
+)
 
 if TYPE_CHECKING:  # imported where Ray is used: `score --workers 0` and `--help` never load it
     import ray.data
