@@ -98,6 +98,22 @@ def _tile(value: str, label: str, tone: str = "") -> str:
 
 
 def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
+    """Totals as tiles, the run's settings as a table, then what could not be scored and why."""
+    statuses = sorted(((k, v) for k, v in scan.statuses.items() if k != "ok"), key=lambda kv: -kv[1])
+    body = f'<div class="tiles">{"".join(summary_tiles(info, scan))}</div>'
+    body += _table(["", ""], summary_rows(info, scan, meta))
+    if statuses:
+        body += "<h3>Samples that could not be scored</h3>" + _table(["status", "samples"], statuses, {1})
+    if info.get("failed_shards"):
+        body += "<h3>Shards that failed</h3>" + _table(
+            ["shard", "error"], [[f["stem"], f["error"]] for f in info["failed_shards"]]
+        )
+    return Section("summary", body)
+
+
+def summary_tiles(info: dict, scan: RunScan) -> list[str]:
+    """Samples, scored, flagged, not scored, shards done and, with run.json's record of clean, kept and
+    quarantined."""
     ok, flagged = scan.ok, scan.flagged
     failures = sum(v for k, v in scan.statuses.items() if k != "ok")
     clean = info.get("clean") or {}
@@ -120,6 +136,12 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
     if clean:
         tiles.append(_tile(f"{clean.get('kept', 0):,}", "kept in clean/"))
         tiles.append(_tile(f"{clean.get('quarantined', 0):,}", "in quarantine/"))
+    return tiles
+
+
+def summary_rows(info: dict, scan: RunScan, meta: dict | None) -> list[list[str]]:
+    """The thresholds (the collapse pass's with what each test flagged), the encoder, decoder, input,
+    scoring settings and state."""
     rows = [
         ["threshold", threshold_text(*run_threshold(info))],
         ["decoder", info["config"].get("decoder_dir", "?")],
@@ -144,15 +166,7 @@ def summary_section(info: dict, scan: RunScan, meta: dict | None) -> Section:
         rows.insert(
             1, ["encoder", meta["encoder"]["spec"] + f" (weights {meta['encoder']['weights_sha256'][:12]})"]
         )
-    statuses = sorted(((k, v) for k, v in scan.statuses.items() if k != "ok"), key=lambda kv: -kv[1])
-    body = f'<div class="tiles">{"".join(tiles)}</div>' + _table(["", ""], rows)
-    if statuses:
-        body += "<h3>Samples that could not be scored</h3>" + _table(["status", "samples"], statuses, {1})
-    if info.get("failed_shards"):
-        body += "<h3>Shards that failed</h3>" + _table(
-            ["shard", "error"], [[f["stem"], f["error"]] for f in info["failed_shards"]]
-        )
-    return Section("summary", body)
+    return rows
 
 
 def unscored_section(info: dict, meta: dict | None) -> Section:
