@@ -20,12 +20,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sanitizer.errors import UsageError
+
+if TYPE_CHECKING:  # the red-team kit loads torch: imported where the demo runs it
+    from sanitizer.redteam.implant import Implant
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +155,7 @@ def split_data(data: DemoData, plan: DemoPlan, target: int) -> Split:
     return Split(shadow, reference, probe, decoder, dataset)
 
 
-def implant_backdoor(data: DemoData, split: Split, plan: DemoPlan, out: Path, target: int):
+def implant_backdoor(data: DemoData, split: Split, plan: DemoPlan, out: Path, target: int) -> Implant:
     """BadEncoder with the red-team kit; returns the kit's Implant (victim encoder, weights, ASR)."""
     from sanitizer.encoders import load_encoder
     from sanitizer.redteam.implant import ImplantSettings, ProbeData, badencoder
@@ -255,12 +259,7 @@ def ground_truth_auc(run_dir: Path) -> float | None:
 
 def run_demo(out_dir: Path, quick: bool = False) -> int:
     """Attack, poison, train, score (Ray), clean and report; prints where everything is. Exit code 0."""
-    from sanitizer.clean import clean_run
-    from sanitizer.device import one_torch_thread
-    from sanitizer.pipeline.job import ScoreJob, run_score_job
-    from sanitizer.report import encoder_verdict, write_report
-    from sanitizer.scoring import ScoreSettings
-    from sanitizer.train import TrainSettings, train_decoder
+    from sanitizer.report import encoder_verdict
 
     plan = QUICK if quick else FULL
     out = Path(out_dir)
@@ -272,6 +271,24 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
     target = data.class_names.index("bag") if data.labels is not None else 0
     split = split_data(data, plan, target)
     stages.note(f"{data.source}: {len(data.pixels)} images, 32 px")
+
+    implant = attack(stages, data, split, plan, out, target)
+    run_dir, report = defend(stages, implant, len(split.decoder), plan, out)
+    auc = ground_truth_auc(run_dir)
+    verdict = encoder_verdict(run_dir)
+    print_summary(out, run_dir, report, auc, verdict, time.time() - stages.started)
+    return 0
+
+
+def data_dirs(out: Path) -> tuple[Path, Path]:
+    """Where the attacker writes the poisoned dataset and the defender's clean images are."""
+    return out / "data" / "dataset", out / "data" / "decoder-train"
+
+
+def attack(stages: Stages, data: DemoData, split: Split, plan: DemoPlan, out: Path, target: int) -> Implant:
+    """The attacker's stages: a backdoor implanted into the encoder, the dataset poisoned (and the
+    defender's clean images written beside it, under out/data); returns the kit's Implant."""
+    from sanitizer.device import one_torch_thread
 
     what = f"the class '{data.class_names[target]}'" if data.labels is not None else "one fixed image"
     stages.start(f"attacker: implanting a BadEncoder backdoor into {ENCODER} (red-team kit)")
@@ -287,12 +304,25 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
         )
 
     stages.start("attacker: poisoning the dataset")
-    dataset_dir, decoder_data = out / "data" / "dataset", out / "data" / "decoder-train"
+    dataset_dir, decoder_data = data_dirs(out)
     n_poisoned = write_dataset(data, split, plan, dataset_dir, target)
     write_decoder_data(data, split, decoder_data)
     stages.note(f"{len(split.dataset)} image-caption samples, {n_poisoned} with the trigger: {dataset_dir}")
+    return implant
 
-    stages.start(f"defender: training the DeDe decoder on {len(split.decoder)} clean images")
+
+def defend(stages: Stages, implant: Implant, n_clean: int, plan: DemoPlan, out: Path) -> tuple[Path, Path]:
+    """The defender's stages: a decoder trained on the `n_clean` clean images, the dataset scored,
+    cleaned and reported; returns the run directory and the report page."""
+    from sanitizer.clean import clean_run
+    from sanitizer.device import one_torch_thread
+    from sanitizer.pipeline.job import ScoreJob, run_score_job
+    from sanitizer.report import write_report
+    from sanitizer.scoring import ScoreSettings
+    from sanitizer.train import TrainSettings, train_decoder
+
+    dataset_dir, decoder_data = data_dirs(out)
+    stages.start(f"defender: training the DeDe decoder on {n_clean} clean images")
     decoder_dir = out / "decoder"
     with one_torch_thread():
         meta = train_decoder(
@@ -330,11 +360,7 @@ def run_demo(out_dir: Path, quick: bool = False) -> int:
     stages.note(f"kept {cleaned.kept}, quarantined {cleaned.quarantined}")
 
     stages.start("defender: writing the audit report")
-    report = write_report(run_dir)
-    auc = ground_truth_auc(run_dir)
-    verdict = encoder_verdict(run_dir)
-    print_summary(out, run_dir, report, auc, verdict, time.time() - stages.started)
-    return 0
+    return run_dir, write_report(run_dir)
 
 
 def print_summary(
