@@ -25,7 +25,10 @@ from sanitizer.data.shards import is_text
 from sanitizer.errors import Busy, OutOfMemory, ReadFailed, SanitizerError, Terminated, shortlist, visible
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE
 
-if TYPE_CHECKING:  # sanitizer.pipeline.job loads torch: --help stays instant
+if TYPE_CHECKING:  # these load torch: --help stays instant
+    import torch
+
+    from sanitizer.encoders import VictimEncoder
     from sanitizer.pipeline.job import Summary
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
@@ -194,7 +197,6 @@ TRAIN_MEMORY_ADVICE = (
 
 def run_train(args: argparse.Namespace) -> int:
     from sanitizer.device import memory_guard, resolve_device, training_threads
-    from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
     from sanitizer.joblock import refuse_busy
     from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
@@ -213,17 +215,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     device = resolve_device(args.device)
-    weights = str(Path(args.encoder_weights).resolve()) if args.encoder_weights else None
-    prefix = None if args.encoder_weights_prefix is None else as_prefix(args.encoder_weights_prefix)
-    encoder = load_encoder(
-        canonical_spec(args.encoder),
-        weights,
-        args.image_size,
-        args.mean and tuple(args.mean),
-        args.std and tuple(args.std),
-        device,
-        prefix,
-    )
+    encoder, weights, prefix = load_audited_encoder(args, device)
     overrides = {
         "patch_size": args.patch_size,
         "width": args.width,
@@ -237,15 +229,42 @@ def run_train(args: argparse.Namespace) -> int:
         meta = train_decoder(
             encoder, args.data, args.out, settings, score_settings, overrides, weights, weights_prefix=prefix
         )
+    return say_trained(meta, args.out)
+
+
+def load_audited_encoder(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[VictimEncoder, str | None, str | None]:
+    """The encoder `train` audits, as its flags give it, with the absolute path of its weights file and
+    the prefix chosen in it (None: found by the tensors' names), which decoder.json records."""
+    from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
+
+    weights = str(Path(args.encoder_weights).resolve()) if args.encoder_weights else None
+    prefix = None if args.encoder_weights_prefix is None else as_prefix(args.encoder_weights_prefix)
+    encoder = load_encoder(
+        canonical_spec(args.encoder),
+        weights,
+        args.image_size,
+        args.mean and tuple(args.mean),
+        args.std and tuple(args.std),
+        device,
+        prefix,
+    )
+    return encoder, weights, prefix
+
+
+def say_trained(meta: dict, out: Path) -> int:
+    """`train`'s report of a finished decoder, and its exit code: 1 where shards were left out for
+    failing to read (trained without them, as score goes on: finished, but incomplete)."""
     t = meta["training"]
     say(
         f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s"
         + (f" ({t['left_out']} left out by the first pass)" if t["left_out"] else "")
         + ", "
         f"final loss {t['epoch_losses'][-1]:.4f}; calibrated on {meta['calibration']['n']} held-out images\n"
-        f"decoder: {args.out}"
+        f"decoder: {out}"
     )
-    for failed in t["failed_shards"]:  # trained without them, as score goes on: finished, but incomplete
+    for failed in t["failed_shards"]:
         say(f"left out {failed['url']}: {failed['error']}")
     nonfinite = t["nonfinite_embeddings"]
     if nonfinite["n"]:  # trained without them, as images that do not decode: finished
