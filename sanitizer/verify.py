@@ -350,15 +350,7 @@ def _check_input(
     in clean/ and quarantine/, or None when the input changed since it was scored or cannot be read
     (reported once: row by row it would differ everywhere)."""
     stem = shard.stem
-    stamp = stats.get("input") if isinstance(stats, dict) else None
-    if stamp is not None and not is_file_stamp(stamp):  # tells nothing of the input: read it
-        report.add(f"stats input is {stamp!r}, not {STAMP_FORM}", stem)
-    elif changed_since(stamp, shard.url):
-        report.add(
-            f"input {q(shard.url, 200)} changed since it was scored (its size, mtime or version is not "
-            "what its stats marker recorded): run `sanitizer score` again",
-            stem,
-        )
+    if _changed_since_scored(shard, stats, report):
         return None
     whose = _whose(rows)
     clean = _OutputTar(run.clean(stem), "clean", stem, report, whose) if cleaned else None
@@ -398,6 +390,23 @@ def _check_input(
     clean.finish()
     quarantine.finish()
     return clean.held(), quarantine.held()
+
+
+def _changed_since_scored(shard: ShardRef, stats: object, report: _Report) -> bool:
+    """Whether the input's stamp differs from the one its stats marker recorded (reported); a marker
+    whose stamp is damaged is reported too, and tells nothing: the input is then read and compared."""
+    stamp = stats.get("input") if isinstance(stats, dict) else None
+    if stamp is not None and not is_file_stamp(stamp):
+        report.add(f"stats input is {stamp!r}, not {STAMP_FORM}", shard.stem)
+        return False
+    if not changed_since(stamp, shard.url):
+        return False
+    report.add(
+        f"input {q(shard.url, 200)} changed since it was scored (its size, mtime or version is not "
+        "what its stats marker recorded): run `sanitizer score` again",
+        shard.stem,
+    )
+    return True
 
 
 def _check_stats(
