@@ -20,7 +20,9 @@ from sanitizer.errors import UsageError
 
 @dataclass(frozen=True)
 class DedeConfig:
-    """Everything that fixes the decoder's shape; saved beside its weights."""
+    """Everything that fixes the decoder's shape; saved beside its weights. `train` builds it with
+    default_for's sizes; the field defaults are the first sizes this package used, which only tests
+    build directly."""
 
     image_size: int
     embed_dim: int  # dimension D of the victim encoder's output
