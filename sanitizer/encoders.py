@@ -217,10 +217,14 @@ def is_safetensors(path: Path) -> bool:
 
 
 def _unpickler_reason(e: pickle.UnpicklingError) -> str:
-    """What torch's weights-only unpickler met, without its advice to unpickle the file after all."""
+    """What torch's weights-only unpickler met, without its advice to unpickle the file after all.
+    Torch puts that advice on the first line, and for a global whose module it blocks outright
+    (`os.system`, a malicious file's usual call) the reason only on a later one."""
     text = str(e).replace("\x1b[1m", "").replace("\x1b[0m", "")
-    _, found, reason = text.partition("WeightsUnpickler error:")
-    reason = reason.strip().splitlines()[0] if found and reason.strip() else text.splitlines()[0]
+    _, found, after = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (after if found else text).splitlines() if line.strip()]
+    reason = next((line for line in lines if "weights_only" not in line), lines[0] if lines else text)
+    reason = reason.removeprefix("Weights only load failed.").strip()
     return reason.split(" was not an allowed global")[0][:200]
 
 

@@ -307,6 +307,28 @@ def test_a_pickled_model_is_refused_with_what_it_holds_and_no_warning(tmp_path, 
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
+class _SystemCall:
+    """Pickles as a call of os.system, a module torch's weights-only unpickler blocks outright."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {PWNED_FILE}",))
+
+
+def test_a_pickle_that_calls_a_blocked_module_is_refused_with_what_it_calls(tmp_path, monkeypatch):
+    """Torch's message for such a file opens with its advice to load it with weights_only=False; the
+    error named that advice, not what the file would have run."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"weight": torch.zeros(1), "x": _SystemCall()}, tmp_path / "evil.bin")
+    with pytest.raises(EncoderError) as caught:
+        load_encoder("timm:test_resnet", tmp_path / "evil.bin", image_size=32)
+    assert str(caught.value) == (
+        f"refused {tmp_path / 'evil.bin'}: it holds more than plain tensors (Trying to load unsupported "
+        f"GLOBAL {os.system.__module__}.system whose module {os.system.__module__} is blocked.); "
+        "save the model's state_dict() with safetensors.torch.save_file and pass that file"
+    )
+    assert not (tmp_path / PWNED_FILE).exists()
+
+
 def test_open_clip_visual_tower_from_full_or_visual_state_dict(tmp_path):
     enc = load_encoder("open_clip:sanitizer-tiny-vit")
     assert (enc.embed_dim, enc.preprocess.image_size) == (64, 32)
