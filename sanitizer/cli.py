@@ -199,9 +199,10 @@ def run_train(args: argparse.Namespace) -> int:
     from sanitizer.device import memory_guard, resolve_device, training_threads
     from sanitizer.joblock import refuse_busy
     from sanitizer.scoring import ScoreSettings
-    from sanitizer.train import TrainSettings, train_decoder
+    from sanitizer.train import TrainSettings, refuse_unusable_out, train_decoder
 
     refuse_busy(args.out)  # before the encoder loads (minutes, GPU memory the running train uses)
+    refuse_unusable_out(args.out)  # as pointless to load it for
     score_settings = ScoreSettings(**score_setting_args(args))
     settings = TrainSettings(
         epochs=args.epochs,

@@ -582,14 +582,11 @@ def train_decoder(
     """Train (or resume) on shards and calibrate; writes DECODER_DIR and returns its decoder.json.
     `weights_prefix`, where the user chose the encoder in its weights file, is recorded for `score`."""
     out_dir = Path(out_dir)
-    refuse_foreign(out_dir, checkpoint.META, "train", checkpoint.BEFORE_META)
+    refuse_unusable_out(out_dir)
     # made before any training (an --out that cannot be a directory would fail at the first
     # checkpoint), and held: a second train there would overwrite this one's checkpoints and files
     with job_lock(out_dir, "--out"):
-        # read under the lock: a job that held it until now may have finished there
-        if (out_dir / checkpoint.META).is_file():
-            checkpoint.clear_training_state(out_dir)  # what a job killed as it finished left
-            raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
+        refuse_finished(out_dir)  # read under the lock: a job that held it until now may have finished
         score_settings.check_patch_size(decoder_config(encoder, model_overrides).patch_size)
         images = load_images(data, encoder.preprocess.image_size, settings.max_samples)
         fit = fit_decoder(encoder, images, settings, score_settings, model_overrides, out_dir, progress)
@@ -601,6 +598,23 @@ def train_decoder(
         meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
         checkpoint.clear_training_state(out_dir)
     return meta
+
+
+def refuse_unusable_out(out_dir: Path) -> None:
+    """Refuses an --out that holds a finished decoder or files of no train's. `run_train` calls it before
+    the encoder loads (a minute and GPU memory for a large one, spent on a job that is refused)."""
+    refuse_foreign(out_dir, checkpoint.META, "train", checkpoint.BEFORE_META)
+    if (out_dir / checkpoint.META).is_file():
+        with job_lock(out_dir, "--out"):
+            refuse_finished(out_dir)
+
+
+def refuse_finished(out_dir: Path) -> None:
+    """Refuses a DECODER_DIR that holds a decoder (retrained in place, it would change under the runs
+    scored with it), removing the checkpoint a job killed as it finished left. Call it under the lock."""
+    if (out_dir / checkpoint.META).is_file():
+        checkpoint.clear_training_state(out_dir)
+        raise UsageError(f"{out_dir} already holds a trained decoder; choose another --out")
 
 
 # Keys of the images left out for a non-finite embedding that decoder.json names (all are counted).

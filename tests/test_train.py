@@ -408,15 +408,22 @@ def test_a_second_train_in_a_decoder_dir_in_use_is_refused_and_touches_nothing(t
     assert code == 0, err
 
 
-def test_a_busy_decoder_dir_is_refused_before_the_encoder_loads(tmp_path, tiny_shards, capsys, monkeypatch):
-    """The refusal came after the encoder loaded: 44 s beside a running train on 2 CPUs, and on a GPU
-    memory the running train uses, for a job that could only be refused."""
+@pytest.fixture
+def no_encoder_load(monkeypatch) -> None:
+    """Makes loading an encoder fail the test: for a job that must be refused before it does."""
     import sanitizer.encoders
 
     def loaded(*args, **kwargs):
         raise AssertionError("the encoder was loaded")
 
     monkeypatch.setattr(sanitizer.encoders, "load_encoder", loaded)
+
+
+def test_a_busy_decoder_dir_is_refused_before_the_encoder_loads(
+    tmp_path, tiny_shards, capsys, no_encoder_load
+):
+    """The refusal came after the encoder loaded: 44 s beside a running train on 2 CPUs, and on a GPU
+    memory the running train uses, for a job that could only be refused."""
     out = tmp_path / "dec"
     with job_lock(out, "--out"):
         code, _, err = run_cli(capsys, *BASE, "--data", str(tiny_shards), "--out", str(out), *TINY_ARGS)
@@ -443,6 +450,31 @@ def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it
     )
     assert not (out / ".checkpoint").exists()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before  # as it was
+
+
+def test_a_finished_decoder_dir_is_refused_before_the_encoder_loads(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys, no_encoder_load
+):
+    """Refused after the encoder had loaded (a minute and GPU memory for a large one): the directory
+    alone says the job can only be refused."""
+    out = shutil.copytree(tiny_decoder_dir, tmp_path / "dec")
+    code, _, err = run_cli(capsys, *BASE, "--data", str(tiny_shards), "--out", str(out), *TINY_ARGS)
+    assert (code, err) == (
+        2,
+        f"sanitizer: error: {out} already holds a trained decoder; choose another --out\n",
+    )
+
+
+def test_an_out_holding_other_files_is_refused_before_the_encoder_loads(
+    tmp_path, tiny_shards, capsys, no_encoder_load
+):
+    (tmp_path / "notes.txt").write_text("the user's")
+    code, _, err = run_cli(capsys, *BASE, "--data", str(tiny_shards), "--out", str(tmp_path), *TINY_ARGS)
+    assert (code, err) == (
+        2,
+        f"sanitizer: error: --out {tmp_path} holds other files ('notes.txt') and no decoder.json; "
+        "train into a new or empty directory\n",
+    )
 
 
 def test_an_out_holding_other_files_is_refused_untouched(tmp_path, tiny_shards, capsys):
