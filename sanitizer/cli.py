@@ -67,6 +67,12 @@ class _VisibleFormatter(logging.Formatter):
         return visible(super().format(record))
 
 
+def _ours_or_a_warning(record: logging.LogRecord) -> bool:
+    """Below WARNING, the package's own lines only: a library's notes (open_clip's seven INFO lines on
+    every model it builds) read as the command's own `sanitizer:` lines. `-v` shows them."""
+    return record.levelno >= logging.WARNING or record.name.partition(".")[0] == "sanitizer"
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
@@ -513,6 +519,8 @@ def logging_to_stderr(level: int) -> Iterator[None]:
     (a test's capture), where every later log line printed `--- Logging error ---` and a stack."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_VisibleFormatter("sanitizer: %(message)s"))
+    if level > logging.DEBUG:
+        handler.addFilter(_ours_or_a_warning)
     root = logging.getLogger()
     handlers, previous = root.handlers[:], root.level
     root.handlers = [handler]

@@ -18,7 +18,7 @@ import math
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -411,6 +411,23 @@ def _build_timm(name: str) -> Built:
     return module, preprocess, tuple(f"{h}." for h in heads)
 
 
+@contextlib.contextmanager
+def _root_log_without(text: str) -> Iterator[None]:
+    """The root logger, where open_clip logs, dropping the lines that hold `text`: its warning that a
+    model built without its hub weights is 'initialized randomly' is false where --encoder-weights are
+    loaded next, and where none are, the seeded-random warning of load_encoder says so."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _build_open_clip(name: str) -> Built:
     import open_clip
 
@@ -419,7 +436,8 @@ def _build_open_clip(name: str) -> Built:
         raise EncoderError(f"open_clip:{name} would load from a hub; give a local --encoder-weights")
     if name not in open_clip.list_models():
         raise EncoderError(f"open_clip has no model {name!r}")
-    model = _seeded_init(lambda: open_clip.create_model(name, pretrained=None))
+    with _root_log_without("No pretrained weights loaded"):
+        model = _seeded_init(lambda: open_clip.create_model(name, pretrained=None))
     visual = model.visual
     cfg = visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]

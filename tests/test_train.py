@@ -378,6 +378,29 @@ def test_cli_train_writes_a_decoder(tmp_path, tiny_shards, capsys):
     assert read_meta(tmp_path / "dec")["training"]["epochs"] == 1
 
 
+def test_cli_train_prints_no_library_log_lines_unless_verbose(tmp_path, tiny_shards, capsys):
+    """open_clip's INFO notes on building a model ('Parsing model identifier. ...', seven of them) were
+    printed as the command's own `sanitizer:` lines, and its warning that the model was 'initialized
+    randomly', false where --encoder-weights load next. Other warnings still are; -v shows the notes."""
+    argv = ["--encoder", "open_clip:sanitizer-tiny-vit", "--epochs", "1", "--data", str(tiny_shards)]
+    code, _, err = run_cli(
+        capsys, "train", *argv, "--out", str(tmp_path / "a"), "--device", "cpu", *TINY_ARGS
+    )
+    assert code == 0, err
+    assert [line for line in err.splitlines() if not line.startswith("train")] == [
+        "sanitizer: open_clip:sanitizer-tiny-vit has no --encoder-weights: using seeded random weights",
+        "sanitizer: calibrating on 6 held-out images: a quantile threshold read from so few is rough; give "
+        "more data or a larger --holdout (100 or more held out)",
+    ]
+    code, _, err = run_cli(
+        capsys, "-v", "train", *argv, "--out", str(tmp_path / "b"), "--device", "cpu", *TINY_ARGS
+    )
+    assert (
+        code == 0
+        and "sanitizer: Parsing model identifier. Schema: None, Identifier: sanitizer-tiny-vit" in err
+    )
+
+
 def test_cli_train_leaving_out_a_shard_that_is_not_a_tar_finishes_incomplete(tmp_path, tiny_shards, capsys):
     """Trained on the rest, as score goes on without such a shard, and exit 1 as score's: not 0."""
     data = shutil.copytree(tiny_shards, tmp_path / "data")
