@@ -117,7 +117,7 @@ def read_meta(decoder_dir: Path) -> dict:
     edited by hand is refused here with its reason, not deep inside scoring."""
     path = Path(decoder_dir) / META
     if not path.is_file():
-        raise CheckpointError(f"{decoder_dir} is not a decoder directory (no {META}); run `sanitizer train`")
+        raise CheckpointError(f"{decoder_dir} {_no_meta_yet(Path(decoder_dir))}")
     try:
         meta = read_object(path)
         if meta.get("format") != FORMAT:
@@ -131,6 +131,17 @@ def read_meta(decoder_dir: Path) -> dict:
     except (RecordError, UsageError, TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be used: {e}; retrain, or restore the file") from None
     return meta
+
+
+def _no_meta_yet(decoder_dir: Path) -> str:
+    """Why a directory without decoder.json is not a decoder yet: a train stopped there (a checkpoint
+    is left) is finished by running it again, not by a new one."""
+    if (decoder_dir / STATE_DIR / STATE).is_file():
+        return (
+            f"holds an unfinished training run (no {META} yet); run the `sanitizer train` that was "
+            "stopped there again to finish it"
+        )
+    return f"is not a decoder directory (no {META}); run `sanitizer train`"
 
 
 def read_run_meta(decoder_dir: Path, decoder_sha256: str) -> dict:

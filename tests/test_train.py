@@ -183,6 +183,26 @@ def killed_in_second_epoch(monkeypatch, train) -> None:
     monkeypatch.setattr(train_module, "train_epoch", real_epoch)
 
 
+def test_score_with_a_decoder_dir_whose_train_was_stopped_says_to_finish_it(
+    tmp_path, tiny_shards, tiny_encoder, monkeypatch, capsys
+):
+    """It said the directory was no decoder directory and to run `sanitizer train`: a new train there
+    is what it needs least (the checkpoint resumes only with the same settings)."""
+    out = tmp_path / "dec"
+    settings = TrainSettings(epochs=2, batch_size=32, refit=0)
+    common = dict(score_settings=ScoreSettings(num_masks=1), model_overrides=TINY_MODEL, progress=False)
+    killed_in_second_epoch(
+        monkeypatch, lambda: train_decoder(tiny_encoder, str(tiny_shards), out, settings, **common)
+    )
+    argv = ["score", "--decoder", str(out), "--data", str(tiny_shards), "--out", str(tmp_path / "run")]
+    code, _, err = run_cli(capsys, *argv, "--workers", "0", "--device", "cpu")
+    assert (code, err) == (
+        2,
+        f"sanitizer: error: {out} holds an unfinished training run (no decoder.json yet); run the "
+        "`sanitizer train` that was stopped there again to finish it\n",
+    )
+
+
 @pytest.mark.parametrize("change", ["weights", "data"])
 def test_an_unfinished_run_is_not_resumed_with_other_weights_or_other_data(
     tmp_path, tiny_shards, tiny_encoder, monkeypatch, change
