@@ -201,6 +201,9 @@ TRAIN_MEMORY_ADVICE = (
 )
 
 
+LOAD_MEMORY_ADVICE = "give the --image-size the encoder was trained at, or a device with more memory"
+
+
 def run_train(args: argparse.Namespace) -> int:
     from sanitizer.device import memory_guard, resolve_device, training_threads
     from sanitizer.joblock import refuse_busy
@@ -243,20 +246,24 @@ def load_audited_encoder(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[VictimEncoder, str | None, str | None]:
     """The encoder `train` audits, as its flags give it, with the absolute path of its weights file and
-    the prefix chosen in it (None: found by the tensors' names), which decoder.json records."""
+    the prefix chosen in it (None: found by the tensors' names), which decoder.json records. Running
+    out of memory as it loads (it embeds a probe image: a mistyped --image-size) is one line."""
+    from sanitizer.device import memory_guard
     from sanitizer.encoders import as_prefix, canonical_spec, load_encoder
 
     weights = str(Path(args.encoder_weights).resolve()) if args.encoder_weights else None
     prefix = None if args.encoder_weights_prefix is None else as_prefix(args.encoder_weights_prefix)
-    encoder = load_encoder(
-        canonical_spec(args.encoder),
-        weights,
-        args.image_size,
-        args.mean and tuple(args.mean),
-        args.std and tuple(args.std),
-        device,
-        prefix,
-    )
+    at_size = f" at --image-size {args.image_size}" if args.image_size else ""
+    with memory_guard(device, f"loading the encoder{at_size}", LOAD_MEMORY_ADVICE):
+        encoder = load_encoder(
+            canonical_spec(args.encoder),
+            weights,
+            args.image_size,
+            args.mean and tuple(args.mean),
+            args.std and tuple(args.std),
+            device,
+            prefix,
+        )
     return encoder, weights, prefix
 
 

@@ -495,6 +495,20 @@ def test_a_rerun_on_a_finished_decoder_removes_the_checkpoint_a_job_killed_as_it
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before  # as it was
 
 
+def test_an_image_size_the_encoder_cannot_be_probed_at_is_one_line(tmp_path, tiny_shards, capsys):
+    """A mistyped --image-size (a zero too many) ran out of memory embedding load_encoder's probe
+    image, outside the training's memory guard: a traceback."""
+    out = tmp_path / "dec"
+    argv = ["train", "--encoder", TINY_ENCODER, "--image-size", "1000000", "--data", str(tiny_shards)]
+    code, _, err = run_cli(capsys, *argv, "--out", str(out), "--device", "cpu")
+    assert (code, err.splitlines()[-1]) == (
+        1,
+        "sanitizer: error: ran out of host memory loading the encoder at --image-size 1000000; give the "
+        "--image-size the encoder was trained at, or a device with more memory",
+    )
+    assert not out.exists()
+
+
 def test_a_finished_decoder_dir_is_refused_before_the_encoder_loads(
     tmp_path, tiny_decoder_dir, tiny_shards, capsys, no_encoder_load
 ):
