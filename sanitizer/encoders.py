@@ -446,7 +446,10 @@ def _build_open_clip(name: str) -> Built:
 
 def _build_torchscript(path: str) -> Built:
     try:
-        module = torch.jit.load(path, map_location="cpu")
+        # torch warns on every load that TorchScript is deprecated: the user's chosen format, not news
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(path, map_location="cpu")
     except (RuntimeError, ValueError, OSError) as e:
         raise EncoderError(f"cannot load TorchScript encoder {path}: {str(e).splitlines()[0]}") from None
     return module, None, ()

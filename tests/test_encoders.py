@@ -2,6 +2,7 @@ import argparse
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -360,6 +361,22 @@ def test_torchscript_and_export_kinds(tmp_path):
         assert enc.preprocess.mean == (0.5, 0.5, 0.5)
         assert torch.allclose(enc.embed(x), expected, atol=1e-5)
         assert enc.weights_sha256 == load_encoder(spec, image_size=16).weights_sha256
+
+
+def test_torchscript_and_export_encoders_load_without_warnings(tmp_path):
+    """torch.jit.load warned that TorchScript is deprecated, two lines of Python warning with torch's
+    path on every train and score (and on each Ray actor) with a torchscript: encoder."""
+    net = TinyCNN().eval()
+    torch.jit.script(net).save(str(tmp_path / "enc.ts"))
+    program = torch.export.export(
+        net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("b")},)
+    )
+    torch.export.save(program, tmp_path / "enc.pt2")
+    for spec in (f"torchscript:{tmp_path / 'enc.ts'}", f"export:{tmp_path / 'enc.pt2'}"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_encoder(spec, image_size=16)
+        assert [str(w.message) for w in caught] == [], spec
 
 
 def tampered(archive: Path, out: Path, change) -> Path:
