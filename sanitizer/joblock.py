@@ -56,6 +56,8 @@ def job_lock(root: Path, role: str) -> Iterator[None]:
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileExistsError:  # mkdir's word for a file there; "File exists" reads as if a directory did
+        raise UsageError(f"cannot use {root} as {role}: it is a file, not a directory") from None
     except OSError as e:
         raise UsageError(f"cannot use {root} as {role}: {e.strerror or e}") from None
     held = False

@@ -762,6 +762,10 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_training(tmp_path, 
         train_decoder(
             tiny_encoder, str(tiny_shards), tmp_path / "f" / "d", TrainSettings(epochs=1), progress=False
         )
+    # --out naming the file itself: mkdir's "File exists" read as if a directory were there
+    with pytest.raises(UsageError) as caught, job_lock(tmp_path / "f", "--out"):
+        pass
+    assert str(caught.value) == f"cannot use {tmp_path / 'f'} as --out: it is a file, not a directory"
 
 
 @pytest.mark.parametrize(
