@@ -1687,6 +1687,62 @@ def test_a_cluster_at_an_ipv6_address_as_ray_writes_it_is_reached():
         check_reachable(f"[::1]:{port}")
 
 
+ADDRESS_FORMS = (
+    "give the head's HOST:PORT (its GCS, port 6379 unless `ray start --port` chose), ray://HOST:PORT or auto"
+)
+
+
+NOT_AN_ADDRESS = "is not a Ray cluster's address: " + ADDRESS_FORMS
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1:6379x", NOT_AN_ADDRESS),  # was Ray's ValueError and its traceback, exit 1
+        ("127.0.0.1", NOT_AN_ADDRESS),
+        ("ray://127.0.0.1:99999", NOT_AN_ADDRESS),
+        # was "cannot reach ... (Name or service not known)": the host it looked up was "http://127.0.0.1"
+        (
+            "http://127.0.0.1:8265",
+            "is the address of the cluster's job server, which `ray job submit --address` takes; "
+            + ADDRESS_FORMS,
+        ),
+    ],
+)
+def test_a_cluster_address_of_no_form_ray_takes_is_refused_in_one_line(address, why):
+    from sanitizer.pipeline.job import check_reachable
+
+    with pytest.raises(UsageError) as refused:
+        check_reachable(address)
+    assert str(refused.value) == f"--ray-address {address} {why}"
+
+
+def test_a_cluster_that_asks_for_a_token_is_refused_naming_it(monkeypatch):
+    """`ray start` on a machine with ~/.ray/auth_token starts a cluster with token authentication; a
+    driver without RAY_AUTH_MODE=token gets Ray's bare "Failed to connect" after 20 s (exit 1). The
+    error is Ray's, as ray.init raised it joining such a cluster (Ray 2.60)."""
+    import ray
+
+    from sanitizer.pipeline.job import ensure_ray
+
+    def refused(**kwargs):
+        try:
+            raise RuntimeError(
+                "Failed to connect to GCS. ... RPC error: InvalidAuthToken: Authentication token"
+            )
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from e
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(UsageError) as stopped:
+        ensure_ray("auto")
+    assert str(stopped.value) == (
+        "the Ray cluster at auto asks for its authentication token: run with RAY_AUTH_MODE=token, the "
+        "cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+    )
+
+
 @pytest.mark.parametrize(
     ("workers", "node_cpus", "threads"),
     [

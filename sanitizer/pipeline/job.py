@@ -771,6 +771,10 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         if e.code == signal.SIGTERM:
             raise Terminated from None
         raise
+    except ConnectionError as e:  # something answers there, but Ray could not join it
+        if address:
+            raise UsageError(join_failure(address, e)) from None
+        raise
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
 
@@ -780,19 +784,64 @@ REACH_TIMEOUT_S = 10.0
 
 def check_reachable(address: str) -> None:
     """Refuse a cluster address that nothing answers at: ray.init retries it for minutes, holding the
-    run. Addresses that are not HOST:PORT (`auto`, `local`) are left to Ray; an IPv6 host is in
-    brackets, as Ray writes it ([::1]:6379)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit():
+    run. `auto` and `local` are left to Ray, as is another module's scheme (`anyscale://`)."""
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+        socket.create_connection(endpoint, timeout=REACH_TIMEOUT_S).close()
     except OSError as e:
         raise UsageError(
             f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
             "check --ray-address or RAY_ADDRESS"
         ) from None
+
+
+# What a cluster address may be, as a refusal says
+ADDRESS_FORMS = (
+    "give the head's HOST:PORT (its GCS, port 6379 unless `ray start --port` chose), ray://HOST:PORT or auto"
+)
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT or ray://HOST:PORT address (an IPv6 host in brackets, as Ray writes
+    it: [::1]:6379); None for `auto`, `local` and other modules' schemes, which Ray resolves. An
+    address of neither form is refused: Ray raised a ValueError with its traceback for it, and for
+    the job server's http:// address (the one `ray job submit` takes) said to unset RAY_ADDRESS."""
+    scheme, _, rest = address.rpartition("://")
+    if address in ("auto", "local") or scheme not in ("", "ray", "http", "https"):
+        return None
+    if scheme.startswith("http"):
+        raise UsageError(
+            f"--ray-address {address} is the address of the cluster's job server, which `ray job "
+            f"submit --address` takes; {ADDRESS_FORMS}"
+        )
+    host, _, port = rest.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--ray-address {address} is not a Ray cluster's address: {ADDRESS_FORMS}")
+    return host, int(port)
+
+
+def join_failure(address: str, error: ConnectionError) -> str:
+    """Why ray.init could not join the cluster at `address`, which answers, and what to do. A cluster
+    that `ray start` began with token authentication (Ray does so where ~/.ray/auth_token exists)
+    refuses a driver without RAY_AUTH_MODE=token: Ray says only "Failed to connect", the gRPC status
+    (InvalidAuthToken) in the text of the error it raises from."""
+    if any("InvalidAuthToken" in str(e) for e in causes(error)):  # in the text of a RuntimeError
+        return (
+            f"the Ray cluster at {address} asks for its authentication token: run with "
+            "RAY_AUTH_MODE=token, the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+        )
+    return f"cannot join the Ray cluster at {address} ({error}); check --ray-address or RAY_ADDRESS"
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the exceptions it was raised from, innermost last (Ray wraps the one that says why)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 # A file the scoring actors read is hashed on each node up to this size (a decoder, most encoder
