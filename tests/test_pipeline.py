@@ -635,6 +635,21 @@ def test_cuda_on_a_cluster_without_gpus_is_one_usage_error(monkeypatch, tmp_path
     assert job_module.scoring_device(replace(job, workers=0, device="cpu"))[0].type == "cpu"  # no Ray: here
 
 
+def test_run_json_records_the_cluster_that_ray_address_in_the_environment_joined(
+    monkeypatch, tmp_path, tiny_decoder_dir, tiny_shards
+):
+    """Inside `ray job submit` the address comes from RAY_ADDRESS: run.json said `ray_address: null`,
+    as for a Ray of the job's own."""
+    import sanitizer.pipeline.job as job_module
+
+    monkeypatch.setattr(job_module, "cluster_resources", lambda at: {"CPU": 16.0})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "run", device="cpu")
+    assert job_module.plan_job(job).config["ray_address"] == "10.0.0.1:6379"
+    assert job_module.plan_job(replace(job, workers=0)).config["ray_address"] is None  # no Ray at all
+    assert job_module.plan_job(replace(job, ray_address="local")).config["ray_address"] is None
+
+
 @pytest.mark.parametrize(
     ("option", "message"), [(("--batch-size", "-5"), "--batch-size must be at least 1, not -5"),
                             (("--workers", "-1"), "--workers must be at least 0, not -1"),

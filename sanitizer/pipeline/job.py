@@ -240,7 +240,8 @@ def plan_job(job: ScoreJob) -> JobPlan:
         "micro_batch": micro_batch,
         "compile": job.compile,
         "device": str(device),
-        "ray_address": job.ray_address,
+        # the cluster joined, also by RAY_ADDRESS (`ray job submit`); None: a Ray of its own, or none
+        "ray_address": joined_cluster(job.ray_address) if workers else None,
     }
     return JobPlan(
         settings, rule, threshold, collapse, shards, device, workers, micro_batch, batch_size,
