@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING
 
 from sanitizer import __version__
 from sanitizer.data.shards import is_text
-from sanitizer.errors import Busy, OutOfMemory, ReadFailed, SanitizerError, Terminated, shortlist, visible
+from sanitizer.errors import (
+    Busy,
+    OutOfMemory,
+    ReadFailed,
+    SanitizerError,
+    Terminated,
+    WorkerDied,
+    shortlist,
+    visible,
+)
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE
 
 if TYPE_CHECKING:  # these load torch: --help stays instant
@@ -500,10 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def error_code(e: SanitizerError) -> int:
-    """What a scheduler needs to tell apart: a read that failed or memory that ran out (1: no mistake in
-    the input, running it again may succeed), a directory another job holds (75: it is still running,
-    skip this tick), and the user's mistake (2: it will fail the same way until fixed)."""
-    if isinstance(e, (ReadFailed, OutOfMemory)):
+    """What a scheduler needs to tell apart: a read that failed, memory that ran out or a scoring actor
+    killed again and again (1: no mistake in the input, running it again may succeed), a directory
+    another job holds (75: it is still running, skip this tick), and the user's mistake (2: it will fail
+    the same way until fixed)."""
+    if isinstance(e, (ReadFailed, OutOfMemory, WorkerDied)):
         return EXIT_INCOMPLETE
     return EXIT_BUSY if isinstance(e, Busy) else EXIT_USAGE
 

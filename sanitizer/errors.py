@@ -63,6 +63,11 @@ class OutOfMemory(SanitizerError):
     so the CLI exits 1, as for a full disk; smaller batches may fit, and finished work is kept."""
 
 
+class WorkerDied(SanitizerError):
+    """A scoring actor's process died again and again (most often the kernel's OOM killer): no mistake
+    in the input known, so the CLI exits 1, as for memory that ran out; finished work is kept."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `ray job stop`, `kill`): the job stops as on Ctrl-C, its temp files
     removed and its finished shards kept for the re-run, instead of dying wherever it was."""

@@ -402,6 +402,57 @@ def test_ray_job_killed_then_actor_killed_on_rerun(
     assert verify_run(run) == []
 
 
+def test_an_actor_killed_every_time_it_scores_stops_the_job(
+    ray_session, tmp_path, corpus, tiny_decoder_dir, reference
+):
+    """A batch that kills its actor each time (the OOM killer, a crashing codec): Ray restarts it a
+    few times (ACTOR_RESTARTS), then the job stops with one line and exit 1 instead of retrying
+    forever at 0%; the shards finished before are kept, and a re-run resumes to the same outputs."""
+    run = tmp_path / "run"
+    args = score_args(tiny_decoder_dir, corpus, run, 1)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_busy_actors() -> None:
+        while not stop.is_set():
+            busy = [p for p, c in score_actors(descendants(os.getpid())).items() if ".submit" in c]
+            for pid in busy:  # from the first shard done on, and no more than twice the budget
+                if stats_count(run) and pid not in killed and len(killed) < 10:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=kill_busy_actors, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        stopped = cli(*args, cwd=tmp_path)
+    finally:
+        stop.set()
+        watcher.join()
+    assert time.monotonic() - started < 90
+    assert len(killed) == 5  # once, then after each of the 4 restarts
+    assert stopped.rc == 1
+    assert stopped.err.splitlines()[-1] == (
+        "sanitizer: error: a scoring actor died 5 times (Ray restarted it 4 times, retrying its "
+        "shards): its process was killed, most often by the kernel's OOM killer as the host ran out of "
+        "memory (`dmesg` says), or crashed; give a lower --batch-size (64 or less); finished shards "
+        "are kept, so the re-run resumes"
+    )
+    assert "Traceback" not in stopped.err
+    assert "deprecated" not in stopped.err  # Ray's warning about the ray_remote_args that set the budget
+    assert 0 < stats_count(run) < len(DONE)
+    assert_nothing_partial(run)
+    assert verify_run(run) == [
+        "run.json state is 'running': the job did not finish; run `sanitizer score` again to finish it"
+    ]
+    rerun = cli(*args, cwd=tmp_path)
+    assert rerun.rc == 1  # the two not-a-tar shards
+    assert cli("clean", run, cwd=tmp_path).rc == 1
+    assert_same_outputs(run, reference.run)
+    assert verify_run(run) == []
+
+
 # ---------------------------------------------------------------- disks and directories
 
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ import torch
 from sanitizer.checkpoint import read_meta
 from sanitizer.data.shards import ShardRef, expand_shards
 from sanitizer.device import resolve_device
-from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, shortlist
+from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, WorkerDied, shortlist
 from sanitizer.joblock import refuse_busy
 from sanitizer.manifest import SCHEMA_VERSION
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
@@ -42,6 +43,7 @@ from sanitizer.pipeline.collect import ShardCollector
 from sanitizer.pipeline.stages import (
     ReadScoreStage,
     ScoreStage,
+    memory_advice,
     read_shard,
     read_shards,
     rebatch,
@@ -640,9 +642,15 @@ def ray_tables(
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     except ray.exceptions.RayError as e:
-        if (error := actor_error(e)) is None:
+        if (error := actor_error(e, batch_size, stage_kwargs["micro_batch"])) is None:
             raise
         raise error from None
+
+
+# How often Ray restarts a scoring actor that died (SIGKILLed: most often by the kernel's OOM killer)
+# and retries the tasks it held. Ray Data's default is forever: a batch that kills its actor each
+# time held the job at 0% with no error until an outside timeout. Spent, the job stops (actor_error).
+ACTOR_RESTARTS = {"max_restarts": 4, "max_task_retries": 4}
 
 
 def gpu_scoring(
@@ -655,8 +663,6 @@ def gpu_scoring(
 ) -> ray.data.Dataset:
     """Read tasks decode the shards on the CPUs, unfused from the actors; `workers` actors, a GPU and a
     CPU each, score batches of `batch_size` decoded rows."""
-    from ray.data import ActorPoolStrategy
-
     ds = ds.map_batches(
         read_shards,
         batch_size=1,
@@ -664,11 +670,12 @@ def gpu_scoring(
         fn_kwargs={"image_size": image_size},
         num_cpus=1,
     )
-    return ds.map_batches(
+    return actor_pool(
+        ds,
         ScoreStage,
+        workers,
+        in_flight=4,
         batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
         fn_constructor_kwargs={**stage_kwargs, "threads": threads},
         num_cpus=1,
         num_gpus=1,
@@ -681,33 +688,69 @@ def cpu_scoring(
     """`workers` actors, each with an equal share of the cluster's CPUs as torch threads (actor_threads,
     unless `threads` is given), read their own shards and score them, a shard a call (ReadScoreStage)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     threads = threads or actor_threads(workers, node_cpus)
-    return ds.map_batches(
+    return actor_pool(
+        ds,
         ReadScoreStage,
+        workers,
+        in_flight=2,
         batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
         num_cpus=threads,
     )
 
 
-def actor_error(error: Exception) -> SanitizerError | None:
-    """The one-line error a Ray error stands for when a worker raised a SanitizerError (worker_user_error):
+def actor_pool(
+    ds: ray.data.Dataset, stage: type, workers: int, in_flight: int, **options: object
+) -> ray.data.Dataset:
+    """`ds` through a pool of `workers` actors of `stage`, `in_flight` calls queued on each, restarted
+    no more than ACTOR_RESTARTS allows. Ray 2.60 has no named parameter for that budget: it goes in
+    ray_remote_args, which it warns are deprecated (to be removed in 2.64), a warning silenced here."""
+    from ray.data import ActorPoolStrategy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            stage,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=in_flight),
+            **options,
+            **ACTOR_RESTARTS,
+        )
+
+
+def actor_error(error: Exception, batch_size: int, micro_batch: int) -> SanitizerError | None:
+    """The one-line error a Ray error stands for. A SanitizerError a worker raised (worker_user_error):
     out of memory as it was (the batch, not the cluster's files), anything else as an actor that could
-    not work with the files it was given. None when no worker raised one."""
-    if (found := worker_user_error(error)) is None:
-        return None
-    kind, why = found
-    if kind == OutOfMemory.__name__:
-        return OutOfMemory(why)
-    return UsageError(
-        f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
-        "encoder weights at the paths given)"
-    )
+    not work with the files it was given. An actor whose process died (not in its constructor) once
+    more than ACTOR_RESTARTS allows: what kills one, and what to lower (memory_advice, for the rows of
+    `batch_size` a call scores in model batches of `micro_batch`). None for any other error."""
+    if (found := worker_user_error(error)) is not None:
+        kind, why = found
+        if kind == OutOfMemory.__name__:
+            return OutOfMemory(why)
+        return UsageError(
+            f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
+            "encoder weights at the paths given)"
+        )
+    if actor_died(error):
+        restarts = ACTOR_RESTARTS["max_restarts"]
+        return WorkerDied(
+            f"a scoring actor died {restarts + 1} times (Ray restarted it {restarts} times, retrying its "
+            "shards): its process was killed, most often by the kernel's OOM killer as the host ran out "
+            f"of memory (`dmesg` says), or crashed; {memory_advice(batch_size, micro_batch)}"
+        )
+    return None
+
+
+def actor_died(error: Exception) -> bool:
+    """Whether `error` is Ray's word for a scoring actor whose process died after it started (SIGKILL,
+    a crash), not one whose constructor raised (that is the worker's own error)."""
+    import ray
+
+    return isinstance(error, ray.exceptions.ActorDiedError) and not error.actor_init_failed
 
 
 def actor_threads(workers: int, node_cpus: list[float]) -> int:
