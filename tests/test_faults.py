@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -451,6 +452,29 @@ def test_an_actor_killed_every_time_it_scores_stops_the_job(
     assert cli("clean", run, cwd=tmp_path).rc == 1
     assert_same_outputs(run, reference.run)
     assert verify_run(run) == []
+
+
+def test_a_worker_rays_memory_monitor_kills_is_one_line(tmp_path, corpus, tiny_decoder_dir, monkeypatch):
+    """Ray's memory monitor kills a worker once the node's memory use passes RAY_memory_usage_threshold
+    (95%), before the kernel would: at 1% it kills the scoring actor as it starts. That ended the job
+    with Ray's traceback and pages of its memory report."""
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.01")
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "50")
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    job = start_job([*score_args(tiny_decoder_dir, corpus, run, 1), "--device", "cpu"], tmp_path, log)
+    assert job.wait(timeout=WAIT_S) == 1, log.read_text()[-3000:]
+    err = log.read_text()
+    # the last line of ours: at 1% the monitor also kills Ray Data's own actors, which its raylet reports
+    errors = [line for line in err.splitlines() if line.startswith("sanitizer: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert re.fullmatch(
+        r"sanitizer: error: Ray's memory monitor killed a worker of this job as the host ran low on "
+        r"memory \(\S+ used / \S+ limit on node [\d.]+\); give a lower --batch-size \(64 or less\); "
+        r"finished shards are kept, so the re-run resumes",
+        errors[0],
+    )
+    assert "Traceback" not in err
+    assert "Object store memory usage" not in err
 
 
 # ---------------------------------------------------------------- disks and directories

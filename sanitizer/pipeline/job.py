@@ -724,9 +724,10 @@ def actor_pool(
 def actor_error(error: Exception, batch_size: int, micro_batch: int) -> SanitizerError | None:
     """The one-line error a Ray error stands for. A SanitizerError a worker raised (worker_user_error):
     out of memory as it was (the batch, not the cluster's files), anything else as an actor that could
-    not work with the files it was given. An actor whose process died (not in its constructor) once
-    more than ACTOR_RESTARTS allows: what kills one, and what to lower (memory_advice, for the rows of
-    `batch_size` a call scores in model batches of `micro_batch`). None for any other error."""
+    not work with the files it was given. An actor Ray's memory monitor killed, and one whose process
+    died (not in its constructor) once more than ACTOR_RESTARTS allows: what killed it, and what to
+    lower (memory_advice, for the rows of `batch_size` a call scores in model batches of
+    `micro_batch`). None for any other error."""
     if (found := worker_user_error(error)) is not None:
         kind, why = found
         if kind == OutOfMemory.__name__:
@@ -734,6 +735,11 @@ def actor_error(error: Exception, batch_size: int, micro_batch: int) -> Sanitize
         return UsageError(
             f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
             "encoder weights at the paths given)"
+        )
+    if (usage := memory_monitor_kill(error)) is not None:
+        return OutOfMemory(
+            f"Ray's memory monitor killed a worker of this job as the host ran low on memory{usage}; "
+            f"{memory_advice(batch_size, micro_batch)}"
         )
     if actor_died(error):
         restarts = ACTOR_RESTARTS["max_restarts"]
@@ -743,6 +749,21 @@ def actor_error(error: Exception, batch_size: int, micro_batch: int) -> Sanitize
             f"of memory (`dmesg` says), or crashed; {memory_advice(batch_size, micro_batch)}"
         )
     return None
+
+
+def memory_monitor_kill(error: Exception) -> str | None:
+    """Where `error` is Ray's OutOfMemoryError (its memory monitor kills a worker once the node's memory
+    use passes RAY_memory_usage_threshold, 95%, before the kernel's OOM killer would), the node and its
+    use as Ray gives them (` (1.97GB used / 23.54GB limit on node IP)`, or '' where not found); else None.
+    Ray's text runs to pages: the processes it weighed, its object store, and the same advice."""
+    import ray
+
+    if not isinstance(error, ray.exceptions.OutOfMemoryError):
+        return None
+    found = re.search(
+        r"Memory on the node \(IP: ([^,]+), ID: \w+\) was ([^()\n]+ used / [^()\n]+ limit)", str(error)
+    )
+    return f" ({found[2]} on node {found[1]})" if found else ""
 
 
 def actor_died(error: Exception) -> bool:
