@@ -23,6 +23,7 @@ import subprocess
 import tarfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,6 +453,22 @@ def test_an_actor_killed_every_time_it_scores_stops_the_job(
     assert cli("clean", run, cwd=tmp_path).rc == 1
     assert_same_outputs(run, reference.run)
     assert verify_run(run) == []
+
+
+def test_the_gpu_and_cpu_scoring_actors_both_get_the_restart_budget(ray_session):
+    """The GPU pool cannot be run here: its actors get the same finite budget as the CPU pool's, which
+    the test above kills, and neither Ray Data's default of restarting forever nor its warning."""
+    import ray
+
+    from sanitizer.pipeline.job import cpu_scoring, gpu_scoring
+
+    ds = ray.data.from_items([{"url": "x.tar", "stem": "x"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pools = [gpu_scoring(ds, {}, 32, None, 64, 1), cpu_scoring(ds, {}, None, 64, 1)]
+    for pool in pools:
+        remote_args = pool._logical_plan.dag.ray_remote_args
+        assert (remote_args["max_restarts"], remote_args["max_task_retries"]) == (4, 4)
 
 
 def test_a_worker_rays_memory_monitor_kills_is_one_line(tmp_path, corpus, tiny_decoder_dir, monkeypatch):
