@@ -30,9 +30,9 @@ those images are each other's near-duplicates. This pass measures that, after sc
   whole: two tests flagging on their own would add their rates, and would miss a sample moderately
   unusual on both, as DRUPE's triggered images are (it spreads their embeddings on purpose, and the
   decoder rebuilds many of them fairly well). Each row's `collapse_threshold` is the collapse it
-  needs, given its score, to be flagged. The rarest collapse a holdout of n images can attest is
-  1 / (n + 1), so collapse alone flags a sample only when n + 1 > exp(threshold): a few hundred
-  held-out images at the default rule.
+  needs, given its score, to be flagged. The rarest cosine a holdout of n images with a sketch can
+  attest is 1 / (n + 1), so collapse alone flags a sample only when n + 1 > exp(threshold): a few
+  hundred held-out images at the default rule.
 
 A trigger is seen when at least NEIGHBOURS of its images land in the reference, i.e. from a poison
 rate of about NEIGHBOURS / REFERENCE_SIZE. A trigger stamped on copies of one image is not: those
@@ -250,12 +250,17 @@ class HeldOut:
         usable = ~np.isnan(collapse)
         return cls(np.asarray(scores, np.float64)[usable], collapse[usable])
 
+    @property
+    def cosines(self) -> np.ndarray:
+        """The collapse of those with a sketch: the rarest a cosine can be is 1/(len + 1)."""
+        return self.collapse[np.isfinite(self.collapse)]
+
     def collapse_p(self, collapse: np.ndarray, own: bool = False) -> np.ndarray:
         """Each collapse's tail p-value among the held-out images': a cosine against their cosines, and
         NO_SKETCH by the share of them without a sketch, so that a trigger sending its images to one
         axis is as suspect as that is rare, and a victim whose clean images often end there is not
         flagged for it. NaN stays NaN."""
-        cosines = self.collapse[np.isfinite(self.collapse)]
+        cosines = self.cosines
         none, n = len(self.collapse) - len(cosines), len(self.collapse)
         p_none = none / n if own else (1 + none) / (n + 1)
         with np.errstate(divide="ignore", invalid="ignore"):  # no held-out cosine: only NO_SKETCH asked
@@ -273,9 +278,7 @@ class HeldOut:
     def needed(self, scores: np.ndarray, collapse: np.ndarray, limit: float) -> np.ndarray:
         """Each row's collapse_needed; for a row without a sketch -inf when it is flagged (its
         NO_SKETCH is above it), +inf when not; NaN where the row has no collapse."""
-        needed = collapse_needed(
-            tail_p(scores, self.scores), self.collapse[np.isfinite(self.collapse)], limit
-        )
+        needed = collapse_needed(tail_p(scores, self.scores), self.cosines, limit)
         none = collapse == NO_SKETCH
         needed[none] = np.where(self.evidence(scores[none], collapse[none]) > limit, -np.inf, np.inf)
         needed[np.isnan(collapse)] = np.nan

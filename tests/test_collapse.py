@@ -443,6 +443,23 @@ def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, capl
     assert "e^1000 or more" in caplog.text
 
 
+def test_the_small_holdout_warning_counts_held_out_images_with_a_sketch(
+    decoder_dir, cluster_shards, tmp_path, caplog
+):
+    """The rarest cosine the held-out images attest is 1/(n+1) with n those that have a sketch (those
+    without one have the collapse NO_SKETCH, weighed apart): 40 of 60 without one leave 20, and ln 21
+    < 4, so value:4 flags no sample by its collapse alone and the pass says so. It counted all 60."""
+    some = tmp_path / "decoder"
+    shutil.copytree(decoder_dir, some)
+    sketches, thumbnails = load_holdout(some)
+    sketches = sketches.copy()
+    sketches[20:] = np.nan
+    save_holdout(some, sketches, thumbnails)
+    run(some, cluster_shards, tmp_path / "run", collapse=RULE)
+    assert "the collapse pass has 20 held-out images with a sketch" in caplog.text
+    assert "54 or more (a larger train --holdout)" in caplog.text  # e^4 = 54.6
+
+
 def test_the_pass_runs_by_default():
     def collapse(*extra: str) -> str | None:
         argv = ["score", "--decoder", "d", "--data", "x", "--out", "o", *extra]

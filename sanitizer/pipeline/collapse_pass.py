@@ -134,13 +134,14 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
 
 
 def warn_if_small(held_out: int, limit: float) -> None:
-    """The rarest collapse n held-out images attest is p = 1/(n+1): below exp(limit) of them, no
-    collapse flags a sample whose score is ordinary. Say so, with the holdout that would."""
+    """The rarest collapse n held-out images with a sketch attest is p = 1/(n+1) (those without one
+    do not count: their NO_SKETCH is weighed apart): below exp(limit) of them, no collapse flags a
+    sample whose score is ordinary. Say so, with the holdout that would."""
     if math.log(held_out + 1) <= limit:
         needed = f"{math.floor(math.exp(limit))}" if limit < 50 else f"e^{limit:.4g}"  # e^1000: no float
         log.warning(
-            "the collapse pass has %d held-out images: a collapse flags a sample only beside an unusual "
-            "score; %s or more (a larger train --holdout) would let collapse alone flag one",
+            "the collapse pass has %d held-out images with a sketch: a collapse flags a sample only beside "
+            "an unusual score; %s or more (a larger train --holdout) would let collapse alone flag one",
             held_out,
             needed,
         )
@@ -165,7 +166,7 @@ def reference_and_holdout(
     if not len(reference.sketches):
         return None
     held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
-    cosines = int(np.isfinite(held.collapse).sum())
+    cosines = len(held.cosines)
     if cosines < 2:  # each is weighed against the others: one alone would set a limit of 0
         log.warning(
             "%d held-out image(s) have a collapse (one needs a sketch, and a scored sample one too); the "
@@ -201,7 +202,7 @@ def collapse_columns(
         return {}, {}, CollapsePass()
     limit = resolve_threshold(rule, own, scored)
     found = CollapsePass(limit, above_median(scored, own) / len(scored))
-    warn_if_small(len(held.scores), limit)
+    warn_if_small(len(held.cosines), limit)
     if (unlike := unlike_holdout(found.above_holdout_median)) is not None:
         log.warning(unlike)
     needed = {stem: held.needed(scores[stem], values[stem], limit) for stem in values}
