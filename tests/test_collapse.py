@@ -262,7 +262,7 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert (out / "report" / "clusters.png").is_file()
     # ... and where the pass puts every sample: 98 rows with a collapse, all drawn.
     assert '<section id="joint"><h2>Score and collapse</h2>' in html
-    assert "<p>98 samples with a collapse value" in html
+    assert "<p>98 samples with a cosine collapse" in html
     assert (out / "report" / "joint.png").is_file()
 
     # A finished run re-run changes nothing; with --no-collapse the pass is undone.
@@ -342,6 +342,50 @@ def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_
     assert summary.flagged_by["collapse"] >= 12
     assert verify_run(out) == []
     assert 'id="clusters"' in write_report(out).read_text()  # the sketched flagged rows are grouped
+
+
+NO_SKETCH_HTML = "have no sketch (their embedding sits on fewer than 2 features: collapse +inf)"
+
+
+def test_the_report_counts_the_rows_without_a_sketch_it_cannot_draw_or_group(
+    decoder_dir, cluster_shards, tmp_path
+):
+    """A row without a sketch has no cosine to plot or group by; the report left the 12 flagged ones
+    out silently: the plot said 86 samples had a collapse value, and the clusters 'Of the 14 with the
+    highest collapse' where it grouped 2."""
+    out = tmp_path / "run"
+    run(decoder_dir, cluster_shards, out, collapse=RULE)
+    blank_sketches(out, [f"shard{i:08d}" for i in range(70, 82)])
+    flagged = run(decoder_dir, cluster_shards, out, collapse=RULE).flagged_by["collapse"]
+    text = re.sub(r"\s+", " ", write_report(out).read_text())
+    assert "86 samples with a cosine collapse (a seeded sample)" in text
+    assert (
+        f"<p>12 samples {NO_SKETCH_HTML}, 12 of them flagged by the collapse pass: they are not drawn.</p>"
+        in text
+    )
+    assert (
+        f"The collapse pass flagged {flagged} samples. 12 of them {NO_SKETCH_HTML} and are not grouped. "
+        f"Of the {flagged - 12} with the highest collapse"
+    ) in text
+
+
+def test_the_report_says_what_the_pass_flagged_when_no_row_of_it_has_a_sketch(tmp_path):
+    """Flagged rows that all lack a sketch make no cluster: the page said the pass flagged no sample."""
+    from sanitizer.report.page import clusters_section, joint_section
+    from sanitizer.report.scan import JointPoints
+
+    html = clusters_section(tmp_path, [], 12, 12, {}).body
+    said = f"the collapse pass flagged 12 samples. 12 of them {NO_SKETCH_HTML} and are not grouped."
+    assert html == f'<p class="note">{said}</p>'
+    assert "flagged no sample" in clusters_section(tmp_path, [], 0, 0, {}).body
+    empty = np.zeros(0)
+    points = JointPoints(empty, empty, empty, empty.astype(object), None, unsketched=5, unsketched_flagged=2)
+    html = joint_section(tmp_path, points, 0.5, None).body
+    assert html == (
+        f'<p class="note">5 samples {NO_SKETCH_HTML}, 2 of them flagged by the collapse pass; no sample has '
+        "a cosine collapse: nothing to plot</p>"
+    )
+    assert not (tmp_path / "joint.png").exists()
 
 
 def test_verify_holds_the_flags_to_the_collapse_threshold(decoder_dir, cluster_shards, tmp_path):

@@ -158,7 +158,9 @@ def image_sections(
         ids = ["samples", *(["clusters"] if collapsed else []), "localisation", "embeddings"]
         return [Section(i, why) for i in ids]
     flagged_sample, clean_sample = sample_rows(run, scan)
-    clusters, by_collapse = collapse_clusters(run, [s.stem for s in scan.shards]) if collapsed else ([], 0)
+    clusters, by_collapse, unsketched = (
+        collapse_clusters(run, [s.stem for s in scan.shards]) if collapsed else ([], 0, 0)
+    )
     urls = {s.stem: s.url for s in shards}
     in_clusters = [p for c in clusters for p in c.picks]
     images, notes = read_images(urls, scan.top + flagged_sample + clean_sample + in_clusters, size)
@@ -167,7 +169,7 @@ def image_sections(
     clean = render_views(scorer, clean_sample, images, size)
     sections = [
         samples_section(out, top, typical(clean, GRID_ROWS)),
-        *([clusters_section(out, clusters, by_collapse, images)] if collapsed else []),
+        *([clusters_section(out, clusters, by_collapse, unsketched, images)] if collapsed else []),
         localisation_section(out, flagged, clean),
         embeddings_section(out, flagged, clean),
     ]

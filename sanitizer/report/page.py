@@ -246,18 +246,30 @@ def joint_section(
     """`shift`: the share of the run's evidence above the held-out images' median (run.json)."""
     if points is None:
         return Section("joint", note("no sample has a collapse value: nothing to plot"))
-    plot_joint(out / "joint.png", points, threshold)
     unlike = unlike_holdout(shift)
     unlike = "" if unlike is None else note(unlike[0].upper() + unlike[1:] + ".")
+    apart = unsketched_text(points.unsketched, points.unsketched_flagged)
+    if not len(points.score):
+        return Section("joint", unlike + note(f"{apart}; no sample has a cosine collapse: nothing to plot"))
+    plot_joint(out / "joint.png", points, threshold)
+    apart = f"<p>{apart}: they are not drawn.</p>" if points.unsketched else ""
     text = (
-        f"<p>{len(points.score):,} samples with a collapse value (a seeded sample): how badly each is "
+        f"<p>{len(points.score):,} samples with a cosine collapse (a seeded sample): how badly each is "
         "rebuilt, against how nearly its embedding coincides with its 5 nearest in the run. The collapse "
         "pass weighs the two together, each as a p-value against the decoder's held-out images, so a "
         "sample is flagged above the black line, which is lower the rarer its score; samples right of "
         "the dashed line are flagged by their score alone. A trigger's images sit top left when the "
         "decoder rebuilds them well, top right when it does not.</p>"
     )
-    return Section("joint", unlike + text + _img("joint.png", "score against collapse"))
+    return Section("joint", unlike + text + apart + _img("joint.png", "score against collapse"))
+
+
+# Rows without a sketch have no cosine to draw or group by: the page counts them apart
+NO_SKETCH_TEXT = "no sketch (their embedding sits on fewer than 2 features: collapse +inf)"
+
+
+def unsketched_text(count: int, flagged: int) -> str:
+    return f"{count:,} samples have {NO_SKETCH_TEXT}, {flagged:,} of them flagged by the collapse pass"
 
 
 def shards_section(out: Path, scan: RunScan, expected: float | None, collapsed: bool) -> Section:
@@ -305,23 +317,29 @@ def samples_section(out: Path, top: Views, typical_clean: Views) -> Section:
     return Section("samples", text + _img("samples.png", "sample grid") + table)
 
 
-def clusters_section(out: Path, clusters: list[Cluster], total: int, images: dict) -> Section:
-    if not clusters:
+def clusters_section(
+    out: Path, clusters: list[Cluster], total: int, unsketched: int, images: dict
+) -> Section:
+    """`total` flagged by the collapse pass, `unsketched` of them without a sketch (not grouped)."""
+    if not total:
         return Section("clusters", note("the collapse pass flagged no sample"))
+    apart = "" if not unsketched else f" {unsketched:,} of them have {NO_SKETCH_TEXT} and are not grouped."
+    if not clusters:
+        return Section("clusters", note(f"the collapse pass flagged {total:,} samples.{apart}"))
     plot_clusters(out / "clusters.png", clusters, images)
     rows = [
         [i + 1, c.size, "" if c.poisoned is None else c.poisoned, ", ".join(cut(p.key) for p in c.picks[:3])]
         for i, c in enumerate(clusters)
     ]
     table = _table(["cluster", "samples", "poisoned (truth)", "first keys"], rows, {0, 1, 2})
-    pooled = min(total, CLUSTER_POOL)
+    pooled = min(total - unsketched, CLUSTER_POOL)
     text = (
-        f"<p>The collapse pass flagged {total:,} samples. Of the {pooled:,} with the highest collapse, each "
-        "row groups those whose embedding is as near the row's first as the least collapsed of them is to "
-        "its neighbours (the row's "
-        "label is the group's size). Different images that share one embedding are what a backdoor's "
-        "trigger makes: look for what they have in common (a patch, a tint, a caption). Copies of one "
-        "photo, re-encoded or resized, are not counted as each other's neighbours.</p>"
+        f"<p>The collapse pass flagged {total:,} samples.{apart} Of the {pooled:,} with the highest "
+        "collapse, each row groups those whose embedding is as near the row's first as the least "
+        "collapsed of them is to its neighbours (the row's label is the group's size). Different images "
+        "that share one embedding are what a backdoor's trigger makes: look for what they have in common "
+        "(a patch, a tint, a caption). Copies of one photo, re-encoded or resized, are not counted as "
+        "each other's neighbours.</p>"
     )
     return Section("clusters", text + _img("clusters.png", "collapse clusters") + table)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.collapse import SKETCH_DIM, group_by_seed
+from sanitizer.collapse import NO_SKETCH, SKETCH_DIM, group_by_seed
 from sanitizer.manifest import flag_counts, read_manifest
 from sanitizer.rundir import RunDir
 
@@ -225,24 +225,28 @@ class Cluster:
     picks: list[Pick]  # the first CLUSTER_TILES members, highest collapse first
 
 
-def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int]:
+def _by_collapse(table: pa.Table) -> np.ndarray:
+    """Which rows the collapse pass flagged (flag_reason `collapse` or `score+collapse`)."""
+    flagged = pc.fill_null(pc.match_substring(table.column("flag_reason"), "collapse"), False)
+    return flagged.to_numpy(zero_copy_only=False)
+
+
+def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int, int]:
     """Up to CLUSTERS groups, seeded in order of collapse, among the CLUSTER_POOL rows of highest
-    collapse that the collapse pass flagged, and how many rows it flagged in all. A trigger's images
-    look different but share a patch or a tint; copies of one photo are not each other's neighbours
-    (sanitizer.collapse), so they do not make a group by themselves."""
+    collapse that the collapse pass flagged; how many rows it flagged in all, and how many of those
+    have no sketch (NO_SKETCH: nothing to group them by, so the page counts them apart). A trigger's
+    images look different but share a patch or a tint; copies of one photo are not each other's
+    neighbours (sanitizer.collapse), so they do not make a group by themselves."""
     pool: list[tuple[float, str, int]] = []  # (-collapse, stem, row): sorts highest collapse first
     extra: dict[tuple[str, int], tuple[np.ndarray, bool | None]] = {}  # sketch, label
-    total = 0
+    total = unsketched = 0
     for stem in stems:
         table = _read(run, stem, ["flag_reason", "collapse", "sketch", "label"])
-        by_collapse = pc.fill_null(pc.match_substring(table.column("flag_reason"), "collapse"), False)
-        rows = np.flatnonzero(by_collapse.to_numpy(zero_copy_only=False))
+        rows = np.flatnonzero(_by_collapse(table))
         total += len(rows)
         values = table.column("collapse").to_numpy(zero_copy_only=False)[rows]
-        rows, values = (
-            rows[np.isfinite(values)],
-            values[np.isfinite(values)],
-        )  # NO_SKETCH: nothing to group by
+        unsketched += int((values == NO_SKETCH).sum())
+        rows, values = rows[np.isfinite(values)], values[np.isfinite(values)]
         order = np.argsort(-values, kind="stable")[:CLUSTER_POOL]
         rows, values = rows[order], values[order]
         chosen = table.take(rows)
@@ -256,7 +260,7 @@ def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int
         )
         extra = {(stem, row): extra[(stem, row)] for _, stem, row in pool}
     if not pool:
-        return [], total
+        return [], total, unsketched
     where = [(stem, row) for _, stem, row in pool]
     link = -max(value for value, _, _ in pool)  # the lowest pooled collapse
     groups = group_by_seed(np.stack([extra[w][0] for w in where]), link, CLUSTERS)
@@ -267,31 +271,38 @@ def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int
         clusters.append(
             Cluster(len(members), sum(labels) if labels else None, _picks_at(run, members[:CLUSTER_TILES]))
         )
-    return clusters, total
+    return clusters, total, unsketched
 
 
 @dataclass
 class JointPoints:
-    """A sample of the rows that have a collapse: where the collapse pass puts them."""
+    """A sample of the rows that have a cosine collapse: where the collapse pass puts them; and the
+    rows without a sketch (NO_SKETCH), which have no place on a cosine's axis, counted apart."""
 
     score: np.ndarray
     collapse: np.ndarray
     needed: np.ndarray  # collapse_threshold: the collapse each row needs, given its score
     reason: np.ndarray  # flag_reason, "" for kept rows
     truth: np.ndarray | None  # label, where every sampled row has one
+    unsketched: int = 0  # rows of the run whose collapse is NO_SKETCH
+    unsketched_flagged: int = 0  # of those, the ones the collapse pass flagged
 
 
 def joint_points(run: RunDir, stems: list[str]) -> JointPoints | None:
-    """Up to JOINT_POINTS rows with a collapse, an equal seeded share from each shard."""
+    """Up to JOINT_POINTS rows with a cosine collapse, an equal seeded share from each shard; None
+    when no row has a collapse."""
     rng, share = np.random.default_rng(SEED), -(-JOINT_POINTS // max(len(stems), 1))
-    parts = []
+    parts, unsketched, unsketched_flagged = [], 0, 0
     for stem in stems:
         table = _read(run, stem, ["score", "collapse", "collapse_threshold", "flag_reason", "label"])
         collapse = table.column("collapse").to_numpy(zero_copy_only=False)  # null reads as NaN
+        none = collapse == NO_SKETCH
+        unsketched += int(none.sum())
+        unsketched_flagged += int((none & _by_collapse(table)).sum())
         rows = np.flatnonzero(np.isfinite(collapse))  # the pass writes null, never NaN: a NaN is damage
         parts.append(table.take(np.sort(rng.choice(rows, min(share, len(rows)), replace=False))))
     table = pa.concat_tables(parts) if parts else None
-    if table is None or not table.num_rows:
+    if table is None or not (table.num_rows or unsketched):
         return None
     column = lambda name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
     label = table.column("label")
@@ -301,4 +312,6 @@ def joint_points(run: RunDir, stems: list[str]) -> JointPoints | None:
         column("collapse_threshold"),
         np.array([r or "" for r in table.column("flag_reason").to_pylist()], object),
         None if label.null_count else label.to_numpy(zero_copy_only=False).astype(bool),
+        unsketched,
+        unsketched_flagged,
     )
