@@ -450,7 +450,9 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     blank_sketches(out, concat(out).column("key").to_pylist())
     caplog.clear()
     summary = run(decoder_dir, cluster_shards, out, collapse="mad:3")
-    assert "0 held-out image(s) have a collapse" in caplog.text
+    # It said '0 held-out image(s) have a collapse ... (a larger train --holdout)': no holdout helps.
+    assert "no sample of the run's reference (98 drawn from its ok samples) has a sketch" in caplog.text
+    assert "--holdout" not in caplog.text
     assert summary.collapse_threshold is None and verify_run(out) == []
     # Nor with one held-out image: weighed against no other, it would put the limit at 0.
     lone = tmp_path / "lone"

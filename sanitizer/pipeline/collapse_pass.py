@@ -160,10 +160,17 @@ def reference_and_holdout(
     run: RunDir, stems: list[str], holdout: HoldoutImages
 ) -> tuple[Reference, HeldOut] | None:
     """The run's reference and the held-out images' statistics against it; None when there is nothing
-    to weigh (no ok row, no held-out image with a collapse): after hours of scoring, a pass that
-    cannot run must not fail the run, so the last case is a warning."""
+    to weigh (no ok row, no reference row with a sketch, no held-out image with a collapse): after
+    hours of scoring, a pass that cannot run must not fail the run, so the last two are warnings."""
     reference = Reference(run, stems, holdout.reference_key)
     if not len(reference.sketches):
+        return None
+    if not np.isfinite(reference.sketches).all(1).any():  # no neighbour for anyone: no holdout helps
+        log.warning(
+            "no sample of the run's reference (%d drawn from its ok samples) has a sketch: each embedding "
+            "sits on fewer than 2 features, so the collapse pass cannot run",
+            len(reference.sketches),
+        )
         return None
     held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
     cosines = len(held.cosines)
