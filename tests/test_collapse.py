@@ -601,3 +601,7 @@ def test_the_knn_distance_baseline_is_the_same_neighbour_search():
     queries, reference = rng.normal(size=(50, 16)), rng.normal(size=(200, 16))
     brute = np.sort(1 - unit(queries) @ unit(reference).T, axis=1)[:, :10].mean(1)
     assert np.allclose(knn_distance(queries, reference), brute, atol=1e-6)
+    # A non-finite embedding has no distance; since NO_SKETCH it got -inf, below every other.
+    queries[3] = np.nan
+    distance = knn_distance(queries, reference)
+    assert np.isnan(distance[3]) and np.isfinite(np.delete(distance, 3)).all()
