@@ -504,7 +504,7 @@ class Sketched:
 def self_collapse(images: Sketched) -> np.ndarray:
     """The collapse pass's statistic with the scored set as its own reference (every set here is
     smaller than REFERENCE_SIZE, so the product would take all of it too), near-duplicates left out;
-    NaN for an image without a sketch, as in the product."""
+    NO_SKETCH for an image without a sketch, as in the product."""
     return neighbour_similarity(images.sketches, images.sketches, images.thumbnails, images.thumbnails)
 
 
@@ -517,7 +517,8 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
 
 
 def holdout_collapse(fitted, reference: Sketched) -> np.ndarray:
-    """The decoder's held-out images' collapse against a scored set (NaN for those without a sketch)."""
+    """The decoder's held-out images' collapse against a scored set (NO_SKETCH for those without a
+    sketch)."""
     sketches = fitted.holdout_sketches.astype(np.float32)
     return neighbour_similarity(sketches, reference.sketches, fitted.holdout_thumbnails, reference.thumbnails)
 
