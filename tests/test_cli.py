@@ -49,7 +49,7 @@ def test_no_command_prints_the_usage_and_exits_2(capsys):
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-OPTION = re.compile(r"(-{1,2}[a-z][a-z-]*)((?: [A-Z][A-Z_]*| [a-z0-9]+(?:\|[a-z0-9]+)+)*)")
+OPTION = re.compile(r"(-{1,2}[a-z][a-z-]*)((?: \[[A-Z][A-Z_]*\]| [A-Z][A-Z_]*| [a-z0-9]+(?:\|[a-z0-9]+)+)*)")
 
 
 def readme_cli_text() -> str:
@@ -79,9 +79,11 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def metavar(action: argparse.Action) -> str:
+    """How the option's value reads in a synopsis: `[RULE]` for one that may be left out, as --help shows."""
     if action.nargs == 0:
         return ""
-    return " ".join(action.metavar) if isinstance(action.metavar, tuple) else str(action.metavar)
+    name = " ".join(action.metavar) if isinstance(action.metavar, tuple) else str(action.metavar)
+    return f"[{name}]" if action.nargs == "?" else name
 
 
 @pytest.mark.parametrize("command", ["", "train", "score", "clean", "report", "verify", "demo"])
