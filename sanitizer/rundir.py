@@ -97,14 +97,18 @@ class RunDir:
     def is_done(self, stem: str) -> bool:
         return self.stats(stem).is_file()
 
-    def changed_inputs(self, shards: list[ShardRef]) -> list[ShardRef]:
-        """The done shards whose input changed since their stats markers were written (a local file in
-        size or mtime, a remote object in size or version: it was still being downloaded, or was
-        replaced): their manifests no longer describe them."""
-        done = [s for s in shards if self.is_done(s.stem)]
-        recorded = [self.read_stats(s.stem).get("input") for s in done]
+    def finished_stats(self, shards: list[ShardRef]) -> dict[str, dict]:
+        """Each finished shard's stats marker, by stem: read once by a job, as a re-run of a large run
+        has thousands."""
+        return {s.stem: self.read_stats(s.stem) for s in shards if self.is_done(s.stem)}
+
+    def changed_inputs(self, shards: list[ShardRef], stats: dict[str, dict]) -> list[ShardRef]:
+        """The done shards (those with `stats`, finished_stats) whose input changed since their stats
+        markers were written (a local file in size or mtime, a remote object in size or version: it
+        was still being downloaded, or was replaced): their manifests no longer describe them."""
+        done = [s for s in shards if s.stem in stats]
         now = file_stamps([s.url for s in done])
-        return [s for s, r, n in zip(done, recorded, now, strict=True) if stamp_differs(r, n)]
+        return [s for s, n in zip(done, now, strict=True) if stamp_differs(stats[s.stem].get("input"), n)]
 
     def unmark(self, stem: str) -> None:
         """Forget a done shard, its stats marker first: until it is scored again it is a shard never

@@ -275,7 +275,6 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     run.refuse_foreign()
     with run.lock():
         previous = begin(run, plan)
-        warn_micro_batch_kept(run, plan)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
         # it stamps the inputs it will write markers for: a re-run of a finished run stats none again
         urls = {s.stem: s.url for s in pending}
@@ -293,7 +292,8 @@ READ_OF_PREVIOUS = CLEAN_RECORD_FIELDS
 
 def begin(run: RunDir, plan: JobPlan) -> dict:
     """Clears what an interrupted run left, refuses a RUN_DIR of another job, forgets shards whose
-    input changed, and marks the run running; returns the run.json it found ({} for a new run)."""
+    input changed, says which finished shards keep scores of another --micro-batch, and marks the run
+    running; returns the run.json it found ({} for a new run)."""
     removed = run.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
@@ -301,24 +301,27 @@ def begin(run: RunDir, plan: JobPlan) -> dict:
     if previous and (other := identity_change(previous.get("identity"), plan.identity)):
         raise UsageError(f"{run.root} holds a run of another {other}; use a new --out")
     carried = {k: previous[k] for k in CARRIED if k in previous}
-    if forget_changed(run, plan.shards):  # clean/ held their old samples: it no longer matches the run
+    stats = run.finished_stats(plan.shards)
+    if forgotten := forget_changed(run, plan.shards, stats):  # clean/ held their old samples: no match
         carried.pop("clean", None)
+    warn_micro_batch_kept([v for stem, v in stats.items() if stem not in forgotten], plan.micro_batch)
     run.write_run(plan.record("running", **carried))
     return previous
 
 
-def warn_micro_batch_kept(run: RunDir, plan: JobPlan) -> None:
+def warn_micro_batch_kept(finished: list[dict], micro_batch: int) -> None:
     """A re-run at another --micro-batch (after running out of memory) resumes: it scores the shards
-    not done, and the finished ones keep their scores, which can differ in their last bits from the
-    new batch's. Said, so that one who meant to score them again knows to use a new --out."""
-    recorded = (run.read_stats(stem).get("micro_batch") for stem in run.done(plan.shards))
-    others = Counter(b for b in recorded if b is not None and b != plan.micro_batch)
+    not done, and the finished ones (their stats markers) keep their scores, which can differ in their
+    last bits from the new batch's. Said, so that one who meant to score them again knows to use a
+    new --out."""
+    recorded = (stats.get("micro_batch") for stats in finished)
+    others = Counter(b for b in recorded if b is not None and b != micro_batch)
     if others:
         log.warning(
             "%d finished shard(s) were scored in model batches of %s and keep those scores, which can "
             "differ in their last bits from scores in batches of %d; to score every shard in batches "
             "of %d, score into a new --out",
-            others.total(), " and ".join(map(str, sorted(others))), plan.micro_batch, plan.micro_batch,
+            others.total(), " and ".join(map(str, sorted(others))), micro_batch, micro_batch,
         )  # fmt: skip
 
 
@@ -375,10 +378,11 @@ def lost_shards_part(lost: list[dict], shards: list[dict]) -> str:
     return f"input ({len(gone)} of its shards not in --data: {shortlist(gone)})"
 
 
-def forget_changed(run: RunDir, shards: list[ShardRef]) -> list[str]:
-    """Done shards whose input changed since they were scored (one scored while it was still
-    downloading, one replaced), forgotten so that they are scored again; their stems."""
-    changed = run.changed_inputs(shards)
+def forget_changed(run: RunDir, shards: list[ShardRef], stats: dict[str, dict]) -> list[str]:
+    """Done shards (their stats markers, `stats`) whose input changed since they were scored (one
+    scored while it was still downloading, one replaced), forgotten so that they are scored again;
+    their stems."""
+    changed = run.changed_inputs(shards, stats)
     for shard in changed:
         log.warning("%s changed since it was scored: scoring it again", shard.url)
         run.unmark(shard.stem)
