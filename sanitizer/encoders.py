@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import io
 import json
@@ -391,6 +392,13 @@ def _seeded_init(build):
 Built = tuple[nn.Module, Preprocess | None, tuple[str, ...]]
 
 
+def nearest(name: str, names: Iterable[str]) -> str:
+    """'; nearest: a, b, c' for a misspelt model name, so the user need not list a library's models;
+    '' when none is near."""
+    close = difflib.get_close_matches(name, list(names), n=3)
+    return f"; nearest: {', '.join(close)}" if close else ""
+
+
 def _build_timm(name: str) -> Built:
     import timm
 
@@ -400,9 +408,11 @@ def _build_timm(name: str) -> Built:
         raise EncoderError(
             f"timm:{name} is not a timm model name; give the name and a local --encoder-weights"
         )
+    if not timm.is_model(name):  # a tag after a dot (resnet18.a1_in1k) picks only the config
+        raise EncoderError(f"timm has no model {name!r}{nearest(name, timm.list_models())}")
     try:
         module = _seeded_init(lambda: timm.create_model(name, pretrained=False, num_classes=0))
-    except (RuntimeError, ValueError) as e:  # timm raises RuntimeError for unknown model names
+    except (RuntimeError, ValueError) as e:  # an unknown tag: 'Invalid pretrained tag (x) for resnet18.'
         raise EncoderError(f"timm has no model {name!r} ({e})") from None
     classifier = module.pretrained_cfg.get("classifier", "fc")
     heads = classifier if isinstance(classifier, tuple) else (classifier,)
@@ -434,8 +444,21 @@ def _build_open_clip(name: str) -> Built:
     open_clip.add_model_config(OPEN_CLIP_CONFIGS)
     if ":" in name:
         raise EncoderError(f"open_clip:{name} would load from a hub; give a local --encoder-weights")
-    if name not in open_clip.list_models():
-        raise EncoderError(f"open_clip has no model {name!r}")
+    known = open_clip.list_models()
+    base, _, tag = name.partition("/")
+    if tag and base in known:  # open_clip's own form is create_model(base, pretrained=tag): a download
+        raise EncoderError(
+            f"open_clip:{name} names the pretrained weights {tag!r}, a hub download; give "
+            f"open_clip:{base} and those weights as a local --encoder-weights"
+        )
+    if name not in known:
+        raise EncoderError(f"open_clip has no model {name!r}{nearest(name, known)}")
+    hf_text = open_clip.get_model_config(name).get("text_cfg", {}).get("hf_model_name")
+    if hf_text:  # built with transformers' from_pretrained: a download, even without weights
+        raise EncoderError(
+            f"open_clip:{name} cannot be built offline: open_clip fetches its text tower, the "
+            f"Hugging Face model {hf_text!r}, from the hub"
+        )
     with _root_log_without("No pretrained weights loaded"):
         model = _seeded_init(lambda: open_clip.create_model(name, pretrained=None))
     visual = model.visual

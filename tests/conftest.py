@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, ClassVar
@@ -55,6 +56,30 @@ def tiny_decoder_dir(tmp_path_factory, tiny_shards, tiny_encoder) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every network connection and name lookup fails at once, as on a machine without a network, and
+    is recorded: the package promises never to reach one (no hub, no download). Local sockets
+    (AF_UNIX) still work. Yields the list of attempts, for the test to assert empty."""
+    attempts: list = []
+
+    def refuse(what: object) -> None:
+        attempts.append(what)
+        raise OSError(f"test: no network ({what})")
+
+    def connect(self: socket.socket, address: object) -> None:
+        return connect_unix(self, address) if self.family == socket.AF_UNIX else refuse(address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        return connect_ex_unix(self, address) if self.family == socket.AF_UNIX else refuse(address)
+
+    connect_unix, connect_ex_unix = socket.socket.connect, socket.socket.connect_ex
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: refuse(host))
+    return attempts
 
 
 @pytest.fixture(scope="session")

@@ -328,3 +328,25 @@ def test_the_cli_module_loads_without_torch():
     root = Path(__file__).parents[1]  # this checkout's package, whatever is installed
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("open_clip:roberta-ViT-B-32", "cannot be built offline: open_clip fetches its text tower, the "),
+        ("timm:resnet181", "timm has no model 'resnet181'; nearest: resnet18, resnet18d, resnet101"),
+    ],
+)
+def test_train_refuses_an_encoder_it_cannot_build_offline_in_one_line(
+    spec, why, tiny_shards, tmp_path, capsys, no_network
+):
+    """`train --encoder open_clip:roberta-ViT-B-32` ended in open_clip's RuntimeError traceback, exit 1
+    ('Please `pip install transformers`'; with transformers, a download of roberta-base)."""
+    out = tmp_path / "decoder"
+    assert main(["train", "--encoder", spec, "--data", str(tiny_shards), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("sanitizer: error: ")
+    assert why in captured.err
+    assert captured.err.count("\n") == 1
+    assert not out.exists()
+    assert no_network == []

@@ -451,6 +451,55 @@ def test_specs_that_do_not_resolve(spec, error, message):
         parse_spec(spec) if ":" not in spec or spec.startswith("hub") else load_encoder(spec, image_size=32)
 
 
+OFFLINE_REFUSALS = {
+    "timm:resnet181": "timm has no model 'resnet181'; nearest: resnet18, resnet18d, resnet101",
+    "timm:hf-hub:timm/resnet18.a1_in1k": "timm:hf-hub:timm/resnet18.a1_in1k is not a timm model name; "
+    "give the name and a local --encoder-weights",
+    "timm:hf_hub:timm/resnet18": "timm:hf_hub:timm/resnet18 is not a timm model name; give the name and "
+    "a local --encoder-weights",
+    "open_clip:hf-hub:laion/CLIP-ViT-B-32": "open_clip:hf-hub:laion/CLIP-ViT-B-32 would load from a hub; "
+    "give a local --encoder-weights",
+    "open_clip:ViT-B-32/openai": "open_clip:ViT-B-32/openai names the pretrained weights 'openai', a hub "
+    "download; give open_clip:ViT-B-32 and those weights as a local --encoder-weights",
+    "open_clip:ViT-B-23": "open_clip has no model 'ViT-B-23'; nearest: ViT-B-32, ViT-S-32, ViT-M-32",
+    "open_clip:roberta-ViT-B-32": "open_clip:roberta-ViT-B-32 cannot be built offline: open_clip fetches "
+    "its text tower, the Hugging Face model 'roberta-base', from the hub",
+}
+
+
+@pytest.mark.parametrize(("spec", "message"), OFFLINE_REFUSALS.items())
+def test_specs_that_name_a_hub_or_a_typo_are_refused_offline_naming_why(spec, message, no_network):
+    """A CLIP with a Hugging Face text tower (roberta-ViT-B-32) was a RuntimeError traceback, 'Please
+    `pip install transformers`', and where transformers is installed a download of roberta-base (open_clip
+    loads a text tower's hub weights unless told not to); a pretrained tag was 'open_clip has no model
+    'ViT-B-32/openai'', a typo 'timm has no model 'resnet181' (Unknown model (resnet181))'."""
+    with pytest.raises(EncoderError) as e:
+        load_encoder(spec)
+    assert str(e.value) == message
+    assert no_network == []
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "timm:convnext_atto",
+        "timm:convnext_atto.d2_in1k",
+        "timm:resnet18_cifar",
+        "open_clip:sanitizer-tiny-vit",
+    ],
+)
+def test_weightless_and_weighted_encoders_build_without_the_network(spec, tmp_path, no_network, caplog):
+    """timm's convnext_atto names hub weights in its default config, as a tag does: neither is fetched.
+    The weights come from the file given, or are seeded random with a warning."""
+    with caplog.at_level(logging.WARNING, logger="sanitizer.encoders"):
+        encoder = load_encoder(spec, image_size=32)
+    assert caplog.messages == [f"{spec} has no --encoder-weights: using seeded random weights"]
+    save_file(scaled(encoder.module.state_dict()), str(tmp_path / "w.safetensors"))
+    loaded = load_encoder(spec, tmp_path / "w.safetensors", image_size=32)
+    assert loaded.weights_sha256 != encoder.weights_sha256
+    assert no_network == []
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("this would run",))

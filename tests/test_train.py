@@ -632,11 +632,7 @@ def test_console_script_prints_no_traceback(tmp_path):
         check=False,
     )
     assert proc.returncode == 2
-    assert (
-        proc.stderr.strip().splitlines()[-1]
-        == "sanitizer: error: timm has no model 'nope_net' "
-        + (proc.stderr.strip().splitlines()[-1].split("'nope_net' ", 1)[1])
-    )
+    assert proc.stderr.strip().splitlines()[-1] == "sanitizer: error: timm has no model 'nope_net'"
     assert "Traceback" not in proc.stderr
 
 
