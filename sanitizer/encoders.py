@@ -394,8 +394,9 @@ Built = tuple[nn.Module, Preprocess | None, tuple[str, ...]]
 
 def nearest(name: str, names: Iterable[str]) -> str:
     """'; nearest: a, b, c' for a misspelt model name, so the user need not list a library's models;
-    '' when none is near."""
-    close = difflib.get_close_matches(name, list(names), n=3)
+    '' when none is near. Case is ignored: `vit-b-32` is nearest to open_clip's `ViT-B-32`."""
+    by_case = {n.lower(): n for n in names}
+    close = [by_case[n] for n in difflib.get_close_matches(name.lower(), list(by_case), n=3)]
     return f"; nearest: {', '.join(close)}" if close else ""
 
 

@@ -462,6 +462,7 @@ OFFLINE_REFUSALS = {
     "open_clip:ViT-B-32/openai": "open_clip:ViT-B-32/openai names the pretrained weights 'openai', a hub "
     "download; give open_clip:ViT-B-32 and those weights as a local --encoder-weights",
     "open_clip:ViT-B-23": "open_clip has no model 'ViT-B-23'; nearest: ViT-B-32, ViT-S-32, ViT-M-32",
+    "open_clip:vit-b-32": "open_clip has no model 'vit-b-32'; nearest: ViT-B-32, ViT-S-32, ViT-M-32",
     "open_clip:roberta-ViT-B-32": "open_clip:roberta-ViT-B-32 cannot be built offline: open_clip fetches "
     "its text tower, the Hugging Face model 'roberta-base', from the hub",
 }
