@@ -443,8 +443,11 @@ def _build_open_clip(name: str) -> Built:
     import open_clip
 
     open_clip.add_model_config(OPEN_CLIP_CONFIGS)
-    if ":" in name:
-        raise EncoderError(f"open_clip:{name} would load from a hub; give a local --encoder-weights")
+    if ":" in name:  # hf-hub: and local-dir: would read a hub, or a directory's config and weights
+        raise EncoderError(
+            f"open_clip:{name} is not an open_clip model name (it would read a hub or a directory); "
+            "give the name and a local --encoder-weights"
+        )
     known = open_clip.list_models()
     base, _, tag = name.partition("/")
     if tag and base in known:  # open_clip's own form is create_model(base, pretrained=tag): a download

@@ -442,7 +442,7 @@ def test_file_kinds_need_an_image_size(tmp_path):
         ("hub:resnet18", UsageError, "not one of"),
         ("timm:no_such_model_xyz", EncoderError, "timm has no model 'no_such_model_xyz'"),
         ("open_clip:no-such-clip", EncoderError, "open_clip has no model"),
-        ("open_clip:hf-hub:org/repo", EncoderError, "would load from a hub"),
+        ("open_clip:hf-hub:org/repo", EncoderError, "is not an open_clip model name"),
         ("export:/nonexistent/enc.pt2", EncoderError, "encoder file not found"),
     ],
 )
@@ -457,8 +457,10 @@ OFFLINE_REFUSALS = {
     "give the name and a local --encoder-weights",
     "timm:hf_hub:timm/resnet18": "timm:hf_hub:timm/resnet18 is not a timm model name; give the name and "
     "a local --encoder-weights",
-    "open_clip:hf-hub:laion/CLIP-ViT-B-32": "open_clip:hf-hub:laion/CLIP-ViT-B-32 would load from a hub; "
-    "give a local --encoder-weights",
+    "open_clip:hf-hub:laion/CLIP-ViT-B-32": "open_clip:hf-hub:laion/CLIP-ViT-B-32 is not an open_clip model "
+    "name (it would read a hub or a directory); give the name and a local --encoder-weights",
+    "open_clip:local-dir:/tmp": "open_clip:local-dir:/tmp is not an open_clip model name (it would read a "
+    "hub or a directory); give the name and a local --encoder-weights",
     "open_clip:ViT-B-32/openai": "open_clip:ViT-B-32/openai names the pretrained weights 'openai', a hub "
     "download; give open_clip:ViT-B-32 and those weights as a local --encoder-weights",
     "open_clip:ViT-B-23": "open_clip has no model 'ViT-B-23'; nearest: ViT-B-32, ViT-S-32, ViT-M-32",
@@ -473,7 +475,8 @@ def test_specs_that_name_a_hub_or_a_typo_are_refused_offline_naming_why(spec, me
     """A CLIP with a Hugging Face text tower (roberta-ViT-B-32) was a RuntimeError traceback, 'Please
     `pip install transformers`', and where transformers is installed a download of roberta-base (open_clip
     loads a text tower's hub weights unless told not to); a pretrained tag was 'open_clip has no model
-    'ViT-B-32/openai'', a typo 'timm has no model 'resnet181' (Unknown model (resnet181))'."""
+    'ViT-B-32/openai'', a typo 'timm has no model 'resnet181' (Unknown model (resnet181))', and
+    open_clip:local-dir:DIR 'would load from a hub'."""
     with pytest.raises(EncoderError) as e:
         load_encoder(spec)
     assert str(e.value) == message
