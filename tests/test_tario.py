@@ -295,6 +295,40 @@ def test_entries_that_declare_data_are_passed_over_whole(tmp_path: Path, kind: b
     assert samples == [("a", status, a_members), ("b", "ok", [Member("b.png", b"B" * 5)])]
 
 
+def _gnu_incremental_header(name: str, kind: bytes, data: bytes) -> bytes:
+    """A member as GNU tar's incremental archives (`tar -g`) write it: GNU format, with the atime and
+    ctime that only GNU headers hold at bytes 345-369, where a POSIX header holds a name prefix."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[345:369] = b"15305253145\0" + b"15305253146\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data + bytes(-len(data) % 512)
+
+
+def test_a_gnu_header_s_atime_is_not_read_as_a_name_prefix(tmp_path: Path) -> None:
+    """tarfile read a GNU header's atime as a POSIX name prefix: `a/k0.png` of an incremental archive
+    read (and was copied to clean/) as `15305253145/a/k0.png`. GNU tar reads `a/k0.png`."""
+    entries = [("a/k0.png", tarfile.REGTYPE, b"P" * 600), ("a/k0.txt", tarfile.REGTYPE, b"cap")]
+    path = tmp_path / "incremental.tar"
+    path.write_bytes(b"".join(_gnu_incremental_header(*e) for e in entries) + bytes(1024))
+    assert [(s.key, s.status, s.members) for s in iter_samples(str(path))] == [
+        ("a/k0", "ok", [Member("a/k0.png", b"P" * 600), Member("a/k0.txt", b"cap")])
+    ]
+
+
+def test_a_posix_name_prefix_is_read(tmp_path: Path) -> None:
+    """A POSIX (ustar) header splits a name of up to 255 characters into prefix and name: both are read."""
+    name = "p" * 90 + "/" + "q" * 40 + "/k.png"
+    with tarfile.open(tmp_path / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    assert (tmp_path / "ustar.tar").read_bytes()[345:347] == b"pp"  # the prefix field holds it
+    assert _keys(tmp_path / "ustar.tar") == [(name[:-4], [name], "ok")]
+
+
 @pytest.mark.parametrize("tail", [b"GARBAGE" * 300, b"second tar"], ids=["garbage", "second_tar"])
 def test_bytes_after_the_end_of_archive_are_not_read(tmp_path: Path, tail: bytes) -> None:
     """The end-of-archive blocks end the shard, as for tar and WebDataset: what follows them (garbage,

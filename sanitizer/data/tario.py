@@ -36,6 +36,7 @@ READ_STATUSES = INCOMPLETE_STATUSES | {STATUS_DUPLICATE_KEY}  # what iter_sample
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
 GZIP_MAGIC = b"\x1f\x8b"
+USTAR_MAGIC = b"ustar\0"  # a POSIX header's magic; GNU's is ``ustar  \0``
 _GZIP_CHUNK = 1 << 16
 # Surrogates that surrogateescape cannot turn back into a byte (it made U+DC80-U+DCFF of bytes 0x80-0xFF):
 # a json caption's lone "\ud800" escape is valid JSON
@@ -111,7 +112,20 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 class _RecordingTarInfo(tarfile.TarInfo):
-    """Remembers why header reading stopped: tarfile ends silently on a cut, we must not."""
+    """Remembers why header reading stopped: tarfile ends silently on a cut, we must not. Reads
+    names as GNU tar does (see ``frombuf``)."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        """tarfile puts bytes 345-500 before every name, but only a POSIX header (magic
+        ``ustar\\0``) holds a name prefix there: a GNU one holds its atime and ctime (GNU tar's
+        incremental archives fill them), so ``a/k.png`` read as ``15305253145/a/k.png``, where GNU
+        tar reads ``a/k.png``."""
+        info = super().frombuf(buf, encoding, errors)
+        prefix = buf[345:500].split(b"\0", 1)[0]
+        if prefix and buf[257:263] != USTAR_MAGIC and info.type not in tarfile.GNU_TYPES:
+            info.name = info.name[len(prefix.decode(encoding, errors)) + 1 :]
+        return info
 
     @classmethod
     def fromtarfile(cls, tarfile_obj: tarfile.TarFile) -> tarfile.TarInfo:
