@@ -318,6 +318,21 @@ def test_a_gnu_header_s_atime_is_not_read_as_a_name_prefix(tmp_path: Path) -> No
     ]
 
 
+def test_gnu_directory_and_volume_label_entries_are_passed_over(tmp_path: Path) -> None:
+    """GNU tar's incremental archives store a directory as a ``D`` entry (its data a list of its files),
+    `tar -V` writes a volume label (``V``): GNU tar lists them as such, WebDataset passes them over. They
+    were each a sample of their own, `special_member` (`member 'a/' is not a file (tar type b'D')`)."""
+    entries = [
+        ("label", b"V", b""),
+        ("a/", b"D", b"Yk0.png\0Yk0.txt\0\0"),
+        ("a/k0.png", tarfile.REGTYPE, b"P" * 600),
+        ("a/k0.txt", tarfile.REGTYPE, b"cap"),
+    ]
+    path = tmp_path / "incremental.tar"
+    path.write_bytes(b"".join(_gnu_incremental_header(*e) for e in entries) + bytes(1024))
+    assert _keys(path) == [("a/k0", ["a/k0.png", "a/k0.txt"], "ok")]
+
+
 def test_a_posix_name_prefix_is_read(tmp_path: Path) -> None:
     """A POSIX (ustar) header splits a name of up to 255 characters into prefix and name: both are read."""
     name = "p" * 90 + "/" + "q" * 40 + "/k.png"

@@ -36,6 +36,7 @@ READ_STATUSES = INCOMPLETE_STATUSES | {STATUS_DUPLICATE_KEY}  # what iter_sample
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
 GZIP_MAGIC = b"\x1f\x8b"
+GNU_DUMPDIR, GNU_VOLUME_LABEL = b"D", b"V"  # GNU tar types that tarfile does not know
 USTAR_MAGIC = b"ustar\0"  # a POSIX header's magic; GNU's is ``ustar  \0``
 _GZIP_CHUNK = 1 << 16
 # Surrogates that surrogateescape cannot turn back into a byte (it made U+DC80-U+DCFF of bytes 0x80-0xFF):
@@ -310,8 +311,8 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
             if problem is not None:
                 _stop(url, current, problem)
             break
-        if info.isdir():
-            continue  # the archive's structure, not a sample's content
+        if _is_structure(info):
+            continue
         key, ext = split_key(info.name)
         if current is None or key != current.key or ext in exts:
             if current is not None:
@@ -336,6 +337,13 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
         current.members.append(Member(info.name, data))
     if current is not None:
         yield current
+
+
+def _is_structure(info: tarfile.TarInfo) -> bool:
+    """An entry of the archive's structure, not of a sample's content: a directory (GNU tar's
+    incremental archives store each as a ``D`` entry, its data a list of its files) or a GNU volume
+    label (``V``, `tar -V`). GNU tar lists both as such; read as members, each was a sample."""
+    return info.isdir() or info.type in (GNU_DUMPDIR, GNU_VOLUME_LABEL)
 
 
 def _mark_duplicate(sample: Sample, first_index: dict[str, int]) -> None:
