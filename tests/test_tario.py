@@ -10,6 +10,7 @@ import os
 import random
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -302,9 +303,18 @@ def _gnu_incremental_header(name: str, kind: bytes, data: bytes) -> bytes:
     info.type, info.size = kind, len(data)
     header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
     header[345:369] = b"15305253145\0" + b"15305253146\0"
+    return _checksummed(header) + _padded(data)
+
+
+def _checksummed(header: bytearray) -> bytes:
+    """A header edited by hand, its checksum made valid again."""
     header[148:156] = b" " * 8
     header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header) + data + bytes(-len(data) % 512)
+    return bytes(header)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % tarfile.BLOCKSIZE)
 
 
 def test_a_gnu_header_s_atime_is_not_read_as_a_name_prefix(tmp_path: Path) -> None:
@@ -333,15 +343,123 @@ def test_gnu_directory_and_volume_label_entries_are_passed_over(tmp_path: Path) 
     assert _keys(path) == [("a/k0", ["a/k0.png", "a/k0.txt"], "ok")]
 
 
-def test_a_posix_name_prefix_is_read(tmp_path: Path) -> None:
-    """A POSIX (ustar) header splits a name of up to 255 characters into prefix and name: both are read."""
-    name = "p" * 90 + "/" + "q" * 40 + "/k.png"
-    with tarfile.open(tmp_path / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"x"))
-    assert (tmp_path / "ustar.tar").read_bytes()[345:347] == b"pp"  # the prefix field holds it
-    assert _keys(tmp_path / "ustar.tar") == [(name[:-4], [name], "ok")]
+DIALECT_MEMBERS = [
+    ("k0.png", b"P" * 600),
+    ("k0.txt", b"cap"),
+    ("k1.jpg", b"J" * 513),
+    ("k1.txt", b"\xe2\x98\x83"),  # U+2603: _lone_zero_block cuts the zero bytes after the last member
+]
+LONG_DIR = "d" * 60 + "/" + "e" * 70 + "/"  # member names over 100 characters
+USTAR_DIR = "p" * 90 + "/" + "q" * 20 + "/"  # a POSIX header splits these names into a prefix and a name
+
+
+def _tarfile_tar(fmt: int, prefix: str = "", *, dirs: bool = False, **kwargs: Any) -> bytes:
+    """DIALECT_MEMBERS under ``prefix`` as tarfile writes them in ``fmt``: with the directory entries
+    of ``prefix``, a PAX global header (``global_pax``: git archive writes one), per-file PAX records
+    (``pax``, and the member's ``size``), a ``uid`` and ``gid``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=kwargs.get("global_pax")) as tar:
+        parts = prefix.split("/")[:-1] if dirs else []
+        for i in range(len(parts)):
+            directory = tarfile.TarInfo("/".join(parts[: i + 1]) + "/")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+        for name, data in DIALECT_MEMBERS:
+            info = tarfile.TarInfo(prefix + name)
+            info.size, info.uid, info.gid = len(data), kwargs.get("uid", 0), kwargs.get("uid", 0)
+            if "pax" in kwargs:
+                info.pax_headers = {**kwargs["pax"], "size": str(len(data))}
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _edited_headers(data: bytes, edits: dict[tuple[int, int], bytes]) -> bytes:
+    """Each member's header with the byte ranges of ``edits`` replaced, its checksum made valid again."""
+    out = bytearray(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for info in tar:
+            at = info.offset_data - tarfile.BLOCKSIZE
+            header = bytearray(out[at : at + tarfile.BLOCKSIZE])
+            for (start, end), value in edits.items():
+                header[start:end] = value
+            out[at : at + tarfile.BLOCKSIZE] = _checksummed(header)
+    return bytes(out)
+
+
+def _base256_sizes() -> bytes:
+    """GNU headers whose size fields are base-256 numbers, as GNU tar writes sizes of 8 GiB and over."""
+    out = []
+    for name, data in DIALECT_MEMBERS:
+        header = bytearray(tarfile.TarInfo(name).tobuf(tarfile.GNU_FORMAT))
+        header[124:136] = b"\x80" + len(data).to_bytes(11, "big")
+        out.append(_checksummed(header) + _padded(data))
+    return b"".join(out) + bytes(2 * tarfile.BLOCKSIZE)
+
+
+def _lone_zero_block() -> bytes:
+    """The members, then one zero block of the two that end a tar: GNU tar warns (`A lone zero block`)."""
+    return _padded(_tarfile_tar(tarfile.GNU_FORMAT).rstrip(b"\0")) + bytes(tarfile.BLOCKSIZE)
+
+
+ZERO_SIZE = {(124, 136): b"0" * 11 + b"\0"}  # a header's size field, 0
+BLANK_FIELDS = {(100, 108): b" " * 8, (108, 116): b" " * 8, (116, 124): bytes(8)}  # mode, uid, gid
+NON_ASCII_PAX = {"mtime": "1700000000.25", "uid": "4000000000", "uname": "j\u00fcrgen", "gname": "\u2603"}
+TAR_DIALECTS = {
+    "ustar": (lambda: _tarfile_tar(tarfile.USTAR_FORMAT), ""),
+    "gnu": (lambda: _tarfile_tar(tarfile.GNU_FORMAT), ""),
+    "pax": (lambda: _tarfile_tar(tarfile.PAX_FORMAT), ""),
+    "ustar_name_prefix": (lambda: _tarfile_tar(tarfile.USTAR_FORMAT, USTAR_DIR), USTAR_DIR),
+    "gnu_longname": (lambda: _tarfile_tar(tarfile.GNU_FORMAT, LONG_DIR), LONG_DIR),
+    "pax_path": (lambda: _tarfile_tar(tarfile.PAX_FORMAT, LONG_DIR), LONG_DIR),
+    "pax_global_header": (lambda: _tarfile_tar(tarfile.PAX_FORMAT, global_pax={"comment": "0" * 40}), ""),
+    "pax_records": (  # each member's size in its PAX record alone, as for 8 GiB and over
+        lambda: _edited_headers(_tarfile_tar(tarfile.PAX_FORMAT, pax=NON_ASCII_PAX), ZERO_SIZE),
+        "",
+    ),
+    "blank_mode_uid_gid": (lambda: _edited_headers(_tarfile_tar(tarfile.USTAR_FORMAT), BLANK_FIELDS), ""),
+    "gnu_base256_uid": (lambda: _tarfile_tar(tarfile.GNU_FORMAT, uid=8**9), ""),
+    "gnu_base256_size": (_base256_sizes, ""),
+    "dot_slash": (lambda: _tarfile_tar(tarfile.GNU_FORMAT, "./", dirs=True), "./"),
+    "directories": (lambda: _tarfile_tar(tarfile.GNU_FORMAT, "a/b/", dirs=True), "a/b/"),
+    "no_directory_entries": (lambda: _tarfile_tar(tarfile.GNU_FORMAT, "a/b/"), "a/b/"),
+    "lone_zero_block": (_lone_zero_block, ""),
+}
+
+
+@pytest.mark.parametrize("dialect", TAR_DIALECTS)
+def test_tar_dialects_read_as_gnu_tar_and_webdataset_read_them(tmp_path: Path, dialect: str) -> None:
+    """What users' tools write (checked against `tar -xf` and WebDataset's tariterators): the same
+    samples, keys, names and bytes, whatever the format, name encoding or header fields."""
+    build, prefix = TAR_DIALECTS[dialect]
+    path = tmp_path / f"{dialect}.tar"
+    path.write_bytes(build())
+    members = [Member(prefix + name, data) for name, data in DIALECT_MEMBERS]
+    assert [(s.key, s.status, s.members) for s in iter_samples(str(path))] == [
+        (prefix + "k0", "ok", members[:2]),
+        (prefix + "k1", "ok", members[2:]),
+    ]
+
+
+def test_a_header_with_a_field_that_is_no_number_is_corrupt(tmp_path: Path) -> None:
+    """As WebDataset reads it: a uid `zzzz` in the first header fails the shard (GNU tar reads on)."""
+    path = tmp_path / "garbage.tar"
+    path.write_bytes(_edited_headers(_tarfile_tar(tarfile.USTAR_FORMAT), {(108, 116): b"zzzz" + bytes(4)}))
+    with pytest.raises(ShardError) as info:
+        list(iter_samples(str(path)))
+    assert info.value.message == "not a readable tar file: ReadError: invalid header"
+
+
+def test_a_gnu_sparse_member_reads_whole(tmp_path: Path) -> None:
+    """A sparse file (GNU ``S``, `tar --sparse`) reads as GNU tar extracts it: its holes as zeros."""
+    info = tarfile.TarInfo("k0.npy")
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 516  # the bytes stored: 512 of the start, 4 at the end
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:434] = b"%011o\0%011o\0" % (0, 512) + b"%011o\0%011o\0" % (2996, 4)  # the sparse map
+    header[483:495] = b"%011o\0" % 3000  # the file's size
+    path = tmp_path / "sparse.tar"
+    path.write_bytes(_checksummed(header) + _padded(b"h" * 512 + b"tail") + bytes(2 * tarfile.BLOCKSIZE))
+    assert _keys(path) == [("k0", ["k0.npy"], "ok")]
+    assert next(iter_samples(str(path))).members[0].data == b"h" * 512 + bytes(2484) + b"tail"
 
 
 @pytest.mark.parametrize("tail", [b"GARBAGE" * 300, b"second tar"], ids=["garbage", "second_tar"])
