@@ -8,11 +8,14 @@ import io
 import json
 import os
 import random
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from webdataset.tariterators import tar_file_iterator
 
 from sanitizer.atomic import atomic_path, remove_stale_temps, write_json_atomic
 from sanitizer.data.decode import find_member
@@ -535,6 +538,29 @@ def test_tar_writer_round_trip_is_byte_identical(tmp_path: Path) -> None:
             raw_names.append(info.name.encode("latin-1"))
             assert (info.mtime, info.mode, info.uid, info.gid, info.uname) == (0, 0o644, 0, 0, "")
     assert b"caf\xe9.png" in raw_names  # non-UTF-8 name bytes preserved
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_tar_writer_output_reads_back_in_gnu_tar_and_webdataset(tmp_path: Path) -> None:
+    """What clean/ and quarantine/ hold is read by `tar` and WebDataset under the input's exact names
+    (over 100 characters, non-UTF-8: GNU ``L`` records of the raw bytes) and with its bytes."""
+    long = "d" * 150 + "/caf\udce9"
+    samples = [*_samples(), Sample(long, 4, [Member(long + ".png", b"P" * 700), Member(long + ".txt", b"t")])]
+    path = tmp_path / "out.tar"
+    with TarWriter(path) as writer:
+        for sample in samples:
+            writer.write(sample)
+    members = [m for sample in samples for m in sample.members]
+    raw_names = [m.name.encode("utf-8", "surrogateescape") for m in members]
+    listed = subprocess.run(  # -P: every name as stored, `../up.png` too
+        ["tar", "-P", "--quoting-style=literal", "-tf", str(path)], capture_output=True, check=True
+    )
+    assert (listed.stdout.splitlines(), listed.stderr) == (raw_names, b"")
+    extracted = subprocess.run(["tar", "-P", "-xOf", str(path)], capture_output=True, check=True)
+    assert extracted.stdout == b"".join(m.data for m in members)
+    with path.open("rb") as f:
+        read = [(x["fname"], x["data"]) for x in tar_file_iterator(f)]
+    assert read == [(m.name, m.data) for m in members]
 
 
 def test_tar_writer_copies_hostile_shards_exactly(tmp_path: Path, hostile: dict[str, Path]) -> None:
