@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import errno
 import gzip
 import io
 import json
+import lzma
 import os
 import random
 import shutil
@@ -241,6 +243,29 @@ def test_not_a_tar_raises_shard_error(tmp_path: Path, content: bytes) -> None:
         list(iter_samples(str(path)))
     assert isinstance(info.value, SanitizerError)
     assert info.value.url == str(path) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("magic", "name"), [(b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "LZ4")], ids=["zstd", "lz4"]
+)
+def test_a_tar_compressed_with_zstd_or_lz4_fails_saying_so(tmp_path: Path, magic: bytes, name: str) -> None:
+    """`tar --zstd` and `tar --lz4` write these frames, which tarfile cannot read: the shard fails, as
+    before, but saying why, where `not a readable tar file: ReadError: invalid header` read as damage."""
+    path = tmp_path / "a.tar.zst"
+    path.write_bytes(magic + os.urandom(3000))
+    with pytest.raises(ShardError) as info:
+        list(iter_samples(str(path)))
+    assert info.value.message == (
+        f"compressed with {name}, which is not read (plain, gzip, bzip2 and xz tars are): "
+        "decompress it, or compress it with gzip"
+    )
+
+
+@pytest.mark.parametrize("compress", [bz2.compress, lzma.compress], ids=["bzip2", "xz"])
+def test_bzip2_and_xz_tars_are_read(tmp_path: Path, compress: Any) -> None:
+    data = _raw_tar(tmp_path / "t.tar", [("a.png", b"A"), ("a.txt", b"cap")]).read_bytes()
+    (tmp_path / "t.tar.c").write_bytes(compress(data))
+    assert _keys(tmp_path / "t.tar.c") == [("a", ["a.png", "a.txt"], "ok")]
 
 
 def _directory_header() -> bytes:

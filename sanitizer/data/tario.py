@@ -36,6 +36,9 @@ READ_STATUSES = INCOMPLETE_STATUSES | {STATUS_DUPLICATE_KEY}  # what iter_sample
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _MAX_ERROR_CHARS = 300
 GZIP_MAGIC = b"\x1f\x8b"
+# Compressions whose frame magic tarfile does not know (it reads gzip, bzip2 and xz)
+UNREAD_COMPRESSIONS = {b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "LZ4"}
+_MAGIC_BYTES = 4
 GNU_DUMPDIR, GNU_VOLUME_LABEL = b"D", b"V"  # GNU tar types that tarfile does not know
 USTAR_MAGIC = b"ustar\0"  # a POSIX header's magic; GNU's is ``ustar  \0``
 _GZIP_CHUNK = 1 << 16
@@ -276,7 +279,8 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
         stamp = file_stamp(url)  # before the open: the bytes the object has as it is read
         reader = _CountingReader(_open_raw(url, stack), url, stamp.get("size") if stamp else None)
         buffered = io.BufferedReader(reader, tarfile.RECORDSIZE)
-        gzipped = buffered.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC)
+        head = buffered.peek(_MAGIC_BYTES)[:_MAGIC_BYTES]
+        gzipped = head.startswith(GZIP_MAGIC)
         try:
             tar = tarfile.open(  # noqa: SIM115 - entered into the stack below
                 fileobj=_GzipMembers(buffered) if gzipped else buffered,
@@ -288,9 +292,21 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
         except _READ_ERRORS as e:
             if reader.nbytes == 0:
                 return
-            raise ShardError(url, f"not a readable tar file: {describe(e)}") from None
+            raise ShardError(url, _not_a_tar(head, e)) from None
         stack.enter_context(tar)
         yield from _group_members(url, tar, max_member_bytes)
+
+
+def _not_a_tar(head: bytes, error: BaseException) -> str:
+    """Why a shard is not read. A tar compressed with what tarfile cannot decompress says so: as
+    `not a readable tar file: ReadError: invalid header` it read as a damaged file."""
+    for magic, name in UNREAD_COMPRESSIONS.items():
+        if head.startswith(magic):
+            return (
+                f"compressed with {name}, which is not read (plain, gzip, bzip2 and xz tars are): "
+                "decompress it, or compress it with gzip"
+            )
+    return f"not a readable tar file: {describe(error)}"
 
 
 def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Sample]:
