@@ -371,6 +371,13 @@ def test_gnu_directory_and_volume_label_entries_are_passed_over(tmp_path: Path) 
     assert _keys(path) == [("a/k0", ["a/k0.png", "a/k0.txt"], "ok")]
 
 
+def test_a_regular_file_named_as_a_directory_is_passed_over(tmp_path: Path) -> None:
+    """GNU tar lists a regular file (type ``0``) named ``k0.txt/`` as a directory, WebDataset passes it
+    over (its name has no extension): it was a sample of its own (key ``k0.txt/``, then `no_image`)."""
+    path = _raw_tar(tmp_path / "t.tar", [("k0.png", b"P" * 10), ("k0.txt/", b"T" * 5), ("k1.png", b"Q")])
+    assert _keys(path) == [("k0", ["k0.png"], "ok"), ("k1", ["k1.png"], "ok")]
+
+
 DIALECT_MEMBERS = [
     ("k0.png", b"P" * 600),
     ("k0.txt", b"cap"),

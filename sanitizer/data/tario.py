@@ -357,9 +357,11 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
 
 def _is_structure(info: tarfile.TarInfo) -> bool:
     """An entry of the archive's structure, not of a sample's content: a directory (GNU tar's
-    incremental archives store each as a ``D`` entry, its data a list of its files) or a GNU volume
-    label (``V``, `tar -V`). GNU tar lists both as such; read as members, each was a sample."""
-    return info.isdir() or info.type in (GNU_DUMPDIR, GNU_VOLUME_LABEL)
+    incremental archives store each as a ``D`` entry, its data a list of its files; a regular file
+    whose name ends in ``/`` is one too) or a GNU volume label (``V``, `tar -V`). GNU tar lists them
+    as such, WebDataset passes them over; read as members, each was a sample."""
+    is_dir = info.isdir() or (info.isreg() and info.name.endswith("/"))
+    return is_dir or info.type in (GNU_DUMPDIR, GNU_VOLUME_LABEL)
 
 
 def _mark_duplicate(sample: Sample, first_index: dict[str, int]) -> None:
