@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sanitizer.collapse import unlike_holdout
+from sanitizer.data.tario import printable
 from sanitizer.errors import visible
 from sanitizer.report.figures import (
     plot_clusters,
@@ -61,8 +62,9 @@ SHOWN_CHARS = 120  # of a key or a caption in a table: a 3,000-character key wou
 
 def esc(value: object) -> str:
     """Keys, captions and shard names come from scraped data: never let them become markup, nor hide
-    or reorder the text around them (`visible`)."""
-    return html.escape(visible(str(value)), quote=True)
+    or reorder the text around them (`visible`). A path that is not UTF-8 (RUN_DIR's, resolved from a
+    working directory so named) holds surrogates, which UTF-8 cannot write: each shows as U+FFFD."""
+    return html.escape(visible(printable(str(value))), quote=True)
 
 
 def cut(text: str | None, limit: int = SHOWN_CHARS) -> str:
