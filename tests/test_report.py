@@ -748,15 +748,23 @@ def test_a_collapse_that_is_not_a_number_is_left_out_of_the_plot(labelled_run, t
     assert (page.parent / "joint.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_a_run_dir_whose_path_is_not_utf8_is_shown_with_a_replacement_character(
-    labelled_run, tmp_path, monkeypatch
-):
+def test_a_run_dir_whose_path_is_not_utf8_is_shown_with_a_replacement_character(tmp_path, monkeypatch):
     """`report run` from a working directory whose name is not UTF-8 (the CLI refuses such arguments,
     not such a directory): the page's header shows the resolved path, whose surrogate UTF-8 cannot
     write. It stopped with a UnicodeEncodeError traceback after writing the figures; the byte now shows
     as U+FFFD, as a key's does."""
     parent = tmp_path / os.fsdecode(b"par\xffent")
-    shutil.copytree(labelled_run, parent / "run", ignore=shutil.ignore_patterns(".lock", "report"))
+    fake_run(parent / "run", "quantile:0.97", 1.0, [])
     monkeypatch.chdir(parent)
     page = write_report(Path("run"))
     assert f"<p>{tmp_path}/par\ufffdent/run</p>" in page.read_text(encoding="utf-8")
+
+
+def test_the_page_title_names_the_run_given_as_a_relative_path(tmp_path, monkeypatch):
+    """`sanitizer report .` from inside RUN_DIR titled the page "Sanitizer audit: " (the name of
+    `.` is empty): it names the directory, as `report RUN_DIR` does."""
+    fake_run(tmp_path / "today", "quantile:0.97", 1.0, [])
+    monkeypatch.chdir(tmp_path / "today")
+    for given in (".", "../today/"):
+        page = write_report(Path(given))
+        assert "<title>Sanitizer audit: today</title>" in page.read_text(encoding="utf-8")

@@ -431,6 +431,8 @@ footer { color:var(--muted); font-size:12px; text-align:center; padding:0 0 30px
 
 
 def render_page(run_dir: Path, sections: list[Section], versions: dict) -> str:
+    """The page around the sections; its title and header name RUN_DIR resolved (`report .` names it)."""
+    run_dir = run_dir.resolve()
     nav = "".join(f'<a href="#{s.id}">{esc(s.nav)}</a>' for s in sections)
     body = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
     made_with = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
@@ -439,7 +441,7 @@ def render_page(run_dir: Path, sections: list[Section], versions: dict) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>Sanitizer audit: {esc(run_dir.name)}</title><style>{CSS}</style></head><body>"
         '<header><div class="wrap"><h1>Backdoor audit report</h1>'
-        f"<p>{esc(run_dir.resolve())}</p></div></header>"
+        f"<p>{esc(run_dir)}</p></div></header>"
         f'<nav><div class="wrap">{nav}</div></nav><main>{body}</main>'
         f"<footer>written by sanitizer report · scored with {esc(made_with)}</footer></body></html>\n"
     )
