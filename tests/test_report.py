@@ -768,3 +768,22 @@ def test_the_page_title_names_the_run_given_as_a_relative_path(tmp_path, monkeyp
     for given in (".", "../today/"):
         page = write_report(Path(given))
         assert "<title>Sanitizer audit: today</title>" in page.read_text(encoding="utf-8")
+
+
+def test_a_run_whose_shards_moved_says_they_could_not_be_read_not_that_it_lacks_flags(labelled_run, tmp_path):
+    """The heat map needs flagged and kept samples read again from the input shards. With the shards
+    gone its note said "this run has not both" of a run that flagged 6 of 60; it now says how many of
+    each could be read, and the notes under the grid say why."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    info = json.loads((run / "run.json").read_text())
+    for shard in info["identity"]["shards"]:
+        shard["url"] = str(tmp_path / "gone" / Path(shard["url"]).name)
+    (run / "run.json").write_text(json.dumps(info))
+    page = write_report(run)
+    text = page.read_text(encoding="utf-8")
+    assert (
+        '<section id="localisation"><h2>Where the trigger sits</h2><p class="note">needs both flagged and '
+        "kept samples; of those sampled, 0 flagged and 0 kept could be read again</p></section>"
+    ) in text
+    assert f"cannot read {tmp_path}/gone/shard-000000.tar again: cannot open: FileNotFoundError" in text

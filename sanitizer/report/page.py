@@ -347,8 +347,14 @@ def clusters_section(
 
 
 def localisation_section(out: Path, flagged: Views, clean: Views) -> Section:
+    """The sampled views' residuals, flagged against kept. Without both it says how many of each were
+    read, not that the run lacks one kind: a run whose shards moved has both, and none read again."""
     if not flagged.picks or not clean.picks:
-        return Section("localisation", note("needs flagged and kept samples; this run has not both"))
+        read = f"{len(flagged.picks)} flagged and {len(clean.picks)} kept"
+        return Section(
+            "localisation",
+            note(f"needs both flagged and kept samples; of those sampled, {read} could be read again"),
+        )
     plot_localisation(out / "localisation.png", flagged, clean)
     text = (
         f"<p>Mean absolute reconstruction error per pixel (0-255 scale) over {len(flagged.picks)} flagged "
