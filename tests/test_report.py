@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 from fractions import Fraction
 from html.parser import HTMLParser
 from pathlib import Path
@@ -787,3 +789,29 @@ def test_a_run_whose_shards_moved_says_they_could_not_be_read_not_that_it_lacks_
         "kept samples; of those sampled, 0 flagged and 0 kept could be read again</p></section>"
     ) in text
     assert f"cannot read {tmp_path}/gone/shard-000000.tar again: cannot open: FileNotFoundError" in text
+
+
+def test_a_run_without_an_ok_sample_shows_no_images_and_says_why(tmp_path, tiny_decoder_dir):
+    """Shards read to the end, none of their samples an image: the image sections said "no sample
+    could be read again to show it" and "too few samples could be read to project", as if the shards
+    had become unreadable, after loading the encoder and decoder for nothing. They now say that no
+    sample could be scored, as the score histogram's does."""
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "a.tar", "w") as tar:
+        for name, data in (("x.txt", b"a caption"), ("y.png", b"not a png")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tmp_path / "data"), out=tmp_path / "run", workers=0)
+    run_score_job(job, progress=False)
+    page = write_report(tmp_path / "run")
+    text = page.read_text(encoding="utf-8")
+    notes = re.findall(r'<section id="(\w+)"><h2>[^<]*</h2><p class="note">([^<]*)</p></section>', text)
+    assert notes == [
+        ("scores", "no sample could be scored: nothing to plot"),
+        ("samples", "no sample could be scored: no image to show"),
+        ("localisation", "no sample could be scored: no image to show"),
+        ("embeddings", "no sample could be scored: no image to show"),
+        ("roc", "the shards carry no ground truth (json &quot;poisoned&quot;)"),
+    ]
+    assert sorted(p.name for p in page.parent.iterdir()) == ["index.html", "shards.png"]

@@ -151,11 +151,13 @@ def image_sections(
 ) -> list[Section]:
     """Grid, clusters (`collapsed`: after the collapse pass), heat map and projection: the only part
     that reads images and runs the models."""
+    ids = ["samples", *(["clusters"] if collapsed else []), "localisation", "embeddings"]
+    if not scan.ok:  # every sample failed: there is no image to show, and none was unreadable
+        return [Section(i, note("no sample could be scored: no image to show")) for i in ids]
     try:
         scorer, size = load_scorer(info)
     except SanitizerError as e:
         why = note(f"the run's encoder or decoder cannot be loaded ({e}); images are not shown")
-        ids = ["samples", *(["clusters"] if collapsed else []), "localisation", "embeddings"]
         return [Section(i, why) for i in ids]
     flagged_sample, clean_sample = sample_rows(run, scan)
     clusters, by_collapse, unsketched = (
