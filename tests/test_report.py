@@ -13,6 +13,7 @@ import tarfile
 from fractions import Fraction
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -815,3 +816,19 @@ def test_a_run_without_an_ok_sample_shows_no_images_and_says_why(tmp_path, tiny_
         ("roc", "the shards carry no ground truth (json &quot;poisoned&quot;)"),
     ]
     assert sorted(p.name for p in page.parent.iterdir()) == ["index.html", "shards.png"]
+
+
+def test_a_run_on_a_read_only_filesystem_is_refused_saying_what_to_do(tmp_path, monkeypatch, capsys):
+    """An archived run on a read-only mount: the report (and its lock) cannot be written there. It
+    said `cannot use RUN_DIR as RUN_DIR: Read-only file system`; it now says why and what to do."""
+    run = fake_run(tmp_path / "run", "quantile:0.97", 1.0, [])
+    statvfs = os.statvfs
+    read_only = lambda path: SimpleNamespace(f_flag=os.ST_RDONLY) if Path(path) == run else statvfs(path)  # noqa: E731
+    monkeypatch.setattr(os, "statvfs", read_only)
+    assert cli.main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run} is on a read-only filesystem, and the report is written into it "
+        f"({run}/report); copy its run.json, manifest/ and stats/ to a writable directory and report on "
+        "the copy\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["run.json", "stats"]  # no report/, no .lock

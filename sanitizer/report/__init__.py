@@ -23,6 +23,7 @@ This module puts the page together (write_report); the parts, in the order it us
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ FIGURES = (
 
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
+    refuse_read_only(run_dir)
     with locked_run(run_dir, CLEAN_RECORD_FIELDS) as (run, info, shards):  # its tiles show the record
         out = report_dir(run)
         remove_stale_temps(out)
@@ -102,6 +104,16 @@ def write_report(run_dir: Path) -> Path:
         with atomic_path(page) as tmp:
             tmp.write_text(render_page(run.root, sections, info.get("versions", {})), encoding="utf-8")
     return page
+
+
+def refuse_read_only(run_dir: Path) -> None:
+    """A run on a read-only filesystem (an archived copy, a read-only mount) cannot take the report,
+    nor the lock: say so, and what to do, rather than only that RUN_DIR cannot be used."""
+    if (run_dir / "run.json").is_file() and os.statvfs(run_dir).f_flag & os.ST_RDONLY:
+        raise UsageError(
+            f"{run_dir} is on a read-only filesystem, and the report is written into it ({run_dir}/report); "
+            "copy its run.json, manifest/ and stats/ to a writable directory and report on the copy"
+        )
 
 
 def report_dir(run: RunDir) -> Path:
