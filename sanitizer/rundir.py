@@ -283,6 +283,14 @@ def _read_object(path: Path) -> dict:
         raise _damaged(path, str(e)) from None
 
 
+def check_failed_shards(run: RunDir, info: dict) -> None:
+    """A damaged run.json if an entry of its failed_shards (which the report lists) is not a stem and
+    an error, as `score` writes them: a hand-edited one stopped the report with a traceback."""
+    for entry in info.get("failed_shards") or []:
+        if not (isinstance(entry, dict) and {type(entry.get(k)) for k in ("stem", "error")} == {str}):
+            raise _damaged(run.run_json, f"failed_shards holds {entry!r}, not a stem and an error")
+
+
 def _damaged(path: Path, why: str) -> UsageError:
     return UsageError(f"{path} is damaged: {why}; restore it, or score into a new RUN_DIR")
 

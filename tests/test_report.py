@@ -832,3 +832,18 @@ def test_a_run_on_a_read_only_filesystem_is_refused_saying_what_to_do(tmp_path, 
         "the copy\n"
     )
     assert sorted(p.name for p in run.iterdir()) == ["run.json", "stats"]  # no report/, no .lock
+
+
+@pytest.mark.parametrize("entry", ["x", {"stem": "a"}, {"stem": 5, "error": None}])
+def test_a_failed_shards_entry_that_is_not_one_is_a_damaged_run(tmp_path, capsys, entry):
+    """The report lists run.json's failed shards; an entry edited by hand stopped it with a TypeError
+    or KeyError traceback (exit 1). It is a damaged run.json, as a malformed identity.shards is."""
+    run = fake_run(tmp_path / "run", "quantile:0.97", 1.0, [])
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(info | {"failed_shards": [entry]}))
+    assert cli.main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run}/run.json is damaged: failed_shards holds {entry!r}, not a stem and an "
+        "error; restore it, or score into a new RUN_DIR\n"
+    )
+    assert not (run / "report").exists()

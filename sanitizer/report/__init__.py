@@ -71,7 +71,7 @@ from sanitizer.report.verdict import (
     share_above_median,
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
-from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, locked_run
+from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, check_failed_shards, locked_run
 
 __all__ = [
     "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",
@@ -88,6 +88,7 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
     refuse_read_only(run_dir)
     with locked_run(run_dir, CLEAN_RECORD_FIELDS) as (run, info, shards):  # its tiles show the record
+        check_failed_shards(run, info)
         out = report_dir(run)
         remove_stale_temps(out)
         for name in FIGURES:  # a figure this run does not produce must not linger from an older report
