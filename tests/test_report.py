@@ -847,3 +847,28 @@ def test_a_failed_shards_entry_that_is_not_one_is_a_damaged_run(tmp_path, capsys
         "error; restore it, or score into a new RUN_DIR\n"
     )
     assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("versions", [1], "versions is list, not dict"),
+        ("collapse", {"above_holdout_median": "x"}, "collapse.above_holdout_median is str, not int or float"),
+        ("config", {"encoder_weights": 5}, "config.encoder_weights is int, not str"),
+    ],
+)
+def test_a_run_json_field_only_the_report_reads_that_is_damaged_is_one_line(
+    tmp_path, capsys, field, value, why
+):
+    """The footer's versions, the collapse pass's shift and the encoder weights' path, edited into
+    another type, stopped the report of a scored run with an AttributeError or TypeError traceback
+    (exit 1), where the page's parts used them. They are checked with the rest of run.json as it is
+    opened: a damaged run, exit 2 (a run without scores, as here, is enough to show it)."""
+    run = fake_run(tmp_path / "run", "quantile:0.97", 1.0, [])
+    info = json.loads((run / "run.json").read_text())
+    info[field] = (info.get(field) or {}) | value if isinstance(value, dict) else value
+    (run / "run.json").write_text(json.dumps(info))
+    assert cli.main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run}/run.json is damaged: {why}; restore it, or score into a new RUN_DIR\n"
+    )

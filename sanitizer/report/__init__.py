@@ -84,10 +84,18 @@ FIGURES = (
 )  # fmt: skip
 
 
+# What the page reads from run.json besides what clean reads, and the type each must have when present:
+# its tiles show the record of clean, its footer the versions, its notes the collapse pass's shift, and
+# its images need the encoder weights the run was scored with.
+REPORT_FIELDS = CLEAN_RECORD_FIELDS | {
+    "versions": dict, "collapse.above_holdout_median": (int, float), "config.encoder_weights": str,
+}  # fmt: skip
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
     refuse_read_only(run_dir)
-    with locked_run(run_dir, CLEAN_RECORD_FIELDS) as (run, info, shards):  # its tiles show the record
+    with locked_run(run_dir, REPORT_FIELDS) as (run, info, shards):
         check_failed_shards(run, info)
         out = report_dir(run)
         remove_stale_temps(out)
@@ -103,7 +111,7 @@ def write_report(run_dir: Path) -> Path:
             sections[0].body = note(STALE_CLEAN) + sections[0].body
         page = out / "index.html"
         with atomic_path(page) as tmp:
-            tmp.write_text(render_page(run.root, sections, info.get("versions", {})), encoding="utf-8")
+            tmp.write_text(render_page(run.root, sections, info.get("versions") or {}), encoding="utf-8")
     return page
 
 
