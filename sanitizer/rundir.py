@@ -283,12 +283,13 @@ def _read_object(path: Path) -> dict:
         raise _damaged(path, str(e)) from None
 
 
-def check_failed_shards(run: RunDir, info: dict) -> None:
-    """A damaged run.json if an entry of its failed_shards (which the report lists) is not a stem and
-    an error, as `score` writes them: a hand-edited one stopped the report with a traceback."""
-    for entry in info.get("failed_shards") or []:
-        if not (isinstance(entry, dict) and {type(entry.get(k)) for k in ("stem", "error")} == {str}):
-            raise _damaged(run.run_json, f"failed_shards holds {entry!r}, not a stem and an error")
+def check_record(run: RunDir, info: dict, check: Callable[[dict], None]) -> None:
+    """A damaged run.json if `check`, a reader's own checks of what it reads from run.json beyond
+    open_run's, raises a RecordError."""
+    try:
+        check(info)
+    except RecordError as e:
+        raise _damaged(run.run_json, str(e)) from None
 
 
 def _damaged(path: Path, why: str) -> UsageError:

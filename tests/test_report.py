@@ -872,3 +872,28 @@ def test_a_run_json_field_only_the_report_reads_that_is_damaged_is_one_line(
     assert capsys.readouterr().err == (
         f"sanitizer: error: {run}/run.json is damaged: {why}; restore it, or score into a new RUN_DIR\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("scoring", "why"),
+    [
+        ({"num_masks": "x"}, "'<' not supported between instances of 'str' and 'int'"),
+        ({"bogus": 1}, "ScoreSettings.__init__() got an unexpected keyword argument 'bogus'"),
+        ({"num_masks": 0}, "--num-masks must be at least 1, not 0"),
+    ],
+)
+def test_scoring_settings_that_are_not_ones_are_a_damaged_run(labelled_run, tmp_path, capsys, scoring, why):
+    """The images are rebuilt with run.json's identity.scoring: edited into settings no `score` could
+    have used, it stopped the report with a TypeError traceback (exit 1), or said "--num-masks must be
+    at least 1" of an option nobody gave (exit 2). It is a damaged run.json, checked before any figure."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    info = json.loads((run / "run.json").read_text())
+    info["identity"]["scoring"] |= scoring
+    (run / "run.json").write_text(json.dumps(info))
+    assert cli.main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"sanitizer: error: {run}/run.json is damaged: identity.scoring is not the scoring settings ({why}); "
+        "restore it, or score into a new RUN_DIR\n"
+    )
+    assert not (run / "report").exists()

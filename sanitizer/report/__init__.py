@@ -31,6 +31,7 @@ import numpy as np
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.records import RecordError
 from sanitizer.report.figures import pca_2d
 from sanitizer.report.page import (
     SECTIONS,
@@ -71,7 +72,8 @@ from sanitizer.report.verdict import (
     share_above_median,
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
-from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, check_failed_shards, locked_run
+from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, check_record, locked_run
+from sanitizer.scoring import ScoreSettings
 
 __all__ = [
     "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",
@@ -96,7 +98,7 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; the page is written last, atomically."""
     refuse_read_only(run_dir)
     with locked_run(run_dir, REPORT_FIELDS) as (run, info, shards):
-        check_failed_shards(run, info)
+        check_record(run, info, check_report_record)
         out = report_dir(run)
         remove_stale_temps(out)
         for name in FIGURES:  # a figure this run does not produce must not linger from an older report
@@ -113,6 +115,19 @@ def write_report(run_dir: Path) -> Path:
         with atomic_path(page) as tmp:
             tmp.write_text(render_page(run.root, sections, info.get("versions") or {}), encoding="utf-8")
     return page
+
+
+def check_report_record(info: dict) -> None:
+    """A RecordError if what the page reads beyond REPORT_FIELDS is not as `score` writes it: each
+    failed shard (the page lists them) a stem and an error, identity.scoring settings that score could
+    have used (the images are rebuilt with them). Edited by hand, they stopped it with a traceback."""
+    for entry in info.get("failed_shards") or []:
+        if not (isinstance(entry, dict) and {type(entry.get(k)) for k in ("stem", "error")} == {str}):
+            raise RecordError(f"failed_shards holds {entry!r}, not a stem and an error")
+    try:
+        ScoreSettings.from_dict(info["identity"]["scoring"])
+    except (TypeError, UsageError) as e:
+        raise RecordError(f"identity.scoring is not the scoring settings ({e})") from None
 
 
 def refuse_read_only(run_dir: Path) -> None:
