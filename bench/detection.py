@@ -45,7 +45,9 @@ from sanitizer.collapse import (
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import (
     FILE_KINDS,
+    PREFIX_OPTION,
     VictimEncoder,
+    as_prefix,
     check_weights_file,
     embed_pixels,
     load_encoder,
@@ -251,9 +253,16 @@ class BaseEncoder:
     spec: str
     weights: Path | None
     image_size: int | None  # None: the encoder's own preprocessing size
+    weights_prefix: str | None = None  # where in `weights` the encoder is (None: found by its names)
 
     def load(self, device: str) -> VictimEncoder:
-        return load_encoder(self.spec, self.weights, image_size=self.image_size, device=device)
+        return load_encoder(
+            self.spec,
+            self.weights,
+            image_size=self.image_size,
+            device=device,
+            weights_prefix=self.weights_prefix,
+        )
 
 
 def _mobilenet() -> BaseEncoder:
@@ -1112,6 +1121,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--encoder-weights", type=Path, default=None, help="its weights (safetensors or .pt)")
     p.add_argument(
+        PREFIX_OPTION,
+        type=as_prefix,
+        default=None,
+        metavar="PREFIX",
+        help="where in --encoder-weights the encoder is, for a file that holds it twice (encoder_q., "
+        "teacher.); default: found by its tensors' names",
+    )
+    p.add_argument(
         "--image-size",
         type=positive,
         default=None,
@@ -1165,8 +1182,12 @@ def check_threads(threads: int) -> None:
 
 def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[str, ...]]:
     """(the user's encoder or None, the attacks to run), or UsageError with what is wrong."""
-    if args.encoder is None and (args.encoder_weights or args.image_size):
-        raise UsageError("--encoder-weights and --image-size describe --encoder; give --encoder too")
+    if args.encoder is None and (
+        args.encoder_weights or args.image_size or args.encoder_weights_prefix is not None
+    ):
+        raise UsageError(
+            f"--encoder-weights, {PREFIX_OPTION} and --image-size describe --encoder; give --encoder too"
+        )
     if args.encoder is not None:
         try:
             kind = parse_spec(args.encoder)[0]
@@ -1183,7 +1204,11 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
             check_weights_file(args.encoder_weights)
         except EncoderError as e:
             raise UsageError(str(e)) from None
-    own = BaseEncoder(args.encoder, args.encoder_weights, args.image_size) if args.encoder else None
+    own = (
+        BaseEncoder(args.encoder, args.encoder_weights, args.image_size, args.encoder_weights_prefix)
+        if args.encoder
+        else None
+    )
     default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
     given = args.attacks if args.attacks is not None else ",".join(default)
     attacks = tuple(a.strip() for a in given.split(",") if a.strip())  # "badencoder, drupe" too

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bench import detection as D
+from sanitizer.checkpoint import save_tensors
 from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
 from sanitizer.errors import SanitizerError, UsageError
@@ -41,6 +42,11 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
     assert choose("--attacks", "badencoder, drupe")[1] == ("badencoder", "drupe")  # as one types a list
 
 
+ENCODER_TOO = (
+    "--encoder-weights, --encoder-weights-prefix and --image-size describe --encoder; give --encoder too"
+)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -51,7 +57,11 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
         ),
         (
             ["--encoder-weights", "w.safetensors"],
-            "--encoder-weights and --image-size describe --encoder; give --encoder too",
+            ENCODER_TOO,
+        ),
+        (
+            ["--encoder-weights-prefix", ""],
+            ENCODER_TOO,
         ),
         (
             ["--encoder", "resnet18"],
@@ -104,6 +114,37 @@ def test_weights_that_are_a_directory_are_refused_as_sanitizer_refuses_them(tmp_
         str(e.value)
         == f"{tmp_path} is a directory (it holds model.safetensors); give the weights file itself"
     )
+
+
+def twice_saved(tmp_path: Path) -> Path:
+    """A MoCo-style file: one encoder's weights under encoder_q. and again under encoder_k."""
+    own = load_encoder("timm:resnet10_cifar_s", image_size=32).module.state_dict()
+    path = tmp_path / "moco.safetensors"
+    save_tensors({f"{p}.{k}": v.clone() for p in ("encoder_q", "encoder_k") for k, v in own.items()}, path)
+    return path
+
+
+def test_a_file_holding_the_encoder_twice_takes_the_prefix_its_refusal_asks_for(tmp_path: Path):
+    """The refusal said to give --encoder-weights-prefix, which the benchmark did not take
+    (`unrecognized arguments`): a MoCo checkpoint could not be benchmarked at all."""
+    path = twice_saved(tmp_path)
+    with pytest.raises(UsageError) as e:
+        choose("--encoder", "timm:resnet10_cifar_s", "--encoder-weights", str(path))
+    assert str(e.value) == (
+        f"--encoder: {path} holds the encoder's tensors several times, under 'encoder_k.', 'encoder_q.'; "
+        "choose the one to audit with --encoder-weights-prefix (e.g. --encoder-weights-prefix encoder_q.)"
+    )
+    own, _ = choose(
+        "--encoder",
+        "timm:resnet10_cifar_s",
+        "--encoder-weights",
+        str(path),
+        "--encoder-weights-prefix",
+        "encoder_q",
+    )
+    assert own == D.BaseEncoder("timm:resnet10_cifar_s", path, 32, "encoder_q.")
+    loaded = own.load("cpu")
+    assert loaded.weights_sha256 == load_encoder("timm:resnet10_cifar_s", image_size=32).weights_sha256
 
 
 TILE_17 = "the decoders' patches must tile the image: image size 17 is not divisible by patch size 8"
