@@ -285,15 +285,17 @@ FINE_TUNED = {
 def iter_victims(
     data: Data, s: Sizes, attacks: tuple[str, ...], work: Path, device: str, own: BaseEncoder | None = None
 ) -> Iterator[Victim]:
-    """Implant each asked-for backdoor in turn, into `own` encoder where the attack fine-tunes one."""
+    """Implant each asked-for backdoor in turn, into `own` encoder where the attack fine-tunes one.
+    The encoders to fine-tune are found first: the ImageNet weights not installed used to be found
+    after the victims built before them (CTRL's and the CLIP backdoor's, minutes)."""
     probe = ProbeData(*data.probe, *data.test, TARGET)
+    bases = {a: own or FINE_TUNED[a][1]() for a in attacks if a in FINE_TUNED}
     loaded: dict[BaseEncoder, VictimEncoder] = {}  # BadEncoder and DRUPE share one clean encoder
     for attack in attacks:
         trigger = TRIGGERS[attack]
         log.info("implanting %s", attack)
         if attack in FINE_TUNED:
-            implanter, default_base = FINE_TUNED[attack]
-            base = own or default_base()
+            implanter, base = FINE_TUNED[attack][0], bases[attack]
             if base not in loaded:
                 loaded[base] = base.load(device)
             clean = loaded[base]

