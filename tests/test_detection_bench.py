@@ -31,15 +31,32 @@ def choose(*argv: str):
     return D.chosen_victims(D.parse_args(list(argv)))
 
 
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory):
+    """weights(NAME): a file of timm NAME's seeded weights, as a user saves their encoder's."""
+    saved: dict[str, Path] = {}
+
+    def of(name: str) -> Path:
+        if name not in saved:
+            path = tmp_path_factory.mktemp("weights") / f"{name}.safetensors"
+            state = load_encoder(f"timm:{name}").module.state_dict()
+            save_tensors({k: v.contiguous() for k, v in state.items()}, path)
+            saved[name] = path
+        return saved[name]
+
+    return of
+
+
 def test_default_is_every_attack_on_the_benchmark_victims():
     assert choose() == (None, D.ATTACKS)
 
 
-def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order():
-    own, attacks = choose("--encoder", "timm:resnet18_cifar")
-    assert own == D.BaseEncoder("timm:resnet18_cifar", None, 32)  # its own input size, filled in
+def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order(weights):
+    mine = ("--encoder", "timm:resnet18_cifar", "--encoder-weights", str(weights("resnet18_cifar")))
+    own, attacks = choose(*mine)
+    assert own == D.BaseEncoder("timm:resnet18_cifar", weights("resnet18_cifar"), 32)  # its own size
     assert attacks == ("blend", "badencoder", "drupe")
-    assert choose("--encoder", "timm:resnet18_cifar", "--attacks", "drupe")[1] == ("drupe",)
+    assert choose(*mine, "--attacks", "drupe")[1] == ("drupe",)
     assert choose("--attacks", "badencoder, drupe")[1] == ("badencoder", "drupe")  # as one types a list
 
 
@@ -204,9 +221,10 @@ def test_image_sizes_the_benchmark_cannot_run_at_are_one_line_before_any_work(
     assert work == [] and list(tmp_path.iterdir()) == []
 
 
-def test_sizes_the_decoders_tile_up_to_224_px_are_taken():
+def test_sizes_the_decoders_tile_up_to_224_px_are_taken(weights):
+    mine = ("--encoder", "timm:resnet18", "--encoder-weights", str(weights("resnet18")))
     for value in ("16", "24", "64", "80", "224"):
-        assert choose("--encoder", "timm:resnet18", "--image-size", value)[0].image_size == int(value)
+        assert choose(*mine, "--image-size", value)[0].image_size == int(value)
 
 
 @pytest.mark.parametrize(
@@ -232,10 +250,27 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(argv: list[str], message: s
     assert (run.returncode, run.stderr, run.stdout) == (2, f"detection: error: {message}\n", "")
 
 
-def test_the_data_take_the_own_encoders_input_size():
+def test_the_data_take_the_own_encoders_input_size(weights):
     """ImageNet's 224 px (it used to be refused, as the data were 32 px only); --image-size overrides it."""
-    assert choose("--encoder", "timm:resnet18")[0].image_size == 224
-    assert choose("--encoder", "timm:resnet18", "--image-size", "48")[0].image_size == 48
+    mine = ("--encoder", "timm:resnet18", "--encoder-weights", str(weights("resnet18")))
+    assert choose(*mine)[0].image_size == 224
+    assert choose(*mine, "--image-size", "48")[0].image_size == 48
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet10_cifar_s", "open_clip:sanitizer-tiny-vit"])
+def test_an_encoder_named_without_its_weights_is_refused_before_any_work(
+    spec: str, tmp_path, monkeypatch, capsys
+):
+    """It implanted the attacks into seeded random weights, which is no one's encoder: minutes later
+    the report said the backdoor did not take (the quick implant is sized for a trained encoder)."""
+    work = []
+    monkeypatch.setattr(D, "load_data", lambda *a, **k: work.append("data"))
+    assert D.cli(["--quick", "--encoder", spec, "--json", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"detection: error: --encoder {spec} has no --encoder-weights: the attacks would go into seeded "
+        "random weights, not your encoder; give --encoder-weights PATH\n"
+    )
+    assert work == [] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("sizes", [D.QUICK, D.FULL], ids=["quick", "full"])
@@ -627,7 +662,7 @@ def test_jobs_and_threads_must_be_positive(flag: str, value: str, capsys: pytest
     assert f"must be a whole number of at least 1, not {value!r}" in capsys.readouterr().err
 
 
-def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path, monkeypatch):
+def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path, monkeypatch, weights):
     """main() end to end on tiny data: each victim built, its decoders queued, then the rows."""
     monkeypatch.setattr(D, "QUICK", TINY)
     data_sizes = []
@@ -640,6 +675,7 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     monkeypatch.setattr(D, "IMPLANTED_ASR", 0.0)  # every tiny victim counts as implanted
     out = tmp_path / "r.json"
     argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
+    argv += ["--encoder-weights", str(weights("resnet10_cifar_s"))]
     D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path)])
     assert data_sizes == [(32, False)]  # the encoder's input size; no victim pretrained here
     result = json.loads(out.read_text())
@@ -732,7 +768,7 @@ def test_partial_results_mark_the_attacks_still_training_as_pending():
     assert lines == [f"| {name} | met: 0.990 / 0.990 | pending |"]
 
 
-def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypatch, capsys):
+def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypatch, capsys, weights):
     """Ctrl-C while a decoder trained waited for the fit (minutes) and ended in a traceback; the
     partial results were written in place, so a Ctrl-C during the write left a truncated JSON."""
     monkeypatch.setattr(D, "QUICK", TINY)
@@ -750,6 +786,7 @@ def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypa
     monkeypatch.setattr(D, "run_attack", run_attack)
     out = tmp_path / "r.json"
     argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
+    argv += ["--encoder-weights", str(weights("resnet10_cifar_s"))]
     started = time.monotonic()
     try:
         assert D.cli([*argv, "--attacks", "badencoder,drupe"]) == 130
