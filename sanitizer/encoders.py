@@ -302,7 +302,7 @@ def check_tensor(where: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
     if tensor.shape != own.shape:
         raise EncoderError(
             f"{where} is {tuple(tensor.shape)} in the file, {tuple(own.shape)} in the encoder: the file "
-            "does not fit this encoder; give the --encoder the file was saved from"
+            f"does not fit this encoder; {misfit_hint(where)}"
         )
     if not own.is_floating_point():
         return
@@ -313,6 +313,21 @@ def check_tensor(where: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
         )
     if not torch.isfinite(tensor.to(own.dtype)).all():
         raise EncoderError(f"{where} holds NaN or infinite values; save weights from before the run diverged")
+
+
+POSITION_EMBEDDINGS = ("pos_embed", "positional_embedding")  # timm's ViTs, open_clip's
+
+
+def misfit_hint(where: str) -> str:
+    """What to give for a file a tensor of which has another shape. A ViT's position embedding fits one
+    image size and a spec builds the model at its config's, so no spec names a ViT saved at another
+    (timm's vit_tiny_patch16_224 trained at 32 px): a whole-model file carries its own."""
+    if where.endswith(POSITION_EMBEDDINGS):
+        return (
+            "a ViT saved at another image size than its config's cannot be built by name; give it as "
+            "torchscript:PATH or export:PATH"
+        )
+    return "give the --encoder the file was saved from"
 
 
 def optional_names(module: nn.Module) -> set[str]:

