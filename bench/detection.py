@@ -11,7 +11,7 @@ embedding-space baselines `embedding-norm` and `knn-distance`.
 
     bench/install_data.sh                           # once: Fashion-MNIST, MNIST, ImageNet weights
     .venv/bin/python bench/detection.py --quick     # ~CPU-sized; full mode: --device cuda
-    .venv/bin/python bench/detection.py --quick --encoder timm:NAME --encoder-weights W  # your encoder
+    .venv/bin/python bench/detection.py --quick --encoder timm:NAME --encoder-weights W --json mine.json
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ MAX_SIDE = 224
 SEED = 0
 DEFAULT_THREADS = 2
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_JSON = RESULTS / "detection.json"
 # An attack whose victim ASR stays below this did not implant: the victim has no backdoor, so its rows
 # neither meet nor miss a detection target, and only its ID decoder is trained (see submit_decoders).
 IMPLANTED_ASR = 0.5
@@ -1162,7 +1163,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also score the ablation behind the defaults (dede-unrelaxed, dede-mse, ...) on the ID "
         "decoders of the victim and the control (about 5 more minutes in the quick mode on 2 cores)",
     )
-    p.add_argument("--json", type=Path, default=RESULTS / "detection.json", help="where the JSON goes")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help=f"where the JSON goes (default: {DEFAULT_JSON.relative_to(RESULTS.parent.parent)}, the "
+        "benchmark's own run; with --encoder, give it)",
+    )
     p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
     p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
     p.add_argument(
@@ -1302,6 +1309,19 @@ def writable(path: Path) -> bool:
     return True
 
 
+def results_path(args: argparse.Namespace) -> Path:
+    """--json, or the benchmark's own results file where no --encoder is given: a run on the user's
+    encoder wrote over the shipped tables of the ImageNet victims (bench/results/detection.json, .md)."""
+    if args.json is not None:
+        return args.json
+    if args.encoder is not None:
+        raise UsageError(
+            f"--encoder: give --json PATH for its results; the default, {DEFAULT_JSON}, holds the "
+            "benchmark's own run on its ImageNet encoders"
+        )
+    return DEFAULT_JSON
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """Where the results go (the Markdown beside the JSON by default) and where the victims are kept
     (`--work`, made here if absent), checked before minutes of work rather than after: a --work that
@@ -1337,6 +1357,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     sizes = QUICK if args.quick else FULL
     resolve_device(args.device)
+    args.json = results_path(args)
     check_outputs(args)
     own, attacks = chosen_victims(args)
     training = decoder_training(args, sizes)

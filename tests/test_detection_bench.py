@@ -852,3 +852,24 @@ def test_a_vit_saved_at_another_size_than_its_config_is_told_to_come_as_a_model_
         "does not fit this encoder; a ViT saved at another image size than its config's cannot be built "
         "by name; give it as torchscript:PATH or export:PATH"
     )
+
+
+def test_a_run_on_an_own_encoder_needs_its_own_json(tmp_path: Path, monkeypatch, capsys, weights):
+    """Without --json it wrote over bench/results/detection.json and .md, the benchmark's own run on
+    the ImageNet victims that the README quotes."""
+    work = []
+    monkeypatch.setattr(D, "load_data", lambda *a, **k: work.append("data"))
+    argv = [
+        "--quick",
+        "--encoder",
+        "timm:resnet10_cifar_s",
+        "--encoder-weights",
+        str(weights("resnet10_cifar_s")),
+    ]
+    assert D.cli(argv) == 2
+    assert capsys.readouterr().err == (
+        f"detection: error: --encoder: give --json PATH for its results; the default, {D.DEFAULT_JSON}, "
+        "holds the benchmark's own run on its ImageNet encoders\n"
+    )
+    assert work == []
+    assert D.results_path(D.parse_args([])) == D.RESULTS / "detection.json"  # the benchmark's own run
