@@ -565,15 +565,23 @@ def run_command(args: argparse.Namespace) -> int:
         where = f": {e.filename}" if e.filename else ""
         say(f"sanitizer: error: {visible(f'{e.strerror or e}{where}')}", err=True)
         return EXIT_INCOMPLETE
-    except Terminated:
-        say("sanitizer: terminated (SIGTERM); run it again to resume", err=True)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        say("sanitizer: interrupted", err=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        return stopped_by_signal(e)
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_by_signal(e: KeyboardInterrupt) -> int:
+    """The exit code of a command a signal stopped, after one line naming the signal and what to do:
+    a bare `interrupted` left a user (or a scheduler's log) to guess whether the work was lost."""
+    said, code = (
+        ("terminated (SIGTERM)", EXIT_TERMINATED)
+        if isinstance(e, Terminated)
+        else ("interrupted (SIGINT)", EXIT_INTERRUPTED)
+    )
+    say(f"sanitizer: {said}; run it again to resume", err=True)
+    return code
 
 
 def reader_went_away() -> int:

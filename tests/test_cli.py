@@ -205,7 +205,7 @@ def ends(outcome: object):
             1,
             "sanitizer: error: No space left on device: /r/manifest/a.parquet\n",
         ),
-        (KeyboardInterrupt(), 130, "sanitizer: interrupted\n"),
+        (KeyboardInterrupt(), 130, "sanitizer: interrupted (SIGINT); run it again to resume\n"),
         (Terminated(), 143, "sanitizer: terminated (SIGTERM); run it again to resume\n"),
         (BrokenPipeError(), 141, ""),  # silently: the reader of its output went away
     ],
