@@ -580,8 +580,29 @@ def stopped_by_signal(e: KeyboardInterrupt) -> int:
         if isinstance(e, Terminated)
         else ("interrupted (SIGINT)", EXIT_INTERRUPTED)
     )
-    say(f"sanitizer: {said}; run it again to resume", err=True)
+    with deaf_to_stops():
+        say(f"sanitizer: {said}; run it again to resume", err=True)
+        if (pipeline := sys.modules.get("sanitizer.pipeline.job")) is not None:  # loaded: it may run Ray
+            pipeline.stop_own_ray()
     return code
+
+
+@contextlib.contextmanager
+def deaf_to_stops() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored within, where signals are handled (the main thread): a second Ctrl-C
+    as a stopped job winds down. Ray's shutdown resets SIGTERM to the default, so a second SIGTERM
+    there ends the job at once (status 143 to a shell), as SIGKILL does, a local Ray's processes
+    with it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(stop, signal.SIG_IGN) for stop in stops]
+    try:
+        yield
+    finally:
+        for stop, handler in zip(stops, previous, strict=True):
+            signal.signal(stop, handler)
 
 
 def reader_went_away() -> int:

@@ -358,6 +358,29 @@ def test_a_job_stopped_by_sigterm_says_so_and_the_rerun_completes_it(
     assert_same_outputs(run, reference.run)
 
 
+def test_ctrl_c_twice_on_the_ray_path_ends_on_the_line_and_leaves_no_ray(
+    tmp_path, corpus, tiny_decoder_dir, reference
+):
+    """Ctrl-C, and again as the job winds down (its local Ray stops for seconds): the line is the
+    log's last, with no traceback. Ray's exit handler stopped that Ray after the line, printing its
+    notes of the killed actors after it, and a second Ctrl-C there ended in Ray's traceback."""
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    job = start_job(score_args(tiny_decoder_dir, corpus, run, 1), tmp_path, log)
+    wait_for(lambda: stats_count(run) > 0, job, "the first stats marker", log)
+    job.send_signal(signal.SIGINT)
+    said = "sanitizer: interrupted (SIGINT); run it again to resume"
+    wait_for(lambda: said in log.read_text(), job, "the line")
+    job.send_signal(signal.SIGINT)
+    assert job.wait(timeout=60) == 130
+    assert log.read_text().splitlines()[-1] == said
+    assert "Traceback" not in log.read_text()
+    wait_for(lambda: not session_pids(job.pid), None, "its Ray's processes to end")
+    assert_nothing_partial(run)
+    assert cli(*score_args(tiny_decoder_dir, corpus, run, 0), cwd=tmp_path).rc == 1  # 2 not-a-tar shards
+    cli("clean", run, cwd=tmp_path)
+    assert_same_outputs(run, reference.run)
+
+
 def test_ray_job_killed_then_actor_killed_on_rerun(
     ray_session, tmp_path, corpus, tiny_decoder_dir, reference
 ):

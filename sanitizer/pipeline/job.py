@@ -538,7 +538,7 @@ def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
 def cluster_resources(address: str) -> dict[str, float]:
     import ray
 
-    ensure_ray(address)
+    ray_for_job(address)
     return ray.cluster_resources()
 
 
@@ -630,7 +630,7 @@ def ray_tables(
     import ray
     from ray.data import DataContext
 
-    ensure_ray(job.ray_address)
+    ray_for_job(job.ray_address)
     if address := joined_cluster(job.ray_address):
         check_cluster(address, stage_files(stage_kwargs["decoder_dir"], stage_kwargs["encoder_weights"]))
     quiet_ray_data()
@@ -818,12 +818,18 @@ def joined_cluster(given: str | None) -> str | None:
     return None if address in (None, "", "local") else address
 
 
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join a cluster when given an address; otherwise start a quiet local one."""
+# Set where a job's scoring started (or joined) the Ray this process uses: stop_own_ray's to shut down.
+# A Ray that was running (a caller's, a test session's) is not the job's.
+OWN_RAY = threading.Event()
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join a cluster when given an address; otherwise start a quiet local one. False where Ray was
+    running already."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
@@ -846,6 +852,26 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         raise
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
+    return True
+
+
+def ray_for_job(address: str | None) -> None:
+    """ensure_ray for a job's scoring: a Ray it starts or joins is the job's, for stop_own_ray."""
+    if ensure_ray(address):
+        OWN_RAY.set()
+
+
+def stop_own_ray() -> None:
+    """Shut down the Ray that ensure_ray started: the CLI calls it, deaf to a second signal, once a
+    signal's line is said. Left to Ray's exit handler, that took seconds (a local Ray's processes
+    stopped one by one) in which Ray's notes of the actors it killed followed the line, and a second
+    Ctrl-C ended in Ray's traceback."""
+    if not OWN_RAY.is_set():
+        return
+    import ray
+
+    ray.shutdown()
+    OWN_RAY.clear()
 
 
 REACH_TIMEOUT_S = 10.0
