@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import sys
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -218,6 +219,27 @@ def test_the_readmes_exit_codes(monkeypatch, capsys, outcome, code, stderr):
         monkeypatch.setattr(sys, "stdout", sink)
         assert main(["report", "RUN"]) == code
     assert capsys.readouterr().err == stderr
+
+
+def test_a_stopped_command_shuts_down_only_the_ray_its_scoring_started(monkeypatch, capsys):
+    """A command a signal stops shuts down the Ray its scoring started and was stopped on (OWN_RAY),
+    after its line; never one that was running before it (a caller's, a test session's) nor one a
+    finished scoring leaves up for the process's next job."""
+    import ray
+
+    from sanitizer.pipeline import job
+
+    shut: list[bool] = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    monkeypatch.setattr(cli, "run_report", ends(Terminated()))
+    monkeypatch.setattr(job, "OWN_RAY", threading.Event())
+    assert main(["report", "RUN"]) == 143
+    assert shut == []
+    job.OWN_RAY.set()
+    assert main(["report", "RUN"]) == 143
+    assert shut == [True]
+    assert not job.OWN_RAY.is_set()
+    assert capsys.readouterr().err == "sanitizer: terminated (SIGTERM); run it again to resume\n" * 2
 
 
 def test_main_leaves_the_callers_logging_as_it_found_it(monkeypatch, capsys):

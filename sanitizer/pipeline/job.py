@@ -649,6 +649,7 @@ def ray_tables(
         if (error := actor_error(e, batch_size, stage_kwargs["micro_batch"])) is None:
             raise
         raise error from None
+    OWN_RAY.clear()  # scored: Ray stays up for the process's next job, as before (its exit stops it)
 
 
 # How often Ray restarts a scoring actor that died (SIGKILLed: most often by the kernel's OOM killer)
@@ -818,8 +819,8 @@ def joined_cluster(given: str | None) -> str | None:
     return None if address in (None, "", "local") else address
 
 
-# Set where a job's scoring started (or joined) the Ray this process uses: stop_own_ray's to shut down.
-# A Ray that was running (a caller's, a test session's) is not the job's.
+# Set while a job's scoring runs on a Ray it started (or joined), and after that scoring was stopped:
+# stop_own_ray's to shut down. A Ray that was running (a caller's, a test session's) is not the job's.
 OWN_RAY = threading.Event()
 
 
