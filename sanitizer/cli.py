@@ -581,9 +581,9 @@ def stopped_by_signal(e: KeyboardInterrupt) -> int:
         else ("interrupted (SIGINT)", EXIT_INTERRUPTED)
     )
     with deaf_to_stops():
-        say(f"sanitizer: {said}; run it again to resume", err=True)
         if (pipeline := sys.modules.get("sanitizer.pipeline.job")) is not None:  # loaded: it may run Ray
-            pipeline.stop_own_ray()
+            pipeline.stop_own_ray()  # first: Ray prints its last notes as it disconnects
+        say(f"sanitizer: {said}; run it again to resume", err=True)
     return code
 
 
@@ -591,8 +591,8 @@ def stopped_by_signal(e: KeyboardInterrupt) -> int:
 def deaf_to_stops() -> Iterator[None]:
     """SIGINT and SIGTERM ignored within, where signals are handled (the main thread): a second Ctrl-C
     as a stopped job winds down. Ray's shutdown resets SIGTERM to the default, so a second SIGTERM
-    there ends the job at once (status 143 to a shell), as SIGKILL does, a local Ray's processes
-    with it."""
+    there ends the job at once, unsaid (status 143 to a shell), as SIGKILL does, a local Ray's
+    processes with it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -863,10 +863,10 @@ def ray_for_job(address: str | None) -> None:
 
 
 def stop_own_ray() -> None:
-    """Shut down the Ray that ensure_ray started: the CLI calls it, deaf to a second signal, once a
-    signal's line is said. Left to Ray's exit handler, that took seconds (a local Ray's processes
-    stopped one by one) in which Ray's notes of the actors it killed followed the line, and a second
-    Ctrl-C ended in Ray's traceback."""
+    """Shut down the Ray that the stopped job's scoring started: the CLI calls it, deaf to a second
+    signal, before it says the signal's line. Left to Ray's exit handler, that took seconds after the
+    line (a local Ray's processes stopped one by one), in which Ray's notes of the actors it killed
+    followed the line, and a second Ctrl-C ended in Ray's traceback."""
     if not OWN_RAY.is_set():
         return
     import ray
