@@ -115,8 +115,29 @@ def near_duplicates(queries: np.ndarray, reference: np.ndarray) -> torch.Tensor:
     return _as_points(queries, True) @ _as_points(reference, False).T >= -_NEAR_SQUARED
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """A reference as neighbour_similarity searches it, prepared once: its rows with a sketch, and
+    their thumbnails as given and as floats. The collapse pass asks one reference for each shard in
+    turn; preparing it on every call cost O(reference) a call, most of the pass on a run of thousands
+    of small shards."""
+
+    sketches: torch.Tensor  # (R, SKETCH_DIM) float32, the reference rows with a sketch
+    thumbnails: np.ndarray | None  # (R, THUMBNAIL_SIDE**2) uint8 of those rows, or None
+    thumbnail_floats: torch.Tensor | None  # the same as float32, as _top_apart measures distances
+
+    @classmethod
+    def of(cls, reference: np.ndarray, thumbnails: np.ndarray | None = None) -> Neighbours:
+        usable = np.isfinite(reference).all(1)
+        sketches = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
+        if thumbnails is None:
+            return cls(sketches, None, None)
+        thumbnails = thumbnails[usable]
+        return cls(sketches, thumbnails, torch.from_numpy(thumbnails.astype(np.float32)))
+
+
 def _top_apart(
-    sim: torch.Tensor, query_thumbnails: np.ndarray, reference_thumbnails: np.ndarray, k: int
+    sim: torch.Tensor, query_thumbnails: np.ndarray, reference: Neighbours, k: int
 ) -> torch.Tensor:
     """(B, k) each query's k highest similarities to reference rows that are not its near-duplicates,
     -inf where fewer are left. Near-duplicates are looked for among each query's CANDIDATES most
@@ -124,14 +145,13 @@ def _top_apart(
     k others there (an image with many copies)."""
     values, index = sim.topk(min(CANDIDATES, sim.shape[1]), dim=1)
     q = torch.from_numpy(query_thumbnails.astype(np.float32))
-    r = torch.from_numpy(reference_thumbnails.astype(np.float32))
-    squared = ((q[:, None, :] - r[index]) ** 2).sum(-1)  # exact: integers below 2^24
+    squared = ((q[:, None, :] - reference.thumbnail_floats[index]) ** 2).sum(-1)  # exact: integers below 2^24
     apart = squared > _NEAR_SQUARED
     values = values.masked_fill(~apart, -torch.inf)
     crowded = torch.nonzero((apart.sum(1) < k) & (values.shape[1] < sim.shape[1])).flatten()
     if len(crowded):
         full = sim[crowded].masked_fill(
-            near_duplicates(query_thumbnails[crowded.numpy()], reference_thumbnails), -torch.inf
+            near_duplicates(query_thumbnails[crowded.numpy()], reference.thumbnails), -torch.inf
         )
         values[crowded] = -torch.inf
         values[crowded, :k] = full.topk(k, dim=1).values
@@ -167,10 +187,21 @@ def neighbour_similarity(
     the query's near-duplicates are left out. Rows are unit vectors, or NaN where there is no sketch
     (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NO_SKETCH. A
     query with no reference row left gets NaN."""
-    usable = np.isfinite(reference).all(1)
-    r = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
-    if reference_thumbnails is not None:
-        reference_thumbnails = reference_thumbnails[usable]
+    return nearest_similarity(
+        queries, Neighbours.of(reference, reference_thumbnails), query_thumbnails, k, block
+    )
+
+
+def nearest_similarity(
+    queries: np.ndarray,
+    reference: Neighbours,
+    query_thumbnails: np.ndarray | None = None,
+    k: int = NEIGHBOURS,
+    block: int = 1024,
+) -> np.ndarray:
+    """neighbour_similarity against a reference prepared once (Neighbours.of), for one who asks it
+    many times."""
+    r = reference.sketches
     sketched = np.isfinite(queries).all(1)
     out = np.where(sketched, np.nan, NO_SKETCH).astype(np.float32)
     k = min(k, len(r))
@@ -184,7 +215,7 @@ def neighbour_similarity(
         if query_thumbnails is None:
             top = sim.topk(k, dim=1).values
         else:
-            top = _top_apart(sim, query_thumbnails[rows], reference_thumbnails, k)
+            top = _top_apart(sim, query_thumbnails[rows], reference, k)
         top[torch.isinf(top)] = torch.nan  # fewer than k other images: the mean of those there are
         out[rows] = top.nanmean(1).numpy()
     return out

@@ -279,6 +279,29 @@ def test_collapse_pass_flags_the_cluster_not_the_copies(decoder_dir, cluster_sha
     assert not (out / "report" / "joint.png").exists()
 
 
+def test_the_pass_prepares_its_reference_once_whatever_the_shard_count(
+    decoder_dir, cluster_shards, tmp_path, monkeypatch
+):
+    """The reference is asked once per shard and once for the held-out images; it is prepared
+    (its rows with a sketch, its thumbnails as floats) once: per call, a run of thousands of small
+    shards spent most of the pass doing it again."""
+    prepared, asked = [], []
+    of, similarity = collapse_pass.Neighbours.of.__func__, collapse_pass.Reference.similarity
+
+    def counting_of(cls, *args, **kwargs):
+        prepared.append(len(args[0]))
+        return of(cls, *args, **kwargs)
+
+    def counting_similarity(self, *args):
+        asked.append(len(args[0]))
+        return similarity(self, *args)
+
+    monkeypatch.setattr(collapse_pass.Neighbours, "of", classmethod(counting_of))
+    monkeypatch.setattr(collapse_pass.Reference, "similarity", counting_similarity)
+    run(decoder_dir, cluster_shards, tmp_path / "run", collapse=RULE)
+    assert len(asked) == 3 + 1 and prepared == [98]
+
+
 def test_the_pass_is_the_same_whatever_the_shard_order(decoder_dir, cluster_shards, tmp_path, monkeypatch):
     """With a reference smaller than the run, the same shards listed in reverse give every sample the
     same collapse and the same flags: the reference is drawn by content, not by position."""

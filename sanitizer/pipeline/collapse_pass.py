@@ -20,7 +20,8 @@ from sanitizer.collapse import (
     SKETCH_DIM,
     THUMBNAIL_SIDE,
     HeldOut,
-    neighbour_similarity,
+    Neighbours,
+    nearest_similarity,
     reference_rank,
     unlike_holdout,
     within_lowest,
@@ -93,9 +94,10 @@ class Reference:
             shard = (reference_rank(rows.sha256, key), rows.sketches, rows.thumbnails)
             drawn = lowest(tuple(np.concatenate(pair) for pair in zip(drawn, shard, strict=True)))
         _, self.sketches, self.thumbnails = drawn
+        self.neighbours = Neighbours.of(self.sketches, self.thumbnails)  # asked once per shard
 
     def similarity(self, sketches: np.ndarray, thumbnails: np.ndarray) -> np.ndarray:
-        return neighbour_similarity(sketches, self.sketches, thumbnails, self.thumbnails)
+        return nearest_similarity(sketches, self.neighbours, thumbnails)
 
 
 @dataclass
@@ -201,7 +203,7 @@ def collapse_columns(
     scored = scored[~np.isnan(scored)]
     if not len(scored):  # no collapse to weigh, and mad:K has no evidence
         # The reference has a sketch (reference_and_holdout), so each sample's only reference rows are
-        # itself and its near-duplicates, which neighbour_similarity leaves out.
+        # itself and its near-duplicates, which nearest_similarity leaves out.
         log.warning(
             "no scored sample has a neighbour in the run's reference but itself and its near-duplicates "
             "(the run holds one image, or copies of one): the collapse pass flags nothing"
