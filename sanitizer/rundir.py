@@ -335,9 +335,11 @@ def apply_threshold(run: RunDir, stems: list[str], threshold: float) -> int:
 
 def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:
     """Scores of every ok row of the finished shards: what data-dependent rules look at."""
-    parts = []
-    for stem in stems:
-        table = read_manifest(run.manifest(stem), ["status", "score"])
-        ok = pc.equal(table.column("status"), "ok")
-        parts.append(table.filter(ok).column("score").to_numpy().astype(np.float32))
+    parts = [table_ok_scores(read_manifest(run.manifest(stem), ["status", "score"])) for stem in stems]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def table_ok_scores(table: pa.Table) -> np.ndarray:
+    """The scores of a manifest table's ok rows (it holds `status` and `score`)."""
+    ok = pc.equal(table.column("status"), "ok")
+    return table.filter(ok).column("score").to_numpy().astype(np.float32)

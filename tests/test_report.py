@@ -299,6 +299,20 @@ def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, 
     assert why not in " ".join(parse(write_report(run)).text)
 
 
+def test_the_verdict_reads_each_manifest_once(labelled_run, monkeypatch):
+    """The verdict's share above the calibration's median and its check of each shard's threshold read
+    the manifests in one pass: two passes read a run of thousands of small shards twice."""
+    import pyarrow.parquet as pq
+
+    reads, read_table = [], pq.read_table
+    monkeypatch.setattr(
+        pq, "read_table", lambda *a, **kw: reads.append(kw.get("columns")) or read_table(*a, **kw)
+    )
+    verdict = encoder_verdict(labelled_run)
+    assert verdict["above_calibration_median"] is not None and verdict["other_threshold_shards"] == []
+    assert reads == [["status", "score", "threshold"]] * 2  # its 2 shards
+
+
 def test_the_totals_count_each_tests_flags_in_the_shards_they_count(labelled_run, tmp_path):
     """With a shard not done (its stats marker gone), the totals counted its flags by score and by
     collapse from run.json, beside tiles that leave it out: both now count the finished shards."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from sanitizer.checkpoint import read_run_meta
 from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.errors import SanitizerError
 from sanitizer.manifest import read_manifest
-from sanitizer.rundir import RunDir, ok_scores, open_run
+from sanitizer.rundir import RunDir, open_run, table_ok_scores
 from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
 from sanitizer.thresholds import parse_rule
@@ -45,6 +46,7 @@ def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np
     ok, flagged = _done_totals(run, shards)
     threshold, rule = run_threshold(info)
     p0 = expected_flag_rate(rule, threshold, calibration) if rule and threshold is not None else None
+    share, others = manifest_checks(run, shards, calibration, threshold)
     result = {
         "ok": ok,
         "flagged": flagged,
@@ -55,8 +57,8 @@ def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np
         "test": None,
         "alpha": ALPHA,
         "backdoored": None,
-        "above_calibration_median": share_above_median(run, shards, calibration),
-        "other_threshold_shards": [] if threshold is None else other_threshold_shards(run, shards, threshold),
+        "above_calibration_median": share,
+        "other_threshold_shards": others,
     }
     if p0 is None or not ok:
         result["text"] = f"no verdict: {_no_rate(ok, threshold, rule)}"
@@ -171,30 +173,36 @@ def flag_count_p_value(
 
 def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None) -> float | None:
     """Share of the finished shards' ok scores above the calibration's median (None without both)."""
-    stems = run.done(shards)
-    if calibration is None or not len(calibration) or not all(run.manifest(s).is_file() for s in stems):
-        return None
+    return manifest_checks(run, shards, calibration, None)[0]
+
+
+def manifest_checks(
+    run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None, threshold: float | None
+) -> tuple[float | None, list[str]]:
+    """What the verdict reads of the finished shards' manifests, each read once, a shard at a time (a
+    run's scores need not fit in memory; two passes read a run of thousands of small shards twice):
+    the share of ok scores above the calibration's median (None without both, or with a manifest
+    missing), and the shards whose manifest was flagged at another score threshold than run.json's
+    (none without one): a `clean --threshold` killed while it re-flagged the manifests leaves some
+    (run.json changes after them), and a count of flags at mixed thresholds tests nothing."""
+    done = run.done(shards)
+    stems = [stem for stem in done if run.manifest(stem).is_file()]
+    median = calibration is not None and len(calibration) > 0 and len(stems) == len(done)
+    columns = ["status", "score"] * median + ["threshold"] * (threshold is not None)
     above = total = 0
-    for stem in stems:  # a shard at a time: a run's scores need not fit in memory
-        scores = ok_scores(run, [stem])
-        above, total = above + above_median(scores, calibration), total + len(scores)
-    return above / total if total else None
+    others = []
+    for stem in stems if columns else []:
+        table = read_manifest(run.manifest(stem), columns)
+        if median:
+            scores = table_ok_scores(table)
+            above, total = above + above_median(scores, calibration), total + len(scores)
+        if threshold is not None and not _flagged_at(table.column("threshold"), threshold):
+            others.append(stem)
+    return (above / total if total else None), others
 
 
-def other_threshold_shards(run: RunDir, shards: list[ShardRef], threshold: float) -> list[str]:
-    """The finished shards whose manifest was flagged at another score threshold than run.json's: a
-    `clean --threshold` killed while it re-flagged the manifests leaves some (run.json changes after
-    them), and a count of flags at mixed thresholds tests nothing."""
-    return [
-        stem
-        for stem in run.done(shards)
-        if run.manifest(stem).is_file() and not _flagged_at(run, stem, threshold)
-    ]
-
-
-def _flagged_at(run: RunDir, stem: str, threshold: float) -> bool:
-    """Whether every row of a shard's manifest was flagged at `threshold` (a null one never was)."""
-    column = read_manifest(run.manifest(stem), ["threshold"]).column("threshold")
+def _flagged_at(column: pa.ChunkedArray, threshold: float) -> bool:
+    """Whether every row of a manifest's threshold column holds `threshold` (a null one never does)."""
     return bool((column.to_numpy(zero_copy_only=False).astype(np.float32) == np.float32(threshold)).all())
 
 
