@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from sanitizer.atomic import write_json_atomic
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, REFERENCE_SIZE, SKETCH_DIM, THUMBNAIL_SIDE
+from sanitizer.collapse import (
+    DEFAULT_COLLAPSE_RULE,
+    NO_AXIS,
+    REFERENCE_SIZE,
+    SKETCH_DIM,
+    THUMBNAIL_SIDE,
+    Sketched,
+)
 from sanitizer.manifest import flag_counts, to_table, write_manifest
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags
 from sanitizer.rundir import RunDir
@@ -47,7 +54,7 @@ def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator
     for start in range(0, samples, per_shard):
         n, stem = min(per_shard, samples - start), f"shard-{start // per_shard:06d}"
         sketch = unit_rows(n, rng)
-        unset = ("error", "threshold", "flag_reason", "collapse", "collapse_threshold", "caption")
+        unset = ("error", "threshold", "flag_reason", "collapse", "collapse_threshold", "caption", "axis")
         columns = {c: [None] * n for c in (*unset, "width", "height", "label")}
         columns |= {
             "key": [f"{stem}-{i}" for i in range(n)], "shard": [stem] * n, "index": np.arange(n),
@@ -73,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         stems = write_run(Path(tmp), args.samples, args.per_shard, rng)
-        held_out = (rng.random(HOLDOUT), unit_rows(HOLDOUT, rng), thumbnails(HOLDOUT, rng))
-        holdout = HoldoutImages(*held_out, reference_key=rng.bytes(32))
+        scores, sketches = rng.random(HOLDOUT), unit_rows(HOLDOUT, rng)
+        images = Sketched(sketches, thumbnails(HOLDOUT, rng), np.full(HOLDOUT, NO_AXIS, np.int32))
+        holdout = HoldoutImages(scores, images, reference_key=rng.bytes(32))
         started = time.perf_counter()
         apply_flags(RunDir(Path(tmp)), stems, 0.5, (parse_rule(DEFAULT_COLLAPSE_RULE), holdout))
         seconds = time.perf_counter() - started

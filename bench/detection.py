@@ -35,13 +35,7 @@ import torch
 
 from sanitizer.atomic import write_bytes_atomic
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
-from sanitizer.collapse import (
-    DEFAULT_COLLAPSE_RULE,
-    HeldOut,
-    embedding_sketch,
-    neighbour_similarity,
-    thumbnail,
-)
+from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, HeldOut, Reference, Sketched
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import (
     FILE_KINDS,
@@ -496,29 +490,14 @@ def baseline_rows(
     return rows
 
 
-@dataclass
-class Sketched:
-    """What the collapse pass keeps of each image: its embedding's sketch and its thumbnail."""
-
-    sketches: np.ndarray
-    thumbnails: np.ndarray
-
-    @classmethod
-    def of(cls, images: Embedded) -> Sketched:
-        return cls(embedding_sketch(torch.from_numpy(images.embeddings)).numpy(), thumbnail(images.pixels))
-
-    def take(self, rows: np.ndarray) -> Sketched:
-        return Sketched(self.sketches[rows], self.thumbnails[rows])
-
-    def join(self, other: Sketched) -> Sketched:
-        return Sketched(np.r_[self.sketches, other.sketches], np.r_[self.thumbnails, other.thumbnails])
+def sketched(images: Embedded) -> Sketched:
+    return Sketched.of(images.embeddings, images.pixels)
 
 
 def self_collapse(images: Sketched) -> np.ndarray:
     """The collapse pass's statistic with the scored set as its own reference (every set here is
-    smaller than REFERENCE_SIZE, so the product would take all of it too), near-duplicates left out;
-    NO_SKETCH for an image without a sketch, as in the product."""
-    return neighbour_similarity(images.sketches, images.sketches, images.thumbnails, images.thumbnails)
+    smaller than REFERENCE_SIZE, so the product would take all of it too), near-duplicates left out."""
+    return Reference(images).collapse(images)
 
 
 def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
@@ -530,10 +509,8 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
 
 
 def holdout_collapse(fitted, reference: Sketched) -> np.ndarray:
-    """The decoder's held-out images' collapse against a scored set (NO_SKETCH for those without a
-    sketch)."""
-    sketches = fitted.holdout_sketches.astype(np.float32)
-    return neighbour_similarity(sketches, reference.sketches, fitted.holdout_thumbnails, reference.thumbnails)
+    """The decoder's held-out images' collapse against a scored set."""
+    return Reference(reference).collapse(fitted.holdout_images)
 
 
 def union(
@@ -561,7 +538,7 @@ def collapse_rows(
     is the pass's reference, the decoder's held-out images its calibration. `held_triggered` marks the
     held-out images that carry the trigger: the `dede` rows then also say what the defaults flag
     calibrated without them."""
-    sk_clean, sk_trig = Sketched.of(embedded.clean), Sketched.of(embedded.triggered)
+    sk_clean, sk_trig = sketched(embedded.clean), sketched(embedded.triggered)
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
@@ -625,11 +602,11 @@ def kept_by_union(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What `sanitizer score` keeps of the training, clean test and triggered test images: the training
     data is one scored set, the test data (clean and triggered pooled, as `kept` pools them) another."""
-    train, clean, triggered = (Sketched.of(images) for images in sets)
+    train, clean, triggered = (sketched(images) for images in sets)
     out = []
-    for sketched, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]])):
-        held = holdout_collapse(fitted, sketched)
-        out.append(union(scores, self_collapse(sketched), fitted.calibration, held) <= 1)
+    for scored, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]])):
+        held = holdout_collapse(fitted, scored)
+        out.append(union(scores, self_collapse(scored), fitted.calibration, held) <= 1)
     n = len(dede[1])
     return out[0], out[1][:n], out[1][n:]
 

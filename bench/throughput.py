@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from sanitizer.checkpoint import save_decoder, save_holdout
-from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE
+from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, Sketched
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
@@ -217,7 +217,7 @@ def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
     sketches = rng.normal(size=(HELD_OUT, SKETCH_DIM))
     sketches /= np.linalg.norm(sketches, axis=1, keepdims=True)
     thumbnails = rng.integers(0, 256, (HELD_OUT, THUMBNAIL_SIDE**2), np.uint8)
-    save_holdout(out, sketches.astype(np.float16), thumbnails)
+    save_holdout(out, Sketched(sketches.astype(np.float32), thumbnails, np.full(HELD_OUT, NO_AXIS, np.int32)))
     return out
 
 

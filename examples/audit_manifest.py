@@ -3,7 +3,7 @@
     .venv/bin/python examples/audit_manifest.py demo-out/run
     .venv/bin/python examples/audit_manifest.py demo-out/run --top 3 --reclean quantile:0.99
 
-The manifest is plain Parquet (one file per shard, schema in schemas/manifest-v3.json), so any tool
+The manifest is plain Parquet (one file per shard, schema in schemas/manifest-v4.json), so any tool
 reads it; here pandas reads only the columns it needs. `--reclean RULE` re-flags with a new threshold
 and rewrites clean/ and quarantine/ without scoring anything again (the same as `sanitizer clean
 RUN_DIR --threshold RULE`). Shards that failed or have not finished, which have no rows, are listed

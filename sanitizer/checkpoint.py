@@ -2,7 +2,7 @@
 
 decoder.json records the encoder it was trained against (spec and weight hash), the preprocessing,
 the model's shape, the training settings and the calibration (held-out scores at the test
-settings). holdout.safetensors keeps the held-out images' sketches and thumbnails, which the
+settings). holdout.safetensors keeps the held-out images' sketches, thumbnails and axes, which the
 collapse pass weighs a run against. The training state for resuming lives in .checkpoint/ until
 training finishes. Nothing in this directory is ever unpickled: tensors go through safetensors, the
 rest through JSON.
@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
+from sanitizer.collapse import NO_AXIS, UNKNOWN_AXIS, Sketched
 from sanitizer.encoders import AmbiguousWeights, Preprocess, VictimEncoder, load_encoder
 from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.model import DedeConfig, DedeDecoder
@@ -30,7 +31,7 @@ from sanitizer.scoring import ScoreSettings
 FORMAT = "sanitizer-dede-decoder/1"
 WEIGHTS = "decoder.safetensors"
 META = "decoder.json"
-HOLDOUT = "holdout.safetensors"  # the held-out images' sketches and thumbnails, for the collapse pass
+HOLDOUT = "holdout.safetensors"  # the held-out images' sketches, thumbnails and axes, for the collapse pass
 STATE_DIR = ".checkpoint"
 STATE = "state.safetensors"  # in STATE_DIR: the unfinished training run's checkpoint
 # What a train job killed before it wrote decoder.json may have left in DECODER_DIR
@@ -86,21 +87,31 @@ def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
     return meta
 
 
-def save_holdout(out_dir: Path, sketches: np.ndarray, thumbnails: np.ndarray) -> None:
-    tensors = {"sketch": torch.from_numpy(sketches), "thumbnail": torch.from_numpy(thumbnails)}
+def save_holdout(out_dir: Path, images: Sketched) -> None:
+    tensors = {
+        "sketch": torch.from_numpy(images.sketches.astype(np.float16)),
+        "thumbnail": torch.from_numpy(images.thumbnails),
+        "axis": torch.from_numpy(images.axes.astype(np.int32)),
+    }
     save_tensors(tensors, Path(out_dir) / HOLDOUT)
 
 
-def load_holdout(decoder_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(sketches, thumbnails) of the decoder's held-out images; None for a decoder saved without them
-    (before the collapse pass kept them, or before it told near-duplicates apart)."""
+def load_holdout(decoder_dir: Path) -> Sketched | None:
+    """What the collapse pass keeps of the decoder's held-out images; None for a decoder saved without
+    it (before the collapse pass kept them, or before it told near-duplicates apart). A decoder saved
+    before axes were kept gives its images without a sketch UNKNOWN_AXIS."""
     path = Path(decoder_dir) / HOLDOUT
     if not path.is_file():
         return None
     tensors = _load_tensors(path)
     if "thumbnail" not in tensors:
         return None
-    return tensors["sketch"].float().numpy(), tensors["thumbnail"].numpy()
+    sketches = tensors["sketch"].float().numpy()
+    if "axis" in tensors:
+        axes = tensors["axis"].numpy().astype(np.int32)
+    else:
+        axes = np.where(np.isfinite(sketches).all(1), NO_AXIS, UNKNOWN_AXIS).astype(np.int32)
+    return Sketched(sketches, tensors["thumbnail"].numpy(), axes)
 
 
 # What scoring, clean and report read from decoder.json, and the type each must have.

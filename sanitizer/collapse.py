@@ -11,8 +11,9 @@ those images are each other's near-duplicates. This pass measures that, after sc
   concentrated on fewer than MIN_EFFECTIVE_DIM features: a CNN whose ReLU features die for some
   inputs maps them all to one axis (3-10% of clean images on the detection benchmark's fine-tuned
   victims), a direction they share without being alike, so such rows are no one's neighbour. Nor
-  are they exempt: a backdoor could send its triggered images to one axis to escape the pass. Their
-  collapse is NO_SKETCH, and it is as rare as rows without a sketch are among the held-out images;
+  are they exempt: a backdoor could send its triggered images to one axis to escape the pass. Such a
+  row keeps its `axis` (the feature it sits on), and its collapse is ON_AXIS plus the share of the
+  reference's images on that same feature: a trigger's axis is crowded, a dying feature's is not;
 - the reference is the REFERENCE_SIZE ok rows of the scored set whose files rank lowest by a hash
   keyed with a secret of the decoder's (reference_rank): drawn by content, it is the same whatever
   the order of the shards, and an attacker without the decoder cannot grind files into it or out of
@@ -42,7 +43,7 @@ copies are each other's near-duplicates, and only the score can flag them.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import cache
 
 import numpy as np
@@ -64,9 +65,14 @@ NEAR_DUPLICATE_RMS = 4.0
 _NEAR_SQUARED = NEAR_DUPLICATE_RMS**2 * THUMBNAIL_SIDE**2  # the squared distance between whole thumbnails
 CANDIDATES = 4 * NEIGHBOURS  # the nearest reference rows searched first for a query's near-duplicates
 MIN_EFFECTIVE_DIM = 2.0  # triggered images' embeddings on the benchmark's victims: 18 or more
-# The collapse of a row without a sketch: above every cosine, as an embedding on one axis points the
-# same way as every other on that axis; weighed by how many held-out images have none (HeldOut).
-NO_SKETCH = np.inf
+# A row without a sketch has the collapse ON_AXIS + the share of the reference's images on its axis:
+# above every cosine, and weighed only against the held-out images without a sketch (HeldOut).
+ON_AXIS = 2.0
+NO_AXIS = -1  # the axis of an embedding with a sketch
+# The axis of a held-out image without a sketch whose decoder was saved before axes were kept: counted
+# as on the most crowded axis, so that such a decoder weighs a row without a sketch as before, by the
+# share of its held-out images without one
+UNKNOWN_AXIS = -2
 _SEED = 20250611  # fixes the projection: sketches of one embedding agree across runs and machines
 
 
@@ -91,6 +97,13 @@ def embedding_sketch(embedding: torch.Tensor) -> torch.Tensor:
     sketch = torch.nn.functional.normalize(embedding.float() @ projection, dim=1)
     sketch[effective_dim(embedding) < MIN_EFFECTIVE_DIM] = torch.nan
     return sketch
+
+
+def embedding_axis(embedding: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: the feature an embedding below MIN_EFFECTIVE_DIM sits on (its largest), NO_AXIS for
+    the others, which have a sketch."""
+    low = effective_dim(embedding) < MIN_EFFECTIVE_DIM
+    return torch.where(low, embedding.abs().argmax(1), NO_AXIS).to(torch.int32)
 
 
 def thumbnail(pixels: np.ndarray) -> np.ndarray:
@@ -185,8 +198,8 @@ def neighbour_similarity(
 ) -> np.ndarray:
     """Mean cosine similarity of each query to its k most similar reference rows; given thumbnails,
     the query's near-duplicates are left out. Rows are unit vectors, or NaN where there is no sketch
-    (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NO_SKETCH. A
-    query with no reference row left gets NaN."""
+    (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NaN (the
+    collapse weighs it by its axis), as does a query with no reference row left."""
     return nearest_similarity(
         queries, Neighbours.of(reference, reference_thumbnails), query_thumbnails, k, block
     )
@@ -203,7 +216,7 @@ def nearest_similarity(
     many times."""
     r = reference.sketches
     sketched = np.isfinite(queries).all(1)
-    out = np.where(sketched, np.nan, NO_SKETCH).astype(np.float32)
+    out = np.full(len(queries), np.nan, np.float32)
     k = min(k, len(r))
     asked = np.flatnonzero(sketched)
     if k == 0:
@@ -219,6 +232,84 @@ def nearest_similarity(
         top[torch.isinf(top)] = torch.nan  # fewer than k other images: the mean of those there are
         out[rows] = top.nanmean(1).numpy()
     return out
+
+
+@dataclass
+class Sketched:
+    """What the pass keeps of each image: its embedding's sketch (NaN without one), its thumbnail, and
+    the axis its embedding sits on (NO_AXIS where it has a sketch)."""
+
+    sketches: np.ndarray  # (N, SKETCH_DIM) float32
+    thumbnails: np.ndarray  # (N, THUMBNAIL_SIDE**2) uint8
+    axes: np.ndarray  # (N,) int32
+
+    @classmethod
+    def none(cls) -> Sketched:
+        return cls(
+            np.zeros((0, SKETCH_DIM), np.float32),
+            np.zeros((0, THUMBNAIL_SIDE**2), np.uint8),
+            np.zeros(0, np.int32),
+        )
+
+    @classmethod
+    def of(cls, embeddings: np.ndarray, pixels: np.ndarray) -> Sketched:
+        """Of (N, D) embeddings and their (N, H, W, 3) uint8 images, as scoring keeps them."""
+        e = torch.from_numpy(embeddings)
+        return cls(embedding_sketch(e).numpy(), thumbnail(pixels), embedding_axis(e).numpy())
+
+    def take(self, rows: np.ndarray) -> Sketched:
+        return Sketched(self.sketches[rows], self.thumbnails[rows], self.axes[rows])
+
+    def join(self, other: Sketched) -> Sketched:
+        return Sketched(*(np.concatenate(pair) for pair in zip(astuple(self), astuple(other), strict=True)))
+
+
+def distinct_images(thumbnails: np.ndarray, block: int = 2048) -> int:
+    """How many images the rows show, copies (near-duplicate thumbnails) counted once: in row order,
+    each row not yet covered counts, and covers its near-duplicates. The near-duplicate pairs are
+    found a block of rows at a time (20,000 rows of one axis, an attacker's worst case: seconds)."""
+    pairs = [
+        torch.nonzero(near_duplicates(thumbnails[start : start + block], thumbnails)).numpy() + [start, 0]
+        for start in range(0, len(thumbnails), block)
+    ]
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)  # by row: nonzero's order
+    bounds = np.searchsorted(pairs[:, 0], np.arange(len(thumbnails) + 1))
+    covered, count = np.zeros(len(thumbnails), bool), 0
+    for row in range(len(thumbnails)):
+        if not covered[row]:
+            covered[pairs[bounds[row] : bounds[row + 1], 1]] = True
+            count += 1
+    return count
+
+
+class Reference:
+    """The rows every collapse is measured against, and how many of its images sit on each axis
+    (counted once, for every query)."""
+
+    def __init__(self, images: Sketched) -> None:
+        self.images = images
+        self.neighbours = Neighbours.of(images.sketches, images.thumbnails)  # asked once per shard
+        on_axis = images.axes[images.axes >= 0]
+        self.images_on = {
+            int(axis): distinct_images(images.thumbnails[images.axes == axis]) for axis in np.unique(on_axis)
+        }
+
+    def __len__(self) -> int:
+        return len(self.images.axes)
+
+    def axis_share(self, axes: np.ndarray) -> np.ndarray:
+        """For each axis, the share of the reference's images whose embedding sits on it, copies of one
+        image counted once (as the collapse leaves near-duplicates out); 1 for UNKNOWN_AXIS."""
+        share = np.array([self.images_on.get(int(axis), 0) for axis in axes], np.float64) / max(len(self), 1)
+        return np.where(axes == UNKNOWN_AXIS, 1.0, share)
+
+    def collapse(self, queries: Sketched) -> np.ndarray:
+        """Each query's collapse: its neighbour_similarity, or for a query without a sketch ON_AXIS +
+        the axis_share of its axis, the same for every image on that axis."""
+        out = nearest_similarity(queries.sketches, self.neighbours, queries.thumbnails)
+        on_axis = queries.axes != NO_AXIS
+        out[on_axis] = ON_AXIS + self.axis_share(queries.axes[on_axis])
+        return out
 
 
 def group_by_seed(sketches: np.ndarray, link: float, limit: int) -> np.ndarray:
@@ -270,8 +361,8 @@ def collapse_needed(score_p: np.ndarray, holdout_collapse: np.ndarray, limit: fl
 @dataclass
 class HeldOut:
     """The decoder's held-out images as the pass weighs samples against them: their scores and their
-    collapse against the run's reference (NO_SKETCH for those without a sketch), those without a
-    collapse (no reference row left) left out."""
+    collapse against the run's reference (ON_AXIS and above for those without a sketch), those without
+    a collapse (no reference row left) left out."""
 
     scores: np.ndarray
     collapse: np.ndarray
@@ -284,19 +375,17 @@ class HeldOut:
     @property
     def cosines(self) -> np.ndarray:
         """The collapse of those with a sketch: the rarest a cosine can be is 1/(len + 1)."""
-        return self.collapse[np.isfinite(self.collapse)]
+        return self.collapse[self.collapse < ON_AXIS]
 
     def collapse_p(self, collapse: np.ndarray, own: bool = False) -> np.ndarray:
         """Each collapse's tail p-value among the held-out images': a cosine against their cosines, and
-        NO_SKETCH by the share of them without a sketch, so that a trigger sending its images to one
-        axis is as suspect as that is rare, and a victim whose clean images often end there is not
-        flagged for it. NaN stays NaN."""
-        cosines = self.cosines
-        none, n = len(self.collapse) - len(cosines), len(self.collapse)
-        p_none = none / n if own else (1 + none) / (n + 1)
-        with np.errstate(divide="ignore", invalid="ignore"):  # no held-out cosine: only NO_SKETCH asked
-            p = tail_p(collapse, cosines, own)
-        return np.where(collapse == NO_SKETCH, p_none, p)
+        a row without a sketch against them all, where only those on an axis as crowded count: a
+        trigger sending its images to one axis is as suspect as a held-out image on so crowded an axis
+        is rare, and a victim whose clean images often end on one axis is not flagged for it. NaN
+        stays NaN."""
+        with np.errstate(divide="ignore", invalid="ignore"):  # no held-out cosine: only axes asked
+            by_cosine = tail_p(collapse, self.cosines, own)
+        return np.where(collapse >= ON_AXIS, tail_p(collapse, self.collapse, own), by_cosine)
 
     def own_evidence(self) -> np.ndarray:
         """Each held-out image's evidence against the others: what a quantile rule reads."""
@@ -307,11 +396,11 @@ class HeldOut:
         return evidence(tail_p(scores, self.scores), self.collapse_p(collapse))
 
     def needed(self, scores: np.ndarray, collapse: np.ndarray, limit: float) -> np.ndarray:
-        """Each row's collapse_needed; for a row without a sketch -inf when it is flagged (its
-        NO_SKETCH is above it), +inf when not; NaN where the row has no collapse."""
+        """Each row's collapse_needed; for a row without a sketch -inf when it is flagged (its collapse
+        is above it), +inf when not; NaN where the row has no collapse."""
         needed = collapse_needed(tail_p(scores, self.scores), self.cosines, limit)
-        none = collapse == NO_SKETCH
-        needed[none] = np.where(self.evidence(scores[none], collapse[none]) > limit, -np.inf, np.inf)
+        on_axis = collapse >= ON_AXIS
+        needed[on_axis] = np.where(self.evidence(scores[on_axis], collapse[on_axis]) > limit, -np.inf, np.inf)
         needed[np.isnan(collapse)] = np.nan
         return needed
 

@@ -1,6 +1,6 @@
 """The manifest: one Parquet row per input sample, failures included, under an explicit schema.
 
-schemas/manifest-v3.json describes the same columns for people and other tools; a test keeps the
+schemas/manifest-v4.json describes the same columns for people and other tools; a test keeps the
 two in step. Writers go through `write_manifest`, which refuses a table that does not match.
 """
 
@@ -17,7 +17,7 @@ from sanitizer.atomic import atomic_path
 from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE
 from sanitizer.errors import UsageError
 
-SCHEMA_VERSION = "manifest-v3"
+SCHEMA_VERSION = "manifest-v4"
 # Parquet's compliant name for a list's items, so that a file read back has exactly this schema
 SKETCH_TYPE = pa.list_(pa.field("element", pa.float16()), SKETCH_DIM)
 THUMBNAIL_TYPE = pa.binary(THUMBNAIL_SIDE * THUMBNAIL_SIDE)
@@ -48,6 +48,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("collapse_threshold", pa.float32()),
         pa.field("embedding_norm", pa.float32()),
         pa.field("sketch", SKETCH_TYPE),
+        pa.field("axis", pa.int32()),
         *INPUT_FIELDS,
     ],
     metadata={"schema": SCHEMA_VERSION},

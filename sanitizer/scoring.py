@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sanitizer.collapse import SKETCH_DIM, embedding_sketch
+from sanitizer.collapse import SKETCH_DIM, embedding_axis, embedding_sketch
 from sanitizer.device import autocast
 from sanitizer.encoders import VictimEncoder
 from sanitizer.errors import UsageError
@@ -234,6 +234,7 @@ class Scores:
     score_std: np.ndarray  # (N,) float32: spread over masks
     embedding_norm: np.ndarray  # (N,) float32: L2 norm of the raw victim embedding
     sketch: np.ndarray  # (N, SKETCH_DIM) float16: the embedding's sketch, for the collapse pass
+    axis: np.ndarray  # (N,) int32: the feature an embedding without a sketch sits on, for the same
 
 
 class Scorer:
@@ -268,7 +269,7 @@ class Scorer:
         n, m = len(pixels), self.micro_batch
         if n == 0:
             empty = np.zeros(0, np.float32)
-            return Scores(empty, empty, empty, np.zeros((0, SKETCH_DIM), np.float16))
+            return Scores(empty, empty, empty, np.zeros((0, SKETCH_DIM), np.float16), np.zeros(0, np.int32))
         rows = -(-n // m) * m  # whole micro-batches; the padding rows are zeros, dropped afterwards
         with torch.no_grad():  # not inference_mode: relax_token needs autograd
             x = self._on_device("pixels", pixels, rows)
@@ -278,12 +279,13 @@ class Scorer:
                 self.forward(x[i : i + m], s[i : i + m], None if e is None else e[i : i + m])
                 for i in range(0, rows, m)
             ]
-            per_mask, norms, sketches = (torch.cat(t)[:n].cpu() for t in zip(*parts, strict=True))
+            per_mask, norms, sketches, axes = (torch.cat(t)[:n].cpu() for t in zip(*parts, strict=True))
         return Scores(
             score=per_mask.mean(1).numpy(),
             score_std=per_mask.std(1, unbiased=False).numpy(),
             embedding_norm=norms.numpy(),
             sketch=sketches.numpy(),
+            axis=axes.numpy(),
         )
 
     def _on_device(self, name: str, array: np.ndarray, rows: int) -> torch.Tensor:
@@ -309,16 +311,21 @@ class Scorer:
 
     def forward(
         self, pixels: torch.Tensor, seeds: torch.Tensor, embedding: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, H, W, 3) uint8 and (B,) seeds on the device, and the (B, D) embeddings if known ->
-        (B, K) errors, (B,) embedding norms and (B, SKETCH_DIM) float16 sketches there."""
+        (B, K) errors, (B,) embedding norms, (B, SKETCH_DIM) float16 sketches and (B,) axes there."""
         x = self.encoder.normalize(pixels)
         with autocast(self.device):
             if embedding is None:
                 embedding = self.encoder.embed(x)
             per_mask = self.errors_given_embedding(x, embedding, seeds)
         embedding = embedding.float()
-        return per_mask.float(), embedding.norm(dim=1), embedding_sketch(embedding).half()
+        return (
+            per_mask.float(),
+            embedding.norm(dim=1),
+            embedding_sketch(embedding).half(),
+            embedding_axis(embedding),
+        )
 
     def errors_given_embedding(
         self, images: torch.Tensor, embedding: torch.Tensor, seeds: torch.Tensor

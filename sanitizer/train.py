@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from sanitizer import checkpoint
-from sanitizer.collapse import thumbnail
+from sanitizer.collapse import Sketched, thumbnail
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
@@ -299,8 +299,7 @@ def train_epoch(
 class FitResult:
     decoder: DedeDecoder
     calibration: np.ndarray  # scores of the held-out images at the test settings
-    holdout_sketches: np.ndarray  # (H, SKETCH_DIM) float16: their sketches, for the collapse pass
-    holdout_thumbnails: np.ndarray  # (H, THUMBNAIL_SIDE**2) uint8: theirs, for the same
+    holdout_images: Sketched  # what the collapse pass keeps of them
     holdout: np.ndarray  # (H,) their positions in the images given
     # (N, D) victim embeddings of every image, in the order given: computed once, for training and
     # calibration, and for whoever scores the same images next
@@ -530,8 +529,11 @@ def fit_decoder(
     return FitResult(
         decoder,
         calibration.score,
-        calibration.sketch,
-        np.concatenate([thumbnail(held.array(part)) for part in held.chunks()]),
+        Sketched(
+            calibration.sketch.astype(np.float32),
+            np.concatenate([thumbnail(held.array(part)) for part in held.chunks()]),
+            calibration.axis,
+        ),
         holdout_idx,
         embeddings,
         epochs,
@@ -594,7 +596,7 @@ def train_decoder(
         if weights_prefix is not None:  # absent: found by the tensors' names
             weights["weights_prefix"] = weights_prefix
         meta = decoder_meta(encoder, weights, images, data, settings, score_settings, fit)
-        checkpoint.save_holdout(out_dir, fit.holdout_sketches, fit.holdout_thumbnails)
+        checkpoint.save_holdout(out_dir, fit.holdout_images)
         meta = checkpoint.save_decoder(out_dir, fit.decoder.cpu(), meta)
         checkpoint.clear_training_state(out_dir)
     return meta

@@ -12,18 +12,24 @@ import pytest
 import torch
 from PIL import Image
 
-from sanitizer.checkpoint import load_holdout, reference_key, save_holdout
+from sanitizer.checkpoint import HOLDOUT, load_holdout, read_meta, reference_key, save_holdout, save_tensors
 from sanitizer.cli import build_parser, collapse_rule
 from sanitizer.collapse import (
     CANDIDATES,
     DEFAULT_COLLAPSE_RULE,
     NEAR_DUPLICATE_RMS,
-    NO_SKETCH,
+    NO_AXIS,
+    ON_AXIS,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
+    UNKNOWN_AXIS,
     HeldOut,
+    Neighbours,
+    Reference,
+    Sketched,
     collapse_needed,
     effective_dim,
+    embedding_axis,
     embedding_sketch,
     evidence,
     group_by_seed,
@@ -42,6 +48,7 @@ from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import write_report
 from sanitizer.scoring import ScoreSettings
 from sanitizer.stats import SHIFT_LIMIT
+from sanitizer.thresholds import parse_rule
 from sanitizer.train import TrainSettings, train_decoder
 from sanitizer.verify import verify_run
 
@@ -135,7 +142,7 @@ def test_thumbnails_tell_copies_from_other_images():
 
 def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
     """A CNN whose ReLU features die maps such images to one axis: the same direction, not the same
-    image. They get no sketch, are no one's neighbour, and their collapse is NO_SKETCH."""
+    image. They get no sketch but their axis, and are no one's neighbour."""
     rng = np.random.default_rng(3)
     spread = np.abs(rng.normal(size=(3, 32))).astype(np.float32)
     axis = np.zeros((3, 32), np.float32)
@@ -145,9 +152,11 @@ def test_an_embedding_on_one_feature_has_no_sketch_and_no_neighbour():
     assert effective_dim(embeddings)[3:].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
     sketch = embedding_sketch(embeddings).numpy()
     assert np.isfinite(sketch[:3]).all() and np.isnan(sketch[3:]).all()
+    assert embedding_axis(embeddings).tolist() == [NO_AXIS] * 3 + [7, 7, 7, 0]  # all zeros: feature 0
+    assert embedding_axis(-embeddings)[3:6].tolist() == [7, 7, 7]  # by magnitude, whatever the sign
     apart = np.arange(7 * THUMBNAIL_SIDE**2).reshape(7, -1).astype(np.uint8)  # 7 different images
     sim = neighbour_similarity(sketch, sketch, apart, apart, k=2)
-    assert (sim[3:] == NO_SKETCH).all() and np.isfinite(sim[:3]).all()
+    assert np.isnan(sim[3:]).all() and np.isfinite(sim[:3]).all()
     # The rows without a sketch are left out of the reference, not counted as neighbours.
     assert sim[:3] == pytest.approx(neighbour_similarity(sketch[:3], sketch[:3], apart[:3], apart[:3], k=2))
 
@@ -286,18 +295,18 @@ def test_the_pass_prepares_its_reference_once_whatever_the_shard_count(
     (its rows with a sketch, its thumbnails as floats) once: per call, a run of thousands of small
     shards spent most of the pass doing it again."""
     prepared, asked = [], []
-    of, similarity = collapse_pass.Neighbours.of.__func__, collapse_pass.Reference.similarity
+    of, collapse = Neighbours.of.__func__, Reference.collapse
 
     def counting_of(cls, *args, **kwargs):
         prepared.append(len(args[0]))
         return of(cls, *args, **kwargs)
 
-    def counting_similarity(self, *args):
-        asked.append(len(args[0]))
-        return similarity(self, *args)
+    def counting_collapse(self, queries):
+        asked.append(len(queries.axes))
+        return collapse(self, queries)
 
-    monkeypatch.setattr(collapse_pass.Neighbours, "of", classmethod(counting_of))
-    monkeypatch.setattr(collapse_pass.Reference, "similarity", counting_similarity)
+    monkeypatch.setattr(Neighbours, "of", classmethod(counting_of))
+    monkeypatch.setattr(Reference, "collapse", counting_collapse)
     run(decoder_dir, cluster_shards, tmp_path / "run", collapse=RULE)
     assert len(asked) == 3 + 1 and prepared == [98]
 
@@ -325,8 +334,9 @@ def test_the_pass_is_the_same_whatever_the_shard_order(decoder_dir, cluster_shar
     assert np.abs(forward["collapse"].astype(float) - whole["collapse"].astype(float)).max() > 0.01
 
 
-def blank_sketches(out, keys: list[str]) -> None:
-    """Give these samples of a finished run NaN sketches, as the scorer does for a degenerate embedding."""
+def blank_sketches(out, keys: list[str], axis: int = 5) -> None:
+    """Give these samples of a finished run NaN sketches on one axis, as the scorer does for embeddings
+    on that feature alone."""
     for path in sorted((out / "manifest").glob("*.parquet")):
         table = read_manifest(path)
         chosen = np.isin(table.column("key").to_pylist(), keys)
@@ -336,7 +346,16 @@ def blank_sketches(out, keys: list[str]) -> None:
         blanked = pa.FixedSizeListArray.from_arrays(
             pa.array(values.ravel()), type=sketch.type, mask=sketch.is_null()
         )
-        write_manifest(path, table.set_column(COLUMNS.index("sketch"), "sketch", blanked))
+        axes = pa.array(np.full(len(chosen), axis, np.int32), mask=~chosen)
+        table = table.set_column(COLUMNS.index("sketch"), "sketch", blanked)
+        write_manifest(path, table.set_column(COLUMNS.index("axis"), "axis", axes))
+
+
+def without_sketches(images: Sketched, rows: slice, axis: int = 5) -> Sketched:
+    """These held-out images' sketches made NaN, on one axis."""
+    sketches, axes = images.sketches.copy(), images.axes.copy()
+    sketches[rows], axes[rows] = np.nan, axis
+    return Sketched(sketches, images.thumbnails, axes)
 
 
 def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_rare(
@@ -346,7 +365,8 @@ def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_
     such a row as anyone's neighbour, and weighs it by how rare that is among the held-out images. A
     backdoor could send its triggered images to one axis; here the shifted pictures, the trigger's
     cluster, lose their sketches, and as no held-out image of this decoder lacks one (p = 1/61 <
-    e^-4), the pass still flags them all. Before, it exempted them, judged by the score alone."""
+    e^-4), the pass still flags them all. Before session 30, it exempted them, judged by the score
+    alone."""
     out = tmp_path / "run"
     run(decoder_dir, cluster_shards, out, collapse=RULE)
     sketched = concat(out).column("collapse").to_pylist()
@@ -356,7 +376,8 @@ def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_
     table = concat(out)
     rows = [i for i, key in enumerate(table.column("key").to_pylist()) if key in shifted]
     assert len(rows) == 12
-    assert all(table.column("collapse")[i].as_py() == NO_SKETCH for i in rows)
+    # 12 images on one axis of the 98 the reference holds; no held-out image lacks a sketch
+    assert all(table.column("collapse")[i].as_py() == pytest.approx(ON_AXIS + 12 / 98) for i in rows)
     assert all(table.column("collapse_threshold")[i].as_py() == -np.inf for i in rows)
     assert all("collapse" in table.column("flag_reason")[i].as_py() for i in rows)
     others = [c for i, c in enumerate(table.column("collapse").to_pylist()) if i not in rows]
@@ -367,7 +388,7 @@ def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_
     assert 'id="clusters"' in write_report(out).read_text()  # the sketched flagged rows are grouped
 
 
-NO_SKETCH_HTML = "have no sketch (their embedding sits on fewer than 2 features: collapse +inf)"
+NO_SKETCH_HTML = "have no sketch (their embedding sits on fewer than 2 features: collapse 2 or more)"
 
 
 def test_the_report_counts_the_rows_without_a_sketch_it_cannot_draw_or_group(
@@ -460,8 +481,8 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     the run still finishes, flagged by score alone, and says why; so does a run without sketches."""
     blank = tmp_path / "decoder"
     shutil.copytree(decoder_dir, blank)
-    sketches, thumbnails = load_holdout(blank)
-    save_holdout(blank, np.full_like(sketches, np.nan), thumbnails)
+    held_out = load_holdout(blank)
+    save_holdout(blank, without_sketches(held_out, slice(None)))
     summary = run(blank, cluster_shards, tmp_path / "run", collapse=RULE)
     assert "0 held-out image(s) have a collapse" in caplog.text
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
@@ -480,9 +501,7 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     # Nor with one held-out image: weighed against no other, it would put the limit at 0.
     lone = tmp_path / "lone"
     shutil.copytree(decoder_dir, lone)
-    one = np.full_like(sketches, np.nan)
-    one[0] = sketches[0]
-    save_holdout(lone, one, thumbnails)
+    save_holdout(lone, without_sketches(held_out, slice(1, None)))
     caplog.clear()
     summary = run(lone, cluster_shards, tmp_path / "lone-run", collapse=RULE)
     assert "1 held-out image(s) have a collapse" in caplog.text
@@ -516,14 +535,11 @@ def test_the_small_holdout_warning_counts_held_out_images_with_a_sketch(
     decoder_dir, cluster_shards, tmp_path, caplog
 ):
     """The rarest cosine the held-out images attest is 1/(n+1) with n those that have a sketch (those
-    without one have the collapse NO_SKETCH, weighed apart): 40 of 60 without one leave 20, and ln 21
-    < 4, so value:4 flags no sample by its collapse alone and the pass says so. It counted all 60."""
+    without one are weighed apart, by their axis): 40 of 60 without one leave 20, and ln 21 < 4, so
+    value:4 flags no sample by its collapse alone and the pass says so. It counted all 60."""
     some = tmp_path / "decoder"
     shutil.copytree(decoder_dir, some)
-    sketches, thumbnails = load_holdout(some)
-    sketches = sketches.copy()
-    sketches[20:] = np.nan
-    save_holdout(some, sketches, thumbnails)
+    save_holdout(some, without_sketches(load_holdout(some), slice(20, None)))
     run(some, cluster_shards, tmp_path / "run", collapse=RULE)
     assert "the collapse pass has 20 held-out images with a sketch" in caplog.text
     assert "54 or more (a larger train --holdout)" in caplog.text  # e^4 = 54.6
@@ -581,32 +597,86 @@ def test_collapse_needed_flags_what_the_evidence_flags():
     assert np.isnan(collapse_needed(np.array([np.nan]), held_collapse, limit)).all()  # no score
 
 
-def test_a_row_without_a_sketch_is_as_suspect_as_that_is_rare_among_the_held_out_images():
-    """NO_SKETCH weighs by the held-out share without a sketch; the cosines keep their own p-values
-    (the held-out rows without a sketch do not crowd the top of them), and per-row thresholds still
-    give the evidence's flags, rows without a sketch included."""
+def test_a_row_without_a_sketch_is_as_suspect_as_its_axis_is_crowded_among_the_held_out_images():
+    """A row without a sketch is weighed against all held-out images, of which only those without a
+    sketch on an axis at least as crowded count; the cosines keep their own p-values (the held-out
+    rows without a sketch do not crowd the top of them), and per-row thresholds still give the
+    evidence's flags, rows without a sketch included."""
     rng = np.random.default_rng(1)
     cosines = rng.random(360).astype(np.float32)
-    held = HeldOut.of(rng.random(400), np.r_[cosines, np.full(40, NO_SKETCH, np.float32)])
-    np.testing.assert_allclose(held.collapse_p(np.array([NO_SKETCH, np.nan], np.float32)), [41 / 401, np.nan])
-    probe = np.array([0.5, 0.99], np.float32)
-    np.testing.assert_allclose(held.collapse_p(probe), tail_p(probe, cosines))
+    on_axis = (ON_AXIS + rng.choice([0.01, 0.02, 0.05], 40)).astype(np.float32)  # their axes' shares
+    held = HeldOut.of(rng.random(400), np.r_[cosines, on_axis])
+    probe = np.array([ON_AXIS + 0.05, ON_AXIS + 0.03, ON_AXIS + 0.5, ON_AXIS, np.nan], np.float32)
+    crowded = [(on_axis >= p).sum() for p in probe[:4]]
+    np.testing.assert_allclose(held.collapse_p(probe), [(1 + c) / 401 for c in crowded] + [np.nan])
+    assert held.collapse_p(probe)[2] == pytest.approx(1 / 401)  # more crowded than any held-out axis
+    assert held.collapse_p(probe)[3] == pytest.approx(41 / 401)  # on an axis of its own: as before
+    cosine = np.array([0.5, 0.99], np.float32)
+    np.testing.assert_allclose(held.collapse_p(cosine), tail_p(cosine, cosines))
     own = held.collapse_p(held.collapse, own=True)
-    np.testing.assert_allclose(own[360:], 40 / 400)
+    np.testing.assert_allclose(own[360:], tail_p(on_axis, on_axis, own=True) * 40 / 400)
     np.testing.assert_allclose(own[:360], tail_p(cosines, cosines, own=True))
     # New rows exchangeable with the held-out ones, a tenth without a sketch as among them: the
     # quantile of the held-out images' own evidence flags about the share it names.
     scores = rng.random(50_000)
-    collapse = np.where(rng.random(50_000) < 0.1, NO_SKETCH, rng.random(50_000)).astype(np.float32)
+    none = rng.random(50_000) < 0.1
+    shares = ON_AXIS + rng.choice([0.01, 0.02, 0.05], 50_000)
+    collapse = np.where(none, shares, rng.random(50_000)).astype(np.float32)
     limit = float(np.quantile(held.own_evidence(), 0.98))
     flagged = held.evidence(scores, collapse) > limit
     np.testing.assert_array_equal(collapse > held.needed(scores, collapse, limit), flagged)
     assert 0.01 < flagged.mean() < 0.03
-    none = collapse == NO_SKETCH
     assert 0 < flagged[none].mean() < 0.1  # those with high scores
     # Where no held-out image lacks a sketch, every row without one is as rare as can be attested.
     never = HeldOut.of(rng.random(360), cosines)
-    assert never.collapse_p(np.array([NO_SKETCH], np.float32)) == pytest.approx(1 / 361)
+    assert never.collapse_p(np.array([ON_AXIS], np.float32)) == pytest.approx(1 / 361)
+
+
+def test_the_share_on_an_axis_counts_images_not_copies():
+    """A row without a sketch has the collapse ON_AXIS + the share of the reference's images on its
+    axis: copies of one image (near-duplicate thumbnails) count once, as they are one image; an axis
+    no reference row sits on gives ON_AXIS, and a held-out image of a decoder that kept no axes is
+    put on the most crowded axis there can be, so that such a decoder weighs as before."""
+    rng = np.random.default_rng(4)
+    thumbs = rng.integers(0, 256, (10, THUMBNAIL_SIDE**2), dtype=np.uint8)
+    thumbs[1:4] = np.clip(thumbs[0].astype(int) + [[1], [-2], [3]], 0, 255)  # three copies of the first
+    sketches = np.full((10, SKETCH_DIM), np.nan, np.float32)
+    sketches[8:] = unit(rng.normal(size=(2, SKETCH_DIM)))
+    axes = np.array([3, 3, 3, 3, 3, 3, 9, 9, NO_AXIS, NO_AXIS], np.int32)
+    reference = Reference(Sketched(sketches, thumbs, axes))
+    assert reference.images_on == {3: 3, 9: 2}  # axis 3: rows 0-3 one image, 4 and 5 two more
+    asked = np.array([3, 9, 4, UNKNOWN_AXIS], np.int32)
+    np.testing.assert_allclose(reference.axis_share(asked), [0.3, 0.2, 0.0, 1.0])
+    queries = Sketched(np.full((4, SKETCH_DIM), np.nan, np.float32), thumbs[:4], asked)
+    np.testing.assert_allclose(reference.collapse(queries), ON_AXIS + np.array([0.3, 0.2, 0.0, 1.0]))
+
+
+def test_a_decoder_saved_before_axes_were_kept_weighs_rows_without_a_sketch_as_before(
+    decoder_dir, tmp_path, caplog
+):
+    """Its holdout.safetensors has no axis: its held-out images without a sketch get UNKNOWN_AXIS,
+    which makes a scored row's p-value the share of held-out images without a sketch, as then."""
+    old = tmp_path / "decoder"
+    shutil.copytree(decoder_dir, old)
+    images = without_sketches(load_holdout(old), slice(0, 6))
+    save_tensors(
+        {
+            "sketch": torch.from_numpy(images.sketches.astype(np.float16)),
+            "thumbnail": torch.from_numpy(images.thumbnails),
+        },
+        old / HOLDOUT,
+    )
+    loaded = load_holdout(old)
+    assert loaded.axes.tolist() == [UNKNOWN_AXIS] * 6 + [NO_AXIS] * (len(loaded.axes) - 6)
+    with caplog.at_level("WARNING"):
+        collapse_pass.holdout_for(
+            parse_rule(RULE), old, read_meta(old), ScoreSettings.from_dict(read_meta(old)["scoring"])
+        )
+    assert f"{old} was trained before the held-out images' axes were kept" in caplog.text
+    reference = Reference(Sketched(loaded.sketches[6:], loaded.thumbnails[6:], loaded.axes[6:]))
+    held = HeldOut.of(np.zeros(len(loaded.axes)), reference.collapse(loaded))
+    p = held.collapse_p(np.array([ON_AXIS + 0.5], np.float32))
+    assert p == pytest.approx((1 + 6) / (len(held.collapse) + 1))
 
 
 def test_the_collapse_pass_benchmark_times_a_generated_run():
@@ -624,7 +694,7 @@ def test_the_knn_distance_baseline_is_the_same_neighbour_search():
     queries, reference = rng.normal(size=(50, 16)), rng.normal(size=(200, 16))
     brute = np.sort(1 - unit(queries) @ unit(reference).T, axis=1)[:, :10].mean(1)
     assert np.allclose(knn_distance(queries, reference), brute, atol=1e-6)
-    # A non-finite embedding has no distance; since NO_SKETCH it got -inf, below every other.
+    # A non-finite embedding has no distance (it once got -inf, below every other).
     queries[3] = np.nan
     distance = knn_distance(queries, reference)
     assert np.isnan(distance[3]) and np.isfinite(np.delete(distance, 3)).all()

@@ -525,8 +525,7 @@ def test_collapse_rows_flag_images_that_share_one_embedding():
         D.Embedded(pictures[:n], clean, "c"), D.Embedded(pictures[n : n + n // 2], triggered, "t")
     )
     fitted = SimpleNamespace(
-        holdout_sketches=D.embedding_sketch(torch.from_numpy(holdout)).numpy().astype(np.float16),
-        holdout_thumbnails=D.thumbnail(pictures[n + n // 2 :]),
+        holdout_images=D.Sketched.of(holdout, pictures[n + n // 2 :]),
         calibration=np.linspace(0, 1, held_out),
     )
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
@@ -577,8 +576,7 @@ def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_ou
         D.Embedded(pictures[n : n + n // 2], rng.normal(size=(n // 2, dim)), "t"),
     )
     fitted = SimpleNamespace(
-        holdout_sketches=D.embedding_sketch(torch.from_numpy(rng.normal(size=(420, dim)))).numpy(),
-        holdout_thumbnails=D.thumbnail(pictures[n + n // 2 :]),
+        holdout_images=D.Sketched.of(rng.normal(size=(420, dim)), pictures[n + n // 2 :]),
         calibration=np.r_[np.linspace(0, 1, 400), np.full(20, 5.0)],
     )
     held_triggered = np.arange(420) >= 400

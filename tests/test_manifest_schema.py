@@ -67,6 +67,7 @@ def row(**over):
         collapse_threshold=None,
         embedding_norm=1.0,
         sketch=[0.125] * 64,
+        axis=None,
         caption=None,
         width=32,
         height=32,

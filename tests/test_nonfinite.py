@@ -102,6 +102,7 @@ def test_a_sample_whose_score_is_not_finite_is_nonfinite_score_in_neither_tar(
     assert table["error"] == [NAN_EMBEDDING] * 4 + [None] * 3
     for column in ("score", "score_std", "embedding_norm", "sketch", "thumbnail", "collapse"):
         assert table[column][:4] == [None] * 4 and None not in table[column][4:], column
+    assert table["axis"] == [None] * 7  # a NaN embedding has no axis; the others have a sketch
     assert table["flagged"][:4] == [False] * 4 and all(table["sha256"])  # their bytes were read
     assert json.loads((run / "run.json").read_text())["totals"]["status_counts"] == {
         "nonfinite_score": 4,

@@ -26,7 +26,7 @@ from sanitizer.data.synth import encode_image, synthetic_images, write_image_sha
 from sanitizer.data.tario import iter_samples, write_shards
 from sanitizer.errors import Busy, UsageError
 from sanitizer.joblock import job_lock
-from sanitizer.manifest import MANIFEST_SCHEMA
+from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
@@ -238,7 +238,7 @@ def test_an_input_of_the_same_file_name_that_renames_a_scored_shard_is_refused_s
     refusal said that it had ('1 of its shards not in --data: /x/a.tar')."""
     from sanitizer.pipeline.job import identity_change
 
-    same = {"decoder_sha256": "d", "scoring": {}, "device_type": "cpu", "manifest": "manifest-v3"}
+    same = {"decoder_sha256": "d", "scoring": {}, "device_type": "cpu", "manifest": SCHEMA_VERSION}
     recorded = {**same, "shards": [{"stem": "a", "url": "/x/a.tar"}]}
     now = {**same, "shards": [{"stem": "a-1", "url": "/x/a.tar"}, {"stem": "a-2", "url": "/y/a.tar"}]}
     assert identity_change(recorded, now) == (
@@ -253,7 +253,7 @@ def test_a_run_scored_under_other_stem_rules_is_refused_naming_both_stems():
     one whose input gained a shard of the same file name, which it had not."""
     from sanitizer.pipeline.job import identity_change
 
-    same = {"decoder_sha256": "d", "scoring": {}, "device_type": "cpu", "manifest": "manifest-v3"}
+    same = {"decoder_sha256": "d", "scoring": {}, "device_type": "cpu", "manifest": SCHEMA_VERSION}
     recorded = {**same, "shards": [{"stem": "_a", "url": "/x/_a.tar"}]}
     now = {**same, "shards": [{"stem": "a", "url": "/x/_a.tar"}]}
     assert identity_change(recorded, now) == (
@@ -1668,8 +1668,13 @@ def test_a_rerun_of_a_run_with_sketchless_samples_rewrites_nothing(
     monkeypatch.setattr(collapse, "effective_dim", lambda e: torch.where(e[:, 0] > e[:, 1], real(e), 1.0))
     out = tmp_path / "run"
     score(tiny_decoder_dir, tiny_shards, out, workers=0)
-    sketches = pq.read_table(out / "manifest").column("sketch").combine_chunks().flatten().to_numpy()
-    assert np.isnan(sketches).any() and not np.isnan(sketches).all()
+    table = pq.read_table(out / "manifest")
+    ok = np.array(table.column("status").to_pylist()) == "ok"
+    sketches = table.column("sketch").combine_chunks().flatten().to_numpy().reshape(len(ok), -1)
+    none = np.isnan(sketches).all(1)
+    assert none[ok].any() and not none[ok].all()
+    axes = table.column("axis").to_numpy(zero_copy_only=False)  # null reads as NaN
+    assert (np.isfinite(axes) == (ok & none)).all()  # the axis is kept exactly where the sketch is not
     clean_run(out)
     before = tree_digest(out)
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):

@@ -25,7 +25,7 @@ from sanitizer.checkpoint import FORMAT, META
 from sanitizer.clean import clean_run
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.errors import UsageError
-from sanitizer.manifest import read_manifest, to_table, write_manifest
+from sanitizer.manifest import SCHEMA_VERSION, read_manifest, to_table, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
 from sanitizer.stats import SHIFT_LIMIT, beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
@@ -442,7 +442,7 @@ def fake_run(root: Path, rule: str, value: float, shards: list[tuple[int, int]],
             "shards": refs,
             "scoring": scoring,
             "decoder_sha256": "0" * 64,
-            "manifest": "manifest-v3",
+            "manifest": SCHEMA_VERSION,
         },
         "config": {"decoder_dir": str(decoder)},
         "threshold": {"rule": rule, "value": value},
@@ -633,6 +633,7 @@ def run_with_scores(root: Path, scores: np.ndarray, calibration: np.ndarray) -> 
         "width",
         "height",
         "sketch",
+        "axis",
         "thumbnail",
         "flag_reason",
     )

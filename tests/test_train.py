@@ -22,7 +22,7 @@ import sanitizer.checkpoint as checkpoint_module
 import sanitizer.train as train_module
 from sanitizer.checkpoint import check_encoder, load_decoder, load_holdout, read_meta
 from sanitizer.cli import main
-from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, thumbnail
+from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, thumbnail
 from sanitizer.data.decode import decode_image
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
@@ -50,8 +50,11 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     names = sorted(p.name for p in tiny_decoder_dir.iterdir())
     assert names == [".lock", "decoder.json", "decoder.safetensors", "holdout.safetensors"]
     meta = read_meta(tiny_decoder_dir)
-    # The held-out images, for the collapse pass: their sketches and thumbnails.
-    sketches, thumbnails = load_holdout(tiny_decoder_dir)
+    # The held-out images, for the collapse pass: their sketches, thumbnails and axes (none has one:
+    # the tiny encoder's embeddings are spread).
+    held_out = load_holdout(tiny_decoder_dir)
+    sketches, thumbnails = held_out.sketches, held_out.thumbnails
+    assert (held_out.axes == NO_AXIS).all()
     assert sketches.shape == (meta["calibration"]["n"], SKETCH_DIM)
     assert np.allclose(np.linalg.norm(sketches, axis=1), 1, atol=2e-3)
     shards = sorted(tiny_shards.glob("*.tar"))

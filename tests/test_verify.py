@@ -351,13 +351,13 @@ def test_symlink_member_in_an_output_tar_is_a_violation(run_copy):
     ],
 )
 def test_a_manifest_of_another_schema_says_how_it_differs(run_copy, change, why):
-    """The line said `is not manifest-v3 (schema 'manifest-v3')` whatever differed (a column missing
+    """The line said `is not manifest-v4 (schema 'manifest-v4')` whatever differed (a column missing
     or of another type), contradicting itself; it names the difference now."""
     path = sorted((run_copy / "manifest").glob("*.parquet"))[0]
     table = pq.read_table(path)
     changed = change(table)
     pq.write_table(changed.replace_schema_metadata(changed.schema.metadata or table.schema.metadata), path)
-    assert f"shard {path.stem}: manifest/{path.name} is not manifest-v3: {why}" in verify_run(run_copy)
+    assert f"shard {path.stem}: manifest/{path.name} is not manifest-v4: {why}" in verify_run(run_copy)
 
 
 @pytest.mark.parametrize("command", ["verify", "clean", "report"])
@@ -498,7 +498,7 @@ def manifest_v2(path: Path) -> None:
 
 
 def as_manifest_v2(run: Path) -> None:
-    """The run as the version before manifest-v3 wrote it: no thumbnail column, v2 in the metadata
+    """The run as the version before manifest-v4 wrote it: no thumbnail column, v2 in the metadata
     and in run.json's identity."""
     for path in (run / "manifest").glob("*.parquet"):
         manifest_v2(path)
@@ -510,18 +510,18 @@ def as_manifest_v2(run: Path) -> None:
 @pytest.mark.parametrize("args", [["clean"], ["clean", "--threshold", "mad:3"], ["report"]])
 def test_clean_and_report_refuse_a_run_of_another_manifest_version(run_copy, args, capsys):
     """They read a manifest-v2 run as v3, its missing thumbnails as nulls, and `clean --threshold`
-    rewrote them so, labelled manifest-v3, which verify then passed. Refused as verify reports it."""
+    rewrote them so, labelled manifest-v4, which verify then passed. Refused as verify reports it."""
     as_manifest_v2(run_copy)
     before = {p.name: p.read_bytes() for p in (run_copy / "manifest").iterdir()}
     assert main([args[0], str(run_copy), *args[1:]]) == 2
     assert capsys.readouterr().err == (
         f"sanitizer: error: {run_copy} was scored by another version of sanitizer (its manifests are "
-        "manifest-v2, this one reads manifest-v3): score its input again into a new --out\n"
+        "manifest-v2, this one reads manifest-v4): score its input again into a new --out\n"
     )
     assert {p.name: p.read_bytes() for p in (run_copy / "manifest").iterdir()} == before
     assert not (run_copy / "report").exists()
     assert (
-        "shard shard-000000: manifest/shard-000000.parquet is not manifest-v3: its metadata says schema "
+        "shard shard-000000: manifest/shard-000000.parquet is not manifest-v4: its metadata says schema "
         "'manifest-v2'; no column thumbnail" in verify_run(run_copy)
     )
 
@@ -534,7 +534,7 @@ def test_a_run_that_names_no_manifest_version_is_refused(run_copy, capsys):
     assert main(["clean", str(run_copy)]) == 2
     assert capsys.readouterr().err == (
         f"sanitizer: error: {run_copy} was scored by another version of sanitizer (its run.json names no "
-        "manifest version, this one reads manifest-v3): score its input again into a new --out\n"
+        "manifest version, this one reads manifest-v4): score its input again into a new --out\n"
     )
 
 
@@ -546,7 +546,7 @@ def test_a_manifest_of_another_schema_in_a_run_of_this_one_cannot_be_read(run_co
     before = path.read_bytes()
     assert main(["clean", str(run_copy), "--threshold", "mad:3"]) == 2
     assert capsys.readouterr().err == (
-        f"sanitizer: error: cannot read manifest {path} (not manifest-v3: its metadata says schema "
+        f"sanitizer: error: cannot read manifest {path} (not manifest-v4: its metadata says schema "
         "'manifest-v2'; no column thumbnail); restore it, or delete its shard's stats/<stem>_stats.json "
         "and re-run score to score that shard again\n"
     )

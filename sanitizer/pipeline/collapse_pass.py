@@ -16,12 +16,14 @@ import pyarrow.compute as pc
 
 from sanitizer.checkpoint import load_holdout, reference_key
 from sanitizer.collapse import (
+    NO_AXIS,
     REFERENCE_SIZE,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
+    UNKNOWN_AXIS,
     HeldOut,
-    Neighbours,
-    nearest_similarity,
+    Reference,
+    Sketched,
     reference_rank,
     unlike_holdout,
     within_lowest,
@@ -43,72 +45,58 @@ class OkRows:
     stem: str
     count: int  # rows in the shard's manifest, ok or not
     positions: np.ndarray  # row positions in the shard's manifest
-    sketches: np.ndarray  # (n, SKETCH_DIM) float32
-    thumbnails: np.ndarray  # (n, THUMBNAIL_SIDE**2) uint8
+    images: Sketched
     scores: np.ndarray  # float32, as the manifest keeps them
     sha256: list[str]  # of each row's file
+
+
+COLUMNS = ["status", "sketch", "thumbnail", "axis", "score", "sha256"]
 
 
 def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
     """Each shard's ok rows, shard by shard: only the columns the pass needs are read."""
     for stem in stems:
-        table = read_manifest(run.manifest(stem), ["status", "sketch", "thumbnail", "score", "sha256"])
+        table = read_manifest(run.manifest(stem), COLUMNS)
         ok = np.flatnonzero(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
         rows = table.take(pa.array(ok))
         sketch = rows.column("sketch").combine_chunks().values.to_numpy(zero_copy_only=False)
         thumbnails = b"".join(rows.column("thumbnail").to_pylist())  # an ok row always has one
+        images = Sketched(
+            sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
+            np.frombuffer(thumbnails, np.uint8).reshape(len(ok), THUMBNAIL_SIDE**2),
+            pc.fill_null(rows.column("axis"), NO_AXIS).to_numpy().astype(np.int32),
+        )
         yield OkRows(
             stem,
             table.num_rows,
             ok,
-            sketch.reshape(-1, SKETCH_DIM).astype(np.float32),
-            np.frombuffer(thumbnails, np.uint8).reshape(len(ok), THUMBNAIL_SIDE**2),
+            images,
             rows.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
             rows.column("sha256").to_pylist(),  # an ok row always has one
         )
 
 
-Drawn = tuple[np.ndarray, np.ndarray, np.ndarray]  # ranks, sketches, thumbnails
-
-
-def lowest(drawn: Drawn) -> Drawn:
-    """The rows of the REFERENCE_SIZE lowest ranks (within_lowest), in rank order."""
-    rank = drawn[0]
-    rows = np.flatnonzero(within_lowest(rank, REFERENCE_SIZE))
-    rows = rows[np.argsort(rank[rows], kind="stable")]
-    return tuple(part[rows] for part in drawn)
-
-
-class Reference:
-    """The reference sample: the sketches and thumbnails of the run's ok rows of lowest reference_rank,
-    in rank order, so that it is the same whatever the order of the shards. Drawn shard by shard:
-    at most REFERENCE_SIZE rows and one shard's are held."""
-
-    def __init__(self, run: RunDir, stems: list[str], key: bytes) -> None:
-        drawn: Drawn = (
-            np.zeros(0, np.uint64),
-            np.zeros((0, SKETCH_DIM), np.float32),
-            np.zeros((0, THUMBNAIL_SIDE**2), np.uint8),
-        )
-        for rows in ok_rows(run, stems):
-            shard = (reference_rank(rows.sha256, key), rows.sketches, rows.thumbnails)
-            drawn = lowest(tuple(np.concatenate(pair) for pair in zip(drawn, shard, strict=True)))
-        _, self.sketches, self.thumbnails = drawn
-        self.neighbours = Neighbours.of(self.sketches, self.thumbnails)  # asked once per shard
-
-    def similarity(self, sketches: np.ndarray, thumbnails: np.ndarray) -> np.ndarray:
-        return nearest_similarity(sketches, self.neighbours, thumbnails)
+def draw_reference(run: RunDir, stems: list[str], key: bytes) -> Reference:
+    """The reference sample: the run's ok rows of lowest reference_rank, in rank order, so that it is
+    the same whatever the order of the shards. Drawn shard by shard: at most REFERENCE_SIZE rows and
+    one shard's are held."""
+    rank, drawn = np.zeros(0, np.uint64), Sketched.none()
+    for rows in ok_rows(run, stems):
+        rank, drawn = np.r_[rank, reference_rank(rows.sha256, key)], drawn.join(rows.images)
+        kept = np.flatnonzero(within_lowest(rank, REFERENCE_SIZE))
+        kept = kept[np.argsort(rank[kept], kind="stable")]
+        rank, drawn = rank[kept], drawn.take(kept)
+    return Reference(drawn)
 
 
 @dataclass
 class HoldoutImages:
     """The decoder's held-out images as the pass weighs a run against them: their scores (the
-    calibration, made at the run's scoring settings), sketches and thumbnails, in one order; and the
-    decoder's key for drawing the run's reference (checkpoint.reference_key)."""
+    calibration, made at the run's scoring settings) and what the pass keeps of them, in one order;
+    and the decoder's key for drawing the run's reference (checkpoint.reference_key)."""
 
     scores: np.ndarray
-    sketches: np.ndarray
-    thumbnails: np.ndarray
+    images: Sketched
     reference_key: bytes
 
 
@@ -129,15 +117,22 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
             f"{decoder_dir} was trained before the collapse pass kept its held-out images' sketches and "
             "thumbnails; retrain it, or score with --no-collapse"
         )
+    if (held_out.axes == UNKNOWN_AXIS).any():
+        log.warning(
+            "%s was trained before the held-out images' axes were kept: a sample whose embedding sits on "
+            "one feature is weighed by the share of held-out images on one feature, not by how crowded "
+            "its own is; retrain it to weigh that",
+            decoder_dir,
+        )
     otherwise = "a decoder calibrated for them, or --no-collapse"
     calibration = required_calibration(meta, settings, "the collapse pass", otherwise)
     scores = calibration.astype(np.float64)
-    return HoldoutImages(scores, *held_out, reference_key(decoder_dir))
+    return HoldoutImages(scores, held_out, reference_key(decoder_dir))
 
 
 def warn_if_small(held_out: int, limit: float) -> None:
     """The rarest collapse n held-out images with a sketch attest is p = 1/(n+1) (those without one
-    do not count: their NO_SKETCH is weighed apart): below exp(limit) of them, no collapse flags a
+    do not count: they are weighed apart, by their axis): below exp(limit) of them, no collapse flags a
     sample whose score is ordinary. Say so, with the holdout that would."""
     if math.log(held_out + 1) <= limit:
         needed = f"{math.floor(math.exp(limit))}" if limit < 50 else f"e^{limit:.4g}"  # e^1000: no float
@@ -164,17 +159,17 @@ def reference_and_holdout(
     """The run's reference and the held-out images' statistics against it; None when there is nothing
     to weigh (no ok row, no reference row with a sketch, no held-out image with a collapse): after
     hours of scoring, a pass that cannot run must not fail the run, so the last two are warnings."""
-    reference = Reference(run, stems, holdout.reference_key)
-    if not len(reference.sketches):
+    reference = draw_reference(run, stems, holdout.reference_key)
+    if not len(reference):
         return None
-    if not np.isfinite(reference.sketches).all(1).any():  # no neighbour for anyone: no holdout helps
+    if not np.isfinite(reference.images.sketches).all(1).any():  # no neighbour for anyone
         log.warning(
             "no sample of the run's reference (%d drawn from its ok samples) has a sketch: each embedding "
             "sits on fewer than 2 features, so the collapse pass cannot run",
-            len(reference.sketches),
+            len(reference),
         )
         return None
-    held = HeldOut.of(holdout.scores, reference.similarity(holdout.sketches, holdout.thumbnails))
+    held = HeldOut.of(holdout.scores, reference.collapse(holdout.images))
     cosines = len(held.cosines)
     if cosines < 2:  # each is weighed against the others: one alone would set a limit of 0
         log.warning(
@@ -195,7 +190,7 @@ def collapse_columns(
     scores: dict[str, np.ndarray] = {}
     for rows in ok_rows(run, stems):
         values[rows.stem] = np.full(rows.count, np.nan, np.float32)
-        values[rows.stem][rows.positions] = reference.similarity(rows.sketches, rows.thumbnails)
+        values[rows.stem][rows.positions] = reference.collapse(rows.images)
         scores[rows.stem] = np.full(len(values[rows.stem]), np.nan, np.float32)  # 8 bytes a row in all
         scores[rows.stem][rows.positions] = rows.scores
     own = held.own_evidence()

@@ -26,7 +26,7 @@ from sanitizer.checkpoint import (
     load_trained_encoder,
     read_meta,
 )
-from sanitizer.collapse import SKETCH_DIM, thumbnail
+from sanitizer.collapse import NO_AXIS, SKETCH_DIM, thumbnail
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.device import memory_guard, resolve_device
@@ -60,6 +60,7 @@ SCORE_FIELDS = [
     pa.field("score_std", pa.float32()),
     pa.field("embedding_norm", pa.float32()),
     pa.field("sketch", SKETCH_TYPE),
+    pa.field("axis", pa.int32()),
 ]
 RESULT_SCHEMA = pa.schema(_META_FIELDS + SCORE_FIELDS)
 
@@ -188,6 +189,7 @@ class ScoreStage:
         n = table.num_rows
         score, score_std, norm = (np.full(n, np.nan, np.float32) for _ in range(3))
         sketch = np.zeros((n, SKETCH_DIM), np.float16)
+        axis = np.full(n, NO_AXIS, np.int32)
         if len(ok):
             pixels = pixels_of(table, self.image_size)
             seeds = table.column("seed").to_numpy()
@@ -195,7 +197,7 @@ class ScoreStage:
                 pixels, seeds = pixels[ok], seeds[ok]
             result = self.scorer.score(pixels, seeds)
             score[ok], score_std[ok], norm[ok] = result.score, result.score_std, result.embedding_norm
-            sketch[ok] = result.sketch
+            sketch[ok], axis[ok] = result.sketch, result.axis
         out = table.drop_columns(["pixels"])
         failed = np.zeros(n, bool)
         failed[ok] = ~np.isfinite(score[ok])
@@ -207,7 +209,10 @@ class ScoreStage:
         sketches = pa.FixedSizeListArray.from_arrays(
             pa.array(sketch.ravel()), type=SKETCH_TYPE, mask=pa.array(not_ok)
         )
-        return out.append_column(SCORE_FIELDS[-1], sketches)
+        out = out.append_column(SCORE_FIELDS[-2], sketches)
+        return out.append_column(
+            SCORE_FIELDS[-1], pa.array(axis, pa.int32(), mask=not_ok | (axis == NO_AXIS))
+        )
 
 
 def memory_advice(rows: int, micro_batch: int) -> str:

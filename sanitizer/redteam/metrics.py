@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.collapse import NO_SKETCH, neighbour_similarity
+from sanitizer.collapse import neighbour_similarity
 
 
 def rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -30,10 +30,10 @@ def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
 def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int = 10) -> np.ndarray:
     """Mean cosine distance of each query to its k nearest reference embeddings (a baseline detector):
     the collapse pass's neighbour search, on the embeddings made unit length. NaN for a non-finite
-    embedding: the search gives it NO_SKETCH, whose distance would be -inf, the most ordinary."""
+    embedding, which the search takes for a row without a sketch."""
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
 
     similarity = neighbour_similarity(unit(queries), unit(reference), k=k)
-    return np.where(similarity == NO_SKETCH, np.nan, 1 - similarity)
+    return 1 - similarity

@@ -267,7 +267,7 @@ def joint_section(
 
 
 # Rows without a sketch have no cosine to draw or group by: the page counts them apart
-NO_SKETCH_TEXT = "no sketch (their embedding sits on fewer than 2 features: collapse +inf)"
+NO_SKETCH_TEXT = "no sketch (their embedding sits on fewer than 2 features: collapse 2 or more)"
 
 
 def unsketched_text(count: int, flagged: int) -> str:

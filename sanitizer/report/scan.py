@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.collapse import NO_SKETCH, SKETCH_DIM, group_by_seed
+from sanitizer.collapse import ON_AXIS, SKETCH_DIM, group_by_seed
 from sanitizer.manifest import flag_counts, read_manifest
 from sanitizer.rundir import RunDir
 
@@ -234,9 +234,9 @@ def _by_collapse(table: pa.Table) -> np.ndarray:
 def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int, int]:
     """Up to CLUSTERS groups, seeded in order of collapse, among the CLUSTER_POOL rows of highest
     collapse that the collapse pass flagged; how many rows it flagged in all, and how many of those
-    have no sketch (NO_SKETCH: nothing to group them by, so the page counts them apart). A trigger's
-    images look different but share a patch or a tint; copies of one photo are not each other's
-    neighbours (sanitizer.collapse), so they do not make a group by themselves."""
+    have no sketch (collapse ON_AXIS or more: nothing to group them by, so the page counts them
+    apart). A trigger's images look different but share a patch or a tint; copies of one photo are
+    not each other's neighbours (sanitizer.collapse), so they do not make a group by themselves."""
     pool: list[tuple[float, str, int]] = []  # (-collapse, stem, row): sorts highest collapse first
     extra: dict[tuple[str, int], tuple[np.ndarray, bool | None]] = {}  # sketch, label
     total = unsketched = 0
@@ -245,8 +245,9 @@ def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int
         rows = np.flatnonzero(_by_collapse(table))
         total += len(rows)
         values = table.column("collapse").to_numpy(zero_copy_only=False)[rows]
-        unsketched += int((values == NO_SKETCH).sum())
-        rows, values = rows[np.isfinite(values)], values[np.isfinite(values)]
+        unsketched += int((values >= ON_AXIS).sum())
+        cosine = values < ON_AXIS  # NaN: not ok
+        rows, values = rows[cosine], values[cosine]
         order = np.argsort(-values, kind="stable")[:CLUSTER_POOL]
         rows, values = rows[order], values[order]
         chosen = table.take(rows)
@@ -277,14 +278,15 @@ def collapse_clusters(run: RunDir, stems: list[str]) -> tuple[list[Cluster], int
 @dataclass
 class JointPoints:
     """A sample of the rows that have a cosine collapse: where the collapse pass puts them; and the
-    rows without a sketch (NO_SKETCH), which have no place on a cosine's axis, counted apart."""
+    rows without a sketch (collapse ON_AXIS or more), which have no place on a cosine's axis, counted
+    apart."""
 
     score: np.ndarray
     collapse: np.ndarray
     needed: np.ndarray  # collapse_threshold: the collapse each row needs, given its score
     reason: np.ndarray  # flag_reason, "" for kept rows
     truth: np.ndarray | None  # label, where every sampled row has one
-    unsketched: int = 0  # rows of the run whose collapse is NO_SKETCH
+    unsketched: int = 0  # rows of the run without a sketch
     unsketched_flagged: int = 0  # of those, the ones the collapse pass flagged
 
 
@@ -296,10 +298,10 @@ def joint_points(run: RunDir, stems: list[str]) -> JointPoints | None:
     for stem in stems:
         table = _read(run, stem, ["score", "collapse", "collapse_threshold", "flag_reason", "label"])
         collapse = table.column("collapse").to_numpy(zero_copy_only=False)  # null reads as NaN
-        none = collapse == NO_SKETCH
+        none = collapse >= ON_AXIS
         unsketched += int(none.sum())
         unsketched_flagged += int((none & _by_collapse(table)).sum())
-        rows = np.flatnonzero(np.isfinite(collapse))  # the pass writes null, never NaN: a NaN is damage
+        rows = np.flatnonzero(collapse < ON_AXIS)  # the pass writes null, never NaN: a NaN is damage
         parts.append(table.take(np.sort(rng.choice(rows, min(share, len(rows)), replace=False))))
     table = pa.concat_tables(parts) if parts else None
     if table is None or not (table.num_rows or unsketched):
