@@ -454,7 +454,7 @@ def test_an_actor_killed_every_time_it_scores_stops_the_job(
     finally:
         stop.set()
         watcher.join()
-    assert time.monotonic() - started < 90
+    assert time.monotonic() - started < 300  # 25-45 s; 200 s on a 2-core machine busy with a benchmark
     assert len(killed) == 5  # once, then after each of the 4 restarts
     assert stopped.rc == 1
     assert stopped.err.splitlines()[-1] == (
