@@ -187,13 +187,13 @@ def manifest_checks(
     (run.json changes after them), and a count of flags at mixed thresholds tests nothing."""
     done = run.done(shards)
     stems = [stem for stem in done if run.manifest(stem).is_file()]
-    median = calibration is not None and len(calibration) > 0 and len(stems) == len(done)
-    columns = ["status", "score"] * median + ["threshold"] * (threshold is not None)
+    with_share = calibration is not None and len(calibration) > 0 and len(stems) == len(done)
+    columns = (["status", "score"] if with_share else []) + (["threshold"] if threshold is not None else [])
     above = total = 0
     others = []
     for stem in stems if columns else []:
         table = read_manifest(run.manifest(stem), columns)
-        if median:
+        if with_share:
             scores = table_ok_scores(table)
             above, total = above + above_median(scores, calibration), total + len(scores)
         if threshold is not None and not _flagged_at(table.column("threshold"), threshold):
