@@ -525,6 +525,20 @@ def unpickled_by_export_load(path: str) -> str | None:
     return None
 
 
+def aten_calls(module: nn.Module) -> Iterator[tuple[torch.fx.GraphModule, str, dict[str, object]]]:
+    """Each ATen operator call in the graphs of `module` (a loaded torch.export program): its graph,
+    the operator's name and its arguments by their schema names (defaults left out), so that what a
+    call does is read by meaning rather than by position."""
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                schema = node.target._schema
+                named = dict(zip((a.name for a in schema.arguments), node.args, strict=False))
+                yield graph_module, schema.name, {**named, **node.kwargs}
+
+
 def _build_export(path: str) -> Built:
     try:
         unsafe = unpickled_by_export_load(path)

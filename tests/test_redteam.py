@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,6 +385,31 @@ def test_a_torchscript_encoders_batchnorm_stays_frozen_as_an_eager_ones():
     scripted = fine_tuned(torch.jit.script(copy.deepcopy(eager)))
     assert scripted == fine_tuned(eager) and len(scripted) > 0
     assert not [n for n in scripted if "bn" in n.split(".")[-2]]
+
+
+def export_resnet(path: Path) -> Path:
+    """The eager encoder of the BatchNorm tests saved as a torch.export program (as `export:PATH` takes)."""
+    eager = load_encoder("timm:resnet10_cifar_s", image_size=32).module
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(eager, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+    return path
+
+
+def test_an_exported_encoders_batchnorm_stays_frozen_through_an_implant(tmp_path):
+    """An exported encoder's layers are plain Modules and BatchNorm is only a call in its graph, so
+    the implant fine-tuned every BN weight and bias of an `export:` encoder: now it trains the same
+    tensors as for the eager encoder, and an implant step leaves every BN tensor as it was."""
+    eager = load_encoder("timm:resnet10_cifar_s", image_size=32).module
+    clean = load_encoder(f"export:{export_resnet(tmp_path / 'enc.pt2')}", image_size=32)
+    assert fine_tuned(copy.deepcopy(clean.module)) == fine_tuned(eager)
+    x = labelled_images(16, seed=4)[0]
+    settings = ImplantSettings(epochs=1, batch_size=8, lr=1e-2)
+    badencoder(clean, x, x[:4], tmp_path / "v.safetensors", badencoder_patch, settings)
+    before, after = clean.module.state_dict(), load_file(tmp_path / "v.safetensors")
+    changed = {n for n, t in before.items() if not torch.equal(t, after[n])}
+    bn = {n for n in before if n.split(".")[-2].startswith("bn")}
+    assert len(bn) == 9 * 5 and not changed & bn and changed  # weight, bias, running mean, var, count
 
 
 @pytest.mark.parametrize(

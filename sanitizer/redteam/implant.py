@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sanitizer.checkpoint import save_tensors
-from sanitizer.encoders import OPEN_CLIP_CONFIGS, VictimEncoder, embed_pixels, load_encoder
+from sanitizer.encoders import (
+    OPEN_CLIP_CONFIGS,
+    VictimEncoder,
+    aten_calls,
+    embed_pixels,
+    freeze,
+    load_encoder,
+)
 from sanitizer.redteam.probes import AttackReport, attack_report, fit_linear_probe, need_untargeted
 from sanitizer.redteam.triggers import Trigger, check_pixels, clip_patch, ctrl
 
@@ -171,18 +178,29 @@ def need_counts(settings: object, **least: int) -> None:
 def _trainable_except_batchnorm(module: nn.Module, tail_fraction: float) -> list[nn.Parameter]:
     """BadEncoder keeps BatchNorm frozen: eval mode everywhere, gradients only outside BN layers,
     and only in the last `tail_fraction` of the parameter tensors (in registration order)."""
-    module.eval()
-    owned = [(m, p) for m in module.modules() for p in m.parameters(recurse=False)]
+    freeze(module)
+    frozen = batchnorm_parameters(module)
+    owned = [p for m in module.modules() for p in m.parameters(recurse=False)]
     first = len(owned) - max(1, round(tail_fraction * len(owned)))
-    params = []
-    for i, (m, p) in enumerate(owned):
-        train = i >= first and not is_batchnorm(m)
-        p.requires_grad_(train)
-        if train:
-            params.append(p)
+    params = [p for p in owned[first:] if id(p) not in frozen]
+    for p in params:
+        p.requires_grad_(True)
     if not params:
         raise ValueError(f"tail_fraction {tail_fraction} leaves no parameter outside BatchNorm to fine-tune")
     return params
+
+
+def batchnorm_parameters(module: nn.Module) -> set[int]:
+    """The ids of `module`'s BatchNorm weights and biases. A torch.export program's layers are plain
+    Modules that keep only their parameters, so its BatchNorm is found in its graph: the weights and
+    biases its batch_norm calls take (they were fine-tuned, although BadEncoder keeps BN frozen)."""
+    ids = {id(p) for m in module.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
+    for graph_module, op, args in aten_calls(module):
+        if "batch_norm" in op:
+            for arg in (args.get("weight"), args.get("bias")):
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    ids.add(id(graph_module.get_parameter(arg.target)))
+    return ids
 
 
 def is_batchnorm(module: nn.Module) -> bool:
