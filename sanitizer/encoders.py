@@ -550,7 +550,24 @@ def _build_export(path: str) -> Built:
         module = torch.export.load(path).module()
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds for a bad file
         raise EncoderError(f"cannot load exported encoder {path}: {str(e).splitlines()[0]}") from None
+    training = training_mode_call(module)
+    if training:
+        raise EncoderError(
+            f"refused exported encoder {path}: it was exported in training mode ({training}), so each "
+            "embedding would depend on its batch; export the model after calling its .eval()"
+        )
     return module, None, ()
+
+
+def training_mode_call(module: nn.Module) -> str | None:
+    """The first ATen call of an exported program that runs as in training (a batch_norm on the batch's
+    statistics, updating its running ones; a dropout), named with that flag; None when none. A program
+    fixes its mode when exported and refuses .eval(), so it cannot be frozen as loaded."""
+    for _, op, args in aten_calls(module):
+        flag = next((name for name in ("training", "train") if args.get(name) is True), None)
+        if flag:
+            return f"{op} with {flag}=True"
+    return None
 
 
 _BUILDERS = {

@@ -6,13 +6,14 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from sanitizer.data.hostile import PWNED_FILE, pickle_payload
-from sanitizer.encoders import load_encoder, parse_spec, read_state_dict
+from sanitizer.encoders import embed_pixels, load_encoder, parse_spec, read_state_dict
 from sanitizer.errors import EncoderError, UsageError
 
 
@@ -654,3 +655,50 @@ def test_a_whole_model_given_as_weights_names_the_spec_that_loads_it(tmp_path):
             str(e.value)
             == f"{tmp_path / name} is a {kind} program, not weights: give it as --encoder {kind}:PATH"
         )
+
+
+class NormedCNN(nn.Module):
+    """TinyCNN with a BatchNorm and a Dropout: layers that behave differently in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.bn(self.conv(x)).relu().mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize(
+    ("train", "called"),
+    [
+        ({"bn"}, "aten::batch_norm with training=True"),
+        ({"drop"}, "aten::dropout with train=True"),
+        ({"bn", "drop"}, "aten::batch_norm with training=True"),
+        (set(), None),
+    ],
+)
+def test_an_encoder_exported_in_training_mode_is_refused(tmp_path, train, called):
+    """A program exported from a module in training mode kept it (it refuses .eval()): its BatchNorm
+    normalised each batch by its own statistics and updated the running ones, so an image's embedding
+    depended on the images batched with it; its dropout was random. Such a file is refused."""
+    net = NormedCNN().eval()
+    for name in train:
+        getattr(net, name).train()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "enc.pt2")
+    spec = f"export:{tmp_path / 'enc.pt2'}"
+    if called is None:
+        pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), np.uint8)
+        encoder = load_encoder(spec, image_size=16)
+        assert np.allclose(embed_pixels(encoder, pixels)[:1], embed_pixels(encoder, pixels[:1]), atol=1e-5)
+        return
+    with pytest.raises(EncoderError) as caught:
+        load_encoder(spec, image_size=16)
+    assert str(caught.value) == (
+        f"refused exported encoder {tmp_path / 'enc.pt2'}: it was exported in training mode ({called}), so "
+        "each embedding would depend on its batch; export the model after calling its .eval()"
+    )
