@@ -27,7 +27,7 @@ from sanitizer.data.tario import iter_samples, write_shards
 from sanitizer.errors import Busy, UsageError
 from sanitizer.joblock import job_lock
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
-from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.pipeline.job import ScoreJob, run_score_job, stderr_without
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
 from sanitizer.verify import verify_run
@@ -869,7 +869,10 @@ def test_a_decoder_json_edited_by_hand_is_one_line(tmp_path, tiny_decoder_dir, t
 def test_a_local_run_starts_its_own_ray_beside_a_cluster_ray_start_left(tiny_decoder_dir, tiny_shards):
     """`ray start` records its cluster where ray.init() without an address looks for one: a local run
     joined it, and refused our local settings with a traceback (or scored on whatever it was). The
-    record here points at an address where nothing runs; a short temp dir keeps Ray's sockets short."""
+    record here points at an address where nothing runs; a short temp dir keeps Ray's sockets short.
+    A process of its own, as Ray logs its actor-restart warning once per process: every such run
+    printed `core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(ReadScoreStage))' ...
+    has constructor arguments in the object store and max_restarts > 0 ...` (spend_restart_warning)."""
     import subprocess
     import sys
     import tempfile
@@ -888,6 +891,18 @@ def test_a_local_run_starts_its_own_ray_beside_a_cluster_ray_start_left(tiny_dec
         )
         assert done.returncode == 0, done.stderr
         assert json.loads((Path(temp) / "r" / "run.json").read_text())["totals"]["samples"] == 120
+        assert "core_worker.cc" not in done.stderr
+        assert "score: 100%" in done.stderr  # the stderr of the run, which the bar draws on
+
+
+def test_stderr_without_drops_only_the_matching_lines_also_of_a_library_writing_to_fd_2(capfd):
+    with stderr_without(r"class name: '[^']*Spend' .* max_restarts > 0"):
+        os.write(2, b"kept 1\n[E] core_worker.cc:1: class name: 'x.Spend' and ID: 'a' max_restarts > 0.\n")
+        os.write(2, b"kept 2\n")
+        os.write(2, b"[E] core_worker.cc:2: class name: 'Other' and ID: 'b' max_restarts > 0.\n")
+    assert capfd.readouterr().err == (
+        "kept 1\nkept 2\n[E] core_worker.cc:2: class name: 'Other' and ID: 'b' max_restarts > 0.\n"
+    )
 
 
 OLDER_JOB = '"""an older sanitizer.pipeline.job, without the probe task"""\n'

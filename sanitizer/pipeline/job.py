@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -20,6 +21,8 @@ import queue
 import re
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -634,6 +637,7 @@ def ray_tables(
     if address := joined_cluster(job.ray_address):
         check_cluster(address, stage_files(stage_kwargs["decoder_dir"], stage_kwargs["encoder_weights"]))
     quiet_ray_data()
+    spend_restart_warning()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # score draws its own bar, per shard
     ds = ray.data.from_items(
@@ -724,6 +728,52 @@ def actor_pool(
             **options,
             **ACTOR_RESTARTS,
         )
+
+
+# What Ray 2.60's core worker logs to stderr, once per process, as it creates the first actor that
+# has restarts and an argument passed by ObjectRef (ray-project/ray#53727).
+RESTART_WARNING = "has constructor arguments in the object store and max_restarts > 0"
+
+
+@functools.cache
+def spend_restart_warning() -> None:
+    """Ray Data passes every pool actor its map function and DataContext by ObjectRef (ray#57733,
+    whatever fn_constructor_kwargs holds), so with ACTOR_RESTARTS the first scoring actor made Ray log a
+    C++ error line (RESTART_WARNING) on every run. It warns that a restart fails if those objects were
+    lost: the operator holds both refs while the pool runs, in the driver's object store, so they go
+    only with the driver. Ray says it once per process: spent here on a throwaway actor of our own,
+    only that actor's line dropped from stderr."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class SpendRestartWarning:
+        def __init__(self, arg: None) -> None:
+            pass
+
+    ours = f"class name: '[^']*SpendRestartWarning' and ID: '[0-9a-f]+' {re.escape(RESTART_WARNING)}"
+    with stderr_without(ours):
+        actor = SpendRestartWarning.remote(ray.put(None))
+    ray.kill(actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def stderr_without(pattern: str) -> Iterator[None]:
+    """Hold what this process writes to file descriptor 2 (a C++ library's log lines too) in a
+    temporary file, then pass it on without the lines that match `pattern`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().splitlines(keepends=True)
+            with open(2, "wb", closefd=False) as stderr:
+                stderr.writelines(line for line in lines if not re.search(pattern.encode(), line))
 
 
 def actor_error(error: Exception, batch_size: int, micro_batch: int) -> SanitizerError | None:
