@@ -36,6 +36,7 @@ import torch
 from sanitizer.atomic import write_bytes_atomic
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, HeldOut, Reference, Sketched
+from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import (
     FILE_KINDS,
@@ -49,7 +50,6 @@ from sanitizer.encoders import (
     parse_spec,
 )
 from sanitizer.errors import EncoderError, SanitizerError, UsageError
-from sanitizer.model import DedeConfig
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -65,7 +65,7 @@ from sanitizer.redteam.implant import (
 from sanitizer.redteam.metrics import knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import MIN_SIDE, TRIGGERS, Trigger
-from sanitizer.scoring import AGGREGATES, Scorer, ScoreSettings, key_seeds
+from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder

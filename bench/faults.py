@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from sanitizer.data.hostile import PWNED_FILE, expected_statuses, write_hostile_corpus
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import printable
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.encoders import load_encoder
 from sanitizer.faultkit import (
     cli,
@@ -56,7 +57,6 @@ from sanitizer.faultkit import (
 )
 from sanitizer.joblock import recorded_pid
 from sanitizer.manifest import read_manifest, write_manifest
-from sanitizer.scoring import ScoreSettings
 from sanitizer.train import TrainSettings, train_decoder
 from sanitizer.verify import verify_run
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.encoders import load_encoder
-from sanitizer.scoring import ScoreSettings
 from sanitizer.train import TrainSettings, train_decoder
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

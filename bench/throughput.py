@@ -49,11 +49,12 @@ import torch
 from sanitizer.checkpoint import save_decoder, save_holdout
 from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, Sketched
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.decoder_meta import DedeConfig, ScoreSettings
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
-from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.model import DedeDecoder
 from sanitizer.pipeline.job import ScoreJob, ensure_ray, local_workers, run_score_job
-from sanitizer.scoring import Scorer, ScoreSettings
+from sanitizer.scoring import Scorer
 from sanitizer.train import TrainSettings, train_epoch
 
 PROFILES = {

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save
 
 from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
 from sanitizer.collapse import NO_AXIS, UNKNOWN_AXIS, Sketched
-from sanitizer.encoders import AmbiguousWeights, Preprocess, VictimEncoder, load_encoder
+from sanitizer.decoder_meta import DedeConfig, Preprocess, ScoreSettings
+from sanitizer.encoders import AmbiguousWeights, VictimEncoder, load_encoder
 from sanitizer.errors import CheckpointError, UsageError
-from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.model import DedeDecoder
 from sanitizer.records import RecordError, check_fields, parse_object, read_object
-from sanitizer.scoring import ScoreSettings
 
 FORMAT = "sanitizer-dede-decoder/1"
 WEIGHTS = "decoder.safetensors"

@@ -23,11 +23,11 @@ from sanitizer.checkpoint import read_run_meta
 from sanitizer.data.decode import image_differs
 from sanitizer.data.shards import ShardRef, file_stamps, path_stamp, pins_content
 from sanitizer.data.tario import STATUS_OK, ShardError, ShardReadError, TarWriter, iter_samples, printable
+from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.errors import ReadFailed, UsageError
 from sanitizer.manifest import read_manifest
 from sanitizer.records import RecordError, read_object
 from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
-from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
 

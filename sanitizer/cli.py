@@ -214,9 +214,9 @@ LOAD_MEMORY_ADVICE = "give the --image-size the encoder was trained at, or a dev
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from sanitizer.decoder_meta import ScoreSettings
     from sanitizer.device import memory_guard, resolve_device, training_threads
     from sanitizer.joblock import refuse_busy
-    from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, refuse_unusable_out, train_decoder
 
     refuse_busy(args.out)  # before the encoder loads (minutes, GPU memory the running train uses)

@@ -315,10 +315,10 @@ def defend(stages: Stages, implant: Implant, n_clean: int, plan: DemoPlan, out: 
     """The defender's stages: a decoder trained on the `n_clean` clean images, the dataset scored,
     cleaned and reported; returns the run directory and the report page."""
     from sanitizer.clean import clean_run
+    from sanitizer.decoder_meta import ScoreSettings
     from sanitizer.device import one_torch_thread
     from sanitizer.pipeline.job import ScoreJob, run_score_job
     from sanitizer.report import write_report
-    from sanitizer.scoring import ScoreSettings
     from sanitizer.train import TrainSettings, train_decoder
 
     dataset_dir, decoder_data = data_dirs(out)

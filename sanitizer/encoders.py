@@ -15,18 +15,18 @@ import hashlib
 import io
 import json
 import logging
-import math
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from sanitizer.decoder_meta import Preprocess
 from sanitizer.device import autocast
 from sanitizer.errors import EncoderError, UsageError, shortlist
 
@@ -39,28 +39,6 @@ FILE_KINDS = ("torchscript", "export")  # whole models read from a file
 KINDS = (*MODEL_KINDS, *FILE_KINDS)
 # Small open_clip architectures of the package's own (e.g. for the red-team kit's CLIP victim).
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "configs" / "open_clip"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How pixels become the encoder's input: square resize to image_size, then (x/255-mean)/std."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise UsageError(f"--image-size must be at least 1, not {self.image_size}")
-        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
-            raise UsageError(f"--mean and --std must be finite, --std above 0: not {self.mean}, {self.std}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> Preprocess:
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
 
 
 @dataclass

@@ -17,6 +17,11 @@ from sanitizer.atomic import atomic_path
 from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE
 from sanitizer.errors import UsageError
 
+# The status of a decoded image whose score is not a finite number (an encoder that divides by an
+# image's own spread makes NaN of a flat one): it could not be scored, so, as an image that could not
+# be decoded, it is held out of clean/ (NaN is above no threshold: as `ok` it would pass as clean).
+STATUS_NONFINITE_SCORE = "nonfinite_score"
+
 SCHEMA_VERSION = "manifest-v4"
 # Parquet's compliant name for a list's items, so that a file read back has exactly this schema
 SKETCH_TYPE = pa.list_(pa.field("element", pa.float16()), SKETCH_DIM)

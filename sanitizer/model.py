@@ -8,67 +8,12 @@ triggered image (whose embedding points at the attacker's target) is not. Method
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from sanitizer.errors import UsageError
-
-
-@dataclass(frozen=True)
-class DedeConfig:
-    """Everything that fixes the decoder's shape; saved beside its weights. `train` builds it with
-    default_for's sizes; the field defaults are the first sizes this package used, which only tests
-    build directly."""
-
-    image_size: int
-    embed_dim: int  # dimension D of the victim encoder's output
-    patch_size: int = 4
-    width: int = 192
-    depth: int = 4
-    heads: int = 3
-    decoder_depth: int = 2
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "embed_dim", "patch_size", "width", "heads", "decoder_depth"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.depth < 0:
-            raise UsageError(f"--depth must be at least 0, not {self.depth}")
-        if self.image_size % self.patch_size:
-            raise UsageError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
-        if self.width % self.heads:
-            raise UsageError(f"width {self.width} is not divisible by heads {self.heads}")
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def default_for(cls, image_size: int, embed_dim: int, **overrides) -> DedeConfig:
-        """Sizes that suit the input.
-
-        Up to 64 px: 8 px patches and a one-block patch encoder. At 32 px that is a 4x4 grid, where
-        the training mask ratio 0.9 leaves one visible patch and the test ratio 0.99 none, so the
-        patch encoder has almost nothing to read and the decoder blocks do the work. Measured on
-        bench/detection.py (32 px): the same victim AUC as width 128 / depth 2 at twice the speed.
-        Larger images: 16 px patches, as ViT-B/16.
-        """
-        small = {"patch_size": 8, "width": 96, "depth": 1}
-        base = small if image_size <= 64 else {"patch_size": 16, "width": 256, "heads": 4}
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(image_size=image_size, embed_dim=embed_dim, **base)
+from sanitizer.decoder_meta import DedeConfig
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:

@@ -13,115 +13,23 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sanitizer.collapse import SKETCH_DIM, embedding_axis, embedding_sketch
+from sanitizer.decoder_meta import QUANTILES, ScoreSettings
 from sanitizer.device import autocast
 from sanitizer.encoders import VictimEncoder
-from sanitizer.errors import UsageError
 from sanitizer.model import DedeDecoder, num_visible
 
-# How per-patch errors of the hidden patches become one number. "mean" is the paper's MSE; the others
-# are quantiles of the per-patch errors, so that the few patches a visible trigger covers cannot
-# dominate: a clean encoder that merely sees odd pixels rebuilds the rest of the image well, while a
-# backdoored embedding points at another image and leaves even the best-rebuilt patches wrong.
-QUANTILES = {"median": 0.5, "q25": 0.25}
-AGGREGATES = ("mean", *QUANTILES)
-# What one patch's error is. "mse" is the paper's squared error. "ssim" is 1 - SSIM (luminance,
-# contrast and structure of the patch against its rebuild), which is relative to the patch's own
-# contrast: a textured coat and a thin trouser rebuilt as well as the decoder can are then equally
-# good, so the score's scale no longer depends on how much the image holds.
-ERRORS = ("mse", "ssim")
 # SSIM's stabilisers in the encoder's normalised pixel space (one unit is about 0.23 of the 0-1 range
 # for ImageNet statistics). C2 sits above SSIM's usual (0.03 * range)^2 so that a faint pattern on a
 # flat background (the blend trigger) is not a structural mismatch: measured on bench/detection.py,
 # 0.03 raised the blend control's AUC by 0.05 against 0.1, and 0.3 lowered the victims' AUC.
 SSIM_C1, SSIM_C2 = 0.01, 0.1
 _MASK32 = 0xFFFFFFFF
-# The status of a decoded image whose score is not a finite number (an encoder that divides by an
-# image's own spread makes NaN of a flat one): it could not be scored, so, as an image that could not
-# be decoded, it is held out of clean/ (NaN is above no threshold: as `ok` it would pass as clean).
-STATUS_NONFINITE_SCORE = "nonfinite_score"
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    test_mask_ratio: float = 0.99
-    num_masks: int = 4
-    # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
-    # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
-    aggregate: str = "q25"
-    # Pixels per side averaged before the error is measured (1: per pixel, as the paper). A decoder
-    # that sees only an embedding cannot rebuild fine texture, so per-pixel error is partly noise that
-    # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
-    # benchmark and moved the clean-encoder control by 0.03 at most.
-    error_pool: int = 2
-    # 1 - SSIM per patch (see ERRORS): on the detection benchmark it raised the CLIP patch's and the
-    # blend's victim AUC by 0.05-0.10 against squared errors, the controls by 0.03 at most at the 50%
-    # rate (0.07 at the 1% rate, where 10 triggered images decide).
-    error: str = "ssim"
-    # Latent relaxation (see relax_token): signed-gradient steps on the decoder's embedding token, and
-    # how far (L-inf, in the decoder's latent units) they may move it in all. 0 steps: the paper. The
-    # radius is the small one of those measured: larger ones gained more on trained encoders and lost
-    # more on a random one.
-    relax_steps: int = 3
-    relax_radius: float = 0.03
-
-    def __post_init__(self) -> None:
-        if not 0 < self.test_mask_ratio < 1:
-            raise UsageError(f"--test-mask-ratio must be in (0, 1), not {self.test_mask_ratio}")
-        if self.num_masks < 1:
-            raise UsageError(f"--num-masks must be at least 1, not {self.num_masks}")
-        if self.aggregate not in AGGREGATES:
-            raise UsageError(f"--aggregate must be one of {AGGREGATES}, not {self.aggregate!r}")
-        if self.error_pool < 1:
-            raise UsageError(f"--error-pool must be at least 1, not {self.error_pool}")
-        if self.error not in ERRORS:
-            raise UsageError(f"--error must be one of {ERRORS}, not {self.error!r}")
-        if self.relax_steps < 0:
-            raise UsageError(f"--relax-steps must be at least 0, not {self.relax_steps}")
-        if not self.relax_radius > 0:
-            raise UsageError(f"--relax-radius must be above 0, not {self.relax_radius}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def check_patch_size(self, patch_size: int) -> None:
-        """Pooled blocks must tile each patch; checked before any work is done."""
-        if patch_size % self.error_pool:
-            raise UsageError(
-                f"--error-pool {self.error_pool} does not divide the decoder's {patch_size} px patches"
-            )
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> ScoreSettings:
-        """Settings as saved in decoder.json or run.json; those written before error_pool or error
-        existed were scored with per-pixel squared errors, and those before relax_steps unrelaxed."""
-        return cls(**{"error_pool": 1, "error": "mse", "relax_steps": 0, **saved})
-
-
-def calibration_for(meta: dict, settings: ScoreSettings) -> np.ndarray | None:
-    """The decoder's calibration scores (decoder.json), or None when they were made with other scoring
-    settings than `settings` and so do not describe these scores. Both sides are read as from_dict
-    reads them, so a decoder saved before a setting existed still matches its own old default."""
-    if ScoreSettings.from_dict(meta["scoring"]) != settings:
-        return None
-    return np.asarray(meta["calibration"]["scores"], np.float32)
-
-
-def required_calibration(meta: dict, settings: ScoreSettings, reader: str, otherwise: str) -> np.ndarray:
-    """calibration_for, where `reader` cannot go on without it: one message for every step, naming
-    both settings and `otherwise`, what would do instead."""
-    calibration = calibration_for(meta, settings)
-    if calibration is None:
-        raise UsageError(
-            f"{reader} reads the calibration, which was made with {meta['scoring']}; scoring with "
-            f"{settings.to_dict()} needs {otherwise}"
-        )
-    return calibration
 
 
 def nonfinite_reason(score: float, norm: float) -> str:

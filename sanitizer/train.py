@@ -33,13 +33,14 @@ from sanitizer.collapse import Sketched, thumbnail
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
+from sanitizer.decoder_meta import DedeConfig, ScoreSettings
 from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import TrainingError, UsageError, shortlist
 from sanitizer.joblock import job_lock, refuse_foreign
-from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.model import DedeDecoder
 from sanitizer.progress import progress_bar
-from sanitizer.scoring import Scorer, Scores, ScoreSettings, key_seeds
+from sanitizer.scoring import Scorer, Scores, key_seeds
 
 log = logging.getLogger(__name__)
 

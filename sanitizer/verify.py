@@ -38,7 +38,13 @@ from sanitizer.data.tario import (
     sha256_hex,
     split_key,
 )
-from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, flag_counts, schema_difference
+from sanitizer.manifest import (
+    MANIFEST_SCHEMA,
+    SCHEMA_VERSION,
+    STATUS_NONFINITE_SCORE,
+    flag_counts,
+    schema_difference,
+)
 from sanitizer.records import RecordError, check_fields, lookup
 from sanitizer.rundir import (
     CLEAN_RECORD_FIELDS,
@@ -49,7 +55,6 @@ from sanitizer.rundir import (
     not_a_run,
     shard_entry,
 )
-from sanitizer.scoring import STATUS_NONFINITE_SCORE
 
 KNOWN_STATUSES = frozenset((*DECODE_STATUSES, STATUS_NONFINITE_SCORE)) | READ_STATUSES
 FINISHED = ("complete", "incomplete")  # run.json states of a job that ran to its end

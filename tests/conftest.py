@@ -15,8 +15,8 @@ import torch
 from fsspec.spec import AbstractFileSystem
 
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.encoders import load_encoder
-from sanitizer.scoring import ScoreSettings
 from sanitizer.train import TrainSettings, train_decoder
 
 torch.set_num_threads(2)

@@ -41,12 +41,12 @@ from sanitizer.collapse import (
     within_lowest,
 )
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.errors import UsageError
 from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
 from sanitizer.pipeline import collapse_pass
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import write_report
-from sanitizer.scoring import ScoreSettings
 from sanitizer.stats import SHIFT_LIMIT
 from sanitizer.thresholds import parse_rule
 from sanitizer.train import TrainSettings, train_decoder

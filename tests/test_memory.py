@@ -14,9 +14,10 @@ import torch
 import sanitizer.train as train_module
 from sanitizer.cli import main
 from sanitizer.data.synth import synthetic_images, write_image_shards
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.encoders import load_encoder
 from sanitizer.pipeline.stages import memory_advice
-from sanitizer.scoring import Scorer, ScoreSettings
+from sanitizer.scoring import Scorer
 from sanitizer.train import TrainSettings, train_decoder
 
 from .conftest import TINY_ENCODER, TINY_MODEL, TINY_SIZE

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from sanitizer.decoder_meta import DedeConfig
 from sanitizer.errors import UsageError
-from sanitizer.model import DedeConfig, DedeDecoder, num_visible, run_blocks
+from sanitizer.model import DedeDecoder, num_visible, run_blocks
 
 
 def make(image_size=32, patch_size=4, **kw) -> DedeDecoder:

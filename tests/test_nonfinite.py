@@ -20,8 +20,9 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.cli import main
 from sanitizer.data.synth import encode_image, synthetic_images
 from sanitizer.data.tario import iter_samples, write_shards
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.encoders import load_encoder
-from sanitizer.scoring import ScoreSettings, key_seeds, nonfinite_reason
+from sanitizer.scoring import key_seeds, nonfinite_reason
 from sanitizer.train import TrainSettings, split_holdout, train_decoder
 
 from .conftest import TINY_ARGS, TINY_MODEL, TINY_SIZE

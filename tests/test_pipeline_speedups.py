@@ -14,9 +14,10 @@ from sanitizer.checkpoint import load_decoder
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import iter_samples
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.pipeline.job import ScoreJob, decoded_tables, run_score_job
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
-from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.train import Rows, TrainSettings, on_device, train_epoch
 
 
@@ -96,7 +97,8 @@ def test_training_data_on_device_gives_the_same_epoch(tiny_encoder):
     """The CUDA path keeps pixels and embeddings as device tensors; here as CPU tensors, same losses."""
     from tqdm import tqdm
 
-    from sanitizer.model import DedeConfig, DedeDecoder
+    from sanitizer.decoder_meta import DedeConfig
+    from sanitizer.model import DedeDecoder
 
     host = Rows(np.zeros((3, 2)), np.arange(3))
     assert on_device(host, torch.device("cpu")) is host  # the CPU keeps arrays

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sanitizer.data.synth import synthetic_images
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.encoders import load_encoder
 from sanitizer.redteam.datasets import resize_grey
 from sanitizer.redteam.implant import (
@@ -38,7 +39,7 @@ from sanitizer.redteam.triggers import (
     ctrl,
     dct_matrix,
 )
-from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.stats import roc_auc
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder
 

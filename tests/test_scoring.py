@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from sanitizer.checkpoint import load_decoder
+from sanitizer.decoder_meta import DedeConfig, ScoreSettings
 from sanitizer.encoders import embed_pixels
 from sanitizer.errors import UsageError
-from sanitizer.model import DedeConfig, DedeDecoder
+from sanitizer.model import DedeDecoder
 from sanitizer.scoring import (
     SSIM_C1,
     SSIM_C2,
     Scorer,
-    ScoreSettings,
     aggregate_errors,
     key_seeds,
     mask_noise,

@@ -21,8 +21,8 @@ def test_model_only_times_the_model_loop_alone(tmp_path, monkeypatch):
 def test_the_pipeline_phase_scores_with_the_default_collapse_pass(tmp_path, tiny_encoder, tiny_shards):
     """The random decoder holds random held-out images, so the timed job is the default one, pass
     included (a decoder without them would be refused)."""
+    from sanitizer.decoder_meta import ScoreSettings
     from sanitizer.pipeline.job import ScoreJob, run_score_job
-    from sanitizer.scoring import ScoreSettings
 
     decoder_dir = throughput.make_decoder(tiny_encoder, tmp_path / "decoder", ScoreSettings())
     summary = run_score_job(ScoreJob(decoder_dir, str(tiny_shards), tmp_path / "run", workers=0), False)

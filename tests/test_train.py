@@ -26,12 +26,13 @@ from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, thumbnail
 from sanitizer.data.decode import decode_image
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
+from sanitizer.decoder_meta import DedeConfig, ScoreSettings
 from sanitizer.device import precision
 from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
 from sanitizer.errors import CheckpointError, EncoderError, TrainingError, UsageError
 from sanitizer.joblock import job_lock
-from sanitizer.model import DedeConfig, DedeDecoder
-from sanitizer.scoring import Scorer, ScoreSettings, key_seeds
+from sanitizer.model import DedeDecoder
+from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.train import (
     FIRST_PASS,
     TRIM_AFTER,

@@ -28,10 +28,10 @@ from sanitizer.collapse import (
     unlike_holdout,
     within_lowest,
 )
+from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
 from sanitizer.rundir import RunDir, rewrite
-from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.stats import above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
 

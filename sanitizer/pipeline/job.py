@@ -37,6 +37,7 @@ import torch
 
 from sanitizer.checkpoint import read_meta
 from sanitizer.data.shards import ShardRef, expand_shards
+from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.device import resolve_device
 from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, WorkerDied, shortlist
 from sanitizer.joblock import refuse_busy
@@ -54,7 +55,6 @@ from sanitizer.pipeline.stages import (
 )
 from sanitizer.progress import progress_bar
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores
-from sanitizer.scoring import ScoreSettings, required_calibration
 from sanitizer.thresholds import (
     DEFAULT_COLLAPSE_RULE,
     DEFAULT_RULE,

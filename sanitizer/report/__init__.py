@@ -30,6 +30,7 @@ import numpy as np
 
 from sanitizer.atomic import atomic_path, remove_stale_temps
 from sanitizer.data.shards import ShardRef
+from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.errors import SanitizerError, UsageError
 from sanitizer.records import RecordError
 from sanitizer.report.figures import pca_2d
@@ -73,7 +74,6 @@ from sanitizer.report.verdict import (
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, check_record, locked_run
-from sanitizer.scoring import ScoreSettings
 
 __all__ = [
     "ALPHA", "FIGURES", "SECTIONS", "SEED", "encoder_verdict", "expected_flag_rate", "flag_count_p_value",

@@ -16,10 +16,10 @@ import pyarrow as pa
 from sanitizer.checkpoint import read_run_meta
 from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
+from sanitizer.decoder_meta import ScoreSettings, calibration_for
 from sanitizer.errors import SanitizerError
 from sanitizer.manifest import read_manifest
 from sanitizer.rundir import RunDir, open_run, table_ok_scores
-from sanitizer.scoring import ScoreSettings, calibration_for
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
 from sanitizer.thresholds import parse_rule
 
