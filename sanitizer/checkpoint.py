@@ -14,19 +14,22 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
 from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
 from sanitizer.collapse import NO_AXIS, UNKNOWN_AXIS, Sketched
 from sanitizer.decoder_meta import DedeConfig, Preprocess, ScoreSettings
-from sanitizer.encoders import AmbiguousWeights, VictimEncoder, load_encoder
 from sanitizer.errors import CheckpointError, UsageError
-from sanitizer.model import DedeDecoder
 from sanitizer.records import RecordError, check_fields, parse_object, read_object
+
+if TYPE_CHECKING:  # the readers of decoder.json (clean, verify, report) do not load torch
+    import torch
+
+    from sanitizer.encoders import VictimEncoder
+    from sanitizer.model import DedeDecoder
 
 FORMAT = "sanitizer-dede-decoder/1"
 WEIGHTS = "decoder.safetensors"
@@ -44,11 +47,15 @@ def save_tensors(
     """Plain tensors (and string metadata) as safetensors, atomically, with the permissions the umask
     gives every other file (safetensors' save_file makes them 0600: unreadable to the workers of a
     shared filesystem)."""
+    from safetensors.torch import save
+
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     write_bytes_atomic(path, save(plain, metadata=metadata))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -88,6 +95,8 @@ def save_decoder(out_dir: Path, decoder: DedeDecoder, meta: dict) -> dict:
 
 
 def save_holdout(out_dir: Path, images: Sketched) -> None:
+    import torch
+
     tensors = {
         "sketch": torch.from_numpy(images.sketches.astype(np.float16)),
         "thumbnail": torch.from_numpy(images.thumbnails),
@@ -170,6 +179,8 @@ def read_run_meta(decoder_dir: Path, decoder_sha256: str) -> dict:
 
 
 def load_decoder(decoder_dir: Path, device: torch.device | str = "cpu") -> tuple[DedeDecoder, dict]:
+    from sanitizer.model import DedeDecoder
+
     meta = read_meta(decoder_dir)
     weights = _weights(decoder_dir)
     if file_sha256(weights) != meta.get("decoder_sha256"):
@@ -199,6 +210,8 @@ def load_trained_encoder(meta: dict, weights: str | None, device: torch.device |
     else found by the tensors' names. A decoder trained before checkpoints' nested dicts were told
     apart ({'state_dict': ..., 'state_dict_ema': ...} loaded the first) records no prefix for a file
     that now holds the encoder twice: the one with the decoder's hash is the one it was trained for."""
+    from sanitizer.encoders import AmbiguousWeights, load_encoder
+
     enc = meta["encoder"]
     preprocess = Preprocess.from_dict(enc["preprocess"])
 

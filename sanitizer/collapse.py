@@ -45,12 +45,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import astuple, dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sanitizer.stats import SHIFT_LIMIT
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE as DEFAULT_COLLAPSE_RULE  # kept here for its readers
+
+if TYPE_CHECKING:  # torch is imported where it computes: clean, verify and report read this module without it
+    import torch
 
 SKETCH_DIM = 64
 NEIGHBOURS = 5
@@ -79,6 +82,8 @@ _SEED = 20250611  # fixes the projection: sketches of one embedding agree across
 @cache
 def _projection(dim: int) -> torch.Tensor:
     """(dim, SKETCH_DIM) Gaussian matrix from torch's CPU generator, the same on every machine."""
+    import torch
+
     generator = torch.Generator().manual_seed(_SEED)
     return torch.randn(dim, SKETCH_DIM, generator=generator) / SKETCH_DIM**0.5
 
@@ -86,6 +91,8 @@ def _projection(dim: int) -> torch.Tensor:
 def effective_dim(embedding: torch.Tensor) -> torch.Tensor:
     """(B,) how many features carry an embedding, (sum e^2)^2 / sum e^4: D for a flat one, 1 for a
     single feature, 0 for all zeros."""
+    import torch
+
     e = embedding.float()
     return (e**2).sum(1) ** 2 / (e**4).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -93,6 +100,8 @@ def effective_dim(embedding: torch.Tensor) -> torch.Tensor:
 def embedding_sketch(embedding: torch.Tensor) -> torch.Tensor:
     """(B, D) embeddings -> (B, SKETCH_DIM) float32 unit vectors, on the embeddings' device; rows of
     NaN for embeddings below MIN_EFFECTIVE_DIM."""
+    import torch
+
     projection = _projection(embedding.shape[1]).to(embedding.device)
     sketch = torch.nn.functional.normalize(embedding.float() @ projection, dim=1)
     sketch[effective_dim(embedding) < MIN_EFFECTIVE_DIM] = torch.nan
@@ -102,6 +111,8 @@ def embedding_sketch(embedding: torch.Tensor) -> torch.Tensor:
 def embedding_axis(embedding: torch.Tensor) -> torch.Tensor:
     """(B,) int32: the feature an embedding below MIN_EFFECTIVE_DIM sits on (its largest), NO_AXIS for
     the others, which have a sketch."""
+    import torch
+
     low = effective_dim(embedding) < MIN_EFFECTIVE_DIM
     return torch.where(low, embedding.abs().argmax(1), NO_AXIS).to(torch.int32)
 
@@ -110,6 +121,8 @@ def thumbnail(pixels: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 images -> (N, THUMBNAIL_SIDE**2) uint8: the grey image averaged over an
     8 x 8 grid of areas, row-major. Computed on the decoded pixels, so that copies of one image in
     other formats or sizes get about the same thumbnail."""
+    import torch
+
     channels = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
     pooled = torch.nn.functional.adaptive_avg_pool2d(channels, THUMBNAIL_SIDE).mean(1)  # grey last: 2x faster
     return pooled.round().to(torch.uint8).reshape(len(pixels), -1).numpy()
@@ -118,6 +131,8 @@ def thumbnail(pixels: np.ndarray) -> np.ndarray:
 def _as_points(thumbnails: np.ndarray, query: bool) -> torch.Tensor:
     """Thumbnails as rows whose products, query by reference, are -|q - r|^2 (2 q.r - |q|^2 - |r|^2):
     every pair in one matrix product, exact in float64 for 8-bit pixels."""
+    import torch
+
     t = torch.from_numpy(thumbnails.astype(np.float64) - 128)
     squared, ones = (t**2).sum(1, keepdim=True), torch.ones(len(t), 1, dtype=torch.float64)
     return torch.cat([2 * t, -squared, -ones] if query else [t, ones, squared], 1)
@@ -141,6 +156,8 @@ class Neighbours:
 
     @classmethod
     def of(cls, reference: np.ndarray, thumbnails: np.ndarray | None = None) -> Neighbours:
+        import torch
+
         usable = np.isfinite(reference).all(1)
         sketches = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
         if thumbnails is None:
@@ -156,6 +173,8 @@ def _top_apart(
     -inf where fewer are left. Near-duplicates are looked for among each query's CANDIDATES most
     similar rows, which is cheap, and in the whole reference only for the queries that have fewer than
     k others there (an image with many copies)."""
+    import torch
+
     values, index = sim.topk(min(CANDIDATES, sim.shape[1]), dim=1)
     q = torch.from_numpy(query_thumbnails.astype(np.float32))
     squared = ((q[:, None, :] - reference.thumbnail_floats[index]) ** 2).sum(-1)  # exact: integers below 2^24
@@ -214,6 +233,8 @@ def nearest_similarity(
 ) -> np.ndarray:
     """neighbour_similarity against a reference prepared once (Neighbours.of), for one who asks it
     many times."""
+    import torch
+
     r = reference.sketches
     sketched = np.isfinite(queries).all(1)
     out = np.full(len(queries), np.nan, np.float32)
@@ -254,6 +275,8 @@ class Sketched:
     @classmethod
     def of(cls, embeddings: np.ndarray, pixels: np.ndarray) -> Sketched:
         """Of (N, D) embeddings and their (N, H, W, 3) uint8 images, as scoring keeps them."""
+        import torch
+
         e = torch.from_numpy(embeddings)
         return cls(embedding_sketch(e).numpy(), thumbnail(pixels), embedding_axis(e).numpy())
 
@@ -268,6 +291,8 @@ def distinct_images(thumbnails: np.ndarray, block: int = 2048) -> int:
     """How many images the rows show, copies (near-duplicate thumbnails) counted once: in row order,
     each row not yet covered counts, and covers its near-duplicates. The near-duplicate pairs are
     found a block of rows at a time (20,000 rows of one axis, an attacker's worst case: seconds)."""
+    import torch
+
     pairs = [
         torch.nonzero(near_duplicates(thumbnails[start : start + block], thumbnails)).numpy() + [start, 0]
         for start in range(0, len(thumbnails), block)

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import sys
+import tarfile
 import threading
 from importlib.metadata import version
 from pathlib import Path
@@ -341,15 +342,58 @@ def test_the_summarys_rate_counts_samples_as_it_says_not_images(tmp_path):
     assert "throughput: 120 samples in 2.0 s (60 samples/s)" in cli.format_summary(summary).splitlines()
 
 
+HEAVY = ("torch", "timm", "open_clip", "ray")  # seconds to import, each
+RUN_MAIN = "from sanitizer.cli import main\nassert main(sys.argv[1:]) == 0"  # for heavy_imports
+
+
+def heavy_imports(statement: str, *argv: str) -> str:
+    """Which of HEAVY a fresh interpreter has loaded after running `statement` (sys.argv[1:] = argv)
+    with this checkout's package, whatever is installed; the last line it prints."""
+    import subprocess
+
+    code = f"import sys\n{statement}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    root = Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=root, capture_output=True, text=True, check=True
+    )
+    return out.stdout.splitlines()[-1]
+
+
 def test_the_cli_module_loads_without_torch():
     """cli.py keeps its help texts to itself so that `--help` and a mistyped flag answer at once, but
     it imported DEFAULT_COLLAPSE_RULE from sanitizer.collapse, which loads torch (about a second)."""
-    import subprocess
+    assert heavy_imports("import sanitizer.cli") == "[]"
 
-    code = "import sys, sanitizer.cli; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
-    root = Path(__file__).parents[1]  # this checkout's package, whatever is installed
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout == "[]\n"
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_decoder_dir, tiny_shards) -> Path:
+    out = tmp_path_factory.mktemp("scored") / "run"
+    argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--out", str(out)]
+    assert main([*argv, "--workers", "0", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["clean", "verify"])
+def test_the_steps_that_run_no_model_do_not_load_torch(scored_run, command):
+    """clean and verify read the manifest and the shards, but imported torch and timm on the way (the
+    scoring settings, decoder.json's checks, the collapse pass's constants): 3 s a call on the 2-core
+    dev VM, for a step a scheduled job runs after every score and an auditor often."""
+    assert heavy_imports(RUN_MAIN, command, str(scored_run)) == "[]"
+
+
+def test_report_loads_the_models_only_to_draw_images(tmp_path, tiny_decoder_dir):
+    """A run without an image to show: the page is written without torch (it loads the encoder and
+    decoder only to render samples)."""
+    from sanitizer.pipeline.job import ScoreJob, run_score_job
+
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "a.tar", "w") as tar:
+        member = tarfile.TarInfo("y.png")
+        member.size = 9
+        tar.addfile(member, io.BytesIO(b"not a png"))
+    job = ScoreJob(decoder_dir=tiny_decoder_dir, data=str(tmp_path / "data"), out=tmp_path / "run", workers=0)
+    run_score_job(job, progress=False)
+    assert heavy_imports(RUN_MAIN, "report", str(tmp_path / "run")) == "[]"
 
 
 @pytest.mark.parametrize(
