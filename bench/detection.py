@@ -494,10 +494,12 @@ def sketched(images: Embedded) -> Sketched:
     return Sketched.of(images.embeddings, images.pixels)
 
 
-def self_collapse(images: Sketched) -> np.ndarray:
-    """The collapse pass's statistic with the scored set as its own reference (every set here is
-    smaller than REFERENCE_SIZE, so the product would take all of it too), near-duplicates left out."""
-    return Reference(images).collapse(images)
+def collapse_of(scored: Sketched, fitted) -> tuple[np.ndarray, np.ndarray]:
+    """The collapse pass's statistic of a scored set and of the decoder's held-out images, both against
+    the scored set as the reference (every set here is smaller than REFERENCE_SIZE, so the product
+    would take all of it too), prepared once, near-duplicates left out."""
+    reference = Reference(scored)
+    return reference.collapse(scored), reference.collapse(fitted.holdout_images)
 
 
 def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
@@ -506,11 +508,6 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
     median = float(np.median(calibration))
     gap = resolve_threshold(parse_rule(rule), calibration) - median
     return (scores - median) / max(gap, 1e-9)  # a degenerate calibration (tiny tests): threshold = median
-
-
-def holdout_collapse(fitted, reference: Sketched) -> np.ndarray:
-    """The decoder's held-out images' collapse against a scored set."""
-    return Reference(reference).collapse(fitted.holdout_images)
 
 
 def union(
@@ -543,11 +540,10 @@ def collapse_rows(
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
         reference = sk_clean.take(cs).join(sk_trig.take(ts))
-        collapse = self_collapse(reference)
+        collapse, held = collapse_of(reference, fitted)
         n = len(clean[cs])
-        held = holdout_collapse(fitted, reference)
         weighed = HeldOut.of(fitted.calibration, held)
-        # The collapse as the pass weighs it, a row without a sketch by how rare that is, as -ln p: a
+        # The collapse as the pass weighs it, a row without a sketch by how crowded its axis is, as -ln p: a
         # row with no reference row left below every other
         ranked = np.nan_to_num(-np.log(weighed.collapse_p(collapse)), nan=-1.0)
         scores = np.r_[clean[cs], triggered[ts]]
@@ -605,8 +601,8 @@ def kept_by_union(
     train, clean, triggered = (sketched(images) for images in sets)
     out = []
     for scored, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]])):
-        held = holdout_collapse(fitted, scored)
-        out.append(union(scores, self_collapse(scored), fitted.calibration, held) <= 1)
+        collapse, held = collapse_of(scored, fitted)
+        out.append(union(scores, collapse, fitted.calibration, held) <= 1)
     n = len(dede[1])
     return out[0], out[1][:n], out[1][n:]
 

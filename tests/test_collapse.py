@@ -362,8 +362,8 @@ def test_rows_without_a_sketch_are_no_ones_neighbour_and_as_suspect_as_they_are_
     decoder_dir, cluster_shards, tmp_path
 ):
     """The scorer writes a NaN sketch for an embedding on fewer than 2 features; the pass does not count
-    such a row as anyone's neighbour, and weighs it by how rare that is among the held-out images. A
-    backdoor could send its triggered images to one axis; here the shifted pictures, the trigger's
+    such a row as anyone's neighbour, and weighs it by how crowded its axis is against the held-out
+    images'. A backdoor could send its triggered images to one axis; here the shifted pictures, the trigger's
     cluster, lose their sketches, and as no held-out image of this decoder lacks one (p = 1/61 <
     e^-4), the pass still flags them all. Before session 30, it exempted them, judged by the score
     alone."""
