@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
 import hashlib
+import io
+import json
+import lzma
 import os
 import shutil
+import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +32,8 @@ from sanitizer.data.shards import (
     ranged_count,
 )
 from sanitizer.errors import SanitizerError, UsageError
+
+SUFFIXES = ".tar, .tar.gz, .tgz, .tar.bz2, .tar.xz, .tar.zst, .tar.lz4"
 
 
 def _touch(path: Path) -> Path:
@@ -57,6 +64,11 @@ def _touch(path: Path) -> Path:
         ("/d/c.tgz", "c"),
         ("/d/b.TGZ", "b"),
         ("/d/e.Tar.Gz", "e"),
+        ("/d/f.tar.bz2", "f"),
+        ("/d/g.tar.xz", "g"),
+        ("/d/h.tar.zst", "h"),
+        ("/d/i.TAR.LZ4", "i"),
+        ("file:///d/j.tar", "j"),
     ],
 )
 def test_base_stem_rules(url: str, stem: str) -> None:
@@ -159,13 +171,13 @@ def test_glob_over_img2dataset_output_leaves_its_side_files_out(tmp_path: Path, 
         refs = expand_shards(str(tmp_path / "*"))
     assert [r.stem for r in refs] == ["00000", "00001"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"pattern {str(tmp_path / '*')!r} also matches files that are not .tar.gz, .tgz, .tar shards, "
+        f"pattern {str(tmp_path / '*')!r} also matches files that are not {SUFFIXES} shards, "
         "left out: 00000.parquet, 00000_stats.json, 00001.parquet (and 1 more)"
     ]
     with pytest.raises(UsageError) as info:
         expand_shards(str(tmp_path / "*.parquet"))
     assert str(info.value) == (
-        f"no shards found: pattern {str(tmp_path / '*.parquet')!r} matches no .tar.gz, .tgz, .tar files"
+        f"no shards found: pattern {str(tmp_path / '*.parquet')!r} matches no {SUFFIXES} files"
     )
 
 
@@ -176,6 +188,98 @@ def test_directory_lists_tar_files_sorted(tmp_path: Path) -> None:
     refs = expand_shards(str(tmp_path))
     assert [Path(r.url).name for r in refs] == ["a.tar", "b.tgz", "c.tar.gz"]
     assert [r.stem for r in refs] == ["a", "b", "c"]
+
+
+def test_a_directory_or_glob_lists_tars_of_every_compression(tmp_path: Path) -> None:
+    """bzip2 and xz tars are read when named, but a directory of them was "no shards found"; zstd and
+    LZ4 tars, which fail saying they are not read when named, were left out of a directory unseen."""
+    names = ["a.tar", "b.tar.gz", "c.tgz", "d.tar.bz2", "e.tar.xz", "f.tar.zst", "g.TAR.LZ4"]
+    for name in [*names, "notes.txt", "h.zst", "i.xz"]:
+        _touch(tmp_path / name)
+    for spec in [str(tmp_path), str(tmp_path / "*")]:
+        refs = expand_shards(spec)
+        assert [Path(r.url).name for r in refs] == names
+        assert [r.stem for r in refs] == ["a", "b", "c", "d", "e", "f", "g"]
+
+
+def test_one_shard_however_it_is_named_is_listed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `file://` URL was passed on as a remote one: beside the path of the same file it was a second
+    shard, scored and cleaned twice under two hashed stems, and a `file://` directory or glob was not
+    listed at all. Every spelling of one file is one shard, named after the file."""
+    d = tmp_path / "d"
+    shard = _touch(d / "a.tar")
+    (d / "link.tar").symlink_to(shard)
+    monkeypatch.chdir(d)
+    one = [ShardRef(str(shard.resolve()), "a")]
+    for spec in [
+        f"file://{shard},{shard}",
+        "./a.tar,a.tar",
+        f"{d},{d}/",
+        f"{d}/*.tar,{shard}",
+        f"{d}/link.tar,{shard}",
+        f"file://{d}/",
+        f"file://{d}/*.tar",
+    ]:
+        assert expand_shards(spec) == one, spec
+    with pytest.raises(UsageError) as info:
+        expand_shards(f"file://{d}/b.tar")
+    assert str(info.value) == f"no shards found: shard file {str(d / 'b.tar')!r} does not exist"
+
+
+def _zstd(data: bytes) -> bytes:
+    """`data` as a zstd frame of raw blocks (what `zstd -d` reads), with no zstd module to hand."""
+    blocks = [data[i : i + (128 << 10)] for i in range(0, len(data), 128 << 10)]
+    parts = [b"\x28\xb5\x2f\xfd", bytes([0, 7 << 3])]  # magic; no checksum, a 128 KiB window
+    for i, block in enumerate(blocks):
+        parts += [((len(block) << 3) | (i == len(blocks) - 1)).to_bytes(3, "little"), block]
+    return b"".join(parts)
+
+
+def _members(*tars: Path | bytes) -> list[tuple[str, bytes]]:
+    """Every member's name and bytes, of tars given as files or as bytes, sorted."""
+    members = []
+    for tar in tars:
+        with tarfile.open(fileobj=io.BytesIO(tar if isinstance(tar, bytes) else tar.read_bytes())) as t:
+            members += [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    return sorted(members)
+
+
+def test_score_and_clean_a_directory_of_compressed_tars_named_twice(
+    tmp_path: Path, tiny_shards: Path, tiny_decoder_dir: Path, capsys
+) -> None:
+    """A directory of bzip2, xz and zstd tars, and one of them named again as a `file://` URL: the bzip2
+    and xz tars are scored once each and cleaned into clean/<stem>.tar, the zstd one fails saying why."""
+    from sanitizer.cli import main
+
+    plain = [(tiny_shards / f"shard-00000{i}.tar").read_bytes() for i in range(3)]
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "b.tar.bz2").write_bytes(bz2.compress(plain[0]))
+    (data / "x.tar.xz").write_bytes(lzma.compress(plain[1]))
+    (data / "z.tar.zst").write_bytes(_zstd(plain[2]))
+    spec = f"{data},file://{data}/b.tar.bz2"
+    assert (
+        main(
+            ["score", "--decoder", str(tiny_decoder_dir), "--data", spec, "--out", str(run), "--workers", "0"]
+        )
+        == 1
+    )
+    assert (
+        "FAILED shard z: compressed with zstd, which is not read (plain, gzip, bzip2 and xz tars are): "
+        "decompress it, or compress it with gzip"
+    ) in capsys.readouterr().out
+    assert [s["stem"] for s in json.loads((run / "run.json").read_text())["identity"]["shards"]] == [
+        "b",
+        "x",
+        "z",
+    ]
+    assert main(["clean", str(run)]) == 1  # a shard not scored is not cleaned
+    assert "skipped shard z: it was not scored (see run.json)" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "clean").glob("*.tar")) == ["b.tar", "x.tar"]
+    for stem, tar in [("b", plain[0]), ("x", plain[1])]:
+        assert _members(run / "clean" / f"{stem}.tar", run / "quarantine" / f"{stem}.tar") == _members(tar)
 
 
 def test_comma_list_keeps_order_and_drops_duplicates(tmp_path: Path) -> None:
@@ -207,7 +311,7 @@ def test_remote_urls_pass_through_after_brace_expansion() -> None:
 def test_nothing_matched_messages(tmp_path: Path) -> None:
     with pytest.raises(
         UsageError,
-        match=r"pattern .*nope-\*\.tar.* matches no \.tar\.gz, \.tgz, \.tar files",
+        match=r"pattern .*nope-\*\.tar.* matches no \.tar, \.tar\.gz, \.tgz, \.tar\.bz2, .* files",
     ):
         expand_shards(str(tmp_path / "nope-*.tar"))
     with pytest.raises(UsageError, match=r"missing\.tar.* does not exist"):

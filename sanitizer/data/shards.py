@@ -22,7 +22,11 @@ from braceexpand import UnbalancedBracesError, braceexpand
 from sanitizer.errors import UsageError
 
 log = logging.getLogger(__name__)
-SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# What a directory or a glob lists as shards, and what a stem drops: tars plain or compressed, those
+# compressed with zstd or LZ4 included, so that they fail saying they are not read rather than go
+# unseen (a directory of them read as "no shards found").
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.lz4")
+_SUFFIX_LIST = ", ".join(SHARD_SUFFIXES)
 MAX_STEM_CHARS = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -57,13 +61,20 @@ _STAMP_TYPES = {"size": int, "mtime_ns": int, **dict.fromkeys(_REMOTE_VERSION, s
 STAMP_FORM = "{size, mtime_ns} in whole numbers, or a remote object's size and version as text"
 
 
+def local_path(url: str) -> str | None:
+    """The local path a shard URL names: a path itself, or a `file://` URL's path; None for a remote
+    URL. One file is one shard however it is named."""
+    path = url.removeprefix("file://")
+    return None if is_remote(path) else path
+
+
 def file_stamp(url: str) -> dict[str, int | str] | None:
     """What tells that a shard changed under the same name without reading it again: a local file's
     size and mtime (ns) (a `file://` URL is one), a remote object's size and whichever version (ETag,
     MD5, generation or version id, modification time) its store gives. None where there is neither,
     or it cannot be stat'ed."""
-    path = url.removeprefix("file://")
-    return _remote_stamp(url) if is_remote(path) else path_stamp(path)
+    path = local_path(url)
+    return _remote_stamp(url) if path is None else path_stamp(path)
 
 
 def path_stamp(path: str | os.PathLike) -> dict[str, int] | None:
@@ -174,7 +185,7 @@ def _expand_glob(item: str) -> list[str]:
         log.warning(
             "pattern %r also matches files that are not %s shards, left out: %s",
             item,
-            ", ".join(SHARD_SUFFIXES),
+            _SUFFIX_LIST,
             _first_three(others, ", "),
         )
     return [str(p.resolve()) for p in files if _is_shard_name(p.name)]
@@ -195,9 +206,9 @@ def _expand_local(item: str) -> list[str]:
 def _describe_miss(item: str) -> str:
     path = Path(item).expanduser()
     if _GLOB_CHARS.search(item):
-        return f"pattern {item!r} matches no {', '.join(SHARD_SUFFIXES)} files"
+        return f"pattern {item!r} matches no {_SUFFIX_LIST} files"
     if path.is_dir():
-        return f"directory {item!r} contains no {', '.join(SHARD_SUFFIXES)} files"
+        return f"directory {item!r} contains no {_SUFFIX_LIST} files"
     return f"shard file {item!r} does not exist"
 
 
@@ -288,12 +299,13 @@ def expand_shards(spec: str) -> list[ShardRef]:
         except UnbalancedBracesError as e:
             raise UsageError(f"bad shard pattern {part!r}: {e}") from None
         for item in items:
-            if is_remote(item):
+            path = local_path(item)
+            if path is None:
                 urls.append(item)
                 continue
-            found = _expand_local(item)
+            found = _expand_local(path)
             if not found:
-                misses.append(_describe_miss(item))
+                misses.append(_describe_miss(path))
             urls.extend(found)
     if misses:
         raise UsageError(_misses_message(misses, len(urls)))
