@@ -24,7 +24,6 @@ import torch
 
 from sanitizer.atomic import write_json_atomic
 from sanitizer.collapse import (
-    DEFAULT_COLLAPSE_RULE,
     NO_AXIS,
     REFERENCE_SIZE,
     SKETCH_DIM,
@@ -34,7 +33,7 @@ from sanitizer.collapse import (
 from sanitizer.manifest import flag_counts, to_table, write_manifest
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags
 from sanitizer.rundir import RunDir
-from sanitizer.thresholds import parse_rule
+from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, parse_rule
 
 HOLDOUT = 2000
 

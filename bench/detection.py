@@ -35,7 +35,7 @@ import torch
 
 from sanitizer.atomic import write_bytes_atomic
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE, HeldOut, Reference, Sketched
+from sanitizer.collapse import HeldOut, Sketched
 from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import (
@@ -50,6 +50,7 @@ from sanitizer.encoders import (
     parse_spec,
 )
 from sanitizer.errors import EncoderError, SanitizerError, UsageError
+from sanitizer.neighbours import Reference, sketch_images
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -67,7 +68,7 @@ from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import MIN_SIDE, TRIGGERS, Trigger
 from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
-from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
+from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import ImageSet, TrainSettings, fit_decoder
 
 log = logging.getLogger("bench.detection")
@@ -491,7 +492,7 @@ def baseline_rows(
 
 
 def sketched(images: Embedded) -> Sketched:
-    return Sketched.of(images.embeddings, images.pixels)
+    return sketch_images(images.embeddings, images.pixels)
 
 
 def collapse_of(scored: Sketched, fitted) -> tuple[np.ndarray, np.ndarray]:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sanitizer.collapse import SKETCH_DIM, embedding_axis, embedding_sketch
+from sanitizer.collapse import SKETCH_DIM
 from sanitizer.decoder_meta import QUANTILES, ScoreSettings
 from sanitizer.device import autocast
 from sanitizer.encoders import VictimEncoder
 from sanitizer.model import DedeDecoder, num_visible
+from sanitizer.neighbours import embedding_axis, embedding_sketch
 
 # SSIM's stabilisers in the encoder's normalised pixel space (one unit is about 0.23 of the 0-1 range
 # for ImageNet statistics). C2 sits above SSIM's usual (0.03 * range)^2 so that a faint pattern on a

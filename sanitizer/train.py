@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from sanitizer import checkpoint
-from sanitizer.collapse import Sketched, thumbnail
+from sanitizer.collapse import Sketched
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
@@ -39,6 +39,7 @@ from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import TrainingError, UsageError, shortlist
 from sanitizer.joblock import job_lock, refuse_foreign
 from sanitizer.model import DedeDecoder
+from sanitizer.neighbours import thumbnail
 from sanitizer.progress import progress_bar
 from sanitizer.scoring import Scorer, Scores, key_seeds
 

@@ -15,40 +15,41 @@ from PIL import Image
 from sanitizer.checkpoint import HOLDOUT, load_holdout, read_meta, reference_key, save_holdout, save_tensors
 from sanitizer.cli import build_parser, collapse_rule
 from sanitizer.collapse import (
-    CANDIDATES,
-    DEFAULT_COLLAPSE_RULE,
-    NEAR_DUPLICATE_RMS,
     NO_AXIS,
     ON_AXIS,
     SKETCH_DIM,
     THUMBNAIL_SIDE,
     UNKNOWN_AXIS,
     HeldOut,
-    Neighbours,
-    Reference,
     Sketched,
     collapse_needed,
-    effective_dim,
-    embedding_axis,
-    embedding_sketch,
     evidence,
     group_by_seed,
-    near_duplicates,
-    neighbour_similarity,
     reference_rank,
     tail_p,
-    thumbnail,
     within_lowest,
 )
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.errors import UsageError
 from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
+from sanitizer.neighbours import (
+    CANDIDATES,
+    NEAR_DUPLICATE_RMS,
+    Neighbours,
+    Reference,
+    effective_dim,
+    embedding_axis,
+    embedding_sketch,
+    near_duplicates,
+    neighbour_similarity,
+    thumbnail,
+)
 from sanitizer.pipeline import collapse_pass
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import write_report
 from sanitizer.stats import SHIFT_LIMIT
-from sanitizer.thresholds import parse_rule
+from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, parse_rule
 from sanitizer.train import TrainSettings, train_decoder
 from sanitizer.verify import verify_run
 

@@ -22,6 +22,7 @@ from sanitizer.checkpoint import save_tensors
 from sanitizer.device import precision
 from sanitizer.encoders import load_encoder
 from sanitizer.errors import SanitizerError, UsageError
+from sanitizer.neighbours import sketch_images
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import ImplantSettings
 from sanitizer.redteam.metrics import rates
@@ -525,7 +526,7 @@ def test_collapse_rows_flag_images_that_share_one_embedding():
         D.Embedded(pictures[:n], clean, "c"), D.Embedded(pictures[n : n + n // 2], triggered, "t")
     )
     fitted = SimpleNamespace(
-        holdout_images=D.Sketched.of(holdout, pictures[n + n // 2 :]),
+        holdout_images=sketch_images(holdout, pictures[n + n // 2 :]),
         calibration=np.linspace(0, 1, held_out),
     )
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
@@ -576,7 +577,7 @@ def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_ou
         D.Embedded(pictures[n : n + n // 2], rng.normal(size=(n // 2, dim)), "t"),
     )
     fitted = SimpleNamespace(
-        holdout_images=D.Sketched.of(rng.normal(size=(420, dim)), pictures[n + n // 2 :]),
+        holdout_images=sketch_images(rng.normal(size=(420, dim)), pictures[n + n // 2 :]),
         calibration=np.r_[np.linspace(0, 1, 400), np.full(20, 5.0)],
     )
     held_triggered = np.arange(420) >= 400

@@ -12,9 +12,9 @@ import pytest
 
 import sanitizer.clean
 from sanitizer.cli import main
-from sanitizer.collapse import DEFAULT_COLLAPSE_RULE
 from sanitizer.manifest import read_manifest, write_manifest
 from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE
 from sanitizer.verify import verify_run
 
 NAMES = ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar")

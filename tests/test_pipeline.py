@@ -1677,10 +1677,10 @@ def test_a_rerun_of_a_run_with_sketchless_samples_rewrites_nothing(
 ):
     import torch
 
-    import sanitizer.collapse as collapse
+    import sanitizer.neighbours as neighbours
 
-    real = collapse.effective_dim  # some embeddings on one feature: their sketch is NaN
-    monkeypatch.setattr(collapse, "effective_dim", lambda e: torch.where(e[:, 0] > e[:, 1], real(e), 1.0))
+    real = neighbours.effective_dim  # some embeddings on one feature: their sketch is NaN
+    monkeypatch.setattr(neighbours, "effective_dim", lambda e: torch.where(e[:, 0] > e[:, 1], real(e), 1.0))
     out = tmp_path / "run"
     score(tiny_decoder_dir, tiny_shards, out, workers=0)
     table = pq.read_table(out / "manifest")

@@ -22,7 +22,7 @@ import sanitizer.checkpoint as checkpoint_module
 import sanitizer.train as train_module
 from sanitizer.checkpoint import check_encoder, load_decoder, load_holdout, read_meta
 from sanitizer.cli import main
-from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, thumbnail
+from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE
 from sanitizer.data.decode import decode_image
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
@@ -32,6 +32,7 @@ from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
 from sanitizer.errors import CheckpointError, EncoderError, TrainingError, UsageError
 from sanitizer.joblock import job_lock
 from sanitizer.model import DedeDecoder
+from sanitizer.neighbours import thumbnail
 from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.train import (
     FIRST_PASS,

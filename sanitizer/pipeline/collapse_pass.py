@@ -22,7 +22,6 @@ from sanitizer.collapse import (
     THUMBNAIL_SIDE,
     UNKNOWN_AXIS,
     HeldOut,
-    Reference,
     Sketched,
     reference_rank,
     unlike_holdout,
@@ -31,6 +30,7 @@ from sanitizer.collapse import (
 from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.errors import UsageError
 from sanitizer.manifest import read_manifest, set_flags, with_collapse
+from sanitizer.neighbours import Reference
 from sanitizer.rundir import RunDir, rewrite
 from sanitizer.stats import above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold

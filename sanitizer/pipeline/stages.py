@@ -26,13 +26,14 @@ from sanitizer.checkpoint import (
     load_trained_encoder,
     read_meta,
 )
-from sanitizer.collapse import NO_AXIS, SKETCH_DIM, thumbnail
+from sanitizer.collapse import NO_AXIS, SKETCH_DIM
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.device import memory_guard, resolve_device
 from sanitizer.encoders import FILE_KINDS, parse_spec
 from sanitizer.manifest import INPUT_FIELDS, SKETCH_TYPE, STATUS_NONFINITE_SCORE
+from sanitizer.neighbours import thumbnail
 from sanitizer.scoring import Scorer, key_seeds, nonfinite_reason
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.collapse import neighbour_similarity
+from sanitizer.neighbours import neighbour_similarity
 
 
 def rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
