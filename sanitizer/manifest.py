@@ -59,6 +59,16 @@ MANIFEST_SCHEMA = pa.schema(
     metadata={"schema": SCHEMA_VERSION},
 )
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
+# The columns the flagging sets after scoring (set_flags, with_collapse), as a shard's manifest starts
+# them. The score stage computes the others, but for those the read stage gives: stages.SCORE_FIELDS
+# takes them from MANIFEST_SCHEMA, so that a new score column is declared there only.
+UNFLAGGED = {
+    "flagged": False,
+    "threshold": None,
+    "flag_reason": None,
+    "collapse": None,
+    "collapse_threshold": None,
+}
 
 
 def to_table(columns: dict) -> pa.Table:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from sanitizer.atomic import write_json_atomic
 from sanitizer.data.shards import file_stamps
-from sanitizer.manifest import COLUMNS, flag_counts, set_flags, to_table, write_manifest
+from sanitizer.manifest import COLUMNS, UNFLAGGED, flag_counts, set_flags, to_table, write_manifest
 from sanitizer.pipeline.stages import END, RESULT_SCHEMA, SHARD_FAILED
 from sanitizer.rundir import RunDir
 
@@ -27,14 +27,7 @@ def manifest_table(rows: pa.Table, threshold: float | None) -> pa.Table:
     which needs every shard, comes later)."""
     rows = rows.sort_by("index")
     columns = {c: rows.column(c).combine_chunks() for c in COLUMNS if c in rows.column_names}
-    unset = {
-        "flagged": False,
-        "threshold": None,
-        "flag_reason": None,
-        "collapse": None,
-        "collapse_threshold": None,
-    }
-    columns.update({c: [value] * rows.num_rows for c, value in unset.items()})
+    columns.update({c: [value] * rows.num_rows for c, value in UNFLAGGED.items()})
     return set_flags(to_table(columns), threshold)
 
 

@@ -32,7 +32,7 @@ from sanitizer.data.tario import ShardError, describe, iter_samples, printable
 from sanitizer.decoder_meta import ScoreSettings
 from sanitizer.device import memory_guard, resolve_device
 from sanitizer.encoders import FILE_KINDS, parse_spec
-from sanitizer.manifest import INPUT_FIELDS, SKETCH_TYPE, STATUS_NONFINITE_SCORE
+from sanitizer.manifest import INPUT_FIELDS, MANIFEST_SCHEMA, SKETCH_TYPE, STATUS_NONFINITE_SCORE, UNFLAGGED
 from sanitizer.neighbours import thumbnail
 from sanitizer.scoring import Scorer, key_seeds, nonfinite_reason
 
@@ -51,13 +51,9 @@ _META_FIELDS = [
     *INPUT_FIELDS,
     pa.field("seed", pa.int64()),
 ]
-SCORE_FIELDS = [
-    pa.field("score", pa.float32()),
-    pa.field("score_std", pa.float32()),
-    pa.field("embedding_norm", pa.float32()),
-    pa.field("sketch", SKETCH_TYPE),
-    pa.field("axis", pa.int32()),
-]
+# What the score stage adds to the read stage's rows: the manifest's columns that neither the read
+# stage gives nor the flagging sets, as the manifest declares them
+SCORE_FIELDS = [f for f in MANIFEST_SCHEMA if f.name not in {*(m.name for m in _META_FIELDS), *UNFLAGGED}]
 RESULT_SCHEMA = pa.schema(_META_FIELDS + SCORE_FIELDS)
 
 
@@ -205,10 +201,8 @@ class ScoreStage:
         sketches = pa.FixedSizeListArray.from_arrays(
             pa.array(sketch.ravel()), type=SKETCH_TYPE, mask=pa.array(not_ok)
         )
-        out = out.append_column(SCORE_FIELDS[-2], sketches)
-        return out.append_column(
-            SCORE_FIELDS[-1], pa.array(axis, pa.int32(), mask=not_ok | (axis == NO_AXIS))
-        )
+        out = out.append_column("sketch", sketches)
+        return out.append_column("axis", pa.array(axis, pa.int32(), mask=not_ok | (axis == NO_AXIS)))
 
 
 def memory_advice(rows: int, micro_batch: int) -> str:
