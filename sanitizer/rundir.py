@@ -12,6 +12,7 @@ One job at a time: an advisory lock on RUN_DIR/.lock, released by the kernel if 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -117,6 +118,19 @@ class RunDir:
         paths = (self.stats(stem), self.split_marker(stem), self.manifest(stem))
         for path in (*paths, self.clean(stem), self.quarantine(stem)):
             path.unlink(missing_ok=True)
+
+    def manifests_digest(self, stems: list[str]) -> str:
+        """The sha256 of the manifests of `stems`, each after its stem, in their order: the same for
+        the same outputs, however they were written (a killed job resumed, a RUN_DIR copied)."""
+        found = hashlib.sha256()
+        for stem in stems:
+            found.update(f"{stem}\0".encode())
+            try:
+                with open(self.manifest(stem), "rb") as f:
+                    found.update(hashlib.file_digest(f, "sha256").digest())
+            except OSError:  # gone: a damaged run, which no digest recorded matches
+                found.update(b"unreadable")
+        return found.hexdigest()
 
     def done(self, shards: list[ShardRef]) -> list[str]:
         """The stems of the finished shards, in input order: what every step after scoring reads."""

@@ -1155,7 +1155,8 @@ def test_a_refused_rerun_leaves_a_finished_run_as_it_was(tmp_path, local_run, ti
 def test_a_rerun_killed_before_it_finishes_leaves_the_record_of_clean_for_the_next(
     tmp_path, local_run, tiny_decoder_dir, tiny_shards, monkeypatch, caplog, scored
 ):
-    """Killed after it marked the run running (here: in the collapse pass). The next re-run finishes
+    """Killed after it marked the run running (here: in the collapse pass; a re-run that scores
+    nothing skips it, so that one once it skipped it, as it sums the totals). The next re-run finishes
     the run as an undisturbed one would: the record of clean kept if nothing was scored since it was
     made, dropped with the warning to clean again if the killed run had scored a shard."""
     import sanitizer.pipeline.job as job_module
@@ -1169,7 +1170,7 @@ def test_a_rerun_killed_before_it_finishes_leaves_the_record_of_clean_for_the_ne
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(job_module, "apply_flags", killed)
+    monkeypatch.setattr(job_module, "apply_flags" if scored else "summarize", killed)
     with pytest.raises(KeyboardInterrupt):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
     info = json.loads((run / "run.json").read_text())
@@ -1823,3 +1824,125 @@ def test_a_shard_killed_between_its_manifest_and_its_stats_that_then_fails_leave
     assert list(summary.failed_shards) == ["shard-000002"]
     assert not (run / "manifest" / "shard-000002.parquet").exists()
     assert verify_run(run) == []
+
+
+# -- a re-run whose flags' inputs did not change skips flagging (the collapse pass)
+
+SKIPPED = "collapse pass: unchanged since the last run, skipped"  # "flags: ..." with --no-collapse
+
+
+def manifest_files(run: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Each manifest's bytes, inode and mtime: a skipped pass rewrites none."""
+    files = sorted((run / "manifest").glob("*.parquet"))
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+
+
+def copied_run(local_run, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    return run
+
+
+def rerun(decoder_dir: Path, data: Path, run: Path, caplog, **kw) -> bool:
+    """Score `run` again; whether it skipped flagging (the collapse pass)."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sanitizer.pipeline.job"):
+        score(decoder_dir, data, run, workers=0, **kw)
+    return any(m.endswith(SKIPPED.partition(":")[2]) for m in caplog.messages)
+
+
+def test_an_identical_rerun_skips_the_collapse_pass(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, capsys, monkeypatch
+):
+    """It ran again on every re-run: 56-132 s on 1,500 shards, for the same flags. A RUN_DIR copied
+    (new inodes and mtimes) holds the same outputs: skipped too."""
+    import sanitizer.pipeline.job as job_module
+
+    run = copied_run(local_run, tmp_path)
+    files, before = manifest_files(run), tree_digest(run)
+
+    def not_run(*_):
+        raise AssertionError("the pass ran")
+
+    monkeypatch.setattr(job_module, "apply_flags", not_run)
+    capsys.readouterr()
+    assert main([*score_argv(tiny_decoder_dir, tiny_shards, run), "--workers", "0"]) == 0
+    assert f"sanitizer: {SKIPPED}" in capsys.readouterr().err.splitlines()
+    assert manifest_files(run) == files and tree_digest(run) == before and verify_run(run) == []
+
+
+def holdout_changed(decoder_dir: Path, tmp_path: Path) -> Path:
+    """The decoder with two of its held-out images swapped: the same weights (the same run), another
+    holdout to weigh the run against."""
+    from sanitizer.checkpoint import load_holdout, save_holdout
+
+    copy = tmp_path / "decoder"
+    shutil.copytree(decoder_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    held = load_holdout(copy)
+    order = np.arange(len(held.axes))
+    order[[0, -1]] = order[[-1, 0]]
+    save_holdout(copy, held.take(order))
+    return copy
+
+
+CHANGES = {  # a re-run's options, as a fresh run is given them
+    "threshold-rule": {"threshold": "mad:3"},
+    "collapse-rule": {"collapse": "quantile:0.9"},
+    "no-collapse": {"collapse": None},
+    "holdout": {"decoder_dir": holdout_changed},
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_rerun_with_another_rule_or_holdout_flags_as_a_fresh_run(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog, change
+):
+    kw = dict(CHANGES[change])
+    decoder = kw.pop("decoder_dir", lambda d, _: d)(tiny_decoder_dir, tmp_path)
+    run = copied_run(local_run, tmp_path)
+    assert not rerun(decoder, tiny_shards, run, caplog, **kw)
+    fresh = tmp_path / "fresh"
+    score(decoder, tiny_shards, fresh, workers=0, **kw)
+    assert tree_digest(run / "manifest") == tree_digest(fresh / "manifest")
+    flagged = [
+        {k: json.loads((r / "run.json").read_text())[k] for k in ("threshold", "collapse")}
+        for r in (run, fresh, local_run[0])
+    ]
+    assert flagged[0] == flagged[1] != flagged[2]
+    assert rerun(decoder, tiny_shards, run, caplog, **kw)
+
+
+def test_a_rerun_after_a_manifest_was_rewritten_runs_the_pass(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
+):
+    """`clean --threshold value:0` flags every row; `score` re-run at its own threshold flags them back."""
+    run = copied_run(local_run, tmp_path)
+    clean_run(run, "value:0")
+    assert not rerun(tiny_decoder_dir, tiny_shards, run, caplog)
+    assert tree_digest(run / "manifest") == tree_digest(local_run[0] / "manifest")
+
+
+def test_a_pass_killed_part_way_runs_again(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog, monkeypatch
+):
+    """Killed after it rewrote one manifest, before run.json recorded what it flagged from: the next
+    re-run runs it again, with the same options as with the first ones."""
+    import sanitizer.rundir
+
+    run, written = copied_run(local_run, tmp_path), []
+    real = sanitizer.rundir.write_manifest
+
+    def killed_at_the_second(*args):
+        if written:
+            raise KeyboardInterrupt
+        written.append(real(*args))
+
+    monkeypatch.setattr(sanitizer.rundir, "write_manifest", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        score(tiny_decoder_dir, tiny_shards, run, workers=0, threshold="mad:3")
+    monkeypatch.undo()
+    assert len(written) == 1 and json.loads((run / "run.json").read_text())["state"] == "running"
+    assert not rerun(tiny_decoder_dir, tiny_shards, run, caplog, threshold="mad:3")
+    assert not rerun(tiny_decoder_dir, tiny_shards, run, caplog)
+    assert tree_digest(run / "manifest") == tree_digest(local_run[0] / "manifest")
+    assert rerun(tiny_decoder_dir, tiny_shards, run, caplog)

@@ -4,6 +4,7 @@ against the decoder's held-out images (see sanitizer.collapse for why and how)."
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -98,6 +99,15 @@ class HoldoutImages:
     scores: np.ndarray
     images: Sketched
     reference_key: bytes
+
+    def digest(self) -> bytes:
+        """What the pass weighs of the held-out images, hashed (the key follows from the decoder's
+        weights): a re-run weighs a run against them again only when they changed."""
+        found = hashlib.sha256()
+        for array in (self.scores, self.images.sketches, self.images.thumbnails, self.images.axes):
+            found.update(f"{array.dtype}{array.shape}".encode())
+            found.update(np.ascontiguousarray(array).tobytes())
+        return found.digest()
 
 
 def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: ScoreSettings) -> HoldoutImages:

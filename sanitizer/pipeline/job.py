@@ -5,8 +5,8 @@ that runs encoder + decoder; on CPUs each actor reads its own shards too. The dr
 shard's outputs as it completes (pipeline/collect.py). The same two stages also run in one process
 without Ray (`workers=0`), for benchmarks and small jobs. Once every shard is in, a threshold rule
 that needs the scored set is resolved, the collapse pass flags (pipeline/collapse_pass.py), and
-run.json records the totals. Re-running a job skips finished shards; a finished job re-run changes
-nothing.
+run.json records the totals. Re-running a job skips finished shards, and flagging when nothing the
+flags follow from changed (flag_inputs); a finished job re-run changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -437,29 +438,18 @@ def score_shards(
 
 
 def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float, previous: dict) -> Summary:
-    """Thresholds that needed the scored set, the collapse pass, the totals, and the final run.json
-    (which keeps `previous`'s record of clean while the flags it split by still hold)."""
+    """The flags (thresholds that needed the scored set, the collapse pass), unless nothing they follow
+    from changed since the last run finished them; the totals, and the final run.json (which keeps
+    `previous`'s record of clean while the flags it split by still hold)."""
     done = run.done(plan.shards)
-    threshold = plan.threshold
-    if plan.rule.needs_scores:
-        scores = ok_scores(run, done)
-        if len(scores):
-            threshold = resolve_threshold(plan.rule, None, scores)
-        else:  # the job still finishes: its failed shards and totals are recorded
-            log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
-    collapse, reflagged = apply_flags(run, done, threshold, plan.collapse)
-    collapse_rule = plan.config["collapse_rule"]
-    thresholds = {"threshold": threshold, "threshold_rule": str(plan.rule)}
-    thresholds |= {"collapse_threshold": collapse.value, "collapse_rule": collapse_rule}
+    if unchanged_flags(run, plan, done, previous):
+        log.info("%s: unchanged since the last run, skipped", "collapse pass" if plan.collapse else "flags")
+        now, reflagged = {k: previous[k] for k in FLAGGED}, 0
+    else:
+        now, reflagged = flag(run, plan, done)
+    thresholds = {"threshold": now["threshold"]["value"], "threshold_rule": str(plan.rule)}
+    thresholds |= {"collapse_threshold": now["collapse"]["value"], "collapse_rule": now["collapse"]["rule"]}
     summary = summarize(run, plan.shards, done, collector, time.time() - started, thresholds)
-    now = {
-        "threshold": {"rule": str(plan.rule), "value": threshold},
-        "collapse": {
-            "rule": collapse_rule,
-            "value": collapse.value,
-            "above_holdout_median": collapse.above_holdout_median,
-        },
-    }
     run.write_run(
         plan.record(
             "complete" if not summary.failed_shards else "incomplete",
@@ -474,10 +464,66 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
                 "shards_done": summary.shards_done,
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
+            **{FLAG_INPUTS: flag_inputs(run, plan, done, now)},
             **still_clean(run, previous, now, len(done), len(collector.done), reflagged),
         )
     )
     return summary
+
+
+def flag(run: RunDir, plan: JobPlan, done: list[str]) -> tuple[dict, int]:
+    """Flag the finished shards: a threshold that needs the scored set, then the collapse pass.
+    Returns run.json's records of both thresholds, and how many manifests changed."""
+    threshold = plan.threshold
+    if plan.rule.needs_scores:
+        scores = ok_scores(run, done)
+        if len(scores):
+            threshold = resolve_threshold(plan.rule, None, scores)
+        else:  # the job still finishes: its failed shards and totals are recorded
+            log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
+    collapse, reflagged = apply_flags(run, done, threshold, plan.collapse)
+    now = {
+        "threshold": {"rule": str(plan.rule), "value": threshold},
+        "collapse": {
+            "rule": plan.config["collapse_rule"],
+            "value": collapse.value,
+            "above_holdout_median": collapse.above_holdout_median,
+        },
+    }
+    return now, reflagged
+
+
+# run.json's records of the thresholds the flags were set at, and its digest of all they follow from
+# (flag_inputs), written once flagging finished. The digest is not CARRIED: a re-run killed before it
+# finishes leaves none, and the next flags again.
+FLAGGED = ("threshold", "collapse")
+FLAG_INPUTS = "flag_inputs"
+
+
+def unchanged_flags(run: RunDir, plan: JobPlan, done: list[str], previous: dict) -> bool:
+    """Whether the run.json found, `previous`, holds the digest of what the flags follow from now."""
+    recorded = previous.get(FLAG_INPUTS)
+    return recorded is not None and recorded == flag_inputs(
+        run, plan, done, {k: previous.get(k) for k in FLAGGED}
+    )
+
+
+def flag_inputs(run: RunDir, plan: JobPlan, done: list[str], records: dict) -> str:
+    """A digest of everything the flags follow from: the versions, the decoder and scoring settings,
+    both rules, the decoder's held-out images, the finished shards' manifests, and the thresholds they
+    came to (`records`). A re-run that finds the digest its last finished run recorded skips flagging:
+    the collapse pass alone took a minute or two on a re-run of 1,500 shards that changed no flag."""
+    state = {
+        "versions": versions(),
+        "identity": {k: v for k, v in plan.identity.items() if k != "shards"},
+        "rules": [plan.config["threshold_rule"], plan.config["collapse_rule"]],
+        "manifests": run.manifests_digest(sorted(done)),
+        "records": records,
+    }
+    found = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
+    if plan.collapse is not None:
+        found.update(plan.collapse[1].digest())
+    return found.hexdigest()
 
 
 def still_clean(run: RunDir, previous: dict, now: dict, done: int, scored: int, reflagged: int) -> dict:
