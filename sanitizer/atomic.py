@@ -2,6 +2,11 @@
 
 A killed job leaves only hidden ``.<name>.tmp-<pid>-<random>`` files behind, never a partial
 file under a final name; ``remove_stale_temps`` clears them on the next run.
+
+Each file is fsynced before its rename, so that a file under a final name is complete after a crash
+of the machine too. Its rename is durable once its directory is fsynced: at once, or, for the writes
+inside `deferred_dir_syncs`, once per directory at the block's end or at `sync_deferred_dirs` (a job
+writing thousands of small files spent a third of its time syncing the same two directories).
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 _TMP_MARK = ".tmp-"
+# The directories holding renames the enclosing deferred_dir_syncs block has yet to make durable
+_UNSYNCED: ContextVar[set[Path] | None] = ContextVar("unsynced_dirs", default=None)
 
 
 def _fsync_file(path: Path) -> None:
@@ -55,7 +63,34 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(final)  # a failed write (ENOSPC) names no file; say which output it was
         raise
-    _fsync_dir(final.parent)
+    unsynced = _UNSYNCED.get()
+    if unsynced is None:
+        _fsync_dir(final.parent)
+    else:
+        unsynced.add(final.parent)
+
+
+@contextmanager
+def deferred_dir_syncs() -> Iterator[None]:
+    """Atomic writes inside the block leave their directories' fsyncs to its end, one per directory;
+    on an error too, so that what was written stays written. Whatever relies on those renames being
+    durable (a record that the job finished) is written after the block, or after sync_deferred_dirs."""
+    token = _UNSYNCED.set(set())
+    try:
+        yield
+    finally:
+        sync_deferred_dirs()
+        _UNSYNCED.reset(token)
+
+
+def sync_deferred_dirs() -> None:
+    """Make the renames of the enclosing deferred_dir_syncs block durable now (outside one, each
+    write made its own so): before a write that must not outlast them in a crash, a shard's done
+    marker after its manifest."""
+    unsynced = _UNSYNCED.get() or set()
+    for directory in sorted(unsynced):
+        _fsync_dir(directory)
+    unsynced.clear()
 
 
 def _temp_prefix(name: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.atomic import remove_stale_temps, write_json_atomic
+from sanitizer.atomic import deferred_dir_syncs, remove_stale_temps, write_json_atomic
 from sanitizer.data.shards import STAMP_FORM, ShardRef, file_stamps, is_file_stamp, stamp_differs
 from sanitizer.errors import UsageError
 from sanitizer.joblock import job_lock, job_lock_for_steps, no_job_meanwhile, refuse_busy, refuse_foreign
@@ -327,18 +327,26 @@ def flagged_totals(run: RunDir, stems: list[str]) -> dict:
 def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.Table]) -> int:
     """Pass each finished shard's manifest through `update`; write back (manifest, then stats) those
     it changed, and the stats whose counts disagree with their manifest (a rewrite killed between the
-    two writes). Returns how many shards it wrote, so a finished run re-run rewrites nothing."""
+    two writes). A stats marker whose counts the new flags keep is not written again: it would be the
+    same bytes. Returns how many shards it wrote, so a finished run re-run rewrites nothing.
+
+    The directories are synced once, on return: the order of a manifest's and its stats' renames
+    does not matter after a crash, as a re-run mends either one alone, and run.json, the record that
+    the flags are final, is written after this returns."""
     changed = 0
-    for stem in stems:
-        table = read_manifest(run.manifest(stem))
-        updated = update(stem, table)
-        stats, counts, same = run.read_stats(stem), flag_counts(updated), same_values(updated, table)
-        if same and all(stats.get(k) == v for k, v in counts.items()):
-            continue
-        if not same:
-            write_manifest(run.manifest(stem), updated)
-        write_json_atomic(run.stats(stem), {**stats, **counts})
-        changed += 1
+    with deferred_dir_syncs():
+        for stem in stems:
+            table = read_manifest(run.manifest(stem))
+            updated = update(stem, table)
+            stats, counts, same = run.read_stats(stem), flag_counts(updated), same_values(updated, table)
+            counted = all(stats.get(k) == v for k, v in counts.items())
+            if same and counted:
+                continue
+            if not same:
+                write_manifest(run.manifest(stem), updated)
+            if not counted:
+                write_json_atomic(run.stats(stem), {**stats, **counts})
+            changed += 1
     return changed
 
 

@@ -1136,7 +1136,7 @@ def file_difference(files: list[str], expected: list[Fingerprint], found: list[F
 def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
     started = time.time()
     # closed on any exit, so an error message is not followed (or overdrawn) by a stale bar
-    with progress_bar(progress, total=shards, unit="shard", desc="score") as bar:
+    with collector.marking(), progress_bar(progress, total=shards, unit="shard", desc="score") as bar:
         for table in tables:
             before = len(collector.done) + len(collector.failed)
             collector.add(table)
