@@ -217,15 +217,18 @@ def test_report_of_a_run_that_flags_nothing_renders(tmp_path, tiny_decoder_dir, 
 
 
 def test_a_run_scored_without_the_collapse_pass_is_reported_without_it(
-    tmp_path, tiny_decoder_dir, tiny_shards
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
 ):
     """--no-collapse: no collapse sections, and the shard plot's note does not speak of the pass's flags
-    coming on top of the plotted ones (it did, though there were none)."""
+    coming on top of the plotted ones (it did, though there were none); each manifest is read once,
+    without the collapse pass's columns."""
     job = ScoreJob(
         decoder_dir=tiny_decoder_dir, data=str(tiny_shards), out=tmp_path / "run", workers=0, collapse=None
     )
     run_score_job(job, progress=False)
+    reads = manifest_reads(monkeypatch)
     parsed = parse(write_report(tmp_path / "run"))
+    assert len(reads) == 3 and not {"sketch", "collapse", "thumbnail"} & {c for r in reads for c in r}
     assert parsed.ids == [s for s in SECTIONS if s not in ("joint", "clusters")]
     text = " ".join(parsed.text)
     assert "so the plot counts that test's flags." in text and "collapse pass" not in text
@@ -302,15 +305,33 @@ def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, 
 def test_the_verdict_reads_each_manifest_once(labelled_run, monkeypatch):
     """The verdict's share above the calibration's median and its check of each shard's threshold read
     the manifests in one pass: two passes read a run of thousands of small shards twice."""
+    reads = manifest_reads(monkeypatch)
+    verdict = encoder_verdict(labelled_run)
+    assert verdict["above_calibration_median"] is not None and verdict["other_threshold_shards"] == []
+    assert reads == [["status", "score", "threshold"]] * 2  # its 2 shards
+
+
+def manifest_reads(monkeypatch) -> list[list[str]]:
+    """The columns of each manifest read from now on (read_manifest reads through pq.read_table)."""
     import pyarrow.parquet as pq
 
     reads, read_table = [], pq.read_table
     monkeypatch.setattr(
         pq, "read_table", lambda *a, **kw: reads.append(kw.get("columns")) or read_table(*a, **kw)
     )
-    verdict = encoder_verdict(labelled_run)
-    assert verdict["above_calibration_median"] is not None and verdict["other_threshold_shards"] == []
-    assert reads == [["status", "score", "threshold"]] * 2  # its 2 shards
+    return reads
+
+
+def test_the_report_reads_each_manifest_once(labelled_run, tmp_path, monkeypatch):
+    """Each section of the page read every manifest again (5 reads a manifest, more for the shards its
+    images came from): the page now reads each once, with the columns its sections need (the sketches,
+    as the collapse pass ran), never the thumbnails."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    reads = manifest_reads(monkeypatch)
+    write_report(run)
+    assert len(reads) == len(list((run / "manifest").glob("*.parquet"))) == 2
+    assert all("sketch" in columns and "thumbnail" not in columns for columns in reads)
 
 
 def test_the_totals_count_each_tests_flags_in_the_shards_they_count(labelled_run, tmp_path):
@@ -339,7 +360,7 @@ def test_image_sample_is_bounded(labelled_run, monkeypatch):
     run = RunDir(labelled_run)
     stems = sorted(p.stem for p in (labelled_run / "manifest").glob("*.parquet"))
     scan = report_scan.scan_run(run, stems)
-    flagged, clean = report_scan.sample_rows(run, scan)
+    flagged, clean = report_scan.sample_rows(scan)
     assert 0 < len(clean) <= 3 and len(flagged) <= 3
     assert len({p.stem for p in flagged + clean}) == 1
     assert all(p.flagged for p in flagged) and not any(p.flagged for p in clean)
@@ -912,3 +933,103 @@ def test_scoring_settings_that_are_not_ones_are_a_damaged_run(labelled_run, tmp_
         "restore it, or score into a new RUN_DIR\n"
     )
     assert not (run / "report").exists()
+
+
+def model_free_run(root: Path) -> Path:
+    """A 3-shard run after the collapse pass, written without a model: every value its page shows
+    comes from its manifests, stats markers, run.json and decoder.json, so the page has the same bytes
+    on any machine. Some rows failed, some carry a trigger (label, a high score, a shared sketch)."""
+    from sanitizer.manifest import COLUMNS, flag_counts, set_flags
+
+    rng = np.random.default_rng(7)
+    calibration = np.sort(rng.gamma(4.0, 0.05, 200)).astype(np.float32)
+    threshold = float(np.float32(np.quantile(calibration, 0.97)))
+    fake_run(root, "quantile:0.97", threshold, [(0, 0)] * 3, calibration.tolist())
+    target = rng.normal(size=64)
+    (root / "manifest").mkdir()
+    for i in range(3):
+        n, stem = 60, f"s{i}"
+        ok, label = rng.random(n) > 0.05, rng.random(n) < 0.1 * (i + 1)
+        sketch = rng.normal(size=(n, 64)) + 30 * label[:, None] * target
+        sketch /= np.linalg.norm(sketch, axis=1, keepdims=True)
+        collapse = np.where(label, rng.uniform(0.9, 0.999, n), rng.uniform(0.2, 0.9, n))
+        collapse[rng.random(n) < 0.05] = 2.5  # on one feature: no sketch
+        score = np.where(label, rng.gamma(4.0, 0.1, n), rng.gamma(4.0, 0.05, n))
+        columns = {c: [None] * n for c in COLUMNS}
+        columns |= {"key": [f"{stem}-k{r}" for r in range(n)], "shard": [stem] * n, "index": np.arange(n)}
+        columns |= {"status": np.where(ok, "ok", "decode_error"), "flagged": np.zeros(n, bool)}
+        columns |= {"error": [None if o else "cannot decode" for o in ok], "label": label}
+        columns |= {"caption": [f"{HOSTILE_CAPTION}{stem} {r}" for r in range(n)]}
+        for name, values in (
+            ("score", score),
+            ("collapse", collapse),
+            ("collapse_threshold", np.full(n, 0.95)),
+        ):
+            columns[name] = [float(v) if o else None for v, o in zip(values, ok, strict=True)]
+        columns["sketch"] = [
+            list(s.astype(np.float16)) if o and c < 2 else None
+            for s, o, c in zip(sketch, ok, collapse, strict=True)
+        ]
+        table = set_flags(to_table(columns), threshold)
+        write_manifest(root / "manifest" / f"{stem}.parquet", table)
+        status_counts = {"ok": int(ok.sum()), "decode_error": int((~ok).sum())}
+        stats = {
+            "shard": stem,
+            "count": n,
+            "ok": int(ok.sum()),
+            **flag_counts(table),
+            "status_counts": status_counts,
+        }
+        (root / "stats" / f"{stem}_stats.json").write_text(json.dumps(stats))
+    info = json.loads((root / "run.json").read_text())
+    info["collapse"] = {"rule": "quantile:0.98", "value": 3.5, "above_holdout_median": 0.55}
+    info |= {"versions": {"sanitizer": "0.test"}, "state": "done"}
+    (root / "run.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({}, "136ad0423edbd6c05037b0744a0217f70761f42caba6b969928030cb2d70eccf"),
+        (
+            {"MAX_SHARDS_READ": 2, "SAMPLE_PER_GROUP": 5, "CLUSTER_POOL": 10, "JOINT_POINTS": 50},
+            "44c5039802c8aac0a47d7879b33c9c114c2b01528c2b76769dfddd606f4a4710",
+        ),
+    ],
+)
+def test_the_page_of_a_model_free_run_is_the_same_byte_for_byte(tmp_path, monkeypatch, limits, expected):
+    """The page, every section of it, is pinned byte for byte (RUN_DIR shown as TMP), also where the
+    run is larger than the page's bounds (`limits`): reading each manifest once for every section,
+    instead of once per section, changed no byte of it. The images are stood in for (their pixels are
+    not on the page, only which samples they are)."""
+    import hashlib
+
+    from sanitizer import report
+    from sanitizer.report import scan as report_scan
+    from sanitizer.report.views import Views
+
+    for name, value in limits.items():
+        monkeypatch.setattr(report_scan, name, value)
+
+    def views(scorer, picks, images, size):
+        zeros, n = np.zeros((len(picks), 4, 4, 3), np.uint8), len(picks)
+        embeddings = np.array([[p.score, p.index % 7, len(p.key)] for p in picks], np.float32).reshape(n, 3)
+        flat = np.zeros((n, 4, 4), np.float32)
+        return Views(picks, zeros, zeros, zeros, flat, embeddings, flat.astype(bool))
+
+    monkeypatch.setattr(report, "load_scorer", lambda info: (None, 4))
+    monkeypatch.setattr(
+        report,
+        "read_images",
+        lambda urls, picks, size: (
+            {(p.stem, p.index): (np.zeros((4, 4, 3), np.uint8), p.key) for p in picks},
+            [],
+        ),
+    )
+    monkeypatch.setattr(report, "render_views", views)
+    path = write_report(model_free_run(tmp_path / "run"))
+    assert parse(path).ids == list(SECTIONS)
+    page = path.read_text(encoding="utf-8")
+    digest = hashlib.sha256(page.replace(str(tmp_path), "TMP").encode()).hexdigest()
+    assert digest == expected, digest

@@ -8,10 +8,10 @@ reconstruction fails (a patch trigger shows up as a bright square), the embeddin
 the ROC curve when the shards carry ground truth, an encoder-level verdict, and, after the collapse
 pass, the groups of samples that pass flagged, side by side.
 
-Memory and time stay bounded whatever the run's size: manifests are read one shard and a few columns
-at a time, and only a bounded sample of images is read again and run through the encoder and decoder
-(the typical ones from at most MAX_SHARDS_READ shards, the most flagged and the collapse groups' from
-the shards they are in).
+Memory and time stay bounded whatever the run's size: each manifest is read once, a shard at a time,
+with only the columns the page needs, and what is kept of it is small (scan); only a bounded sample of
+images is read again and run through the encoder and decoder (the typical ones from at most
+MAX_SHARDS_READ shards, the most flagged and the collapse groups' from the shards they are in).
 
 This module puts the page together (write_report); the parts, in the order it uses them:
   verdict  the encoder-level verdict (encoder_verdict, also `sanitizer score`'s last line)
@@ -63,6 +63,7 @@ from sanitizer.report.scan import (
 )
 from sanitizer.report.verdict import (
     ALPHA,
+    ManifestChecks,
     decoder_calibration,
     encoder_verdict,
     expected_flag_rate,
@@ -161,11 +162,12 @@ def scored_sections(
 ) -> list[Section]:
     """The page's sections for a run with finished shards (`done`), writing their figures to `out`."""
     threshold, rule = run_threshold(info)
-    scan = scan_run(run, done)
-    verdict = run_verdict(run, info, shards, calibration)
-    hist = histograms(run, done, scan, calibration, threshold) if scan.ok else None
     collapse = info.get("collapse") or {}
     collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
+    checks = ManifestChecks(calibration, threshold)
+    scan = scan_run(run, done, collapsed, also=(checks,))
+    verdict = run_verdict(run, info, shards, calibration, checks.result())
+    hist = histograms(scan, calibration, threshold) if scan.ok else None
     summary = summary_section(info, scan, meta)
     if verdict["other_threshold_shards"]:  # the tiles count flags at mixed thresholds: say so first
         summary.body = (
@@ -175,19 +177,18 @@ def scored_sections(
         summary,
         verdict_section(verdict),
         scores_section(out, hist, threshold, rule),
-        *([joint_section(out, joint_points(run, done), threshold, shift)] if collapsed else []),
+        *([joint_section(out, joint_points(scan.joint), threshold, shift)] if scan.joint is not None else []),
         shards_section(out, scan, verdict["expected_rate"], collapsed),
-        *image_sections(out, run, info, shards, scan, collapsed),
+        *image_sections(out, info, shards, scan),
         roc_section(out, scan, threshold),
     ]
 
 
-def image_sections(
-    out: Path, run: RunDir, info: dict, shards: list[ShardRef], scan: RunScan, collapsed: bool
-) -> list[Section]:
-    """Grid, clusters (`collapsed`: after the collapse pass), heat map and projection: the only part
-    that reads images and runs the models."""
-    ids = ["samples", *(["clusters"] if collapsed else []), "localisation", "embeddings"]
+def image_sections(out: Path, info: dict, shards: list[ShardRef], scan: RunScan) -> list[Section]:
+    """Grid, clusters (after the collapse pass), heat map and projection: the only part that reads
+    images and runs the models."""
+    pool = scan.clusters
+    ids = ["samples", *(["clusters"] if pool is not None else []), "localisation", "embeddings"]
     if not scan.ok:  # every sample failed: there is no image to show, and none was unreadable
         return [Section(i, note("no sample could be scored: no image to show")) for i in ids]
     try:
@@ -195,10 +196,8 @@ def image_sections(
     except SanitizerError as e:
         why = note(f"the run's encoder or decoder cannot be loaded ({e}); images are not shown")
         return [Section(i, why) for i in ids]
-    flagged_sample, clean_sample = sample_rows(run, scan)
-    clusters, by_collapse, unsketched = (
-        collapse_clusters(run, [s.stem for s in scan.shards]) if collapsed else ([], 0, 0)
-    )
+    flagged_sample, clean_sample = sample_rows(scan)
+    clusters = collapse_clusters(pool) if pool is not None else []
     urls = {s.stem: s.url for s in shards}
     in_clusters = [p for c in clusters for p in c.picks]
     images, notes = read_images(urls, scan.top + flagged_sample + clean_sample + in_clusters, size)
@@ -207,7 +206,7 @@ def image_sections(
     clean = render_views(scorer, clean_sample, images, size)
     sections = [
         samples_section(out, top, typical(clean, GRID_ROWS)),
-        *([clusters_section(out, clusters, by_collapse, unsketched, images)] if collapsed else []),
+        *([clusters_section(out, clusters, pool.total, pool.unsketched, images)] if pool is not None else []),
         localisation_section(out, flagged, clean),
         embeddings_section(out, flagged, clean),
     ]

@@ -18,7 +18,7 @@ from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.decoder_meta import ScoreSettings, calibration_for
 from sanitizer.errors import SanitizerError
-from sanitizer.manifest import read_manifest
+from sanitizer.report.scan import read_manifests
 from sanitizer.rundir import RunDir, open_run, table_ok_scores
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
 from sanitizer.thresholds import parse_rule
@@ -38,15 +38,24 @@ def encoder_verdict(run_dir: Path) -> dict:
     when there is no rate to test against.
     """
     run, info, shards = open_run(run_dir)
-    return run_verdict(run, info, shards, decoder_calibration(info)[0])
+    calibration = decoder_calibration(info)[0]
+    checks = manifest_checks(run, shards, calibration, run_threshold(info)[0])
+    return run_verdict(run, info, shards, calibration, checks)
 
 
-def run_verdict(run: RunDir, info: dict, shards: list[ShardRef], calibration: np.ndarray | None) -> dict:
-    """encoder_verdict of a run already opened, with its decoder's calibration already read."""
+def run_verdict(
+    run: RunDir,
+    info: dict,
+    shards: list[ShardRef],
+    calibration: np.ndarray | None,
+    checks: tuple[float | None, list[str]],
+) -> dict:
+    """encoder_verdict of a run already opened, with its decoder's calibration and what the verdict
+    reads of its manifests (ManifestChecks.result) already read."""
     ok, flagged = _done_totals(run, shards)
     threshold, rule = run_threshold(info)
     p0 = expected_flag_rate(rule, threshold, calibration) if rule and threshold is not None else None
-    share, others = manifest_checks(run, shards, calibration, threshold)
+    share, others = checks
     result = {
         "ok": ok,
         "flagged": flagged,
@@ -179,26 +188,47 @@ def share_above_median(run: RunDir, shards: list[ShardRef], calibration: np.ndar
 def manifest_checks(
     run: RunDir, shards: list[ShardRef], calibration: np.ndarray | None, threshold: float | None
 ) -> tuple[float | None, list[str]]:
-    """What the verdict reads of the finished shards' manifests, each read once, a shard at a time (a
-    run's scores need not fit in memory; two passes read a run of thousands of small shards twice):
-    the share of ok scores above the calibration's median (None without both, or with a manifest
-    missing), and the shards whose manifest was flagged at another score threshold than run.json's
-    (none without one): a `clean --threshold` killed while it re-flagged the manifests leaves some
-    (run.json changes after them), and a count of flags at mixed thresholds tests nothing."""
+    """ManifestChecks of the finished shards' manifests, each read once, a shard at a time (a run's
+    scores need not fit in memory). The share is None with a manifest missing."""
     done = run.done(shards)
     stems = [stem for stem in done if run.manifest(stem).is_file()]
-    with_share = calibration is not None and len(calibration) > 0 and len(stems) == len(done)
-    columns = (["status", "score"] if with_share else []) + (["threshold"] if threshold is not None else [])
-    above = total = 0
-    others = []
-    for stem in stems if columns else []:
-        table = read_manifest(run.manifest(stem), columns)
-        if with_share:
-            scores = table_ok_scores(table)
-            above, total = above + above_median(scores, calibration), total + len(scores)
-        if threshold is not None and not _flagged_at(table.column("threshold"), threshold):
-            others.append(stem)
-    return (above / total if total else None), others
+    checks = ManifestChecks(calibration, threshold, complete=len(stems) == len(done))
+    if checks.columns:
+        read_manifests(run, stems, [checks])
+    return checks.result()
+
+
+class ManifestChecks:
+    """What the verdict reads of the manifests, fed one at a time (`sanitizer report` feeds it the
+    tables its page reads): the share of ok scores above the calibration's median (None without
+    both, or when `complete` is false), and the shards whose manifest was flagged at another score
+    threshold than run.json's (none without one): a `clean --threshold` killed while it re-flagged
+    the manifests leaves some (run.json changes after them), and a count of flags at mixed
+    thresholds tests nothing."""
+
+    def __init__(self, calibration: np.ndarray | None, threshold: float | None, complete: bool = True):
+        self.calibration = calibration if calibration is not None and len(calibration) and complete else None
+        self.threshold = threshold
+        self.above = self.total = 0
+        self.others: list[str] = []
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        share = ("status", "score") if self.calibration is not None else ()
+        return share + (("threshold",) if self.threshold is not None else ())
+
+    def add(self, stem: str, table: pa.Table) -> None:
+        if self.calibration is not None:
+            scores = table_ok_scores(table.select(["status", "score"]))
+            self.above, self.total = (
+                self.above + above_median(scores, self.calibration),
+                self.total + len(scores),
+            )
+        if self.threshold is not None and not _flagged_at(table.column("threshold"), self.threshold):
+            self.others.append(stem)
+
+    def result(self) -> tuple[float | None, list[str]]:
+        return (self.above / self.total if self.total else None), self.others
 
 
 def _flagged_at(column: pa.ChunkedArray, threshold: float) -> bool:
