@@ -33,6 +33,7 @@ from sanitizer.errors import (
     visible,
 )
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE
+from sanitizer.wording import counted
 
 if TYPE_CHECKING:  # these load torch: --help stays instant
     import torch
@@ -281,10 +282,11 @@ def say_trained(meta: dict, out: Path) -> int:
     failing to read (trained without them, as score goes on: finished, but incomplete)."""
     t = meta["training"]
     say(
-        f"trained {t['epochs']} epochs on {t['n_train']} images in {t['seconds']} s"
+        f"trained {counted(t['epochs'], 'epoch')} on {counted(t['n_train'], 'image')} in {t['seconds']} s"
         + (f" ({t['left_out']} left out by the first pass)" if t["left_out"] else "")
         + ", "
-        f"final loss {t['epoch_losses'][-1]:.4f}; calibrated on {meta['calibration']['n']} held-out images\n"
+        f"final loss {t['epoch_losses'][-1]:.4f}; "
+        f"calibrated on {counted(meta['calibration']['n'], 'held-out image')}\n"
         f"decoder: {out}"
     )
     for failed in t["failed_shards"]:
@@ -292,7 +294,10 @@ def say_trained(meta: dict, out: Path) -> int:
     nonfinite = t["nonfinite_embeddings"]
     if nonfinite["n"]:  # trained without them, as images that do not decode: finished
         names = shortlist([repr(k) for k in nonfinite["keys"]])
-        say(f"left out {nonfinite['n']} image(s) whose embedding by the encoder is not finite: {names}")
+        say(
+            f"left out {counted(nonfinite['n'], 'image')} whose embedding by the encoder is not finite: "
+            + names
+        )
     return EXIT_INCOMPLETE if t["failed_shards"] else EXIT_OK
 
 
@@ -414,7 +419,8 @@ def format_summary(s: Summary) -> str:
             f"(collapse evidence threshold {collapse} [{s.collapse_rule}])"
         )
     lines += [
-        f"throughput: {s.scored_now} samples in {s.seconds:.1f} s ({s.samples_per_second:.0f} samples/s)",
+        f"throughput: {counted(s.scored_now, 'sample')} in {s.seconds:.1f} s "
+        f"({s.samples_per_second:.0f} samples/s)",
     ]
     lines += [f"FAILED shard {stem}: {error}" for stem, error in sorted(s.failed_shards.items())]
     manifest = s.run_dir / "manifest" if s.shards_done else "none (no shard was scored)"
@@ -439,8 +445,8 @@ def run_clean(args: argparse.Namespace) -> int:
     s = clean_run(args.run_dir, args.threshold)
     if s.shards:
         say(
-            f"kept {s.kept} samples in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
-            f"{args.run_dir / 'quarantine'} ({s.shards} shards: {s.split} split, "
+            f"kept {counted(s.kept, 'sample')} in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
+            f"{args.run_dir / 'quarantine'} ({counted(s.shards, 'shard')}: {s.split} split, "
             f"{s.shards - s.split} already clean; threshold {s.threshold:.6g})"
         )
     else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make

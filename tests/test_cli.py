@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import logging
@@ -340,6 +341,8 @@ def test_the_summarys_rate_counts_samples_as_it_says_not_images(tmp_path):
         scored_now=120,
     )
     assert "throughput: 120 samples in 2.0 s (60 samples/s)" in cli.format_summary(summary).splitlines()
+    summary = dataclasses.replace(summary, scored_now=1)  # one sample, not "1 samples"
+    assert "throughput: 1 sample in 2.0 s (0 samples/s)" in cli.format_summary(summary).splitlines()
 
 
 HEAVY = ("torch", "timm", "open_clip", "ray")  # seconds to import, each

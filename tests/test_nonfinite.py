@@ -152,8 +152,7 @@ def test_train_leaves_out_images_whose_embedding_is_not_finite(
     assert main(train_argv(standardising_encoder, data, tmp_path / "dec")) == 0
     out = capsys.readouterr().out
     assert (
-        f"left out 3 image(s) whose embedding by the encoder is not finite: 'black', 'white', '{held}'\n"
-        in out
+        f"left out 3 images whose embedding by the encoder is not finite: 'black', 'white', '{held}'\n" in out
     )
     meta = read_meta(tmp_path / "dec")  # refused calibration scores that are not finite
     training = meta["training"]

@@ -288,7 +288,7 @@ def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, 
     assert verdict["other_threshold_shards"] == stems[:1]
     threshold = json.loads((run / "run.json").read_text())["threshold"]
     why = (
-        f"1 shard(s) ({stems[0]}) were flagged at another threshold than run.json's "
+        f"1 shard ({stems[0]}) was flagged at another threshold than run.json's "
         f"{threshold['value']:.6g} ({threshold['rule']}) (a `sanitizer clean --threshold` did not "
         "finish), so the flag counts mix thresholds: run `sanitizer clean RUN_DIR` to flag every shard "
         "at run.json's"
@@ -1033,3 +1033,24 @@ def test_the_page_of_a_model_free_run_is_the_same_byte_for_byte(tmp_path, monkey
     page = path.read_text(encoding="utf-8")
     digest = hashlib.sha256(page.replace(str(tmp_path), "TMP").encode()).hexdigest()
     assert digest == expected, digest
+
+
+@pytest.mark.parametrize(
+    ("n", "said"), [(0, "0 samples"), (1, "1 sample"), (2, "2 samples"), (2048, "2,048 samples")]
+)
+def test_a_count_and_its_noun_agree_in_number(n, said):
+    """The page and the command line said "1 samples" and "1 shard(s) were": one helper says each count."""
+    from sanitizer.wording import counted
+
+    assert counted(n, "sample", spec=",") == said
+    assert counted(n, "shard was", "shards were").endswith("shard was" if n == 1 else "shards were")
+
+
+def test_the_verdicts_counts_agree_in_number():
+    from sanitizer.report.verdict import flag_count_text, other_threshold_text
+
+    assert flag_count_text(0, 1, 0.03) == "0 of 1 sample flagged by score, 3.00% expected"
+    assert flag_count_text(1, 2, 0.03) == "1 of 2 samples flagged by score, 3.00% expected"
+    assert other_threshold_text(["a"], 0.5, None).startswith("1 shard (a) was flagged at another threshold")
+    assert other_threshold_text(["a", "b"], 0.5, None).startswith("2 shards (a, b) were flagged")
+    assert other_threshold_text([], 0.5, None).startswith("0 shards () were flagged")

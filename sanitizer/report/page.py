@@ -27,6 +27,7 @@ from sanitizer.report.scan import CLUSTER_POOL, Cluster, Histograms, JointPoints
 from sanitizer.report.verdict import flag_count_text, p_text, run_threshold, shift_text, threshold_text
 from sanitizer.report.views import Views
 from sanitizer.stats import roc_auc
+from sanitizer.wording import counted
 
 # id: (heading, its link in the navigation bar), in the order the page shows them
 SECTIONS = {
@@ -210,7 +211,8 @@ def verdict_section(verdict: dict) -> Section:
             f"<p>{verdict['test'].capitalize()} test: with the threshold set for a false-positive rate of "
             f"<b>{verdict['expected_rate']:.2%}</b>, clean data like the decoder's calibration would have "
             "about "
-            f"{verdict['expected_rate'] * verdict['ok']:.0f} of these {verdict['ok']:,} samples flagged; "
+            f"{verdict['expected_rate'] * verdict['ok']:.0f} of these "
+            f"{counted(verdict['ok'], 'sample', spec=',')} flagged; "
             f"<b>{verdict['flagged']:,}</b> were. One-sided p-value {p_text(verdict['p_value'])}, "
             f"significance level {verdict['alpha']:g}.</p>"
             "<p class=note>The test assumes that clean samples of this data are rebuilt as well as the "
@@ -256,7 +258,8 @@ def joint_section(
     plot_joint(out / "joint.png", points, threshold)
     apart = f"<p>{apart}: they are not drawn.</p>" if points.unsketched else ""
     text = (
-        f"<p>{len(points.score):,} samples with a cosine collapse (a seeded sample): how badly each is "
+        f"<p>{counted(len(points.score), 'sample', spec=',')} with a cosine collapse (a seeded sample): "
+        "how badly each is "
         "rebuilt, against how nearly its embedding coincides with its 5 nearest in the run. The collapse "
         "pass weighs the two together, each as a p-value against the decoder's held-out images, so a "
         "sample is flagged above the black line, which is lower the rarer its score; samples right of "
@@ -271,7 +274,8 @@ NO_SKETCH_TEXT = "no sketch (their embedding sits on fewer than 2 features: coll
 
 
 def unsketched_text(count: int, flagged: int) -> str:
-    return f"{count:,} samples have {NO_SKETCH_TEXT}, {flagged:,} of them flagged by the collapse pass"
+    have = counted(count, "sample has", "samples have", ",")
+    return f"{have} {NO_SKETCH_TEXT}, {flagged:,} of them flagged by the collapse pass"
 
 
 def shards_section(out: Path, scan: RunScan, expected: float | None, collapsed: bool) -> Section:
@@ -325,9 +329,19 @@ def clusters_section(
     """`total` flagged by the collapse pass, `unsketched` of them without a sketch (not grouped)."""
     if not total:
         return Section("clusters", note("the collapse pass flagged no sample"))
-    apart = "" if not unsketched else f" {unsketched:,} of them have {NO_SKETCH_TEXT} and are not grouped."
+    apart = (
+        ""
+        if not unsketched
+        else " "
+        + counted(
+            unsketched, f"of them has {NO_SKETCH_TEXT} and is", f"of them have {NO_SKETCH_TEXT} and are", ","
+        )
+        + " not grouped."
+    )
     if not clusters:
-        return Section("clusters", note(f"the collapse pass flagged {total:,} samples.{apart}"))
+        return Section(
+            "clusters", note(f"the collapse pass flagged {counted(total, 'sample', spec=',')}.{apart}")
+        )
     plot_clusters(out / "clusters.png", clusters, images)
     rows = [
         [i + 1, c.size, "" if c.poisoned is None else c.poisoned, ", ".join(cut(p.key) for p in c.picks[:3])]
@@ -336,7 +350,8 @@ def clusters_section(
     table = _table(["cluster", "samples", "poisoned (truth)", "first keys"], rows, {0, 1, 2})
     pooled = min(total - unsketched, CLUSTER_POOL)
     text = (
-        f"<p>The collapse pass flagged {total:,} samples.{apart} Of the {pooled:,} with the highest "
+        f"<p>The collapse pass flagged {counted(total, 'sample', spec=',')}.{apart} "
+        f"Of the {pooled:,} with the highest "
         "collapse, each row groups those whose embedding is as near the row's first as the least "
         "collapsed of them is to its neighbours (the row's label is the group's size). Different images "
         "that share one embedding are what a backdoor's trigger makes: look for what they have in common "
@@ -358,8 +373,8 @@ def localisation_section(out: Path, flagged: Views, clean: Views) -> Section:
     plot_localisation(out / "localisation.png", flagged, clean)
     text = (
         f"<p>Mean absolute reconstruction error per pixel (0-255 scale) over {len(flagged.picks)} flagged "
-        f"and {len(clean.picks)} kept samples, and their difference. A patch trigger shows up as a hot "
-        "square; an invisible or blended trigger as a diffuse difference.</p>"
+        f"and {counted(len(clean.picks), 'kept sample')}, and their difference. A patch trigger shows "
+        "up as a hot square; an invisible or blended trigger as a diffuse difference.</p>"
     )
     return Section("localisation", text + _img("localisation.png", "residual heat map"))
 
@@ -382,12 +397,18 @@ def roc_section(out: Path, scan: RunScan, threshold: float | None) -> Section:
     truth = np.concatenate(scan.labelled_truth)
     if truth.all() or not truth.any():
         one_kind = "poisoned" if truth.all() else "clean"
-        return Section("roc", note(f"all {len(truth)} labelled samples are {one_kind}: no ROC curve"))
+        return Section(
+            "roc",
+            note(
+                counted(len(truth), "labelled sample is", "labelled samples are all")
+                + f" {one_kind}: no ROC curve"
+            ),
+        )
     auc = roc_auc(scores, truth)
     plot_roc(out / "roc.png", scores, truth, auc, threshold)
     text = (
-        f'<p class="big">AUC <b>{auc:.3f}</b> over {len(truth):,} labelled samples ({int(truth.sum()):,} '
-        "poisoned).</p>"
+        f'<p class="big">AUC <b>{auc:.3f}</b> over {counted(len(truth), "labelled sample", spec=",")} '
+        f"({int(truth.sum()):,} poisoned).</p>"
     )
     return Section("roc", text + _img("roc.png", "ROC curve"))
 

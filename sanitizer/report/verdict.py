@@ -22,6 +22,7 @@ from sanitizer.report.scan import read_manifests
 from sanitizer.rundir import RunDir, open_run, table_ok_scores
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
 from sanitizer.thresholds import parse_rule
+from sanitizer.wording import counted
 
 ALPHA = 1e-3  # significance level of the encoder verdict: a false alarm about an encoder is costly
 
@@ -240,15 +241,16 @@ def other_threshold_text(stems: list[str], threshold: float, rule: str | None) -
     """What the page and the verdict say of shards flagged at another threshold than run.json's."""
     shown = ", ".join(stems[:3]) + (f" and {len(stems) - 3} more" if len(stems) > 3 else "")
     return (
-        f"{len(stems)} shard(s) ({shown}) were flagged at another threshold than run.json's "
-        f"{threshold_text(threshold, rule)} (a `sanitizer clean --threshold` did not finish), so the "
+        f"{counted(len(stems), f'shard ({shown}) was', f'shards ({shown}) were')} flagged at another "
+        f"threshold than run.json's {threshold_text(threshold, rule)} (a `sanitizer clean --threshold` did "
+        "not finish), so the "
         "flag counts mix thresholds: run `sanitizer clean RUN_DIR` to flag every shard at run.json's"
     )
 
 
 def flag_count_text(flagged: int, ok: int, expected_rate: float) -> str:
     """ "7 of 60 samples flagged by score, 3.00% expected": the count the verdict tests."""
-    return f"{flagged} of {ok} samples flagged by score, {expected_rate:.2%} expected"
+    return f"{flagged} of {counted(ok, 'sample')} flagged by score, {expected_rate:.2%} expected"
 
 
 def shift_text(share: float) -> str:
