@@ -55,6 +55,7 @@ from sanitizer.rundir import (
     not_a_run,
     shard_entry,
 )
+from sanitizer.wording import counted
 
 KNOWN_STATUSES = frozenset((*DECODE_STATUSES, STATUS_NONFINITE_SCORE)) | READ_STATUSES
 FINISHED = ("complete", "incomplete")  # run.json states of a job that ran to its end
@@ -88,7 +89,7 @@ class _Report:
     def finish(self) -> list[str]:
         for shard, n in self.per_shard.items():
             if n > MAX_PER_SHARD:
-                self.lines.append(f"shard {shard}: ... and {n - MAX_PER_SHARD} more violation(s)")
+                self.lines.append(f"shard {shard}: ... and {counted(n - MAX_PER_SHARD, 'more violation')}")
         return self.lines
 
 
@@ -387,7 +388,7 @@ def _check_input(
         return None
     extra = sorted(i for i in by_index if not 0 <= i < n)
     if extra:
-        report.add(f"{len(extra)} row(s) with no input sample, indexes {extra[:5]}", stem)
+        report.add(f"{counted(len(extra), 'row')} with no input sample, indexes {extra[:5]}", stem)
     if n != len(rows):
         report.add(f"manifest has {len(rows)} rows, the input has {n} samples", stem)
     if clean is None or quarantine is None:
@@ -542,9 +543,9 @@ class Verdict:
         ]
 
     def summary(self, run_dir: Path) -> str:
-        line = f"verify: {len(self.violations)} violation(s) in {run_dir}"
+        line = f"verify: {counted(len(self.violations), 'violation')} in {run_dir}"
         if self.unscored:
-            line += f"; incomplete: {len(self.unscored)} of {self.shards} shard(s) never scored"
+            line += f"; incomplete: {len(self.unscored)} of {counted(self.shards, 'shard')} never scored"
         return line
 
 

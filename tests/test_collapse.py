@@ -487,7 +487,7 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     held_out = load_holdout(blank)
     save_holdout(blank, without_sketches(held_out, slice(None)))
     summary = run(blank, cluster_shards, tmp_path / "run", collapse=RULE)
-    assert "0 held-out image(s) have a collapse" in caplog.text
+    assert "0 held-out images have a collapse" in caplog.text
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
     assert concat(tmp_path / "run").column("collapse").null_count == 98
     assert verify_run(tmp_path / "run") == []
@@ -497,7 +497,7 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     blank_sketches(out, concat(out).column("key").to_pylist())
     caplog.clear()
     summary = run(decoder_dir, cluster_shards, out, collapse="mad:3")
-    # It said '0 held-out image(s) have a collapse ... (a larger train --holdout)': no holdout helps.
+    # It said '0 held-out images have a collapse ... (a larger train --holdout)': no holdout helps.
     assert "no sample of the run's reference (98 drawn from its ok samples) has a sketch" in caplog.text
     assert "--holdout" not in caplog.text
     assert summary.collapse_threshold is None and verify_run(out) == []
@@ -507,7 +507,7 @@ def test_a_holdout_without_sketches_skips_the_pass(decoder_dir, cluster_shards, 
     save_holdout(lone, without_sketches(held_out, slice(1, None)))
     caplog.clear()
     summary = run(lone, cluster_shards, tmp_path / "lone-run", collapse=RULE)
-    assert "1 held-out image(s) have a collapse" in caplog.text
+    assert "1 held-out image has a collapse" in caplog.text
     assert summary.collapse_threshold is None and summary.flagged == summary.flagged_by["score"]
 
 

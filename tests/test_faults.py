@@ -280,7 +280,7 @@ def test_verify_passes_on_the_hostile_run(reference):
     assert (result.rc, result.out) == (
         1,
         f"shard not_a_tar_gzip: {never}\nshard not_a_tar_random: {never}\n"
-        f"verify: 0 violation(s) in {reference.run}; incomplete: 2 of 16 shard(s) never scored\n",
+        f"verify: 0 violations in {reference.run}; incomplete: 2 of 16 shards never scored\n",
     )
 
 

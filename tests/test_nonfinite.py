@@ -119,7 +119,7 @@ def test_a_sample_whose_score_is_not_finite_is_nonfinite_score_in_neither_tar(
         assert sorted(split) == ["photo0.png", "photo1.png", "photo2.png"]
     assert len(tar_names(run / "quarantine/mixed-000000.tar")) == 1  # mad:0 flags those above the median
     assert main(["verify", str(run)]) == 0
-    assert capsys.readouterr().out.endswith(f"verify: 0 violation(s) in {run}\n")
+    assert capsys.readouterr().out.endswith(f"verify: 0 violations in {run}\n")
 
 
 def test_the_error_says_whether_the_embedding_was_finite():

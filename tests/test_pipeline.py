@@ -285,7 +285,7 @@ def test_a_run_whose_input_grew_scores_only_the_new_shards_and_ends_as_a_run_of_
     shutil.copy2(tiny_shards / "shard-000002.tar", data / "shard-000002.tar")
     summary = score(tiny_decoder_dir, data, run, workers=0)
     assert (summary.scored_now, summary.shards_done, summary.samples) == (40, 3, 120)
-    assert "1 shard(s) were scored since it was cleaned; run `sanitizer clean" in caplog.text
+    assert "1 shard was scored since it was cleaned; run `sanitizer clean" in caplog.text
     assert "clean" not in json.loads((run / "run.json").read_text())
     full = manifests(local_run[0])  # the collapse pass and the flags are those of a run of all three
     assert {stem: t.equals(full[stem]) for stem, t in manifests(run).items()} == dict.fromkeys(full, True)
@@ -707,10 +707,10 @@ def test_a_rerun_at_another_micro_batch_keeps_the_finished_shards_and_says_so(
     (run / "stats" / "shard-000002_stats.json").unlink()
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         assert score(tiny_decoder_dir, tiny_shards, run, workers=0, micro_batch=8).scored_now == 40
-    assert [m for m in caplog.messages if "finished shard(s)" in m] == [
-        "2 finished shard(s) were scored in model batches of 64 and keep those scores, which can differ "
-        "in their last bits from scores in batches of 8; to score every shard in batches of 8, score "
-        "into a new --out"
+    assert [m for m in caplog.messages if "finished shard" in m] == [
+        "2 finished shards were scored in model batches of 64: those scores are kept, and can differ in "
+        "their last bits from scores in batches of 8; to score every shard in batches of 8, score into "
+        "a new --out"
     ]
     before, after = manifests(local_run[0]), manifests(run)
     for stem in ("shard-000000", "shard-000001"):
@@ -721,7 +721,7 @@ def test_a_rerun_at_another_micro_batch_keeps_the_finished_shards_and_says_so(
     caplog.clear()
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):  # a finished run: nothing scored
         assert score(tiny_decoder_dir, tiny_shards, run, workers=0, micro_batch=64).scored_now == 0
-    assert "1 finished shard(s) were scored in model batches of 8 and keep those scores" in caplog.text
+    assert "1 finished shard was scored in model batches of 8: those scores are kept" in caplog.text
 
 
 def _edit_json(relative: str, change):
@@ -1130,7 +1130,7 @@ def test_rescoring_a_run_cleaned_at_another_threshold_says_to_clean_again(
     clean_run(run, "value:0.5")
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)  # its default rule, not clean's
-    assert f"this run re-flagged 3 shard(s); run `sanitizer clean {run}` again" in caplog.text
+    assert f"this run re-flagged 3 shards; run `sanitizer clean {run}` again" in caplog.text
     caplog.clear()
     assert "clean" not in json.loads((run / "run.json").read_text())
     clean_run(run)  # at the score's threshold now: a rescore changes nothing and says nothing
@@ -1240,7 +1240,7 @@ def test_rescoring_a_shard_of_a_cleaned_run_says_to_clean_again(
     (run / "stats" / "shard-000001_stats.json").unlink()  # as if that shard had failed, and been mended
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         score(tiny_decoder_dir, tiny_shards, run, workers=0)
-    assert f"1 shard(s) were scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
+    assert f"1 shard was scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
     assert "clean" not in json.loads((run / "run.json").read_text())
 
 
@@ -1266,7 +1266,7 @@ def test_a_shard_that_changed_since_it_was_scored_is_scored_again(
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         summary = score(tiny_decoder_dir, shard.parent, run, workers=0)
     assert f"{shard} changed since it was scored: scoring it again" in caplog.text
-    assert f"1 shard(s) were scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
+    assert f"1 shard was scored since it was cleaned; run `sanitizer clean {run}` again" in caplog.text
     assert (summary.samples, summary.scored_now, summary.shards_done) == (120, 40, 3)
     assert "clean" not in json.loads((run / "run.json").read_text())
     clean_run(run)
@@ -1307,7 +1307,7 @@ def test_a_changed_shard_that_no_longer_reads_leaves_no_outputs_of_its_old_sampl
     with caplog.at_level("WARNING", logger="sanitizer.pipeline.job"):
         summary = score(tiny_decoder_dir, shard.parent, run, workers=0)
     assert summary.failed_shards and summary.shards_done == 2
-    assert "the run has 2 finished shard(s) and clean split 3; run `sanitizer clean" in caplog.text
+    assert "the run has 2 finished shards and clean split 3; run `sanitizer clean" in caplog.text
     assert not (run / "clean" / "shard-000002.tar").exists()
     clean_run(run)
     assert verify_run(run) == []

@@ -55,7 +55,7 @@ def first_flagged(run: Path) -> tuple[str, int]:
 def test_good_local_run_passes(good_run, capsys):
     assert verify_run(good_run) == []
     assert main(["verify", str(good_run)]) == 0
-    assert capsys.readouterr().out == f"verify: 0 violation(s) in {good_run}\n"
+    assert capsys.readouterr().out == f"verify: 0 violations in {good_run}\n"
 
 
 def test_good_ray_run_passes_and_matches_the_local_one(
@@ -89,7 +89,7 @@ def test_a_run_that_lost_its_run_json_is_a_violation(run_copy, capsys):
     (run_copy / "run.json").unlink()
     assert verify_run(run_copy) == [f"run.json is missing: {run_copy} is not a finished run"]
     assert main(["verify", str(run_copy)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 violation(s) in {run_copy}"
+    assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 violation in {run_copy}"
 
 
 def test_a_shard_named_like_a_temp_file_is_an_output_not_a_leftover(tmp_path, tiny_decoder_dir, tiny_shards):
@@ -208,7 +208,7 @@ def test_a_failed_shard_makes_the_run_incomplete(tmp_path, tiny_decoder_dir, tin
     assert capsys.readouterr().out == (
         "shard b: never scored (not a readable tar file: ReadError: invalid header): in neither clean/ "
         "nor quarantine/\n"
-        f"verify: 0 violation(s) in {job.out}; incomplete: 1 of 2 shard(s) never scored\n"
+        f"verify: 0 violations in {job.out}; incomplete: 1 of 2 shards never scored\n"
     )
     info = json.loads((job.out / "run.json").read_text())
     info["failed_shards"][0]["error"] = "cut\x1b[2J\nshort"  # as a terminal would obey it: escaped
@@ -473,7 +473,7 @@ def test_a_damaged_record_of_clean_is_one_violation(run_copy, capsys, record, wh
     assert verify_run(run_copy) == [f"run.json: {why}"]
     assert main(["clean", str(run_copy)]) == 0
     assert main(["verify", str(run_copy)]) == 0
-    assert capsys.readouterr().out.endswith(f"verify: 0 violation(s) in {run_copy}\n")
+    assert capsys.readouterr().out.endswith(f"verify: 0 violations in {run_copy}\n")
 
 
 def test_each_stats_marker_is_read_once(good_run, monkeypatch):

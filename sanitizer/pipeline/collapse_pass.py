@@ -35,6 +35,7 @@ from sanitizer.neighbours import Reference
 from sanitizer.rundir import RunDir, rewrite
 from sanitizer.stats import above_median
 from sanitizer.thresholds import ThresholdRule, resolve_threshold
+from sanitizer.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,9 @@ def reference_and_holdout(
     cosines = len(held.cosines)
     if cosines < 2:  # each is weighed against the others: one alone would set a limit of 0
         log.warning(
-            "%d held-out image(s) have a collapse (one needs a sketch, and a scored sample one too); the "
+            "%s a collapse (one needs a sketch, and a scored sample one too); the "
             "collapse pass needs 2 or more (a larger train --holdout), so it cannot run",
-            cosines,
+            counted(cosines, "held-out image has", "held-out images have"),
         )
         return None
     return reference, held

@@ -63,6 +63,7 @@ from sanitizer.thresholds import (
     parse_rule,
     resolve_threshold,
 )
+from sanitizer.wording import counted
 
 if TYPE_CHECKING:  # imported where Ray is used: `score --workers 0` and `--help` never load it
     import ray.data
@@ -322,10 +323,10 @@ def warn_micro_batch_kept(finished: list[dict], micro_batch: int) -> None:
     others = Counter(b for b in recorded if b is not None and b != micro_batch)
     if others:
         log.warning(
-            "%d finished shard(s) were scored in model batches of %s and keep those scores, which can "
-            "differ in their last bits from scores in batches of %d; to score every shard in batches "
-            "of %d, score into a new --out",
-            others.total(), " and ".join(map(str, sorted(others))), micro_batch, micro_batch,
+            "%s scored in model batches of %s: those scores are kept, and can differ in their last bits "
+            "from scores in batches of %d; to score every shard in batches of %d, score into a new --out",
+            counted(others.total(), "finished shard was", "finished shards were"),
+            " and ".join(map(str, sorted(others))), micro_batch, micro_batch,
         )  # fmt: skip
 
 
@@ -539,11 +540,11 @@ def still_clean(run: RunDir, previous: dict, now: dict, done: int, scored: int, 
     if not scored and not reflagged and clean.get("shards") == done and not changed:
         return {"clean": clean}
     if scored:
-        why = f"{scored} shard(s) were scored since it was cleaned"
+        why = f"{counted(scored, 'shard was', 'shards were')} scored since it was cleaned"
     elif clean.get("shards") != done:
-        why = f"the run has {done} finished shard(s) and clean split {clean.get('shards')}"
+        why = f"the run has {counted(done, 'finished shard')} and clean split {clean.get('shards')}"
     elif reflagged:
-        why = f"this run re-flagged {reflagged} shard(s)"
+        why = f"this run re-flagged {counted(reflagged, 'shard')}"
     else:
         why = f"its {' and '.join(sorted(changed))} changed since"
     log.warning(
