@@ -4,7 +4,7 @@ A user's mistake (bad flag, missing file, wrong encoder) ends with one line on s
 a run that finished but could not process everything (a shard that is not a tar), or one stopped by
 no mistake of the user's (a failed read, a full disk, memory that ran out), exits with 1; a directory
 another job holds, with 75 (try again later); Ctrl-C with 130, SIGTERM with 143 (finished shards
-kept), a reader that closed the output (`| head`) with 141. See error_code and run_command.
+kept), a reader that closed the output (`| head`) with 141. See error_code, main and run_command.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sanitizer import __version__
-from sanitizer.data.shards import is_text
 from sanitizer.errors import (
     Busy,
     OutOfMemory,
@@ -32,7 +30,6 @@ from sanitizer.errors import (
     shortlist,
     visible,
 )
-from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE
 from sanitizer.wording import counted
 
 if TYPE_CHECKING:  # these load torch: --help stays instant
@@ -302,6 +299,8 @@ def say_trained(meta: dict, out: Path) -> int:
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
+    from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE  # numpy: loaded once main runs
+
     p = sub.add_parser("score", help="score shards into a Parquet manifest (Ray job, resumable)")
     p.add_argument(
         "--decoder",
@@ -390,6 +389,8 @@ def collapse_rule(args: argparse.Namespace) -> str | None:
     """The collapse pass's rule, None for --no-collapse. Two dests, not one: argparse tells a bare
     --collapse from its absence only by a value other than the default, which it needs to refuse
     --collapse with --no-collapse."""
+    from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE
+
     if args.no_collapse:
         return None
     return DEFAULT_COLLAPSE_RULE if args.collapse is None else args.collapse
@@ -505,6 +506,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sanitizer import __version__
+
     parser = argparse.ArgumentParser(prog="sanitizer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"sanitizer {__version__}")
@@ -525,6 +528,45 @@ def error_code(e: SanitizerError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command, as the `sanitizer` script runs it. A signal is one line and its exit code from this
+    function's first line on, parsing included: before it there are only the interpreter's start and this
+    module's imports, which load nothing heavy (numpy, importlib.metadata) for that to stay short."""
+    devnull_where_closed()
+    with signals_handled(_terminate, signal.SIGTERM):  # raised as Terminated, as Ctrl-C raises its own
+        try:
+            return parse_and_run(argv)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            return stopped_by_signal(e)
+        except BrokenPipeError:  # `sanitizer verify RUN | head`, or `2>&1 | head` as an error is said
+            return reader_went_away()
+
+
+STANDARD_STREAMS = (("stdin", "r"), ("stdout", "w"), ("stderr", "w"))  # by file descriptor, 0 to 2
+
+
+def devnull_where_closed() -> None:
+    """A standard stream closed when the command started (`2>&-`, `>&-`, `<&-`) opened on /dev/null, as
+    POSIX lets a utility do: Python leaves it None, and `score 2>&-` ended at its first progress bar
+    (sys.stderr.isatty) in a traceback it had nowhere to print, exit 1, silently. Its descriptor is filled
+    too, or the next file opened would take it, and what a library or a child process writes to stderr
+    would land in that file."""
+    for fd, (name, mode) in enumerate(STANDARD_STREAMS):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:  # still closed
+            devnull = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 (kept while the process runs)
+
+
+def parse_and_run(argv: list[str] | None) -> int:
+    """The command line parsed, checked and run, with the command's log lines on stderr."""
+    from sanitizer.data.shards import is_text
+
     args = build_parser().parse_args(argv)
     untext = [a for a in (sys.argv[1:] if argv is None else argv) if not is_text(a)]
     if untext:  # a path that cannot be recorded in run.json or decoder.json, found before any work
@@ -558,24 +600,17 @@ def logging_to_stderr(level: int) -> Iterator[None]:
 
 def run_command(args: argparse.Namespace) -> int:
     """The command, its errors said in one line each with the exit code a scheduler tells apart."""
-    on_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader has what it wanted: not an I/O error to say (main ends it)
+        raise
     except SanitizerError as e:
         say(f"sanitizer: error: {visible(str(e))}", err=True)
         return error_code(e)
-    except BrokenPipeError:  # `sanitizer verify RUN | head`: the reader has what it wanted
-        return reader_went_away()
     except OSError as e:  # a full disk, a vanished directory: one line naming the path, no traceback
         where = f": {e.filename}" if e.filename else ""
         say(f"sanitizer: error: {visible(f'{e.strerror or e}{where}')}", err=True)
         return EXIT_INCOMPLETE
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-        return stopped_by_signal(e)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def stopped_by_signal(e: KeyboardInterrupt) -> int:
@@ -593,27 +628,32 @@ def stopped_by_signal(e: KeyboardInterrupt) -> int:
     return code
 
 
+def deaf_to_stops() -> contextlib.AbstractContextManager[None]:
+    """SIGINT and SIGTERM ignored within: a second Ctrl-C as a stopped job winds down. Ray's shutdown
+    resets SIGTERM to the default, so a second SIGTERM there ends the job at once, unsaid (status 143 to
+    a shell), as SIGKILL does, a local Ray's processes with it."""
+    return signals_handled(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def deaf_to_stops() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored within, where signals are handled (the main thread): a second Ctrl-C
-    as a stopped job winds down. Ray's shutdown resets SIGTERM to the default, so a second SIGTERM
-    there ends the job at once, unsaid (status 143 to a shell), as SIGKILL does, a local Ray's
-    processes with it."""
+def signals_handled(handler: signal.Handlers | Callable, *signums: int) -> Iterator[None]:
+    """`handler` for these signals within, where signals are handled (the main thread: elsewhere, as a
+    test's or a caller's thread runs main, nothing changes), their previous handlers after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(stop, signal.SIG_IGN) for stop in stops]
+    previous = [signal.signal(signum, handler) for signum in signums]
     try:
         yield
     finally:
-        for stop, handler in zip(stops, previous, strict=True):
-            signal.signal(stop, handler)
+        for signum, was in zip(signums, previous, strict=True):
+            signal.signal(signum, was)
 
 
 def reader_went_away() -> int:
-    """The exit code of a command whose reader closed its output (`| head`), silently: stdout goes to
-    /dev/null, so that flushing it at exit raises nothing more."""
+    """The exit code of a command whose reader closed its output (`| head`; `2>&1 | head` as an error is
+    said, which ended in exit 1), silently: stdout goes to /dev/null, so that flushing it at exit raises
+    nothing more."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_BROKEN_PIPE
 

@@ -7,11 +7,13 @@ import contextlib
 import dataclasses
 import errno
 import io
+import json
 import logging
 import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tarfile
 import threading
@@ -51,7 +53,8 @@ def test_no_command_prints_the_usage_and_exits_2(capsys):
     assert err.splitlines()[-1] == "sanitizer: error: the following arguments are required: command"
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CHECKOUT = Path(__file__).resolve().parents[1]  # where a fresh interpreter finds this package
+README = CHECKOUT / "README.md"
 OPTION = re.compile(r"(-{1,2}[a-z][a-z-]*)((?: \[[A-Z][A-Z_]*\]| [A-Z][A-Z_]*| [a-z0-9]+(?:\|[a-z0-9]+)+)*)")
 
 
@@ -349,23 +352,97 @@ HEAVY = ("torch", "timm", "open_clip", "ray")  # seconds to import, each
 RUN_MAIN = "from sanitizer.cli import main\nassert main(sys.argv[1:]) == 0"  # for heavy_imports
 
 
-def heavy_imports(statement: str, *argv: str) -> str:
-    """Which of HEAVY a fresh interpreter has loaded after running `statement` (sys.argv[1:] = argv)
-    with this checkout's package, whatever is installed; the last line it prints."""
-    import subprocess
+def fresh_python(code: str, *argv: str, redirects: str = "") -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter with this checkout's package, whatever is installed
+    (sys.argv[1:] = argv), its standard streams captured, or as `redirects` (sh's: `2>&-`) leave them."""
+    started = ["sh", "-c", f'exec "$@" {redirects}', "sh", sys.executable, "-c", code, *argv]
+    return subprocess.run(started, cwd=CHECKOUT, capture_output=True, text=True)
 
-    code = f"import sys\n{statement}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    root = Path(__file__).parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", code, *argv], cwd=root, capture_output=True, text=True, check=True
-    )
-    return out.stdout.splitlines()[-1]
+
+def heavy_imports(statement: str, *argv: str, modules: tuple[str, ...] = HEAVY) -> str:
+    """Which of `modules` a fresh interpreter has loaded after running `statement` (sys.argv[1:] =
+    argv); the last line it prints."""
+    code = f"import sys\n{statement}\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
+    done = fresh_python(code, *argv)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1]
 
 
 def test_the_cli_module_loads_without_torch():
     """cli.py keeps its help texts to itself so that `--help` and a mistyped flag answer at once, but
     it imported DEFAULT_COLLAPSE_RULE from sanitizer.collapse, which loads torch (about a second)."""
     assert heavy_imports("import sanitizer.cli") == "[]"
+
+
+def test_the_cli_module_loads_nothing_slow_before_main_runs():
+    """Until main runs, a signal ends the command as Python's default does: Ctrl-C in a traceback,
+    SIGTERM unsaid. Importing sanitizer.cli loaded numpy (for two threshold rules' names) and
+    importlib.metadata (for the version): 0.4-0.6 s of every start on the loaded 2-core dev VM."""
+    assert heavy_imports("import sanitizer.cli", modules=("numpy", "importlib.metadata")) == "[]"
+
+
+STOPPED_AS_IT_PARSES = """
+import os, signal, sys
+from sanitizer import cli
+parser = cli.build_parser
+def signalled_parser():
+    os.kill(os.getpid(), signal.Signals[sys.argv[1]])
+    return parser()
+cli.build_parser = signalled_parser
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [("SIGINT", 130, "interrupted (SIGINT)"), ("SIGTERM", 143, "terminated (SIGTERM)")],
+)
+def test_a_signal_as_the_command_starts_is_its_one_line(signum, code, said):
+    """main handled a signal only once the command ran: one that came as it parsed its arguments (the
+    first 0.3-0.8 s of a command on the loaded dev VM, with the imports) ended in a KeyboardInterrupt
+    traceback, or for SIGTERM, unsaid."""
+    done = fresh_python(STOPPED_AS_IT_PARSES, signum, "verify", "RUN")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        code,
+        "",
+        f"sanitizer: {said}; run it again to resume\n",
+    )
+
+
+def test_an_error_said_to_a_reader_that_went_away_exits_141(tmp_path):
+    """`sanitizer verify NOT_A_RUN 2>&1 | head -0`: the error line met the closed pipe in the error's
+    own handler, and the BrokenPipeError ended the command with exit 1, a failed run's code, where
+    `sanitizer verify RUN | head` ends with the shell's SIGPIPE status."""
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "wb") as closed:
+        command = [sys.executable, "-m", "sanitizer.cli", "verify", str(tmp_path)]
+        done = subprocess.run(command, cwd=CHECKOUT, stdout=closed, stderr=closed)
+    assert done.returncode == 141
+
+
+STREAMS_AFTER_A_COMMAND = """
+import json, os, sys
+from sanitizer.cli import main
+from sanitizer.progress import progress_bar
+code = main(sys.argv[2:])
+with progress_bar(True, total=1) as bar:  # what `score 2>&-` ended at: sys.stderr.isatty()
+    bar.update(1)
+with open(sys.argv[1], "w") as f:
+    json.dump([code, [os.readlink(f"/proc/self/fd/{fd}") for fd in range(3)]], f)
+"""
+
+
+def test_standard_streams_closed_at_start_read_as_devnull(scored_run, tmp_path):
+    """`score 2>&-` exited 1, silently: Python leaves a stream closed at start None, and the first
+    progress bar raised an AttributeError there was nowhere to print. Its descriptor stayed free for
+    the next file opened to take, where a library's or a child's writes to it would land."""
+    result = tmp_path / "result.json"
+    done = fresh_python(
+        STREAMS_AFTER_A_COMMAND, str(result), "verify", str(scored_run), redirects="<&- >&- 2>&-"
+    )
+    assert done.returncode == 0
+    assert json.loads(result.read_text()) == [0, [os.devnull] * 3]
 
 
 @pytest.fixture(scope="module")
