@@ -1,15 +1,20 @@
 import hashlib
+import json
 from dataclasses import fields, replace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
-from sanitizer.checkpoint import load_decoder
+from sanitizer.checkpoint import META, load_decoder, load_holdout
+from sanitizer.data.shards import expand_shards
 from sanitizer.decoder_meta import DedeConfig, ScoreSettings
 from sanitizer.encoders import embed_pixels
 from sanitizer.errors import UsageError
 from sanitizer.model import DedeDecoder
+from sanitizer.pipeline.stages import ScoreStage, read_shard, rebatch
 from sanitizer.scoring import (
     SSIM_C1,
     SSIM_C2,
@@ -21,7 +26,10 @@ from sanitizer.scoring import (
     patch_error,
     relax_token,
 )
-from sanitizer.train import TrainSettings
+from sanitizer.thresholds import DEFAULT_RULE, parse_rule, resolve_threshold
+from sanitizer.train import TrainSettings, split_holdout
+
+from .conftest import TINY_SIZE
 
 
 def test_key_seeds_are_blake2b_of_the_key():
@@ -128,6 +136,43 @@ def test_scores_identical_across_batch_sizes_order_and_runs(scorer_parts, tiny_e
     shuffled = Scorer(tiny_encoder, decoder, settings, micro_batch=8).score(pixels[perm], seeds[perm])
     assert np.array_equal(shuffled.score, ref.score[perm])
     assert ref.score.dtype == np.float32 and (ref.score > 0).all() and (ref.score_std >= 0).all()
+
+
+def scored_at(decoder_dir, tables: list[pa.Table], settings: dict, micro_batch: int) -> pa.Table:
+    """`score`'s scored rows of `tables`, called 50 rows at a time (the last 23), at one model batch."""
+    stage = ScoreStage(str(decoder_dir), settings, "cpu", micro_batch=micro_batch)
+    out = pa.concat_tables([stage(t) for t in rebatch(tables, 50)])
+    return out.filter(pc.is_valid(out.column("score")))
+
+
+def test_score_gives_the_calibrations_scores_at_any_micro_batch(tiny_decoder_dir, tiny_shards):
+    """`train` calibrates by scoring its held-out images in model batches of 256, their embeddings
+    computed apart (embed_pixels, batches of 256 with a short last one); `score` runs model batches of
+    64 on a CPU and 1024 on a GPU. A quantile threshold sets the false-positive rate only if `score`
+    gives each image the score it was calibrated with, whatever the model batch. Here at model batches
+    of 1, 7, 64 and 1024, so short and padded ones, at the decoder's settings (no patch visible, so the
+    masks are not exercised): bit for bit on the 2-core dev CPU (bf16); 1e-5 of the score, and a
+    float16 step or two of the sketch, allowed for other CPUs' kernels. (A ViT encoder's bf16 matmuls
+    round by batch shape: see README "Batches".)"""
+    meta = json.loads((tiny_decoder_dir / META).read_text())
+    calibration = np.array(meta["calibration"]["scores"], np.float32)
+    held_out = load_holdout(tiny_decoder_dir)
+    threshold = resolve_threshold(parse_rule(DEFAULT_RULE), calibration)
+    read = [t for s in expand_shards(str(tiny_shards)) for t in read_shard(s.url, s.stem, TINY_SIZE)]
+    runs = {micro: scored_at(tiny_decoder_dir, read, meta["scoring"], micro) for micro in (1, 7, 64, 1024)}
+    keys = runs[64].column("key").to_pylist()
+    held = split_holdout(keys, meta["training"]["holdout"])[1]  # as `train` chose them
+    assert len(keys) == 120 and len(held) == len(calibration) == 6
+    flags = np.asarray(runs[64].column("score")) > threshold
+    assert 0 < flags.sum() < 120  # the threshold splits the set: the flags below compare something
+    for micro, run in runs.items():
+        score, std = (np.asarray(run.column(name)) for name in ("score", "score_std"))
+        sketch = np.stack(run.column("sketch").to_numpy(zero_copy_only=False)).astype(np.float32)
+        np.testing.assert_allclose(sketch[held], held_out.sketches, atol=1e-3, err_msg=f"{micro}")
+        np.testing.assert_allclose(score, runs[64].column("score"), rtol=1e-5, err_msg=f"{micro}")
+        np.testing.assert_allclose(std, runs[64].column("score_std"), rtol=1e-5, atol=1e-7)
+        assert np.array_equal(score > threshold, flags), f"micro-batch {micro}"
+        np.testing.assert_allclose(score[held], calibration, rtol=1e-5, err_msg=f"{micro}")
 
 
 def test_given_embeddings_score_as_the_encoders_own(scorer_parts, tiny_encoder):
