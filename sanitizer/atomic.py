@@ -11,12 +11,16 @@ writing thousands of small files spent a third of its time syncing the same two 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +67,26 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(final)  # a failed write (ENOSPC) names no file; say which output it was
         raise
+    _sync_dir_of(final)
+
+
+def remove(path: Path) -> None:
+    """Delete a file, durably as an atomic write publishes one: its directory is synced at once, or
+    at the end of the enclosing deferred_dir_syncs block (a file already gone costs no sync)."""
+    try:
+        Path(path).unlink()
+    except FileNotFoundError:
+        return
+    _sync_dir_of(Path(path))
+
+
+def _sync_dir_of(path: Path) -> None:
+    """Make the rename or removal of `path` durable: now, or with the enclosing block's syncs."""
     unsynced = _UNSYNCED.get()
     if unsynced is None:
-        _fsync_dir(final.parent)
+        _fsync_dir(path.parent)
     else:
-        unsynced.add(final.parent)
+        unsynced.add(path.parent)
 
 
 @contextmanager
@@ -91,6 +110,46 @@ def sync_deferred_dirs() -> None:
     for directory in sorted(unsynced):
         _fsync_dir(directory)
     unsynced.clear()
+
+
+@dataclass
+class Marking:
+    """Markers that record finished work (a shard scored, a shard split), written together at most
+    `every_s` after the last marking, once the renames before them are durable: a marker must not
+    outlast what it records in a crash of the machine, and a sync of each directory per marking, not
+    per marker, is what deferred_dir_syncs saves. A job killed between markings redoes that work."""
+
+    every_s: float
+    pending: list[tuple[Path, Any]] = field(default_factory=list)
+    marked_at: float = -math.inf  # time.monotonic() of the last marking
+
+    def add(self, path: Path, marker: Any) -> None:
+        """Write `marker` as JSON to `path` at the next marking: now, if the last was `every_s` ago."""
+        self.pending.append((path, marker))
+        if time.monotonic() - self.marked_at >= self.every_s:
+            self.mark()
+
+    def mark(self) -> None:
+        """Sync the enclosing block's directories, then write the pending markers. Should a write fail,
+        the markers after it stay unwritten: a re-run redoes their work."""
+        pending, self.pending = self.pending, []
+        sync_deferred_dirs()
+        for path, marker in pending:
+            write_json_atomic(path, marker)
+        self.marked_at = time.monotonic()
+
+    @contextmanager
+    def block(self) -> Iterator[None]:
+        """deferred_dir_syncs, left by a marking, on an error too, so that a re-run keeps the work
+        finished; should that marking fail as well, the block's own error is the one raised."""
+        with deferred_dir_syncs():
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.mark()
+                raise
+            self.mark()
 
 
 def _temp_prefix(name: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sanitizer import __version__
-from sanitizer.atomic import write_json_atomic
+from sanitizer.atomic import Marking, remove, write_json_atomic
 from sanitizer.checkpoint import read_run_meta
 from sanitizer.data.decode import image_differs
 from sanitizer.data.shards import ShardRef, file_stamps, path_stamp, pins_content
@@ -67,6 +67,11 @@ def changed_since_scored(shard: ShardRef, why: str) -> UsageError:
         "a shard whose size, mtime or version changed; `touch` a local one if none did), then clean"
     )
 
+
+# Finished splits are marked together, at most this long after the last marking: the tars' two
+# directories and stats/ synced once a marking, not once a shard. A clean killed in between splits
+# those shards again.
+MARK_EVERY_S = 1.0
 
 # What a split reads of a manifest, row by row: the tars it writes follow from these and the input alone.
 SPLIT_COLUMNS = ("key", "status", "flagged", "sha256")
@@ -135,13 +140,14 @@ def still_split(run: RunDir, shard: ShardRef, key: dict) -> dict | None:
     return marker if counted and all(marker.get(k) == v for k, v in now.items()) else None
 
 
-def split_and_mark(run: RunDir, shard: ShardRef, rows: dict[str, list], key: dict) -> dict:
-    """Split the shard, then write its marker: `key`, the stamps of the tars as written, the counts.
-    Its old marker goes first, as its tars are being replaced."""
-    run.split_marker(shard.stem).unlink(missing_ok=True)
+def split_and_mark(run: RunDir, shard: ShardRef, rows: dict[str, list], key: dict, marks: Marking) -> dict:
+    """Split the shard, then leave its marker to `marks`: `key`, the stamps of the tars as written,
+    the counts. Its old marker goes first, as its tars are being replaced (should a crash of the
+    machine undo that removal, the old marker's tar stamps differ from the new tars')."""
+    remove(run.split_marker(shard.stem))
     counts = dict(zip(COUNTS, split_shard(run, shard, rows), strict=True))
     marker = {**key, "tars": tar_stamps(run, shard), **counts}
-    write_json_atomic(run.split_marker(shard.stem), marker)
+    marks.add(run.split_marker(shard.stem), marker)
     return marker
 
 
@@ -196,15 +202,17 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
 
 def split_all(run: RunDir, shards: list[ShardRef]) -> tuple[dict[str, dict], int]:
     """Each finished shard's marker, split now unless its tars already hold that split; and how many
-    were split. Each split is marked as it ends, so a clean stopped half-way keeps what it split.
+    were split. Splits are marked within MARK_EVERY_S of their end, and as it stops, on an error too,
+    so a clean stopped half-way keeps what it split (killed, the last second's splits are redone).
     Inputs are stamped before any is read, so an input changed while read differs next time."""
-    markers, split = {}, 0
+    markers, split, marks = {}, 0, Marking(MARK_EVERY_S)
     sources = file_stamps([s.url for s in shards])  # a request each for remote inputs: in parallel
-    for shard, source in zip(shards, sources, strict=True):
-        rows = split_rows(run, shard.stem)
-        key = marker_key(rows, source)
-        marker = still_split(run, shard, key)
-        if marker is None:
-            marker, split = split_and_mark(run, shard, rows, key), split + 1
-        markers[shard.stem] = marker
+    with marks.block():
+        for shard, source in zip(shards, sources, strict=True):
+            rows = split_rows(run, shard.stem)
+            key = marker_key(rows, source)
+            marker = still_split(run, shard, key)
+            if marker is None:
+                marker, split = split_and_mark(run, shard, rows, key, marks), split + 1
+            markers[shard.stem] = marker
     return markers, split

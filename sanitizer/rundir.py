@@ -23,7 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.atomic import deferred_dir_syncs, remove_stale_temps, write_json_atomic
+from sanitizer.atomic import (
+    deferred_dir_syncs,
+    remove,
+    remove_stale_temps,
+    sync_deferred_dirs,
+    write_json_atomic,
+)
 from sanitizer.data.shards import STAMP_FORM, ShardRef, file_stamps, is_file_stamp, stamp_differs
 from sanitizer.errors import UsageError
 from sanitizer.joblock import job_lock, job_lock_for_steps, no_job_meanwhile, refuse_busy, refuse_foreign
@@ -114,10 +120,14 @@ class RunDir:
     def unmark(self, stem: str) -> None:
         """Forget a done shard, its stats marker first: until it is scored again it is a shard never
         scored, so a job killed meanwhile, or a new read that fails, leaves no stale manifest or
-        clean and quarantine tars of its old samples behind."""
-        paths = (self.stats(stem), self.split_marker(stem), self.manifest(stem))
-        for path in (*paths, self.clean(stem), self.quarantine(stem)):
-            path.unlink(missing_ok=True)
+        clean and quarantine tars of its old samples behind. The markers' removal is durable before
+        the rest goes, so that a crash of the machine leaves no marker of a manifest removed."""
+        with deferred_dir_syncs():  # a sync a directory
+            for path in (self.stats(stem), self.split_marker(stem)):
+                remove(path)
+            sync_deferred_dirs()
+            for path in (self.manifest(stem), self.clean(stem), self.quarantine(stem)):
+                remove(path)
 
     def manifests_digest(self, stems: list[str]) -> str:
         """The sha256 of the manifests of `stems`, each after its stem, in their order: the same for

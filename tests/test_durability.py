@@ -1,6 +1,8 @@
-"""What `score` makes durable, and how many fsyncs that costs: each file is synced before its rename,
-each directory once a marking of finished shards (not once a file), a shard's stats marker only after
-its manifest's rename is durable, and everything before run.json records the run as finished.
+"""What `score` and `clean` make durable, and how many fsyncs that costs: each file is synced before
+its rename, each directory once a marking of finished shards (not once a file), a shard's stats marker
+only after its manifest's rename is durable, its split marker only after its tars' renames are, a
+forgotten shard's markers gone durably before its manifest and tars go, and everything before run.json
+records the run as finished.
 
 Linux: an fsync's file is named by /proc/self/fd."""
 
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import sanitizer.clean as clean
 import sanitizer.pipeline.collect as collect
+from sanitizer.clean import clean_run
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.rundir import RunDir
@@ -21,7 +25,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="name
 
 SHARDS = 8
 
-Event = tuple[str, Path]  # ("fsync" | "rename", the file or directory, a temp file by its final name)
+Event = tuple[
+    str, Path
+]  # ("fsync" | "rename" | "remove", the file or directory; a temp file by its final name)
 
 
 @pytest.fixture
@@ -39,9 +45,9 @@ def final_name(path: Path) -> Path:
 
 
 def record(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[Event]:
-    """Every fsync and rename under `root` from now on, in order."""
+    """Every fsync, rename and removal under `root` from now on, in order."""
     events: list[Event] = []
-    fsync, replace = os.fsync, os.replace
+    fsync, replace, unlink = os.fsync, os.replace, os.unlink
 
     def noted(kind: str, path: Path) -> None:
         if path.is_relative_to(root):
@@ -55,9 +61,39 @@ def record(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[Event]:
         replace(src, dst)
         noted("rename", Path(dst).resolve())
 
+    def recorded_unlink(path: str | Path, **kwargs) -> None:
+        unlink(path, **kwargs)
+        noted("remove", Path(path).resolve())
+
     monkeypatch.setattr(os, "fsync", recorded_fsync)
     monkeypatch.setattr(os, "replace", recorded_replace)
+    monkeypatch.setattr(os, "unlink", recorded_unlink)
     return events
+
+
+def renames(events: list[Event]) -> list[tuple[int, Path]]:
+    """Each rename's place in `events`, and the file renamed."""
+    return [(i, path) for i, (kind, path) in enumerate(events) if kind == "rename"]
+
+
+def assert_synced_before_renamed(events: list[Event]) -> None:
+    """Each file under a final name is complete after a crash of the machine."""
+    for i, path in renames(events):
+        assert ("fsync", path) in events[:i], f"{path} renamed before its data was synced"
+
+
+def durable_by(events: list[Event], path: Path, i: int) -> bool:
+    """Whether the last rename of `path` before event `i` was made durable (its directory synced)
+    before event `i`."""
+    published = max(j for j, p in renames(events) if p == path and j < i)
+    return ("fsync", path.parent) in events[published:i]
+
+
+def assert_durable_before_run_json(events: list[Event], run: Path) -> None:
+    """Every rename into a directory synced before run.json's last rename records the job as done."""
+    finished = max(i for i, path in renames(events) if path == run / "run.json")
+    for i, path in renames(events):
+        assert ("fsync", path.parent) in events[i:finished] or path == run / "run.json", path
 
 
 def score(decoder: Path, data: Path, run: Path) -> None:
@@ -102,20 +138,15 @@ def test_a_marker_is_published_only_once_its_manifest_is_durable_and_run_json_la
     run = tmp_path.resolve() / "run"
     events = record(monkeypatch, run)
     score(tiny_decoder_dir, small_shards, run)
-    renamed = [(i, path) for i, (kind, path) in enumerate(events) if kind == "rename"]
-    for i, path in renamed:
-        assert ("fsync", path) in events[:i], f"{path} renamed before its data was synced"
+    assert_synced_before_renamed(events)
     marked = {}  # each stats marker's first rename
-    for i, path in renamed:
+    for i, path in renames(events):
         marked.setdefault(path, i)
     for path, i in marked.items():
         if path.parent.name == "stats":
             manifest = RunDir(run).manifest(path.name.removesuffix("_stats.json"))
-            published = max(j for j, p in renamed if p == manifest and j < i)
-            assert ("fsync", manifest.parent) in events[published:i], f"{path} outran its manifest"
-    finished = max(i for i, path in renamed if path == run / "run.json")
-    for i, path in renamed:
-        assert ("fsync", path.parent) in events[i:finished] or path == run / "run.json", path
+            assert durable_by(events, manifest, i), f"{path} outran its manifest"
+    assert_durable_before_run_json(events, run)
 
 
 def test_an_interrupted_score_marks_the_shards_it_finished_before_it_stops(
@@ -141,3 +172,77 @@ def test_an_interrupted_score_marks_the_shards_it_finished_before_it_stops(
     monkeypatch.undo()
     summary = run_score_job(job, progress=False)
     assert (summary.shards_done, summary.scored_now) == (SHARDS, (SHARDS - 3) * 3)
+
+
+def scored(tiny_decoder: Path, data: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A finished run of `data`, and its stems."""
+    run = tmp_path.resolve() / "run"
+    score(tiny_decoder, data, run)
+    return run, sorted(p.stem for p in (run / "manifest").iterdir())
+
+
+def test_a_fresh_clean_syncs_each_file_once_and_each_directory_once_a_marking(
+    tmp_path, tiny_decoder_dir, small_shards, monkeypatch
+):
+    """3 fsyncs a shard (its clean and quarantine tars, its split marker) and a few a directory
+    whatever the shards: it was 6 a shard, each file and its directory."""
+    run, stems = scored(tiny_decoder_dir, small_shards, tmp_path)
+    monkeypatch.setattr(clean, "MARK_EVERY_S", 3600.0)  # the first shard marked at once, then the rest
+    events = record(monkeypatch, run)
+    clean_run(run)
+    synced = Counter(path for kind, path in events if kind == "fsync")
+    r = RunDir(run)
+    files = Counter([run / "run.json", r.sizes_json, r.clean_sizes_json])
+    files.update(path for s in stems for path in (r.clean(s), r.quarantine(s), r.split_marker(s)))
+    assert {path: synced[path] for path in files} == files
+    directories = {run, run / "clean", run / "quarantine", run / "stats"}
+    assert {d: synced[d] for d in directories} == {
+        run: 2,
+        run / "clean": 3,
+        run / "quarantine": 2,
+        run / "stats": 2,
+    }
+    assert set(synced) == set(files) | directories
+
+
+def test_a_split_marker_is_written_only_once_its_tars_are_durable_and_run_json_last(
+    tmp_path, tiny_decoder_dir, small_shards, monkeypatch
+):
+    """A split marker must not outlast the tars it describes in a crash of the machine: its shard
+    would count as split with another split's tars, or none."""
+    run, stems = scored(tiny_decoder_dir, small_shards, tmp_path)
+    monkeypatch.setattr(clean, "MARK_EVERY_S", 0.0)  # a marking a shard: the most interleaving
+    events = record(monkeypatch, run)
+    clean_run(run)
+    assert_synced_before_renamed(events)
+    r = RunDir(run)
+    for i, path in renames(events):
+        if path.name.endswith("_clean.json"):
+            stem = path.name.removesuffix("_clean.json")
+            for tar in (r.clean(stem), r.quarantine(stem)):
+                assert durable_by(events, tar, i), f"{path} outran {tar}"
+    assert sorted(p.name for p in (run / "stats").glob("*_clean.json")) == [f"{s}_clean.json" for s in stems]
+    assert_durable_before_run_json(events, run)
+
+
+def test_a_forgotten_shards_markers_go_durably_before_its_manifest_and_tars(
+    tmp_path, tiny_decoder_dir, small_shards, monkeypatch
+):
+    """A crash of the machine must not bring back a marker whose manifest is gone: the shard would be
+    done without one. Each removal is synced, as the writes are."""
+    run, stems = scored(tiny_decoder_dir, small_shards, tmp_path)
+    clean_run(run)
+    events = record(monkeypatch, run)
+    r, stem = RunDir(run), stems[0]
+    r.unmark(stem)
+    assert events == [
+        ("remove", r.stats(stem)),
+        ("remove", r.split_marker(stem)),
+        ("fsync", run / "stats"),
+        ("remove", r.manifest(stem)),
+        ("remove", r.clean(stem)),
+        ("remove", r.quarantine(stem)),
+        ("fsync", run / "clean"),
+        ("fsync", run / "manifest"),
+        ("fsync", run / "quarantine"),
+    ]

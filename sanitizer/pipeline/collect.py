@@ -10,16 +10,14 @@ memory does not grow with the dataset.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sanitizer.atomic import deferred_dir_syncs, sync_deferred_dirs, write_json_atomic
+from sanitizer.atomic import Marking
 from sanitizer.data.shards import file_stamps
 from sanitizer.manifest import COLUMNS, UNFLAGGED, flag_counts, set_flags, to_table, write_manifest
 from sanitizer.pipeline.stages import END, RESULT_SCHEMA, SHARD_FAILED
@@ -78,14 +76,14 @@ class ShardCollector:
     started: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     done: list[str] = field(default_factory=list)
-    unmarked: list[tuple[str, dict]] = field(default_factory=list)  # done shards' stats, to be written
-    marked_at: float = -math.inf  # time.monotonic() of the last marking
+    marks: Marking = field(init=False)  # done shards' stats markers, written at the next marking
     samples: int = 0
     stamps: dict[str, dict | None] = field(init=False)
 
     def __post_init__(self) -> None:
         # before any shard is read: a file that grows while it is read is stamped as it was
         self.stamps = dict(zip(self.urls, file_stamps(list(self.urls.values())), strict=True))
+        self.marks = Marking(MARK_EVERY_S)
 
     def add(self, table: pa.Table) -> None:
         table = table.select(RESULT_SCHEMA.names)
@@ -103,32 +101,12 @@ class ShardCollector:
                 self.received[stem] += samples.num_rows
             if stem in self.expected and self.received[stem] == self.expected[stem]:
                 self._finish(stem)
-        if self.unmarked and time.monotonic() - self.marked_at >= MARK_EVERY_S:
-            self.mark()
 
-    @contextlib.contextmanager
-    def marking(self) -> Iterator[None]:
+    def marking(self) -> contextlib.AbstractContextManager[None]:
         """The block that collects shards: the directories its files are renamed into are synced once
-        a marking, not once a file. Leaving it marks every finished shard, on an error too, so that a
-        re-run keeps them; should that marking fail as well, the job's own error is the one raised."""
-        with deferred_dir_syncs():
-            try:
-                yield
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.mark()
-                raise
-            self.mark()
-
-    def mark(self) -> None:
-        """Write the stats markers of the shards finished since the last marking, once their manifests'
-        renames are durable: a marker must not outlast its manifest in a crash of the machine. Should
-        a write fail, the shards after it stay unmarked: a re-run scores them again."""
-        unmarked, self.unmarked = self.unmarked, []
-        sync_deferred_dirs()
-        for stem, stats in unmarked:
-            write_json_atomic(self.run.stats(stem), stats)
-        self.marked_at = time.monotonic()
+        a marking, not once a file, and each stats marker is written once its manifest's rename is
+        durable. Leaving it marks every finished shard, on an error too, so that a re-run keeps them."""
+        return self.marks.block()
 
     def _finish(self, stem: str) -> None:
         # what is held of a shard in flight goes: only its stem is kept, in done or failed
@@ -142,6 +120,6 @@ class ShardCollector:
         table = manifest_table(rows, self.threshold)
         write_manifest(self.run.manifest(stem), table)
         stats = shard_stats(stem, self.urls[stem], stamp, table, time.time() - started, self.micro_batch)
-        self.unmarked.append((stem, stats))
+        self.marks.add(self.run.stats(stem), stats)
         self.done.append(stem)
         self.samples += table.num_rows
