@@ -124,9 +124,13 @@ class Marking:
     marked_at: float = -math.inf  # time.monotonic() of the last marking
 
     def add(self, path: Path, marker: Any) -> None:
-        """Write `marker` as JSON to `path` at the next marking: now, if the last was `every_s` ago."""
+        """Write `marker` as JSON to `path` at the next marking."""
         self.pending.append((path, marker))
-        if time.monotonic() - self.marked_at >= self.every_s:
+
+    def tick(self) -> None:
+        """Mark, if markers wait and the last marking was `every_s` ago: called as work goes on, so
+        that a marker follows its work within about `every_s`."""
+        if self.pending and time.monotonic() - self.marked_at >= self.every_s:
             self.mark()
 
     def mark(self) -> None:

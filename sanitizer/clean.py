@@ -215,4 +215,5 @@ def split_all(run: RunDir, shards: list[ShardRef]) -> tuple[dict[str, dict], int
             if marker is None:
                 marker, split = split_and_mark(run, shard, rows, key, marks), split + 1
             markers[shard.stem] = marker
+            marks.tick()
     return markers, split

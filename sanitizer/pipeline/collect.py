@@ -101,6 +101,7 @@ class ShardCollector:
                 self.received[stem] += samples.num_rows
             if stem in self.expected and self.received[stem] == self.expected[stem]:
                 self._finish(stem)
+        self.marks.tick()
 
     def marking(self) -> contextlib.AbstractContextManager[None]:
         """The block that collects shards: the directories its files are renamed into are synced once
