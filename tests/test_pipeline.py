@@ -1812,7 +1812,7 @@ def test_a_shard_killed_between_its_manifest_and_its_stats_that_then_fails_leave
     of a shard not done; when the re-run cannot read that shard (it was replaced, or its store fails),
     the shard is listed as failed and its old manifest goes: it used to stay, read as rows of the run
     by `pd.read_parquet(RUN_DIR/manifest)` and a violation for `verify`."""
-    import sanitizer.pipeline.collect as collect_module
+    import sanitizer.atomic as atomic  # where a marking writes the stats markers
 
     data = tmp_path / "data"
     shutil.copytree(tiny_shards, data)
@@ -1823,7 +1823,7 @@ def test_a_shard_killed_between_its_manifest_and_its_stats_that_then_fails_leave
             raise KeyboardInterrupt
         write_json_atomic(path, obj)
 
-    monkeypatch.setattr(collect_module, "write_json_atomic", killed)
+    monkeypatch.setattr(atomic, "write_json_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
         score(tiny_decoder_dir, data, run, workers=0)
     monkeypatch.undo()
