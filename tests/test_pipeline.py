@@ -270,6 +270,59 @@ def test_a_run_scored_under_other_stem_rules_is_refused_naming_both_stems():
     )
 
 
+def test_a_run_that_recorded_file_urls_resumes_by_url_or_path_and_verifies_and_cleans(
+    tmp_path, tiny_decoder_dir, tiny_shards, monkeypatch
+):
+    """A version before file:// URLs were read as their paths passed them through as remote: run.json
+    and the stats markers name the URL, and two shards of one file name have stems hashed from their
+    URLs. The same command was refused ("input (3 of its shards not in --data: file:///...)"); it, and
+    one naming the files by their paths, resume scoring nothing and leave those records as they were."""
+    import sanitizer.pipeline.job as job_module
+    from sanitizer.data.shards import assign_stems, expand_shards, split_top_level
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    paths = [one / "shard-000000.tar", two / "shard-000000.tar", one / "shard-000002.tar"]
+    for path, source in zip(paths, ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"], strict=True):
+        shutil.copy2(tiny_shards / source, path)
+    by_url, by_path = (",".join(f"{form}{p}" for p in paths) for form in ("file://", ""))
+    run = tmp_path / "run"
+    with monkeypatch.context() as old:  # the old listing: a file:// URL passed through as remote
+        old.setattr(job_module, "expand_shards", lambda spec: assign_stems(split_top_level(spec)))
+        score(tiny_decoder_dir, by_url, run, workers=0)
+    recorded = json.loads((run / "run.json").read_text())["identity"]["shards"]
+    hashed = [f"shard-000000-{hashlib.sha1(f'file://{p}'.encode()).hexdigest()[:8]}" for p in paths[:2]]
+    assert recorded == [
+        {"url": f"file://{p}", "stem": stem} for p, stem in zip(paths, [*hashed, "shard-000002"], strict=True)
+    ]
+    assert {s.stem for s in expand_shards(by_url)}.isdisjoint(hashed)  # stems differ as well as urls
+    kept = {k: v for k, v in tree_digest(run).items() if k.startswith(("manifest/", "stats/"))}
+
+    assert main([*score_argv(tiny_decoder_dir, by_url, run), "--workers", "0"]) == 0
+    summary = score(tiny_decoder_dir, by_path, run, workers=0)
+    assert (summary.scored_now, summary.shards_done, summary.samples) == (0, 3, 120)
+    assert json.loads((run / "run.json").read_text())["identity"]["shards"] == recorded
+    assert {k: v for k, v in tree_digest(run).items() if k in kept} == kept
+    assert verify_run(run) == []
+    clean_run(run)
+    assert sorted(p.stem for p in (run / "clean").glob("*.tar")) == sorted(s["stem"] for s in recorded)
+    assert verify_run(run) == []
+
+
+def test_a_recorded_file_url_of_an_unsafe_stem_is_not_taken_for_the_shard():
+    """A job takes a recorded file:// URL's stem for the file's outputs: one that would name a file
+    outside RUN_DIR (run.json damaged) is not taken, so the run is refused as another input's."""
+    from sanitizer.data.shards import ShardRef
+    from sanitizer.pipeline.job import as_recorded
+
+    shards = [ShardRef(url="/d/a.tar", stem="a")]
+    assert as_recorded(shards, [{"url": "file:///d/a.tar", "stem": "a-1"}]) == [
+        ShardRef(url="file:///d/a.tar", stem="a-1")
+    ]
+    for damaged in ({"url": "file:///d/a.tar", "stem": "../a"}, {"url": "file:///d/a.tar"}, "a"):
+        assert as_recorded(shards, [damaged]) == shards
+
+
 def test_a_run_whose_input_grew_scores_only_the_new_shards_and_ends_as_a_run_of_all(
     tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
 ):

@@ -68,6 +68,15 @@ def local_path(url: str) -> str | None:
     return None if is_remote(path) else path
 
 
+def file_url_shard(url: str) -> str | None:
+    """The shard expand_shards gives a `file://` URL now (its file's resolved path); None for any
+    other url. A run.json written before a `file://` URL was read as its path records the URL itself,
+    and its stem: the hash that tells shards of the same file name apart was taken of the URL."""
+    if not url.startswith("file://"):
+        return None
+    return str(Path(url.removeprefix("file://")).expanduser().resolve())
+
+
 def file_stamp(url: str) -> dict[str, int | str] | None:
     """What tells that a shard changed under the same name without reading it again: a local file's
     size and mtime (ns) (a `file://` URL is one), a remote object's size and whichever version (ETag,

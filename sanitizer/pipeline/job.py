@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Generator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from sanitizer.checkpoint import read_meta
-from sanitizer.data.shards import ShardRef, expand_shards
+from sanitizer.data.shards import ShardRef, expand_shards, file_url_shard
 from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.device import resolve_device
 from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, WorkerDied, shortlist
@@ -55,7 +55,8 @@ from sanitizer.pipeline.stages import (
     stage_files,
 )
 from sanitizer.progress import progress_bar
-from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores
+from sanitizer.records import RecordError, lookup
+from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores, shard_entry
 from sanitizer.thresholds import (
     DEFAULT_COLLAPSE_RULE,
     DEFAULT_RULE,
@@ -199,6 +200,10 @@ class JobPlan:
     identity: dict
     config: dict
 
+    def with_shards(self, shards: list[ShardRef]) -> JobPlan:
+        """This plan scoring `shards`, which its identity records."""
+        return replace(self, shards=shards, identity={**self.identity, "shards": shard_records(shards)})
+
     def record(self, state: str, **more: object) -> dict:
         """run.json's contents: identity, config and versions, the state, and `more`."""
         return {
@@ -208,6 +213,11 @@ class JobPlan:
             "state": state,
             **more,
         }
+
+
+def shard_records(shards: list[ShardRef]) -> list[dict]:
+    """The shards as run.json's identity records them."""
+    return [asdict(s) for s in shards]
 
 
 def plan_job(job: ScoreJob) -> JobPlan:
@@ -230,7 +240,7 @@ def plan_job(job: ScoreJob) -> JobPlan:
     micro_batch, batch_size = batch_shape(job, device, meta["encoder"]["preprocess"]["image_size"])
     identity = {
         "decoder_sha256": meta["decoder_sha256"],
-        "shards": [asdict(s) for s in shards],
+        "shards": shard_records(shards),
         "scoring": settings.to_dict(),
         "device_type": device.type,
         "manifest": SCHEMA_VERSION,
@@ -279,7 +289,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
     run = RunDir(Path(job.out))
     run.refuse_foreign()
     with run.lock():
-        previous = begin(run, plan)
+        plan, previous = begin(run, plan)
         pending = [s for s in plan.shards if not run.is_done(s.stem)]
         # it stamps the inputs it will write markers for: a re-run of a finished run stats none again
         urls = {s.stem: s.url for s in pending}
@@ -295,14 +305,16 @@ CARRIED = ("threshold", "collapse", "clean")
 READ_OF_PREVIOUS = CLEAN_RECORD_FIELDS
 
 
-def begin(run: RunDir, plan: JobPlan) -> dict:
+def begin(run: RunDir, plan: JobPlan) -> tuple[JobPlan, dict]:
     """Clears what an interrupted run left, refuses a RUN_DIR of another job, forgets shards whose
     input changed, says which finished shards keep scores of another --micro-batch, and marks the run
-    running; returns the run.json it found ({} for a new run)."""
+    running; returns the plan as the run names its shards, and the run.json it found ({} for a new
+    run)."""
     removed = run.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     previous = run.read_run(READ_OF_PREVIOUS) or {}
+    plan = plan.with_shards(as_recorded(plan.shards, lookup(previous, "identity.shards")))
     if previous and (other := identity_change(previous.get("identity"), plan.identity)):
         raise UsageError(f"{run.root} holds a run of another {other}; use a new --out")
     carried = {k: previous[k] for k in CARRIED if k in previous}
@@ -311,7 +323,24 @@ def begin(run: RunDir, plan: JobPlan) -> dict:
         carried.pop("clean", None)
     warn_micro_batch_kept([v for stem, v in stats.items() if stem not in forgotten], plan.micro_batch)
     run.write_run(plan.record("running", **carried))
-    return previous
+    return plan, previous
+
+
+def as_recorded(shards: list[ShardRef], recorded: object) -> list[ShardRef]:
+    """`shards`, each that the run recorded by a `file://` URL (an earlier version passed one through
+    as remote) as it was recorded, url and stem: the same file, whose outputs and stats markers are
+    there under that stem and name that url, so that the same command, or one naming the file by its
+    path, resumes the run and leaves its records as they were. A damaged entry (a stem that would name
+    a file outside RUN_DIR) is none: it matches no shard, and the run is refused."""
+    by_file = {}
+    for entry in recorded if isinstance(recorded, list) else []:
+        try:
+            shard = shard_entry(entry)
+        except RecordError:
+            continue
+        if isinstance(shard.url, str) and (path := file_url_shard(shard.url)) is not None:
+            by_file[path] = shard
+    return [by_file.get(s.url, s) for s in shards]
 
 
 def warn_micro_batch_kept(finished: list[dict], micro_batch: int) -> None:
