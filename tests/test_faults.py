@@ -81,6 +81,13 @@ def score_args(decoder: Path, data: Path, run: Path, workers: int) -> list[str]:
     ]
 
 
+# A scoring call of 8 rows, not the default 512 (every sample of the corpus in one call, its shards'
+# stats markers then written together): the job's shards finish, and are marked, one call after
+# another, so that a signal sent once the first marker is written finds the job part-way through.
+# The scores are the same (one micro-batch, 64).
+PART_WAY = ["--batch-size", "8"]
+
+
 def cut_short(corpus: Path, stem: str) -> str:
     """The read error of a corpus shard whose `flaky://` transfer ends after 3000 bytes (`cut`)."""
     return f"read ended after 3000 of its {(corpus / f'{stem}.tar').stat().st_size} bytes"
@@ -303,7 +310,7 @@ def killed_local(tmp_path_factory, corpus, tiny_decoder_dir) -> KilledRun:
     re-run to completion; clean. A second job is tried while the first holds the lock."""
     base = tmp_path_factory.mktemp("killed_local")
     run, log = base / "run", base / "job.log"
-    args = score_args(tiny_decoder_dir, corpus, run, 0)
+    args = [*score_args(tiny_decoder_dir, corpus, run, 0), *PART_WAY]
     first = start_job(args, base, log)
     wait_for(lambda: recorded_pid(run) == first.pid, first, "the job took the lock", log)
     second = cli(*args, cwd=base)
@@ -344,7 +351,7 @@ def test_a_job_stopped_by_sigterm_says_so_and_the_rerun_completes_it(
     """Schedulers stop jobs with SIGTERM: the job stops as on Ctrl-C (one line, exit 143, temp files
     removed) instead of dying wherever the signal found it, and a re-run completes the run."""
     run, log = tmp_path / "run", tmp_path / "job.log"
-    args = score_args(tiny_decoder_dir, corpus, run, 0)
+    args = [*score_args(tiny_decoder_dir, corpus, run, 0), *PART_WAY]
     job = start_job(args, tmp_path, log)
     wait_for(lambda: stats_count(run) > 0, job, "the first stats marker", log)
     job.send_signal(signal.SIGTERM)
