@@ -474,9 +474,10 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
     done = run.done(plan.shards)
     if unchanged_flags(run, plan, done, previous):
         log.info("%s: unchanged since the last run, skipped", "collapse pass" if plan.collapse else "flags")
-        now, reflagged = {k: previous[k] for k in FLAGGED}, 0
+        now, reflagged, digest = {k: previous[k] for k in FLAGGED}, 0, previous[FLAG_INPUTS]
     else:
         now, reflagged = flag(run, plan, done)
+        digest = flag_inputs(run, plan, done, now)
     thresholds = {"threshold": now["threshold"]["value"], "threshold_rule": str(plan.rule)}
     thresholds |= {"collapse_threshold": now["collapse"]["value"], "collapse_rule": now["collapse"]["rule"]}
     summary = summarize(run, plan.shards, done, collector, time.time() - started, thresholds)
@@ -494,7 +495,7 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
                 "shards_done": summary.shards_done,
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
-            **{FLAG_INPUTS: flag_inputs(run, plan, done, now)},
+            **{FLAG_INPUTS: digest},
             **still_clean(run, previous, now, len(done), len(collector.done), reflagged),
         )
     )
