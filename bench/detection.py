@@ -511,18 +511,34 @@ def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np
     return (scores - median) / max(gap, 1e-9)  # a degenerate calibration (tiny tests): threshold = median
 
 
+# The rules `sanitizer score` flags by default: the score's, then the collapse pass's.
+DEFAULT_RULES = (DEDE_RULE, DEFAULT_COLLAPSE_RULE)
+# The same with each tail (3% and 2% of the held-out images) twice and three times as wide: stricter
+# operating points for the downstream table, as `score --threshold ... --collapse ...` sets them, for
+# cleaning training data, where dropping a few more clean images costs less than keeping a trigger.
+STRICTER_RULES = {
+    "dede_filtered_x2": ("quantile:0.94", "quantile:0.96"),
+    "dede_filtered_x3": ("quantile:0.91", "quantile:0.94"),
+}
+
+
 def union(
-    dede: np.ndarray, collapse: np.ndarray, calibration: np.ndarray, held_collapse: np.ndarray
+    dede: np.ndarray,
+    collapse: np.ndarray,
+    calibration: np.ndarray,
+    held_collapse: np.ndarray,
+    rules: tuple[str, str] = DEFAULT_RULES,
 ) -> np.ndarray:
-    """What `sanitizer score` flags, as one score (flagged above 1): the larger of the over_threshold
-    units of the score and of the evidence, weighed against the decoder's held-out images (their
-    scores, `calibration`, and `held_collapse`, their collapse against the scored set, in one order:
-    sanitizer/collapse.py)."""
+    """What `sanitizer score` flags at `rules`, as one score (flagged above 1): the larger of the
+    over_threshold units of the score and of the evidence, weighed against the decoder's held-out images
+    (their scores, `calibration`, and `held_collapse`, their collapse against the scored set, in one
+    order: sanitizer/collapse.py)."""
     held = HeldOut.of(calibration, held_collapse)
     weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no collapse: the score alone
+    score_rule, collapse_rule = rules
     return np.maximum(
-        over_threshold(dede, calibration, DEDE_RULE),
-        over_threshold(weighed, held.own_evidence(), DEFAULT_COLLAPSE_RULE),
+        over_threshold(dede, calibration, score_rule),
+        over_threshold(weighed, held.own_evidence(), collapse_rule),
     )
 
 
@@ -567,7 +583,8 @@ def collapse_rows(
 # The downstream table's threshold defences: our score alone at its default threshold; the same
 # scores at the reference code's threshold (the median of each scored set, which flags half of it); and
 # the reference code's scoring with its threshold, the operating point of the paper's downstream
-# figures. `dede_filtered`, what `sanitizer score` flags by default, is added beside them.
+# figures. `dede_filtered`, what `sanitizer score` flags by default, is added beside them, and the same
+# at STRICTER_RULES.
 DOWNSTREAM_DEFENCES = {
     "dede_score_filtered": (DEDE, DEDE_RULE),
     "dede_paper_threshold_filtered": (DEDE, PAPER_RULE),
@@ -579,6 +596,10 @@ DOWNSTREAM_NAMES = {
     "dede_paper_threshold_filtered": "`dede-score`, paper threshold",
     "dede_paper_filtered": "`dede-paper`",
     "dede_filtered": "`dede` (the defaults: score and collapse pass)",
+    **{
+        name: f"`dede`, `--threshold {score} --collapse {collapse}`"
+        for name, (score, collapse) in STRICTER_RULES.items()
+    },
 }
 
 
@@ -595,17 +616,25 @@ def kept(
 
 
 def kept_by_union(
-    sets: tuple[Embedded, Embedded, Embedded], dede: list[np.ndarray], fitted
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What `sanitizer score` keeps of the training, clean test and triggered test images: the training
-    data is one scored set, the test data (clean and triggered pooled, as `kept` pools them) another."""
+    sets: tuple[Embedded, Embedded, Embedded],
+    dede: list[np.ndarray],
+    fitted,
+    rules: dict[str, tuple[str, str]],
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """What `sanitizer score` keeps of the training, clean test and triggered test images at each of
+    `rules` (by name): the training data is one scored set, the test data (clean and triggered pooled,
+    as `kept` pools them) another; each set's collapse is computed once for every rule."""
     train, clean, triggered = (sketched(images) for images in sets)
-    out = []
-    for scored, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]])):
-        collapse, held = collapse_of(scored, fitted)
-        out.append(union(scores, collapse, fitted.calibration, held) <= 1)
+    weighed = [
+        (scores, *collapse_of(scored, fitted))
+        for scored, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]]))
+    ]
     n = len(dede[1])
-    return out[0], out[1][:n], out[1][n:]
+    out = {}
+    for name, pair in rules.items():
+        keep_train, keep_test = (union(s, c, fitted.calibration, h, pair) <= 1 for s, c, h in weighed)
+        out[name] = keep_train, keep_test[:n], keep_test[n:]
+    return out
 
 
 def downstream(
@@ -628,7 +657,7 @@ def downstream(
         if settings not in scored:  # `dede-score` scores serve both of its thresholds, and `dede`
             scored[settings] = [score(enc, fitted.decoder, images, settings) for images in sets]
         defences[name] = kept(*scored[settings], rule, fitted.calibration)
-    defences["dede_filtered"] = kept_by_union(sets, scored[DEDE], fitted)
+    defences |= kept_by_union(sets, scored[DEDE], fitted, {"dede_filtered": DEFAULT_RULES} | STRICTER_RULES)
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
     out = {}
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
@@ -810,7 +839,8 @@ def markdown(result: dict) -> str:
         "`dede` filters what `sanitizer score` flags by default; `dede-score` by the score alone at its",
         "default threshold; `dede-score`, paper threshold: the same scores at the median of each scored set",
         "(it flags half); `dede-paper`: the reference code's scoring and threshold, the operating point of",
-        "the paper's downstream figures.",
+        "the paper's downstream figures. `dede` with `--threshold` and `--collapse`: what `sanitizer score`",
+        "flags with each tail (3% and 2% of the held-out images) twice and three times as wide.",
         "",
         "`clean acc` is on the clean test images the defence keeps; `all` on every clean test image, so",
         "that it shows what filtering the probe's training data alone costs.",
@@ -905,6 +935,12 @@ def targets_table(result: dict) -> list[str]:
         (alone, control("dede-score-control")),
         ("downstream ASR after filtering <= 0.05, clean accuracy within 0.01", downstream("dede_filtered")),
         (alone, downstream("dede_score_filtered")),
+        (
+            "the same for `dede` with twice the tails (`--threshold {} --collapse {}`)".format(
+                *STRICTER_RULES["dede_filtered_x2"]
+            ),
+            downstream("dede_filtered_x2"),
+        ),
     ]
     minutes = result["wall_seconds"] / 60
     lines = [

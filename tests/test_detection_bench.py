@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -542,6 +543,33 @@ def test_collapse_rows_flag_images_that_share_one_embedding():
     assert got["dede", 0.01]["tpr"] == 1.0  # but its score is far above the threshold
 
 
+def test_stricter_rules_keep_a_subset_of_what_the_defaults_keep():
+    """The downstream table's stricter operating points widen both tails: a score between the
+    calibration's 0.94 and 0.97 quantiles is flagged at twice the tails, whatever its collapse, and
+    whatever a stricter rule keeps, a laxer one keeps too."""
+    rng = np.random.default_rng(0)
+    n, dim, held_out = 30, 16, 400
+    pictures = rng.integers(0, 256, (3 * n + held_out, 8, 8, 3), dtype=np.uint8)  # all different
+    sets = tuple(
+        D.Embedded(pictures[i * n : (i + 1) * n], rng.normal(size=(n, dim)), f"s{i}") for i in range(3)
+    )
+    fitted = SimpleNamespace(
+        holdout_images=sketch_images(rng.normal(size=(held_out, dim)), pictures[3 * n :]),
+        calibration=np.linspace(0, 1, held_out),
+    )
+    scores = [rng.uniform(0, 1, n) for _ in sets]
+    scores[0][:3] = 0.955  # between the 0.94 and 0.97 quantiles
+    rules = {"dede_filtered": D.DEFAULT_RULES} | D.STRICTER_RULES
+    kept = D.kept_by_union(sets, scores, fitted, rules)
+    assert list(kept) == ["dede_filtered", "dede_filtered_x2", "dede_filtered_x3"]
+    # the defaults keep those whose collapse does not add enough evidence; twice the tails, none
+    assert kept["dede_filtered"][0][:3].any() and not kept["dede_filtered_x2"][0][:3].any()
+    for laxer, stricter in itertools.pairwise(kept.values()):
+        for lax, strict in zip(laxer, stricter, strict=True):
+            assert not (strict & ~lax).any()
+    assert sum(k[0].sum() for k in kept.values()) < 3 * n  # the stricter rules do drop more
+
+
 def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
     """Triggered images in the holdout raise its 90th percentile: the row reports both operating points."""
     n = 100
@@ -715,6 +743,7 @@ def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: 
     defence: clean accuracy 0.8, ASR 1.0), and attack "b" at ASR `other_asr` with no rows."""
     down = {"no_defence": {"clean_accuracy": 0.8, "asr": 1.0}}
     down |= {"dede_filtered": filtered, "dede_score_filtered": filtered}
+    down |= {"dede_filtered_x2": {"clean_accuracy": 0.795, "asr": 0.01}}
     return {
         "rows": rows, "mode": "quick", "wall_seconds": 60.0 * minutes, "downstream": {"a": down},
         "attacks": {"a": {"asr": 0.99}, "b": {"asr": other_asr}},
@@ -748,6 +777,8 @@ def test_the_targets_table_says_met_missed_or_no_implant():
         "| downstream ASR after filtering <= 0.05, clean accuracy within 0.01 | missed: ASR 0.040, CA "
         "-0.0150",
         alone + "missed: ASR 0.040, CA -0.0150",
+        "| the same for `dede` with twice the tails (`--threshold quantile:0.94 --collapse quantile:0.96`) | "
+        "met: ASR 0.010, CA -0.0050",
     ]
     assert [line.split(" | no implant")[0] for line in lines] == expected
     assert all(line.endswith(" | no implant (ASR 0.200) |") for line in lines)
