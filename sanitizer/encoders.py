@@ -83,10 +83,44 @@ class VictimEncoder:
 
 # -- weights ---------------------------------------------------------------------------------------
 RESAVE = "save the model's state_dict() with safetensors.torch.save_file and pass that file"
+# Numbers trainers keep as numpy values beside the weights (an np.float64 best accuracy, an np.int64
+# epoch, a loss history): the functions that rebuild numpy scalars and arrays from their bytes, with
+# only a number's dtype, and the numeric dtypes' classes, whose state is set on load. Their names are
+# read from numpy, which moved numpy.core to numpy._core in 2.0: a file saved under the other major
+# version names the other module, allowed as well.
+NUMERIC_DTYPES = (
+    "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]
+)  # bool, int, uint, float, complex
+NUMPY_CORES = ("numpy.core.", "numpy._core.")
+
+
+def _numeric_dtype(*args: object) -> np.dtype:
+    """numpy.dtype for the weights-only unpickler, refusing all but a number's: an object array holds
+    whatever objects were pickled into it, and a string or structured one holds no numbers."""
+    dtype = np.dtype(*args)
+    if dtype.char not in NUMERIC_DTYPES:
+        raise pickle.UnpicklingError(f"numpy values of dtype {dtype}, not numbers")
+    return dtype
+
+
+def _pickled_names(function: object) -> list[tuple[object, str]]:
+    """A numpy function under the names pickle gives it under numpy 1 and 2."""
+    name = f"{function.__module__}.{function.__qualname__}"
+    names = {name.replace(old, new) for old in NUMPY_CORES for new in NUMPY_CORES}
+    return [(function, each) for each in sorted(names)]
+
+
 # Plain data beside the tensors that the weights-only unpickler may build: the training arguments timm's
 # train.py, DINO and torchvision's reference scripts save ('args'), an attribute bag whose values must be
-# allowed in turn. Without it every such checkpoint was refused as a pickled object.
-ALLOWED_GLOBALS = [argparse.Namespace]
+# allowed in turn, and numpy numbers. Without them every such checkpoint was refused as a pickled object.
+ALLOWED_GLOBALS = [
+    argparse.Namespace,
+    np.ndarray,
+    (_numeric_dtype, f"{np.dtype.__module__}.{np.dtype.__qualname__}"),
+    *{type(np.dtype(char)) for char in NUMERIC_DTYPES},
+    *_pickled_names(np.zeros(0).__reduce__()[0]),  # rebuilds an array
+    *_pickled_names(np.float64(0).__reduce__()[0]),  # rebuilds a scalar
+]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

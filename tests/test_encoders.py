@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sanitizer.data.hostile import PWNED_FILE, pickle_payload
-from sanitizer.encoders import embed_pixels, load_encoder, parse_spec, read_state_dict
+from sanitizer.encoders import ALLOWED_GLOBALS, embed_pixels, load_encoder, parse_spec, read_state_dict
 from sanitizer.errors import EncoderError, UsageError
 
 
@@ -327,6 +327,77 @@ def test_a_pickle_that_calls_a_blocked_module_is_refused_with_what_it_calls(tmp_
         f"refused {tmp_path / 'evil.bin'}: it holds more than plain tensors (Trying to load unsupported "
         f"GLOBAL {os.system.__module__}.system whose module {os.system.__module__} is blocked.); "
         "save the model's state_dict() with safetensors.torch.save_file and pass that file"
+    )
+    assert not (tmp_path / PWNED_FILE).exists()
+
+
+# What trainers keep beside the weights as numpy values: scalars of each kind of number and a loss history.
+NUMPY_NUMBERS = {
+    "best_acc": np.float64(0.93),
+    "epoch": np.int64(199),
+    "lr": np.float32(1e-3),
+    "step": np.uint16(7),
+    "ema": np.bool_(True),
+    "phase": np.complex64(1j),
+    "losses": np.array([[0.5, 0.25], [0.125, 0.0625]], dtype=np.float16),
+}
+
+
+def numpy_1_spelling(path: Path) -> None:
+    """Rewrites a torch file as numpy 1 saved it: its functions under numpy.core, not numpy._core."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for info, data in entries:
+            archive.writestr(
+                info,
+                data.replace(b"numpy._core.", b"numpy.core.") if info.filename.endswith("data.pkl") else data,
+            )
+
+
+def test_numpy_numbers_beside_the_weights_load_as_the_weights_alone(tmp_path, tiny_encoder):
+    """A checkpoint with an np.float64 best accuracy or an np.int64 epoch beside its weights was refused
+    ('Unsupported global: GLOBAL numpy._core.multiarray.scalar'); numbers of any numeric dtype and numeric
+    arrays now load, under numpy 1's names as under numpy 2's, and the tensors are the weights' alone."""
+    own, saved = tiny_encoder.module.state_dict(), tmp_path / "numpy.pth"
+    torch.save({"state_dict": own}, tmp_path / "alone.pth")
+    torch.save({"state_dict": own, **NUMPY_NUMBERS}, saved)
+    alone = read_state_dict(tmp_path / "alone.pth")
+    with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        held = torch.load(saved, weights_only=True)
+    for key, value in NUMPY_NUMBERS.items():  # rebuilt as saved: the same numbers of the same dtype
+        assert (type(held[key]), held[key].dtype) == (type(value), value.dtype)
+        assert np.array_equal(held[key], value)
+    under_numpy_2 = read_state_dict(saved)
+    numpy_1_spelling(saved)
+    assert b"cnumpy.core.multiarray\nscalar\n" in zipfile.ZipFile(saved).read("numpy/data.pkl")
+    for tensors in (under_numpy_2, read_state_dict(saved)):
+        assert tensors.keys() == alone.keys()
+        assert all(torch.equal(tensors[key], alone[key]) for key in alone)
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [
+        (np.array([{"a": 1}, None], dtype=object), "object"),
+        (np.array([_SystemCall()], dtype=object), "object"),
+        (np.array(["adam"]), "<U4"),
+        (np.zeros(2, dtype=[("loss", "f4")]), "|V4"),  # its fields come later, in its state
+        (np.str_("adam"), "<U4"),
+    ],
+)
+def test_numpy_values_that_are_not_numbers_are_refused(tmp_path, monkeypatch, tiny_encoder, value, dtype):
+    """An object array holds whatever objects were pickled into it (each goes through the weights-only
+    unpickler too, which blocks os.system); it is refused, as a string or structured array or scalar is,
+    when its dtype is built, before anything it holds."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": tiny_encoder.module.state_dict(), "extra": value}, tmp_path / "objects.pth")
+    with pytest.raises(EncoderError) as caught:
+        read_state_dict(tmp_path / "objects.pth")
+    assert str(caught.value) == (
+        f"refused {tmp_path / 'objects.pth'}: it holds more than plain tensors (numpy values of dtype "
+        f"{dtype}, not numbers); save the model's state_dict() with safetensors.torch.save_file and pass "
+        "that file"
     )
     assert not (tmp_path / PWNED_FILE).exists()
 
