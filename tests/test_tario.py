@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -199,14 +200,122 @@ def test_truncated_tar_keeps_earlier_samples_and_marks_the_cut_one(tmp_path: Pat
     assert samples[1].members[0] == Member("s1.png", b"\1" * 700)
 
 
-def test_truncated_gzip_tar(tmp_path: Path) -> None:
-    members = [(f"s{i}.bin", os.urandom(5000)) for i in range(4)]
-    data = _raw_tar(tmp_path / "t.tar.gz", members, gz=True).read_bytes()
-    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
-    samples = list(iter_samples(str(tmp_path / "cut.tar.gz")))
-    assert samples and samples[-1].status == "truncated_shard"
-    assert all(s.status == "ok" for s in samples[:-1])
-    assert [s.key for s in samples] == [f"s{i}" for i in range(len(samples))]
+THREE_SAMPLES = [(f"s{i}.{ext}", bytes([i]) * 700) for i in range(3) for ext in ("png", "txt")]
+ALL_OK = [("s0", "ok", None), ("s1", "ok", None), ("s2", "ok", None)]
+
+
+def _unclosed_tar(tmp_path: Path, members: list[tuple[str, bytes]], cut: Any, *, gz: bool = False) -> Path:
+    """A tar of ``members`` ending where ``cut(last, before)`` of its last two members' TarInfo says,
+    before its end-of-archive blocks: a writer killed before it closed the tar, or a stream cut there."""
+    data = _raw_tar(tmp_path / "full.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        infos = tar.getmembers()
+    end = cut(infos[-1], infos[-2] if len(infos) > 1 else None)
+    path = tmp_path / ("unclosed.tar.gz" if gz else "unclosed.tar")
+    path.write_bytes(gzip.compress(data[:end], mtime=0) if gz else data[:end])
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["tar", "gz"])
+@pytest.mark.parametrize(
+    ("cut", "expected"),
+    [
+        (lambda last, _: last.offset_data + 1024, ALL_OK),  # 700 bytes and their padding: no end blocks
+        (lambda last, _: last.offset_data + 1024 + 300, ALL_OK),  # the first end block cut
+        (lambda last, _: last.offset_data + 700, ALL_OK),  # no padding after the data
+        (lambda last, _: last.offset_data + 800, ALL_OK),  # the padding cut
+        (
+            lambda last, _: last.offset_data + 699,
+            ALL_OK[:2]
+            + [
+                (
+                    "s2",
+                    "truncated_shard",
+                    "shard cut off inside member 's2.txt': ReadError: unexpected end of data",
+                )
+            ],
+        ),
+        (lambda _, before: before.offset + 200, ALL_OK[:2]),  # the header of s2's first member cut
+        (
+            lambda last, _: last.offset,  # between s2's two members
+            ALL_OK[:2]
+            + [
+                (
+                    "s2",
+                    "truncated_shard",
+                    "shard ends without an end-of-archive marker (cut off?), "
+                    "its last sample without the 'txt' members of the one before",
+                )
+            ],
+        ),
+    ],
+    ids=["no_end_blocks", "end_block_cut", "no_padding", "padding_cut", "data_cut", "header_cut", "between"],
+)
+def test_a_tar_that_ends_after_whole_members_keeps_every_whole_sample(
+    tmp_path: Path, cut: Any, expected: list, gz: bool
+) -> None:
+    """A tar that ends after whole members, without its end-of-archive blocks (GNU tar and WebDataset
+    read every sample of it) or inside the padding after its last data: every whole sample `ok` (the
+    last was `truncated_shard`, never copied). A last sample without an extension the one before it
+    has (a cut between two of its members), or with a member whose data is cut, is marked."""
+    path = _unclosed_tar(tmp_path, THREE_SAMPLES, cut, gz=gz)
+    samples = list(iter_samples(str(path)))
+    assert [(s.key, s.status, s.error) for s in samples] == expected
+    whole = [s for s in samples if s.status == "ok"]
+    assert [m for s in whole for m in s.members] == [Member(n, d) for n, d in THREE_SAMPLES[: 2 * len(whole)]]
+
+
+def test_an_unclosed_tar_of_one_sample_marks_it(tmp_path: Path) -> None:
+    """With no sample before it to show which members a sample has, an unclosed tar's only sample may
+    lack its later members: it stays `truncated_shard`, saying why."""
+    path = _unclosed_tar(tmp_path, THREE_SAMPLES[:2], lambda last, _: last.offset_data + 1024)
+    assert [(s.key, s.status, s.error) for s in iter_samples(str(path))] == [
+        (
+            "s0",
+            "truncated_shard",
+            "shard ends without an end-of-archive marker (cut off?), after its first sample, "
+            "which may lack later members",
+        )
+    ]
+
+
+def test_score_and_clean_copy_every_sample_of_a_tar_without_its_end(
+    tmp_path: Path, tiny_shards: Path, tiny_decoder_dir: Path
+) -> None:
+    """A shard whose writer never closed it (no end-of-archive blocks, no padding after its last
+    member's data): each of its 40 samples is scored `ok` and copied to clean/ or quarantine/."""
+    from sanitizer.cli import main
+
+    full = tiny_shards / "shard-000000.tar"
+    with tarfile.open(full) as tar:
+        last = tar.getmembers()[-1]
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "unclosed.tar").write_bytes(full.read_bytes()[: last.offset_data + last.size])
+    argv = ["score", f"--decoder={tiny_decoder_dir}", f"--data={data}", f"--out={run}", "--workers=0"]
+    assert main(argv) == 0
+    stats = json.loads((run / "stats" / "unclosed_stats.json").read_text())
+    assert (stats["count"], stats["ok"], stats["shard_error"]) == (40, 40, None)
+    assert main(["clean", str(run)]) == 0
+    copies = [run / "clean" / "unclosed.tar", run / "quarantine" / "unclosed.tar"]
+    copied = [m for p in copies if p.exists() for s in iter_samples(str(p)) for m in s.members]
+    assert sorted(copied, key=lambda m: m.name) == [m for s in iter_samples(str(full)) for m in s.members]
+
+
+@pytest.mark.parametrize(("end", "statuses"), [(6244, ["ok", "truncated_shard"]), (11364, ["ok", "ok"])])
+def test_a_gzip_stream_cut_short_marks_only_a_sample_it_cuts(
+    tmp_path: Path, end: int, statuses: list
+) -> None:
+    """A `.tar.gz` cut short ends its tar where the deflate stream ends: inside s1's data (at 6144-11144),
+    s1 is cut; inside s2's header (at 11264), s1 is whole."""
+    members = [(f"s{i}.bin", bytes([i]) * 5000) for i in range(4)]
+    stored = gzip.compress(_raw_tar(tmp_path / "t.tar", members).read_bytes(), compresslevel=0, mtime=0)
+    cut = stored[: 10 + 5 + end]  # the gzip header, the stored block's header, then the tar's bytes
+    assert len(zlib.decompressobj(wbits=31).decompress(cut)) == end
+    (tmp_path / "cut.tar.gz").write_bytes(cut)
+    assert [(s.key, s.status) for s in iter_samples(str(tmp_path / "cut.tar.gz"))] == list(
+        zip(["s0", "s1"], statuses, strict=True)
+    )
 
 
 @pytest.mark.parametrize("after", [b"", b"trailing garbage"])

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from sanitizer.atomic import atomic_path
 from sanitizer.data.shards import file_stamp, is_remote
@@ -239,16 +239,35 @@ def _open_raw(url: str, stack: ExitStack) -> IO[bytes]:
         raise ShardError(url, f"cannot open: {describe(e)}") from None
 
 
-def _end_problem(tar: tarfile.TarFile) -> str | None:
-    """Why iteration stopped, if it was not the end-of-archive marker."""
+class _End(NamedTuple):
+    """Why reading stopped before the end-of-archive marker, and whether every member read is whole."""
+
+    problem: str
+    whole: bool
+
+
+def _cut_end(tar: tarfile.TarFile, last: tarfile.TarInfo | None, error: BaseException) -> _End:
+    """Why moving to the next header failed. A file that ends inside the zero padding after the last
+    member's data ends after whole members (GNU tar fails that member, ``Unexpected EOF``, though
+    every byte of it is there); one that ends before that data's end, or a bad header, does not."""
+    position = tar.fileobj.tell()  # type: ignore[union-attr]  # as far as the file went
+    if last is not None and last.offset_data + last.size <= position < tar.offset:
+        return _End("shard ends inside the padding after its last member (cut off?)", whole=True)
+    return _End(f"shard cut off or corrupt: {describe(error)}", whole=False)
+
+
+def _header_end(tar: tarfile.TarFile) -> _End | None:
+    """Why header reading stopped, None if at the end-of-archive marker. A file that ends where a
+    header would start, or inside one, ends after whole members."""
     err = getattr(tar, "_sanitizer_header_error", None)
     if isinstance(err, tarfile.EOFHeaderError):
         return None
     if isinstance(err, tarfile.EmptyHeaderError):
-        return "shard ends without an end-of-archive marker (cut off?)"
+        return _End("shard ends without an end-of-archive marker (cut off?)", whole=True)
     if err is None:
-        return "shard ended unexpectedly"
-    return f"shard cut off or corrupt at a member header: {describe(err)}"
+        return _End("shard ended unexpectedly", whole=False)
+    problem = f"shard cut off or corrupt at a member header: {describe(err)}"
+    return _End(problem, whole=isinstance(err, tarfile.TruncatedHeaderError))
 
 
 def _mark_truncated(sample: Sample, message: str) -> None:
@@ -256,12 +275,24 @@ def _mark_truncated(sample: Sample, message: str) -> None:
     sample.error = one_line(message)
 
 
-def _stop(url: str, current: Sample | None, problem: str) -> None:
+def _stop(url: str, current: Sample | None, exts: set[str], before: set[str] | None, end: _End) -> None:
     """A shard that stops reading marks the sample it was in; one that stops before its first sample
-    (after directory entries) fails, rather than read as an empty shard."""
+    (after directory entries) fails, rather than read as an empty shard. A stop after whole members
+    (a writer killed before it closed the tar, which GNU tar and WebDataset read whole) marks none
+    when the last sample has every extension of the sample before it, as a WebDataset shard's
+    samples do: marking it lost a whole sample. One without them, or without a sample before it,
+    may be cut between two of its members: its later members missing, it is marked."""
     if current is None:
-        raise ShardError(url, f"{problem}, before its first sample")
-    _mark_truncated(current, problem)
+        raise ShardError(url, f"{end.problem}, before its first sample")
+    if not end.whole:
+        _mark_truncated(current, end.problem)
+    elif before is None:
+        _mark_truncated(current, f"{end.problem}, after its first sample, which may lack later members")
+    elif missing := sorted(before - exts):
+        lacks = ", ".join(repr(ext) for ext in missing)
+        _mark_truncated(
+            current, f"{end.problem}, its last sample without the {lacks} members of the one before"
+        )
 
 
 def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample]:
@@ -269,11 +300,11 @@ def iter_samples(url: str, max_member_bytes: int = 256 << 20) -> Iterator[Sample
 
     Raises ``ShardError`` when no tar header can be read at all, or when a read fails or ends before
     the size the file's stamp gives (at any point: the samples already yielded are not the whole
-    shard). A cut-off shard ends with
-    its in-progress sample marked ``truncated_shard``; members larger than ``max_member_bytes``
-    are skipped unread (data ``b""``) and mark their sample ``member_too_large``, links and devices
-    ``special_member``, a sample whose key an earlier one has ``duplicate_key``. Directory entries are
-    passed over.
+    shard). A cut-off shard ends with its in-progress sample marked ``truncated_shard``, unless the cut
+    follows whole members and that sample has every extension of the one before it; members larger
+    than ``max_member_bytes`` are skipped unread (data ``b""``) and mark their sample
+    ``member_too_large``, links and devices ``special_member``, a sample whose key an earlier one has
+    ``duplicate_key``. Directory entries are passed over.
     """
     with ExitStack() as stack:
         stamp = file_stamp(url)  # before the open: the bytes the object has as it is read
@@ -313,26 +344,29 @@ def _group_members(url: str, tar: tarfile.TarFile, max_member_bytes: int) -> Ite
     """Group consecutive members into samples; a repeated extension starts a new sample."""
     current: Sample | None = None
     exts: set[str] = set()
+    before: set[str] | None = None  # the extensions of the sample before the current one
+    last: tarfile.TarInfo | None = None
     first_index: dict[str, int] = {}  # each key's first sample
     count = 0
     while True:
         try:
             info = tar.next()
         except _READ_ERRORS as e:
-            _stop(url, current, f"shard cut off or corrupt: {describe(e)}")
+            _stop(url, current, exts, before, _cut_end(tar, last, e))
             break
         tar.members = []  # stream mode keeps every TarInfo otherwise
         if info is None:
-            problem = _end_problem(tar)
-            if problem is not None:
-                _stop(url, current, problem)
+            if (end := _header_end(tar)) is not None:
+                _stop(url, current, exts, before, end)
             break
+        last = info
         if _is_structure(info):
             continue
         key, ext = split_key(info.name)
         if current is None or key != current.key or ext in exts:
             if current is not None:
                 yield current
+                before = exts
             current = Sample(key=key, index=count, members=[])
             _mark_duplicate(current, first_index)
             count += 1
