@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -1982,6 +1983,54 @@ def test_a_rerun_after_a_manifest_was_rewritten_runs_the_pass(
     clean_run(run, "value:0")
     assert not rerun(tiny_decoder_dir, tiny_shards, run, caplog)
     assert tree_digest(run / "manifest") == tree_digest(local_run[0] / "manifest")
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def noise_shards(root: Path) -> Path:
+    """Uniform noise, nothing like the tiny decoder's held-out images (test_collapse's unlike data)."""
+    noise = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    write_image_shards(root / "noise", noise, per_shard=20)
+    return root / "noise"
+
+
+WARNED = {  # a first run's data and options, and what its pass warns of (a line each)
+    "unlike-data": (noise_shards, {}, ["held-out images are unlike this data", "6 held-out images with a"]),
+    "no-warning": (None, {"collapse": "value:1.5"}, []),  # 6 held-out images attest p = 1/7 > e^-1.5
+}
+
+
+@pytest.mark.parametrize("case", WARNED)
+def test_a_skipped_pass_says_again_what_it_warned(tmp_path, tiny_decoder_dir, tiny_shards, caplog, case):
+    """A re-run that skipped the pass did not repeat its warnings: a scheduled job's log read clean while
+    the flags rested on a holdout it had warned of. Now it says the same lines, from run.json."""
+    make, kw, said = WARNED[case]
+    data, run = make(tmp_path) if make else tiny_shards, tmp_path / "run"
+    with caplog.at_level("INFO", logger="sanitizer"):
+        score(tiny_decoder_dir, data, run, workers=0, **kw)
+    first, recorded = warnings_of(caplog), json.loads((run / "run.json").read_text())["flag_warnings"]
+    assert len(recorded) == len(said) and all(any(s in w for w in recorded) for s in said)
+    assert set(recorded) <= set(first)
+    assert rerun(tiny_decoder_dir, data, run, caplog, **kw)
+    assert warnings_of(caplog) == first  # the pass's, and the seeded weights' that every run gives
+
+
+def test_a_run_that_recorded_no_warnings_runs_the_pass_again(
+    tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
+):
+    """A run.json of a version that did not record them: what its pass warned of is known only by
+    running it, once (the same flags: no manifest rewritten); the next re-run skips it and says them."""
+    run = copied_run(local_run, tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    del info["flag_warnings"]
+    write_json_atomic(run / "run.json", info)
+    files = manifest_files(run)
+    assert not rerun(tiny_decoder_dir, tiny_shards, run, caplog)
+    warned = warnings_of(caplog)
+    assert warned and rerun(tiny_decoder_dir, tiny_shards, run, caplog) and warnings_of(caplog) == warned
+    assert manifest_files(run) == files
 
 
 def test_a_pass_killed_part_way_runs_again(

@@ -474,9 +474,13 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
     done = run.done(plan.shards)
     if unchanged_flags(run, plan, done, previous):
         log.info("%s: unchanged since the last run, skipped", "collapse pass" if plan.collapse else "flags")
+        warned = previous[FLAG_WARNINGS]
+        for warning in warned:  # the flags still rest on what they warned of
+            log.warning("%s", warning)
         now, reflagged, digest = {k: previous[k] for k in FLAGGED}, 0, previous[FLAG_INPUTS]
     else:
-        now, reflagged = flag(run, plan, done)
+        with warnings_logged() as warned:
+            now, reflagged = flag(run, plan, done)
         digest = flag_inputs(run, plan, done, now)
     thresholds = {"threshold": now["threshold"]["value"], "threshold_rule": str(plan.rule)}
     thresholds |= {"collapse_threshold": now["collapse"]["value"], "collapse_rule": now["collapse"]["rule"]}
@@ -495,7 +499,7 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
                 "shards_done": summary.shards_done,
             },
             failed_shards=[{"stem": k, "error": v} for k, v in sorted(summary.failed_shards.items())],
-            **{FLAG_INPUTS: digest},
+            **{FLAG_INPUTS: digest, FLAG_WARNINGS: warned},
             **still_clean(run, previous, now, len(done), len(collector.done), reflagged),
         )
     )
@@ -524,19 +528,48 @@ def flag(run: RunDir, plan: JobPlan, done: list[str]) -> tuple[dict, int]:
     return now, reflagged
 
 
-# run.json's records of the thresholds the flags were set at, and its digest of all they follow from
-# (flag_inputs), written once flagging finished. The digest is not CARRIED: a re-run killed before it
+# run.json's records of the thresholds the flags were set at, its digest of all they follow from
+# (flag_inputs), and the warnings flagging logged (flag_warnings), which a re-run that skips it logs
+# again; written once flagging finished. Neither of the last two is CARRIED: a re-run killed before it
 # finishes leaves none, and the next flags again.
 FLAGGED = ("threshold", "collapse")
 FLAG_INPUTS = "flag_inputs"
+FLAG_WARNINGS = "flag_warnings"
 
 
 def unchanged_flags(run: RunDir, plan: JobPlan, done: list[str], previous: dict) -> bool:
-    """Whether the run.json found, `previous`, holds the digest of what the flags follow from now."""
-    recorded = previous.get(FLAG_INPUTS)
-    return recorded is not None and recorded == flag_inputs(
-        run, plan, done, {k: previous.get(k) for k in FLAGGED}
-    )
+    """Whether the run.json found, `previous`, holds the digest of what the flags follow from now, and
+    the warnings flagging logged then (a run.json written before they were recorded flags again: what
+    its pass warned of is known only by running it)."""
+    recorded, warned = previous.get(FLAG_INPUTS), previous.get(FLAG_WARNINGS)
+    if recorded is None or not isinstance(warned, list) or not all(isinstance(w, str) for w in warned):
+        return False
+    return recorded == flag_inputs(run, plan, done, {k: previous.get(k) for k in FLAGGED})
+
+
+class _Warnings(logging.Handler):
+    """The text of each warning the package logs on the thread that made this handler."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.said.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def warnings_logged() -> Iterator[list[str]]:
+    """The warnings the package logs on this thread meanwhile, as their lines say them: run.json
+    records flagging's, so that a re-run that skips it says them again in the same words."""
+    handler, package = _Warnings(), logging.getLogger("sanitizer")
+    package.addHandler(handler)
+    try:
+        yield handler.said
+    finally:
+        package.removeHandler(handler)
 
 
 def flag_inputs(run: RunDir, plan: JobPlan, done: list[str], records: dict) -> str:
