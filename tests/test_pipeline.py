@@ -324,6 +324,25 @@ def test_a_recorded_file_url_of_an_unsafe_stem_is_not_taken_for_the_shard():
         assert as_recorded(shards, [damaged]) == shards
 
 
+def test_a_recorded_stem_of_a_links_target_is_taken_only_where_the_listing_names_it_after_a_link():
+    """A run recorded a linked shard under its target's name (blobs/f00d: f00d) where the listing now
+    names it after the link (00000): the recorded stem is the shard's. A stem the listing hashed since
+    (a new input of the same file name), or one another shard now takes, is not: the run is refused
+    as another input's, as it was, rather than two shards writing one stem's outputs."""
+    from sanitizer.data.shards import ShardRef, assign_stems
+    from sanitizer.pipeline.job import as_recorded
+
+    shards = [ShardRef("/c/blobs/f00d", "00000"), *assign_stems(["/d/x.tar", "/e/x.tar"])]
+    assert as_recorded(shards, [{"url": "/c/blobs/f00d", "stem": "f00d"}]) == [
+        ShardRef("/c/blobs/f00d", "f00d"),
+        *shards[1:],
+    ]
+    for other in [{"url": "/d/x.tar", "stem": "x"}, {"url": "/c/blobs/f00d", "stem": "f00e"}]:
+        assert as_recorded(shards, [other]) == shards
+    taken = [ShardRef("/c/blobs/f00d", "00000"), ShardRef("/c/blobs/beef", "F00D")]  # a link F00D.tar
+    assert as_recorded(taken, [{"url": "/c/blobs/f00d", "stem": "f00d"}]) == taken
+
+
 def test_a_run_whose_input_grew_scores_only_the_new_shards_and_ends_as_a_run_of_all(
     tmp_path, local_run, tiny_decoder_dir, tiny_shards, caplog
 ):

@@ -282,6 +282,127 @@ def test_score_and_clean_a_directory_of_compressed_tars_named_twice(
         assert _members(run / "clean" / f"{stem}.tar", run / "quarantine" / f"{stem}.tar") == _members(tar)
 
 
+def _hub_cache(root: Path, tars: list[bytes]) -> Path:
+    """A Hugging Face hub cache of `tars`: snapshots/rev/data/00000.tar, 00001.tar, ... each a link to
+    blobs/<sha256>, a name with no suffix. Returns the data directory."""
+    blobs, data = root / "blobs", root / "snapshots" / "rev" / "data"
+    blobs.mkdir(parents=True)
+    data.mkdir(parents=True)
+    for i, tar in enumerate(tars):
+        blob = blobs / hashlib.sha256(tar).hexdigest()
+        blob.write_bytes(tar)
+        (data / f"{i:05d}.tar").symlink_to(os.path.relpath(blob, data))
+    return data
+
+
+def test_shards_reached_through_links_are_named_after_the_links(tmp_path: Path) -> None:
+    """A hub cache's shards were named after the blobs their links lead to: clean/<64 hex>.tar. They
+    are the files the links lead to, named after the links, however the directory is reached."""
+    data = _hub_cache(tmp_path / "hub", [b"0", b"1"])
+    (tmp_path / "linked").symlink_to(data, target_is_directory=True)
+    want = [ShardRef(str((data / f"{i:05d}.tar").resolve()), f"{i:05d}") for i in range(2)]
+    assert [Path(r.url).parent.name for r in want] == ["blobs", "blobs"]
+    for spec in [
+        str(data),
+        f"{data}/*.tar",
+        f"{data}/{{00000,00001}}.tar",
+        f"{data}/00001.tar,{data}/00000.tar,{data}",
+        str(tmp_path / "linked"),
+        f"file://{tmp_path}/linked/",
+    ]:
+        assert sorted(expand_shards(spec), key=lambda r: r.stem) == want, spec
+
+
+def test_a_file_listed_by_several_names_is_one_shard_named_alike_in_any_order(tmp_path: Path) -> None:
+    """A link listed beside its target is the target's shard, named after it as it always was; a file
+    reached only through links is named after the smallest of their names, whatever the order of
+    --data's parts. Two files whose links share a name get hashes of their own paths."""
+    d = tmp_path / "d"
+    target = _touch(d / "a.tar")
+    (d / "z.tar").symlink_to(target)
+    blob = tmp_path / "blobs" / "f00d"
+    blob.parent.mkdir()
+    blob.write_bytes(b"x")
+    for name in ["c.tar", "b.tar"]:
+        (d / name).symlink_to(blob)
+    parts = [str(d / "z.tar"), str(target), str(d / "c.tar"), str(d / "b.tar")]
+    want = {str(target.resolve()): "a", str(blob.resolve()): "b"}
+    for spec in [",".join(parts), ",".join(reversed(parts)), str(d), f"{d}/[zcba].tar"]:
+        refs = expand_shards(spec)
+        assert {r.url: r.stem for r in refs} == want, spec
+        assert len(refs) == 2
+
+    one, two = _hub_cache(tmp_path / "one", [b"1"]), _hub_cache(tmp_path / "two", [b"2"])
+    urls = [str((data / "00000.tar").resolve()) for data in (one, two)]
+    sha = [hashlib.sha1(url.encode()).hexdigest()[:8] for url in urls]
+    for spec in [f"{one},{two}", f"{two},{one}"]:
+        assert sorted(expand_shards(spec), key=lambda r: r.url) == [
+            ShardRef(urls[0], f"00000-{sha[0]}"),
+            ShardRef(urls[1], f"00000-{sha[1]}"),
+        ]
+
+
+def _cli(*argv: str | Path) -> int:
+    from sanitizer.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def _digests(run: Path) -> dict[str, str]:
+    """Each manifest's and stats marker's sha256, by its path in RUN_DIR."""
+    files = [*(run / "manifest").iterdir(), *(run / "stats").iterdir()]
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_a_hub_cache_is_scored_and_cleaned_into_tars_named_after_its_links(
+    tmp_path: Path, tiny_shards: Path, tiny_decoder_dir: Path
+) -> None:
+    """`score --data snapshots/REV/data` wrote manifest/<sha256>.parquet and clean/<sha256>.tar."""
+    tars = [(tiny_shards / f"shard-00000{i}.tar").read_bytes() for i in range(3)]
+    data, run = _hub_cache(tmp_path / "hub", tars), tmp_path / "run"
+    assert _cli("score", "--decoder", tiny_decoder_dir, "--data", data, "--out", run, "--workers", "0") == 0
+    assert _cli("clean", run) == 0
+    names = ["00000", "00001", "00002"]
+    assert sorted(p.name for p in (run / "clean").glob("*.tar")) == [f"{n}.tar" for n in names]
+    assert sorted(p.stem for p in (run / "manifest").glob("*.parquet")) == names
+    shards = json.loads((run / "run.json").read_text())["identity"]["shards"]
+    assert shards == [{"url": str((data / f"{n}.tar").resolve()), "stem": n} for n in names]
+    for name, tar in zip(names, tars, strict=True):
+        assert _members(run / "clean" / f"{name}.tar", run / "quarantine" / f"{name}.tar") == _members(tar)
+    assert _cli("verify", run) == 0
+
+
+def test_a_run_that_named_linked_shards_after_their_targets_resumes_verifies_and_cleans(
+    tmp_path: Path, tiny_shards: Path, tiny_decoder_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version before links named shards recorded a hub cache's shards under their blobs' names.
+    The same --data now names them 00000, ...: `score` resumes the run under its recorded stems,
+    scoring nothing and leaving its records as they were, and `verify` and `clean` work on it."""
+    import sanitizer.data.shards as shards_module
+
+    tars = [(tiny_shards / f"shard-00000{i}.tar").read_bytes() for i in range(3)]
+    data, run = _hub_cache(tmp_path / "hub", tars), tmp_path / "run"
+    score = ["score", "--decoder", tiny_decoder_dir, "--data", data, "--out", run, "--workers", "0"]
+    with monkeypatch.context() as old:  # the old listing: each shard named after its resolved file
+        old.setattr(shards_module, "link_names", lambda listed_as: {})
+        assert _cli(*score) == 0
+    blobs = sorted(str((data / f"0000{i}.tar").resolve()) for i in range(3))
+    recorded = json.loads((run / "run.json").read_text())["identity"]["shards"]
+    assert sorted(recorded, key=lambda s: s["url"]) == [{"url": b, "stem": Path(b).name} for b in blobs]
+    assert {s.stem for s in expand_shards(str(data))} == {"00000", "00001", "00002"}
+    kept = _digests(run)
+
+    assert _cli(*score) == 0
+    assert json.loads((run / "run.json").read_text())["identity"]["shards"] == recorded
+    assert _digests(run) == kept
+    assert _cli("verify", run) == 0
+    assert _cli("clean", run) == 0
+    assert sorted(p.stem for p in (run / "clean").glob("*.tar")) == sorted(Path(b).name for b in blobs)
+    assert _cli("verify", run) == 0
+    assert _cli(*score) == 0  # and again after clean, which added its split markers
+    assert {k: v for k, v in _digests(run).items() if k in kept} == kept
+
+
 def test_comma_list_keeps_order_and_drops_duplicates(tmp_path: Path) -> None:
     for name in ["a.tar", "b.tar", "c.tar"]:
         _touch(tmp_path / name)

@@ -1,7 +1,9 @@
 """Turn a user's SHARDS argument into an ordered list of shards with unique, file-safe stems.
 
 The stem names every per-shard output (``manifest/<stem>.parquet``, ``clean/<stem>.tar``), so it
-must be unique, safe as a file name, and independent of the order the inputs were given in.
+must be unique, safe as a file name, and independent of the order the inputs were given in. A local
+shard is its file's resolved path, but is named as the listing reached it: a Hugging Face hub cache's
+``snapshots/REV/data/00000.tar`` links to ``blobs/<sha256>``, and is ``00000``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def file_url_shard(url: str) -> str | None:
     if not url.startswith("file://"):
         return None
     return str(Path(url.removeprefix("file://")).expanduser().resolve())
+
+
+def listed_before(recorded: ShardRef, shard: ShardRef) -> bool:
+    """Whether run.json's `recorded` is `shard` as an earlier version listed it, whose outputs and
+    stats markers are there under the recorded stem: by a `file://` URL, which it passed through as
+    remote (a stem's hash taken of the URL), or, for a file the listing now names after a link to it,
+    by that file's own name (a hub cache's `blobs/<sha256>`, where the listing now says `00000`)."""
+    if recorded.url.startswith("file://"):
+        return file_url_shard(recorded.url) == shard.url
+    own = target_stems(shard.url)
+    return recorded.url == shard.url and recorded.stem in own and shard.stem not in own
 
 
 def file_stamp(url: str) -> dict[str, int | str] | None:
@@ -184,7 +197,7 @@ def _first_three(items: list[str], sep: str) -> str:
     return sep.join(items[:3]) + more
 
 
-def _expand_glob(item: str) -> list[str]:
+def _expand_glob(item: str) -> list[Path]:
     """A glob's shard files, as a directory's. img2dataset writes `00000.parquet` and
     `00000_stats.json` beside each `00000.tar`, so `data/*` matches them too: they are left out,
     with a warning naming them, rather than each failing the job as a shard that is not a tar."""
@@ -197,18 +210,19 @@ def _expand_glob(item: str) -> list[str]:
             _SUFFIX_LIST,
             _first_three(others, ", "),
         )
-    return [str(p.resolve()) for p in files if _is_shard_name(p.name)]
+    return [p for p in files if _is_shard_name(p.name)]
 
 
-def _expand_local(item: str) -> list[str]:
-    """Expand one local glob, directory or file; an empty list means it matched nothing."""
+def _expand_local(item: str) -> list[Path]:
+    """Expand one local glob, directory or file into the paths it lists (links not followed); an empty
+    list means it matched nothing."""
     path = Path(item).expanduser()
     if _GLOB_CHARS.search(item):
         return _expand_glob(item)
     if path.is_dir():
-        return [str(p.resolve()) for p in sorted(path.iterdir()) if _is_shard_file(p)]
+        return [p for p in sorted(path.iterdir()) if _is_shard_file(p)]
     if path.is_file():
-        return [str(path.resolve())]
+        return [path]
     return []
 
 
@@ -242,19 +256,28 @@ def base_stem(url: str) -> str:
     return stem[:MAX_STEM_CHARS] or "shard"
 
 
+def target_stems(url: str) -> tuple[str, ...]:
+    """The stems assign_stems gives the shard `url` named after its own file name: alone, or hashed
+    apart from another of its stem."""
+    base = base_stem(url)
+    return (base, _with_hash(base, url, 8), _with_hash(base, url, 40))
+
+
 def _with_hash(stem: str, url: str, n_hex: int) -> str:
     digest = hashlib.sha1(url.encode("utf-8", "surrogateescape")).hexdigest()[:n_hex]
     return f"{stem[: MAX_STEM_CHARS - n_hex - 1]}-{digest}"
 
 
-def assign_stems(urls: list[str]) -> list[ShardRef]:
-    """Give every URL a unique stem; each colliding stem gets a hash of its own URL appended.
+def assign_stems(urls: list[str], names: dict[str, str] | None = None) -> list[ShardRef]:
+    """Give every URL a unique stem, from its file name or the name `names` gives it (a link's); each
+    colliding stem gets a hash of its own URL appended, the URL being what identifies the shard.
 
     Stems that differ only in case collide too: on a case-insensitive file system (macOS, Windows)
-    ``manifest/A.parquet`` and ``manifest/a.parquet`` are one file. Only the set of URLs matters,
-    never their order, so re-runs with reordered inputs write to the same outputs.
+    ``manifest/A.parquet`` and ``manifest/a.parquet`` are one file. Only the set of URLs and their
+    names matters, never their order, so re-runs with reordered inputs write to the same outputs.
     """
-    bases = [base_stem(u) for u in urls]
+    names = names or {}
+    bases = [base_stem(names.get(u, u)) for u in urls]
     counts = Counter(b.casefold() for b in bases)
     stems = [_with_hash(b, u, 8) if counts[b.casefold()] > 1 else b for b, u in zip(bases, urls, strict=True)]
     counts = Counter(s.casefold() for s in stems)
@@ -287,6 +310,14 @@ def _misses_message(misses: list[str], found: int) -> str:
     )
 
 
+def link_names(listed_as: dict[str, set[str]]) -> dict[str, str]:
+    """The name each local shard (a resolved path) takes from the names the listing reached it by,
+    where that is not its file's own: a link's. A file listed by its own name keeps it, as it always
+    did (a link listed beside its target does not rename it); one reached only through links takes
+    the smallest of their names (as text), which no order of the listing changes."""
+    return {url: min(names) for url, names in listed_as.items() if Path(url).name not in names}
+
+
 def expand_shards(spec: str) -> list[ShardRef]:
     """Expand brace patterns, globs, directories and comma lists into ordered, unique shards.
 
@@ -297,6 +328,7 @@ def expand_shards(spec: str) -> list[ShardRef]:
     if not parts:
         raise UsageError("no shards given: expected a file, directory, glob or brace pattern")
     urls: list[str] = []
+    listed_as: dict[str, set[str]] = {}
     misses: list[str] = []
     for part in parts:
         if ranged_count(part) > MAX_SHARDS:  # braceexpand would take minutes and gigabytes to list them
@@ -315,7 +347,10 @@ def expand_shards(spec: str) -> list[ShardRef]:
             found = _expand_local(path)
             if not found:
                 misses.append(_describe_miss(path))
-            urls.extend(found)
+            for listed in found:
+                url = str(listed.resolve())
+                urls.append(url)
+                listed_as.setdefault(url, set()).add(listed.name)
     if misses:
         raise UsageError(_misses_message(misses, len(urls)))
     unique = list(dict.fromkeys(urls))
@@ -324,7 +359,7 @@ def expand_shards(spec: str) -> list[ShardRef]:
             raise UsageError(
                 f"shard {url!r} has a name that is not UTF-8; rename it (run.json records it as text)"
             )
-    return assign_stems(unique)
+    return assign_stems(unique, link_names(listed_as))
 
 
 def is_text(name: str) -> bool:

@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from sanitizer.checkpoint import read_meta
-from sanitizer.data.shards import ShardRef, expand_shards, file_url_shard
+from sanitizer.data.shards import ShardRef, expand_shards, file_url_shard, listed_before
 from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.device import resolve_device
 from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, WorkerDied, shortlist
@@ -327,20 +327,22 @@ def begin(run: RunDir, plan: JobPlan) -> tuple[JobPlan, dict]:
 
 
 def as_recorded(shards: list[ShardRef], recorded: object) -> list[ShardRef]:
-    """`shards`, each that the run recorded by a `file://` URL (an earlier version passed one through
-    as remote) as it was recorded, url and stem: the same file, whose outputs and stats markers are
-    there under that stem and name that url, so that the same command, or one naming the file by its
-    path, resumes the run and leaves its records as they were. A damaged entry (a stem that would name
-    a file outside RUN_DIR) is none: it matches no shard, and the run is refused."""
+    """`shards`, each that the run recorded as an earlier version listed it (`listed_before`: by a
+    `file://` URL, or named after the file a link leads to) as it was recorded, url and stem: the same
+    file, whose outputs and stats markers are there under that stem and name that url, so that the
+    same command, or one naming the file by its path, resumes the run and leaves its records as they
+    were. A damaged entry (a stem that would name a file outside RUN_DIR) is none: it matches no shard,
+    and the run is refused; so are recorded stems another shard's now takes (one name, two outputs)."""
     by_file = {}
     for entry in recorded if isinstance(recorded, list) else []:
         try:
             shard = shard_entry(entry)
         except RecordError:
             continue
-        if isinstance(shard.url, str) and (path := file_url_shard(shard.url)) is not None:
-            by_file[path] = shard
-    return [by_file.get(s.url, s) for s in shards]
+        if isinstance(shard.url, str):
+            by_file[file_url_shard(shard.url) or shard.url] = shard
+    taken = [r if (r := by_file.get(s.url)) is not None and listed_before(r, s) else s for s in shards]
+    return taken if len({s.stem.casefold() for s in taken}) == len(taken) else shards
 
 
 def warn_micro_batch_kept(finished: list[dict], micro_batch: int) -> None:
