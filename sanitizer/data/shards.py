@@ -256,11 +256,16 @@ def base_stem(url: str) -> str:
     return stem[:MAX_STEM_CHARS] or "shard"
 
 
+# The hex digits of the URL's hash that assign_stems appends to a colliding stem: 8, and all 40 where a
+# file's own name is another's "<stem>-<hash8>".
+SHORT_HASH, FULL_HASH = 8, 40
+
+
 def target_stems(url: str) -> tuple[str, ...]:
     """The stems assign_stems gives the shard `url` named after its own file name: alone, or hashed
     apart from another of its stem."""
     base = base_stem(url)
-    return (base, _with_hash(base, url, 8), _with_hash(base, url, 40))
+    return (base, *(_with_hash(base, url, n_hex) for n_hex in (SHORT_HASH, FULL_HASH)))
 
 
 def _with_hash(stem: str, url: str, n_hex: int) -> str:
@@ -279,11 +284,14 @@ def assign_stems(urls: list[str], names: dict[str, str] | None = None) -> list[S
     names = names or {}
     bases = [base_stem(names.get(u, u)) for u in urls]
     counts = Counter(b.casefold() for b in bases)
-    stems = [_with_hash(b, u, 8) if counts[b.casefold()] > 1 else b for b, u in zip(bases, urls, strict=True)]
+    stems = [
+        _with_hash(b, u, SHORT_HASH) if counts[b.casefold()] > 1 else b
+        for b, u in zip(bases, urls, strict=True)
+    ]
     counts = Counter(s.casefold() for s in stems)
     if len(counts) != len(stems):  # a literal file name equal to "<stem>-<hash8>": use full hash
         stems = [
-            _with_hash(b, u, 40) if counts[s.casefold()] > 1 else s
+            _with_hash(b, u, FULL_HASH) if counts[s.casefold()] > 1 else s
             for b, s, u in zip(bases, stems, urls, strict=True)
         ]
     return [ShardRef(url=u, stem=s) for u, s in zip(urls, stems, strict=True)]
