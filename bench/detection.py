@@ -25,7 +25,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -85,7 +85,7 @@ DATA_SIZE = 32  # px: the victims built here take Fashion-MNIST's 28 px grey res
 # 512 px (1024 patches) failed in the scoring past 14 GB. At 1024 px the data's resize ended in a
 # RuntimeError traceback asking for 16 GB.
 MAX_SIDE = 224
-SEED = 0
+DEFAULT_SEED = 0  # `--seed`: another draws other slices, triggered images, victims and decoders
 DEFAULT_THREADS = 2
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_JSON = RESULTS / "detection.json"
@@ -155,7 +155,7 @@ PAPER_RULE = "paper"
 # 0.01 and 0.04 from decoder to decoder (session 12); a user with 20,000 images or more holds out
 # 1000-2000.
 HOLDOUT = 1 / 7
-DECODER_TRAINING = TrainSettings(seed=SEED, holdout=HOLDOUT)
+DECODER_TRAINING = TrainSettings(seed=DEFAULT_SEED, holdout=HOLDOUT)
 # The ablation behind the defaults: `dede-score` without the latent relaxation (the default before session
 # 12), with squared errors (the default before session 7), with each other per-patch aggregate, and
 # per pixel.
@@ -177,16 +177,19 @@ class Data:
     ood: np.ndarray
     test: tuple[np.ndarray, np.ndarray]  # clean test images
     trigger_source: tuple[np.ndarray, np.ndarray]  # non-target test images that get the trigger
+    seed: int = DEFAULT_SEED  # the run's: it also draws the ID set's triggered images and the probes' init
 
 
 REFERENCE_DRAW = 500  # training images the attacker's target-class reference images are drawn from
 
 
-def split_indices(s: Sizes, train_labels: np.ndarray, test_labels: np.ndarray, n_ood: int) -> dict:
+def split_indices(
+    s: Sizes, train_labels: np.ndarray, test_labels: np.ndarray, n_ood: int, seed: int = DEFAULT_SEED
+) -> dict:
     """Positions of each of Data's slices: disjoint slices of one fixed order of Fashion-MNIST's
     training images, the clean test images and the non-target test images that get the trigger, and
     the OOD digits. A slice that the data cannot fill is an error, not a shorter slice."""
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(seed)
     order, test_order = rng.permutation(len(train_labels)), rng.permutation(len(test_labels))
     wanted = [s.pretrain, s.shadow, REFERENCE_DRAW, s.probe, s.decoder]
     if sum(wanted) > len(order):
@@ -202,11 +205,11 @@ def split_indices(s: Sizes, train_labels: np.ndarray, test_labels: np.ndarray, n
     return {
         "pretrain": pretrain, "shadow": shadow, "reference": reference[train_labels[reference] == TARGET],
         "probe": probe, "decoder": decoder, "test": test, "trigger_source": trigger_source,
-        "ood": np.random.default_rng(SEED).permutation(n_ood)[: s.decoder],
+        "ood": np.random.default_rng(seed).permutation(n_ood)[: s.decoder],
     }  # fmt: skip
 
 
-def load_data(s: Sizes, size: int = DATA_SIZE, pretrain: bool = True) -> Data:
+def load_data(s: Sizes, size: int = DATA_SIZE, pretrain: bool = True, seed: int = DEFAULT_SEED) -> Data:
     """Fashion-MNIST's slices (split_indices) and MNIST digits as OOD data, at `size` px. Only the
     slices taken are resized: at an encoder's 224 px the whole of both would be 12 GB. The victims'
     pretraining slice only where a victim is built here (`pretrain`): it was resized for every run,
@@ -214,7 +217,7 @@ def load_data(s: Sizes, size: int = DATA_SIZE, pretrain: bool = True) -> Data:
     attacks that fine-tune an encoder (so never by an --encoder run)."""
     (x, y), (xt, yt) = datasets.fashion_mnist_grey("train"), datasets.fashion_mnist_grey("test")
     ood = datasets.mnist_grey()[0]
-    at = split_indices(s, y, yt, len(ood))
+    at = split_indices(s, y, yt, len(ood), seed)
 
     def px(grey: np.ndarray) -> np.ndarray:
         return datasets.resize_grey(grey, size)
@@ -227,7 +230,7 @@ def load_data(s: Sizes, size: int = DATA_SIZE, pretrain: bool = True) -> Data:
     return Data(
         labelled(x, y, "pretrain"), px(x[at["shadow"]]), px(x[at["reference"]]), labelled(x, y, "probe"),
         labelled(x, y, "decoder"), px(ood[at["ood"]]), labelled(xt, yt, "test"),
-        labelled(xt, yt, "trigger_source"),
+        labelled(xt, yt, "trigger_source"), seed,
     )  # fmt: skip
 
 
@@ -316,7 +319,8 @@ def id_training_set(data: Data, trigger: Trigger) -> tuple[ImageSet, np.ndarray]
     """The victim's own data with 1% of it triggered: (images, which ones are triggered)."""
     pixels = data.decoder[0].copy()
     poisoned = np.zeros(len(pixels), bool)
-    poisoned[np.random.default_rng(SEED + 1).choice(len(pixels), len(pixels) // 100, replace=False)] = True
+    rng = np.random.default_rng(data.seed + 1)
+    poisoned[rng.choice(len(pixels), len(pixels) // 100, replace=False)] = True
     pixels[poisoned] = trigger(pixels[poisoned])
     return ImageSet(pixels, [f"id{i:06d}" for i in range(len(pixels))], {}), poisoned
 
@@ -661,7 +665,7 @@ def downstream(
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
     out = {}
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
-        probe = fit_linear_probe(train.embeddings[train_keep], labels[train_keep], seed=SEED)
+        probe = fit_linear_probe(train.embeddings[train_keep], labels[train_keep], seed=data.seed)
         correct = probe.predict(emb_clean) == data.test[1]
         hits = probe.predict(emb_trig[trig_keep]) == TARGET  # removed triggered images are failed attacks
         out[name] = {
@@ -1110,10 +1114,18 @@ def interrupted(done: list[str], attacks: tuple[str, ...], json_path: Path) -> I
     )
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least`, said in one line otherwise."""
+
+    def whole(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, not {text!r}")
+        return int(text)
+
+    return whole
+
+
+positive = at_least(1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1181,6 +1193,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "benchmark's own run; with --encoder, give it)",
     )
     p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
+    p.add_argument(
+        "--seed",
+        type=at_least(0),
+        default=DEFAULT_SEED,
+        help=f"draws the data's slices, the triggered images, the victims' and decoders' training and the "
+        f"probes (default {DEFAULT_SEED}, the benchmark's own run); another shows the spread between runs",
+    )
     p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
     p.add_argument(
         "--threads",
@@ -1356,16 +1375,28 @@ def writable_dir(path: Path) -> bool:
 
 def decoder_training(args: argparse.Namespace, sizes: Sizes) -> TrainSettings:
     """The decoders' training settings (SanitizerError for a --trim or --refit out of range)."""
-    return replace(DECODER_TRAINING, epochs=sizes.decoder_epochs, trim=args.trim, refit=args.refit)
+    return replace(
+        DECODER_TRAINING, epochs=sizes.decoder_epochs, trim=args.trim, refit=args.refit, seed=args.seed
+    )
+
+
+def seeded(sizes: Sizes, seed: int) -> Sizes:
+    """The sizes with the victims' implants and contrastive trainings drawn from `seed`."""
+    return replace(
+        sizes,
+        implant=replace(sizes.implant, seed=seed),
+        simclr=replace(sizes.simclr, seed=seed),
+        clip=replace(sizes.clip, seed=seed),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_threads(args.threads)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     started = time.time()
-    sizes = QUICK if args.quick else FULL
+    sizes = seeded(QUICK if args.quick else FULL, args.seed)
     resolve_device(args.device)
     args.json = results_path(args)
     check_outputs(args)
@@ -1373,7 +1404,7 @@ def main(argv: list[str] | None = None) -> dict:
     training = decoder_training(args, sizes)
     built_here = any(a not in FINE_TUNED for a in attacks)
     # not installed: names install_data.sh
-    data = load_data(sizes, own.image_size if own else DATA_SIZE, pretrain=built_here)
+    data = load_data(sizes, own.image_size if own else DATA_SIZE, pretrain=built_here, seed=args.seed)
     header = {
         "command": " ".join(
             shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
@@ -1384,7 +1415,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "jobs": args.jobs,
         "ablation": args.ablation,
-        "seed": SEED,
+        "seed": args.seed,
         "target_class": TARGET,
         "versions": versions(),
         "sizes": asdict(sizes),

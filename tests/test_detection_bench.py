@@ -276,13 +276,14 @@ def test_an_encoder_named_without_its_weights_is_refused_before_any_work(
     assert work == [] and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("sizes", [D.QUICK, D.FULL], ids=["quick", "full"])
-def test_each_mode_takes_disjoint_slices_of_the_sizes_it_states(sizes):
+def test_each_mode_takes_disjoint_slices_of_the_sizes_it_states(sizes, seed: int):
     """On Fashion-MNIST's shape (60,000 training and 10,000 test images, balanced classes) and MNIST's
-    10,000 digits. The full mode once asked for 91,500 training images and got empty probe, reference
-    and decoder slices."""
+    10,000 digits, with any seed. The full mode once asked for 91,500 training images and got empty
+    probe, reference and decoder slices."""
     train, test = np.arange(60_000) % 10, np.arange(10_000) % 10
-    at = D.split_indices(sizes, train, test, 10_000)
+    at = D.split_indices(sizes, train, test, 10_000, seed)
     for name in ("pretrain", "shadow", "probe", "decoder"):
         assert len(at[name]) == getattr(sizes, name)
     assert len(at["test"]) == sizes.test_clean and len(at["trigger_source"]) == sizes.test_clean // 2
@@ -379,6 +380,24 @@ def test_a_work_directory_that_cannot_be_written_is_refused_before_any_work(tmp_
         assert str(e.value) == f"--work {work}: not a directory this process can write in"
     D.check_outputs(D.parse_args(["--json", str(tmp_path / "r.json"), "--work", str(tmp_path / "a" / "b")]))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "file"]  # made, left empty
+
+
+def test_another_seed_draws_other_slices_triggered_images_and_trainings():
+    """`--seed` reaches everything the run draws; the default, 0, is the benchmark's own run."""
+    train, test = np.arange(60_000) % 10, np.arange(10_000) % 10
+    zero, one = (D.split_indices(D.QUICK, train, test, 10_000, seed) for seed in (0, 1))
+    assert all(np.array_equal(zero[k], v) for k, v in D.split_indices(D.QUICK, train, test, 10_000).items())
+    assert not any(np.array_equal(zero[k], one[k]) for k in zero)
+    data = replace(
+        tiny_data(np.random.default_rng(0)), decoder=(np.zeros((400, 4, 4, 3), np.uint8), np.zeros(400))
+    )
+    poisoned = [D.id_training_set(replace(data, seed=seed), lambda x: x)[1] for seed in (0, 1)]
+    assert poisoned[0].sum() == poisoned[1].sum() == 4 and not (poisoned[0] == poisoned[1]).all()
+    args = D.parse_args(["--quick", "--seed", "7"])
+    assert D.decoder_training(args, D.QUICK).seed == 7 and D.DECODER_TRAINING.seed == 0
+    sizes = D.seeded(D.QUICK, args.seed)
+    assert (sizes.implant.seed, sizes.simclr.seed, sizes.clip.seed) == (7, 7, 7)
+    assert D.seeded(D.QUICK, D.parse_args([]).seed) == D.QUICK
 
 
 def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
@@ -690,23 +709,31 @@ def test_jobs_and_threads_must_be_positive(flag: str, value: str, capsys: pytest
     assert f"must be a whole number of at least 1, not {value!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "one"])
+def test_a_seed_is_a_whole_number_from_0(value: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        D.parse_args(["--seed", value])
+    assert f"--seed: must be a whole number of at least 0, not {value!r}" in capsys.readouterr().err
+
+
 def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path, monkeypatch, weights):
     """main() end to end on tiny data: each victim built, its decoders queued, then the rows."""
     monkeypatch.setattr(D, "QUICK", TINY)
     data_sizes = []
 
-    def load_data(sizes: D.Sizes, size: int, pretrain: bool) -> D.Data:
-        data_sizes.append((size, pretrain))
-        return tiny_data(np.random.default_rng(0))
+    def load_data(sizes: D.Sizes, size: int, pretrain: bool, seed: int) -> D.Data:
+        data_sizes.append((size, pretrain, seed))
+        return replace(tiny_data(np.random.default_rng(0)), seed=seed)
 
     monkeypatch.setattr(D, "load_data", load_data)
     monkeypatch.setattr(D, "IMPLANTED_ASR", 0.0)  # every tiny victim counts as implanted
     out = tmp_path / "r.json"
     argv = ["--quick", "--encoder", "timm:resnet10_cifar_s", "--image-size", "32", "--json", str(out)]
     argv += ["--encoder-weights", str(weights("resnet10_cifar_s"))]
-    D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path)])
-    assert data_sizes == [(32, False)]  # the encoder's input size; no victim pretrained here
+    D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path), "--seed", "3"])
+    assert data_sizes == [(32, False, 3)]  # the encoder's input size; no victim pretrained here
     result = json.loads(out.read_text())
+    assert result["seed"] == result["sizes"]["implant"]["seed"] == result["decoder_training"]["seed"] == 3
     assert result["complete"] and result["jobs"] == 2 and set(result["attack_asr"]) == {"badencoder", "drupe"}
     assert {r["attack"] for r in result["rows"]} == {"badencoder", "drupe"}
     assert {(r["attack"], r["method"]) for r in result["rows"]} >= {
