@@ -208,7 +208,7 @@ def sigkill_clean(ws: dict, kills: int, rng: random.Random) -> None:
 
 
 def kill_actor(ws: dict, kills: int) -> None:
-    from sanitizer.pipeline.job import ensure_ray
+    from sanitizer.pipeline.cluster import ensure_ray
 
     ensure_ray(None, num_cpus=2)
     run = ws["tmp"] / "kill_actor"

@@ -53,9 +53,14 @@ from sanitizer.decoder_meta import DedeConfig, ScoreSettings
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
 from sanitizer.model import DedeDecoder
-from sanitizer.pipeline.job import ScoreJob, ensure_ray, local_workers, run_score_job
+from sanitizer.pipeline.job import ScoreJob, local_workers, run_score_job
 from sanitizer.scoring import Scorer
 from sanitizer.train import TrainSettings, train_epoch
+
+try:
+    from sanitizer.pipeline.cluster import ensure_ray
+except ImportError:  # a version before pipeline/job.py was split (to measure it with this script)
+    from sanitizer.pipeline.job import ensure_ray
 
 PROFILES = {
     "cl32": {"spec": "timm:resnet18_cifar", "size": 32, "source_size": 32, "fmt": "png", "captions": False},

@@ -622,8 +622,8 @@ def stopped_by_signal(e: KeyboardInterrupt) -> int:
         else ("interrupted (SIGINT)", EXIT_INTERRUPTED)
     )
     with deaf_to_stops():
-        if (pipeline := sys.modules.get("sanitizer.pipeline.job")) is not None:  # loaded: it may run Ray
-            pipeline.stop_own_ray()  # first: Ray prints its last notes as it disconnects
+        if (cluster := sys.modules.get("sanitizer.pipeline.cluster")) is not None:  # loaded: it may run Ray
+            cluster.stop_own_ray()  # first: Ray prints its last notes as it disconnects
         say(f"sanitizer: {said}; run it again to resume", err=True)
     return code
 

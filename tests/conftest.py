@@ -87,7 +87,7 @@ def ray_session():
     """One local Ray for the whole test session (starting it costs seconds and ~1 GB)."""
     import ray
 
-    from sanitizer.pipeline.job import ensure_ray
+    from sanitizer.pipeline.cluster import ensure_ray
 
     ensure_ray(None, num_cpus=2)
     yield

@@ -232,18 +232,18 @@ def test_a_stopped_command_shuts_down_only_the_ray_its_scoring_started(monkeypat
     finished scoring leaves up for the process's next job."""
     import ray
 
-    from sanitizer.pipeline import job
+    from sanitizer.pipeline import cluster
 
     shut: list[bool] = []
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
     monkeypatch.setattr(cli, "run_report", ends(Terminated()))
-    monkeypatch.setattr(job, "OWN_RAY", threading.Event())
+    monkeypatch.setattr(cluster, "OWN_RAY", threading.Event())
     assert main(["report", "RUN"]) == 143
     assert shut == []
-    job.OWN_RAY.set()
+    cluster.OWN_RAY.set()
     assert main(["report", "RUN"]) == 143
     assert shut == [True]
-    assert not job.OWN_RAY.is_set()
+    assert not cluster.OWN_RAY.is_set()
     assert capsys.readouterr().err == "sanitizer: terminated (SIGTERM); run it again to resume\n" * 2
 
 

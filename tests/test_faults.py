@@ -489,7 +489,7 @@ def test_the_gpu_and_cpu_scoring_actors_both_get_the_restart_budget(ray_session)
     the test above kills, and neither Ray Data's default of restarting forever nor its warning."""
     import ray
 
-    from sanitizer.pipeline.job import cpu_scoring, gpu_scoring
+    from sanitizer.pipeline.run_stage import cpu_scoring, gpu_scoring
 
     ds = ray.data.from_items([{"url": "x.tar", "stem": "x"}])
     with warnings.catch_warnings():

@@ -28,7 +28,8 @@ from sanitizer.data.tario import iter_samples, write_shards
 from sanitizer.errors import Busy, UsageError
 from sanitizer.joblock import job_lock
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
-from sanitizer.pipeline.job import ScoreJob, run_score_job, stderr_without
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.pipeline.run_stage import stderr_without
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
 from sanitizer.verify import verify_run
@@ -986,18 +987,18 @@ def test_stderr_without_drops_only_the_matching_lines_also_of_a_library_writing_
     )
 
 
-OLDER_JOB = '"""an older sanitizer.pipeline.job, without the probe task"""\n'
+OLDER_CLUSTER = '"""an older sanitizer.pipeline.cluster, without the probe task"""\n'
 ANOTHER = (
     "No module named 'sanitizer.pipeline'; 'sanitizer' is not a package",
     {"sanitizer.py": '"""another package of this name"""'},
 )
 OLDER = (
-    "Can't get attribute '_files_there' on <module 'sanitizer.pipeline.job' from 'STUB/sanitizer/"
-    "pipeline/job.py'>",
+    "Can't get attribute '_files_there' on <module 'sanitizer.pipeline.cluster' from 'STUB/sanitizer/"
+    "pipeline/cluster.py'>",
     {
         "sanitizer/__init__.py": "",
         "sanitizer/pipeline/__init__.py": "",
-        "sanitizer/pipeline/job.py": OLDER_JOB,
+        "sanitizer/pipeline/cluster.py": OLDER_CLUSTER,
     },
 )
 
@@ -1015,7 +1016,7 @@ def cluster_import_check(tmp_path: Path, stub: dict[str, str], start_ray: str) -
     (tmp_path / "probe.py").write_text(
         "import sys, ray\n"
         "from sanitizer.errors import UsageError\n"
-        "from sanitizer.pipeline.job import check_cluster\n"
+        "from sanitizer.pipeline.cluster import check_cluster\n"
         f"{start_ray}"
         "try:\n"
         "    check_cluster('HEAD:6379', [])\n"
@@ -1043,7 +1044,7 @@ def cannot_import(reason: str) -> str:
 def test_a_cluster_whose_workers_lack_the_package_is_one_line(tmp_path, reason, stub):
     """Its scoring actors failed and were retried in 220 lines of tracebacks, and the run died saying
     nothing of what to do. Here the workers find another module named sanitizer first, or an older
-    install of it on the nodes, whose job module lacks the probe task (that one was a traceback); the
+    install of it on the nodes, whose cluster module lacks the probe task (that one was a traceback); the
     driver, started elsewhere, has this one."""
     start = (
         "ray.init(address='local', num_cpus=1, include_dashboard=False,\n"
@@ -1068,7 +1069,7 @@ def test_a_cluster_node_that_lacks_the_package_is_found_beside_one_that_has_it(t
 def test_a_cluster_whose_workers_import_the_package_and_read_the_files_passes_the_check(
     ray_session, tiny_decoder_dir
 ):
-    from sanitizer.pipeline.job import check_cluster
+    from sanitizer.pipeline.cluster import check_cluster
     from sanitizer.pipeline.stages import stage_files
 
     check_cluster("local", stage_files(str(tiny_decoder_dir)))  # raises where they cannot
@@ -1086,14 +1087,14 @@ def test_the_files_a_scoring_stage_reads_are_named_as_the_workers_get_them(tiny_
 
 
 def test_a_file_above_the_hashed_size_is_fingerprinted_by_its_size(tmp_path, monkeypatch):
-    import sanitizer.pipeline.job as job_module
+    import sanitizer.pipeline.cluster as cluster_module
 
     (tmp_path / "big").write_bytes(b"12345")
     (tmp_path / "small").write_bytes(b"1234")
-    monkeypatch.setattr(job_module, "HASHED_BYTES", 4)
-    assert job_module.fingerprint(str(tmp_path / "big")) == job_module.Fingerprint(5)
-    assert job_module.fingerprint(str(tmp_path / "small")).sha256 == hashlib.sha256(b"1234").hexdigest()
-    assert job_module.fingerprint(str(tmp_path / "gone")) == job_module.Fingerprint(
+    monkeypatch.setattr(cluster_module, "HASHED_BYTES", 4)
+    assert cluster_module.fingerprint(str(tmp_path / "big")) == cluster_module.Fingerprint(5)
+    assert cluster_module.fingerprint(str(tmp_path / "small")).sha256 == hashlib.sha256(b"1234").hexdigest()
+    assert cluster_module.fingerprint(str(tmp_path / "gone")) == cluster_module.Fingerprint(
         why="No such file or directory"
     )
 
@@ -1137,20 +1138,20 @@ def test_a_cluster_node_without_the_files_the_actors_read_is_one_line_before_any
     that sees the file otherwise than the driver: it is changed right after the driver read it."""
     import ray
 
-    import sanitizer.pipeline.job as job_module
+    import sanitizer.pipeline.cluster as cluster_module
 
     decoder = shutil.copytree(tiny_decoder_dir, tmp_path / "decoder")
     path = decoder / name
     was = path.stat().st_size
-    driver_fingerprint = job_module.fingerprint
+    driver_fingerprint = cluster_module.fingerprint
 
-    def changed_after_the_driver_read_it(file: str) -> job_module.Fingerprint:
+    def changed_after_the_driver_read_it(file: str) -> cluster_module.Fingerprint:
         seen = driver_fingerprint(file)
         if file == str(path):
             change(path)
         return seen
 
-    monkeypatch.setattr(job_module, "fingerprint", changed_after_the_driver_read_it)
+    monkeypatch.setattr(cluster_module, "fingerprint", changed_after_the_driver_read_it)
     argv = score_argv(decoder, tiny_shards, tmp_path / "run")
     assert main([*argv, "--workers", "1", "--device", "cpu", "--ray-address", "HEAD:6379"]) == 2
     ip = ray.nodes()[0]["NodeManagerAddress"]
@@ -1595,7 +1596,7 @@ def test_sigterm_while_ray_starts_stops_the_job_as_terminated(monkeypatch):
     import ray
 
     from sanitizer.errors import Terminated
-    from sanitizer.pipeline.job import ensure_ray
+    from sanitizer.pipeline.cluster import ensure_ray
 
     def stopped_while_starting(**kwargs):
         raise SystemExit(signal.SIGTERM)
@@ -1786,7 +1787,7 @@ def test_a_cluster_at_an_ipv6_address_as_ray_writes_it_is_reached():
     '[::1]' as a host name and refuse a cluster that answers."""
     import socket
 
-    from sanitizer.pipeline.job import check_reachable
+    from sanitizer.pipeline.cluster import check_reachable
 
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
@@ -1828,7 +1829,7 @@ NOT_AN_ADDRESS = "is not a Ray cluster's address: " + ADDRESS_FORMS
     ],
 )
 def test_a_cluster_address_of_no_form_ray_takes_is_refused_in_one_line(address, why):
-    from sanitizer.pipeline.job import check_reachable
+    from sanitizer.pipeline.cluster import check_reachable
 
     with pytest.raises(UsageError) as refused:
         check_reachable(address)
@@ -1841,7 +1842,7 @@ def test_a_cluster_that_asks_for_a_token_is_refused_naming_it(monkeypatch):
     error is Ray's, as ray.init raised it joining such a cluster (Ray 2.60)."""
     import ray
 
-    from sanitizer.pipeline.job import ensure_ray
+    from sanitizer.pipeline.cluster import ensure_ray
 
     def refused(**kwargs):
         try:
@@ -1873,7 +1874,7 @@ def test_a_cluster_that_asks_for_a_token_is_refused_naming_it(monkeypatch):
     ],
 )
 def test_a_cpu_actor_asks_for_no_more_cpus_than_one_node_holds(workers, node_cpus, threads):
-    from sanitizer.pipeline.job import actor_threads
+    from sanitizer.pipeline.run_stage import actor_threads
 
     assert actor_threads(workers, node_cpus) == threads
 

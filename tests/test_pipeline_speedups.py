@@ -15,7 +15,8 @@ from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import iter_samples
 from sanitizer.decoder_meta import ScoreSettings
-from sanitizer.pipeline.job import ScoreJob, decoded_tables, run_score_job
+from sanitizer.pipeline.job import ScoreJob, run_score_job
+from sanitizer.pipeline.run_stage import decoded_tables
 from sanitizer.pipeline.stages import ReadScoreStage, ScoreStage, read_shard, rebatch
 from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.train import Rows, TrainSettings, on_device, train_epoch

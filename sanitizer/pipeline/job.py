@@ -1,37 +1,30 @@
 """`sanitizer score`: every input shard -> a manifest part and a stats marker, resumably.
 
-Ray only orchestrates: on GPUs, CPU tasks read and decode shards for a pool of actors (one per GPU)
-that runs encoder + decoder; on CPUs each actor reads its own shards too. The driver writes each
-shard's outputs as it completes (pipeline/collect.py). The same two stages also run in one process
-without Ray (`workers=0`), for benchmarks and small jobs. Once every shard is in, a threshold rule
-that needs the scored set is resolved, the collapse pass flags (pipeline/collapse_pass.py), and
-run.json records the totals. Re-running a job skips finished shards, and flagging when nothing the
-flags follow from changed (flag_inputs); a finished job re-run changes nothing.
+This module is the job: its plan (what it scores, on which device, in what batches, and what run.json
+records of it), resuming a RUN_DIR, the flags, and the totals. The scoring stage runs in
+pipeline/run_stage.py: on GPUs, CPU tasks read and decode shards for a pool of Ray actors (one per GPU)
+that runs encoder + decoder; on CPUs each actor reads its own shards too; without Ray (`workers=0`) both
+stages run in this process, for benchmarks and small jobs. The driver writes each shard's outputs as it
+completes (pipeline/collect.py). Once every shard is in, a threshold rule that needs the scored set is
+resolved, the collapse pass flags (pipeline/collapse_pass.py), and run.json records the totals.
+Re-running a job skips finished shards, and flagging when nothing the flags follow from changed
+(flag_inputs); a finished job re-run changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
 import os
 import platform
-import queue
-import re
-import signal
-import socket
-import sys
-import tempfile
 import threading
 import time
-import warnings
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -40,21 +33,14 @@ from sanitizer.checkpoint import read_meta
 from sanitizer.data.shards import ShardRef, expand_shards, file_url_shard, listed_before
 from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.device import resolve_device
-from sanitizer.errors import OutOfMemory, SanitizerError, Terminated, UsageError, WorkerDied, shortlist
+from sanitizer.errors import SanitizerError, UsageError, shortlist
 from sanitizer.joblock import refuse_busy
 from sanitizer.manifest import SCHEMA_VERSION
+from sanitizer.pipeline.cluster import cluster_resources, joined_cluster
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags, holdout_for
 from sanitizer.pipeline.collect import ShardCollector
-from sanitizer.pipeline.stages import (
-    ReadScoreStage,
-    ScoreStage,
-    memory_advice,
-    read_shard,
-    read_shards,
-    rebatch,
-    stage_files,
-)
-from sanitizer.progress import progress_bar
+from sanitizer.pipeline.run_stage import consume, local_tables, ray_tables
+from sanitizer.pipeline.stages import ScoreStage
 from sanitizer.records import RecordError, lookup
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, RunDir, flagged_totals, ok_scores, shard_entry
 from sanitizer.thresholds import (
@@ -65,9 +51,6 @@ from sanitizer.thresholds import (
     resolve_threshold,
 )
 from sanitizer.wording import counted
-
-if TYPE_CHECKING:  # imported where Ray is used: `score --workers 0` and `--help` never load it
-    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +284,8 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> Summary:
 # What a re-run carries of a finished run.json while it runs: what still_clean weighs the record of
 # clean against, so that a re-run killed before it finishes leaves that record for the next to judge.
 CARRIED = ("threshold", "collapse", "clean")
+
+
 # What still_clean reads of them, beyond comparing them: the record of clean's fields
 READ_OF_PREVIOUS = CLEAN_RECORD_FIELDS
 
@@ -535,7 +520,11 @@ def flag(run: RunDir, plan: JobPlan, done: list[str]) -> tuple[dict, int]:
 # again; written once flagging finished. Neither of the last two is CARRIED: a re-run killed before it
 # finishes leaves none, and the next flags again.
 FLAGGED = ("threshold", "collapse")
+
+
 FLAG_INPUTS = "flag_inputs"
+
+
 FLAG_WARNINGS = "flag_warnings"
 
 
@@ -650,13 +639,6 @@ def scoring_device(job: ScoreJob) -> tuple[torch.device, int]:
     return torch.device("cpu"), max(1, int(resources.get("CPU", 1)))
 
 
-def cluster_resources(address: str) -> dict[str, float]:
-    import ray
-
-    ray_for_job(address)
-    return ray.cluster_resources()
-
-
 def local_workers(device: torch.device) -> int:
     """Actors that fill this machine: one per GPU; on the CPU one single-threaded actor per CPU, up
     to 8 (then threads).
@@ -665,555 +647,6 @@ def local_workers(device: torch.device) -> int:
     than one 2-thread actor, at ~650 MB more memory.
     """
     return torch.cuda.device_count() if device.type == "cuda" else min(8, os.cpu_count() or 1)
-
-
-def local_tables(
-    pending: list[ShardRef], stage: ScoreStage, image_size: int, batch_size: int, readers: int
-) -> Generator[pa.Table, None, None]:
-    """One process: `readers` threads decode shards (PIL and hashlib release the GIL) while this
-    thread scores batches of `batch_size` rows."""
-    for table in rebatch(decoded_tables(pending, image_size, readers), batch_size):
-        yield stage(table)
-
-
-_DONE = object()
-
-
-def decoded_tables(pending: list[ShardRef], image_size: int, readers: int) -> Iterator[pa.Table]:
-    """read_shard's tables for every pending shard, from `readers` threads, through a bounded queue.
-
-    Tables of different shards may interleave; the collector sorts each shard out by its end row.
-    """
-    shards = iter(pending)
-    lock = threading.Lock()
-    out: queue.Queue = queue.Queue(maxsize=4 * readers)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            while True:
-                with lock:
-                    shard = next(shards, None)
-                if shard is None:
-                    break
-                for table in read_shard(shard.url, shard.stem, image_size):
-                    if not put(table):
-                        return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            put(e)
-        put(_DONE)
-
-    threads = [threading.Thread(target=read, daemon=True, name=f"read-{i}") for i in range(readers)]
-    for t in threads:
-        t.start()
-    try:
-        running = len(threads)
-        while running:
-            item = out.get()
-            if item is _DONE:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-
-
-def ray_tables(
-    pending: list[ShardRef],
-    stage_kwargs: dict,
-    image_size: int,
-    job: ScoreJob,
-    batch_size: int,
-    workers: int,
-    device_type: str,
-) -> Generator[pa.Table, None, None]:
-    """Ray Data: shards -> decoded tables -> a pool of scoring actors (gpu_scoring, cpu_scoring); the
-    results come back here, and an error a worker raised as one line (actor_error)."""
-    import ray
-    from ray.data import DataContext
-
-    ray_for_job(job.ray_address)
-    if address := joined_cluster(job.ray_address):
-        check_cluster(address, stage_files(stage_kwargs["decoder_dir"], stage_kwargs["encoder_weights"]))
-    quiet_ray_data()
-    spend_restart_warning()
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # score draws its own bar, per shard
-    ds = ray.data.from_items(
-        [{"url": s.url, "stem": s.stem} for s in pending], override_num_blocks=len(pending)
-    )
-    if device_type == "cuda":
-        ds = gpu_scoring(ds, stage_kwargs, image_size, job.threads, batch_size, workers)
-    else:
-        ds = cpu_scoring(ds, stage_kwargs, job.threads, batch_size, workers)
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    except ray.exceptions.RayError as e:
-        if (error := actor_error(e, batch_size, stage_kwargs["micro_batch"])) is None:
-            raise
-        raise error from None
-    OWN_RAY.clear()  # scored: Ray stays up for the process's next job, as before (its exit stops it)
-
-
-# How often Ray restarts a scoring actor that died (SIGKILLed: most often by the kernel's OOM killer)
-# and retries the tasks it held. Ray Data's default is forever: a batch that kills its actor each
-# time held the job at 0% with no error until an outside timeout. Spent, the job stops (actor_error).
-ACTOR_RESTARTS = {"max_restarts": 4, "max_task_retries": 4}
-
-
-def gpu_scoring(
-    ds: ray.data.Dataset,
-    stage_kwargs: dict,
-    image_size: int,
-    threads: int | None,
-    batch_size: int,
-    workers: int,
-) -> ray.data.Dataset:
-    """Read tasks decode the shards on the CPUs, unfused from the actors; `workers` actors, a GPU and a
-    CPU each, score batches of `batch_size` decoded rows."""
-    ds = ds.map_batches(
-        read_shards,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"image_size": image_size},
-        num_cpus=1,
-    )
-    return actor_pool(
-        ds,
-        ScoreStage,
-        workers,
-        in_flight=4,
-        batch_size=batch_size,
-        fn_constructor_kwargs={**stage_kwargs, "threads": threads},
-        num_cpus=1,
-        num_gpus=1,
-    )
-
-
-def cpu_scoring(
-    ds: ray.data.Dataset, stage_kwargs: dict, threads: int | None, batch_size: int, workers: int
-) -> ray.data.Dataset:
-    """`workers` actors, each with an equal share of the cluster's CPUs as torch threads (actor_threads,
-    unless `threads` is given), read their own shards and score them, a shard a call (ReadScoreStage)."""
-    import ray
-
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-    threads = threads or actor_threads(workers, node_cpus)
-    return actor_pool(
-        ds,
-        ReadScoreStage,
-        workers,
-        in_flight=2,
-        batch_size=1,
-        fn_constructor_kwargs={**stage_kwargs, "threads": threads, "batch_size": batch_size},
-        num_cpus=threads,
-    )
-
-
-def actor_pool(
-    ds: ray.data.Dataset, stage: type, workers: int, in_flight: int, **options: object
-) -> ray.data.Dataset:
-    """`ds` through a pool of `workers` actors of `stage`, `in_flight` calls queued on each, restarted
-    no more than ACTOR_RESTARTS allows. Ray 2.60 has no named parameter for that budget: it goes in
-    ray_remote_args, which it warns are deprecated (to be removed in 2.64), a warning silenced here."""
-    from ray.data import ActorPoolStrategy
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(
-            stage,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=in_flight),
-            **options,
-            **ACTOR_RESTARTS,
-        )
-
-
-# What Ray 2.60's core worker logs to stderr, once per process, as it creates the first actor that
-# has restarts and an argument passed by ObjectRef (ray-project/ray#53727).
-RESTART_WARNING = "has constructor arguments in the object store and max_restarts > 0"
-
-
-@functools.cache
-def spend_restart_warning() -> None:
-    """Ray Data passes every pool actor its map function and DataContext by ObjectRef (ray#57733,
-    whatever fn_constructor_kwargs holds), so with ACTOR_RESTARTS the first scoring actor made Ray log a
-    C++ error line (RESTART_WARNING) on every run. It warns that a restart fails if those objects were
-    lost: the operator holds both refs while the pool runs, in the driver's object store, so they go
-    only with the driver. Ray says it once per process: spent here on a throwaway actor of our own,
-    only that actor's line dropped from stderr."""
-    import ray
-
-    @ray.remote(num_cpus=0, max_restarts=1)
-    class SpendRestartWarning:
-        def __init__(self, arg: None) -> None:
-            pass
-
-    ours = f"class name: '[^']*SpendRestartWarning' and ID: '[0-9a-f]+' {re.escape(RESTART_WARNING)}"
-    with stderr_without(ours):
-        actor = SpendRestartWarning.remote(ray.put(None))
-    ray.kill(actor, no_restart=True)
-
-
-@contextlib.contextmanager
-def stderr_without(pattern: str) -> Iterator[None]:
-    """Hold what this process writes to file descriptor 2 (a C++ library's log lines too) in a
-    temporary file, then pass it on without the lines that match `pattern`."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            lines = held.read().splitlines(keepends=True)
-            with open(2, "wb", closefd=False) as stderr:
-                stderr.writelines(line for line in lines if not re.search(pattern.encode(), line))
-
-
-def actor_error(error: Exception, batch_size: int, micro_batch: int) -> SanitizerError | None:
-    """The one-line error a Ray error stands for. A SanitizerError a worker raised (worker_user_error):
-    out of memory as it was (the batch, not the cluster's files), anything else as an actor that could
-    not work with the files it was given. An actor Ray's memory monitor killed, and one whose process
-    died (not in its constructor) once more than ACTOR_RESTARTS allows: what killed it, and what to
-    lower (memory_advice, for the rows of `batch_size` a call scores in model batches of
-    `micro_batch`). None for any other error."""
-    if (found := worker_user_error(error)) is not None:
-        kind, why = found
-        if kind == OutOfMemory.__name__:
-            return OutOfMemory(why)
-        return UsageError(
-            f"a scoring actor stopped: {why} (on a Ray cluster, every node needs DECODER_DIR and the "
-            "encoder weights at the paths given)"
-        )
-    if (usage := memory_monitor_kill(error)) is not None:
-        return OutOfMemory(
-            f"Ray's memory monitor killed a worker of this job as the host ran low on memory{usage}; "
-            f"{memory_advice(batch_size, micro_batch)}"
-        )
-    if actor_died(error):
-        restarts = ACTOR_RESTARTS["max_restarts"]
-        return WorkerDied(
-            f"a scoring actor died {restarts + 1} times (Ray restarted it {restarts} times, retrying its "
-            "shards): its process was killed, most often by the kernel's OOM killer as the host ran out "
-            f"of memory (`dmesg` says), or crashed; {memory_advice(batch_size, micro_batch)}"
-        )
-    return None
-
-
-def memory_monitor_kill(error: Exception) -> str | None:
-    """Where `error` is Ray's OutOfMemoryError (its memory monitor kills a worker once the node's memory
-    use passes RAY_memory_usage_threshold, 95%, before the kernel's OOM killer would), the node and its
-    use as Ray gives them (` (1.97GB used / 23.54GB limit on node IP)`, or '' where not found); else None.
-    Ray's text runs to pages: the processes it weighed, its object store, and the same advice."""
-    import ray
-
-    if not isinstance(error, ray.exceptions.OutOfMemoryError):
-        return None
-    found = re.search(
-        r"Memory on the node \(IP: ([^,]+), ID: \w+\) was ([^()\n]+ used / [^()\n]+ limit)", str(error)
-    )
-    return f" ({found[2]} on node {found[1]})" if found else ""
-
-
-def actor_died(error: Exception) -> bool:
-    """Whether `error` is Ray's word for a scoring actor whose process died after it started (SIGKILL,
-    a crash), not one whose constructor raised (that is the worker's own error)."""
-    import ray
-
-    return isinstance(error, ray.exceptions.ActorDiedError) and not error.actor_init_failed
-
-
-def actor_threads(workers: int, node_cpus: list[float]) -> int:
-    """Torch threads (and CPUs asked) per CPU scoring actor: the cluster's CPUs shared out among
-    `workers`, but no more than one node holds, as an actor lives on one node: one that asks for more
-    is never placed, and Ray Data waits for it forever."""
-    shared = int(sum(node_cpus)) // workers
-    return max(1, min(shared, int(max(node_cpus, default=1))))
-
-
-def quiet_ray_data() -> None:
-    """Ray Data's INFO lines off the console, and the stack it logs of an error it raises, which
-    reaches the caller anyway (a user's error in a worker, worker_user_error, must stay one line).
-    Set once ray.data is imported: its import sets its logger to DEBUG."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
-    # "An exception was raised from a task of operator ...", with the worker's traceback, which the
-    # exception raised here carries too: an OutOfMemory in an actor must stay one line
-    logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
-
-
-def worker_user_error(error: Exception) -> tuple[str, str] | None:
-    """The class name and message of a SanitizerError that a Ray worker raised (a decoder or weights
-    file its node cannot read, OutOfMemory), found in the error's text: an actor that dies in its
-    constructor comes back as an ActorDiedError that keeps the worker's traceback as text only. None
-    if there is none."""
-    found = re.findall(r"^sanitizer\.errors\.(\w+): (.+)$", str(error), re.MULTILINE)
-    return found[-1] if found else None
-
-
-def cluster_address(given: str | None) -> str | None:
-    """--ray-address, else RAY_ADDRESS, as `ray job submit` sets it; None: a local Ray."""
-    return given or os.environ.get("RAY_ADDRESS")
-
-
-def joined_cluster(given: str | None) -> str | None:
-    """The address of the cluster a job joins; None for a Ray of its own (no address, or `local`)."""
-    address = cluster_address(given)
-    return None if address in (None, "", "local") else address
-
-
-# Set while a job's scoring runs on a Ray it started (or joined), and after that scoring was stopped:
-# stop_own_ray's to shut down. A Ray that was running (a caller's, a test session's) is not the job's.
-OWN_RAY = threading.Event()
-
-
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join a cluster when given an address; otherwise start a quiet local one. False where Ray was
-    running already."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    address = cluster_address(address)
-    if address:
-        check_reachable(address)
-        kwargs["address"] = address
-    else:  # "local": a new Ray, even where `ray start` left a cluster running that ray.init would join
-        kwargs |= {"address": "local", "num_cpus": num_cpus, "object_store_memory": 512 * 1024**2}
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        ray.init(**kwargs)
-    except SystemExit as e:  # Ray's own SIGTERM handler, active while Ray starts, exits with the signal
-        if e.code == signal.SIGTERM:
-            raise Terminated from None
-        raise
-    except ConnectionError as e:  # something answers there, but Ray could not join it
-        if address:
-            raise UsageError(join_failure(address, e)) from None
-        raise
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver handler dumps a stack and aborts
-    return True
-
-
-def ray_for_job(address: str | None) -> None:
-    """ensure_ray for a job's scoring: a Ray it starts or joins is the job's, for stop_own_ray."""
-    if ensure_ray(address):
-        OWN_RAY.set()
-
-
-def stop_own_ray() -> None:
-    """Shut down the Ray that the stopped job's scoring started: the CLI calls it, deaf to a second
-    signal, before it says the signal's line. Left to Ray's exit handler, that took seconds after the
-    line (a local Ray's processes stopped one by one), in which Ray's notes of the actors it killed
-    followed the line, and a second Ctrl-C ended in Ray's traceback."""
-    if not OWN_RAY.is_set():
-        return
-    import ray
-
-    ray.shutdown()
-    OWN_RAY.clear()
-
-
-REACH_TIMEOUT_S = 10.0
-
-
-def check_reachable(address: str) -> None:
-    """Refuse a cluster address that nothing answers at: ray.init retries it for minutes, holding the
-    run. `auto` and `local` are left to Ray, as is another module's scheme (`anyscale://`)."""
-    endpoint = cluster_endpoint(address)
-    if endpoint is None:
-        return
-    try:
-        socket.create_connection(endpoint, timeout=REACH_TIMEOUT_S).close()
-    except OSError as e:
-        raise UsageError(
-            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
-            "check --ray-address or RAY_ADDRESS"
-        ) from None
-
-
-# What a cluster address may be, as a refusal says
-ADDRESS_FORMS = (
-    "give the head's HOST:PORT (its GCS, port 6379 unless `ray start --port` chose), ray://HOST:PORT or auto"
-)
-
-
-def cluster_endpoint(address: str) -> tuple[str, int] | None:
-    """(host, port) of a HOST:PORT or ray://HOST:PORT address (an IPv6 host in brackets, as Ray writes
-    it: [::1]:6379); None for `auto`, `local` and other modules' schemes, which Ray resolves. An
-    address of neither form is refused: Ray raised a ValueError with its traceback for it, and for
-    the job server's http:// address (the one `ray job submit` takes) said to unset RAY_ADDRESS."""
-    scheme, _, rest = address.rpartition("://")
-    if address in ("auto", "local") or scheme not in ("", "ray", "http", "https"):
-        return None
-    if scheme.startswith("http"):
-        raise UsageError(
-            f"--ray-address {address} is the address of the cluster's job server, which `ray job "
-            f"submit --address` takes; {ADDRESS_FORMS}"
-        )
-    host, _, port = rest.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--ray-address {address} is not a Ray cluster's address: {ADDRESS_FORMS}")
-    return host, int(port)
-
-
-def join_failure(address: str, error: ConnectionError) -> str:
-    """Why ray.init could not join the cluster at `address`, which answers, and what to do. A cluster
-    that `ray start` began with token authentication (Ray does so where ~/.ray/auth_token exists)
-    refuses a driver without RAY_AUTH_MODE=token: Ray says only "Failed to connect", the gRPC status
-    (InvalidAuthToken) in the text of the error it raises from."""
-    if any("InvalidAuthToken" in str(e) for e in causes(error)):  # in the text of a RuntimeError
-        return (
-            f"the Ray cluster at {address} asks for its authentication token: run with "
-            "RAY_AUTH_MODE=token, the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
-        )
-    return f"cannot join the Ray cluster at {address} ({error}); check --ray-address or RAY_ADDRESS"
-
-
-def causes(error: BaseException) -> Iterator[BaseException]:
-    """`error` and the exceptions it was raised from, innermost last (Ray wraps the one that says why)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
-# A file the scoring actors read is hashed on each node up to this size (a decoder, most encoder
-# weights): a stale copy of the same size is caught too; a larger one is compared by its size alone.
-HASHED_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """A file as one node sees it: its size and (up to HASHED_BYTES) sha256, or why it cannot be read."""
-
-    size: int | None = None
-    sha256: str | None = None
-    why: str | None = None
-
-
-def fingerprint(path: str) -> Fingerprint:
-    """`path` as this process sees it: opened and read (there is not enough: it must be readable)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > HASHED_BYTES:
-                f.read(1)  # readable, not only there
-                return Fingerprint(size)
-            return Fingerprint(size, hashlib.file_digest(f, "sha256").hexdigest())
-    except OSError as e:
-        return Fingerprint(why=e.strerror or type(e).__name__)
-
-
-def _files_there(paths: list[str]) -> list[Fingerprint]:
-    """The task each node runs before any actor starts: a worker unpickles it by importing this
-    module, as every scoring actor must, and it fingerprints the files the actors will read there."""
-    return [fingerprint(p) for p in paths]
-
-
-# What a worker says when it lacks the package, or has an older one without this module's probe task.
-UNIMPORTABLE = r"(?:No module named|Can't get attribute) [^\n]*"
-# How to give every node the files the actors read
-SHARE_FILES = (
-    "put DECODER_DIR and the encoder weights on storage that every node shares, or copy them to the "
-    "same paths on every node"
-)
-
-
-def check_cluster(address: str, files: list[str]) -> None:
-    """Ask each node of a joined cluster that can hold a scoring actor (one with CPUs) to import this
-    package and to read `files` as the driver reads them, before any actor is made: one task pinned to
-    each node. Where a node lacks the package or a file (a local disk, not shared storage) or holds
-    another copy, each actor placed there fails and is retried, in pages of tracebacks. A cluster too
-    busy to answer within a minute, or a node gone meanwhile, is left to the actors."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    expected = [fingerprint(f) for f in files]
-    task = ray.remote(num_cpus=0, max_retries=0)(_files_there)
-    probes = [
-        (
-            node["NodeManagerAddress"],
-            task.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote(files),
-        )
-        for node in ray.nodes()
-        if node["Alive"] and node["Resources"].get("CPU", 0) > 0
-    ]
-    deadline = time.monotonic() + 6 * REACH_TIMEOUT_S
-    for ip, probe in probes:
-        try:
-            found = ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
-        except ray.exceptions.GetTimeoutError:
-            return
-        except ray.exceptions.TaskUnschedulableError:
-            continue
-        except ray.exceptions.RayError as e:
-            missing = re.search(UNIMPORTABLE, str(e))
-            if missing is None:
-                raise
-            raise UsageError(
-                f"the workers of the Ray cluster at {address} cannot import sanitizer ({missing[0]}): "
-                "install this package on every node (the Dockerfile's image has it), or submit the job "
-                "with `ray job submit --working-dir .`"
-            ) from None
-        if why := file_difference(files, expected, found):
-            raise UsageError(f"node {ip} of the Ray cluster at {address} {why}: {SHARE_FILES}")
-
-
-def file_difference(files: list[str], expected: list[Fingerprint], found: list[Fingerprint]) -> str | None:
-    """The first file a node sees otherwise than the driver, in words; None if it sees them all alike."""
-    for path, mine, theirs in zip(files, expected, found, strict=True):
-        if theirs == mine:
-            continue
-        if theirs.why is not None:
-            return f"cannot read {path} ({theirs.why})"
-        if theirs.size != mine.size:
-            return f"holds another {path} than the driver ({theirs.size} bytes, the driver's {mine.size})"
-        return f"holds another {path} than the driver (same size, another sha256)"
-    return None
-
-
-def consume(tables: Iterator[pa.Table], collector: ShardCollector, shards: int, progress: bool) -> None:
-    started = time.time()
-    # closed on any exit, so an error message is not followed (or overdrawn) by a stale bar
-    with collector.marking(), progress_bar(progress, total=shards, unit="shard", desc="score") as bar:
-        for table in tables:
-            before = len(collector.done) + len(collector.failed)
-            collector.add(table)
-            bar.update(len(collector.done) + len(collector.failed) - before)
-            rate = collector.samples / max(1e-9, time.time() - started)
-            bar.set_postfix(  # shown at the bar's next redraw, which it times
-                samples=collector.samples,
-                samples_s=f"{rate:.0f}",
-                failed=len(collector.failed),
-                refresh=False,
-            )
 
 
 def summarize(
