@@ -882,6 +882,21 @@ def _target_cells(result: dict, check) -> list[str]:
     return cells
 
 
+def sparse_rate_note(rows: list[dict]) -> list[str]:
+    """How few triggered images the lowest rate's verdicts rest on: at the quick mode's 1% a test set
+    holds 10, so one image found or missed moves a TPR by 0.1 and can flip a target (session 34's
+    seeds 1 and 2 did, bench/NOTES.md). Nothing before that rate has rows."""
+    rate = min(POISON_RATES)
+    fewest = min((r["n_triggered"] for r in rows if r["poison_rate"] == rate), default=None)
+    if fewest is None:
+        return []
+    return [
+        f"At the {rate:g} rate a test set holds {fewest} triggered images: each one found or missed moves "
+        f"its TPR by {1 / fewest:.2g}, so a verdict there can turn on one image.",
+        "",
+    ]
+
+
 def targets_table(result: dict) -> list[str]:
     """The issue's targets, met or missed, from this run's rows (`dede` at both poison rates)."""
     rows = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in result["rows"]}
@@ -955,6 +970,7 @@ def targets_table(result: dict) -> list[str]:
     if result["mode"] == "quick":
         verdict = "met" if minutes < QUICK_MINUTES else "missed"
         lines += [f"Quick mode under {QUICK_MINUTES} min: {verdict} ({minutes:.1f} min).", ""]
+    lines += sparse_rate_note(result["rows"])
     lines += [
         "| target | " + " | ".join(result["attacks"]) + " |",
         "|" + "---|" * (1 + len(result["attacks"])),

@@ -762,7 +762,7 @@ def target_row(
 ) -> dict:
     """A detection row of attack "a", as the targets table reads it."""
     key = {"attack": "a", "poison_rate": rate, "train_data": train, "method": method}
-    return key | {"auc": auc, "tpr": tpr, "fpr": fpr}
+    return key | {"auc": auc, "tpr": tpr, "fpr": fpr, "n_triggered": round(rate * 1000)}
 
 
 def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: float) -> dict:
@@ -810,6 +810,8 @@ def test_the_targets_table_says_met_missed_or_no_implant():
     assert [line.split(" | no implant")[0] for line in lines] == expected
     assert all(line.endswith(" | no implant (ASR 0.200) |") for line in lines)
     assert "Quick mode under 30 min: met (10.0 min)." in D.targets_table(result)
+    note = "At the 0.01 rate a test set holds 10 triggered images: each one found or missed moves its TPR"
+    assert note + " by 0.1, so a verdict there can turn on one image." in D.targets_table(result)
 
 
 def test_partial_results_mark_the_attacks_still_training_as_pending():
