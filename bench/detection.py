@@ -36,6 +36,7 @@ import torch
 from sanitizer.atomic import write_bytes_atomic
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from sanitizer.collapse import HeldOut, Sketched
+from sanitizer.data.tario import describe
 from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
 from sanitizer.device import precision, resolve_device
 from sanitizer.encoders import (
@@ -868,18 +869,27 @@ QUICK_MINUTES = 30  # the issue's target for the quick mode on 2 CPU cores
 def _target_cells(result: dict, check) -> list[str]:
     """One cell per attack: 'met' or 'missed' and the figures `check(attack)` returns as (ok, text);
     'pending' for an attack whose decoders have not finished (partial results)."""
-    scored = {r["attack"] for r in result["rows"]}
     cells = []
     for attack, info in result["attacks"].items():
-        if info["asr"] < IMPLANTED_ASR:
+        verdict = _verdict(result, attack, check)
+        if verdict == "no implant":
             cells.append(f"no implant (ASR {info['asr']:.3f})")
-            continue
-        if attack not in scored:
-            cells.append("pending")
-            continue
-        ok, text = check(attack)
-        cells.append(f"{'met' if ok else 'missed'}: {text}")
+        else:
+            cells.append(f"{verdict}: {check(attack)[1]}" if verdict in ("met", "missed") else verdict)
     return cells
+
+
+def _verdict(result: dict, attack: str, check) -> str:
+    """One run's word for one attack and target: 'met', 'missed', 'no implant', 'pending' (its
+    decoders had not finished: partial results) or 'not run'."""
+    info = result["attacks"].get(attack)
+    if info is None:
+        return "not run"
+    if info["asr"] < IMPLANTED_ASR:
+        return "no implant"
+    if attack not in {r["attack"] for r in result["rows"]}:
+        return "pending"
+    return "met" if check(attack)[0] else "missed"
 
 
 def sparse_rate_note(rows: list[dict]) -> list[str]:
@@ -897,11 +907,9 @@ def sparse_rate_note(rows: list[dict]) -> list[str]:
     ]
 
 
-def targets_table(result: dict) -> list[str]:
-    """The issue's targets, met or missed, from this run's rows (`dede` at both poison rates)."""
+def target_checks(result: dict) -> list[tuple[str, Callable[[str], tuple[bool, str]]]]:
+    """The issue's targets as (name, check): check(attack) gives (met, the figures) from the rows."""
     rows = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in result["rows"]}
-    if not result["attacks"]:
-        return []
 
     def both(attack: str, train: str, method: str, field: str) -> list[float]:
         return [rows[attack, rate, train, method][field] for rate in POISON_RATES]
@@ -938,7 +946,7 @@ def targets_table(result: dict) -> list[str]:
         return check
 
     alone = "the same for `dede-score` (the score alone, `--no-collapse`)"
-    checks = [
+    return [
         (
             "ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold)",
             auc_at_least("id", 0.98),
@@ -961,6 +969,12 @@ def targets_table(result: dict) -> list[str]:
             downstream("dede_filtered_x2"),
         ),
     ]
+
+
+def targets_table(result: dict) -> list[str]:
+    """The issue's targets, met or missed, from this run's rows (`dede` at both poison rates)."""
+    if not result["attacks"]:
+        return []
     minutes = result["wall_seconds"] / 60
     lines = [
         "",
@@ -975,8 +989,38 @@ def targets_table(result: dict) -> list[str]:
         "| target | " + " | ".join(result["attacks"]) + " |",
         "|" + "---|" * (1 + len(result["attacks"])),
     ]
-    for name, check in checks:
+    for name, check in target_checks(result):
         lines.append(f"| {name} | " + " | ".join(_target_cells(result, check)) + " |")
+    return lines
+
+
+def spread_table(results: list[dict]) -> list[str]:
+    """The targets table of runs at several seeds (`--seed`): for each target and attack, at how many
+    of the seeds where the attack implanted the target is met, then each seed's verdict. One seed's
+    verdicts can turn on a few images (sparse_rate_note); this says which hold across the draw."""
+    attacks = list(dict.fromkeys(a for result in results for a in result["attacks"]))
+    checks = [target_checks(result) for result in results]
+    seeds = " / ".join(str(result["seed"]) for result in results)
+    lines = ["# The issue's targets across seeds", ""]
+    for result in results:
+        minutes = result["wall_seconds"] / 60
+        lines.append(f"- seed {result['seed']}: `{result['command']}` ({result['mode']}, {minutes:.1f} min)")
+    lines += [
+        "",
+        f"| target (seeds {seeds}) | " + " | ".join(attacks) + " |",
+        "|" + "---|" * (1 + len(attacks)),
+    ]
+    for i, (name, _) in enumerate(checks[0]):
+        cells = []
+        for attack in attacks:
+            verdicts = [
+                _verdict(result, attack, run_checks[i][1])
+                for result, run_checks in zip(results, checks, strict=True)
+            ]
+            implanted = [v for v in verdicts if v in ("met", "missed")]
+            count = f"met at {implanted.count('met')} of {len(implanted)}" if implanted else "never implanted"
+            cells.append(f"{count}: " + " / ".join(verdicts))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -1210,6 +1254,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--md", type=Path, default=None, help="Markdown table (default: beside the JSON)")
     p.add_argument(
+        "--spread",
+        type=Path,
+        nargs="+",
+        metavar="RUN_JSON",
+        help="print the targets table across these runs' JSON (e.g. one per --seed) and exit; runs nothing",
+    )
+    p.add_argument(
         "--seed",
         type=at_least(0),
         default=DEFAULT_SEED,
@@ -1406,8 +1457,22 @@ def seeded(sizes: Sizes, seed: int) -> Sizes:
     )
 
 
+def read_run(path: Path) -> dict:
+    """A detection run's JSON for --spread, or UsageError saying why it is not one."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"--spread {path}: cannot read it: {describe(e)}") from None
+    if not isinstance(result, dict) or not {"seed", "attacks", "rows", "downstream"} <= result.keys():
+        raise UsageError(f"--spread {path}: not the JSON of a bench/detection.py run")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.spread:
+        print("\n".join(spread_table([read_run(path) for path in args.spread])))
+        return {}
     check_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -814,6 +814,49 @@ def test_the_targets_table_says_met_missed_or_no_implant():
     assert note + " by 0.1, so a verdict there can turn on one image." in D.targets_table(result)
 
 
+def test_the_spread_table_counts_the_seeds_at_which_each_target_is_met(tmp_path: Path, capsys):
+    """`--spread` reads runs at several seeds and says, per target and attack, at how many of the seeds
+    where the attack implanted the target is met; a file that is not a run is one line."""
+    methods = [("id", "dede"), ("ood", "dede"), ("id", "dede-score"), ("ood", "dede-score")]
+    rows = [target_row(r, t, m, 0.99) for r in D.POISON_RATES for t, m in methods]
+    rows += [
+        target_row(r, "id", m, 0.6) for r in D.POISON_RATES for m in ("dede-control", "dede-score-control")
+    ]
+    one = ("id", "dede", 0.01)  # missed at seed 1
+    missed = [
+        r | {"auc": 0.97} if (r["train_data"], r["method"], r["poison_rate"]) == one else r for r in rows
+    ]
+    good = {"clean_accuracy": 0.8, "asr": 0.0}
+    runs = [
+        targets_result(r, good, other_asr=0.2, minutes=10)
+        | {"seed": s, "command": f"detection.py --seed {s}"}
+        for s, r in [(0, rows), (1, missed)]
+    ]
+    lines = D.spread_table(runs)
+    assert lines[2:4] == [
+        "- seed 0: `detection.py --seed 0` (quick, 10.0 min)",
+        "- seed 1: `detection.py --seed 1` (quick, 10.0 min)",
+    ]
+    lines = lines[5:]  # after the title and the runs
+    assert lines[0] == "| target (seeds 0 / 1) | a | b |"
+    assert lines[2] == (
+        "| ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold) "
+        "| met at 1 of 2: met / missed | never implanted: no implant / no implant |"
+    )
+    assert lines[4].startswith("| OOD AUC >= 0.95 (0.5 / 0.01) | met at 2 of 2: met / met |")
+    paths = [tmp_path / f"seed{run['seed']}.json" for run in runs]
+    for path, run in zip(paths, runs, strict=True):
+        path.write_text(json.dumps(run))
+    assert D.cli(["--spread", *map(str, paths)]) == 0
+    assert capsys.readouterr().out.splitlines() == D.spread_table(runs)
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    assert D.cli(["--spread", str(paths[0]), str(tmp_path / "other.json")]) == 2
+    message = (
+        f"detection: error: --spread {tmp_path / 'other.json'}: not the JSON of a bench/detection.py run\n"
+    )
+    assert capsys.readouterr() == ("", message)
+
+
 def test_partial_results_mark_the_attacks_still_training_as_pending():
     """Results are written after each attack, while the later attacks' decoders still train."""
     rows = [
