@@ -881,7 +881,8 @@ def _target_cells(result: dict, check) -> list[str]:
 
 def _verdict(result: dict, attack: str, check) -> str:
     """One run's word for one attack and target: 'met', 'missed', 'no implant', 'pending' (its
-    decoders had not finished: partial results) or 'not run'."""
+    decoders had not finished: partial results), 'not run', or 'not measured' (an older version's
+    run, without the rows or the downstream defence the target reads)."""
     info = result["attacks"].get(attack)
     if info is None:
         return "not run"
@@ -889,7 +890,11 @@ def _verdict(result: dict, attack: str, check) -> str:
         return "no implant"
     if attack not in {r["attack"] for r in result["rows"]}:
         return "pending"
-    return "met" if check(attack)[0] else "missed"
+    try:
+        met = check(attack)[0]
+    except KeyError:
+        return "not measured"
+    return "met" if met else "missed"
 
 
 def sparse_rate_note(rows: list[dict]) -> list[str]:

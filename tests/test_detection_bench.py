@@ -849,6 +849,10 @@ def test_the_spread_table_counts_the_seeds_at_which_each_target_is_met(tmp_path:
         path.write_text(json.dumps(run))
     assert D.cli(["--spread", *map(str, paths)]) == 0
     assert capsys.readouterr().out.splitlines() == D.spread_table(runs)
+    older = runs[1] | {"rows": [r for r in missed if r["method"] != "dede-score"]}  # before dede-score
+    assert D.spread_table([runs[0], older])[8].startswith(
+        "| the same for `dede-score` (the score alone, `--no-collapse`) | met at 1 of 1: met / not measured |"
+    )
     (tmp_path / "other.json").write_text('{"rows": []}')
     assert D.cli(["--spread", str(paths[0]), str(tmp_path / "other.json")]) == 2
     message = (
