@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,14 @@ from sanitizer.encoders import load_encoder
 from sanitizer.train import TrainSettings, train_decoder
 
 torch.set_num_threads(2)
+
+
+def pytest_configure(config) -> None:
+    """Handle SIGINT here so that every command a test starts begins with it at its default: a suite run
+    in the background (`make test &`, nohup) inherits SIGINT ignored, as do its children, and then the
+    tests that Ctrl-C a command saw it go on (exit 2 or 1, not 130)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # A timm test model: 0.4 M parameters, fast on the CPU; 32 px keeps every test quick.
 TINY_ENCODER = "timm:test_resnet"
