@@ -876,9 +876,10 @@ def _target_cells(result: dict, check) -> list[str]:
     for attack, info in result["attacks"].items():
         verdict = _verdict(result, attack, check)
         if verdict == "no implant":
-            cells.append(f"no implant (ASR {info['asr']:.3f})")
-        else:
-            cells.append(f"{verdict}: {check(attack)[1]}" if verdict in ("met", "missed") else verdict)
+            verdict += f" (ASR {info['asr']:.3f})"
+        elif verdict in ("met", "missed"):
+            verdict += f": {check(attack)[1]}"
+        cells.append(verdict)
     return cells
 
 
@@ -902,8 +903,8 @@ def _verdict(result: dict, attack: str, check) -> str:
 
 def sparse_rate_note(rows: list[dict]) -> list[str]:
     """How few triggered images the lowest rate's verdicts rest on: at the quick mode's 1% a test set
-    holds 10, so one image found or missed moves a TPR by 0.1 and can flip a target (session 34's
-    seeds 1 and 2 did, bench/NOTES.md). Nothing before that rate has rows."""
+    held 10 until session 35 (30 since), so one image found or missed moved a TPR by 0.1 and could flip
+    a target (session 34's seeds 1 and 2 did, bench/NOTES.md). Nothing before that rate has rows."""
     rate = min(POISON_RATES)
     fewest = min((r["n_triggered"] for r in rows if r["poison_rate"] == rate), default=None)
     if fewest is None:

@@ -294,14 +294,14 @@ def test_each_mode_takes_disjoint_slices_of_the_sizes_it_states(sizes, seed: int
     assert not set(at["test"]) & set(at["trigger_source"])
 
 
-@pytest.mark.parametrize(("sizes", "least"), [(D.QUICK, 30), (D.FULL, 60)], ids=["quick", "full"])
-def test_each_modes_one_percent_set_rests_on_enough_triggered_images(sizes, least: int):
+@pytest.mark.parametrize(("sizes", "triggered"), [(D.QUICK, 30), (D.FULL, 60)], ids=["quick", "full"])
+def test_each_modes_one_percent_set_rests_on_enough_triggered_images(sizes, triggered: int):
     """The 1% rate's TPR moves by one over its triggered images for each one found or missed: the quick
     mode's 10 made that 0.1, so a verdict turned on one image (session 34)."""
     n = sizes.test_clean
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
     one_percent, half = tests.mix(0.01), tests.mix(0.5)
-    assert [s.stop for s in one_percent] == [n, least] and [s.stop for s in half] == [n // 2, n // 2]
+    assert [s.stop for s in one_percent] == [n, triggered] and [s.stop for s in half] == [n // 2, n // 2]
 
 
 def test_sizes_the_data_cannot_fill_are_an_error_not_shorter_slices():
