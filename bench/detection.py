@@ -70,7 +70,7 @@ from sanitizer.redteam.triggers import MIN_SIDE, TRIGGERS, Trigger
 from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE, parse_rule, resolve_threshold
-from sanitizer.train import ImageSet, TrainSettings, fit_decoder
+from sanitizer.train import ImageSet, TrainSettings, auto_epochs, fit_decoder, holdout_size
 
 log = logging.getLogger("bench.detection")
 # The first victim is built with every thread (nothing trains yet), so it is the implant that gains most
@@ -115,13 +115,16 @@ QUICK = Sizes(
     simclr_images=2000,
     shadow=640,
     probe=2000,
-    # 6000 trained on (114k image visits), 1000 held out. 8 epochs of 1500 left the decoders too blurry
-    # to show activation; with the untrimmed loss more images lowered DRUPE's AUC (the decoder learnt
-    # the 1% triggered ones), with the trimmed loss 6000 x 20 beat 1500 x 40 on every attack.
+    # 6000 trained on, 1000 held out. 8 epochs of 1500 left the decoders too blurry to show activation;
+    # with the untrimmed loss more images lowered DRUPE's AUC (the decoder learnt the 1% triggered
+    # ones), with the trimmed loss 6000 x 20 beat 1500 x 40 on every attack.
     decoder=7000,
     # 1000 left the 1% set 10 triggered images, so that one of them moved a TPR by 0.1 (session 34).
     test_clean=3000,
-    decoder_epochs=20,
+    # The package's automatic choice, as a user's run gets: 34 epochs of 6000 (200k image visits). At 20
+    # (120k) the score's AUC on seed 2's CLIP victim swung from 0.89 to 0.98 with the decoder's seed
+    # alone; at 34 it was 0.96-1.00 (bench/NOTES.md, session 36).
+    decoder_epochs=None,
     # 3 epochs left BadEncoder at ASR ~0.5-0.6; lr 1e-3 or more collapses the MobileNetV2 embeddings.
     implant=ImplantSettings(epochs=8, batch_size=32, lr=5e-4, tail_fraction=0.4),
     simclr=ContrastiveSettings(clean_epochs=4, poison_epochs=4, poison_rate=0.05),
@@ -804,7 +807,7 @@ def markdown(result: dict) -> str:
         "`dede`: `dede-score` or the collapse pass  ",
         f"Decoders (all methods): {result['sizes']['decoder']} images "
         f"({result['decoder_training']['holdout']:.3f} of them held out to calibrate), "
-        f"{result['decoder_training']['epochs']} epochs, trimmed loss {result['decoder_training']['trim']}, "
+        f"{decoder_epochs(result)}, trimmed loss {result['decoder_training']['trim']}, "
         f"second pass without the worst-rebuilt {result['decoder_training']['refit']} of the images "
         "(OOD decoders: one pass, their data hold no trigger)  ",
         f"Complete: {result['complete']} (partial results are written after every attack)",
@@ -867,6 +870,15 @@ def markdown(result: dict) -> str:
 
 
 QUICK_MINUTES = 30  # the issue's target for the quick mode on 2 CPU cores
+
+
+def decoder_epochs(result: dict) -> str:
+    """The decoders' epochs as run: a number given, or the package's choice for the images trained on."""
+    training, images = result["decoder_training"], result["sizes"]["decoder"]
+    if training["epochs"] is not None:
+        return f"{training['epochs']} epochs"
+    trained = images - holdout_size(images, training["holdout"])
+    return f"{auto_epochs(trained)} epochs (the package's automatic choice for {trained} images)"
 
 
 def _target_cells(result: dict, check) -> list[str]:
@@ -1011,9 +1023,9 @@ def spread_table(results: list[dict]) -> list[str]:
     checks = [target_checks(result) for result in results]
     seeds = " / ".join(str(result["seed"]) for result in results)
     lines = ["# The issue's targets across seeds", ""]
-    for result in results:
-        minutes = result["wall_seconds"] / 60
-        lines.append(f"- seed {result['seed']}: `{result['command']}` ({result['mode']}, {minutes:.1f} min)")
+    for result in results:  # the decoders' epochs too: runs of several sessions may differ in them
+        run = f"{result['mode']}, {result['wall_seconds'] / 60:.1f} min; decoders {decoder_epochs(result)}"
+        lines.append(f"- seed {result['seed']}: `{result['command']}` ({run})")
     lines += [
         "",
         f"| target (seeds {seeds}) | " + " | ".join(attacks) + " |",

@@ -221,10 +221,15 @@ class Rows:
 FEW_HELD_OUT = 100
 
 
+def holdout_size(n: int, share: float) -> int:
+    """How many of n images are held out at `share`: at least one, at most 2000."""
+    return min(2000, max(1, round(share * n)))
+
+
 def split_holdout(keys: list[str], share: float) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, holdout indices): the holdout is the keys with the smallest hashes."""
     order = np.argsort(key_seeds(keys), kind="stable")
-    n_holdout = min(2000, max(1, round(share * len(keys))))
+    n_holdout = holdout_size(len(keys), share)
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 

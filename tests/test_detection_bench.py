@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +27,7 @@ from sanitizer.neighbours import sketch_images
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import ImplantSettings
 from sanitizer.redteam.metrics import rates
-from sanitizer.train import TrainSettings
+from sanitizer.train import TrainSettings, auto_epochs, split_holdout
 
 
 def choose(*argv: str):
@@ -422,6 +422,34 @@ def test_decoder_training_follows_trim_and_refit_and_refuses_bad_ones():
         with pytest.raises(SanitizerError) as e:
             D.decoder_training(D.parse_args([flag, "0.5"]), D.QUICK)
         assert str(e.value) == f"{flag} must be in [0, 0.5), not 0.5"
+
+
+@pytest.mark.parametrize(("sizes", "trains_on"), [(D.QUICK, 6000), (D.FULL, 17_500)], ids=["quick", "full"])
+def test_the_markdown_states_the_epochs_the_package_chooses_for_each_mode(sizes: D.Sizes, trains_on: int):
+    """Both modes leave the epochs to the package (the quick mode since session 36): the Markdown gives
+    the number fit_decoder picks for the images it trains on, not `None`."""
+    training = D.decoder_training(D.parse_args(["--quick"] if sizes is D.QUICK else []), sizes)
+    result = {"decoder_training": asdict(training), "sizes": asdict(sizes)}
+    trained = len(split_holdout([f"id{i:06d}" for i in range(sizes.decoder)], training.holdout)[0])
+    assert training.epochs is None and trained == trains_on
+    assert (
+        D.decoder_epochs(result)
+        == f"{auto_epochs(trained)} epochs (the package's automatic choice for {trained} images)"
+    )
+    assert (
+        D.decoder_epochs({**result, "decoder_training": {**result["decoder_training"], "epochs": 20}})
+        == "20 epochs"
+    )
+
+
+HEADLINE_RUNS = [D.RESULTS / "detection.json", *sorted(D.RESULTS.glob("detection-seed*.json"))]
+
+
+@pytest.mark.parametrize("run", HEADLINE_RUNS, ids=lambda p: p.stem)
+def test_the_shipped_headline_tables_are_what_their_json_renders_to(run: Path):
+    """The README quotes bench/results/detection.md and the seeds' files: a change to the rendering
+    must re-render them (older ablation files keep the tables of their sessions' code)."""
+    assert run.with_suffix(".md").read_text() == D.markdown(json.loads(run.read_text()))
 
 
 def tiny_data(rng: np.random.Generator) -> D.Data:
@@ -839,13 +867,15 @@ def test_the_spread_table_counts_the_seeds_at_which_each_target_is_met(tmp_path:
     good = {"clean_accuracy": 0.8, "asr": 0.0}
     runs = [
         targets_result(r, good, other_asr=0.2, minutes=10)
-        | {"seed": s, "command": f"detection.py --seed {s}"}
-        for s, r in [(0, rows), (1, missed)]
+        | {"seed": s, "command": f"detection.py --seed {s}", "sizes": {"decoder": 7000}}
+        | {"decoder_training": {"epochs": epochs, "holdout": 1 / 7}}
+        for s, r, epochs in [(0, rows, None), (1, missed, 20)]
     ]
     lines = D.spread_table(runs)
-    assert lines[2:4] == [
-        "- seed 0: `detection.py --seed 0` (quick, 10.0 min)",
-        "- seed 1: `detection.py --seed 1` (quick, 10.0 min)",
+    assert lines[2:4] == [  # runs of two sessions: the epochs they trained their decoders for
+        "- seed 0: `detection.py --seed 0` (quick, 10.0 min; decoders 34 epochs "
+        "(the package's automatic choice for 6000 images))",
+        "- seed 1: `detection.py --seed 1` (quick, 10.0 min; decoders 20 epochs)",
     ]
     lines = lines[5:]  # after the title and the runs
     assert lines[0] == "| target (seeds 0 / 1) | a | b |"
