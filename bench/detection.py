@@ -17,6 +17,8 @@ embedding-space baselines `embedding-norm` and `knn-distance`.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -33,9 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sanitizer import decoder_meta as decoder_meta_module
+from sanitizer import encoders as encoders_module
+from sanitizer import model as model_module
+from sanitizer import scoring as scoring_module
+from sanitizer import train as train_module
 from sanitizer.atomic import write_bytes_atomic
+from sanitizer.checkpoint import save_tensors
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
-from sanitizer.collapse import HeldOut, Sketched
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched
 from sanitizer.data.tario import describe
 from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
 from sanitizer.device import precision, resolve_device
@@ -51,7 +59,16 @@ from sanitizer.encoders import (
     parse_spec,
 )
 from sanitizer.errors import EncoderError, SanitizerError, UsageError
-from sanitizer.neighbours import Reference, sketch_images
+from sanitizer.model import DedeDecoder
+from sanitizer.neighbours import (
+    MIN_EFFECTIVE_DIM,
+    Reference,
+    effective_dim,
+    embedding_axis,
+    embedding_sketch,
+    sketch_images,
+    thumbnail,
+)
 from sanitizer.redteam import datasets
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -70,7 +87,15 @@ from sanitizer.redteam.triggers import MIN_SIDE, TRIGGERS, Trigger
 from sanitizer.scoring import Scorer, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE, parse_rule, resolve_threshold
-from sanitizer.train import ImageSet, TrainSettings, auto_epochs, fit_decoder, holdout_size
+from sanitizer.train import (
+    FitResult,
+    ImageSet,
+    TrainSettings,
+    auto_epochs,
+    decoder_config,
+    fit_decoder,
+    holdout_size,
+)
 
 log = logging.getLogger("bench.detection")
 # The first victim is built with every thread (nothing trains yet), so it is the implant that gains most
@@ -332,8 +357,72 @@ def id_training_set(data: Data, trigger: Trigger) -> tuple[ImageSet, np.ndarray]
     return ImageSet(pixels, [f"id{i:06d}" for i in range(len(pixels))], {}), poisoned
 
 
-def fit(encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model: dict) -> tuple:
-    """A decoder trained with the package's own fit_decoder, calibrated at the `dede-score` settings."""
+# What a decoder fit computes with: a cached fit is used only while these are unchanged. How samples
+# are flagged (the collapse pass, the thresholds) is not among them, so that a change to it re-runs in
+# minutes, not in the decoders' hour.
+FIT_CODE = (train_module, model_module, scoring_module, encoders_module, decoder_meta_module,
+            effective_dim, embedding_sketch, embedding_axis, thumbnail)  # fmt: skip
+
+
+def fit_key(encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model: dict) -> str:
+    """A digest of everything a fit's result depends on: the encoder's weights, the images, the
+    settings, the code above, torch's version and its thread count (a bf16 CPU fit's arithmetic
+    differs with it)."""
+    found = hashlib.sha256()
+    for part in (
+        json.dumps([encoder.spec, encoder.weights_sha256, training.to_dict(), model, DEDE.to_dict()]),
+        json.dumps(
+            [SKETCH_DIM, MIN_EFFECTIVE_DIM, THUMBNAIL_SIDE, torch.__version__, torch.get_num_threads()]
+        ),
+        *(inspect.getsource(code) for code in FIT_CODE),
+        "\n".join(images.keys),
+    ):
+        found.update(part.encode())
+    found.update(np.ascontiguousarray(images.pixels).tobytes())
+    return found.hexdigest()[:32]
+
+
+def save_fit(path: Path, fitted: FitResult) -> None:
+    held = fitted.holdout_images
+    arrays = {
+        "calibration": fitted.calibration, "holdout": fitted.holdout, "embeddings": fitted.embeddings,
+        "holdout_sketches": held.sketches, "holdout_thumbnails": held.thumbnails, "holdout_axes": held.axes,
+    }  # fmt: skip
+    tensors = {f"decoder.{k}": v for k, v in fitted.decoder.state_dict().items()}
+    tensors |= {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    scalars = {
+        k: getattr(fitted, k) for k in ("epochs", "losses", "n_train", "left_out", "nonfinite", "seconds")
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, path, {"fit": json.dumps(scalars)})
+
+
+def load_fit(path: Path, encoder: VictimEncoder, model: dict) -> FitResult:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        scalars = json.loads(f.metadata()["fit"])
+    decoder = DedeDecoder(decoder_config(encoder, model))
+    decoder.load_state_dict(
+        {k.removeprefix("decoder."): v for k, v in tensors.items() if k.startswith("decoder.")}
+    )
+    a = {k: v.numpy() for k, v in tensors.items() if not k.startswith("decoder.")}
+    held = Sketched(a["holdout_sketches"], a["holdout_thumbnails"], a["holdout_axes"])
+    return FitResult(
+        decoder.to(encoder.device), a["calibration"], held, a["holdout"], a["embeddings"], **scalars
+    )
+
+
+def fit(
+    encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model: dict, cache: Path | None = None
+) -> FitResult:
+    """A decoder trained with the package's own fit_decoder, calibrated at the `dede-score` settings;
+    kept in `cache` (the --work folder's decoders/) and taken from there when fit_key finds it."""
+    path = cache and cache / f"{fit_key(encoder, images, training, model)}.safetensors"
+    if path and path.exists():
+        log.info("decoder %s: taken from %s", encoder.spec, path)
+        return load_fit(path, encoder, model)
     result = fit_decoder(encoder, images, training, DEDE, model, progress=False)
     log.info(
         "decoder %s: %d epochs, loss %.4f, %d images left out, %.0f s",
@@ -343,6 +432,8 @@ def fit(encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model
         result.left_out,
         result.seconds,
     )
+    if path:
+        save_fit(path, result)
     return result
 
 
@@ -708,7 +799,13 @@ def ood_training(training: TrainSettings) -> TrainSettings:
 
 
 def submit_decoders(
-    pool: DecoderPool, victim: Victim, data: Data, s: Sizes, training: TrainSettings, controls: dict
+    pool: DecoderPool,
+    victim: Victim,
+    data: Data,
+    s: Sizes,
+    training: TrainSettings,
+    controls: dict,
+    cache: Path | None = None,
 ) -> Decoders:
     """Queue the attack's decoders. The control is the same data through the clean encoder, with its own
     decoder; it depends only on the clean encoder and the trigger in its training data, so BadEncoder
@@ -718,13 +815,13 @@ def submit_decoders(
     (session 14's CTRL victim, ASR 0.014: AUC 0.528 / 0.560, its clean encoder 0.531 / 0.566), so the
     OOD and control decoders would cost two fits to measure the same thing again."""
     enc, id_set = victim.implant.encoder, id_training_set(data, victim.trigger)[0]
-    fitted_id = pool.submit(fit, enc, id_set, training, s.decoder_model)
+    fitted_id = pool.submit(fit, enc, id_set, training, s.decoder_model, cache)
     if not victim.implanted:
         return Decoders(fitted_id, None, None)
     key = (victim.clean.weights_sha256, victim.trigger)
     if key not in controls:
-        controls[key] = pool.submit(fit, victim.clean, id_set, training, s.decoder_model)
-    ood = pool.submit(fit, enc, ood_set(data), ood_training(training), s.decoder_model)
+        controls[key] = pool.submit(fit, victim.clean, id_set, training, s.decoder_model, cache)
+    ood = pool.submit(fit, enc, ood_set(data), ood_training(training), s.decoder_model, cache)
     return Decoders(fitted_id, ood, controls[key])
 
 
@@ -1536,6 +1633,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
             work = args.work or Path(tmp)
+            cache = args.work and args.work / "decoders"
             # Each victim's decoders queue as soon as it is built and train while the next victim is
             # implanted with the pool's share of the threads: most implants keep about one core busy
             # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
@@ -1547,7 +1645,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
                     "seconds": round(victim.implant.seconds, 1),
                 }
-                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls)))
+                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls, cache)))
             rows, down, classes = [], {}, {}
             for victim, decoders in queued:
                 attack = victim.attack

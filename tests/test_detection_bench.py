@@ -498,10 +498,12 @@ def tiny_inputs() -> tuple[D.Data, TrainSettings]:
     return tiny_data(np.random.default_rng(0)), D.decoder_training(D.parse_args([]), TINY)
 
 
-def attack_result(victim: D.Victim, jobs: int, threads: int, ablation: bool = True) -> tuple:
+def attack_result(
+    victim: D.Victim, jobs: int, threads: int, ablation: bool = True, cache: Path | None = None
+) -> tuple:
     data, training = tiny_inputs()
     with D.DecoderPool(jobs, threads) as pool:
-        decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {}, cache)
         return D.run_attack(victim, data, decoders, ablation)
 
 
@@ -723,6 +725,23 @@ def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_vic
     one_at_a_time = attack_result(victim, jobs=1, threads=1, ablation=False)
     assert attack_result(victim, jobs=2, threads=2, ablation=False) == one_at_a_time
     assert torch.get_num_threads() == before
+
+
+def test_decoders_kept_in_the_work_folder_give_the_results_of_a_fresh_fit(own_victim, tmp_path, monkeypatch):
+    """A second run takes its three decoders from the cache, trains none, and gives bit-identical rows,
+    downstream table and class breakdown; another training setting is another key."""
+    victim = with_asr(own_victim[0], 1.0)
+    fresh = attack_result(victim, jobs=1, threads=1, ablation=False, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    monkeypatch.setattr(D, "fit_decoder", lambda *a, **k: pytest.fail("a cached decoder was trained again"))
+    assert attack_result(victim, jobs=1, threads=1, ablation=False, cache=tmp_path) == fresh
+    data, training = tiny_inputs()
+    id_set = D.id_training_set(data, victim.trigger)[0]
+    keys = {
+        D.fit_key(victim.implant.encoder, id_set, t, TINY.decoder_model)
+        for t in (training, replace(training, seed=1))
+    }
+    assert len(keys) == 2
 
 
 def test_the_pool_shares_the_threads_out_from_its_first_decoder_and_gives_them_back():
