@@ -1385,7 +1385,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"draws the data's slices, the triggered images, the victims' and decoders' training and the "
         f"probes (default {DEFAULT_SEED}, the benchmark's own run); another shows the spread between runs",
     )
-    p.add_argument("--work", type=Path, default=None, help="keep victims here (default: a temp dir)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep victims and decoder fits here; a re-run takes each fit whose inputs are unchanged from "
+        "decoders/ (default: a temp dir)",
+    )
     p.add_argument(
         "--threads",
         type=positive,
