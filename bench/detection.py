@@ -383,6 +383,8 @@ def fit_key(encoder: VictimEncoder, images: ImageSet, training: TrainSettings, m
 
 
 def save_fit(path: Path, fitted: FitResult) -> None:
+    """The whole FitResult in one safetensors file (no pickle): the decoder's weights, its calibration
+    and held-out images, and the embeddings that the downstream table reuses."""
     held = fitted.holdout_images
     arrays = {
         "calibration": fitted.calibration, "holdout": fitted.holdout, "embeddings": fitted.embeddings,
@@ -398,6 +400,7 @@ def save_fit(path: Path, fitted: FitResult) -> None:
 
 
 def load_fit(path: Path, encoder: VictimEncoder, model: dict) -> FitResult:
+    """What save_fit kept, with the decoder rebuilt for `encoder` and moved to its device."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
