@@ -4,10 +4,11 @@
 
 Writes a run directory of manifests whose sketches are random unit vectors and thumbnails and file
 digests random bytes (the pass's cost does not depend on their values), then times `apply_flags` with
-the default collapse rule against 2000 random held-out images (the most a decoder keeps): reading every
+the default rules against 2000 random held-out images (the most a decoder keeps): reading every
 shard's sketches twice (drawing the reference sample by keyed hashes of the digests, then the
 statistic), the neighbour search against up to
-REFERENCE_SIZE reference rows with near-duplicates left out, the p-values, and rewriting the
+REFERENCE_SIZE reference rows with near-duplicates left out, the p-values, each row's score threshold
+from its neighbours' scores, and rewriting the
 manifests. Prints one JSON line.
 """
 
@@ -33,7 +34,7 @@ from sanitizer.collapse import (
 from sanitizer.manifest import flag_counts, to_table, write_manifest
 from sanitizer.pipeline.collapse_pass import HoldoutImages, apply_flags
 from sanitizer.rundir import RunDir
-from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, parse_rule
+from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE, parse_rule
 
 HOLDOUT = 2000
 
@@ -83,7 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
         images = Sketched(sketches, thumbnails(HOLDOUT, rng), np.full(HOLDOUT, NO_AXIS, np.int32))
         holdout = HoldoutImages(scores, images, reference_key=rng.bytes(32))
         started = time.perf_counter()
-        apply_flags(RunDir(Path(tmp)), stems, 0.5, (parse_rule(DEFAULT_COLLAPSE_RULE), holdout))
+        apply_flags(
+            RunDir(Path(tmp)),
+            stems,
+            0.5,
+            parse_rule(DEFAULT_RULE),
+            (parse_rule(DEFAULT_COLLAPSE_RULE), holdout),
+        )
         seconds = time.perf_counter() - started
     result = {
         "samples": args.samples, "shards": len(stems), "reference": min(args.samples, REFERENCE_SIZE),

@@ -3,11 +3,11 @@
 For each attack (badencoder, drupe, ctrl, blend, clip-backdoor) it implants a backdoor (reporting the
 attack's own ASR), trains DeDe decoders on in-distribution data (1% poisoned) and on OOD data, and
 scores test sets with 50% and 1% triggered images. Methods: `dede` (what `sanitizer score` flags by
-default: the score's test, or the collapse pass's evidence), `dede-score` (the score alone, as
-`score --no-collapse`), `collapse` (the collapse statistic alone), `dede-paper` (one mask, mean squared
-error per pixel, median-of-scored-set threshold), each with its `-control` (the same data through the
-CLEAN encoder with its own decoder: a detector of unusual pixels scores high there too), and the
-embedding-space baselines `embedding-norm` and `knn-distance`.
+default: the score's test with its neighbours' scores, or the collapse pass's evidence), `dede-score`
+(the score alone, as `score --no-collapse`), `collapse` (the collapse statistic alone), `dede-paper`
+(one mask, mean squared error per pixel, median-of-scored-set threshold), each with its `-control`
+(the same data through the CLEAN encoder with its own decoder: a detector of unusual pixels scores
+high there too), and the embedding-space baselines `embedding-norm` and `knn-distance`.
 
     bench/install_data.sh                           # once: Fashion-MNIST, MNIST, ImageNet weights
     .venv/bin/python bench/detection.py --quick     # ~CPU-sized; full mode: --device cuda
@@ -43,7 +43,7 @@ from sanitizer import train as train_module
 from sanitizer.atomic import write_bytes_atomic
 from sanitizer.checkpoint import save_tensors
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
-from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched, Weighed, tail_p
 from sanitizer.data.tario import describe
 from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
 from sanitizer.device import precision, resolve_device
@@ -600,12 +600,21 @@ def sketched(images: Embedded) -> Sketched:
     return sketch_images(images.embeddings, images.pixels)
 
 
-def collapse_of(scored: Sketched, fitted) -> tuple[np.ndarray, np.ndarray]:
-    """The collapse pass's statistic of a scored set and of the decoder's held-out images, both against
-    the scored set as the reference (every set here is smaller than REFERENCE_SIZE, so the product
-    would take all of it too), prepared once, near-duplicates left out."""
-    reference = Reference(scored)
-    return reference.collapse(scored), reference.collapse(fitted.holdout_images)
+@dataclass
+class Weighing:
+    """A scored set as the collapse pass weighs it: its scores, its rows' collapse and neighbours'
+    evidence against itself as the reference (every set here is smaller than REFERENCE_SIZE, so the
+    pass would take all of it too), and the decoder's held-out images against the same reference."""
+
+    scores: np.ndarray
+    weighed: Weighed
+    held: HeldOut
+
+
+def weigh(scored: Sketched, scores: np.ndarray, calibration: np.ndarray, holdout: Sketched) -> Weighing:
+    """`calibration` and `holdout`: the held-out images' scores and what the pass keeps of them."""
+    reference = Reference(scored, -np.log(tail_p(scores, calibration)))
+    return Weighing(scores, reference.weigh(scored), HeldOut.of(calibration, reference.weigh(holdout)))
 
 
 def over_threshold(scores: np.ndarray, calibration: np.ndarray, rule: str) -> np.ndarray:
@@ -627,23 +636,18 @@ STRICTER_RULES = {
 }
 
 
-def union(
-    dede: np.ndarray,
-    collapse: np.ndarray,
-    calibration: np.ndarray,
-    held_collapse: np.ndarray,
-    rules: tuple[str, str] = DEFAULT_RULES,
-) -> np.ndarray:
-    """What `sanitizer score` flags at `rules`, as one score (flagged above 1): the larger of the
-    over_threshold units of the score and of the evidence, weighed against the decoder's held-out images
-    (their scores, `calibration`, and `held_collapse`, their collapse against the scored set, in one
-    order: sanitizer/collapse.py)."""
-    held = HeldOut.of(calibration, held_collapse)
-    weighed = np.nan_to_num(held.evidence(dede, collapse), nan=-np.inf)  # no collapse: the score alone
+def union(w: Weighing, rules: tuple[str, str] = DEFAULT_RULES) -> np.ndarray:
+    """What `sanitizer score` flags at `rules` (quantile rules both), as one score (flagged above 1):
+    the larger of the over_threshold units of the score's test (the score evidence plus the
+    neighbours') and of the collapse pass's (the evidence), each against the held-out images' own
+    (sanitizer/collapse.py)."""
+    held = w.held
+    evidence = np.nan_to_num(held.evidence(w.scores, w.weighed.collapse), nan=-np.inf)  # no collapse
     score_rule, collapse_rule = rules
+    by_score = held.score_statistic(w.scores, w.weighed.neighbours)
     return np.maximum(
-        over_threshold(dede, calibration, score_rule),
-        over_threshold(weighed, held.own_evidence(), collapse_rule),
+        over_threshold(by_score, held.own_score_statistic(), score_rule),
+        over_threshold(evidence, held.own_evidence(), collapse_rule),
     )
 
 
@@ -661,26 +665,23 @@ def collapse_rows(
     rows = []
     for rate in POISON_RATES:
         cs, ts = tests.mix(rate)
-        reference = sk_clean.take(cs).join(sk_trig.take(ts))
-        collapse, held = collapse_of(reference, fitted)
+        scored, scores = sk_clean.take(cs).join(sk_trig.take(ts)), np.r_[clean[cs], triggered[ts]]
+        w = weigh(scored, scores, fitted.calibration, fitted.holdout_images)
         n = len(clean[cs])
-        weighed = HeldOut.of(fitted.calibration, held)
         # The collapse as the pass weighs it, a row without a sketch by how crowded its axis is, as -ln p: a
         # row with no reference row left below every other
-        ranked = np.nan_to_num(-np.log(weighed.collapse_p(collapse)), nan=-1.0)
-        scores = np.r_[clean[cs], triggered[ts]]
-        both = union(scores, collapse, fitted.calibration, held)
+        ranked = np.nan_to_num(-np.log(w.held.collapse_p(w.weighed.collapse)), nan=-1.0)
+        both = union(w)
         dede = rate_row(attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None)
         if held_triggered is not None:
             keep = ~held_triggered
-            tpr, fpr = rates(
-                union(scores, collapse, fitted.calibration[keep], held[keep]), np.arange(len(both)) >= n, 1.0
-            )
+            clean_held = weigh(scored, scores, fitted.calibration[keep], fitted.holdout_images.take(keep))
+            tpr, fpr = rates(union(clean_held), np.arange(len(both)) >= n, 1.0)
             dede |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
         rows += [
             dede,
             rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
-                     DEFAULT_COLLAPSE_RULE, -np.log(weighed.collapse_p(weighed.collapse, own=True))),
+                     DEFAULT_COLLAPSE_RULE, -np.log(w.held.collapse_p(w.held.collapse, own=True))),
         ]  # fmt: skip
     return rows
 
@@ -730,14 +731,14 @@ def kept_by_union(
     `rules` (by name): the training data is one scored set, the test data (clean and triggered pooled,
     as `kept` pools them) another; each set's collapse is computed once for every rule."""
     train, clean, triggered = (sketched(images) for images in sets)
-    weighed = [
-        (scores, *collapse_of(scored, fitted))
+    weighings = [
+        weigh(scored, scores, fitted.calibration, fitted.holdout_images)
         for scored, scores in ((train, dede[0]), (clean.join(triggered), np.r_[dede[1], dede[2]]))
     ]
     n = len(dede[1])
     out = {}
     for name, pair in rules.items():
-        keep_train, keep_test = (union(s, c, fitted.calibration, h, pair) <= 1 for s, c, h in weighed)
+        keep_train, keep_test = (union(w, pair) <= 1 for w in weighings)
         out[name] = keep_train, keep_test[:n], keep_test[n:]
     return out
 
@@ -904,7 +905,7 @@ def markdown(result: dict) -> str:
         f"timm {result['versions']['timm']}, open_clip {result['versions']['open_clip']}  ",
         f"`dede-score`: {result['settings']['dede-score']}; "
         f"`dede-paper`: {result['settings']['dede-paper']}; `collapse`: {result['settings']['collapse']}; "
-        "`dede`: `dede-score` or the collapse pass  ",
+        "`dede`: the score's test with its neighbours' scores, or the collapse pass  ",
         f"Decoders (all methods): {result['sizes']['decoder']} images "
         f"({result['decoder_training']['holdout']:.3f} of them held out to calibrate), "
         f"{decoder_epochs(result)}, trimmed loss {result['decoder_training']['trim']}, "

@@ -77,18 +77,22 @@ def flag_rate_per_shard(df: pd.DataFrame) -> pd.DataFrame:
 
 def what_if(df: pd.DataFrame, quantiles: tuple[float, ...] = (0.9, 0.95, 0.97, 0.99, 0.995)) -> pd.DataFrame:
     """How many samples each score threshold would flag by itself (score > threshold; the collapse pass
-    flags beside it), with TPR/FPR when labelled."""
+    flags beside it), with TPR/FPR when labelled. `current` is the run's own: one value, or each row's
+    where the collapse pass set them from the neighbours' scores (its value is then NaN)."""
     ok = df[df["status"] == "ok"]
     scores = ok["score"].to_numpy(np.float64)
-    current = float(ok["threshold"].dropna().iloc[0]) if ok["threshold"].notna().any() else None
     candidates = {f"scored q{q:g}": float(np.quantile(scores, q)) for q in quantiles}
-    if current is not None:
-        candidates["current"] = current
+    flags = {name: scores > value for name, value in candidates.items()}
+    if ok["threshold"].notna().any():
+        current = ok["threshold"].to_numpy(np.float64)
+        values = np.unique(current[~np.isnan(current)])
+        candidates["current"] = float(values[0]) if len(values) == 1 else np.nan
+        flags["current"] = scores > current
     labelled = ok["label"].notna().to_numpy()
     truth = ok["label"].fillna(False).to_numpy(bool)
     rows = []
-    for name, value in sorted(candidates.items(), key=lambda kv: kv[1]):
-        flagged = scores > value
+    for name, value in sorted(candidates.items(), key=lambda kv: (np.isnan(kv[1]), kv[1])):
+        flagged = flags[name]
         row = {"threshold": name, "value": value, "flagged": int(flagged.sum()), "share": flagged.mean()}
         if labelled.any() and truth[labelled].any() and (~truth[labelled]).any():
             row["tpr"] = flagged[labelled & truth].mean()

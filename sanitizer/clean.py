@@ -26,7 +26,7 @@ from sanitizer.data.tario import STATUS_OK, ShardError, ShardReadError, TarWrite
 from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.errors import ReadFailed, UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.records import RecordError, read_object
+from sanitizer.records import RecordError, lookup, read_object
 from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
@@ -39,6 +39,17 @@ class CleanSummary:
     threshold: float | None  # None: no shard was scored, and a data rule found no scores
     skipped_shards: list[str]
     split: int  # of `shards`, those split by this run; the tars of the others already held their split
+    # run.json's threshold.neighbours: the collapse pass set each ok row's score threshold; None if not
+    neighbours: float | None = None
+
+    def threshold_text(self) -> str:
+        """The threshold as `sanitizer clean` names it."""
+        if self.neighbours is None:
+            return f"threshold {self.threshold:.6g}"
+        return (
+            f"threshold {self.threshold:.6g}, each ok row's own from its neighbours' scores "
+            f"(score evidence threshold {self.neighbours:.6g})"
+        )
 
     def skipped_lines(self) -> list[str]:
         """A line per shard left out, as `sanitizer clean` and examples/audit_manifest.py print them."""
@@ -174,15 +185,22 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
         if threshold is not None:
             rule = parse_rule(threshold)
             info["threshold"] = {"rule": str(rule), "value": resolve_rule(rule, run, info, done)}
+            info.pop("clean", None)
+            # before any manifest: one killed while it re-flags them leaves this threshold in
+            # run.json, which the next `clean` applies to them all (the rows' own thresholds that the
+            # collapse pass set, which it replaces, clean cannot set again)
+            run.write_run(info)
         value = (info.get("threshold") or {}).get("value")
         if value is None and done:  # a run with no finished shard has nothing to split at any
             raise UsageError(
                 f"{run_dir} has no threshold yet: its `sanitizer score` did not finish (run it again to "
                 "finish it), or found no ok score for a data rule; or give --threshold"
             )
-        # The manifests are flagged at run.json's threshold before any split: a new one, or the one
-        # run.json kept when a `clean --threshold` was killed while it re-flagged them.
-        if apply_threshold(run, done, value) or threshold is not None:
+        # The manifests are flagged at run.json's threshold before any split (a new one, or the one a
+        # `clean --threshold` killed while it re-flagged them wrote there), or at each row's own where
+        # the collapse pass set them from the neighbours' scores: either mends a stats marker.
+        neighbours = lookup(info, "threshold.neighbours")  # set: each ok row has its own
+        if apply_threshold(run, done, value if neighbours is None else None) or threshold is not None:
             # run.json follows the manifests at once: should a split below fail, the run stays
             # consistent, flagged at this threshold and not yet cleaned at it.
             info.setdefault("totals", {}).update(flagged_totals(run, done))
@@ -197,7 +215,7 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
         info["clean"] = {"kept": kept, "quarantined": quarantined, "shards": len(sizes)}
         run.write_run(info)
     skipped = [s.stem for s in shards if s.stem not in finished]
-    return CleanSummary(len(sizes), kept, quarantined, value, skipped, split)
+    return CleanSummary(len(sizes), kept, quarantined, value, skipped, split, neighbours)
 
 
 def split_all(run: RunDir, shards: list[ShardRef]) -> tuple[dict[str, dict], int]:

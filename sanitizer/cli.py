@@ -419,6 +419,11 @@ def format_summary(s: Summary) -> str:
             f"  by score: {s.flagged_by['score']}  by collapse: {s.flagged_by['collapse']} "
             f"(collapse evidence threshold {collapse} [{s.collapse_rule}])"
         )
+    if s.neighbours_threshold is not None:
+        lines.append(
+            f"  each ok row's score threshold set by its neighbours' scores (score evidence threshold "
+            f"{s.neighbours_threshold:.6g} [{s.threshold_rule}]: -ln p_score + the neighbours' mean)"
+        )
     lines += [
         f"throughput: {counted(s.scored_now, 'sample')} in {s.seconds:.1f} s "
         f"({s.samples_per_second:.0f} samples/s)",
@@ -448,7 +453,7 @@ def run_clean(args: argparse.Namespace) -> int:
         say(
             f"kept {counted(s.kept, 'sample')} in {args.run_dir / 'clean'}, quarantined {s.quarantined} in "
             f"{args.run_dir / 'quarantine'} ({counted(s.shards, 'shard')}: {s.split} split, "
-            f"{s.shards - s.split} already clean; threshold {s.threshold:.6g})"
+            f"{s.shards - s.split} already clean; {s.threshold_text()})"
         )
     else:  # clean/ and quarantine/ hold tars of scored shards only: name no directory it did not make
         say("no shard was scored: nothing to clean")

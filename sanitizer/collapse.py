@@ -35,6 +35,15 @@ those images are each other's near-duplicates. This pass measures that, after sc
   attest is 1 / (n + 1), so collapse alone flags a sample only when n + 1 > exp(threshold): a few
   hundred held-out images at the default rule.
 
+The same search serves the score's own test. A sample's `neighbours` evidence is the mean score
+evidence, -ln p_score, of its NEIGHBOURS nearest reference rows (for a row without a sketch, of the
+reference's other images on its axis), and under a quantile rule the score's test reads -ln p_score
+plus that, against the held-out images' same statistic: a trigger's images lift each other, so one
+that the decoder happens to rebuild well is still flagged. On the detection benchmark's victims that
+raised the 1% rate's TPR at the defaults from 0.73 to 0.97 on the CLIP victim's hardest seed, at the
+same false-positive rate (bench/NOTES.md, session 37). Each row's `threshold` is then the score it
+needs (HeldOut.score_needed), so that a flag is still `score > threshold`.
+
 A trigger is seen when at least NEIGHBOURS of its images land in the reference, i.e. from a poison
 rate of about NEIGHBOURS / REFERENCE_SIZE. A trigger stamped on copies of one image is not: those
 copies are each other's near-duplicates, and only the score can flag them.
@@ -138,39 +147,62 @@ def evidence(score_p: np.ndarray, collapse_p: np.ndarray) -> np.ndarray:
     return -np.log(score_p) - np.log(collapse_p)
 
 
-def collapse_needed(score_p: np.ndarray, holdout_collapse: np.ndarray, limit: float) -> np.ndarray:
-    """Per row, the collapse above which the row's evidence is above `limit`, given its score's
-    p-value: a held-out image's collapse, +inf where no collapse would do, -inf where any would, NaN
-    where there is no score. Flags by it and by `evidence(...) > limit` agree (but for exact ties)."""
-    ordered = np.sort(holdout_collapse)[::-1].astype(np.float32)
+def value_needed(other_p: np.ndarray, calibration: np.ndarray, limit: float) -> np.ndarray:
+    """Per row, the value of a statistic tested from above against `calibration` (tail_p) past which
+    the row's evidence, -ln other_p - ln p_value, is above `limit`, given the p-value of its other
+    statistic: a calibration value, +inf where no value would do, -inf where any would, NaN where
+    other_p is NaN. Flags by it and by the evidence agree (but for exact ties)."""
+    ordered = np.sort(calibration)[::-1].astype(np.float32)
     n = len(ordered)
-    # evidence > limit <=> p_collapse < exp(-limit) / p_score <=> #{held out >= c} < bound
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = np.exp(-limit) / score_p * (n + 1) - 1
-    most = np.ceil(bound) - 1  # the most held-out collapses that may be at least c
+    # evidence > limit <=> p_value < exp(-limit) / other_p <=> #{calibration >= v} < bound
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bound = np.exp(-limit) / other_p * (n + 1) - 1
+    most = np.ceil(bound) - 1  # the most calibration values that may be at least v
     picked = ordered[np.clip(np.nan_to_num(most), 0, max(n - 1, 0)).astype(np.int64)] if n else most
     needed = np.where(most < 0, np.inf, np.where(most >= n, -np.inf, picked))
-    return np.where(np.isnan(score_p), np.nan, needed).astype(np.float32)
+    return np.where(np.isnan(other_p), np.nan, needed).astype(np.float32)
+
+
+@dataclass
+class Weighed:
+    """Each query's collapse and its neighbours' evidence, as Reference.weigh finds them: the mean
+    score evidence (-ln p_score) of its NEIGHBOURS nearest reference rows, or for a query without a
+    sketch of the reference's other images on its axis; NaN where it has none."""
+
+    collapse: np.ndarray
+    neighbours: np.ndarray
+
+
+def lent(neighbours: np.ndarray) -> np.ndarray:
+    """The evidence a sample's neighbours lend it: none where it has no neighbour."""
+    return np.nan_to_num(neighbours, nan=0.0)
 
 
 @dataclass
 class HeldOut:
-    """The decoder's held-out images as the pass weighs samples against them: their scores and their
-    collapse against the run's reference (ON_AXIS and above for those without a sketch), those without
-    a collapse (no reference row left) left out."""
+    """The decoder's held-out images as the pass weighs samples against them: their scores, and their
+    collapse (ON_AXIS and above for those without a sketch) and neighbours' evidence against the run's
+    reference; those without a collapse (no reference row left) left out."""
 
     scores: np.ndarray
     collapse: np.ndarray
+    neighbours: np.ndarray
 
     @classmethod
-    def of(cls, scores: np.ndarray, collapse: np.ndarray) -> HeldOut:
-        usable = ~np.isnan(collapse)
-        return cls(np.asarray(scores, np.float64)[usable], collapse[usable])
+    def of(cls, scores: np.ndarray, weighed: Weighed) -> HeldOut:
+        usable = ~np.isnan(weighed.collapse)
+        return cls(
+            np.asarray(scores, np.float64)[usable], weighed.collapse[usable], weighed.neighbours[usable]
+        )
 
     @property
     def cosines(self) -> np.ndarray:
         """The collapse of those with a sketch: the rarest a cosine can be is 1/(len + 1)."""
         return self.collapse[self.collapse < ON_AXIS]
+
+    def score_evidence(self, scores: np.ndarray, own: bool = False) -> np.ndarray:
+        """-ln p_score among the held-out images' scores. NaN stays NaN."""
+        return -np.log(tail_p(scores, self.scores, own))
 
     def collapse_p(self, collapse: np.ndarray, own: bool = False) -> np.ndarray:
         """Each collapse's tail p-value among the held-out images': a cosine against their cosines, and
@@ -191,13 +223,27 @@ class HeldOut:
         return evidence(tail_p(scores, self.scores), self.collapse_p(collapse))
 
     def needed(self, scores: np.ndarray, collapse: np.ndarray, limit: float) -> np.ndarray:
-        """Each row's collapse_needed; for a row without a sketch -inf when it is flagged (its collapse
-        is above it), +inf when not; NaN where the row has no collapse."""
-        needed = collapse_needed(tail_p(scores, self.scores), self.cosines, limit)
+        """Each row's collapse needed (value_needed); for a row without a sketch -inf when it is
+        flagged (its collapse is above it), +inf when not; NaN where the row has no collapse."""
+        needed = value_needed(tail_p(scores, self.scores), self.cosines, limit)
         on_axis = collapse >= ON_AXIS
         needed[on_axis] = np.where(self.evidence(scores[on_axis], collapse[on_axis]) > limit, -np.inf, np.inf)
         needed[np.isnan(collapse)] = np.nan
         return needed
+
+    def own_score_statistic(self) -> np.ndarray:
+        """Each held-out image's score evidence against the others plus its neighbours': what the
+        score's quantile rule reads when the pass runs."""
+        return self.score_evidence(self.scores, own=True) + lent(self.neighbours)
+
+    def score_statistic(self, scores: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        return self.score_evidence(scores) + lent(neighbours)
+
+    def score_needed(self, neighbours: np.ndarray, limit: float) -> np.ndarray:
+        """Each row's score threshold given its neighbours' evidence: the score past which its
+        score_statistic is above `limit`; lower the more its neighbours lend, -inf where they lend
+        enough alone."""
+        return value_needed(np.exp(-lent(neighbours)), self.scores, limit)
 
 
 def above_median_text(share: float, what: str, median: str) -> str:

@@ -108,20 +108,31 @@ def with_collapse(table: pa.Table, collapse: np.ndarray | None, needed: np.ndarr
     return _replace(_replace(table, "collapse", column(collapse)), "collapse_threshold", column(needed))
 
 
-def set_flags(table: pa.Table, threshold: float | None) -> pa.Table:
-    """Set the score threshold (null until it is known), then flagged and flag_reason from the row's
-    columns: an ok row is flagged when its score or its collapse is above its threshold, and the
-    reason names which ("score", "collapse" or "score+collapse"); rows that are not ok never are."""
+def set_flags(table: pa.Table, threshold: float | np.ndarray | None) -> pa.Table:
+    """Set the score threshold, one for every row or each row's own (null until it is known), then
+    flagged and flag_reason from the row's columns: an ok row is flagged when its score or its
+    collapse is above its threshold, and the reason names which ("score", "collapse" or
+    "score+collapse"); rows that are not ok never are."""
     n = table.num_rows
+    each = (
+        _constant(n, threshold)
+        if threshold is None or np.isscalar(threshold)
+        else pa.array(np.asarray(threshold, np.float32), from_pandas=True)  # NaN: null
+    )
+    table = _replace(table, "threshold", each)
     ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
-    by_score = ok & (_floats(table, "score") > np.float32(np.nan if threshold is None else threshold))
+    by_score = ok & (_floats(table, "score") > _floats(table, "threshold"))
     by_collapse = ok & (_floats(table, "collapse") > _floats(table, "collapse_threshold"))
     reason = np.full(n, None, object)
     reason[by_score], reason[by_collapse] = "score", "collapse"
     reason[by_score & by_collapse] = "score+collapse"
-    table = _replace(table, "threshold", _constant(n, threshold))
     table = _replace(table, "flagged", pa.array(by_score | by_collapse, pa.bool_()))
     return _replace(table, "flag_reason", pa.array(reason, pa.string()))
+
+
+def own_thresholds(table: pa.Table) -> np.ndarray:
+    """Each row's score threshold as the table holds it (NaN where null): to re-flag it at them."""
+    return _floats(table, "threshold")
 
 
 # Each float type of the manifest, and the integer type of its bits (a sketch as a list of them)

@@ -1,6 +1,6 @@
-"""The collapse measured with torch: each image's sketch and thumbnail, its near-duplicates, and its
-mean cosine similarity to its nearest reference rows (sanitizer.collapse describes the pass and holds
-what is read without torch)."""
+"""The collapse measured with torch: each image's sketch and thumbnail, its near-duplicates, its
+mean cosine similarity to its nearest reference rows and their mean score evidence
+(sanitizer.collapse describes the pass and holds what is read without torch)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from sanitizer.collapse import NO_AXIS, ON_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, UNKNOWN_AXIS, Sketched
+from sanitizer.collapse import NO_AXIS, ON_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, UNKNOWN_AXIS, Sketched, Weighed
 
 NEIGHBOURS = 5
 # On 32 x 32 Fashion-MNIST, copies re-encoded as JPEG at quality 30-95, or resized by 0.75-4 and back,
@@ -77,12 +77,13 @@ def near_duplicates(queries: np.ndarray, reference: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Neighbours:
-    """A reference as neighbour_similarity searches it, prepared once: its rows with a sketch, and
-    their thumbnails as given and as floats. The collapse pass asks one reference for each shard in
-    turn; preparing it on every call cost O(reference) a call, most of the pass on a run of thousands
-    of small shards."""
+    """A reference as neighbour_similarity searches it, prepared once: its rows with a sketch (and
+    where they are in the reference), and their thumbnails as given and as floats. The collapse pass
+    asks one reference for each shard in turn; preparing it on every call cost O(reference) a call,
+    most of the pass on a run of thousands of small shards."""
 
     sketches: torch.Tensor  # (R, SKETCH_DIM) float32, the reference rows with a sketch
+    rows: np.ndarray  # (R,) their positions in the reference
     thumbnails: np.ndarray | None  # (R, THUMBNAIL_SIDE**2) uint8 of those rows, or None
     thumbnail_floats: torch.Tensor | None  # the same as float32, as _top_apart measures distances
 
@@ -90,19 +91,20 @@ class Neighbours:
     def of(cls, reference: np.ndarray, thumbnails: np.ndarray | None = None) -> Neighbours:
         usable = np.isfinite(reference).all(1)
         sketches = torch.from_numpy(np.ascontiguousarray(reference[usable], np.float32))
+        rows = np.flatnonzero(usable)
         if thumbnails is None:
-            return cls(sketches, None, None)
+            return cls(sketches, rows, None, None)
         thumbnails = thumbnails[usable]
-        return cls(sketches, thumbnails, torch.from_numpy(thumbnails.astype(np.float32)))
+        return cls(sketches, rows, thumbnails, torch.from_numpy(thumbnails.astype(np.float32)))
 
 
 def _top_apart(
     sim: torch.Tensor, query_thumbnails: np.ndarray, reference: Neighbours, k: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, k) each query's k highest similarities to reference rows that are not its near-duplicates,
-    -inf where fewer are left. Near-duplicates are looked for among each query's CANDIDATES most
-    similar rows, which is cheap, and in the whole reference only for the queries that have fewer than
-    k others there (an image with many copies)."""
+    -inf where fewer are left, and those rows. Near-duplicates are looked for among each query's
+    CANDIDATES most similar rows, which is cheap, and in the whole reference only for the queries that
+    have fewer than k others there (an image with many copies)."""
     values, index = sim.topk(min(CANDIDATES, sim.shape[1]), dim=1)
     q = torch.from_numpy(query_thumbnails.astype(np.float32))
     squared = ((q[:, None, :] - reference.thumbnail_floats[index]) ** 2).sum(-1)  # exact: integers below 2^24
@@ -110,12 +112,15 @@ def _top_apart(
     values = values.masked_fill(~apart, -torch.inf)
     crowded = torch.nonzero((apart.sum(1) < k) & (values.shape[1] < sim.shape[1])).flatten()
     if len(crowded):
-        full = sim[crowded].masked_fill(
-            near_duplicates(query_thumbnails[crowded.numpy()], reference.thumbnails), -torch.inf
+        full = (
+            sim[crowded]
+            .masked_fill(near_duplicates(query_thumbnails[crowded.numpy()], reference.thumbnails), -torch.inf)
+            .topk(k, dim=1)
         )
         values[crowded] = -torch.inf
-        values[crowded, :k] = full.topk(k, dim=1).values
-    return values.topk(k, dim=1).values
+        values[crowded, :k], index[crowded, :k] = full.values, full.indices
+    top = values.topk(k, dim=1)
+    return top.values, index.gather(1, top.indices)
 
 
 def neighbour_similarity(
@@ -130,38 +135,44 @@ def neighbour_similarity(
     the query's near-duplicates are left out. Rows are unit vectors, or NaN where there is no sketch
     (MIN_EFFECTIVE_DIM): such a reference row is no one's neighbour, such a query gets NaN (the
     collapse weighs it by its axis), as does a query with no reference row left."""
-    return nearest_similarity(
+    similarity, _ = nearest(
         queries, Neighbours.of(reference, reference_thumbnails), query_thumbnails, k, block
     )
+    return mean_of(similarity)
 
 
-def nearest_similarity(
+def mean_of(values: np.ndarray) -> np.ndarray:
+    """(Q, k) -> (Q,) the mean of each row's values that are not NaN; NaN for a row with none."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.nansum(values, 1) / (~np.isnan(values)).sum(1)).astype(np.float32)
+
+
+def nearest(
     queries: np.ndarray,
     reference: Neighbours,
     query_thumbnails: np.ndarray | None = None,
     k: int = NEIGHBOURS,
     block: int = 1024,
-) -> np.ndarray:
-    """neighbour_similarity against a reference prepared once (Neighbours.of), for one who asks it
-    many times."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) each query's cosine similarities to its k most similar reference rows, near-duplicates
+    left out given thumbnails, and (Q, k) those rows' positions in the reference; NaN and -1 where a
+    query has fewer (none for a query without a sketch)."""
     r = reference.sketches
-    sketched = np.isfinite(queries).all(1)
-    out = np.full(len(queries), np.nan, np.float32)
     k = min(k, len(r))
-    asked = np.flatnonzero(sketched)
-    if k == 0:
-        return out
-    for start in range(0, len(asked), block):
-        rows = asked[start : start + block]
-        q = torch.from_numpy(np.ascontiguousarray(queries[rows], np.float32))
-        sim = q @ r.T
+    similarity = np.full((len(queries), k), np.nan, np.float32)
+    rows = np.full((len(queries), k), -1, np.int64)
+    asked = np.flatnonzero(np.isfinite(queries).all(1))
+    for start in range(0, len(asked) if k else 0, block):
+        chosen = asked[start : start + block]
+        sim = torch.from_numpy(np.ascontiguousarray(queries[chosen], np.float32)) @ r.T
         if query_thumbnails is None:
-            top = sim.topk(k, dim=1).values
+            top, index = sim.topk(k, dim=1)
         else:
-            top = _top_apart(sim, query_thumbnails[rows], reference, k)
-        top[torch.isinf(top)] = torch.nan  # fewer than k other images: the mean of those there are
-        out[rows] = top.nanmean(1).numpy()
-    return out
+            top, index = _top_apart(sim, query_thumbnails[chosen], reference, k)
+        found = torch.isfinite(top).numpy()  # -inf: fewer than k other images
+        similarity[chosen] = np.where(found, top.numpy(), np.nan)
+        rows[chosen] = np.where(found, reference.rows[index.numpy()], -1)
+    return similarity, rows
 
 
 def distinct_images(thumbnails: np.ndarray, block: int = 2048) -> int:
@@ -183,11 +194,12 @@ def distinct_images(thumbnails: np.ndarray, block: int = 2048) -> int:
 
 
 class Reference:
-    """The rows every collapse is measured against, and how many of its images sit on each axis
-    (counted once, for every query)."""
+    """The rows every collapse is measured against, with each row's score evidence (-ln p_score among
+    the decoder's held-out images), and how many of its images sit on each axis (counted once, for
+    every query)."""
 
-    def __init__(self, images: Sketched) -> None:
-        self.images = images
+    def __init__(self, images: Sketched, evidence: np.ndarray) -> None:
+        self.images, self.evidence = images, np.asarray(evidence, np.float64)
         self.neighbours = Neighbours.of(images.sketches, images.thumbnails)  # asked once per shard
         on_axis = images.axes[images.axes >= 0]
         self.images_on = {
@@ -203,12 +215,32 @@ class Reference:
         share = np.array([self.images_on.get(int(axis), 0) for axis in axes], np.float64) / max(len(self), 1)
         return np.where(axes == UNKNOWN_AXIS, 1.0, share)
 
-    def collapse(self, queries: Sketched) -> np.ndarray:
-        """Each query's collapse: its neighbour_similarity, or for a query without a sketch ON_AXIS +
-        the axis_share of its axis, the same for every image on that axis."""
-        out = nearest_similarity(queries.sketches, self.neighbours, queries.thumbnails)
-        on_axis = queries.axes != NO_AXIS
-        out[on_axis] = ON_AXIS + self.axis_share(queries.axes[on_axis])
+    def weigh(self, queries: Sketched) -> Weighed:
+        """Each query's collapse, its mean similarity to its nearest reference rows (or for a query
+        without a sketch ON_AXIS + the axis_share of its axis, the same for every image on that axis),
+        and its neighbours' evidence: the mean evidence of those rows (or of the reference's images on
+        its axis that are not its near-duplicates), from one search."""
+        similarity, rows = nearest(queries.sketches, self.neighbours, queries.thumbnails)
+        collapse = mean_of(similarity)
+        neighbours = mean_of(np.where(rows >= 0, self.evidence[rows], np.nan))
+        on_axis = np.flatnonzero(queries.axes != NO_AXIS)
+        collapse[on_axis] = ON_AXIS + self.axis_share(queries.axes[on_axis])
+        neighbours[on_axis] = self.axis_mates(queries.take(on_axis))
+        return Weighed(collapse, neighbours)
+
+    def axis_mates(self, queries: Sketched, block: int = 2048) -> np.ndarray:
+        """The mean evidence of the reference's images on each query's axis that are not its
+        near-duplicates (NaN where none is: an axis of its own, or UNKNOWN_AXIS). A trigger that
+        sends its images to one axis lends each of them its others' evidence, as a cluster does."""
+        out = np.full(len(queries.axes), np.nan, np.float32)
+        for axis in np.unique(queries.axes):
+            mates = np.flatnonzero(self.images.axes == axis)
+            asked = np.flatnonzero(queries.axes == axis)
+            for start in range(0, len(asked) if len(mates) else 0, block):
+                chosen = asked[start : start + block]
+                apart = ~near_duplicates(queries.thumbnails[chosen], self.images.thumbnails[mates]).numpy()
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[chosen] = apart @ self.evidence[mates] / apart.sum(1)
         return out
 
 

@@ -36,6 +36,7 @@ from sanitizer.joblock import job_lock, job_lock_for_steps, no_job_meanwhile, re
 from sanitizer.manifest import (
     SCHEMA_VERSION,
     flag_counts,
+    own_thresholds,
     read_manifest,
     same_values,
     set_flags,
@@ -216,7 +217,8 @@ RUN_FIELDS = {
     "config": dict, "config.decoder_dir": str,
 }  # fmt: skip
 OPTIONAL_RUN_FIELDS = {
-    "threshold": dict, "threshold.rule": str, "threshold.value": (int, float), "totals": dict,
+    "threshold": dict, "threshold.rule": str, "threshold.value": (int, float),
+    "threshold.neighbours": (int, float), "totals": dict,
     "collapse": dict, "collapse.rule": str, "collapse.value": (int, float), "failed_shards": list,
 }  # fmt: skip
 # run.json's record of clean, as score weighs it and report shows it. `clean` reads none of it and
@@ -360,9 +362,14 @@ def rewrite(run: RunDir, stems: list[str], update: Callable[[str, pa.Table], pa.
     return changed
 
 
-def apply_threshold(run: RunDir, stems: list[str], threshold: float) -> int:
-    """Re-flag finished shards by a new score threshold (collapse flags stay as they are)."""
-    return rewrite(run, stems, lambda _, table: set_flags(table, threshold))
+def apply_threshold(run: RunDir, stems: list[str], threshold: float | None) -> int:
+    """Re-flag finished shards by a new score threshold, or where None by each row's own, as the
+    collapse pass set them (collapse flags stay as they are)."""
+
+    def update(_: str, table: pa.Table) -> pa.Table:
+        return set_flags(table, own_thresholds(table) if threshold is None else threshold)
+
+    return rewrite(run, stems, update)
 
 
 def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:

@@ -262,7 +262,22 @@ def _whose(rows: list[dict]) -> Callable[[str], str]:
     return whose
 
 
-def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, report: _Report) -> None:
+@dataclass(frozen=True)
+class RunThreshold:
+    """run.json's score threshold, and whether the collapse pass set each ok row's own from its
+    neighbours' scores (rows that are not ok keep `value`)."""
+
+    value: float | None
+    by_row: bool
+
+    @classmethod
+    def of(cls, info: dict) -> RunThreshold:
+        value = lookup(info, "threshold.value")
+        value = float(value) if isinstance(value, int | float) else None
+        return cls(value, isinstance(lookup(info, "threshold.neighbours"), int | float))
+
+
+def _check_row(row: dict, sample, i: int, stem: str, threshold: RunThreshold, report: _Report) -> None:
     where = f"row {i} key {q(row['key'])}"
     if row["shard"] != stem:
         report.add(f"{where}: shard column says {q(row['shard'])}", stem)
@@ -284,10 +299,13 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
             report.add(f"{where}: status {status} has a score", stem)
         if not row["error"]:
             report.add(f"{where}: status {status} without an error message", stem)
-    if (row_threshold is None) != (threshold is None) or (
-        threshold is not None and np.float32(row_threshold) != np.float32(threshold)
+    if threshold.by_row and status == STATUS_OK:
+        if row_threshold is None:
+            report.add(f"{where}: no threshold, but run.json says the collapse pass set each ok row's", stem)
+    elif (row_threshold is None) != (threshold.value is None) or (
+        threshold.value is not None and np.float32(row_threshold) != np.float32(threshold.value)
     ):  # a row flagged at a threshold run.json no longer holds counts too (it passed)
-        report.add(f"{where}: threshold {row_threshold} but run.json says {threshold}", stem)
+        report.add(f"{where}: threshold {row_threshold} but run.json says {threshold.value}", stem)
     collapse, collapse_threshold = row["collapse"], row["collapse_threshold"]
     ok = status == STATUS_OK
     tests = (("score", score, row_threshold), ("collapse", collapse, collapse_threshold))
@@ -305,7 +323,7 @@ def _check_row(row: dict, sample, i: int, stem: str, threshold: float | None, re
 
 
 def _check_shard(
-    run: RunDir, shard: ShardRef, stats: object, threshold: float | None, cleaned: bool, report: _Report
+    run: RunDir, shard: ShardRef, stats: object, threshold: RunThreshold, cleaned: bool, report: _Report
 ) -> _ShardResult | None:
     """A finished shard's manifest against its input and output tars; its counts come from the
     manifest, so that a shard whose input cannot be read again still adds up in the totals."""
@@ -348,7 +366,7 @@ def _check_input(
     stats: object,
     rows: list[dict],
     by_index: dict[int, dict],
-    threshold: float | None,
+    threshold: RunThreshold,
     cleaned: bool,
     report: _Report,
 ) -> tuple[int | None, int | None] | None:
@@ -618,8 +636,7 @@ def _check_shards(
 ) -> dict[str, _ShardResult]:
     """Each finished shard against its input, its stats marker and, when the run was `cleaned`, its
     clean and quarantine tars; the others against run.json."""
-    threshold = lookup(info, "threshold.value")
-    threshold = float(threshold) if isinstance(threshold, int | float) else None
+    threshold = RunThreshold.of(info)
     results: dict[str, _ShardResult] = {}
     for shard in shards:
         stem, done, has_manifest = shard.stem, run.is_done(shard.stem), run.manifest(shard.stem).exists()

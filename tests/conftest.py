@@ -164,3 +164,20 @@ def flaky() -> Iterator[type[FlakyFileSystem]]:
     yield FlakyFileSystem
     FlakyFileSystem.broken, FlakyFileSystem.cut, FlakyFileSystem.etags = {}, {}, {}
     FlakyFileSystem.error = ConnectionResetError(104, "Connection reset by peer")
+
+
+def killed_rethreshold(run: Path, rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sanitizer clean RUN --threshold RULE` killed after it re-flagged the first finished manifest
+    (run.json already holds the new threshold: it is written first)."""
+    import sanitizer.clean
+    from sanitizer.clean import clean_run
+    from sanitizer.rundir import apply_threshold
+
+    def first_only(run_dir, stems: list[str], threshold: float | None) -> int:
+        apply_threshold(run_dir, stems[:1], threshold)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sanitizer.clean, "apply_threshold", first_only)
+        with pytest.raises(KeyboardInterrupt):
+            clean_run(run, rule)

@@ -338,6 +338,7 @@ def test_the_summarys_rate_counts_samples_as_it_says_not_images(tmp_path):
         flagged_by={"score": 3, "collapse": 0},
         threshold=0.5,
         threshold_rule="quantile:0.97",
+        neighbours_threshold=None,
         collapse_threshold=None,
         collapse_rule=None,
         seconds=2.0,

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sanitizer.checkpoint import HOLDOUT, load_holdout, read_meta, reference_key, save_holdout, save_tensors
+from sanitizer.clean import clean_run
 from sanitizer.cli import build_parser, collapse_rule
 from sanitizer.collapse import (
     NO_AXIS,
@@ -22,11 +23,12 @@ from sanitizer.collapse import (
     UNKNOWN_AXIS,
     HeldOut,
     Sketched,
-    collapse_needed,
+    Weighed,
     evidence,
     group_by_seed,
     reference_rank,
     tail_p,
+    value_needed,
     within_lowest,
 )
 from sanitizer.data.synth import synthetic_images, write_image_shards
@@ -36,6 +38,7 @@ from sanitizer.manifest import COLUMNS, read_manifest, write_manifest
 from sanitizer.neighbours import (
     CANDIDATES,
     NEAR_DUPLICATE_RMS,
+    NEIGHBOURS,
     Neighbours,
     Reference,
     effective_dim,
@@ -59,6 +62,11 @@ from .test_pipeline import forget_flag_inputs, manifests, tree_digest
 # Evidence below ln(61): with the 60 held-out images of `decoder_dir`, a collapse above all of theirs
 # (p = 1/61) flags a sample whatever its score.
 RULE = "value:4"
+
+
+def unweighed(collapse: np.ndarray) -> Weighed:
+    """Collapses with no neighbours' evidence (the score's test as without the pass)."""
+    return Weighed(collapse, np.full(len(collapse), np.nan, np.float32))
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -298,18 +306,18 @@ def test_the_pass_prepares_its_reference_once_whatever_the_shard_count(
     (its rows with a sketch, its thumbnails as floats) once: per call, a run of thousands of small
     shards spent most of the pass doing it again."""
     prepared, asked = [], []
-    of, collapse = Neighbours.of.__func__, Reference.collapse
+    of, weigh = Neighbours.of.__func__, Reference.weigh
 
     def counting_of(cls, *args, **kwargs):
         prepared.append(len(args[0]))
         return of(cls, *args, **kwargs)
 
-    def counting_collapse(self, queries):
+    def counting_weigh(self, queries):
         asked.append(len(queries.axes))
-        return collapse(self, queries)
+        return weigh(self, queries)
 
     monkeypatch.setattr(Neighbours, "of", classmethod(counting_of))
-    monkeypatch.setattr(Reference, "collapse", counting_collapse)
+    monkeypatch.setattr(Reference, "weigh", counting_weigh)
     run(decoder_dir, cluster_shards, tmp_path / "run", collapse=RULE)
     assert len(asked) == 3 + 1 and prepared == [98]
 
@@ -452,6 +460,70 @@ def test_verify_holds_the_flags_to_the_collapse_threshold(decoder_dir, cluster_s
     )
 
 
+def test_under_a_quantile_rule_the_pass_sets_each_rows_score_threshold(
+    decoder_dir, cluster_shards, tmp_path, caplog
+):
+    """With the pass, a quantile score rule reads the score evidence plus the neighbours': each ok row
+    gets its own score threshold, run.json and the summary the limit, and the flags, verify, the
+    report and clean follow the rows' thresholds. Other score rules, --no-collapse and a `clean
+    --threshold` give every row the run's one threshold."""
+    out = tmp_path / "run"
+    summary = run(decoder_dir, cluster_shards, out, collapse=RULE)
+    info = json.loads((out / "run.json").read_text())
+    assert info["threshold"]["neighbours"] == summary.neighbours_threshold > 0
+    table = concat(out)
+    score, threshold, collapse, needed = (
+        np.array(table.column(c).to_pylist(), np.float32)
+        for c in ("score", "threshold", "collapse", "collapse_threshold")
+    )
+    assert len(np.unique(threshold)) > 2  # each row its own ...
+    # ... and, from 60 held-out images (p = 1/61 at best), none for a row whose neighbours lend little
+    assert np.isposinf(threshold).any()
+    assert (
+        "the score's test has 60 held-out images: a score flags a sample only beside neighbours with "
+        "unusual scores" in caplog.text
+    )
+    flagged = np.array(table.column("flagged").to_pylist())
+    np.testing.assert_array_equal(flagged, (score > threshold) | (collapse > needed))
+    assert summary.flagged_by["score"] == int((score > threshold).sum())
+    assert verify_run(out) == []
+    html = write_report(out).read_text()
+    assert "<td>score evidence threshold, with the neighbours&#x27;</td>" in html
+    assert "moved each sample's own threshold from this one by its neighbours' scores" in html
+    assert "so no one line marks it" in html and "other threshold" not in html
+    before = tree_digest(out / "manifest")
+    clean = clean_run(out)
+    assert tree_digest(out / "manifest") == before  # clean keeps the rows' own thresholds
+    assert clean.quarantined == int(flagged.sum())
+    limit = f"(score evidence threshold {summary.neighbours_threshold:.6g})"
+    assert f"each ok row's own from its neighbours' scores {limit}" in clean.threshold_text()
+    # ... until a `clean --threshold` sets one for every row
+    clean_run(out, "quantile:0.97")
+    assert set(concat(out).column("threshold").to_pylist()) == {info["threshold"]["value"]}
+    assert "neighbours" not in json.loads((out / "run.json").read_text())["threshold"]
+    assert verify_run(out) == []
+    for name, kw in (("value", {"threshold": "value:0.5"}), ("off", {"collapse": None})):
+        plain = run(decoder_dir, cluster_shards, tmp_path / name, **({"collapse": RULE} | kw))
+        assert plain.neighbours_threshold is None
+        assert len(set(concat(tmp_path / name).column("threshold").to_pylist())) == 1
+
+
+def test_verify_names_an_ok_row_without_its_own_threshold(decoder_dir, cluster_shards, tmp_path):
+    out = tmp_path / "run"
+    run(decoder_dir, cluster_shards, out, collapse=RULE)
+    path = out / "manifest" / "shard-000000.parquet"
+    table = read_manifest(path)
+    write_manifest(
+        path,
+        table.set_column(COLUMNS.index("threshold"), "threshold", pa.nulls(table.num_rows, pa.float32())),
+    )
+    key = table.column("key")[0].as_py()
+    assert (
+        f"shard shard-000000: row 0 key {key!r}: no threshold, but run.json says the collapse pass set "
+        "each ok row's" in verify_run(out)
+    )
+
+
 def test_a_mad_rule_reads_the_runs_own_evidence(decoder_dir, cluster_shards, tmp_path):
     """mad:K puts the evidence threshold K robust deviations above the run's median evidence: a larger
     K flags a subset, and the flags hold up under verify."""
@@ -525,7 +597,7 @@ def test_a_run_of_one_image_says_why_the_pass_flags_nothing(decoder_dir, tmp_pat
 def test_a_small_holdout_is_reported(decoder_dir, cluster_shards, tmp_path, caplog):
     """60 held-out images attest p = 1/61 at best: a rule that needs rarer says so, with the size."""
     run(decoder_dir, cluster_shards, tmp_path / "a", collapse=RULE)  # evidence 4 < ln 61: enough
-    assert "held-out images" not in caplog.text
+    assert "the collapse pass has" not in caplog.text
     run(decoder_dir, cluster_shards, tmp_path / "b", collapse="value:5")
     assert "the collapse pass has 60 held-out images" in caplog.text
     assert "148 or more (a larger train --holdout)" in caplog.text  # e^5 = 148.4
@@ -581,7 +653,7 @@ def test_tail_p_and_evidence():
     np.testing.assert_allclose(evidence(np.array([0.1]), np.array([0.01])), [np.log(1000)])
 
 
-def test_collapse_needed_flags_what_the_evidence_flags():
+def test_value_needed_flags_what_the_evidence_flags():
     """Per-row thresholds on the collapse give exactly the flags of one threshold on the evidence,
     and a quantile of the held-out images' own evidence flags about that share of new samples."""
     rng = np.random.default_rng(0)
@@ -591,13 +663,62 @@ def test_collapse_needed_flags_what_the_evidence_flags():
     limit = float(np.quantile(own, 0.98))
     score_p = tail_p(scores, held_scores)
     flagged = evidence(score_p, tail_p(collapse, held_collapse)) > limit
-    needed = collapse_needed(score_p, held_collapse, limit)
+    needed = value_needed(score_p, held_collapse, limit)
     np.testing.assert_array_equal(collapse > needed, flagged)
     assert 0.01 < flagged.mean() < 0.03
     # 20 held-out images cannot attest a collapse rare enough to flag an ordinary score alone
-    assert np.isposinf(collapse_needed(np.array([1.0]), held_collapse[:20], limit)).all()
-    assert np.isneginf(collapse_needed(np.array([1e-6]), held_collapse, limit)).all()  # the score suffices
-    assert np.isnan(collapse_needed(np.array([np.nan]), held_collapse, limit)).all()  # no score
+    assert np.isposinf(value_needed(np.array([1.0]), held_collapse[:20], limit)).all()
+    assert np.isneginf(value_needed(np.array([1e-6]), held_collapse, limit)).all()  # the score suffices
+    assert np.isnan(value_needed(np.array([np.nan]), held_collapse, limit)).all()  # no score
+
+
+def test_each_rows_score_threshold_flags_what_its_score_evidence_with_its_neighbours_flags():
+    """A row's score threshold, given its neighbours' evidence, flags exactly the rows whose score
+    evidence plus their neighbours' is above the limit; a quantile of the held-out images' own flags
+    about that share of rows like them. A row with no neighbour is lent nothing; neighbours that lend
+    enough flag any score, and no score passes a limit above the rarest it can attest."""
+    rng = np.random.default_rng(3)
+    held_scores = rng.random(400).astype(np.float32).astype(np.float64)  # float32, as a manifest's
+    held = HeldOut(
+        held_scores, rng.random(400).astype(np.float32), rng.exponential(1.0, 400).astype(np.float32)
+    )
+    limit = float(np.quantile(held.own_score_statistic(), 0.97))
+    scores = rng.random(50_000).astype(np.float32)
+    neighbours = rng.exponential(1.0, 50_000).astype(np.float32)
+    neighbours[:100] = np.nan
+    flagged = held.score_statistic(scores, neighbours) > limit
+    needed = held.score_needed(neighbours, limit)
+    np.testing.assert_array_equal(scores > needed, flagged)
+    assert 0.02 < flagged.mean() < 0.04
+    np.testing.assert_array_equal(needed[:100], held.score_needed(np.zeros(100, np.float32), limit))
+    lent = needed[np.argsort(neighbours[100:])[::-1] + 100]  # more evidence lent, a lower score needed
+    assert np.all(lent[1:] >= lent[:-1]) and np.isneginf(lent[0]) and np.isfinite(lent[-1])
+    assert np.isneginf(held.score_needed(np.array([limit + 0.1], np.float32), limit)).all()
+    assert np.isposinf(held.score_needed(np.array([0.0], np.float32), np.log(401) + 0.1)).all()
+
+
+def test_the_neighbours_evidence_is_the_mean_of_the_nearest_rows_or_of_the_axis_mates():
+    """A row with a sketch is lent the mean evidence of its NEIGHBOURS most similar reference rows
+    (itself left out, as a near-duplicate); a row without one the mean of the other images on its axis
+    (its copies left out too), none on an axis of its own; the collapse comes from the same search."""
+    rng = np.random.default_rng(5)
+    sketches = unit(rng.normal(size=(30, SKETCH_DIM))).astype(np.float32)
+    thumbs = rng.integers(0, 256, (30, THUMBNAIL_SIDE**2), dtype=np.uint8)
+    axes = np.full(30, NO_AXIS, np.int32)
+    sketches[24:], axes[24:] = np.nan, [7, 7, 7, 7, 8, 8]
+    thumbs[25] = thumbs[24]  # a copy, on the same axis
+    evidence = rng.exponential(1.0, 30)
+    images = Sketched(sketches, thumbs, axes)
+    weighed = Reference(images, evidence).weigh(images)
+    sim = sketches[:24] @ sketches[:24].T
+    np.fill_diagonal(sim, -np.inf)
+    top = np.argsort(-sim, 1)[:, :NEIGHBOURS]
+    np.testing.assert_allclose(weighed.neighbours[:24], evidence[top].mean(1), rtol=1e-5)
+    np.testing.assert_allclose(weighed.collapse[:24], np.take_along_axis(sim, top, 1).mean(1), rtol=1e-5)
+    mates = [[26, 27], [26, 27], [24, 25, 27], [24, 25, 26], [29], [28]]
+    np.testing.assert_allclose(weighed.neighbours[24:], [evidence[m].mean() for m in mates], rtol=1e-6)
+    alone = Sketched(sketches[24:25], thumbs[:1], np.array([9], np.int32))
+    assert np.isnan(Reference(images, evidence).weigh(alone).neighbours).all()
 
 
 def test_a_row_without_a_sketch_is_as_suspect_as_its_axis_is_crowded_among_the_held_out_images():
@@ -608,7 +729,7 @@ def test_a_row_without_a_sketch_is_as_suspect_as_its_axis_is_crowded_among_the_h
     rng = np.random.default_rng(1)
     cosines = rng.random(360).astype(np.float32)
     on_axis = (ON_AXIS + rng.choice([0.01, 0.02, 0.05], 40)).astype(np.float32)  # their axes' shares
-    held = HeldOut.of(rng.random(400), np.r_[cosines, on_axis])
+    held = HeldOut.of(rng.random(400), unweighed(np.r_[cosines, on_axis]))
     probe = np.array([ON_AXIS + 0.05, ON_AXIS + 0.03, ON_AXIS + 0.5, ON_AXIS, np.nan], np.float32)
     crowded = [(on_axis >= p).sum() for p in probe[:4]]
     np.testing.assert_allclose(held.collapse_p(probe), [(1 + c) / 401 for c in crowded] + [np.nan])
@@ -631,7 +752,7 @@ def test_a_row_without_a_sketch_is_as_suspect_as_its_axis_is_crowded_among_the_h
     assert 0.01 < flagged.mean() < 0.03
     assert 0 < flagged[none].mean() < 0.1  # those with high scores
     # Where no held-out image lacks a sketch, every row without one is as rare as can be attested.
-    never = HeldOut.of(rng.random(360), cosines)
+    never = HeldOut.of(rng.random(360), unweighed(cosines))
     assert never.collapse_p(np.array([ON_AXIS], np.float32)) == pytest.approx(1 / 361)
 
 
@@ -646,12 +767,12 @@ def test_the_share_on_an_axis_counts_images_not_copies():
     sketches = np.full((10, SKETCH_DIM), np.nan, np.float32)
     sketches[8:] = unit(rng.normal(size=(2, SKETCH_DIM)))
     axes = np.array([3, 3, 3, 3, 3, 3, 9, 9, NO_AXIS, NO_AXIS], np.int32)
-    reference = Reference(Sketched(sketches, thumbs, axes))
+    reference = Reference(Sketched(sketches, thumbs, axes), np.zeros(10))
     assert reference.images_on == {3: 3, 9: 2}  # axis 3: rows 0-3 one image, 4 and 5 two more
     asked = np.array([3, 9, 4, UNKNOWN_AXIS], np.int32)
     np.testing.assert_allclose(reference.axis_share(asked), [0.3, 0.2, 0.0, 1.0])
     queries = Sketched(np.full((4, SKETCH_DIM), np.nan, np.float32), thumbs[:4], asked)
-    np.testing.assert_allclose(reference.collapse(queries), ON_AXIS + np.array([0.3, 0.2, 0.0, 1.0]))
+    np.testing.assert_allclose(reference.weigh(queries).collapse, ON_AXIS + np.array([0.3, 0.2, 0.0, 1.0]))
 
 
 def test_a_decoder_saved_before_axes_were_kept_weighs_rows_without_a_sketch_as_before(
@@ -676,8 +797,10 @@ def test_a_decoder_saved_before_axes_were_kept_weighs_rows_without_a_sketch_as_b
             parse_rule(RULE), old, read_meta(old), ScoreSettings.from_dict(read_meta(old)["scoring"])
         )
     assert f"{old} was trained before the held-out images' axes were kept" in caplog.text
-    reference = Reference(Sketched(loaded.sketches[6:], loaded.thumbnails[6:], loaded.axes[6:]))
-    held = HeldOut.of(np.zeros(len(loaded.axes)), reference.collapse(loaded))
+    reference = Reference(
+        Sketched(loaded.sketches[6:], loaded.thumbnails[6:], loaded.axes[6:]), np.zeros(len(loaded.axes) - 6)
+    )
+    held = HeldOut.of(np.zeros(len(loaded.axes)), reference.weigh(loaded))
     p = held.collapse_p(np.array([ON_AXIS + 0.5], np.float32))
     assert p == pytest.approx((1 + 6) / (len(held.collapse) + 1))
 

@@ -603,9 +603,9 @@ def test_collapse_rows_flag_images_that_share_one_embedding():
 
 
 def test_stricter_rules_keep_a_subset_of_what_the_defaults_keep():
-    """The downstream table's stricter operating points widen both tails: a score between the
-    calibration's 0.94 and 0.97 quantiles is flagged at twice the tails, whatever its collapse, and
-    whatever a stricter rule keeps, a laxer one keeps too."""
+    """The downstream table's stricter operating points widen both tails: among low scores, whose
+    neighbours lend little, a score between the calibration's 0.94 and 0.97 quantiles is flagged at
+    twice the tails, whatever its collapse, and whatever a stricter rule keeps, a laxer one keeps too."""
     rng = np.random.default_rng(0)
     n, dim, held_out = 30, 16, 400
     pictures = rng.integers(0, 256, (3 * n + held_out, 8, 8, 3), dtype=np.uint8)  # all different
@@ -616,8 +616,8 @@ def test_stricter_rules_keep_a_subset_of_what_the_defaults_keep():
         holdout_images=sketch_images(rng.normal(size=(held_out, dim)), pictures[3 * n :]),
         calibration=np.linspace(0, 1, held_out),
     )
-    scores = [rng.uniform(0, 1, n) for _ in sets]
-    scores[0][:3] = 0.955  # between the 0.94 and 0.97 quantiles
+    scores = [rng.uniform(0, 0.5, n) for _ in sets]
+    scores[0][:3] = 0.965  # between the 0.94 and 0.97 quantiles
     rules = {"dede_filtered": D.DEFAULT_RULES} | D.STRICTER_RULES
     kept = D.kept_by_union(sets, scores, fitted, rules)
     assert list(kept) == ["dede_filtered", "dede_filtered_x2", "dede_filtered_x3"]
@@ -653,9 +653,9 @@ def test_a_clean_holdout_threshold_is_reported_beside_the_contaminated_one():
 
 def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_out_images():
     """20 of the 420 held-out images carry the trigger and score above every other: they take the
-    score test's 0.97 quantile to their own, so the triggered test images (scores 1.00 down to 0.94,
-    spread embeddings: no collapse) pass it; without them the threshold falls to about 0.97, above
-    which half of them lie (and the one of the 1% rate, the first)."""
+    score test's 0.97 quantile among their own, so that fewer of the triggered test images (scores
+    1.00 down to 0.94, spread embeddings: no collapse) pass it than without them; no clean one does
+    either way."""
     rng = np.random.default_rng(1)
     n, dim = 40, 16
     pictures = rng.integers(0, 256, (n + n // 2 + 420, 8, 8, 3), dtype=np.uint8)  # all different
@@ -671,9 +671,10 @@ def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_ou
     tests = D.TestSets(np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int))
     clean, trig = rng.random(n) * 0.9, np.linspace(1.0, 0.94, n // 2)
     rows = D.collapse_rows("a", "id", "", tests, fitted, embedded, clean, trig, held_triggered)
-    for row in (r for r in rows if r["method"] == "dede"):
-        assert row["tpr"] == 0.0 and row["fpr"] == 0.0
-        assert row["tpr_clean_holdout"] >= 0.5 and row["fpr_clean_holdout"] == 0.0
+    dede = {r["poison_rate"]: r for r in rows if r["method"] == "dede"}
+    for row in dede.values():
+        assert row["tpr"] <= row["tpr_clean_holdout"] and row["fpr"] == row["fpr_clean_holdout"] == 0.0
+    assert dede[0.5]["tpr"] < dede[0.5]["tpr_clean_holdout"]
     assert not any(
         "tpr_clean_holdout" in r for r in D.collapse_rows("a", "id", "", tests, fitted, embedded, clean, trig)
     )

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -33,6 +34,8 @@ from sanitizer.pipeline.run_stage import stderr_without
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
 from sanitizer.verify import verify_run
+
+from .conftest import killed_rethreshold
 
 
 def score(decoder_dir, data, out, **kw):
@@ -96,12 +99,13 @@ def test_flags_follow_the_threshold(local_run):
             table.column("score").to_numpy(),
             table.column("flagged").to_numpy(zero_copy_only=False),
         )
-        assert set(table.column("threshold").to_pylist()) == {np.float32(summary.threshold)}
-        collapse, needed = (
+        threshold, collapse, needed = (
             table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
-            for c in ("collapse", "collapse_threshold")
-        )  # the collapse pass runs by default: a row's collapse flags it too
-        assert np.array_equal(flagged, (score_ > np.float32(summary.threshold)) | (collapse > needed))
+            for c in ("threshold", "collapse", "collapse_threshold")
+        )  # the collapse pass runs by default: it sets each row's score threshold, and a row's collapse
+        # flags it too
+        assert summary.neighbours_threshold is not None and not np.isnan(threshold).any()
+        assert np.array_equal(flagged, (score_ > threshold) | (collapse > needed))
 
 
 def test_clean_and_quarantine_hold_the_ok_rows_byte_for_byte(local_run, tiny_shards):
@@ -1293,16 +1297,21 @@ def test_a_rethreshold_whose_split_fails_leaves_run_json_matching_the_manifests(
     assert verify_run(run) == []
 
 
-def test_clean_after_a_rethreshold_killed_mid_reflag_splits_at_run_jsons_threshold(tmp_path, local_run):
-    """`clean --threshold 0.5` killed after re-flagging one manifest (run.json still at the old value):
-    a plain `clean` re-flags it back and writes what an undisturbed clean wrote."""
-    from sanitizer.rundir import apply_threshold
-
-    run = tmp_path / "run"
-    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns(".lock"))
-    assert apply_threshold(RunDir(run), ["shard-000001"], 0.0) == 1
+def test_clean_after_a_rethreshold_killed_mid_reflag_splits_at_run_jsons_threshold(
+    tmp_path, local_run, monkeypatch
+):
+    """`clean --threshold 0.5` killed after re-flagging one manifest (run.json already at 0.5): a plain
+    `clean` re-flags the others and writes what an undisturbed `clean --threshold 0.5` wrote."""
+    run, undisturbed = tmp_path / "run", tmp_path / "undisturbed"
+    for copy in (run, undisturbed):
+        shutil.copytree(local_run[0], copy, ignore=shutil.ignore_patterns(".lock"))
+    clean_run(undisturbed, "0.5")
+    killed_rethreshold(run, "0.5", monkeypatch)
     clean_run(run)
-    assert tree_digest(run) == tree_digest(local_run[0])
+    mended, whole = (  # the split markers aside: they stamp their own tars
+        {k: v for k, v in tree_digest(r).items() if not k.endswith("_clean.json")} for r in (run, undisturbed)
+    )
+    assert mended == whole
     assert verify_run(run) == []
 
 
@@ -1449,6 +1458,18 @@ def test_the_audit_example_reads_a_run_and_refuses_a_bad_rule_in_one_line(tmp_pa
     assert "what other score thresholds would flag" in capsys.readouterr().out
     assert audit.main([str(run), "--reclean", "bad"]) == 2
     assert capsys.readouterr().err.strip().startswith("audit_manifest: error: threshold 'bad' is not")
+
+
+def test_the_audit_examples_current_threshold_is_each_rows_own_where_the_pass_set_them():
+    """What-if's `current` flags score > the row's threshold: one value for the run, or, where the
+    collapse pass set each row's from its neighbours' scores, no one value (NaN) but the same flags."""
+    what_if = audit_example().what_if
+    scores = np.array([0.1, 0.5, 0.9, 0.3])
+    df = pd.DataFrame({"status": "ok", "score": scores, "label": None})
+    same = what_if(df.assign(threshold=0.4)).set_index("threshold").loc["current"]
+    assert (same["value"], same["flagged"]) == (0.4, 2)
+    own = what_if(df.assign(threshold=[0.05, 0.6, 0.95, 0.2])).set_index("threshold").loc["current"]
+    assert np.isnan(own["value"]) and own["flagged"] == 2  # rows 0 and 3
 
 
 def test_the_audit_example_into_a_closed_pipe_ends_silently_as_sanitizer_does(local_run, monkeypatch):
@@ -2018,7 +2039,8 @@ def noise_shards(root: Path) -> Path:
 
 WARNED = {  # a first run's data and options, and what its pass warns of (a line each)
     "unlike-data": (noise_shards, {}, ["held-out images are unlike this data", "6 held-out images with a"]),
-    "no-warning": (None, {"collapse": "value:1.5"}, []),  # 6 held-out images attest p = 1/7 > e^-1.5
+    # 6 held-out images attest p = 1/7 > e^-1.5; a value rule's score test reads no neighbours
+    "no-warning": (None, {"collapse": "value:1.5", "threshold": "value:0.5"}, []),
 }
 
 

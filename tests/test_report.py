@@ -30,6 +30,8 @@ from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.report import SEED, encoder_verdict, expected_flag_rate, pca_2d, write_report
 from sanitizer.stats import SHIFT_LIMIT, beta_binomial_sf, binomial_sf, log_betainc, roc_auc, roc_curve
 
+from .conftest import killed_rethreshold
+
 SECTIONS = (
     "summary", "verdict", "scores", "joint", "shards", "samples", "clusters", "localisation",
     "embeddings", "roc",
@@ -273,25 +275,22 @@ def test_the_report_says_when_clean_no_longer_matches_the_flags(labelled_run, tm
     assert "kept in clean/" not in text and stale in text
 
 
-def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, tmp_path):
-    """A `clean --threshold` killed while it re-flags the manifests leaves some at the new threshold
-    and run.json at the old (it is written after them). The verdict tested the mixed count against
-    run.json's rate; it is withheld now, the page says why and what to do, and `clean` mends it."""
-    from sanitizer.rundir import RunDir, apply_threshold
-
+def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, tmp_path, monkeypatch):
+    """A `clean --threshold` killed while it re-flags the manifests leaves some at the old threshold
+    (each row's own, as the collapse pass set them) and run.json at the new (it is written first). The
+    verdict tested the mixed count against run.json's rate; it is withheld now, the page says why and
+    what to do, and `clean` mends it."""
     run = tmp_path / "run"
     shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
     stems = sorted(p.stem for p in (run / "manifest").glob("*.parquet"))
-    assert apply_threshold(RunDir(run), stems[:1], 0.0) == 1  # as far as the killed clean got
+    killed_rethreshold(run, "value:0.0", monkeypatch)  # re-flagged the first shard only
     verdict = encoder_verdict(run)
     assert verdict["backdoored"] is None and verdict["p_value"] is None
-    assert verdict["other_threshold_shards"] == stems[:1]
-    threshold = json.loads((run / "run.json").read_text())["threshold"]
+    assert verdict["other_threshold_shards"] == stems[1:] == [stems[1]]
     why = (
-        f"1 shard ({stems[0]}) was flagged at another threshold than run.json's "
-        f"{threshold['value']:.6g} ({threshold['rule']}) (a `sanitizer clean --threshold` did not "
-        "finish), so the flag counts mix thresholds: run `sanitizer clean RUN_DIR` to flag every shard "
-        "at run.json's"
+        f"1 shard ({stems[1]}) was flagged at another threshold than run.json's 0 (value:0) (a `sanitizer "
+        "clean --threshold` did not finish), so the flag counts mix thresholds: run `sanitizer clean "
+        "RUN_DIR` to flag every shard at run.json's"
     )
     assert verdict["text"] == "no verdict: " + why
     text = parse(write_report(run)).text
@@ -299,16 +298,23 @@ def test_no_verdict_while_shards_are_flagged_at_another_threshold(labelled_run, 
     clean_run(run)
     verdict = encoder_verdict(run)
     assert verdict["other_threshold_shards"] == [] and verdict["p_value"] is not None
-    assert why not in " ".join(parse(write_report(run)).text)
 
 
-def test_the_verdict_reads_each_manifest_once(labelled_run, monkeypatch):
+def test_the_verdict_reads_each_manifest_once(labelled_run, tmp_path, monkeypatch):
     """The verdict's share above the calibration's median and its check of each shard's threshold read
-    the manifests in one pass: two passes read a run of thousands of small shards twice."""
+    the manifests in one pass: two passes read a run of thousands of small shards twice. (A run whose
+    rows have their own thresholds from the collapse pass has no one threshold to check them
+    against.)"""
     reads = manifest_reads(monkeypatch)
     verdict = encoder_verdict(labelled_run)
     assert verdict["above_calibration_median"] is not None and verdict["other_threshold_shards"] == []
-    assert reads == [["status", "score", "threshold"]] * 2  # its 2 shards
+    assert reads == [["status", "score"]] * 2  # its 2 shards
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run, ignore=shutil.ignore_patterns(".lock", "report"))
+    clean_run(run, "quantile:0.97")  # one threshold for every row
+    reads.clear()
+    assert encoder_verdict(run)["other_threshold_shards"] == []
+    assert reads == [["status", "score", "threshold"]] * 2
 
 
 def manifest_reads(monkeypatch) -> list[list[str]]:

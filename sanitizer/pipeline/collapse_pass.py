@@ -25,6 +25,7 @@ from sanitizer.collapse import (
     HeldOut,
     Sketched,
     reference_rank,
+    tail_p,
     unlike_holdout,
     within_lowest,
 )
@@ -78,17 +79,18 @@ def ok_rows(run: RunDir, stems: list[str]) -> Iterator[OkRows]:
         )
 
 
-def draw_reference(run: RunDir, stems: list[str], key: bytes) -> Reference:
-    """The reference sample: the run's ok rows of lowest reference_rank, in rank order, so that it is
-    the same whatever the order of the shards. Drawn shard by shard: at most REFERENCE_SIZE rows and
-    one shard's are held."""
-    rank, drawn = np.zeros(0, np.uint64), Sketched.none()
+def draw_reference(run: RunDir, stems: list[str], key: bytes) -> tuple[Sketched, np.ndarray]:
+    """The reference sample and its scores: the run's ok rows of lowest reference_rank, in rank order,
+    so that it is the same whatever the order of the shards. Drawn shard by shard: at most
+    REFERENCE_SIZE rows and one shard's are held."""
+    rank, drawn, scores = np.zeros(0, np.uint64), Sketched.none(), np.zeros(0, np.float32)
     for rows in ok_rows(run, stems):
         rank, drawn = np.r_[rank, reference_rank(rows.sha256, key)], drawn.join(rows.images)
+        scores = np.r_[scores, rows.scores]
         kept = np.flatnonzero(within_lowest(rank, REFERENCE_SIZE))
         kept = kept[np.argsort(rank[kept], kind="stable")]
-        rank, drawn = rank[kept], drawn.take(kept)
-    return Reference(drawn)
+        rank, drawn, scores = rank[kept], drawn.take(kept), scores[kept]
+    return drawn, scores
 
 
 @dataclass
@@ -141,27 +143,33 @@ def holdout_for(rule: ThresholdRule, decoder_dir: Path, meta: dict, settings: Sc
     return HoldoutImages(scores, held_out, reference_key(decoder_dir))
 
 
-def warn_if_small(held_out: int, limit: float) -> None:
-    """The rarest collapse n held-out images with a sketch attest is p = 1/(n+1) (those without one
-    do not count: they are weighed apart, by their axis): below exp(limit) of them, no collapse flags a
-    sample whose score is ordinary. Say so, with the holdout that would."""
+def warn_if_small(held_out: int, limit: float, what: str, statistic: str, beside: str) -> None:
+    """The rarest value of a `statistic` that n held-out images attest is p = 1/(n+1): below
+    exp(limit) of them, none flags a sample unless the other part of its evidence (`beside`) is
+    unusual too. Say so, with the holdout that would (`what`: "TEST has n held-out images ...")."""
     if math.log(held_out + 1) <= limit:
         needed = f"{math.floor(math.exp(limit))}" if limit < 50 else f"e^{limit:.4g}"  # e^1000: no float
         log.warning(
-            "the collapse pass has %d held-out images with a sketch: a collapse flags a sample only beside "
-            "an unusual score; %s or more (a larger train --holdout) would let collapse alone flag one",
-            held_out,
+            "%s: a %s flags a sample only beside %s; %s or more (a larger train --holdout) would let %s "
+            "alone flag one",
+            what % held_out,
+            statistic,
+            beside,
             needed,
+            statistic,
         )
 
 
 @dataclass
 class CollapsePass:
-    """What the pass found: its evidence threshold, and the share of the run's evidence above the
-    held-out images' median (about 0.5 on data like them; above SHIFT_LIMIT they are unlike it)."""
+    """What the pass found: its evidence threshold, the share of the run's evidence above the held-out
+    images' median (about 0.5 on data like them; above SHIFT_LIMIT they are unlike it), and the
+    score's threshold on its score evidence plus its neighbours' (a quantile rule's; None for the
+    others, whose threshold is one score for every row)."""
 
     value: float | None = None
     above_holdout_median: float | None = None
+    score_value: float | None = None
 
 
 def reference_and_holdout(
@@ -170,7 +178,8 @@ def reference_and_holdout(
     """The run's reference and the held-out images' statistics against it; None when there is nothing
     to weigh (no ok row, no reference row with a sketch, no held-out image with a collapse): after
     hours of scoring, a pass that cannot run must not fail the run, so the last two are warnings."""
-    reference = draw_reference(run, stems, holdout.reference_key)
+    drawn, scores = draw_reference(run, stems, holdout.reference_key)
+    reference = Reference(drawn, -np.log(tail_p(scores, holdout.scores)))
     if not len(reference):
         return None
     if not np.isfinite(reference.images.sketches).all(1).any():  # no neighbour for anyone
@@ -180,7 +189,7 @@ def reference_and_holdout(
             len(reference),
         )
         return None
-    held = HeldOut.of(holdout.scores, reference.collapse(holdout.images))
+    held = HeldOut.of(holdout.scores, reference.weigh(holdout.images))
     cosines = len(held.cosines)
     if cosines < 2:  # each is weighed against the others: one alone would set a limit of 0
         log.warning(
@@ -192,56 +201,92 @@ def reference_and_holdout(
     return reference, held
 
 
+@dataclass
+class Flags:
+    """Per shard, what the pass sets in its manifest: each row's collapse, the collapse it needs to be
+    flagged and, under a quantile score rule, the score it needs; NaN for rows that are not ok (and
+    for the collapses of rows with no reference row left: those are judged by the score alone)."""
+
+    collapse: dict[str, np.ndarray]
+    collapse_needed: dict[str, np.ndarray]
+    score_needed: dict[str, np.ndarray]
+
+
 def collapse_columns(
-    run: RunDir, stems: list[str], rule: ThresholdRule, reference: Reference, held: HeldOut
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], CollapsePass]:
-    """Per shard, each row's collapse and the collapse it needs to be flagged (NaN for rows that are not
-    ok or have no reference row left: those are judged by the score alone), and what the pass found."""
+    run: RunDir,
+    stems: list[str],
+    rule: ThresholdRule,
+    score_rule: ThresholdRule,
+    reference: Reference,
+    held: HeldOut,
+) -> tuple[Flags, CollapsePass]:
+    """Each shard's Flags, and what the pass found."""
     values: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
+    neighbours: dict[str, np.ndarray] = {}
     for rows in ok_rows(run, stems):
-        values[rows.stem] = np.full(rows.count, np.nan, np.float32)
-        values[rows.stem][rows.positions] = reference.collapse(rows.images)
-        scores[rows.stem] = np.full(len(values[rows.stem]), np.nan, np.float32)  # 8 bytes a row in all
-        scores[rows.stem][rows.positions] = rows.scores
+        weighed = reference.weigh(rows.images)
+        each = ((values, weighed.collapse), (scores, rows.scores), (neighbours, weighed.neighbours))
+        for column, of_ok_rows in each:
+            column[rows.stem] = np.full(rows.count, np.nan, np.float32)  # 12 bytes a row in all
+            column[rows.stem][rows.positions] = of_ok_rows
     own = held.own_evidence()
     scored = np.concatenate([held.evidence(scores[stem], values[stem]) for stem in values])
     scored = scored[~np.isnan(scored)]
     if not len(scored):  # no collapse to weigh, and mad:K has no evidence
         # The reference has a sketch (reference_and_holdout), so each sample's only reference rows are
-        # itself and its near-duplicates, which nearest_similarity leaves out.
+        # itself and its near-duplicates, which `nearest` leaves out.
         log.warning(
             "no scored sample has a neighbour in the run's reference but itself and its near-duplicates "
             "(the run holds one image, or copies of one): the collapse pass flags nothing"
         )
-        return {}, {}, CollapsePass()
+        return Flags({}, {}, {}), CollapsePass()
     limit = resolve_threshold(rule, own, scored)
     found = CollapsePass(limit, above_median(scored, own) / len(scored))
-    warn_if_small(len(held.cosines), limit)
+    # those without a sketch do not count: they are weighed apart, by their axis
+    has = "the collapse pass has %d held-out images with a sketch"
+    warn_if_small(len(held.cosines), limit, has, "collapse", "an unusual score")
     if (unlike := unlike_holdout(found.above_holdout_median)) is not None:
         log.warning(unlike)
     needed = {stem: held.needed(scores[stem], values[stem], limit) for stem in values}
-    return values, needed, found
+    score_needed = {}
+    if score_rule.kind == "quantile":
+        found.score_value = resolve_threshold(score_rule, held.own_score_statistic())
+        has = "the score's test has %d held-out images"
+        warn_if_small(len(held.scores), found.score_value, has, "score", "neighbours with unusual scores")
+        for stem, score in scores.items():
+            score_needed[stem] = np.where(
+                np.isnan(score), np.nan, held.score_needed(neighbours[stem], found.score_value)
+            )
+    return Flags(values, needed, score_needed), found
+
+
+def row_thresholds(score_needed: np.ndarray | None, threshold: float | None) -> np.ndarray | float | None:
+    """Each row's score threshold: the one it needs given its neighbours, or the run's (rows that are
+    not ok, and every row of a run the pass did not set them in)."""
+    return threshold if score_needed is None else np.where(np.isnan(score_needed), threshold, score_needed)
 
 
 def apply_flags(
     run: RunDir,
     stems: list[str],
     threshold: float | None,
+    score_rule: ThresholdRule,
     collapse: tuple[ThresholdRule, HoldoutImages] | None,
 ) -> tuple[CollapsePass, int]:
     """Flag every finished shard by the score threshold and, given a collapse rule and what
-    holdout_for gave for it, by the collapse pass. Without them the collapse columns are cleared, so
-    that a run's flags always say what its last invocation asked for. Returns what the pass found and
-    how many manifests changed."""
-    values, needed, found = {}, {}, CollapsePass()
+    holdout_for gave for it, by the collapse pass, which under a quantile `score_rule` also sets each
+    row's score threshold from its neighbours' scores. Without them the collapse columns are cleared
+    and every row's threshold is `threshold`, so that a run's flags always say what its last
+    invocation asked for. Returns what the pass found and how many manifests changed."""
+    flags, found = Flags({}, {}, {}), CollapsePass()
     if collapse is not None:
         rule, holdout = collapse
         if (weighed := reference_and_holdout(run, stems, holdout)) is not None:
-            values, needed, found = collapse_columns(run, stems, rule, *weighed)
-    changed = rewrite(
-        run,
-        stems,
-        lambda stem, table: set_flags(with_collapse(table, values.get(stem), needed.get(stem)), threshold),
-    )
-    return found, changed
+            flags, found = collapse_columns(run, stems, rule, score_rule, *weighed)
+
+    def update(stem: str, table: pa.Table) -> pa.Table:
+        table = with_collapse(table, flags.collapse.get(stem), flags.collapse_needed.get(stem))
+        return set_flags(table, row_thresholds(flags.score_needed.get(stem), threshold))
+
+    return found, rewrite(run, stems, update)

@@ -105,6 +105,9 @@ class Summary:
     flagged_by: dict[str, int]  # flagged by the score, by the collapse pass (a sample can be both)
     threshold: float | None
     threshold_rule: str
+    # on the score evidence plus the neighbours' (sanitizer.collapse), where the pass set each row's
+    # score threshold from its neighbours' scores; None where every row's is `threshold`
+    neighbours_threshold: float | None
     collapse_threshold: float | None  # on the evidence (sanitizer.collapse)
     collapse_rule: str | None
     seconds: float
@@ -470,6 +473,7 @@ def finish(run: RunDir, plan: JobPlan, collector: ShardCollector, started: float
             now, reflagged = flag(run, plan, done)
         digest = flag_inputs(run, plan, done, now)
     thresholds = {"threshold": now["threshold"]["value"], "threshold_rule": str(plan.rule)}
+    thresholds |= {"neighbours_threshold": now["threshold"].get("neighbours")}
     thresholds |= {"collapse_threshold": now["collapse"]["value"], "collapse_rule": now["collapse"]["rule"]}
     summary = summarize(run, plan.shards, done, collector, time.time() - started, thresholds)
     run.write_run(
@@ -503,9 +507,9 @@ def flag(run: RunDir, plan: JobPlan, done: list[str]) -> tuple[dict, int]:
             threshold = resolve_threshold(plan.rule, None, scores)
         else:  # the job still finishes: its failed shards and totals are recorded
             log.warning("rule %s needs scored samples and this run has none: it flags nothing", plan.rule)
-    collapse, reflagged = apply_flags(run, done, threshold, plan.collapse)
+    collapse, reflagged = apply_flags(run, done, threshold, plan.rule, plan.collapse)
     now = {
-        "threshold": {"rule": str(plan.rule), "value": threshold},
+        "threshold": {"rule": str(plan.rule), "value": threshold, "neighbours": collapse.score_value},
         "collapse": {
             "rule": plan.config["collapse_rule"],
             "value": collapse.value,

@@ -68,10 +68,12 @@ from sanitizer.report.verdict import (
     encoder_verdict,
     expected_flag_rate,
     flag_count_p_value,
+    neighbours_threshold,
     other_threshold_text,
     run_threshold,
     run_verdict,
     share_above_median,
+    shared_threshold,
 )
 from sanitizer.report.views import load_scorer, read_images, render_views, typical
 from sanitizer.rundir import CLEAN_RECORD_FIELDS, STALE_CLEAN, RunDir, check_record, locked_run
@@ -164,7 +166,8 @@ def scored_sections(
     threshold, rule = run_threshold(info)
     collapse = info.get("collapse") or {}
     collapsed, shift = collapse.get("value") is not None, collapse.get("above_holdout_median")
-    checks = ManifestChecks(calibration, threshold)
+    shared = shared_threshold(info)  # None where the pass set each row's own
+    checks = ManifestChecks(calibration, shared)
     scan = scan_run(run, done, collapsed, also=(checks,))
     verdict = run_verdict(run, info, shards, calibration, checks.result())
     hist = histograms(scan, calibration, threshold) if scan.ok else None
@@ -176,11 +179,11 @@ def scored_sections(
     return [
         summary,
         verdict_section(verdict),
-        scores_section(out, hist, threshold, rule),
-        *([joint_section(out, joint_points(scan.joint), threshold, shift)] if scan.joint is not None else []),
+        scores_section(out, hist, threshold, rule, neighbours_threshold(info)),
+        *([joint_section(out, joint_points(scan.joint), shared, shift)] if scan.joint is not None else []),
         shards_section(out, scan, verdict["expected_rate"], collapsed),
         *image_sections(out, info, shards, scan),
-        roc_section(out, scan, threshold),
+        roc_section(out, scan, shared),
     ]
 
 

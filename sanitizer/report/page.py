@@ -24,7 +24,14 @@ from sanitizer.report.figures import (
     plot_shards,
 )
 from sanitizer.report.scan import CLUSTER_POOL, Cluster, Histograms, JointPoints, RunScan
-from sanitizer.report.verdict import flag_count_text, p_text, run_threshold, shift_text, threshold_text
+from sanitizer.report.verdict import (
+    flag_count_text,
+    neighbours_threshold,
+    p_text,
+    run_threshold,
+    shift_text,
+    threshold_text,
+)
 from sanitizer.report.views import Views
 from sanitizer.stats import roc_auc
 from sanitizer.wording import counted
@@ -147,6 +154,11 @@ def summary_rows(info: dict, scan: RunScan, meta: dict | None) -> list[list[str]
     scoring settings and state."""
     rows = [
         ["threshold", threshold_text(*run_threshold(info))],
+        *(
+            [["score evidence threshold, with the neighbours'", f"{value:.6g}"]]
+            if (value := neighbours_threshold(info)) is not None
+            else []
+        ),
         ["decoder", info["config"].get("decoder_dir", "?")],
         ["input", info["config"].get("data", "?")],
         ["scoring", ", ".join(f"{k}={v}" for k, v in info["identity"]["scoring"].items())],
@@ -231,13 +243,24 @@ def verdict_section(verdict: dict) -> Section:
     return Section("verdict", body)
 
 
-def scores_section(out: Path, hist: Histograms | None, threshold: float | None, rule: str | None) -> Section:
+def scores_section(
+    out: Path, hist: Histograms | None, threshold: float | None, rule: str | None, neighbours: float | None
+) -> Section:
+    """`neighbours`: run.json's threshold on the score evidence plus the neighbours', if the collapse
+    pass set each row's score threshold."""
     if hist is None:
         return Section("scores", note("no sample could be scored: nothing to plot"))
     plot_scores(out / "scores.png", hist, threshold, rule)
+    where = (
+        "Samples to the right of the threshold are flagged."
+        if neighbours is None
+        else "The collapse pass moved each sample's own threshold from this one by its neighbours' scores "
+        "(each flagged when -ln p_score plus its 5 nearest samples' mean is above "
+        f"{neighbours:.4g}), so some flagged samples sit left of the line and some kept ones right."
+    )
     text = (
         "<p>Each sample's score is how badly the decoder rebuilds it from the encoder's embedding when "
-        "almost every patch is hidden. Samples to the right of the threshold are flagged. The grey outline "
+        f"almost every patch is hidden. {where} The grey outline "
         "is the decoder's calibration (held-out clean images), scaled to this run's size: a bump far right "
         "of it is what a backdoor looks like.</p>"
     )
@@ -247,7 +270,8 @@ def scores_section(out: Path, hist: Histograms | None, threshold: float | None, 
 def joint_section(
     out: Path, points: JointPoints | None, threshold: float | None, shift: float | None
 ) -> Section:
-    """`shift`: the share of the run's evidence above the held-out images' median (run.json)."""
+    """`shift`: the share of the run's evidence above the held-out images' median (run.json);
+    `threshold`: the score's, None where each row has its own."""
     if points is None:
         return Section("joint", note("no sample has a collapse value: nothing to plot"))
     unlike = unlike_holdout(shift)
@@ -262,9 +286,15 @@ def joint_section(
         "how badly each is "
         "rebuilt, against how nearly its embedding coincides with its 5 nearest in the run. The collapse "
         "pass weighs the two together, each as a p-value against the decoder's held-out images, so a "
-        "sample is flagged above the black line, which is lower the rarer its score; samples right of "
-        "the dashed line are flagged by their score alone. A trigger's images sit top left when the "
-        "decoder rebuilds them well, top right when it does not.</p>"
+        "sample is flagged above the black line, which is lower the rarer its score; "
+        + (
+            "samples right of the dashed line are flagged by their score alone. "
+            if threshold is not None
+            else "the score's own test set each sample's threshold from its neighbours' scores, so no "
+            "one line marks it. "
+        )
+        + "A trigger's images sit top left when the decoder rebuilds them well, top right when it does "
+        "not.</p>"
     )
     return Section("joint", unlike + text + apart + _img("joint.png", "score against collapse"))
 

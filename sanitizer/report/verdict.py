@@ -18,6 +18,7 @@ from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.decoder_meta import ScoreSettings, calibration_for
 from sanitizer.errors import SanitizerError
+from sanitizer.records import lookup
 from sanitizer.report.scan import read_manifests
 from sanitizer.rundir import RunDir, open_run, table_ok_scores
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
@@ -40,7 +41,7 @@ def encoder_verdict(run_dir: Path) -> dict:
     """
     run, info, shards = open_run(run_dir)
     calibration = decoder_calibration(info)[0]
-    checks = manifest_checks(run, shards, calibration, run_threshold(info)[0])
+    checks = manifest_checks(run, shards, calibration, shared_threshold(info))
     return run_verdict(run, info, shards, calibration, checks)
 
 
@@ -116,6 +117,19 @@ def run_threshold(info: dict) -> tuple[float | None, str | None]:
     """run.json's score threshold and the rule that set it; None for either that is not recorded."""
     recorded = info.get("threshold") or {}
     return recorded.get("value"), recorded.get("rule")
+
+
+def neighbours_threshold(info: dict) -> float | None:
+    """run.json's threshold on the score evidence plus the neighbours', where the collapse pass set
+    each ok row's score threshold from its neighbours' scores; None where it did not."""
+    value = lookup(info, "threshold.neighbours")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def shared_threshold(info: dict) -> float | None:
+    """The threshold every manifest row holds: run.json's, unless the collapse pass set each ok row's
+    own (None: no one value to hold the manifests to)."""
+    return None if neighbours_threshold(info) is not None else run_threshold(info)[0]
 
 
 def decoder_calibration(info: dict) -> tuple[np.ndarray | None, dict | None]:
