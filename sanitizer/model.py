@@ -33,10 +33,19 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 class DedeDecoder(nn.Module):
     def __init__(self, config: DedeConfig, seed: int = 0) -> None:
-        """Weights drawn from `seed` alone, not torch's global generator, so that decoders built in
-        parallel threads are each the same as when built one at a time."""
+        """Weights drawn from `seed` alone, and torch's global generator left untouched: the layers
+        are built on the meta device (their default initialisation would draw from it) and every
+        parameter set from the seed, so that decoders built in parallel threads are each the same as
+        when built one at a time, and so is whatever else draws from the global generator meanwhile
+        (the detection benchmark implants a victim while the last one's decoders train)."""
         super().__init__()
-        self.config = c = config
+        self.config = config
+        with torch.device("meta"):
+            self._build(config)
+        self.to_empty(device="cpu")
+        self._init_weights(torch.Generator().manual_seed(seed))
+
+    def _build(self, c: DedeConfig) -> None:
         patch_dim = 3 * c.patch_size**2
         # Encoder over visible patches.
         self.patch_embed = nn.Linear(patch_dim, c.width)
@@ -54,10 +63,9 @@ class DedeDecoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(c.width)
         self.decoder_pred = nn.Linear(c.width, patch_dim)
-        self._init_weights(torch.Generator().manual_seed(seed))
 
     def _init_weights(self, generator: torch.Generator) -> None:
-        """Every parameter that is not a LayerNorm's (those start at 1 and 0) is drawn here."""
+        """Every parameter is set here: LayerNorms start at 1 and 0, the others are drawn."""
         for p in (self.cls_token, self.mask_token, self.pos_embed, self.decoder_pos_embed):
             nn.init.normal_(p, std=0.02, generator=generator)
         for m in self.modules():
@@ -65,6 +73,9 @@ class DedeDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight, generator=generator)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # -- shapes ---------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
