@@ -918,7 +918,10 @@ def test_load_images_fills_one_array_in_place(four_hundred_shards, monkeypatch):
 
 def test_fit_decoder_copies_no_set_of_images(tmp_path, monkeypatch):
     """Training, holdout and kept images are index vectors into the loaded array, read a batch or a
-    chunk at a time (here 16 images): copies of each set took 2.5 times the pixels (traced) more."""
+    chunk at a time (here 16 images): copies of each set took 2.5 times the pixels (traced) more. The
+    peak is measured against a fit of the first 40 images, which has the same fixed costs (a decoder
+    built on the meta device traces 30 kB of Python objects), so that only what grows with the
+    images counts: a copy of the held-out tenth would be 10% of the pixels added."""
     write_image_shards(tmp_path / "big", synthetic_images(200, 64, seed=2), per_shard=100)
     monkeypatch.setattr(train_module, "CHUNK_BYTES", 16 * 64 * 64 * 3, raising=False)
     monkeypatch.setattr(train_module, "Scorer", functools.partial(Scorer, micro_batch=16))
@@ -931,9 +934,11 @@ def test_fit_decoder_copies_no_set_of_images(tmp_path, monkeypatch):
         model_overrides=TINY_MODEL,
         progress=False,
     )
-    fit(replace(images, pixels=images.pixels[:40], keys=images.keys[:40]))  # imports everything once
-    peak = traced_peak(lambda: fit(images))
-    assert peak < 0.3 * images.pixels.nbytes
+    small = replace(images, pixels=images.pixels[:40], keys=images.keys[:40])
+    fit(small)  # imports everything once
+    growth = traced_peak(lambda: fit(images)) - traced_peak(lambda: fit(small))
+    added = images.pixels.nbytes - small.pixels.nbytes
+    assert growth < 0.05 * added
 
 
 @pytest.mark.parametrize(("omp_num_threads", "size", "threads"), [(None, 32, 1), ("2", 32, 2), (None, 96, 2)])
