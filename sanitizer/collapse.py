@@ -41,7 +41,7 @@ reference's other images on its axis), and under a quantile rule the score's tes
 plus that, against the held-out images' same statistic: a trigger's images lift each other, so one
 that the decoder happens to rebuild well is still flagged. On the detection benchmark's victims that
 raised the 1% rate's TPR at the defaults from 0.73 to 0.97 on the CLIP victim's hardest seed, at the
-same false-positive rate (bench/NOTES.md, session 37). Each row's `threshold` is then the score it
+same false-positive rate (bench/NOTES.md, sessions 37 and 39). Each row's `threshold` is then the score it
 needs (HeldOut.score_needed), so that a flag is still `score > threshold`.
 
 A trigger is seen when at least NEIGHBOURS of its images land in the reference, i.e. from a poison
