@@ -26,8 +26,15 @@ from sanitizer.data.tario import STATUS_OK, ShardError, ShardReadError, TarWrite
 from sanitizer.decoder_meta import ScoreSettings, required_calibration
 from sanitizer.errors import ReadFailed, UsageError
 from sanitizer.manifest import read_manifest
-from sanitizer.records import RecordError, lookup, read_object
-from sanitizer.rundir import RunDir, apply_threshold, flagged_totals, locked_run, ok_scores
+from sanitizer.records import RecordError, read_object
+from sanitizer.rundir import (
+    RunDir,
+    apply_threshold,
+    flagged_totals,
+    locked_run,
+    neighbours_threshold,
+    ok_scores,
+)
 from sanitizer.thresholds import ThresholdRule, parse_rule, resolve_threshold
 
 
@@ -199,7 +206,7 @@ def clean_run(run_dir: Path, threshold: str | None = None) -> CleanSummary:
         # The manifests are flagged at run.json's threshold before any split (a new one, or the one a
         # `clean --threshold` killed while it re-flagged them wrote there), or at each row's own where
         # the collapse pass set them from the neighbours' scores: either mends a stats marker.
-        neighbours = lookup(info, "threshold.neighbours")  # set: each ok row has its own
+        neighbours = neighbours_threshold(info)  # set: each ok row has its own
         if apply_threshold(run, done, value if neighbours is None else None) or threshold is not None:
             # run.json follows the manifests at once: should a split below fail, the run stays
             # consistent, flagged at this threshold and not yet cleaned at it.

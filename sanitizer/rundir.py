@@ -372,6 +372,13 @@ def apply_threshold(run: RunDir, stems: list[str], threshold: float | None) -> i
     return rewrite(run, stems, update)
 
 
+def neighbours_threshold(info: dict) -> float | None:
+    """run.json's threshold on the score evidence plus the neighbours', where the collapse pass set
+    each ok row's score threshold from its neighbours' scores; None where it did not."""
+    value = lookup(info, "threshold.neighbours")
+    return float(value) if isinstance(value, int | float) else None
+
+
 def ok_scores(run: RunDir, stems: list[str]) -> np.ndarray:
     """Scores of every ok row of the finished shards: what data-dependent rules look at."""
     parts = [table_ok_scores(read_manifest(run.manifest(stem), ["status", "score"])) for stem in stems]

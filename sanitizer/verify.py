@@ -52,6 +52,7 @@ from sanitizer.rundir import (
     STALE_CLEAN,
     RunDir,
     check_rules,
+    neighbours_threshold,
     not_a_run,
     shard_entry,
 )
@@ -274,7 +275,7 @@ class RunThreshold:
     def of(cls, info: dict) -> RunThreshold:
         value = lookup(info, "threshold.value")
         value = float(value) if isinstance(value, int | float) else None
-        return cls(value, isinstance(lookup(info, "threshold.neighbours"), int | float))
+        return cls(value, neighbours_threshold(info) is not None)
 
 
 def _check_row(row: dict, sample, i: int, stem: str, threshold: RunThreshold, report: _Report) -> None:

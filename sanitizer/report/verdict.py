@@ -18,9 +18,8 @@ from sanitizer.collapse import above_median_text
 from sanitizer.data.shards import ShardRef
 from sanitizer.decoder_meta import ScoreSettings, calibration_for
 from sanitizer.errors import SanitizerError
-from sanitizer.records import lookup
 from sanitizer.report.scan import read_manifests
-from sanitizer.rundir import RunDir, open_run, table_ok_scores
+from sanitizer.rundir import RunDir, neighbours_threshold, open_run, table_ok_scores
 from sanitizer.stats import SHIFT_LIMIT, above_median, beta_binomial_sf, binomial_sf
 from sanitizer.thresholds import parse_rule
 from sanitizer.wording import counted
@@ -117,13 +116,6 @@ def run_threshold(info: dict) -> tuple[float | None, str | None]:
     """run.json's score threshold and the rule that set it; None for either that is not recorded."""
     recorded = info.get("threshold") or {}
     return recorded.get("value"), recorded.get("rule")
-
-
-def neighbours_threshold(info: dict) -> float | None:
-    """run.json's threshold on the score evidence plus the neighbours', where the collapse pass set
-    each ok row's score threshold from its neighbours' scores; None where it did not."""
-    value = lookup(info, "threshold.neighbours")
-    return float(value) if isinstance(value, int | float) else None
 
 
 def shared_threshold(info: dict) -> float | None:
