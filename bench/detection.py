@@ -43,7 +43,7 @@ from sanitizer import train as train_module
 from sanitizer.atomic import write_bytes_atomic
 from sanitizer.checkpoint import save_tensors
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
-from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched, Weighed, tail_p
+from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched, Weighed, score_evidence
 from sanitizer.data.tario import describe
 from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
 from sanitizer.device import precision, resolve_device
@@ -613,7 +613,7 @@ class Weighing:
 
 def weigh(scored: Sketched, scores: np.ndarray, calibration: np.ndarray, holdout: Sketched) -> Weighing:
     """`calibration` and `holdout`: the held-out images' scores and what the pass keeps of them."""
-    reference = Reference(scored, -np.log(tail_p(scores, calibration)))
+    reference = Reference(scored, score_evidence(scores, calibration))
     return Weighing(scores, reference.weigh(scored), HeldOut.of(calibration, reference.weigh(holdout)))
 
 

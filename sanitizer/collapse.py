@@ -141,6 +141,12 @@ def tail_p(values: np.ndarray, calibration: np.ndarray, own: bool = False) -> np
     return np.where(np.isnan(values), np.nan, p)
 
 
+def score_evidence(scores: np.ndarray, calibration: np.ndarray, own: bool = False) -> np.ndarray:
+    """-ln p_score: each score's tail_p among the decoder's held-out images' scores, as evidence (what
+    a reference row lends its neighbours). NaN stays NaN."""
+    return -np.log(tail_p(scores, calibration, own))
+
+
 def evidence(score_p: np.ndarray, collapse_p: np.ndarray) -> np.ndarray:
     """Fisher's combination of the two tests' p-values, -ln p_score - ln p_collapse: large when a
     sample is rare on either, or fairly rare on both."""
@@ -200,10 +206,6 @@ class HeldOut:
         """The collapse of those with a sketch: the rarest a cosine can be is 1/(len + 1)."""
         return self.collapse[self.collapse < ON_AXIS]
 
-    def score_evidence(self, scores: np.ndarray, own: bool = False) -> np.ndarray:
-        """-ln p_score among the held-out images' scores. NaN stays NaN."""
-        return -np.log(tail_p(scores, self.scores, own))
-
     def collapse_p(self, collapse: np.ndarray, own: bool = False) -> np.ndarray:
         """Each collapse's tail p-value among the held-out images': a cosine against their cosines, and
         a row without a sketch against them all, where only those on an axis as crowded count: a
@@ -234,10 +236,10 @@ class HeldOut:
     def own_score_statistic(self) -> np.ndarray:
         """Each held-out image's score evidence against the others plus its neighbours': what the
         score's quantile rule reads when the pass runs."""
-        return self.score_evidence(self.scores, own=True) + lent(self.neighbours)
+        return score_evidence(self.scores, self.scores, own=True) + lent(self.neighbours)
 
     def score_statistic(self, scores: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-        return self.score_evidence(scores) + lent(neighbours)
+        return score_evidence(scores, self.scores) + lent(neighbours)
 
     def score_needed(self, neighbours: np.ndarray, limit: float) -> np.ndarray:
         """Each row's score threshold given its neighbours' evidence: the score past which its

@@ -25,7 +25,7 @@ from sanitizer.collapse import (
     HeldOut,
     Sketched,
     reference_rank,
-    tail_p,
+    score_evidence,
     unlike_holdout,
     within_lowest,
 )
@@ -179,7 +179,7 @@ def reference_and_holdout(
     to weigh (no ok row, no reference row with a sketch, no held-out image with a collapse): after
     hours of scoring, a pass that cannot run must not fail the run, so the last two are warnings."""
     drawn, scores = draw_reference(run, stems, holdout.reference_key)
-    reference = Reference(drawn, -np.log(tail_p(scores, holdout.scores)))
+    reference = Reference(drawn, score_evidence(scores, holdout.scores))
     if not len(reference):
         return None
     if not np.isfinite(reference.images.sketches).all(1).any():  # no neighbour for anyone
