@@ -466,6 +466,9 @@ class TestSets:
     triggered: np.ndarray
     clean_labels: np.ndarray
     sources: np.ndarray  # the class of each triggered image before the trigger
+    # Which triggered images the backdoor fires on: the undefended downstream probe sends them to the
+    # target class (`downstream`). None until it is known.
+    fired: np.ndarray | None = None
 
     def mix(self, rate: float) -> tuple[slice, slice]:
         """(clean slice, triggered slice): 50% uses half the clean images, 1% all of them."""
@@ -473,6 +476,9 @@ class TestSets:
             n = min(len(self.triggered), len(self.clean) // 2)
             return slice(0, n), slice(0, n)
         return slice(0, len(self.clean)), slice(0, max(1, round(rate * len(self.clean))))
+
+    def fired_in(self, triggered: slice) -> np.ndarray | None:
+        return None if self.fired is None else self.fired[triggered]
 
 
 def detection_rows(
@@ -487,7 +493,7 @@ def detection_rows(
         rows.append(
             rate_row(
                 attack, train_data, method, rate, clean_scores[cs], trig_scores[ts], rule, calibration,
-                clean_calibration,
+                clean_calibration, tests.fired_in(ts),
             )
         )  # fmt: skip
     return rows
@@ -496,12 +502,15 @@ def detection_rows(
 def rate_row(
     attack: str, train_data: str, method: str, rate: float, clean: np.ndarray, triggered: np.ndarray,
     rule: str, calibration: np.ndarray | None, clean_calibration: np.ndarray | None = None,
+    fired: np.ndarray | None = None,
 ) -> dict:  # fmt: skip
     """AUC, TPR/FPR at the method's threshold rule, and the TPR the ranking allows at 5% FPR
     (`tpr_at_fpr05`, threshold chosen on the test labels). With `clean_calibration` (the held-out scores
     without the triggered images among them, which only the benchmark knows), also the TPR/FPR its
     threshold gives (`tpr_clean_holdout`, `fpr_clean_holdout`): what the 1% of the user's data that is
-    triggered costs the calibration."""
+    triggered costs the calibration. With `fired` (per triggered image: the backdoor fired on it), also
+    the TPR among those (`tpr_fired`, of `n_fired`): a triggered image the backdoor ignores is no
+    backdoor activation, which is what the score is made to respond to (the control)."""
     scores = np.concatenate([clean, triggered])
     positive = np.r_[np.zeros(len(clean), bool), np.ones(len(triggered), bool)]
     threshold = resolve_threshold(parse_rule(rule), calibration, scores)
@@ -518,6 +527,9 @@ def rate_row(
         clean_threshold = resolve_threshold(parse_rule(rule), clean_calibration, scores)
         tpr, fpr = rates(scores, positive, clean_threshold)
         row |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
+    if fired is not None:  # tpr_fired None: the backdoor fired on none of them
+        hit = triggered[fired] > threshold
+        row |= {"tpr_fired": round(float(hit.mean()), 4) if len(hit) else None, "n_fired": len(hit)}
     return row
 
 
@@ -672,7 +684,10 @@ def collapse_rows(
         # row with no reference row left below every other
         ranked = np.nan_to_num(-np.log(w.held.collapse_p(w.weighed.collapse)), nan=-1.0)
         both = union(w)
-        dede = rate_row(attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None)
+        dede = rate_row(
+            attack, train_data, "dede" + suffix, rate, both[:n], both[n:], "value:1", None,
+            fired=tests.fired_in(ts),
+        )  # fmt: skip
         if held_triggered is not None:
             keep = ~held_triggered
             clean_held = weigh(scored, scores, fitted.calibration[keep], fitted.holdout_images.take(keep))
@@ -681,7 +696,8 @@ def collapse_rows(
         rows += [
             dede,
             rate_row(attack, train_data, "collapse" + suffix, rate, ranked[:n], ranked[n:],
-                     DEFAULT_COLLAPSE_RULE, -np.log(w.held.collapse_p(w.held.collapse, own=True))),
+                     DEFAULT_COLLAPSE_RULE, -np.log(w.held.collapse_p(w.held.collapse, own=True)),
+                     fired=tests.fired_in(ts)),
         ]  # fmt: skip
     return rows
 
@@ -745,9 +761,10 @@ def kept_by_union(
 
 def downstream(
     victim: Victim, data: Data, id_set: ImageSet, poisoned: np.ndarray, fitted, embedded: EmbeddedTests
-) -> dict:
+) -> tuple[dict, np.ndarray]:
     """Probe clean accuracy and ASR without defence, and after each of DOWNSTREAM_DEFENCES filters train
-    and test.
+    and test; and which triggered test images the undefended probe sends to the target class (the
+    backdoor fired on them: `TestSets.fired`).
 
     The probe is the downstream user's classifier on the victim encoder, trained on their clean labelled
     data (BadEncoder's threat model): the ID set without its triggered images. Labelled triggered images
@@ -765,11 +782,13 @@ def downstream(
         defences[name] = kept(*scored[settings], rule, fitted.calibration)
     defences |= kept_by_union(sets, scored[DEDE], fitted, {"dede_filtered": DEFAULT_RULES} | STRICTER_RULES)
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
-    out = {}
+    out, fired = {}, None
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
         probe = fit_linear_probe(train.embeddings[train_keep], labels[train_keep], seed=data.seed)
         correct = probe.predict(emb_clean) == data.test[1]
         hits = probe.predict(emb_trig[trig_keep]) == TARGET  # removed triggered images are failed attacks
+        if name == "no_defence":  # it keeps every triggered image
+            fired = hits
         out[name] = {
             "clean_accuracy": round(float(correct[clean_keep].mean()), 4),
             "clean_accuracy_all": round(float(correct.mean()), 4),  # the training filter's effect alone
@@ -777,7 +796,7 @@ def downstream(
             "train_removed": round(float(1 - train_keep.mean()), 4),
             "clean_test_removed": round(float(1 - clean_keep.mean()), 4),
         }
-    return out
+    return out, fired
 
 
 @dataclass
@@ -833,7 +852,8 @@ def run_attack(
     victim: Victim, data: Data, decoders: Decoders, ablation: bool
 ) -> tuple[list[dict], dict, dict]:
     """(detection rows, downstream table, `dede-score`'s `by_class` breakdown on the victim and the control),
-    once the attack's decoders have trained; with `ablation`, the ABLATION's rows on the ID decoders."""
+    once the attack's decoders have trained; with `ablation`, the ABLATION's rows on the ID decoders.
+    The downstream table comes first: its undefended probe says which triggered images fired."""
     attack, enc = victim.attack, victim.implant.encoder
     tests = TestSets(
         data.test[0], victim.trigger(data.trigger_source[0]), data.test[1], data.trigger_source[1]
@@ -841,6 +861,8 @@ def run_attack(
     embedded = EmbeddedTests.of(enc, tests)
     id_set, poisoned = id_training_set(data, victim.trigger)
     fitted_id = decoders.id.result()
+    table, fired = downstream(victim, data, id_set, poisoned, fitted_id, embedded)
+    tests = replace(tests, fired=fired)
     rows, classes = dede_rows(
         attack, "id", enc, fitted_id, id_set, tests, embedded, triggered=poisoned, ablation=ablation
     )
@@ -854,7 +876,7 @@ def run_attack(
         )  # fmt: skip
         rows += control_rows
     rows += baseline_rows(attack, enc, data, tests, embedded)
-    return rows, downstream(victim, data, id_set, poisoned, fitted_id, embedded), classes
+    return rows, table, classes
 
 
 class DecoderPool:
@@ -1043,11 +1065,13 @@ def target_checks(result: dict) -> list[tuple[str, Callable[[str], tuple[bool, s
 
         return check
 
-    def operating_point(train: str, method: str = "dede"):
+    def operating_point(train: str, method: str = "dede", tpr_field: str = "tpr"):
         def check(attack: str) -> tuple[bool, str]:
-            tpr, fpr = both(attack, train, method, "tpr"), both(attack, train, method, "fpr")
-            ok = min(tpr) >= 0.90 and max(fpr) <= 0.05
-            return ok, " / ".join(f"{t:.3f} at {f:.3f}" for t, f in zip(tpr, fpr, strict=True))
+            tpr, fpr = both(attack, train, method, tpr_field), both(attack, train, method, "fpr")
+            # a `tpr_fired` of None: the backdoor fired on none of that set's images, none to miss
+            ok = all(t is None or t >= 0.90 for t in tpr) and max(fpr) <= 0.05
+            text = ("none fired" if t is None else f"{t:.3f}" for t in tpr)
+            return ok, " / ".join(f"{t} at {f:.3f}" for t, f in zip(text, fpr, strict=True))
 
         return check
 
@@ -1078,6 +1102,10 @@ def target_checks(result: dict) -> list[tuple[str, Callable[[str], tuple[bool, s
         (alone, auc_at_least("ood", 0.95, "dede-score")),
         ("default threshold, ID decoders: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)", operating_point("id")),
         (alone, operating_point("id", "dede-score")),
+        (
+            "the same for `dede`, the TPR among the triggered images the backdoor fires on (`tpr_fired`)",
+            operating_point("id", tpr_field="tpr_fired"),
+        ),
         ("the same with OOD decoders", operating_point("ood")),
         (alone, operating_point("ood", "dede-score")),
         ("clean-encoder control AUC <= 0.65 (0.5 / 0.01)", control("dede-control")),
@@ -1167,13 +1195,15 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
         "",
         "## TPR at the calibrated threshold / at 5% FPR (threshold chosen on the test labels)",
         "",
-        "The last two columns calibrate on the holdout without its triggered images, which only the "
-        "benchmark can pick out: `dede-score`'s TPR / FPR, and `dede`'s against its TPR / FPR as run.",
+        "The next two columns calibrate on the holdout without its triggered images, which only the "
+        "benchmark can pick out: `dede-score`'s TPR / FPR, and `dede`'s against its TPR / FPR as run. "
+        "The last: `dede`'s TPR among the triggered images the backdoor fires on (the undefended "
+        "downstream probe sends them to the target class), of how many.",
         "",
         "| attack | rate | train | "
         + " | ".join(methods)
-        + " | dede-score, clean holdout | dede, clean holdout (as run) |",
-        "|" + "---|" * (5 + len(methods)),
+        + " | dede-score, clean holdout | dede, clean holdout (as run) | dede, backdoor fired |",
+        "|" + "---|" * (6 + len(methods)),
     ]
     for attack, rate, train in dict.fromkeys((a, r, t) for a, r, t, _ in cells):
         found = [cells.get((attack, rate, train, m)) for m in methods]
@@ -1184,6 +1214,7 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
             f"{operating_point(dede, '_clean_holdout')} ({operating_point(dede)})"
             if "tpr_clean_holdout" in dede
             else "",
+            f"{dede['tpr_fired']:.3f} of {dede['n_fired']}" if dede.get("tpr_fired") is not None else "",
         ]
         lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, *clean]) + " |")
     return lines

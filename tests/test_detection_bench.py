@@ -531,6 +531,12 @@ def test_an_attack_gives_every_method_row_and_the_downstream_table(own_victim: t
         assert down[name]["train_removed"] == pytest.approx(0.5, abs=0.02)
     unions = {(t, m) for t, m in expected if m in ("dede", "dede-control")}  # two calibrations, no one median
     assert {(r["train_data"], r["method"]) for r in rows if "above_calibration_median" not in r} == unions
+    # Every row counts the triggered images the backdoor fired on as the undefended probe does: at 50%
+    # the scored set holds all 8 triggered test images, so its share of them is the ASR without defence.
+    assert {r["n_fired"] / r["n_triggered"] for r in rows if r["poison_rate"] == 0.5} == {
+        down["no_defence"]["asr"]
+    }
+    assert all(r["tpr_fired"] is None or 0 <= r["tpr_fired"] <= 1 for r in rows)
     with_clean = {(r["train_data"], r["method"]) for r in rows if "tpr_clean_holdout" in r}
     assert with_clean == {("id", "dede-score"), ("id", "dede")}  # the victim's ID decoder: the only
     # holdout with triggered images
@@ -682,6 +688,31 @@ def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_ou
     assert "| dede-score, clean holdout | dede, clean holdout (as run) |" in table
 
 
+def test_the_tpr_among_the_triggered_images_the_backdoor_fired_on_leaves_out_the_others():
+    """`tpr_fired` counts only the triggered images the undefended probe sends to the target class:
+    a triggered image the backdoor ignores is no backdoor activation. Without `fired` (before the probe
+    has run) a row has no such field; with none fired its TPR is None, not 0 or NaN (invalid JSON)."""
+    n = 40
+    fired = np.arange(n // 2) % 4 != 0  # every fourth triggered image did not fire
+    tests = D.TestSets(
+        np.zeros((n, 1)), np.zeros((n // 2, 1)), np.zeros(n, int), np.zeros(n // 2, int), fired
+    )
+    clean, trig = np.linspace(0, 0.5, n), np.where(fired, 0.9, 0.1)  # only the fired ones score high
+    rows = D.detection_rows("a", "id", "dede", tests, clean, trig, "value:0.6", None)
+    got = {r["poison_rate"]: r for r in rows}
+    assert (got[0.5]["tpr"], got[0.5]["tpr_fired"], got[0.5]["n_fired"]) == (0.75, 1.0, 15)
+    assert (got[0.01]["n_triggered"], got[0.01]["tpr_fired"], got[0.01]["n_fired"]) == (1, None, 0)
+    unknown = D.detection_rows("a", "id", "dede", replace(tests, fired=None), clean, trig, "value:0.6", None)
+    assert not any("tpr_fired" in r or "n_fired" in r for r in unknown)
+    table = "\n".join(D.tpr_at_fpr_table([r | {"tpr_at_fpr05": 1.0} for r in rows]))
+    assert "| a | 0.5 | id |  |  | 1.000 of 15 |" in table
+    result = targets_result(rows, {"clean_accuracy": 0.8, "asr": 0.0}, other_asr=0.2, minutes=1)
+    check = dict(D.target_checks(result))[
+        "the same for `dede`, the TPR among the triggered images the backdoor fires on (`tpr_fired`)"
+    ]
+    assert check("a") == (True, "1.000 at 0.000 / none fired at 0.000")  # nothing to miss at 1%
+
+
 def test_the_class_breakdown_gives_each_class_its_auc_and_its_share_of_false_positives():
     """Within-class AUC pairs a class's clean images with its own triggered ones; `clean_flagged` is the
     share of each class's clean images above the threshold. Both reach the Markdown, victim / control."""
@@ -816,11 +847,11 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
 
 
 def target_row(
-    rate: float, train: str, method: str, auc: float, tpr: float = 0.95, fpr: float = 0.03
+    rate: float, train: str, method: str, auc: float, tpr: float = 0.95, fpr: float = 0.03, **more: float
 ) -> dict:
-    """A detection row of attack "a", as the targets table reads it."""
+    """A detection row of attack "a", as the targets table reads it (`more`: e.g. its `tpr_fired`)."""
     key = {"attack": "a", "poison_rate": rate, "train_data": train, "method": method}
-    return key | {"auc": auc, "tpr": tpr, "fpr": fpr, "n_triggered": round(rate * 1000)}
+    return key | {"auc": auc, "tpr": tpr, "fpr": fpr, "n_triggered": round(rate * 1000)} | more
 
 
 def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: float) -> dict:
@@ -838,7 +869,10 @@ def targets_result(rows: list[dict], filtered: dict, other_asr: float, minutes: 
 def test_the_targets_table_says_met_missed_or_no_implant():
     """Computed from the rows: a target is met only at both rates; an attack that did not implant is
     neither met nor missed. Each target is given for `dede`, then for `dede-score`."""
-    rows = [target_row(0.5, "id", "dede", 0.99), target_row(0.01, "id", "dede", 0.97, tpr=0.8)]
+    rows = [
+        target_row(0.5, "id", "dede", 0.99, tpr_fired=0.96),
+        target_row(0.01, "id", "dede", 0.97, tpr=0.8, tpr_fired=0.92),  # the misses the backdoor ignored
+    ]
     rows += [target_row(r, "ood", "dede", 0.96) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-control", 0.6) for r in D.POISON_RATES]
     rows += [target_row(r, "id", "dede-score", 0.99, tpr=0.91) for r in D.POISON_RATES]
@@ -855,6 +889,8 @@ def test_the_targets_table_says_met_missed_or_no_implant():
         "| default threshold, ID decoders: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01) | missed: 0.950 at "
         "0.030 / 0.800 at 0.030",
         alone + "met: 0.910 at 0.030 / 0.910 at 0.030",
+        "| the same for `dede`, the TPR among the triggered images the backdoor fires on (`tpr_fired`) | "
+        "met: 0.960 at 0.030 / 0.920 at 0.030",
         "| the same with OOD decoders | met: 0.950 at 0.030 / 0.950 at 0.030",
         alone + "missed: 0.950 at 0.600 / 0.950 at 0.600",
         "| clean-encoder control AUC <= 0.65 (0.5 / 0.01) | met: 0.600 / 0.600",
