@@ -478,6 +478,7 @@ class TestSets:
         return slice(0, len(self.clean)), slice(0, max(1, round(rate * len(self.clean))))
 
     def fired_in(self, triggered: slice) -> np.ndarray | None:
+        """`fired` for one mix's triggered slice (None while unknown: its rows get no `tpr_fired`)."""
         return None if self.fired is None else self.fired[triggered]
 
 
