@@ -1215,9 +1215,9 @@ def tpr_at_fpr_table(rows: list[dict]) -> list[str]:
             f"{operating_point(dede, '_clean_holdout')} ({operating_point(dede)})"
             if "tpr_clean_holdout" in dede
             else "",
-            f"{dede['tpr_fired']:.3f} of {dede['n_fired']}" if dede.get("tpr_fired") is not None else "",
         ]
-        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, *clean]) + " |")
+        fired = f"{dede['tpr_fired']:.3f} of {dede['n_fired']}" if dede.get("tpr_fired") is not None else ""
+        lines.append(f"| {attack} | {rate:g} | {train} | " + " | ".join([*text, *clean, fired]) + " |")
     return lines
 
 
