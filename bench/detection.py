@@ -417,27 +417,42 @@ def load_fit(path: Path, encoder: VictimEncoder, model: dict) -> FitResult:
     )
 
 
-def fit(
-    encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model: dict, cache: Path | None = None
-) -> FitResult:
-    """A decoder trained with the package's own fit_decoder, calibrated at the `dede-score` settings;
-    kept in `cache` (the --work folder's decoders/) and taken from there when fit_key finds it."""
-    path = cache and cache / f"{fit_key(encoder, images, training, model)}.safetensors"
-    if path and path.exists():
-        log.info("decoder %s: taken from %s", encoder.spec, path)
-        return load_fit(path, encoder, model)
-    result = fit_decoder(encoder, images, training, DEDE, model, progress=False)
-    log.info(
-        "decoder %s: %d epochs, loss %.4f, %d images left out, %.0f s",
-        encoder.spec,
-        result.epochs,
-        result.losses[-1],
-        result.left_out,
-        result.seconds,
-    )
-    if path:
-        save_fit(path, result)
-    return result
+class FitCache:
+    """Decoder fits, kept in `folder` (the --work folder's decoders/) under fit_key and taken from there
+    when found; None keeps none. It counts both kinds, since a run whose fits came from here did not
+    measure the quick mode's time. The pool's threads share it (list.append is atomic)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.trained: list[str] = []
+        self.taken: list[str] = []
+
+    def fit(
+        self, encoder: VictimEncoder, images: ImageSet, training: TrainSettings, model: dict
+    ) -> FitResult:
+        """A decoder trained with the package's own fit_decoder, calibrated at the `dede-score` settings."""
+        key = fit_key(encoder, images, training, model)
+        path = self.folder and self.folder / f"{key}.safetensors"
+        if path and path.exists():
+            log.info("decoder %s: taken from %s", encoder.spec, path)
+            self.taken.append(key)
+            return load_fit(path, encoder, model)
+        result = fit_decoder(encoder, images, training, DEDE, model, progress=False)
+        log.info(
+            "decoder %s: %d epochs, loss %.4f, %d images left out, %.0f s",
+            encoder.spec,
+            result.epochs,
+            result.losses[-1],
+            result.left_out,
+            result.seconds,
+        )
+        self.trained.append(key)
+        if path:
+            save_fit(path, result)
+        return result
+
+    def counts(self) -> dict:
+        return {"trained": len(self.trained), "from_cache": len(self.taken)}
 
 
 @dataclass
@@ -579,7 +594,7 @@ def dede_rows(
     for method, settings, rule in methods:
         c = score(encoder, fitted.decoder, embedded.clean, settings)
         t = score(encoder, fitted.decoder, embedded.triggered, settings)
-        # fit() calibrated the decoder at the `dede-score` settings: the package's own calibration
+        # FitCache.fit calibrated the decoder at the `dede-score` settings: the package's own calibration
         calibration = (
             fitted.calibration if settings == DEDE else score(encoder, fitted.decoder, holdout, settings)
         )
@@ -829,7 +844,7 @@ def submit_decoders(
     s: Sizes,
     training: TrainSettings,
     controls: dict,
-    cache: Path | None = None,
+    fits: FitCache,
 ) -> Decoders:
     """Queue the attack's decoders. The control is the same data through the clean encoder, with its own
     decoder; it depends only on the clean encoder and the trigger in its training data, so BadEncoder
@@ -839,13 +854,13 @@ def submit_decoders(
     (session 14's CTRL victim, ASR 0.014: AUC 0.528 / 0.560, its clean encoder 0.531 / 0.566), so the
     OOD and control decoders would cost two fits to measure the same thing again."""
     enc, id_set = victim.implant.encoder, id_training_set(data, victim.trigger)[0]
-    fitted_id = pool.submit(fit, enc, id_set, training, s.decoder_model, cache)
+    fitted_id = pool.submit(fits.fit, enc, id_set, training, s.decoder_model)
     if not victim.implanted:
         return Decoders(fitted_id, None, None)
     key = (victim.clean.weights_sha256, victim.trigger)
     if key not in controls:
-        controls[key] = pool.submit(fit, victim.clean, id_set, training, s.decoder_model, cache)
-    ood = pool.submit(fit, enc, ood_set(data), ood_training(training), s.decoder_model, cache)
+        controls[key] = pool.submit(fits.fit, victim.clean, id_set, training, s.decoder_model)
+    ood = pool.submit(fits.fit, enc, ood_set(data), ood_training(training), s.decoder_model)
     return Decoders(fitted_id, ood, controls[key])
 
 
@@ -1005,6 +1020,16 @@ def decoder_epochs(result: dict) -> str:
     return f"{auto_epochs(trained)} epochs (the package's automatic choice for {trained} images)"
 
 
+def cached_fits(result: dict) -> str:
+    """How many decoder fits the run took from --work's cache, if any: such a run did not measure the
+    quick mode's time. "" for none, and for runs from before the count was recorded (session 41)."""
+    fits = result.get("decoder_fits", {"from_cache": 0})
+    if not fits["from_cache"]:
+        return ""
+    total = fits["from_cache"] + fits["trained"]
+    return f"{fits['from_cache']} of {total} decoder fits taken from --work's cache"
+
+
 def _target_cells(result: dict, check) -> list[str]:
     """One cell per attack: 'met' or 'missed' and the figures `check(attack)` returns as (ok, text);
     'pending' for an attack whose decoders have not finished (partial results)."""
@@ -1132,7 +1157,10 @@ def targets_table(result: dict) -> list[str]:
         f"## The issue's targets (`dede`, the defaults; an attack under ASR {IMPLANTED_ASR:g} failed)",
         "",
     ]
-    if result["mode"] == "quick":
+    if result["mode"] == "quick" and cached_fits(result):
+        took = f"{minutes:.1f} min, {cached_fits(result)}"
+        lines += [f"Quick mode under {QUICK_MINUTES} min: not measured by this run ({took}).", ""]
+    elif result["mode"] == "quick":
         verdict = "met" if minutes < QUICK_MINUTES else "missed"
         lines += [f"Quick mode under {QUICK_MINUTES} min: {verdict} ({minutes:.1f} min).", ""]
     lines += sparse_rate_note(result["rows"])
@@ -1154,7 +1182,9 @@ def spread_table(results: list[dict]) -> list[str]:
     seeds = " / ".join(str(result["seed"]) for result in results)
     lines = ["# The issue's targets across seeds", ""]
     for result in results:  # the decoders' epochs too: runs of several sessions may differ in them
-        run = f"{result['mode']}, {result['wall_seconds'] / 60:.1f} min; decoders {decoder_epochs(result)}"
+        cached = cached_fits(result) and f" ({cached_fits(result)})"
+        run = f"{result['mode']}, {result['wall_seconds'] / 60:.1f} min{cached}"
+        run += f"; decoders {decoder_epochs(result)}"
         lines.append(f"- seed {result['seed']}: `{result['command']}` ({run})")
     lines += [
         "",
@@ -1675,7 +1705,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
             work = args.work or Path(tmp)
-            cache = args.work and args.work / "decoders"
+            fits = FitCache(args.work and args.work / "decoders")
             # Each victim's decoders queue as soon as it is built and train while the next victim is
             # implanted with the pool's share of the threads: most implants keep about one core busy
             # (on the 2-core dev VM BadEncoder's took 56 s with 2 threads, 63 s with 1).
@@ -1687,7 +1717,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
                     "seconds": round(victim.implant.seconds, 1),
                 }
-                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls, cache)))
+                queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls, fits)))
             rows, down, classes = [], {}, {}
             for victim, decoders in queued:
                 attack = victim.attack
@@ -1701,6 +1731,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "rows": rows,
                     "downstream": down,
                     "by_class": classes,
+                    "decoder_fits": fits.counts(),
                     "wall_seconds": round(time.time() - started, 1),
                 }
                 # after every attack, so that a long run leaves partial results

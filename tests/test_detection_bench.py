@@ -499,11 +499,11 @@ def tiny_inputs() -> tuple[D.Data, TrainSettings]:
 
 
 def attack_result(
-    victim: D.Victim, jobs: int, threads: int, ablation: bool = True, cache: Path | None = None
+    victim: D.Victim, jobs: int, threads: int, ablation: bool = True, fits: D.FitCache | None = None
 ) -> tuple:
     data, training = tiny_inputs()
     with D.DecoderPool(jobs, threads) as pool:
-        decoders = D.submit_decoders(pool, victim, data, TINY, training, {}, cache)
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {}, fits or D.FitCache())
         return D.run_attack(victim, data, decoders, ablation)
 
 
@@ -554,7 +554,7 @@ def test_the_ood_decoder_trains_in_one_pass_and_the_others_in_two(own_victim: tu
     victim = with_asr(own_victim[0], 1.0)
     data, training = tiny_inputs()
     with D.DecoderPool(1, 1) as pool:
-        decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {}, D.FitCache())
         left_out = [d.result().left_out for d in (decoders.id, decoders.control, decoders.ood)]
     assert left_out == [3, 3, 0]
 
@@ -566,7 +566,7 @@ def test_a_victim_that_did_not_implant_gets_its_id_decoder_only(own_victim: tupl
     victim = with_asr(own_victim[0], D.IMPLANTED_ASR - 0.01)
     data, training = tiny_inputs()
     with D.DecoderPool(1, 1) as pool:
-        decoders = D.submit_decoders(pool, victim, data, TINY, training, {})
+        decoders = D.submit_decoders(pool, victim, data, TINY, training, {}, D.FitCache())
         assert decoders.ood is None and decoders.control is None
         rows, down, by_class = D.run_attack(victim, data, decoders, ablation=False)
     got = {(r["train_data"], r["method"], r["poison_rate"]) for r in rows}
@@ -760,13 +760,18 @@ def test_decoders_trained_in_parallel_are_the_ones_trained_one_at_a_time(own_vic
 
 
 def test_decoders_kept_in_the_work_folder_give_the_results_of_a_fresh_fit(own_victim, tmp_path, monkeypatch):
-    """A second run takes its three decoders from the cache, trains none, and gives bit-identical rows,
-    downstream table and class breakdown; another training setting is another key."""
+    """A second run takes its three decoders from the cache, trains none, counts them as taken, and
+    gives bit-identical rows, downstream table and class breakdown; another training setting is
+    another key."""
     victim = with_asr(own_victim[0], 1.0)
-    fresh = attack_result(victim, jobs=1, threads=1, ablation=False, cache=tmp_path)
+    first, second = D.FitCache(tmp_path), D.FitCache(tmp_path)
+    fresh = attack_result(victim, jobs=1, threads=1, ablation=False, fits=first)
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert first.counts() == {"trained": 3, "from_cache": 0}
     monkeypatch.setattr(D, "fit_decoder", lambda *a, **k: pytest.fail("a cached decoder was trained again"))
-    assert attack_result(victim, jobs=1, threads=1, ablation=False, cache=tmp_path) == fresh
+    assert attack_result(victim, jobs=1, threads=1, ablation=False, fits=second) == fresh
+    assert second.counts() == {"trained": 0, "from_cache": 3}
+    assert sorted(second.taken) == sorted(first.trained)
     data, training = tiny_inputs()
     id_set = D.id_training_set(data, victim.trigger)[0]
     keys = {
@@ -822,6 +827,7 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     D.main([*argv, "--attacks", "badencoder,drupe", "--work", str(tmp_path), "--seed", "3"])
     assert data_sizes == [(32, False, 3)]  # the encoder's input size; no victim pretrained here
     result = json.loads(out.read_text())
+    assert result["decoder_fits"] == {"trained": 5, "from_cache": 0}  # BadEncoder and DRUPE share a control
     assert result["seed"] == result["sizes"]["implant"]["seed"] == result["decoder_training"]["seed"] == 3
     assert result["complete"] and result["jobs"] == 2 and set(result["attack_asr"]) == {"badencoder", "drupe"}
     assert {r["attack"] for r in result["rows"]} == {"badencoder", "drupe"}
@@ -904,6 +910,11 @@ def test_the_targets_table_says_met_missed_or_no_implant():
     assert [line.split(" | no implant")[0] for line in lines] == expected
     assert all(line.endswith(" | no implant (ASR 0.200) |") for line in lines)
     assert "Quick mode under 30 min: met (10.0 min)." in D.targets_table(result)
+    result["decoder_fits"] = {"trained": 0, "from_cache": 12}  # a re-run did not time the quick mode
+    assert (
+        "Quick mode under 30 min: not measured by this run (10.0 min, 12 of 12 decoder fits taken from "
+        "--work's cache)." in D.targets_table(result)
+    )
     note = "At the 0.01 rate a test set holds 10 triggered images: each one found or missed moves its TPR"
     assert note + " by 0.1, so a verdict there can turn on one image." in D.targets_table(result)
 
@@ -927,11 +938,13 @@ def test_the_spread_table_counts_the_seeds_at_which_each_target_is_met(tmp_path:
         | {"decoder_training": {"epochs": epochs, "holdout": 1 / 7}}
         for s, r, epochs in [(0, rows, None), (1, missed, 20)]
     ]
+    runs[1]["decoder_fits"] = {"trained": 2, "from_cache": 10}
     lines = D.spread_table(runs)
     assert lines[2:4] == [  # runs of two sessions: the epochs they trained their decoders for
         "- seed 0: `detection.py --seed 0` (quick, 10.0 min; decoders 34 epochs "
         "(the package's automatic choice for 6000 images))",
-        "- seed 1: `detection.py --seed 1` (quick, 10.0 min; decoders 20 epochs)",
+        "- seed 1: `detection.py --seed 1` (quick, 10.0 min (10 of 12 decoder fits taken from --work's "
+        "cache); decoders 20 epochs)",
     ]
     lines = lines[5:]  # after the title and the runs
     assert lines[0] == "| target (seeds 0 / 1) | a | b |"
@@ -977,7 +990,7 @@ def test_ctrl_c_stops_at_once_and_says_what_was_written(tmp_path: Path, monkeypa
     monkeypatch.setattr(D, "QUICK", TINY)
     monkeypatch.setattr(D, "load_data", lambda *a, **k: tiny_data(np.random.default_rng(0)))
     training = threading.Event()  # a fit that trains until the test ends
-    monkeypatch.setattr(D, "fit", lambda *a: training.wait(300))
+    monkeypatch.setattr(D.FitCache, "fit", lambda *a: training.wait(300))
     scored = []
 
     def run_attack(victim: D.Victim, *rest) -> tuple[list, dict, dict]:
