@@ -929,17 +929,35 @@ def versions() -> dict:
     return {
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
         "open_clip": open_clip.__version__, "numpy": np.__version__, "platform": platform.platform(),
+        "cpu": cpu(),
     }  # fmt: skip
+
+
+def cpu() -> str:
+    """The CPU's model, cores and bf16 units. A bf16 run on CPU builds other victims and decoders on
+    other units: the same code and versions gave other victims of every attack at seed 0 on an AMD
+    EPYC with AVX512-BF16 than on an Intel Xeon with AMX (bench/NOTES.md, session 41)."""
+    info = Path("/proc/cpuinfo")  # Linux; platform.processor() says only "x86_64" there
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    if torch.cpu._is_amx_tile_supported():  # the probes device.cpu_has_bf16 reads
+        units = "AMX"
+    elif torch.cpu._is_avx512_bf16_supported():
+        units = "AVX512-BF16"
+    else:
+        units = "no bf16 units"
+    return f"{names[0] if names else platform.processor() or 'unknown'}, {os.cpu_count()} cores, {units}"
 
 
 def markdown(result: dict) -> str:
     """The rows as one table per train_data, plus the attack and downstream tables."""
+    cpu_text = f"; {result['versions']['cpu']}" if "cpu" in result["versions"] else ""  # since session 41
     lines = [
         "# Detection benchmark",
         "",
         f"Command: `{result['command']}`  ",
         f"Mode: {result['mode']}; seed {result['seed']}; wall time {result['wall_seconds'] / 60:.1f} min; "
-        f"device {result['device']} ({result['precision']}); torch {result['versions']['torch']}, "
+        f"device {result['device']} ({result['precision']}{cpu_text}); torch {result['versions']['torch']}, "
         f"timm {result['versions']['timm']}, open_clip {result['versions']['open_clip']}  ",
         f"`dede-score`: {result['settings']['dede-score']}; "
         f"`dede-paper`: {result['settings']['dede-paper']}; `collapse`: {result['settings']['collapse']}; "

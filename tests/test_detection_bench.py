@@ -848,6 +848,9 @@ def test_a_run_writes_the_json_and_markdown_the_readme_describes(tmp_path: Path,
     for name in D.DOWNSTREAM_NAMES.values():
         assert f"| drupe | {name} | " in markdown
     assert result["precision"] == precision(torch.device("cpu"))
+    cpu = result["versions"]["cpu"]  # a bf16 run's victims depend on the CPU's bf16 units
+    assert cpu.endswith((", AMX", ", AVX512-BF16", ", no bf16 units"))
+    assert f"device cpu ({result['precision']}; {cpu}); torch" in markdown
     readme = (Path(D.__file__).parent / "README.md").read_text()  # every row field is described there
     assert sorted(k for k in {k for r in result["rows"] for k in r} if f"`{k}`" not in readme) == []
 
