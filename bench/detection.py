@@ -934,9 +934,10 @@ def versions() -> dict:
 
 
 def cpu() -> str:
-    """The CPU's model, cores and bf16 units. A bf16 run on CPU builds other victims and decoders on
-    other units: the same code and versions gave other victims of every attack at seed 0 on an AMD
-    EPYC with AVX512-BF16 than on an Intel Xeon with AMX (bench/NOTES.md, session 41)."""
+    """The CPU's model, cores and bf16 units. A bf16 CPU run's victims and decoders depend on the CPU:
+    the same code and versions built other victims of every attack at seed 0 on an AMD EPYC with
+    AVX512-BF16 than on an Intel Xeon with AMX, most likely as their bf16 units round differently
+    (bench/NOTES.md, session 41)."""
     info = Path("/proc/cpuinfo")  # Linux; platform.processor() says only "x86_64" there
     lines = info.read_text().splitlines() if info.exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
