@@ -46,7 +46,7 @@ from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched, Weighed, score_evidence
 from sanitizer.data.tario import describe
 from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
-from sanitizer.device import precision, resolve_device
+from sanitizer.device import bf16_units, precision, resolve_device
 from sanitizer.encoders import (
     FILE_KINDS,
     MODEL_KINDS,
@@ -941,13 +941,8 @@ def cpu() -> str:
     info = Path("/proc/cpuinfo")  # Linux; platform.processor() says only "x86_64" there
     lines = info.read_text().splitlines() if info.exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    if torch.cpu._is_amx_tile_supported():  # the probes device.cpu_has_bf16 reads
-        units = "AMX"
-    elif torch.cpu._is_avx512_bf16_supported():
-        units = "AVX512-BF16"
-    else:
-        units = "no bf16 units"
-    return f"{names[0] if names else platform.processor() or 'unknown'}, {os.cpu_count()} cores, {units}"
+    model = names[0] if names else platform.processor() or "unknown"
+    return f"{model}, {os.cpu_count()} cores, {bf16_units() or 'no bf16 units'}"
 
 
 def markdown(result: dict) -> str:
@@ -1176,8 +1171,9 @@ def targets_table(result: dict) -> list[str]:
         f"## The issue's targets (`dede`, the defaults; an attack under ASR {IMPLANTED_ASR:g} failed)",
         "",
     ]
-    if result["mode"] == "quick" and cached_fits(result):
-        took = f"{minutes:.1f} min, {cached_fits(result)}"
+    cached = cached_fits(result)
+    if result["mode"] == "quick" and cached:
+        took = f"{minutes:.1f} min, {cached}"
         lines += [f"Quick mode under {QUICK_MINUTES} min: not measured by this run ({took}).", ""]
     elif result["mode"] == "quick":
         verdict = "met" if minutes < QUICK_MINUTES else "missed"
@@ -1201,8 +1197,8 @@ def spread_table(results: list[dict]) -> list[str]:
     seeds = " / ".join(str(result["seed"]) for result in results)
     lines = ["# The issue's targets across seeds", ""]
     for result in results:  # the decoders' epochs too: runs of several sessions may differ in them
-        cached = cached_fits(result) and f" ({cached_fits(result)})"
-        run = f"{result['mode']}, {result['wall_seconds'] / 60:.1f} min{cached}"
+        cached = cached_fits(result)
+        run = f"{result['mode']}, {result['wall_seconds'] / 60:.1f} min" + (cached and f" ({cached})")
         run += f"; decoders {decoder_epochs(result)}"
         lines.append(f"- seed {result['seed']}: `{result['command']}` ({run})")
     lines += [

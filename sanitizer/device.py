@@ -28,11 +28,22 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache
+def bf16_units() -> str | None:
+    """The units this CPU multiplies bf16 matrices with: "AMX", "AVX512-BF16", or None where it has
+    none. Results in bf16 differ between the two (bench/NOTES.md, session 41). (torch.cpu's probes
+    are private API; torch is pinned.)"""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return None
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware. Where it does, a decoder training step
     ran 1.6x faster under bf16 autocast (2-core AMD EPYC with AVX512-BF16); where it does not, oneDNN
-    emulates bf16 and is slower than fp32. (torch.cpu's probes are private API; torch is pinned.)"""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    emulates bf16 and is slower than fp32."""
+    return bf16_units() is not None
 
 
 def precision(device: torch.device) -> str:
