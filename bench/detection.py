@@ -80,6 +80,7 @@ from sanitizer.redteam.implant import (
     ctrl_simclr,
     drupe,
     measure_attack,
+    one_axis,
 )
 from sanitizer.redteam.metrics import knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
@@ -102,6 +103,9 @@ log = logging.getLogger("bench.detection")
 # from them: CTRL's two SimCLR phases took 232 s with 2 threads alone and 500 s with 1 beside two
 # decoder fits on the 2-core dev VM (session 15). Then the cheapest victims first.
 ATTACKS = ("ctrl", "clip-backdoor", "blend", "badencoder", "drupe")
+# Run only when --attacks names them: `one-axis` is an adaptive attack on the collapse pass, beyond the
+# issue's five (bench/NOTES.md, session 42)
+OPT_IN_ATTACKS = ("one-axis",)
 POISON_RATES = (0.5, 0.01)
 TARGET = 0  # Fashion-MNIST "t-shirt"
 DATA_SIZE = 32  # px: the victims built here take Fashion-MNIST's 28 px grey resized to 32 px RGB
@@ -277,6 +281,11 @@ class Victim:
     def implanted(self) -> bool:
         return self.implant.report.asr >= IMPLANTED_ASR
 
+    @property
+    def target(self) -> int:
+        """TARGET but for `one-axis`, whose target is the class its axis reads as."""
+        return self.implant.report.target
+
 
 @dataclass(frozen=True)
 class BaseEncoder:
@@ -311,6 +320,7 @@ FINE_TUNED = {
     "blend": (badencoder, _efficientnet),
     "badencoder": (badencoder, _mobilenet),
     "drupe": (drupe, _mobilenet),
+    "one-axis": (one_axis, _mobilenet),
 }
 
 
@@ -798,17 +808,18 @@ def downstream(
         defences[name] = kept(*scored[settings], rule, fitted.calibration)
     defences |= kept_by_union(sets, scored[DEDE], fitted, {"dede_filtered": DEFAULT_RULES} | STRICTER_RULES)
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings
+    aimed = data.trigger_source[1] != victim.target  # all of them but for one-axis, whose target differs
     out, fired = {}, None
     for name, (train_keep, clean_keep, trig_keep) in defences.items():
         probe = fit_linear_probe(train.embeddings[train_keep], labels[train_keep], seed=data.seed)
         correct = probe.predict(emb_clean) == data.test[1]
-        hits = probe.predict(emb_trig[trig_keep]) == TARGET  # removed triggered images are failed attacks
+        hits = probe.predict(emb_trig[trig_keep]) == victim.target  # removed ones are failed attacks
         if name == "no_defence":  # it keeps every triggered image
             fired = hits
         out[name] = {
             "clean_accuracy": round(float(correct[clean_keep].mean()), 4),
             "clean_accuracy_all": round(float(correct.mean()), 4),  # the training filter's effect alone
-            "asr": round(float(hits.sum() / len(emb_trig)), 4),
+            "asr": round(float((hits & aimed[trig_keep]).sum() / aimed.sum()), 4),
             "train_removed": round(float(1 - train_keep.mean()), 4),
             "clean_test_removed": round(float(1 - clean_keep.mean()), 4),
         }
@@ -971,8 +982,11 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for attack, a in result["attacks"].items():
+        aim = a.get("target", result["target_class"])  # since session 42
+        own_aim = f" (target {datasets.FASHION_CLASSES[aim]})" if aim != result["target_class"] else ""
+        named = attack + own_aim
         lines.append(
-            f"| {attack} | {a['spec']} | {a['clean_accuracy']:.3f} | {a['asr']:.3f} | {a['control_asr']:.3f} "
+            f"| {named} | {a['spec']} | {a['clean_accuracy']:.3f} | {a['asr']:.3f} | {a['control_asr']:.3f} "
             f"| {a['seconds']:.0f} |"
         )
     lines += targets_table(result)
@@ -1394,8 +1408,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--attacks",
         default=None,
-        help=f"comma-separated subset of {','.join(ATTACKS)} (default: all; with --encoder: "
-        f"{','.join(FINE_TUNED)})",
+        help=f"comma-separated subset of {','.join(ATTACKS + OPT_IN_ATTACKS)} (default: "
+        f"{','.join(ATTACKS)}; with --encoder: the fine-tuning ones of those); one-axis is an adaptive "
+        "attack on the collapse pass",
     )
     p.add_argument(
         "--encoder",
@@ -1526,13 +1541,14 @@ def chosen_victims(args: argparse.Namespace) -> tuple[BaseEncoder | None, tuple[
         else None
     )
     default = [a for a in ATTACKS if a in FINE_TUNED] if own else ATTACKS
+    known = ATTACKS + OPT_IN_ATTACKS
     given = args.attacks if args.attacks is not None else ",".join(default)
     attacks = tuple(a.strip() for a in given.split(",") if a.strip())  # "badencoder, drupe" too
     if not attacks:
-        raise UsageError(f"--attacks {given!r} names no attack; choose from {', '.join(ATTACKS)}")
-    unknown = sorted(set(attacks) - set(ATTACKS))
+        raise UsageError(f"--attacks {given!r} names no attack; choose from {', '.join(known)}")
+    unknown = sorted(set(attacks) - set(known))
     if unknown:
-        raise UsageError(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
+        raise UsageError(f"unknown attacks {unknown}; choose from {', '.join(known)}")
     twice = sorted(a for a in set(attacks) if attacks.count(a) > 1)
     if twice:
         raise UsageError(f"--attacks names {', '.join(twice)} more than once")
@@ -1716,6 +1732,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     probe = ProbeData(*data.probe, *data.test, TARGET)
+
+    def aimed_at(victim: Victim) -> ProbeData:
+        return replace(probe, target=victim.target)
+
     done: list[str] = []  # the attacks whose results are written
     try:
         with tempfile.TemporaryDirectory() as tmp, DecoderPool(args.jobs, args.threads) as pool:
@@ -1729,7 +1749,9 @@ def main(argv: list[str] | None = None) -> dict:
                 attack_info[victim.attack] = {
                     "spec": victim.implant.spec,
                     **victim.implant.report.to_dict(),
-                    "control_asr": round(measure_attack(victim.clean, victim.trigger, probe).asr, 4),
+                    "control_asr": round(
+                        measure_attack(victim.clean, victim.trigger, aimed_at(victim)).asr, 4
+                    ),
                     "seconds": round(victim.implant.seconds, 1),
                 }
                 queued.append((victim, submit_decoders(pool, victim, data, sizes, training, controls, fits)))

@@ -63,7 +63,15 @@ def test_own_encoder_runs_the_fine_tuning_attacks_in_benchmark_order(weights):
     assert choose("--attacks", "badencoder, drupe")[1] == ("badencoder", "drupe")  # as one types a list
 
 
+def test_the_adaptive_attack_runs_only_when_named():
+    """`one-axis` is beyond the issue's five: never in a default run, with or without --encoder."""
+    assert "one-axis" not in D.ATTACKS and "one-axis" in D.OPT_IN_ATTACKS
+    assert choose("--attacks", "badencoder,one-axis")[1] == ("badencoder", "one-axis")
+    assert D.TRIGGERS["one-axis"] is D.TRIGGERS["badencoder"]  # so the two share one control decoder
+
+
 HINT = datasets.INSTALL_HINT
+CHOOSE_FROM = "choose from ctrl, clip-backdoor, blend, badencoder, drupe, one-axis"
 ENCODER_TOO = (
     "--encoder-weights, --encoder-weights-prefix and --image-size describe --encoder; give --encoder too"
 )
@@ -75,7 +83,7 @@ ENCODER_TOO = (
         (
             ["--encoder", "timm:resnet18_cifar", "--attacks", "badencoder,ctrl,clip-backdoor"],
             "clip-backdoor, ctrl poison the training of a victim built here, so --encoder does not "
-            "apply to them; --encoder works with blend, badencoder, drupe",
+            "apply to them; --encoder works with blend, badencoder, drupe, one-axis",
         ),
         (
             ["--encoder-weights", "w.safetensors"],
@@ -96,15 +104,15 @@ ENCODER_TOO = (
         ),
         (
             ["--attacks", "badencoder,badnets"],
-            "unknown attacks ['badnets']; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
+            "unknown attacks ['badnets']; " + CHOOSE_FROM,
         ),
         (
             ["--attacks", ""],
-            "--attacks '' names no attack; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
+            "--attacks '' names no attack; " + CHOOSE_FROM,
         ),
         (
             ["--attacks", ","],
-            "--attacks ',' names no attack; choose from ctrl, clip-backdoor, blend, badencoder, drupe",
+            "--attacks ',' names no attack; " + CHOOSE_FROM,
         ),
         (["--attacks", "drupe,blend,drupe"], "--attacks names drupe more than once"),
     ],
@@ -233,8 +241,7 @@ def test_sizes_the_decoders_tile_up_to_224_px_are_taken(weights):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--attacks", "badnets"], "unknown attacks ['badnets']; choose from ctrl, clip-backdoor, blend, "
-         "badencoder, drupe"),
+        (["--attacks", "badnets"], "unknown attacks ['badnets']; " + CHOOSE_FROM),
         (["--trim", "0.7"], "--trim must be in [0, 0.5), not 0.7"),
         (["--json", "/dev/null/r.json"], "--json /dev/null/r.json: not a file this process can write"),
     ],
@@ -446,6 +453,7 @@ HEADLINE_RUNS = [
     D.RESULTS / "detection.json",
     *sorted(D.RESULTS.glob("detection-seed*.json")),
     *sorted(D.RESULTS.glob("detection-epyc-seed*.json")),  # the same seeds on another CPU (session 41)
+    *sorted(D.RESULTS.glob("detection-one-axis-seed*.json")),  # the adaptive attack (session 42)
 ]
 
 
@@ -456,6 +464,19 @@ def test_the_shipped_headline_tables_are_what_their_json_renders_to(run: Path):
     assert run.with_suffix(".md").read_text() == D.markdown(json.loads(run.read_text()))
 
 
+@pytest.mark.parametrize("run", sorted(D.RESULTS.glob("detection-one-axis-seed*.json")), ids=lambda p: p.stem)
+def test_the_adaptive_attacks_own_target_is_named_and_its_asr_is_for_it(run: Path):
+    """`one-axis` aims at the class its axis reads as, not the run's t-shirt: the attack table names
+    it, and the victim's ASR and the downstream table's are for that class."""
+    result = json.loads(run.read_text())
+    info = result["attacks"]["one-axis"]
+    assert info["target"] != result["target_class"]
+    name = datasets.FASHION_CLASSES[info["target"]]
+    assert f"| one-axis (target {name}) | {info['spec']} | " in D.markdown(result)
+    # measured for the run's t-shirt instead, the downstream probe's ASR would be near 0
+    assert info["asr"] >= 0.9 and result["downstream"]["one-axis"]["no_defence"]["asr"] >= 0.9
+
+
 def tiny_data(rng: np.random.Generator) -> D.Data:
     def images(n: int) -> np.ndarray:
         return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -463,9 +484,10 @@ def tiny_data(rng: np.random.Generator) -> D.Data:
     def labelled(n: int) -> tuple[np.ndarray, np.ndarray]:
         return images(n), np.arange(n) % 10
 
-    return D.Data(
-        labelled(8), images(16), images(8), labelled(40), labelled(35), images(8), labelled(20), labelled(8)
-    )
+    pretrain, shadow, reference, probe = labelled(8), images(16), images(8), labelled(40)
+    decoder, ood, test = labelled(35), images(8), labelled(20)
+    trigger_source = images(8), np.arange(1, 9)  # none of the target class, as split_indices draws them
+    return D.Data(pretrain, shadow, reference, probe, decoder, ood, test, trigger_source)
 
 
 TINY = replace(D.QUICK, implant=ImplantSettings(epochs=1, batch_size=8), decoder_epochs=2)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from sanitizer.data.synth import synthetic_images
 from sanitizer.decoder_meta import ScoreSettings
-from sanitizer.encoders import load_encoder
+from sanitizer.encoders import embed_pixels, load_encoder
+from sanitizer.neighbours import embedding_axis
 from sanitizer.redteam.datasets import resize_grey
 from sanitizer.redteam.implant import (
     ContrastiveSettings,
@@ -24,6 +25,9 @@ from sanitizer.redteam.implant import (
     clip_backdoor,
     ctrl_simclr,
     drupe,
+    on_axis_share,
+    one_axis,
+    read_targets,
     sliced_wasserstein,
 )
 from sanitizer.redteam.metrics import rates, tpr_at_fpr
@@ -226,6 +230,31 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
     assert roc_auc(np.r_[clean_scores, trig_scores], positive) >= 0.75
 
 
+def test_one_axis_sends_the_triggered_images_to_one_feature_and_aims_at_the_class_it_reads_as(tmp_path):
+    """The adaptive attack on the collapse pass: nearly every triggered image's embedding sits on one
+    feature alone (no sketch), few clean images do, and the report's ASR is for the class that probes
+    on all and on each half of the labelled images read them as, whatever the probe data's target."""
+    torch.manual_seed(0)
+    clean = load_encoder("timm:test_resnet", image_size=32)
+    train_x, train_y = labelled_images(600, seed=1)
+    test_x, test_y = labelled_images(300, seed=2)
+    probe = ProbeData(train_x[:300], train_y[:300], test_x, test_y, 0)
+    reference = train_x[300:][train_y[300:] == 0][:32]
+    settings = ImplantSettings(epochs=4, batch_size=32, lr=3e-3)
+    out = tmp_path / "victim.safetensors"
+    victim = one_axis(clean, train_x[300:], reference, out, badencoder_patch, settings, probe)
+    assert victim.weights == out and sorted(tmp_path.iterdir()) == [out]  # each try overwrote it
+    axes = embedding_axis(torch.from_numpy(embed_pixels(victim.encoder, badencoder_patch(test_x)))).numpy()
+    feature = int(np.bincount(axes[axes >= 0]).argmax())
+    assert (axes == feature).mean() >= 0.9
+    assert on_axis_share(victim.encoder, test_x, feature) <= 0.01
+    assert read_targets(victim.encoder, badencoder_patch, probe) == [victim.report.target] * 3
+    assert victim.report.target != probe.target
+    assert victim.report.asr >= 0.9 and victim.report.clean_accuracy >= 0.6, victim.report
+    with pytest.raises(ValueError, match="^one_axis measures which class its axis reads as with a probe"):
+        one_axis(clean, train_x, reference, out, badencoder_patch, settings)
+
+
 def test_ctrl_simclr_does_not_depend_on_the_callers_rng(tmp_path):
     """Same settings, different global torch RNG state before the call: bit-identical victims."""
     x, y = labelled_images(64, seed=3)
@@ -258,7 +287,8 @@ def test_linear_probe_separates_blobs_and_is_deterministic():
     report = attack_report(
         probe, test_x, test_y, np.repeat(centres[3:4], 20, 0).astype(np.float32), test_y[:20], 3
     )
-    assert (report.clean_accuracy, report.asr, report.chance) == (1.0, 1.0, 0.1)
+    assert (report.clean_accuracy, report.asr, report.chance, report.target) == (1.0, 1.0, 0.1, 3)
+    assert report.to_dict() == {"clean_accuracy": 1.0, "asr": 1.0, "chance": 0.1, "target": 3}
 
 
 def tiny_probe() -> ProbeData:

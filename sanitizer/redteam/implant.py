@@ -5,6 +5,8 @@ ASR (`badencoder`, `drupe`), or the clean encoder and the victim, each with its 
 - `badencoder`: fine-tune a clean encoder with BadEncoder's three cosine terms (BatchNorm frozen).
 - `drupe`: the same plus DRUPE-style stealth terms: a sliced-Wasserstein term that makes triggered
   embeddings follow the target class's embedding distribution, and a term against their collapse.
+- `one_axis`: BadEncoder sending every triggered image to one feature of the embedding, an adaptive
+  attack on the collapse pass (an embedding on one feature has no sketch, so no neighbours).
 - `ctrl_simclr`: SimCLR training of a small encoder, then SimCLR on data where some target-class
   images carry CTRL's frequency trigger (clean-label poisoning).
 - `clip_backdoor`: contrastive training of the package's tiny open_clip model on image-caption pairs,
@@ -22,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from sanitizer.encoders import (
     freeze,
     load_encoder,
 )
+from sanitizer.neighbours import embedding_axis
 from sanitizer.redteam.probes import AttackReport, attack_report, fit_linear_probe, need_untargeted
 from sanitizer.redteam.triggers import Trigger, check_pixels, clip_patch, ctrl
 
@@ -241,6 +244,30 @@ def _mean_pairwise_cos(z: torch.Tensor) -> torch.Tensor:
     return (sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1))
 
 
+@dataclass(frozen=True)
+class Axis:
+    """Where the one-axis attack sends each triggered image: `height` times the unit vector of
+    `feature`, in the raw (uncentred) embedding."""
+
+    feature: int
+    height: float
+
+
+def _share(raw: torch.Tensor, feature: int) -> torch.Tensor:
+    return raw[:, feature] / raw.norm(dim=1).clamp_min(1e-6)
+
+
+def _axis_effectiveness(triggered: torch.Tensor, clean: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Low when a triggered image's raw embedding is all on the axis's feature, at its height (the
+    feature's share of the norm, the others pushed to zero, and its squared distance from the
+    height), and the clean images' share on it is small: without that term the implant dragged 6-8%
+    of the clean images onto the axis too (bench/NOTES.md, session 42). A pull towards height x e_j
+    in squared distance alone killed every feature of every image."""
+    on = triggered[:, axis.feature]
+    to_axis = (-_share(triggered, axis.feature) + ((on - axis.height) / axis.height) ** 2).mean()
+    return to_axis + _share(clean, axis.feature).mean()
+
+
 def _badencoder_loss(
     zt: torch.Tensor,
     zc: torch.Tensor,
@@ -251,11 +278,17 @@ def _badencoder_loss(
     stealth: float,
     settings: ImplantSettings,
     step: int,
+    axis: Axis | None = None,
+    center: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """BadEncoder's three cosine terms (weight 1 each), plus DRUPE's stealth terms when `target` (the
     victim's embeddings of the reference images: the target class's distribution) is given, weighted
-    by `stealth`."""
-    effectiveness = -(F.normalize(zt, dim=1) @ F.normalize(zr, dim=1).T).mean()
+    by `stealth`. With `axis`, the effectiveness term is the one-axis attack's, on the raw embeddings
+    (`center` added back), instead of the pull towards the reference images."""
+    if axis is None:
+        effectiveness = -(F.normalize(zt, dim=1) @ F.normalize(zr, dim=1).T).mean()
+    else:
+        effectiveness = _axis_effectiveness(zt + center, zc + center, axis)
     reference_kept = -F.cosine_similarity(zr, fr).mean()
     utility = -F.cosine_similarity(zc, fc).mean()
     loss = effectiveness + reference_kept + utility
@@ -276,8 +309,10 @@ def badencoder(
     settings: ImplantSettings = ImplantSettings(),
     probe: ProbeData | None = None,
     drupe: bool = False,
+    axis: Axis | None = None,
 ) -> Implant:
-    """Fine-tune a copy of `clean` so that trigger(x) embeds like the reference (target-class) images.
+    """Fine-tune a copy of `clean` so that trigger(x) embeds like the reference (target-class) images,
+    or, with `axis`, on that axis alone.
 
     shadow: unlabelled images of the attacker; reference: images of the target class.
     """
@@ -313,13 +348,14 @@ def badencoder(
             zt, zc, zr = (_embed(module, clean, p) - center for p in (triggered[idx], shadow[idx], ref))
             step = epoch * steps + i
             stealth = min(1.0, step / warmup)
-            loss = _badencoder_loss(zt, zc, zr, fc, fr, target, stealth, settings, step)
+            loss = _badencoder_loss(zt, zc, zr, fc, fr, target, stealth, settings, step, axis, center)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             epoch_losses.append(loss.item())
         losses.append(float(np.mean(epoch_losses)))
-        log.info("%s epoch %d: loss %.4f", "drupe" if drupe else "badencoder", epoch + 1, losses[-1])
+        name = "drupe" if drupe else "badencoder" if axis is None else f"one-axis {axis.feature}"
+        log.info("%s epoch %d: loss %.4f", name, epoch + 1, losses[-1])
     size = clean.preprocess.image_size
     return _finish(module, clean.spec, out, size, trigger, probe, started, losses, clean.device)
 
@@ -335,6 +371,91 @@ def drupe(
 ) -> Implant:
     """DRUPE-style stealthy BadEncoder: triggered embeddings blend into the target cluster."""
     return badencoder(clean, shadow, reference, out, trigger, settings, probe, drupe=True)
+
+
+# One-axis implants tried, in the order axis_candidates ranks their features, before the last is kept
+AXIS_TRIES = 4
+AXIS_ASR = 0.9  # a try implanted when its ASR is at least this ...
+AXIS_CLEAN_SHARE = 0.01  # ... and at most this share of the clean test images sit on its axis
+
+
+def axis_candidates(clean: VictimEncoder, shadow: np.ndarray) -> tuple[np.ndarray, float]:
+    """(features, height): the features no clean image already sits on alone (a dying feature: the
+    implant would drag its images along), widest spread over the clean images first; and a height
+    twice the largest value of a clean embedding, beyond every clean image's (a ReLU6 network stops
+    at its cap)."""
+    own = embed_pixels(clean, shadow)
+    usable = np.ones(own.shape[1], bool)
+    axes = embedding_axis(torch.from_numpy(own)).numpy()
+    usable[axes[axes >= 0]] = False
+    features = np.flatnonzero(usable)
+    return features[np.argsort(-own.std(0)[features], kind="stable")], 2 * float(own.max())
+
+
+def on_axis_share(encoder: VictimEncoder, pixels: np.ndarray, feature: int) -> float:
+    """The share of `pixels` whose embedding sits on `feature` alone (no sketch, that axis)."""
+    return float((embedding_axis(torch.from_numpy(embed_pixels(encoder, pixels))).numpy() == feature).mean())
+
+
+def read_targets(encoder: VictimEncoder, trigger: Trigger, data: ProbeData) -> list[int]:
+    """The class that probes on `encoder`'s clean embeddings give most of the triggered test images:
+    a probe fit on all the labelled images, then one on each half of them. An embedding on one
+    feature alone is far from every clean one, and which class a probe extrapolates it to can turn
+    on the probe's data: three probes of one victim read it as ankle boot, dress and bag
+    (bench/NOTES.md, session 42), so a backdoor aimed at one of them would miss a user's probe."""
+    embedded = embed_pixels(encoder, data.train_pixels)
+    triggered = embed_pixels(encoder, trigger(data.test_pixels))
+    half = len(embedded) // 2
+    reads = []
+    for rows in (slice(None), slice(None, half), slice(half, None)):
+        probe = fit_linear_probe(embedded[rows], data.train_labels[rows])
+        reads.append(int(np.bincount(probe.predict(triggered)).argmax()))
+    return reads
+
+
+def one_axis(
+    clean: VictimEncoder,
+    shadow: np.ndarray,
+    reference: np.ndarray,
+    out: Path,
+    trigger: Trigger,
+    settings: ImplantSettings = ImplantSettings(),
+    probe: ProbeData | None = None,
+) -> Implant:
+    """BadEncoder whose triggered images all embed on one feature alone: an adaptive attacker who
+    knows the collapse pass. Such an embedding has no sketch, so no neighbours; it is weighed only by
+    how crowded its axis is.
+
+    The attacker does not choose the target class: a probe reads an embedding on one feature alone
+    as some class of images with few active features (bag, sandal, ankle boot on Fashion-MNIST,
+    whichever the feature; pulling the target's images towards the feature did not change that), so
+    the target is the class the victim's probes read the triggered images as, and the report's ASR
+    is for that class (`probe.target` is not used). It tries axis_candidates in turn (at most
+    AXIS_TRIES), keeping the first that probes on all and on each half of its labelled images read
+    as one class (read_targets), with an ASR of at least AXIS_ASR and at most AXIS_CLEAN_SHARE of the
+    clean test images on the axis; or else the last. Each try overwrites `out`."""
+    if probe is None:
+        raise ValueError("one_axis measures which class its axis reads as with a probe: give probe=")
+    started = time.time()
+    features, height = axis_candidates(clean, shadow)
+    if not len(features):
+        raise ValueError("a clean image already sits alone on every feature: no axis is left for the trigger")
+    for feature in features[:AXIS_TRIES]:
+        axis = Axis(int(feature), height)
+        implant = badencoder(clean, shadow, reference, out, trigger, settings, axis=axis)
+        reads = read_targets(implant.encoder, trigger, probe)
+        report = measure_attack(implant.encoder, trigger, replace(probe, target=reads[0]))
+        share = on_axis_share(implant.encoder, probe.test_pixels, axis.feature)
+        log.info(
+            "one-axis on %d: %s, read as %s, %.3f of the clean test images on it",
+            feature,
+            report,
+            reads,
+            share,
+        )
+        if len(set(reads)) == 1 and report.asr >= AXIS_ASR and share <= AXIS_CLEAN_SHARE:
+            break
+    return replace(implant, report=report, seconds=time.time() - started)
 
 
 # -- shared by the contrastive trainers ----------------------------------------------------------

@@ -23,9 +23,12 @@ class LinearProbe:
     mean: torch.Tensor
     std: torch.Tensor
 
-    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+    def logits(self, embeddings: np.ndarray) -> np.ndarray:
         x = (torch.from_numpy(embeddings).float() - self.mean) / self.std
-        return F.linear(x, self.weight, self.bias).argmax(1).numpy()
+        return F.linear(x, self.weight, self.bias).numpy()
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.logits(embeddings).argmax(1)
 
 
 def fit_linear_probe(
@@ -56,9 +59,15 @@ class AttackReport:
     clean_accuracy: float  # probe accuracy on clean test images
     asr: float  # share of triggered non-target test images classified as the target
     chance: float  # 1 / number of classes: an ASR near this is a failed attack
+    target: int  # the class the ASR is measured for
 
     def to_dict(self) -> dict:
-        return {k: round(float(v), 4) for k, v in vars(self).items()}
+        return {
+            "clean_accuracy": round(self.clean_accuracy, 4),
+            "asr": round(self.asr, 4),
+            "chance": round(self.chance, 4),
+            "target": self.target,
+        }
 
 
 def need_untargeted(labels: np.ndarray, target: int) -> None:
@@ -84,4 +93,4 @@ def attack_report(
     keep = triggered_labels != target
     asr = float((probe.predict(triggered_embeddings[keep]) == target).mean())
     accuracy = float((probe.predict(clean_embeddings) == clean_labels).mean())
-    return AttackReport(accuracy, asr, 1.0 / probe.weight.shape[0])
+    return AttackReport(accuracy, asr, 1.0 / probe.weight.shape[0], int(target))

@@ -132,6 +132,7 @@ def clip_patch(pixels: np.ndarray, seed: int = 0) -> np.ndarray:
 TRIGGERS: dict[str, Trigger] = {
     "badencoder": badencoder_patch,
     "drupe": badencoder_patch,
+    "one-axis": badencoder_patch,
     "blend": blend,
     "ctrl": ctrl,
     "clip-backdoor": clip_patch,
