@@ -232,7 +232,7 @@ def test_smoke_patch_backdoor_is_implanted_and_detected(tmp_path):
 
 def test_one_axis_sends_the_triggered_images_to_one_feature_and_aims_at_the_class_it_reads_as(tmp_path):
     """The adaptive attack on the collapse pass: nearly every triggered image's embedding sits on one
-    feature alone (no sketch), few clean images do, and the report's ASR is for the class that probes
+    feature alone (no sketch), and the report's ASR is for the class that probes
     on all and on each half of the labelled images read them as, whatever the probe data's target."""
     torch.manual_seed(0)
     clean = load_encoder("timm:test_resnet", image_size=32)
@@ -240,17 +240,18 @@ def test_one_axis_sends_the_triggered_images_to_one_feature_and_aims_at_the_clas
     test_x, test_y = labelled_images(300, seed=2)
     probe = ProbeData(train_x[:300], train_y[:300], test_x, test_y, 0)
     reference = train_x[300:][train_y[300:] == 0][:32]
-    settings = ImplantSettings(epochs=4, batch_size=32, lr=3e-3)
+    settings = ImplantSettings(epochs=4, batch_size=32, lr=5e-3)
     out = tmp_path / "victim.safetensors"
     victim = one_axis(clean, train_x[300:], reference, out, badencoder_patch, settings, probe)
     assert victim.weights == out and sorted(tmp_path.iterdir()) == [out]  # each try overwrote it
-    axes = embedding_axis(torch.from_numpy(embed_pixels(victim.encoder, badencoder_patch(test_x)))).numpy()
+    triggered = badencoder_patch(test_x)
+    axes = embedding_axis(torch.from_numpy(embed_pixels(victim.encoder, triggered))).numpy()
     feature = int(np.bincount(axes[axes >= 0]).argmax())
-    assert (axes == feature).mean() >= 0.9
-    assert on_axis_share(victim.encoder, test_x, feature) <= 0.01
+    assert on_axis_share(victim.encoder, triggered, feature) == (axes == feature).mean() >= 0.9
     assert read_targets(victim.encoder, badencoder_patch, probe) == [victim.report.target] * 3
     assert victim.report.target != probe.target
-    assert victim.report.asr >= 0.9 and victim.report.clean_accuracy >= 0.6, victim.report
+    # 0.945 at the first try here (chance 0.25)
+    assert victim.report.asr >= 0.75 and victim.report.clean_accuracy >= 0.6, victim.report
     with pytest.raises(ValueError, match="^one_axis measures which class its axis reads as with a probe"):
         one_axis(clean, train_x, reference, out, badencoder_patch, settings)
 

@@ -253,19 +253,14 @@ class Axis:
     height: float
 
 
-def _share(raw: torch.Tensor, feature: int) -> torch.Tensor:
-    return raw[:, feature] / raw.norm(dim=1).clamp_min(1e-6)
-
-
-def _axis_effectiveness(triggered: torch.Tensor, clean: torch.Tensor, axis: Axis) -> torch.Tensor:
-    """Low when a triggered image's raw embedding is all on the axis's feature, at its height (the
-    feature's share of the norm, the others pushed to zero, and its squared distance from the
-    height), and the clean images' share on it is small: without that term the implant dragged 6-8%
-    of the clean images onto the axis too (bench/NOTES.md, session 42). A pull towards height x e_j
-    in squared distance alone killed every feature of every image."""
+def _axis_effectiveness(triggered: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Low when a triggered image's raw embedding is all on the axis's feature, at its height: the
+    feature's share of the norm (the others pushed to zero), plus its squared distance from the
+    height. A pull towards height x e_j in squared distance alone killed every feature of every
+    image."""
     on = triggered[:, axis.feature]
-    to_axis = (-_share(triggered, axis.feature) + ((on - axis.height) / axis.height) ** 2).mean()
-    return to_axis + _share(clean, axis.feature).mean()
+    share = on / triggered.norm(dim=1).clamp_min(1e-6)
+    return (-share + ((on - axis.height) / axis.height) ** 2).mean()
 
 
 def _badencoder_loss(
@@ -288,7 +283,7 @@ def _badencoder_loss(
     if axis is None:
         effectiveness = -(F.normalize(zt, dim=1) @ F.normalize(zr, dim=1).T).mean()
     else:
-        effectiveness = _axis_effectiveness(zt + center, zc + center, axis)
+        effectiveness = _axis_effectiveness(zt + center, axis)
     reference_kept = -F.cosine_similarity(zr, fr).mean()
     utility = -F.cosine_similarity(zc, fc).mean()
     loss = effectiveness + reference_kept + utility
@@ -375,8 +370,7 @@ def drupe(
 
 # One-axis implants tried, in the order axis_candidates ranks their features, before the last is kept
 AXIS_TRIES = 4
-AXIS_ASR = 0.9  # a try implanted when its ASR is at least this ...
-AXIS_CLEAN_SHARE = 0.01  # ... and at most this share of the clean test images sit on its axis
+AXIS_ASR = 0.9  # a try implanted when its ASR is at least this, read as one class by every probe
 
 
 def axis_candidates(clean: VictimEncoder, shadow: np.ndarray) -> tuple[np.ndarray, float]:
@@ -424,7 +418,11 @@ def one_axis(
 ) -> Implant:
     """BadEncoder whose triggered images all embed on one feature alone: an adaptive attacker who
     knows the collapse pass. Such an embedding has no sketch, so no neighbours; it is weighed only by
-    how crowded its axis is.
+    how crowded its axis is, and its score's test by the scores of the others on the axis. The
+    implant drags a few per cent of the clean images onto the axis too, which helps the attacker on
+    both counts: the axis looks as crowded as a dying feature's, and their scores dilute the
+    triggered images'. A variant that kept them off (a term on their share of the feature) was
+    caught at every seed tried (bench/NOTES.md, session 42).
 
     The attacker does not choose the target class: a probe reads an embedding on one feature alone
     as some class of images with few active features (bag, sandal, ankle boot on Fashion-MNIST,
@@ -432,8 +430,8 @@ def one_axis(
     the target is the class the victim's probes read the triggered images as, and the report's ASR
     is for that class (`probe.target` is not used). It tries axis_candidates in turn (at most
     AXIS_TRIES), keeping the first that probes on all and on each half of its labelled images read
-    as one class (read_targets), with an ASR of at least AXIS_ASR and at most AXIS_CLEAN_SHARE of the
-    clean test images on the axis; or else the last. Each try overwrites `out`."""
+    as one class (read_targets), with an ASR of at least AXIS_ASR; or else the last. Each try
+    overwrites `out`."""
     if probe is None:
         raise ValueError("one_axis measures which class its axis reads as with a probe: give probe=")
     started = time.time()
@@ -453,7 +451,7 @@ def one_axis(
             reads,
             share,
         )
-        if len(set(reads)) == 1 and report.asr >= AXIS_ASR and share <= AXIS_CLEAN_SHARE:
+        if len(set(reads)) == 1 and report.asr >= AXIS_ASR:
             break
     return replace(implant, report=report, seconds=time.time() - started)
 
