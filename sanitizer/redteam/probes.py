@@ -23,12 +23,9 @@ class LinearProbe:
     mean: torch.Tensor
     std: torch.Tensor
 
-    def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        x = (torch.from_numpy(embeddings).float() - self.mean) / self.std
-        return F.linear(x, self.weight, self.bias).numpy()
-
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.logits(embeddings).argmax(1)
+        x = (torch.from_numpy(embeddings).float() - self.mean) / self.std
+        return F.linear(x, self.weight, self.bias).argmax(1).numpy()
 
 
 def fit_linear_probe(
