@@ -108,6 +108,12 @@ class ScoreSettings:
     # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
     # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
     aggregate: str = "q25"
+    # The aggregate of an embedding on one axis (no sketch: sanitizer.collapse), which carries about
+    # one number, so the decoder rebuilds one image for every image on its axis; a quantile forgives
+    # an image unlike that rebuild wherever its background matches it. The mean charges every patch:
+    # against the red-team kit's one-axis attack, which sends every triggered image to one axis
+    # crowded with clean ones, it raised the defaults' TPR (bench/NOTES.md, session 43).
+    axis_aggregate: str = "mean"
     # Pixels per side averaged before the error is measured (1: per pixel, as the paper). A decoder
     # that sees only an embedding cannot rebuild fine texture, so per-pixel error is partly noise that
     # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
@@ -129,8 +135,9 @@ class ScoreSettings:
             raise UsageError(f"--test-mask-ratio must be in (0, 1), not {self.test_mask_ratio}")
         if self.num_masks < 1:
             raise UsageError(f"--num-masks must be at least 1, not {self.num_masks}")
-        if self.aggregate not in AGGREGATES:
-            raise UsageError(f"--aggregate must be one of {AGGREGATES}, not {self.aggregate!r}")
+        for flag, value in (("--aggregate", self.aggregate), ("--axis-aggregate", self.axis_aggregate)):
+            if value not in AGGREGATES:
+                raise UsageError(f"{flag} must be one of {AGGREGATES}, not {value!r}")
         if self.error_pool < 1:
             raise UsageError(f"--error-pool must be at least 1, not {self.error_pool}")
         if self.error not in ERRORS:
@@ -153,8 +160,10 @@ class ScoreSettings:
     @classmethod
     def from_dict(cls, saved: dict) -> ScoreSettings:
         """Settings as saved in decoder.json or run.json; those written before error_pool or error
-        existed were scored with per-pixel squared errors, and those before relax_steps unrelaxed."""
-        return cls(**{"error_pool": 1, "error": "mse", "relax_steps": 0, **saved})
+        existed were scored with per-pixel squared errors, those before relax_steps unrelaxed, and
+        those before axis_aggregate by one aggregate for every row."""
+        before = {"error_pool": 1, "error": "mse", "relax_steps": 0}
+        return cls(**{**before, "axis_aggregate": saved.get("aggregate", cls.aggregate), **saved})
 
 
 def calibration_for(meta: dict, settings: ScoreSettings) -> np.ndarray | None:

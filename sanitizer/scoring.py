@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sanitizer.collapse import SKETCH_DIM
+from sanitizer.collapse import NO_AXIS, SKETCH_DIM
 from sanitizer.decoder_meta import QUANTILES, ScoreSettings
 from sanitizer.device import autocast
 from sanitizer.encoders import VictimEncoder
@@ -105,6 +105,18 @@ def aggregate_errors(errors: torch.Tensor, mask: torch.Tensor, how: str) -> torc
     return errors.float().masked_fill(~mask.bool(), float("nan")).nanquantile(QUANTILES[how], dim=1)
 
 
+def aggregate_rows(
+    errors: torch.Tensor, mask: torch.Tensor, settings: ScoreSettings, on_axis: torch.Tensor
+) -> torch.Tensor:
+    """(B,) one error per sample: by the settings' aggregate, or by their axis_aggregate where the
+    embedding sits on one axis (`on_axis`, (B,) bool), whose rebuild is one image for the whole axis.
+    Both are computed for every row, so that no count is read back from the device."""
+    error = aggregate_errors(errors, mask, settings.aggregate).float()
+    if settings.axis_aggregate == settings.aggregate:
+        return error
+    return torch.where(on_axis, aggregate_errors(errors, mask, settings.axis_aggregate).float(), error)
+
+
 def relax_token(
     decoder: DedeDecoder,
     images: torch.Tensor,
@@ -112,6 +124,7 @@ def relax_token(
     mask: torch.Tensor,
     ids_restore: torch.Tensor,
     settings: ScoreSettings,
+    on_axis: torch.Tensor,
 ) -> torch.Tensor:
     """`latent` with its embedding token (position 0) moved `relax_steps` signed-gradient steps
     towards a better rebuild, each radius/steps in every coordinate.
@@ -131,7 +144,7 @@ def relax_token(
         for _ in range(settings.relax_steps):
             token = token.detach().requires_grad_(True)
             pred = decoder.forward_decoder(torch.cat([token.to(rest.dtype), rest], dim=1), ids_restore)
-            error = aggregate_errors(patch_error(decoder, images, pred, settings), mask, settings.aggregate)
+            error = aggregate_rows(patch_error(decoder, images, pred, settings), mask, settings, on_axis)
             (grad,) = torch.autograd.grad(error.sum(), token)
             token = token - step * grad.sign()
     return torch.cat([token.detach().to(rest.dtype), rest], dim=1)
@@ -243,22 +256,28 @@ class Scorer:
         s, dec = self.settings, self.decoder
         # With no visible patch every mask is the same: the image is rebuilt from the embedding alone.
         distinct = s.num_masks if num_visible(dec.config.num_patches, s.test_mask_ratio) else 1
+        on_axis = embedding_axis(embedding) != NO_AXIS
         out = []
         for k in range(distinct):
-            pred, mask = self.rebuild(images, embedding, seeds, k)
-            out.append(aggregate_errors(patch_error(dec, images, pred, s), mask, s.aggregate))
+            pred, mask = self.rebuild(images, embedding, seeds, k, on_axis)
+            out.append(aggregate_rows(patch_error(dec, images, pred, s), mask, s, on_axis))
         return torch.stack(out, dim=1)
 
     def rebuild(
-        self, images: torch.Tensor, embedding: torch.Tensor, seeds: torch.Tensor, mask_index: int
+        self,
+        images: torch.Tensor,
+        embedding: torch.Tensor,
+        seeds: torch.Tensor,
+        mask_index: int,
+        on_axis: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, p*p*3) rebuild under the key-seeded mask `mask_index`, relaxed as the settings say,
-        and the (B, L) mask."""
+        """(B, L, p*p*3) rebuild under the key-seeded mask `mask_index`, relaxed as the settings say
+        (`on_axis`: which embeddings sit on one axis, aggregate_rows), and the (B, L) mask."""
         s, dec = self.settings, self.decoder
         noise = mask_noise(seeds, dec.config.num_patches, mask_index)
         latent, mask, ids_restore = dec.forward_encoder(images, embedding, s.test_mask_ratio, noise)
         if s.relax_steps:
-            latent = relax_token(dec, images, latent, mask, ids_restore, s)
+            latent = relax_token(dec, images, latent, mask, ids_restore, s, on_axis)
         return dec.forward_decoder(latent, ids_restore), mask
 
     @torch.no_grad()
@@ -266,5 +285,7 @@ class Scorer:
         """First-mask rebuilds (as scored) as uint8 images, and the (N, L) masks: for the audit report."""
         x = self.encoder.normalize(torch.from_numpy(pixels).to(self.device))
         with autocast(self.device):
-            pred, mask = self.rebuild(x, self.encoder.embed(x), torch.from_numpy(seeds).to(self.device), 0)
+            embedding = self.encoder.embed(x)
+            on_axis = embedding_axis(embedding) != NO_AXIS
+            pred, mask = self.rebuild(x, embedding, torch.from_numpy(seeds).to(self.device), 0, on_axis)
         return self.encoder.to_pixels(self.decoder.unpatchify(pred.float())), mask.cpu().numpy()

@@ -591,15 +591,15 @@ def test_clean_of_a_shard_replaced_keeping_its_size_and_mtime_says_how_to_score_
     assert verify_run(tmp_path / "run") == []
 
 
-NEWER_SETTINGS = ("error_pool", "error", "relax_steps", "relax_radius")
+NEWER_SETTINGS = ("axis_aggregate", "error_pool", "error", "relax_steps", "relax_radius")
 
 
 def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     tmp_path, tiny_decoder_dir, tiny_shards
 ):
-    """decoder.json and run.json written before error_pool, error and relax_steps existed: scored by
-    per-pixel squared errors without relaxation, as calibrated, and an unfinished run of that time
-    resumes instead of being refused."""
+    """decoder.json and run.json written before axis_aggregate, error_pool, error and relax_steps
+    existed: scored by per-pixel squared errors without relaxation, every row by one aggregate, as
+    calibrated, and an unfinished run of that time resumes instead of being refused."""
     old_decoder = tmp_path / "decoder"
     shutil.copytree(tiny_decoder_dir, old_decoder)
     meta = json.loads((old_decoder / "decoder.json").read_text())
@@ -611,6 +611,7 @@ def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     info = json.loads(run_json.read_text())
     saved = info["identity"]["scoring"]
     assert (saved["error_pool"], saved["error"], saved["relax_steps"]) == (1, "mse", 0)
+    assert saved["axis_aggregate"] == saved["aggregate"] == "q25"
     info["identity"]["scoring"] = {k: v for k, v in saved.items() if k not in NEWER_SETTINGS}
     run_json.write_text(json.dumps(info))
     resumed = score(old_decoder, first, tmp_path / "run", workers=0)
@@ -660,6 +661,19 @@ def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tin
     lower = np.concatenate([unrelaxed[k] - relaxed[k] for k in relaxed])
     # A signed step can overshoot on a sample (1 of 120 here, by 2e-4), so: most scores, and on average.
     assert (lower != 0).all() and (lower > 0).mean() >= 0.95 and lower.mean() > 0
+
+
+def test_axis_aggregate_flag_reaches_the_run(tmp_path, tiny_decoder_dir, tiny_shards, capsys):
+    """`score --axis-aggregate q25` is a scoring setting like the others: the decoder's calibration,
+    made with the mean for rows on one axis, no longer applies, and run.json records it."""
+    argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
+    argv += ["--axis-aggregate", "q25"]
+    assert main([*argv, "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "'axis_aggregate': 'mean'" in err and "'axis_aggregate': 'q25'" in err
+    assert main([*argv, "--out", str(tmp_path / "r"), "--threshold", "mad:3", "--no-collapse"]) == 0
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["identity"]["scoring"]["axis_aggregate"] == "q25"
 
 
 def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(

@@ -80,6 +80,10 @@ def test_settings_are_validated():
         ScoreSettings(test_mask_ratio=1.0)
     with pytest.raises(UsageError, match="aggregate"):
         ScoreSettings(aggregate="max")
+    with pytest.raises(
+        UsageError, match=r"--axis-aggregate must be one of \('mean', 'median', 'q25'\), not 'max'"
+    ):
+        ScoreSettings(axis_aggregate="max")
     with pytest.raises(UsageError, match="--error-pool must be at least 1, not 0"):
         ScoreSettings(error_pool=0)
     with pytest.raises(UsageError, match=r"--error must be one of \('mse', 'ssim'\), not 'l1'"):
@@ -98,13 +102,16 @@ def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
 
 def test_settings_saved_before_a_setting_existed_read_as_they_were_scored():
     old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
-    unrelaxed = ScoreSettings(num_masks=2, relax_steps=0)
+    unrelaxed = ScoreSettings(num_masks=2, relax_steps=0, axis_aggregate="q25")
     assert ScoreSettings.from_dict(old) == replace(unrelaxed, error_pool=1, error="mse")
     before_ssim = {**old, "error_pool": 2}
     assert ScoreSettings.from_dict(before_ssim) == replace(unrelaxed, error="mse")
     before_relax = {**before_ssim, "error": "ssim"}
     assert ScoreSettings.from_dict(before_relax) == unrelaxed
-    settings = ScoreSettings(num_masks=3, error_pool=4, relax_steps=5, relax_radius=0.3)
+    before_axis = {**before_relax, "relax_steps": 3, "relax_radius": 0.03}  # one aggregate for every row
+    assert ScoreSettings.from_dict(before_axis) == replace(unrelaxed, relax_steps=3)
+    assert ScoreSettings.from_dict({**before_axis, "aggregate": "median"}).axis_aggregate == "median"
+    settings = ScoreSettings(num_masks=3, error_pool=4, relax_steps=5, relax_radius=0.3, axis_aggregate="q25")
     assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
 
@@ -233,11 +240,35 @@ def test_relaxation_moves_only_the_embedding_token_in_whole_steps_within_its_rad
     settings = ScoreSettings(0.75, relax_steps=4, relax_radius=0.2)
     x, latent, mask, ids_restore = _first_mask_latent(decoder, tiny_encoder, pixels, seeds, 0.75)
     with torch.no_grad():
-        relaxed = relax_token(decoder, x, latent, mask, ids_restore, settings)
+        relaxed = relax_token(
+            decoder, x, latent, mask, ids_restore, settings, torch.zeros(len(x), dtype=torch.bool)
+        )
     assert torch.equal(relaxed[:, 1:], latent[:, 1:])  # the visible patches' tokens are the image's
     steps = (relaxed[:, 0] - latent[:, 0]).abs() / 0.05
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # +-0.05 per step in every coordinate
     assert steps.round().max() == 4 and set(steps.round().unique().tolist()) <= {0.0, 2.0, 4.0}
+
+
+def test_an_embedding_on_one_axis_is_scored_by_the_axis_aggregate(scorer_parts, tiny_encoder):
+    """Rows whose embedding sits on one feature take axis_aggregate (relaxation included), the others
+    the aggregate: each row as if every row were scored by its own aggregate."""
+    decoder, pixels, seeds = scorer_parts
+    embeddings = embed_pixels(tiny_encoder, pixels)
+    axis = embeddings[:, 0].argmax()
+    embeddings[:8] = 0
+    embeddings[:8, axis] = np.linspace(1, 4, 8)  # one feature alone: no sketch
+    scored = {
+        (agg, on_axis): Scorer(
+            tiny_encoder, decoder, ScoreSettings(aggregate=agg, axis_aggregate=on_axis)
+        ).score(pixels, seeds, embeddings)
+        for agg, on_axis in (("q25", "mean"), ("q25", "q25"), ("mean", "mean"))
+    }
+    default = scored["q25", "mean"]
+    assert ScoreSettings().axis_aggregate == "mean" and (default.axis[:8] == axis).all()
+    assert (default.axis[8:] == -1).all()
+    assert np.allclose(default.score[:8], scored["mean", "mean"].score[:8], rtol=1e-5)
+    assert np.allclose(default.score[8:], scored["q25", "q25"].score[8:], rtol=1e-5)
+    assert (default.score[:8] > scored["q25", "q25"].score[:8]).all()  # the mean charges every patch
 
 
 def test_relaxation_lowers_the_error_and_zero_steps_is_the_plain_rebuild(scorer_parts, tiny_encoder):

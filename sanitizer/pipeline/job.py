@@ -63,6 +63,7 @@ class ScoreJob:
     test_mask_ratio: float | None = None  # None: as the decoder was calibrated
     num_masks: int | None = None
     aggregate: str | None = None
+    axis_aggregate: str | None = None
     error_pool: int | None = None
     error: str | None = None
     relax_steps: int | None = None
