@@ -108,12 +108,14 @@ class ScoreSettings:
     # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
     # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
     aggregate: str = "q25"
-    # The aggregate of an embedding on one axis (no sketch: sanitizer.collapse), which carries about
-    # one number, so the decoder rebuilds one image for every image on its axis; a quantile forgives
-    # an image unlike that rebuild wherever its background matches it. The mean charges every patch:
-    # against the red-team kit's one-axis attack, which sends every triggered image to one axis
-    # crowded with clean ones, it raised the defaults' TPR (bench/NOTES.md, session 43).
-    axis_aggregate: str = "mean"
+    # The aggregate of an embedding on one axis (no sketch: sanitizer.collapse); None: `aggregate`.
+    # Such an embedding carries about one number, so the decoder rebuilds one image for every image
+    # on its axis, and a quantile forgives an image unlike that rebuild wherever its background
+    # matches. "mean" charges every patch: it catches most of the red-team kit's one-axis attack,
+    # which sends every triggered image to one axis crowded with clean ones, but the clean images on
+    # axes then fill the calibration's tail, which cost the blend attack's TPR on the detection
+    # benchmark (bench/NOTES.md, session 43). So it is opt-in.
+    axis_aggregate: str | None = None
     # Pixels per side averaged before the error is measured (1: per pixel, as the paper). A decoder
     # that sees only an embedding cannot rebuild fine texture, so per-pixel error is partly noise that
     # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
@@ -131,6 +133,8 @@ class ScoreSettings:
     relax_radius: float = 0.03
 
     def __post_init__(self) -> None:
+        if self.axis_aggregate is None:  # also how settings saved before it existed read
+            object.__setattr__(self, "axis_aggregate", self.aggregate)
         if not 0 < self.test_mask_ratio < 1:
             raise UsageError(f"--test-mask-ratio must be in (0, 1), not {self.test_mask_ratio}")
         if self.num_masks < 1:
@@ -161,9 +165,8 @@ class ScoreSettings:
     def from_dict(cls, saved: dict) -> ScoreSettings:
         """Settings as saved in decoder.json or run.json; those written before error_pool or error
         existed were scored with per-pixel squared errors, those before relax_steps unrelaxed, and
-        those before axis_aggregate by one aggregate for every row."""
-        before = {"error_pool": 1, "error": "mse", "relax_steps": 0}
-        return cls(**{**before, "axis_aggregate": saved.get("aggregate", cls.aggregate), **saved})
+        those before axis_aggregate by one aggregate for every row (its default)."""
+        return cls(**{"error_pool": 1, "error": "mse", "relax_steps": 0, **saved})
 
 
 def calibration_for(meta: dict, settings: ScoreSettings) -> np.ndarray | None:

@@ -111,10 +111,10 @@ def aggregate_rows(
     """(B,) one error per sample: by the settings' aggregate, or by their axis_aggregate where the
     embedding sits on one axis (`on_axis`, (B,) bool), whose rebuild is one image for the whole axis.
     Both are computed for every row, so that no count is read back from the device."""
-    error = aggregate_errors(errors, mask, settings.aggregate).float()
+    error = aggregate_errors(errors, mask, settings.aggregate)
     if settings.axis_aggregate == settings.aggregate:
         return error
-    return torch.where(on_axis, aggregate_errors(errors, mask, settings.axis_aggregate).float(), error)
+    return torch.where(on_axis, aggregate_errors(errors, mask, settings.axis_aggregate), error)
 
 
 def relax_token(

@@ -664,16 +664,16 @@ def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tin
 
 
 def test_axis_aggregate_flag_reaches_the_run(tmp_path, tiny_decoder_dir, tiny_shards, capsys):
-    """`score --axis-aggregate q25` is a scoring setting like the others: the decoder's calibration,
-    made with the mean for rows on one axis, no longer applies, and run.json records it."""
+    """`score --axis-aggregate mean` is a scoring setting like the others: the decoder's calibration,
+    made with q25 for every row, no longer applies, and run.json records it."""
     argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
-    argv += ["--axis-aggregate", "q25"]
+    argv += ["--axis-aggregate", "mean"]
     assert main([*argv, "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err
     assert "'axis_aggregate': 'mean'" in err and "'axis_aggregate': 'q25'" in err
     assert main([*argv, "--out", str(tmp_path / "r"), "--threshold", "mad:3", "--no-collapse"]) == 0
     info = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert info["identity"]["scoring"]["axis_aggregate"] == "q25"
+    assert info["identity"]["scoring"]["axis_aggregate"] == "mean"
 
 
 def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(

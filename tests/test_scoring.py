@@ -102,16 +102,18 @@ def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
 
 def test_settings_saved_before_a_setting_existed_read_as_they_were_scored():
     old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
-    unrelaxed = ScoreSettings(num_masks=2, relax_steps=0, axis_aggregate="q25")
+    unrelaxed = ScoreSettings(num_masks=2, relax_steps=0)
     assert ScoreSettings.from_dict(old) == replace(unrelaxed, error_pool=1, error="mse")
     before_ssim = {**old, "error_pool": 2}
     assert ScoreSettings.from_dict(before_ssim) == replace(unrelaxed, error="mse")
     before_relax = {**before_ssim, "error": "ssim"}
     assert ScoreSettings.from_dict(before_relax) == unrelaxed
     before_axis = {**before_relax, "relax_steps": 3, "relax_radius": 0.03}  # one aggregate for every row
-    assert ScoreSettings.from_dict(before_axis) == replace(unrelaxed, relax_steps=3)
+    assert ScoreSettings.from_dict(before_axis).axis_aggregate == "q25"
     assert ScoreSettings.from_dict({**before_axis, "aggregate": "median"}).axis_aggregate == "median"
-    settings = ScoreSettings(num_masks=3, error_pool=4, relax_steps=5, relax_radius=0.3, axis_aggregate="q25")
+    settings = ScoreSettings(
+        num_masks=3, error_pool=4, relax_steps=5, relax_radius=0.3, axis_aggregate="mean"
+    )
     assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
 
@@ -251,24 +253,27 @@ def test_relaxation_moves_only_the_embedding_token_in_whole_steps_within_its_rad
 
 def test_an_embedding_on_one_axis_is_scored_by_the_axis_aggregate(scorer_parts, tiny_encoder):
     """Rows whose embedding sits on one feature take axis_aggregate (relaxation included), the others
-    the aggregate: each row as if every row were scored by its own aggregate."""
+    the aggregate: each row as if every row were scored by its own aggregate. By default, the same."""
     decoder, pixels, seeds = scorer_parts
     embeddings = embed_pixels(tiny_encoder, pixels)
-    axis = embeddings[:, 0].argmax()
     embeddings[:8] = 0
-    embeddings[:8, axis] = np.linspace(1, 4, 8)  # one feature alone: no sketch
-    scored = {
-        (agg, on_axis): Scorer(
-            tiny_encoder, decoder, ScoreSettings(aggregate=agg, axis_aggregate=on_axis)
-        ).score(pixels, seeds, embeddings)
-        for agg, on_axis in (("q25", "mean"), ("q25", "q25"), ("mean", "mean"))
+    embeddings[:8, 5] = np.linspace(1, 4, 8)  # one feature alone: no sketch
+    by = {
+        name: Scorer(tiny_encoder, decoder, settings).score(pixels, seeds, embeddings)
+        for name, settings in (
+            ("default", ScoreSettings()),
+            ("axis mean", ScoreSettings(axis_aggregate="mean")),
+            ("mean", ScoreSettings(aggregate="mean")),
+        )
     }
-    default = scored["q25", "mean"]
-    assert ScoreSettings().axis_aggregate == "mean" and (default.axis[:8] == axis).all()
-    assert (default.axis[8:] == -1).all()
-    assert np.allclose(default.score[:8], scored["mean", "mean"].score[:8], rtol=1e-5)
-    assert np.allclose(default.score[8:], scored["q25", "q25"].score[8:], rtol=1e-5)
-    assert (default.score[:8] > scored["q25", "q25"].score[:8]).all()  # the mean charges every patch
+    assert (by["default"].axis[:8] == 5).all() and (by["default"].axis[8:] == -1).all()
+    assert (
+        ScoreSettings().axis_aggregate == "q25" and ScoreSettings(aggregate="mean").axis_aggregate == "mean"
+    )
+    mixed = by["axis mean"].score
+    assert np.allclose(mixed[:8], by["mean"].score[:8], rtol=1e-5)
+    assert np.allclose(mixed[8:], by["default"].score[8:], rtol=1e-5)
+    assert (mixed[:8] > by["default"].score[:8]).all()  # the mean charges every patch
 
 
 def test_relaxation_lowers_the_error_and_zero_steps_is_the_plain_rebuild(scorer_parts, tiny_encoder):

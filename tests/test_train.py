@@ -73,7 +73,7 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert training["left_out"] == round(0.1 * (120 - meta["calibration"]["n"]))  # the default --refit
     assert training["n_train"] + training["left_out"] + meta["calibration"]["n"] == 120
     assert meta["scoring"] == {
-        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "axis_aggregate": "mean",
+        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "axis_aggregate": "q25",
         "error_pool": 2, "error": "ssim", "relax_steps": 3, "relax_radius": 0.03,
     }  # fmt: skip
 
