@@ -45,7 +45,7 @@ from sanitizer.checkpoint import save_tensors
 from sanitizer.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from sanitizer.collapse import SKETCH_DIM, THUMBNAIL_SIDE, HeldOut, Sketched, Weighed, score_evidence
 from sanitizer.data.tario import describe
-from sanitizer.decoder_meta import AGGREGATES, DedeConfig, ScoreSettings
+from sanitizer.decoder_meta import AGGREGATES, AxisScale, DedeConfig, ScoreSettings
 from sanitizer.device import bf16_units, precision, resolve_device
 from sanitizer.encoders import (
     FILE_KINDS,
@@ -85,7 +85,7 @@ from sanitizer.redteam.implant import (
 from sanitizer.redteam.metrics import knn_distance, rates, tpr_at_fpr
 from sanitizer.redteam.probes import fit_linear_probe
 from sanitizer.redteam.triggers import MIN_SIDE, TRIGGERS, Trigger
-from sanitizer.scoring import Scorer, key_seeds
+from sanitizer.scoring import Scorer, Scores, calibrate, key_seeds
 from sanitizer.stats import SHIFT_LIMIT, above_median, roc_auc
 from sanitizer.thresholds import DEFAULT_COLLAPSE_RULE, DEFAULT_RULE, parse_rule, resolve_threshold
 from sanitizer.train import (
@@ -193,12 +193,12 @@ PAPER_RULE = "paper"
 HOLDOUT = 1 / 7
 DECODER_TRAINING = TrainSettings(seed=DEFAULT_SEED, holdout=HOLDOUT)
 # The ablation behind the defaults: `dede-score` without the latent relaxation (the default before session
-# 12), with squared errors (the default before session 7), with each other per-patch aggregate, and
-# per pixel.
+# 12), with squared errors (the default before session 7), with each per-patch aggregate for every row
+# (axis or not) other than the defaults, and per pixel.
 ABLATION = {
     "dede-unrelaxed": replace(DEDE, relax_steps=0),
     "dede-mse": replace(DEDE, error="mse"),
-    **{f"dede-{a}": replace(DEDE, aggregate=a) for a in AGGREGATES if a != DEDE.aggregate},
+    **{f"dede-{a}": DEDE.alone(a) for a in AGGREGATES if DEDE.alone(a) != DEDE},
     "dede-pixel": replace(DEDE, error_pool=1),
 }
 
@@ -400,6 +400,11 @@ def save_fit(path: Path, fitted: FitResult) -> None:
         "calibration": fitted.calibration, "holdout": fitted.holdout, "embeddings": fitted.embeddings,
         "holdout_sketches": held.sketches, "holdout_thumbnails": held.thumbnails, "holdout_axes": held.axes,
     }  # fmt: skip
+    if fitted.axis_scale is not None:
+        arrays |= {
+            "axis_scale_source": fitted.axis_scale.source,
+            "axis_scale_target": fitted.axis_scale.target,
+        }
     tensors = {f"decoder.{k}": v for k, v in fitted.decoder.state_dict().items()}
     tensors |= {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     scalars = {
@@ -422,8 +427,9 @@ def load_fit(path: Path, encoder: VictimEncoder, model: dict) -> FitResult:
     )
     a = {k: v.numpy() for k, v in tensors.items() if not k.startswith("decoder.")}
     held = Sketched(a["holdout_sketches"], a["holdout_thumbnails"], a["holdout_axes"])
+    scale = AxisScale(a["axis_scale_source"], a["axis_scale_target"]) if "axis_scale_source" in a else None
     return FitResult(
-        decoder.to(encoder.device), a["calibration"], held, a["holdout"], a["embeddings"], **scalars
+        decoder.to(encoder.device), a["calibration"], scale, held, a["holdout"], a["embeddings"], **scalars
     )
 
 
@@ -479,10 +485,23 @@ class Embedded:
         return cls(pixels, embed_pixels(encoder, pixels), prefix)
 
 
-def score(encoder: VictimEncoder, decoder, images: Embedded, settings: ScoreSettings) -> np.ndarray:
+def score(
+    encoder: VictimEncoder, decoder, images: Embedded, settings: ScoreSettings, scale: AxisScale | None = None
+) -> Scores:
     keys = [f"{images.prefix}{i:06d}" for i in range(len(images.pixels))]
-    scorer = Scorer(encoder, decoder, settings)
-    return scorer.score(images.pixels, key_seeds(keys), images.embeddings).score
+    scorer = Scorer(encoder, decoder, settings, scale)
+    return scorer.score(images.pixels, key_seeds(keys), images.embeddings)
+
+
+def calibrated(
+    encoder: VictimEncoder, fitted: FitResult, holdout: Embedded, settings: ScoreSettings
+) -> tuple[np.ndarray, AxisScale | None]:
+    """The decoder's held-out scores at `settings` and their axis scale: FitCache.fit's own (the
+    package's calibration) at the `dede-score` settings, else made from `holdout` as the package does."""
+    if settings == DEDE:
+        return fitted.calibration, fitted.axis_scale
+    held, scale = calibrate(lambda s: score(encoder, fitted.decoder, holdout, s), settings)
+    return held.score, scale
 
 
 @dataclass
@@ -602,11 +621,10 @@ def dede_rows(
     holdout = Embedded(images.pixels[fitted.holdout], fitted.embeddings[fitted.holdout], "holdout")
     rows, classes = [], {}
     for method, settings, rule in methods:
-        c = score(encoder, fitted.decoder, embedded.clean, settings)
-        t = score(encoder, fitted.decoder, embedded.triggered, settings)
-        # FitCache.fit calibrated the decoder at the `dede-score` settings: the package's own calibration
-        calibration = (
-            fitted.calibration if settings == DEDE else score(encoder, fitted.decoder, holdout, settings)
+        calibration, scale = calibrated(encoder, fitted, holdout, settings)
+        c, t = (
+            score(encoder, fitted.decoder, e, settings, scale).score
+            for e in (embedded.clean, embedded.triggered)
         )
         clean = None
         if method == "dede-score":
@@ -804,7 +822,8 @@ def downstream(
     scored: dict[ScoreSettings, list[np.ndarray]] = {}
     for name, (settings, rule) in DOWNSTREAM_DEFENCES.items():
         if settings not in scored:  # `dede-score` scores serve both of its thresholds, and `dede`
-            scored[settings] = [score(enc, fitted.decoder, images, settings) for images in sets]
+            scale = fitted.axis_scale if settings == DEDE else None  # `dede-paper` has one aggregate
+            scored[settings] = [score(enc, fitted.decoder, images, settings, scale).score for images in sets]
         defences[name] = kept(*scored[settings], rule, fitted.calibration)
     defences |= kept_by_union(sets, scored[DEDE], fitted, {"dede_filtered": DEFAULT_RULES} | STRICTER_RULES)
     emb_clean, emb_trig = embedded.clean.embeddings, embedded.triggered.embeddings

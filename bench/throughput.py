@@ -49,7 +49,7 @@ import torch
 from sanitizer.checkpoint import save_decoder, save_holdout
 from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE, Sketched
 from sanitizer.data.synth import synthetic_images, write_image_shards
-from sanitizer.decoder_meta import DedeConfig, ScoreSettings
+from sanitizer.decoder_meta import AxisScale, DedeConfig, ScoreSettings, axis_scale_for
 from sanitizer.device import resolve_device
 from sanitizer.encoders import load_encoder
 from sanitizer.model import DedeDecoder
@@ -206,6 +206,10 @@ def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
     """A random-init decoder directory with the meta the scoring job reads, and random held-out images
     for its collapse pass, which the job runs by default (its cost does not depend on their values)."""
     decoder = DedeDecoder(DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim))
+    scores = np.linspace(0.5, 1.5, HELD_OUT)
+    calibration = {"n": HELD_OUT, "scores": [float(x) for x in scores]}
+    if settings.axis_aggregate != settings.aggregate:  # the identity, applied as a trained one would be
+        calibration["axis_scale"] = AxisScale.fit(scores, scores).to_dict()
     meta = {
         "encoder": {
             "spec": encoder.spec,
@@ -216,7 +220,7 @@ def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
         },
         "training": {"note": "random init, for bench/throughput.py"},
         "scoring": settings.to_dict(),
-        "calibration": {"n": HELD_OUT, "scores": [float(x) for x in np.linspace(0.5, 1.5, HELD_OUT)]},
+        "calibration": calibration,
     }
     save_decoder(out, decoder, meta)
     rng = np.random.default_rng(0)
@@ -283,7 +287,8 @@ def _model_only_child(decoder_dir: str, micro: int, seconds: float, barrier) -> 
     encoder = load_encoder(
         meta["encoder"]["spec"], None, pre["image_size"], tuple(pre["mean"]), tuple(pre["std"])
     )
-    scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(meta["scoring"]), micro)
+    settings = ScoreSettings.from_dict(meta["scoring"])
+    scorer = Scorer(encoder, decoder, settings, axis_scale_for(meta, settings), micro)
     pixels = torch.from_numpy(synthetic_images(micro, pre["image_size"], seed=2))
     seeds = torch.arange(micro, dtype=torch.int64)
     with torch.no_grad():
@@ -437,10 +442,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from sanitizer.checkpoint import load_decoder
 
-    decoder, _ = load_decoder(decoder_dir, device)
+    decoder, meta = load_decoder(decoder_dir, device)
     micro = args.micro_batch or default_micro_batch(decoder_dir, root, device, profile["size"])
     compile_kw = {"compile": True} if args.compile else {}  # only versions that have the option
-    scorer = Scorer(encoder, decoder, settings, micro, **compile_kw)
+    scorer = Scorer(encoder, decoder, settings, axis_scale_for(meta, settings), micro, **compile_kw)
     rows = {"model only": model_only(scorer, profile["size"], device, args.model_seconds)}
     if device.type == "cpu" and (os.cpu_count() or 1) > 1:
         # One single-threaded process per CPU is the CPU ceiling; 1 and 2 of them give the scaling

@@ -50,7 +50,7 @@ SCORE_SETTINGS = (
     ("--test-mask-ratio", float, "R", "mask ratio of scores", 0.99),
     ("--num-masks", int, "K", "masks averaged per score", 4),
     ("--aggregate", str, "q25|median|mean", AGGREGATE_HELP, "q25"),
-    ("--axis-aggregate", str, "mean|median|q25", AXIS_AGGREGATE_HELP, None),
+    ("--axis-aggregate", str, "mean|median|q25", AXIS_AGGREGATE_HELP, "mean"),
     ("--error-pool", int, "S", POOL_HELP, 2),
     ("--error", str, "ssim|mse", ERROR_HELP, "ssim"),
     ("--relax-steps", int, "N", RELAX_STEPS_HELP, 3),
@@ -98,8 +98,7 @@ def _triple(name: str) -> dict:
 def add_score_settings(p: argparse.ArgumentParser, calibrated: bool) -> None:
     """The scoring settings: `train` calibrates with their defaults, `score` reuses the decoder's."""
     for flag, kind, metavar, text, default in SCORE_SETTINGS:
-        shown = "as --aggregate" if default is None else default  # --axis-aggregate's
-        said = "default: the decoder's calibration setting" if calibrated else f"default {shown}"
+        said = "default: the decoder's calibration setting" if calibrated else f"default {default}"
         p.add_argument(
             flag, type=kind, metavar=metavar, default=None if calibrated else default, help=f"{text} ({said})"
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -108,14 +108,15 @@ class ScoreSettings:
     # q25 measured on the detection benchmark (bench/results/detection.md): as high a victim AUC as
     # the mean, and a much lower AUC on the clean-encoder control (pixel oddity is not flagged).
     aggregate: str = "q25"
-    # The aggregate of an embedding on one axis (no sketch: sanitizer.collapse); None: `aggregate`.
-    # Such an embedding carries about one number, so the decoder rebuilds one image for every image
-    # on its axis, and a quantile forgives an image unlike that rebuild wherever its background
-    # matches. "mean" charges every patch: it catches most of the red-team kit's one-axis attack,
-    # which sends every triggered image to one axis crowded with clean ones, but the clean images on
-    # axes then fill the calibration's tail, which cost the blend attack's TPR on the detection
-    # benchmark (bench/NOTES.md, session 43). So it is opt-in.
-    axis_aggregate: str | None = None
+    # The aggregate of an embedding on one axis (no sketch: sanitizer.collapse). Such an embedding
+    # carries about one number, so the decoder rebuilds one image for every image on its axis, and a
+    # quantile forgives an image unlike that rebuild wherever its background matches. The mean
+    # charges every patch: it catches most of the red-team kit's one-axis attack, which sends every
+    # triggered image to one axis crowded with clean ones. Its errors are put on the aggregate's
+    # scale (AxisScale): compared as they were, the clean images on axes, whose means are high, filled
+    # the calibration's tail and raised the threshold for every row, which cost the blend attack's
+    # TPR (bench/NOTES.md, sessions 43 and 44).
+    axis_aggregate: str = "mean"
     # Pixels per side averaged before the error is measured (1: per pixel, as the paper). A decoder
     # that sees only an embedding cannot rebuild fine texture, so per-pixel error is partly noise that
     # clean and triggered images share; 2 raised the victim AUC of every attack on the detection
@@ -133,8 +134,6 @@ class ScoreSettings:
     relax_radius: float = 0.03
 
     def __post_init__(self) -> None:
-        if self.axis_aggregate is None:  # also how settings saved before it existed read
-            object.__setattr__(self, "axis_aggregate", self.aggregate)
         if not 0 < self.test_mask_ratio < 1:
             raise UsageError(f"--test-mask-ratio must be in (0, 1), not {self.test_mask_ratio}")
         if self.num_masks < 1:
@@ -154,6 +153,10 @@ class ScoreSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def alone(self, aggregate: str) -> ScoreSettings:
+        """These settings with `aggregate` for every row, axis or not."""
+        return replace(self, aggregate=aggregate, axis_aggregate=aggregate)
+
     def check_patch_size(self, patch_size: int) -> None:
         """Pooled blocks must tile each patch; checked before any work is done."""
         if patch_size % self.error_pool:
@@ -165,8 +168,72 @@ class ScoreSettings:
     def from_dict(cls, saved: dict) -> ScoreSettings:
         """Settings as saved in decoder.json or run.json; those written before error_pool or error
         existed were scored with per-pixel squared errors, those before relax_steps unrelaxed, and
-        those before axis_aggregate by one aggregate for every row (its default)."""
-        return cls(**{"error_pool": 1, "error": "mse", "relax_steps": 0, **saved})
+        those before axis_aggregate by their aggregate for every row."""
+        aggregate = saved.get("aggregate", cls.aggregate)
+        return cls(
+            **{"error_pool": 1, "error": "mse", "relax_steps": 0, "axis_aggregate": aggregate, **saved}
+        )
+
+
+# Most knots an AxisScale keeps: every held-out error up to this many, else the errors nearest an even
+# grid of ranks (1/1024 apart), finer than any threshold a run asks for.
+AXIS_SCALE_KNOTS = 1025
+
+
+@dataclass(frozen=True)
+class AxisScale:
+    """Puts an error measured by the axis aggregate on the aggregate's scale: a value goes to the
+    aggregate's error at the same rank among the held-out images' (quantile matching). So one score
+    column, one calibration and one threshold serve every row, and an axis row is flagged when its
+    error is as rare among the held-out images' errors by the same aggregate as a flagged row's.
+    Fitted on every held-out image, on an axis or not, each aggregate scoring them all."""
+
+    source: np.ndarray  # knots: the held-out errors by the axis aggregate, ascending
+    target: np.ndarray  # the held-out errors by the aggregate at the same ranks
+
+    @classmethod
+    def fit(cls, by_axis: np.ndarray, by_aggregate: np.ndarray) -> AxisScale:
+        ranks = np.linspace(0, 1, min(by_axis.size, AXIS_SCALE_KNOTS))
+        knots = (
+            np.nanquantile(v, ranks, method="nearest").astype(np.float64) for v in (by_axis, by_aggregate)
+        )
+        return cls(*knots)
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        """`values` on the aggregate's scale, as float32. Linear between knots; above the last, a line
+        with the knots' overall slope, so that the worst rows keep their order (they are the ones
+        reviewed first); below the first, the first (no threshold is read there)."""
+        s, t = self.source, self.target
+        slope = (t[-1] - t[0]) / (s[-1] - s[0]) if s[-1] > s[0] else 1.0
+        above = t[-1] + (values - s[-1]) * slope
+        return np.where(values > s[-1], above, np.interp(values, s, t)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source.tolist(), "target": self.target.tolist()}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping) -> AxisScale:
+        return cls(np.asarray(saved["source"], np.float64), np.asarray(saved["target"], np.float64))
+
+
+def axis_scale_for(meta: dict, settings: ScoreSettings) -> AxisScale | None:
+    """The decoder's AxisScale (decoder.json) for scoring with `settings`, None where every row has
+    one aggregate. The scale is fitted for one pair of aggregates, so another pair cannot be scored
+    with this decoder: that is a UsageError naming what would do."""
+    if settings.axis_aggregate == settings.aggregate:
+        return None
+    saved = ScoreSettings.from_dict(meta["scoring"])
+    pair = (settings.aggregate, settings.axis_aggregate)
+    scale = meta["calibration"].get("axis_scale")
+    if scale is None or (saved.aggregate, saved.axis_aggregate) != pair:
+        raise UsageError(
+            f"--axis-aggregate {pair[1]} with --aggregate {pair[0]} needs a decoder calibrated with both "
+            f"(train --aggregate {pair[0]} --axis-aggregate {pair[1]}): the calibration puts the axis "
+            f"rows' errors on the aggregate's scale, and this decoder's was made for "
+            f"--aggregate {saved.aggregate} --axis-aggregate {saved.axis_aggregate}"
+            + ("" if scale or saved.aggregate == saved.axis_aggregate else " before that scale existed")
+        )
+    return AxisScale.from_dict(scale)
 
 
 def calibration_for(meta: dict, settings: ScoreSettings) -> np.ndarray | None:

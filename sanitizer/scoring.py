@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from sanitizer.collapse import NO_AXIS, SKETCH_DIM
-from sanitizer.decoder_meta import QUANTILES, ScoreSettings
+from sanitizer.decoder_meta import QUANTILES, AxisScale, ScoreSettings
 from sanitizer.device import autocast
 from sanitizer.encoders import VictimEncoder
 from sanitizer.model import DedeDecoder, num_visible
@@ -152,21 +152,53 @@ def relax_token(
 
 @dataclass
 class Scores:
-    score: np.ndarray  # (N,) float32: mean over masks
-    score_std: np.ndarray  # (N,) float32: spread over masks
+    per_mask: np.ndarray  # (N, K) float32: the error under each of the K masks
     embedding_norm: np.ndarray  # (N,) float32: L2 norm of the raw victim embedding
     sketch: np.ndarray  # (N, SKETCH_DIM) float16: the embedding's sketch, for the collapse pass
     axis: np.ndarray  # (N,) int32: the feature an embedding without a sketch sits on, for the same
 
+    @property
+    def score(self) -> np.ndarray:
+        """(N,) float32: the mean over masks."""
+        return self.per_mask.mean(1)
+
+    @property
+    def score_std(self) -> np.ndarray:
+        """(N,) float32: the spread over masks."""
+        return self.per_mask.std(1)
+
+    def with_axis_rows(self, by_axis: Scores, scale: AxisScale) -> Scores:
+        """These scores, with each row on an axis taking its errors from `by_axis` (the same rows
+        scored by the axis aggregate) put on this aggregate's scale."""
+        on_axis = (self.axis != NO_AXIS)[:, None]
+        return replace(self, per_mask=np.where(on_axis, scale(by_axis.per_mask), self.per_mask))
+
+
+def calibrate(
+    score_held_out: Callable[[ScoreSettings], Scores], settings: ScoreSettings
+) -> tuple[Scores, AxisScale | None]:
+    """The held-out images' scores at `settings` (`score_held_out` scores them with the settings it
+    is given), and the AxisScale the settings need: None where every row has one aggregate. Else each
+    aggregate scores every held-out image alone, the scale matches the two by rank, and the rows on an
+    axis take their axis aggregate's errors on that scale, as Scorer(..., scale) gives them."""
+    if settings.axis_aggregate == settings.aggregate:
+        return score_held_out(settings), None
+    by_aggregate = score_held_out(settings.alone(settings.aggregate))
+    by_axis = score_held_out(settings.alone(settings.axis_aggregate))
+    scale = AxisScale.fit(by_axis.per_mask, by_aggregate.per_mask)
+    return by_aggregate.with_axis_rows(by_axis, scale), scale
+
 
 class Scorer:
-    """Encoder + decoder on one device; scores uint8 images given their key seeds."""
+    """Encoder + decoder on one device; scores uint8 images given their key seeds. Settings with an
+    axis aggregate of its own need the decoder's AxisScale (decoder_meta.axis_scale_for)."""
 
     def __init__(
         self,
         encoder: VictimEncoder,
         decoder: DedeDecoder,
         settings: ScoreSettings,
+        axis_scale: AxisScale | None = None,
         micro_batch: int = 256,
         compile: bool = False,
     ) -> None:
@@ -174,6 +206,9 @@ class Scorer:
         self.decoder = decoder.eval().requires_grad_(False)
         self.settings = settings
         settings.check_patch_size(decoder.config.patch_size)
+        if (axis_scale is None) != (settings.axis_aggregate == settings.aggregate):
+            raise ValueError(f"an AxisScale goes with an axis aggregate of its own: {settings}, {axis_scale}")
+        self.axis_scale = axis_scale
         self.micro_batch = micro_batch
         self.device = encoder.device
         self._staging: dict[str, torch.Tensor] = {}  # reused host buffers: one thread per Scorer
@@ -191,7 +226,7 @@ class Scorer:
         n, m = len(pixels), self.micro_batch
         if n == 0:
             empty = np.zeros(0, np.float32)
-            return Scores(empty, empty, empty, np.zeros((0, SKETCH_DIM), np.float16), np.zeros(0, np.int32))
+            return Scores(empty[:, None], empty, np.zeros((0, SKETCH_DIM), np.float16), np.zeros(0, np.int32))
         rows = -(-n // m) * m  # whole micro-batches; the padding rows are zeros, dropped afterwards
         with torch.no_grad():  # not inference_mode: relax_token needs autograd
             x = self._on_device("pixels", pixels, rows)
@@ -201,14 +236,8 @@ class Scorer:
                 self.forward(x[i : i + m], s[i : i + m], None if e is None else e[i : i + m])
                 for i in range(0, rows, m)
             ]
-            per_mask, norms, sketches, axes = (torch.cat(t)[:n].cpu() for t in zip(*parts, strict=True))
-        return Scores(
-            score=per_mask.mean(1).numpy(),
-            score_std=per_mask.std(1, unbiased=False).numpy(),
-            embedding_norm=norms.numpy(),
-            sketch=sketches.numpy(),
-            axis=axes.numpy(),
-        )
+            scores = Scores(*(torch.cat(t)[:n].cpu().numpy() for t in zip(*parts, strict=True)))
+        return scores if self.axis_scale is None else scores.with_axis_rows(scores, self.axis_scale)
 
     def _on_device(self, name: str, array: np.ndarray, rows: int) -> torch.Tensor:
         """`array` zero-padded to `rows` rows, on the device.

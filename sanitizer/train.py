@@ -33,7 +33,7 @@ from sanitizer.collapse import Sketched
 from sanitizer.data.decode import decode_image
 from sanitizer.data.shards import expand_shards
 from sanitizer.data.tario import ShardError, iter_samples
-from sanitizer.decoder_meta import DedeConfig, ScoreSettings
+from sanitizer.decoder_meta import AxisScale, DedeConfig, ScoreSettings
 from sanitizer.device import autocast, precision
 from sanitizer.encoders import VictimEncoder, embed_pixels
 from sanitizer.errors import TrainingError, UsageError, shortlist
@@ -41,7 +41,7 @@ from sanitizer.joblock import job_lock, refuse_foreign
 from sanitizer.model import DedeDecoder
 from sanitizer.neighbours import thumbnail
 from sanitizer.progress import progress_bar
-from sanitizer.scoring import Scorer, Scores, key_seeds
+from sanitizer.scoring import Scorer, Scores, calibrate, key_seeds
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,7 @@ def train_epoch(
 class FitResult:
     decoder: DedeDecoder
     calibration: np.ndarray  # scores of the held-out images at the test settings
+    axis_scale: AxisScale | None  # what the test settings' axis aggregate needs (scoring.calibrate)
     holdout_images: Sketched  # what the collapse pass keeps of them
     holdout: np.ndarray  # (H,) their positions in the images given
     # (N, D) victim embeddings of every image, in the order given: computed once, for training and
@@ -380,7 +381,8 @@ class _Pass:
             decoder, losses = self.run(1, [])
             if not s.refit:
                 return decoder, losses, []
-            scorer = Scorer(self.encoder, decoder, self.score_settings)
+            # Ranked by one aggregate: no scale yet puts an axis aggregate's errors beside it
+            scorer = Scorer(self.encoder, decoder, self.score_settings.alone(self.score_settings.aggregate))
             left_out = worst_rebuilt(score_rows(scorer, keys, self.pixels, self.embeddings).score, s.refit)
         decoder, losses = self.run(2, left_out)
         return decoder, losses, left_out
@@ -527,15 +529,16 @@ def fit_decoder(
         encoder, config, *train, settings, score_settings, epochs, resume_dir, saved, progress
     )  # fmt: skip
     decoder, losses, left_out = training.passes(images.keys)
-    held = Rows(images.pixels, holdout_idx)
-    calibration = score_rows(
-        Scorer(encoder, decoder, score_settings), images.keys, held, Rows(embeddings, holdout_idx)
+    held, held_embeddings = Rows(images.pixels, holdout_idx), Rows(embeddings, holdout_idx)
+    calibration, axis_scale = calibrate(
+        lambda s: score_rows(Scorer(encoder, decoder, s), images.keys, held, held_embeddings), score_settings
     )
     check_calibration(calibration.score, resume_dir)
     n_train = len(train_idx) - len(left_out)
     return FitResult(
         decoder,
         calibration.score,
+        axis_scale,
         Sketched(
             calibration.sketch.astype(np.float32),
             np.concatenate([thumbnail(held.array(part)) for part in held.chunks()]),
@@ -663,5 +666,9 @@ def decoder_meta(
             "seconds": round(fit.seconds, 1),
         },
         "scoring": score_settings.to_dict(),
-        "calibration": {"n": int(len(fit.calibration)), "scores": [float(x) for x in fit.calibration]},
+        "calibration": {
+            "n": int(len(fit.calibration)),
+            "scores": [float(x) for x in fit.calibration],
+            **({} if fit.axis_scale is None else {"axis_scale": fit.axis_scale.to_dict()}),
+        },
     }

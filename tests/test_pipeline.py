@@ -31,6 +31,7 @@ from sanitizer.joblock import job_lock
 from sanitizer.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION
 from sanitizer.pipeline.job import ScoreJob, run_score_job
 from sanitizer.pipeline.run_stage import stderr_without
+from sanitizer.pipeline.stages import ScoreStage
 from sanitizer.report import encoder_verdict
 from sanitizer.rundir import RunDir
 from sanitizer.verify import verify_run
@@ -604,6 +605,7 @@ def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     shutil.copytree(tiny_decoder_dir, old_decoder)
     meta = json.loads((old_decoder / "decoder.json").read_text())
     meta["scoring"] = {k: v for k, v in meta["scoring"].items() if k not in NEWER_SETTINGS}
+    del meta["calibration"]["axis_scale"]
     (old_decoder / "decoder.json").write_text(json.dumps(meta))
     first = str(tiny_shards / "shard-000000.tar")
     score(old_decoder, first, tmp_path / "run", workers=0)  # the quantile rule reads the calibration
@@ -663,17 +665,34 @@ def test_relax_flags_reach_the_scores(tmp_path, local_run, tiny_decoder_dir, tin
     assert (lower != 0).all() and (lower > 0).mean() >= 0.95 and lower.mean() > 0
 
 
-def test_axis_aggregate_flag_reaches_the_run(tmp_path, tiny_decoder_dir, tiny_shards, capsys):
-    """`score --axis-aggregate mean` is a scoring setting like the others: the decoder's calibration,
-    made with q25 for every row, no longer applies, and run.json records it."""
+def test_an_axis_aggregate_is_scored_with_the_decoders_own_scale(
+    tmp_path, tiny_decoder_dir, tiny_shards, capsys
+):
+    """A decoder calibrated with the default --axis-aggregate mean scores with the scale its calibration
+    fitted, and run.json records the setting. Another pair of aggregates has no scale, whatever the
+    threshold rule; one aggregate for every row needs none, and is refused only where the calibration
+    is read, as any other setting."""
     argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
-    argv += ["--axis-aggregate", "mean"]
-    assert main([*argv, "--out", str(tmp_path / "q")]) == 2
-    err = capsys.readouterr().err
-    assert "'axis_aggregate': 'mean'" in err and "'axis_aggregate': 'q25'" in err
-    assert main([*argv, "--out", str(tmp_path / "r"), "--threshold", "mad:3", "--no-collapse"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["identity"]["scoring"]["axis_aggregate"] == "mean"
+    stage = ScoreStage(str(tiny_decoder_dir), info["identity"]["scoring"], "cpu")
+    saved = json.loads((tiny_decoder_dir / "decoder.json").read_text())["calibration"]["axis_scale"]
+    assert stage.scorer.axis_scale.to_dict() == saved
+    capsys.readouterr()
+    rule = ["--threshold", "mad:3", "--no-collapse"]
+    assert main([*argv, "--out", str(tmp_path / "m"), "--aggregate", "median", *rule]) == 2
+    err = capsys.readouterr().err
+    assert "--axis-aggregate mean with --aggregate median needs a decoder calibrated with both" in err
+    assert not (tmp_path / "m").exists()
+    one = [*argv, "--axis-aggregate", "q25"]
+    assert main([*one, "--out", str(tmp_path / "q")]) == 2
+    assert "'axis_aggregate': 'q25'" in capsys.readouterr().err
+    assert main([*one, "--out", str(tmp_path / "q"), *rule]) == 0
+    assert (
+        json.loads((tmp_path / "q" / "run.json").read_text())["identity"]["scoring"]["axis_aggregate"]
+        == "q25"
+    )
 
 
 def test_error_pool_that_does_not_tile_the_patches_is_refused_before_scoring(

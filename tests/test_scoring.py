@@ -10,7 +10,7 @@ import torch
 
 from sanitizer.checkpoint import META, load_decoder, load_holdout
 from sanitizer.data.shards import expand_shards
-from sanitizer.decoder_meta import DedeConfig, ScoreSettings
+from sanitizer.decoder_meta import AXIS_SCALE_KNOTS, AxisScale, DedeConfig, ScoreSettings, axis_scale_for
 from sanitizer.encoders import embed_pixels
 from sanitizer.errors import UsageError
 from sanitizer.model import DedeDecoder
@@ -19,7 +19,9 @@ from sanitizer.scoring import (
     SSIM_C1,
     SSIM_C2,
     Scorer,
+    Scores,
     aggregate_errors,
+    calibrate,
     key_seeds,
     mask_noise,
     patch_dissimilarity,
@@ -102,7 +104,7 @@ def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
 
 def test_settings_saved_before_a_setting_existed_read_as_they_were_scored():
     old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
-    unrelaxed = ScoreSettings(num_masks=2, relax_steps=0)
+    unrelaxed = one_aggregate(num_masks=2, relax_steps=0)
     assert ScoreSettings.from_dict(old) == replace(unrelaxed, error_pool=1, error="mse")
     before_ssim = {**old, "error_pool": 2}
     assert ScoreSettings.from_dict(before_ssim) == replace(unrelaxed, error="mse")
@@ -117,6 +119,11 @@ def test_settings_saved_before_a_setting_existed_read_as_they_were_scored():
     assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
 
+def one_aggregate(*args, **kwargs) -> ScoreSettings:
+    """ScoreSettings with q25 for every row, axis or not: a Scorer of them needs no AxisScale."""
+    return ScoreSettings(*args, axis_aggregate="q25", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def scorer_parts(tiny_decoder_dir, tiny_encoder):
     decoder, meta = load_decoder(tiny_decoder_dir)
@@ -128,7 +135,7 @@ def scorer_parts(tiny_decoder_dir, tiny_encoder):
 
 def test_scores_identical_across_batch_sizes_order_and_runs(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts
-    settings = ScoreSettings(num_masks=3)
+    settings = one_aggregate(num_masks=3)
     ref = Scorer(tiny_encoder, decoder, settings, micro_batch=8).score(pixels, seeds)
     again = Scorer(tiny_encoder, decoder, settings, micro_batch=8).score(pixels, seeds)
     assert np.array_equal(ref.score, again.score)
@@ -186,7 +193,7 @@ def test_score_gives_the_calibrations_scores_at_any_micro_batch(tiny_decoder_dir
 
 def test_given_embeddings_score_as_the_encoders_own(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts
-    scorer = Scorer(tiny_encoder, decoder, ScoreSettings(0.75, num_masks=2), micro_batch=8)
+    scorer = Scorer(tiny_encoder, decoder, one_aggregate(0.75, num_masks=2), micro_batch=8)
     own = scorer.score(pixels, seeds)
     given = scorer.score(pixels, seeds, embed_pixels(tiny_encoder, pixels))
     assert np.allclose(given.score, own.score, rtol=1e-5) and np.allclose(
@@ -200,7 +207,7 @@ def test_more_masks_average_distinct_masks(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts  # 16 patches: 0.75 keeps 4 visible
 
     def run(k):
-        return Scorer(tiny_encoder, decoder, ScoreSettings(0.75, num_masks=k), micro_batch=8).score(
+        return Scorer(tiny_encoder, decoder, one_aggregate(0.75, num_masks=k), micro_batch=8).score(
             pixels, seeds
         )
 
@@ -211,7 +218,7 @@ def test_more_masks_average_distinct_masks(scorer_parts, tiny_encoder):
 
 def test_no_visible_patch_means_one_pass(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts  # 16 patches: 0.99 keeps none
-    scores = Scorer(tiny_encoder, decoder, ScoreSettings(0.99, num_masks=4), micro_batch=8).score(
+    scores = Scorer(tiny_encoder, decoder, one_aggregate(0.99, num_masks=4), micro_batch=8).score(
         pixels, seeds
     )
     assert (scores.score_std == 0).all()
@@ -220,7 +227,7 @@ def test_no_visible_patch_means_one_pass(scorer_parts, tiny_encoder):
 def test_pooled_scores_are_at_most_the_per_pixel_ones(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts
     per_pixel, pooled = (
-        Scorer(tiny_encoder, decoder, ScoreSettings(error_pool=p, error="mse", relax_steps=0), micro_batch=8)
+        Scorer(tiny_encoder, decoder, one_aggregate(error_pool=p, error="mse", relax_steps=0), micro_batch=8)
         .score(pixels, seeds)
         .score
         for p in (1, 2)
@@ -251,35 +258,120 @@ def test_relaxation_moves_only_the_embedding_token_in_whole_steps_within_its_rad
     assert steps.round().max() == 4 and set(steps.round().unique().tolist()) <= {0.0, 2.0, 4.0}
 
 
-def test_an_embedding_on_one_axis_is_scored_by_the_axis_aggregate(scorer_parts, tiny_encoder):
-    """Rows whose embedding sits on one feature take axis_aggregate (relaxation included), the others
-    the aggregate: each row as if every row were scored by its own aggregate. By default, the same."""
-    decoder, pixels, seeds = scorer_parts
+def _with_axis_rows(pixels: np.ndarray, tiny_encoder) -> np.ndarray:
+    """The images' embeddings, the first 8 moved onto one feature alone (no sketch)."""
     embeddings = embed_pixels(tiny_encoder, pixels)
     embeddings[:8] = 0
-    embeddings[:8, 5] = np.linspace(1, 4, 8)  # one feature alone: no sketch
+    embeddings[:8, 5] = np.linspace(1, 4, 8)
+    return embeddings
+
+
+def test_an_embedding_on_one_axis_is_scored_by_the_axis_aggregate_on_the_aggregates_scale(
+    scorer_parts, tiny_encoder
+):
+    """Rows whose embedding sits on one feature take axis_aggregate (the mean by default; relaxation
+    included) put on the aggregate's scale by the AxisScale, mask by mask; the others the aggregate.
+    Each row as if every row were scored by its own aggregate. A Scorer refuses a scale it cannot use
+    and settings without the scale they need."""
+    decoder, pixels, seeds = scorer_parts
+    embeddings = _with_axis_rows(pixels, tiny_encoder)
+    scale = AxisScale(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.1, 0.3]))
     by = {
-        name: Scorer(tiny_encoder, decoder, settings).score(pixels, seeds, embeddings)
-        for name, settings in (
-            ("default", ScoreSettings()),
-            ("axis mean", ScoreSettings(axis_aggregate="mean")),
-            ("mean", ScoreSettings(aggregate="mean")),
+        name: Scorer(tiny_encoder, decoder, settings, axis_scale).score(pixels, seeds, embeddings)
+        for name, settings, axis_scale in (
+            ("q25", one_aggregate(), None),
+            ("default", ScoreSettings(), scale),
+            ("mean", ScoreSettings(aggregate="mean"), None),
         )
     }
-    assert (by["default"].axis[:8] == 5).all() and (by["default"].axis[8:] == -1).all()
-    assert (
-        ScoreSettings().axis_aggregate == "q25" and ScoreSettings(aggregate="mean").axis_aggregate == "mean"
+    assert (by["q25"].axis[:8] == 5).all() and (by["q25"].axis[8:] == -1).all()
+    assert (ScoreSettings().aggregate, ScoreSettings().axis_aggregate) == ("q25", "mean")
+    mixed = by["default"]
+    np.testing.assert_allclose(mixed.per_mask[:8], scale(by["mean"].per_mask[:8]), rtol=1e-5)
+    np.testing.assert_allclose(mixed.per_mask[8:], by["q25"].per_mask[8:], rtol=1e-5)
+    assert np.array_equal(mixed.score, mixed.per_mask.mean(1))
+    assert np.array_equal(mixed.score_std, mixed.per_mask.std(1))
+    for settings, wrong in ((ScoreSettings(), None), (one_aggregate(), scale)):
+        with pytest.raises(ValueError, match="an AxisScale goes with an axis aggregate of its own"):
+            Scorer(tiny_encoder, decoder, settings, wrong)
+
+
+def test_axis_scale_matches_the_held_out_errors_by_rank():
+    """Each held-out error by the axis aggregate goes to the aggregate's error of the same rank; between
+    them linearly; above the last along the knots' slope (the worst keep their order); below the first
+    to the first. More values than AXIS_SCALE_KNOTS keep quantiles on an even grid."""
+    rng = np.random.default_rng(0)
+    by_axis, by_aggregate = rng.gamma(2.0, 0.3, 200), rng.gamma(5.0, 0.02, 200)
+    scale = AxisScale.fit(by_axis, by_aggregate)
+    assert np.array_equal(scale.source, np.sort(by_axis)) and np.array_equal(
+        scale.target, np.sort(by_aggregate)
     )
-    mixed = by["axis mean"].score
-    assert np.allclose(mixed[:8], by["mean"].score[:8], rtol=1e-5)
-    assert np.allclose(mixed[8:], by["default"].score[8:], rtol=1e-5)
-    assert (mixed[:8] > by["default"].score[:8]).all()  # the mean charges every patch
+    np.testing.assert_allclose(
+        scale(by_axis), np.sort(by_aggregate)[np.argsort(np.argsort(by_axis))].astype(np.float32)
+    )
+    top, slope = scale.source[-1], np.ptp(scale.target) / np.ptp(scale.source)
+    assert scale(np.array([top + 1.0]))[0] == np.float32(scale.target[-1] + slope)
+    assert scale(np.array([-5.0]))[0] == np.float32(scale.target[0])
+    assert np.isnan(scale(np.array([np.nan]))[0]) and scale(by_axis).dtype == np.float32
+    again = AxisScale.from_dict(json.loads(json.dumps(scale.to_dict())))
+    assert np.array_equal(again.source, scale.source) and np.array_equal(again.target, scale.target)
+    many = AxisScale.fit(rng.random((3000, 2)), rng.random((3000, 2)))
+    assert len(many.source) == AXIS_SCALE_KNOTS and (np.diff(many.source) >= 0).all()
+    flat = AxisScale.fit(np.ones(5), np.arange(5.0))  # no spread: slope 1 above it
+    assert flat(np.array([3.0]))[0] == 6.0
+
+
+def test_calibrate_scores_the_held_out_images_as_the_scorer_with_its_scale(scorer_parts, tiny_encoder):
+    """With an axis aggregate of its own, the calibration fits the scale on every held-out image scored
+    by each aggregate alone, and its scores are what Scorer(settings, scale) gives them; with one
+    aggregate, no scale and the plain scores."""
+    decoder, pixels, seeds = scorer_parts
+    embeddings = _with_axis_rows(pixels, tiny_encoder)
+
+    def held_out(settings: ScoreSettings) -> Scores:
+        return Scorer(tiny_encoder, decoder, settings).score(pixels, seeds, embeddings)
+
+    settings = ScoreSettings(num_masks=2)
+    calibration, scale = calibrate(held_out, settings)
+    alone = {a: held_out(settings.alone(a)).per_mask for a in ("q25", "mean")}
+    assert np.array_equal(scale.source, np.sort(alone["mean"].ravel()))
+    assert np.array_equal(scale.target, np.sort(alone["q25"].ravel()))
+    again = Scorer(tiny_encoder, decoder, settings, scale).score(pixels, seeds, embeddings)
+    np.testing.assert_allclose(calibration.score, again.score, rtol=1e-5)
+    plain, none = calibrate(held_out, one_aggregate(num_masks=2))
+    assert none is None and np.array_equal(plain.score, alone["q25"].mean(1))
+
+
+def test_a_decoder_scores_an_axis_aggregate_only_with_its_own_scale():
+    """axis_scale_for: none for one aggregate; the saved scale for the pair it was fitted for; for any
+    other pair, or a decoder saved without a scale, a message that says what to train."""
+    scale = AxisScale(np.array([0.0, 1.0]), np.array([0.0, 0.5]))
+    axis_mean = ScoreSettings()
+    meta = {
+        "scoring": axis_mean.to_dict(),
+        "calibration": {"n": 2, "scores": [0, 1], "axis_scale": scale.to_dict()},
+    }
+    assert axis_scale_for(meta, one_aggregate()) is None
+    assert np.array_equal(axis_scale_for(meta, replace(axis_mean, num_masks=8)).target, scale.target)
+    with pytest.raises(
+        UsageError,
+        match=r"--axis-aggregate median with --aggregate q25 needs a decoder "
+        r"calibrated with both \(train --aggregate q25 --axis-aggregate median\).*"
+        r"made for --aggregate q25 --axis-aggregate mean$",
+    ):
+        axis_scale_for(meta, ScoreSettings(axis_aggregate="median"))
+    q25 = {"scoring": one_aggregate().to_dict(), "calibration": {"n": 2, "scores": [0, 1]}}
+    with pytest.raises(UsageError, match="made for --aggregate q25 --axis-aggregate q25$"):
+        axis_scale_for(q25, axis_mean)
+    before = {"scoring": axis_mean.to_dict(), "calibration": {"n": 2, "scores": [0, 1]}}  # session 43's
+    with pytest.raises(UsageError, match="--axis-aggregate mean before that scale existed$"):
+        axis_scale_for(before, axis_mean)
 
 
 def test_relaxation_lowers_the_error_and_zero_steps_is_the_plain_rebuild(scorer_parts, tiny_encoder):
     decoder, pixels, seeds = scorer_parts
     plain, relaxed = (
-        Scorer(tiny_encoder, decoder, ScoreSettings(0.99, relax_steps=k), micro_batch=8)
+        Scorer(tiny_encoder, decoder, one_aggregate(0.99, relax_steps=k), micro_batch=8)
         .score(pixels, seeds)
         .score
         for k in (0, 3)

@@ -26,7 +26,7 @@ from sanitizer.collapse import NO_AXIS, SKETCH_DIM, THUMBNAIL_SIDE
 from sanitizer.data.decode import decode_image
 from sanitizer.data.synth import synthetic_images, write_image_shards
 from sanitizer.data.tario import iter_samples
-from sanitizer.decoder_meta import DedeConfig, ScoreSettings
+from sanitizer.decoder_meta import DedeConfig, ScoreSettings, axis_scale_for
 from sanitizer.device import precision
 from sanitizer.encoders import embed_pixels, load_encoder, weights_sha256
 from sanitizer.errors import CheckpointError, EncoderError, TrainingError, UsageError
@@ -73,7 +73,7 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert training["left_out"] == round(0.1 * (120 - meta["calibration"]["n"]))  # the default --refit
     assert training["n_train"] + training["left_out"] + meta["calibration"]["n"] == 120
     assert meta["scoring"] == {
-        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "axis_aggregate": "q25",
+        "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "axis_aggregate": "mean",
         "error_pool": 2, "error": "ssim", "relax_steps": 3, "relax_radius": 0.03,
     }  # fmt: skip
 
@@ -85,7 +85,8 @@ def test_checkpoint_round_trip_scores_like_the_calibration(tiny_decoder_dir, tin
     images = train_module.load_images(str(tiny_shards), 32, 10_000)
     _, holdout = split_holdout(images.keys, 0.05)
     keys = [images.keys[i] for i in holdout]
-    scores = Scorer(tiny_encoder, decoder, ScoreSettings.from_dict(meta["scoring"])).score(
+    settings = ScoreSettings.from_dict(meta["scoring"])
+    scores = Scorer(tiny_encoder, decoder, settings, axis_scale_for(meta, settings)).score(
         images.pixels[holdout], key_seeds(keys)
     )
     assert np.array_equal(scores.score, np.float32(meta["calibration"]["scores"]))
@@ -288,7 +289,7 @@ def test_second_pass_leaves_out_the_images_the_first_rebuilds_worst(tiny_encoder
     (first, every), (second, kept) = passes
     train_idx, _ = split_holdout(keys, settings.holdout)
     assert np.array_equal(every, pixels[train_idx]) and second is not first
-    scores = Scorer(tiny_encoder, first, scoring).score(
+    scores = Scorer(tiny_encoder, first, scoring.alone("q25")).score(
         pixels[train_idx], key_seeds(keys[i] for i in train_idx)
     )
     worst = np.argsort(-scores.score, kind="stable")[: round(0.2 * len(train_idx))]
@@ -314,10 +315,36 @@ def test_a_fit_embeds_each_image_once_and_returns_the_embeddings(tiny_encoder, m
     assert embedded == [60]
     assert np.array_equal(fit.embeddings, embed_pixels(tiny_encoder, pixels))
     holdout = split_holdout(keys, settings.holdout)[1]
-    expected = Scorer(tiny_encoder, fit.decoder, scoring).score(
+    expected = Scorer(tiny_encoder, fit.decoder, scoring, fit.axis_scale).score(
         pixels[holdout], key_seeds(keys[i] for i in holdout)
     )
     np.testing.assert_allclose(fit.calibration, expected.score, rtol=1e-5)
+
+
+def test_a_fit_calibrates_the_scale_of_its_axis_aggregate(tiny_encoder, tmp_path):
+    """`train` (--axis-aggregate mean by default): the held-out images are scored by each aggregate
+    alone, the scale between the two is saved in decoder.json, and the calibration is what scoring
+    the held-out images with that scale gives."""
+    pixels, keys = synthetic_images(60, 32, seed=5), [f"a{i:02d}" for i in range(60)]
+    write_image_shards(tmp_path / "data", pixels, keys=keys, per_shard=60)
+    scoring = ScoreSettings(num_masks=1)
+    out = tmp_path / "decoder"
+    argv = ["train", "--encoder", TINY_ENCODER, "--data", str(tmp_path / "data"), "--out", str(out)]
+    argv += [*TINY_ARGS, "--image-size", "32", "--epochs", "1", "--holdout", "0.2"]
+    argv += ["--num-masks", "1"]
+    assert main(argv) == 0
+    decoder, meta = load_decoder(out)
+    scale = axis_scale_for(meta, scoring)
+    holdout = split_holdout(keys, 0.2)[1]
+    held, seeds = pixels[holdout], key_seeds(keys[i] for i in holdout)
+    alone = {
+        a: Scorer(tiny_encoder, decoder, scoring.alone(a)).score(held, seeds).score for a in ("q25", "mean")
+    }
+    assert np.array_equal(scale.source, np.sort(alone["mean"])) and np.array_equal(
+        scale.target, np.sort(alone["q25"])
+    )
+    expected = Scorer(tiny_encoder, decoder, scoring, scale).score(held, seeds).score
+    assert np.array_equal(np.float32(meta["calibration"]["scores"]), expected)
 
 
 def test_loss_is_trimmed_after_the_first_fifth_of_the_steps(tmp_path, tiny_shards, tiny_encoder, monkeypatch):

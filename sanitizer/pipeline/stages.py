@@ -29,7 +29,7 @@ from sanitizer.checkpoint import (
 from sanitizer.collapse import NO_AXIS, SKETCH_DIM
 from sanitizer.data.decode import decode_image, decode_label, decode_text
 from sanitizer.data.tario import ShardError, describe, iter_samples, printable
-from sanitizer.decoder_meta import ScoreSettings
+from sanitizer.decoder_meta import ScoreSettings, axis_scale_for
 from sanitizer.device import memory_guard, resolve_device
 from sanitizer.encoders import FILE_KINDS, parse_spec
 from sanitizer.manifest import INPUT_FIELDS, MANIFEST_SCHEMA, SKETCH_TYPE, STATUS_NONFINITE_SCORE, UNFLAGGED
@@ -160,7 +160,8 @@ class ScoreStage:
         weights = encoder_weights_file(meta, encoder_weights)
         encoder = load_trained_encoder(meta, weights, self.device)
         self.image_size = encoder.preprocess.image_size
-        self.scorer = Scorer(encoder, decoder, ScoreSettings.from_dict(settings), micro_batch, compile)
+        scoring = ScoreSettings.from_dict(settings)
+        self.scorer = Scorer(encoder, decoder, scoring, axis_scale_for(meta, scoring), micro_batch, compile)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         micro = self.scorer.micro_batch
