@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from sanitizer.atomic import remove_stale_temps, write_bytes_atomic, write_json_atomic
 from sanitizer.collapse import NO_AXIS, UNKNOWN_AXIS, Sketched
-from sanitizer.decoder_meta import DedeConfig, Preprocess, ScoreSettings
+from sanitizer.decoder_meta import AxisScale, DedeConfig, Preprocess, ScoreSettings
 from sanitizer.errors import CheckpointError, UsageError
 from sanitizer.records import RecordError, check_fields, parse_object, read_object
 
@@ -148,6 +148,8 @@ def read_meta(decoder_dir: Path) -> dict:
         ScoreSettings.from_dict(meta["scoring"])
         if not all(type(x) in (int, float) and math.isfinite(x) for x in meta["calibration"]["scores"]):
             raise RecordError("calibration.scores holds something other than finite numbers")
+        if "axis_scale" in meta["calibration"]:
+            AxisScale.from_dict(meta["calibration"]["axis_scale"])
     except (RecordError, UsageError, TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be used: {e}; retrain, or restore the file") from None
     return meta

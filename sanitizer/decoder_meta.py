@@ -213,7 +213,15 @@ class AxisScale:
 
     @classmethod
     def from_dict(cls, saved: Mapping) -> AxisScale:
-        return cls(np.asarray(saved["source"], np.float64), np.asarray(saved["target"], np.float64))
+        """As to_dict wrote it; a ValueError where to_dict could not have (a decoder.json edited)."""
+        knots = [np.asarray(saved[k], np.float64) for k in ("source", "target")]
+        if not all(
+            k.ndim == 1 and len(k) and np.isfinite(k).all() and (np.diff(k) >= 0).all() for k in knots
+        ):
+            raise ValueError("calibration.axis_scale is not two ascending lists of finite numbers")
+        if len(knots[0]) != len(knots[1]):
+            raise ValueError("calibration.axis_scale's lists differ in length")
+        return cls(*knots)
 
 
 def axis_scale_for(meta: dict, settings: ScoreSettings) -> AxisScale | None:

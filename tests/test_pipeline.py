@@ -965,6 +965,18 @@ DECODER_EDITS = {
         lambda meta: meta["calibration"].update(scores=[float("nan")] * 3) or meta,
         "calibration.scores holds something other than finite numbers",
     ),
+    "axis scale of text": (
+        lambda meta: meta["calibration"]["axis_scale"].update(source=["a"]) or meta,
+        "could not convert string to float",
+    ),
+    "axis scale descending": (
+        lambda meta: meta["calibration"]["axis_scale"].update(source=[2.0, 1.0], target=[0.0, 1.0]) or meta,
+        "calibration.axis_scale is not two ascending lists of finite numbers",
+    ),
+    "axis scale of two lengths": (
+        lambda meta: meta["calibration"]["axis_scale"].update(source=[1.0, 2.0], target=[1.0]) or meta,
+        "calibration.axis_scale's lists differ in length",
+    ),
     "image size as text": (
         lambda meta: meta["encoder"]["preprocess"].update(image_size="32") or meta,
         "cannot be used",
