@@ -455,6 +455,7 @@ HEADLINE_RUNS = [
     *sorted(D.RESULTS.glob("detection-epyc-seed*.json")),  # the same seeds on another CPU (session 41)
     *sorted(D.RESULTS.glob("detection-one-axis-seed*.json")),  # the adaptive attack (session 42)
     *sorted(D.RESULTS.glob("detection-axis-mean-seed*.json")),  # --axis-aggregate mean (session 43)
+    *sorted(D.RESULTS.glob("detection-axis-scale-seed*.json")),  # its mean on the q25 scale (session 44)
 ]
 
 
