@@ -40,7 +40,10 @@ if TYPE_CHECKING:  # these load torch: --help stays instant
 
 # Kept here rather than imported from sanitizer.scoring, which loads torch: --help stays instant.
 AGGREGATE_HELP = "how hidden patches' errors pool into a score: mean (the paper's MSE), median or q25"
-AXIS_AGGREGATE_HELP = "the same for an embedding on one axis (no sketch), rebuilt as its whole axis is"
+AXIS_AGGREGATE_HELP = (
+    "the same for an embedding on one axis (no sketch), rebuilt as its whole axis is; the calibration "
+    "puts it on --aggregate's scale"
+)
 POOL_HELP = "pixels per side averaged before errors are measured; 1 = per pixel, as the paper"
 ERROR_HELP = "each patch's error: ssim (1 - SSIM, relative to the patch's contrast) or mse (the paper's)"
 RELAX_STEPS_HELP = "signed-gradient steps on the embedding token before the error is measured; 0 = the paper"

@@ -236,8 +236,9 @@ def axis_scale_for(meta: dict, settings: ScoreSettings) -> AxisScale | None:
     if scale is None or (saved.aggregate, saved.axis_aggregate) != pair:
         raise UsageError(
             f"--axis-aggregate {pair[1]} with --aggregate {pair[0]} needs a decoder calibrated with both "
-            f"(train --aggregate {pair[0]} --axis-aggregate {pair[1]}): the calibration puts the axis "
-            f"rows' errors on the aggregate's scale, and this decoder's was made for "
+            f"(train --aggregate {pair[0]} --axis-aggregate {pair[1]}), or one aggregate for every row "
+            f"(--axis-aggregate {pair[0]}): the calibration puts the axis rows' errors on the aggregate's "
+            f"scale, and this decoder's was made for "
             f"--aggregate {saved.aggregate} --axis-aggregate {saved.axis_aggregate}"
             + ("" if scale or saved.aggregate == saved.axis_aggregate else " before that scale existed")
         )
