@@ -6,6 +6,7 @@ report) check these records without loading torch (seconds on every call)."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -194,9 +195,11 @@ class AxisScale:
     @classmethod
     def fit(cls, by_axis: np.ndarray, by_aggregate: np.ndarray) -> AxisScale:
         ranks = np.linspace(0, 1, min(by_axis.size, AXIS_SCALE_KNOTS))
-        knots = (
-            np.nanquantile(v, ranks, method="nearest").astype(np.float64) for v in (by_axis, by_aggregate)
-        )
+        with warnings.catch_warnings():  # all NaN: a diverged decoder, which train refuses just after
+            warnings.simplefilter("ignore", RuntimeWarning)
+            knots = [
+                np.nanquantile(v, ranks, method="nearest").astype(np.float64) for v in (by_axis, by_aggregate)
+            ]
         return cls(*knots)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
