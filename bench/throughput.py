@@ -208,7 +208,7 @@ def make_decoder(encoder, out: Path, settings: ScoreSettings) -> Path:
     decoder = DedeDecoder(DedeConfig.default_for(encoder.preprocess.image_size, encoder.embed_dim))
     scores = np.linspace(0.5, 1.5, HELD_OUT)
     calibration = {"n": HELD_OUT, "scores": [float(x) for x in scores]}
-    if settings.axis_aggregate != settings.aggregate:  # the identity, applied as a trained one would be
+    if settings.needs_axis_scale:  # the identity, applied as a trained one would be
         calibration["axis_scale"] = AxisScale.fit(scores, scores).to_dict()
     meta = {
         "encoder": {

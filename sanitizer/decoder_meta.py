@@ -154,6 +154,11 @@ class ScoreSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def needs_axis_scale(self) -> bool:
+        """Whether rows on an axis have an aggregate of their own, which an AxisScale puts beside."""
+        return self.axis_aggregate != self.aggregate
+
     def alone(self, aggregate: str) -> ScoreSettings:
         """These settings with `aggregate` for every row, axis or not."""
         return replace(self, aggregate=aggregate, axis_aggregate=aggregate)
@@ -231,7 +236,7 @@ def axis_scale_for(meta: dict, settings: ScoreSettings) -> AxisScale | None:
     """The decoder's AxisScale (decoder.json) for scoring with `settings`, None where every row has
     one aggregate. The scale is fitted for one pair of aggregates, so another pair cannot be scored
     with this decoder: that is a UsageError naming what would do."""
-    if settings.axis_aggregate == settings.aggregate:
+    if not settings.needs_axis_scale:
         return None
     saved = ScoreSettings.from_dict(meta["scoring"])
     pair = (settings.aggregate, settings.axis_aggregate)
@@ -243,7 +248,7 @@ def axis_scale_for(meta: dict, settings: ScoreSettings) -> AxisScale | None:
             f"(--axis-aggregate {pair[0]}): the calibration puts the axis rows' errors on the aggregate's "
             f"scale, and this decoder's was made for "
             f"--aggregate {saved.aggregate} --axis-aggregate {saved.axis_aggregate}"
-            + ("" if scale or saved.aggregate == saved.axis_aggregate else " before that scale existed")
+            + ("" if scale or not saved.needs_axis_scale else " before that scale existed")
         )
     return AxisScale.from_dict(scale)
 

@@ -112,7 +112,7 @@ def aggregate_rows(
     embedding sits on one axis (`on_axis`, (B,) bool), whose rebuild is one image for the whole axis.
     Both are computed for every row, so that no count is read back from the device."""
     error = aggregate_errors(errors, mask, settings.aggregate)
-    if settings.axis_aggregate == settings.aggregate:
+    if not settings.needs_axis_scale:
         return error
     return torch.where(on_axis, aggregate_errors(errors, mask, settings.axis_aggregate), error)
 
@@ -181,7 +181,7 @@ def calibrate(
     is given), and the AxisScale the settings need: None where every row has one aggregate. Else each
     aggregate scores every held-out image alone, the scale matches the two by rank, and the rows on an
     axis take their axis aggregate's errors on that scale, as Scorer(..., scale) gives them."""
-    if settings.axis_aggregate == settings.aggregate:
+    if not settings.needs_axis_scale:
         return score_held_out(settings), None
     by_aggregate = score_held_out(settings.alone(settings.aggregate))
     by_axis = score_held_out(settings.alone(settings.axis_aggregate))
@@ -206,7 +206,7 @@ class Scorer:
         self.decoder = decoder.eval().requires_grad_(False)
         self.settings = settings
         settings.check_patch_size(decoder.config.patch_size)
-        if (axis_scale is None) != (settings.axis_aggregate == settings.aggregate):
+        if (axis_scale is not None) != settings.needs_axis_scale:
             raise ValueError(f"an AxisScale goes with an axis aggregate of its own: {settings}, {axis_scale}")
         self.axis_scale = axis_scale
         self.micro_batch = micro_batch
