@@ -55,7 +55,7 @@ from sanitizer.encoders import load_encoder
 from sanitizer.model import DedeDecoder
 from sanitizer.pipeline.job import ScoreJob, local_workers, run_score_job
 from sanitizer.scoring import Scorer
-from sanitizer.train import TrainSettings, train_epoch
+from sanitizer.train import Rows, TrainSettings, on_device, train_epoch
 
 try:
     from sanitizer.pipeline.cluster import ensure_ray
@@ -367,8 +367,12 @@ def training(encoder, n: int, settings: TrainSettings) -> dict:
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = math.ceil(n / settings.batch_size)
     bar = tqdm(disable=True)
-    warm = settings.batch_size * 2
-    train_epoch(decoder, optimizer, encoder, pixels[:warm], embeddings[:warm], settings, 0, steps, bar)
+    # As fit holds them: rows of one array each, on a GPU moved there once.
+    pixels, embeddings = (on_device(Rows(a, np.arange(n)), device) for a in (pixels, embeddings))
+    warm = np.arange(min(n, settings.batch_size * 2))
+    train_epoch(
+        decoder, optimizer, encoder, pixels.subset(warm), embeddings.subset(warm), settings, 0, steps, bar
+    )
     out = {}
     with phase(device, out):
         train_epoch(decoder, optimizer, encoder, pixels, embeddings, settings, 1, 2 * steps, bar)

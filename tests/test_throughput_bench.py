@@ -28,3 +28,12 @@ def test_the_pipeline_phase_scores_with_the_default_collapse_pass(tmp_path, tiny
     summary = run_score_job(ScoreJob(decoder_dir, str(tiny_shards), tmp_path / "run", workers=0), False)
     assert summary.collapse_rule == "quantile:0.98" and summary.collapse_threshold is not None
     assert summary.samples == 120
+
+
+def test_the_training_phase_times_an_epoch_of_rows_as_fit_holds_them(tiny_encoder):
+    """It passed bare arrays to train_epoch after fit came to hold its images as Rows, and crashed at
+    the end of a full run, after every other phase was measured."""
+    from sanitizer.train import TrainSettings
+
+    out = throughput.training(tiny_encoder, 40, TrainSettings(batch_size=16))
+    assert out["img_s"] > 0 and out["embed_img_s"] > 0 and out["seconds"] > 0
