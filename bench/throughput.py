@@ -323,14 +323,40 @@ def model_only_processes(decoder_dir: Path, micro: int, processes: int, seconds:
     return out
 
 
+@contextmanager
+def first_seen(folder: Path, interval: float = 0.05):
+    """When each file in `folder` first appeared while the block ran, polled (name -> time.time()).
+    A shard's stats marker is written when it is scored, then again by the collapse pass at the
+    job's end wherever the pass changes its counts, so its mtime says when the pass ran."""
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            now = time.time()
+            for name in os.listdir(folder) if folder.is_dir() else ():
+                seen.setdefault(name, now)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+
+
 def pipeline(
     decoder_dir: Path, data: Path, out: Path, workers: int, device: str, n: int, micro: int | None, **extra
 ) -> dict:
-    """The whole job's rate, and its steady rate: shards finished after the first `workers` ones
-    over the time they took (what a long job sees once actors are up and models loaded)."""
+    """The whole job's rate, and its steady rate: shards scored after the first `workers` ones over
+    the time they took (what a long job sees once actors are up and models loaded; the collapse pass
+    at the end is in the job's rate only)."""
     result = {}
     started = time.time()
-    with phase(resolve_device(device), result):
+    with phase(resolve_device(device), result), first_seen(out / "stats") as seen:
         summary = run_score_job(
             ScoreJob(decoder_dir, str(data), out, workers=workers, device=device, micro_batch=micro, **extra),
             progress=False,
@@ -338,7 +364,8 @@ def pipeline(
     if summary.samples != n or summary.failed_shards:
         raise SystemExit(f"pipeline workers={workers}: {summary.samples}/{n} rows, {summary.failed_shards}")
     finished = sorted(
-        (p.stat().st_mtime, json.loads(p.read_text())["count"]) for p in (out / "stats").iterdir()
+        (seen.get(p.name, p.stat().st_mtime), json.loads(p.read_text())["count"])
+        for p in (out / "stats").glob("*_stats.json")
     )
     result["job_img_s"] = n / result["seconds"]
     result["first_shard_s"] = finished[0][0] - started

@@ -37,3 +37,22 @@ def test_the_training_phase_times_an_epoch_of_rows_as_fit_holds_them(tiny_encode
 
     out = throughput.training(tiny_encoder, 40, TrainSettings(batch_size=16))
     assert out["img_s"] > 0 and out["embed_img_s"] > 0 and out["seconds"] > 0
+
+
+def test_a_shard_counts_as_finished_when_its_stats_marker_first_appears(tmp_path):
+    """The collapse pass rewrites the markers at the job's end: their mtimes made every shard look
+    finished then, and the steady rate fell back to the whole job's."""
+    import os
+    import time
+
+    stats = tmp_path / "stats"
+    with throughput.first_seen(stats, interval=0.01) as seen:
+        time.sleep(0.05)  # the folder does not exist yet
+        stats.mkdir()
+        (stats / "a_stats.json").write_text("{}")
+        time.sleep(0.1)
+        first = seen["a_stats.json"]
+        (stats / "tmp").write_text("{}")
+        os.replace(stats / "tmp", stats / "a_stats.json")  # the pass's atomic rewrite
+        time.sleep(0.1)
+    assert seen["a_stats.json"] == first < (stats / "a_stats.json").stat().st_mtime
