@@ -1,6 +1,6 @@
 """Faults and hostile input, the long randomized version of tests/test_faults.py.
 
-    .venv/bin/python bench/faults.py                      # about 10-20 minutes on 2 CPU cores
+    .venv/bin/python bench/faults.py                      # about 4 minutes on 2 CPU cores (session 45)
     .venv/bin/python bench/faults.py --kills 3 --ray-kills 1 --shards 4   # a quick pass
     .venv/bin/python bench/faults.py --json results.json
 
