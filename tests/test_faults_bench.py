@@ -1,5 +1,5 @@
-"""bench/faults.py's own checks, which CI does not run (the bench takes 10-20 minutes): what it
-compares and how it fakes a full disk must follow what the package writes."""
+"""bench/faults.py's own checks, which CI does not run (the bench takes minutes): what it compares
+and how it fakes a full disk must follow what the package writes."""
 
 import io
 

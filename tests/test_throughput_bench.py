@@ -50,9 +50,12 @@ def test_a_shard_counts_as_finished_when_its_stats_marker_first_appears(tmp_path
         time.sleep(0.05)  # the folder does not exist yet
         stats.mkdir()
         (stats / "a_stats.json").write_text("{}")
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10  # a loaded CI machine may starve the poller a while
+        while "a_stats.json" not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
         first = seen["a_stats.json"]
+        time.sleep(0.05)
         (stats / "tmp").write_text("{}")
         os.replace(stats / "tmp", stats / "a_stats.json")  # the pass's atomic rewrite
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert seen["a_stats.json"] == first < (stats / "a_stats.json").stat().st_mtime
