@@ -79,6 +79,6 @@ def resolve_threshold(
             if rule.kind == "paper"
             else median + rule.param * MAD_TO_SIGMA * float(np.median(np.abs(scored - median)))
         )
-    if abs(value) > np.finfo(np.float32).max:  # manifests hold float32: 1e40 would be inf there
+    if abs(value) > float(np.finfo(np.float32).max):  # manifests hold float32: 1e40 would be inf there
         raise UsageError(f"threshold {rule} resolves to {value:g}, beyond what a float32 manifest holds")
     return float(np.float32(value))

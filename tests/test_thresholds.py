@@ -42,7 +42,10 @@ def test_anything_else_is_one_usage_error(text: str, message: str):
     assert str(caught.value) == message
 
 
+@pytest.mark.filterwarnings("error")
 def test_a_threshold_beyond_float32_is_refused_rather_than_written_as_infinity():
+    """Refused with its message alone: comparing 1e40 with a float32 bound made numpy cast it to
+    float32 first, and warn of the overflow on the user's stderr."""
     with pytest.raises(
         UsageError, match="threshold value:1e\\+40 resolves to 1e\\+40, beyond what a float32"
     ):
