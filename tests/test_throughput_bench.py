@@ -59,3 +59,17 @@ def test_a_shard_counts_as_finished_when_its_stats_marker_first_appears(tmp_path
         os.replace(stats / "tmp", stats / "a_stats.json")  # the pass's atomic rewrite
         time.sleep(0.05)
     assert seen["a_stats.json"] == first < (stats / "a_stats.json").stat().st_mtime
+
+
+def test_a_whole_run_at_a_tiny_size_measures_every_phase(tmp_path):
+    """The bench end to end without Ray (`--workers 0`): a part of it that falls behind the package
+    fails here, not at the end of a long run on a lent GPU."""
+    out = tmp_path / "r.json"
+    argv = ["--samples", "64", "--per-shard", "32", "--train-samples", "64", "--workers", "0"]
+    argv += ["--model-seconds", "0.2", "--work-dir", str(tmp_path), "--json", str(out)]
+    assert throughput.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["samples"] == 64 and result["pipeline_by_workers_img_s"]["0"] > 0
+    assert result["train_img_s"] > 0 and result["embed_img_s"] > 0
+    job_seconds = 64 / result["pipeline_job_img_s"]["pipeline workers=0"]
+    assert 0 < result["first_shard_s"]["pipeline workers=0"] <= job_seconds + 0.1  # polled every 0.05 s
