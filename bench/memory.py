@@ -52,53 +52,55 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
     return peak / 2**20, time.time() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--shards", type=int, default=4, help="shards in the 1x set (10x gets ten times more)"
     )
     parser.add_argument("--per-shard", type=int, default=200)
     parser.add_argument("--workers", type=int, default=1, help="scoring actors; 0 = one process, no Ray")
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="sanitizer-mem-"))
-    n = args.shards * 10 * args.per_shard
-    write_image_shards(work / "data", synthetic_images(n, 32, seed=0), per_shard=args.per_shard)
-    encoder = load_encoder("timm:resnet18_cifar")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sanitizer-mem-") as tmp:
+        work = Path(tmp)
+        prepare(work, args.shards * 10 * args.per_shard, args.per_shard)
+        rows = [peak_of_run(work, args.shards * factor, args.per_shard, args.workers) for factor in (1, 10)]
+    result = {
+        "workers": args.workers,
+        "rows": rows,
+        "growth": round(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
+    }
+    print("| shards | samples | peak RSS (MB, process tree) | seconds |\n|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['shards']} | {r['samples']} | {r['peak_rss_mb']} | {r['seconds']} |")
+    print(json.dumps(result))
+    return result
+
+
+def prepare(work: Path, n: int, per_shard: int) -> None:
+    """`n` generated images in shards under work/data, and a decoder trained on the first shard."""
+    write_image_shards(work / "data", synthetic_images(n, 32, seed=0), per_shard=per_shard)
     train_decoder(
-        encoder,
+        load_encoder("timm:resnet18_cifar"),
         str(work / "data/shard-000000.tar"),
         work / "dec",
         TrainSettings(epochs=1),
         ScoreSettings(),
         progress=False,
     )
-    rows = []
-    for factor in (1, 10):
-        count = args.shards * factor
-        data = f"{work}/data/shard-{{000000..{count - 1:06d}}}.tar"
-        cmd = [sys.executable, "-m", "sanitizer.cli", "score", "--decoder", str(work / "dec"), "--data", data]
-        cmd += ["--out", str(work / f"run{factor}"), "--workers", str(args.workers)]
-        peak_mb, seconds = peak_rss_of(cmd)
-        rows.append(
-            {
-                "shards": count,
-                "samples": count * args.per_shard,
-                "peak_rss_mb": round(peak_mb),
-                "seconds": round(seconds, 1),
-            }
-        )
-    print("| shards | samples | peak RSS (MB, process tree) | seconds |\n|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['shards']} | {r['samples']} | {r['peak_rss_mb']} | {r['seconds']} |")
-    print(
-        json.dumps(
-            {
-                "workers": args.workers,
-                "rows": rows,
-                "growth": round(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
-            }
-        )
-    )
+
+
+def peak_of_run(work: Path, shards: int, per_shard: int, workers: int) -> dict:
+    """`sanitizer score` of the first `shards` shards in a fresh process: its peak and wall time."""
+    data = f"{work}/data/shard-{{000000..{shards - 1:06d}}}.tar"
+    cmd = [sys.executable, "-m", "sanitizer.cli", "score", "--decoder", str(work / "dec"), "--data", data]
+    cmd += ["--out", str(work / f"run{shards}"), "--workers", str(workers)]
+    peak_mb, seconds = peak_rss_of(cmd)
+    return {
+        "shards": shards,
+        "samples": shards * per_shard,
+        "peak_rss_mb": round(peak_mb),
+        "seconds": round(seconds, 1),
+    }
 
 
 if __name__ == "__main__":
