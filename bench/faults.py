@@ -21,8 +21,6 @@ runs. Every process killed is one this script started (its own session), found b
 from __future__ import annotations
 
 import argparse
-import errno
-import io
 import json
 import os
 import random
@@ -50,6 +48,9 @@ from sanitizer.faultkit import (
     cli,
     cmdline,
     descendants,
+    full_disk,
+    half_parquet,
+    half_tar_member,
     kill_job,
     outputs,
     start_job,
@@ -248,39 +249,13 @@ def kill_actor(ws: dict, kills: int) -> None:
     )
 
 
-def failing(real: Callable, at: int, partial: Callable) -> Callable:
-    """``real``, except that call number ``at`` writes part of its bytes, then fails with ENOSPC."""
-    calls = [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == at:
-            partial(*args, **kwargs)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kwargs)
-
-    return wrapper
-
-
-def _half_parquet(real_write: Callable) -> Callable:
-    """pq.write_table as a full disk leaves it: half its bytes written to the open file the package
-    writes a manifest to (a pa.OSFile since 38894db; before, a path, which this still wrote to)."""
-
-    def half(table, where, **kwargs):
-        buf = io.BytesIO()
-        real_write(table, buf, **kwargs)
-        where.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-
-    return half
-
-
 def enospc(ws: dict, trials: int, rng: random.Random) -> None:
     real_write, real_add = pq.write_table, tarfile.TarFile.addfile
     problems: list[str] = []
     for t in range(trials):
         run = ws["tmp"] / f"enospc_{t}"
         at = rng.randint(1, ws["done"])
-        write = failing(real_write, at, _half_parquet(real_write))
+        write = full_disk(real_write, at, half_parquet(real_write))
         pq.write_table = write
         try:
             rc, _, err = cli(
@@ -316,7 +291,7 @@ def enospc(ws: dict, trials: int, rng: random.Random) -> None:
             shutil.rmtree(run / name)
         (run / "sizes.json").unlink()
         at = rng.randint(1, members)
-        add = failing(real_add, at, lambda tar, info, fileobj=None: tar.fileobj.write(b"\0" * 700))
+        add = full_disk(real_add, at, half_tar_member)
         tarfile.TarFile.addfile = add
         try:
             rc, _, err = cli("clean", run)

@@ -1,5 +1,5 @@
 """Fault injection around real jobs: run the CLI, start a job in its own session, kill its whole process
-tree as a crash would, and compare what runs wrote.
+tree as a crash would, fake a full disk, and compare what runs wrote.
 
 Used by tests/test_faults.py and bench/faults.py (and by anyone who wants to crash-test a deployment),
 beside the hostile corpus of `sanitizer.data.hostile`. Linux only: process trees are read from /proc.
@@ -8,6 +8,7 @@ beside the hostile corpus of `sanitizer.data.hostile`. Linux only: process trees
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -118,6 +120,38 @@ def kill_job(proc: subprocess.Popen, timeout: float = 30) -> bool:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
     return proc.returncode == -signal.SIGKILL
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+def full_disk(real: Callable, at: int, write_partial: Callable) -> Callable:
+    """`real`, except that its call number `at` does what a full disk lets through (`write_partial`,
+    given the same arguments) and fails with ENOSPC."""
+    calls = [0]
+
+    def fake(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            write_partial(*args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return fake
+
+
+def half_parquet(real_write: Callable) -> Callable:
+    """A partial pq.write_table: half its bytes, to the open file the package writes a manifest to."""
+
+    def half(table, where, **kwargs):
+        buf = io.BytesIO()
+        real_write(table, buf, **kwargs)
+        where.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+    return half
+
+
+def half_tar_member(tar, info, fileobj=None) -> None:
+    """A partial TarFile.addfile: a header's worth of a member's bytes."""
+    tar.fileobj.write(b"\0" * 700)
 
 
 # -- runs ------------------------------------------------------------------------------------------

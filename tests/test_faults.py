@@ -10,8 +10,6 @@ randomized version.
 
 from __future__ import annotations
 
-import errno
-import io
 import json
 import os
 import random
@@ -48,6 +46,9 @@ from sanitizer.faultkit import (
     cli,
     cmdline,
     descendants,
+    full_disk,
+    half_parquet,
+    half_tar_member,
     kill_job,
     outputs,
     session_pids,
@@ -562,30 +563,9 @@ def test_read_only_parent_is_a_clean_error(tmp_path, corpus, tiny_decoder_dir):
         parent.chmod(0o755)
 
 
-def _enospc(after: int, real: Callable, write_partial: Callable) -> tuple[Callable, list]:
-    """Wrap a writer so that its call number ``after`` writes half its bytes and fails with ENOSPC."""
-    calls: list = []
-
-    def fake(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == after:
-            write_partial(*args, **kwargs)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kwargs)
-
-    return fake, calls
-
-
 def test_full_disk_while_scoring(monkeypatch, tmp_path, corpus, tiny_decoder_dir, reference):
     real = pq.write_table
-
-    def half(table, where, **kwargs):
-        buf = io.BytesIO()
-        real(table, buf, **kwargs)
-        where.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # the manifest's open file
-
-    fake, calls = _enospc(3, real, half)
-    monkeypatch.setattr(pq, "write_table", fake)
+    monkeypatch.setattr(pq, "write_table", full_disk(real, 3, half_parquet(real)))
     run = tmp_path / "run"
     args = score_args(tiny_decoder_dir, corpus, run, 0)
     result = cli(*args, cwd=tmp_path)
@@ -622,12 +602,7 @@ def test_full_disk_while_cleaning(monkeypatch, tmp_path, reference):
         shutil.rmtree(run / name)
     (run / "sizes.json").unlink()
     real = tarfile.TarFile.addfile
-
-    def half(tar, info, fileobj=None):
-        tar.fileobj.write(b"\0" * 700)
-
-    fake, calls = _enospc(40, real, half)
-    monkeypatch.setattr(tarfile.TarFile, "addfile", fake)
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full_disk(real, 40, half_tar_member))
     result = cli("clean", run)
     assert result.rc == 1
     assert result.err.startswith("sanitizer: error: No space left on device: ")
