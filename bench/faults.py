@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/faults.py                      # about 4 minutes on 2 CPU cores (session 45)
     .venv/bin/python bench/faults.py --kills 3 --ray-kills 1 --shards 4   # a quick pass
+    .venv/bin/python bench/faults.py --ray-kills 0 --actor-kills 0        # no Ray (0: that fault left out)
     .venv/bin/python bench/faults.py --json results.json
 
 Builds a corpus (the hostile shards of sanitizer.data.hostile plus --shards ordinary shards of
@@ -477,7 +478,8 @@ def workspace(tmp: Path, shards: int, per_shard: int, seed: int) -> dict:
     return ws
 
 
-def main_bench() -> None:
+def main(argv: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """Run every fault asked for (a count of 0 leaves that fault out) and return the table's rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=6, help="runs of `score` (no Ray) killed twice each")
     parser.add_argument("--ray-kills", type=int, default=2, help="runs of `score` with Ray killed twice each")
@@ -489,21 +491,27 @@ def main_bench() -> None:
     parser.add_argument("--per-shard", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the table here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     started = time.monotonic()
+    ROWS.clear()
     with tempfile.TemporaryDirectory(prefix="sanitizer-faults-") as tmp:
         print("building the corpus, the decoder and the reference run ...", flush=True)
         ws = workspace(Path(tmp), args.shards, args.per_shard, args.seed)
         hostile_table(ws)
         tampering(ws)
         unwritable(ws)
-        enospc(ws, args.enospc, rng)
-        two_jobs(ws, args.races)
-        sigkill_score(ws, 0, args.kills, rng)
-        sigkill_clean(ws, args.clean_kills, rng)
-        sigkill_score(ws, 1, args.ray_kills, rng)
-        kill_actor(ws, args.actor_kills)
+        faults = (
+            (args.enospc, lambda: enospc(ws, args.enospc, rng)),
+            (args.races, lambda: two_jobs(ws, args.races)),
+            (args.kills, lambda: sigkill_score(ws, 0, args.kills, rng)),
+            (args.clean_kills, lambda: sigkill_clean(ws, args.clean_kills, rng)),
+            (args.ray_kills, lambda: sigkill_score(ws, 1, args.ray_kills, rng)),
+            (args.actor_kills, lambda: kill_actor(ws, args.actor_kills)),
+        )
+        for count, run_fault in faults:
+            if count > 0:  # so `--ray-kills 0 --actor-kills 0` starts no Ray
+                run_fault()
         pwned = [str(p) for p in Path(tmp).rglob(PWNED_FILE)] + [
             str(p) for p in [Path.cwd() / PWNED_FILE] if p.exists()
         ]
@@ -521,9 +529,8 @@ def main_bench() -> None:
         args.json.write_text(
             json.dumps([dict(zip(("fault", "trials", "outcome"), r, strict=True)) for r in ROWS], indent=2)
         )
-    if any(r[2].startswith("FAILED") for r in ROWS):
-        sys.exit(1)
+    return list(ROWS)
 
 
 if __name__ == "__main__":
-    main_bench()
+    sys.exit(1 if any(r[2].startswith("FAILED") for r in main()) else 0)
