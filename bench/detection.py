@@ -554,8 +554,9 @@ def rate_row(
     without the triggered images among them, which only the benchmark knows), also the TPR/FPR its
     threshold gives (`tpr_clean_holdout`, `fpr_clean_holdout`): what the 1% of the user's data that is
     triggered costs the calibration. With `fired` (per triggered image: the backdoor fired on it), also
-    the TPR among those (`tpr_fired`, of `n_fired`): a triggered image the backdoor ignores is no
-    backdoor activation, which is what the score is made to respond to (the control)."""
+    the TPR and the AUC among those (`tpr_fired`, `auc_fired`, of `n_fired`): a triggered image the
+    backdoor ignores is no backdoor activation, which is what the score is made to respond to (the
+    control)."""
     scores = np.concatenate([clean, triggered])
     positive = np.r_[np.zeros(len(clean), bool), np.ones(len(triggered), bool)]
     threshold = resolve_threshold(parse_rule(rule), calibration, scores)
@@ -572,9 +573,13 @@ def rate_row(
         clean_threshold = resolve_threshold(parse_rule(rule), clean_calibration, scores)
         tpr, fpr = rates(scores, positive, clean_threshold)
         row |= {"tpr_clean_holdout": round(tpr, 4), "fpr_clean_holdout": round(fpr, 4)}
-    if fired is not None:  # tpr_fired None: the backdoor fired on none of them
+    if fired is not None:  # None: the backdoor fired on none of them
         hit = triggered[fired] > threshold
-        row |= {"tpr_fired": round(float(hit.mean()), 4) if len(hit) else None, "n_fired": len(hit)}
+        row |= {"tpr_fired": None, "auc_fired": None, "n_fired": len(hit)}
+        if len(hit):
+            positive = np.r_[np.zeros(len(clean), bool), np.ones(len(hit), bool)]
+            auc = roc_auc(np.r_[clean, triggered[fired]], positive)
+            row |= {"tpr_fired": round(float(hit.mean()), 4), "auc_fired": round(auc, 4)}
     return row
 
 
@@ -1124,17 +1129,30 @@ def sparse_rate_note(rows: list[dict]) -> list[str]:
     ]
 
 
-def target_checks(result: dict) -> list[tuple[str, Callable[[str], tuple[bool, str]]]]:
-    """The issue's targets as (name, check): check(attack) gives (met, the figures) from the rows."""
+def has_auc_fired(result: dict) -> bool:
+    """Whether the run's rows carry `auc_fired` (runs before session 46 do not)."""
+    return any("auc_fired" in r for r in result["rows"])
+
+
+def target_checks(
+    result: dict, auc_fired: bool | None = None
+) -> list[tuple[str, Callable[[str], tuple[bool, str]]]]:
+    """The issue's targets as (name, check): check(attack) gives (met, the figures) from the rows.
+    `auc_fired`: whether to list the AUC among the images the backdoor fires on (by default, where
+    the run has it; a table of several runs lists it where any has it)."""
+    if auc_fired is None:
+        auc_fired = has_auc_fired(result)
     rows = {(r["attack"], r["poison_rate"], r["train_data"], r["method"]): r for r in result["rows"]}
 
     def both(attack: str, train: str, method: str, field: str) -> list[float]:
         return [rows[attack, rate, train, method][field] for rate in POISON_RATES]
 
-    def auc_at_least(train: str, floor: float, method: str = "dede"):
+    def auc_at_least(train: str, floor: float, method: str = "dede", field: str = "auc"):
         def check(attack: str) -> tuple[bool, str]:
-            aucs = both(attack, train, method, "auc")
-            return min(aucs) >= floor, " / ".join(f"{a:.3f}" for a in aucs)
+            # an `auc_fired` of None: the backdoor fired on none of that set's images, none to rank
+            aucs = both(attack, train, method, field)
+            text = ("none fired" if a is None else f"{a:.3f}" for a in aucs)
+            return all(a is None or a >= floor for a in aucs), " / ".join(text)
 
         return check
 
@@ -1165,12 +1183,19 @@ def target_checks(result: dict) -> list[tuple[str, Callable[[str], tuple[bool, s
         return check
 
     alone = "the same for `dede-score` (the score alone, `--no-collapse`)"
+    fired = [
+        (
+            "the same for `dede`, the AUC against the triggered images the backdoor fires on (`auc_fired`)",
+            auc_at_least("id", 0.98, field="auc_fired"),
+        )
+    ]
     return [
         (
             "ID AUC >= 0.98 (0.5 / 0.01; score or evidence, in units of its threshold)",
             auc_at_least("id", 0.98),
         ),
         (alone, auc_at_least("id", 0.98, "dede-score")),
+        *(fired if auc_fired else []),
         ("OOD AUC >= 0.95 (0.5 / 0.01)", auc_at_least("ood", 0.95)),
         (alone, auc_at_least("ood", 0.95, "dede-score")),
         ("default threshold, ID decoders: TPR >= 0.90 at FPR <= 0.05 (0.5 / 0.01)", operating_point("id")),
@@ -1226,7 +1251,8 @@ def spread_table(results: list[dict]) -> list[str]:
     of the seeds where the attack implanted the target is met, then each seed's verdict. One seed's
     verdicts can turn on a few images (sparse_rate_note); this says which hold across the draw."""
     attacks = list(dict.fromkeys(a for result in results for a in result["attacks"]))
-    checks = [target_checks(result) for result in results]
+    auc_fired = any(has_auc_fired(result) for result in results)
+    checks = [target_checks(result, auc_fired) for result in results]
     seeds = " / ".join(str(result["seed"]) for result in results)
     lines = ["# The issue's targets across seeds", ""]
     for result in results:  # the decoders' epochs too: runs of several sessions may differ in them

@@ -716,10 +716,11 @@ def test_the_defaults_are_also_reported_calibrated_without_the_triggered_held_ou
     assert "| dede-score, clean holdout | dede, clean holdout (as run) |" in table
 
 
-def test_the_tpr_among_the_triggered_images_the_backdoor_fired_on_leaves_out_the_others():
-    """`tpr_fired` counts only the triggered images the undefended probe sends to the target class:
-    a triggered image the backdoor ignores is no backdoor activation. Without `fired` (before the probe
-    has run) a row has no such field; with none fired its TPR is None, not 0 or NaN (invalid JSON)."""
+def test_the_tpr_and_auc_among_the_triggered_images_the_backdoor_fired_on_leave_out_the_others():
+    """`tpr_fired` and `auc_fired` count only the triggered images the undefended probe sends to the
+    target class: a triggered image the backdoor ignores is no backdoor activation. Without `fired`
+    (before the probe has run) a row has no such field; with none fired they are None, not 0 or NaN
+    (invalid JSON)."""
     n = 40
     fired = np.arange(n // 2) % 4 != 0  # every fourth triggered image did not fire
     tests = D.TestSets(
@@ -729,9 +730,12 @@ def test_the_tpr_among_the_triggered_images_the_backdoor_fired_on_leaves_out_the
     rows = D.detection_rows("a", "id", "dede", tests, clean, trig, "value:0.6", None)
     got = {r["poison_rate"]: r for r in rows}
     assert (got[0.5]["tpr"], got[0.5]["tpr_fired"], got[0.5]["n_fired"]) == (0.75, 1.0, 15)
+    # the 5 that did not fire score 0.1, below 8 of the 20 clean images of the 50% mix
+    assert (got[0.5]["auc"], got[0.5]["auc_fired"]) == (round(0.75 + 0.25 * 8 / 20, 4), 1.0)
     assert (got[0.01]["n_triggered"], got[0.01]["tpr_fired"], got[0.01]["n_fired"]) == (1, None, 0)
+    assert got[0.01]["auc_fired"] is None
     unknown = D.detection_rows("a", "id", "dede", replace(tests, fired=None), clean, trig, "value:0.6", None)
-    assert not any("tpr_fired" in r or "n_fired" in r for r in unknown)
+    assert not any(field in r for r in unknown for field in ("tpr_fired", "auc_fired", "n_fired"))
     table = "\n".join(D.tpr_at_fpr_table([r | {"tpr_at_fpr05": 1.0} for r in rows]))
     assert "| a | 0.5 | id |  |  | 1.000 of 15 |" in table
     result = targets_result(rows, {"clean_accuracy": 0.8, "asr": 0.0}, other_asr=0.2, minutes=1)
@@ -739,6 +743,11 @@ def test_the_tpr_among_the_triggered_images_the_backdoor_fired_on_leaves_out_the
         "the same for `dede`, the TPR among the triggered images the backdoor fires on (`tpr_fired`)"
     ]
     assert check("a") == (True, "1.000 at 0.000 / none fired at 0.000")  # nothing to miss at 1%
+    auc_line = "the same for `dede`, the AUC against the triggered images the backdoor fires on (`auc_fired`)"
+    assert dict(D.target_checks(result))[auc_line]("a") == (True, "1.000 / none fired")
+    older = result | {"rows": unknown}  # a run before session 46: no such line, unless others have it
+    assert auc_line not in dict(D.target_checks(older))
+    assert D._verdict(older, "a", dict(D.target_checks(older, auc_fired=True))[auc_line]) == "not measured"
 
 
 def test_the_class_breakdown_gives_each_class_its_auc_and_its_share_of_false_positives():
