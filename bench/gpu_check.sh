@@ -3,7 +3,7 @@
 # the latent relaxation, at 224 px (open_clip ViT-B-16 tower) and at 32 px (ResNet-18, CIFAR stem).
 # Runs without Ray; open_clip and its needs travel as wheels in .whl/ (see the device tool's README).
 # Results: $OUT/<profile>-relax<N>.json (one JSON line each) and .log beside them.
-#   DEVICE=cpu SECONDS_PER_LOOP=1 bash bench/gpu_check.sh   # the same check here, to try it
+#   DEVICE=cpu SECONDS_PER_LOOP=1 bash bench/gpu_check.sh   # the same check here, to try it (11 min on 2 cores)
 set -euo pipefail
 out=${OUT:-/tmp/gpu-check}
 device=${DEVICE:-cuda}
