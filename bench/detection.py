@@ -577,8 +577,8 @@ def rate_row(
         hit = triggered[fired] > threshold
         row |= {"tpr_fired": None, "auc_fired": None, "n_fired": len(hit)}
         if len(hit):
-            positive = np.r_[np.zeros(len(clean), bool), np.ones(len(hit), bool)]
-            auc = roc_auc(np.r_[clean, triggered[fired]], positive)
+            ranked = np.r_[np.ones(len(clean), bool), fired]  # every clean image, the fired triggered ones
+            auc = roc_auc(scores[ranked], positive[ranked])
             row |= {"tpr_fired": round(float(hit.mean()), 4), "auc_fired": round(auc, 4)}
     return row
 
