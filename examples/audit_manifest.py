@@ -57,8 +57,8 @@ def unscored(run_dir: Path, head: str) -> list[str]:
 
 
 def no_manifest(run_dir: Path) -> str:
-    """Why a run has no manifest: a run whose every shard failed holds run.json alone (README, "Output
-    layout"); then the failed shards are what there is to look at."""
+    """Why a run has no manifest: a run whose every shard failed holds run.json alone (docs/cli.md,
+    "Output names and the report's text"); then the failed shards are what there is to look at."""
     return "\n".join(unscored(run_dir, "no shard was scored: " + FAILED))
 
 

@@ -111,10 +111,14 @@ def test_the_readme_cli_block_is_what_help_shows(command):
 
 
 def example_commands() -> list[list[str]]:
-    """Every whole `sanitizer` and `bench/detection.py` command in the fenced code blocks of the README
-    and examples/*.md, continuation lines joined and comments left out (the CLI block's synopses are
+    """Every whole `sanitizer` and `bench/detection.py` command in the fenced code blocks of the README,
+    docs/*.md and examples/*.md, continuation lines joined and comments left out (the CLI block's synopses are
     tested above)."""
-    docs = [README, *sorted((README.parent / "examples").glob("*.md"))]
+    docs = [
+        README,
+        *sorted((README.parent / "docs").glob("*.md")),
+        *sorted((README.parent / "examples").glob("*.md")),
+    ]
     commands = []
     blocks = [b for doc in docs for b in re.findall(r"```\w*\n(.*?)```", doc.read_text(), re.S)]
     for block in (b for b in blocks if b != readme_cli_text()):

@@ -329,7 +329,8 @@ def test_a_remote_input_whose_store_gives_a_size_alone_is_split_at_every_clean(
 def test_a_run_dir_copied_with_its_mtimes_is_already_clean_and_one_copied_without_is_split_again(
     grown, tmp_path, capsys, copy, split
 ):
-    """What the README says of a RUN_DIR copied to another machine: the tars' stamps are their mtimes."""
+    """What docs/invariants.md says of a RUN_DIR copied to another machine: the tars' stamps are their
+    mtimes."""
     _, run = grown
     clean(run, capsys)
     copied = tmp_path / "copied"

@@ -1799,7 +1799,7 @@ def test_a_scoring_actor_that_cannot_load_the_decoder_is_one_line(
     monkeypatch.setattr(job_module, "load_stage", gone_after_the_check)
     assert main([*score_argv(decoder, tiny_shards, tmp_path / "run"), "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    # last: Ray's raylet prints its own traceback of the actor's death above it (README, cluster section)
+    # last: Ray's raylet prints its own traceback of the actor's death above it (docs/cluster.md)
     assert err.splitlines()[-1] == (
         f"sanitizer: error: a scoring actor stopped: {decoder} has decoder.json but no decoder.safetensors "
         "(on a Ray cluster, every node needs DECODER_DIR and the encoder weights at the paths given)"

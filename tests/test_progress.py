@@ -1,4 +1,4 @@
-"""Progress bars in a log (stderr not a terminal): a line a minute, as the README says."""
+"""Progress bars in a log (stderr not a terminal): a line a minute, as docs/cluster.md says."""
 
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ def test_score_gives_the_calibrations_scores_at_any_micro_batch(tiny_decoder_dir
     of 1, 7, 64 and 1024, so short and padded ones, at the decoder's settings (no patch visible, so the
     masks are not exercised): bit for bit on the 2-core dev CPU (bf16); 1e-5 of the score, and a
     float16 step or two of the sketch, allowed for other CPUs' kernels. (A ViT encoder's bf16 matmuls
-    round by batch shape: see README "Batches".)"""
+    round by batch shape: see docs/cli.md, "Batches".)"""
     meta = json.loads((tiny_decoder_dir / META).read_text())
     calibration = np.array(meta["calibration"]["scores"], np.float32)
     held_out = load_holdout(tiny_decoder_dir)
