@@ -64,6 +64,16 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: another job holds the directory; a scheduler skips this tick
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a writer that SIGPIPE ended
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15  # Ctrl-C; SIGTERM, as schedulers stop a job
+# `sanitizer --help`'s last lines, for whoever wires the command into a scheduler
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    done
+  {EXIT_INCOMPLETE}    finished but incomplete (a shard left out, a verify violation), or stopped by
+       a failed read or write, running out of memory, or a scoring actor that kept dying
+  {EXIT_USAGE}    a usage or input error: one `sanitizer: error:` line
+  {EXIT_BUSY}   busy: another job holds the RUN_DIR or DECODER_DIR; try again later
+  {EXIT_INTERRUPTED}  interrupted (SIGINT); run it again to resume
+  {EXIT_BROKEN_PIPE}  the reader of its output went away
+  {EXIT_TERMINATED}  terminated (SIGTERM); run it again to resume"""
 
 
 def say(text: str, err: bool = False) -> None:
@@ -439,9 +449,16 @@ def format_summary(s: Summary) -> str:
     return "\n".join(lines)
 
 
+def add_run_dir(p: argparse.ArgumentParser) -> None:
+    """The one argument of clean, report and verify."""
+    p.add_argument(
+        "run_dir", type=user_path, metavar="RUN_DIR", help="a RUN_DIR that `sanitizer score` wrote"
+    )
+
+
 def add_clean(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clean", help="write clean/ and quarantine/ shards from a scored run")
-    p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
+    add_run_dir(p)
     p.add_argument(
         "--threshold",
         metavar="VALUE_OR_RULE",
@@ -469,7 +486,7 @@ def run_clean(args: argparse.Namespace) -> int:
 
 def add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report/index.html: what was flagged and why")
-    p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
+    add_run_dir(p)
     p.set_defaults(func=run_report)
 
 
@@ -482,7 +499,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a finished run against its inputs (rows, bytes, counts)")
-    p.add_argument("run_dir", type=user_path, metavar="RUN_DIR")
+    add_run_dir(p)
     p.set_defaults(func=run_verify)
 
 
@@ -518,7 +535,12 @@ def run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sanitizer import __version__
 
-    parser = argparse.ArgumentParser(prog="sanitizer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sanitizer",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"sanitizer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -198,6 +198,17 @@ def ends(outcome: object):
     return command
 
 
+def test_help_lists_the_readmes_exit_codes():
+    """`sanitizer --help` ends with the exit codes, the README's table's rows and no others."""
+    table = README.read_text().split("**Exit codes**", 1)[1].split("\n\n", 2)[1]
+    documented = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
+    listed = [
+        int(m)
+        for m in re.findall(r"^  (\d+) ", build_parser().format_help().split("exit codes:", 1)[1], re.M)
+    ]
+    assert sorted(documented) == sorted(listed) == [0, 1, 2, 75, 130, 141, 143]
+
+
 @pytest.mark.parametrize(
     ("outcome", "code", "stderr"),
     [
