@@ -9,7 +9,7 @@ shard's sketches twice (drawing the reference sample by keyed hashes of the dige
 statistic), the neighbour search against up to
 REFERENCE_SIZE reference rows with near-duplicates left out, the p-values, each row's score threshold
 from its neighbours' scores, and rewriting the
-manifests. Prints one JSON line.
+manifests. Prints one JSON line, with the share of the rows flagged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from sanitizer.atomic import write_json_atomic
@@ -72,6 +73,13 @@ def write_run(root: Path, samples: int, per_shard: int, rng: np.random.Generator
     return stems
 
 
+def flagged_share(run: RunDir, stems: list[str]) -> float:
+    """The share of the run the pass flagged. The run's rows are drawn as the held-out images are, so
+    the default rules should flag about their budget: a check that the timed pass did its work."""
+    flagged = [pq.read_table(run.manifest(stem), columns=["flagged"])["flagged"] for stem in stems]
+    return float(np.mean(np.concatenate([column.to_numpy() for column in flagged])))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=200_000)
@@ -92,10 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
             (parse_rule(DEFAULT_COLLAPSE_RULE), holdout),
         )
         seconds = time.perf_counter() - started
+        flagged = flagged_share(RunDir(Path(tmp)), stems)
     result = {
         "samples": args.samples, "shards": len(stems), "reference": min(args.samples, REFERENCE_SIZE),
         "seconds": round(seconds, 2), "samples_per_second": round(args.samples / seconds),
-        "torch_threads": torch.get_num_threads(),
+        "flagged_share": round(flagged, 4), "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
     print(json.dumps(result))
     return result
