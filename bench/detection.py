@@ -193,12 +193,14 @@ PAPER_RULE = "paper"
 HOLDOUT = 1 / 7
 DECODER_TRAINING = TrainSettings(seed=DEFAULT_SEED, holdout=HOLDOUT)
 # The ablation behind the defaults: `dede-score` without the latent relaxation (the default before session
-# 12), with squared errors (the default before session 7), with each per-patch aggregate for every row
-# (axis or not) other than the defaults, and per pixel.
+# 12), with squared errors (the default before session 7), with 1 - SSIM for rows on an axis too (the
+# default before session 47), with each per-patch aggregate and error for every row (axis or not), and
+# per pixel.
 ABLATION = {
     "dede-unrelaxed": replace(DEDE, relax_steps=0),
     "dede-mse": replace(DEDE, error="mse"),
-    **{f"dede-{a}": DEDE.alone(a) for a in AGGREGATES if DEDE.alone(a) != DEDE},
+    "dede-axis-ssim": replace(DEDE, axis_error="ssim"),
+    **{f"dede-{a}": DEDE.alone(a, DEDE.error) for a in AGGREGATES if DEDE.alone(a, DEDE.error) != DEDE},
     "dede-pixel": replace(DEDE, error_pool=1),
 }
 

@@ -46,6 +46,7 @@ AXIS_AGGREGATE_HELP = (
 )
 POOL_HELP = "pixels per side averaged before errors are measured; 1 = per pixel, as the paper"
 ERROR_HELP = "each patch's error: ssim (1 - SSIM, relative to the patch's contrast) or mse (the paper's)"
+AXIS_ERROR_HELP = "the same for an embedding on one axis, whose rebuild is its axis's one image"
 RELAX_STEPS_HELP = "signed-gradient steps on the embedding token before the error is measured; 0 = the paper"
 RELAX_RADIUS_HELP = "how far (L-inf, decoder latent units) those steps may move the token in all"
 # (flag, type, metavar, help, train's default): what `train` calibrates with and `score` may override
@@ -56,6 +57,7 @@ SCORE_SETTINGS = (
     ("--axis-aggregate", str, "mean|median|q25", AXIS_AGGREGATE_HELP, "mean"),
     ("--error-pool", int, "S", POOL_HELP, 2),
     ("--error", str, "ssim|mse", ERROR_HELP, "ssim"),
+    ("--axis-error", str, "mse|ssim", AXIS_ERROR_HELP, "mse"),
     ("--relax-steps", int, "N", RELAX_STEPS_HELP, 3),
     ("--relax-radius", float, "R", RELAX_RADIUS_HELP, 0.03),
 )

@@ -88,12 +88,12 @@ def patch_dissimilarity(
 
 
 def patch_error(
-    decoder: DedeDecoder, imgs: torch.Tensor, pred: torch.Tensor, settings: ScoreSettings
+    decoder: DedeDecoder, imgs: torch.Tensor, pred: torch.Tensor, error: str, pool: int
 ) -> torch.Tensor:
-    """(B, L) error of each patch, as the settings measure it."""
-    if settings.error == "ssim":
-        return patch_dissimilarity(decoder, imgs, pred, settings.error_pool)
-    return decoder.patch_errors(imgs, pred, settings.error_pool)
+    """(B, L) error of each patch: 1 - SSIM or the squared error (ERRORS), on `pool`-pixel blocks."""
+    if error == "ssim":
+        return patch_dissimilarity(decoder, imgs, pred, pool)
+    return decoder.patch_errors(imgs, pred, pool)
 
 
 def aggregate_errors(errors: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -105,16 +105,24 @@ def aggregate_errors(errors: torch.Tensor, mask: torch.Tensor, how: str) -> torc
     return errors.float().masked_fill(~mask.bool(), float("nan")).nanquantile(QUANTILES[how], dim=1)
 
 
-def aggregate_rows(
-    errors: torch.Tensor, mask: torch.Tensor, settings: ScoreSettings, on_axis: torch.Tensor
+def row_errors(
+    decoder: DedeDecoder,
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    settings: ScoreSettings,
+    on_axis: torch.Tensor,
 ) -> torch.Tensor:
-    """(B,) one error per sample: by the settings' aggregate, or by their axis_aggregate where the
-    embedding sits on one axis (`on_axis`, (B,) bool), whose rebuild is one image for the whole axis.
-    Both are computed for every row, so that no count is read back from the device."""
-    error = aggregate_errors(errors, mask, settings.aggregate)
-    if not settings.needs_axis_scale:
+    """(B,) one error per sample: the settings' error and aggregate over the hidden patches, or their
+    axis_error and axis_aggregate where the embedding sits on one axis (`on_axis`, (B,) bool), whose
+    rebuild is one image for the whole axis. Both are computed for every row, so that no count is
+    read back from the device."""
+    s = settings
+    error = aggregate_errors(patch_error(decoder, imgs, pred, s.error, s.error_pool), mask, s.aggregate)
+    if not s.needs_axis_scale:
         return error
-    return torch.where(on_axis, aggregate_errors(errors, mask, settings.axis_aggregate), error)
+    axis_patches = patch_error(decoder, imgs, pred, s.axis_error, s.error_pool)
+    return torch.where(on_axis, aggregate_errors(axis_patches, mask, s.axis_aggregate), error)
 
 
 def relax_token(
@@ -144,7 +152,7 @@ def relax_token(
         for _ in range(settings.relax_steps):
             token = token.detach().requires_grad_(True)
             pred = decoder.forward_decoder(torch.cat([token.to(rest.dtype), rest], dim=1), ids_restore)
-            error = aggregate_rows(patch_error(decoder, images, pred, settings), mask, settings, on_axis)
+            error = row_errors(decoder, images, pred, mask, settings, on_axis)
             (grad,) = torch.autograd.grad(error.sum(), token)
             token = token - step * grad.sign()
     return torch.cat([token.detach().to(rest.dtype), rest], dim=1)
@@ -178,13 +186,14 @@ def calibrate(
     score_held_out: Callable[[ScoreSettings], Scores], settings: ScoreSettings
 ) -> tuple[Scores, AxisScale | None]:
     """The held-out images' scores at `settings` (`score_held_out` scores them with the settings it
-    is given), and the AxisScale the settings need: None where every row has one aggregate. Else each
-    aggregate scores every held-out image alone, the scale matches the two by rank, and the rows on an
-    axis take their axis aggregate's errors on that scale, as Scorer(..., scale) gives them."""
+    is given), and the AxisScale the settings need: None where every row is measured alike. Else each
+    way (the aggregate and error, the axis aggregate and axis error) scores every held-out image alone,
+    the scale matches the two by rank, and the rows on an axis take their axis errors on that scale,
+    as Scorer(..., scale) gives them."""
     if not settings.needs_axis_scale:
         return score_held_out(settings), None
-    by_aggregate = score_held_out(settings.alone(settings.aggregate))
-    by_axis = score_held_out(settings.alone(settings.axis_aggregate))
+    by_aggregate = score_held_out(settings.alone(settings.aggregate, settings.error))
+    by_axis = score_held_out(settings.alone(settings.axis_aggregate, settings.axis_error))
     scale = AxisScale.fit(by_axis.per_mask, by_aggregate.per_mask)
     return by_aggregate.with_axis_rows(by_axis, scale), scale
 
@@ -289,7 +298,7 @@ class Scorer:
         out = []
         for k in range(distinct):
             pred, mask = self.rebuild(images, embedding, seeds, k, on_axis)
-            out.append(aggregate_rows(patch_error(dec, images, pred, s), mask, s, on_axis))
+            out.append(row_errors(dec, images, pred, mask, s, on_axis))
         return torch.stack(out, dim=1)
 
     def rebuild(
@@ -301,7 +310,7 @@ class Scorer:
         on_axis: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, p*p*3) rebuild under the key-seeded mask `mask_index`, relaxed as the settings say
-        (`on_axis`: which embeddings sit on one axis, aggregate_rows), and the (B, L) mask."""
+        (`on_axis`: which embeddings sit on one axis, row_errors), and the (B, L) mask."""
         s, dec = self.settings, self.decoder
         noise = mask_noise(seeds, dec.config.num_patches, mask_index)
         latent, mask, ids_restore = dec.forward_encoder(images, embedding, s.test_mask_ratio, noise)

@@ -381,8 +381,9 @@ class _Pass:
             decoder, losses = self.run(1, [])
             if not s.refit:
                 return decoder, losses, []
-            # Ranked by one aggregate: no scale yet puts an axis aggregate's errors beside it
-            scorer = Scorer(self.encoder, decoder, self.score_settings.alone(self.score_settings.aggregate))
+            # Every row measured alike: no scale yet puts the axis rows' errors beside the others
+            scoring = self.score_settings
+            scorer = Scorer(self.encoder, decoder, scoring.alone(scoring.aggregate, scoring.error))
             left_out = worst_rebuilt(score_rows(scorer, keys, self.pixels, self.embeddings).score, s.refit)
         decoder, losses = self.run(2, left_out)
         return decoder, losses, left_out

@@ -592,7 +592,7 @@ def test_clean_of_a_shard_replaced_keeping_its_size_and_mtime_says_how_to_score_
     assert verify_run(tmp_path / "run") == []
 
 
-NEWER_SETTINGS = ("axis_aggregate", "error_pool", "error", "relax_steps", "relax_radius")
+NEWER_SETTINGS = ("axis_aggregate", "axis_error", "error_pool", "error", "relax_steps", "relax_radius")
 
 
 def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
@@ -613,7 +613,7 @@ def test_decoder_and_run_from_before_error_pool_keep_per_pixel_unrelaxed_scores(
     info = json.loads(run_json.read_text())
     saved = info["identity"]["scoring"]
     assert (saved["error_pool"], saved["error"], saved["relax_steps"]) == (1, "mse", 0)
-    assert saved["axis_aggregate"] == saved["aggregate"] == "q25"
+    assert saved["axis_aggregate"] == saved["aggregate"] == "q25" and saved["axis_error"] == "mse"
     info["identity"]["scoring"] = {k: v for k, v in saved.items() if k not in NEWER_SETTINGS}
     run_json.write_text(json.dumps(info))
     resumed = score(old_decoder, first, tmp_path / "run", workers=0)
@@ -670,12 +670,15 @@ def test_an_axis_aggregate_is_scored_with_the_decoders_own_scale(
 ):
     """A decoder calibrated with the default --axis-aggregate mean scores with the scale its calibration
     fitted, and run.json records the setting. Another pair of aggregates has no scale, whatever the
-    threshold rule; one aggregate for every row needs none, and is refused only where the calibration
-    is read, as any other setting."""
+    threshold rule; every row measured alike needs none, and is refused only where the calibration is
+    read, as any other setting."""
     argv = ["score", "--decoder", str(tiny_decoder_dir), "--data", str(tiny_shards), "--workers", "0"]
     assert main([*argv, "--out", str(tmp_path / "r")]) == 0
     info = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert info["identity"]["scoring"]["axis_aggregate"] == "mean"
+    assert (info["identity"]["scoring"]["axis_aggregate"], info["identity"]["scoring"]["axis_error"]) == (
+        "mean",
+        "mse",
+    )
     stage = ScoreStage(str(tiny_decoder_dir), info["identity"]["scoring"], "cpu")
     saved = json.loads((tiny_decoder_dir / "decoder.json").read_text())["calibration"]["axis_scale"]
     assert stage.scorer.axis_scale.to_dict() == saved
@@ -683,9 +686,12 @@ def test_an_axis_aggregate_is_scored_with_the_decoders_own_scale(
     rule = ["--threshold", "mad:3", "--no-collapse"]
     assert main([*argv, "--out", str(tmp_path / "m"), "--aggregate", "median", *rule]) == 2
     err = capsys.readouterr().err
-    assert "--axis-aggregate mean with --aggregate median needs a decoder calibrated with both" in err
+    assert (
+        "--aggregate median --axis-aggregate mean --error ssim --axis-error mse needs a decoder calibrated"
+        in err
+    )
     assert not (tmp_path / "m").exists()
-    one = [*argv, "--axis-aggregate", "q25"]
+    one = [*argv, "--axis-aggregate", "q25", "--axis-error", "ssim"]
     assert main([*one, "--out", str(tmp_path / "q")]) == 2
     assert "'axis_aggregate': 'q25'" in capsys.readouterr().err
     assert main([*one, "--out", str(tmp_path / "q"), *rule]) == 0

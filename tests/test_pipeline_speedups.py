@@ -82,16 +82,15 @@ def test_scorer_reuses_its_staging_buffer_without_leaking_rows(tiny_encoder, tin
     big = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     small = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     seeds = key_seeds([f"k{i}" for i in range(40)])
-    reused = Scorer(tiny_encoder, decoder, ScoreSettings(num_masks=2, axis_aggregate="q25"), micro_batch=16)
+    one_way = ScoreSettings(num_masks=2, axis_aggregate="q25", axis_error="ssim")
+    reused = Scorer(tiny_encoder, decoder, one_way, micro_batch=16)
     reused.score(big, seeds)  # fills the buffer: the next call's padding rows must be zeros again
     read_only = small.copy()
     read_only.flags.writeable = False  # as the Arrow buffer arrives in the actor
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = reused.score(read_only, seeds[:5])
-    fresh = Scorer(
-        tiny_encoder, decoder, ScoreSettings(num_masks=2, axis_aggregate="q25"), micro_batch=16
-    ).score(small, seeds[:5])
+    fresh = Scorer(tiny_encoder, decoder, one_way, micro_batch=16).score(small, seeds[:5])
     for name in ("score", "score_std", "embedding_norm"):
         assert getattr(got, name).tobytes() == getattr(fresh, name).tobytes()
 

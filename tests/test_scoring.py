@@ -10,7 +10,14 @@ import torch
 
 from sanitizer.checkpoint import META, load_decoder, load_holdout
 from sanitizer.data.shards import expand_shards
-from sanitizer.decoder_meta import AXIS_SCALE_KNOTS, AxisScale, DedeConfig, ScoreSettings, axis_scale_for
+from sanitizer.decoder_meta import (
+    AXIS_SCALE_KNOTS,
+    ERRORS,
+    AxisScale,
+    DedeConfig,
+    ScoreSettings,
+    axis_scale_for,
+)
 from sanitizer.encoders import embed_pixels
 from sanitizer.errors import UsageError
 from sanitizer.model import DedeDecoder
@@ -90,6 +97,8 @@ def test_settings_are_validated():
         ScoreSettings(error_pool=0)
     with pytest.raises(UsageError, match=r"--error must be one of \('mse', 'ssim'\), not 'l1'"):
         ScoreSettings(error="l1")
+    with pytest.raises(UsageError, match=r"--axis-error must be one of \('mse', 'ssim'\), not 'l1'"):
+        ScoreSettings(axis_error="l1")
     with pytest.raises(UsageError, match="--relax-steps must be at least 0, not -1"):
         ScoreSettings(relax_steps=-1)
     with pytest.raises(UsageError, match="--relax-radius must be above 0, not 0"):
@@ -105,23 +114,35 @@ def test_error_pool_must_divide_the_patch(tiny_decoder_dir, tiny_encoder):
 def test_settings_saved_before_a_setting_existed_read_as_they_were_scored():
     old = {"test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25"}
     unrelaxed = one_aggregate(num_masks=2, relax_steps=0)
-    assert ScoreSettings.from_dict(old) == replace(unrelaxed, error_pool=1, error="mse")
+    assert ScoreSettings.from_dict(old) == replace(unrelaxed, error_pool=1, error="mse", axis_error="mse")
     before_ssim = {**old, "error_pool": 2}
-    assert ScoreSettings.from_dict(before_ssim) == replace(unrelaxed, error="mse")
+    assert ScoreSettings.from_dict(before_ssim) == replace(unrelaxed, error="mse", axis_error="mse")
     before_relax = {**before_ssim, "error": "ssim"}
     assert ScoreSettings.from_dict(before_relax) == unrelaxed
     before_axis = {**before_relax, "relax_steps": 3, "relax_radius": 0.03}  # one aggregate for every row
     assert ScoreSettings.from_dict(before_axis).axis_aggregate == "q25"
     assert ScoreSettings.from_dict({**before_axis, "aggregate": "median"}).axis_aggregate == "median"
-    settings = ScoreSettings(
-        num_masks=3, error_pool=4, relax_steps=5, relax_radius=0.3, axis_aggregate="mean"
+    before_axis_error = {**before_axis, "axis_aggregate": "mean"}  # sessions 43-46: 1 - SSIM on axes too
+    assert ScoreSettings.from_dict(before_axis_error) == replace(
+        ScoreSettings(num_masks=2), axis_error="ssim"
     )
-    assert ScoreSettings.from_dict(settings.to_dict()) == settings
+    for axis_error in ERRORS:
+        settings = ScoreSettings(
+            num_masks=3,
+            error_pool=4,
+            relax_steps=5,
+            relax_radius=0.3,
+            axis_aggregate="mean",
+            axis_error=axis_error,
+        )
+        assert ScoreSettings.from_dict(settings.to_dict()) == settings
 
 
 def one_aggregate(*args, **kwargs) -> ScoreSettings:
-    """ScoreSettings with q25 for every row, axis or not: a Scorer of them needs no AxisScale."""
-    return ScoreSettings(*args, axis_aggregate="q25", **kwargs)
+    """ScoreSettings measuring every row, axis or not, by their aggregate and error: a Scorer of them
+    needs no AxisScale."""
+    settings = ScoreSettings(*args, **kwargs)
+    return settings.alone(settings.aggregate, settings.error)
 
 
 @pytest.fixture(scope="module")
@@ -269,10 +290,10 @@ def _with_axis_rows(pixels: np.ndarray, tiny_encoder) -> np.ndarray:
 def test_an_embedding_on_one_axis_is_scored_by_the_axis_aggregate_on_the_aggregates_scale(
     scorer_parts, tiny_encoder
 ):
-    """Rows whose embedding sits on one feature take axis_aggregate (the mean by default; relaxation
-    included) put on the aggregate's scale by the AxisScale, mask by mask; the others the aggregate.
-    Each row as if every row were scored by its own aggregate. A Scorer refuses a scale it cannot use
-    and settings without the scale they need."""
+    """Rows whose embedding sits on one feature take axis_aggregate of axis_error (the mean of squared
+    errors by default; relaxation included) put on the aggregate's scale by the AxisScale, mask by
+    mask; the others the aggregate of the error (q25 of 1 - SSIM). Each row as if every row were scored
+    so. A Scorer refuses a scale it cannot use and settings without the scale they need."""
     decoder, pixels, seeds = scorer_parts
     embeddings = _with_axis_rows(pixels, tiny_encoder)
     scale = AxisScale(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.1, 0.3]))
@@ -281,11 +302,17 @@ def test_an_embedding_on_one_axis_is_scored_by_the_axis_aggregate_on_the_aggrega
         for name, settings, axis_scale in (
             ("q25", one_aggregate(), None),
             ("default", ScoreSettings(), scale),
-            ("mean", ScoreSettings(aggregate="mean"), None),
+            ("mean", ScoreSettings().alone("mean", "mse"), None),
         )
     }
     assert (by["q25"].axis[:8] == 5).all() and (by["q25"].axis[8:] == -1).all()
-    assert (ScoreSettings().aggregate, ScoreSettings().axis_aggregate) == ("q25", "mean")
+    default = ScoreSettings()
+    assert (default.aggregate, default.error, default.axis_aggregate, default.axis_error) == (
+        "q25",
+        "ssim",
+        "mean",
+        "mse",
+    )
     mixed = by["default"]
     np.testing.assert_allclose(mixed.per_mask[:8], scale(by["mean"].per_mask[:8]), rtol=1e-5)
     np.testing.assert_allclose(mixed.per_mask[8:], by["q25"].per_mask[8:], rtol=1e-5)
@@ -333,7 +360,7 @@ def test_calibrate_scores_the_held_out_images_as_the_scorer_with_its_scale(score
 
     settings = ScoreSettings(num_masks=2)
     calibration, scale = calibrate(held_out, settings)
-    alone = {a: held_out(settings.alone(a)).per_mask for a in ("q25", "mean")}
+    alone = {a: held_out(settings.alone(a, e)).per_mask for a, e in (("q25", "ssim"), ("mean", "mse"))}
     assert np.array_equal(scale.source, np.sort(alone["mean"].ravel()))
     assert np.array_equal(scale.target, np.sort(alone["q25"].ravel()))
     again = Scorer(tiny_encoder, decoder, settings, scale).score(pixels, seeds, embeddings)
@@ -353,18 +380,25 @@ def test_a_decoder_scores_an_axis_aggregate_only_with_its_own_scale():
     }
     assert axis_scale_for(meta, one_aggregate()) is None
     assert np.array_equal(axis_scale_for(meta, replace(axis_mean, num_masks=8)).target, scale.target)
+    default = "--aggregate q25 --axis-aggregate mean --error ssim --axis-error mse"
     with pytest.raises(
         UsageError,
-        match=r"--axis-aggregate median with --aggregate q25 needs a decoder "
-        r"calibrated with both \(train --aggregate q25 --axis-aggregate median\).*"
-        r"made for --aggregate q25 --axis-aggregate mean$",
+        match=r"^--aggregate q25 --axis-aggregate median --error ssim --axis-error mse needs a decoder "
+        r"calibrated with them \(train --aggregate q25 --axis-aggregate median --error ssim "
+        r"--axis-error mse\), "
+        r"or every row measured alike \(--axis-aggregate q25 --axis-error ssim\).*"
+        f"made for {default}$",
     ):
         axis_scale_for(meta, ScoreSettings(axis_aggregate="median"))
+    with pytest.raises(UsageError, match=f"--axis-error ssim needs a decoder .* made for {default}$"):
+        axis_scale_for(meta, replace(axis_mean, axis_error="ssim"))  # session 44's default, another scale
     q25 = {"scoring": one_aggregate().to_dict(), "calibration": {"n": 2, "scores": [0, 1]}}
-    with pytest.raises(UsageError, match="made for --aggregate q25 --axis-aggregate q25$"):
+    with pytest.raises(
+        UsageError, match="made for --aggregate q25 --axis-aggregate q25 --error ssim --axis-error ssim$"
+    ):
         axis_scale_for(q25, axis_mean)
     before = {"scoring": axis_mean.to_dict(), "calibration": {"n": 2, "scores": [0, 1]}}  # session 43's
-    with pytest.raises(UsageError, match="--axis-aggregate mean before that scale existed$"):
+    with pytest.raises(UsageError, match=f"made for {default} before that scale existed$"):
         axis_scale_for(before, axis_mean)
 
 
@@ -380,7 +414,7 @@ def test_relaxation_lowers_the_error_and_zero_steps_is_the_plain_rebuild(scorer_
     x, latent, mask, ids_restore = _first_mask_latent(decoder, tiny_encoder, pixels, seeds, 0.99)
     with torch.no_grad():
         pred = decoder.forward_decoder(latent, ids_restore)
-        by_hand = aggregate_errors(patch_error(decoder, x, pred, ScoreSettings()), mask, "q25")
+        by_hand = aggregate_errors(patch_error(decoder, x, pred, "ssim", 2), mask, "q25")
     assert np.allclose(plain, by_hand.numpy(), rtol=2e-2)  # the Scorer runs under autocast
 
 

@@ -74,7 +74,7 @@ def test_decoder_dir_holds_safetensors_and_json_only(tiny_decoder_dir, tiny_enco
     assert training["n_train"] + training["left_out"] + meta["calibration"]["n"] == 120
     assert meta["scoring"] == {
         "test_mask_ratio": 0.99, "num_masks": 2, "aggregate": "q25", "axis_aggregate": "mean",
-        "error_pool": 2, "error": "ssim", "relax_steps": 3, "relax_radius": 0.03,
+        "axis_error": "mse", "error_pool": 2, "error": "ssim", "relax_steps": 3, "relax_radius": 0.03,
     }  # fmt: skip
 
 
@@ -289,7 +289,7 @@ def test_second_pass_leaves_out_the_images_the_first_rebuilds_worst(tiny_encoder
     (first, every), (second, kept) = passes
     train_idx, _ = split_holdout(keys, settings.holdout)
     assert np.array_equal(every, pixels[train_idx]) and second is not first
-    scores = Scorer(tiny_encoder, first, scoring.alone("q25")).score(
+    scores = Scorer(tiny_encoder, first, scoring.alone("q25", "ssim")).score(
         pixels[train_idx], key_seeds(keys[i] for i in train_idx)
     )
     worst = np.argsort(-scores.score, kind="stable")[: round(0.2 * len(train_idx))]
@@ -322,9 +322,9 @@ def test_a_fit_embeds_each_image_once_and_returns_the_embeddings(tiny_encoder, m
 
 
 def test_a_fit_calibrates_the_scale_of_its_axis_aggregate(tiny_encoder, tmp_path):
-    """`train` (--axis-aggregate mean by default): the held-out images are scored by each aggregate
-    alone, the scale between the two is saved in decoder.json, and the calibration is what scoring
-    the held-out images with that scale gives."""
+    """`train` (--axis-aggregate mean --axis-error mse by default): the held-out images are scored
+    each way alone (q25 of 1 - SSIM, the mean of squared errors), the scale between the two is saved
+    in decoder.json, and the calibration is what scoring the held-out images with that scale gives."""
     pixels, keys = synthetic_images(60, 32, seed=5), [f"a{i:02d}" for i in range(60)]
     write_image_shards(tmp_path / "data", pixels, keys=keys, per_shard=60)
     scoring = ScoreSettings(num_masks=1)
@@ -338,7 +338,8 @@ def test_a_fit_calibrates_the_scale_of_its_axis_aggregate(tiny_encoder, tmp_path
     holdout = split_holdout(keys, 0.2)[1]
     held, seeds = pixels[holdout], key_seeds(keys[i] for i in holdout)
     alone = {
-        a: Scorer(tiny_encoder, decoder, scoring.alone(a)).score(held, seeds).score for a in ("q25", "mean")
+        a: Scorer(tiny_encoder, decoder, scoring.alone(a, e)).score(held, seeds).score
+        for a, e in (("q25", "ssim"), ("mean", "mse"))
     }
     assert np.array_equal(scale.source, np.sort(alone["mean"])) and np.array_equal(
         scale.target, np.sort(alone["q25"])

@@ -64,6 +64,7 @@ class ScoreJob:
     num_masks: int | None = None
     aggregate: str | None = None
     axis_aggregate: str | None = None
+    axis_error: str | None = None
     error_pool: int | None = None
     error: str | None = None
     relax_steps: int | None = None
