@@ -118,11 +118,13 @@ def row_errors(
     rebuild is one image for the whole axis. Both are computed for every row, so that no count is
     read back from the device."""
     s = settings
-    error = aggregate_errors(patch_error(decoder, imgs, pred, s.error, s.error_pool), mask, s.aggregate)
+    patches = patch_error(decoder, imgs, pred, s.error, s.error_pool)
+    error = aggregate_errors(patches, mask, s.aggregate)
     if not s.needs_axis_scale:
         return error
-    axis_patches = patch_error(decoder, imgs, pred, s.axis_error, s.error_pool)
-    return torch.where(on_axis, aggregate_errors(axis_patches, mask, s.axis_aggregate), error)
+    if s.axis_error != s.error:  # else the same patch errors, aggregated otherwise
+        patches = patch_error(decoder, imgs, pred, s.axis_error, s.error_pool)
+    return torch.where(on_axis, aggregate_errors(patches, mask, s.axis_aggregate), error)
 
 
 def relax_token(
